@@ -1,0 +1,121 @@
+"""The TOML configuration file, validated at start with errors that name the key.
+
+Sections: ``[daemon]`` (socket, state_dir, metrics_listen, roots), ``[defaults]`` and
+``[jobs.NAME]`` (policy, retention and quota keys), ``[[watch]]`` (path, pattern,
+expect_every and the same keys). Found at ``--config``, ``$CKPTD_CONFIG`` or
+``/etc/ckptd/ckptd.toml``; a missing default file is an empty config, a missing
+named file is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ckptd.settings import SettingsError, parse_table
+from ckptd.units import parse_duration
+
+DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
+DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group"}
+WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every"}
+
+
+class ConfigError(SettingsError):
+    """A config file problem; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None = None
+    daemon: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    watch: tuple[dict[str, Any], ...] = ()
+
+    def job_table(self, job: str) -> dict[str, Any]:
+        return self.jobs.get(job, {})
+
+
+def config_path(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(path, must_exist): an explicit or $CKPTD_CONFIG path must exist, the default may not."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return explicit, True
+    if env.get("CKPTD_CONFIG"):
+        return env["CKPTD_CONFIG"], True
+    return DEFAULT_PATH, False
+
+
+def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    path, must_exist = config_path(explicit, environ)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        if must_exist:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return Config()
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse(doc, path)
+
+
+def parse(doc: Mapping[str, Any], path: str = "<config>") -> Config:
+    unknown = set(doc) - {"daemon", "defaults", "jobs", "watch"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}] "
+                          "(expected [daemon], [defaults], [jobs.NAME], [[watch]])")
+    daemon = _daemon(_table(doc, "daemon", path), path)
+    defaults = parse_table(_table(doc, "defaults", path), f"{path} [defaults]")
+    jobs = {name: parse_table(_as_table(t, f"{path} [jobs.{name}]"), f"{path} [jobs.{name}]")
+            for name, t in _table(doc, "jobs", path).items()}
+    watch = doc.get("watch", [])
+    if not isinstance(watch, list):
+        raise ConfigError(f"{path}: watch must be an array of tables ([[watch]])")
+    return Config(path, daemon, defaults, jobs, tuple(_watch(w, f"{path} [[watch]] #{i + 1}") for i, w in enumerate(watch)))
+
+
+def _table(doc: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:
+    return _as_table(doc.get(name, {}), f"{path} [{name}]")
+
+
+def _as_table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table")
+    return value
+
+
+def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
+    for key, value in t.items():
+        if key not in DAEMON_KEYS:
+            raise ConfigError(f"{path} [daemon]: unknown key {key!r} (expected one of {', '.join(sorted(DAEMON_KEYS))})")
+        if key == "roots" and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
+            raise ConfigError(f"{path} [daemon]: roots must be a list of paths")
+        if key in ("socket", "state_dir", "metrics_listen", "group") and not isinstance(value, str):
+            raise ConfigError(f"{path} [daemon]: {key} must be a string")
+    out = dict(t)
+    if "scrub_every" in out:
+        out["scrub_every"] = _duration(out["scrub_every"], f"{path} [daemon]: scrub_every")
+    return out
+
+
+def _watch(t: Any, where: str) -> dict[str, Any]:
+    t = _as_table(t, where)
+    if not isinstance(t.get("path"), str):
+        raise ConfigError(f"{where}: path is required")
+    own = {k: v for k, v in t.items() if k in WATCH_KEYS}
+    for key in ("expect_every", "settle", "rescan_every"):
+        if key in own:
+            own[key] = _duration(own[key], f"{where}: {key}")
+    return {**own, **parse_table({k: v for k, v in t.items() if k not in WATCH_KEYS}, where)}
+
+
+def _duration(value: Any, where: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,0 +1,185 @@
+"""From a staged snapshot to a durable, verified file under its final name.
+
+The order matters and is the whole point:
+
+1. parse and bound-check the snapshot's header (it may come from another process);
+2. hash every tensor in the snapshot and patch the digests into its header;
+3. write the image to a temp file in the target directory (``O_EXCL``, no symlinks);
+4. ``fsync`` the file, then drop its pages from the cache (``POSIX_FADV_DONTNEED``) so
+   the next read comes from the disk, not from memory;
+5. verify the temp file by reading every tensor back and comparing digests;
+6. ``rename`` it to the final name and ``fsync`` the directory.
+
+A final name therefore always means "verified on disk"; a crash at any point leaves
+at most a temp file, which ``cleanup_temp`` removes. An fsync failure is final for
+that checkpoint: the data may be gone from the cache, so it is never retried into a
+false success.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import xxhash
+
+from ckptd.format import FormatError, Header, encode_header, read_header_from_buffer
+from ckptd.verify import VerifyResult, verify_open
+
+TEMP_MARK = ".ckptd-tmp."
+
+
+class PersistError(Exception):
+    """A save that failed; ``reason`` is the metric label (no_space, io_error, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Persisted:
+    path: str
+    bytes: int
+    metadata: dict[str, str]
+    durations: dict[str, float] = field(default_factory=dict)
+
+
+def reason_for(exc: OSError) -> str:
+    """The failure reason label for an OS error."""
+    return {errno.ENOSPC: "no_space", errno.EDQUOT: "no_space", errno.EROFS: "read_only",
+            errno.EACCES: "permission", errno.EPERM: "permission", errno.ENOENT: "target_missing",
+            errno.EIO: "io_error"}.get(exc.errno or 0, "io_error")
+
+
+def temp_name(filename: str) -> str:
+    return f".{filename}{TEMP_MARK}{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def persist(fd: int, length: int, directory: str, filename: str) -> Persisted:
+    """Persist the snapshot in ``fd`` (length bytes) as ``directory/filename``."""
+    if "/" in filename or filename in ("", ".", ".."):
+        raise PersistError("invalid_target", f"invalid checkpoint file name {filename!r}")
+    t0 = time.monotonic()
+    header = _seal(fd, length)
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PersistError(reason_for(exc), f"cannot open checkpoint directory {directory}: {exc.strerror}") from None
+    try:
+        tmp = temp_name(filename)
+        try:
+            _write(fd, length, dfd, tmp)
+            t1 = time.monotonic()
+            result = _verify_temp(dfd, tmp, directory)
+            if not result.ok:
+                raise PersistError("verify_failed", f"{directory}/{filename}: read-back failed: {result.reason}")
+            os.rename(tmp, filename, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.fsync(dfd)
+        except OSError as exc:
+            _unlink_quietly(dfd, tmp)
+            raise PersistError(reason_for(exc), f"writing {directory}/{filename} failed: {exc.strerror or exc}") from None
+        except PersistError:
+            _unlink_quietly(dfd, tmp)
+            raise
+    finally:
+        os.close(dfd)
+    t2 = time.monotonic()
+    return Persisted(os.path.join(directory, filename), length, header.metadata,
+                     {"persist": t1 - t0, "verify": t2 - t1})
+
+
+def _seal(fd: int, length: int) -> Header:
+    """Validate the staged header and patch in the real digests (same byte length)."""
+    if length < 8 or os.fstat(fd).st_size < length:
+        raise PersistError("invalid_snapshot", f"snapshot buffer shorter than the stated {length} bytes")
+    with mmap.mmap(fd, length) as mm:
+        view = memoryview(mm)
+        try:
+            header = read_header_from_buffer(view, length)
+            digests = {e.name: xxhash.xxh3_64_hexdigest(view[header.data_start + e.begin:header.data_start + e.end])
+                       for e in header.tensors}
+            meta = dict(header.metadata)
+            meta["ckptd.digests"] = json.dumps(digests, separators=(",", ":"))
+            new = encode_header(header.tensors, meta)
+            if len(new) != header.data_start:
+                raise PersistError("invalid_snapshot", "snapshot header has malformed digest placeholders")
+            view[: len(new)] = new
+        except FormatError as exc:
+            raise PersistError("invalid_snapshot", f"snapshot is not a valid checkpoint image: {exc}") from None
+        finally:
+            view.release()
+    return Header(header.header_len, header.tensors, meta)
+
+
+def _write(src_fd: int, length: int, dfd: int, tmp: str) -> None:
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+    try:
+        offset = 0
+        while offset < length:
+            sent = os.sendfile(out, src_fd, offset, min(length - offset, 1 << 30))
+            if sent == 0:
+                raise OSError(errno.EIO, "snapshot ended early")
+            offset += sent
+        os.fsync(out)
+        os.posix_fadvise(out, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(out)
+
+
+def _verify_temp(dfd: int, tmp: str, directory: str) -> VerifyResult:
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        result = verify_open(f, os.path.join(directory, tmp))
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return result
+
+
+def _unlink_quietly(dfd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
+def cleanup_temp(directory: str, live_pids: frozenset[int] = frozenset()) -> list[str]:
+    """Remove temp files left by writers that died (a pid not running, or not ours)."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if TEMP_MARK not in name:
+            continue
+        pid = _temp_pid(name)
+        if pid is not None and (pid in live_pids or (pid != os.getpid() and _alive(pid))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _temp_pid(name: str) -> int | None:
+    try:
+        return int(name.split(TEMP_MARK, 1)[1].split(".")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

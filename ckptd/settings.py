@@ -1,0 +1,178 @@
+"""Every user-facing policy, retention and quota key, parsed one way everywhere.
+
+The same key arrives as a hook kwarg, a ``CKPTD_*`` environment variable, a TOML
+value under ``[defaults]`` / ``[jobs.NAME]`` / ``[[watch]]``, or a ``--dashed`` CLI
+option. One table (``KEYS``) says how each is parsed, so an error always names the
+key and where it came from, and the precedence (kwargs > env > job table >
+defaults) is applied in exactly one place: ``resolve``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from ckptd.units import parse_duration, parse_size, parse_size_or_percent
+
+
+class SettingsError(ValueError):
+    """A bad key or value; the message names the key and its source."""
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise ValueError(f"expected an integer, got {v!r}")
+        try:
+            n = int(v)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {v!r}") from None
+        if n < minimum:
+            raise ValueError(f"must be at least {minimum}, got {n}")
+        return n
+    return parse
+
+
+def _pos_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {v!r}") from None
+    if not x > 0:
+        raise ValueError(f"must be greater than 0, got {v!r}")
+    return x
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {v!r}")
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
+        return str(v)
+    return parse
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"expected a non-empty string, got {v!r}")
+    return v
+
+
+def _cron(v: Any) -> str:
+    """Validated with APScheduler itself, imported only when a cron key is used."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    text = _text(v)
+    try:
+        CronTrigger.from_crontab(text)
+    except ValueError as exc:
+        raise ValueError(f"not a valid cron expression {text!r}: {exc}") from None
+    return text
+
+
+def _template(v: Any) -> str:
+    text = _text(v)
+    if "/" in text or "{step" not in text:
+        raise ValueError(f"a file name template must contain {{step}} and no '/', got {v!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Key:
+    parse: Callable[[Any], Any]
+    default: Any
+    group: str
+    help: str
+
+
+KEYS: dict[str, Key] = {
+    # save policy (SPEC §4)
+    "every_steps": Key(_int(1), None, "policy", "save every N completed steps"),
+    "saves_per_epoch": Key(_int(1), None, "policy", "saves per epoch (needs steps_per_epoch; interval rounds down)"),
+    "steps_per_epoch": Key(_int(1), None, "policy", "optimizer steps in one epoch"),
+    "every_epochs": Key(_pos_float, None, "policy", "save every F epochs (0.25 = each quarter epoch)"),
+    "every": Key(parse_duration, None, "policy", "save when this long has passed since the last save (90s, 30m, 2h)"),
+    "cron": Key(_cron, None, "policy", "save on a cron schedule (APScheduler crontab syntax)"),
+    "start_after": Key(_int(0), 0, "policy", "no scheduled save before this step (final and preemption saves still happen)"),
+    "total_steps": Key(_int(1), None, "policy", "steps in the run; the final save is at this step"),
+    "save_final": Key(_bool, True, "policy", "always save the last step of the run"),
+    "on_preempt": Key(_bool, True, "policy", "save on SIGTERM/SIGUSR1 before the original handler runs"),
+    "best_metric": Key(_text, None, "policy", "metric name: save when it improves"),
+    "best_mode": Key(_choice("min", "max"), "min", "policy", "min or max: which direction is better"),
+    "min_interval": Key(parse_duration, 0.0, "policy", "never two scheduled saves closer than this"),
+    "on_busy": Key(_choice("wait", "skip"), "wait", "policy", "scheduled save while the last is still being written: wait or skip"),
+    # retention (SPEC §5)
+    "keep_last": Key(_int(0), None, "retention", "keep the N newest verified checkpoints"),
+    "keep_best": Key(_int(0), None, "retention", "keep the K best by best_metric"),
+    "keep_every_steps": Key(_int(1), None, "retention", "keep milestones: step % M == 0"),
+    "keep_hourly": Key(_int(0), None, "retention", "keep the newest checkpoint of each of the last N hours"),
+    "keep_daily": Key(_int(0), None, "retention", "keep the newest checkpoint of each of the last N days"),
+    "keep_within": Key(parse_duration, None, "retention", "keep everything newer than this"),
+    "keep_final": Key(_bool, True, "retention", "keep the final checkpoint of a run"),
+    "quarantine_dir": Key(_text, None, "retention", "move corrupt or deleted checkpoints here instead of deleting"),
+    # quota (SPEC §5)
+    "max_bytes": Key(parse_size, None, "quota", "disk budget of the job (500MiB, 2TB)"),
+    "min_free": Key(parse_size_or_percent, None, "quota", "free space to leave on the filesystem (bytes or 10%)"),
+    # naming (SPEC §7)
+    "template": Key(_template, "{job}-step{step:08d}.safetensors", "naming", "checkpoint file name template"),
+}
+
+
+def parse_value(key: str, value: Any, source: str) -> Any:
+    """One value through its parser; the error names the key and where it came from."""
+    if key not in KEYS:
+        raise SettingsError(f"{source}: unknown key {key!r}" + _suggest(key))
+    try:
+        return KEYS[key].parse(value)
+    except ValueError as exc:
+        raise SettingsError(f"{source}: {key}: {exc}") from None
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_table(table: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A TOML table or kwargs dict, every key checked; None values are left out."""
+    return {k: parse_value(k, v, source) for k, v in table.items() if v is not None}
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``CKPTD_EVERY_STEPS=500`` and friends; unknown ``CKPTD_*`` names are not ours to judge."""
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key in KEYS:
+        name = "CKPTD_" + key.upper()
+        if name in env and env[name] != "":
+            out[key] = parse_value(key, env[name], f"environment variable {name}")
+    return out
+
+
+def resolve(kwargs: Mapping[str, Any], env: Mapping[str, Any], job_table: Mapping[str, Any],
+            defaults_table: Mapping[str, Any]) -> dict[str, Any]:
+    """Precedence: kwargs > env > job table > defaults table > built-in defaults."""
+    out = {k: spec.default for k, spec in KEYS.items()}
+    for layer in (defaults_table, job_table, env, kwargs):
+        out.update(layer)
+    return out
+
+
+def group(settings: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The keys of one group (policy, retention, quota, naming)."""
+    return {k: settings[k] for k, spec in KEYS.items() if spec.group == name and k in settings}

@@ -1,0 +1,9 @@
+"""The in-training side of ckptd: ``from trainer_hooks import Checkpointer``.
+
+Import-light by contract (SPEC §2): importing this package pulls in torch and the
+torch-free core of ckptd, never watchdog, apscheduler or prometheus_client.
+"""
+
+from trainer_hooks.checkpointer import Checkpointer, load
+
+__all__ = ["Checkpointer", "load"]

@@ -1,0 +1,392 @@
+"""``Checkpointer``: the one object a training script talks to.
+
+Lifecycle, in order:
+
+1. ``Checkpointer(job, dir, model=..., ...)`` resolves settings (kwargs > ``CKPTD_*``
+   env > ``[jobs.JOB]`` > ``[defaults]``), runs the pre-flight checks (target
+   writable, one checkpoint fits, state serialisable), creates the staging buffer and
+   the persist worker, starts a scheduler thread only if a time rule is set, and
+   installs the preemption signal handlers (main thread only).
+2. ``resume()`` verifies candidates newest first, loads the first good one into the
+   model, optimizer, scheduler and RNGs, and returns its step count.
+3. ``step()`` counts a completed optimizer step. Its fast path compares the step
+   with the next due step and reads one flag (set by the scheduler thread or a
+   signal); only when either says so does it ask ``ckptd.policy.decide``.
+4. A due save waits for the previous one to leave the staging buffer (or skips, with
+   ``on_busy="skip"``), copies the state into shared memory and hands it to the
+   worker; ``step()`` returns as soon as the copy is done.
+5. ``close()`` (also at interpreter exit) saves the final step if it is not saved,
+   waits until it is verified, and stops the threads. After a preemption save the
+   original signal handler runs.
+
+Training is never crashed by a failing save: errors are logged, counted in
+``stats`` and the loop goes on. Errors in what the user passed (a bad key, an
+unwritable target, an unserialisable ``extra``) are raised at construction instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from ckptd import config as config_mod
+from ckptd import policy as pol
+from ckptd.format import FORMAT_VERSION
+from ckptd.persist import PersistError, Persisted, cleanup_temp
+from ckptd.preflight import check_directory, check_job, check_template, min_free_bytes, render, resolve_target
+from ckptd.scan import Checkpoint, scan
+from ckptd.settings import from_env, group, parse_table, resolve
+from ckptd.verify import verify_file
+from trainer_hooks.staging import StagingBuffer
+from trainer_hooks.state import apply, capture, flatten, unflatten
+from trainer_hooks.worker import SaveJob, Worker
+
+log = logging.getLogger("ckptd.hook")
+
+SCHEDULED = ("step", "time", "best")
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Checkpointer:
+    """Hand training state to ckptd; see the module docstring for the lifecycle."""
+
+    def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
+                 scheduler: Any = None, extra: dict[str, Any] | None = None, *,
+                 preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS, preempt_grace: float = 5.0,
+                 config: str | None = None, **settings: Any) -> None:
+        self.job = check_job(job)
+        self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
+        cfg = config_mod.load(config)
+        self.settings = resolve(parse_table(settings, "Checkpointer()"), from_env(),
+                                cfg.job_table(job), cfg.defaults)
+        self.policy = pol.SavePolicy.from_settings(group(self.settings, "policy"))
+        self.directory, self.template = resolve_target(directory, self.settings["template"])
+        check_template(self.template, job)
+        self._init_progress()
+        flat, _ = flatten(self._capture())  # an unserialisable state fails now, not at step 10000
+        check_directory(self.directory, flat.nbytes, self.settings["min_free"])
+        cleanup_temp(self.directory)
+        self.stats: dict[str, int] = {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0}
+        self.saved: list[Checkpoint | dict[str, Any]] = []
+        self.last_verified: str | None = None
+        self.last_error: PersistError | None = None
+        self._buffer = StagingBuffer(f"ckptd-{job}")
+        self._worker = Worker(self._on_persisted)
+        self._closed = False
+        self._scheduler = self._start_time_rules()
+        self._signals = self._install_signals(preempt_signals)
+        self._preempt_grace = preempt_grace
+        atexit.register(self._at_exit)
+        log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
+                 job, self.directory)
+
+    # -- progress ---------------------------------------------------------------
+
+    def _init_progress(self) -> None:
+        self._step = 0
+        self.epoch: float | None = None
+        self._metrics: dict[str, Any] | None = None
+        self._last_saved_step = 0
+        self._last_sched_at: float | None = None
+        self._last_save_wall = time.time()
+        self._best: float | None = None
+        self._best_key = self.policy.best_metric
+        self._time_due: str | None = None
+        self._preempt: int | None = None
+        self._flag = False
+        self._next_due = pol.next_due_step(self.policy, 0)
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    def step(self, n: int | None = None, metrics: dict[str, Any] | None = None,
+             epoch: float | None = None) -> int:
+        """One more optimizer step done (or ``n`` done in all). Cheap unless a save is due."""
+        self._step = self._step + 1 if n is None else n
+        if epoch is not None:
+            self.epoch = epoch
+        if metrics is not None:
+            self._metrics = metrics
+            if self._best_key is not None and pol.improves(self.policy, metrics.get(self._best_key), self._best):
+                self._flag = True
+        if self._step >= self._next_due or self._flag:
+            self._due()
+        return self._step
+
+    def _progress(self) -> pol.Progress:
+        metric = self._metrics.get(self._best_key) if (self._metrics and self._best_key) else None
+        return pol.Progress(self._step, self._last_saved_step, self._last_sched_at, self._time_due,
+                            self._preempt is not None, _as_float(metric), self._best)
+
+    def _due(self) -> None:
+        decision = pol.decide(self.policy, self._progress(), time.time())
+        if decision.save:
+            self._save(decision.trigger, decision.rule)
+            if decision.trigger == "preempt":
+                self._finish_preempt()
+        self._next_due = pol.next_due_step(self.policy, self._last_saved_step)
+        self._flag = self._time_due is not None or self._preempt is not None
+
+    # -- saving -----------------------------------------------------------------
+
+    def save(self, reason: str = "manual", wait: bool = False) -> bool:
+        """Force a save now; ``wait=True`` returns only once it is verified (or failed)."""
+        ok = self._save("manual" if reason == "manual" else reason, reason)
+        if wait:
+            self.wait()
+        return ok
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the save in flight is verified or failed."""
+        return self._worker.wait_idle(timeout)
+
+    def _save(self, trigger: str, rule: str) -> bool:
+        try:
+            return self._stage_and_submit(trigger, rule)
+        except Exception as exc:  # a failing save must never crash training
+            self.stats["failed"] += 1
+            log.error("ckptd: %s save at step %d failed before it reached the disk: %s", trigger, self._step, exc)
+            return False
+
+    def _stage_and_submit(self, trigger: str, rule: str) -> bool:
+        t0 = time.perf_counter_ns()
+        if self._worker.busy:
+            if self.settings["on_busy"] == "skip" and trigger in SCHEDULED:
+                self.stats["skipped"] += 1
+                log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
+                            "(missed, reason=backpressure)", trigger, self._step)
+                return False
+            self._worker.wait_idle()
+        now = time.time()
+        flat, skeleton = flatten(self._capture())
+        filename = render(self.template, self.job, self._step, self.epoch, now)
+        length = self._buffer.stage(flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases))
+        self._worker.submit(SaveJob(self._buffer.fd, length, self.directory, filename, self._step, trigger))
+        self.stats["stall_ns"] += time.perf_counter_ns() - t0
+        self.stats["saves"] += 1
+        self._mark_saved(trigger, now)
+        return True
+
+    def _mark_saved(self, trigger: str, now: float) -> None:
+        self._last_saved_step = self._step
+        self._last_save_wall = now
+        self._time_due = None
+        if trigger in SCHEDULED:
+            self._last_sched_at = now
+        metric = self._progress().metric
+        if pol.improves(self.policy, metric, self._best):
+            self._best = metric
+        self._reschedule_every()
+
+    def _capture(self) -> dict[str, Any]:
+        trainer = {"job": self.job, "step": self._step, "epoch": self.epoch}
+        return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer)
+
+    def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
+                  aliases: dict[str, str]) -> dict[str, str]:
+        created = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return {
+            "ckptd.format": FORMAT_VERSION, "ckptd.job": self.job, "ckptd.step": str(self._step),
+            "ckptd.epoch": "" if self.epoch is None else repr(float(self.epoch)),
+            "ckptd.created": created, "ckptd.trigger": trigger, "ckptd.rule": rule,
+            "ckptd.metrics": json.dumps(_jsonable(self._metrics or {})),
+            "ckptd.state": json.dumps(skeleton, separators=(",", ":")),
+            "ckptd.aliases": json.dumps(aliases, separators=(",", ":")),
+        }
+
+    def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
+        """Runs on the worker thread after each save."""
+        if result is not None:
+            self.stats["verified"] += 1
+            self.last_verified = result.path
+            self.saved.append({"path": result.path, "step": job.step, "trigger": job.trigger, "ok": True})
+            log.info("ckptd: step %d saved and verified: %s (%s)", job.step, result.path, job.trigger)
+            return
+        assert error is not None
+        self.stats["failed"] += 1
+        self.last_error = error
+        self.saved.append({"path": None, "step": job.step, "trigger": job.trigger, "ok": False,
+                           "reason": error.reason, "error": str(error)})
+        log.error("ckptd: save of step %d failed (%s): %s; training continues", job.step, error.reason, error)
+
+    # -- resume -----------------------------------------------------------------
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return scan(self.directory, self.job)
+
+    def resume(self) -> int:
+        """Load the newest checkpoint that verifies now; return its step (0 if none)."""
+        for info in reversed(self.checkpoints()):
+            result = verify_file(info.path)
+            if not result.ok:
+                log.warning("ckptd: skipping %s for resume: %s", info.path, result.reason)
+                continue
+            state = load(info.path)
+            apply(state, self.model, self.optimizer, self.scheduler)
+            if self.extra is not None and "extra" in state:
+                self.extra.clear()
+                self.extra.update(state["extra"])
+            self._restore_progress(state.get("trainer", {}), info)
+            log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
+            return self._step
+        return 0
+
+    def _restore_progress(self, trainer: dict[str, Any], info: Checkpoint) -> None:
+        self._step = self._last_saved_step = int(trainer.get("step", info.step))
+        self.epoch = trainer.get("epoch")
+        if self._best_key:
+            values = [_as_float(c.metrics.get(self._best_key)) for c in self.checkpoints()]
+            for v in values:
+                if pol.improves(self.policy, v, self._best):
+                    self._best = v
+        self._next_due = pol.next_due_step(self.policy, self._step)
+
+    # -- time rules and signals -------------------------------------------------
+
+    def _start_time_rules(self) -> Any:
+        if not self.policy.has_time_rules:
+            return None
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.cron import CronTrigger
+
+        sched = BackgroundScheduler(daemon=True, job_defaults={"misfire_grace_time": None, "coalesce": True})
+        if self.policy.cron:
+            sched.add_job(self._time_fired, CronTrigger.from_crontab(self.policy.cron), args=["cron"], id="cron")
+        sched.start()
+        self._scheduler = sched
+        self._reschedule_every()
+        return sched
+
+    def _reschedule_every(self) -> None:
+        due = pol.next_time_due(self.policy, self._last_save_wall)
+        sched = getattr(self, "_scheduler", None)
+        if due is None or sched is None:
+            return
+        sched.add_job(self._time_fired, "date", run_date=datetime.fromtimestamp(due, timezone.utc),
+                      args=["every"], id="every", replace_existing=True)
+
+    def _time_fired(self, rule: str) -> None:
+        """Scheduler thread: only sets flags; the save happens at the next ``step()``."""
+        self._time_due = rule
+        self._flag = True
+
+    def _install_signals(self, sigs: tuple[int, ...]) -> dict[int, Any]:
+        if not self.policy.on_preempt or threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in sigs}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._preempt == -signum:  # our own re-delivery after the preemption save
+            self._chain(signum, frame)
+            return
+        log.warning("ckptd: signal %d: preemption save at the next step (or in %.0fs)", signum, self._preempt_grace)
+        self._preempt = signum
+        self._flag = True
+        timer = threading.Timer(self._preempt_grace, self._preempt_now, args=[signum])
+        timer.daemon = True
+        timer.start()
+        self._preempt_timer = timer
+
+    def _preempt_now(self, signum: int) -> None:
+        """The trainer did not reach ``step()`` in time: it is between steps, save now."""
+        if self._preempt == signum and not self._closed:
+            self._save("preempt", "on_preempt")
+            self._finish_preempt()
+
+    def _finish_preempt(self) -> None:
+        signum = self._preempt
+        if signum is None or signum < 0:
+            return
+        timer = getattr(self, "_preempt_timer", None)
+        if timer is not None:
+            timer.cancel()
+        self.wait()
+        self._preempt = -signum
+        os.kill(os.getpid(), signum)  # runs the original handler, in the main thread
+
+    def _chain(self, signum: int, frame: Any) -> None:
+        self._preempt = None
+        original = self._signals.get(signum, signal.SIG_DFL)
+        if callable(original):
+            original(signum, frame)
+        elif original == signal.SIG_DFL:
+            self._stop_threads()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    # -- shutdown ---------------------------------------------------------------
+
+    def close(self, final: bool = True) -> None:
+        """End of run: save the last step if unsaved, wait for verification, stop threads."""
+        if self._closed:
+            return
+        if final and self.policy.save_final and (self._step > self._last_saved_step or not self.stats["saves"]):
+            self._save("final", "save_final")
+        self.wait()
+        self._closed = True
+        self._stop_threads()
+        self._restore_signals()
+        atexit.unregister(self._at_exit)
+
+    def _stop_threads(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        self._worker.close()
+        self._buffer.close()
+
+    def _restore_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s, h in self._signals.items():
+                signal.signal(s, h)
+        self._signals = {}
+
+    def _at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            log.exception("ckptd: error while closing at exit")
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load(path: str) -> dict[str, Any]:
+    """The nested state stored in a ckptd checkpoint (tensors on CPU)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    skeleton = json.loads(meta.get("ckptd.state", "null"))
+    aliases = json.loads(meta.get("ckptd.aliases", "{}"))
+    return unflatten(skeleton, tensors, aliases)
+
+
+def _as_float(v: Any) -> float | None:
+    if isinstance(v, torch.Tensor):
+        return float(v.item()) if v.numel() == 1 else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        f = _as_float(v)
+        out[str(k)] = f if f is not None else (v if isinstance(v, (str, bool, type(None))) else str(v))
+    return out

@@ -1,0 +1,78 @@
+"""Embedded mode: the persist pipeline in a background thread of the trainer.
+
+Used when no daemon answers. The trainer thread stages a snapshot into shared
+memory and hands it here; this thread hashes, writes, fsyncs, verifies and renames
+it (``ckptd.persist``), then applies retention. One snapshot is in flight at a time
+because the staging buffer is reused: ``wait_idle`` is the backpressure point.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from ckptd.persist import PersistError, Persisted, persist
+
+log = logging.getLogger("ckptd.hook")
+
+
+@dataclass(frozen=True)
+class SaveJob:
+    fd: int
+    length: int
+    directory: str
+    filename: str
+    step: int
+    trigger: str
+
+
+Done = Callable[[SaveJob, "Persisted | None", "PersistError | None"], None]
+
+
+class Worker:
+    """One thread, one job at a time; ``on_done`` runs on this thread after each job."""
+
+    def __init__(self, on_done: Done, name: str = "ckptd-persist") -> None:
+        self._on_done = on_done
+        self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    def submit(self, job: SaveJob) -> None:
+        self._idle.clear()
+        self._jobs.put(job)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                result = persist(job.fd, job.length, job.directory, job.filename)
+                self._finish(job, result, None)
+            except PersistError as exc:
+                self._finish(job, None, exc)
+            except Exception as exc:  # never let the thread die: training must go on
+                log.exception("ckptd: unexpected error persisting step %d", job.step)
+                self._finish(job, None, PersistError("internal_error", str(exc)))
+            finally:
+                self._idle.set()
+
+    def _finish(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
+        try:
+            self._on_done(job, result, error)
+        except Exception:
+            log.exception("ckptd: error after persisting step %d", job.step)
