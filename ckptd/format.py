@@ -12,6 +12,8 @@ strings), then the tensor bytes, back to back. ckptd adds, inside ``__metadata__
   reference for each tensor (see ``trainer_hooks.state``)
 - ``ckptd.aliases``  JSON ``{alias: stored_name}`` for tied weights stored once
 - ``ckptd.digests``  JSON ``{tensor: xxh3-64 hex}`` over each tensor's bytes
+- ``ckptd.meta_digest``  xxh3-64 over all the other metadata (``meta_digest``), so a
+  flipped bit in the trainer state or an RNG seed is caught like one in a tensor
 
 This module is torch-free on purpose: the daemon parses and verifies headers that
 arrive from untrusted clients and files, and must not pay for importing torch.
@@ -93,6 +95,14 @@ class Header:
             return json.loads(raw)
         except json.JSONDecodeError:
             raise FormatError(f"metadata {key} is not valid JSON") from None
+
+
+def meta_digest(metadata: Mapping[str, str]) -> str:
+    """xxh3-64 over the canonical JSON of every metadata entry but this digest itself."""
+    import xxhash
+
+    body = {k: v for k, v in metadata.items() if k != "ckptd.meta_digest"}
+    return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> list[TensorEntry]:

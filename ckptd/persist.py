@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from ckptd.format import FormatError, Header, encode_header, read_header_from_buffer
+from ckptd.format import FormatError, Header, encode_header, meta_digest, read_header_from_buffer
 from ckptd.verify import VerifyResult, verify_open
 
 TEMP_MARK = ".ckptd-tmp."
@@ -106,6 +106,7 @@ def _seal(fd: int, length: int) -> Header:
                        for e in header.tensors}
             meta = dict(header.metadata)
             meta["ckptd.digests"] = json.dumps(digests, separators=(",", ":"))
+            meta["ckptd.meta_digest"] = meta_digest(meta)
             new = encode_header(header.tensors, meta)
             if len(new) != header.data_start:
                 raise PersistError("invalid_snapshot", "snapshot header has malformed digest placeholders")

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import xxhash
 
-from ckptd.format import DIGEST_PLACEHOLDER, FormatError, Header, read_header
+from ckptd.format import DIGEST_PLACEHOLDER, FormatError, Header, meta_digest, read_header
 
 CHUNK = 8 * 1024 * 1024
 
@@ -97,6 +97,9 @@ def verify_open(f: BinaryIO, label: str) -> VerifyResult:
 
 def _check(path: str, f: BinaryIO, header: Header) -> VerifyResult:
     expected = digest_map(header) if header.is_ckptd else None
+    if expected is not None and header.metadata.get("ckptd.meta_digest") != meta_digest(header.metadata):
+        return VerifyResult(path, False, "metadata digest mismatch (trainer state or tags altered)",
+                            len(header.tensors), header.total_len, header.metadata)
     actual = compute_digests(f, header)
     if expected is not None:
         for name, digest in actual.items():

@@ -44,6 +44,7 @@ class StagingBuffer:
         entries = layout([(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in tensors.items()])
         meta = dict(metadata)
         meta["ckptd.digests"] = _placeholder_digests([e.name for e in entries])
+        meta["ckptd.meta_digest"] = DIGEST_PLACEHOLDER
         header = encode_header(entries, meta)
         length = len(header) + (entries[-1].end if entries else 0)
         flat = self._ensure(length)

@@ -1,0 +1,168 @@
+"""``ckptd``: the command line (click). Thin: parsing and printing only."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from ckptd import __version__
+from ckptd.policy import PolicyError, SavePolicy, plan as make_plan
+from ckptd.scan import Checkpoint, pin_path, scan
+from ckptd.settings import KEYS, SettingsError, group, parse_table, resolve
+from ckptd.units import format_bytes, format_duration
+from ckptd.verify import verify_file
+
+
+def setting_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Every policy/retention key of the given groups as a ``--dashed`` option (SPEC §6)."""
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for key, spec in reversed(list(KEYS.items())):
+            if spec.group in groups and key not in exclude:
+                f = click.option("--" + key.replace("_", "-"), key, default=None, help=spec.help)(f)
+        return f
+    return decorate
+
+
+def settings_from(options: dict[str, Any], source: str = "command line") -> dict[str, Any]:
+    try:
+        return resolve(parse_table({k: v for k, v in options.items() if k in KEYS}, source), {}, {}, {})
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.group()
+@click.version_option(__version__, prog_name="ckptd")
+def main() -> None:
+    """ckptd: checkpoints that are written, verified and kept, or an alert says why not."""
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per file, in a list")
+def verify(paths: tuple[str, ...], as_json: bool) -> None:
+    """Verify checkpoints: header bounds, sizes, and every tensor's digest. Exit 1 on any bad file."""
+    files = _expand(paths)
+    results = [verify_file(p) for p in files] if files else []
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        for r in results:
+            status = "ok     " if r.ok else "CORRUPT"
+            detail = f"{r.tensors} tensors, {format_bytes(r.bytes)}" if r.ok else r.reason
+            click.echo(f"{status} {r.path}: {detail}")
+    if not results:
+        raise click.ClickException("no checkpoint files found in " + ", ".join(paths))
+    sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+def _expand(paths: tuple[str, ...]) -> list[str]:
+    """Files as given; a directory stands for the checkpoints in it (missing paths are reported)."""
+    out: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            out.extend(c.path for c in scan(p))
+        else:
+            out.append(p)
+    return out
+
+
+@main.command()
+@click.option("--total-steps", type=int, required=True, help="steps in the run")
+@setting_options("policy", exclude=("total_steps",))
+@click.option("--json", "as_json", is_flag=True)
+def plan(total_steps: int, as_json: bool, **options: Any) -> None:
+    """The steps that will be saved, with the rule behind each, and warnings about surprises."""
+    settings = settings_from({**options, "total_steps": total_steps})
+    try:
+        result = make_plan(SavePolicy.from_settings(group(settings, "policy")))
+    except PolicyError as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"total_steps": total_steps,
+                               "saves": [s.__dict__ for s in result.saves],
+                               "warnings": list(result.warnings)}, indent=2))
+        return
+    click.echo(f"{len(result.saves)} saves over {total_steps} steps")
+    shown = result.saves if len(result.saves) <= 40 else result.saves[:20] + result.saves[-10:]
+    for i, s in enumerate(shown):
+        if len(result.saves) > 40 and i == 20:
+            click.echo(f"  ... {len(result.saves) - 30} more ...")
+        click.echo(f"  step {s.step:>10}  {s.trigger:<6} ({s.rule})")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@main.command("list")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--job", default=None, help="only this job's checkpoints")
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(directory: str, job: str | None, as_json: bool) -> None:
+    """The checkpoints in DIRECTORY, oldest step first (from their headers)."""
+    items = scan(directory, job)
+    if as_json:
+        click.echo(json.dumps([_info_json(c) for c in items], indent=2))
+        return
+    now = time.time()
+    click.echo(f"{'step':>10}  {'job':<16} {'trigger':<8} {'size':>10}  {'age':>6}  path")
+    for c in items:
+        pin = " (pinned)" if c.pinned else ""
+        bad = f"  UNREADABLE: {c.problem}" if c.problem else ""
+        click.echo(f"{c.step:>10}  {c.job:<16} {c.trigger:<8} {format_bytes(c.bytes):>10}  "
+                   f"{format_duration(max(0.0, now - c.created)):>6}  {c.path}{pin}{bad}")
+
+
+def _info_json(c: Checkpoint) -> dict[str, Any]:
+    return {"path": c.path, "job": c.job, "step": c.step, "epoch": c.epoch, "bytes": c.bytes,
+            "created": c.created, "trigger": c.trigger, "rule": c.rule, "metrics": c.metrics,
+            "pinned": c.pinned, "problem": c.problem}
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--job", default=None)
+def latest(directory: str, job: str | None) -> None:
+    """Path of the newest checkpoint in DIRECTORY that verifies now (exit 1 if none)."""
+    for c in reversed(scan(directory, job)):
+        result = verify_file(c.path)
+        if result.ok:
+            click.echo(c.path)
+            return
+        click.echo(f"skipping {c.path}: {result.reason}", err=True)
+    raise click.ClickException(f"no verified checkpoint in {directory}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def pin(path: str) -> None:
+    """Keep PATH whatever the retention rules say."""
+    open(pin_path(path), "a").close()
+    click.echo(f"pinned {path}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+def unpin(path: str) -> None:
+    """Let retention rules decide about PATH again."""
+    try:
+        os.unlink(pin_path(path))
+    except FileNotFoundError:
+        pass
+    click.echo(f"unpinned {path}")
+
+
+@main.command()
+@click.option("--dir", "directory", default=None, help="where to put the demo run (default: a temp dir)")
+def demo(directory: str | None) -> None:
+    """A toy training run with the hook: saves, a crash, a resume, verification."""
+    from ckptd.demo import run_demo
+
+    run_demo(directory)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Resume, crash and interruption with real subprocesses and real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptd.scan import scan
+from ckptd.verify import verify_file
+from tests.conftest import PYTHON, ROOT, run_py
+from trainer_hooks import Checkpointer
+from examples.train_toy import build
+
+TOY = str(ROOT / "examples" / "train_toy.py")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def straight_run(tmp_path: Path, steps: int) -> dict:
+    out = tmp_path / "straight.json"
+    r = run_py(TOY, "--dir", str(tmp_path / "straight"), "--steps", str(steps), "--every-steps", "5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    steps = 40
+    reference = straight_run(tmp_path, steps)
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([PYTHON, TOY, "--dir", str(run_dir), "--steps", str(steps), "--every-steps", "5",
+                             "--step-sleep", "0.05"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(c.step >= steps // 2 for c in scan(str(run_dir), "toy")))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved = [c.step for c in scan(str(run_dir), "toy")]
+    assert saved and max(saved) < steps, saved  # it really died mid-run
+    out = tmp_path / "resumed.json"
+    r = run_py(TOY, "--dir", str(run_dir), "--steps", str(steps), "--every-steps", "5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"starting at step {max(saved)}" in r.stdout
+    assert json.loads(out.read_text())["fingerprint"] == reference["fingerprint"]
+
+
+@pytest.mark.slow
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    r = run_py(TOY, "--dir", str(tmp_path), "--steps", "20", "--every-steps", "5")
+    assert r.returncode == 0, r.stderr
+    newest = scan(str(tmp_path), "toy")[-1]
+    assert newest.step == 20
+    data = bytearray(Path(newest.path).read_bytes())
+    data[-100] ^= 0xFF
+    Path(newest.path).write_bytes(bytes(data))
+    model, opt, sched = build()
+    ckpt = Checkpointer("toy", tmp_path, model=model, optimizer=opt, scheduler=sched, every_steps=5)
+    try:
+        with caplog.at_level("WARNING", logger="ckptd.hook"):
+            assert ckpt.resume() == 15
+        assert any(newest.path in m and "digest mismatch" in m for m in caplog.messages)
+    finally:
+        ckpt.close(final=False)
+
+
+WRITER = r"""
+import sys, torch
+from trainer_hooks import Checkpointer
+big = torch.nn.Linear(2048, 4096)   # 32 MiB of weights: a write takes a while
+ckpt = Checkpointer("big", sys.argv[1], model=big, every_steps=1)
+print("ready", flush=True)
+while True:
+    with torch.no_grad():
+        big.weight.add_(1.0)
+    ckpt.step()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_write_never_leaves_a_bad_final_file(tmp_path: Path) -> None:
+    """Kill the writer at 8 different moments; every final name must verify afterwards."""
+    for i in range(8):
+        proc = subprocess.Popen([PYTHON, "-c", WRITER, str(tmp_path)], env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            time.sleep(0.15 + 0.11 * i)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        finals = [c.path for c in scan(str(tmp_path), "big")]
+        for p in finals:
+            r = verify_file(p)
+            assert r.ok, (p, r.reason)
+    leftovers = [n for n in os.listdir(tmp_path) if ".ckptd-tmp." in n]
+    assert leftovers, "no kill landed during a write; the test proves nothing"
+    ckpt = Checkpointer("big", tmp_path, model=torch.nn.Linear(2048, 4096))
+    ckpt.close(final=False)
+    assert not [n for n in os.listdir(tmp_path) if ".ckptd-tmp." in n]
