@@ -1,0 +1,254 @@
+"""The hook in embedded mode: pre-flight, step numbering, triggers, preemption, failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from ckptd.preflight import TargetError
+from ckptd.scan import scan
+from ckptd.settings import SettingsError
+from tests.conftest import PYTHON, ROOT, run_py
+from trainer_hooks import Checkpointer
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(8, 4)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs; skipped loudly where mounting is not allowed."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here ({r.stderr.strip()}); run the tests as root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# --- pre-flight (SPEC §1.3) --------------------------------------------------------------
+
+def test_target_that_is_a_file_fails_at_construction(tmp_path: Path) -> None:
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(TargetError, match=f"{f} is an existing file"):
+        Checkpointer("j", f, model=model())
+
+
+def test_target_under_a_file_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TargetError, match="cannot create checkpoint directory"):
+        Checkpointer("j", tmp_path / "file" / "ckpt", model=model())
+
+
+def test_read_only_target_fails_at_construction(tmpfs: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    with pytest.raises(TargetError, match="not writable: Read-only file system"):
+        Checkpointer("j", tmpfs, model=model())
+
+
+def test_target_too_small_for_one_checkpoint(tmpfs: Path) -> None:
+    big = torch.nn.Linear(1024, 1024)  # 4 MiB of weights, the tmpfs holds 2 MiB
+    with pytest.raises(TargetError, match="not enough space .* needs about 4.0 MiB"):
+        Checkpointer("j", tmpfs, model=big)
+
+
+def test_min_free_is_part_of_the_preflight(tmp_path: Path) -> None:
+    with pytest.raises(TargetError, match="min_free keeps"):
+        Checkpointer("j", tmp_path, model=model(), min_free="99.99%")
+
+
+def test_a_file_name_target_gets_generated_names(tmp_path: Path) -> None:
+    ckpt = Checkpointer("j", tmp_path / "final_model.safetensors", model=model(), total_steps=2)
+    ckpt.step()
+    ckpt.step()
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path)) == ["final_model-step00000002.safetensors"]
+
+
+def test_bad_settings_and_job_names_fail_early(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="Checkpointer\\(\\): unknown key .keep_lst. \\(did you mean .keep_last.\\?\\)"):
+        Checkpointer("j", tmp_path, model=model(), keep_lst=3)
+    with pytest.raises(TargetError, match="job name"):
+        Checkpointer("../evil", tmp_path, model=model())
+    with pytest.raises(TargetError, match="template"):
+        Checkpointer("j", tmp_path, model=model(), template="{job}-{stp}.safetensors")
+    with pytest.raises(TypeError, match="extra/fn"):
+        Checkpointer("j", tmp_path, model=model(), extra={"fn": print})
+
+
+def test_precedence_kwargs_over_env_over_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "ckptd.toml"
+    cfg.write_text('[defaults]\nevery_steps = 7\nkeep_last = 9\n[jobs.j]\nevery_steps = 5\n')
+    monkeypatch.setenv("CKPTD_CONFIG", str(cfg))
+    c = Checkpointer("j", tmp_path / "a", model=model())
+    assert c.policy.every_steps == 5 and c.settings["keep_last"] == 9
+    c.close(final=False)
+    monkeypatch.setenv("CKPTD_EVERY_STEPS", "4")
+    c = Checkpointer("j", tmp_path / "b", model=model())
+    assert c.policy.every_steps == 4
+    c.close(final=False)
+    c = Checkpointer("j", tmp_path / "c", model=model(), every_steps=3)
+    assert c.policy.every_steps == 3
+    c.close(final=False)
+    monkeypatch.setenv("CKPTD_EVERY_STEPS", "often")
+    with pytest.raises(SettingsError, match="CKPTD_EVERY_STEPS: every_steps"):
+        Checkpointer("j", tmp_path / "d", model=model())
+
+
+def test_malformed_config_names_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[jobs.j]\nkeep_last = "three"\n')
+    with pytest.raises(SettingsError, match=r"\[jobs.j\]: keep_last: expected an integer"):
+        Checkpointer("j", tmp_path / "x", model=model(), config=str(cfg))
+
+
+# --- step numbering and triggers -------------------------------------------------------
+
+def test_step_numbering_and_final_save(tmp_path: Path) -> None:
+    m = model()
+    ckpt = Checkpointer("j", tmp_path, model=m, every_steps=4, total_steps=10)
+    for _ in range(9):
+        ckpt.step()
+    ckpt.step(10)
+    ckpt.close()
+    found = [(c.step, c.trigger, c.rule) for c in scan(str(tmp_path), "j")]
+    assert found == [(4, "step", "every_steps"), (8, "step", "every_steps"), (10, "final", "save_final")]
+    assert ckpt.stats["verified"] == 3 and ckpt.stats["failed"] == 0
+
+
+def test_close_saves_an_unsaved_end_of_run(tmp_path: Path) -> None:
+    ckpt = Checkpointer("j", tmp_path, model=model(), every_steps=100)
+    for _ in range(37):
+        ckpt.step()
+    ckpt.close()
+    assert [(c.step, c.trigger) for c in scan(str(tmp_path), "j")] == [(37, "final")]
+
+
+def test_best_metric_saves_on_improvement(tmp_path: Path) -> None:
+    ckpt = Checkpointer("j", tmp_path, model=model(), best_metric="loss", save_final=False)
+    for loss in [1.0, 0.9, 0.95, 0.7, 0.8]:
+        ckpt.step(metrics={"loss": loss})
+    ckpt.close()
+    found = [(c.step, c.trigger, c.metrics["loss"]) for c in scan(str(tmp_path), "j")]
+    assert found == [(1, "best", 1.0), (2, "best", 0.9), (4, "best", 0.7)]
+
+
+def test_time_trigger_fires_at_the_next_step(tmp_path: Path) -> None:
+    ckpt = Checkpointer("j", tmp_path, model=model(), every="0.3s", save_final=False)
+    try:
+        ckpt.step()
+        assert ckpt.stats["saves"] == 0
+        time.sleep(0.6)
+        ckpt.step()
+        ckpt.wait()
+        assert [(c.step, c.trigger, c.rule) for c in scan(str(tmp_path), "j")] == [(2, "time", "every")]
+    finally:
+        ckpt.close()
+
+
+def test_cron_trigger_is_scheduled(tmp_path: Path) -> None:
+    ckpt = Checkpointer("j", tmp_path, model=model(), cron="* * * * *", save_final=False)
+    try:
+        assert ckpt._scheduler is not None and ckpt._scheduler.get_job("cron") is not None
+    finally:
+        ckpt.close()
+
+
+def test_a_failing_save_never_stops_training(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    ckpt = Checkpointer("j", target, model=model(), every_steps=2, total_steps=6)
+    ckpt.step()
+    ckpt.step()
+    ckpt.wait()
+    shutil.rmtree(target)  # the target directory disappears mid-run
+    ckpt.step()
+    ckpt.step()
+    ckpt.wait()
+    assert ckpt.stats["failed"] == 1 and ckpt.last_error is not None
+    assert ckpt.last_error.reason == "target_missing"
+    target.mkdir()
+    ckpt.step()
+    ckpt.step()
+    ckpt.close()
+    assert [c.step for c in scan(str(target), "j")] == [6]
+
+
+def test_on_busy_skip_counts_the_skip(tmp_path: Path) -> None:
+    big = torch.nn.Linear(2048, 2048)
+    ckpt = Checkpointer("j", tmp_path, model=big, every_steps=1, on_busy="skip", save_final=False)
+    for _ in range(5):
+        ckpt.step()
+    ckpt.close()
+    assert ckpt.stats["skipped"] >= 1
+    assert ckpt.stats["saves"] + ckpt.stats["skipped"] == 5
+
+
+# --- preemption (real signals, real processes) ------------------------------------------
+
+PREEMPT = r"""
+import signal, sys, time, torch
+from trainer_hooks import Checkpointer
+mode = sys.argv[2]
+if mode == "custom":
+    signal.signal(signal.SIGUSR1, lambda s, f: (print("original handler ran", flush=True), sys.exit(3)))
+ckpt = Checkpointer("p", sys.argv[1], model=torch.nn.Linear(4, 4), every_steps=1000, preempt_grace=0.5)
+for i in range(10):
+    ckpt.step()
+print("looping", flush=True)
+if mode == "between":
+    time.sleep(60)           # stuck between steps: the grace timer must save
+while True:
+    time.sleep(0.01)
+    ckpt.step()
+"""
+
+
+def start_preempt(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([PYTHON, "-c", PREEMPT, str(tmp_path), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "looping"
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["in_loop", "between"])
+def test_sigterm_saves_then_runs_the_default_handler(tmp_path: Path, mode: str) -> None:
+    proc = start_preempt(tmp_path, mode)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM
+    found = scan(str(tmp_path), "p")
+    assert [c.trigger for c in found] == ["preempt"] and found[0].step >= 10
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_then_chains_to_the_custom_handler(tmp_path: Path) -> None:
+    proc = start_preempt(tmp_path, "custom")
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3 and "original handler ran" in out
+    assert [c.trigger for c in scan(str(tmp_path), "p")] == ["preempt"]
+
+
+# --- import lightness (SPEC §2) -----------------------------------------------------------
+
+def test_importing_the_hook_imports_no_daemon_libraries() -> None:
+    code = ("import sys, trainer_hooks; bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('watchdog', 'apscheduler', 'prometheus_client', 'click')]; print(bad)")
+    r = run_py("-c", code)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
