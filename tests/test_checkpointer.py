@@ -85,7 +85,7 @@ def test_bad_settings_and_job_names_fail_early(tmp_path: Path) -> None:
         Checkpointer("j", tmp_path, model=model(), keep_lst=3)
     with pytest.raises(TargetError, match="job name"):
         Checkpointer("../evil", tmp_path, model=model())
-    with pytest.raises(TargetError, match="template"):
+    with pytest.raises(SettingsError, match="template: a file name template must contain"):
         Checkpointer("j", tmp_path, model=model(), template="{job}-{stp}.safetensors")
     with pytest.raises(TypeError, match="extra/fn"):
         Checkpointer("j", tmp_path, model=model(), extra={"fn": print})
