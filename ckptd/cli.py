@@ -156,6 +156,42 @@ def unpin(path: str) -> None:
 
 
 @main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--job", default=None, help="only this job's checkpoints (default: each job in DIRECTORY)")
+@click.option("--dry-run", is_flag=True, help="show what would be deleted and why; delete nothing")
+@click.option("--config", "config_file", default=None, help="TOML config whose [defaults]/[jobs.NAME] apply")
+@setting_options("retention", "quota")
+@click.option("--best-metric", default=None, help="metric name for --keep-best")
+@click.option("--best-mode", default=None, type=click.Choice(["min", "max"]))
+def gc(directory: str, job: str | None, dry_run: bool, config_file: str | None, **options: Any) -> None:
+    """Apply retention to DIRECTORY: every checkpoint with keep/delete and the rule that decided."""
+    from ckptd import config as config_mod
+    from ckptd.gc import collect
+    from ckptd.retention import now as wall_now
+
+    try:
+        cfg = config_mod.load(config_file)
+        cli = parse_table({k: v for k, v in options.items() if k in KEYS}, "command line")
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    jobs = [job] if job else sorted({c.job for c in scan(directory) if c.job})
+    failed = False
+    for name in jobs:
+        settings = resolve(cli, {}, cfg.job_table(name), cfg.defaults)
+        verdicts, removals = collect(directory, name, settings, wall_now(), [directory], dry_run)
+        click.secho(f"job {name}: {sum(not v.keep for v in verdicts)} of {len(verdicts)} to delete"
+                    + (" (dry run)" if dry_run else ""), bold=True)
+        errors = {r.verdict.item.id: r.error for r in removals if r.error}
+        for v in verdicts:
+            action = "keep  " if v.keep else ("would delete" if dry_run else "delete")
+            note = f"  FAILED: {errors[v.item.id]}" if v.item.id in errors else ""
+            click.echo(f"  {action:<12} step {v.item.step:>10}  {', '.join(v.reasons):<40} {v.item.id}{note}")
+        failed |= bool(errors)
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--dir", "directory", default=None, help="where to put the demo run (default: a temp dir)")
 def demo(directory: str | None) -> None:
     """A toy training run with the hook: saves, a crash, a resume, verification."""

@@ -64,8 +64,13 @@ def check_template(template: str, job: str) -> None:
                           "fields are {job}, {step}, {epoch}, {timestamp}") from None
 
 
-def check_directory(directory: str, expected_bytes: int, min_free: int | float | None) -> None:
-    """Create the directory, prove it is writable, and that one checkpoint fits."""
+def check_directory(directory: str, expected_bytes: int, min_free: int | float | None,
+                    reclaimable: int = 0) -> None:
+    """Create the directory, prove it is writable, and that one checkpoint fits.
+
+    ``reclaimable`` is what quota could free by deleting the job's older checkpoints,
+    so a resumed run on a disk full of its own checkpoints is not refused.
+    """
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
@@ -81,7 +86,7 @@ def check_directory(directory: str, expected_bytes: int, min_free: int | float |
                           "fix its permissions or choose another directory") from None
     free = free_bytes(directory)
     reserve = min_free_bytes(directory, min_free)
-    if free - reserve < expected_bytes:
+    if free + reclaimable - reserve < expected_bytes:
         raise TargetError(f"not enough space in {directory}: one checkpoint needs about "
                           f"{format_bytes(expected_bytes)}, {format_bytes(free)} free"
                           + (f" of which min_free keeps {format_bytes(reserve)}" if reserve else "")

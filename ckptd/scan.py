@@ -103,6 +103,8 @@ def scan(directory: str, job: str | None = None) -> list[Checkpoint]:
     for name in names:
         if not name.endswith(SUFFIX) or TEMP_MARK in name or name.startswith("."):
             continue
+        if os.path.islink(os.path.join(directory, name)):
+            continue  # a planted link is never one of our checkpoints (nor something to follow)
         info = read_info(os.path.join(directory, name))
         if job is None or info.job == job or (not info.ok and _name_matches(name, job)):
             out.append(info)

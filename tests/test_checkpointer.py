@@ -172,19 +172,21 @@ def test_cron_trigger_is_scheduled(tmp_path: Path) -> None:
 def test_a_failing_save_never_stops_training(tmp_path: Path) -> None:
     target = tmp_path / "ckpt"
     ckpt = Checkpointer("j", target, model=model(), every_steps=2, total_steps=6)
-    ckpt.step()
-    ckpt.step()
-    ckpt.wait()
-    shutil.rmtree(target)  # the target directory disappears mid-run
-    ckpt.step()
-    ckpt.step()
-    ckpt.wait()
-    assert ckpt.stats["failed"] == 1 and ckpt.last_error is not None
-    assert ckpt.last_error.reason == "target_missing"
-    target.mkdir()
-    ckpt.step()
-    ckpt.step()
-    ckpt.close()
+    try:
+        ckpt.step()
+        ckpt.step()
+        ckpt.wait()
+        shutil.rmtree(target)  # the target directory disappears mid-run
+        ckpt.step()
+        ckpt.step()
+        ckpt.wait()
+        assert ckpt.stats["failed"] == 1 and ckpt.last_error is not None
+        assert ckpt.last_error.reason == "target_missing"
+        target.mkdir()
+        ckpt.step()
+        ckpt.step()
+    finally:
+        ckpt.close()
     assert [c.step for c in scan(str(target), "j")] == [6]
 
 

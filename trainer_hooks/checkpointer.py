@@ -41,7 +41,8 @@ import torch
 from ckptd import config as config_mod
 from ckptd import policy as pol
 from ckptd.format import FORMAT_VERSION
-from ckptd.persist import PersistError, Persisted, cleanup_temp
+from ckptd.gc import Removal, collect, make_room
+from ckptd.persist import PersistError, Persisted, cleanup_temp, persist
 from ckptd.preflight import check_directory, check_job, check_template, min_free_bytes, render, resolve_target
 from ckptd.scan import Checkpoint, scan
 from ckptd.settings import from_env, group, parse_table, resolve
@@ -73,14 +74,16 @@ class Checkpointer:
         check_template(self.template, job)
         self._init_progress()
         flat, _ = flatten(self._capture())  # an unserialisable state fails now, not at step 10000
-        check_directory(self.directory, flat.nbytes, self.settings["min_free"])
+        older = scan(self.directory, job)[:-1] if os.path.isdir(self.directory) else []
+        check_directory(self.directory, flat.nbytes, self.settings["min_free"], sum(c.bytes for c in older))
         cleanup_temp(self.directory)
-        self.stats: dict[str, int] = {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0}
+        self.stats: dict[str, int] = {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0,
+                                      "deleted": 0}
         self.saved: list[Checkpoint | dict[str, Any]] = []
         self.last_verified: str | None = None
         self.last_error: PersistError | None = None
         self._buffer = StagingBuffer(f"ckptd-{job}")
-        self._worker = Worker(self._on_persisted)
+        self._worker = Worker(self._pipeline, self._on_persisted)
         self._closed = False
         self._scheduler = self._start_time_rules()
         self._signals = self._install_signals(preempt_signals)
@@ -203,6 +206,26 @@ class Checkpointer:
             "ckptd.state": json.dumps(skeleton, separators=(",", ":")),
             "ckptd.aliases": json.dumps(aliases, separators=(",", ":")),
         }
+
+    def _pipeline(self, job: SaveJob) -> Persisted:
+        """Worker thread: make room (retention, then quota), persist, then retention again."""
+        roots = [self.directory]
+        room, removed = make_room(self.directory, self.job, self.settings, job.length, time.time(), roots)
+        self._count_removals(removed)
+        if not room.ok:
+            raise PersistError("no_space", f"checkpoint of step {job.step} does not fit in {self.directory}: "
+                                           f"{room.reason}; existing checkpoints were left alone")
+        result = persist(job.fd, job.length, job.directory, job.filename)
+        self._count_removals(collect(self.directory, self.job, self.settings, time.time(), roots)[1])
+        return result
+
+    def _count_removals(self, removals: list[Removal]) -> None:
+        for r in removals:
+            if r.done:
+                self.stats["deleted"] += 1
+                log.info("ckptd: deleted %s (%s)", r.verdict.item.id, r.verdict.rule)
+            else:
+                log.error("ckptd: %s", r.error)
 
     def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
         """Runs on the worker thread after each save."""

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from ckptd.persist import PersistError, Persisted, persist
+from ckptd.persist import PersistError, Persisted, reason_for
 
 log = logging.getLogger("ckptd.hook")
 
@@ -30,12 +30,14 @@ class SaveJob:
 
 
 Done = Callable[[SaveJob, "Persisted | None", "PersistError | None"], None]
+Pipeline = Callable[[SaveJob], Persisted]
 
 
 class Worker:
-    """One thread, one job at a time; ``on_done`` runs on this thread after each job."""
+    """One thread, one job at a time: ``pipeline`` persists, ``on_done`` reports."""
 
-    def __init__(self, on_done: Done, name: str = "ckptd-persist") -> None:
+    def __init__(self, pipeline: Pipeline, on_done: Done, name: str = "ckptd-persist") -> None:
+        self._pipeline = pipeline
         self._on_done = on_done
         self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
         self._idle = threading.Event()
@@ -61,10 +63,12 @@ class Worker:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
-                result = persist(job.fd, job.length, job.directory, job.filename)
+                result = self._pipeline(job)
                 self._finish(job, result, None)
             except PersistError as exc:
                 self._finish(job, None, exc)
+            except OSError as exc:  # room-making and retention touch the disk too
+                self._finish(job, None, PersistError(reason_for(exc), f"step {job.step}: {exc}"))
             except Exception as exc:  # never let the thread die: training must go on
                 log.exception("ckptd: unexpected error persisting step %d", job.step)
                 self._finish(job, None, PersistError("internal_error", str(exc)))

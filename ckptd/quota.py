@@ -1,0 +1,65 @@
+"""Disk quota: can the next checkpoint fit, and what must go first? Pure planning.
+
+``max_bytes`` bounds a job's checkpoints; ``min_free`` keeps free space on the
+filesystem. Before a save, its size is reserved. If the limits cannot be met, the
+quota deletes what retention allows it to delete, oldest first, labelled ``quota``;
+if even deleting all of that would not be enough, nothing is deleted and the save
+fails early with ``no_space``: a save that cannot happen must not cost the
+checkpoints that already exist.
+
+Quota may override window rules (keep_last, milestones, hourly/daily, within) but
+never the newest verified, pinned, in-flight, best-K or final checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ckptd.retention import Item, Verdict
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The numbers quota decides over, measured at the edge."""
+
+    reserve: int  # bytes the next checkpoint needs
+    used: int  # bytes of this job's checkpoints that remain after retention
+    max_bytes: int | None = None
+    free: int | None = None  # free bytes on the filesystem now
+    min_free: int = 0
+
+
+@dataclass(frozen=True)
+class QuotaPlan:
+    ok: bool
+    delete: tuple[Item, ...] = field(default_factory=tuple)
+    reason: str = ""
+
+
+def shortfall(b: Budget, freed: int) -> int:
+    """Bytes still missing after freeing ``freed`` bytes (0 when the save fits)."""
+    short = 0
+    if b.max_bytes is not None:
+        short = max(short, b.used - freed + b.reserve - b.max_bytes)
+    if b.free is not None:
+        short = max(short, b.reserve + b.min_free - (b.free + freed))
+    return max(0, short)
+
+
+def plan(kept: Sequence[Verdict], budget: Budget) -> QuotaPlan:
+    """Oldest-first deletions among the unprotected kept checkpoints, or a refusal."""
+    if shortfall(budget, 0) == 0:
+        return QuotaPlan(True)
+    candidates = sorted((v.item for v in kept if v.keep and not v.protected),
+                        key=lambda i: (i.step, i.created, i.id))
+    chosen: list[Item] = []
+    freed = 0
+    for item in candidates:
+        chosen.append(item)
+        freed += item.bytes
+        if shortfall(budget, freed) == 0:
+            return QuotaPlan(True, tuple(chosen))
+    missing = shortfall(budget, freed)
+    return QuotaPlan(False, (), f"needs {budget.reserve} bytes; even after deleting every deletable "
+                                f"checkpoint {missing} bytes would be missing")
