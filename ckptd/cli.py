@@ -97,23 +97,46 @@ def plan(total_steps: int, as_json: bool, **options: Any) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
+SOCKET_OPTION = click.option("--socket", "socket_path", default=None, envvar="CKPTD_SOCKET",
+                             help="daemon socket (default: $CKPTD_SOCKET, $XDG_RUNTIME_DIR/ckptd.sock, /run/ckptd/ckptd.sock)")
+
+
+def ask(socket_path: str | None, msg: dict[str, Any]) -> dict[str, Any]:
+    """One request to the running daemon; a clear error when there is none."""
+    from ckptd.client import DaemonUnavailable, request
+    from ckptd.protocol import default_socket_path
+
+    try:
+        reply = request(socket_path or default_socket_path(), msg)
+    except DaemonUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error", reply)))
+    return reply
+
+
 @main.command("list")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--job", default=None, help="only this job's checkpoints")
+@click.argument("target", required=False)
+@click.option("--job", default=None, help="only this job's checkpoints (with a directory)")
 @click.option("--json", "as_json", is_flag=True)
-def list_cmd(directory: str, job: str | None, as_json: bool) -> None:
-    """The checkpoints in DIRECTORY, oldest step first (from their headers)."""
-    items = scan(directory, job)
+@SOCKET_OPTION
+def list_cmd(target: str | None, job: str | None, as_json: bool, socket_path: str | None) -> None:
+    """Checkpoints of a directory (read from the files) or of a job (asked from the daemon)."""
+    if target is not None and os.path.isdir(target):
+        items = [_info_json(c) for c in scan(target, job)]
+    else:
+        rows = ask(socket_path, {"type": "list", "job": target})["checkpoints"]
+        items = [{**r, "problem": "" if r["verified"] else (r.get("reason") or "not verified")} for r in rows]
     if as_json:
-        click.echo(json.dumps([_info_json(c) for c in items], indent=2))
+        click.echo(json.dumps(items, indent=2))
         return
     now = time.time()
     click.echo(f"{'step':>10}  {'job':<16} {'trigger':<8} {'size':>10}  {'age':>6}  path")
     for c in items:
-        pin = " (pinned)" if c.pinned else ""
-        bad = f"  UNREADABLE: {c.problem}" if c.problem else ""
-        click.echo(f"{c.step:>10}  {c.job:<16} {c.trigger:<8} {format_bytes(c.bytes):>10}  "
-                   f"{format_duration(max(0.0, now - c.created)):>6}  {c.path}{pin}{bad}")
+        pin = " (pinned)" if c["pinned"] else ""
+        bad = f"  UNREADABLE: {c['problem']}" if c["problem"] else ""
+        click.echo(f"{c['step']:>10}  {c['job']:<16} {c['trigger']:<8} {format_bytes(c['bytes']):>10}  "
+                   f"{format_duration(max(0.0, now - c['created'])):>6}  {c['path']}{pin}{bad}")
 
 
 def _info_json(c: Checkpoint) -> dict[str, Any]:
@@ -123,17 +146,69 @@ def _info_json(c: Checkpoint) -> dict[str, Any]:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--job", default=None)
-def latest(directory: str, job: str | None) -> None:
-    """Path of the newest checkpoint in DIRECTORY that verifies now (exit 1 if none)."""
-    for c in reversed(scan(directory, job)):
+@click.argument("target")
+@click.option("--job", default=None, help="with a directory: only this job")
+@SOCKET_OPTION
+def latest(target: str, job: str | None, socket_path: str | None) -> None:
+    """Path of the newest checkpoint that verifies now, of a directory or a job (exit 1 if none)."""
+    if not os.path.isdir(target):
+        click.echo(ask(socket_path, {"type": "latest", "job": target})["path"])
+        return
+    for c in reversed(scan(target, job)):
         result = verify_file(c.path)
         if result.ok:
             click.echo(c.path)
             return
         click.echo(f"skipping {c.path}: {result.reason}", err=True)
-    raise click.ClickException(f"no verified checkpoint in {directory}")
+    raise click.ClickException(f"no verified checkpoint in {target}")
+
+
+@main.command()
+@click.option("--config", "config_file", default=None, envvar="CKPTD_CONFIG", help="TOML config file")
+@click.option("--socket", "socket_path", default=None, help="overrides [daemon] socket")
+@click.option("--state-dir", default=None, help="overrides [daemon] state_dir")
+@click.option("--metrics-listen", default=None, help="overrides [daemon] metrics_listen (host:port)")
+@click.option("--root", "roots", multiple=True, help="overrides [daemon] roots (repeatable)")
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve(config_file: str | None, socket_path: str | None, state_dir: str | None, metrics_listen: str | None,
+          roots: tuple[str, ...], log_level: str) -> None:
+    """Run the daemon: trainers hand it their checkpoints over the socket."""
+    import logging
+
+    from ckptd import config as config_mod
+    from ckptd.daemon import Daemon
+    from ckptd.preflight import TargetError
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = config_mod.load(config_file)
+        daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir, metrics_listen=metrics_listen,
+                        roots=list(roots) or None)
+        daemon.serve_forever()
+    except (SettingsError, TargetError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@SOCKET_OPTION
+def status(as_json: bool, socket_path: str | None) -> None:
+    """Every job the daemon knows: step, last verified save and its age, next due, missed, failed."""
+    jobs = ask(socket_path, {"type": "status"})["jobs"]
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2))
+        return
+    click.echo(f"{'job':<16} {'pid':>7} {'step':>8} {'verified':>8} {'age':>6} {'next':>8} "
+               f"{'ckpts':>5} {'bytes':>10} {'missed':>6} {'failed':>6}")
+    for j in jobs:
+        age = format_duration(j["last_verified_age"]) if j["last_verified_age"] is not None else "-"
+        click.echo(f"{j['job']:<16} {j['pid'] or '-':>7} {j['step']:>8} {_dash(j['last_verified_step']):>8} "
+                   f"{age:>6} {_dash(j['next_due_step']):>8} {j['checkpoints']:>5} {format_bytes(j['bytes']):>10} "
+                   f"{j['missed']:>6} {j['failed']:>6}")
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None else str(v)
 
 
 @main.command()

@@ -47,6 +47,8 @@ from ckptd.preflight import check_directory, check_job, check_template, min_free
 from ckptd.scan import Checkpoint, scan
 from ckptd.settings import from_env, group, parse_table, resolve
 from ckptd.verify import verify_file
+from ckptd.protocol import default_socket_path
+from trainer_hooks.link import Link
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import apply, capture, flatten, unflatten
 from trainer_hooks.worker import SaveJob, Worker
@@ -63,7 +65,7 @@ class Checkpointer:
     def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
                  scheduler: Any = None, extra: dict[str, Any] | None = None, *,
                  preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS, preempt_grace: float = 5.0,
-                 config: str | None = None, **settings: Any) -> None:
+                 config: str | None = None, socket: str | bool | None = None, **settings: Any) -> None:
         self.job = check_job(job)
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         cfg = config_mod.load(config)
@@ -85,12 +87,46 @@ class Checkpointer:
         self._buffer = StagingBuffer(f"ckptd-{job}")
         self._worker = Worker(self._pipeline, self._on_persisted)
         self._closed = False
+        self._raw_settings = {k: v for k, v in settings.items() if v is not None}
+        self._link = self._open_link(socket)
         self._scheduler = self._start_time_rules()
         self._signals = self._install_signals(preempt_signals)
         self._preempt_grace = preempt_grace
         atexit.register(self._at_exit)
-        log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
-                 job, self.directory)
+        if self._link is None or not self._link.connected:
+            log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
+                     job, self.directory)
+
+    # -- the daemon ---------------------------------------------------------------
+
+    def _open_link(self, path: str | bool | None) -> Link | None:
+        if path is False:
+            return None
+        return Link(default_socket_path() if path in (None, True) else str(path), self._hello, self._beat,
+                    self._on_daemon_saved, self._on_daemon_lost)
+
+    @property
+    def mode(self) -> str:
+        return "daemon" if self._link is not None and self._link.connected else "embedded"
+
+    def _hello(self) -> dict[str, Any]:
+        return {"job": self.job, "directory": os.path.abspath(self.directory), "template": self.template,
+                "settings": self._raw_settings, "pid": os.getpid(), "step": self._step,
+                "rank": int(os.environ.get("RANK", 0)), "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+
+    def _beat(self) -> dict[str, Any]:
+        return {"step": self._step, "epoch": self.epoch}
+
+    def _on_daemon_saved(self, job: SaveJob, reply: dict[str, Any]) -> None:
+        if reply.get("ok"):
+            self._on_persisted(job, Persisted(str(reply.get("path")), job.length, {}), None)
+        else:
+            self._on_persisted(job, None, PersistError(str(reply.get("reason")), str(reply.get("error"))))
+
+    def _on_daemon_lost(self, jobs: list[SaveJob]) -> None:
+        for job in jobs:
+            log.warning("ckptd: the daemon went away with step %d in flight; persisting it here", job.step)
+            self._worker.submit(job)
 
     # -- progress ---------------------------------------------------------------
 
@@ -150,8 +186,14 @@ class Checkpointer:
         return ok
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the save in flight is verified or failed."""
+        """Block until the save in flight is verified or failed (by the daemon or here)."""
+        if self._link is not None and not self._link.wait_idle(timeout):
+            return False
         return self._worker.wait_idle(timeout)
+
+    @property
+    def _busy(self) -> bool:
+        return self._worker.busy or (self._link is not None and self._link.busy)
 
     def _save(self, trigger: str, rule: str) -> bool:
         try:
@@ -163,18 +205,24 @@ class Checkpointer:
 
     def _stage_and_submit(self, trigger: str, rule: str) -> bool:
         t0 = time.perf_counter_ns()
-        if self._worker.busy:
+        if self._busy:
             if self.settings["on_busy"] == "skip" and trigger in SCHEDULED:
                 self.stats["skipped"] += 1
                 log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
                             "(missed, reason=backpressure)", trigger, self._step)
+                if self._link is not None:
+                    self._link.notify({"type": "skipped", "step": self._step, "reason": "backpressure"})
                 return False
-            self._worker.wait_idle()
+            self.wait()
         now = time.time()
         flat, skeleton = flatten(self._capture())
         filename = render(self.template, self.job, self._step, self.epoch, now)
         length = self._buffer.stage(flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases))
-        self._worker.submit(SaveJob(self._buffer.fd, length, self.directory, filename, self._step, trigger))
+        job = SaveJob(self._buffer.fd, length, self.directory, filename, self._step, trigger)
+        msg = {"step": self._step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
+               "filename": filename, "length": length}
+        if self._link is None or not self._link.submit(job, msg):
+            self._worker.submit(job)
         self.stats["stall_ns"] += time.perf_counter_ns() - t0
         self.stats["saves"] += 1
         self._mark_saved(trigger, now)
@@ -362,6 +410,9 @@ class Checkpointer:
         atexit.unregister(self._at_exit)
 
     def _stop_threads(self) -> None:
+        if self._link is not None:
+            self._link.close(self._step if self._closed else None)
+            self._link = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None

@@ -1,0 +1,191 @@
+"""The SQLite catalogue (WAL) under ``state_dir``: jobs, checkpoints and events.
+
+It is a cache of what the files say, never the only record: every ckptd checkpoint
+carries its job, step, trigger, metrics and digests in its own header, so
+``rebuild`` can recreate the catalogue from the roots alone. A missing or damaged
+database file is moved aside and rebuilt at start (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from ckptd.persist import TEMP_MARK
+from ckptd.scan import SUFFIX, Checkpoint, read_info
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY, uid INTEGER NOT NULL, directory TEXT NOT NULL,
+    settings TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    path TEXT PRIMARY KEY, job TEXT NOT NULL, step INTEGER NOT NULL, epoch REAL, created REAL NOT NULL,
+    trigger TEXT NOT NULL DEFAULT '', rule TEXT NOT NULL DEFAULT '', bytes INTEGER NOT NULL,
+    verified INTEGER NOT NULL, metrics TEXT NOT NULL DEFAULT '{}', pinned INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job, step);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, job TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str
+    job: str
+    step: int
+    created: float
+    bytes: int
+    verified: bool
+    trigger: str
+    pinned: bool
+    metrics: dict[str, Any]
+    reason: str = ""
+
+
+class Catalog:
+    """A thread-safe handle; every write is one short transaction."""
+
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, "catalog.sqlite")
+        self.rebuilt = False
+        self._lock = threading.Lock()
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        fresh = not os.path.exists(self.path)
+        try:
+            db = self._connect()
+            db.execute("SELECT count(*) FROM checkpoints").fetchone()
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+        except sqlite3.DatabaseError:
+            self._move_aside()
+            db, fresh = self._connect(), True
+        self.rebuilt = fresh
+        return db
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        return db
+
+    def _move_aside(self) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, f"{self.path}.damaged-{stamp}{suffix}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def healthy(self) -> bool:
+        try:
+            with self._lock:
+                self._db.execute("SELECT 1").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    # -- jobs ----------------------------------------------------------------------
+
+    def job_owner(self, name: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT uid FROM jobs WHERE name = ?", (name,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def upsert_job(self, name: str, uid: int, directory: str, settings: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs(name, uid, directory, settings, created) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET directory = excluded.directory, settings = excluded.settings",
+                (name, uid, directory, json.dumps(settings, default=str), time.time()))
+
+    def jobs(self) -> list[tuple[str, int, str]]:
+        with self._lock:
+            return [(r[0], int(r[1]), r[2]) for r in self._db.execute("SELECT name, uid, directory FROM jobs")]
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def record(self, c: Checkpoint, verified: bool, reason: str = "") -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO checkpoints(path, job, step, epoch, created, trigger, rule, bytes, "
+                "verified, metrics, pinned, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (c.path, c.job, c.step, c.epoch, c.created, c.trigger, c.rule, c.bytes, int(verified),
+                 json.dumps(c.metrics, default=str), int(c.pinned), reason))
+
+    def forget(self, paths: Iterable[str]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM checkpoints WHERE path = ?", [(p,) for p in paths])
+
+    def set_pinned(self, path: str, pinned: bool) -> None:
+        with self._lock:
+            self._db.execute("UPDATE checkpoints SET pinned = ? WHERE path = ?", (int(pinned), path))
+
+    def checkpoints(self, job: str | None = None) -> list[Row]:
+        sql = "SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason FROM checkpoints"
+        args: tuple[Any, ...] = ()
+        if job is not None:
+            sql += " WHERE job = ?"
+            args = (job,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY job, step, created", args).fetchall()
+        return [Row(r[0], r[1], int(r[2]), float(r[3]), int(r[4]), bool(r[5]), r[6], bool(r[7]),
+                    json.loads(r[8]), r[9]) for r in rows]
+
+    def event(self, job: str | None, kind: str, **detail: Any) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO events(time, job, kind, detail) VALUES (?, ?, ?, ?)",
+                             (time.time(), job, kind, json.dumps(detail, default=str)))
+
+    def events(self, job: str | None = None, limit: int = 100) -> list[tuple[float, str, str, dict[str, Any]]]:
+        sql, args = "SELECT time, job, kind, detail FROM events", ()
+        if job is not None:
+            sql, args = sql + " WHERE job = ?", (job,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+    # -- reconciling with the disk -------------------------------------------------------
+
+    def reconcile(self, roots: Sequence[str]) -> dict[str, int]:
+        """Make the catalogue match the files: add what is on disk, drop what is gone.
+
+        Files under a final name were verified when written; the header is re-read,
+        and a file whose header is unreadable is recorded as not verified.
+        """
+        on_disk = {p: read_info(p) for p in _checkpoint_files(roots)}
+        known = {r.path for r in self.checkpoints()}
+        gone = known - set(on_disk)
+        self.forget(gone)
+        added = 0
+        for path, info in on_disk.items():
+            if info.ok and not info.job:
+                continue  # a foreign safetensors file: watch mode's business, not ours
+            if path not in known:
+                self.record(info, verified=info.ok, reason=info.problem)
+                added += 1
+        return {"added": added, "removed": len(gone), "files": len(on_disk)}
+
+
+def _checkpoint_files(roots: Sequence[str]) -> list[str]:
+    out = []
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                if name.endswith(SUFFIX) and TEMP_MARK not in name and not name.startswith(".") \
+                        and not os.path.islink(full):
+                    out.append(full)
+    return out

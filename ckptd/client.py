@@ -1,0 +1,30 @@
+"""The CLI's side of the socket: one request, one reply."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from ckptd import protocol
+
+
+class DaemonUnavailable(Exception):
+    pass
+
+
+def request(path: str, msg: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except OSError as exc:
+            raise DaemonUnavailable(f"no ckptd daemon at {path} ({exc.strerror}); is `ckptd serve` running?") from None
+        protocol.send(s, msg)
+        reply, fds = protocol.recv(s)
+        protocol.close_fds(fds)
+        return reply
+    except (EOFError, protocol.ProtocolError, OSError) as exc:
+        raise DaemonUnavailable(f"the daemon at {path} did not answer: {exc}") from None
+    finally:
+        s.close()

@@ -1,0 +1,403 @@
+"""``ckptd serve``: the host daemon that trainers hand their checkpoints to.
+
+Start-up, in order: open (or rebuild) the catalogue and reconcile it with the roots;
+remove temp files of dead writers; serve ``/metrics`` and ``/healthz``; bind the
+socket (mode 0660); start the accept thread and the scheduler (a one-second tick for
+overdue saves, gauges and the systemd watchdog); tell systemd READY=1. Shutdown on
+SIGTERM: stop accepting, let in-flight persists finish (bounded), close, STOPPING=1.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from ckptd import missed, protocol, sdnotify
+from ckptd.catalog import Catalog
+from ckptd.config import Config
+from ckptd.gc import Removal, collect, inside, metric_rule
+from ckptd.metrics import Metrics, serve_http
+from ckptd.persist import PersistError, cleanup_temp
+from ckptd.policy import SavePolicy
+from ckptd.preflight import TargetError, free_bytes
+from ckptd.scan import Checkpoint, pin_path, read_info
+from ckptd.session import JobState, Session
+
+log = logging.getLogger("ckptd.daemon")
+ENDED_JOB_TTL = 3600.0
+OVERDUE_GRACE = 60.0
+
+
+class Daemon:
+    def __init__(self, config: Config, *, socket_path: str | None = None, state_dir: str | None = None,
+                 metrics_listen: str | None = None, roots: Sequence[str] | None = None,
+                 overdue_grace: float = OVERDUE_GRACE) -> None:
+        d = config.daemon
+        self.config = config
+        self.socket_path = socket_path or d.get("socket") or protocol.default_socket_path()
+        self.state_dir = state_dir or d.get("state_dir") or "/var/lib/ckptd"
+        self.metrics_listen = metrics_listen or d.get("metrics_listen") or "127.0.0.1:9733"
+        self.roots = [os.path.realpath(r) for r in (roots if roots is not None else d.get("roots", []))]
+        self.group_gid = _gid(d.get("group"))
+        self.overdue_grace = overdue_grace
+        self.lock = threading.RLock()
+        self.jobs: dict[str, JobState] = {}
+        self.sessions: set[Session] = set()
+        self.metrics = Metrics()
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.roots:
+            raise TargetError("no roots configured: set [daemon] roots to the directories checkpoints may be "
+                              "written to and deleted from")
+        self.catalog = Catalog(self.state_dir)
+        for root in self.roots:
+            os.makedirs(root, exist_ok=True)
+        counts = self.catalog.reconcile(self.roots)
+        log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
+        self._cleanup_temp()
+        self.http = serve_http(self.metrics, self.metrics_listen, self.health)
+        self.listener = self._bind()
+        self._spawn(self._accept_loop, "ckptd-accept")
+        self._spawn(self._tick_loop, "ckptd-tick")
+        for job in {r.job for r in self.catalog.checkpoints()}:
+            self._refresh_disk_gauges(job)
+        sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
+        log.info("ckptd serving on %s, metrics on %s", self.socket_path, self.metrics_listen)
+
+    def _spawn(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _bind(self) -> socket.socket:
+        os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
+        try:
+            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(self.socket_path)
+        os.chmod(self.socket_path, 0o660)
+        s.listen(128)
+        s.settimeout(0.5)
+        return s
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT, then drain."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        self.start()
+        while not self._stop.wait(1.0):
+            pass
+        self.stop()
+
+    def stop(self, drain_timeout: float = 60.0) -> None:
+        sdnotify.notify("STOPPING=1", "STATUS=draining in-flight saves")
+        self._stop.set()
+        self.listener.close()
+        with self.lock:
+            sessions = list(self.sessions)
+        for s in sessions:
+            try:
+                s.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        deadline = time.monotonic() + drain_timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.executor.shutdown(wait=True, cancel_futures=False)
+        self.http.shutdown()
+        self.http.server_close()
+        try:
+            os.unlink(self.socket_path)
+        except OSError:
+            pass
+        self.catalog.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            conn.settimeout(None)
+            try:
+                session = Session(self, conn)
+            except OSError:
+                conn.close()
+                continue
+            with self.lock:
+                self.sessions.add(session)
+            self._spawn(lambda s=session: self._run_session(s), f"ckptd-client-{session.pid}")
+
+    def _run_session(self, session: Session) -> None:
+        try:
+            session.run()
+        finally:
+            with self.lock:
+                self.sessions.discard(session)
+            me = threading.current_thread()
+            self._threads = [t for t in self._threads if t is not me]
+
+    def health(self) -> dict[str, bool]:
+        return {"socket": not self._stop.is_set() and self.listener.fileno() >= 0,
+                "catalog": self.catalog.healthy(),
+                "scheduler": any(t.name == "ckptd-tick" and t.is_alive() for t in self._threads)}
+
+    # -- identity and authorisation ------------------------------------------------------
+
+    def privileged(self, uid: int, gid: int) -> bool:
+        return uid == 0 or uid == os.getuid() or (self.group_gid is not None and gid == self.group_gid)
+
+    def authorize_directory(self, directory: str, uid: int, gid: int) -> str:
+        if not os.path.isabs(directory) or ".." in directory.split("/"):
+            raise PermissionError(f"directory {directory!r} must be an absolute path without '..'")
+        real = os.path.realpath(directory)
+        if not inside(real, self.roots):
+            raise PermissionError(f"directory {directory} is outside the daemon's roots ({', '.join(self.roots)})")
+        if not os.path.isdir(real):
+            raise PermissionError(f"directory {directory} does not exist")
+        if not self.privileged(uid, gid) and os.stat(real).st_uid != uid:
+            raise PermissionError(f"directory {directory} is not owned by uid {uid}")
+        return real
+
+    def authorize_job(self, job: str, uid: int, gid: int) -> None:
+        owner = self.catalog.job_owner(job)
+        if owner is not None and owner != uid and not self.privileged(uid, gid):
+            raise PermissionError(f"job {job} belongs to uid {owner}, not {uid}")
+
+    # -- jobs --------------------------------------------------------------------------
+
+    def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
+                 policy: SavePolicy, step: int) -> JobState:
+        rows = [r for r in self.catalog.checkpoints(name) if r.verified]
+        with self.lock:
+            job = JobState(name, uid, directory, settings, policy, pid=pid, connected=True, step=step,
+                           last_saved_step=step, last_verified_step=rows[-1].step if rows else 0,
+                           last_verified_at=rows[-1].created if rows else None)
+            self.jobs[name] = job
+        self.catalog.upsert_job(name, uid, directory, {k: v for k, v in settings.items() if v is not None})
+        self.catalog.event(name, "start", pid=pid, step=step)
+        self.metrics.job_started(name)
+        self.metrics.job_up.labels(name).set(1)
+        self.metrics.quota_bytes.labels(name).set(settings.get("max_bytes") or 0)
+        self.update_gauges(job)
+        return job
+
+    def unregister(self, job: JobState, session: Session) -> None:
+        with self.lock:
+            job.connected = False
+        self.metrics.job_up.labels(job.name).set(0)
+        self.metrics.job_ended(job.name, time.time())
+        self.catalog.event(job.name, "end" if session.ended else "disconnect", step=job.step)
+        self.update_gauges(job)
+
+    def update_gauges(self, job: JobState) -> None:
+        with self.lock:
+            unsaved = missed.unsaved_at_exit(job.step, job.last_verified_step)
+            interval = missed.expected_interval(job.policy, job.seconds_per_step)
+        self.metrics.unsaved_steps.labels(job.name).set(unsaved)
+        if interval is not None:
+            self.metrics.expected_interval.labels(job.name).set(interval)
+
+    def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float]) -> None:
+        with self.lock:
+            if info.step >= job.last_verified_step:
+                job.last_verified_step, job.last_verified_at = info.step, info.created
+            job.overdue_flagged = False
+        m = self.metrics
+        m.saves.labels(job.name, trigger, "ok").inc()
+        m.verify.labels(job.name, "ok").inc()
+        for phase, seconds in durations.items():
+            m.duration.labels(job.name, phase).observe(seconds)
+        m.last_success.labels(job.name).set(time.time())
+        m.last_saved_step.labels(job.name).set(job.last_verified_step)
+        self.catalog.event(job.name, "saved", step=info.step, path=info.path, trigger=trigger)
+        self.update_gauges(job)
+
+    def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None:
+        with self.lock:
+            job.failed += 1
+        log.error("job %s: save failed (%s): %s", job.name, exc.reason, exc)
+        self.metrics.saves.labels(job.name, trigger, "failed").inc()
+        self.metrics.failures.labels(job.name, exc.reason).inc()
+        if exc.reason == "verify_failed":
+            self.metrics.verify.labels(job.name, "corrupt").inc()
+        self.catalog.event(job.name, "failed", reason=exc.reason, error=str(exc))
+
+    def removed(self, job: JobState, removals: list[Removal]) -> None:
+        done = [r for r in removals if r.done]
+        for r in done:
+            self.metrics.deleted.labels(job.name, metric_rule(r)).inc()
+            self.catalog.event(job.name, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
+        for r in removals:
+            if r.error:
+                log.error("job %s: %s", job.name, r.error)
+        self.catalog.forget(r.verdict.item.id for r in done)
+        self._refresh_disk_gauges(job.name)
+
+    def _refresh_disk_gauges(self, job: str) -> None:
+        rows = [r for r in self.catalog.checkpoints(job) if r.verified]
+        self.metrics.checkpoints.labels(job).set(len(rows))
+        self.metrics.checkpoint_bytes.labels(job).set(sum(r.bytes for r in rows))
+        if rows:
+            self.metrics.last_saved_step.labels(job).set(rows[-1].step)
+            self.metrics.last_success.labels(job).set(rows[-1].created)
+
+    # -- the one-second tick ---------------------------------------------------------------
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.tick(time.time())
+            except Exception:
+                log.exception("tick failed")
+
+    def tick(self, now: float) -> None:
+        with self.lock:
+            jobs = [j for j in self.jobs.values() if j.connected]
+        for j in jobs:
+            self._check_overdue(j, now)
+        for root in self.roots:
+            try:
+                self.metrics.fs_free.labels(root).set(free_bytes(root))
+            except OSError:
+                pass
+        self.metrics.drop_ended(now, ENDED_JOB_TTL)
+        with self.lock:
+            running = sum(j.connected for j in self.jobs.values())
+        sdnotify.notify("WATCHDOG=1", f"STATUS={running} jobs connected")
+
+    def _check_overdue(self, j: JobState, now: float) -> None:
+        with self.lock:
+            interval = missed.expected_interval(j.policy, j.seconds_per_step)
+            last = j.last_verified_at if j.last_verified_at is not None else j.started_at
+            overdue = not j.overdue_flagged and missed.time_overdue(interval, max(last, j.started_at), now,
+                                                                   self.overdue_grace)
+            if overdue:
+                j.overdue_flagged = True
+                j.missed += 1
+        if overdue:
+            log.warning("job %s: no verified save for %.0fs (expected every %.0fs)", j.name, now - last, interval or 0)
+            self.metrics.missed.labels(j.name, "time_overdue").inc()
+            self.catalog.event(j.name, "missed", reason="time_overdue")
+
+    def _cleanup_temp(self) -> None:
+        dirs = {d for _, _, d in self.catalog.jobs()} | {os.path.dirname(r.path) for r in self.catalog.checkpoints()}
+        for d in dirs:
+            if inside(d, self.roots):
+                for name in cleanup_temp(d):
+                    log.info("removed abandoned temp file %s/%s", d, name)
+
+    # -- CLI requests -----------------------------------------------------------------------
+
+    def request(self, session: Session, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        handler = {"status": self._status, "list": self._list, "latest": self._latest,
+                   "pin": self._pin, "unpin": self._pin, "gc": self._gc}.get(kind)
+        if handler is None:
+            raise protocol.ProtocolError(f"{kind} needs a hello first")
+        try:
+            session.send({"type": "reply", "ok": True, **handler(session, msg)})
+        except (PermissionError, ValueError, OSError) as exc:
+            session.send({"type": "reply", "ok": False, "error": str(exc)})
+
+    def _status(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        rows_by_job: dict[str, list[Any]] = {}
+        for r in self.catalog.checkpoints():
+            rows_by_job.setdefault(r.job, []).append(r)
+        out = []
+        with self.lock:
+            names = sorted(set(self.jobs) | set(rows_by_job))
+            for name in names:
+                j = self.jobs.get(name)
+                rows = [r for r in rows_by_job.get(name, []) if r.verified]
+                nxt = None
+                if j is not None:
+                    from ckptd.policy import next_due_step
+                    nxt = next_due_step(j.policy, j.last_saved_step)
+                out.append({"job": name, "pid": j.pid if j and j.connected else None,
+                            "connected": bool(j and j.connected), "step": j.step if j else (rows[-1].step if rows else 0),
+                            "last_verified_step": rows[-1].step if rows else None,
+                            "last_verified_age": now - rows[-1].created if rows else None,
+                            "next_due_step": nxt if nxt is not None and nxt < 2**62 else None,
+                            "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
+                            "missed": j.missed if j else 0, "failed": j.failed if j else 0})
+        return {"jobs": out}
+
+    def _visible(self, session: Session, job: str) -> bool:
+        owner = self.catalog.job_owner(job)
+        return owner is None or owner == session.uid or self.privileged(session.uid, session.gid)
+
+    def _list(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        job = msg.get("job")
+        rows = [r for r in self.catalog.checkpoints(job if isinstance(job, str) else None) if self._visible(session, r.job)]
+        return {"checkpoints": [r.__dict__ for r in rows]}
+
+    def _latest(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        job = msg.get("job")
+        if not isinstance(job, str) or not self._visible(session, job):
+            raise PermissionError(f"no such job {job!r} for uid {session.uid}")
+        from ckptd.verify import verify_file
+
+        for r in reversed([r for r in self.catalog.checkpoints(job) if r.verified]):
+            if verify_file(r.path).ok:
+                return {"path": r.path}
+        raise ValueError(f"job {job} has no verified checkpoint")
+
+    def _pin(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        path = os.path.realpath(msg["path"])
+        if not inside(path, self.roots):
+            raise PermissionError(f"{path} is outside the daemon's roots")
+        info = read_info(path)
+        if not info.ok or not self._visible(session, info.job):
+            raise PermissionError(f"{path} is not a checkpoint of a job of uid {session.uid}")
+        pinned = msg["type"] == "pin"
+        if pinned:
+            open(pin_path(path), "a").close()
+        elif os.path.exists(pin_path(path)):
+            os.unlink(pin_path(path))
+        self.catalog.set_pinned(path, pinned)
+        return {"path": path, "pinned": pinned}
+
+    def _gc(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        dry = bool(msg.get("dry_run"))
+        want = msg.get("job")
+        out = []
+        with self.lock:
+            jobs = [j for j in self.jobs.values() if want in (None, j.name) and self._visible(session, j.name)]
+        for j in jobs:
+            verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), self.roots, dry)
+            if not dry:
+                self.removed(j, removals)
+            out += [{"job": j.name, "path": v.item.id, "step": v.item.step, "keep": v.keep,
+                     "reasons": list(v.reasons)} for v in verdicts]
+        return {"verdicts": out, "dry_run": dry}
+
+
+def _gid(name: str | None) -> int | None:
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise TargetError(f"[daemon] group {name!r} does not exist") from None
+
+

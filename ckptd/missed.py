@@ -1,0 +1,52 @@
+"""Missed-save detection: pure rules over what the daemon has seen of a run.
+
+Each returns whether (and why) a save that should have happened did not, so the
+daemon only counts and logs. Reasons are the ``reason`` label of
+``ckptd_missed_saves_total``.
+"""
+
+from __future__ import annotations
+
+from ckptd.policy import SavePolicy, next_scheduled_step
+
+
+def skipped_step(policy: SavePolicy, last_saved_step: int, reported_step: int, flagged: int) -> int | None:
+    """A due step the trainer has gone past with no save sent for it (``step_skipped``).
+
+    The hook sends a save before ``step()`` returns, so by the time a heartbeat
+    reports a later step, the save must have arrived. ``min_interval`` legitimately
+    defers saves, so it disables this check. ``flagged`` is the last due step already
+    reported, so each is counted once.
+    """
+    if policy.min_interval:
+        return None
+    due = next_scheduled_step(policy, max(last_saved_step, flagged))
+    if due is not None and due[0] < reported_step:
+        return due[0]
+    return None
+
+
+def time_overdue(expected_interval: float | None, last_success_at: float, now: float, grace: float) -> bool:
+    """No verified save within the expected interval plus a grace period (``time_overdue``)."""
+    return expected_interval is not None and now - last_success_at > expected_interval + grace
+
+
+def final_missing(policy: SavePolicy, end_step: int, last_verified_step: int) -> bool:
+    """The run ended and its last step has no verified checkpoint (``final_missing``)."""
+    return policy.save_final and end_step > 0 and last_verified_step != end_step
+
+
+def unsaved_at_exit(step: int, last_verified_step: int) -> int:
+    """Steps lost if the trainer vanished now (``trainer_exit_unsaved`` when > 0)."""
+    return max(0, step - last_verified_step)
+
+
+def expected_interval(policy: SavePolicy, seconds_per_step: float | None) -> float | None:
+    """Seconds between saves the policy implies: ``every``, or step interval × step time."""
+    candidates = []
+    if policy.every:
+        candidates.append(policy.every)
+    steps = [k for _, k in policy.step_rules()]
+    if steps and seconds_per_step:
+        candidates.append(min(steps) * seconds_per_step)
+    return min(candidates) if candidates else None

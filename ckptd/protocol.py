@@ -1,0 +1,171 @@
+"""The hook ⇄ daemon protocol: framed JSON over a Unix stream socket, snapshots by fd.
+
+Framing: every message is a 4-byte big-endian length, then that many bytes of UTF-8
+JSON (an object with a ``"type"``). Messages over ``MAX_MESSAGE`` (1 MiB) are refused
+before they are read. A ``save`` message carries one file descriptor as
+``SCM_RIGHTS`` ancillary data on its first byte. Any malformed, oversized or
+ill-typed message gets an ``error`` reply and the connection is closed; the daemon
+and its other clients carry on.
+
+Lifecycle of one training run, in order:
+
+1. **connect**: the hook connects to the socket (``$CKPTD_SOCKET``, else
+   ``$XDG_RUNTIME_DIR/ckptd.sock``, else ``/run/ckptd/ckptd.sock``). The daemon reads
+   the peer's pid/uid/gid with ``SO_PEERCRED``; that, not anything the client says,
+   is its identity.
+2. **hello** ``{job, directory, template, settings, pid, rank, world_size, step}`` →
+   ``{ok, job}``: the daemon checks that the uid may act on the job and the
+   directory (inside the roots, owned by the uid), registers the run and its policy.
+   Refused: the hook runs embedded.
+3. **heartbeat** ``{step, epoch, metrics}``: batched by the hook's background thread
+   (at most one a second), never one per step. The daemon uses them for
+   ``ckptd status``, ``unsaved_steps`` and ``step_skipped`` detection.
+4. **save** ``{id, step, epoch, trigger, rule, filename, length}`` + memfd: sent by the
+   trainer thread itself right after the copy into the memfd, so when ``step()``
+   returns the fd is in the daemon's socket queue: killing the trainer now cannot
+   lose the checkpoint. The daemon replies **accepted** ``{id}`` and persists it
+   (hash → temp → fsync → verify → rename → fsync dir, ``ckptd.persist``).
+5. **saved** ``{id, ok, path, reason, error}`` (daemon → hook, unsolicited): the
+   buffer is released; the hook may overwrite it for the next save. Until then a
+   new save waits (or is skipped with ``on_busy="skip"``, counted as
+   ``missed{reason="backpressure"}``).
+6. **due** ``{rule}`` (daemon → hook, unsolicited): a time rule (``every``/``cron``)
+   of the daemon's scheduler fired; the hook saves at its next ``step()``.
+7. **end** ``{step}``: after the final save is verified. A connection that closes
+   without ``end`` counts ``missed{reason="trainer_exit_unsaved"}`` when steps were
+   left unsaved; an ``end`` whose step has no verified checkpoint counts
+   ``final_missing``.
+
+CLI requests use the same framing on a fresh connection: ``status``, ``list``,
+``latest``, ``pin``, ``unpin``, ``gc``; each gets one reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+MAX_MESSAGE = 1 << 20
+HEADER = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid message; the connection ends."""
+
+
+def default_socket_path(environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    if env.get("CKPTD_SOCKET"):
+        return env["CKPTD_SOCKET"]
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "ckptd.sock")
+    return "/run/ckptd/ckptd.sock"
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    return HEADER.pack(len(body)) + body
+
+
+def send(sock: socket.socket, msg: dict[str, Any], fd: int | None = None) -> None:
+    data = encode(msg)
+    if fd is None:
+        sock.sendall(data)
+        return
+    sent = socket.send_fds(sock, [data[:1]], [fd])
+    if sent != 1:
+        raise ProtocolError("could not send the file descriptor")
+    sock.sendall(data[1:])
+
+
+def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk, got, _flags, _addr = socket.recv_fds(sock, n - len(buf), 4)
+        fds.extend(got)
+        if not chunk:
+            if buf:
+                raise ProtocolError("connection closed inside a message")
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One message and the fds that came with it; EOFError at a clean end of stream."""
+    fds: list[int] = []
+    try:
+        (n,) = HEADER.unpack(_recv_exact(sock, HEADER.size, fds))
+        if n > MAX_MESSAGE:
+            raise ProtocolError(f"message of {n} bytes exceeds the {MAX_MESSAGE}-byte limit")
+        body = _recv_exact(sock, n, fds)
+        try:
+            msg = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"message is not valid JSON: {exc}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise ProtocolError("message must be a JSON object with a string 'type'")
+        return msg, fds
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+# --- message validation --------------------------------------------------------------
+
+SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    "hello": {"job": (str,), "directory": (str,), "settings": (dict,), "pid": (int,), "step": (int,)},
+    "heartbeat": {"step": (int,)},
+    "save": {"id": (int,), "step": (int,), "trigger": (str,), "rule": (str,), "filename": (str,), "length": (int,)},
+    "end": {"step": (int,)},
+    "skipped": {"step": (int,), "reason": (str,)},
+    "status": {}, "list": {}, "latest": {}, "pin": {"path": (str,)}, "unpin": {"path": (str,)}, "gc": {},
+}
+
+
+def validate(msg: dict[str, Any]) -> dict[str, Any]:
+    """Check the type and the required fields' types; bools are not ints here."""
+    kind = msg["type"]
+    if kind not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    for key, types in SCHEMAS[kind].items():
+        value = msg.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ProtocolError(f"{kind}: field {key!r} must be {types[0].__name__}")
+    for key in ("step", "length", "id", "pid"):
+        if key in SCHEMAS[kind] and msg[key] < 0:
+            raise ProtocolError(f"{kind}: field {key!r} must not be negative")
+    return msg
+
+
+def is_memfd(fd: int) -> bool:
+    """Only sealable shared-memory files are accepted as snapshots."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        return True
+    except OSError:
+        return False
+
+

@@ -1,0 +1,250 @@
+"""One connected training run, as the daemon sees it (see ``ckptd.protocol`` for the lifecycle).
+
+A ``Session`` reads the run's messages on its own thread; its saves are persisted on
+the daemon's executor, so a slow disk never stops the daemon from reading the next
+message, and a save whose trainer has died is still persisted, verified and
+catalogued. All per-job state lives in ``JobState`` under the daemon's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ckptd import missed, protocol
+from ckptd.gc import collect, make_room
+from ckptd.persist import PersistError, persist
+from ckptd.policy import SavePolicy
+from ckptd.preflight import TargetError, check_job
+from ckptd.scan import read_info
+from ckptd.settings import SettingsError, group, parse_table, resolve
+
+if TYPE_CHECKING:
+    from ckptd.daemon import Daemon
+
+log = logging.getLogger("ckptd.daemon")
+
+
+@dataclass
+class JobState:
+    """What the daemon knows of one job; mutated only under ``Daemon.lock``."""
+
+    name: str
+    uid: int
+    directory: str
+    settings: dict[str, Any]
+    policy: SavePolicy
+    pid: int = 0
+    connected: bool = False
+    step: int = 0
+    started_at: float = field(default_factory=time.time)
+    last_saved_step: int = 0
+    last_verified_step: int = 0
+    last_verified_at: float | None = None
+    flagged_due: int = 0
+    overdue_flagged: bool = False
+    seconds_per_step: float | None = None
+    last_beat: tuple[float, int] | None = None
+    missed: int = 0
+    failed: int = 0
+    in_flight: int = 0
+
+
+class Session:
+    def __init__(self, daemon: "Daemon", sock: socket.socket) -> None:
+        self.daemon = daemon
+        self.sock = sock
+        self.pid, self.uid, self.gid = protocol.peer_credentials(sock)
+        self.job: JobState | None = None
+        self.ended = False
+        self._send_lock = threading.Lock()
+        self._futures: list[Future[None]] = []
+
+    # -- the read loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                msg, fds = protocol.recv(self.sock)
+                try:
+                    self._dispatch(protocol.validate(msg), fds)
+                except BaseException:
+                    protocol.close_fds(fds)
+                    raise
+        except EOFError:
+            pass
+        except protocol.ProtocolError as exc:
+            log.warning("client pid %d: %s; closing its connection", self.pid, exc)
+            self.send({"type": "error", "error": str(exc)})
+        except OSError:
+            pass
+        finally:
+            self._disconnected()
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        """Best effort: a vanished trainer must not fail a persist or the daemon."""
+        try:
+            with self._send_lock:
+                protocol.send(self.sock, msg)
+            return True
+        except (OSError, protocol.ProtocolError):
+            return False
+
+    def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
+        kind = msg["type"]
+        if kind != "save" and fds:
+            raise protocol.ProtocolError(f"{kind} must not carry file descriptors")
+        if kind == "hello":
+            self._hello(msg)
+        elif self.job is None:
+            self.daemon.request(self, msg)
+        elif kind == "heartbeat":
+            self._heartbeat(msg)
+        elif kind == "save":
+            self._save(msg, fds)
+        elif kind == "skipped":
+            self._count_missed("backpressure")  # the hook skipped a save: on_busy="skip"
+        elif kind == "end":
+            self._end(msg)
+        else:
+            self.daemon.request(self, msg)
+
+    # -- hello ------------------------------------------------------------------------------
+
+    def _hello(self, msg: dict[str, Any]) -> None:
+        if self.job is not None:
+            raise protocol.ProtocolError("hello sent twice")
+        try:
+            job = check_job(msg["job"])
+            directory = self.daemon.authorize_directory(msg["directory"], self.uid, self.gid)
+            self.daemon.authorize_job(job, self.uid, self.gid)
+            kwargs = parse_table(msg["settings"], f"job {job}")
+            settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
+            policy = SavePolicy.from_settings(group(settings, "policy"))
+        except (TargetError, SettingsError, ValueError, PermissionError) as exc:
+            self.send({"type": "error", "error": str(exc)})
+            raise protocol.ProtocolError(f"hello refused: {exc}") from None
+        self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"])
+        self.send({"type": "welcome", "job": job, "directory": directory})
+
+    # -- heartbeats and missed steps --------------------------------------------------------
+
+    def _heartbeat(self, msg: dict[str, Any]) -> None:
+        assert self.job is not None
+        now = time.time()
+        with self.daemon.lock:
+            j = self.job
+            if j.last_beat is not None and msg["step"] > j.last_beat[1]:
+                rate = (now - j.last_beat[0]) / (msg["step"] - j.last_beat[1])
+                j.seconds_per_step = rate if j.seconds_per_step is None else 0.8 * j.seconds_per_step + 0.2 * rate
+            j.last_beat = (now, msg["step"])
+            j.step = max(j.step, msg["step"])
+            due = missed.skipped_step(j.policy, j.last_saved_step, j.step, j.flagged_due)
+            if due is not None:
+                j.flagged_due = due
+        if due is not None:
+            log.warning("job %s: step %d was due for a save and the trainer went past it", j.name, due)
+            self._count_missed("step_skipped")
+        self.daemon.update_gauges(j)
+
+    def _count_missed(self, reason: str) -> None:
+        assert self.job is not None
+        with self.daemon.lock:
+            self.job.missed += 1
+        self.daemon.metrics.missed.labels(self.job.name, reason).inc()
+        self.daemon.catalog.event(self.job.name, "missed", reason=reason, step=self.job.step)
+
+    # -- saves ------------------------------------------------------------------------------
+
+    def _save(self, msg: dict[str, Any], fds: list[int]) -> None:
+        assert self.job is not None
+        if len(fds) != 1 or not protocol.is_memfd(fds[0]):
+            raise protocol.ProtocolError("save must carry exactly one memfd")
+        if os.fstat(fds[0]).st_size < msg["length"]:
+            raise protocol.ProtocolError("save: the memfd is shorter than the stated length")
+        name = msg["filename"]
+        if "/" in name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise protocol.ProtocolError(f"save: invalid file name {name!r}")
+        with self.daemon.lock:
+            self.job.in_flight += 1
+            self.job.last_saved_step = max(self.job.last_saved_step, msg["step"])
+            self.job.step = max(self.job.step, msg["step"])
+        self.send({"type": "accepted", "id": msg["id"]})
+        self._futures.append(self.daemon.executor.submit(self._persist, self.job, msg, fds[0]))
+
+    def _persist(self, job: JobState, msg: dict[str, Any], fd: int) -> None:
+        """Executor thread: room, persist, catalogue, retention, metrics, reply."""
+        reply: dict[str, Any] = {"type": "saved", "id": msg["id"], "step": msg["step"]}
+        try:
+            result = self._persist_checked(job, msg, fd)
+            reply.update(ok=True, path=result)
+        except PersistError as exc:
+            self.daemon.save_failed(job, msg["trigger"], exc)
+            reply.update(ok=False, reason=exc.reason, error=str(exc))
+        except Exception as exc:  # never lose the daemon to one save
+            log.exception("job %s: unexpected error persisting step %d", job.name, msg["step"])
+            self.daemon.save_failed(job, msg["trigger"], PersistError("internal_error", str(exc)))
+            reply.update(ok=False, reason="internal_error", error=str(exc))
+        finally:
+            os.close(fd)
+            with self.daemon.lock:
+                job.in_flight -= 1
+        self.send(reply)
+
+    def _persist_checked(self, job: JobState, msg: dict[str, Any], fd: int) -> str:
+        d = self.daemon
+        room, removed = make_room(job.directory, job.name, job.settings, msg["length"], time.time(), d.roots)
+        d.removed(job, removed)
+        if not room.ok:
+            raise PersistError("no_space", f"checkpoint of step {msg['step']} does not fit in {job.directory}: "
+                                           f"{room.reason}; existing checkpoints were left alone")
+        result = persist(fd, msg["length"], job.directory, msg["filename"])
+        info = read_info(result.path)
+        if info.job != job.name or info.step != msg["step"]:
+            raise PersistError("invalid_snapshot", f"snapshot says job {info.job!r} step {info.step}, "
+                                                   f"message says {job.name!r} step {msg['step']}")
+        d.catalog.record(info, verified=True)
+        d.save_succeeded(job, msg["trigger"], info, result.durations)
+        d.removed(job, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
+        return result.path
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _wait_in_flight(self, timeout: float = 600) -> None:
+        for f in list(self._futures):
+            try:
+                f.result(timeout)
+            except Exception:
+                pass
+
+    def _end(self, msg: dict[str, Any]) -> None:
+        assert self.job is not None
+        self._wait_in_flight()
+        self.ended = True
+        with self.daemon.lock:
+            self.job.step = max(self.job.step, msg["step"])
+            lost = missed.final_missing(self.job.policy, msg["step"], self.job.last_verified_step)
+        if lost:
+            self._count_missed("final_missing")
+        self.send({"type": "bye"})
+
+    def _disconnected(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.job is None:
+            return
+        self._wait_in_flight()
+        with self.daemon.lock:
+            unsaved = missed.unsaved_at_exit(self.job.step, self.job.last_verified_step)
+        if not self.ended and unsaved > 0:
+            log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
+            self._count_missed("trainer_exit_unsaved")
+        self.daemon.unregister(self.job, self)

@@ -1,0 +1,173 @@
+"""The hook's connection to the daemon, owned by one background thread.
+
+The thread connects (and reconnects every ``retry_every`` seconds while there is no
+daemon), reads the daemon's replies and events, and sends batched heartbeats (at
+most one a second, only when the step moved). The trainer thread itself sends only
+``save`` messages, right after staging, so that the snapshot's fd is in the daemon's
+hands when ``step()`` returns (see ``ckptd.protocol`` for the whole lifecycle).
+
+If the connection breaks, every save still in flight is handed back through
+``on_lost``: its snapshot is still in the staging buffer (it is only reused after a
+``saved`` reply), so the embedded worker persists it instead. Nothing is lost and
+training never waits on the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+from typing import Any, Callable
+
+from ckptd import protocol
+from trainer_hooks.worker import SaveJob
+
+log = logging.getLogger("ckptd.hook")
+
+
+class Link:
+    def __init__(self, path: str, hello: Callable[[], dict[str, Any]], progress: Callable[[], dict[str, Any]],
+                 on_saved: Callable[[SaveJob, dict[str, Any]], None], on_lost: Callable[[list[SaveJob]], None],
+                 retry_every: float = 5.0) -> None:
+        self.path = path
+        self._hello, self._progress = hello, progress
+        self._on_saved, self._on_lost = on_saved, on_lost
+        self._retry_every = retry_every
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._inflight: dict[int, SaveJob] = {}
+        self._next_id = 1
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = threading.Event()
+        self._bye = threading.Event()
+        self._last_beat_step = -1
+        self.refused: str | None = None
+        self._connect()  # first attempt inline: the log says at once which mode the run is in
+        self._thread = threading.Thread(target=self._run, name="ckptd-link", daemon=True)
+        self._thread.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    # -- trainer thread -------------------------------------------------------------------
+
+    def submit(self, job: SaveJob, msg: dict[str, Any]) -> bool:
+        """Hand a staged snapshot to the daemon; False means "persist it yourself"."""
+        with self._lock:
+            if self._sock is None:
+                return False
+            ident = self._next_id
+            self._next_id += 1
+            try:
+                protocol.send(self._sock, {**msg, "type": "save", "id": ident}, fd=job.fd)
+            except (OSError, protocol.ProtocolError):
+                return False  # the reader thread notices the broken socket and reconnects later
+            self._inflight[ident] = job
+            self._idle.clear()
+            return True
+
+    def notify(self, msg: dict[str, Any]) -> None:
+        """Best-effort message from the trainer thread (e.g. a skipped save)."""
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    protocol.send(self._sock, msg)
+                except (OSError, protocol.ProtocolError):
+                    pass
+
+    def close(self, end_step: int | None, timeout: float = 10.0) -> None:
+        if end_step is not None and self.connected:
+            self.notify({"type": "end", "step": end_step})
+            self._bye.wait(timeout)
+        self._stop.set()
+        self._thread.join(timeout)
+        self._drop(handback=False)
+
+    # -- background thread ---------------------------------------------------------------
+
+    def _connect(self) -> bool:
+        if not os.path.exists(self.path):
+            return False
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(5.0)
+            s.connect(self.path)
+            protocol.send(s, {"type": "hello", **self._hello()})
+            reply, fds = protocol.recv(s)
+            protocol.close_fds(fds)
+        except (OSError, EOFError, protocol.ProtocolError):
+            s.close()
+            return False
+        if reply.get("type") != "welcome":
+            self.refused = str(reply.get("error", reply))
+            log.warning("ckptd: daemon at %s refused this job: %s; saving in embedded mode", self.path, self.refused)
+            s.close()
+            return False
+        s.settimeout(None)
+        with self._lock:
+            self._sock = s
+        log.info("ckptd: connected to the daemon at %s", self.path)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._sock is None:
+                if self.refused or not self._connect():
+                    self._stop.wait(self._retry_every)
+                continue
+            try:
+                ready, _, _ = select.select([self._sock], [], [], 1.0)
+                if ready:
+                    msg, fds = protocol.recv(self._sock)
+                    protocol.close_fds(fds)
+                    self._handle(msg)
+                else:
+                    self._heartbeat()
+            except (OSError, EOFError, protocol.ProtocolError, ValueError):
+                if not self._stop.is_set():
+                    log.warning("ckptd: lost the daemon at %s; continuing in embedded mode", self.path)
+                self._drop(handback=True)
+
+    def _heartbeat(self) -> None:
+        beat = self._progress()
+        if beat["step"] != self._last_beat_step:
+            self._last_beat_step = beat["step"]
+            self.notify({"type": "heartbeat", **beat})
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "saved":
+            with self._lock:
+                job = self._inflight.pop(int(msg.get("id", -1)), None)
+            if job is not None:
+                self._on_saved(job, msg)
+            with self._lock:
+                if not self._inflight:
+                    self._idle.set()
+        elif kind == "bye":
+            self._bye.set()
+        elif kind == "error":
+            log.warning("ckptd: daemon error: %s", msg.get("error"))
+
+    def _drop(self, handback: bool) -> None:
+        """Forget the connection; in-flight saves go back before the buffer counts as free."""
+        with self._lock:
+            sock, self._sock = self._sock, None
+            lost = list(self._inflight.values())
+            self._inflight.clear()
+        if sock is not None:
+            sock.close()
+        if handback and lost:
+            self._on_lost(lost)
+        self._idle.set()
