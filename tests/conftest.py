@@ -64,3 +64,95 @@ def run_py(*args: str, timeout: float = 120, **kw: object) -> subprocess.Complet
 
 def ckptd_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return run_py("-m", "ckptd.cli", *args, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DaemonProc:
+    """A real ``ckptd serve`` subprocess on a private socket, state dir and root."""
+
+    def __init__(self, base: Path, extra_config: str = "", env: dict[str, str] | None = None) -> None:
+        self.base = base
+        self.root = base / "roots"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.socket = str(base / "run" / "ckptd.sock")
+        self.state = base / "state"
+        self.port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.port}/metrics"
+        self.config = base / "ckptd.toml"
+        self.config.write_text(
+            f'[daemon]\nsocket = "{self.socket}"\nstate_dir = "{self.state}"\n'
+            f'metrics_listen = "127.0.0.1:{self.port}"\nroots = ["{self.root}"]\n' + extra_config)
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.log = base / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "DaemonProc":
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "serve", "--config", str(self.config)],
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 30
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("daemon did not start:\n" + self.log.read_text())
+            time.sleep(0.05)
+        return self
+
+    def healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+                return bool(r.status == 200) and os.path.exists(self.socket)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            return str(r.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample (0 if absent), parsed with prometheus_client's own parser."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.metrics()):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+        if getattr(self, "_logf", None):
+            self._logf.close()
+
+    def stop(self) -> int:
+        self.kill(15)
+        return self.proc.returncode if self.proc else 0
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
+    d = DaemonProc(tmp_path / "d").start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

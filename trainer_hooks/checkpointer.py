@@ -65,7 +65,8 @@ class Checkpointer:
     def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
                  scheduler: Any = None, extra: dict[str, Any] | None = None, *,
                  preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS, preempt_grace: float = 5.0,
-                 config: str | None = None, socket: str | bool | None = None, **settings: Any) -> None:
+                 config: str | None = None, socket: str | bool | None = None, reconnect_every: float = 5.0,
+                 **settings: Any) -> None:
         self.job = check_job(job)
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         cfg = config_mod.load(config)
@@ -88,7 +89,7 @@ class Checkpointer:
         self._worker = Worker(self._pipeline, self._on_persisted)
         self._closed = False
         self._raw_settings = {k: v for k, v in settings.items() if v is not None}
-        self._link = self._open_link(socket)
+        self._link = self._open_link(socket, reconnect_every)
         self._scheduler = self._start_time_rules()
         self._signals = self._install_signals(preempt_signals)
         self._preempt_grace = preempt_grace
@@ -99,11 +100,11 @@ class Checkpointer:
 
     # -- the daemon ---------------------------------------------------------------
 
-    def _open_link(self, path: str | bool | None) -> Link | None:
+    def _open_link(self, path: str | bool | None, retry_every: float) -> Link | None:
         if path is False:
             return None
         return Link(default_socket_path() if path in (None, True) else str(path), self._hello, self._beat,
-                    self._on_daemon_saved, self._on_daemon_lost)
+                    self._on_daemon_saved, self._on_daemon_lost, retry_every)
 
     @property
     def mode(self) -> str:

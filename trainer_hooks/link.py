@@ -19,12 +19,14 @@ import os
 import select
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from ckptd import protocol
 from trainer_hooks.worker import SaveJob
 
 log = logging.getLogger("ckptd.hook")
+HEARTBEAT_EVERY = 1.0
 
 
 class Link:
@@ -44,6 +46,7 @@ class Link:
         self._stop = threading.Event()
         self._bye = threading.Event()
         self._last_beat_step = -1
+        self._last_beat_at = 0.0
         self.refused: str | None = None
         self._connect()  # first attempt inline: the log says at once which mode the run is in
         self._thread = threading.Thread(target=self._run, name="ckptd-link", daemon=True)
@@ -127,22 +130,25 @@ class Link:
                     self._stop.wait(self._retry_every)
                 continue
             try:
-                ready, _, _ = select.select([self._sock], [], [], 1.0)
+                ready, _, _ = select.select([self._sock], [], [], HEARTBEAT_EVERY)
                 if ready:
                     msg, fds = protocol.recv(self._sock)
                     protocol.close_fds(fds)
                     self._handle(msg)
-                else:
-                    self._heartbeat()
+                self._heartbeat()
             except (OSError, EOFError, protocol.ProtocolError, ValueError):
                 if not self._stop.is_set():
                     log.warning("ckptd: lost the daemon at %s; continuing in embedded mode", self.path)
                 self._drop(handback=True)
 
     def _heartbeat(self) -> None:
+        """At most one a second, and only when the step moved: never one per step."""
+        now = time.monotonic()
+        if now - self._last_beat_at < HEARTBEAT_EVERY:
+            return
         beat = self._progress()
         if beat["step"] != self._last_beat_step:
-            self._last_beat_step = beat["step"]
+            self._last_beat_step, self._last_beat_at = beat["step"], now
             self.notify({"type": "heartbeat", **beat})
 
     def _handle(self, msg: dict[str, Any]) -> None:

@@ -1,0 +1,292 @@
+"""The daemon end to end: real ``ckptd serve``, real sockets, real trainers, real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptd import protocol
+from ckptd.scan import scan
+from ckptd.verify import verify_file
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, run_py, wait_until
+from trainer_hooks import Checkpointer
+
+pytestmark = pytest.mark.slow
+TOY = str(ROOT / "examples" / "train_toy.py")
+
+
+def env_for(d: DaemonProc) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": d.socket}
+
+
+def test_a_run_saves_through_the_daemon(daemon: DaemonProc) -> None:
+    run_dir = daemon.root / "toy"
+    r = subprocess.run([PYTHON, TOY, "--dir", str(run_dir), "--steps", "30", "--every-steps", "10", "--keep-last", "2"],
+                       env=env_for(daemon), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "connected to the daemon" in r.stderr and "embedded mode" not in r.stderr
+    assert [c.step for c in scan(str(run_dir), "toy")] == [20, 30]
+    assert daemon.metric("ckptd_saves_total", job="toy", trigger="step", outcome="ok") == 2
+    assert daemon.metric("ckptd_saves_total", job="toy", trigger="final", outcome="ok") == 1
+    assert daemon.metric("ckptd_deleted_total", job="toy", rule="retention") == 1
+    assert daemon.metric("ckptd_last_saved_step", job="toy") == 30
+    assert daemon.metric("ckptd_checkpoints", job="toy") == 2
+    assert daemon.metric("ckptd_missed_saves_total", job="toy", reason="final_missing") == 0
+    status = json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)
+    assert status[0]["job"] == "toy" and status[0]["last_verified_step"] == 30 and status[0]["checkpoints"] == 2
+    latest = ckptd_cli("latest", "toy", "--socket", daemon.socket)
+    assert latest.stdout.strip() == str(run_dir / "toy-step00000030.safetensors")
+    table = ckptd_cli("status", "--socket", daemon.socket).stdout
+    assert "toy" in table and "missed" in table
+
+
+HANDOFF_THEN_DIE = r"""
+import os, signal, sys, torch
+from trainer_hooks import Checkpointer
+model = torch.nn.Linear(2048, 4096)           # 32 MiB: the daemon is still busy when we die
+ckpt = Checkpointer("victim", sys.argv[1], model=model, every_steps=3)
+ckpt.step(); ckpt.step(); ckpt.step()          # step 3: the snapshot is handed over inside this call
+assert ckpt.mode == "daemon"
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_handed_over_checkpoint_survives_its_trainer(daemon: DaemonProc) -> None:
+    run_dir = daemon.root / "victim"
+    run_dir.mkdir()
+    r = subprocess.run([PYTHON, "-c", HANDOFF_THEN_DIE, str(run_dir)], env=env_for(daemon), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    wait_until(lambda: len(scan(str(run_dir), "victim")) == 1, what="the orphaned checkpoint to be persisted")
+    path = scan(str(run_dir), "victim")[0].path
+    assert verify_file(path).ok
+    wait_until(lambda: daemon.metric("ckptd_saves_total", job="victim", trigger="step", outcome="ok") == 1)
+    assert daemon.metric("ckptd_job_up", job="victim") == 0
+
+
+def test_trainer_killed_with_unsaved_steps_is_counted(daemon: DaemonProc) -> None:
+    run_dir = daemon.root / "lost"
+    proc = subprocess.Popen([PYTHON, TOY, "--dir", str(run_dir), "--job", "lost", "--steps", "10000", "--every-steps",
+                             "200", "--step-sleep", "0.01"], env=env_for(daemon),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: daemon.metric("ckptd_last_saved_step", job="lost") >= 200, what="a save")
+        # a (batched) heartbeat reports steps past the last save
+        wait_until(lambda: daemon.metric("ckptd_unsaved_steps", job="lost") > 0, what="a heartbeat")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", job="lost", reason="trainer_exit_unsaved") == 1,
+               what="trainer_exit_unsaved")
+    assert daemon.metric("ckptd_unsaved_steps", job="lost") > 0
+
+
+def test_no_daemon_at_start_then_reconnect_then_daemon_killed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d = DaemonProc(tmp_path / "d")
+    run_dir = d.root / "re"
+    model = torch.nn.Linear(64, 64)
+    with caplog.at_level("INFO", logger="ckptd.hook"):
+        ckpt = Checkpointer("re", run_dir, model=model, every_steps=1, socket=d.socket, reconnect_every=0.2)
+    try:
+        assert ckpt.mode == "embedded" and any("embedded mode" in m for m in caplog.messages)
+        ckpt.step()
+        ckpt.wait()
+        assert [c.step for c in scan(str(run_dir), "re")] == [1]
+        d.start()
+        wait_until(lambda: ckpt.mode == "daemon", what="the hook to reconnect")
+        ckpt.step()
+        ckpt.wait()
+        wait_until(lambda: d.metric("ckptd_saves_total", job="re", trigger="step", outcome="ok") == 1)
+        d.kill(signal.SIGKILL)
+        for _ in range(5):  # training goes on; saves land either way
+            ckpt.step()
+            ckpt.wait()
+        wait_until(lambda: ckpt.mode == "embedded", what="the hook to notice")
+        ckpt.step()
+        ckpt.wait()
+        assert sorted(c.step for c in scan(str(run_dir), "re"))[-1] == 8
+        assert all(verify_file(c.path).ok for c in scan(str(run_dir), "re"))
+        assert sum("lost the daemon" in m for m in caplog.messages) == 1
+    finally:
+        ckpt.close()
+        d.stop()
+
+
+SLOW_WRITER = r"""
+import sys, torch
+from trainer_hooks import Checkpointer
+big = torch.nn.Linear(4096, 4096)   # 64 MiB per checkpoint
+ckpt = Checkpointer("big", sys.argv[1], model=big, every_steps=1, keep_last=2)
+print("ready", flush=True)
+for i in range(200):
+    with torch.no_grad():
+        big.weight.add_(1.0)
+    ckpt.step()
+"""
+
+
+def test_daemon_sigkilled_mid_persist_recovers_cleanly(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path / "d").start()
+    run_dir = d.root / "big"
+    run_dir.mkdir()
+    trainer = subprocess.Popen([PYTHON, "-c", SLOW_WRITER, str(run_dir)], env=env_for(d), stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert trainer.stdout is not None and trainer.stdout.readline().strip() == "ready"
+        wait_until(lambda: any(".ckptd-tmp." in n for n in os.listdir(run_dir)), what="a write in progress")
+        d.kill(signal.SIGKILL)
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+    for c in scan(str(run_dir), "big"):
+        assert verify_file(c.path).ok
+    d2 = DaemonProc(tmp_path / "d").start()
+    try:
+        assert not [n for n in os.listdir(run_dir) if ".ckptd-tmp." in n], "temp files left after restart"
+        listed = json.loads(ckptd_cli("list", "big", "--json", "--socket", d2.socket).stdout)
+        assert sorted(r["path"] for r in listed) == sorted(c.path for c in scan(str(run_dir), "big"))
+    finally:
+        d2.stop()
+
+
+def test_catalogue_is_rebuilt_when_missing_or_damaged(daemon: DaemonProc) -> None:
+    run_dir = daemon.root / "cat"
+    r = subprocess.run([PYTHON, TOY, "--dir", str(run_dir), "--job", "cat", "--steps", "20", "--every-steps", "5"],
+                       env=env_for(daemon), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    daemon.stop()
+    db = daemon.state / "catalog.sqlite"
+    for damage in ("delete", "garbage"):
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+        if damage == "garbage":
+            db.write_bytes(b"this is not a database" * 100)
+        daemon.start()
+        listed = json.loads(ckptd_cli("list", "cat", "--json", "--socket", daemon.socket).stdout)
+        assert [x["step"] for x in listed] == [5, 10, 15, 20], damage
+        assert all(x["verified"] for x in listed)
+        assert daemon.metric("ckptd_last_saved_step", job="cat") == 20
+        daemon.stop()
+    assert list(daemon.state.glob("catalog.sqlite.damaged-*"))
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*) from checkpoints").fetchone()[0] == 4
+    daemon.start()
+
+
+CLIENT = r"""
+import sys, torch
+from trainer_hooks import Checkpointer
+torch.manual_seed(int(sys.argv[2]))
+m = torch.nn.Linear(256, 256)
+ckpt = Checkpointer(f"job{sys.argv[2]}", sys.argv[1], model=m, every_steps=2, total_steps=6, reconnect_every=60)
+assert ckpt.mode == "daemon", "not connected"
+for _ in range(6):
+    ckpt.step()
+ckpt.close()
+print(ckpt.stats["verified"], ckpt.stats["failed"])
+"""
+
+
+def test_32_concurrent_clients_lose_nothing(daemon: DaemonProc) -> None:
+    procs = []
+    for i in range(32):
+        d = daemon.root / f"job{i}"
+        d.mkdir()
+        procs.append(subprocess.Popen([PYTHON, "-c", CLIENT, str(d), str(i)], env=env_for(daemon),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert out.split() == ["3", "0"], (i, out, err)
+    for i in range(32):
+        steps = [c.step for c in scan(str(daemon.root / f"job{i}"), f"job{i}")]
+        assert steps == [2, 4, 6], (i, steps)
+        assert daemon.metric("ckptd_saves_total", job=f"job{i}", trigger="final", outcome="ok") == 1
+
+
+OTHER_UID = r"""
+import os, sys
+from ckptd.client import request
+os.setgid(65534); os.setuid(65534)   # imports first: nobody cannot read root's Python
+print(request(sys.argv[1], {"type": "hello", "job": sys.argv[2], "directory": sys.argv[3], "settings": {},
+                            "pid": os.getpid(), "step": 0}).get("error"))
+"""
+
+
+def test_identity_comes_from_the_kernel_and_is_enforced(tmp_path: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="ckptd-uid-", dir="/tmp"))  # traversable by uid 65534
+    os.chmod(base, 0o755)
+    daemon = DaemonProc(base / "d").start()
+    try:
+        mine = daemon.root / "mine"
+        ckpt = Checkpointer("owned", mine, model=torch.nn.Linear(2, 2), socket=daemon.socket)
+        ckpt.close()
+        for p in (base / "d", base / "d" / "run"):
+            os.chmod(p, 0o755)
+        os.chmod(daemon.socket, 0o666)
+        nobody_dir = daemon.root / "nobody"
+        nobody_dir.mkdir()
+        os.chown(nobody_dir, 65534, 65534)
+
+        def as_nobody(job: str, directory: Path | str) -> str:
+            r = run_py("-c", OTHER_UID, daemon.socket, job, str(directory))
+            assert r.returncode == 0, r.stderr
+            return r.stdout.strip()
+
+        assert "belongs to uid 0" in as_nobody("owned", nobody_dir)
+        assert "not owned by uid 65534" in as_nobody("fresh", mine)
+        assert "outside the daemon's roots" in as_nobody("fresh", tmp_path)
+        assert "'..'" in as_nobody("fresh", str(daemon.root) + "/nobody/../mine")
+        assert as_nobody("fresh", nobody_dir) == "None"  # its own directory, a new job: welcome
+        assert daemon.healthy()
+    finally:
+        daemon.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def raw_client(d: DaemonProc, job: str, settings: dict) -> socket.socket:  # type: ignore[type-arg]
+    run = d.root / job
+    run.mkdir(exist_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(d.socket)
+    protocol.send(s, {"type": "hello", "job": job, "directory": str(run), "settings": settings, "pid": 1, "step": 0})
+    assert protocol.recv(s)[0]["type"] == "welcome"
+    return s
+
+
+def test_step_skipped_and_final_missing_are_counted(daemon: DaemonProc) -> None:
+    s = raw_client(daemon, "skippy", {"every_steps": 10, "total_steps": 25})
+    try:
+        protocol.send(s, {"type": "heartbeat", "step": 25})
+        wait_until(lambda: daemon.metric("ckptd_missed_saves_total", job="skippy", reason="step_skipped") == 1)
+        protocol.send(s, {"type": "end", "step": 25})
+        assert protocol.recv(s)[0]["type"] == "bye"
+        assert daemon.metric("ckptd_missed_saves_total", job="skippy", reason="final_missing") == 1
+    finally:
+        s.close()
+
+
+def test_backpressure_skip_is_counted(daemon: DaemonProc) -> None:
+    big = torch.nn.Linear(2048, 2048)
+    ckpt = Checkpointer("bp", daemon.root / "bp", model=big, every_steps=1, on_busy="skip", save_final=False,
+                        socket=daemon.socket)
+    try:
+        for _ in range(6):
+            ckpt.step()
+    finally:
+        ckpt.close()
+    assert ckpt.stats["skipped"] >= 1
+    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", job="bp", reason="backpressure")
+               == ckpt.stats["skipped"], what="backpressure count")
