@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     path TEXT PRIMARY KEY, job TEXT NOT NULL, step INTEGER NOT NULL, epoch REAL, created REAL NOT NULL,
     trigger TEXT NOT NULL DEFAULT '', rule TEXT NOT NULL DEFAULT '', bytes INTEGER NOT NULL,
     verified INTEGER NOT NULL, metrics TEXT NOT NULL DEFAULT '{}', pinned INTEGER NOT NULL DEFAULT 0,
-    reason TEXT NOT NULL DEFAULT '');
+    reason TEXT NOT NULL DEFAULT '', digests TEXT NOT NULL DEFAULT '{}');
 CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job, step);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, job TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -120,9 +120,9 @@ class Catalog:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints(path, job, step, epoch, created, trigger, rule, bytes, "
-                "verified, metrics, pinned, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "verified, metrics, pinned, reason, digests) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (c.path, c.job, c.step, c.epoch, c.created, c.trigger, c.rule, c.bytes, int(verified),
-                 json.dumps(c.metrics, default=str), int(c.pinned), reason))
+                 json.dumps(c.metrics, default=str), int(c.pinned), reason, json.dumps(c.digests)))
 
     def forget(self, paths: Iterable[str]) -> None:
         with self._lock:

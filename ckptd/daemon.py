@@ -71,11 +71,30 @@ class Daemon:
         self.http = serve_http(self.metrics, self.metrics_listen, self.health)
         self.listener = self._bind()
         self._spawn(self._accept_loop, "ckptd-accept")
-        self._spawn(self._tick_loop, "ckptd-tick")
+        self.scheduler = self._start_scheduler()
         for job in {r.job for r in self.catalog.checkpoints()}:
             self._refresh_disk_gauges(job)
         sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
         log.info("ckptd serving on %s, metrics on %s", self.socket_path, self.metrics_listen)
+
+    def _start_scheduler(self) -> Any:
+        """APScheduler owns everything periodic: the tick, the systemd watchdog, cron triggers."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
+                                                               "misfire_grace_time": 30})
+        sched.add_job(self._tick_job, "interval", seconds=1.0, id="tick")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            sched.add_job(sdnotify.notify, "interval", seconds=interval, args=["WATCHDOG=1"], id="watchdog")
+        sched.start()
+        return sched
+
+    def _tick_job(self) -> None:
+        try:
+            self.tick(time.time())
+        except Exception:
+            log.exception("tick failed")
 
     def _spawn(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -117,9 +136,10 @@ class Daemon:
             except OSError:
                 pass
         deadline = time.monotonic() + drain_timeout
-        for t in self._threads:
+        for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
         self.executor.shutdown(wait=True, cancel_futures=False)
+        self.scheduler.shutdown(wait=False)
         self.http.shutdown()
         self.http.server_close()
         try:
@@ -158,7 +178,7 @@ class Daemon:
     def health(self) -> dict[str, bool]:
         return {"socket": not self._stop.is_set() and self.listener.fileno() >= 0,
                 "catalog": self.catalog.healthy(),
-                "scheduler": any(t.name == "ckptd-tick" and t.is_alive() for t in self._threads)}
+                "scheduler": bool(self.scheduler.running)}
 
     # -- identity and authorisation ------------------------------------------------------
 
@@ -185,13 +205,18 @@ class Daemon:
     # -- jobs --------------------------------------------------------------------------
 
     def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
-                 policy: SavePolicy, step: int) -> JobState:
+                 policy: SavePolicy, step: int, session: Session | None = None) -> JobState:
         rows = [r for r in self.catalog.checkpoints(name) if r.verified]
         with self.lock:
             job = JobState(name, uid, directory, settings, policy, pid=pid, connected=True, step=step,
                            last_saved_step=step, last_verified_step=rows[-1].step if rows else 0,
-                           last_verified_at=rows[-1].created if rows else None)
+                           last_verified_at=rows[-1].created if rows else None, session=session)
             self.jobs[name] = job
+        if policy.cron:
+            from apscheduler.triggers.cron import CronTrigger
+
+            self.scheduler.add_job(self._cron_due, CronTrigger.from_crontab(policy.cron), args=[name],
+                                   id=f"cron:{name}", replace_existing=True)
         self.catalog.upsert_job(name, uid, directory, {k: v for k, v in settings.items() if v is not None})
         self.catalog.event(name, "start", pid=pid, step=step)
         self.metrics.job_started(name)
@@ -203,6 +228,9 @@ class Daemon:
     def unregister(self, job: JobState, session: Session) -> None:
         with self.lock:
             job.connected = False
+            job.session = None
+        if self.scheduler.get_job(f"cron:{job.name}") is not None:
+            self.scheduler.remove_job(f"cron:{job.name}")
         self.metrics.job_up.labels(job.name).set(0)
         self.metrics.job_ended(job.name, time.time())
         self.catalog.event(job.name, "end" if session.ended else "disconnect", step=job.step)
@@ -221,6 +249,7 @@ class Daemon:
             if info.step >= job.last_verified_step:
                 job.last_verified_step, job.last_verified_at = info.step, info.created
             job.overdue_flagged = False
+            job.due_sent = False
         m = self.metrics
         m.saves.labels(job.name, trigger, "ok").inc()
         m.verify.labels(job.name, "ok").inc()
@@ -262,18 +291,12 @@ class Daemon:
 
     # -- the one-second tick ---------------------------------------------------------------
 
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(1.0):
-            try:
-                self.tick(time.time())
-            except Exception:
-                log.exception("tick failed")
-
     def tick(self, now: float) -> None:
         with self.lock:
             jobs = [j for j in self.jobs.values() if j.connected]
         for j in jobs:
             self._check_overdue(j, now)
+            self._time_rule_due(j, now)
         for root in self.roots:
             try:
                 self.metrics.fs_free.labels(root).set(free_bytes(root))
@@ -282,7 +305,23 @@ class Daemon:
         self.metrics.drop_ended(now, ENDED_JOB_TTL)
         with self.lock:
             running = sum(j.connected for j in self.jobs.values())
-        sdnotify.notify("WATCHDOG=1", f"STATUS={running} jobs connected")
+        sdnotify.notify(f"STATUS={running} jobs connected, {len(self.jobs)} known")
+
+    def _time_rule_due(self, j: JobState, now: float) -> None:
+        """The ``every`` rule: tell the trainer a save is due (it saves at its next step)."""
+        with self.lock:
+            last = max(j.last_verified_at or j.started_at, j.started_at)
+            due = j.policy.every is not None and now - last >= j.policy.every and not j.due_sent
+            if due:
+                j.due_sent = True
+        if due and j.session is not None:
+            j.session.send({"type": "due", "rule": "every"})
+
+    def _cron_due(self, name: str) -> None:
+        with self.lock:
+            j = self.jobs.get(name)
+        if j is not None and j.connected and j.session is not None:
+            j.session.send({"type": "due", "rule": "cron"})
 
     def _check_overdue(self, j: JobState, now: float) -> None:
         with self.lock:

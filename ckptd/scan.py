@@ -33,6 +33,7 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     pinned: bool = False
     problem: str = ""  # non-empty when the header itself is unreadable
+    digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -59,7 +60,8 @@ def read_info(path: str) -> Checkpoint:
                           parse_time(meta.get("ckptd.created", "")) or st.st_mtime,
                           float(epoch) if epoch not in (None, "", "null") else None,
                           meta.get("ckptd.trigger", ""), meta.get("ckptd.rule", ""),
-                          metrics if isinstance(metrics, dict) else {}, is_pinned(path))
+                          metrics if isinstance(metrics, dict) else {}, is_pinned(path),
+                          digests=header.meta_json("ckptd.digests", {}) or {})
     except (OSError, FormatError, ValueError, json.JSONDecodeError) as exc:
         size = _size(path)
         return Checkpoint(path, "", -1, size, _mtime(path), problem=str(exc) or type(exc).__name__)

@@ -54,6 +54,8 @@ class JobState:
     missed: int = 0
     failed: int = 0
     in_flight: int = 0
+    due_sent: bool = False
+    session: "Session | None" = None
 
 
 class Session:
@@ -130,7 +132,7 @@ class Session:
         except (TargetError, SettingsError, ValueError, PermissionError) as exc:
             self.send({"type": "error", "error": str(exc)})
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
-        self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"])
+        self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"], self)
         self.send({"type": "welcome", "job": job, "directory": directory})
 
     # -- heartbeats and missed steps --------------------------------------------------------
@@ -210,7 +212,9 @@ class Session:
             raise PersistError("invalid_snapshot", f"snapshot says job {info.job!r} step {info.step}, "
                                                    f"message says {job.name!r} step {msg['step']}")
         d.catalog.record(info, verified=True)
-        d.save_succeeded(job, msg["trigger"], info, result.durations)
+        stall = msg.get("stall")
+        durations = {**result.durations, **({"stall": float(stall)} if isinstance(stall, (int, float)) and stall >= 0 else {})}
+        d.save_succeeded(job, msg["trigger"], info, durations)
         d.removed(job, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
         return result.path
 

@@ -290,3 +290,13 @@ def test_backpressure_skip_is_counted(daemon: DaemonProc) -> None:
     assert ckpt.stats["skipped"] >= 1
     wait_until(lambda: daemon.metric("ckptd_missed_saves_total", job="bp", reason="backpressure")
                == ckpt.stats["skipped"], what="backpressure count")
+
+
+def test_the_daemon_sends_due_for_time_rules(daemon: DaemonProc) -> None:
+    s = raw_client(daemon, "timely", {"every": "1s"})
+    try:
+        protocol.send(s, {"type": "heartbeat", "step": 1})
+        msg, _ = protocol.recv(s)
+        assert msg == {"type": "due", "rule": "every"}
+    finally:
+        s.close()

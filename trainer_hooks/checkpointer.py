@@ -104,7 +104,7 @@ class Checkpointer:
         if path is False:
             return None
         return Link(default_socket_path() if path in (None, True) else str(path), self._hello, self._beat,
-                    self._on_daemon_saved, self._on_daemon_lost, retry_every)
+                    self._on_daemon_saved, self._on_daemon_lost, retry_every, on_due=self._time_fired)
 
     @property
     def mode(self) -> str:
@@ -221,7 +221,7 @@ class Checkpointer:
         length = self._buffer.stage(flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases))
         job = SaveJob(self._buffer.fd, length, self.directory, filename, self._step, trigger)
         msg = {"step": self._step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
-               "filename": filename, "length": length}
+               "filename": filename, "length": length, "stall": (time.perf_counter_ns() - t0) / 1e9}
         if self._link is None or not self._link.submit(job, msg):
             self._worker.submit(job)
         self.stats["stall_ns"] += time.perf_counter_ns() - t0

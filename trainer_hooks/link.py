@@ -32,10 +32,10 @@ HEARTBEAT_EVERY = 1.0
 class Link:
     def __init__(self, path: str, hello: Callable[[], dict[str, Any]], progress: Callable[[], dict[str, Any]],
                  on_saved: Callable[[SaveJob, dict[str, Any]], None], on_lost: Callable[[list[SaveJob]], None],
-                 retry_every: float = 5.0) -> None:
+                 retry_every: float = 5.0, on_due: Callable[[str], None] | None = None) -> None:
         self.path = path
         self._hello, self._progress = hello, progress
-        self._on_saved, self._on_lost = on_saved, on_lost
+        self._on_saved, self._on_lost, self._on_due = on_saved, on_lost, on_due
         self._retry_every = retry_every
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -161,6 +161,8 @@ class Link:
             with self._lock:
                 if not self._inflight:
                     self._idle.set()
+        elif kind == "due" and self._on_due is not None:
+            self._on_due(str(msg.get("rule", "every")))
         elif kind == "bye":
             self._bye.set()
         elif kind == "error":
