@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench clean tools
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,7 +19,13 @@ $(STAMP): $(PY) pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/ckptd demo
 
-test: $(STAMP)
+# Debian's prometheus gives promtool and the server; systemd gives systemd-analyze.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v systemd-analyze >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus systemd >/dev/null; }
+
+test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -220,6 +220,7 @@ class Daemon:
         self.catalog.upsert_job(name, uid, directory, {k: v for k, v in settings.items() if v is not None})
         self.catalog.event(name, "start", pid=pid, step=step)
         self.metrics.job_started(name)
+        self.metrics.init_job(name)
         self.metrics.job_up.labels(name).set(1)
         self.metrics.quota_bytes.labels(name).set(settings.get("max_bytes") or 0)
         self.update_gauges(job)

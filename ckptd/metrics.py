@@ -19,8 +19,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ckptd import __version__
 
-PER_JOB_GAUGES = ("last_success", "last_saved_step", "expected_interval", "unsaved_steps", "checkpoints",
-                  "checkpoint_bytes", "quota_bytes", "job_up")
+MISSED_REASONS = ("step_skipped", "time_overdue", "final_missing", "trainer_exit_unsaved", "backpressure")
+FAILURE_REASONS = ("no_space", "read_only", "permission", "target_missing", "io_error", "verify_failed",
+                   "invalid_snapshot", "internal_error")
+TRIGGERS = ("step", "time", "best", "final", "preempt", "manual")
 
 
 class Metrics:
@@ -48,6 +50,24 @@ class Metrics:
         self.build_info.labels(__version__).set(1)
         self._ended: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def init_job(self, job: str) -> None:
+        """Create every counter series of a job at 0, so the first failure is an increase.
+
+        A counter whose series appears at 1 has no increase() in Prometheus: the one
+        trainer_exit_unsaved of a run would never fire its alert.
+        """
+        for reason in MISSED_REASONS:
+            self.missed.labels(job, reason)
+        for reason in FAILURE_REASONS:
+            self.failures.labels(job, reason)
+        for outcome in ("ok", "corrupt"):
+            self.verify.labels(job, outcome)
+        for rule in ("retention", "corrupt", "partial", "quota"):
+            self.deleted.labels(job, rule)
+        for trigger in TRIGGERS:
+            for outcome in ("ok", "failed"):
+                self.saves.labels(job, trigger, outcome)
 
     def job_ended(self, job: str, now: float) -> None:
         with self._lock:

@@ -1,0 +1,252 @@
+"""Deployment artefacts against the real tools: promtool, systemd-analyze, a real
+NOTIFY_SOCKET, and a real Prometheus server scraping a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from ckptd import config as config_mod
+from ckptd.metrics import Metrics
+from ckptd.scan import scan
+from ckptd.verify import verify_file
+from tests.conftest import PYTHON, ROOT, DaemonProc, free_port, wait_until
+from trainer_hooks import Checkpointer
+
+DEPLOY = ROOT / "deploy"
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed: `make test` installs it (Debian package prometheus / systemd)")
+    return path
+
+
+def test_alert_rules_check_and_unit_tests_pass() -> None:
+    promtool = need("promtool")
+    check = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=DEPLOY / "prometheus",
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
+    unit = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus",
+                          capture_output=True, text=True)
+    assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
+    import yaml  # noqa: F401 (pyyaml comes with the test extras)
+
+    rules = re.findall(r"- alert: (\w+)", (DEPLOY / "prometheus" / "alerts.yml").read_text())
+    doc = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())
+    firing = {t["alert_rule_test"][0]["alertname"] for t in doc["tests"] if t["alert_rule_test"][0]["exp_alerts"]}
+    quiet = {t["alert_rule_test"][0]["alertname"] for t in doc["tests"] if not t["alert_rule_test"][0]["exp_alerts"]}
+    assert set(rules) == firing == quiet
+    assert set(rules) == {"CkptdSaveFailed", "CkptdSaveMissed", "CkptdCheckpointStale", "CkptdVerifyFailed",
+                          "CkptdQuotaNearlyExhausted", "CkptdTrainerExitUnsaved", "CkptdDown"}
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = need("systemd-analyze")
+    unit = (ROOT / "systemd" / "ckptd.service").read_text()
+    for key in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "User=ckptd", "RuntimeDirectory=ckptd",
+                "StateDirectory=ckptd", "ProtectSystem=strict", "ReadWritePaths=", "NoNewPrivileges=yes",
+                "PrivateTmp=yes"):
+        assert key in unit, key
+    exe = shutil.which("ckptd") or str(Path(PYTHON).parent / "ckptd")
+    good = tmp_path / "ckptd.service"
+    good.write_text(unit.replace("/usr/local/bin/ckptd", exe))
+    r = subprocess.run([analyze, "verify", str(good)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "broken.service"
+    bad.write_text(unit.replace("/usr/local/bin/ckptd", "/nonexistent/ckptd"))
+    assert subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True).returncode != 0
+
+
+def test_example_config_is_valid() -> None:
+    cfg = config_mod.load(str(DEPLOY / "ckptd.toml"))
+    assert cfg.daemon["roots"] == ["/srv/checkpoints"]
+    assert cfg.jobs["gpt-ft"]["every"] == 1800.0 and cfg.defaults["min_free"] == 0.05
+
+
+def test_ended_jobs_are_dropped_from_metrics() -> None:
+    m = Metrics()
+    m.saves.labels("old", "step", "ok").inc()
+    m.job_up.labels("old").set(0)
+    m.saves.labels("live", "step", "ok").inc()
+    m.job_ended("old", now=1000.0)
+    assert m.drop_ended(now=1000.0 + 10, ttl=3600) == []
+    assert m.drop_ended(now=1000.0 + 3601, ttl=3600) == ["old"]
+    from prometheus_client import generate_latest
+
+    text = generate_latest(m.registry).decode()
+    assert 'job="old"' not in text and 'job="live"' in text
+
+
+# --- sd_notify and draining -----------------------------------------------------------------
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
+    path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(10)
+    try:
+        yield path, s
+    finally:
+        s.close()
+
+
+def read_notify(s: socket.socket, until: str, timeout: float = 15) -> list[str]:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            seen += s.recv(4096).decode().splitlines()
+        except socket.timeout:
+            break
+        if any(line.startswith(until) for line in seen):
+            return seen
+    raise AssertionError(f"no {until} among {seen}")
+
+
+@pytest.mark.slow
+def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path, notify_socket: tuple[str, socket.socket]) -> None:
+    path, s = notify_socket
+    d = DaemonProc(tmp_path / "d", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000",
+                                        "WATCHDOG_PID": ""})
+    d.start()
+    try:
+        lines = read_notify(s, "READY=1")
+        assert any(line.startswith("STATUS=listening on") for line in lines)
+        beats = read_notify(s, "WATCHDOG=1") + read_notify(s, "WATCHDOG=1")
+        assert beats.count("WATCHDOG=1") >= 1
+        assert any(line.startswith("STATUS=") and "jobs connected" in line for line in read_notify(s, "STATUS=0 jobs"))
+    finally:
+        code = d.stop()
+    assert code == 0
+    assert "STOPPING=1" in read_notify(s, "STOPPING=1")
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_saves(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path / "d").start()
+    run = d.root / "drain"
+    big = torch.nn.Linear(4096, 8192)  # 128 MiB: still being written when SIGTERM arrives
+    ckpt = Checkpointer("drain", run, model=big, save_final=False, socket=d.socket)
+    try:
+        assert ckpt.mode == "daemon"
+        ckpt.save()
+        wait_until(lambda: any(".ckptd-tmp." in n for n in os.listdir(run)), what="the write to start")
+        assert d.stop() == 0
+        ckpt.wait()
+    finally:
+        ckpt.close(final=False)
+    files = os.listdir(run)
+    assert not [n for n in files if ".ckptd-tmp." in n], files
+    (only,) = scan(str(run), "drain")
+    assert verify_file(only.path).ok and ckpt.stats["verified"] == 1
+
+
+# --- a real Prometheus server ------------------------------------------------------------------
+
+class Prometheus:
+    def __init__(self, base: Path, target_port: int) -> None:
+        self.port = free_port()
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DEPLOY / "prometheus" / "alerts.yml", base / "alerts.yml")
+        (base / "prometheus.yml").write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "rule_files: [alerts.yml]\n"
+            f"scrape_configs:\n  - job_name: ckptd\n    honor_labels: true\n"
+            f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
+        self.log = open(base / "prometheus.log", "wb")
+        self.proc = subprocess.Popen([need("prometheus"), f"--config.file={base / 'prometheus.yml'}",
+                                      f"--storage.tsdb.path={base / 'data'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(self.ready, 60, "prometheus to start")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+
+    def alert_state(self, name: str, **labels: str) -> str | None:
+        for a in self.api("alerts")["data"]["alerts"]:
+            if a["labels"]["alertname"] == name and all(a["labels"].get(k) == v for k, v in labels.items()):
+                return str(a["state"])
+        return None
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        self.log.close()
+
+
+@pytest.mark.slow
+def test_alerts_fire_in_a_real_prometheus_and_the_dashboard_queries_work(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path / "d")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(d.root)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here ({r.stderr.strip()}); run the tests as root")
+    trainer = None
+    prom = None
+    try:
+        d.start()
+        prom = Prometheus(tmp_path / "prom", d.port)
+        wait_until(lambda: prom.api("query", query='up{job="ckptd"}')["data"]["result"], 30, "the first scrape")
+        trainer = subprocess.Popen([PYTHON, str(ROOT / "examples" / "train_toy.py"), "--dir", str(d.root / "e2e"),
+                                    "--job", "e2e", "--steps", "100000", "--every-steps", "100", "--step-sleep", "0.005",
+                                    "--keep-last", "2"],
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": d.socket},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: d.metric("ckptd_saves_total", job="e2e", trigger="step", outcome="ok") >= 2, 60, "saves")
+        subprocess.run(["mount", "-o", "remount,ro", str(d.root)], check=True)  # the target turns read-only
+        wait_until(lambda: d.metric("ckptd_save_failures_total", job="e2e", reason="read_only") >= 1, 60, "a failure")
+        wait_until(lambda: prom.alert_state("CkptdSaveFailed", job="e2e", reason="read_only") == "firing", 60,
+                   "CkptdSaveFailed to fire")
+        wait_until(lambda: d.metric("ckptd_unsaved_steps", job="e2e") > 0, 30, "unsaved steps")
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        wait_until(lambda: prom.alert_state("CkptdTrainerExitUnsaved", job="e2e") == "firing", 60,
+                   "CkptdTrainerExitUnsaved to fire")
+        assert prom.alert_state("CkptdDown") is None
+        time.sleep(3)  # a few more scrapes so rate() windows hold several points
+        dashboard = json.loads((DEPLOY / "grafana" / "ckptd.json").read_text())
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        assert len(exprs) >= 12
+        for expr in exprs:
+            q = expr.replace("$job", ".*").replace("$__rate_interval", "1m")
+            result = prom.api("query", query=q)
+            assert result["status"] == "success", (expr, result)
+            assert result["data"]["result"], f"no series for dashboard query {expr}"
+    finally:
+        if trainer is not None and trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+        if prom is not None:
+            prom.stop()
+        d.stop()
+        subprocess.run(["umount", "-l", str(d.root)], check=False)
