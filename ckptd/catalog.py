@@ -166,7 +166,7 @@ class Catalog:
         """
         on_disk = {p: read_info(p) for p in _checkpoint_files(roots)}
         known = {r.path for r in self.checkpoints()}
-        gone = known - set(on_disk)
+        gone = {p for p in known if not os.path.exists(p)}
         self.forget(gone)
         added = 0
         for path, info in on_disk.items():

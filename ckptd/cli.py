@@ -180,11 +180,47 @@ def serve(config_file: str | None, socket_path: str | None, state_dir: str | Non
     from ckptd.preflight import TargetError
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     try:
         cfg = config_mod.load(config_file)
         daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir, metrics_listen=metrics_listen,
                         roots=list(roots) or None)
         daemon.serve_forever()
+    except (SettingsError, TargetError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@setting_options("retention", "quota")
+@click.option("--job", default=None, help="job name for metrics and the catalogue (default: the directory's name)")
+@click.option("--pattern", default=None, help="only checkpoints whose name matches this glob")
+@click.option("--expect-every", default=None, help="alert (missed, time_overdue) when no new checkpoint for this long")
+@click.option("--settle", default="5s", help="quiet time before a new checkpoint is judged")
+@click.option("--rescan-every", default="3m", help="full rescan period (catches events inotify dropped)")
+@click.option("--state-dir", default=None, help="catalogue directory (default: DIRECTORY/.ckptd)")
+@click.option("--metrics-listen", default="127.0.0.1:9733")
+@click.option("--socket", "socket_path", default=None, help="socket for status/list (default: STATE_DIR/ckptd.sock)")
+def watch(directory: str, job: str | None, pattern: str | None, expect_every: str | None, settle: str,
+          rescan_every: str, state_dir: str | None, metrics_listen: str, socket_path: str | None, **options: Any) -> None:
+    """Adopt the checkpoints another tool writes into DIRECTORY: verify, catalogue, retain, alert."""
+    import logging
+
+    from ckptd import config as config_mod
+    from ckptd.daemon import Daemon
+    from ckptd.preflight import TargetError
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    root = os.path.realpath(directory)
+    state = state_dir or os.path.join(root, ".ckptd")
+    table = {"path": root, "settle": settle, "rescan_every": rescan_every, **({"job": job} if job else {}),
+             **({"pattern": pattern} if pattern else {}), **({"expect_every": expect_every} if expect_every else {}),
+             **{k: v for k, v in options.items() if v is not None}}
+    try:
+        cfg = config_mod.parse({"watch": [table]}, "command line")
+        Daemon(cfg, socket_path=socket_path or os.path.join(state, "ckptd.sock"), state_dir=state,
+               metrics_listen=metrics_listen, roots=[root]).serve_forever()
     except (SettingsError, TargetError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 

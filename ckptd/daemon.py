@@ -55,6 +55,9 @@ class Daemon:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.clock = time.time
+        self.started_at = time.time()
+        self.watchers: list[Any] = []
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -72,6 +75,7 @@ class Daemon:
         self.listener = self._bind()
         self._spawn(self._accept_loop, "ckptd-accept")
         self.scheduler = self._start_scheduler()
+        self._start_watchers()
         for job in {r.job for r in self.catalog.checkpoints()}:
             self._refresh_disk_gauges(job)
         sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
@@ -89,6 +93,54 @@ class Daemon:
             sched.add_job(sdnotify.notify, "interval", seconds=interval, args=["WATCHDOG=1"], id="watchdog")
         sched.start()
         return sched
+
+    def _start_watchers(self) -> None:
+        """``[[watch]]`` tables: one watchdog observer, a Watcher per tree, periodic rescans."""
+        if not self.config.watch:
+            return
+        from watchdog.observers import Observer
+
+        from ckptd.watch import Watcher
+
+        self.observer = Observer()
+        for i, spec in enumerate(self.config.watch):
+            w = Watcher(spec, self)
+            if not inside(w.root, self.roots):
+                raise TargetError(f"watched path {w.root} is outside the daemon's roots")
+            os.makedirs(w.root, exist_ok=True)
+            self.observer.schedule(w, w.root, recursive=True)
+            self.metrics.init_job(w.job)
+            self.metrics.job_up.labels(w.job).set(1)
+            if spec.get("expect_every"):
+                self.metrics.expected_interval.labels(w.job).set(spec["expect_every"])
+            self.watchers.append(w)
+            self.scheduler.add_job(w.rescan, "interval", seconds=float(spec.get("rescan_every", 180.0)),
+                                   id=f"rescan:{i}")
+            log.info("watching %s as job %s (%d units to look at)", w.root, w.job, w.rescan())
+        self.observer.start()
+
+    def watch_verified(self, job: str, info: Checkpoint, ok: bool, outcome: str) -> None:
+        self.metrics.verify.labels(job, outcome).inc()
+        self.metrics.saves.labels(job, "watch", "ok" if ok else "failed").inc()
+        self.catalog.event(job, "adopted", path=info.path, ok=ok, outcome=outcome)
+        if not ok:
+            self.metrics.failures.labels(job, "verify_failed").inc()
+        self._refresh_disk_gauges(job)
+
+    def watch_missed(self, job: str) -> None:
+        self.metrics.missed.labels(job, "time_overdue").inc()
+        self.catalog.event(job, "missed", reason="time_overdue")
+
+    def watch_removed(self, job: str, removals: list[Removal]) -> None:
+        done = [r for r in removals if r.done]
+        for r in done:
+            self.metrics.deleted.labels(job, metric_rule(r)).inc()
+            self.catalog.event(job, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
+        for r in removals:
+            if r.error:
+                log.error("watch %s: %s", job, r.error)
+        self.catalog.forget(r.verdict.item.id for r in done)
+        self._refresh_disk_gauges(job)
 
     def _tick_job(self) -> None:
         try:
@@ -140,6 +192,9 @@ class Daemon:
             t.join(max(0.0, deadline - time.monotonic()))
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.scheduler.shutdown(wait=False)
+        if self.watchers:
+            self.observer.stop()
+            self.observer.join(10)
         self.http.shutdown()
         self.http.server_close()
         try:
@@ -298,6 +353,8 @@ class Daemon:
         for j in jobs:
             self._check_overdue(j, now)
             self._time_rule_due(j, now)
+        for w in self.watchers:
+            w.tick(now)
         for root in self.roots:
             try:
                 self.metrics.fs_free.labels(root).set(free_bytes(root))

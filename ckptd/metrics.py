@@ -22,7 +22,7 @@ from ckptd import __version__
 MISSED_REASONS = ("step_skipped", "time_overdue", "final_missing", "trainer_exit_unsaved", "backpressure")
 FAILURE_REASONS = ("no_space", "read_only", "permission", "target_missing", "io_error", "verify_failed",
                    "invalid_snapshot", "internal_error")
-TRIGGERS = ("step", "time", "best", "final", "preempt", "manual")
+TRIGGERS = ("step", "time", "best", "final", "preempt", "manual", "watch")
 
 
 class Metrics:
@@ -61,7 +61,7 @@ class Metrics:
             self.missed.labels(job, reason)
         for reason in FAILURE_REASONS:
             self.failures.labels(job, reason)
-        for outcome in ("ok", "corrupt"):
+        for outcome in ("ok", "corrupt", "unsafe"):
             self.verify.labels(job, outcome)
         for rule in ("retention", "corrupt", "partial", "quota"):
             self.deleted.labels(job, rule)

@@ -1,0 +1,347 @@
+"""Checkpoints written by other tools: recognise, judge completeness, verify safely.
+
+Recognised by layout and content, not only by name: HF Trainer ``checkpoint-N/``
+directories, (sharded) safetensors, torch zip files (``.pt``/``.pth``/``.bin``/``.ckpt``,
+Lightning's included), torch.distributed.checkpoint directories, OneTrainer's
+``workspace/save/{timestamp}-{progress}`` files. A checkpoint still being written is
+never verified: other tools' in-progress markers are respected and each format's own
+completeness is checked first.
+
+Torch files are never unpickled with code execution: every zip record's CRC-32 is
+checked (``torch.load`` does not), the pickle's globals are listed without running it
+(``torch.serialization.get_unsafe_globals_in_checkpoint``), and only a file whose globals
+are all on a short allowlist is loaded, with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+
+from ckptd.format import FormatError, read_header
+from ckptd.verify import VerifyResult, verify_file
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INCOMPLETE_MARKERS = ("checkpoint-is-incomplete.txt",)
+SAFE_GLOBALS = {
+    "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "collections.OrderedDict", "collections.defaultdict",
+    "pathlib.PosixPath", "argparse.Namespace", "lightning.fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict", "torch.torch_version.TorchVersion",
+}
+_STEP = re.compile(r"(?:checkpoint-|step[=_-]?|global_step)(\d+)", re.IGNORECASE)
+_TRAILING = re.compile(r"(\d+)(?:\.[A-Za-z]+)?$")
+
+
+@dataclass(frozen=True)
+class Found:
+    """One checkpoint unit: a file, or a directory deleted and verified as a whole."""
+
+    path: str
+    kind: str
+    step: int | None
+    mtime: float
+    bytes: int
+
+
+def step_from_name(name: str) -> int | None:
+    m = _STEP.search(name) or _TRAILING.search(name.split("-")[-1] if "-" in name else name)
+    return int(m.group(1)) if m else None
+
+
+def classify(path: str) -> Found | None:
+    """What kind of checkpoint ``path`` is, if any (cheap: names, layout, magic bytes)."""
+    name = os.path.basename(path.rstrip("/"))
+    if name.startswith(".") or name.endswith(".orbax-checkpoint-tmp") or ".ckptd-tmp." in name:
+        return None
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    if os.path.isdir(path) and not os.path.islink(path):
+        kind = _dir_kind(path)
+        if kind is None:
+            return None
+        return Found(path, kind, _dir_step(path, name), _newest_mtime(path), _tree_bytes(path))
+    if not os.path.isfile(path) or os.path.islink(path):
+        return None
+    if _inside_checkpoint_dir(path):
+        return None  # a file of an HF/DCP directory: the directory is the unit
+    if name.endswith(".safetensors"):
+        if re.search(r"-\d{5}-of-\d{5}\.safetensors$", name):
+            return None  # one shard: judged with its index
+        return Found(path, "safetensors", _safetensors_step(path, name), st.st_mtime, st.st_size)
+    if name.endswith(".safetensors.index.json"):
+        return Found(path, "safetensors-sharded", step_from_name(name), st.st_mtime, _index_bytes(path))
+    if name.endswith(TORCH_SUFFIXES) and _is_zip(path):
+        kind = "lightning" if name.endswith(".ckpt") else "torch"
+        return Found(path, kind, step_from_name(name), st.st_mtime, st.st_size)
+    if "save" in path.split(os.sep)[-2:-1] and re.match(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}-", name):
+        return Found(path, "onetrainer", step_from_name(name), st.st_mtime, st.st_size)
+    return None
+
+
+def _dir_kind(path: str) -> str | None:
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return None
+    if any(n.endswith(".distcp") for n in names) or ".metadata" in names:
+        return "dcp"
+    if "trainer_state.json" in names or re.match(r"checkpoint-\d+$", os.path.basename(path)):
+        return "hf" if names & {"trainer_state.json", "model.safetensors", "pytorch_model.bin",
+                                "model.safetensors.index.json", "optimizer.pt", *INCOMPLETE_MARKERS} else None
+    return None
+
+
+def _dir_step(path: str, name: str) -> int | None:
+    step = step_from_name(name)
+    if step is None:
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                step = int(json.load(f).get("global_step"))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+    return step
+
+
+def _inside_checkpoint_dir(path: str) -> bool:
+    return _dir_kind(os.path.dirname(path)) is not None
+
+
+def _safetensors_step(path: str, name: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            meta = read_header(f, os.fstat(f.fileno()).st_size).metadata
+        if "ckptd.step" in meta:
+            return int(meta["ckptd.step"])
+    except (OSError, FormatError, ValueError):
+        pass
+    return step_from_name(name)
+
+
+def _is_zip(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _newest_mtime(path: str) -> float:
+    newest = os.stat(path).st_mtime
+    for dirpath, _, files in os.walk(path):
+        for n in files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, n)).st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for n in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _index_bytes(path: str) -> int:
+    shards = _index_shards(path) or []
+    d = os.path.dirname(path)
+    return sum(os.path.getsize(os.path.join(d, s)) for s in shards if os.path.exists(os.path.join(d, s)))
+
+
+def _index_shards(path: str) -> list[str] | None:
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --- completeness -------------------------------------------------------------------------
+
+def incomplete(found: Found) -> str | None:
+    """Why ``found`` is not finished yet (None when it is): markers and format checks."""
+    if found.kind == "hf":
+        names = set(os.listdir(found.path))
+        if names & set(INCOMPLETE_MARKERS):
+            return "HF marks it incomplete (checkpoint-is-incomplete.txt)"
+        for n in sorted(names):
+            if n.endswith(".safetensors.index.json"):
+                reason = _index_incomplete(os.path.join(found.path, n))
+                if reason:
+                    return reason
+            elif n.endswith(".safetensors") and not re.search(r"-\d{5}-of-\d{5}", n):
+                reason = _safetensors_incomplete(os.path.join(found.path, n))
+                if reason:
+                    return reason
+        return None if names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                                "trainer_state.json"} else "no model file yet"
+    if found.kind == "dcp":
+        return None if os.path.exists(os.path.join(found.path, ".metadata")) else "no .metadata yet (DCP writes it last)"
+    if found.kind == "safetensors-sharded":
+        return _index_incomplete(found.path)
+    if found.kind == "safetensors":
+        return _safetensors_incomplete(found.path)
+    if found.kind in ("torch", "lightning", "onetrainer") and _is_zip(found.path):
+        try:
+            with zipfile.ZipFile(found.path) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "zip central directory not readable yet"
+    return None
+
+
+def _safetensors_incomplete(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            read_header(f, size)
+    except FormatError as exc:
+        return f"size does not match its header yet ({exc})"
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    return None
+
+
+def _index_incomplete(path: str) -> str | None:
+    shards = _index_shards(path)
+    if shards is None:
+        return "index json not readable"
+    d = os.path.dirname(path)
+    for s in shards:
+        p = os.path.join(d, s)
+        if not os.path.exists(p):
+            return f"shard {s} listed in the index does not exist yet"
+        reason = _safetensors_incomplete(p)
+        if reason:
+            return f"shard {s}: {reason}"
+    return None
+
+
+# --- verification ------------------------------------------------------------------------------
+
+def verify(found: Found) -> VerifyResult:
+    """Read every byte that matters; never raises for a bad checkpoint."""
+    try:
+        if found.kind == "safetensors":
+            return verify_file(found.path)
+        if found.kind == "safetensors-sharded":
+            return _verify_all(found.path, [os.path.join(os.path.dirname(found.path), s)
+                                            for s in _index_shards(found.path) or []])
+        if found.kind in ("torch", "lightning", "onetrainer"):
+            return verify_torch(found.path)
+        if found.kind == "hf":
+            return _verify_hf(found)
+        if found.kind == "dcp":
+            return _verify_dcp(found)
+    except OSError as exc:
+        return VerifyResult(found.path, False, f"cannot read: {exc.strerror or exc}")
+    return VerifyResult(found.path, False, f"unknown kind {found.kind}")
+
+
+def _verify_all(label: str, parts: list[str]) -> VerifyResult:
+    if not parts:
+        return VerifyResult(label, False, "no files to verify")
+    tensors = total = 0
+    for p in parts:
+        r = verify_torch(p) if p.endswith(TORCH_SUFFIXES) else verify_file(p)
+        if not r.ok:
+            return VerifyResult(label, False, f"{os.path.basename(p)}: {r.reason}")
+        tensors += r.tensors
+        total += r.bytes
+    return VerifyResult(label, True, "", tensors, total)
+
+
+def _verify_hf(found: Found) -> VerifyResult:
+    names = sorted(os.listdir(found.path))
+    parts = [os.path.join(found.path, n) for n in names
+             if n.endswith(".safetensors") or (n.endswith(TORCH_SUFFIXES) and not n.startswith("."))]
+    if "trainer_state.json" in names:
+        try:
+            with open(os.path.join(found.path, "trainer_state.json")) as f:
+                json.load(f)
+        except ValueError as exc:
+            return VerifyResult(found.path, False, f"trainer_state.json is not valid JSON: {exc}")
+    return _verify_all(found.path, parts)
+
+
+def _verify_dcp(found: Found) -> VerifyResult:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(found.path).read_metadata()  # the .metadata file is a restricted pickle
+    files = {getattr(v, "relative_path", None) for v in (meta.storage_data or {}).values()}
+    missing = sorted(f for f in files if f and not os.path.exists(os.path.join(found.path, f)))
+    if missing:
+        return VerifyResult(found.path, False, f"{missing[0]} named in .metadata is missing")
+    return VerifyResult(found.path, True, "", len(meta.state_dict_metadata), found.bytes)
+
+
+def verify_torch(path: str) -> VerifyResult:
+    """Zip CRCs of every record, then a weights-only load if its globals are all known-safe."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        if bad is not None:
+            return VerifyResult(path, False, f"CRC-32 mismatch in zip record {bad}")
+    except (zipfile.BadZipFile, EOFError) as exc:
+        return VerifyResult(path, False, f"not a valid torch zip file: {exc}")
+    import torch
+
+    try:
+        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as exc:
+        return VerifyResult(path, False, f"pickle unreadable: {exc}")
+    forbidden = sorted(needed - SAFE_GLOBALS)
+    if forbidden:
+        return VerifyResult(path, False, f"unsafe: the pickle needs {', '.join(forbidden[:3])}; "
+                                         "not loaded (it could execute code)")
+    allowed = [obj for obj in map(_resolve, needed) if obj is not None] + _numpy_dtype_classes(needed)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        return VerifyResult(path, False, f"weights-only load failed: {str(exc).splitlines()[0][:200]}")
+    tensors = _count_tensors(obj)
+    return VerifyResult(path, True, "", tensors, os.path.getsize(path))
+
+
+def _numpy_dtype_classes(needed: set[str]) -> list[object]:
+    """numpy's per-dtype classes, which a pickled array's dtype is rebuilt through."""
+    if not any(g.startswith("numpy.") for g in needed):
+        return []
+    import numpy as np
+
+    return [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+
+
+def _resolve(qualname: str) -> object | None:
+    import importlib
+
+    module, _, name = qualname.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _count_tensors(obj: object) -> int:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return 1
+    if isinstance(obj, dict):
+        return sum(_count_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_count_tensors(v) for v in obj)
+    return 0

@@ -1,0 +1,203 @@
+"""Watch mode: adopt the checkpoints of trainers that cannot be changed.
+
+A ``Watcher`` per ``[[watch]]`` table (or ``ckptd watch DIR``). watchdog delivers
+close-after-write, move, create and delete events; each event only marks the
+checkpoint *unit* it belongs to (a file, or its HF/DCP directory) as pending. The
+daemon's scheduler calls ``tick`` every second: a unit with no events for ``settle``
+seconds whose format says it is complete is verified once, catalogued, counted and
+handed to retention. inotify drops events when its queue overflows and watchdog
+does not say so, hence ``rescan`` every ``rescan_every`` seconds walks the tree and
+re-marks whatever changed behind our back.
+
+A unit still being written is never verified, counted corrupt or deleted: it is
+``in_flight`` for retention until it settles and verifies.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileDeletedEvent,
+                             FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
+
+from ckptd import foreign, retention
+from ckptd.gc import apply as apply_removals
+from ckptd.scan import Checkpoint, is_pinned
+
+if TYPE_CHECKING:
+    from ckptd.daemon import Daemon
+
+log = logging.getLogger("ckptd.watch")
+
+
+class Watcher(FileSystemEventHandler):
+    """One watched tree; events mark units, ``tick`` adopts the settled ones."""
+
+    def __init__(self, spec: dict[str, Any], daemon: "Daemon") -> None:
+        super().__init__()
+        self.spec, self.daemon = spec, daemon
+        self.pending: dict[str, float] = {}
+        self.last_new_at = 0.0
+        self.overdue_flagged = False
+        self._lock = threading.Lock()
+        self.root = os.path.realpath(self.spec["path"])
+        self.job = self.spec.get("job") or os.path.basename(self.root.rstrip("/")) or "watch"
+        self.settle = float(self.spec.get("settle", 5.0))
+        self.pattern = self.spec.get("pattern")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.spec
+
+    # -- events (watchdog's thread) ----------------------------------------------------------
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, (FileClosedEvent, DirCreatedEvent)):
+            self._mark(str(event.src_path))
+        elif isinstance(event, (FileMovedEvent, DirMovedEvent)):
+            self._mark(str(event.dest_path))
+            self._gone(str(event.src_path))
+        elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
+            self._gone(str(event.src_path))
+            self._mark(os.path.dirname(str(event.src_path)))  # a marker file removed: its dir may be done
+
+    def _unit_of(self, path: str) -> str:
+        parent = os.path.dirname(path)
+        while parent.startswith(self.root) and parent != self.root:
+            if foreign._dir_kind(parent) is not None:
+                return parent
+            parent = os.path.dirname(parent)
+        return path
+
+    def _mark(self, path: str) -> None:
+        unit = self._unit_of(path)
+        if unit == self.root:
+            return
+        with self._lock:
+            self.pending[unit] = self.daemon.clock()
+
+    def _gone(self, path: str) -> None:
+        known = {r.path for r in self.daemon.catalog.checkpoints(self.job)}
+        doomed = [p for p in known if p == path or p.startswith(path.rstrip("/") + "/")]
+        if doomed:
+            self.daemon.catalog.forget(doomed)
+
+    # -- the scheduler's thread --------------------------------------------------------------------
+
+    def rescan(self) -> int:
+        """Walk the tree; mark every unit that is new or changed since it was catalogued."""
+        known = {r.path: r for r in self.daemon.catalog.checkpoints(self.job)}
+        marked = 0
+        for unit in self._units():
+            row = known.pop(unit.path, None)
+            if row is None or abs(row.created - unit.mtime) > 1e-3 or row.bytes != unit.bytes:
+                with self._lock:
+                    self.pending.setdefault(unit.path, 0.0)
+                marked += 1
+        self.daemon.catalog.forget(known)  # catalogued but gone from the disk
+        return marked
+
+    def _units(self) -> list[foreign.Found]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in list(dirnames):
+                found = foreign.classify(os.path.join(dirpath, name))
+                if found is not None:
+                    dirnames.remove(name)  # a checkpoint directory is one unit
+                    out.append(found)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                found = foreign.classify(os.path.join(dirpath, name))
+                if found is not None:
+                    out.append(found)
+        return [f for f in out if self.pattern is None or fnmatch.fnmatch(os.path.basename(f.path), self.pattern)]
+
+    def tick(self, now: float) -> None:
+        with self._lock:
+            ready = [p for p, t in self.pending.items() if now - t >= self.settle]
+        adopted = False
+        for path in ready:
+            adopted |= self._adopt(path, now)
+        if adopted:
+            self._retention(now)
+        self._check_expected(now)
+
+    def _adopt(self, path: str, now: float) -> bool:
+        found = foreign.classify(path)
+        if found is None or (self.pattern and not fnmatch.fnmatch(os.path.basename(path), self.pattern)):
+            with self._lock:
+                self.pending.pop(path, None)
+            return False
+        reason = foreign.incomplete(found)
+        if reason is not None:
+            log.debug("%s not complete yet: %s", path, reason)
+            with self._lock:
+                self.pending[path] = now  # look again after another settle period
+            return False
+        with self._lock:
+            self.pending.pop(path, None)
+        result = foreign.verify(found)
+        unsafe = result.reason.startswith("unsafe")
+        info = Checkpoint(found.path, self.job, found.step if found.step is not None else -1, found.bytes,
+                          found.mtime, trigger="watch", rule=found.kind, pinned=is_pinned(found.path),
+                          problem="" if result.ok else result.reason)
+        self.daemon.catalog.record(info, verified=result.ok, reason=result.reason)
+        self.daemon.watch_verified(self.job, info, result.ok, "unsafe" if unsafe else ("ok" if result.ok else "corrupt"))
+        if result.ok:
+            self.last_new_at = max(self.last_new_at, now)
+            self.overdue_flagged = False
+        else:
+            log.error("watched checkpoint %s failed verification: %s", path, result.reason)
+        return True
+
+    def _check_expected(self, now: float) -> None:
+        expect = self.spec.get("expect_every")
+        if expect is None:
+            return
+        since = self.last_new_at or self.daemon.started_at
+        if not self.overdue_flagged and now - since > expect:
+            self.overdue_flagged = True
+            log.warning("watch %s: no new checkpoint for %.0fs (expect_every=%.0fs)", self.root, now - since, expect)
+            self.daemon.watch_missed(self.job)
+
+    # -- retention --------------------------------------------------------------------------------
+
+    def _retention(self, now: float) -> None:
+        rules = retention.Rules.from_settings(self.spec)
+        if not rules.any_window:
+            return
+        protected = self._trainer_needs()
+        with self._lock:
+            busy = set(self.pending)
+        items = []
+        for r in self.daemon.catalog.checkpoints(self.job):
+            unsafe = r.reason.startswith("unsafe")
+            # unsafe (a pickle we refuse to run) is unverified, not corrupt: kept, never deleted by rules
+            items.append(retention.Item(r.path, r.step, r.created, r.bytes, verified=r.verified,
+                                        corrupt=not r.verified and not unsafe, in_flight=r.path in busy,
+                                        pinned=r.pinned or r.path in protected))
+        for unit in busy:
+            items.append(retention.Item(unit, 2**62, now, in_flight=True))
+        verdicts = [v for v in retention.plan(items, rules, now) if not v.item.in_flight]
+        removals = apply_removals(verdicts, self.daemon.roots, self.spec.get("quarantine_dir"))
+        self.daemon.watch_removed(self.job, removals)
+
+    def _trainer_needs(self) -> set[str]:
+        """Checkpoints the trainer will read again: HF's best_model_checkpoint."""
+        needed = set()
+        for unit in self._units():
+            if unit.kind != "hf":
+                continue
+            try:
+                with open(os.path.join(unit.path, "trainer_state.json")) as f:
+                    best = json.load(f).get("best_model_checkpoint")
+            except (OSError, ValueError):
+                continue
+            if best:
+                needed.add(os.path.realpath(best if os.path.isabs(best) else os.path.join(self.root, os.path.basename(best))))
+        return needed
