@@ -180,7 +180,7 @@ def serve(config_file: str | None, socket_path: str | None, state_dir: str | Non
     from ckptd.preflight import TargetError
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     try:
         cfg = config_mod.load(config_file)
         daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir, metrics_listen=metrics_listen,
@@ -198,11 +198,12 @@ def serve(config_file: str | None, socket_path: str | None, state_dir: str | Non
 @click.option("--expect-every", default=None, help="alert (missed, time_overdue) when no new checkpoint for this long")
 @click.option("--settle", default="5s", help="quiet time before a new checkpoint is judged")
 @click.option("--rescan-every", default="3m", help="full rescan period (catches events inotify dropped)")
+@click.option("--abandon-after", default="1h", help="judge a checkpoint that stayed incomplete this long with no writes")
 @click.option("--state-dir", default=None, help="catalogue directory (default: DIRECTORY/.ckptd)")
 @click.option("--metrics-listen", default="127.0.0.1:9733")
 @click.option("--socket", "socket_path", default=None, help="socket for status/list (default: STATE_DIR/ckptd.sock)")
 def watch(directory: str, job: str | None, pattern: str | None, expect_every: str | None, settle: str,
-          rescan_every: str, state_dir: str | None, metrics_listen: str, socket_path: str | None, **options: Any) -> None:
+          rescan_every: str, abandon_after: str, state_dir: str | None, metrics_listen: str, socket_path: str | None, **options: Any) -> None:
     """Adopt the checkpoints another tool writes into DIRECTORY: verify, catalogue, retain, alert."""
     import logging
 
@@ -211,10 +212,10 @@ def watch(directory: str, job: str | None, pattern: str | None, expect_every: st
     from ckptd.preflight import TargetError
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     root = os.path.realpath(directory)
     state = state_dir or os.path.join(root, ".ckptd")
-    table = {"path": root, "settle": settle, "rescan_every": rescan_every, **({"job": job} if job else {}),
+    table = {"path": root, "settle": settle, "rescan_every": rescan_every, "abandon_after": abandon_after, **({"job": job} if job else {}),
              **({"pattern": pattern} if pattern else {}), **({"expect_every": expect_every} if expect_every else {}),
              **{k: v for k, v in options.items() if v is not None}}
     try:

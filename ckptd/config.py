@@ -19,7 +19,7 @@ from ckptd.units import parse_duration
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
 DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group"}
-WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every"}
+WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every", "abandon_after"}
 
 
 class ConfigError(SettingsError):
@@ -108,7 +108,7 @@ def _watch(t: Any, where: str) -> dict[str, Any]:
     if not isinstance(t.get("path"), str):
         raise ConfigError(f"{where}: path is required")
     own = {k: v for k, v in t.items() if k in WATCH_KEYS}
-    for key in ("expect_every", "settle", "rescan_every"):
+    for key in ("expect_every", "settle", "rescan_every", "abandon_after"):
         if key in own:
             own[key] = _duration(own[key], f"{where}: {key}")
     return {**own, **parse_table({k: v for k, v in t.items() if k not in WATCH_KEYS}, where)}

@@ -10,7 +10,8 @@ does not say so, hence ``rescan`` every ``rescan_every`` seconds walks the tree 
 re-marks whatever changed behind our back.
 
 A unit still being written is never verified, counted corrupt or deleted: it is
-``in_flight`` for retention until it settles and verifies.
+``in_flight`` for retention until it settles and verifies. Only a unit that stayed
+incomplete with no writes for ``abandon_after`` (default 1 h) is judged as it is.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ class Watcher(FileSystemEventHandler):
         super().__init__()
         self.spec, self.daemon = spec, daemon
         self.pending: dict[str, float] = {}
+        self.incomplete_since: dict[str, float] = {}
         self.last_new_at = 0.0
         self.overdue_flagged = False
         self._lock = threading.Lock()
         self.root = os.path.realpath(self.spec["path"])
         self.job = self.spec.get("job") or os.path.basename(self.root.rstrip("/")) or "watch"
         self.settle = float(self.spec.get("settle", 5.0))
+        self.abandon_after = float(self.spec.get("abandon_after", 3600.0))
         self.pattern = self.spec.get("pattern")
 
     @property
@@ -134,11 +137,15 @@ class Watcher(FileSystemEventHandler):
                 self.pending.pop(path, None)
             return False
         reason = foreign.incomplete(found)
-        if reason is not None:
+        first = self.incomplete_since.setdefault(path, now) if reason is not None else now
+        if reason is not None and now - first < self.abandon_after:
             log.debug("%s not complete yet: %s", path, reason)
             with self._lock:
                 self.pending[path] = now  # look again after another settle period
             return False
+        if reason is not None:
+            log.warning("%s has been incomplete for %.0fs with no writes: judging it as it is", path, now - first)
+        self.incomplete_since.pop(path, None)
         with self._lock:
             self.pending.pop(path, None)
         result = foreign.verify(found)
