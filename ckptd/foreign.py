@@ -26,6 +26,7 @@ from ckptd.verify import VerifyResult, verify_file
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INCOMPLETE_MARKERS = ("checkpoint-is-incomplete.txt",)
+CONFIG_PICKLES = ("training_args.bin",)  # HF's pickled TrainingArguments: CRC-checked, never unpickled
 SAFE_GLOBALS = {
     "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
     "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "collections.OrderedDict", "collections.defaultdict",
@@ -255,9 +256,11 @@ def _verify_all(label: str, parts: list[str]) -> VerifyResult:
         return VerifyResult(label, False, "no files to verify")
     tensors = total = 0
     for p in parts:
-        r = verify_torch(p) if p.endswith(TORCH_SUFFIXES) else verify_file(p)
+        config_pickle = os.path.basename(p) in CONFIG_PICKLES
+        r = verify_torch(p, load=not config_pickle) if p.endswith(TORCH_SUFFIXES) else verify_file(p)
         if not r.ok:
-            return VerifyResult(label, False, f"{os.path.basename(p)}: {r.reason}")
+            prefix = "unsafe: " if r.reason.startswith("unsafe") else ""
+            return VerifyResult(label, False, f"{prefix}{os.path.basename(p)}: {r.reason}")
         tensors += r.tensors
         total += r.bytes
     return VerifyResult(label, True, "", tensors, total)
@@ -287,8 +290,12 @@ def _verify_dcp(found: Found) -> VerifyResult:
     return VerifyResult(found.path, True, "", len(meta.state_dict_metadata), found.bytes)
 
 
-def verify_torch(path: str) -> VerifyResult:
-    """Zip CRCs of every record, then a weights-only load if its globals are all known-safe."""
+def verify_torch(path: str, load: bool = True) -> VerifyResult:
+    """Zip CRCs of every record, then a weights-only load if its globals are all known-safe.
+
+    ``load=False`` stops after the CRCs: for pickled configuration (HF's
+    ``training_args.bin``) that is no tensor data and that only its own tool unpickles.
+    """
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -296,6 +303,8 @@ def verify_torch(path: str) -> VerifyResult:
             return VerifyResult(path, False, f"CRC-32 mismatch in zip record {bad}")
     except (zipfile.BadZipFile, EOFError) as exc:
         return VerifyResult(path, False, f"not a valid torch zip file: {exc}")
+    if not load:
+        return VerifyResult(path, True, "", 0, os.path.getsize(path))
     import torch
 
     try:

@@ -149,7 +149,7 @@ class Watcher(FileSystemEventHandler):
         with self._lock:
             self.pending.pop(path, None)
         result = foreign.verify(found)
-        unsafe = result.reason.startswith("unsafe")
+        unsafe = result.reason.startswith("unsafe:")
         info = Checkpoint(found.path, self.job, found.step if found.step is not None else -1, found.bytes,
                           found.mtime, trigger="watch", rule=found.kind, pinned=is_pinned(found.path),
                           problem="" if result.ok else result.reason)
@@ -183,7 +183,7 @@ class Watcher(FileSystemEventHandler):
             busy = set(self.pending)
         items = []
         for r in self.daemon.catalog.checkpoints(self.job):
-            unsafe = r.reason.startswith("unsafe")
+            unsafe = r.reason.startswith("unsafe:")
             # unsafe (a pickle we refuse to run) is unverified, not corrupt: kept, never deleted by rules
             items.append(retention.Item(r.path, r.step, r.created, r.bytes, verified=r.verified,
                                         corrupt=not r.verified and not unsafe, in_flight=r.path in busy,
@@ -195,16 +195,20 @@ class Watcher(FileSystemEventHandler):
         self.daemon.watch_removed(self.job, removals)
 
     def _trainer_needs(self) -> set[str]:
-        """Checkpoints the trainer will read again: HF's best_model_checkpoint."""
-        needed = set()
+        """Checkpoints the trainer will read again: the ``best_model_checkpoint`` named by the
+        newest ``trainer_state.json`` of each HF output directory (older ones are stale)."""
+        newest: dict[str, foreign.Found] = {}
         for unit in self._units():
-            if unit.kind != "hf":
-                continue
+            parent = os.path.dirname(unit.path)
+            if unit.kind == "hf" and (parent not in newest or (unit.step or -1) > (newest[parent].step or -1)):
+                newest[parent] = unit
+        needed = set()
+        for parent, unit in newest.items():
             try:
                 with open(os.path.join(unit.path, "trainer_state.json")) as f:
                     best = json.load(f).get("best_model_checkpoint")
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 continue
             if best:
-                needed.add(os.path.realpath(best if os.path.isabs(best) else os.path.join(self.root, os.path.basename(best))))
+                needed.add(os.path.realpath(os.path.join(parent, os.path.basename(str(best).rstrip("/")))))
         return needed

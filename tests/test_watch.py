@@ -228,3 +228,34 @@ def test_startup_scan_adopts_an_existing_tree(pre_existing: Path, watcher: tuple
                "...until it stays incomplete with no writes for abandon_after")
     wait_until(lambda: len(list((tree / "a" / "b").iterdir())) == 2, 30, "keep_last=2 over the adopted tree")
     assert not (tree / "a" / "bad-step99.pt").exists(), "a corrupt file must be removed"
+
+
+# --- real trainers writing into a watched directory -------------------------------------------
+
+@pytest.mark.slow
+def test_a_real_hf_trainer_under_watch(watcher: tuple[Path, str, int]) -> None:
+    tree, sock, port = watcher
+    pytest.importorskip("transformers")
+    r = subprocess.run([PYTHON, str(ROOT / "tests" / "scripts" / "hf_train.py"), str(tree / "hf"), "25"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]  # load_best_model_at_end read its best checkpoint back: not deleted
+    best = Path(r.stdout.split("BEST ", 1)[1].split()[0]).name
+    wait_until(lambda: metric(port, "ckptd_verify_total", job="ext", outcome="ok") >= 5, 60, "all 5 verified")
+    assert metric(port, "ckptd_verify_total", job="ext", outcome="corrupt") == 0
+    wait_until(lambda: len(list((tree / "hf").glob("checkpoint-*"))) <= 3, 30, "retention")
+    left = sorted(p.name for p in (tree / "hf").glob("checkpoint-*"))
+    assert {"checkpoint-20", "checkpoint-25", best} <= set(left), left
+
+
+@pytest.mark.slow
+def test_a_real_lightning_model_checkpoint_under_watch(watcher: tuple[Path, str, int]) -> None:
+    tree, sock, port = watcher
+    pytest.importorskip("lightning")
+    r = subprocess.run([PYTHON, str(ROOT / "tests" / "scripts" / "lightning_train.py"), str(tree / "pl"), "30"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "DONE" in r.stdout, r.stderr[-3000:]
+    wait_until(lambda: metric(port, "ckptd_verify_total", job="ext", outcome="ok") >= 6, 60, "all 6 verified")
+    assert metric(port, "ckptd_verify_total", job="ext", outcome="unsafe") == 0
+    wait_until(lambda: sorted(p.name for p in (tree / "pl").glob("*.ckpt")) == ["epoch=0-step=25.ckpt",
+                                                                               "epoch=0-step=30.ckpt"], 30,
+               "keep_last=2 over Lightning's files")
