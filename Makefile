@@ -31,5 +31,13 @@ test: $(STAMP) tools
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Full-size benchmarks (minutes); results and plots land in benchmarks/results/.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_stall.py --sizes 64,512,2048
+	$(PY) benchmarks/bench_io.py
+	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_watch.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -116,6 +116,9 @@ def _view_key(t: torch.Tensor) -> tuple[Any, ...] | None:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
+_SCALARS = (int, float, str, bool, type(None))
+
+
 def flatten(state: Any) -> tuple[Flat, Any]:
     flat = Flat()
     return flat, _encode(state, "", flat)
@@ -141,6 +144,8 @@ def _encode(v: Any, path: str, flat: Flat) -> Any:
         return {"$dict": items}
     if isinstance(v, (list, tuple)):  # torch.Size is a tuple
         tag = "$list" if isinstance(v, list) else "$tuple"
+        if all(type(x) in _SCALARS for x in v):  # fast path: RNG states are 625-int tuples
+            return {tag: list(v)}
         return {tag: [_encode(x, f"{path}/{i}", flat) for i, x in enumerate(v)]}
     raise StateError(f"{path or '/'}: a {type(v).__name__} cannot be checkpointed; "
                      "use tensors, numbers, strings, lists and dicts")

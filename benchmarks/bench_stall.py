@@ -1,0 +1,170 @@
+"""Benchmark 1: how long training stalls per save, against the memcpy floor.
+
+For model + AdamW states of several sizes, the time the training thread is blocked by
+one save: ckptd with the daemon and embedded (``step()`` when a save is due), torch.save,
+safetensors.save_file, torch.distributed.checkpoint.async_save (its blocking part), and
+the physical floor: one memcpy of the same tensors into a pre-faulted buffer.
+ckptd's first save (page faults of the new shared-memory buffer) is reported apart.
+
+    python benchmarks/bench_stall.py [--sizes 64,512,2048] [--reps 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.common import MiB, Daemon, Series, plot_bars, scratch, table, timed, write_result  # noqa: E402
+
+
+def make_state(total_mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Linear layers whose params + AdamW's two moments add up to ``total_mib``."""
+    params = total_mib * MiB // 3 // 4
+    width = 1024
+    layers = max(1, params // (width * width))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def all_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return list(model.state_dict().values()) + [t for s in opt.state_dict()["state"].values()
+                                                for t in s.values() if isinstance(t, torch.Tensor)]
+
+
+def floor(tensors: list[torch.Tensor], reps: int) -> Series:
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    dst = torch.empty(total, dtype=torch.uint8)
+    dst.fill_(0)  # pre-fault
+    s = Series("memcpy floor")
+
+    def copy() -> None:
+        off = 0
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            dst[off:off + n].view(t.dtype).view(t.shape).copy_(t)
+            off += n
+    for _ in range(reps):
+        s.samples.append(timed(copy))
+    return s
+
+
+def ckptd_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path,
+                socket: str | bool) -> tuple[Series, float]:
+    from trainer_hooks import Checkpointer
+
+    ckpt = Checkpointer("bench", directory, model=model, optimizer=opt, every_steps=1, keep_last=1,
+                        socket=socket, save_final=False, preempt_signals=())
+    try:
+        first = timed(ckpt.step)
+        ckpt.wait()
+        s = Series("ckptd daemon" if socket else "ckptd embedded")
+        for _ in range(reps):
+            s.samples.append(timed(ckpt.step))
+            ckpt.wait()
+        assert ckpt.stats["failed"] == 0, ckpt.last_error
+    finally:
+        ckpt.close(final=False)
+    return s, first
+
+
+def baseline(name: str, fn, reps: int) -> Series:  # type: ignore[no-untyped-def]
+    s = Series(name)
+    for _ in range(reps):
+        s.samples.append(timed(fn))
+    return s
+
+
+def dcp_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path) -> Series:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    store = tempfile.mktemp()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        s = Series("dcp async_save")
+        for i in range(reps + 1):
+            sd = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+            fut = None
+
+            def start() -> None:
+                nonlocal fut
+                fut = dcp.async_save(sd, checkpoint_id=str(directory / f"dcp{i}"))
+            t = timed(start)
+            fut.result()  # type: ignore[union-attr]
+            if i:  # the first call also builds DCP's machinery
+                s.samples.append(t)
+            shutil.rmtree(directory / f"dcp{i}", ignore_errors=True)
+        return s
+    finally:
+        dist.destroy_process_group()
+
+
+def run(size_mib: int, reps: int, daemon: Daemon) -> dict:
+    from safetensors.torch import save_file
+
+    model, opt = make_state(size_mib)
+    tensors = all_tensors(model, opt)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    work = scratch()
+    try:
+        res = [floor(tensors, reps)]
+        d_series, d_first = ckptd_stall(model, opt, reps, daemon.root / f"s{size_mib}", daemon.socket)
+        e_series, e_first = ckptd_stall(model, opt, reps, work / "embedded", False)
+        res += [d_series, e_series]
+        res.append(baseline("torch.save", lambda: torch.save({"model": model.state_dict(),
+                                                              "optimizer": opt.state_dict()}, work / "t.pt"), reps))
+        flat = {f"t{i}": t.contiguous() for i, t in enumerate(tensors)}
+        res.append(baseline("safetensors.save_file", lambda: save_file(flat, str(work / "s.safetensors")), reps))
+        res.append(dcp_stall(model, opt, reps, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = res[0].median
+    return {"size_mib": size_mib, "bytes": nbytes, "first_save": {"ckptd daemon": d_first, "ckptd embedded": e_first},
+            "series": {s.name: {**s.summary(), "ratio_to_floor": s.median / base} for s in res}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="64,512")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 8 MiB, 2 reps")
+    args = ap.parse_args()
+    sizes = [8] if args.quick else [int(x) for x in args.sizes.split(",")]
+    reps = 2 if args.quick else args.reps
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    daemon = Daemon(scratch())
+    try:
+        results = [run(size, reps, daemon) for size in sizes]
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.base, ignore_errors=True)
+    rows = []
+    for r in results:
+        for name, s in r["series"].items():
+            rows.append([f"{r['size_mib']} MiB", name, f"{s['median'] * 1000:.1f}", f"{s['min'] * 1000:.1f}",
+                         f"{s['max'] * 1000:.1f}", f"{s['ratio_to_floor']:.2f}x"])
+        for name, t in r["first_save"].items():
+            rows.append([f"{r['size_mib']} MiB", f"{name} (first save)", f"{t * 1000:.1f}", "", "",
+                         f"{t / r['series']['memcpy floor']['median']:.2f}x"])
+    print(table("Training stall per save (ms; ratio to the memcpy floor; medians of "
+                f"{reps} saves, second save on)", ["state", "method", "median", "min", "max", "vs floor"], rows))
+    name = "stall_quick" if args.quick else "stall"
+    print("wrote", write_result(name, {"reps": reps, "results": results}))
+    plot_bars(name, "Training stall per save (ratio to memcpy floor, lower is better)",
+              {f"{r['size_mib']} MiB": {k: v["ratio_to_floor"] for k, v in r["series"].items()} for r in results},
+              "x memcpy floor")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Every benchmark runs in its quick form, so none of them can rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT, run_py
+
+BENCH = ROOT / "benchmarks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,result", [("bench_stall", "stall_quick"), ("bench_io", "io_quick"),
+                                         ("bench_overhead", "overhead_quick"), ("bench_load", "load_quick"),
+                                         ("bench_watch", "watch_quick")])
+def test_benchmark_smoke(name: str, result: str) -> None:
+    r = run_py(str(BENCH / f"{name}.py"), "--quick", timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    doc = json.loads((BENCH / "results" / f"{result}.json").read_text())
+    assert doc["benchmark"] == result and doc["machine"]["cpus"]
+    if name == "bench_load":
+        assert doc["lost"] == 0 and doc["corrupt"] == 0 and doc["failed"] == 0
+    if name == "bench_io":
+        assert doc["verify_peak_rss_bytes"] < 300 * 2**20
