@@ -43,6 +43,17 @@ def verified(port: int) -> float:
     return 0.0
 
 
+def stable(port: int) -> float:
+    """The verified count once it stopped moving (nothing else is being adopted)."""
+    last = verified(port)
+    while True:
+        time.sleep(1.5)
+        now = verified(port)
+        if now == last:
+            return now
+        last = now
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=10000)
@@ -82,10 +93,11 @@ def main() -> None:
             adopt_s = time.perf_counter() - t0
             lat = []
             for i in range(5):
+                base = stable(port)
                 t1 = time.perf_counter()
                 with open(tree / f"new-step{10**6 + i}.safetensors", "wb") as f:
                     f.write((tree / "run0" / "model-step0.safetensors").read_bytes())
-                while verified(port) < n + i + 1:
+                while verified(port) < base + 1:
                     time.sleep(0.01)
                 lat.append(time.perf_counter() - t1)
         finally:

@@ -21,7 +21,7 @@ def request(path: str, msg: dict[str, Any], timeout: float = 30.0) -> dict[str, 
         except OSError as exc:
             raise DaemonUnavailable(f"no ckptd daemon at {path} ({exc.strerror}); is `ckptd serve` running?") from None
         protocol.send(s, msg)
-        reply, fds = protocol.recv(s)
+        reply, fds = protocol.recv(s, limit=protocol.MAX_REPLY)
         protocol.close_fds(fds)
         return reply
     except (EOFError, protocol.ProtocolError, OSError) as exc:

@@ -125,6 +125,9 @@ class Daemon:
         self.catalog.event(job, "adopted", path=info.path, ok=ok, outcome=outcome)
         if not ok:
             self.metrics.failures.labels(job, "verify_failed").inc()
+
+    def watch_settled(self, job: str) -> None:
+        """Once per tick with adoptions: the disk gauges (one catalogue read, not one per file)."""
         self._refresh_disk_gauges(job)
 
     def watch_missed(self, job: str) -> None:

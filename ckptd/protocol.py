@@ -48,7 +48,8 @@ import socket
 import struct
 from typing import Any
 
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 1 << 20  # what a client may send the daemon
+MAX_REPLY = 256 << 20  # what the daemon may answer (``list`` of a job with 100k checkpoints)
 HEADER = struct.Struct(">I")
 
 
@@ -65,15 +66,15 @@ def default_socket_path(environ: dict[str, str] | None = None) -> str:
     return "/run/ckptd/ckptd.sock"
 
 
-def encode(msg: dict[str, Any]) -> bytes:
+def encode(msg: dict[str, Any], limit: int = MAX_MESSAGE) -> bytes:
     body = json.dumps(msg, separators=(",", ":")).encode()
-    if len(body) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    if len(body) > limit:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {limit}")
     return HEADER.pack(len(body)) + body
 
 
-def send(sock: socket.socket, msg: dict[str, Any], fd: int | None = None) -> None:
-    data = encode(msg)
+def send(sock: socket.socket, msg: dict[str, Any], fd: int | None = None, limit: int = MAX_MESSAGE) -> None:
+    data = encode(msg, limit)
     if fd is None:
         sock.sendall(data)
         return
@@ -96,13 +97,13 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
     return bytes(buf)
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+def recv(sock: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str, Any], list[int]]:
     """One message and the fds that came with it; EOFError at a clean end of stream."""
     fds: list[int] = []
     try:
         (n,) = HEADER.unpack(_recv_exact(sock, HEADER.size, fds))
-        if n > MAX_MESSAGE:
-            raise ProtocolError(f"message of {n} bytes exceeds the {MAX_MESSAGE}-byte limit")
+        if n > limit:
+            raise ProtocolError(f"message of {n} bytes exceeds the {limit}-byte limit")
         body = _recv_exact(sock, n, fds)
         try:
             msg = json.loads(body.decode("utf-8"))

@@ -93,7 +93,7 @@ class Session:
         """Best effort: a vanished trainer must not fail a persist or the daemon."""
         try:
             with self._send_lock:
-                protocol.send(self.sock, msg)
+                protocol.send(self.sock, msg, limit=protocol.MAX_REPLY)
             return True
         except (OSError, protocol.ProtocolError):
             return False

@@ -128,6 +128,7 @@ class Watcher(FileSystemEventHandler):
             adopted |= self._adopt(path, now)
         if adopted:
             self._retention(now)
+            self.daemon.watch_settled(self.job)
         self._check_expected(now)
 
     def _adopt(self, path: str, now: float) -> bool:

@@ -4,6 +4,7 @@ production (the same idea as watchdog's conftest)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -64,6 +65,19 @@ def run_py(*args: str, timeout: float = 120, **kw: object) -> subprocess.Complet
 
 def ckptd_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return run_py("-m", "ckptd.cli", *args, timeout=timeout)
+
+
+@contextlib.contextmanager
+def tmpfs_at(mnt: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``mnt``; the test is skipped loudly where mounting is not allowed."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here ({r.stderr.strip()}); run the tests as root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def free_port() -> int:

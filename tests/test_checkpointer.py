@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +16,7 @@ import torch
 from ckptd.preflight import TargetError
 from ckptd.scan import scan
 from ckptd.settings import SettingsError
-from tests.conftest import PYTHON, ROOT, run_py
+from tests.conftest import PYTHON, ROOT, run_py, tmpfs_at
 from trainer_hooks import Checkpointer
 
 
@@ -28,16 +27,9 @@ def model() -> torch.nn.Module:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB tmpfs; skipped loudly where mounting is not allowed."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here ({r.stderr.strip()}); run the tests as root")
-    try:
+    """A real 2 MiB tmpfs."""
+    with tmpfs_at(tmp_path / "mnt", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # --- pre-flight (SPEC §1.3) --------------------------------------------------------------

@@ -23,7 +23,7 @@ from ckptd import config as config_mod
 from ckptd.metrics import Metrics
 from ckptd.scan import scan
 from ckptd.verify import verify_file
-from tests.conftest import PYTHON, ROOT, DaemonProc, free_port, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, free_port, tmpfs_at, wait_until
 from trainer_hooks import Checkpointer
 
 DEPLOY = ROOT / "deploy"
@@ -208,9 +208,11 @@ class Prometheus:
 @pytest.mark.slow
 def test_alerts_fire_in_a_real_prometheus_and_the_dashboard_queries_work(tmp_path: Path) -> None:
     d = DaemonProc(tmp_path / "d")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(d.root)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here ({r.stderr.strip()}); run the tests as root")
+    with tmpfs_at(d.root, "64m"):
+        alerts_fire_and_dashboard_works(d, tmp_path)
+
+
+def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
     trainer = None
     prom = None
     try:
@@ -249,4 +251,3 @@ def test_alerts_fire_in_a_real_prometheus_and_the_dashboard_queries_work(tmp_pat
         if prom is not None:
             prom.stop()
         d.stop()
-        subprocess.run(["umount", "-l", str(d.root)], check=False)

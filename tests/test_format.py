@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ckptd.format import FormatError, encode_header, layout, parse_header
 from ckptd.persist import PersistError, persist
 from ckptd.verify import verify_file
-from trainer_hooks.state import StateError, capture, flatten, unflatten
+from trainer_hooks.state import StateError, capture, flatten
 from trainer_hooks.checkpointer import load
 
 from tests.helpers import save_state

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +16,7 @@ from ckptd.gc import RemovalError, remove
 from ckptd.retention import Item, Rules
 from ckptd.scan import scan
 from ckptd.verify import verify_file
-from tests.conftest import ckptd_cli
+from tests.conftest import ckptd_cli, tmpfs_at
 from tests.helpers import small_checkpoint
 from trainer_hooks import Checkpointer
 
@@ -190,15 +189,8 @@ def test_cli_gc_dry_run_then_act(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tmpfs64(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here ({r.stderr.strip()}); run the tests as root")
-    try:
+    with tmpfs_at(tmp_path / "mnt", "64m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ from ckptd import policy as pol
 from ckptd.format import FORMAT_VERSION
 from ckptd.gc import Removal, collect, make_room
 from ckptd.persist import PersistError, Persisted, cleanup_temp, persist
-from ckptd.preflight import check_directory, check_job, check_template, min_free_bytes, render, resolve_target
+from ckptd.preflight import check_directory, check_job, check_template, render, resolve_target
 from ckptd.scan import Checkpoint, scan
 from ckptd.settings import from_env, group, parse_table, resolve
 from ckptd.verify import verify_file

@@ -132,7 +132,7 @@ class Link:
             try:
                 ready, _, _ = select.select([self._sock], [], [], HEARTBEAT_EVERY)
                 if ready:
-                    msg, fds = protocol.recv(self._sock)
+                    msg, fds = protocol.recv(self._sock, limit=protocol.MAX_REPLY)
                     protocol.close_fds(fds)
                     self._handle(msg)
                 self._heartbeat()
