@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-fast bench clean tools
+.PHONY: demo test test-fast bench soak clean tools
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,6 +38,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_watch.py
+
+# The reliability campaign at full size: 200 trainer and 200 daemon kills, 10,000
+# corruptions, 100,000 fuzzed messages, 64 clients x 1,000 saves (an hour or more).
+soak: $(STAMP) tools
+	CKPTD_SOAK=1 $(PY) -m pytest -q -s tests/test_reliability.py tests/test_protocol.py
+	$(PY) benchmarks/bench_load.py --clients 64 --saves 1000 --mib 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -128,6 +128,10 @@ class Catalog:
         with self._lock:
             self._db.executemany("DELETE FROM checkpoints WHERE path = ?", [(p,) for p in paths])
 
+    def mark_unverified(self, path: str, reason: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE checkpoints SET verified = 0, reason = ? WHERE path = ?", (reason, path))
+
     def set_pinned(self, path: str, pinned: bool) -> None:
         with self._lock:
             self._db.execute("UPDATE checkpoints SET pinned = ? WHERE path = ?", (int(pinned), path))

@@ -88,6 +88,9 @@ class Daemon:
         sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
                                                                "misfire_grace_time": 30})
         sched.add_job(self._tick_job, "interval", seconds=1.0, id="tick")
+        scrub = self.config.daemon.get("scrub_every")
+        if scrub:
+            sched.add_job(self.scrub, "interval", seconds=float(scrub), id="scrub")
         interval = sdnotify.watchdog_interval()
         if interval:
             sched.add_job(sdnotify.notify, "interval", seconds=interval, args=["WATCHDOG=1"], id="watchdog")
@@ -125,6 +128,40 @@ class Daemon:
         self.catalog.event(job, "adopted", path=info.path, ok=ok, outcome=outcome)
         if not ok:
             self.metrics.failures.labels(job, "verify_failed").inc()
+
+    def scrub(self) -> dict[str, int]:
+        """Re-verify every catalogued checkpoint, with no trainer involved (``scrub_every``).
+
+        A checkpoint that no longer verifies is marked and counted
+        (``ckptd_verify_total{outcome="corrupt"}``), never deleted here: a transient read
+        error must not cost a good checkpoint.
+        """
+        from ckptd import foreign
+        from ckptd.verify import verify_file
+
+        counts = {"ok": 0, "corrupt": 0}
+        for row in self.catalog.checkpoints():
+            if not row.verified:
+                continue
+            if row.trigger == "watch":
+                found = foreign.classify(row.path)
+                result = foreign.verify(found) if found else verify_file(row.path)
+            else:
+                result = verify_file(row.path)
+            if result.ok:
+                counts["ok"] += 1
+                continue
+            counts["corrupt"] += 1
+            log.error("scrub: %s no longer verifies: %s", row.path, result.reason)
+            self.metrics.verify.labels(row.job, "corrupt").inc()
+            self.catalog.mark_unverified(row.path, result.reason)
+            self.catalog.event(row.job, "scrub_corrupt", path=row.path, reason=result.reason)
+        self._refresh_all_gauges()
+        return counts
+
+    def _refresh_all_gauges(self) -> None:
+        for job in {r.job for r in self.catalog.checkpoints()}:
+            self._refresh_disk_gauges(job)
 
     def watch_settled(self, job: str) -> None:
         """Once per tick with adoptions: the disk gauges (one catalogue read, not one per file)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -102,12 +103,27 @@ def _check(path: str, f: BinaryIO, header: Header) -> VerifyResult:
                             len(header.tensors), header.total_len, header.metadata)
     actual = compute_digests(f, header)
     if expected is not None:
+        mismatch = _name_mismatch(path, header)
+        if mismatch:
+            return VerifyResult(path, False, mismatch, len(actual), header.total_len, header.metadata)
         for name, digest in actual.items():
             if expected[name] != digest:
                 return VerifyResult(path, False, f"digest mismatch in tensor {name!r}",
                                     len(actual), header.total_len, header.metadata)
         _check_aliases(header)
     return VerifyResult(path, True, "", len(actual), header.total_len, header.metadata)
+
+
+_STEP_IN_NAME = re.compile(r"-step(\d+)")
+
+
+def _name_mismatch(path: str, header: Header) -> str:
+    """A file renamed or swapped with another: its name says one step, its header another."""
+    m = _STEP_IN_NAME.search(os.path.basename(path))
+    step = header.metadata.get("ckptd.step")
+    if m and step is not None and step.isdigit() and int(m.group(1)) != int(step):
+        return f"file name says step {int(m.group(1))} but its header says step {step} (swapped or renamed?)"
+    return ""
 
 
 def _check_aliases(header: Header) -> None:

@@ -141,7 +141,8 @@ messages = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=100_000 if os.environ.get("CKPTD_SOAK") == "1" else 300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                     HealthCheck.too_slow])
 @given(st.lists(messages, min_size=1, max_size=3))
 def test_fuzzed_messages_never_hurt_the_daemon(shared_daemon: DaemonProc, msgs: list[bytes]) -> None:

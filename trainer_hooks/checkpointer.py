@@ -136,6 +136,7 @@ class Checkpointer:
         self.epoch: float | None = None
         self._metrics: dict[str, Any] | None = None
         self._last_saved_step = 0
+        self._last_verified_step = -1
         self._last_sched_at: float | None = None
         self._last_save_wall = time.time()
         self._best: float | None = None
@@ -281,6 +282,7 @@ class Checkpointer:
         if result is not None:
             self.stats["verified"] += 1
             self.last_verified = result.path
+            self._last_verified_step = max(self._last_verified_step, job.step)
             self.saved.append({"path": result.path, "step": job.step, "trigger": job.trigger, "ok": True})
             log.info("ckptd: step %d saved and verified: %s (%s)", job.step, result.path, job.trigger)
             return
@@ -314,7 +316,7 @@ class Checkpointer:
         return 0
 
     def _restore_progress(self, trainer: dict[str, Any], info: Checkpoint) -> None:
-        self._step = self._last_saved_step = int(trainer.get("step", info.step))
+        self._step = self._last_saved_step = self._last_verified_step = int(trainer.get("step", info.step))
         self.epoch = trainer.get("epoch")
         if self._best_key:
             values = [_as_float(c.metrics.get(self._best_key)) for c in self.checkpoints()]
@@ -405,6 +407,12 @@ class Checkpointer:
         if final and self.policy.save_final and (self._step > self._last_saved_step or not self.stats["saves"]):
             self._save("final", "save_final")
         self.wait()
+        if final and self.policy.save_final and self._last_verified_step != self._step:
+            # the end of the run did not reach the disk: one fresh attempt (new temp file,
+            # new fsync; a failed fsync is never retried on the same file)
+            log.warning("ckptd: the final checkpoint of step %d is not verified; trying once more", self._step)
+            self._save("final", "save_final")
+            self.wait()
         self._closed = True
         self._stop_threads()
         self._restore_signals()

@@ -1,0 +1,250 @@
+"""The reliability campaign: random corruptions, crashes at random moments, EIO on fsync,
+hostile paths. CI runs it at a size that fits (a few minutes); ``make soak`` sets
+CKPTD_SOAK=1 for the full size. Figures go to benchmarks/results/reliability*.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptd.scan import scan
+from ckptd.verify import verify_file
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
+from tests.helpers import small_checkpoint
+from trainer_hooks import Checkpointer
+
+SOAK = os.environ.get("CKPTD_SOAK") == "1"
+RESULTS = ROOT / "benchmarks" / "results"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def report(name: str, figures: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"reliability_{name}{'' if SOAK else '_quick'}.json"
+    path.write_text(json.dumps({"soak": SOAK, **figures}, indent=2))
+    print(f"\n{name}: {figures}")
+
+
+# --- corruption ------------------------------------------------------------------------------
+
+def corrupt(data: bytearray, rng: random.Random, kind: str, other: bytes) -> bytes:
+    n = len(data)
+    if kind == "flip_header":
+        i = rng.randrange(0, min(n, 8 + int.from_bytes(data[:8], "little")))
+        data[i] ^= 1 << rng.randrange(8)
+    elif kind == "flip_data":
+        i = rng.randrange(8 + int.from_bytes(data[:8], "little"), n)
+        data[i] ^= 1 << rng.randrange(8)
+    elif kind == "truncate":
+        del data[rng.randrange(0, n):]
+    elif kind == "zero_block":
+        i = rng.randrange(0, n)
+        data[i:i + 4096] = bytes(len(data[i:i + 4096]))
+    elif kind == "append":
+        data += os.urandom(rng.randint(1, 4096))
+    elif kind == "swap":
+        return other
+    return bytes(data)
+
+
+def test_every_random_corruption_is_detected(tmp_path: Path) -> None:
+    rounds = 10000 if SOAK else 1000
+    rng = random.Random(2026)
+    originals = [Path(small_checkpoint(tmp_path, f"t-step{s:08d}.safetensors", step=s, seed=s)).read_bytes()
+                 for s in (1, 2, 3)]
+    kinds = ["flip_header", "flip_data", "truncate", "zero_block", "append", "swap"]
+    detected = applied = 0
+    per_kind = {k: [0, 0] for k in kinds}
+    target = tmp_path / "victim" / "t-step00000001.safetensors"
+    target.parent.mkdir()
+    for _ in range(rounds):
+        kind = rng.choice(kinds)
+        before = originals[0]
+        after = corrupt(bytearray(before), rng, kind, originals[rng.choice([1, 2])])
+        if after == before:
+            continue  # zeroing zeros changes nothing: not a corruption
+        target.write_bytes(after)
+        applied += 1
+        per_kind[kind][0] += 1
+        r = verify_file(target)
+        assert r.reason or not r.ok
+        if not r.ok:
+            detected += 1
+            per_kind[kind][1] += 1
+    report("corruption", {"corruptions": applied, "detected": detected, "rate": detected / applied,
+                          "per_kind": {k: {"applied": a, "detected": d} for k, (a, d) in per_kind.items()}})
+    assert detected == applied, per_kind
+
+
+@pytest.mark.slow
+def test_scrub_finds_corruption_without_any_trainer(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path / "d")
+    d.config.write_text(d.config.read_text().replace("roots = [", 'scrub_every = "1s"\nroots = [', 1))
+    d.start()
+    try:
+        run = d.root / "scrubbed"
+        ckpt = Checkpointer("scrubbed", run, model=torch.nn.Linear(64, 64), every_steps=1, socket=d.socket)
+        for _ in range(3):
+            ckpt.step()
+        ckpt.close(final=False)
+        victim = scan(str(run), "scrubbed")[1].path
+        data = bytearray(Path(victim).read_bytes())
+        data[-10] ^= 0xFF
+        Path(victim).write_bytes(bytes(data))
+        wait_until(lambda: d.metric("ckptd_verify_total", job="scrubbed", outcome="corrupt") == 1, 20, "the scrub")
+        rows = {r["path"]: r for r in json.loads(ckptd_cli("list", "scrubbed", "--json", "--socket", d.socket).stdout)}
+        assert rows[victim]["verified"] is False and "digest mismatch" in rows[victim]["problem"]
+        assert sum(r["verified"] for r in rows.values()) == 2
+    finally:
+        d.stop()
+
+
+# --- storage faults ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eio_shim(tmp_path_factory: pytest.TempPathFactory) -> str:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.fail("a C compiler is needed to build the EIO shim")
+    out = tmp_path_factory.mktemp("shim") / "fsync_eio.so"
+    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "fsync_eio_shim.c"), "-ldl"],
+                   check=True)
+    return str(out)
+
+
+EIO_TRAINER = r"""
+import sys, torch
+from trainer_hooks import Checkpointer
+ckpt = Checkpointer("eio", sys.argv[1], model=torch.nn.Linear(32, 32), every_steps=2, socket=False)
+for _ in range(6):
+    ckpt.step(); ckpt.wait()
+ckpt.close()
+print("stats", ckpt.stats["verified"], ckpt.stats["failed"], ckpt.last_error.reason if ckpt.last_error else None)
+"""
+
+
+@pytest.mark.slow
+def test_eio_on_fsync_fails_the_save_and_training_goes_on(tmp_path: Path, eio_shim: str) -> None:
+    run = tmp_path / "eio-target"
+    r = subprocess.run([PYTHON, "-c", EIO_TRAINER, str(run)], capture_output=True, text=True, timeout=120,
+                       env={**ENV, "LD_PRELOAD": eio_shim, "EIO_SHIM_MATCH": "eio-target"})
+    assert r.returncode == 0, r.stderr
+    assert "stats 0 4 io_error" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "Input/output error" in r.stderr
+    assert scan(str(run), "eio") == [] and not [n for n in os.listdir(run) if ".ckptd-tmp." in n]
+
+
+def test_hard_link_to_a_file_outside_the_roots_only_loses_the_link(tmp_path: Path) -> None:
+    from ckptd.gc import remove
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    precious = outside / "precious.bin"
+    precious.write_text("keep me")
+    os.link(precious, root / "t-step00000001.safetensors")
+    remove(str(root / "t-step00000001.safetensors"), [str(root)])
+    assert precious.read_text() == "keep me"
+
+
+# --- crashes at random moments --------------------------------------------------------------------
+
+LOOPER = r"""
+import sys, torch
+from trainer_hooks import Checkpointer
+torch.manual_seed(0)
+m = torch.nn.Linear(1024, 2048)   # 8 MiB: kills land in copies, writes, fsyncs, verifies, renames
+ckpt = Checkpointer("crash", sys.argv[1], model=m, every_steps=1, reconnect_every=60)
+print("ready", ckpt.mode, flush=True)
+while True:
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ckpt.step()
+"""
+
+
+def check_invariants(run: Path, before: set[str]) -> int:
+    finals = scan(str(run), "crash")
+    for c in finals:
+        r = verify_file(c.path)
+        assert r.ok, (c.path, r.reason)  # a final name always means verified: corrupt accepted must be 0
+    lost = before - {c.path for c in finals}
+    assert not lost, f"verified checkpoints lost: {lost}"
+    return len(finals)
+
+
+def kill_trainer_once(run: Path, env: dict[str, str], rng: random.Random) -> None:
+    p = subprocess.Popen([PYTHON, "-c", LOOPER, str(run)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().startswith("ready")
+        time.sleep(rng.uniform(0.0, 0.6))
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+@pytest.mark.slow
+def test_trainer_killed_at_random_moments(tmp_path: Path) -> None:
+    kills = 200 if SOAK else 12
+    rng = random.Random(7)
+    d = DaemonProc(tmp_path / "d").start()
+    run = d.root / "crash"
+    run.mkdir()
+    seen: set[str] = set()
+    try:
+        for i in range(kills):
+            env = {**ENV, "CKPTD_SOCKET": d.socket if i % 2 == 0 else str(tmp_path / "none.sock")}
+            kill_trainer_once(run, env, rng)  # half through the daemon, half embedded
+            time.sleep(0.3)  # the daemon finishes what it was handed
+            check_invariants(run, seen)
+            seen |= {c.path for c in scan(str(run), "crash")}
+        fresh = torch.nn.Linear(1024, 2048)
+        ckpt = Checkpointer("crash", run, model=fresh, socket=False)
+        newest = scan(str(run), "crash")[-1]
+        assert ckpt.resume() == newest.step
+        ckpt.close(final=False)
+    finally:
+        d.stop()
+    report("trainer_kills", {"kills": kills, "checkpoints_verified": len(seen), "corrupt_accepted": 0,
+                             "verified_lost": 0})
+
+
+@pytest.mark.slow
+def test_daemon_killed_at_random_moments(tmp_path: Path) -> None:
+    kills = 200 if SOAK else 6
+    rng = random.Random(11)
+    base = tmp_path / "d"
+    d = DaemonProc(base).start()
+    run = d.root / "crash"
+    run.mkdir()
+    trainer = subprocess.Popen([PYTHON, "-c", LOOPER, str(run)], env={**ENV, "CKPTD_SOCKET": d.socket},
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen: set[str] = set()
+    try:
+        assert trainer.stdout is not None and trainer.stdout.readline().startswith("ready daemon")
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.2, 1.0))
+            d.kill(signal.SIGKILL)
+            check_invariants(run, seen)
+            seen |= {c.path for c in scan(str(run), "crash")}
+            d = DaemonProc(base).start()  # restart: catalogue reconciled, temp files removed
+            listed = {r["path"] for r in json.loads(ckptd_cli("list", "crash", "--json", "--socket", d.socket).stdout)}
+            on_disk = {c.path for c in scan(str(run), "crash")}
+            assert on_disk <= listed | {p for p in on_disk if os.path.getmtime(p) > time.time() - 2}
+            assert not [n for n in os.listdir(run) if ".ckptd-tmp." in n and f".{d.proc.pid}." in n]
+        assert trainer.poll() is None, "training must survive every daemon death"
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        d.stop()
+    report("daemon_kills", {"kills": kills, "checkpoints_verified": len(seen), "corrupt_accepted": 0,
+                            "verified_lost": 0, "trainer_survived": True})
