@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,10 +77,13 @@ def main() -> None:
                 ["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=16M", f"count={max(1, length // (16 * MiB))}",
                  "oflag=direct", "conv=fsync"], check=True, capture_output=True)))
             path = work / f"c{i}.safetensors"
-            drop_cache(path)
-            ver.samples.append(timed(lambda: verify_file(path)))
-            drop_cache(path)
-            raw.samples.append(timed(lambda: read_and_hash(path)))
+            # cold reads, on a quiet disk (dd's writeback settled), alternating which goes first
+            pair = [(ver, lambda: verify_file(path)), (raw, lambda: read_and_hash(path))]
+            for series, fn in (pair if i % 2 == 0 else pair[::-1]):
+                os.sync()
+                time.sleep(1.0)
+                drop_cache(path)
+                series.samples.append(timed(fn))
             os.unlink(path)
         buf.close()
         dd_bytes = max(1, length // (16 * MiB)) * 16 * MiB

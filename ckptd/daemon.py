@@ -476,7 +476,8 @@ class Daemon:
                             "last_verified_age": now - rows[-1].created if rows else None,
                             "next_due_step": nxt if nxt is not None and nxt < 2**62 else None,
                             "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
-                            "missed": j.missed if j else 0, "failed": j.failed if j else 0})
+                            "missed": j.missed if j else 0, "failed": j.failed if j else 0,
+                            "world_size": j.world_size if j else None})
         return {"jobs": out}
 
     def _visible(self, session: Session, job: str) -> bool:

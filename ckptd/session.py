@@ -55,6 +55,7 @@ class JobState:
     failed: int = 0
     in_flight: int = 0
     due_sent: bool = False
+    world_size: int = 1
     session: "Session | None" = None
 
 
@@ -133,6 +134,8 @@ class Session:
             self.send({"type": "error", "error": str(exc)})
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
         self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"], self)
+        world = msg.get("world_size")
+        self.job.world_size = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
         self.send({"type": "welcome", "job": job, "directory": directory})
 
     # -- heartbeats and missed steps --------------------------------------------------------

@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -66,20 +66,25 @@ class Checkpointer:
                  scheduler: Any = None, extra: dict[str, Any] | None = None, *,
                  preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS, preempt_grace: float = 5.0,
                  config: str | None = None, socket: str | bool | None = None, reconnect_every: float = 5.0,
-                 **settings: Any) -> None:
+                 before_save: Callable[[], None] | None = None, **settings: Any) -> None:
         self.job = check_job(job)
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
+        self._before_save = before_save  # e.g. a framework callback refreshing ``extra`` only when it counts
         cfg = config_mod.load(config)
         self.settings = resolve(parse_table(settings, "Checkpointer()"), from_env(),
                                 cfg.job_table(job), cfg.defaults)
-        self.policy = pol.SavePolicy.from_settings(group(self.settings, "policy"))
+        self.rank, self.world_size = _rank_and_world()
+        self.saving = self.rank == 0  # DDP: rank 0 saves, every rank resumes from the same checkpoint
+        self.policy = (pol.SavePolicy.from_settings(group(self.settings, "policy")) if self.saving
+                       else pol.SavePolicy(save_final=False, on_preempt=False))
         self.directory, self.template = resolve_target(directory, self.settings["template"])
         check_template(self.template, job)
         self._init_progress()
         flat, _ = flatten(self._capture())  # an unserialisable state fails now, not at step 10000
-        older = scan(self.directory, job)[:-1] if os.path.isdir(self.directory) else []
-        check_directory(self.directory, flat.nbytes, self.settings["min_free"], sum(c.bytes for c in older))
-        cleanup_temp(self.directory)
+        if self.saving:
+            older = scan(self.directory, job)[:-1] if os.path.isdir(self.directory) else []
+            check_directory(self.directory, flat.nbytes, self.settings["min_free"], sum(c.bytes for c in older))
+            cleanup_temp(self.directory)
         self.stats: dict[str, int] = {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0,
                                       "deleted": 0}
         self.saved: list[Checkpoint | dict[str, Any]] = []
@@ -94,14 +99,17 @@ class Checkpointer:
         self._signals = self._install_signals(preempt_signals)
         self._preempt_grace = preempt_grace
         atexit.register(self._at_exit)
-        if self._link is None or not self._link.connected:
+        if not self.saving:
+            log.info("ckptd: job %s rank %d of %d: rank 0 saves; this rank only resumes", job, self.rank,
+                     self.world_size)
+        elif self._link is None or not self._link.connected:
             log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
                      job, self.directory)
 
     # -- the daemon ---------------------------------------------------------------
 
     def _open_link(self, path: str | bool | None, retry_every: float) -> Link | None:
-        if path is False:
+        if path is False or not self.saving:
             return None
         return Link(default_socket_path() if path in (None, True) else str(path), self._hello, self._beat,
                     self._on_daemon_saved, self._on_daemon_lost, retry_every, on_due=self._time_fired)
@@ -113,7 +121,7 @@ class Checkpointer:
     def _hello(self) -> dict[str, Any]:
         return {"job": self.job, "directory": os.path.abspath(self.directory), "template": self.template,
                 "settings": self._raw_settings, "pid": os.getpid(), "step": self._step,
-                "rank": int(os.environ.get("RANK", 0)), "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+                "rank": self.rank, "world_size": self.world_size}
 
     def _beat(self) -> dict[str, Any]:
         return {"step": self._step, "epoch": self.epoch}
@@ -149,6 +157,11 @@ class Checkpointer:
     @property
     def step_count(self) -> int:
         return self._step
+
+    def start_at(self, step: int) -> None:
+        """The run was resumed elsewhere (e.g. by a framework) at ``step``: count from there, save nothing."""
+        self._step = self._last_saved_step = self._last_verified_step = step
+        self._next_due = pol.next_due_step(self.policy, step)
 
     def step(self, n: int | None = None, metrics: dict[str, Any] | None = None,
              epoch: float | None = None) -> int:
@@ -242,6 +255,8 @@ class Checkpointer:
         self._reschedule_every()
 
     def _capture(self) -> dict[str, Any]:
+        if self._before_save is not None:
+            self._before_save()
         trainer = {"job": self.job, "step": self._step, "epoch": self.epoch}
         return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer)
 
@@ -445,6 +460,15 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """From torch.distributed when initialised, else torchrun's environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def load(path: str) -> dict[str, Any]:

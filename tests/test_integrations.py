@@ -1,0 +1,93 @@
+"""One line in HF Trainer, Lightning and torchrun DDP: real libraries, real SIGKILL, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ckptd.scan import scan
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": "/nonexistent/ckptd.sock"}
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> str:
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env or ENV)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def kill_when(args: list[str], directory: Path, job: str, step: int, env: dict[str, str] | None = None) -> None:
+    """Start a run in its own process group; SIGKILL all of it once ``step`` is checkpointed."""
+    p = subprocess.Popen(args, env=env or ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        wait_until(lambda: any(c.step >= step for c in scan(str(directory), job)) or p.poll() is not None, 300,
+                   f"step {step} to be checkpointed")
+        assert p.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def fingerprint(out: str) -> str:
+    return re.findall(r"FINGERPRINT (\w+)", out)[-1]
+
+
+def test_hf_trainer_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    script = str(ROOT / "examples" / "hf_trainer.py")
+    straight = fingerprint(run([PYTHON, script, "--out", str(tmp_path / "a"), "--steps", "20"]))
+    kill_when([PYTHON, script, "--out", str(tmp_path / "b"), "--steps", "20", "--step-sleep", "0.3"],
+              tmp_path / "b" / "ckptd", "hf-demo", 10)
+    out = run([PYTHON, script, "--out", str(tmp_path / "b"), "--steps", "20"])
+    assert re.search(r"resume from .*checkpoint-(10|15)", out), out
+    assert fingerprint(out) == straight
+    assert [c.step for c in scan(str(tmp_path / "b" / "ckptd"), "hf-demo")] == [15, 20]  # keep_last=2
+
+
+def test_lightning_killed_and_resumed_is_bit_identical_at_epoch_boundaries(tmp_path: Path) -> None:
+    """Lightning restarts a plain DataLoader's epoch on resume, so mid-epoch resumes replay
+    batches (Lightning's own checkpoints behave the same); at epoch boundaries it is exact."""
+    pytest.importorskip("lightning")
+    script = str(ROOT / "examples" / "lightning_train.py")
+    straight = fingerprint(run([PYTHON, script, "--root", str(tmp_path / "a"), "--steps", "40"]))
+    kill_when([PYTHON, script, "--root", str(tmp_path / "b"), "--steps", "40", "--step-sleep", "0.2"],
+              tmp_path / "b" / "ckptd", "pl-demo", 20)
+    ckpts = tmp_path / "b" / "ckptd"
+    for c in scan(str(ckpts), "pl-demo"):
+        if c.step % 20:  # keep only the epoch-boundary checkpoint for an exact comparison
+            os.unlink(c.path)
+    out = run([PYTHON, script, "--root", str(tmp_path / "b"), "--steps", "40"])
+    assert "resume from" in out and "step20.ckpt" in out, out
+    assert fingerprint(out) == straight
+    metrics = scan(str(ckpts), "pl-demo")[-1].metrics
+    assert "train_loss" in metrics  # best_metric comes from Lightning's logged metrics
+
+
+def test_torchrun_ddp_rank0_saves_all_ranks_resume(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path / "d").start()
+    try:
+        env = {**ENV, "CKPTD_SOCKET": d.socket}
+        torchrun = str(Path(PYTHON).parent / "torchrun")
+        script = str(ROOT / "examples" / "ddp_train.py")
+        straight = run([torchrun, "--nproc_per_node=2", script, "--dir", str(d.root / "a"), "--steps", "30"], env)
+        prints = set(re.findall(r"rank \d FINGERPRINT (\w+)", straight))
+        assert len(prints) == 1 and "rank 1 FINGERPRINT" in straight and "saves 0" in straight
+        status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)}
+        assert status["ddp-demo"]["world_size"] == 2 and status["ddp-demo"]["checkpoints"] == 6
+        kill_when([torchrun, "--nproc_per_node=2", script, "--dir", str(d.root / "b"), "--steps", "30",
+                   "--step-sleep", "0.1"], d.root / "b", "ddp-demo", 15, env)
+        out = run([torchrun, "--nproc_per_node=2", script, "--dir", str(d.root / "b"), "--steps", "30"], env)
+        starts = set(re.findall(r"rank \d starting at step (\d+)", out))
+        assert len(starts) == 1 and int(starts.pop()) >= 15  # every rank resumed from the same checkpoint
+        assert set(re.findall(r"rank \d FINGERPRINT (\w+)", out)) == prints
+    finally:
+        d.stop()

@@ -1,0 +1,102 @@
+"""ckptd for a Hugging Face ``transformers.Trainer``: one line.
+
+    trainer = Trainer(..., callbacks=[CkptdCallback("gpt-ft", every_steps=500, keep_last=3)])
+    trainer.train(resume_from_checkpoint=CkptdCallback.resume_dir(trainer, "gpt-ft"))
+
+The callback hands the Trainer's model, optimizer, scheduler, RNG states and
+``TrainerState`` to ckptd on ckptd's schedule (so ``save_strategy="no"`` can switch the
+Trainer's own saving off). Resume goes through the Trainer's own machinery, which is what
+skips the right batches: ``resume_dir`` materialises the newest *verified* ckptd
+checkpoint as an HF checkpoint directory and returns its path (None when there is none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from trainer_hooks.checkpointer import Checkpointer, load
+
+
+class CkptdCallback(TrainerCallback):  # type: ignore[misc]
+    def __init__(self, job: str, directory: str | None = None, **settings: Any) -> None:
+        self.job, self.directory, self.settings = job, directory, settings
+        self.ckpt: Checkpointer | None = None
+        self.extra: dict[str, Any] = {}
+        self._metrics: dict[str, float] = {}
+        self._state: Any = None
+
+    @staticmethod
+    def default_dir(output_dir: str) -> str:
+        return os.path.join(output_dir, "ckptd")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       lr_scheduler: Any = None, **kwargs: Any) -> None:
+        self._state = state
+        settings = {"total_steps": state.max_steps, **self.settings}
+        self.ckpt = Checkpointer(self.job, self.directory or self.default_dir(args.output_dir), model=model,
+                                 optimizer=optimizer, scheduler=lr_scheduler, extra=self.extra,
+                                 before_save=self._refresh_extra, **settings)
+        self.ckpt.start_at(state.global_step)  # a resumed Trainer starts past 0; nothing is due for that
+
+    def _refresh_extra(self) -> None:
+        """At save time only: the TrainerState as HF itself would write it."""
+        if self._state is not None:
+            import dataclasses
+
+            self.extra["hf_trainer_state"] = json.dumps(dataclasses.asdict(self._state), default=str)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.ckpt is not None:
+            self.ckpt.step(state.global_step, metrics=self._metrics or None, epoch=state.epoch)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._metrics.update({k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        self.on_log(args, state, control, metrics)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
+            self.ckpt = None
+
+    # -- resume ---------------------------------------------------------------------------
+
+    @classmethod
+    def resume_dir(cls, trainer: Any, job: str, directory: str | None = None) -> str | None:
+        """An HF checkpoint directory made from the newest verified ckptd checkpoint, or None."""
+        from ckptd.scan import scan
+        from ckptd.verify import verify_file
+
+        src = directory or cls.default_dir(trainer.args.output_dir)
+        for info in reversed(scan(src, job) if os.path.isdir(src) else []):
+            if verify_file(info.path).ok:
+                return _materialise(trainer, load(info.path), os.path.join(src, ".hf-resume", f"checkpoint-{info.step}"))
+        return None
+
+
+def _materialise(trainer: Any, state: dict[str, Any], out: str) -> str:
+    """Write the files ``Trainer._load_from_checkpoint`` and friends read."""
+    os.makedirs(out, exist_ok=True)
+    trainer.model.load_state_dict(state["model"])
+    trainer.save_model(out)  # HF's own weights format, tied weights included
+    if "optimizer" in state:
+        torch.save(state["optimizer"], os.path.join(out, "optimizer.pt"))
+    if "scheduler" in state:
+        torch.save(state["scheduler"], os.path.join(out, "scheduler.pt"))
+    rng = state.get("rng", {})
+    torch.save({"python": rng.get("python", random.getstate()), "numpy": rng.get("numpy", np.random.get_state()),
+                "cpu": rng.get("torch", torch.get_rng_state())}, os.path.join(out, "rng_state.pth"))
+    trainer_state = state.get("extra", {}).get("hf_trainer_state")
+    if trainer_state:
+        with open(os.path.join(out, "trainer_state.json"), "w") as f:
+            f.write(trainer_state)
+    return out

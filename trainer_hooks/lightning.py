@@ -1,0 +1,82 @@
+"""ckptd for a Lightning ``Trainer``: one line.
+
+    trainer = L.Trainer(..., callbacks=[CkptdCallback("pl-run", every_steps=500, best_metric="val_loss")])
+    trainer.fit(model, ckpt_path=CkptdCallback.resume_path(trainer, "pl-run"))
+
+Saves the LightningModule, its optimizers and schedulers, RNG states and the fit
+loop's progress on ckptd's schedule, with ``best_metric`` read from the logged
+metrics (``trainer.callback_metrics``). ``resume_path`` materialises the newest
+*verified* ckptd checkpoint as a Lightning ``.ckpt`` so that Lightning restores its
+own loops from it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+
+from trainer_hooks.checkpointer import Checkpointer, load
+
+
+class CkptdCallback(L.Callback):  # type: ignore[misc]
+    def __init__(self, job: str, directory: str | None = None, **settings: Any) -> None:
+        self.job, self.directory, self.settings = job, directory, settings
+        self.ckpt: Checkpointer | None = None
+        self.extra: dict[str, Any] = {}
+        self._trainer: Any = None
+
+    @staticmethod
+    def default_dir(trainer: Any) -> str:
+        return os.path.join(trainer.default_root_dir, "ckptd")
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._trainer = trainer
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        settings = {**({"total_steps": trainer.max_steps} if trainer.max_steps and trainer.max_steps > 0 else {}),
+                    **self.settings}
+        self.ckpt = Checkpointer(self.job, self.directory or self.default_dir(trainer), model=pl_module,
+                                 optimizer=opt, scheduler=sched, extra=self.extra, before_save=self._refresh,
+                                 **settings)
+        self.ckpt.start_at(trainer.global_step)
+
+    def _refresh(self) -> None:
+        """At save time only: the fit loop's progress, as Lightning's own checkpoints hold it."""
+        if self._trainer is not None:
+            self.extra["lightning"] = {"loops": {"fit_loop": self._trainer.fit_loop.state_dict()},
+                                       "epoch": self._trainer.current_epoch, "global_step": self._trainer.global_step}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ckpt is not None:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                       if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+            self.ckpt.step(trainer.global_step, metrics=metrics or None, epoch=trainer.current_epoch)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
+            self.ckpt = None
+
+    @classmethod
+    def resume_path(cls, trainer: Any, job: str, directory: str | None = None) -> str | None:
+        """A Lightning ``.ckpt`` made from the newest verified ckptd checkpoint, or None."""
+        from ckptd.scan import scan
+        from ckptd.verify import verify_file
+
+        src = directory or cls.default_dir(trainer)
+        for info in reversed(scan(src, job) if os.path.isdir(src) else []):
+            if verify_file(info.path).ok:
+                state = load(info.path)
+                pl = state.get("extra", {}).get("lightning", {})
+                ckpt = {"state_dict": state["model"], "optimizer_states": [state["optimizer"]] if "optimizer" in state else [],
+                        "lr_schedulers": [state["scheduler"]] if "scheduler" in state else [],
+                        "epoch": pl.get("epoch", 0), "global_step": pl.get("global_step", info.step),
+                        "loops": pl.get("loops", {}), "pytorch-lightning_version": L.__version__}
+                out = os.path.join(src, ".pl-resume", f"step{info.step}.ckpt")
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                torch.save(ckpt, out)
+                return out
+        return None
