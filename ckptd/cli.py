@@ -253,6 +253,7 @@ def _dash(v: Any) -> str:
 def pin(path: str) -> None:
     """Keep PATH whatever the retention rules say."""
     open(pin_path(path), "a").close()
+    _tell_daemon({"type": "pin", "path": os.path.abspath(path)})
     click.echo(f"pinned {path}")
 
 
@@ -264,19 +265,37 @@ def unpin(path: str) -> None:
         os.unlink(pin_path(path))
     except FileNotFoundError:
         pass
+    _tell_daemon({"type": "unpin", "path": os.path.abspath(path)})
     click.echo(f"unpinned {path}")
 
 
+def _tell_daemon(msg: dict[str, Any]) -> None:
+    """The pin marker file is the truth; a running daemon's catalogue follows it when it can."""
+    from ckptd.client import DaemonUnavailable, request
+    from ckptd.protocol import default_socket_path
+
+    try:
+        request(default_socket_path(), msg, timeout=5)
+    except DaemonUnavailable:
+        pass
+
+
 @main.command()
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--job", default=None, help="only this job's checkpoints (default: each job in DIRECTORY)")
+@click.argument("target")
+@click.option("--job", default=None, help="with a directory: only this job (default: each job in it)")
 @click.option("--dry-run", is_flag=True, help="show what would be deleted and why; delete nothing")
 @click.option("--config", "config_file", default=None, help="TOML config whose [defaults]/[jobs.NAME] apply")
 @setting_options("retention", "quota")
 @click.option("--best-metric", default=None, help="metric name for --keep-best")
 @click.option("--best-mode", default=None, type=click.Choice(["min", "max"]))
-def gc(directory: str, job: str | None, dry_run: bool, config_file: str | None, **options: Any) -> None:
-    """Apply retention to DIRECTORY: every checkpoint with keep/delete and the rule that decided."""
+@SOCKET_OPTION
+def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, socket_path: str | None,
+       **options: Any) -> None:
+    """Apply retention to a directory, or to a job of the daemon: keep/delete and the rule that decided."""
+    if not os.path.isdir(target):
+        reply = ask(socket_path, {"type": "gc", "job": target, "dry_run": dry_run})
+        _print_verdicts(target, reply["verdicts"], dry_run, {})
+        return
     from ckptd import config as config_mod
     from ckptd.gc import collect
     from ckptd.retention import now as wall_now
@@ -286,21 +305,26 @@ def gc(directory: str, job: str | None, dry_run: bool, config_file: str | None, 
         cli = parse_table({k: v for k, v in options.items() if k in KEYS}, "command line")
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    jobs = [job] if job else sorted({c.job for c in scan(directory) if c.job})
+    jobs = [job] if job else sorted({c.job for c in scan(target) if c.job})
     failed = False
     for name in jobs:
         settings = resolve(cli, {}, cfg.job_table(name), cfg.defaults)
-        verdicts, removals = collect(directory, name, settings, wall_now(), [directory], dry_run)
-        click.secho(f"job {name}: {sum(not v.keep for v in verdicts)} of {len(verdicts)} to delete"
-                    + (" (dry run)" if dry_run else ""), bold=True)
+        verdicts, removals = collect(target, name, settings, wall_now(), [target], dry_run)
         errors = {r.verdict.item.id: r.error for r in removals if r.error}
-        for v in verdicts:
-            action = "keep  " if v.keep else ("would delete" if dry_run else "delete")
-            note = f"  FAILED: {errors[v.item.id]}" if v.item.id in errors else ""
-            click.echo(f"  {action:<12} step {v.item.step:>10}  {', '.join(v.reasons):<40} {v.item.id}{note}")
+        rows = [{"path": v.item.id, "step": v.item.step, "keep": v.keep, "reasons": list(v.reasons)} for v in verdicts]
+        _print_verdicts(name, rows, dry_run, errors)
         failed |= bool(errors)
     if failed:
         sys.exit(1)
+
+
+def _print_verdicts(job: str, rows: list[dict[str, Any]], dry_run: bool, errors: dict[str, str]) -> None:
+    click.secho(f"job {job}: {sum(not r['keep'] for r in rows)} of {len(rows)} to delete"
+                + (" (dry run)" if dry_run else ""), bold=True)
+    for r in rows:
+        action = "keep  " if r["keep"] else ("would delete" if dry_run else "delete")
+        note = f"  FAILED: {errors[r['path']]}" if r["path"] in errors else ""
+        click.echo(f"  {action:<12} step {r['step']:>10}  {', '.join(r['reasons']):<40} {r['path']}{note}")
 
 
 @main.command()

@@ -111,7 +111,7 @@ class Daemon:
             if not inside(w.root, self.roots):
                 raise TargetError(f"watched path {w.root} is outside the daemon's roots")
             os.makedirs(w.root, exist_ok=True)
-            self.observer.schedule(w, w.root, recursive=True)
+            w.handle = self.observer.schedule(w, w.root, recursive=True)
             self.metrics.init_job(w.job)
             self.metrics.job_up.labels(w.job).set(1)
             if spec.get("expect_every"):
@@ -121,6 +121,15 @@ class Daemon:
                                    id=f"rescan:{i}")
             log.info("watching %s as job %s (%d units to look at)", w.root, w.job, w.rescan())
         self.observer.start()
+
+    def rewatch(self, w: Any) -> None:
+        """A watched root came back: its old inotify watch died with it; make a new one."""
+        try:
+            if w.handle is not None:
+                self.observer.unschedule(w.handle)
+        except (KeyError, OSError):
+            pass
+        w.handle = self.observer.schedule(w, w.root, recursive=True)
 
     def watch_verified(self, job: str, info: Checkpoint, ok: bool, outcome: str) -> None:
         self.metrics.verify.labels(job, outcome).inc()

@@ -44,6 +44,8 @@ class Watcher(FileSystemEventHandler):
         self.spec, self.daemon = spec, daemon
         self.pending: dict[str, float] = {}
         self.incomplete_since: dict[str, float] = {}
+        self.handle: Any = None  # the observer's watch; re-made when the root comes back
+        self.gone = False
         self.last_new_at = 0.0
         self.overdue_flagged = False
         self._lock = threading.Lock()
@@ -93,7 +95,19 @@ class Watcher(FileSystemEventHandler):
     # -- the scheduler's thread --------------------------------------------------------------------
 
     def rescan(self) -> int:
-        """Walk the tree; mark every unit that is new or changed since it was catalogued."""
+        """Walk the tree; mark every unit that is new or changed since it was catalogued.
+
+        A root that disappeared is noted (its checkpoints leave the catalogue); when it
+        comes back, its inotify watch is made again, since the old one died with it.
+        """
+        if not os.path.isdir(self.root):
+            if not self.gone:
+                log.warning("watched root %s disappeared", self.root)
+            self.gone = True
+        elif self.gone:
+            log.info("watched root %s is back", self.root)
+            self.gone = False
+            self.daemon.rewatch(self)
         known = {r.path: r for r in self.daemon.catalog.checkpoints(self.job)}
         marked = 0
         for unit in self._units():

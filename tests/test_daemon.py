@@ -299,3 +299,20 @@ def test_the_daemon_sends_due_for_time_rules(daemon: DaemonProc) -> None:
         assert msg == {"type": "due", "rule": "every"}
     finally:
         s.close()
+
+
+def test_gc_and_pin_through_the_daemon(daemon: DaemonProc) -> None:
+    run = daemon.root / "gcjob"
+    ckpt = Checkpointer("gcjob", run, model=torch.nn.Linear(4, 4), every_steps=1, socket=daemon.socket)
+    for _ in range(4):
+        ckpt.step()
+    ckpt.close(final=False)
+    first = scan(str(run), "gcjob")[0].path
+    env_socket = ["--socket", daemon.socket]
+    pinned = subprocess.run([PYTHON, "-m", "ckptd.cli", "pin", first], capture_output=True, text=True,
+                            env={**env_for(daemon)})
+    assert pinned.returncode == 0, pinned.stderr
+    rows = {r["path"]: r for r in json.loads(ckptd_cli("list", "gcjob", "--json", *env_socket).stdout)}
+    assert rows[first]["pinned"] is True
+    dry = ckptd_cli("gc", "gcjob", "--dry-run", *env_socket)
+    assert dry.returncode == 0 and "0 of 4 to delete" in dry.stdout  # no keep rules for this job: nothing goes

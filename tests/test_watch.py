@@ -259,3 +259,31 @@ def test_a_real_lightning_model_checkpoint_under_watch(watcher: tuple[Path, str,
     wait_until(lambda: sorted(p.name for p in (tree / "pl").glob("*.ckpt")) == ["epoch=0-step=25.ckpt",
                                                                                "epoch=0-step=30.ckpt"], 30,
                "keep_last=2 over Lightning's files")
+
+
+@pytest.mark.slow
+def test_many_roots_and_a_root_that_disappears_and_comes_back(tmp_path: Path) -> None:
+    base = tmp_path / "d"
+    from tests.conftest import DaemonProc
+
+    d = DaemonProc(base)
+    roots = [d.root / f"w{i}" for i in range(3)]
+    d.config.write_text(d.config.read_text() + "".join(
+        f'[[watch]]\npath = "{r}"\njob = "w{i}"\nsettle = "0.3s"\nrescan_every = "1s"\n' for i, r in enumerate(roots)))
+    d.start()
+    try:
+        for i, r in enumerate(roots):
+            torch.save({"w": torch.ones(2)}, r / f"m-step{i + 1}.pt")
+        for i in range(3):
+            wait_until(lambda i=i: d.metric("ckptd_verify_total", job=f"w{i}", outcome="ok") == 1, 20, f"root {i}")
+        shutil.rmtree(roots[1])
+        time.sleep(2.5)  # a rescan notices
+        assert d.healthy()
+        roots[1].mkdir()
+        time.sleep(2.5)  # a rescan notices it is back and watches it again
+        torch.save({"w": torch.ones(2)}, roots[1] / "m-step9.pt")
+        wait_until(lambda: d.metric("ckptd_verify_total", job="w1", outcome="ok") == 2, 20, "the root that came back")
+        listed = json.loads(ckptd_cli("list", "w1", "--json", "--socket", d.socket).stdout)
+        assert [Path(x["path"]).name for x in listed] == ["m-step9.pt"]
+    finally:
+        d.stop()
