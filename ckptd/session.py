@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptd import missed, protocol
 from ckptd.gc import collect, make_room
+from ckptd.metrics import TRIGGERS
 from ckptd.persist import PersistError, persist
 from ckptd.policy import SavePolicy
 from ckptd.preflight import TargetError, check_job
@@ -176,6 +177,8 @@ class Session:
         name = msg["filename"]
         if "/" in name or name.startswith(".") or not name.endswith(".safetensors"):
             raise protocol.ProtocolError(f"save: invalid file name {name!r}")
+        if msg["trigger"] not in TRIGGERS:  # a label value: a client must not grow the series without bound
+            msg = {**msg, "trigger": "manual"}
         with self.daemon.lock:
             self.job.in_flight += 1
             self.job.last_saved_step = max(self.job.last_saved_step, msg["step"])
