@@ -23,12 +23,12 @@ from typing import Any, Sequence
 from ckptd import missed, protocol, sdnotify
 from ckptd.catalog import Catalog
 from ckptd.config import Config
-from ckptd.gc import Removal, collect, inside, metric_rule
+from ckptd.gc import Removal, inside, metric_rule
 from ckptd.metrics import Metrics, serve_http
 from ckptd.persist import PersistError, cleanup_temp
 from ckptd.policy import SavePolicy
 from ckptd.preflight import TargetError, free_bytes
-from ckptd.scan import Checkpoint, pin_path, read_info
+from ckptd.scan import Checkpoint
 from ckptd.session import JobState, Session
 
 log = logging.getLogger("ckptd.daemon")
@@ -451,92 +451,17 @@ class Daemon:
                 for name in cleanup_temp(d):
                     log.info("removed abandoned temp file %s/%s", d, name)
 
-    # -- CLI requests -----------------------------------------------------------------------
+    # -- CLI requests (ckptd.requests) ------------------------------------------------------
 
     def request(self, session: Session, msg: dict[str, Any]) -> None:
-        kind = msg["type"]
-        handler = {"status": self._status, "list": self._list, "latest": self._latest,
-                   "pin": self._pin, "unpin": self._pin, "gc": self._gc}.get(kind)
-        if handler is None:
-            raise protocol.ProtocolError(f"{kind} needs a hello first")
-        try:
-            session.send({"type": "reply", "ok": True, **handler(session, msg)})
-        except (PermissionError, ValueError, OSError) as exc:
-            session.send({"type": "reply", "ok": False, "error": str(exc)})
+        from ckptd import requests
 
-    def _status(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
-        rows_by_job: dict[str, list[Any]] = {}
-        for r in self.catalog.checkpoints():
-            rows_by_job.setdefault(r.job, []).append(r)
-        out = []
-        with self.lock:
-            names = sorted(set(self.jobs) | set(rows_by_job))
-            for name in names:
-                j = self.jobs.get(name)
-                rows = [r for r in rows_by_job.get(name, []) if r.verified]
-                nxt = None
-                if j is not None:
-                    from ckptd.policy import next_due_step
-                    nxt = next_due_step(j.policy, j.last_saved_step)
-                out.append({"job": name, "pid": j.pid if j and j.connected else None,
-                            "connected": bool(j and j.connected), "step": j.step if j else (rows[-1].step if rows else 0),
-                            "last_verified_step": rows[-1].step if rows else None,
-                            "last_verified_age": now - rows[-1].created if rows else None,
-                            "next_due_step": nxt if nxt is not None and nxt < 2**62 else None,
-                            "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
-                            "missed": j.missed if j else 0, "failed": j.failed if j else 0,
-                            "world_size": j.world_size if j else None})
-        return {"jobs": out}
+        requests.handle(self, session, msg)
 
-    def _visible(self, session: Session, job: str) -> bool:
+    def visible(self, session: Session, job: str) -> bool:
+        """A uid sees its own jobs and unowned ones; privileged uids see everything."""
         owner = self.catalog.job_owner(job)
         return owner is None or owner == session.uid or self.privileged(session.uid, session.gid)
-
-    def _list(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
-        job = msg.get("job")
-        rows = [r for r in self.catalog.checkpoints(job if isinstance(job, str) else None) if self._visible(session, r.job)]
-        return {"checkpoints": [r.__dict__ for r in rows]}
-
-    def _latest(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
-        job = msg.get("job")
-        if not isinstance(job, str) or not self._visible(session, job):
-            raise PermissionError(f"no such job {job!r} for uid {session.uid}")
-        from ckptd.verify import verify_file
-
-        for r in reversed([r for r in self.catalog.checkpoints(job) if r.verified]):
-            if verify_file(r.path).ok:
-                return {"path": r.path}
-        raise ValueError(f"job {job} has no verified checkpoint")
-
-    def _pin(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
-        path = os.path.realpath(msg["path"])
-        if not inside(path, self.roots):
-            raise PermissionError(f"{path} is outside the daemon's roots")
-        info = read_info(path)
-        if not info.ok or not self._visible(session, info.job):
-            raise PermissionError(f"{path} is not a checkpoint of a job of uid {session.uid}")
-        pinned = msg["type"] == "pin"
-        if pinned:
-            open(pin_path(path), "a").close()
-        elif os.path.exists(pin_path(path)):
-            os.unlink(pin_path(path))
-        self.catalog.set_pinned(path, pinned)
-        return {"path": path, "pinned": pinned}
-
-    def _gc(self, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
-        dry = bool(msg.get("dry_run"))
-        want = msg.get("job")
-        out = []
-        with self.lock:
-            jobs = [j for j in self.jobs.values() if want in (None, j.name) and self._visible(session, j.name)]
-        for j in jobs:
-            verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), self.roots, dry)
-            if not dry:
-                self.removed(j, removals)
-            out += [{"job": j.name, "path": v.item.id, "step": v.item.step, "keep": v.keep,
-                     "reasons": list(v.reasons)} for v in verdicts]
-        return {"verdicts": out, "dry_run": dry}
 
 
 def _gid(name: str | None) -> int | None:

@@ -1,0 +1,108 @@
+"""The CLI's requests to the running daemon: status, list, latest, pin/unpin, gc.
+
+Each handler takes the daemon and the asking session and returns the reply's fields;
+what a uid may see or touch is the daemon's rule (``Daemon.visible``,
+``Daemon.privileged``, the roots). A refusal is a reply with ``ok: false``, never a
+dropped connection.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ckptd import protocol
+from ckptd.gc import collect, inside
+from ckptd.policy import next_due_step
+from ckptd.scan import pin_path, read_info
+from ckptd.verify import verify_file
+
+if TYPE_CHECKING:
+    from ckptd.daemon import Daemon
+    from ckptd.session import Session
+
+Handler = Callable[["Daemon", "Session", dict[str, Any]], dict[str, Any]]
+
+
+def handle(d: "Daemon", session: "Session", msg: dict[str, Any]) -> None:
+    handler = HANDLERS.get(msg["type"])
+    if handler is None:
+        raise protocol.ProtocolError(f"{msg['type']} needs a hello first")
+    try:
+        session.send({"type": "reply", "ok": True, **handler(d, session, msg)})
+    except (PermissionError, ValueError, OSError) as exc:
+        session.send({"type": "reply", "ok": False, "error": str(exc)})
+
+
+def status(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    rows_by_job: dict[str, list[Any]] = {}
+    for r in d.catalog.checkpoints():
+        rows_by_job.setdefault(r.job, []).append(r)
+    out = []
+    with d.lock:
+        for name in sorted(set(d.jobs) | set(rows_by_job)):
+            j = d.jobs.get(name)
+            rows = [r for r in rows_by_job.get(name, []) if r.verified]
+            nxt = next_due_step(j.policy, j.last_saved_step) if j is not None else None
+            out.append({"job": name, "pid": j.pid if j and j.connected else None,
+                        "connected": bool(j and j.connected), "step": j.step if j else (rows[-1].step if rows else 0),
+                        "last_verified_step": rows[-1].step if rows else None,
+                        "last_verified_age": now - rows[-1].created if rows else None,
+                        "next_due_step": nxt if nxt is not None and nxt < 2**62 else None,
+                        "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
+                        "missed": j.missed if j else 0, "failed": j.failed if j else 0,
+                        "world_size": j.world_size if j else None})
+    return {"jobs": out}
+
+
+def list_checkpoints(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+    job = msg.get("job")
+    rows = [r for r in d.catalog.checkpoints(job if isinstance(job, str) else None) if d.visible(session, r.job)]
+    return {"checkpoints": [r.__dict__ for r in rows]}
+
+
+def latest(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+    job = msg.get("job")
+    if not isinstance(job, str) or not d.visible(session, job):
+        raise PermissionError(f"no such job {job!r} for uid {session.uid}")
+    for r in reversed([r for r in d.catalog.checkpoints(job) if r.verified]):
+        if verify_file(r.path).ok:
+            return {"path": r.path}
+    raise ValueError(f"job {job} has no verified checkpoint")
+
+
+def pin(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+    path = os.path.realpath(msg["path"])
+    if not inside(path, d.roots):
+        raise PermissionError(f"{path} is outside the daemon's roots")
+    info = read_info(path)
+    if not info.ok or not d.visible(session, info.job):
+        raise PermissionError(f"{path} is not a checkpoint of a job of uid {session.uid}")
+    pinned = msg["type"] == "pin"
+    if pinned:
+        open(pin_path(path), "a").close()
+    elif os.path.exists(pin_path(path)):
+        os.unlink(pin_path(path))
+    d.catalog.set_pinned(path, pinned)
+    return {"path": path, "pinned": pinned}
+
+
+def gc(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+    dry = bool(msg.get("dry_run"))
+    want = msg.get("job")
+    with d.lock:
+        jobs = [j for j in d.jobs.values() if want in (None, j.name) and d.visible(session, j.name)]
+    out = []
+    for j in jobs:
+        verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
+        if not dry:
+            d.removed(j, removals)
+        out += [{"job": j.name, "path": v.item.id, "step": v.item.step, "keep": v.keep,
+                 "reasons": list(v.reasons)} for v in verdicts]
+    return {"verdicts": out, "dry_run": dry}
+
+
+HANDLERS: dict[str, Handler] = {"status": status, "list": list_checkpoints, "latest": latest,
+                                "pin": pin, "unpin": pin, "gc": gc}
