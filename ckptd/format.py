@@ -84,7 +84,9 @@ class Header:
 
     @property
     def is_ckptd(self) -> bool:
-        return "ckptd.format" in self.metadata
+        """Any ``ckptd.*`` key makes it ours: one flipped bit in "ckptd.format" must not turn
+        a damaged file of ours into a "foreign" file whose digests nobody checks."""
+        return any(k.startswith("ckptd.") for k in self.metadata)
 
     def meta_json(self, key: str, default: Any = None) -> Any:
         """A JSON-valued metadata entry; malformed JSON is a format problem, not a crash."""

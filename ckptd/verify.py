@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import xxhash
 
-from ckptd.format import DIGEST_PLACEHOLDER, FormatError, Header, meta_digest, read_header
+from ckptd.format import DIGEST_PLACEHOLDER, FORMAT_VERSION, FormatError, Header, meta_digest, read_header
 
 CHUNK = 8 * 1024 * 1024
 
@@ -45,6 +45,8 @@ def _int_or_none(value: str | None) -> int | None:
 
 def digest_map(header: Header) -> dict[str, str]:
     """The recorded digests, checked to cover every tensor with a real value."""
+    if header.metadata.get("ckptd.format") != FORMAT_VERSION:
+        raise FormatError(f"ckptd.format is {header.metadata.get('ckptd.format')!r}, expected {FORMAT_VERSION!r}")
     try:
         digests = header.meta_json("ckptd.digests", {})
     except json.JSONDecodeError:

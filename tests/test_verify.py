@@ -149,3 +149,14 @@ def test_cli_verify_a_directory(good: str, tmp_path: Path) -> None:
     shutil.copy(good, tmp_path / "d.safetensors")
     out = ckptd_cli("verify", str(tmp_path))
     assert out.returncode == 0 and out.stdout.count("ok") == 2
+
+
+def test_a_flipped_bit_in_the_format_key_does_not_make_the_file_foreign(good: str, tmp_path: Path) -> None:
+    """Found by the 10,000-corruption soak: "ckptd.format" -> "ckptd.fovmat" once passed as a
+    foreign safetensors file, whose digests nobody checks."""
+    data = Path(good).read_bytes()
+    i = data.index(b"ckptd.format") + len("ckptd.fo")
+    p = damaged(good, tmp_path, "fovmat.safetensors", lambda d: d.__setitem__(i, d[i] ^ 0x04) or d)
+    assert b"ckptd.fovmat" in Path(p).read_bytes()
+    r = verify_file(p)
+    assert not r.ok and "ckptd.format" in r.reason
