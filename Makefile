@@ -42,7 +42,7 @@ bench: $(STAMP)
 # The reliability campaign at full size: 200 trainer and 200 daemon kills, 10,000
 # corruptions, 100,000 fuzzed messages, 64 clients x 1,000 saves (an hour or more).
 soak: $(STAMP) tools
-	CKPTD_SOAK=1 $(PY) -m pytest -q -s tests/test_reliability.py tests/test_protocol.py
+	CKPTD_SOAK=1 $(PY) -m pytest -q -s -o timeout=7200 tests/test_reliability.py tests/test_protocol.py
 	$(PY) benchmarks/bench_load.py --clients 64 --saves 1000 --mib 1
 
 clean:

@@ -153,7 +153,8 @@ class Catalog:
                              (time.time(), job, kind, json.dumps(detail, default=str)))
 
     def events(self, job: str | None = None, limit: int = 100) -> list[tuple[float, str, str, dict[str, Any]]]:
-        sql, args = "SELECT time, job, kind, detail FROM events", ()
+        sql = "SELECT time, job, kind, detail FROM events"
+        args: tuple[str, ...] = ()
         if job is not None:
             sql, args = sql + " WHERE job = ?", (job,)
         with self._lock:

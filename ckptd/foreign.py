@@ -20,6 +20,7 @@ import os
 import re
 import zipfile
 from dataclasses import dataclass
+from typing import Any
 
 from ckptd.format import FormatError, read_header
 from ckptd.verify import VerifyResult, verify_file
@@ -315,7 +316,7 @@ def verify_torch(path: str, load: bool = True) -> VerifyResult:
     if forbidden:
         return VerifyResult(path, False, f"unsafe: the pickle needs {', '.join(forbidden[:3])}; "
                                          "not loaded (it could execute code)")
-    allowed = [obj for obj in map(_resolve, needed) if obj is not None] + _numpy_dtype_classes(needed)
+    allowed: list[Any] = [obj for obj in map(_resolve, needed) if obj is not None] + _numpy_dtype_classes(needed)
     try:
         with torch.serialization.safe_globals(allowed):
             obj = torch.load(path, map_location="cpu", weights_only=True)

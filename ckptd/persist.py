@@ -189,7 +189,7 @@ def _unlink_quietly(dfd: int, name: str) -> None:
 
 def cleanup_temp(directory: str, live_pids: frozenset[int] = frozenset()) -> list[str]:
     """Remove temp files left by writers that died (a pid not running, or not ours)."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
