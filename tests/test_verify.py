@@ -160,3 +160,40 @@ def test_a_flipped_bit_in_the_format_key_does_not_make_the_file_foreign(good: st
     assert b"ckptd.fovmat" in Path(p).read_bytes()
     r = verify_file(p)
     assert not r.ok and "ckptd.format" in r.reason
+
+
+# --- the header parser, fuzzed -------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from ckptd.format import FormatError, parse_header  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats() | st.text(max_size=12),
+                     lambda k: st.lists(k, max_size=4) | st.dictionaries(st.text(max_size=8), k, max_size=4),
+                     max_leaves=20)
+_entry = st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "BF16", "U8", "BOOL", "F8_E4M3", "X9", 7]),
+                                "shape": st.lists(st.integers(-2, 2**40), max_size=3),
+                                "data_offsets": st.lists(st.integers(-5, 2**50), min_size=0, max_size=3)})
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(_json, st.dictionaries(st.text(max_size=10), _entry, max_size=5)), st.integers(0, 2**20))
+def test_parse_header_never_fails_except_with_a_format_error(doc: object, file_size: int) -> None:
+    import json as _j
+
+    raw = _j.dumps(doc).encode()
+    try:
+        h = parse_header(raw, len(raw), max(file_size, 8 + len(raw)))
+    except FormatError as exc:
+        assert str(exc)
+    else:
+        assert h.data_start + h.data_len == max(file_size, 8 + len(raw))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600))
+def test_verify_never_raises_on_random_files(tmp_path_factory, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path_factory.mktemp("rnd") / "r.safetensors"
+    p.write_bytes(data)
+    r = verify_file(p)
+    assert r.ok is False or r.tensors >= 0
