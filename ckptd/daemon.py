@@ -180,17 +180,6 @@ class Daemon:
         self.metrics.missed.labels(job, "time_overdue").inc()
         self.catalog.event(job, "missed", reason="time_overdue")
 
-    def watch_removed(self, job: str, removals: list[Removal]) -> None:
-        done = [r for r in removals if r.done]
-        for r in done:
-            self.metrics.deleted.labels(job, metric_rule(r)).inc()
-            self.catalog.event(job, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
-        for r in removals:
-            if r.error:
-                log.error("watch %s: %s", job, r.error)
-        self.catalog.forget(r.verdict.item.id for r in done)
-        self._refresh_disk_gauges(job)
-
     def _tick_job(self) -> None:
         try:
             self.tick(time.time())
@@ -375,16 +364,17 @@ class Daemon:
             self.metrics.verify.labels(job.name, "corrupt").inc()
         self.catalog.event(job.name, "failed", reason=exc.reason, error=str(exc))
 
-    def removed(self, job: JobState, removals: list[Removal]) -> None:
+    def removed(self, job: str, removals: list[Removal]) -> None:
+        """Deletions by retention or quota, for hook jobs and watched trees alike."""
         done = [r for r in removals if r.done]
         for r in done:
-            self.metrics.deleted.labels(job.name, metric_rule(r)).inc()
-            self.catalog.event(job.name, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
+            self.metrics.deleted.labels(job, metric_rule(r)).inc()
+            self.catalog.event(job, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
         for r in removals:
             if r.error:
-                log.error("job %s: %s", job.name, r.error)
+                log.error("job %s: %s", job, r.error)
         self.catalog.forget(r.verdict.item.id for r in done)
-        self._refresh_disk_gauges(job.name)
+        self._refresh_disk_gauges(job)
 
     def _refresh_disk_gauges(self, job: str) -> None:
         rows = [r for r in self.catalog.checkpoints(job) if r.verified]

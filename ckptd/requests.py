@@ -98,7 +98,7 @@ def gc(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     for j in jobs:
         verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
         if not dry:
-            d.removed(j, removals)
+            d.removed(j.name, removals)
         out += [{"job": j.name, "path": v.item.id, "step": v.item.step, "keep": v.keep,
                  "reasons": list(v.reasons)} for v in verdicts]
     return {"verdicts": out, "dry_run": dry}

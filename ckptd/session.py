@@ -208,7 +208,7 @@ class Session:
     def _persist_checked(self, job: JobState, msg: dict[str, Any], fd: int) -> str:
         d = self.daemon
         room, removed = make_room(job.directory, job.name, job.settings, msg["length"], time.time(), d.roots)
-        d.removed(job, removed)
+        d.removed(job.name, removed)
         if not room.ok:
             raise PersistError("no_space", f"checkpoint of step {msg['step']} does not fit in {job.directory}: "
                                            f"{room.reason}; existing checkpoints were left alone")
@@ -221,7 +221,7 @@ class Session:
         stall = msg.get("stall")
         durations = {**result.durations, **({"stall": float(stall)} if isinstance(stall, (int, float)) and stall >= 0 else {})}
         d.save_succeeded(job, msg["trigger"], info, durations)
-        d.removed(job, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
+        d.removed(job.name, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
         return result.path
 
     # -- the end ---------------------------------------------------------------------------

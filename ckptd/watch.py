@@ -207,7 +207,7 @@ class Watcher(FileSystemEventHandler):
             items.append(retention.Item(unit, 2**62, now, in_flight=True))
         verdicts = [v for v in retention.plan(items, rules, now) if not v.item.in_flight]
         removals = apply_removals(verdicts, self.daemon.roots, self.spec.get("quarantine_dir"))
-        self.daemon.watch_removed(self.job, removals)
+        self.daemon.removed(self.job, removals)
 
     def _trainer_needs(self) -> set[str]:
         """Checkpoints the trainer will read again: the ``best_model_checkpoint`` named by the

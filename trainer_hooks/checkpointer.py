@@ -195,7 +195,7 @@ class Checkpointer:
 
     def save(self, reason: str = "manual", wait: bool = False) -> bool:
         """Force a save now; ``wait=True`` returns only once it is verified (or failed)."""
-        ok = self._save("manual" if reason == "manual" else reason, reason)
+        ok = self._save(reason, reason)
         if wait:
             self.wait()
         return ok
