@@ -54,6 +54,7 @@ class Daemon:
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
         self._stop = threading.Event()
+        self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
         self._threads: list[threading.Thread] = []
         self.clock = time.time
         self.started_at = time.time()
@@ -78,6 +79,7 @@ class Daemon:
         self._start_watchers()
         for job in {r.job for r in self.catalog.checkpoints()}:
             self._refresh_disk_gauges(job)
+        self._ready.set()
         sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
         log.info("ckptd serving on %s, metrics on %s", self.socket_path, self.metrics_listen)
 
@@ -269,7 +271,12 @@ class Daemon:
             self._threads = [t for t in self._threads if t is not me]
 
     def health(self) -> dict[str, bool]:
-        return {"socket": not self._stop.is_set() and self.listener.fileno() >= 0,
+        """Served before start() ends (the HTTP port opens early), so "started" gates readiness:
+        a probe must not see a daemon whose watchers and scheduler are not up yet as healthy."""
+        if not self._ready.is_set():
+            return {"started": False}
+        return {"started": True,
+                "socket": not self._stop.is_set() and self.listener.fileno() >= 0,
                 "catalog": self.catalog.healthy(),
                 "scheduler": bool(self.scheduler.running)}
 
