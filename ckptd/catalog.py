@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from ckptd.manifest import MANIFEST, SHARD_RE
 from ckptd.persist import TEMP_MARK
 from ckptd.scan import SUFFIX, Checkpoint, read_info
 
@@ -188,6 +189,11 @@ def _checkpoint_files(roots: Sequence[str]) -> list[str]:
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if MANIFEST in filenames or any(SHARD_RE.match(n) for n in filenames):
+                dirnames[:] = []  # a sharded unit: one checkpoint once committed, its shards are not
+                if MANIFEST in filenames and not os.path.islink(dirpath):
+                    out.append(dirpath)
+                continue
             for name in filenames:
                 full = os.path.join(dirpath, name)
                 if name.endswith(SUFFIX) and TEMP_MARK not in name and not name.startswith(".") \

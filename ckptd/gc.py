@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from ckptd import quota as quota_mod
 from ckptd import retention
 from ckptd.preflight import free_bytes, min_free_bytes
-from ckptd.scan import Checkpoint, pin_path, scan
+from ckptd.scan import ABANDONED, Checkpoint, pin_path, scan
 
 
 class RemovalError(Exception):
@@ -39,7 +39,9 @@ def items_from(checkpoints: Sequence[Checkpoint], best_metric: str | None) -> li
     out = []
     for c in checkpoints:
         metric = c.metrics.get(best_metric) if best_metric else None
-        out.append(retention.Item(c.path, c.step, c.created, c.bytes, verified=c.ok, corrupt=not c.ok,
+        out.append(retention.Item(c.path, c.step, c.created, c.bytes, verified=c.ok and not c.pending,
+                                  corrupt=not c.ok and c.problem != ABANDONED, partial=c.problem == ABANDONED,
+                                  in_flight=c.pending,
                                   pinned=c.pinned, final=c.trigger == "final",
                                   metric=float(metric) if isinstance(metric, (int, float)) else None))
     return out

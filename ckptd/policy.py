@@ -100,6 +100,7 @@ class Progress:
     preempt: bool = False
     metric: float | None = None
     best: float | None = None  # best metric among saved checkpoints
+    best_due: bool | None = None  # sharded runs: the ranks' agreed "metric improved" (None: judge ``metric``)
 
 
 def next_scheduled_step(policy: SavePolicy, after: int) -> tuple[int, str] | None:
@@ -166,7 +167,7 @@ def _scheduled(policy: SavePolicy, p: Progress) -> Decision:
         return Decision(True, "step", nxt[1])
     if p.time_due and p.step > p.last_saved_step:
         return Decision(True, "time", p.time_due)
-    if policy.best_metric and improves(policy, p.metric, p.best):
+    if policy.best_metric and (improves(policy, p.metric, p.best) if p.best_due is None else p.best_due):
         return Decision(True, "best", "best_metric")
     return NO_SAVE
 

@@ -31,6 +31,11 @@ Lifecycle of one training run, in order:
    ``missed{reason="backpressure"}``).
 6. **due** ``{rule}`` (daemon → hook, unsolicited): a time rule (``every``/``cron``)
    of the daemon's scheduler fired; the hook saves at its next ``step()``.
+   Sharded jobs (``sharded=True``) send no ``save``: every rank writes its own shard
+   and the ranks commit together (``trainer_hooks.shards``); rank 0, the only rank
+   connected, then reports **committed** ``{step, path, trigger, ok, reason, error,
+   stall, persist, verify}``. The daemon checks the unit against its manifest,
+   catalogues it, counts it like a save and applies retention to whole units.
 7. **end** ``{step}``: after the final save is verified. A connection that closes
    without ``end`` counts ``missed{reason="trainer_exit_unsaved"}`` when steps were
    left unsaved; an ``end`` whose step has no verified checkpoint counts
@@ -138,6 +143,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "hello": {"job": (str,), "directory": (str,), "settings": (dict,), "pid": (int,), "step": (int,)},
     "heartbeat": {"step": (int,)},
     "save": {"id": (int,), "step": (int,), "trigger": (str,), "rule": (str,), "filename": (str,), "length": (int,)},
+    "committed": {"step": (int,), "path": (str,), "trigger": (str,)},
     "end": {"step": (int,)},
     "skipped": {"step": (int,), "reason": (str,)},
     "status": {}, "list": {}, "latest": {}, "pin": {"path": (str,)}, "unpin": {"path": (str,)}, "gc": {},

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from ckptd import manifest as mf
 from ckptd.format import FormatError, read_header
 from ckptd.persist import TEMP_MARK
 
 SUFFIX = ".safetensors"
+ABANDONED = "abandoned sharded save: no manifest, and a later save committed"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Checkpoint:
     pinned: bool = False
     problem: str = ""  # non-empty when the header itself is unreadable
     digests: dict[str, str] = field(default_factory=dict)
+    shards: int = 0  # a sharded unit (a directory): how many rank files it commits
+    pending: bool = False  # a sharded unit without a manifest that may still be committing
 
     @property
     def ok(self) -> bool:
@@ -48,7 +52,9 @@ def parse_time(text: str) -> float:
 
 
 def read_info(path: str) -> Checkpoint:
-    """Header-level facts about one file; a bad header gives ``problem``, never an exception."""
+    """Header-level facts about one file or sharded unit; a bad header gives ``problem``, never an exception."""
+    if mf.is_unit(path):
+        return read_unit(path)
     try:
         with open(path, "rb", buffering=0) as f:
             st = os.fstat(f.fileno())
@@ -65,6 +71,50 @@ def read_info(path: str) -> Checkpoint:
     except (OSError, FormatError, ValueError, json.JSONDecodeError) as exc:
         size = _size(path)
         return Checkpoint(path, "", -1, size, _mtime(path), problem=str(exc) or type(exc).__name__)
+
+
+def read_unit(unit: str) -> Checkpoint:
+    """A sharded unit from its manifest (cheap: sizes only; ``verify_unit`` reads the shards).
+
+    Without a manifest the unit is reported ``pending`` with its first shard's job and
+    step; ``scan`` decides whether it is still committing or abandoned.
+    """
+    try:
+        m = mf.read(unit)
+    except mf.ManifestError as exc:
+        if "never committed" not in str(exc):
+            return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc))
+        return _uncommitted(unit)
+    sizes = [_size(os.path.join(unit, s.file)) for s in m.shards]
+    missing = [s.file for s, n in zip(m.shards, sizes) if n != s.bytes]
+    return Checkpoint(unit, m.job, m.step, sum(sizes) + _size(os.path.join(unit, mf.MANIFEST)),
+                      parse_time(m.created) or _mtime(unit), m.epoch, m.trigger, m.rule, m.metrics, is_pinned(unit),
+                      problem=f"shard {missing[0]} is missing or has the wrong size" if missing else "",
+                      shards=len(m.shards))
+
+
+def _uncommitted(unit: str) -> Checkpoint:
+    shards = sorted(n for n in _listdir(unit) if mf.SHARD_RE.match(n))
+    first = read_info(os.path.join(unit, shards[0])) if shards else None
+    job, step = (first.job, first.step) if first is not None and first.ok else ("", -1)
+    return Checkpoint(unit, job, step, _tree_size(unit), _newest_mtime(unit), pending=True, shards=len(shards))
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _tree_size(unit: str) -> int:
+    return sum(_size(os.path.join(unit, n)) for n in _listdir(unit))
+
+
+def _newest_mtime(unit: str) -> float:
+    """When the unit's files were last written (the directory's own mtime moves on any unlink)."""
+    files = [_mtime(os.path.join(unit, n)) for n in _listdir(unit)]
+    return max(files) if files else _mtime(unit)
 
 
 def _size(path: str) -> int:
@@ -103,14 +153,28 @@ def scan(directory: str, job: str | None = None) -> list[Checkpoint]:
         return []
     out = []
     for name in names:
-        if not name.endswith(SUFFIX) or TEMP_MARK in name or name.startswith("."):
-            continue
-        if os.path.islink(os.path.join(directory, name)):
+        full = os.path.join(directory, name)
+        if name.startswith(".") or os.path.islink(full):
             continue  # a planted link is never one of our checkpoints (nor something to follow)
-        info = read_info(os.path.join(directory, name))
+        if not (name.endswith(SUFFIX) and TEMP_MARK not in name) and not mf.is_unit(full):
+            continue
+        info = read_info(full)
         if job is None or info.job == job or (not info.ok and _name_matches(name, job)):
             out.append(info)
-    return sorted(out, key=lambda c: (c.step, c.created, c.path))
+    return sorted(_settle_pending(out), key=lambda c: (c.step, c.created, c.path))
+
+
+def _settle_pending(found: list[Checkpoint]) -> list[Checkpoint]:
+    """An uncommitted unit is abandoned once a checkpoint of its job committed after it was
+    last written (a later save went through, so nobody is still writing it); until then it
+    may be a save in progress on other ranks and is left alone."""
+    out = []
+    for c in found:
+        later = any(o.ok and not o.pending and o.job == c.job and o.created >= c.created for o in found)
+        if c.pending and (later or not c.job):
+            c = replace(c, pending=False, problem=ABANDONED)
+        out.append(c)
+    return out
 
 
 def _name_matches(name: str, job: str) -> bool:

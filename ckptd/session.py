@@ -25,6 +25,7 @@ from ckptd.policy import SavePolicy
 from ckptd.preflight import TargetError, check_job
 from ckptd.scan import read_info
 from ckptd.settings import SettingsError, group, parse_table, resolve
+from ckptd.verify import verify_unit
 
 if TYPE_CHECKING:
     from ckptd.daemon import Daemon
@@ -114,6 +115,8 @@ class Session:
             self._save(msg, fds)
         elif kind == "skipped":
             self._count_missed("backpressure")  # the hook skipped a save: on_busy="skip"
+        elif kind == "committed":
+            self._committed(msg)
         elif kind == "end":
             self._end(msg)
         else:
@@ -223,6 +226,33 @@ class Session:
         d.save_succeeded(job, msg["trigger"], info, durations)
         d.removed(job.name, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
         return result.path
+
+    def _committed(self, msg: dict[str, Any]) -> None:
+        """A sharded checkpoint its ranks wrote and agreed on: check it against its manifest
+        (its shards were verified from disk by their writers), catalogue it, apply retention."""
+        job, d = self.job, self.daemon
+        assert job is not None
+        trigger = msg["trigger"] if msg["trigger"] in TRIGGERS else "manual"
+        if not msg.get("ok", True):
+            d.save_failed(job, trigger, PersistError(str(msg.get("reason", "uncommitted"))[:40], str(msg.get("error"))))
+            return
+        path = os.path.realpath(msg["path"])
+        if os.path.dirname(path) != os.path.realpath(job.directory):
+            raise protocol.ProtocolError(f"committed: {msg['path']} is not in the job's directory")
+        result, info = verify_unit(path, full=()), read_info(path)
+        if not result.ok or info.job != job.name or info.step != msg["step"]:
+            d.save_failed(job, trigger, PersistError("verify_failed", f"sharded checkpoint {path}: "
+                                                     f"{result.reason or 'job or step differ from the message'}"))
+            return
+        with d.lock:
+            job.last_saved_step = max(job.last_saved_step, info.step)
+            job.step = max(job.step, info.step)
+        d.catalog.forget(r.path for r in d.catalog.checkpoints(job.name) if not os.path.exists(r.path))
+        d.catalog.record(info, verified=True)
+        durations = {k: float(msg[k]) for k in ("stall", "persist", "verify")
+                     if isinstance(msg.get(k), (int, float)) and not isinstance(msg[k], bool) and msg[k] >= 0}
+        d.save_succeeded(job, trigger, info, durations)
+        d.removed(job.name, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
 
     # -- the end ---------------------------------------------------------------------------
 

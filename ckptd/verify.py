@@ -13,10 +13,11 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Collection
 
 import xxhash
 
+from ckptd import manifest as mf
 from ckptd.format import DIGEST_PLACEHOLDER, FORMAT_VERSION, FormatError, Header, meta_digest, read_header
 
 CHUNK = 8 * 1024 * 1024
@@ -78,8 +79,10 @@ def compute_digests(f: BinaryIO, header: Header) -> dict[str, str]:
 
 
 def verify_file(path: str | os.PathLike[str]) -> VerifyResult:
-    """Verify one safetensors file; never raises for a bad file, only reports it."""
+    """Verify one safetensors file (or sharded unit); never raises for a bad file, only reports it."""
     p = os.fspath(path)
+    if mf.is_unit(p):
+        return verify_unit(p)
     try:
         with open(p, "rb", buffering=0) as f:
             return verify_open(f, p)
@@ -133,3 +136,49 @@ def _check_aliases(header: Header) -> None:
     names = {e.name for e in header.tensors}
     if not isinstance(aliases, dict) or not all(v in names for v in aliases.values()):
         raise FormatError("ckptd.aliases names a tensor that is not stored")
+
+
+def verify_unit(unit: str, full: Collection[int] | None = None) -> VerifyResult:
+    """A sharded checkpoint: the manifest, then every shard against it.
+
+    Shards whose rank is in ``full`` (all when None) are re-read tensor by tensor;
+    the others get the cheap checks (size, header, metadata digest, job, step), which
+    is what a resuming rank needs for its peers' shards and the daemon for a commit
+    whose shards their writers already verified from disk.
+    """
+    try:
+        m = mf.read(unit)
+    except mf.ManifestError as exc:
+        return VerifyResult(unit, False, str(exc))
+    meta = {"ckptd.job": m.job, "ckptd.step": str(m.step), "ckptd.world_size": str(m.world_size)}
+    tensors = total = 0
+    for shard in m.shards:
+        r = _verify_shard(os.path.join(unit, shard.file), shard, m, full is None or shard.rank in full)
+        if not r.ok:
+            return VerifyResult(unit, False, f"shard {shard.file}: {r.reason}", tensors, total, meta)
+        tensors, total = tensors + r.tensors, total + r.bytes
+    return VerifyResult(unit, True, "", tensors, total, meta)
+
+
+def _verify_shard(path: str, shard: mf.Shard, m: mf.Manifest, full: bool) -> VerifyResult:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != shard.bytes:
+                return VerifyResult(path, False, f"{size} bytes, the manifest says {shard.bytes}")
+            header = read_header(f, size)
+            meta = header.metadata
+            if meta.get("ckptd.meta_digest") != shard.meta_digest:
+                return VerifyResult(path, False, "not the shard the manifest committed (metadata digest differs)")
+            if meta.get("ckptd.job") != m.job or meta.get("ckptd.step") != str(m.step):
+                return VerifyResult(path, False, f"header says job {meta.get('ckptd.job')!r} step "
+                                                 f"{meta.get('ckptd.step')}, the manifest {m.job!r} step {m.step}")
+            if full:
+                return _check(path, f, header)
+            if meta_digest(meta) != shard.meta_digest:
+                return VerifyResult(path, False, "metadata digest mismatch (trainer state or tags altered)")
+            return VerifyResult(path, True, "", len(header.tensors), size, meta)
+    except FormatError as exc:
+        return VerifyResult(path, False, str(exc))
+    except OSError as exc:
+        return VerifyResult(path, False, f"cannot read: {exc.strerror or exc}")

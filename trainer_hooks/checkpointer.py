@@ -33,6 +33,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -42,13 +43,15 @@ from ckptd import config as config_mod
 from ckptd import policy as pol
 from ckptd.format import FORMAT_VERSION
 from ckptd.gc import Removal, collect, make_room
+from ckptd.manifest import shard_name, unit_name
 from ckptd.persist import PersistError, Persisted, cleanup_temp, persist
 from ckptd.preflight import check_directory, check_job, check_template, render, resolve_target
 from ckptd.scan import Checkpoint, scan
 from ckptd.settings import from_env, group, parse_table, resolve
-from ckptd.verify import verify_file
+from ckptd.verify import verify_file, verify_unit
 from ckptd.protocol import default_socket_path
 from trainer_hooks.link import Link
+from trainer_hooks.shards import FLAG_BEST, FLAG_PREEMPT, FLAG_TIME, TIME_RULES, ShardGroup, shard_outcome
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import apply, capture, flatten, unflatten
 from trainer_hooks.worker import SaveJob, Worker
@@ -66,7 +69,8 @@ class Checkpointer:
                  scheduler: Any = None, extra: dict[str, Any] | None = None, *,
                  preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS, preempt_grace: float = 5.0,
                  config: str | None = None, socket: str | bool | None = None, reconnect_every: float = 5.0,
-                 before_save: Callable[[], None] | None = None, **settings: Any) -> None:
+                 before_save: Callable[[], None] | None = None, sharded: bool = False,
+                 shard_timeout: float = 600.0, **settings: Any) -> None:
         self.job = check_job(job)
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self._before_save = before_save  # e.g. a framework callback refreshing ``extra`` only when it counts
@@ -74,9 +78,10 @@ class Checkpointer:
         self.settings = resolve(parse_table(settings, "Checkpointer()"), from_env(),
                                 cfg.job_table(job), cfg.defaults)
         self.rank, self.world_size = _rank_and_world()
-        self.saving = self.rank == 0  # DDP: rank 0 saves, every rank resumes from the same checkpoint
-        self.policy = (pol.SavePolicy.from_settings(group(self.settings, "policy")) if self.saving
-                       else pol.SavePolicy(save_final=False, on_preempt=False))
+        self._shards = ShardGroup(shard_timeout) if sharded else None
+        # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
+        self.saving = sharded or self.rank == 0
+        self.policy = self._make_policy()
         self.directory, self.template = resolve_target(directory, self.settings["template"])
         check_template(self.template, job)
         self._init_progress()
@@ -106,10 +111,25 @@ class Checkpointer:
             log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
                      job, self.directory)
 
+    def _make_policy(self) -> pol.SavePolicy:
+        if not self.saving:
+            return pol.SavePolicy(save_final=False, on_preempt=False)
+        policy = pol.SavePolicy.from_settings(group(self.settings, "policy"))
+        if self._shards is not None and policy.min_interval:
+            # every rank must save at the same step, and the ranks' clocks differ by milliseconds
+            log.warning("ckptd: sharded job %s: min_interval is not applied (ranks must agree on the step)", self.job)
+            policy = replace(policy, min_interval=0.0)
+        return policy
+
+    @property
+    def _lead(self) -> bool:
+        """The rank that talks to the daemon, runs time rules and retention."""
+        return self.rank == 0 or self._shards is None
+
     # -- the daemon ---------------------------------------------------------------
 
     def _open_link(self, path: str | bool | None, retry_every: float) -> Link | None:
-        if path is False or not self.saving:
+        if path is False or not self.saving or not self._lead:
             return None
         return Link(default_socket_path() if path in (None, True) else str(path), self._hello, self._beat,
                     self._on_daemon_saved, self._on_daemon_lost, retry_every, on_due=self._time_fired)
@@ -121,7 +141,7 @@ class Checkpointer:
     def _hello(self) -> dict[str, Any]:
         return {"job": self.job, "directory": os.path.abspath(self.directory), "template": self.template,
                 "settings": self._raw_settings, "pid": os.getpid(), "step": self._step,
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size, "sharded": self._shards is not None}
 
     def _beat(self) -> dict[str, Any]:
         return {"step": self._step, "epoch": self.epoch}
@@ -152,6 +172,8 @@ class Checkpointer:
         self._time_due: str | None = None
         self._preempt: int | None = None
         self._flag = False
+        self._agreed = [0, 0, 0]  # sharded: the flags every rank acts on (``trainer_hooks.shards``)
+        self._sent_preempt = False
         self._next_due = pol.next_due_step(self.policy, 0)
 
     @property
@@ -173,14 +195,33 @@ class Checkpointer:
             self._metrics = metrics
             if self._best_key is not None and pol.improves(self.policy, metrics.get(self._best_key), self._best):
                 self._flag = True
+        if self._shards is not None:
+            self._exchange()
         if self._step >= self._next_due or self._flag:
             self._due()
         return self._step
 
+    def _exchange(self) -> None:
+        """Sharded: send this step's own triggers once; act on what all ranks sent last step."""
+        assert self._shards is not None
+        metric = self._progress().metric
+        local = [0, 0, 0]
+        local[FLAG_TIME] = TIME_RULES.index(self._time_due) if self._time_due in TIME_RULES else 0
+        local[FLAG_PREEMPT] = int(self._preempt is not None and self._preempt > 0 and not self._sent_preempt)
+        local[FLAG_BEST] = int(self._best_key is not None and pol.improves(self.policy, metric, self._best))
+        self._sent_preempt = self._sent_preempt or bool(local[FLAG_PREEMPT])
+        self._time_due = None  # sent: rank 0's timer fires once, the agreed flag comes back next step
+        self._agreed = self._shards.exchange(local)
+        self._flag = any(self._agreed)
+
     def _progress(self) -> pol.Progress:
-        metric = self._metrics.get(self._best_key) if (self._metrics and self._best_key) else None
+        metric = _as_float(self._metrics.get(self._best_key)) if (self._metrics and self._best_key) else None
+        if self._shards is not None:
+            a = self._agreed
+            return pol.Progress(self._step, self._last_saved_step, self._last_sched_at, TIME_RULES[a[FLAG_TIME]] or None,
+                                bool(a[FLAG_PREEMPT]), metric, self._best, best_due=bool(a[FLAG_BEST]))
         return pol.Progress(self._step, self._last_saved_step, self._last_sched_at, self._time_due,
-                            self._preempt is not None, _as_float(metric), self._best)
+                            self._preempt is not None, metric, self._best)
 
     def _due(self) -> None:
         decision = pol.decide(self.policy, self._progress(), time.time())
@@ -189,7 +230,8 @@ class Checkpointer:
             if decision.trigger == "preempt":
                 self._finish_preempt()
         self._next_due = pol.next_due_step(self.policy, self._last_saved_step)
-        self._flag = self._time_due is not None or self._preempt is not None
+        self._agreed = [0, 0, 0]
+        self._flag = self._shards is None and (self._time_due is not None or self._preempt is not None)
 
     # -- saving -----------------------------------------------------------------
 
@@ -221,7 +263,7 @@ class Checkpointer:
     def _stage_and_submit(self, trigger: str, rule: str) -> bool:
         t0 = time.perf_counter_ns()
         if self._busy:
-            if self.settings["on_busy"] == "skip" and trigger in SCHEDULED:
+            if self.settings["on_busy"] == "skip" and trigger in SCHEDULED and self._shards is None:
                 self.stats["skipped"] += 1
                 log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
                             "(missed, reason=backpressure)", trigger, self._step)
@@ -233,10 +275,14 @@ class Checkpointer:
         flat, skeleton = flatten(self._capture())
         filename = render(self.template, self.job, self._step, self.epoch, now)
         length = self._buffer.stage(flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases))
-        job = SaveJob(self._buffer.fd, length, self.directory, filename, self._step, trigger)
+        if self._shards is not None:  # each rank writes its own shard in-process (see trainer_hooks.shards)
+            unit = os.path.join(self.directory, unit_name(filename))
+            filename = shard_name(self.rank, self.world_size)
+        job = SaveJob(self._buffer.fd, length, unit if self._shards else self.directory, filename, self._step,
+                      trigger, stall=(time.perf_counter_ns() - t0) / 1e9)
         msg = {"step": self._step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
-               "filename": filename, "length": length, "stall": (time.perf_counter_ns() - t0) / 1e9}
-        if self._link is None or not self._link.submit(job, msg):
+               "filename": filename, "length": length, "stall": job.stall}
+        if self._shards is not None or self._link is None or not self._link.submit(job, msg):
             self._worker.submit(job)
         self.stats["stall_ns"] += time.perf_counter_ns() - t0
         self.stats["saves"] += 1
@@ -274,6 +320,8 @@ class Checkpointer:
 
     def _pipeline(self, job: SaveJob) -> Persisted:
         """Worker thread: make room (retention, then quota), persist, then retention again."""
+        if self._shards is not None:
+            return self._shard_pipeline(job)
         roots = [self.directory]
         room, removed = make_room(self.directory, self.job, self.settings, job.length, time.time(), roots)
         self._count_removals(removed)
@@ -283,6 +331,37 @@ class Checkpointer:
         result = persist(job.fd, job.length, job.directory, job.filename)
         self._count_removals(collect(self.directory, self.job, self.settings, time.time(), roots)[1])
         return result
+
+    def _shard_pipeline(self, job: SaveJob) -> Persisted:
+        """Worker thread, every rank: write this rank's shard, then agree and commit (``shards``)."""
+        assert self._shards is not None
+        roots = [self.directory]
+        persisted, error = None, None
+        try:
+            if self._lead:  # quota for the whole unit, judged on one rank (the others only write)
+                room, removed = make_room(self.directory, self.job, self.settings, job.length * self.world_size,
+                                          time.time(), roots)
+                self._count_removals(removed)
+                if not room.ok:
+                    raise PersistError("no_space", f"sharded checkpoint of step {job.step} does not fit in "
+                                                   f"{self.directory}: {room.reason}")
+            os.makedirs(job.directory, exist_ok=True)
+            persisted = persist(job.fd, job.length, job.directory, job.filename)
+        except (PersistError, OSError) as exc:
+            error = exc
+        problem = self._shards.commit(job.directory, shard_outcome(self.rank, job.step, persisted, error))
+        reason = error.reason if isinstance(error, PersistError) else "uncommitted"
+        report = {"type": "committed", "step": job.step, "path": job.directory, "trigger": job.trigger,
+                  "ok": not problem, "reason": reason, "error": problem, "stall": job.stall,
+                  **(persisted.durations if persisted else {})}
+        if self._lead and self._link is not None and self._link.connected:
+            self._link.notify(report)  # the daemon catalogues it and applies retention
+        elif self._lead and not problem:
+            self._count_removals(collect(self.directory, self.job, self.settings, time.time(), roots)[1])
+        if problem:
+            raise PersistError(reason, f"sharded checkpoint of step {job.step} not committed: {problem}")
+        assert persisted is not None
+        return Persisted(job.directory, persisted.bytes, persisted.metadata, persisted.durations)
 
     def _count_removals(self, removals: list[Removal]) -> None:
         for r in removals:
@@ -316,11 +395,10 @@ class Checkpointer:
     def resume(self) -> int:
         """Load the newest checkpoint that verifies now; return its step (0 if none)."""
         for info in reversed(self.checkpoints()):
-            result = verify_file(info.path)
-            if not result.ok:
-                log.warning("ckptd: skipping %s for resume: %s", info.path, result.reason)
+            path = self._resumable(info)
+            if path is None:
                 continue
-            state = load(info.path)
+            state = load(path)
             apply(state, self.model, self.optimizer, self.scheduler)
             if self.extra is not None and "extra" in state:
                 self.extra.clear()
@@ -329,6 +407,24 @@ class Checkpointer:
             log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
             return self._step
         return 0
+
+    def _resumable(self, info: Checkpoint) -> str | None:
+        """The file this rank loads from ``info``, if it verifies (sharded: on every rank)."""
+        if self._shards is None:
+            result = verify_file(info.path)
+            path = info.path
+        else:  # this rank re-reads its own shard, checks its peers' cheaply; all ranks must agree
+            result = verify_unit(info.path, full=(self.rank,))
+            if result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size):
+                result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
+                                                          f"this run has {self.world_size} (no resharding)")
+            if self._shards.everyone(result.ok) != result.ok:
+                result = replace(result, ok=False, reason="another rank's shard of it does not verify")
+            path = os.path.join(info.path, shard_name(self.rank, self.world_size))
+        if not result.ok:
+            log.warning("ckptd: skipping %s for resume: %s", info.path, result.reason)
+            return None
+        return path
 
     def _restore_progress(self, trainer: dict[str, Any], info: Checkpoint) -> None:
         self._step = self._last_saved_step = self._last_verified_step = int(trainer.get("step", info.step))
@@ -389,6 +485,12 @@ class Checkpointer:
     def _preempt_now(self, signum: int) -> None:
         """The trainer did not reach ``step()`` in time: it is between steps, save now."""
         if self._preempt == signum and not self._closed:
+            if self._shards is not None:  # one rank alone cannot commit a sharded checkpoint
+                log.error("ckptd: sharded job %s: no step() within %.0fs of signal %d; no preemption save",
+                          self.job, self._preempt_grace, signum)
+                self._preempt = -signum
+                os.kill(os.getpid(), signum)  # the original handler, without waiting for a stuck commit
+                return
             self._save("preempt", "on_preempt")
             self._finish_preempt()
 
@@ -409,7 +511,7 @@ class Checkpointer:
         if callable(original):
             original(signum, frame)
         elif original == signal.SIG_DFL:
-            self._stop_threads()
+            self._stop_threads(timeout=2.0)  # the process is about to die: never hang it on a thread
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
@@ -429,18 +531,20 @@ class Checkpointer:
             self._save("final", "save_final")
             self.wait()
         self._closed = True
+        if self._shards is not None:
+            self._shards.drain()
         self._stop_threads()
         self._restore_signals()
         atexit.unregister(self._at_exit)
 
-    def _stop_threads(self) -> None:
+    def _stop_threads(self, timeout: float | None = None) -> None:
         if self._link is not None:
             self._link.close(self._step if self._closed else None)
             self._link = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        self._worker.close()
+        self._worker.close(timeout)
         self._buffer.close()
 
     def _restore_signals(self) -> None:

@@ -27,6 +27,7 @@ class SaveJob:
     filename: str
     step: int
     trigger: str
+    stall: float = 0.0  # seconds the trainer spent staging it
 
 
 Done = Callable[[SaveJob, "Persisted | None", "PersistError | None"], None]

@@ -1,0 +1,179 @@
+"""Sharded checkpoints: one directory, one shard per rank, and a manifest written last.
+
+Layout of one sharded checkpoint (``sharded=True``)::
+
+    DIR/job-step00000040/                      the unit: listed, kept, deleted as one
+        rank00000-of-00004.safetensors         each rank's own state, an ordinary ckptd file
+        ...
+        rank00003-of-00004.safetensors
+        ckptd-manifest.json                    written last: its presence is the commit
+
+The manifest names every shard with its size and its header's ``ckptd.meta_digest``
+(a digest over the metadata, which holds every tensor's xxh3-64), so a shard that is
+swapped, truncated, or left over from another attempt does not pass for a member. It
+is written only after every rank verified its own shard from disk and all ranks
+agreed, by the same temp → fsync → rename → fsync-directory sequence as a shard: a
+directory is a committed checkpoint if and only if it holds a manifest. One without
+(a rank died, a disk filled) is never loaded, and is removed once a later save commits.
+
+This module is the format only (no torch, no collectives): ``trainer_hooks.shards``
+runs the agreement, ``ckptd.verify.verify_unit`` checks a unit, ``ckptd.scan`` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from ckptd.format import FORMAT_VERSION
+
+MANIFEST = "ckptd-manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20
+SHARD_RE = re.compile(r"^rank(\d{5})-of-(\d{5})\.safetensors$")
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or inconsistent."""
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"rank{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def unit_name(filename: str) -> str:
+    """The unit directory of a sharded save: the single-file name without its suffix."""
+    return filename[: -len(".safetensors")] if filename.endswith(".safetensors") else filename
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int
+    file: str
+    bytes: int
+    meta_digest: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    job: str
+    step: int
+    world_size: int
+    shards: tuple[Shard, ...]
+    created: str = ""
+    epoch: float | None = None
+    trigger: str = ""
+    rule: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        body = {"ckptd.format": FORMAT_VERSION, **asdict(self), "shards": [asdict(s) for s in self.shards]}
+        return json.dumps(body, indent=1, sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str) -> "Manifest":
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict) or raw.get("ckptd.format") != FORMAT_VERSION:
+                raise ManifestError(f"not a ckptd manifest of format {FORMAT_VERSION}")
+            shards = tuple(Shard(int(s["rank"]), str(s["file"]), int(s["bytes"]), str(s["meta_digest"]))
+                           for s in raw["shards"])
+            metrics = raw.get("metrics")
+            m = cls(str(raw["job"]), int(raw["step"]), int(raw["world_size"]), shards, str(raw.get("created", "")),
+                    None if raw.get("epoch") is None else float(raw["epoch"]), str(raw.get("trigger", "")),
+                    str(raw.get("rule", "")), metrics if isinstance(metrics, dict) else {})
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"unreadable manifest: {exc}") from None
+        if sorted(s.rank for s in m.shards) != list(range(m.world_size)):
+            raise ManifestError(f"manifest lists ranks {sorted(s.rank for s in m.shards)} for world size {m.world_size}")
+        if any(s.file != shard_name(s.rank, m.world_size) for s in m.shards):
+            raise ManifestError("manifest names a shard file that does not match its rank")
+        return m
+
+
+def is_unit(path: str) -> bool:
+    """A directory that holds a manifest or rank shards (committed or not); never a symlink."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return MANIFEST in names or any(SHARD_RE.match(n) for n in names)
+
+
+def read(unit: str) -> Manifest:
+    path = os.path.join(unit, MANIFEST)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ManifestError("no manifest: the sharded save never committed") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read the manifest: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        return Manifest.parse(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ManifestError("manifest is not UTF-8") from None
+
+
+def write(unit: str, manifest: Manifest) -> str:
+    """Commit: temp → fsync → rename → fsync directory, so the manifest is all or nothing."""
+    dfd = os.open(unit, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    tmp = f".{MANIFEST}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(manifest.to_json().encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, MANIFEST, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
+        _fsync_dir(os.path.dirname(os.path.abspath(unit)))  # the unit's own entry, made by the first rank
+    except OSError:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(dfd)
+    return os.path.join(unit, MANIFEST)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_problem(outcomes: Sequence[dict[str, Any]], world_size: int) -> str:
+    """Why the gathered per-rank outcomes must not commit ("" when they may).
+
+    Each outcome is what one rank reports after persisting its shard: ``ok``,
+    ``step``, ``rank``, ``file``, ``bytes``, ``meta_digest``, or ``error``.
+    """
+    if len(outcomes) != world_size:
+        return f"{len(outcomes)} of {world_size} ranks reported"
+    failed = [o for o in outcomes if not o.get("ok")]
+    if failed:
+        return "; ".join(f"rank {o.get('rank')}: {o.get('error', 'failed')}" for o in failed)
+    steps = {int(o.get("step", -1)) for o in outcomes}
+    if len(steps) != 1:
+        return f"ranks saved different steps {sorted(steps)}: a save must happen at the same step on every rank"
+    if sorted(int(o.get("rank", -1)) for o in outcomes) != list(range(world_size)):
+        return "ranks reported twice or not at all"
+    return ""
+
+
+def stale_entries(names: Sequence[str], manifest: Manifest) -> list[str]:
+    """Shard files in a unit that the manifest does not list (an earlier attempt, another world size)."""
+    listed = {s.file for s in manifest.shards}
+    return [n for n in names if SHARD_RE.match(n) and n not in listed]

@@ -1,0 +1,166 @@
+"""Sharded checkpoints: every rank writes its shard, a manifest commits them, a dead rank commits nothing.
+
+The runs are real ``torchrun`` jobs (gloo, CPU) of ``examples/sharded_train.py`` with 2 and
+4 processes; the units they write are then tampered with on disk to check that
+verification, listing and retention treat manifest and shards as one checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ckptd import manifest as mf
+from ckptd.gc import collect
+from ckptd.scan import scan
+from ckptd.verify import verify_file, verify_unit
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
+from tests.test_integrations import ENV, run
+
+TORCHRUN = str(Path(PYTHON).parent / "torchrun")
+SCRIPT = str(ROOT / "examples" / "sharded_train.py")
+JOB = "sharded-demo"
+
+
+def torchrun(n: int, directory: Path, *extra: str) -> list[str]:
+    return [TORCHRUN, f"--nproc_per_node={n}", SCRIPT, "--dir", str(directory), *extra]
+
+
+def fingerprints(out: str) -> dict[str, str]:
+    return dict(re.findall(r"rank (\d) FINGERPRINT (\w+)", out))
+
+
+def unit(directory: Path, step: int) -> Path:
+    return directory / f"{JOB}-step{step:08d}"
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("sharded") / "ckpt"
+    run(torchrun(2, d, "--steps", "20"))
+    return d
+
+
+# -- the commit rule, as a pure function ---------------------------------------------------
+
+def test_commit_needs_every_rank_verified_at_the_same_step() -> None:
+    good = [{"ok": True, "rank": r, "step": 10} for r in range(3)]
+    assert mf.commit_problem(good, 3) == ""
+    assert "2 of 3 ranks" in mf.commit_problem(good[:2], 3)
+    failed = [*good[:2], {"ok": False, "rank": 2, "step": 10, "error": "no space"}]
+    assert mf.commit_problem(failed, 3) == "rank 2: no space"
+    skewed = [*good[:2], {"ok": True, "rank": 2, "step": 11}]
+    assert "different steps [10, 11]" in mf.commit_problem(skewed, 3)
+    twice = [*good[:2], {"ok": True, "rank": 1, "step": 10}]
+    assert "twice" in mf.commit_problem(twice, 3)
+
+
+def test_manifest_round_trip_and_rejects_inconsistent_ones() -> None:
+    m = mf.Manifest("j", 40, 2, (mf.Shard(0, mf.shard_name(0, 2), 10, "a" * 16),
+                                 mf.Shard(1, mf.shard_name(1, 2), 11, "b" * 16)), trigger="step", epoch=1.5)
+    assert mf.Manifest.parse(m.to_json()) == m
+    body = json.loads(m.to_json())
+    body["world_size"] = 3
+    with pytest.raises(mf.ManifestError, match="world size 3"):
+        mf.Manifest.parse(json.dumps(body))
+    body = json.loads(m.to_json())
+    body["shards"][1]["file"] = "../../etc/passwd"
+    with pytest.raises(mf.ManifestError, match="does not match its rank"):
+        mf.Manifest.parse(json.dumps(body))
+    with pytest.raises(mf.ManifestError, match="unreadable"):
+        mf.Manifest.parse("{not json")
+
+
+# -- what two ranks wrote ------------------------------------------------------------------
+
+def test_each_rank_writes_its_shard_and_the_manifest_names_them(two_rank_run: Path) -> None:
+    units = scan(str(two_rank_run), JOB)
+    assert [c.step for c in units] == [5, 10, 15, 20] and all(c.ok and c.shards == 2 for c in units)
+    m = mf.read(str(unit(two_rank_run, 20)))
+    assert m.trigger == "final" and [s.file for s in m.shards] == [mf.shard_name(0, 2), mf.shard_name(1, 2)]
+    shard0 = (unit(two_rank_run, 20) / mf.shard_name(0, 2)).read_bytes()
+    shard1 = (unit(two_rank_run, 20) / mf.shard_name(1, 2)).read_bytes()
+    assert shard0 != shard1  # each rank saved its own slice
+    r = verify_unit(str(unit(two_rank_run, 20)))
+    assert r.ok and r.tensors > 0 and r.bytes == sum(s.bytes for s in m.shards)
+    out = ckptd_cli("verify", "--json", str(two_rank_run))
+    assert out.returncode == 0 and [x["step"] for x in json.loads(out.stdout)] == [5, 10, 15, 20]
+
+
+def test_a_swapped_truncated_or_missing_shard_fails_the_unit(two_rank_run: Path, tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    shutil.copytree(two_rank_run, d)
+    a, b, c = unit(d, 5), unit(d, 10), unit(d, 15)
+    shutil.copy(b / mf.shard_name(1, 2), a / mf.shard_name(1, 2))  # a shard of another step
+    r = verify_file(str(a))
+    assert not r.ok and mf.shard_name(1, 2) in r.reason and "manifest" in r.reason
+    with open(b / mf.shard_name(0, 2), "r+b") as f:
+        f.truncate(1000)
+    assert not verify_file(str(b)).ok and "bytes" in verify_file(str(b)).reason
+    os.unlink(c / mf.shard_name(1, 2))
+    assert not verify_file(str(c)).ok
+    listed = {x.step: x for x in scan(str(d), JOB)}
+    assert listed[10].problem and listed[15].problem  # sizes are checked by the cheap scan too
+    out = ckptd_cli("verify", str(d))
+    assert out.returncode == 1 and out.stdout.count("CORRUPT") == 3
+    latest = ckptd_cli("latest", str(d))
+    assert latest.stdout.strip() == str(unit(d, 20))
+
+
+def test_a_unit_without_manifest_is_pending_until_a_later_save_commits(two_rank_run: Path, tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    shutil.copytree(two_rank_run, d)
+    os.unlink(unit(d, 20) / mf.MANIFEST)  # the newest save never committed
+    listed = scan(str(d), JOB)
+    assert listed[-1].pending and listed[-1].step == 20 and listed[-1].ok
+    assert not verify_file(str(unit(d, 20))).ok
+    verdicts, _ = collect(str(d), JOB, {"keep_last": 1}, 0.0, [str(d)], dry_run=True)
+    assert {v.item.step: v.keep for v in verdicts} == {5: False, 10: False, 15: True, 20: True}
+    os.unlink(unit(d, 10) / mf.MANIFEST)  # an older one did not commit either: abandoned, goes
+    verdicts, removals = collect(str(d), JOB, {"keep_last": 2}, 0.0, [str(d)])
+    assert {v.item.step: (v.keep, v.reasons) for v in verdicts if v.item.step == 10} == {10: (False, ("partial",))}
+    assert not unit(d, 10).exists() and unit(d, 20).exists() and unit(d, 15).exists()
+
+
+# -- killed mid-save, with 2 and 4 ranks ----------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,victim", [(2, 1), (4, 2)])
+def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
+        tmp_path: Path, ranks: int, victim: int) -> None:
+    d = DaemonProc(tmp_path / "d").start()
+    try:
+        env = {**ENV, "CKPTD_SOCKET": d.socket}
+        straight = fingerprints(run(torchrun(ranks, d.root / "a", "--steps", "25"), env))
+        assert len(straight) == ranks and len(set(straight.values())) == ranks  # every rank its own state
+        status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)}
+        assert status[JOB]["world_size"] == ranks and status[JOB]["checkpoints"] == 5
+        assert d.metric("ckptd_saves_total", job=JOB, trigger="final", outcome="ok") == 1
+
+        b = d.root / "b"
+        p = subprocess.Popen(torchrun(ranks, b, "--steps", "25", "--kill-rank", str(victim), "--kill-step", "15"),
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:  # the others wrote their shards of step 15 and wait for the dead rank's
+            wait_until(lambda: (unit(b, 15) / mf.shard_name(0, ranks)).exists() or p.poll() is not None, 120,
+                       "rank 0's shard of step 15")
+        finally:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        assert not (unit(b, 15) / mf.MANIFEST).exists()
+        assert not (unit(b, 15) / mf.shard_name(victim, ranks)).exists()
+        assert not verify_file(str(unit(b, 15))).ok
+
+        out = run(torchrun(ranks, b, "--steps", "25"), env)
+        assert set(re.findall(r"rank \d starting at step (\d+)", out)) == {"10"}, out
+        assert fingerprints(out) == straight
+        assert [c.step for c in scan(str(b), JOB) if not c.pending] == [5, 10, 15, 20, 25]
+        assert verify_unit(str(unit(b, 15))).ok  # saved again after the resume, and committed
+    finally:
+        d.stop()

@@ -1,0 +1,157 @@
+"""Sharded saves (``Checkpointer(..., sharded=True)``): every rank writes its own shard,
+and the checkpoint commits only when every rank's shard is verified.
+
+Lifecycle of one sharded save, in order; every rank runs every step:
+
+1. **When.** Step rules are pure functions of the step number, so every rank reaches
+   the same decision on its own. Triggers that are not (a time rule fires on rank 0,
+   a preemption signal reaches one rank first, a best metric improves) are raised as
+   flags and combined by an asynchronous ``all_reduce(MAX)`` started in ``step()``;
+   its result is read at the next ``step()``, so every rank saves at the same step,
+   one step after the trigger, and training never waits for the exchange.
+2. **Write.** Each rank stages its own state in its staging buffer; its persist thread
+   writes ``DIR/<unit>/rankR-of-W.safetensors`` (temp, fsync, verify from disk,
+   rename), exactly like a single-file save (``ckptd.persist``).
+3. **Agree.** The persist thread ``all_gather_object``\\s every rank's outcome (step,
+   size, metadata digest, or the error), with the group's timeout.
+4. **Commit.** If every rank verified the same step, rank 0 removes leftover shards of
+   an earlier attempt, writes the manifest (temp, fsync, rename, fsync directory,
+   ``ckptd.manifest``) and broadcasts the outcome; otherwise nothing is committed and
+   every rank logs why. A rank that died before step 3 makes the others time out
+   there: no manifest, and resume takes the previous committed checkpoint.
+5. **After.** Rank 0 applies retention (a unit is kept or deleted whole) and tells the
+   daemon, which catalogues the unit and counts it in its metrics.
+
+Checkpoint traffic runs on two gloo groups of its own, created here, each used by a
+single thread (flags: the training thread; outcomes: the persist thread), so their
+collectives never interleave with each other nor with training's own collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ckptd import manifest as mf
+
+log = logging.getLogger("ckptd.hook")
+
+FLAG_TIME, FLAG_PREEMPT, FLAG_BEST = range(3)
+TIME_RULES = ("", "every", "cron")  # the value of the time flag names the rule
+
+
+class ShardGroup:
+    """The ranks of one sharded job and the collectives they checkpoint with."""
+
+    def __init__(self, timeout: float) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("sharded=True needs torch.distributed initialised (init_process_group) before the "
+                             "Checkpointer is created, on every rank")
+        self._dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        wait = timedelta(seconds=timeout)
+        self._flags = dist.new_group(backend="gloo", timeout=wait)
+        self._outcomes = dist.new_group(backend="gloo", timeout=wait)
+        self._pending: tuple[Any, torch.Tensor] | None = None
+        self.broken: str = ""
+
+    # -- step 1: when ------------------------------------------------------------------
+
+    def exchange(self, flags: list[int]) -> list[int]:
+        """Start combining this step's flags; return the combination started last step."""
+        agreed = [0, 0, 0]
+        if self.broken:
+            return agreed
+        try:
+            if self._pending is not None:
+                work, tensor = self._pending
+                work.wait()
+                agreed = [int(v) for v in tensor.tolist()]
+            tensor = torch.tensor(flags, dtype=torch.int32)
+            work = self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._flags, async_op=True)
+            self._pending = (work, tensor)
+        except Exception as exc:  # a peer is gone: stop exchanging, never crash training
+            self._fail(f"flag exchange failed: {exc}")
+        return agreed
+
+    def drain(self) -> None:
+        """The last exchange must complete on every rank before the group goes away."""
+        if self._pending is not None and not self.broken:
+            try:
+                self._pending[0].wait()
+            except Exception as exc:
+                self._fail(f"flag exchange failed: {exc}")
+        self._pending = None
+
+    # -- steps 3 and 4: agree and commit -------------------------------------------------
+
+    def commit(self, unit: str, outcome: dict[str, Any]) -> str:
+        """Persist thread: gather every rank's outcome; rank 0 writes the manifest. "" = committed."""
+        try:
+            outcomes: list[Any] = [None] * self.world_size
+            self._dist.all_gather_object(outcomes, outcome, group=self._outcomes)
+            problem = [_commit_on_rank0(unit, outcomes, self.world_size) if self.rank == 0 else ""]
+            self._dist.broadcast_object_list(problem, src=0, group=self._outcomes)
+            return str(problem[0])
+        except Exception as exc:
+            return f"the ranks did not agree (a rank died or timed out): {exc}"
+
+    def everyone(self, ok: bool) -> bool:
+        """Resume: True only if every rank says ``ok`` (its shard of a candidate verifies)."""
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MIN, group=self._outcomes)
+        return bool(flag.item())
+
+    def _fail(self, why: str) -> None:
+        self.broken = why
+        log.error("ckptd: sharded job: %s; sharded saves stop committing", why)
+
+
+def _commit_on_rank0(unit: str, outcomes: list[dict[str, Any]], world_size: int) -> str:
+    problem = mf.commit_problem(outcomes, world_size)
+    if problem:
+        return problem
+    manifest = manifest_from(outcomes, world_size)
+    try:
+        for name in mf.stale_entries(os.listdir(unit), manifest):
+            os.unlink(os.path.join(unit, name))
+        mf.write(unit, manifest)
+    except OSError as exc:
+        return f"writing the manifest in {unit} failed: {exc.strerror or exc}"
+    return ""
+
+
+def manifest_from(outcomes: list[dict[str, Any]], world_size: int) -> mf.Manifest:
+    """Rank 0's header fields describe the whole checkpoint; every rank adds its shard."""
+    head = next(o for o in outcomes if o["rank"] == 0)["meta"]
+    shards = tuple(sorted((mf.Shard(o["rank"], o["file"], o["bytes"], o["meta"]["ckptd.meta_digest"])
+                           for o in outcomes), key=lambda s: s.rank))
+    epoch = head.get("ckptd.epoch")
+    return mf.Manifest(head["ckptd.job"], int(head["ckptd.step"]), world_size, shards, head.get("ckptd.created", ""),
+                       float(epoch) if epoch else None, head.get("ckptd.trigger", ""), head.get("ckptd.rule", ""),
+                       _json_dict(head.get("ckptd.metrics", "{}")))
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def shard_outcome(rank: int, step: int, persisted: Any = None, error: Exception | None = None) -> dict[str, Any]:
+    """What one rank reports to the others about its shard."""
+    if persisted is None:
+        return {"ok": False, "rank": rank, "step": step, "error": str(error)}
+    meta = {k: v for k, v in persisted.metadata.items() if k != "ckptd.state"}  # the skeleton can be large
+    return {"ok": True, "rank": rank, "step": step, "file": os.path.basename(persisted.path),
+            "bytes": persisted.bytes, "meta": meta}
