@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,40 @@ def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
         assert verify_unit(str(unit(b, 15))).ok  # saved again after the resume, and committed
     finally:
         d.stop()
+
+
+# -- triggers that are not a function of the step: agreed, then saved on every rank at once --------
+
+@pytest.mark.slow
+def test_time_rule_saves_commit_on_every_rank(tmp_path: Path) -> None:
+    """``every`` fires on rank 0's clock only; the flag exchange makes all ranks save at one step."""
+    env = {**ENV, "CKPTD_EVERY": "1s"}
+    run(torchrun(2, tmp_path, "--steps", "30", "--every", "1000", "--step-sleep", "0.1"), env)
+    units = scan(str(tmp_path), JOB)
+    timed = [c for c in units if c.trigger == "time"]
+    assert len(timed) >= 2 and all(c.ok and c.shards == 2 for c in units), units
+    assert units[-1].step == 30 and units[-1].trigger == "final"
+    assert all(verify_unit(c.path).ok for c in units)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_job_commits_a_preemption_checkpoint(tmp_path: Path) -> None:
+    """As a scheduler preempts: SIGTERM to every process; the ranks agree on one step, save, then exit."""
+    log = tmp_path / "run.log"
+    d = tmp_path / "ckpt"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(torchrun(2, d, "--steps", "200", "--every", "1000", "--step-sleep", "0.1"),
+                             env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: log.read_text().count("starting at step") == 2 or p.poll() is not None, 60,
+                   "both ranks to start training")
+        time.sleep(1)  # a few steps in
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    units = scan(str(d), JOB)
+    assert [c.trigger for c in units] == ["preempt"] and units[0].ok and units[0].shards == 2, units
+    assert verify_unit(units[0].path).ok and units[0].step > 0
