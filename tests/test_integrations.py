@@ -1,4 +1,4 @@
-"""One line in HF Trainer, Lightning and torchrun DDP: real libraries, real SIGKILL, exact resume."""
+"""One line in HF Trainer, Lightning, Accelerate and torchrun DDP: real libraries, real SIGKILL, exact resume."""
 
 from __future__ import annotations
 
@@ -70,6 +70,19 @@ def test_lightning_killed_and_resumed_is_bit_identical_at_epoch_boundaries(tmp_p
     assert fingerprint(out) == straight
     metrics = scan(str(ckpts), "pl-demo")[-1].metrics
     assert "train_loss" in metrics  # best_metric comes from Lightning's logged metrics
+
+
+def test_accelerate_loop_killed_and_resumed_mid_epoch_is_bit_identical(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    script = str(ROOT / "examples" / "accelerate_train.py")
+    straight = fingerprint(run([PYTHON, script, "--dir", str(tmp_path / "a"), "--steps", "40"]))
+    kill_when([PYTHON, script, "--dir", str(tmp_path / "b"), "--steps", "40", "--step-sleep", "0.2"],
+              tmp_path / "b", "accel-demo", 15)
+    out = run([PYTHON, script, "--dir", str(tmp_path / "b"), "--steps", "40"])
+    start = int(re.findall(r"starting at step (\d+)", out)[0])
+    assert start >= 15 and start % 12, out  # mid-epoch (12 batches an epoch): skip_first_batches did its job
+    assert fingerprint(out) == straight
+    assert [c.step for c in scan(str(tmp_path / "b"), "accel-demo")] == [30, 35, 40]  # keep_last=3
 
 
 def test_torchrun_ddp_rank0_saves_all_ranks_resume(tmp_path: Path) -> None:
