@@ -174,6 +174,7 @@ class Checkpointer:
         self._flag = False
         self._agreed = [0, 0, 0]  # sharded: the flags every rank acts on (``trainer_hooks.shards``)
         self._sent_preempt = False
+        self._best_seen = False
         self._next_due = pol.next_due_step(self.policy, 0)
 
     @property
@@ -194,8 +195,9 @@ class Checkpointer:
         if metrics is not None:
             self._metrics = metrics
             if self._best_key is not None and pol.improves(self.policy, metrics.get(self._best_key), self._best):
-                self._flag = True
-        if self._shards is not None:
+                self._best_seen = True  # sharded: latched until the next exchange sends it
+                self._flag = self._shards is None
+        if self._shards is not None and self._shards.due():
             self._exchange()
         if self._step >= self._next_due or self._flag:
             self._due()
@@ -208,10 +210,11 @@ class Checkpointer:
         local = [0, 0, 0]
         local[FLAG_TIME] = TIME_RULES.index(self._time_due) if self._time_due in TIME_RULES else 0
         local[FLAG_PREEMPT] = int(self._preempt is not None and self._preempt > 0 and not self._sent_preempt)
-        local[FLAG_BEST] = int(self._best_key is not None and pol.improves(self.policy, metric, self._best))
+        local[FLAG_BEST] = int(self._best_seen or pol.improves(self.policy, metric, self._best))
+        self._best_seen = False
         self._sent_preempt = self._sent_preempt or bool(local[FLAG_PREEMPT])
         self._time_due = None  # sent: rank 0's timer fires once, the agreed flag comes back next step
-        self._agreed = self._shards.exchange(local)
+        self._agreed = self._shards.exchange(local, time.monotonic())
         self._flag = any(self._agreed)
 
     def _progress(self) -> pol.Progress:

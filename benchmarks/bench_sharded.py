@@ -1,0 +1,145 @@
+"""Benchmark 6: sharded saves (``sharded=True``) under torchrun, against DCP's ``async_save``.
+
+Each of N ranks (gloo, CPU) holds its own model + AdamW state of ``--mib`` MiB. Per save,
+on every rank, interleaved so that noise hits all alike:
+
+- **stall**: how long training is blocked (ckptd: ``save()`` returns once the state is
+  copied into shared memory; DCP: ``async_save`` returns once its staging is done),
+  against a memcpy of the same tensors (the floor);
+- **commit**: until the checkpoint is durable and committed on every rank (ckptd:
+  shards written, fsynced, re-read and verified, manifest written; DCP: ``.result()``,
+  which writes but does not re-read);
+- **step overhead**: ``step()`` with no save due. Sharded mode adds one asynchronous
+  ``all_reduce`` of three ints a step (the trigger exchange); the toy training step is a
+  matmul plus a small ``all_reduce`` (gradient sync) so that the ranks run in lockstep.
+
+    python benchmarks/bench_sharded.py [--ranks 2] [--mib 64] [--reps 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ROOT, MiB, table, write_result  # noqa: E402
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from benchmarks.bench_stall import all_tensors, floor, make_state
+    from trainer_hooks import Checkpointer
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    model, opt = make_state(args.mib)
+    work = Path(args.dir)
+    ckpt = Checkpointer("bench-sharded", work / "ckptd", model=model, optimizer=opt, sharded=True, keep_last=1,
+                        every_steps=10**9, save_final=False, socket=False, preempt_signals=())
+    out: dict[str, list[float]] = {"memcpy floor": [], "ckptd stall": [], "dcp stall": [], "ckptd commit": [],
+                                   "dcp commit": [], "loop": [], "loop + step()": []}
+    tensors = all_tensors(model, opt)
+    for i in range(args.reps + 1):  # the first round pays for page faults and DCP's set-up
+        sample = {"memcpy floor": floor(tensors, 1).samples[0]}
+        dist.barrier()
+        t0 = time.perf_counter()
+        ckpt.save(wait=False)
+        sample["ckptd stall"] = time.perf_counter() - t0
+        ckpt.wait()
+        sample["ckptd commit"] = time.perf_counter() - t0
+        sd = {f"rank{rank}": {"model": model.state_dict(), "optimizer": opt.state_dict()}}  # distinct keys: no dedup
+        dist.barrier()
+        t0 = time.perf_counter()
+        fut = dcp.async_save(sd, checkpoint_id=str(work / f"dcp{i}"))
+        sample["dcp stall"] = time.perf_counter() - t0
+        fut.result()
+        sample["dcp commit"] = time.perf_counter() - t0
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(work / f"dcp{i}", ignore_errors=True)
+        if i:
+            for k, v in sample.items():
+                out[k].append(v)
+    x, w = torch.randn(args.width, args.width), torch.eye(args.width) * 0.999
+    grad = torch.zeros(1024)
+    for _ in range(args.reps):
+        for key, hook in (("loop", None), ("loop + step()", ckpt)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                torch.mm(x, w, out=x)
+                dist.all_reduce(grad)  # training's own collective: the ranks run in lockstep, as they do
+                if hook is not None:
+                    hook.step()
+            out[key].append((time.perf_counter() - t0) / args.steps)
+    assert ckpt.stats["failed"] == 0, ckpt.last_error
+    ckpt.close(final=False)
+    gathered: list[dict[str, list[float]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out)
+    if rank == 0:
+        Path(args.dir, "result.json").write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--mib", type=int, default=64, help="state per rank")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--width", type=int, default=512, help="the toy training step: a width x width matmul")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--dir", default="")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.quick:
+        args.mib, args.reps, args.steps = 16, 3, 500
+    work = Path(os.environ.get("CKPTD_BENCH_DIR", "/var/tmp")) / f"ckptd-bench-sharded-{os.getpid()}"
+    try:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={args.ranks}", __file__, "--worker",
+               "--dir", str(work), "--mib", str(args.mib), "--reps", str(args.reps), "--steps", str(args.steps),
+               "--width", str(args.width)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        per_rank = json.loads((work / "result.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(args, per_rank)
+
+
+def report(args: argparse.Namespace, per_rank: list[dict[str, list[float]]]) -> None:
+    """A save is as slow as its slowest rank: per round, the max over ranks; then the median."""
+    rounds = len(per_rank[0]["ckptd stall"])
+    med = {k: statistics.median(max(r[k][i] for r in per_rank) for i in range(len(per_rank[0][k])))
+           for k in per_rank[0]}
+    floor = med["memcpy floor"]
+    rows = [[k, f"{med[k] * 1e3:.1f} ms", f"{med[k] / floor:.2f}x"] for k in
+            ("memcpy floor", "ckptd stall", "dcp stall", "ckptd commit", "dcp commit")]
+    overhead = med["loop + step()"] / med["loop"] - 1
+    rows.append(["step() overhead, no save due", f"{(med['loop + step()'] - med['loop']) * 1e6:.1f} us",
+                 f"{overhead * 100:+.2f}% of a {med['loop'] * 1e6:.0f} us step"])
+    print(table(f"sharded saves: {args.ranks} ranks x {args.mib} MiB (medians of {rounds}, slowest rank per round)",
+                ["measure", "median", "ratio to the memcpy floor"], rows))
+    write_result("sharded" + ("_quick" if args.quick else ""), {
+        "ranks": args.ranks, "mib_per_rank": args.mib, "rounds": rounds,
+        "medians_seconds": med, "ratio_to_floor": {k: med[k] / floor for k in med if "loop" not in k},
+        "step_overhead_fraction": overhead, "per_rank": per_rank})
+
+
+if __name__ == "__main__":
+    main()
