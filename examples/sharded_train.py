@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import signal
 import time
 import warnings
 
@@ -34,20 +33,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--step-sleep", type=float, default=0.0)
-    ap.add_argument("--kill-rank", type=int, default=-1, help="this rank SIGKILLs itself while saving --kill-step")
-    ap.add_argument("--kill-step", type=int, default=-1)
+    ap.add_argument("--ballast-rank", type=int, default=-1, help="tests: this rank saves --ballast-mib more")
+    ap.add_argument("--ballast-mib", type=int, default=0, help="(so that its shard takes a while to write)")
     a = ap.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(rank)  # every rank its own slice
     layer = torch.nn.Linear(IN, OUT // world)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.01)
-    box: dict[str, Checkpointer] = {}
-    ckpt = Checkpointer("sharded-demo", a.dir, model=layer, optimizer=opt, sharded=True, every_steps=a.every,
-                        total_steps=a.steps, before_save=lambda: die_if(a, rank, box))
-    box["ckpt"] = ckpt
+    extra = {"ballast": torch.ones(a.ballast_mib << 18)} if rank == a.ballast_rank else {}
+    ckpt = Checkpointer("sharded-demo", a.dir, model=layer, optimizer=opt, extra=extra, sharded=True,
+                        every_steps=a.every, total_steps=a.steps)
     start = ckpt.resume()
-    print(f"rank {rank} starting at step {start}", flush=True)
+    print(f"rank {rank} pid {os.getpid()} starting at step {start}", flush=True)
     for step in range(start, a.steps):
         x = torch.randn(8, IN, generator=torch.Generator().manual_seed(step))  # the same batch on every rank
         y = torch.cat(dist_fn.all_gather(layer(x)), dim=1)  # the full output, gradients flow back to each slice
@@ -62,12 +60,6 @@ def main() -> None:
     h = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in layer.state_dict().values()))
     print(f"rank {rank} FINGERPRINT {h.hexdigest()} saves {ckpt.stats['verified']}", flush=True)
     dist.destroy_process_group()
-
-
-def die_if(a: argparse.Namespace, rank: int, box: dict[str, Checkpointer]) -> None:
-    """Test hook: this rank dies in the middle of a sharded save (the others are writing theirs)."""
-    if rank == a.kill_rank and "ckpt" in box and box["ckpt"].step_count == a.kill_step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

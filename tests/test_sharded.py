@@ -20,6 +20,7 @@ import pytest
 
 from ckptd import manifest as mf
 from ckptd.gc import collect
+from ckptd.persist import TEMP_MARK
 from ckptd.scan import scan
 from ckptd.verify import verify_file, verify_unit
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
@@ -139,6 +140,18 @@ def test_a_unit_without_manifest_is_pending_until_a_later_save_commits(two_rank_
     assert not unit(d, 10).exists() and unit(d, 20).exists() and unit(d, 15).exists()
 
 
+@pytest.mark.slow
+def test_a_quota_refusal_reaches_every_rank_before_any_shard_is_written(tmp_path: Path) -> None:
+    """max_bytes fits one unit: the next saves fail ``no_space`` on all ranks, training goes on,
+    the unit already there is untouched and no rank leaves a stray shard behind."""
+    env = {**ENV, "CKPTD_MAX_BYTES": "50KiB"}
+    out = run(torchrun(2, tmp_path, "--steps", "20"), env)
+    assert len(fingerprints(out)) == 2  # both ranks trained to the end
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{JOB}-step00000005"]
+    assert verify_unit(str(unit(tmp_path, 5))).ok
+    assert re.findall(r"rank \d FINGERPRINT \w+ saves (\d+)", out) == ["1", "1"]
+
+
 # -- killed mid-save, with 2 and 4 ranks ----------------------------------------------------
 
 @pytest.mark.slow
@@ -155,20 +168,14 @@ def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
         assert d.metric("ckptd_saves_total", job=JOB, trigger="final", outcome="ok") == 1
 
         b = d.root / "b"
-        p = subprocess.Popen(torchrun(ranks, b, "--steps", "25", "--kill-rank", str(victim), "--kill-step", "15"),
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:  # the others wrote their shards of step 15 and wait for the dead rank's
-            wait_until(lambda: (unit(b, 15) / mf.shard_name(0, ranks)).exists() or p.poll() is not None, 120,
-                       "rank 0's shard of step 15")
-        finally:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        kill_mid_write(torchrun(ranks, b, "--steps", "25", "--step-sleep", "0.05", "--ballast-rank", str(victim),
+                                "--ballast-mib", "128"), env, b, ranks, victim, tmp_path / "run.log")
         assert not (unit(b, 15) / mf.MANIFEST).exists()
         assert not (unit(b, 15) / mf.shard_name(victim, ranks)).exists()
         assert not verify_file(str(unit(b, 15))).ok
 
-        out = run(torchrun(ranks, b, "--steps", "25"), env)
-        assert set(re.findall(r"rank \d starting at step (\d+)", out)) == {"10"}, out
+        out = run(torchrun(ranks, b, "--steps", "25", "--ballast-rank", str(victim), "--ballast-mib", "1"), env)
+        assert set(re.findall(r"rank \d pid \d+ starting at step (\d+)", out)) == {"10"}, out
         assert fingerprints(out) == straight
         assert [c.step for c in scan(str(b), JOB) if not c.pending] == [5, 10, 15, 20, 25]
         assert verify_unit(str(unit(b, 15))).ok  # saved again after the resume, and committed
@@ -211,3 +218,27 @@ def test_sigterm_to_the_whole_job_commits_a_preemption_checkpoint(tmp_path: Path
     units = scan(str(d), JOB)
     assert [c.trigger for c in units] == ["preempt"] and units[0].ok and units[0].shards == 2, units
     assert verify_unit(units[0].path).ok and units[0].step > 0
+
+
+def kill_mid_write(args: list[str], env: dict[str, str], b: Path, ranks: int, victim: int, log: Path) -> None:
+    """Run until the victim rank is writing its (large) shard of step 15 while rank 0's is
+    written and waiting; SIGKILL the victim, then, as a launcher would, the rest."""
+    with open(log, "wb") as out:
+        p = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def writing() -> bool:
+            names = os.listdir(unit(b, 15)) if unit(b, 15).is_dir() else []
+            return mf.shard_name(0, ranks) in names and any(
+                TEMP_MARK in n and mf.shard_name(victim, ranks) in n for n in names)
+        wait_until(lambda: writing() or p.poll() is not None, 120, "the victim writing its shard of step 15")
+        assert p.poll() is None, log.read_text()[-3000:]
+        pid = int(dict(re.findall(r"rank (\d+) pid (\d+)", log.read_text()))[str(victim)])
+        os.kill(pid, signal.SIGKILL)
+        try:
+            p.wait(60)  # torchrun sees a worker die and stops the others
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()

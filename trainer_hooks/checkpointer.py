@@ -42,8 +42,8 @@ import torch
 from ckptd import config as config_mod
 from ckptd import policy as pol
 from ckptd.format import FORMAT_VERSION
-from ckptd.gc import Removal, collect, make_room
-from ckptd.manifest import shard_name, unit_name
+from ckptd.gc import Removal, collect, make_room, remove
+from ckptd.manifest import MANIFEST, shard_name, unit_name
 from ckptd.persist import PersistError, Persisted, cleanup_temp, persist
 from ckptd.preflight import check_directory, check_job, check_template, render, resolve_target
 from ckptd.scan import Checkpoint, scan
@@ -339,15 +339,11 @@ class Checkpointer:
         """Worker thread, every rank: write this rank's shard, then agree and commit (``shards``)."""
         assert self._shards is not None
         roots = [self.directory]
+        reason, message = self._shards.prepare(lambda: self._prepare_unit(job))
+        if reason:
+            raise PersistError(reason, message)
         persisted, error = None, None
         try:
-            if self._lead:  # quota for the whole unit, judged on one rank (the others only write)
-                room, removed = make_room(self.directory, self.job, self.settings, job.length * self.world_size,
-                                          time.time(), roots)
-                self._count_removals(removed)
-                if not room.ok:
-                    raise PersistError("no_space", f"sharded checkpoint of step {job.step} does not fit in "
-                                                   f"{self.directory}: {room.reason}")
             os.makedirs(job.directory, exist_ok=True)
             persisted = persist(job.fd, job.length, job.directory, job.filename)
         except (PersistError, OSError) as exc:
@@ -365,6 +361,20 @@ class Checkpointer:
             raise PersistError(reason, f"sharded checkpoint of step {job.step} not committed: {problem}")
         assert persisted is not None
         return Persisted(job.directory, persisted.bytes, persisted.metadata, persisted.durations)
+
+    def _prepare_unit(self, job: SaveJob) -> tuple[str, str]:
+        """Rank 0, while the other ranks wait: quota for the whole unit, and a clean target."""
+        roots = [self.directory]
+        room, removed = make_room(self.directory, self.job, self.settings, job.length * self.world_size,
+                                  time.time(), roots)
+        self._count_removals(removed)
+        if not room.ok:
+            return "no_space", (f"sharded checkpoint of step {job.step} does not fit in {self.directory}: "
+                                f"{room.reason}; no rank wrote its shard, existing checkpoints were left alone")
+        if os.path.isdir(job.directory) and not os.path.exists(os.path.join(job.directory, MANIFEST)):
+            log.warning("ckptd: removing %s, an uncommitted earlier attempt at step %d", job.directory, job.step)
+            remove(job.directory, roots)
+        return "", ""
 
     def _count_removals(self, removals: list[Removal]) -> None:
         for r in removals:

@@ -12,17 +12,22 @@ Lifecycle of one sharded save, in order; every rank runs every step:
    short step: rank 0 proposes, inside each exchange, how many ``step()`` calls to
    wait before the next one (about ``EXCHANGE_EVERY`` seconds' worth), and since every
    rank reads the same combined proposal, all of them exchange at the same calls.
-2. **Write.** Each rank stages its own state in its staging buffer; its persist thread
-   writes ``DIR/<unit>/rankR-of-W.safetensors`` (temp, fsync, verify from disk,
+2. **Prepare.** Rank 0 makes room for the whole unit (retention, then quota) and
+   removes a stale uncommitted directory of the same name (left by a crashed attempt
+   at this step) while the others wait for its broadcast: nobody writes before the
+   quota said yes, and nothing is deleted while a rank writes. A refusal (``no_space``)
+   reaches every rank, and no rank writes a shard.
+3. **Write.** Each rank has staged its own state in its staging buffer (in ``step()``,
+   before 2: that copy is all training waits for); its persist thread writes ``DIR/<unit>/rankR-of-W.safetensors`` (temp, fsync, verify from disk,
    rename), exactly like a single-file save (``ckptd.persist``).
-3. **Agree.** The persist thread ``all_gather_object``\\s every rank's outcome (step,
-   size, metadata digest, or the error), with the group's timeout.
-4. **Commit.** If every rank verified the same step, rank 0 removes leftover shards of
-   an earlier attempt, writes the manifest (temp, fsync, rename, fsync directory,
+4. **Agree.** The persist thread gathers every rank's outcome (step, size, metadata
+   digest, or the error) with ``all_gather_object``, within the group's timeout.
+5. **Commit.** If every rank verified the same step and its file is in place, rank 0
+   writes the manifest (temp, fsync, rename, fsync directory,
    ``ckptd.manifest``) and broadcasts the outcome; otherwise nothing is committed and
-   every rank logs why. A rank that died before step 3 makes the others time out
+   every rank logs why. A rank that died before step 4 makes the others time out
    there: no manifest, and resume takes the previous committed checkpoint.
-5. **After.** Rank 0 applies retention (a unit is kept or deleted whole) and tells the
+6. **After.** Rank 0 applies retention (a unit is kept or deleted whole) and tells the
    daemon, which catalogues the unit and counts it in its metrics.
 
 Checkpoint traffic runs on two gloo groups of its own, created here, each used by a
@@ -35,7 +40,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -115,7 +120,24 @@ class ShardGroup:
                 self._fail(f"flag exchange failed: {exc}")
         self._pending = None
 
-    # -- steps 3 and 4: agree and commit -------------------------------------------------
+    # -- step 2: prepare ----------------------------------------------------------------
+
+    def prepare(self, on_rank0: Callable[[], tuple[str, str]]) -> tuple[str, str]:
+        """Persist thread: rank 0 runs ``on_rank0`` (room, stale unit); every rank gets its
+        ``(reason, message)``, ("", "") meaning "write your shard"."""
+        verdict: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                verdict[0] = on_rank0()
+            except Exception as exc:  # the others wait for this broadcast: always send one
+                verdict[0] = (getattr(exc, "reason", "internal_error"), f"preparing the sharded save: {exc}")
+        try:
+            self._dist.broadcast_object_list(verdict, src=0, group=self._outcomes)
+            return verdict[0]
+        except Exception as exc:
+            return "uncommitted", f"the ranks did not agree (a rank died or timed out): {exc}"
+
+    # -- steps 4 and 5: agree and commit -------------------------------------------------
 
     def commit(self, unit: str, outcome: dict[str, Any]) -> str:
         """Persist thread: gather every rank's outcome; rank 0 writes the manifest. "" = committed."""
@@ -145,6 +167,10 @@ def _commit_on_rank0(unit: str, outcomes: list[dict[str, Any]], world_size: int)
         return problem
     manifest = manifest_from(outcomes, world_size)
     try:
+        for shard in manifest.shards:  # a manifest never names a file that is not there, whole
+            size = os.stat(os.path.join(unit, shard.file), follow_symlinks=False).st_size
+            if size != shard.bytes:
+                return f"{shard.file} is {size} bytes on disk, rank {shard.rank} wrote {shard.bytes}"
         for name in mf.stale_entries(os.listdir(unit), manifest):
             os.unlink(os.path.join(unit, name))
         mf.write(unit, manifest)
