@@ -11,7 +11,8 @@ on every rank, interleaved so that noise hits all alike:
   which writes but does not re-read);
 - **step overhead**: ``step()`` with no save due. Sharded mode adds one asynchronous
   ``all_reduce`` of three ints a step (the trigger exchange); the toy training step is a
-  matmul plus a small ``all_reduce`` (gradient sync) so that the ranks run in lockstep.
+  matmul plus a small ``all_reduce`` (gradient sync) so that the ranks run in lockstep;
+  the same loop with an unsharded hook shows the noise floor.
 
     python benchmarks/bench_sharded.py [--ranks 2] [--mib 64] [--reps 5] [--quick]
 """
@@ -48,8 +49,11 @@ def worker(args: argparse.Namespace) -> None:
     work = Path(args.dir)
     ckpt = Checkpointer("bench-sharded", work / "ckptd", model=model, optimizer=opt, sharded=True, keep_last=1,
                         every_steps=10**9, save_final=False, socket=False, preempt_signals=())
+    # the same loop with an unsharded hook (rank 0 saves; a few attribute reads a step): the noise floor
+    plain = Checkpointer("bench-plain", work / "plain", model=torch.nn.Linear(4, 4), every_steps=10**9,
+                         save_final=False, socket=False, preempt_signals=())
     out: dict[str, list[float]] = {"memcpy floor": [], "ckptd stall": [], "dcp stall": [], "ckptd commit": [],
-                                   "dcp commit": [], "loop": [], "loop + step()": []}
+                                   "dcp commit": [], "loop": [], "loop + step()": [], "loop + unsharded step()": []}
     tensors = all_tensors(model, opt)
     for i in range(args.reps + 1):  # the first round pays for page faults and DCP's set-up
         sample = {"memcpy floor": floor(tensors, 1).samples[0]}
@@ -75,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     x, w = torch.randn(args.width, args.width), torch.eye(args.width) * 0.999
     grad = torch.zeros(1024)
     for _ in range(args.reps):
-        for key, hook in (("loop", None), ("loop + step()", ckpt)):
+        for key, hook in (("loop", None), ("loop + step()", ckpt), ("loop + unsharded step()", plain)):
             dist.barrier()
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -86,6 +90,7 @@ def worker(args: argparse.Namespace) -> None:
             out[key].append((time.perf_counter() - t0) / args.steps)
     assert ckpt.stats["failed"] == 0, ckpt.last_error
     ckpt.close(final=False)
+    plain.close(final=False)
     gathered: list[dict[str, list[float]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, out)
     if rank == 0:
@@ -131,14 +136,16 @@ def report(args: argparse.Namespace, per_rank: list[dict[str, list[float]]]) -> 
     rows = [[k, f"{med[k] * 1e3:.1f} ms", f"{med[k] / floor:.2f}x"] for k in
             ("memcpy floor", "ckptd stall", "dcp stall", "ckptd commit", "dcp commit")]
     overhead = med["loop + step()"] / med["loop"] - 1
-    rows.append(["step() overhead, no save due", f"{(med['loop + step()'] - med['loop']) * 1e6:.1f} us",
-                 f"{overhead * 100:+.2f}% of a {med['loop'] * 1e6:.0f} us step"])
+    for key in ("loop + step()", "loop + unsharded step()"):
+        rows.append([f"{key[7:]} overhead, no save due", f"{(med[key] - med['loop']) * 1e6:.1f} us",
+                     f"{(med[key] / med['loop'] - 1) * 100:+.2f}% of a {med['loop'] * 1e6:.0f} us step"])
     print(table(f"sharded saves: {args.ranks} ranks x {args.mib} MiB (medians of {rounds}, slowest rank per round)",
                 ["measure", "median", "ratio to the memcpy floor"], rows))
-    write_result("sharded" + ("_quick" if args.quick else ""), {
+    write_result(f"sharded_{args.ranks}ranks" + ("_quick" if args.quick else ""), {
         "ranks": args.ranks, "mib_per_rank": args.mib, "rounds": rounds,
         "medians_seconds": med, "ratio_to_floor": {k: med[k] / floor for k in med if "loop" not in k},
-        "step_overhead_fraction": overhead, "per_rank": per_rank})
+        "step_overhead_fraction": overhead,
+        "unsharded_step_overhead_fraction": med["loop + unsharded step()"] / med["loop"] - 1, "per_rank": per_rank})
 
 
 if __name__ == "__main__":

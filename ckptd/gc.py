@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from ckptd import quota as quota_mod
 from ckptd import retention
 from ckptd.preflight import free_bytes, min_free_bytes
-from ckptd.scan import ABANDONED, Checkpoint, pin_path, scan
+from ckptd.scan import ABANDONED, Checkpoint, pin_path, read_info, scan
 
 
 class RemovalError(Exception):
@@ -116,12 +116,21 @@ def apply(verdicts: Sequence[retention.Verdict], roots: Sequence[str], quarantin
         if dry_run:
             out.append(Removal(v, False))
             continue
+        if v.item.partial and _touched_since(v.item):
+            continue  # an abandoned sharded unit that ranks started writing (or committed) since the scan
         try:
             remove(v.item.id, roots, quarantine_dir)
             out.append(Removal(v, True))
         except RemovalError as exc:
             out.append(Removal(v, False, str(exc)))
     return out
+
+
+def _touched_since(item: retention.Item) -> bool:
+    if not os.path.isdir(item.id):
+        return False
+    now = read_info(item.id)
+    return not now.pending or now.created > item.created
 
 
 def collect(directory: str, job: str | None, settings: Mapping[str, Any], now: float,

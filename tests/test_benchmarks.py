@@ -14,7 +14,7 @@ BENCH = ROOT / "benchmarks"
 @pytest.mark.slow
 @pytest.mark.parametrize("name,result", [("bench_stall", "stall_quick"), ("bench_io", "io_quick"),
                                          ("bench_overhead", "overhead_quick"), ("bench_load", "load_quick"),
-                                         ("bench_watch", "watch_quick")])
+                                         ("bench_watch", "watch_quick"), ("bench_sharded", "sharded_2ranks_quick")])
 def test_benchmark_smoke(name: str, result: str) -> None:
     r = run_py(str(BENCH / f"{name}.py"), "--quick", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -22,5 +22,7 @@ def test_benchmark_smoke(name: str, result: str) -> None:
     assert doc["benchmark"] == result and doc["machine"]["cpus"]
     if name == "bench_load":
         assert doc["lost"] == 0 and doc["corrupt"] == 0 and doc["failed"] == 0
+    if name == "bench_sharded":
+        assert doc["ranks"] == 2 and all(len(r["ckptd commit"]) == 3 for r in doc["per_rank"])
     if name == "bench_io":
         assert doc["verify_peak_rss_bytes"] < 300 * 2**20

@@ -166,6 +166,12 @@ def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
         status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)}
         assert status[JOB]["world_size"] == ranks and status[JOB]["checkpoints"] == 5
         assert d.metric("ckptd_saves_total", job=JOB, trigger="final", outcome="ok") == 1
+        listed = json.loads(ckptd_cli("list", JOB, "--json", "--socket", d.socket).stdout)
+        assert [x["path"] for x in listed] == [str(unit(d.root / "a", s)) for s in (5, 10, 15, 20, 25)]
+        d.stop()
+        shutil.rmtree(d.state)  # the catalogue is rebuilt from the files: units, not their shards
+        d.start()
+        assert json.loads(ckptd_cli("list", JOB, "--json", "--socket", d.socket).stdout) == listed
 
         b = d.root / "b"
         kill_mid_write(torchrun(ranks, b, "--steps", "25", "--step-sleep", "0.05", "--ballast-rank", str(victim),
