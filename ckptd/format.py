@@ -187,7 +187,7 @@ def _parse_entry(name: str, spec: Any) -> TensorEntry:
     if not isinstance(spec, dict):
         raise FormatError(f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list here must not raise TypeError
         raise FormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise FormatError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")

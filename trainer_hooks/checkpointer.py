@@ -407,6 +407,7 @@ class Checkpointer:
 
     def resume(self) -> int:
         """Load the newest checkpoint that verifies now; return its step (0 if none)."""
+        self.wait()  # sharded: the persist thread's collectives must not interleave with the resume agreement
         for info in reversed(self.checkpoints()):
             path = self._resumable(info)
             if path is None:
