@@ -206,19 +206,23 @@ class Checkpointer:
     def _exchange(self) -> None:
         """Sharded: send this step's own triggers once; act on what all ranks sent last step."""
         assert self._shards is not None
-        metric = self._progress().metric
         local = [0, 0, 0]
         local[FLAG_TIME] = TIME_RULES.index(self._time_due) if self._time_due in TIME_RULES else 0
         local[FLAG_PREEMPT] = int(self._preempt is not None and self._preempt > 0 and not self._sent_preempt)
-        local[FLAG_BEST] = int(self._best_seen or pol.improves(self.policy, metric, self._best))
+        local[FLAG_BEST] = int(self._best_seen or pol.improves(self.policy, self._metric, self._best))
         self._best_seen = False
         self._sent_preempt = self._sent_preempt or bool(local[FLAG_PREEMPT])
         self._time_due = None  # sent: rank 0's timer fires once, the agreed flag comes back next step
         self._agreed = self._shards.exchange(local, time.monotonic())
         self._flag = any(self._agreed)
 
+    @property
+    def _metric(self) -> float | None:
+        """The best_metric value last passed to ``step()``, if any."""
+        return _as_float(self._metrics.get(self._best_key)) if (self._metrics and self._best_key) else None
+
     def _progress(self) -> pol.Progress:
-        metric = _as_float(self._metrics.get(self._best_key)) if (self._metrics and self._best_key) else None
+        metric = self._metric
         if self._shards is not None:
             a = self._agreed
             return pol.Progress(self._step, self._last_saved_step, self._last_sched_at, TIME_RULES[a[FLAG_TIME]] or None,
@@ -298,9 +302,8 @@ class Checkpointer:
         self._time_due = None
         if trigger in SCHEDULED:
             self._last_sched_at = now
-        metric = self._progress().metric
-        if pol.improves(self.policy, metric, self._best):
-            self._best = metric
+        if pol.improves(self.policy, self._metric, self._best):
+            self._best = self._metric
         self._reschedule_every()
 
     def _capture(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ collectives never interleave with each other nor with training's own collectives
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import timedelta
@@ -45,6 +46,7 @@ from typing import Any, Callable
 import torch
 
 from ckptd import manifest as mf
+from ckptd.persist import Persisted
 
 log = logging.getLogger("ckptd.hook")
 
@@ -191,8 +193,6 @@ def manifest_from(outcomes: list[dict[str, Any]], world_size: int) -> mf.Manifes
 
 
 def _json_dict(text: str) -> dict[str, Any]:
-    import json
-
     try:
         value = json.loads(text)
     except ValueError:
@@ -200,7 +200,8 @@ def _json_dict(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def shard_outcome(rank: int, step: int, persisted: Any = None, error: Exception | None = None) -> dict[str, Any]:
+def shard_outcome(rank: int, step: int, persisted: Persisted | None = None,
+                  error: Exception | None = None) -> dict[str, Any]:
     """What one rank reports to the others about its shard."""
     if persisted is None:
         return {"ok": False, "rank": rank, "step": step, "error": str(error)}
