@@ -39,6 +39,10 @@ class ManifestError(ValueError):
     """A manifest that is missing, unreadable or inconsistent."""
 
 
+class NotCommitted(ManifestError):
+    """No manifest at all: the sharded save never committed (or is still committing)."""
+
+
 def shard_name(rank: int, world_size: int) -> str:
     return f"rank{rank:05d}-of-{world_size:05d}.safetensors"
 
@@ -109,7 +113,7 @@ def read(unit: str) -> Manifest:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ManifestError("no manifest: the sharded save never committed") from None
+        raise NotCommitted("no manifest: the sharded save never committed") from None
     except OSError as exc:
         raise ManifestError(f"cannot read the manifest: {exc.strerror or exc}") from None
     with os.fdopen(fd, "rb") as f:

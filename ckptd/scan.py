@@ -81,10 +81,10 @@ def read_unit(unit: str) -> Checkpoint:
     """
     try:
         m = mf.read(unit)
-    except mf.ManifestError as exc:
-        if "never committed" not in str(exc):
-            return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc))
+    except mf.NotCommitted:
         return _uncommitted(unit)
+    except mf.ManifestError as exc:
+        return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc))
     sizes = [_size(os.path.join(unit, s.file)) for s in m.shards]
     missing = [s.file for s, n in zip(m.shards, sizes) if n != s.bytes]
     return Checkpoint(unit, m.job, m.step, sum(sizes) + _size(os.path.join(unit, mf.MANIFEST)),
@@ -168,13 +168,13 @@ def _settle_pending(found: list[Checkpoint]) -> list[Checkpoint]:
     """An uncommitted unit is abandoned once a checkpoint of its job committed after it was
     last written (a later save went through, so nobody is still writing it); until then it
     may be a save in progress on other ranks and is left alone."""
-    out = []
+    newest: dict[str, float] = {}  # job -> creation time of its newest committed checkpoint
     for c in found:
-        later = any(o.ok and not o.pending and o.job == c.job and o.created >= c.created for o in found)
-        if c.pending and (later or not c.job):
-            c = replace(c, pending=False, problem=ABANDONED)
-        out.append(c)
-    return out
+        if c.ok and not c.pending:
+            newest[c.job] = max(newest.get(c.job, c.created), c.created)
+    return [replace(c, pending=False, problem=ABANDONED)
+            if c.pending and (not c.job or newest.get(c.job, float("-inf")) >= c.created) else c
+            for c in found]
 
 
 def _name_matches(name: str, job: str) -> bool:

@@ -221,9 +221,7 @@ class Session:
             raise PersistError("invalid_snapshot", f"snapshot says job {info.job!r} step {info.step}, "
                                                    f"message says {job.name!r} step {msg['step']}")
         d.catalog.record(info, verified=True)
-        stall = msg.get("stall")
-        durations = {**result.durations, **({"stall": float(stall)} if isinstance(stall, (int, float)) and stall >= 0 else {})}
-        d.save_succeeded(job, msg["trigger"], info, durations)
+        d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, ("stall",))})
         d.removed(job.name, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
         return result.path
 
@@ -249,9 +247,7 @@ class Session:
             job.step = max(job.step, info.step)
         d.catalog.forget(r.path for r in d.catalog.checkpoints(job.name) if not os.path.exists(r.path))
         d.catalog.record(info, verified=True)
-        durations = {k: float(msg[k]) for k in ("stall", "persist", "verify")
-                     if isinstance(msg.get(k), (int, float)) and not isinstance(msg[k], bool) and msg[k] >= 0}
-        d.save_succeeded(job, trigger, info, durations)
+        d.save_succeeded(job, trigger, info, _reported_seconds(msg, ("stall", "persist", "verify")))
         d.removed(job.name, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
 
     # -- the end ---------------------------------------------------------------------------
@@ -288,3 +284,9 @@ class Session:
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
             self._count_missed("trainer_exit_unsaved")
         self.daemon.unregister(self.job, self)
+
+
+def _reported_seconds(msg: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
+    """Durations a hook reports for the histograms: untrusted, so only non-negative numbers count."""
+    return {k: float(msg[k]) for k in keys
+            if isinstance(msg.get(k), (int, float)) and not isinstance(msg[k], bool) and msg[k] >= 0}
