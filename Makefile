@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-fast bench soak clean tools
+.PHONY: demo test test-fast lint bench soak clean tools
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +25,13 @@ tools:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      prometheus systemd >/dev/null; }
 
-test: $(STAMP) tools
+# The gates: lint, types (strict on ckptd/core), and the layer contract (imports only point down).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ckptd trainer_hooks tests benchmarks examples deploy
+	$(VENV)/bin/mypy ckptd trainer_hooks
+	$(VENV)/bin/lint-imports
+
+test: $(STAMP) tools lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     size, rss_size, reps = (32, 64, 2) if args.quick else (args.size_mib, args.rss_mib, args.reps)
-    from ckptd.persist import persist
-    from ckptd.verify import verify_file
+    from ckptd.store.persist import persist
+    from ckptd.store.verify import verify_file
 
     work = scratch()
     try:
@@ -108,7 +108,7 @@ def main() -> None:
 
 def verify_rss(work: Path, size_mib: int) -> int:
     """Write a big checkpoint chunk by chunk, then verify it in a fresh process; its max RSS."""
-    from ckptd.format import encode_header, layout
+    from ckptd.core.format import encode_header, layout
 
     n = 64
     per = size_mib * MiB // n // 4
@@ -118,7 +118,7 @@ def verify_rss(work: Path, size_mib: int) -> int:
     meta = {"ckptd.format": "1", "ckptd.job": "rss", "ckptd.step": "1"}
     digest = xxhash.xxh3_64_hexdigest(b"\0" * (per * 4))
     meta["ckptd.digests"] = json.dumps({e.name: digest for e in entries}, separators=(",", ":"))
-    from ckptd.format import meta_digest
+    from ckptd.core.format import meta_digest
 
     meta["ckptd.meta_digest"] = meta_digest(meta)
     path = work / "big.safetensors"
@@ -126,7 +126,7 @@ def verify_rss(work: Path, size_mib: int) -> int:
         f.write(encode_header(entries, meta))
         f.truncate(f.tell() + per * 4 * n)  # zero tensors (sparse): reading them is the cost
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the (torch-sized) parent
-    code = ("import sys; from ckptd.verify import verify_file; r = verify_file(sys.argv[1]); assert r.ok, r.reason; "
+    code = ("import sys; from ckptd.store.verify import verify_file; r = verify_file(sys.argv[1]); assert r.ok, r.reason; "
             "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})

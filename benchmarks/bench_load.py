@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import MiB, Daemon, scratch, table, write_result  # noqa: E402
-from ckptd import protocol  # noqa: E402
-from ckptd.format import DIGEST_PLACEHOLDER, encode_header, layout  # noqa: E402
+from benchmarks.common import Daemon, MiB, scratch, table, write_result  # noqa: E402
+from ckptd.core.format import DIGEST_PLACEHOLDER, encode_header, layout  # noqa: E402
+from ckptd.wire import protocol  # noqa: E402
 
 
 def image(job: str, step: int, payload: bytes) -> bytes:
@@ -94,8 +94,8 @@ def main() -> None:
         for t in threads:
             t.join()
         wall, cpu = time.perf_counter() - t0, cpu_seconds(d.proc.pid) - cpu0
-        from ckptd.scan import scan
-        from ckptd.verify import verify_file
+        from ckptd.store.scan import scan
+        from ckptd.store.verify import verify_file
 
         kept = [c for i in range(clients) for c in scan(str(d.root / f"load{i}"), f"load{i}")]
         lost = sum(1 for i in range(clients)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.common import MiB, Daemon, scratch, table, write_result  # noqa: E402
+from benchmarks.common import Daemon, MiB, scratch, table, write_result  # noqa: E402
 
 
 def loop(n: int, x: torch.Tensor, w: torch.Tensor, ckpt=None) -> float:  # type: ignore[no-untyped-def]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, MiB, table, write_result  # noqa: E402
+from benchmarks.common import ROOT, table, write_result  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:

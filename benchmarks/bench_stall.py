@@ -22,7 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.common import MiB, Daemon, Series, plot_bars, scratch, table, timed, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Daemon,
+    MiB,
+    Series,
+    plot_bars,
+    scratch,
+    table,
+    timed,
+    write_result,
+)
 
 
 def make_state(total_mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-
 import os
 import shutil
 import subprocess
@@ -21,9 +20,8 @@ from benchmarks.common import ROOT, scratch, table, timed, write_result  # noqa:
 
 
 def make_tree(root: Path, n: int) -> None:
-    from safetensors.numpy import save
-
     import numpy as np
+    from safetensors.numpy import save
 
     blob = save({"w": np.ones(16, dtype=np.float32)})
     for i in range(n):
@@ -67,7 +65,7 @@ def main() -> None:
         tree = work / "tree"
         tree.mkdir()
         make_tree(tree, n)
-        from ckptd.watch import Watcher
+        from ckptd.daemon.watch import Watcher
 
         class _D:  # the walk needs no daemon; only the classification is timed here
             clock = staticmethod(time.time)

@@ -11,11 +11,12 @@ from typing import Any, Callable
 import click
 
 from ckptd import __version__
-from ckptd.policy import PolicyError, SavePolicy, plan as make_plan
-from ckptd.scan import Checkpoint, pin_path, scan
-from ckptd.settings import KEYS, SettingsError, group, parse_table, resolve
-from ckptd.units import format_bytes, format_duration
-from ckptd.verify import verify_file
+from ckptd.core.policy import PolicyError, SavePolicy
+from ckptd.core.policy import plan as make_plan
+from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
+from ckptd.core.units import format_bytes, format_duration
+from ckptd.store.scan import Checkpoint, pin_path, scan
+from ckptd.store.verify import VerifyResult, verify_file
 
 
 def setting_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -103,8 +104,8 @@ SOCKET_OPTION = click.option("--socket", "socket_path", default=None, envvar="CK
 
 def ask(socket_path: str | None, msg: dict[str, Any]) -> dict[str, Any]:
     """One request to the running daemon; a clear error when there is none."""
-    from ckptd.client import DaemonUnavailable, request
-    from ckptd.protocol import default_socket_path
+    from ckptd.wire.client import DaemonUnavailable, request
+    from ckptd.wire.protocol import default_socket_path
 
     try:
         reply = request(socket_path or default_socket_path(), msg)
@@ -154,13 +155,18 @@ def latest(target: str, job: str | None, socket_path: str | None) -> None:
     if not os.path.isdir(target):
         click.echo(ask(socket_path, {"type": "latest", "job": target})["path"])
         return
-    for c in reversed(scan(target, job)):
+    from ckptd.store.lifecycle import newest_verified
+
+    def check(c: Checkpoint) -> VerifyResult:
         result = verify_file(c.path)
-        if result.ok:
-            click.echo(c.path)
-            return
-        click.echo(f"skipping {c.path}: {result.reason}", err=True)
-    raise click.ClickException(f"no verified checkpoint in {target}")
+        if not result.ok:
+            click.echo(f"skipping {c.path}: {result.reason}", err=True)
+        return result
+
+    found = newest_verified(target, job, check=check)
+    if found is None:
+        raise click.ClickException(f"no verified checkpoint in {target}")
+    click.echo(found.path)
 
 
 @main.command()
@@ -175,9 +181,9 @@ def serve(config_file: str | None, socket_path: str | None, state_dir: str | Non
     """Run the daemon: trainers hand it their checkpoints over the socket."""
     import logging
 
-    from ckptd import config as config_mod
-    from ckptd.daemon import Daemon
-    from ckptd.preflight import TargetError
+    from ckptd.core import config as config_mod
+    from ckptd.daemon.app import Daemon
+    from ckptd.store.preflight import TargetError
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
@@ -207,9 +213,9 @@ def watch(directory: str, job: str | None, pattern: str | None, expect_every: st
     """Adopt the checkpoints another tool writes into DIRECTORY: verify, catalogue, retain, alert."""
     import logging
 
-    from ckptd import config as config_mod
-    from ckptd.daemon import Daemon
-    from ckptd.preflight import TargetError
+    from ckptd.core import config as config_mod
+    from ckptd.daemon.app import Daemon
+    from ckptd.store.preflight import TargetError
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
@@ -271,8 +277,8 @@ def unpin(path: str) -> None:
 
 def _tell_daemon(msg: dict[str, Any]) -> None:
     """The pin marker file is the truth; a running daemon's catalogue follows it when it can."""
-    from ckptd.client import DaemonUnavailable, request
-    from ckptd.protocol import default_socket_path
+    from ckptd.wire.client import DaemonUnavailable, request
+    from ckptd.wire.protocol import default_socket_path
 
     try:
         request(default_socket_path(), msg, timeout=5)
@@ -296,9 +302,8 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
         reply = ask(socket_path, {"type": "gc", "job": target, "dry_run": dry_run})
         _print_verdicts(target, reply["verdicts"], dry_run, {})
         return
-    from ckptd import config as config_mod
-    from ckptd.gc import collect
-    from ckptd.retention import now as wall_now
+    from ckptd.core import config as config_mod
+    from ckptd.store.lifecycle import collect
 
     try:
         cfg = config_mod.load(config_file)
@@ -309,7 +314,7 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
     failed = False
     for name in jobs:
         settings = resolve(cli, {}, cfg.job_table(name), cfg.defaults)
-        verdicts, removals = collect(target, name, settings, wall_now(), [target], dry_run)
+        verdicts, removals = collect(target, name, settings, time.time(), [target], dry_run)
         errors = {r.verdict.item.id: r.error for r in removals if r.error}
         rows = [{"path": v.item.id, "step": v.item.step, "keep": v.keep, "reasons": list(v.reasons)} for v in verdicts]
         _print_verdicts(name, rows, dry_run, errors)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import click
 
-from ckptd.scan import scan
-from ckptd.units import format_bytes
-from ckptd.verify import verify_file
+from ckptd.core.units import format_bytes
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "examples" / "train_toy.py"

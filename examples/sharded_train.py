@@ -22,7 +22,7 @@ import torch.distributed.nn.functional as dist_fn
 
 warnings.filterwarnings("ignore", message=".*all_gather is deprecated")  # its replacement is private API
 
-from trainer_hooks import Checkpointer
+from trainer_hooks import Checkpointer  # noqa: E402
 
 IN, OUT = 16, 8
 

@@ -13,9 +13,9 @@ from typing import Iterator
 import pytest
 import torch
 
-from ckptd.preflight import TargetError
-from ckptd.scan import scan
-from ckptd.settings import SettingsError
+from ckptd.core.settings import SettingsError
+from ckptd.store.preflight import TargetError
+from ckptd.store.scan import scan
 from tests.conftest import PYTHON, ROOT, run_py, tmpfs_at
 from trainer_hooks import Checkpointer
 

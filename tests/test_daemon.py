@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import signal
 import socket
 import sqlite3
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from ckptd import protocol
-from ckptd.scan import scan
-from ckptd.verify import verify_file
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_file
+from ckptd.wire import protocol
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, run_py, wait_until
 from trainer_hooks import Checkpointer
 
@@ -216,7 +216,7 @@ def test_32_concurrent_clients_lose_nothing(daemon: DaemonProc) -> None:
 
 OTHER_UID = r"""
 import os, sys
-from ckptd.client import request
+from ckptd.wire.client import request
 os.setgid(65534); os.setuid(65534)   # imports first: nobody cannot read root's Python
 print(request(sys.argv[1], {"type": "hello", "job": sys.argv[2], "directory": sys.argv[3], "settings": {},
                             "pid": os.getpid(), "step": 0}).get("error"))

@@ -19,10 +19,10 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from ckptd import config as config_mod
-from ckptd.metrics import Metrics
-from ckptd.scan import scan
-from ckptd.verify import verify_file
+from ckptd.core import config as config_mod
+from ckptd.daemon.metrics import Metrics
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_file
 from tests.conftest import PYTHON, ROOT, DaemonProc, free_port, tmpfs_at, wait_until
 from trainer_hooks import Checkpointer
 

@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckptd.format import FormatError, encode_header, layout, parse_header
-from ckptd.persist import PersistError, persist
-from ckptd.verify import verify_file
-from trainer_hooks.state import StateError, capture, flatten
-from trainer_hooks.checkpointer import load
-
+from ckptd.core.format import FormatError, encode_header, layout, parse_header
+from ckptd.store.persist import PersistError, persist
+from ckptd.store.verify import verify_file
 from tests.helpers import save_state
+from trainer_hooks.checkpointer import load
+from trainer_hooks.state import StateError, capture, flatten
 
 
 def roundtrip(state: dict, tmp_path: Path) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.scan import scan
+from ckptd.store.scan import scan
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
 
 pytestmark = pytest.mark.slow

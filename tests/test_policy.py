@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ckptd.policy import Decision, PolicyError, Progress, SavePolicy, decide, next_due_step, plan
-from ckptd.settings import SettingsError, parse_table
+from ckptd.core.policy import (
+    Decision,
+    PolicyError,
+    Progress,
+    SavePolicy,
+    decide,
+    next_due_step,
+    plan,
+)
+from ckptd.core.settings import SettingsError, parse_table
 from tests.conftest import ckptd_cli
-
 
 # --- SPEC §1 regressions ---------------------------------------------------------
 

@@ -11,10 +11,11 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from ckptd import protocol
-from ckptd.scan import scan
+from ckptd.store.scan import scan
+from ckptd.wire import protocol
 from tests.conftest import DaemonProc
 from trainer_hooks import Checkpointer
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.scan import scan
-from ckptd.verify import verify_file
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_file
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
 from tests.helpers import small_checkpoint
 from trainer_hooks import Checkpointer
@@ -144,7 +144,7 @@ def test_eio_on_fsync_fails_the_save_and_training_goes_on(tmp_path: Path, eio_sh
 
 
 def test_hard_link_to_a_file_outside_the_roots_only_loses_the_link(tmp_path: Path) -> None:
-    from ckptd.gc import remove
+    from ckptd.store.remove import remove
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir(), outside.mkdir()

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.scan import scan
-from ckptd.verify import verify_file
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_file
+from examples.train_toy import build
 from tests.conftest import PYTHON, ROOT, run_py
 from trainer_hooks import Checkpointer
-from examples.train_toy import build
 
 TOY = str(ROOT / "examples" / "train_toy.py")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -9,13 +9,14 @@ from typing import Iterator
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ckptd import quota, retention
-from ckptd.gc import RemovalError, remove
-from ckptd.retention import Item, Rules
-from ckptd.scan import scan
-from ckptd.verify import verify_file
+from ckptd.core import quota, retention
+from ckptd.core.retention import Item, Rules
+from ckptd.store.remove import RemovalError, remove
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_file
 from tests.conftest import ckptd_cli, tmpfs_at
 from tests.helpers import small_checkpoint
 from trainer_hooks import Checkpointer

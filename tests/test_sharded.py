@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ckptd import manifest as mf
-from ckptd.gc import collect
-from ckptd.persist import TEMP_MARK
-from ckptd.scan import scan
-from ckptd.verify import verify_file, verify_unit
+from ckptd.store import manifest as mf
+from ckptd.store.lifecycle import collect
+from ckptd.store.persist import TEMP_MARK
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_file, verify_unit
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
 from tests.test_integrations import ENV, run
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.format import read_header
-from ckptd.verify import verify_file
+from ckptd.core.format import read_header
+from ckptd.store.verify import verify_file
 from tests.conftest import ckptd_cli
 from tests.helpers import small_checkpoint
 
@@ -164,9 +164,10 @@ def test_a_flipped_bit_in_the_format_key_does_not_make_the_file_foreign(good: st
 
 # --- the header parser, fuzzed -------------------------------------------------------------------
 
-from hypothesis import example, given, settings, strategies as st  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-from ckptd.format import FormatError, parse_header  # noqa: E402
+from ckptd.core.format import FormatError, parse_header  # noqa: E402
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats() | st.text(max_size=12),
                      lambda k: st.lists(k, max_size=4) | st.dictionaries(st.text(max_size=8), k, max_size=4),

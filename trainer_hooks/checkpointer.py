@@ -39,19 +39,34 @@ from typing import Any, Callable
 
 import torch
 
-from ckptd import config as config_mod
-from ckptd import policy as pol
-from ckptd.format import FORMAT_VERSION
-from ckptd.gc import Removal, collect, make_room, remove
-from ckptd.manifest import MANIFEST, shard_name, unit_name
-from ckptd.persist import PersistError, Persisted, cleanup_temp, persist
-from ckptd.preflight import check_directory, check_job, check_template, render, resolve_target
-from ckptd.scan import Checkpoint, scan
-from ckptd.settings import from_env, group, parse_table, resolve
-from ckptd.verify import verify_file, verify_unit
-from ckptd.protocol import default_socket_path
+from ckptd.core import config as config_mod
+from ckptd.core import policy as pol
+from ckptd.core.format import FORMAT_VERSION
+from ckptd.core.settings import from_env, group, parse_table, resolve
+from ckptd.core.vocab import FailReason
+from ckptd.store.lifecycle import Target, newest_verified, save_unit
+from ckptd.store.manifest import shard_name, unit_name
+from ckptd.store.persist import Persisted, PersistError, cleanup_temp
+from ckptd.store.preflight import (
+    check_directory,
+    check_job,
+    check_template,
+    render,
+    resolve_target,
+)
+from ckptd.store.remove import Removal
+from ckptd.store.scan import Checkpoint, scan
+from ckptd.store.verify import VerifyResult, verify_file, verify_unit
+from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.link import Link
-from trainer_hooks.shards import FLAG_BEST, FLAG_PREEMPT, FLAG_TIME, TIME_RULES, ShardGroup, shard_outcome
+from trainer_hooks.shards import (
+    FLAG_BEST,
+    FLAG_PREEMPT,
+    FLAG_TIME,
+    TIME_RULES,
+    ShardGroup,
+    save_shard,
+)
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import apply, capture, flatten, unflatten
 from trainer_hooks.worker import SaveJob, Worker
@@ -150,7 +165,7 @@ class Checkpointer:
         if reply.get("ok"):
             self._on_persisted(job, Persisted(str(reply.get("path")), job.length, {}), None)
         else:
-            self._on_persisted(job, None, PersistError(str(reply.get("reason")), str(reply.get("error"))))
+            self._on_persisted(job, None, PersistError(FailReason.of(reply.get("reason")), str(reply.get("error"))))
 
     def _on_daemon_lost(self, jobs: list[SaveJob]) -> None:
         for job in jobs:
@@ -324,60 +339,22 @@ class Checkpointer:
             "ckptd.aliases": json.dumps(aliases, separators=(",", ":")),
         }
 
+    @property
+    def _target(self) -> Target:
+        return Target(self.directory, self.job, self.settings)
+
     def _pipeline(self, job: SaveJob) -> Persisted:
-        """Worker thread: make room (retention, then quota), persist, then retention again."""
+        """Worker thread: the save lifecycle (``ckptd.store.lifecycle``); sharded: with the other ranks."""
         if self._shards is not None:
-            return self._shard_pipeline(job)
-        roots = [self.directory]
-        room, removed = make_room(self.directory, self.job, self.settings, job.length, time.time(), roots)
-        self._count_removals(removed)
-        if not room.ok:
-            raise PersistError("no_space", f"checkpoint of step {job.step} does not fit in {self.directory}: "
-                                           f"{room.reason}; existing checkpoints were left alone")
-        result = persist(job.fd, job.length, job.directory, job.filename)
-        self._count_removals(collect(self.directory, self.job, self.settings, time.time(), roots)[1])
-        return result
+            return save_shard(self._shards, self._target, job, self._count_removals, self._report_commit)
+        return save_unit(self._target, job.fd, job.length, job.filename, job.step, on_removed=self._count_removals)
 
-    def _shard_pipeline(self, job: SaveJob) -> Persisted:
-        """Worker thread, every rank: write this rank's shard, then agree and commit (``shards``)."""
-        assert self._shards is not None
-        roots = [self.directory]
-        reason, message = self._shards.prepare(lambda: self._prepare_unit(job))
-        if reason:
-            raise PersistError(reason, message)
-        persisted, error = None, None
-        try:
-            os.makedirs(job.directory, exist_ok=True)
-            persisted = persist(job.fd, job.length, job.directory, job.filename)
-        except (PersistError, OSError) as exc:
-            error = exc
-        problem = self._shards.commit(job.directory, shard_outcome(self.rank, job.step, persisted, error))
-        reason = error.reason if isinstance(error, PersistError) else "uncommitted"
-        report = {"type": "committed", "step": job.step, "path": job.directory, "trigger": job.trigger,
-                  "ok": not problem, "reason": reason, "error": problem, "stall": job.stall,
-                  **(persisted.durations if persisted else {})}
+    def _report_commit(self, report: dict[str, Any]) -> bool:
+        """Rank 0 of a sharded save: tell the daemon, which catalogues and prunes; False if there is none."""
         if self._lead and self._link is not None and self._link.connected:
-            self._link.notify(report)  # the daemon catalogues it and applies retention
-        elif self._lead and not problem:
-            self._count_removals(collect(self.directory, self.job, self.settings, time.time(), roots)[1])
-        if problem:
-            raise PersistError(reason, f"sharded checkpoint of step {job.step} not committed: {problem}")
-        assert persisted is not None
-        return Persisted(job.directory, persisted.bytes, persisted.metadata, persisted.durations)
-
-    def _prepare_unit(self, job: SaveJob) -> tuple[str, str]:
-        """Rank 0, while the other ranks wait: quota for the whole unit, and a clean target."""
-        roots = [self.directory]
-        room, removed = make_room(self.directory, self.job, self.settings, job.length * self.world_size,
-                                  time.time(), roots)
-        self._count_removals(removed)
-        if not room.ok:
-            return "no_space", (f"sharded checkpoint of step {job.step} does not fit in {self.directory}: "
-                                f"{room.reason}; no rank wrote its shard, existing checkpoints were left alone")
-        if os.path.isdir(job.directory) and not os.path.exists(os.path.join(job.directory, MANIFEST)):
-            log.warning("ckptd: removing %s, an uncommitted earlier attempt at step %d", job.directory, job.step)
-            remove(job.directory, roots)
-        return "", ""
+            self._link.notify(report)
+            return True
+        return not self._lead
 
     def _count_removals(self, removals: list[Removal]) -> None:
         for r in removals:
@@ -411,37 +388,30 @@ class Checkpointer:
     def resume(self) -> int:
         """Load the newest checkpoint that verifies now; return its step (0 if none)."""
         self.wait()  # sharded: the persist thread's collectives must not interleave with the resume agreement
-        for info in reversed(self.checkpoints()):
-            path = self._resumable(info)
-            if path is None:
-                continue
-            state = load(path)
-            apply(state, self.model, self.optimizer, self.scheduler)
-            if self.extra is not None and "extra" in state:
-                self.extra.clear()
-                self.extra.update(state["extra"])
-            self._restore_progress(state.get("trainer", {}), info)
-            log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
-            return self._step
-        return 0
+        info = newest_verified(self.directory, self.job, check=self._resumable)
+        if info is None:
+            return 0
+        path = info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank, self.world_size))
+        state = load(path)
+        apply(state, self.model, self.optimizer, self.scheduler)
+        if self.extra is not None and "extra" in state:
+            self.extra.clear()
+            self.extra.update(state["extra"])
+        self._restore_progress(state.get("trainer", {}), info)
+        log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
+        return self._step
 
-    def _resumable(self, info: Checkpoint) -> str | None:
-        """The file this rank loads from ``info``, if it verifies (sharded: on every rank)."""
+    def _resumable(self, info: Checkpoint) -> VerifyResult:
+        """Does ``info`` verify for this rank (sharded: this rank's shard, and on every rank)?"""
         if self._shards is None:
-            result = verify_file(info.path)
-            path = info.path
-        else:  # this rank re-reads its own shard, checks its peers' cheaply; all ranks must agree
-            result = verify_unit(info.path, full=(self.rank,))
-            if result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size):
-                result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
-                                                          f"this run has {self.world_size} (no resharding)")
-            if self._shards.everyone(result.ok) != result.ok:
-                result = replace(result, ok=False, reason="another rank's shard of it does not verify")
-            path = os.path.join(info.path, shard_name(self.rank, self.world_size))
-        if not result.ok:
-            log.warning("ckptd: skipping %s for resume: %s", info.path, result.reason)
-            return None
-        return path
+            return verify_file(info.path)
+        result = verify_unit(info.path, full=(self.rank,))  # its own shard re-read, its peers' checked cheaply
+        if result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size):
+            result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
+                                                      f"this run has {self.world_size} (no resharding)")
+        if self._shards.everyone(result.ok) != result.ok:
+            result = replace(result, ok=False, reason="another rank's shard of it does not verify")
+        return result
 
     def _restore_progress(self, trainer: dict[str, Any], info: Checkpoint) -> None:
         self._step = self._last_saved_step = self._last_verified_step = int(trainer.get("step", info.step))
@@ -601,7 +571,8 @@ def load(path: str) -> dict[str, Any]:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     skeleton = json.loads(meta.get("ckptd.state", "null"))
     aliases = json.loads(meta.get("ckptd.aliases", "{}"))
-    return unflatten(skeleton, tensors, aliases)
+    state: dict[str, Any] = unflatten(skeleton, tensors, aliases)
+    return state
 
 
 def _as_float(v: Any) -> float | None:

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from trainer_hooks.checkpointer import Checkpointer, load
 
 
-class CkptdCallback(TrainerCallback):  # type: ignore[misc]
+class CkptdCallback(TrainerCallback):
     def __init__(self, job: str, directory: str | None = None, **settings: Any) -> None:
         self.job, self.directory, self.settings = job, directory, settings
         self.ckpt: Checkpointer | None = None
@@ -73,14 +73,13 @@ class CkptdCallback(TrainerCallback):  # type: ignore[misc]
     @classmethod
     def resume_dir(cls, trainer: Any, job: str, directory: str | None = None) -> str | None:
         """An HF checkpoint directory made from the newest verified ckptd checkpoint, or None."""
-        from ckptd.scan import scan
-        from ckptd.verify import verify_file
+        from ckptd.store.lifecycle import newest_verified
 
         src = directory or cls.default_dir(trainer.args.output_dir)
-        for info in reversed(scan(src, job) if os.path.isdir(src) else []):
-            if verify_file(info.path).ok:
-                return _materialise(trainer, load(info.path), os.path.join(src, ".hf-resume", f"checkpoint-{info.step}"))
-        return None
+        info = newest_verified(src, job, units=False)
+        if info is None:
+            return None
+        return _materialise(trainer, load(info.path), os.path.join(src, ".hf-resume", f"checkpoint-{info.step}"))
 
 
 def _materialise(trainer: Any, state: dict[str, Any], out: str) -> str:

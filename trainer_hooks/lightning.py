@@ -21,7 +21,7 @@ import torch
 from trainer_hooks.checkpointer import Checkpointer, load
 
 
-class CkptdCallback(L.Callback):  # type: ignore[misc]
+class CkptdCallback(L.Callback):
     def __init__(self, job: str, directory: str | None = None, **settings: Any) -> None:
         self.job, self.directory, self.settings = job, directory, settings
         self.ckpt: Checkpointer | None = None
@@ -63,20 +63,19 @@ class CkptdCallback(L.Callback):  # type: ignore[misc]
     @classmethod
     def resume_path(cls, trainer: Any, job: str, directory: str | None = None) -> str | None:
         """A Lightning ``.ckpt`` made from the newest verified ckptd checkpoint, or None."""
-        from ckptd.scan import scan
-        from ckptd.verify import verify_file
+        from ckptd.store.lifecycle import newest_verified
 
         src = directory or cls.default_dir(trainer)
-        for info in reversed(scan(src, job) if os.path.isdir(src) else []):
-            if verify_file(info.path).ok:
-                state = load(info.path)
-                pl = state.get("extra", {}).get("lightning", {})
-                ckpt = {"state_dict": state["model"], "optimizer_states": [state["optimizer"]] if "optimizer" in state else [],
-                        "lr_schedulers": [state["scheduler"]] if "scheduler" in state else [],
-                        "epoch": pl.get("epoch", 0), "global_step": pl.get("global_step", info.step),
-                        "loops": pl.get("loops", {}), "pytorch-lightning_version": L.__version__}
-                out = os.path.join(src, ".pl-resume", f"step{info.step}.ckpt")
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                torch.save(ckpt, out)
-                return out
-        return None
+        info = newest_verified(src, job, units=False)
+        if info is None:
+            return None
+        state = load(info.path)
+        pl = state.get("extra", {}).get("lightning", {})
+        ckpt = {"state_dict": state["model"], "optimizer_states": [state["optimizer"]] if "optimizer" in state else [],
+                "lr_schedulers": [state["scheduler"]] if "scheduler" in state else [],
+                "epoch": pl.get("epoch", 0), "global_step": pl.get("global_step", info.step),
+                "loops": pl.get("loops", {}), "pytorch-lightning_version": L.__version__}
+        out = os.path.join(src, ".pl-resume", f"step{info.step}.ckpt")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        torch.save(ckpt, out)
+        return out

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ckptd import protocol
+from ckptd.wire import protocol
 from trainer_hooks.worker import SaveJob
 
 log = logging.getLogger("ckptd.hook")

@@ -41,12 +41,18 @@ import json
 import logging
 import os
 from datetime import timedelta
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ckptd import manifest as mf
-from ckptd.persist import Persisted
+from ckptd.core.vocab import FailReason
+from ckptd.store import manifest as mf
+from ckptd.store.lifecycle import Removed, Target, prune, reserve
+from ckptd.store.persist import Persisted, PersistError, persist
+from ckptd.store.remove import remove
+
+if TYPE_CHECKING:
+    from trainer_hooks.worker import SaveJob
 
 log = logging.getLogger("ckptd.hook")
 
@@ -124,20 +130,22 @@ class ShardGroup:
 
     # -- step 2: prepare ----------------------------------------------------------------
 
-    def prepare(self, on_rank0: Callable[[], tuple[str, str]]) -> tuple[str, str]:
+    def prepare(self, on_rank0: Callable[[], None]) -> tuple[str, str]:
         """Persist thread: rank 0 runs ``on_rank0`` (room, stale unit); every rank gets its
         ``(reason, message)``, ("", "") meaning "write your shard"."""
-        verdict: list[Any] = [None]
+        verdict: list[Any] = [("", "")]
         if self.rank == 0:
             try:
-                verdict[0] = on_rank0()
-            except Exception as exc:  # the others wait for this broadcast: always send one
-                verdict[0] = (getattr(exc, "reason", "internal_error"), f"preparing the sharded save: {exc}")
+                on_rank0()
+            except PersistError as exc:  # the others wait for this broadcast: always send one
+                verdict[0] = (exc.reason, str(exc))
+            except Exception as exc:
+                verdict[0] = (FailReason.INTERNAL_ERROR, f"preparing the sharded save: {exc}")
         try:
             self._dist.broadcast_object_list(verdict, src=0, group=self._outcomes)
-            return verdict[0]
+            return str(verdict[0][0]), str(verdict[0][1])
         except Exception as exc:
-            return "uncommitted", f"the ranks did not agree (a rank died or timed out): {exc}"
+            return FailReason.UNCOMMITTED, f"the ranks did not agree (a rank died or timed out): {exc}"
 
     # -- steps 4 and 5: agree and commit -------------------------------------------------
 
@@ -208,3 +216,39 @@ def shard_outcome(rank: int, step: int, persisted: Persisted | None = None,
     meta = {k: v for k, v in persisted.metadata.items() if k != "ckptd.state"}  # the skeleton can be large
     return {"ok": True, "rank": rank, "step": step, "file": os.path.basename(persisted.path),
             "bytes": persisted.bytes, "meta": meta}
+
+
+def save_shard(group: ShardGroup, target: Target, job: "SaveJob", on_removed: Removed,
+               report: Callable[[dict[str, Any]], bool]) -> Persisted:
+    """Persist thread, every rank: the save lifecycle of ``ckptd.store.lifecycle`` around the
+    agreement (steps 2-6 above). ``report`` hands rank 0's outcome to the daemon; when it
+    returns False there is none, and rank 0 prunes here."""
+    reason, message = group.prepare(lambda: _prepare_unit(target, job, group.world_size, on_removed))
+    if reason:
+        raise PersistError(FailReason(reason), message)
+    persisted, error = None, None
+    try:
+        os.makedirs(job.directory, exist_ok=True)
+        persisted = persist(job.fd, job.length, job.directory, job.filename)
+    except (PersistError, OSError) as exc:
+        error = exc
+    problem = group.commit(job.directory, shard_outcome(group.rank, job.step, persisted, error))
+    failed = error.reason if isinstance(error, PersistError) else FailReason.UNCOMMITTED
+    told = report({"type": "committed", "step": job.step, "path": job.directory, "trigger": job.trigger,
+                   "ok": not problem, "reason": failed, "error": problem, "stall": job.stall,
+                   **(persisted.durations if persisted else {})})
+    if not told and not problem:
+        prune(target, on_removed)
+    if problem:
+        raise PersistError(failed, f"sharded checkpoint of step {job.step} not committed: {problem}")
+    assert persisted is not None
+    return Persisted(job.directory, persisted.bytes, persisted.metadata, persisted.durations)
+
+
+def _prepare_unit(target: Target, job: "SaveJob", world_size: int, on_removed: Removed) -> None:
+    """Rank 0, while the other ranks wait: room for the whole unit (stage 1), and a clean target."""
+    reserve(target, job.length * world_size, job.step, on_removed, what="sharded checkpoint",
+            note="no rank wrote its shard, ")
+    if os.path.isdir(job.directory) and not os.path.exists(os.path.join(job.directory, mf.MANIFEST)):
+        log.warning("ckptd: removing %s, an uncommitted earlier attempt at step %d", job.directory, job.step)
+        remove(job.directory, target.guard)

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from ckptd.format import DIGEST_PLACEHOLDER, encode_header, layout
+from ckptd.core.format import DIGEST_PLACEHOLDER, encode_header, layout
 from trainer_hooks.state import TORCH_TO_ST
 
 

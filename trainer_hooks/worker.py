@@ -14,7 +14,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from ckptd.persist import PersistError, Persisted, reason_for
+from ckptd.store.lifecycle import failure
+from ckptd.store.persist import Persisted, PersistError
 
 log = logging.getLogger("ckptd.hook")
 
@@ -66,13 +67,8 @@ class Worker:
             try:
                 result = self._pipeline(job)
                 self._finish(job, result, None)
-            except PersistError as exc:
-                self._finish(job, None, exc)
-            except OSError as exc:  # room-making and retention touch the disk too
-                self._finish(job, None, PersistError(reason_for(exc), f"step {job.step}: {exc}"))
             except Exception as exc:  # never let the thread die: training must go on
-                log.exception("ckptd: unexpected error persisting step %d", job.step)
-                self._finish(job, None, PersistError("internal_error", str(exc)))
+                self._finish(job, None, failure(exc, job.step))
             finally:
                 self._idle.set()
 

@@ -23,15 +23,25 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileDeletedEvent,
-                             FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 
-from ckptd import foreign, retention
-from ckptd.gc import apply as apply_removals
-from ckptd.scan import Checkpoint, is_pinned
+from ckptd.core import retention
+from ckptd.core.vocab import NEVER, Outcome, Trigger
+from ckptd.store import foreign
+from ckptd.store.remove import apply as apply_removals
+from ckptd.store.scan import Checkpoint, is_pinned
 
 if TYPE_CHECKING:
-    from ckptd.daemon import Daemon
+    from ckptd.daemon.app import Daemon
 
 log = logging.getLogger("ckptd.watch")
 
@@ -74,7 +84,7 @@ class Watcher(FileSystemEventHandler):
     def _unit_of(self, path: str) -> str:
         parent = os.path.dirname(path)
         while parent.startswith(self.root) and parent != self.root:
-            if foreign._dir_kind(parent) is not None:
+            if foreign.dir_kind(parent) is not None:
                 return parent
             parent = os.path.dirname(parent)
         return path
@@ -164,12 +174,11 @@ class Watcher(FileSystemEventHandler):
         with self._lock:
             self.pending.pop(path, None)
         result = foreign.verify(found)
-        unsafe = result.reason.startswith("unsafe:")
         info = Checkpoint(found.path, self.job, found.step if found.step is not None else -1, found.bytes,
-                          found.mtime, trigger="watch", rule=found.kind, pinned=is_pinned(found.path),
+                          found.mtime, trigger=Trigger.WATCH, rule=found.kind, pinned=is_pinned(found.path),
                           problem="" if result.ok else result.reason)
-        self.daemon.catalog.record(info, verified=result.ok, reason=result.reason)
-        self.daemon.watch_verified(self.job, info, result.ok, "unsafe" if unsafe else ("ok" if result.ok else "corrupt"))
+        self.daemon.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome)
+        self.daemon.watch_verified(self.job, info, result.outcome)
         if result.ok:
             self.last_new_at = max(self.last_new_at, now)
             self.overdue_flagged = False
@@ -198,13 +207,12 @@ class Watcher(FileSystemEventHandler):
             busy = set(self.pending)
         items = []
         for r in self.daemon.catalog.checkpoints(self.job):
-            unsafe = r.reason.startswith("unsafe:")
             # unsafe (a pickle we refuse to run) is unverified, not corrupt: kept, never deleted by rules
             items.append(retention.Item(r.path, r.step, r.created, r.bytes, verified=r.verified,
-                                        corrupt=not r.verified and not unsafe, in_flight=r.path in busy,
+                                        corrupt=r.outcome == Outcome.CORRUPT, in_flight=r.path in busy,
                                         pinned=r.pinned or r.path in protected))
         for unit in busy:
-            items.append(retention.Item(unit, 2**62, now, in_flight=True))
+            items.append(retention.Item(unit, NEVER, now, in_flight=True))
         verdicts = [v for v in retention.plan(items, rules, now) if not v.item.in_flight]
         removals = apply_removals(verdicts, self.daemon.roots, self.spec.get("quarantine_dir"))
         self.daemon.removed(self.job, removals)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from ckptd import protocol
+from ckptd.wire import protocol
 
 
 class DaemonUnavailable(Exception):

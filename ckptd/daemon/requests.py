@@ -12,15 +12,17 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ckptd import protocol
-from ckptd.gc import collect, inside
-from ckptd.policy import next_due_step
-from ckptd.scan import pin_path, read_info
-from ckptd.verify import verify_file
+from ckptd.core.policy import next_due_step
+from ckptd.core.vocab import NEVER
+from ckptd.store.lifecycle import collect, first_verified
+from ckptd.store.remove import inside
+from ckptd.store.scan import pin_path, read_info
+from ckptd.store.verify import verify_file
+from ckptd.wire import protocol
 
 if TYPE_CHECKING:
-    from ckptd.daemon import Daemon
-    from ckptd.session import Session
+    from ckptd.daemon.app import Daemon
+    from ckptd.daemon.session import Session
 
 Handler = Callable[["Daemon", "Session", dict[str, Any]], dict[str, Any]]
 
@@ -50,7 +52,7 @@ def status(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, An
                         "connected": bool(j and j.connected), "step": j.step if j else (rows[-1].step if rows else 0),
                         "last_verified_step": rows[-1].step if rows else None,
                         "last_verified_age": now - rows[-1].created if rows else None,
-                        "next_due_step": nxt if nxt is not None and nxt < 2**62 else None,
+                        "next_due_step": nxt if nxt is not None and nxt < NEVER else None,
                         "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
                         "missed": j.missed if j else 0, "failed": j.failed if j else 0,
                         "world_size": j.world_size if j else None})
@@ -67,10 +69,11 @@ def latest(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, An
     job = msg.get("job")
     if not isinstance(job, str) or not d.visible(session, job):
         raise PermissionError(f"no such job {job!r} for uid {session.uid}")
-    for r in reversed([r for r in d.catalog.checkpoints(job) if r.verified]):
-        if verify_file(r.path).ok:
-            return {"path": r.path}
-    raise ValueError(f"job {job} has no verified checkpoint")
+    found = first_verified(reversed([r for r in d.catalog.checkpoints(job) if r.verified]),
+                           lambda r: verify_file(r.path))
+    if found is None:
+        raise ValueError(f"job {job} has no verified checkpoint")
+    return {"path": found.path}
 
 
 def pin(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:

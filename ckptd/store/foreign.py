@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass
 from typing import Any
 
-from ckptd.format import FormatError, read_header
-from ckptd.verify import VerifyResult, verify_file
+from ckptd.core.format import FormatError, read_header
+from ckptd.store.verify import VerifyResult, verify_file
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INCOMPLETE_MARKERS = ("checkpoint-is-incomplete.txt",)
@@ -64,7 +65,7 @@ def classify(path: str) -> Found | None:
     except OSError:
         return None
     if os.path.isdir(path) and not os.path.islink(path):
-        kind = _dir_kind(path)
+        kind = dir_kind(path)
         if kind is None:
             return None
         return Found(path, kind, _dir_step(path, name), _newest_mtime(path), _tree_bytes(path))
@@ -86,7 +87,7 @@ def classify(path: str) -> Found | None:
     return None
 
 
-def _dir_kind(path: str) -> str | None:
+def dir_kind(path: str) -> str | None:
     try:
         names = set(os.listdir(path))
     except OSError:
@@ -111,7 +112,7 @@ def _dir_step(path: str, name: str) -> int | None:
 
 
 def _inside_checkpoint_dir(path: str) -> bool:
-    return _dir_kind(os.path.dirname(path)) is not None
+    return dir_kind(os.path.dirname(path)) is not None
 
 
 def _safetensors_step(path: str, name: str) -> int | None:
@@ -260,8 +261,7 @@ def _verify_all(label: str, parts: list[str]) -> VerifyResult:
         config_pickle = os.path.basename(p) in CONFIG_PICKLES
         r = verify_torch(p, load=not config_pickle) if p.endswith(TORCH_SUFFIXES) else verify_file(p)
         if not r.ok:
-            prefix = "unsafe: " if r.reason.startswith("unsafe") else ""
-            return VerifyResult(label, False, f"{prefix}{os.path.basename(p)}: {r.reason}")
+            return VerifyResult(label, False, f"{os.path.basename(p)}: {r.reason}", unsafe=r.unsafe)
         tensors += r.tensors
         total += r.bytes
     return VerifyResult(label, True, "", tensors, total)
@@ -281,14 +281,53 @@ def _verify_hf(found: Found) -> VerifyResult:
 
 
 def _verify_dcp(found: Found) -> VerifyResult:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(found.path).read_metadata()  # the .metadata file is a restricted pickle
-    files = {getattr(v, "relative_path", None) for v in (meta.storage_data or {}).values()}
-    missing = sorted(f for f in files if f and not os.path.exists(os.path.join(found.path, f)))
+    try:
+        meta = read_dcp_metadata(os.path.join(found.path, ".metadata"))
+    except pickle.UnpicklingError as exc:
+        return VerifyResult(found.path, False, f".metadata: {exc}", unsafe=str(exc).startswith("unsafe"))
+    except (ValueError, EOFError, AttributeError, TypeError, RecursionError, MemoryError) as exc:
+        return VerifyResult(found.path, False, f".metadata is not valid DCP metadata: {type(exc).__name__}")
+    storage = getattr(meta, "storage_data", None)
+    files = {getattr(v, "relative_path", None) for v in (storage.values() if isinstance(storage, dict) else ())}
+    names = [f for f in files if isinstance(f, str)]
+    if any(os.path.isabs(f) or ".." in f.split("/") for f in names):
+        return VerifyResult(found.path, False, ".metadata names a file outside its directory")
+    missing = sorted(f for f in names if not os.path.isfile(os.path.join(found.path, f)))
     if missing:
         return VerifyResult(found.path, False, f"{missing[0]} named in .metadata is missing")
-    return VerifyResult(found.path, True, "", len(meta.state_dict_metadata), found.bytes)
+    return VerifyResult(found.path, True, "", len(getattr(meta, "state_dict_metadata", {}) or {}), found.bytes)
+
+
+# DCP's own reader is a plain pickle.load: code execution for whoever can write a .metadata
+# file in a watched tree. This allowlist is every global DCP's metadata pickles.
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                              "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+MAX_DCP_METADATA = 256 << 20
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+
+        if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and (
+                name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unsafe: .metadata needs {module}.{name}; not loaded (it could execute code)")
+
+
+def read_dcp_metadata(path: str) -> Any:
+    """A DCP ``.metadata`` file, unpickled with nothing but DCP's own metadata classes."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > MAX_DCP_METADATA:
+            raise ValueError(f"{path} is larger than {MAX_DCP_METADATA} bytes")
+        return _DcpMetadataUnpickler(f).load()
 
 
 def verify_torch(path: str, load: bool = True) -> VerifyResult:
@@ -315,7 +354,7 @@ def verify_torch(path: str, load: bool = True) -> VerifyResult:
     forbidden = sorted(needed - SAFE_GLOBALS)
     if forbidden:
         return VerifyResult(path, False, f"unsafe: the pickle needs {', '.join(forbidden[:3])}; "
-                                         "not loaded (it could execute code)")
+                                         "not loaded (it could execute code)", unsafe=True)
     allowed: list[Any] = [obj for obj in map(_resolve, needed) if obj is not None] + _numpy_dtype_classes(needed)
     try:
         with torch.serialization.safe_globals(allowed):
@@ -340,7 +379,8 @@ def _resolve(qualname: str) -> object | None:
 
     module, _, name = qualname.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
+        obj: object = getattr(importlib.import_module(module), name)
+        return obj
     except (ImportError, AttributeError):
         return None
 

@@ -14,15 +14,21 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ckptd import __version__
+from ckptd.core.vocab import DeleteRule, FailReason, MissedReason, Outcome, Trigger
 
-MISSED_REASONS = ("step_skipped", "time_overdue", "final_missing", "trainer_exit_unsaved", "backpressure")
-FAILURE_REASONS = ("no_space", "read_only", "permission", "target_missing", "io_error", "verify_failed",
-                   "invalid_snapshot", "internal_error")
-TRIGGERS = ("step", "time", "best", "final", "preempt", "manual", "watch")
+MISSED_REASONS = tuple(MissedReason)
+FAILURE_REASONS = tuple(FailReason)
+TRIGGERS = tuple(Trigger)
 
 
 class Metrics:
@@ -57,13 +63,13 @@ class Metrics:
         A counter whose series appears at 1 has no increase() in Prometheus: the one
         trainer_exit_unsaved of a run would never fire its alert.
         """
-        for reason in MISSED_REASONS:
-            self.missed.labels(job, reason)
-        for reason in FAILURE_REASONS:
-            self.failures.labels(job, reason)
-        for outcome in ("ok", "corrupt", "unsafe"):
-            self.verify.labels(job, outcome)
-        for rule in ("retention", "corrupt", "partial", "quota"):
+        for missed in MISSED_REASONS:
+            self.missed.labels(job, missed)
+        for failure in FAILURE_REASONS:
+            self.failures.labels(job, failure)
+        for verified in Outcome:
+            self.verify.labels(job, verified)
+        for rule in DeleteRule:
             self.deleted.labels(job, rule)
         for trigger in TRIGGERS:
             for outcome in ("ok", "failed"):

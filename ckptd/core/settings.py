@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ckptd.units import parse_duration, parse_size, parse_size_or_percent
+from ckptd.core.units import parse_duration, parse_size, parse_size_or_percent
 
 
 class SettingsError(ValueError):

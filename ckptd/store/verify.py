@@ -17,8 +17,16 @@ from typing import BinaryIO, Collection
 
 import xxhash
 
-from ckptd import manifest as mf
-from ckptd.format import DIGEST_PLACEHOLDER, FORMAT_VERSION, FormatError, Header, meta_digest, read_header
+from ckptd.core.format import (
+    DIGEST_PLACEHOLDER,
+    FORMAT_VERSION,
+    FormatError,
+    Header,
+    meta_digest,
+    read_header,
+)
+from ckptd.core.vocab import Outcome
+from ckptd.store import manifest as mf
 
 CHUNK = 8 * 1024 * 1024
 
@@ -33,6 +41,11 @@ class VerifyResult:
     tensors: int = 0
     bytes: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    unsafe: bool = False  # not loaded: it would need code execution (a pickle's globals)
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.OK if self.ok else Outcome.UNSAFE if self.unsafe else Outcome.CORRUPT
 
     def to_json(self) -> dict[str, object]:
         return {"path": self.path, "ok": self.ok, "reason": self.reason,

@@ -26,11 +26,21 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import xxhash
 
-from ckptd.format import FormatError, Header, encode_header, meta_digest, read_header_from_buffer
-from ckptd.verify import VerifyResult, verify_open
+from ckptd.core.format import (
+    FormatError,
+    Header,
+    encode_header,
+    meta_digest,
+    read_header_from_buffer,
+)
+from ckptd.core.vocab import FailReason
+from ckptd.store.verify import VerifyResult, verify_open
+
+__all__ = ["TEMP_MARK", "PersistError", "Persisted", "cleanup_temp", "persist", "reason_for", "temp_name"]
 
 TEMP_MARK = ".ckptd-tmp."
 
@@ -38,9 +48,9 @@ TEMP_MARK = ".ckptd-tmp."
 class PersistError(Exception):
     """A save that failed; ``reason`` is the metric label (no_space, io_error, ...)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: FailReason, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = FailReason(reason)
 
 
 @dataclass(frozen=True)
@@ -51,27 +61,37 @@ class Persisted:
     durations: dict[str, float] = field(default_factory=dict)
 
 
-def reason_for(exc: OSError) -> str:
+_ERRNO_REASONS = {errno.ENOSPC: FailReason.NO_SPACE, errno.EDQUOT: FailReason.NO_SPACE,
+                  errno.EROFS: FailReason.READ_ONLY, errno.EACCES: FailReason.PERMISSION,
+                  errno.EPERM: FailReason.PERMISSION, errno.ENOENT: FailReason.TARGET_MISSING}
+
+
+def reason_for(exc: OSError) -> FailReason:
     """The failure reason label for an OS error."""
-    return {errno.ENOSPC: "no_space", errno.EDQUOT: "no_space", errno.EROFS: "read_only",
-            errno.EACCES: "permission", errno.EPERM: "permission", errno.ENOENT: "target_missing",
-            errno.EIO: "io_error"}.get(exc.errno or 0, "io_error")
+    return _ERRNO_REASONS.get(exc.errno or 0, FailReason.IO_ERROR)
 
 
 def temp_name(filename: str) -> str:
     return f".{filename}{TEMP_MARK}{os.getpid()}.{secrets.token_hex(4)}"
 
 
-def persist(fd: int, length: int, directory: str, filename: str) -> Persisted:
-    """Persist the snapshot in ``fd`` (length bytes) as ``directory/filename``."""
+def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int | None = None,
+            expect: Mapping[str, str] | None = None) -> Persisted:
+    """Persist the snapshot in ``fd`` (length bytes) as ``directory/filename``.
+
+    ``dir_fd``: the directory, already opened safely by the caller (``safepath``), which
+    keeps it; ``expect``: header fields the snapshot must carry (a daemon checks that a
+    client's snapshot is the job and step it claims) before a byte is written.
+    """
     if "/" in filename or filename in ("", ".", ".."):
-        raise PersistError("invalid_target", f"invalid checkpoint file name {filename!r}")
+        raise PersistError(FailReason.INVALID_TARGET, f"invalid checkpoint file name {filename!r}")
     t0 = time.monotonic()
     header = _seal(fd, length)
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise PersistError(reason_for(exc), f"cannot open checkpoint directory {directory}: {exc.strerror}") from None
+    wrong = {k: header.metadata.get(k) for k, v in (expect or {}).items() if header.metadata.get(k) != v}
+    if wrong:
+        raise PersistError(FailReason.INVALID_SNAPSHOT, f"snapshot says {wrong}, the request says "
+                                                        f"{ {k: expect[k] for k in wrong} if expect else {} }")
+    dfd = dir_fd if dir_fd is not None else _open_dir(directory)
     try:
         tmp = temp_name(filename)
         try:
@@ -79,7 +99,7 @@ def persist(fd: int, length: int, directory: str, filename: str) -> Persisted:
             t1 = time.monotonic()
             result = _verify_temp(dfd, tmp, directory)
             if not result.ok:
-                raise PersistError("verify_failed", f"{directory}/{filename}: read-back failed: {result.reason}")
+                raise PersistError(FailReason.VERIFY_FAILED, f"{directory}/{filename}: read-back failed: {result.reason}")
             os.rename(tmp, filename, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
         except OSError as exc:
@@ -89,16 +109,24 @@ def persist(fd: int, length: int, directory: str, filename: str) -> Persisted:
             _unlink_quietly(dfd, tmp)
             raise
     finally:
-        os.close(dfd)
+        if dir_fd is None:
+            os.close(dfd)
     t2 = time.monotonic()
     return Persisted(os.path.join(directory, filename), length, header.metadata,
                      {"persist": t1 - t0, "verify": t2 - t1})
 
 
+def _open_dir(directory: str) -> int:
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PersistError(reason_for(exc), f"cannot open checkpoint directory {directory}: {exc.strerror}") from None
+
+
 def _seal(fd: int, length: int) -> Header:
     """Validate the staged header and patch in the real digests (same byte length)."""
     if length < 8 or os.fstat(fd).st_size < length:
-        raise PersistError("invalid_snapshot", f"snapshot buffer shorter than the stated {length} bytes")
+        raise PersistError(FailReason.INVALID_SNAPSHOT, f"snapshot buffer shorter than the stated {length} bytes")
     with mmap.mmap(fd, length) as mm:
         view = memoryview(mm)
         try:
@@ -110,10 +138,10 @@ def _seal(fd: int, length: int) -> Header:
             meta["ckptd.meta_digest"] = meta_digest(meta)
             new = encode_header(header.tensors, meta)
             if len(new) != header.data_start:
-                raise PersistError("invalid_snapshot", "snapshot header has malformed digest placeholders")
+                raise PersistError(FailReason.INVALID_SNAPSHOT, "snapshot header has malformed digest placeholders")
             view[: len(new)] = new
         except FormatError as exc:
-            raise PersistError("invalid_snapshot", f"snapshot is not a valid checkpoint image: {exc}") from None
+            raise PersistError(FailReason.INVALID_SNAPSHOT, f"snapshot is not a valid checkpoint image: {exc}") from None
         finally:
             view.release()
     return Header(header.header_len, header.tensors, meta)

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from ckptd import manifest as mf
-from ckptd.format import FormatError, read_header
-from ckptd.persist import TEMP_MARK
+from ckptd.core.format import FormatError, read_header
+from ckptd.core.vocab import Problem
+from ckptd.store import manifest as mf
+from ckptd.store.persist import TEMP_MARK
+
+__all__ = ["SUFFIX", "Checkpoint", "is_pinned", "parse_time", "pin_path", "read_info", "scan"]
 
 SUFFIX = ".safetensors"
 ABANDONED = "abandoned sharded save: no manifest, and a later save committed"
@@ -34,7 +37,8 @@ class Checkpoint:
     rule: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     pinned: bool = False
-    problem: str = ""  # non-empty when the header itself is unreadable
+    problem: str = ""  # in words, non-empty when the header is unreadable or the unit abandoned
+    fault: Problem = Problem.NONE  # the same, as a value to decide on
     digests: dict[str, str] = field(default_factory=dict)
     shards: int = 0  # a sharded unit (a directory): how many rank files it commits
     pending: bool = False  # a sharded unit without a manifest that may still be committing
@@ -70,7 +74,8 @@ def read_info(path: str) -> Checkpoint:
                           digests=header.meta_json("ckptd.digests", {}) or {})
     except (OSError, FormatError, ValueError, json.JSONDecodeError) as exc:
         size = _size(path)
-        return Checkpoint(path, "", -1, size, _mtime(path), problem=str(exc) or type(exc).__name__)
+        return Checkpoint(path, "", -1, size, _mtime(path), problem=str(exc) or type(exc).__name__,
+                          fault=Problem.UNREADABLE)
 
 
 def read_unit(unit: str) -> Checkpoint:
@@ -84,13 +89,13 @@ def read_unit(unit: str) -> Checkpoint:
     except mf.NotCommitted:
         return _uncommitted(unit)
     except mf.ManifestError as exc:
-        return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc))
+        return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc), fault=Problem.UNREADABLE)
     sizes = [_size(os.path.join(unit, s.file)) for s in m.shards]
     missing = [s.file for s, n in zip(m.shards, sizes) if n != s.bytes]
     return Checkpoint(unit, m.job, m.step, sum(sizes) + _size(os.path.join(unit, mf.MANIFEST)),
                       parse_time(m.created) or _mtime(unit), m.epoch, m.trigger, m.rule, m.metrics, is_pinned(unit),
                       problem=f"shard {missing[0]} is missing or has the wrong size" if missing else "",
-                      shards=len(m.shards))
+                      fault=Problem.UNREADABLE if missing else Problem.NONE, shards=len(m.shards))
 
 
 def _uncommitted(unit: str) -> Checkpoint:
@@ -172,7 +177,7 @@ def _settle_pending(found: list[Checkpoint]) -> list[Checkpoint]:
     for c in found:
         if c.ok and not c.pending:
             newest[c.job] = max(newest.get(c.job, c.created), c.created)
-    return [replace(c, pending=False, problem=ABANDONED)
+    return [replace(c, pending=False, problem=ABANDONED, fault=Problem.ABANDONED)
             if c.pending and (not c.job or newest.get(c.job, float("-inf")) >= c.created) else c
             for c in found]
 

@@ -14,8 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ckptd.settings import SettingsError, parse_table
-from ckptd.units import parse_duration
+from ckptd.core.settings import SettingsError, parse_table
+from ckptd.core.units import parse_duration
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
 DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group"}

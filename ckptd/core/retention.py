@@ -16,13 +16,12 @@ argument. Guarantees (property-tested):
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-# Rules that only express "a window of recent history"; quota may override them.
-WINDOW_RULES = ("keep_last", "keep_every_steps", "keep_hourly", "keep_daily", "keep_within")
-PROTECTED = ("in_flight", "unverified", "newest_verified", "pinned", "keep_best", "keep_final")
+from ckptd.core.vocab import PROTECTED, WINDOW_RULES, Reason, Rule
+
+__all__ = ["Item", "Rules", "Verdict", "plan", "to_delete"]
 
 
 @dataclass(frozen=True)
@@ -68,16 +67,17 @@ class Rules:
 class Verdict:
     item: Item
     keep: bool
-    reasons: tuple[str, ...] = field(default_factory=tuple)
+    reasons: tuple[Reason, ...] = field(default_factory=tuple)
 
     @property
-    def rule(self) -> str:
-        return self.reasons[0] if self.reasons else ("keep" if self.keep else "no rule keeps it")
+    def rule(self) -> Reason:
+        """The first rule that decided (what a log line or a metric names)."""
+        return self.reasons[0] if self.reasons else Reason(Rule.NO_RULE)
 
     @property
     def protected(self) -> bool:
         """Kept by a rule that quota must respect too."""
-        return any(r.split(" ")[0] in PROTECTED for r in self.reasons)
+        return any(r.rule in PROTECTED for r in self.reasons)
 
 
 def _order(items: Iterable[Item]) -> list[Item]:
@@ -88,48 +88,48 @@ def _order(items: Iterable[Item]) -> list[Item]:
 def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
     """A verdict for every item, newest first."""
     ordered = _order(items)
-    reasons: dict[str, list[str]] = {i.id: [] for i in ordered}
+    reasons: dict[str, list[Reason]] = {i.id: [] for i in ordered}
     good = [i for i in ordered if i.verified and not i.corrupt and not i.partial and not i.in_flight]
     for i in ordered:
         if i.in_flight:
-            reasons[i.id].append("in_flight")
+            reasons[i.id].append(Reason(Rule.IN_FLIGHT))
         elif i.corrupt or i.partial:
             continue
         elif not i.verified:
-            reasons[i.id].append("unverified")
+            reasons[i.id].append(Reason(Rule.UNVERIFIED))
     if good:
-        reasons[good[0].id].append("newest_verified")
+        reasons[good[0].id].append(Reason(Rule.NEWEST_VERIFIED))
     for i in good:
         if i.pinned:
-            reasons[i.id].append("pinned")
+            reasons[i.id].append(Reason(Rule.PINNED))
         if i.final and rules.keep_final:
-            reasons[i.id].append("keep_final")
-    _rank(reasons, "keep_best", _best(good, rules))
-    _rank(reasons, "keep_last", good[: rules.keep_last or 0])
+            reasons[i.id].append(Reason(Rule.KEEP_FINAL))
+    _rank(reasons, Rule.KEEP_BEST, _best(good, rules))
+    _rank(reasons, Rule.KEEP_LAST, good[: rules.keep_last or 0])
     if rules.keep_every_steps:
         for i in good:
             if i.step % rules.keep_every_steps == 0:
-                reasons[i.id].append("keep_every_steps")
+                reasons[i.id].append(Reason(Rule.KEEP_EVERY_STEPS))
     if rules.keep_within is not None:
         for i in good:
             if i.created >= now - rules.keep_within:
-                reasons[i.id].append("keep_within")
-    _rank(reasons, "keep_hourly", _buckets(good, rules.keep_hourly, lambda t: math.floor(t / 3600)))
-    _rank(reasons, "keep_daily", _buckets(good, rules.keep_daily, _utc_day))
+                reasons[i.id].append(Reason(Rule.KEEP_WITHIN))
+    _rank(reasons, Rule.KEEP_HOURLY, _buckets(good, rules.keep_hourly, lambda t: math.floor(t / 3600)))
+    _rank(reasons, Rule.KEEP_DAILY, _buckets(good, rules.keep_daily, _utc_day))
     if not rules.any_window:
         for i in good:
-            reasons[i.id].append("no_retention_rules")
+            reasons[i.id].append(Reason(Rule.NO_RETENTION_RULES))
     return [Verdict(i, bool(reasons[i.id]), tuple(reasons[i.id]) if reasons[i.id] else (_why_delete(i),))
             for i in ordered]
 
 
-def _why_delete(i: Item) -> str:
-    return "corrupt" if i.corrupt else "partial" if i.partial else "no rule keeps it"
+def _why_delete(i: Item) -> Reason:
+    return Reason(Rule.CORRUPT if i.corrupt else Rule.PARTIAL if i.partial else Rule.NO_RULE)
 
 
-def _rank(reasons: dict[str, list[str]], rule: str, chosen: Iterable[Item]) -> None:
+def _rank(reasons: dict[str, list[Reason]], rule: Rule, chosen: Iterable[Item]) -> None:
     for n, i in enumerate(chosen, start=1):
-        reasons[i.id].append(f"{rule} #{n}")
+        reasons[i.id].append(Reason(rule, n))
 
 
 def _best(good: list[Item], rules: Rules) -> list[Item]:
@@ -164,7 +164,3 @@ def _buckets(good: list[Item], n: int | None, bucket: Callable[[float], int]) ->
 def to_delete(verdicts: Sequence[Verdict]) -> list[Item]:
     return [v.item for v in verdicts if not v.keep]
 
-
-def now() -> float:
-    """The wall clock, read at the edge (callers pass it into ``plan``)."""
-    return time.time()

@@ -17,18 +17,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ckptd import missed, protocol
-from ckptd.gc import collect, make_room
-from ckptd.metrics import TRIGGERS
-from ckptd.persist import PersistError, persist
-from ckptd.policy import SavePolicy
-from ckptd.preflight import TargetError, check_job
-from ckptd.scan import read_info
-from ckptd.settings import SettingsError, group, parse_table, resolve
-from ckptd.verify import verify_unit
+from ckptd.core import missed
+from ckptd.core.policy import SavePolicy
+from ckptd.core.settings import SettingsError, group, parse_table, resolve
+from ckptd.core.vocab import FailReason, MissedReason, Trigger
+from ckptd.store.lifecycle import Target, failure, prune, save_unit
+from ckptd.store.persist import Persisted, PersistError
+from ckptd.store.preflight import TargetError, check_job
+from ckptd.store.scan import read_info
+from ckptd.store.verify import verify_unit
+from ckptd.wire import protocol
 
 if TYPE_CHECKING:
-    from ckptd.daemon import Daemon
+    from ckptd.daemon.app import Daemon
 
 log = logging.getLogger("ckptd.daemon")
 
@@ -114,7 +115,7 @@ class Session:
         elif kind == "save":
             self._save(msg, fds)
         elif kind == "skipped":
-            self._count_missed("backpressure")  # the hook skipped a save: on_busy="skip"
+            self._count_missed(MissedReason.BACKPRESSURE)  # the hook skipped a save: on_busy="skip"
         elif kind == "committed":
             self._committed(msg)
         elif kind == "end":
@@ -134,6 +135,9 @@ class Session:
             kwargs = parse_table(msg["settings"], f"job {job}")
             settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
             policy = SavePolicy.from_settings(group(settings, "policy"))
+            if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
+                settings["quarantine_dir"] = self.daemon.authorize_directory(settings["quarantine_dir"], self.uid,
+                                                                             self.gid, must_exist=False)
         except (TargetError, SettingsError, ValueError, PermissionError) as exc:
             self.send({"type": "error", "error": str(exc)})
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
@@ -159,10 +163,10 @@ class Session:
                 j.flagged_due = due
         if due is not None:
             log.warning("job %s: step %d was due for a save and the trainer went past it", j.name, due)
-            self._count_missed("step_skipped")
+            self._count_missed(MissedReason.STEP_SKIPPED)
         self.daemon.update_gauges(j)
 
-    def _count_missed(self, reason: str) -> None:
+    def _count_missed(self, reason: MissedReason) -> None:
         assert self.job is not None
         with self.daemon.lock:
             self.job.missed += 1
@@ -180,8 +184,7 @@ class Session:
         name = msg["filename"]
         if "/" in name or name.startswith(".") or not name.endswith(".safetensors"):
             raise protocol.ProtocolError(f"save: invalid file name {name!r}")
-        if msg["trigger"] not in TRIGGERS:  # a label value: a client must not grow the series without bound
-            msg = {**msg, "trigger": "manual"}
+        msg = {**msg, "trigger": Trigger.of(msg["trigger"])}  # a label value: a client must not grow the series
         with self.daemon.lock:
             self.job.in_flight += 1
             self.job.last_saved_step = max(self.job.last_saved_step, msg["step"])
@@ -190,56 +193,51 @@ class Session:
         self._futures.append(self.daemon.executor.submit(self._persist, self.job, msg, fds[0]))
 
     def _persist(self, job: JobState, msg: dict[str, Any], fd: int) -> None:
-        """Executor thread: room, persist, catalogue, retention, metrics, reply."""
+        """Executor thread: the save lifecycle (``ckptd.store.lifecycle``), then the reply."""
         reply: dict[str, Any] = {"type": "saved", "id": msg["id"], "step": msg["step"]}
+        d = self.daemon
+        target = Target(job.directory, job.name, job.settings, d.roots,
+                        owner=None if d.privileged(self.uid, self.gid) else self.uid)
         try:
-            result = self._persist_checked(job, msg, fd)
-            reply.update(ok=True, path=result)
-        except PersistError as exc:
-            self.daemon.save_failed(job, msg["trigger"], exc)
-            reply.update(ok=False, reason=exc.reason, error=str(exc))
+            result = save_unit(target, fd, msg["length"], msg["filename"], msg["step"],
+                               on_removed=lambda removed: d.removed(job.name, removed),
+                               on_written=lambda written: self._written(job, msg, written))
+            reply.update(ok=True, path=result.path)
         except Exception as exc:  # never lose the daemon to one save
-            log.exception("job %s: unexpected error persisting step %d", job.name, msg["step"])
-            self.daemon.save_failed(job, msg["trigger"], PersistError("internal_error", str(exc)))
-            reply.update(ok=False, reason="internal_error", error=str(exc))
+            error = failure(exc, msg["step"])
+            d.save_failed(job, msg["trigger"], error)
+            reply.update(ok=False, reason=error.reason, error=str(error))
         finally:
             os.close(fd)
-            with self.daemon.lock:
+            with d.lock:
                 job.in_flight -= 1
         self.send(reply)
 
-    def _persist_checked(self, job: JobState, msg: dict[str, Any], fd: int) -> str:
-        d = self.daemon
-        room, removed = make_room(job.directory, job.name, job.settings, msg["length"], time.time(), d.roots)
-        d.removed(job.name, removed)
-        if not room.ok:
-            raise PersistError("no_space", f"checkpoint of step {msg['step']} does not fit in {job.directory}: "
-                                           f"{room.reason}; existing checkpoints were left alone")
-        result = persist(fd, msg["length"], job.directory, msg["filename"])
+    def _written(self, job: JobState, msg: dict[str, Any], result: Persisted) -> None:
+        """Stage 3: the snapshot came from another process; it must be the save it claimed to be."""
         info = read_info(result.path)
         if info.job != job.name or info.step != msg["step"]:
-            raise PersistError("invalid_snapshot", f"snapshot says job {info.job!r} step {info.step}, "
-                                                   f"message says {job.name!r} step {msg['step']}")
-        d.catalog.record(info, verified=True)
-        d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, ("stall",))})
-        d.removed(job.name, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
-        return result.path
+            raise PersistError(FailReason.INVALID_SNAPSHOT, f"snapshot says job {info.job!r} step {info.step}, "
+                                                            f"message says {job.name!r} step {msg['step']}")
+        self.daemon.catalog.record(info, verified=True)
+        self.daemon.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, ("stall",))})
 
     def _committed(self, msg: dict[str, Any]) -> None:
         """A sharded checkpoint its ranks wrote and agreed on: check it against its manifest
         (its shards were verified from disk by their writers), catalogue it, apply retention."""
         job, d = self.job, self.daemon
         assert job is not None
-        trigger = msg["trigger"] if msg["trigger"] in TRIGGERS else "manual"
+        trigger = Trigger.of(msg["trigger"])
         if not msg.get("ok", True):
-            d.save_failed(job, trigger, PersistError(str(msg.get("reason", "uncommitted"))[:40], str(msg.get("error"))))
+            d.save_failed(job, trigger, PersistError(FailReason.of(msg.get("reason", FailReason.UNCOMMITTED)),
+                                                     str(msg.get("error"))))
             return
         path = os.path.realpath(msg["path"])
         if os.path.dirname(path) != os.path.realpath(job.directory):
             raise protocol.ProtocolError(f"committed: {msg['path']} is not in the job's directory")
         result, info = verify_unit(path, full=()), read_info(path)
         if not result.ok or info.job != job.name or info.step != msg["step"]:
-            d.save_failed(job, trigger, PersistError("verify_failed", f"sharded checkpoint {path}: "
+            d.save_failed(job, trigger, PersistError(FailReason.VERIFY_FAILED, f"sharded checkpoint {path}: "
                                                      f"{result.reason or 'job or step differ from the message'}"))
             return
         with d.lock:
@@ -248,7 +246,7 @@ class Session:
         d.catalog.forget(r.path for r in d.catalog.checkpoints(job.name) if not os.path.exists(r.path))
         d.catalog.record(info, verified=True)
         d.save_succeeded(job, trigger, info, _reported_seconds(msg, ("stall", "persist", "verify")))
-        d.removed(job.name, collect(job.directory, job.name, job.settings, time.time(), d.roots)[1])
+        prune(Target(job.directory, job.name, job.settings, d.roots), lambda removed: d.removed(job.name, removed))
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -267,7 +265,7 @@ class Session:
             self.job.step = max(self.job.step, msg["step"])
             lost = missed.final_missing(self.job.policy, msg["step"], self.job.last_verified_step)
         if lost:
-            self._count_missed("final_missing")
+            self._count_missed(MissedReason.FINAL_MISSING)
         self.send({"type": "bye"})
 
     def _disconnected(self) -> None:
@@ -282,7 +280,7 @@ class Session:
             unsaved = missed.unsaved_at_exit(self.job.step, self.job.last_verified_step)
         if not self.ended and unsaved > 0:
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
-            self._count_missed("trainer_exit_unsaved")
+            self._count_missed(MissedReason.TRAINER_EXIT_UNSAVED)
         self.daemon.unregister(self.job, self)
 
 

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from ckptd.manifest import MANIFEST, SHARD_RE
-from ckptd.persist import TEMP_MARK
-from ckptd.scan import SUFFIX, Checkpoint, read_info
+from ckptd.core.vocab import Outcome
+from ckptd.store.manifest import MANIFEST, SHARD_RE
+from ckptd.store.persist import TEMP_MARK
+from ckptd.store.scan import SUFFIX, Checkpoint, read_info
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -28,11 +29,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     path TEXT PRIMARY KEY, job TEXT NOT NULL, step INTEGER NOT NULL, epoch REAL, created REAL NOT NULL,
     trigger TEXT NOT NULL DEFAULT '', rule TEXT NOT NULL DEFAULT '', bytes INTEGER NOT NULL,
     verified INTEGER NOT NULL, metrics TEXT NOT NULL DEFAULT '{}', pinned INTEGER NOT NULL DEFAULT 0,
-    reason TEXT NOT NULL DEFAULT '', digests TEXT NOT NULL DEFAULT '{}');
+    reason TEXT NOT NULL DEFAULT '', digests TEXT NOT NULL DEFAULT '{}', outcome TEXT NOT NULL DEFAULT 'ok');
 CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job, step);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, job TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
+SCHEMA_VERSION = 2  # PRAGMA user_version; a catalogue of another version is rebuilt from the files
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Row:
     pinned: bool
     metrics: dict[str, Any]
     reason: str = ""
+    outcome: Outcome = Outcome.OK
 
 
 class Catalog:
@@ -66,9 +69,14 @@ class Catalog:
             db.execute("SELECT count(*) FROM checkpoints").fetchone()
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
+            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                if not fresh:
+                    raise sqlite3.DatabaseError("schema version differs")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError:
             self._move_aside()
             db, fresh = self._connect(), True
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.rebuilt = fresh
         return db
 
@@ -117,13 +125,14 @@ class Catalog:
 
     # -- checkpoints -----------------------------------------------------------------
 
-    def record(self, c: Checkpoint, verified: bool, reason: str = "") -> None:
+    def record(self, c: Checkpoint, verified: bool, reason: str = "", outcome: Outcome | None = None) -> None:
+        outcome = outcome or (Outcome.OK if verified else Outcome.CORRUPT)
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints(path, job, step, epoch, created, trigger, rule, bytes, "
-                "verified, metrics, pinned, reason, digests) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "verified, metrics, pinned, reason, digests, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (c.path, c.job, c.step, c.epoch, c.created, c.trigger, c.rule, c.bytes, int(verified),
-                 json.dumps(c.metrics, default=str), int(c.pinned), reason, json.dumps(c.digests)))
+                 json.dumps(c.metrics, default=str), int(c.pinned), reason, json.dumps(c.digests), outcome))
 
     def forget(self, paths: Iterable[str]) -> None:
         with self._lock:
@@ -131,14 +140,16 @@ class Catalog:
 
     def mark_unverified(self, path: str, reason: str) -> None:
         with self._lock:
-            self._db.execute("UPDATE checkpoints SET verified = 0, reason = ? WHERE path = ?", (reason, path))
+            self._db.execute("UPDATE checkpoints SET verified = 0, reason = ?, outcome = ? WHERE path = ?",
+                             (reason, Outcome.CORRUPT, path))
 
     def set_pinned(self, path: str, pinned: bool) -> None:
         with self._lock:
             self._db.execute("UPDATE checkpoints SET pinned = ? WHERE path = ?", (int(pinned), path))
 
     def checkpoints(self, job: str | None = None) -> list[Row]:
-        sql = "SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason FROM checkpoints"
+        sql = ("SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason, outcome "
+               "FROM checkpoints")
         args: tuple[Any, ...] = ()
         if job is not None:
             sql += " WHERE job = ?"
@@ -146,7 +157,7 @@ class Catalog:
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY job, step, created", args).fetchall()
         return [Row(r[0], r[1], int(r[2]), float(r[3]), int(r[4]), bool(r[5]), r[6], bool(r[7]),
-                    json.loads(r[8]), r[9]) for r in rows]
+                    json.loads(r[8]), r[9], Outcome(r[10])) for r in rows]
 
     def event(self, job: str | None, kind: str, **detail: Any) -> None:
         with self._lock:

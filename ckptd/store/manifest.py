@@ -28,7 +28,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from ckptd.format import FORMAT_VERSION
+from ckptd.core.format import FORMAT_VERSION
 
 MANIFEST = "ckptd-manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20

@@ -7,7 +7,7 @@ daemon only counts and logs. Reasons are the ``reason`` label of
 
 from __future__ import annotations
 
-from ckptd.policy import SavePolicy, next_scheduled_step
+from ckptd.core.policy import SavePolicy, next_scheduled_step
 
 
 def skipped_step(policy: SavePolicy, last_saved_step: int, reported_step: int, flagged: int) -> int | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ckptd.retention import Item, Verdict
+from ckptd.core.retention import Item, Verdict
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Mapping
 
+from ckptd.core.vocab import NEVER
+
 
 class PolicyError(ValueError):
     """A policy that cannot work, named by its key."""
@@ -124,7 +126,7 @@ def next_due_step(policy: SavePolicy, after: int) -> int:
         candidates.append(nxt[0])
     if policy.save_final and policy.total_steps is not None and after < policy.total_steps:
         candidates.append(policy.total_steps)
-    return int(min(candidates)) if min(candidates) != math.inf else 2**62
+    return int(min(candidates)) if min(candidates) != math.inf else NEVER
 
 
 def improves(policy: SavePolicy, metric: float | None, best: float | None) -> bool:

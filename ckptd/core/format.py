@@ -146,7 +146,7 @@ def header_length(prefix: bytes, file_size: int) -> int:
         raise FormatError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if n > file_size - 8:
         raise FormatError(f"header length {n} runs past the end of the file ({file_size} bytes)")
-    return n
+    return int(n)
 
 
 def parse_header(raw: bytes, header_len: int, file_size: int) -> Header:

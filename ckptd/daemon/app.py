@@ -20,16 +20,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from ckptd import missed, protocol, sdnotify
-from ckptd.catalog import Catalog
-from ckptd.config import Config
-from ckptd.gc import Removal, inside, metric_rule
-from ckptd.metrics import Metrics, serve_http
-from ckptd.persist import PersistError, cleanup_temp
-from ckptd.policy import SavePolicy
-from ckptd.preflight import TargetError, free_bytes
-from ckptd.scan import Checkpoint
-from ckptd.session import JobState, Session
+from ckptd.core import missed
+from ckptd.core.config import Config
+from ckptd.core.policy import SavePolicy
+from ckptd.core.vocab import FailReason, MissedReason, Outcome, Trigger, delete_label
+from ckptd.daemon import sdnotify
+from ckptd.daemon.catalog import Catalog
+from ckptd.daemon.metrics import Metrics, serve_http
+from ckptd.daemon.session import JobState, Session
+from ckptd.store.persist import PersistError, cleanup_temp
+from ckptd.store.preflight import TargetError, free_bytes
+from ckptd.store.remove import Removal, inside
+from ckptd.store.scan import Checkpoint
+from ckptd.wire import protocol
 
 log = logging.getLogger("ckptd.daemon")
 ENDED_JOB_TTL = 3600.0
@@ -105,7 +108,7 @@ class Daemon:
             return
         from watchdog.observers import Observer
 
-        from ckptd.watch import Watcher
+        from ckptd.daemon.watch import Watcher
 
         self.observer = Observer()
         for i, spec in enumerate(self.config.watch):
@@ -133,12 +136,13 @@ class Daemon:
             pass
         w.handle = self.observer.schedule(w, w.root, recursive=True)
 
-    def watch_verified(self, job: str, info: Checkpoint, ok: bool, outcome: str) -> None:
+    def watch_verified(self, job: str, info: Checkpoint, outcome: Outcome) -> None:
+        ok = outcome == Outcome.OK
         self.metrics.verify.labels(job, outcome).inc()
-        self.metrics.saves.labels(job, "watch", "ok" if ok else "failed").inc()
+        self.metrics.saves.labels(job, Trigger.WATCH, "ok" if ok else "failed").inc()
         self.catalog.event(job, "adopted", path=info.path, ok=ok, outcome=outcome)
         if not ok:
-            self.metrics.failures.labels(job, "verify_failed").inc()
+            self.metrics.failures.labels(job, FailReason.VERIFY_FAILED).inc()
 
     def scrub(self) -> dict[str, int]:
         """Re-verify every catalogued checkpoint, with no trainer involved (``scrub_every``).
@@ -147,14 +151,14 @@ class Daemon:
         (``ckptd_verify_total{outcome="corrupt"}``), never deleted here: a transient read
         error must not cost a good checkpoint.
         """
-        from ckptd import foreign
-        from ckptd.verify import verify_file
+        from ckptd.store import foreign
+        from ckptd.store.verify import verify_file
 
         counts = {"ok": 0, "corrupt": 0}
         for row in self.catalog.checkpoints():
             if not row.verified:
                 continue
-            if row.trigger == "watch":
+            if row.trigger == Trigger.WATCH:
                 found = foreign.classify(row.path)
                 result = foreign.verify(found) if found else verify_file(row.path)
             else:
@@ -179,8 +183,8 @@ class Daemon:
         self._refresh_disk_gauges(job)
 
     def watch_missed(self, job: str) -> None:
-        self.metrics.missed.labels(job, "time_overdue").inc()
-        self.catalog.event(job, "missed", reason="time_overdue")
+        self.metrics.missed.labels(job, MissedReason.TIME_OVERDUE).inc()
+        self.catalog.event(job, "missed", reason=MissedReason.TIME_OVERDUE)
 
     def _tick_job(self) -> None:
         try:
@@ -285,16 +289,21 @@ class Daemon:
     def privileged(self, uid: int, gid: int) -> bool:
         return uid == 0 or uid == os.getuid() or (self.group_gid is not None and gid == self.group_gid)
 
-    def authorize_directory(self, directory: str, uid: int, gid: int) -> str:
-        if not os.path.isabs(directory) or ".." in directory.split("/"):
+    def authorize_directory(self, directory: str, uid: int, gid: int, must_exist: bool = True) -> str:
+        """A directory the uid may have the daemon write to and delete from (or, ``must_exist=False``,
+        create: then its nearest existing ancestor must be the uid's)."""
+        if not isinstance(directory, str) or not os.path.isabs(directory) or ".." in directory.split("/"):
             raise PermissionError(f"directory {directory!r} must be an absolute path without '..'")
         real = os.path.realpath(directory)
         if not inside(real, self.roots):
             raise PermissionError(f"directory {directory} is outside the daemon's roots ({', '.join(self.roots)})")
-        if not os.path.isdir(real):
-            raise PermissionError(f"directory {directory} does not exist")
-        if not self.privileged(uid, gid) and os.stat(real).st_uid != uid:
-            raise PermissionError(f"directory {directory} is not owned by uid {uid}")
+        existing = real
+        while not os.path.isdir(existing):
+            if must_exist or existing in self.roots or existing == "/":
+                raise PermissionError(f"directory {directory} does not exist")
+            existing = os.path.dirname(existing)
+        if not self.privileged(uid, gid) and os.stat(existing).st_uid != uid:
+            raise PermissionError(f"directory {existing} is not owned by uid {uid}")
         return real
 
     def authorize_job(self, job: str, uid: int, gid: int) -> None:
@@ -367,7 +376,7 @@ class Daemon:
         log.error("job %s: save failed (%s): %s", job.name, exc.reason, exc)
         self.metrics.saves.labels(job.name, trigger, "failed").inc()
         self.metrics.failures.labels(job.name, exc.reason).inc()
-        if exc.reason == "verify_failed":
+        if exc.reason == FailReason.VERIFY_FAILED:
             self.metrics.verify.labels(job.name, "corrupt").inc()
         self.catalog.event(job.name, "failed", reason=exc.reason, error=str(exc))
 
@@ -375,7 +384,7 @@ class Daemon:
         """Deletions by retention or quota, for hook jobs and watched trees alike."""
         done = [r for r in removals if r.done]
         for r in done:
-            self.metrics.deleted.labels(job, metric_rule(r)).inc()
+            self.metrics.deleted.labels(job, delete_label(r.verdict.rule)).inc()
             self.catalog.event(job, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
         for r in removals:
             if r.error:
@@ -438,8 +447,8 @@ class Daemon:
                 j.missed += 1
         if overdue:
             log.warning("job %s: no verified save for %.0fs (expected every %.0fs)", j.name, now - last, interval or 0)
-            self.metrics.missed.labels(j.name, "time_overdue").inc()
-            self.catalog.event(j.name, "missed", reason="time_overdue")
+            self.metrics.missed.labels(j.name, MissedReason.TIME_OVERDUE).inc()
+            self.catalog.event(j.name, "missed", reason=MissedReason.TIME_OVERDUE)
 
     def _cleanup_temp(self) -> None:
         dirs = {d for _, _, d in self.catalog.jobs()} | {os.path.dirname(r.path) for r in self.catalog.checkpoints()}
@@ -451,7 +460,7 @@ class Daemon:
     # -- CLI requests (ckptd.requests) ------------------------------------------------------
 
     def request(self, session: Session, msg: dict[str, Any]) -> None:
-        from ckptd import requests
+        from ckptd.daemon import requests
 
         requests.handle(self, session, msg)
 

@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from ckptd.units import format_bytes
+from ckptd.core.units import format_bytes
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _JOB = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
