@@ -42,7 +42,7 @@ def client(d: Daemon, i: int, saves: int, payload: bytes, latencies: list[float]
     directory.mkdir()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(d.socket)
-    fd = os.memfd_create(job)
+    fd = protocol.snapshot_memfd(job)
     try:
         protocol.send(s, {"type": "hello", "job": job, "directory": str(directory), "settings": {"keep_last": 2},
                           "pid": os.getpid(), "step": 0})

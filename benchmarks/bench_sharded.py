@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, table, write_result  # noqa: E402
+from benchmarks.common import ROOT, free_port, table, write_result  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -116,7 +116,8 @@ def main() -> None:
         args.mib, args.reps, args.steps = 16, 3, 500
     work = Path(os.environ.get("CKPTD_BENCH_DIR", "/var/tmp")) / f"ckptd-bench-sharded-{os.getpid()}"
     try:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={args.ranks}", __file__, "--worker",
+        cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={args.ranks}",
+               f"--master_port={free_port()}", __file__, "--worker",
                "--dir", str(work), "--mib", str(args.mib), "--reps", str(args.reps), "--steps", str(args.steps),
                "--width", str(args.width)]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+# Where results and scratch space go: the repository by default, a test's own directory when
+# CKPTD_BENCH_RESULTS / CKPTD_BENCH_DIR say so (tests write nowhere but their temporary directories).
+RESULTS = Path(os.environ.get("CKPTD_BENCH_RESULTS") or ROOT / "benchmarks" / "results")
 MiB = 1 << 20
 
 
@@ -144,8 +146,15 @@ class Daemon:
         self.proc.wait(120)
 
 
+def free_port() -> int:
+    """A free loopback port (torchrun's default 29500 lets only one job run at a time)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def scratch() -> Path:
     """A work directory on the same filesystem as the repository (not a tmpfs /tmp)."""
-    base = ROOT / "benchmarks" / ".scratch"
+    base = Path(os.environ.get("CKPTD_BENCH_DIR") or ROOT / "benchmarks" / ".scratch")
     base.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=base))

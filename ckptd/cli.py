@@ -15,7 +15,7 @@ from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
 from ckptd.core.units import format_bytes, format_duration
-from ckptd.store.scan import Checkpoint, pin_path, scan
+from ckptd.store.scan import Checkpoint, scan, set_pinned
 from ckptd.store.verify import VerifyResult, verify_file
 
 
@@ -205,11 +205,16 @@ def serve(config_file: str | None, socket_path: str | None, state_dir: str | Non
 @click.option("--settle", default="5s", help="quiet time before a new checkpoint is judged")
 @click.option("--rescan-every", default="3m", help="full rescan period (catches events inotify dropped)")
 @click.option("--abandon-after", default="1h", help="judge a checkpoint that stayed incomplete this long with no writes")
-@click.option("--state-dir", default=None, help="catalogue directory (default: DIRECTORY/.ckptd)")
+@click.option("--on-corrupt", type=click.Choice(["keep", "quarantine", "delete"]), default="keep", show_default=True,
+              help="what retention does with a checkpoint that fails verification (keep: alert only)")
+@click.option("--dry-run", is_flag=True, help="log what retention would keep and delete, and why; delete nothing")
+@click.option("--state-dir", default=None,
+              help="catalogue directory (default: a private one under /var/lib/ckptd or ~/.local/state/ckptd)")
 @click.option("--metrics-listen", default="127.0.0.1:9733")
 @click.option("--socket", "socket_path", default=None, help="socket for status/list (default: STATE_DIR/ckptd.sock)")
 def watch(directory: str, job: str | None, pattern: str | None, expect_every: str | None, settle: str,
-          rescan_every: str, abandon_after: str, state_dir: str | None, metrics_listen: str, socket_path: str | None, **options: Any) -> None:
+          rescan_every: str, abandon_after: str, on_corrupt: str, dry_run: bool, state_dir: str | None,
+          metrics_listen: str, socket_path: str | None, **options: Any) -> None:
     """Adopt the checkpoints another tool writes into DIRECTORY: verify, catalogue, retain, alert."""
     import logging
 
@@ -220,8 +225,12 @@ def watch(directory: str, job: str | None, pattern: str | None, expect_every: st
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     root = os.path.realpath(directory)
-    state = state_dir or os.path.join(root, ".ckptd")
-    table = {"path": root, "settle": settle, "rescan_every": rescan_every, "abandon_after": abandon_after, **({"job": job} if job else {}),
+    if not os.path.isdir(root):
+        raise click.UsageError(f"{directory} is not a directory (watch mode adopts what another tool writes "
+                               "there; it does not create it)")
+    state = state_dir or _private_state_dir(root)
+    table = {"path": root, "settle": settle, "rescan_every": rescan_every, "abandon_after": abandon_after,
+             "on_corrupt": on_corrupt, "dry_run": dry_run, **({"job": job} if job else {}),
              **({"pattern": pattern} if pattern else {}), **({"expect_every": expect_every} if expect_every else {}),
              **{k: v for k, v in options.items() if v is not None}}
     try:
@@ -258,7 +267,7 @@ def _dash(v: Any) -> str:
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def pin(path: str) -> None:
     """Keep PATH whatever the retention rules say."""
-    open(pin_path(path), "a").close()
+    _set_pin(path, True)
     _tell_daemon({"type": "pin", "path": os.path.abspath(path)})
     click.echo(f"pinned {path}")
 
@@ -267,12 +276,33 @@ def pin(path: str) -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def unpin(path: str) -> None:
     """Let retention rules decide about PATH again."""
-    try:
-        os.unlink(pin_path(path))
-    except FileNotFoundError:
-        pass
+    _set_pin(path, False)
     _tell_daemon({"type": "unpin", "path": os.path.abspath(path)})
     click.echo(f"unpinned {path}")
+
+
+def _private_state_dir(root: str) -> str:
+    """``ckptd watch``'s catalogue and socket: in the user's own state directory, never in the
+    watched tree, where another user could have prepared them."""
+    import hashlib
+
+    base = os.environ.get("XDG_STATE_HOME") or (
+        "/var/lib" if os.getuid() == 0 else os.path.join(os.path.expanduser("~"), ".local", "state"))
+    path = os.path.join(base, "ckptd", "watch-" + hashlib.sha256(root.encode()).hexdigest()[:16])
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
+        raise click.UsageError(f"{path} is not a directory of yours; pass --state-dir")
+    return path
+
+
+def _set_pin(path: str, pinned: bool) -> None:
+    try:
+        set_pinned(path, pinned)
+    except OSError as exc:
+        raise click.ClickException(f"cannot {'pin' if pinned else 'unpin'} {path}: "
+                                   f"{exc.strerror or exc} (the marker .{os.path.basename(path)}.pinned "
+                                   "lives beside it)") from None
 
 
 def _tell_daemon(msg: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -57,9 +57,10 @@ def no_leaks() -> Iterator[None]:
     pytest.fail(f"test leaked threads {[t.name for t in threads]} and child processes {sorted(children)}")
 
 
-def run_py(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+def run_py(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
+           **kw: object) -> subprocess.CompletedProcess[str]:
     """Run a Python script of the project in a subprocess, capturing output."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     return subprocess.run([PYTHON, *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)  # type: ignore[call-overload]
 
 
@@ -91,7 +92,9 @@ def free_port() -> int:
 class DaemonProc:
     """A real ``ckptd serve`` subprocess on a private socket, state dir and root."""
 
-    def __init__(self, base: Path, extra_config: str = "", env: dict[str, str] | None = None) -> None:
+    def __init__(self, base: Path, extra_config: str = "", env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.preexec = preexec
         self.base = base
         self.root = base / "roots"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -110,7 +113,8 @@ class DaemonProc:
     def start(self) -> "DaemonProc":
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "serve", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
+                                     stdout=self._logf, stderr=subprocess.STDOUT, env=self.env,
+                                     preexec_fn=self.preexec)
         deadline = time.monotonic() + 30
         while not self.healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:

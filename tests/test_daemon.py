@@ -36,12 +36,12 @@ def test_a_run_saves_through_the_daemon(daemon: DaemonProc) -> None:
     assert r.returncode == 0, r.stderr
     assert "connected to the daemon" in r.stderr and "embedded mode" not in r.stderr
     assert [c.step for c in scan(str(run_dir), "toy")] == [20, 30]
-    assert daemon.metric("ckptd_saves_total", job="toy", trigger="step", outcome="ok") == 2
-    assert daemon.metric("ckptd_saves_total", job="toy", trigger="final", outcome="ok") == 1
-    assert daemon.metric("ckptd_deleted_total", job="toy", rule="retention") == 1
-    assert daemon.metric("ckptd_last_saved_step", job="toy") == 30
-    assert daemon.metric("ckptd_checkpoints", job="toy") == 2
-    assert daemon.metric("ckptd_missed_saves_total", job="toy", reason="final_missing") == 0
+    assert daemon.metric("ckptd_saves_total", training_job="toy", trigger="step", outcome="ok") == 2
+    assert daemon.metric("ckptd_saves_total", training_job="toy", trigger="final", outcome="ok") == 1
+    assert daemon.metric("ckptd_deleted_total", training_job="toy", rule="retention") == 1
+    assert daemon.metric("ckptd_last_saved_step", training_job="toy") == 30
+    assert daemon.metric("ckptd_checkpoints", training_job="toy") == 2
+    assert daemon.metric("ckptd_missed_saves_total", training_job="toy", reason="final_missing") == 0
     status = json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)
     assert status[0]["job"] == "toy" and status[0]["last_verified_step"] == 30 and status[0]["checkpoints"] == 2
     latest = ckptd_cli("latest", "toy", "--socket", daemon.socket)
@@ -70,8 +70,8 @@ def test_a_handed_over_checkpoint_survives_its_trainer(daemon: DaemonProc) -> No
     wait_until(lambda: len(scan(str(run_dir), "victim")) == 1, what="the orphaned checkpoint to be persisted")
     path = scan(str(run_dir), "victim")[0].path
     assert verify_file(path).ok
-    wait_until(lambda: daemon.metric("ckptd_saves_total", job="victim", trigger="step", outcome="ok") == 1)
-    assert daemon.metric("ckptd_job_up", job="victim") == 0
+    wait_until(lambda: daemon.metric("ckptd_saves_total", training_job="victim", trigger="step", outcome="ok") == 1)
+    assert daemon.metric("ckptd_job_up", training_job="victim") == 0
 
 
 def test_trainer_killed_with_unsaved_steps_is_counted(daemon: DaemonProc) -> None:
@@ -80,15 +80,15 @@ def test_trainer_killed_with_unsaved_steps_is_counted(daemon: DaemonProc) -> Non
                              "200", "--step-sleep", "0.01"], env=env_for(daemon),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: daemon.metric("ckptd_last_saved_step", job="lost") >= 200, what="a save")
+        wait_until(lambda: daemon.metric("ckptd_last_saved_step", training_job="lost") >= 200, what="a save")
         # a (batched) heartbeat reports steps past the last save
-        wait_until(lambda: daemon.metric("ckptd_unsaved_steps", job="lost") > 0, what="a heartbeat")
+        wait_until(lambda: daemon.metric("ckptd_unsaved_steps", training_job="lost") > 0, what="a heartbeat")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", job="lost", reason="trainer_exit_unsaved") == 1,
+    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", training_job="lost", reason="trainer_exit_unsaved") == 1,
                what="trainer_exit_unsaved")
-    assert daemon.metric("ckptd_unsaved_steps", job="lost") > 0
+    assert daemon.metric("ckptd_unsaved_steps", training_job="lost") > 0
 
 
 def test_no_daemon_at_start_then_reconnect_then_daemon_killed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -106,7 +106,7 @@ def test_no_daemon_at_start_then_reconnect_then_daemon_killed(tmp_path: Path, ca
         wait_until(lambda: ckpt.mode == "daemon", what="the hook to reconnect")
         ckpt.step()
         ckpt.wait()
-        wait_until(lambda: d.metric("ckptd_saves_total", job="re", trigger="step", outcome="ok") == 1)
+        wait_until(lambda: d.metric("ckptd_saves_total", training_job="re", trigger="step", outcome="ok") == 1)
         d.kill(signal.SIGKILL)
         for _ in range(5):  # training goes on; saves land either way
             ckpt.step()
@@ -175,7 +175,7 @@ def test_catalogue_is_rebuilt_when_missing_or_damaged(daemon: DaemonProc) -> Non
         listed = json.loads(ckptd_cli("list", "cat", "--json", "--socket", daemon.socket).stdout)
         assert [x["step"] for x in listed] == [5, 10, 15, 20], damage
         assert all(x["verified"] for x in listed)
-        assert daemon.metric("ckptd_last_saved_step", job="cat") == 20
+        assert daemon.metric("ckptd_last_saved_step", training_job="cat") == 20
         daemon.stop()
     assert list(daemon.state.glob("catalog.sqlite.damaged-*"))
     with sqlite3.connect(db) as con:
@@ -211,7 +211,7 @@ def test_32_concurrent_clients_lose_nothing(daemon: DaemonProc) -> None:
     for i in range(32):
         steps = [c.step for c in scan(str(daemon.root / f"job{i}"), f"job{i}")]
         assert steps == [2, 4, 6], (i, steps)
-        assert daemon.metric("ckptd_saves_total", job=f"job{i}", trigger="final", outcome="ok") == 1
+        assert daemon.metric("ckptd_saves_total", training_job=f"job{i}", trigger="final", outcome="ok") == 1
 
 
 OTHER_UID = r"""
@@ -269,10 +269,10 @@ def test_step_skipped_and_final_missing_are_counted(daemon: DaemonProc) -> None:
     s = raw_client(daemon, "skippy", {"every_steps": 10, "total_steps": 25})
     try:
         protocol.send(s, {"type": "heartbeat", "step": 25})
-        wait_until(lambda: daemon.metric("ckptd_missed_saves_total", job="skippy", reason="step_skipped") == 1)
+        wait_until(lambda: daemon.metric("ckptd_missed_saves_total", training_job="skippy", reason="step_skipped") == 1)
         protocol.send(s, {"type": "end", "step": 25})
         assert protocol.recv(s)[0]["type"] == "bye"
-        assert daemon.metric("ckptd_missed_saves_total", job="skippy", reason="final_missing") == 1
+        assert daemon.metric("ckptd_missed_saves_total", training_job="skippy", reason="final_missing") == 1
     finally:
         s.close()
 
@@ -287,7 +287,7 @@ def test_backpressure_skip_is_counted(daemon: DaemonProc) -> None:
     finally:
         ckpt.close()
     assert ckpt.stats["skipped"] >= 1
-    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", job="bp", reason="backpressure")
+    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", training_job="bp", reason="backpressure")
                == ckpt.stats["skipped"], what="backpressure count")
 
 

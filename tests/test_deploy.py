@@ -92,7 +92,7 @@ def test_ended_jobs_are_dropped_from_metrics() -> None:
     from prometheus_client import generate_latest
 
     text = generate_latest(m.registry).decode()
-    assert 'job="old"' not in text and 'job="live"' in text
+    assert 'training_job="old"' not in text and 'training_job="live"' in text
 
 
 # --- sd_notify and draining -----------------------------------------------------------------
@@ -170,7 +170,7 @@ class Prometheus:
         (base / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "rule_files: [alerts.yml]\n"
-            f"scrape_configs:\n  - job_name: ckptd\n    honor_labels: true\n"
+            f"scrape_configs:\n  - job_name: ckptd\n"
             f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
         self.log = open(base / "prometheus.log", "wb")
         self.proc = subprocess.Popen([need("prometheus"), f"--config.file={base / 'prometheus.yml'}",
@@ -224,15 +224,15 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
                                     "--keep-last", "2"],
                                    env={**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": d.socket},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: d.metric("ckptd_saves_total", job="e2e", trigger="step", outcome="ok") >= 2, 60, "saves")
+        wait_until(lambda: d.metric("ckptd_saves_total", training_job="e2e", trigger="step", outcome="ok") >= 2, 60, "saves")
         subprocess.run(["mount", "-o", "remount,ro", str(d.root)], check=True)  # the target turns read-only
-        wait_until(lambda: d.metric("ckptd_save_failures_total", job="e2e", reason="read_only") >= 1, 60, "a failure")
-        wait_until(lambda: prom.alert_state("CkptdSaveFailed", job="e2e", reason="read_only") == "firing", 60,
+        wait_until(lambda: d.metric("ckptd_save_failures_total", training_job="e2e", reason="read_only") >= 1, 60, "a failure")
+        wait_until(lambda: prom.alert_state("CkptdSaveFailed", training_job="e2e", reason="read_only") == "firing", 60,
                    "CkptdSaveFailed to fire")
-        wait_until(lambda: d.metric("ckptd_unsaved_steps", job="e2e") > 0, 30, "unsaved steps")
+        wait_until(lambda: d.metric("ckptd_unsaved_steps", training_job="e2e") > 0, 30, "unsaved steps")
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
-        wait_until(lambda: prom.alert_state("CkptdTrainerExitUnsaved", job="e2e") == "firing", 60,
+        wait_until(lambda: prom.alert_state("CkptdTrainerExitUnsaved", training_job="e2e") == "firing", 60,
                    "CkptdTrainerExitUnsaved to fire")
         assert prom.alert_state("CkptdDown") is None
         time.sleep(3)  # a few more scrapes so rate() windows hold several points

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckptd.store.scan import scan
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": "/nonexistent/ckptd.sock"}
@@ -91,14 +91,14 @@ def test_torchrun_ddp_rank0_saves_all_ranks_resume(tmp_path: Path) -> None:
         env = {**ENV, "CKPTD_SOCKET": d.socket}
         torchrun = str(Path(PYTHON).parent / "torchrun")
         script = str(ROOT / "examples" / "ddp_train.py")
-        straight = run([torchrun, "--nproc_per_node=2", script, "--dir", str(d.root / "a"), "--steps", "30"], env)
+        straight = run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", script, "--dir", str(d.root / "a"), "--steps", "30"], env)
         prints = set(re.findall(r"rank \d FINGERPRINT (\w+)", straight))
         assert len(prints) == 1 and "rank 1 FINGERPRINT" in straight and "saves 0" in straight
         status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)}
         assert status["ddp-demo"]["world_size"] == 2 and status["ddp-demo"]["checkpoints"] == 6
-        kill_when([torchrun, "--nproc_per_node=2", script, "--dir", str(d.root / "b"), "--steps", "30",
+        kill_when([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", script, "--dir", str(d.root / "b"), "--steps", "30",
                    "--step-sleep", "0.1"], d.root / "b", "ddp-demo", 15, env)
-        out = run([torchrun, "--nproc_per_node=2", script, "--dir", str(d.root / "b"), "--steps", "30"], env)
+        out = run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", script, "--dir", str(d.root / "b"), "--steps", "30"], env)
         starts = set(re.findall(r"rank \d starting at step (\d+)", out))
         assert len(starts) == 1 and int(starts.pop()) >= 15  # every rank resumed from the same checkpoint
         assert set(re.findall(r"rank \d FINGERPRINT (\w+)", out)) == prints

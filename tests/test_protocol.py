@@ -109,7 +109,7 @@ def test_fds_that_are_not_memfds_are_refused(shared_daemon: DaemonProc) -> None:
 def test_a_snapshot_that_lies_about_its_contents_is_refused(shared_daemon: DaemonProc) -> None:
     run = shared_daemon.root / "liar"
     run.mkdir()
-    fd = os.memfd_create("liar")
+    fd = protocol.snapshot_memfd("liar")
     os.write(fd, struct.pack("<Q", 2**60) + b"garbage")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
@@ -126,7 +126,7 @@ def test_a_snapshot_that_lies_about_its_contents_is_refused(shared_daemon: Daemo
         s.close()
         os.close(fd)
     assert os.listdir(run) == []
-    assert shared_daemon.metric("ckptd_save_failures_total", job="liar", reason="invalid_snapshot") == 1
+    assert shared_daemon.metric("ckptd_save_failures_total", training_job="liar", reason="invalid_snapshot") == 1
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),

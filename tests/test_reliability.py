@@ -100,7 +100,7 @@ def test_scrub_finds_corruption_without_any_trainer(tmp_path: Path) -> None:
         data = bytearray(Path(victim).read_bytes())
         data[-10] ^= 0xFF
         Path(victim).write_bytes(bytes(data))
-        wait_until(lambda: d.metric("ckptd_verify_total", job="scrubbed", outcome="corrupt") == 1, 20, "the scrub")
+        wait_until(lambda: d.metric("ckptd_verify_total", training_job="scrubbed", outcome="corrupt") == 1, 20, "the scrub")
         rows = {r["path"]: r for r in json.loads(ckptd_cli("list", "scrubbed", "--json", "--socket", d.socket).stdout)}
         assert rows[victim]["verified"] is False and "digest mismatch" in rows[victim]["problem"]
         assert sum(r["verified"] for r in rows.values()) == 2

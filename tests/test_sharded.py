@@ -23,7 +23,7 @@ from ckptd.store.lifecycle import collect
 from ckptd.store.persist import TEMP_MARK
 from ckptd.store.scan import scan
 from ckptd.store.verify import verify_file, verify_unit
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, wait_until
 from tests.test_integrations import ENV, run
 
 TORCHRUN = str(Path(PYTHON).parent / "torchrun")
@@ -32,7 +32,8 @@ JOB = "sharded-demo"
 
 
 def torchrun(n: int, directory: Path, *extra: str) -> list[str]:
-    return [TORCHRUN, f"--nproc_per_node={n}", SCRIPT, "--dir", str(directory), *extra]
+    return [TORCHRUN, f"--nproc_per_node={n}", f"--master_port={free_port()}", SCRIPT, "--dir", str(directory),
+            *extra]
 
 
 def fingerprints(out: str) -> dict[str, str]:
@@ -165,7 +166,7 @@ def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
         assert len(straight) == ranks and len(set(straight.values())) == ranks  # every rank its own state
         status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)}
         assert status[JOB]["world_size"] == ranks and status[JOB]["checkpoints"] == 5
-        assert d.metric("ckptd_saves_total", job=JOB, trigger="final", outcome="ok") == 1
+        assert d.metric("ckptd_saves_total", training_job=JOB, trigger="final", outcome="ok") == 1
         listed = json.loads(ckptd_cli("list", JOB, "--json", "--socket", d.socket).stdout)
         assert [x["path"] for x in listed] == [str(unit(d.root / "a", s)) for s in (5, 10, 15, 20, 25)]
         d.stop()

@@ -123,7 +123,7 @@ def test_lightning_and_onetrainer_names(tmp_path: Path) -> None:
 # --- a real `ckptd watch` --------------------------------------------------------------------
 
 @pytest.fixture
-def watcher(tmp_path: Path) -> Iterator[tuple[Path, str, int]]:
+def watcher(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, str, int]]:
     tree = tmp_path / "tree"
     tree.mkdir(exist_ok=True)
     port = free_port()
@@ -131,7 +131,8 @@ def watcher(tmp_path: Path) -> Iterator[tuple[Path, str, int]]:
     log = open(tmp_path / "watch.log", "wb")
     proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "watch", str(tree), "--job", "ext", "--settle", "0.5s",
                              "--rescan-every", "2s", "--keep-last", "2", "--expect-every", "4s", "--abandon-after", "3s",
-                             "--metrics-listen", f"127.0.0.1:{port}", "--socket", sock],
+                             "--metrics-listen", f"127.0.0.1:{port}", "--socket", sock,
+                             *getattr(request, "param", [])],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: os.path.exists(sock), 30, "ckptd watch to start")
@@ -175,21 +176,21 @@ def test_watch_adopts_verifies_retains_and_alerts(watcher: tuple[Path, str, int]
         assert "model-step100.safetensors" not in listed(sock)
         f.write(full[len(full) // 2:])
     wait_until(lambda: listed(sock).get("model-step100.safetensors", {}).get("verified"), 20, "adoption")
-    assert metric(port, "ckptd_verify_total", job="ext", outcome="corrupt") == 0
+    assert metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 0
     # ours, a move from outside (a move event), and a malicious pickle
     small_checkpoint(tree, "ours-step200.safetensors", step=200)
     staged = tmp_path / "model-step300.pt"
     torch.save({"w": torch.ones(3)}, staged)
     shutil.move(str(staged), tree / "model-step300.pt")
     torch.save({"x": Evil(str(sentinel))}, tree / "evil.pt")
-    wait_until(lambda: metric(port, "ckptd_verify_total", job="ext", outcome="unsafe") == 1, 20, "the evil pickle")
+    wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="unsafe") == 1, 20, "the evil pickle")
     wait_until(lambda: not (tree / "model-step100.safetensors").exists(), 20, "keep_last=2 to delete the oldest")
     names = set(os.listdir(tree))
     assert {"ours-step200.safetensors", "model-step300.pt", "evil.pt"} <= names  # unsafe is kept, never run
     assert not sentinel.exists()
-    assert metric(port, "ckptd_deleted_total", job="ext", rule="retention") == 1
+    assert metric(port, "ckptd_deleted_total", training_job="ext", rule="retention") == 1
     # no new checkpoint for expect_every: missed, time_overdue
-    wait_until(lambda: metric(port, "ckptd_missed_saves_total", job="ext", reason="time_overdue") == 1, 20, "overdue")
+    wait_until(lambda: metric(port, "ckptd_missed_saves_total", training_job="ext", reason="time_overdue") == 1, 20, "overdue")
 
 
 @pytest.mark.slow
@@ -220,14 +221,21 @@ def pre_existing(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_startup_scan_adopts_an_existing_tree(pre_existing: Path, watcher: tuple[Path, str, int]) -> None:
+@pytest.mark.parametrize("watcher", [[], ["--on-corrupt", "delete"]], indirect=True, ids=["keep", "delete"])
+def test_startup_scan_adopts_an_existing_tree(pre_existing: Path, watcher: tuple[Path, str, int],
+                                              request: pytest.FixtureRequest) -> None:
     tree, sock, port = watcher
-    wait_until(lambda: metric(port, "ckptd_verify_total", job="ext", outcome="ok") == 30, 60, "the startup scan")
-    assert metric(port, "ckptd_verify_total", job="ext", outcome="corrupt") == 0  # incomplete is not corrupt...
-    wait_until(lambda: metric(port, "ckptd_verify_total", job="ext", outcome="corrupt") == 1, 30,
+    wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") == 30, 60, "the startup scan")
+    assert metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 0  # incomplete is not corrupt...
+    wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 1, 30,
                "...until it stays incomplete with no writes for abandon_after")
     wait_until(lambda: len(list((tree / "a" / "b").iterdir())) == 2, 30, "keep_last=2 over the adopted tree")
-    assert not (tree / "a" / "bad-step99.pt").exists(), "a corrupt file must be removed"
+    if "delete" in request.node.callspec.id:  # on_corrupt = "delete": it goes
+        wait_until(lambda: not (tree / "a" / "bad-step99.pt").exists(), 10, "the corrupt file to be removed")
+    else:  # the default: a damaged foreign checkpoint may be the only one left; kept, and alerted on
+        time.sleep(1.5)
+        assert (tree / "a" / "bad-step99.pt").exists(), "a corrupt foreign checkpoint was deleted by default"
+        assert metric(port, "ckptd_deleted_total", training_job="ext", rule="corrupt") == 0
 
 
 # --- real trainers writing into a watched directory -------------------------------------------
@@ -240,8 +248,8 @@ def test_a_real_hf_trainer_under_watch(watcher: tuple[Path, str, int]) -> None:
                        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]  # load_best_model_at_end read its best checkpoint back: not deleted
     best = Path(r.stdout.split("BEST ", 1)[1].split()[0]).name
-    wait_until(lambda: metric(port, "ckptd_verify_total", job="ext", outcome="ok") >= 5, 60, "all 5 verified")
-    assert metric(port, "ckptd_verify_total", job="ext", outcome="corrupt") == 0
+    wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") >= 5, 60, "all 5 verified")
+    assert metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 0
     wait_until(lambda: len(list((tree / "hf").glob("checkpoint-*"))) <= 3, 30, "retention")
     left = sorted(p.name for p in (tree / "hf").glob("checkpoint-*"))
     assert {"checkpoint-20", "checkpoint-25", best} <= set(left), left
@@ -254,8 +262,8 @@ def test_a_real_lightning_model_checkpoint_under_watch(watcher: tuple[Path, str,
     r = subprocess.run([PYTHON, str(ROOT / "tests" / "scripts" / "lightning_train.py"), str(tree / "pl"), "30"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and "DONE" in r.stdout, r.stderr[-3000:]
-    wait_until(lambda: metric(port, "ckptd_verify_total", job="ext", outcome="ok") >= 6, 60, "all 6 verified")
-    assert metric(port, "ckptd_verify_total", job="ext", outcome="unsafe") == 0
+    wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") >= 6, 60, "all 6 verified")
+    assert metric(port, "ckptd_verify_total", training_job="ext", outcome="unsafe") == 0
     wait_until(lambda: sorted(p.name for p in (tree / "pl").glob("*.ckpt")) == ["epoch=0-step=25.ckpt",
                                                                                "epoch=0-step=30.ckpt"], 30,
                "keep_last=2 over Lightning's files")
@@ -275,14 +283,14 @@ def test_many_roots_and_a_root_that_disappears_and_comes_back(tmp_path: Path) ->
         for i, r in enumerate(roots):
             torch.save({"w": torch.ones(2)}, r / f"m-step{i + 1}.pt")
         for i in range(3):
-            wait_until(lambda i=i: d.metric("ckptd_verify_total", job=f"w{i}", outcome="ok") == 1, 20, f"root {i}")
+            wait_until(lambda i=i: d.metric("ckptd_verify_total", training_job=f"w{i}", outcome="ok") == 1, 20, f"root {i}")
         shutil.rmtree(roots[1])
         time.sleep(2.5)  # a rescan notices
         assert d.healthy()
         roots[1].mkdir()
         time.sleep(2.5)  # a rescan notices it is back and watches it again
         torch.save({"w": torch.ones(2)}, roots[1] / "m-step9.pt")
-        wait_until(lambda: d.metric("ckptd_verify_total", job="w1", outcome="ok") == 2, 20, "the root that came back")
+        wait_until(lambda: d.metric("ckptd_verify_total", training_job="w1", outcome="ok") == 2, 20, "the root that came back")
         listed = json.loads(ckptd_cli("list", "w1", "--json", "--socket", d.socket).stdout)
         assert [Path(x["path"]).name for x in listed] == ["m-step9.pt"]
     finally:

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 
 from ckptd.core.format import DIGEST_PLACEHOLDER, encode_header, layout
+from ckptd.wire.protocol import snapshot_memfd
 from trainer_hooks.state import TORCH_TO_ST
 
 
@@ -23,7 +24,7 @@ class StagingBuffer:
     """A growable memfd mapped once; ``stage`` copies tensors into it."""
 
     def __init__(self, name: str = "ckptd-snapshot") -> None:
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = snapshot_memfd(name)  # sealed against shrinking: it only ever grows
         self.capacity = 0
         self._mm: mmap.mmap | None = None
         self._flat: torch.Tensor | None = None

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ckptd.core.settings import SettingsError, parse_table
-from ckptd.core.units import parse_duration
+from ckptd.core.units import parse_duration, parse_listen
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
-DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group"}
-WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every", "abandon_after"}
+DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group", "admin_group",
+               "max_connections_per_uid", "max_jobs_per_uid"}
+WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every", "abandon_after", "on_corrupt",
+              "dry_run"}
+ON_CORRUPT = ("keep", "quarantine", "delete")
 
 
 class ConfigError(SettingsError):
@@ -95,8 +98,15 @@ def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
             raise ConfigError(f"{path} [daemon]: unknown key {key!r} (expected one of {', '.join(sorted(DAEMON_KEYS))})")
         if key == "roots" and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
             raise ConfigError(f"{path} [daemon]: roots must be a list of paths")
-        if key in ("socket", "state_dir", "metrics_listen", "group") and not isinstance(value, str):
+        if key in ("socket", "state_dir", "metrics_listen", "group", "admin_group") and not isinstance(value, str):
             raise ConfigError(f"{path} [daemon]: {key} must be a string")
+        if key.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{path} [daemon]: {key} must be a positive integer, got {value!r}")
+    if "metrics_listen" in t:
+        try:
+            parse_listen(t["metrics_listen"])
+        except ValueError as exc:
+            raise ConfigError(f"{path} [daemon]: metrics_listen: {exc}") from None
     out = dict(t)
     if "scrub_every" in out:
         out["scrub_every"] = _duration(out["scrub_every"], f"{path} [daemon]: scrub_every")
@@ -108,6 +118,13 @@ def _watch(t: Any, where: str) -> dict[str, Any]:
     if not isinstance(t.get("path"), str):
         raise ConfigError(f"{where}: path is required")
     own = {k: v for k, v in t.items() if k in WATCH_KEYS}
+    for key in ("path", "pattern", "job"):
+        if key in own and not isinstance(own[key], str):
+            raise ConfigError(f"{where}: {key} must be a string, got {own[key]!r}")
+    if own.get("on_corrupt", "keep") not in ON_CORRUPT:
+        raise ConfigError(f"{where}: on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {own['on_corrupt']!r}")
+    if not isinstance(own.get("dry_run", False), bool):
+        raise ConfigError(f"{where}: dry_run must be true or false")
     for key in ("expect_every", "settle", "rescan_every", "abandon_after"):
         if key in own:
             own[key] = _duration(own[key], f"{where}: {key}")

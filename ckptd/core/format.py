@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100 * 1000 * 1000
+MAX_TENSORS = 1 << 20  # tensors in one file: far past any model, well short of a header built to stall a reader
 DIGEST_PLACEHOLDER = "0" * 16
 METADATA_KEY = "__metadata__"
 
@@ -158,10 +159,14 @@ def parse_header(raw: bytes, header_len: int, file_size: int) -> Header:
     """
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"header is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and integers past 4300 digits
+        raise FormatError(f"header is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise FormatError("header JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise FormatError("header is not a JSON object")
+    if len(doc) > MAX_TENSORS + 1:
+        raise FormatError(f"header lists {len(doc) - 1} tensors, more than the {MAX_TENSORS} allowed")
     metadata = _parse_metadata(doc.pop(METADATA_KEY, {}))
     entries = sorted((_parse_entry(k, v) for k, v in doc.items()), key=lambda e: (e.begin, e.end))
     expected = 0

@@ -9,6 +9,7 @@ defaults) is applied in exactly one place: ``resolve``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -41,8 +42,8 @@ def _pos_float(v: Any) -> float:
         x = float(v)
     except (TypeError, ValueError):
         raise ValueError(f"expected a number, got {v!r}") from None
-    if not x > 0:
-        raise ValueError(f"must be greater than 0, got {v!r}")
+    if not math.isfinite(x) or not x > 0:
+        raise ValueError(f"must be a finite number greater than 0, got {v!r}")
     return x
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*((?:[kmgtp]i?b?)|b)?\s*$", re.IGNORECASE)
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 
 
@@ -16,6 +17,8 @@ def parse_duration(value: str | int | float) -> float:
         raise ValueError(f"expected a duration like '90s', '30m' or '2h', got {value!r}")
     if isinstance(value, (int, float)):
         seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError(f"a duration must be finite, got {value!r}")
     else:
         m = _DURATION.match(str(value))
         if not m:
@@ -37,7 +40,7 @@ def parse_size(value: str | int) -> int:
     m = _SIZE.match(str(value))
     if not m:
         raise ValueError(f"expected a size like '500MiB' or '2TB', got {value!r}")
-    unit = m.group(2).lower()
+    unit = (m.group(2) or "").lower()
     base = 1024 if unit.endswith("ib") or unit in ("ki", "mi", "gi", "ti", "pi") else 1000
     return int(float(m.group(1)) * base ** _SIZE_POWERS[unit[:1] if unit[:1] in "kmgtp" else ""])
 
@@ -72,3 +75,21 @@ def format_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """(host, port) from "host:port", "[v6addr]:port" or ":port"; the error says what is expected."""
+    text = str(value).strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9733 or [::1]:9733), got {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be between 0 and 65535, got {port} in {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"an IPv6 address is written in brackets ([::1]:9733), got {value!r}")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets ([{host}]:{port}), got {value!r}")
+    return host or "127.0.0.1", port

@@ -9,9 +9,11 @@ SIGTERM: stop accepting, let in-flight persists finish (bounded), close, STOPPIN
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -23,6 +25,7 @@ from typing import Any, Sequence
 from ckptd.core import missed
 from ckptd.core.config import Config
 from ckptd.core.policy import SavePolicy
+from ckptd.core.units import format_bytes
 from ckptd.core.vocab import FailReason, MissedReason, Outcome, Trigger, delete_label
 from ckptd.daemon import sdnotify
 from ckptd.daemon.catalog import Catalog
@@ -37,6 +40,9 @@ from ckptd.wire import protocol
 log = logging.getLogger("ckptd.daemon")
 ENDED_JOB_TTL = 3600.0
 OVERDUE_GRACE = 60.0
+MAX_CONNECTIONS_PER_UID = 64  # unprivileged uids; root and admins are not capped
+MAX_JOBS_PER_UID = 64  # jobs connected or ended within ENDED_JOB_TTL: each is a set of metric series
+HELLO_TIMEOUT = 10.0  # seconds a new connection has to send its first message
 
 
 class Daemon:
@@ -49,8 +55,11 @@ class Daemon:
         self.state_dir = state_dir or d.get("state_dir") or "/var/lib/ckptd"
         self.metrics_listen = metrics_listen or d.get("metrics_listen") or "127.0.0.1:9733"
         self.roots = [os.path.realpath(r) for r in (roots if roots is not None else d.get("roots", []))]
-        self.group_gid = _gid(d.get("group"))
+        self.group_gid = _gid(d.get("group"), "group")  # who may connect (the socket's group)
+        self.admin_gid = _gid(d.get("admin_group"), "admin_group")  # who may act on every job
         self.overdue_grace = overdue_grace
+        self.max_connections_per_uid = int(d.get("max_connections_per_uid", MAX_CONNECTIONS_PER_UID))
+        self.max_jobs_per_uid = int(d.get("max_jobs_per_uid", MAX_JOBS_PER_UID))
         self.lock = threading.RLock()
         self.jobs: dict[str, JobState] = {}
         self.sessions: set[Session] = set()
@@ -69,6 +78,7 @@ class Daemon:
         if not self.roots:
             raise TargetError("no roots configured: set [daemon] roots to the directories checkpoints may be "
                               "written to and deleted from")
+        _raise_fd_limit()
         self.catalog = Catalog(self.state_dir)
         for root in self.roots:
             os.makedirs(root, exist_ok=True)
@@ -77,7 +87,7 @@ class Daemon:
         self._cleanup_temp()
         self.http = serve_http(self.metrics, self.metrics_listen, self.health)
         self.listener = self._bind()
-        self._spawn(self._accept_loop, "ckptd-accept")
+        self._accept_thread = self._spawn(self._accept_loop, "ckptd-accept")
         self.scheduler = self._start_scheduler()
         self._start_watchers()
         for job in {r.job for r in self.catalog.checkpoints()}:
@@ -192,10 +202,11 @@ class Daemon:
         except Exception:
             log.exception("tick failed")
 
-    def _spawn(self, target: Any, name: str) -> None:
+    def _spawn(self, target: Any, name: str) -> threading.Thread:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
         self._threads.append(t)
+        return t
 
     def _bind(self) -> socket.socket:
         os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
@@ -207,7 +218,9 @@ class Daemon:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(self.socket_path)
         os.chmod(self.socket_path, 0o660)
-        s.listen(128)
+        if self.group_gid is not None:
+            os.chown(self.socket_path, -1, self.group_gid)
+        s.listen(512)
         s.settimeout(0.5)
         return s
 
@@ -248,22 +261,49 @@ class Daemon:
         self.catalog.close()
 
     def _accept_loop(self) -> None:
+        """Accept until stopped. Running out of descriptors (EMFILE) is a state to report and
+        wait out, never a reason to stop: the socket would be dead for good."""
+        trouble = False
         while not self._stop.is_set():
             try:
                 conn, _ = self.listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
-                break
-            conn.settimeout(None)
-            try:
-                session = Session(self, conn)
-            except OSError:
-                conn.close()
+            except OSError as exc:
+                if self._stop.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    break
+                if not trouble:
+                    log.error("accepting on %s failed: %s; retrying (is a client holding many connections? "
+                              "LimitNOFILE= raises the limit)", self.socket_path, exc.strerror or exc)
+                trouble = True
+                self._stop.wait(0.1)
                 continue
-            with self.lock:
+            if trouble:
+                log.info("accepting on %s again", self.socket_path)
+                trouble = False
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        """A session per connection, within ``max_connections_per_uid`` for unprivileged uids;
+        until its first message it has ``HELLO_TIMEOUT`` seconds to say something."""
+        try:
+            session = Session(self, conn)
+        except OSError:
+            conn.close()
+            return
+        capped = not self.privileged(session.uid)
+        with self.lock:
+            mine = sum(1 for s in self.sessions if s.uid == session.uid)
+            refused = capped and mine >= self.max_connections_per_uid
+            if not refused:
                 self.sessions.add(session)
-            self._spawn(lambda s=session: self._run_session(s), f"ckptd-client-{session.pid}")
+        if refused:
+            session.send({"type": "error", "error": f"uid {session.uid} already holds {mine} connections "
+                                                    "(max_connections_per_uid)"})
+            conn.close()
+            return
+        conn.settimeout(HELLO_TIMEOUT)
+        self._spawn(lambda s=session: self._run_session(s), f"ckptd-client-{session.pid}")
 
     def _run_session(self, session: Session) -> None:
         try:
@@ -280,16 +320,30 @@ class Daemon:
         if not self._ready.is_set():
             return {"started": False}
         return {"started": True,
-                "socket": not self._stop.is_set() and self.listener.fileno() >= 0,
+                "socket": not self._stop.is_set() and self.listener.fileno() >= 0 and self._accept_thread.is_alive(),
                 "catalog": self.catalog.healthy(),
                 "scheduler": bool(self.scheduler.running)}
 
     # -- identity and authorisation ------------------------------------------------------
 
-    def privileged(self, uid: int, gid: int) -> bool:
-        return uid == 0 or uid == os.getuid() or (self.group_gid is not None and gid == self.group_gid)
+    def privileged(self, uid: int) -> bool:
+        """May act on every job: root, the daemon's own uid, and real members of ``admin_group``.
 
-    def authorize_directory(self, directory: str, uid: int, gid: int, must_exist: bool = True) -> str:
+        Membership comes from the group database for the peer's uid, never from the gid
+        the peer connected with: any member of a group can make it its effective gid
+        (``sg``), so the socket's group grants access to the socket and nothing more.
+        """
+        if uid in (0, os.getuid()):
+            return True
+        if self.admin_gid is None:
+            return False
+        try:
+            user = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return self.admin_gid in os.getgrouplist(user.pw_name, user.pw_gid)
+
+    def authorize_directory(self, directory: str, uid: int, must_exist: bool = True) -> str:
         """A directory the uid may have the daemon write to and delete from (or, ``must_exist=False``,
         create: then its nearest existing ancestor must be the uid's)."""
         if not isinstance(directory, str) or not os.path.isabs(directory) or ".." in directory.split("/"):
@@ -302,14 +356,23 @@ class Daemon:
             if must_exist or existing in self.roots or existing == "/":
                 raise PermissionError(f"directory {directory} does not exist")
             existing = os.path.dirname(existing)
-        if not self.privileged(uid, gid) and os.stat(existing).st_uid != uid:
+        if not self.privileged(uid) and os.stat(existing).st_uid != uid:
             raise PermissionError(f"directory {existing} is not owned by uid {uid}")
         return real
 
-    def authorize_job(self, job: str, uid: int, gid: int) -> None:
+    def authorize_job(self, job: str, uid: int) -> None:
         owner = self.catalog.job_owner(job)
-        if owner is not None and owner != uid and not self.privileged(uid, gid):
+        if owner is not None and owner != uid and not self.privileged(uid):
             raise PermissionError(f"job {job} belongs to uid {owner}, not {uid}")
+        if self.privileged(uid):
+            return
+        now = time.time()
+        with self.lock:
+            live = {j.name for j in self.jobs.values() if j.uid == uid and j.name != job
+                    and (j.connected or now - (j.ended_at or now) < ENDED_JOB_TTL)}
+        if len(live) >= self.max_jobs_per_uid:
+            raise PermissionError(f"uid {uid} already has {len(live)} jobs connected or ended within the last "
+                                  f"{ENDED_JOB_TTL:.0f}s (max_jobs_per_uid); each job is a set of metric series")
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -339,6 +402,7 @@ class Daemon:
         with self.lock:
             job.connected = False
             job.session = None
+            job.ended_at = time.time()
         if self.scheduler.get_job(f"cron:{job.name}") is not None:
             self.scheduler.remove_job(f"cron:{job.name}")
         self.metrics.job_up.labels(job.name).set(0)
@@ -367,6 +431,8 @@ class Daemon:
             m.duration.labels(job.name, phase).observe(seconds)
         m.last_success.labels(job.name).set(time.time())
         m.last_saved_step.labels(job.name).set(job.last_verified_step)
+        log.info("job %s: step %d saved and verified (%s, %s, %.2fs): %s", job.name, info.step, trigger,
+                 format_bytes(info.bytes), sum(durations.values()), info.path)
         self.catalog.event(job.name, "saved", step=info.step, path=info.path, trigger=trigger)
         self.update_gauges(job)
 
@@ -384,6 +450,7 @@ class Daemon:
         """Deletions by retention or quota, for hook jobs and watched trees alike."""
         done = [r for r in removals if r.done]
         for r in done:
+            log.info("job %s: deleted %s (%s)", job, r.verdict.item.id, r.verdict.rule)
             self.metrics.deleted.labels(job, delete_label(r.verdict.rule)).inc()
             self.catalog.event(job, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
         for r in removals:
@@ -416,6 +483,10 @@ class Daemon:
             except OSError:
                 pass
         self.metrics.drop_ended(now, ENDED_JOB_TTL)
+        with self.lock:
+            for name in [n for n, j in self.jobs.items()
+                         if not j.connected and j.ended_at is not None and now - j.ended_at > ENDED_JOB_TTL]:
+                del self.jobs[name]
         with self.lock:
             running = sum(j.connected for j in self.jobs.values())
         sdnotify.notify(f"STATUS={running} jobs connected, {len(self.jobs)} known")
@@ -467,15 +538,24 @@ class Daemon:
     def visible(self, session: Session, job: str) -> bool:
         """A uid sees its own jobs and unowned ones; privileged uids see everything."""
         owner = self.catalog.job_owner(job)
-        return owner is None or owner == session.uid or self.privileged(session.uid, session.gid)
+        return owner is None or owner == session.uid or self.privileged(session.uid)
 
 
-def _gid(name: str | None) -> int | None:
+def _raise_fd_limit() -> None:
+    """Up to the hard limit: every client connection and every open checkpoint is a descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _gid(name: str | None, key: str) -> int | None:
     if not name:
         return None
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise TargetError(f"[daemon] group {name!r} does not exist") from None
+        raise TargetError(f"[daemon] {key} {name!r} does not exist") from None
 
 

@@ -81,6 +81,10 @@ class Catalog:
         return db
 
     def _connect(self) -> sqlite3.Connection:
+        """The catalogue names every user's jobs and paths: readable by the daemon alone (0600)."""
+        for suffix in ("", "-wal", "-shm"):
+            os.close(os.open(self.path + suffix, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            os.chmod(self.path + suffix, 0o600)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")

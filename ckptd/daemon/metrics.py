@@ -1,7 +1,7 @@
 """Prometheus metrics (SPEC §8) and the small HTTP server that serves them.
 
 Names and labels are a contract with dashboards and alert rules. Labels are bounded:
-job, trigger, outcome, reason, phase, rule, root; never a step or a path. Jobs that
+training_job, trigger, outcome, reason, phase, rule, root; never a step or a path. Jobs that
 ended are dropped after ``ended_job_ttl`` so a host that runs thousands of short
 jobs does not grow its series forever.
 """
@@ -9,23 +9,20 @@ jobs does not grow its series forever.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from ckptd import __version__
+from ckptd.core.units import parse_listen
 from ckptd.core.vocab import DeleteRule, FailReason, MissedReason, Outcome, Trigger
 
+JOB = "training_job"  # not "job": that label is Prometheus' own (the scrape job), SPEC §8
 MISSED_REASONS = tuple(MissedReason)
 FAILURE_REASONS = tuple(FailReason)
 TRIGGERS = tuple(Trigger)
@@ -34,24 +31,24 @@ TRIGGERS = tuple(Trigger)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.saves = Counter("ckptd_saves_total", "Saves by trigger and outcome", ["job", "trigger", "outcome"], registry=r)
-        self.failures = Counter("ckptd_save_failures_total", "Failed saves by reason", ["job", "reason"], registry=r)
+        self.saves = Counter("ckptd_saves_total", "Saves by trigger and outcome", [JOB, "trigger", "outcome"], registry=r)
+        self.failures = Counter("ckptd_save_failures_total", "Failed saves by reason", [JOB, "reason"], registry=r)
         self.missed = Counter("ckptd_missed_saves_total", "Saves that should have happened and did not",
-                              ["job", "reason"], registry=r)
-        self.verify = Counter("ckptd_verify_total", "Verifications by outcome", ["job", "outcome"], registry=r)
-        self.duration = Histogram("ckptd_save_duration_seconds", "Time per save phase", ["job", "phase"], registry=r,
+                              [JOB, "reason"], registry=r)
+        self.verify = Counter("ckptd_verify_total", "Verifications by outcome", [JOB, "outcome"], registry=r)
+        self.duration = Histogram("ckptd_save_duration_seconds", "Time per save phase", [JOB, "phase"], registry=r,
                                   buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        self.last_success = Gauge("ckptd_last_success_timestamp_seconds", "Time of the last verified save", ["job"], registry=r)
-        self.last_saved_step = Gauge("ckptd_last_saved_step", "Step of the last verified save", ["job"], registry=r)
+        self.last_success = Gauge("ckptd_last_success_timestamp_seconds", "Time of the last verified save", [JOB], registry=r)
+        self.last_saved_step = Gauge("ckptd_last_saved_step", "Step of the last verified save", [JOB], registry=r)
         self.expected_interval = Gauge("ckptd_expected_save_interval_seconds", "Expected time between saves",
-                                       ["job"], registry=r)
-        self.unsaved_steps = Gauge("ckptd_unsaved_steps", "Steps done since the last verified save", ["job"], registry=r)
-        self.checkpoints = Gauge("ckptd_checkpoints", "Verified checkpoints on disk", ["job"], registry=r)
-        self.checkpoint_bytes = Gauge("ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", ["job"], registry=r)
-        self.deleted = Counter("ckptd_deleted_total", "Checkpoints deleted, by rule", ["job", "rule"], registry=r)
-        self.quota_bytes = Gauge("ckptd_quota_bytes", "max_bytes of the job (0 = none)", ["job"], registry=r)
+                                       [JOB], registry=r)
+        self.unsaved_steps = Gauge("ckptd_unsaved_steps", "Steps done since the last verified save", [JOB], registry=r)
+        self.checkpoints = Gauge("ckptd_checkpoints", "Verified checkpoints on disk", [JOB], registry=r)
+        self.checkpoint_bytes = Gauge("ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", [JOB], registry=r)
+        self.deleted = Counter("ckptd_deleted_total", "Checkpoints deleted, by rule", [JOB, "rule"], registry=r)
+        self.quota_bytes = Gauge("ckptd_quota_bytes", "max_bytes of the job (0 = none)", [JOB], registry=r)
         self.fs_free = Gauge("ckptd_filesystem_free_bytes", "Free bytes on a root's filesystem", ["root"], registry=r)
-        self.job_up = Gauge("ckptd_job_up", "1 while the job's trainer is connected", ["job"], registry=r)
+        self.job_up = Gauge("ckptd_job_up", "1 while the job's trainer is connected", [JOB], registry=r)
         self.build_info = Gauge("ckptd_build_info", "Version of ckptd", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self._ended: dict[str, float] = {}
@@ -98,37 +95,44 @@ class Metrics:
 
 
 def _remove_job(metric: Counter | Gauge | Histogram, job: str) -> None:
-    for labels in list(metric._metrics):  # prometheus_client keeps children keyed by label tuples
-        if labels and labels[0] == job:
-            metric.remove(*labels)
+    metric.remove_by_labels({JOB: job})
 
 
-def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, bool]]) -> ThreadingHTTPServer:
-    """Start ``/metrics`` and ``/healthz`` on ``host:port`` in a daemon thread."""
-    host, _, port = listen.rpartition(":")
+class _Handler(WSGIRequestHandler):
+    """Quiet, and an idle connection is dropped after ``timeout`` seconds: a thousand idle
+    TCP connections must not hold a thousand of the daemon's file descriptors."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path.split("?")[0] == "/metrics":
-                self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif self.path.split("?")[0] == "/healthz":
-                checks = health()
-                body = json.dumps({"ok": all(checks.values()), "checks": checks, "time": time.time()}).encode()
-                self._reply(200 if all(checks.values()) else 503, body, "application/json")
-            else:
-                self._reply(404, b"not found\n", "text/plain")
+    timeout = 10
 
-        def _reply(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        pass
 
-        def log_message(self, *args: object) -> None:
-            pass
 
-    server = ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
-    server.daemon_threads = True
+def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, bool]]) -> WSGIServer:
+    """``/metrics`` (prometheus_client's own app: content negotiation, gzip) and ``/healthz``
+    beside it, on ``host:port`` (IPv4 or IPv6), in a daemon thread."""
+    host, port = parse_listen(listen)
+    prometheus_app = make_wsgi_app(metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return list(prometheus_app(environ, start_response))
+        if path == "/healthz":
+            checks = health()
+            body = json.dumps({"ok": all(checks.values()), "checks": checks, "time": time.time()}).encode()
+            start_response("200 OK" if all(checks.values()) else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    try:
+        server = make_server(host, port, app, Server, handler_class=_Handler)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen for metrics on {listen}: {exc.strerror}") from None
     threading.Thread(target=server.serve_forever, name="ckptd-metrics", daemon=True).start()
     return server

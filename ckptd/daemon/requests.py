@@ -16,7 +16,7 @@ from ckptd.core.policy import next_due_step
 from ckptd.core.vocab import NEVER
 from ckptd.store.lifecycle import collect, first_verified
 from ckptd.store.remove import inside
-from ckptd.store.scan import pin_path, read_info
+from ckptd.store.scan import read_info, set_pinned
 from ckptd.store.verify import verify_file
 from ckptd.wire import protocol
 
@@ -44,7 +44,7 @@ def status(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, An
         rows_by_job.setdefault(r.job, []).append(r)
     out = []
     with d.lock:
-        for name in sorted(set(d.jobs) | set(rows_by_job)):
+        for name in sorted(n for n in set(d.jobs) | set(rows_by_job) if d.visible(session, n)):
             j = d.jobs.get(name)
             rows = [r for r in rows_by_job.get(name, []) if r.verified]
             nxt = next_due_step(j.policy, j.last_saved_step) if j is not None else None
@@ -84,10 +84,7 @@ def pin(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     if not info.ok or not d.visible(session, info.job):
         raise PermissionError(f"{path} is not a checkpoint of a job of uid {session.uid}")
     pinned = msg["type"] == "pin"
-    if pinned:
-        open(pin_path(path), "a").close()
-    elif os.path.exists(pin_path(path)):
-        os.unlink(pin_path(path))
+    set_pinned(path, pinned, d.roots)
     d.catalog.set_pinned(path, pinned)
     return {"path": path, "pinned": pinned}
 

@@ -59,6 +59,7 @@ class JobState:
     in_flight: int = 0
     due_sent: bool = False
     world_size: int = 1
+    ended_at: float | None = None
     session: "Session | None" = None
 
 
@@ -130,18 +131,19 @@ class Session:
             raise protocol.ProtocolError("hello sent twice")
         try:
             job = check_job(msg["job"])
-            directory = self.daemon.authorize_directory(msg["directory"], self.uid, self.gid)
-            self.daemon.authorize_job(job, self.uid, self.gid)
+            directory = self.daemon.authorize_directory(msg["directory"], self.uid)
+            self.daemon.authorize_job(job, self.uid)
             kwargs = parse_table(msg["settings"], f"job {job}")
             settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
             policy = SavePolicy.from_settings(group(settings, "policy"))
             if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
                 settings["quarantine_dir"] = self.daemon.authorize_directory(settings["quarantine_dir"], self.uid,
-                                                                             self.gid, must_exist=False)
+                                                                             must_exist=False)
         except (TargetError, SettingsError, ValueError, PermissionError) as exc:
             self.send({"type": "error", "error": str(exc)})
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
         self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"], self)
+        self.sock.settimeout(None)  # a trainer may be quiet for as long as an evaluation takes
         world = msg.get("world_size")
         self.job.world_size = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
         self.send({"type": "welcome", "job": job, "directory": directory})
@@ -177,10 +179,11 @@ class Session:
 
     def _save(self, msg: dict[str, Any], fds: list[int]) -> None:
         assert self.job is not None
-        if len(fds) != 1 or not protocol.is_memfd(fds[0]):
+        if len(fds) != 1:
             raise protocol.ProtocolError("save must carry exactly one memfd")
-        if os.fstat(fds[0]).st_size < msg["length"]:
-            raise protocol.ProtocolError("save: the memfd is shorter than the stated length")
+        problem = protocol.snapshot_problem(fds[0], msg["length"])
+        if problem:
+            raise protocol.ProtocolError(f"save: {problem}")
         name = msg["filename"]
         if "/" in name or name.startswith(".") or not name.endswith(".safetensors"):
             raise protocol.ProtocolError(f"save: invalid file name {name!r}")
@@ -197,7 +200,7 @@ class Session:
         reply: dict[str, Any] = {"type": "saved", "id": msg["id"], "step": msg["step"]}
         d = self.daemon
         target = Target(job.directory, job.name, job.settings, d.roots,
-                        owner=None if d.privileged(self.uid, self.gid) else self.uid)
+                        owner=None if d.privileged(self.uid) else self.uid)
         try:
             result = save_unit(target, fd, msg["length"], msg["filename"], msg["step"],
                                on_removed=lambda removed: d.removed(job.name, removed),

@@ -35,9 +35,11 @@ from watchdog.events import (
 )
 
 from ckptd.core import retention
-from ckptd.core.vocab import NEVER, Outcome, Trigger
+from ckptd.core.vocab import NEVER, Outcome, Rule, Trigger
 from ckptd.store import foreign
+from ckptd.store.remove import Removal
 from ckptd.store.remove import apply as apply_removals
+from ckptd.store.safepath import open_regular
 from ckptd.store.scan import Checkpoint, is_pinned
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ class Watcher(FileSystemEventHandler):
         self.settle = float(self.spec.get("settle", 5.0))
         self.abandon_after = float(self.spec.get("abandon_after", 3600.0))
         self.pattern = self.spec.get("pattern")
+        self.dry_run = bool(self.spec.get("dry_run", False))
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -139,7 +142,7 @@ class Watcher(FileSystemEventHandler):
                     out.append(found)
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
-                found = foreign.classify(os.path.join(dirpath, name))
+                found = foreign.classify(os.path.join(dirpath, name), parent_is_plain=True)
                 if found is not None:
                     out.append(found)
         return [f for f in out if self.pattern is None or fnmatch.fnmatch(os.path.basename(f.path), self.pattern)]
@@ -199,23 +202,53 @@ class Watcher(FileSystemEventHandler):
     # -- retention --------------------------------------------------------------------------------
 
     def _retention(self, now: float) -> None:
+        """Retention per owner and per directory: in a shared tree one user's new checkpoints
+        never count against (or delete) another user's, nor one run's against another's.
+
+        A foreign checkpoint that fails verification is kept (and alerted on) unless
+        ``on_corrupt`` says otherwise: a partly damaged checkpoint may be the only one left.
+        """
         rules = retention.Rules.from_settings(self.spec)
         if not rules.any_window:
             return
         protected = self._trainer_needs()
+        keep_corrupt = self.spec.get("on_corrupt", "keep") == "keep"
         with self._lock:
             busy = set(self.pending)
-        items = []
+        groups: dict[tuple[int, str], list[retention.Item]] = {}
         for r in self.daemon.catalog.checkpoints(self.job):
+            owner = _owner(r.path)
+            if owner is None:
+                continue
+            corrupt = r.outcome == Outcome.CORRUPT and not keep_corrupt
             # unsafe (a pickle we refuse to run) is unverified, not corrupt: kept, never deleted by rules
-            items.append(retention.Item(r.path, r.step, r.created, r.bytes, verified=r.verified,
-                                        corrupt=r.outcome == Outcome.CORRUPT, in_flight=r.path in busy,
-                                        pinned=r.pinned or r.path in protected))
+            groups.setdefault((owner, os.path.dirname(r.path)), []).append(
+                retention.Item(r.path, r.step, r.created, r.bytes, verified=r.verified, corrupt=corrupt,
+                               in_flight=r.path in busy, pinned=r.pinned or r.path in protected))
         for unit in busy:
-            items.append(retention.Item(unit, NEVER, now, in_flight=True))
-        verdicts = [v for v in retention.plan(items, rules, now) if not v.item.in_flight]
-        removals = apply_removals(verdicts, self.daemon.roots, self.spec.get("quarantine_dir"))
-        self.daemon.removed(self.job, removals)
+            owner = _owner(unit)
+            if owner is not None:
+                groups.setdefault((owner, os.path.dirname(unit)), []).append(
+                    retention.Item(unit, NEVER, now, in_flight=True))
+        for items in groups.values():
+            verdicts = [v for v in retention.plan(items, rules, now) if not v.item.in_flight]
+            if self.dry_run:
+                for v in verdicts:
+                    log.info("watch %s: would %s %s (%s)", self.root, "keep" if v.keep else "delete", v.item.id,
+                             ", ".join(v.reasons))
+                continue
+            self.daemon.removed(self.job, self._apply(verdicts))
+
+    def _apply(self, verdicts: list[retention.Verdict]) -> list[Removal]:
+        """Deletions; with ``on_corrupt = "quarantine"`` the corrupt ones are moved aside instead
+        (into ``quarantine_dir``, else ``.ckptd-quarantine`` at the top of the tree)."""
+        quarantine = self.spec.get("quarantine_dir")
+        corrupt_to = quarantine or os.path.join(self.root, ".ckptd-quarantine")
+        if self.spec.get("on_corrupt") != "quarantine":
+            return apply_removals(verdicts, self.daemon.roots, quarantine)
+        bad = [v for v in verdicts if v.rule.rule == Rule.CORRUPT]
+        rest = [v for v in verdicts if v.rule.rule != Rule.CORRUPT]
+        return apply_removals(bad, self.daemon.roots, corrupt_to) + apply_removals(rest, self.daemon.roots, quarantine)
 
     def _trainer_needs(self) -> set[str]:
         """Checkpoints the trainer will read again: the ``best_model_checkpoint`` named by the
@@ -228,10 +261,17 @@ class Watcher(FileSystemEventHandler):
         needed = set()
         for parent, unit in newest.items():
             try:
-                with open(os.path.join(unit.path, "trainer_state.json")) as f:
+                with open_regular(os.path.join(unit.path, "trainer_state.json")) as f:
                     best = json.load(f).get("best_model_checkpoint")
             except (OSError, ValueError, AttributeError):
                 continue
             if best:
                 needed.add(os.path.realpath(os.path.join(parent, os.path.basename(str(best).rstrip("/")))))
         return needed
+
+
+def _owner(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_uid
+    except OSError:
+        return None

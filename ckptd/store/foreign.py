@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptd.core.format import FormatError, read_header
+from ckptd.store.safepath import open_regular
 from ckptd.store.verify import VerifyResult, verify_file
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -55,8 +56,12 @@ def step_from_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def classify(path: str) -> Found | None:
-    """What kind of checkpoint ``path`` is, if any (cheap: names, layout, magic bytes)."""
+def classify(path: str, parent_is_plain: bool = False) -> Found | None:
+    """What kind of checkpoint ``path`` is, if any (cheap: names, layout, magic bytes).
+
+    ``parent_is_plain``: the caller knows the parent is no checkpoint directory (a walk
+    that stops at those), so it is not listed again for every file in it.
+    """
     name = os.path.basename(path.rstrip("/"))
     if name.startswith(".") or name.endswith(".orbax-checkpoint-tmp") or ".ckptd-tmp." in name:
         return None
@@ -71,7 +76,7 @@ def classify(path: str) -> Found | None:
         return Found(path, kind, _dir_step(path, name), _newest_mtime(path), _tree_bytes(path))
     if not os.path.isfile(path) or os.path.islink(path):
         return None
-    if _inside_checkpoint_dir(path):
+    if not parent_is_plain and _inside_checkpoint_dir(path):
         return None  # a file of an HF/DCP directory: the directory is the unit
     if name.endswith(".safetensors"):
         if re.search(r"-\d{5}-of-\d{5}\.safetensors$", name):
@@ -104,7 +109,7 @@ def _dir_step(path: str, name: str) -> int | None:
     step = step_from_name(name)
     if step is None:
         try:
-            with open(os.path.join(path, "trainer_state.json")) as f:
+            with open_regular(os.path.join(path, "trainer_state.json")) as f:
                 step = int(json.load(f).get("global_step"))
         except (OSError, ValueError, TypeError, AttributeError):
             return None
@@ -117,7 +122,7 @@ def _inside_checkpoint_dir(path: str) -> bool:
 
 def _safetensors_step(path: str, name: str) -> int | None:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             meta = read_header(f, os.fstat(f.fileno()).st_size).metadata
         if "ckptd.step" in meta:
             return int(meta["ckptd.step"])
@@ -128,7 +133,7 @@ def _safetensors_step(path: str, name: str) -> int | None:
 
 def _is_zip(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(4) == b"PK\x03\x04"
     except OSError:
         return False
@@ -164,11 +169,14 @@ def _index_bytes(path: str) -> int:
 
 def _index_shards(path: str) -> list[str] | None:
     try:
-        with open(path) as f:
+        with open_regular(path) as f:
             weight_map = json.load(f)["weight_map"]
-        return sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError):
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
+    if not all(isinstance(s, str) and s and "/" not in s and s not in (".", "..") for s in shards):
+        return None  # an index naming files outside its own directory is not followed
+    return shards
 
 
 # --- completeness -------------------------------------------------------------------------
@@ -207,7 +215,7 @@ def incomplete(found: Found) -> str | None:
 
 def _safetensors_incomplete(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             read_header(f, size)
     except FormatError as exc:
@@ -273,7 +281,7 @@ def _verify_hf(found: Found) -> VerifyResult:
              if n.endswith(".safetensors") or (n.endswith(TORCH_SUFFIXES) and not n.startswith("."))]
     if "trainer_state.json" in names:
         try:
-            with open(os.path.join(found.path, "trainer_state.json")) as f:
+            with open_regular(os.path.join(found.path, "trainer_state.json")) as f:
                 json.load(f)
         except ValueError as exc:
             return VerifyResult(found.path, False, f"trainer_state.json is not valid JSON: {exc}")
@@ -324,10 +332,16 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
 
 def read_dcp_metadata(path: str) -> Any:
     """A DCP ``.metadata`` file, unpickled with nothing but DCP's own metadata classes."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         if os.fstat(f.fileno()).st_size > MAX_DCP_METADATA:
             raise ValueError(f"{path} is larger than {MAX_DCP_METADATA} bytes")
         return _DcpMetadataUnpickler(f).load()
+
+
+def max_inflated(size: int) -> int:
+    """What a torch zip of ``size`` bytes may decompress to. torch.save stores its records
+    uncompressed, so a real checkpoint is about its own size; anything far larger is a bomb."""
+    return 4 * size + (64 << 20)
 
 
 def verify_torch(path: str, load: bool = True) -> VerifyResult:
@@ -338,6 +352,10 @@ def verify_torch(path: str, load: bool = True) -> VerifyResult:
     """
     try:
         with zipfile.ZipFile(path) as z:
+            inflated = sum(i.file_size for i in z.infolist())
+            if inflated > max_inflated(os.path.getsize(path)):
+                return VerifyResult(path, False, f"unsafe: its zip records inflate to {inflated} bytes from "
+                                                 f"{os.path.getsize(path)}; not read (a decompression bomb?)", unsafe=True)
             bad = z.testzip()
         if bad is not None:
             return VerifyResult(path, False, f"CRC-32 mismatch in zip record {bad}")

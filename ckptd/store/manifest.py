@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -111,12 +112,14 @@ def is_unit(path: str) -> bool:
 def read(unit: str) -> Manifest:
     path = os.path.join(unit, MANIFEST)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
     except FileNotFoundError:
         raise NotCommitted("no manifest: the sharded save never committed") from None
     except OSError as exc:
         raise ManifestError(f"cannot read the manifest: {exc.strerror or exc}") from None
     with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ManifestError("the manifest is not a regular file")
         data = f.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")

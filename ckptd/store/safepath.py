@@ -10,10 +10,12 @@ deletion the daemon makes on behalf of a client goes through a directory fd from
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Sequence
+import stat
+from typing import BinaryIO, Sequence
 
-__all__ = ["DIR_FLAGS", "OutsideRoots", "open_dir", "relative_to_root"]
+__all__ = ["DIR_FLAGS", "OutsideRoots", "open_dir", "open_regular", "relative_to_root"]
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -49,3 +51,21 @@ def open_dir(path: str, roots: Sequence[str]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open a file for reading only if it is a regular file.
+
+    ``O_NONBLOCK`` makes the open itself return at once on a FIFO or a device (a plain
+    ``open`` of a FIFO named ``x.safetensors`` blocks until someone writes to it, and
+    with it the daemon's shared workers); the file type is then checked on the open fd.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb", buffering=0)

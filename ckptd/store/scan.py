@@ -10,14 +10,15 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Sequence
 
 from ckptd.core.format import FormatError, read_header
 from ckptd.core.vocab import Problem
 from ckptd.store import manifest as mf
 from ckptd.store.persist import TEMP_MARK
+from ckptd.store.safepath import DIR_FLAGS, open_dir, open_regular
 
-__all__ = ["SUFFIX", "Checkpoint", "is_pinned", "parse_time", "pin_path", "read_info", "scan"]
+__all__ = ["SUFFIX", "Checkpoint", "is_pinned", "parse_time", "pin_path", "read_info", "scan", "set_pinned"]
 
 SUFFIX = ".safetensors"
 ABANDONED = "abandoned sharded save: no manifest, and a later save committed"
@@ -60,7 +61,7 @@ def read_info(path: str) -> Checkpoint:
     if mf.is_unit(path):
         return read_unit(path)
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open_regular(path) as f:
             st = os.fstat(f.fileno())
             header = read_header(f, st.st_size)
         meta = header.metadata
@@ -144,6 +145,25 @@ def pin_path(path: str) -> str:
 
 def is_pinned(path: str) -> bool:
     return os.path.exists(pin_path(path))
+
+
+def set_pinned(path: str, pinned: bool, roots: Sequence[str] = ()) -> None:
+    """Create or remove the pin marker through its directory's fd, never following a link:
+    a symlink planted under the marker's name makes this fail instead of creating a file
+    wherever it points (with ``roots``, the directory is reached from them as well)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    dfd = open_dir(parent, roots) if roots else os.open(parent, DIR_FLAGS)
+    marker = os.path.basename(pin_path(name))
+    try:
+        if pinned:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd))
+        else:
+            try:
+                os.unlink(marker, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(dfd)
 
 
 def scan(directory: str, job: str | None = None) -> list[Checkpoint]:

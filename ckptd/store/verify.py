@@ -27,6 +27,7 @@ from ckptd.core.format import (
 )
 from ckptd.core.vocab import Outcome
 from ckptd.store import manifest as mf
+from ckptd.store.safepath import open_regular
 
 CHUNK = 8 * 1024 * 1024
 
@@ -97,7 +98,7 @@ def verify_file(path: str | os.PathLike[str]) -> VerifyResult:
     if mf.is_unit(p):
         return verify_unit(p)
     try:
-        with open(p, "rb", buffering=0) as f:
+        with open_regular(p) as f:
             return verify_open(f, p)
     except OSError as exc:
         return VerifyResult(p, False, f"cannot read: {exc.strerror or exc}")
@@ -175,7 +176,7 @@ def verify_unit(unit: str, full: Collection[int] | None = None) -> VerifyResult:
 
 def _verify_shard(path: str, shard: mf.Shard, m: mf.Manifest, full: bool) -> VerifyResult:
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size != shard.bytes:
                 return VerifyResult(path, False, f"{size} bytes, the manifest says {shard.bytes}")

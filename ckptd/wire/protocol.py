@@ -47,6 +47,7 @@ CLI requests use the same framing on a fresh connection: ``status``, ``list``,
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -112,8 +113,10 @@ def recv(sock: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str, Any],
         body = _recv_exact(sock, n, fds)
         try:
             msg = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"message is not valid JSON: {exc}") from None
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints past 4300 digits
+            raise ProtocolError(f"message is not valid JSON: {str(exc)[:200]}") from None
+        except RecursionError:
+            raise ProtocolError("message is nested too deeply") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise ProtocolError("message must be a JSON object with a string 'type'")
         return msg, fds
@@ -165,14 +168,36 @@ def validate(msg: dict[str, Any]) -> dict[str, Any]:
     return msg
 
 
-def is_memfd(fd: int) -> bool:
-    """Only sealable shared-memory files are accepted as snapshots."""
-    import fcntl
+def snapshot_memfd(name: str) -> int:
+    """A memfd a daemon will accept as a snapshot: sealed against shrinking (it may grow).
 
+    The daemon maps and hashes what it receives; a client that could shrink the file
+    under it would kill it with SIGBUS, so ``F_SEAL_SHRINK`` is part of the protocol.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+SLACK = 1 << 20  # bytes of a snapshot that may be unbacked (page rounding, alignment gaps)
+
+
+def snapshot_problem(fd: int, length: int) -> str:
+    """Why ``fd`` cannot be taken as a snapshot of ``length`` bytes ("" when it can).
+
+    Only shared-memory files sealed against shrinking (no SIGBUS while hashing) whose
+    pages are really there (a sparse memfd would make the daemon allocate, for a few
+    bytes of the client's memory, as much as it claims) are accepted.
+    """
     try:
-        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        return True
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        return False
-
-
+        return "save must carry a memfd (memfd_create), not another kind of file"
+    if not seals & fcntl.F_SEAL_SHRINK:
+        return "the snapshot memfd must be sealed against shrinking (F_ADD_SEALS F_SEAL_SHRINK)"
+    st = os.fstat(fd)
+    if st.st_size < length:
+        return "the memfd is shorter than the stated length"
+    if st.st_blocks * 512 + SLACK < length:
+        return f"the memfd is sparse: {st.st_blocks * 512} of the stated {length} bytes are backed"
+    return ""
