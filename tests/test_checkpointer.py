@@ -156,7 +156,7 @@ def test_time_trigger_fires_at_the_next_step(tmp_path: Path) -> None:
 def test_cron_trigger_is_scheduled(tmp_path: Path) -> None:
     ckpt = Checkpointer("j", tmp_path, model=model(), cron="* * * * *", save_final=False)
     try:
-        assert ckpt._scheduler is not None and ckpt._scheduler.get_job("cron") is not None
+        assert ckpt._time_rules.scheduled("cron")
     finally:
         ckpt.close()
 

@@ -16,8 +16,7 @@ from ckptd.core.format import FormatError, encode_header, layout, parse_header
 from ckptd.store.persist import PersistError, persist
 from ckptd.store.verify import verify_file
 from tests.helpers import save_state
-from trainer_hooks.checkpointer import load
-from trainer_hooks.state import StateError, capture, flatten
+from trainer_hooks.state import StateError, capture, flatten, load
 
 
 def roundtrip(state: dict, tmp_path: Path) -> dict:

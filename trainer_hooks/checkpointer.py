@@ -27,24 +27,18 @@ unwritable target, an unserialisable ``extra``) are raised at construction inste
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from typing import Any, Callable
-
-import torch
 
 from ckptd.core import config as config_mod
 from ckptd.core import policy as pol
 from ckptd.core.format import FORMAT_VERSION
+from ckptd.core.meta import CheckpointMeta
 from ckptd.core.settings import from_env, group, parse_table, resolve
-from ckptd.core.vocab import FailReason
-from ckptd.store.lifecycle import Target, newest_verified, save_unit
+from ckptd.store.lifecycle import Target, newest_verified
 from ckptd.store.manifest import shard_name, unit_name
 from ckptd.store.persist import Persisted, PersistError, cleanup_temp
 from ckptd.store.preflight import (
@@ -58,23 +52,23 @@ from ckptd.store.remove import Removal
 from ckptd.store.scan import Checkpoint, scan
 from ckptd.store.verify import VerifyResult, verify_file, verify_unit
 from ckptd.wire.protocol import default_socket_path
-from trainer_hooks.link import Link
+from trainer_hooks.outlet import Outlet
+from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
 from trainer_hooks.shards import (
     FLAG_BEST,
     FLAG_PREEMPT,
     FLAG_TIME,
     TIME_RULES,
     ShardGroup,
-    save_shard,
 )
 from trainer_hooks.staging import StagingBuffer
-from trainer_hooks.state import apply, capture, flatten, unflatten
-from trainer_hooks.worker import SaveJob, Worker
+from trainer_hooks.state import apply, as_float, capture, flatten, jsonable_metrics, load, rank_and_world
+from trainer_hooks.timerules import TimeRules
+from trainer_hooks.worker import SaveJob
 
 log = logging.getLogger("ckptd.hook")
 
 SCHEDULED = ("step", "time", "best")
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Checkpointer:
@@ -92,7 +86,7 @@ class Checkpointer:
         cfg = config_mod.load(config)
         self.settings = resolve(parse_table(settings, "Checkpointer()"), from_env(),
                                 cfg.job_table(job), cfg.defaults)
-        self.rank, self.world_size = _rank_and_world()
+        self.rank, self.world_size = rank_and_world()
         self._shards = ShardGroup(shard_timeout) if sharded else None
         # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
         self.saving = sharded or self.rank == 0
@@ -111,18 +105,24 @@ class Checkpointer:
         self.last_verified: str | None = None
         self.last_error: PersistError | None = None
         self._buffer = StagingBuffer(f"ckptd-{job}")
-        self._worker = Worker(self._pipeline, self._on_persisted)
+        self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
+                              self._count_removals, self._shards)
         self._closed = False
         self._raw_settings = {k: v for k, v in settings.items() if v is not None}
-        self._link = self._open_link(socket, reconnect_every)
-        self._scheduler = self._start_time_rules()
-        self._signals = self._install_signals(preempt_signals)
-        self._preempt_grace = preempt_grace
+        if socket is not False and self.saving and self._talks_to_daemon:
+            self._outlet.connect(default_socket_path() if socket in (None, True) else str(socket), self._hello,
+                                 self._beat, self._time_fired, reconnect_every)
+        self._time_rules = TimeRules(self.policy, self._time_fired, lambda: self.mode == "embedded")
+        self._time_rules.saved_at(self._last_save_wall)
+        self._preemption = Preemption(preempt_grace, self._preempt_raised, self._between_steps,
+                                      lambda: self._stop_threads(timeout=2.0))
+        if self.policy.on_preempt:
+            self._preemption.install(preempt_signals)
         atexit.register(self._at_exit)
         if not self.saving:
             log.info("ckptd: job %s rank %d of %d: rank 0 saves; this rank only resumes", job, self.rank,
                      self.world_size)
-        elif self._link is None or not self._link.connected:
+        elif self.mode == "embedded":
             log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
                      job, self.directory)
 
@@ -137,21 +137,15 @@ class Checkpointer:
         return policy
 
     @property
-    def _lead(self) -> bool:
+    def _talks_to_daemon(self) -> bool:
         """The rank that talks to the daemon, runs time rules and retention."""
         return self.rank == 0 or self._shards is None
 
     # -- the daemon ---------------------------------------------------------------
 
-    def _open_link(self, path: str | bool | None, retry_every: float) -> Link | None:
-        if path is False or not self.saving or not self._lead:
-            return None
-        return Link(default_socket_path() if path in (None, True) else str(path), self._hello, self._beat,
-                    self._on_daemon_saved, self._on_daemon_lost, retry_every, on_due=self._time_fired)
-
     @property
     def mode(self) -> str:
-        return "daemon" if self._link is not None and self._link.connected else "embedded"
+        return self._outlet.mode
 
     def _hello(self) -> dict[str, Any]:
         return {"job": self.job, "directory": os.path.abspath(self.directory), "template": self.template,
@@ -160,17 +154,6 @@ class Checkpointer:
 
     def _beat(self) -> dict[str, Any]:
         return {"step": self._step, "epoch": self.epoch}
-
-    def _on_daemon_saved(self, job: SaveJob, reply: dict[str, Any]) -> None:
-        if reply.get("ok"):
-            self._on_persisted(job, Persisted(str(reply.get("path")), job.length, {}), None)
-        else:
-            self._on_persisted(job, None, PersistError(FailReason.of(reply.get("reason")), str(reply.get("error"))))
-
-    def _on_daemon_lost(self, jobs: list[SaveJob]) -> None:
-        for job in jobs:
-            log.warning("ckptd: the daemon went away with step %d in flight; persisting it here", job.step)
-            self._worker.submit(job)
 
     # -- progress ---------------------------------------------------------------
 
@@ -185,9 +168,8 @@ class Checkpointer:
         self._best: float | None = None
         self._best_key = self.policy.best_metric
         self._time_due: str | None = None
-        self._preempt: int | None = None
-        self._flag = False
-        self._agreed = [0, 0, 0]  # sharded: the flags every rank acts on (``trainer_hooks.shards``)
+        self._attention = False  # something besides the step count may make a save due: ask the policy
+        self._agreed_flags = [0, 0, 0]  # sharded: the flags every rank acts on (``trainer_hooks.shards``)
         self._sent_preempt = False
         self._best_seen = False
         self._next_due = pol.next_due_step(self.policy, 0)
@@ -211,10 +193,10 @@ class Checkpointer:
             self._metrics = metrics
             if self._best_key is not None and pol.improves(self.policy, metrics.get(self._best_key), self._best):
                 self._best_seen = True  # sharded: latched until the next exchange sends it
-                self._flag = self._shards is None
+                self._attention = self._shards is None
         if self._shards is not None and self._shards.due():
             self._exchange()
-        if self._step >= self._next_due or self._flag:
+        if self._step >= self._next_due or self._attention:
             self._due()
         return self._step
 
@@ -223,37 +205,38 @@ class Checkpointer:
         assert self._shards is not None
         local = [0, 0, 0]
         local[FLAG_TIME] = TIME_RULES.index(self._time_due) if self._time_due in TIME_RULES else 0
-        local[FLAG_PREEMPT] = int(self._preempt is not None and self._preempt > 0 and not self._sent_preempt)
+        signum = self._preemption.signum
+        local[FLAG_PREEMPT] = int(signum is not None and signum > 0 and not self._sent_preempt)
         local[FLAG_BEST] = int(self._best_seen or pol.improves(self.policy, self._metric, self._best))
         self._best_seen = False
         self._sent_preempt = self._sent_preempt or bool(local[FLAG_PREEMPT])
         self._time_due = None  # sent: rank 0's timer fires once, the agreed flag comes back next step
-        self._agreed = self._shards.exchange(local, time.monotonic())
-        self._flag = any(self._agreed)
+        self._agreed_flags = self._shards.exchange(local, time.monotonic())
+        self._attention = any(self._agreed_flags)
 
     @property
     def _metric(self) -> float | None:
         """The best_metric value last passed to ``step()``, if any."""
-        return _as_float(self._metrics.get(self._best_key)) if (self._metrics and self._best_key) else None
+        return as_float(self._metrics.get(self._best_key)) if (self._metrics and self._best_key) else None
 
     def _progress(self) -> pol.Progress:
         metric = self._metric
         if self._shards is not None:
-            a = self._agreed
+            a = self._agreed_flags
             return pol.Progress(self._step, self._last_saved_step, self._last_sched_at, TIME_RULES[a[FLAG_TIME]] or None,
                                 bool(a[FLAG_PREEMPT]), metric, self._best, best_due=bool(a[FLAG_BEST]))
         return pol.Progress(self._step, self._last_saved_step, self._last_sched_at, self._time_due,
-                            self._preempt is not None, metric, self._best)
+                            self._preemption.pending, metric, self._best)
 
     def _due(self) -> None:
         decision = pol.decide(self.policy, self._progress(), time.time())
         if decision.save:
             self._save(decision.trigger, decision.rule)
             if decision.trigger == "preempt":
-                self._finish_preempt()
+                self._preemption.finish(self.wait)
         self._next_due = pol.next_due_step(self.policy, self._last_saved_step)
-        self._agreed = [0, 0, 0]
-        self._flag = self._shards is None and (self._time_due is not None or self._preempt is not None)
+        self._agreed_flags = [0, 0, 0]
+        self._attention = self._shards is None and (self._time_due is not None or self._preemption.pending)
 
     # -- saving -----------------------------------------------------------------
 
@@ -266,13 +249,7 @@ class Checkpointer:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the save in flight is verified or failed (by the daemon or here)."""
-        if self._link is not None and not self._link.wait_idle(timeout):
-            return False
-        return self._worker.wait_idle(timeout)
-
-    @property
-    def _busy(self) -> bool:
-        return self._worker.busy or (self._link is not None and self._link.busy)
+        return self._outlet.wait(timeout)
 
     def _save(self, trigger: str, rule: str) -> bool:
         try:
@@ -284,13 +261,12 @@ class Checkpointer:
 
     def _stage_and_submit(self, trigger: str, rule: str) -> bool:
         t0 = time.perf_counter_ns()
-        if self._busy:
+        if self._outlet.busy:
             if self.settings["on_busy"] == "skip" and trigger in SCHEDULED and self._shards is None:
                 self.stats["skipped"] += 1
                 log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
                             "(missed, reason=backpressure)", trigger, self._step)
-                if self._link is not None:
-                    self._link.notify({"type": "skipped", "step": self._step, "reason": "backpressure"})
+                self._outlet.notify({"type": "skipped", "step": self._step, "reason": "backpressure"})
                 return False
             self.wait()
         now = time.time()
@@ -304,8 +280,7 @@ class Checkpointer:
                       trigger, stall=(time.perf_counter_ns() - t0) / 1e9)
         msg = {"step": self._step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
                "filename": filename, "length": length, "stall": job.stall}
-        if self._shards is not None or self._link is None or not self._link.submit(job, msg):
-            self._worker.submit(job)
+        self._outlet.submit(job, msg)
         self.stats["stall_ns"] += time.perf_counter_ns() - t0
         self.stats["saves"] += 1
         self._mark_saved(trigger, now)
@@ -319,7 +294,7 @@ class Checkpointer:
             self._last_sched_at = now
         if pol.improves(self.policy, self._metric, self._best):
             self._best = self._metric
-        self._reschedule_every()
+        self._time_rules.saved_at(now)
 
     def _capture(self) -> dict[str, Any]:
         if self._before_save is not None:
@@ -329,32 +304,8 @@ class Checkpointer:
 
     def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
                   aliases: dict[str, str]) -> dict[str, str]:
-        created = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        return {
-            "ckptd.format": FORMAT_VERSION, "ckptd.job": self.job, "ckptd.step": str(self._step),
-            "ckptd.epoch": "" if self.epoch is None else repr(float(self.epoch)),
-            "ckptd.created": created, "ckptd.trigger": trigger, "ckptd.rule": rule,
-            "ckptd.metrics": json.dumps(_jsonable(self._metrics or {})),
-            "ckptd.state": json.dumps(skeleton, separators=(",", ":")),
-            "ckptd.aliases": json.dumps(aliases, separators=(",", ":")),
-        }
-
-    @property
-    def _target(self) -> Target:
-        return Target(self.directory, self.job, self.settings)
-
-    def _pipeline(self, job: SaveJob) -> Persisted:
-        """Worker thread: the save lifecycle (``ckptd.store.lifecycle``); sharded: with the other ranks."""
-        if self._shards is not None:
-            return save_shard(self._shards, self._target, job, self._count_removals, self._report_commit)
-        return save_unit(self._target, job.fd, job.length, job.filename, job.step, on_removed=self._count_removals)
-
-    def _report_commit(self, report: dict[str, Any]) -> bool:
-        """Rank 0 of a sharded save: tell the daemon, which catalogues and prunes; False if there is none."""
-        if self._lead and self._link is not None and self._link.connected:
-            self._link.notify(report)
-            return True
-        return not self._lead
+        meta = CheckpointMeta(self.job, self._step, now, trigger, rule, self.epoch, jsonable_metrics(self._metrics or {}))
+        return meta.encode(skeleton, aliases, FORMAT_VERSION)
 
     def _count_removals(self, removals: list[Removal]) -> None:
         for r in removals:
@@ -417,7 +368,7 @@ class Checkpointer:
         self._step = self._last_saved_step = self._last_verified_step = int(trainer.get("step", info.step))
         self.epoch = trainer.get("epoch")
         if self._best_key:
-            values = [_as_float(c.metrics.get(self._best_key)) for c in self.checkpoints()]
+            values = [as_float(c.metrics.get(self._best_key)) for c in self.checkpoints()]
             for v in values:
                 if pol.improves(self.policy, v, self._best):
                     self._best = v
@@ -425,82 +376,25 @@ class Checkpointer:
 
     # -- time rules and signals -------------------------------------------------
 
-    def _start_time_rules(self) -> Any:
-        if not self.policy.has_time_rules:
-            return None
-        from apscheduler.schedulers.background import BackgroundScheduler
-        from apscheduler.triggers.cron import CronTrigger
-
-        sched = BackgroundScheduler(daemon=True, job_defaults={"misfire_grace_time": None, "coalesce": True})
-        if self.policy.cron:
-            sched.add_job(self._time_fired, CronTrigger.from_crontab(self.policy.cron), args=["cron"], id="cron")
-        sched.start()
-        self._scheduler = sched
-        self._reschedule_every()
-        return sched
-
-    def _reschedule_every(self) -> None:
-        due = pol.next_time_due(self.policy, self._last_save_wall)
-        sched = getattr(self, "_scheduler", None)
-        if due is None or sched is None:
-            return
-        sched.add_job(self._time_fired, "date", run_date=datetime.fromtimestamp(due, timezone.utc),
-                      args=["every"], id="every", replace_existing=True)
-
     def _time_fired(self, rule: str) -> None:
-        """Scheduler thread: only sets flags; the save happens at the next ``step()``."""
+        """A time rule fired (the daemon's ``due``, or our own clock): the save happens at the next ``step()``."""
         self._time_due = rule
-        self._flag = True
+        self._attention = True
 
-    def _install_signals(self, sigs: tuple[int, ...]) -> dict[int, Any]:
-        if not self.policy.on_preempt or threading.current_thread() is not threading.main_thread():
-            return {}
-        return {s: signal.signal(s, self._on_signal) for s in sigs}
+    def _preempt_raised(self) -> None:
+        self._attention = True
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._preempt == -signum:  # our own re-delivery after the preemption save
-            self._chain(signum, frame)
+    def _between_steps(self, signum: int) -> None:
+        """The trainer did not reach ``step()`` within the grace period after a signal: save now."""
+        if self._closed:
             return
-        log.warning("ckptd: signal %d: preemption save at the next step (or in %.0fs)", signum, self._preempt_grace)
-        self._preempt = signum
-        self._flag = True
-        timer = threading.Timer(self._preempt_grace, self._preempt_now, args=[signum])
-        timer.daemon = True
-        timer.start()
-        self._preempt_timer = timer
-
-    def _preempt_now(self, signum: int) -> None:
-        """The trainer did not reach ``step()`` in time: it is between steps, save now."""
-        if self._preempt == signum and not self._closed:
-            if self._shards is not None:  # one rank alone cannot commit a sharded checkpoint
-                log.error("ckptd: sharded job %s: no step() within %.0fs of signal %d; no preemption save",
-                          self.job, self._preempt_grace, signum)
-                self._preempt = -signum
-                os.kill(os.getpid(), signum)  # the original handler, without waiting for a stuck commit
-                return
-            self._save("preempt", "on_preempt")
-            self._finish_preempt()
-
-    def _finish_preempt(self) -> None:
-        signum = self._preempt
-        if signum is None or signum < 0:
+        if self._shards is not None:  # one rank alone cannot commit a sharded checkpoint
+            log.error("ckptd: sharded job %s: no step() within %.0fs of signal %d; no preemption save",
+                      self.job, self._preemption.grace, signum)
+            self._preemption.redeliver(signum)  # the original handler, without waiting for a stuck commit
             return
-        timer = getattr(self, "_preempt_timer", None)
-        if timer is not None:
-            timer.cancel()
-        self.wait()
-        self._preempt = -signum
-        os.kill(os.getpid(), signum)  # runs the original handler, in the main thread
-
-    def _chain(self, signum: int, frame: Any) -> None:
-        self._preempt = None
-        original = self._signals.get(signum, signal.SIG_DFL)
-        if callable(original):
-            original(signum, frame)
-        elif original == signal.SIG_DFL:
-            self._stop_threads(timeout=2.0)  # the process is about to die: never hang it on a thread
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        self._save("preempt", "on_preempt")
+        self._preemption.finish(self.wait)
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -521,24 +415,13 @@ class Checkpointer:
         if self._shards is not None:
             self._shards.drain()
         self._stop_threads()
-        self._restore_signals()
+        self._preemption.restore()
         atexit.unregister(self._at_exit)
 
     def _stop_threads(self, timeout: float | None = None) -> None:
-        if self._link is not None:
-            self._link.close(self._step if self._closed else None)
-            self._link = None
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
-        self._worker.close(timeout)
+        self._outlet.close(self._step if self._closed else None, timeout)
+        self._time_rules.close()
         self._buffer.close()
-
-    def _restore_signals(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for s, h in self._signals.items():
-                signal.signal(s, h)
-        self._signals = {}
 
     def _at_exit(self) -> None:
         try:
@@ -551,41 +434,3 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """From torch.distributed when initialised, else torchrun's environment."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def load(path: str) -> dict[str, Any]:
-    """The nested state stored in a ckptd checkpoint (tensors on CPU)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    skeleton = json.loads(meta.get("ckptd.state", "null"))
-    aliases = json.loads(meta.get("ckptd.aliases", "{}"))
-    state: dict[str, Any] = unflatten(skeleton, tensors, aliases)
-    return state
-
-
-def _as_float(v: Any) -> float | None:
-    if isinstance(v, torch.Tensor):
-        return float(v.item()) if v.numel() == 1 else None
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    return None
-
-
-def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in metrics.items():
-        f = _as_float(v)
-        out[str(k)] = f if f is not None else (v if isinstance(v, (str, bool, type(None))) else str(v))
-    return out

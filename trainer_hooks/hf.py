@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from trainer_hooks.checkpointer import Checkpointer, load
+from trainer_hooks.checkpointer import Checkpointer
+from trainer_hooks.state import load
 
 
 class CkptdCallback(TrainerCallback):

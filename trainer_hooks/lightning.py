@@ -18,7 +18,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from trainer_hooks.checkpointer import Checkpointer, load
+from trainer_hooks.checkpointer import Checkpointer
+from trainer_hooks.state import load
 
 
 class CkptdCallback(L.Callback):

@@ -14,6 +14,8 @@ alias of the first and ``unflatten`` hands both names the same tensor again.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from typing import Any
 
@@ -187,3 +189,41 @@ def apply(state: dict[str, Any], model: Any = None, optimizer: Any = None, sched
         scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         restore_rng(state["rng"])
+
+
+def rank_and_world() -> tuple[int, int]:
+    """From torch.distributed when initialised, else torchrun's environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def load(path: str) -> dict[str, Any]:
+    """The nested state stored in a ckptd checkpoint (tensors on CPU)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    skeleton = json.loads(meta.get("ckptd.state", "null"))
+    aliases = json.loads(meta.get("ckptd.aliases", "{}"))
+    state: dict[str, Any] = unflatten(skeleton, tensors, aliases)
+    return state
+
+
+def as_float(v: Any) -> float | None:
+    if isinstance(v, torch.Tensor):
+        return float(v.item()) if v.numel() == 1 else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        f = as_float(v)
+        out[str(k)] = f if f is not None else (v if isinstance(v, (str, bool, type(None))) else str(v))
+    return out
