@@ -251,12 +251,12 @@ def status(as_json: bool, socket_path: str | None) -> None:
         click.echo(json.dumps(jobs, indent=2))
         return
     click.echo(f"{'job':<16} {'pid':>7} {'step':>8} {'verified':>8} {'age':>6} {'next':>8} "
-               f"{'ckpts':>5} {'bytes':>10} {'missed':>6} {'failed':>6}")
+               f"{'ckpts':>5} {'bytes':>10} {'missed':>6} {'failed':>6}  directory")
     for j in jobs:
         age = format_duration(j["last_verified_age"]) if j["last_verified_age"] is not None else "-"
         click.echo(f"{j['job']:<16} {j['pid'] or '-':>7} {j['step']:>8} {_dash(j['last_verified_step']):>8} "
                    f"{age:>6} {_dash(j['next_due_step']):>8} {j['checkpoints']:>5} {format_bytes(j['bytes']):>10} "
-                   f"{j['missed']:>6} {j['failed']:>6}")
+                   f"{j['missed']:>6} {j['failed']:>6}  {j.get('directory', '')}")
 
 
 def _dash(v: Any) -> str:

@@ -91,6 +91,39 @@ def test_trainer_killed_with_unsaved_steps_is_counted(daemon: DaemonProc) -> Non
     assert daemon.metric("ckptd_unsaved_steps", training_job="lost") > 0
 
 
+@pytest.mark.slow
+def test_runs_named_alike_in_different_directories_are_two_jobs(daemon: DaemonProc) -> None:
+    """A 60-step run in one directory, then a run of the same name elsewhere killed at step >= 36
+    with its last save at 30: its own missed save is counted, and nothing mixes the two."""
+    first, second = daemon.root / "a", daemon.root / "b"
+    r = subprocess.run([PYTHON, TOY, "--dir", str(first), "--job", "same", "--steps", "60", "--every-steps", "30"],
+                       env=env_for(daemon), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    proc = subprocess.Popen([PYTHON, TOY, "--dir", str(second), "--job", "same", "--steps", "10000", "--every-steps",
+                             "30", "--step-sleep", "0.1"], env=env_for(daemon),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: daemon.metric("ckptd_last_saved_step", training_job="same", directory=str(second)) >= 30,
+                   what="the second run's first save")
+        wait_until(lambda: daemon.metric("ckptd_unsaved_steps", training_job="same", directory=str(second)) > 0,
+                   what="a heartbeat past it")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", training_job="same", directory=str(second),
+                                     reason="trainer_exit_unsaved") == 1, what="trainer_exit_unsaved of the second")
+    assert daemon.metric("ckptd_last_saved_step", training_job="same", directory=str(first)) == 60
+    assert daemon.metric("ckptd_missed_saves_total", training_job="same", directory=str(first),
+                         reason="trainer_exit_unsaved") == 0
+    status = json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)
+    rows = {j["directory"]: j for j in status if j["job"] == "same"}
+    assert set(rows) == {str(first), str(second)}
+    assert rows[str(first)]["last_verified_step"] == 60 and rows[str(second)]["last_verified_step"] < 60
+    ambiguous = ckptd_cli("latest", "same", "--socket", daemon.socket)
+    assert ambiguous.returncode != 0 and "2 jobs are named same" in ambiguous.stderr
+    assert ckptd_cli("latest", str(first)).stdout.strip().endswith("same-step00000060.safetensors")
+
+
 def test_no_daemon_at_start_then_reconnect_then_daemon_killed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     d = DaemonProc(tmp_path / "d")
     run_dir = d.root / "re"
@@ -243,7 +276,8 @@ def test_identity_comes_from_the_kernel_and_is_enforced(tmp_path: Path) -> None:
             assert r.returncode == 0, r.stderr
             return r.stdout.strip()
 
-        assert "belongs to uid 0" in as_nobody("owned", nobody_dir)
+        # a job is its directory and owner (SPEC §3): root's job name in nobody's own directory is nobody's job
+        assert as_nobody("owned", nobody_dir) == "None"
         assert "not owned by uid 65534" in as_nobody("fresh", mine)
         assert "outside the daemon's roots" in as_nobody("fresh", tmp_path)
         assert "'..'" in as_nobody("fresh", str(daemon.root) + "/nobody/../mine")

@@ -29,6 +29,7 @@ from ckptd.core.units import format_bytes
 from ckptd.core.vocab import FailReason, MissedReason, Outcome, Trigger, delete_label
 from ckptd.daemon import sdnotify
 from ckptd.daemon.catalog import Catalog
+from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.metrics import Metrics, serve_http
 from ckptd.daemon.session import JobState, Session
 from ckptd.store.persist import PersistError, cleanup_temp
@@ -61,7 +62,7 @@ class Daemon:
         self.max_connections_per_uid = int(d.get("max_connections_per_uid", MAX_CONNECTIONS_PER_UID))
         self.max_jobs_per_uid = int(d.get("max_jobs_per_uid", MAX_JOBS_PER_UID))
         self.lock = threading.RLock()
-        self.jobs: dict[str, JobState] = {}
+        self.jobs: dict[JobKey, JobState] = {}
         self.sessions: set[Session] = set()
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
@@ -90,8 +91,7 @@ class Daemon:
         self._accept_thread = self._spawn(self._accept_loop, "ckptd-accept")
         self.scheduler = self._start_scheduler()
         self._start_watchers()
-        for job in {r.job for r in self.catalog.checkpoints()}:
-            self._refresh_disk_gauges(job)
+        self._refresh_all_gauges()
         self._ready.set()
         sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
         log.info("ckptd serving on %s, metrics on %s", self.socket_path, self.metrics_listen)
@@ -127,10 +127,10 @@ class Daemon:
                 raise TargetError(f"watched path {w.root} is outside the daemon's roots")
             os.makedirs(w.root, exist_ok=True)
             w.handle = self.observer.schedule(w, w.root, recursive=True)
-            self.metrics.init_job(w.job)
-            self.metrics.job_up.labels(w.job).set(1)
+            self.metrics.init_job(w.key)
+            self.metrics.job_up.labels(*w.key).set(1)
             if spec.get("expect_every"):
-                self.metrics.expected_interval.labels(w.job).set(spec["expect_every"])
+                self.metrics.expected_interval.labels(*w.key).set(spec["expect_every"])
             self.watchers.append(w)
             self.scheduler.add_job(w.rescan, "interval", seconds=float(spec.get("rescan_every", 180.0)),
                                    id=f"rescan:{i}")
@@ -146,13 +146,13 @@ class Daemon:
             pass
         w.handle = self.observer.schedule(w, w.root, recursive=True)
 
-    def watch_verified(self, job: str, info: Checkpoint, outcome: Outcome) -> None:
+    def watch_verified(self, job: JobKey, info: Checkpoint, outcome: Outcome) -> None:
         ok = outcome == Outcome.OK
-        self.metrics.verify.labels(job, outcome).inc()
-        self.metrics.saves.labels(job, Trigger.WATCH, "ok" if ok else "failed").inc()
+        self.metrics.verify.labels(*job, outcome).inc()
+        self.metrics.saves.labels(*job, Trigger.WATCH, "ok" if ok else "failed").inc()
         self.catalog.event(job, "adopted", path=info.path, ok=ok, outcome=outcome)
         if not ok:
-            self.metrics.failures.labels(job, FailReason.VERIFY_FAILED).inc()
+            self.metrics.failures.labels(*job, FailReason.VERIFY_FAILED).inc()
 
     def scrub(self) -> dict[str, int]:
         """Re-verify every catalogued checkpoint, with no trainer involved (``scrub_every``).
@@ -178,22 +178,22 @@ class Daemon:
                 continue
             counts["corrupt"] += 1
             log.error("scrub: %s no longer verifies: %s", row.path, result.reason)
-            self.metrics.verify.labels(row.job, "corrupt").inc()
+            self.metrics.verify.labels(*row.key, Outcome.CORRUPT).inc()
             self.catalog.mark_unverified(row.path, result.reason)
-            self.catalog.event(row.job, "scrub_corrupt", path=row.path, reason=result.reason)
+            self.catalog.event(row.key, "scrub_corrupt", path=row.path, reason=result.reason)
         self._refresh_all_gauges()
         return counts
 
     def _refresh_all_gauges(self) -> None:
-        for job in {r.job for r in self.catalog.checkpoints()}:
-            self._refresh_disk_gauges(job)
+        for key in {r.key for r in self.catalog.checkpoints()}:
+            self._refresh_disk_gauges(key)
 
-    def watch_settled(self, job: str) -> None:
+    def watch_settled(self, job: JobKey) -> None:
         """Once per tick with adoptions: the disk gauges (one catalogue read, not one per file)."""
         self._refresh_disk_gauges(job)
 
-    def watch_missed(self, job: str) -> None:
-        self.metrics.missed.labels(job, MissedReason.TIME_OVERDUE).inc()
+    def watch_missed(self, job: JobKey) -> None:
+        self.metrics.missed.labels(*job, MissedReason.TIME_OVERDUE).inc()
         self.catalog.event(job, "missed", reason=MissedReason.TIME_OVERDUE)
 
     def _tick_job(self) -> None:
@@ -360,15 +360,15 @@ class Daemon:
             raise PermissionError(f"directory {existing} is not owned by uid {uid}")
         return real
 
-    def authorize_job(self, job: str, uid: int) -> None:
-        owner = self.catalog.job_owner(job)
+    def authorize_job(self, key: JobKey, uid: int) -> None:
+        owner = self.catalog.job_owner(key)
         if owner is not None and owner != uid and not self.privileged(uid):
-            raise PermissionError(f"job {job} belongs to uid {owner}, not {uid}")
+            raise PermissionError(f"job {key.name} in {key.directory} belongs to uid {owner}, not {uid}")
         if self.privileged(uid):
             return
         now = time.time()
         with self.lock:
-            live = {j.name for j in self.jobs.values() if j.uid == uid and j.name != job
+            live = {k for k, j in self.jobs.items() if j.uid == uid and k != key
                     and (j.connected or now - (j.ended_at or now) < ENDED_JOB_TTL)}
         if len(live) >= self.max_jobs_per_uid:
             raise PermissionError(f"uid {uid} already has {len(live)} jobs connected or ended within the last "
@@ -378,23 +378,24 @@ class Daemon:
 
     def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
                  policy: SavePolicy, step: int, session: Session | None = None) -> JobState:
-        rows = [r for r in self.catalog.checkpoints(name) if r.verified]
+        key = JobKey(name, directory)
+        rows = [r for r in self.catalog.checkpoints(*key) if r.verified]
         with self.lock:
             job = JobState(name, uid, directory, settings, policy, pid=pid, connected=True, step=step,
                            last_saved_step=step, last_verified_step=rows[-1].step if rows else 0,
                            last_verified_at=rows[-1].created if rows else None, session=session)
-            self.jobs[name] = job
+            self.jobs[key] = job
         if policy.cron:
             from apscheduler.triggers.cron import CronTrigger
 
-            self.scheduler.add_job(self._cron_due, CronTrigger.from_crontab(policy.cron), args=[name],
-                                   id=f"cron:{name}", replace_existing=True)
-        self.catalog.upsert_job(name, uid, directory, {k: v for k, v in settings.items() if v is not None})
-        self.catalog.event(name, "start", pid=pid, step=step)
-        self.metrics.job_started(name)
-        self.metrics.init_job(name)
-        self.metrics.job_up.labels(name).set(1)
-        self.metrics.quota_bytes.labels(name).set(settings.get("max_bytes") or 0)
+            self.scheduler.add_job(self._cron_due, CronTrigger.from_crontab(policy.cron), args=[key],
+                                   id=f"cron:{name}:{directory}", replace_existing=True)
+        self.catalog.upsert_job(key, uid, {k: v for k, v in settings.items() if v is not None})
+        self.catalog.event(key, "start", pid=pid, step=step)
+        self.metrics.job_started(key)
+        self.metrics.init_job(key)
+        self.metrics.job_up.labels(*key).set(1)
+        self.metrics.quota_bytes.labels(*key).set(settings.get("max_bytes") or 0)
         self.update_gauges(job)
         return job
 
@@ -403,20 +404,21 @@ class Daemon:
             job.connected = False
             job.session = None
             job.ended_at = time.time()
-        if self.scheduler.get_job(f"cron:{job.name}") is not None:
-            self.scheduler.remove_job(f"cron:{job.name}")
-        self.metrics.job_up.labels(job.name).set(0)
-        self.metrics.job_ended(job.name, time.time())
-        self.catalog.event(job.name, "end" if session.ended else "disconnect", step=job.step)
+        cron = f"cron:{job.name}:{job.directory}"
+        if self.scheduler.get_job(cron) is not None:
+            self.scheduler.remove_job(cron)
+        self.metrics.job_up.labels(*job.key).set(0)
+        self.metrics.job_ended(job.key, time.time())
+        self.catalog.event(job.key, "end" if session.ended else "disconnect", step=job.step)
         self.update_gauges(job)
 
     def update_gauges(self, job: JobState) -> None:
         with self.lock:
             unsaved = missed.unsaved_at_exit(job.step, job.last_verified_step)
             interval = missed.expected_interval(job.policy, job.seconds_per_step)
-        self.metrics.unsaved_steps.labels(job.name).set(unsaved)
+        self.metrics.unsaved_steps.labels(*job.key).set(unsaved)
         if interval is not None:
-            self.metrics.expected_interval.labels(job.name).set(interval)
+            self.metrics.expected_interval.labels(*job.key).set(interval)
 
     def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float]) -> None:
         with self.lock:
@@ -425,33 +427,33 @@ class Daemon:
             job.overdue_flagged = False
             job.due_sent = False
         m = self.metrics
-        m.saves.labels(job.name, trigger, "ok").inc()
-        m.verify.labels(job.name, "ok").inc()
+        m.saves.labels(*job.key, trigger, "ok").inc()
+        m.verify.labels(*job.key, "ok").inc()
         for phase, seconds in durations.items():
-            m.duration.labels(job.name, phase).observe(seconds)
-        m.last_success.labels(job.name).set(time.time())
-        m.last_saved_step.labels(job.name).set(job.last_verified_step)
-        log.info("job %s: step %d saved and verified (%s, %s, %.2fs): %s", job.name, info.step, trigger,
+            m.duration.labels(*job.key, phase).observe(seconds)
+        m.last_success.labels(*job.key).set(time.time())
+        m.last_saved_step.labels(*job.key).set(job.last_verified_step)
+        log.info("job %s: step %d saved and verified (%s, %s, %.2fs): %s", job.key, info.step, trigger,
                  format_bytes(info.bytes), sum(durations.values()), info.path)
-        self.catalog.event(job.name, "saved", step=info.step, path=info.path, trigger=trigger)
+        self.catalog.event(job.key, "saved", step=info.step, path=info.path, trigger=trigger)
         self.update_gauges(job)
 
     def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None:
         with self.lock:
             job.failed += 1
-        log.error("job %s: save failed (%s): %s", job.name, exc.reason, exc)
-        self.metrics.saves.labels(job.name, trigger, "failed").inc()
-        self.metrics.failures.labels(job.name, exc.reason).inc()
+        log.error("job %s: save failed (%s): %s", job.key, exc.reason, exc)
+        self.metrics.saves.labels(*job.key, trigger, "failed").inc()
+        self.metrics.failures.labels(*job.key, exc.reason).inc()
         if exc.reason == FailReason.VERIFY_FAILED:
-            self.metrics.verify.labels(job.name, "corrupt").inc()
-        self.catalog.event(job.name, "failed", reason=exc.reason, error=str(exc))
+            self.metrics.verify.labels(*job.key, "corrupt").inc()
+        self.catalog.event(job.key, "failed", reason=exc.reason, error=str(exc))
 
-    def removed(self, job: str, removals: list[Removal]) -> None:
+    def removed(self, job: JobKey, removals: list[Removal]) -> None:
         """Deletions by retention or quota, for hook jobs and watched trees alike."""
         done = [r for r in removals if r.done]
         for r in done:
             log.info("job %s: deleted %s (%s)", job, r.verdict.item.id, r.verdict.rule)
-            self.metrics.deleted.labels(job, delete_label(r.verdict.rule)).inc()
+            self.metrics.deleted.labels(*job, delete_label(r.verdict.rule)).inc()
             self.catalog.event(job, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
         for r in removals:
             if r.error:
@@ -459,13 +461,13 @@ class Daemon:
         self.catalog.forget(r.verdict.item.id for r in done)
         self._refresh_disk_gauges(job)
 
-    def _refresh_disk_gauges(self, job: str) -> None:
-        rows = [r for r in self.catalog.checkpoints(job) if r.verified]
-        self.metrics.checkpoints.labels(job).set(len(rows))
-        self.metrics.checkpoint_bytes.labels(job).set(sum(r.bytes for r in rows))
+    def _refresh_disk_gauges(self, job: JobKey) -> None:
+        rows = [r for r in self.catalog.checkpoints(*job) if r.verified]
+        self.metrics.checkpoints.labels(*job).set(len(rows))
+        self.metrics.checkpoint_bytes.labels(*job).set(sum(r.bytes for r in rows))
         if rows:
-            self.metrics.last_saved_step.labels(job).set(rows[-1].step)
-            self.metrics.last_success.labels(job).set(rows[-1].created)
+            self.metrics.last_saved_step.labels(*job).set(rows[-1].step)
+            self.metrics.last_success.labels(*job).set(rows[-1].created)
 
     # -- the one-second tick ---------------------------------------------------------------
 
@@ -484,9 +486,9 @@ class Daemon:
                 pass
         self.metrics.drop_ended(now, ENDED_JOB_TTL)
         with self.lock:
-            for name in [n for n, j in self.jobs.items()
-                         if not j.connected and j.ended_at is not None and now - j.ended_at > ENDED_JOB_TTL]:
-                del self.jobs[name]
+            for key in [k for k, j in self.jobs.items()
+                        if not j.connected and j.ended_at is not None and now - j.ended_at > ENDED_JOB_TTL]:
+                del self.jobs[key]
         with self.lock:
             running = sum(j.connected for j in self.jobs.values())
         sdnotify.notify(f"STATUS={running} jobs connected, {len(self.jobs)} known")
@@ -501,9 +503,9 @@ class Daemon:
         if due and j.session is not None:
             j.session.send({"type": "due", "rule": "every"})
 
-    def _cron_due(self, name: str) -> None:
+    def _cron_due(self, key: JobKey) -> None:
         with self.lock:
-            j = self.jobs.get(name)
+            j = self.jobs.get(key)
         if j is not None and j.connected and j.session is not None:
             j.session.send({"type": "due", "rule": "cron"})
 
@@ -518,11 +520,11 @@ class Daemon:
                 j.missed += 1
         if overdue:
             log.warning("job %s: no verified save for %.0fs (expected every %.0fs)", j.name, now - last, interval or 0)
-            self.metrics.missed.labels(j.name, MissedReason.TIME_OVERDUE).inc()
-            self.catalog.event(j.name, "missed", reason=MissedReason.TIME_OVERDUE)
+            self.metrics.missed.labels(*j.key, MissedReason.TIME_OVERDUE).inc()
+            self.catalog.event(j.key, "missed", reason=MissedReason.TIME_OVERDUE)
 
     def _cleanup_temp(self) -> None:
-        dirs = {d for _, _, d in self.catalog.jobs()} | {os.path.dirname(r.path) for r in self.catalog.checkpoints()}
+        dirs = {k.directory for k, _ in self.catalog.jobs()} | {os.path.dirname(r.path) for r in self.catalog.checkpoints()}
         for d in dirs:
             if inside(d, self.roots):
                 for name in cleanup_temp(d):
@@ -535,7 +537,7 @@ class Daemon:
 
         requests.handle(self, session, msg)
 
-    def visible(self, session: Session, job: str) -> bool:
+    def visible(self, session: Session, job: JobKey) -> bool:
         """A uid sees its own jobs and unowned ones; privileged uids see everything."""
         owner = self.catalog.job_owner(job)
         return owner is None or owner == session.uid or self.privileged(session.uid)

@@ -17,24 +17,26 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from ckptd.core.vocab import Outcome
+from ckptd.daemon.jobkey import JobKey
 from ckptd.store.manifest import MANIFEST, SHARD_RE
 from ckptd.store.persist import TEMP_MARK
 from ckptd.store.scan import SUFFIX, Checkpoint, read_info
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    name TEXT PRIMARY KEY, uid INTEGER NOT NULL, directory TEXT NOT NULL,
-    settings TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL);
+    name TEXT NOT NULL, directory TEXT NOT NULL, uid INTEGER NOT NULL,
+    settings TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL, PRIMARY KEY (name, directory));
 CREATE TABLE IF NOT EXISTS checkpoints (
     path TEXT PRIMARY KEY, job TEXT NOT NULL, step INTEGER NOT NULL, epoch REAL, created REAL NOT NULL,
     trigger TEXT NOT NULL DEFAULT '', rule TEXT NOT NULL DEFAULT '', bytes INTEGER NOT NULL,
     verified INTEGER NOT NULL, metrics TEXT NOT NULL DEFAULT '{}', pinned INTEGER NOT NULL DEFAULT 0,
-    reason TEXT NOT NULL DEFAULT '', digests TEXT NOT NULL DEFAULT '{}', outcome TEXT NOT NULL DEFAULT 'ok');
-CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job, step);
+    reason TEXT NOT NULL DEFAULT '', digests TEXT NOT NULL DEFAULT '{}', outcome TEXT NOT NULL DEFAULT 'ok',
+    directory TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job, directory, step);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, job TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
-SCHEMA_VERSION = 2  # PRAGMA user_version; a catalogue of another version is rebuilt from the files
+SCHEMA_VERSION = 3  # PRAGMA user_version; a catalogue of another version is rebuilt from the files
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class Row:
     metrics: dict[str, Any]
     reason: str = ""
     outcome: Outcome = Outcome.OK
+    directory: str = ""  # the job's directory (a watched tree's root for what watch mode adopted)
+
+    @property
+    def key(self) -> JobKey:
+        return JobKey(self.job, self.directory)
 
 
 class Catalog:
@@ -111,32 +118,36 @@ class Catalog:
 
     # -- jobs ----------------------------------------------------------------------
 
-    def job_owner(self, name: str) -> int | None:
+    def job_owner(self, key: JobKey) -> int | None:
         with self._lock:
-            row = self._db.execute("SELECT uid FROM jobs WHERE name = ?", (name,)).fetchone()
+            row = self._db.execute("SELECT uid FROM jobs WHERE name = ? AND directory = ?", key).fetchone()
         return None if row is None else int(row[0])
 
-    def upsert_job(self, name: str, uid: int, directory: str, settings: dict[str, Any]) -> None:
+    def upsert_job(self, key: JobKey, uid: int, settings: dict[str, Any]) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs(name, uid, directory, settings, created) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET directory = excluded.directory, settings = excluded.settings",
-                (name, uid, directory, json.dumps(settings, default=str), time.time()))
+                "INSERT INTO jobs(name, directory, uid, settings, created) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(name, directory) DO UPDATE SET settings = excluded.settings",
+                (*key, uid, json.dumps(settings, default=str), time.time()))
 
-    def jobs(self) -> list[tuple[str, int, str]]:
+    def jobs(self) -> list[tuple[JobKey, int]]:
         with self._lock:
-            return [(r[0], int(r[1]), r[2]) for r in self._db.execute("SELECT name, uid, directory FROM jobs")]
+            return [(JobKey(r[0], r[1]), int(r[2])) for r in self._db.execute("SELECT name, directory, uid FROM jobs")]
 
     # -- checkpoints -----------------------------------------------------------------
 
-    def record(self, c: Checkpoint, verified: bool, reason: str = "", outcome: Outcome | None = None) -> None:
+    def record(self, c: Checkpoint, verified: bool, reason: str = "", outcome: Outcome | None = None,
+               directory: str | None = None) -> None:
+        """``directory``: the job's (default: the checkpoint's own parent)."""
         outcome = outcome or (Outcome.OK if verified else Outcome.CORRUPT)
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints(path, job, step, epoch, created, trigger, rule, bytes, "
-                "verified, metrics, pinned, reason, digests, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "verified, metrics, pinned, reason, digests, outcome, directory) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (c.path, c.job, c.step, c.epoch, c.created, c.trigger, c.rule, c.bytes, int(verified),
-                 json.dumps(c.metrics, default=str), int(c.pinned), reason, json.dumps(c.digests), outcome))
+                 json.dumps(c.metrics, default=str), int(c.pinned), reason, json.dumps(c.digests), outcome,
+                 directory or os.path.dirname(c.path)))
 
     def forget(self, paths: Iterable[str]) -> None:
         with self._lock:
@@ -151,22 +162,25 @@ class Catalog:
         with self._lock:
             self._db.execute("UPDATE checkpoints SET pinned = ? WHERE path = ?", (int(pinned), path))
 
-    def checkpoints(self, job: str | None = None) -> list[Row]:
-        sql = ("SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason, outcome "
-               "FROM checkpoints")
-        args: tuple[Any, ...] = ()
-        if job is not None:
-            sql += " WHERE job = ?"
-            args = (job,)
+    def checkpoints(self, job: str | None = None, directory: str | None = None) -> list[Row]:
+        """Oldest first; of one job name (in every directory), or of one job (``directory`` too)."""
+        sql = ("SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason, outcome, "
+               "directory FROM checkpoints")
+        where = [(c, v) for c, v in (("job", job), ("directory", directory)) if v is not None]
+        if where:
+            sql += " WHERE " + " AND ".join(f"{c} = ?" for c, _ in where)
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY job, step, created", args).fetchall()
+            rows = self._db.execute(sql + " ORDER BY job, directory, step, created", [v for _, v in where]).fetchall()
         return [Row(r[0], r[1], int(r[2]), float(r[3]), int(r[4]), bool(r[5]), r[6], bool(r[7]),
-                    json.loads(r[8]), r[9], Outcome(r[10])) for r in rows]
+                    json.loads(r[8]), r[9], Outcome(r[10]), r[11]) for r in rows]
 
-    def event(self, job: str | None, kind: str, **detail: Any) -> None:
+    def event(self, job: JobKey | str | None, kind: str, **detail: Any) -> None:
+        name = job
+        if isinstance(job, JobKey):
+            name, detail = job.name, {"directory": job.directory, **detail}
         with self._lock:
             self._db.execute("INSERT INTO events(time, job, kind, detail) VALUES (?, ?, ?, ?)",
-                             (time.time(), job, kind, json.dumps(detail, default=str)))
+                             (time.time(), name, kind, json.dumps(detail, default=str)))
 
     def events(self, job: str | None = None, limit: int = 100) -> list[tuple[float, str, str, dict[str, Any]]]:
         sql = "SELECT time, job, kind, detail FROM events"

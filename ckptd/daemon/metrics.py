@@ -21,8 +21,10 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from ckptd import __version__
 from ckptd.core.units import parse_listen
 from ckptd.core.vocab import DeleteRule, FailReason, MissedReason, Outcome, Trigger
+from ckptd.daemon.jobkey import JobKey
 
 JOB = "training_job"  # not "job": that label is Prometheus' own (the scrape job), SPEC §8
+DIRECTORY = "directory"  # with the name, what identifies a job (two runs named alike are two jobs)
 MISSED_REASONS = tuple(MissedReason)
 FAILURE_REASONS = tuple(FailReason)
 TRIGGERS = tuple(Trigger)
@@ -31,56 +33,56 @@ TRIGGERS = tuple(Trigger)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.saves = Counter("ckptd_saves_total", "Saves by trigger and outcome", [JOB, "trigger", "outcome"], registry=r)
-        self.failures = Counter("ckptd_save_failures_total", "Failed saves by reason", [JOB, "reason"], registry=r)
+        self.saves = Counter("ckptd_saves_total", "Saves by trigger and outcome", [JOB, DIRECTORY, "trigger", "outcome"], registry=r)
+        self.failures = Counter("ckptd_save_failures_total", "Failed saves by reason", [JOB, DIRECTORY, "reason"], registry=r)
         self.missed = Counter("ckptd_missed_saves_total", "Saves that should have happened and did not",
-                              [JOB, "reason"], registry=r)
-        self.verify = Counter("ckptd_verify_total", "Verifications by outcome", [JOB, "outcome"], registry=r)
-        self.duration = Histogram("ckptd_save_duration_seconds", "Time per save phase", [JOB, "phase"], registry=r,
+                              [JOB, DIRECTORY, "reason"], registry=r)
+        self.verify = Counter("ckptd_verify_total", "Verifications by outcome", [JOB, DIRECTORY, "outcome"], registry=r)
+        self.duration = Histogram("ckptd_save_duration_seconds", "Time per save phase", [JOB, DIRECTORY, "phase"], registry=r,
                                   buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        self.last_success = Gauge("ckptd_last_success_timestamp_seconds", "Time of the last verified save", [JOB], registry=r)
-        self.last_saved_step = Gauge("ckptd_last_saved_step", "Step of the last verified save", [JOB], registry=r)
+        self.last_success = Gauge("ckptd_last_success_timestamp_seconds", "Time of the last verified save", [JOB, DIRECTORY], registry=r)
+        self.last_saved_step = Gauge("ckptd_last_saved_step", "Step of the last verified save", [JOB, DIRECTORY], registry=r)
         self.expected_interval = Gauge("ckptd_expected_save_interval_seconds", "Expected time between saves",
-                                       [JOB], registry=r)
-        self.unsaved_steps = Gauge("ckptd_unsaved_steps", "Steps done since the last verified save", [JOB], registry=r)
-        self.checkpoints = Gauge("ckptd_checkpoints", "Verified checkpoints on disk", [JOB], registry=r)
-        self.checkpoint_bytes = Gauge("ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", [JOB], registry=r)
-        self.deleted = Counter("ckptd_deleted_total", "Checkpoints deleted, by rule", [JOB, "rule"], registry=r)
-        self.quota_bytes = Gauge("ckptd_quota_bytes", "max_bytes of the job (0 = none)", [JOB], registry=r)
+                                       [JOB, DIRECTORY], registry=r)
+        self.unsaved_steps = Gauge("ckptd_unsaved_steps", "Steps done since the last verified save", [JOB, DIRECTORY], registry=r)
+        self.checkpoints = Gauge("ckptd_checkpoints", "Verified checkpoints on disk", [JOB, DIRECTORY], registry=r)
+        self.checkpoint_bytes = Gauge("ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", [JOB, DIRECTORY], registry=r)
+        self.deleted = Counter("ckptd_deleted_total", "Checkpoints deleted, by rule", [JOB, DIRECTORY, "rule"], registry=r)
+        self.quota_bytes = Gauge("ckptd_quota_bytes", "max_bytes of the job (0 = none)", [JOB, DIRECTORY], registry=r)
         self.fs_free = Gauge("ckptd_filesystem_free_bytes", "Free bytes on a root's filesystem", ["root"], registry=r)
-        self.job_up = Gauge("ckptd_job_up", "1 while the job's trainer is connected", [JOB], registry=r)
+        self.job_up = Gauge("ckptd_job_up", "1 while the job's trainer is connected", [JOB, DIRECTORY], registry=r)
         self.build_info = Gauge("ckptd_build_info", "Version of ckptd", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
-        self._ended: dict[str, float] = {}
+        self._ended: dict[JobKey, float] = {}
         self._lock = threading.Lock()
 
-    def init_job(self, job: str) -> None:
+    def init_job(self, job: JobKey) -> None:
         """Create every counter series of a job at 0, so the first failure is an increase.
 
         A counter whose series appears at 1 has no increase() in Prometheus: the one
         trainer_exit_unsaved of a run would never fire its alert.
         """
         for missed in MISSED_REASONS:
-            self.missed.labels(job, missed)
+            self.missed.labels(*job, missed)
         for failure in FAILURE_REASONS:
-            self.failures.labels(job, failure)
+            self.failures.labels(*job, failure)
         for verified in Outcome:
-            self.verify.labels(job, verified)
+            self.verify.labels(*job, verified)
         for rule in DeleteRule:
-            self.deleted.labels(job, rule)
+            self.deleted.labels(*job, rule)
         for trigger in TRIGGERS:
             for outcome in ("ok", "failed"):
-                self.saves.labels(job, trigger, outcome)
+                self.saves.labels(*job, trigger, outcome)
 
-    def job_ended(self, job: str, now: float) -> None:
+    def job_ended(self, job: JobKey, now: float) -> None:
         with self._lock:
             self._ended[job] = now
 
-    def job_started(self, job: str) -> None:
+    def job_started(self, job: JobKey) -> None:
         with self._lock:
             self._ended.pop(job, None)
 
-    def drop_ended(self, now: float, ttl: float) -> list[str]:
+    def drop_ended(self, now: float, ttl: float) -> list[JobKey]:
         """Remove every series of jobs that ended more than ``ttl`` seconds ago."""
         with self._lock:
             old = [j for j, t in self._ended.items() if now - t > ttl]
@@ -94,8 +96,8 @@ class Metrics:
         return old
 
 
-def _remove_job(metric: Counter | Gauge | Histogram, job: str) -> None:
-    metric.remove_by_labels({JOB: job})
+def _remove_job(metric: Counter | Gauge | Histogram, job: JobKey) -> None:
+    metric.remove_by_labels({JOB: job.name, DIRECTORY: job.directory})
 
 
 class _Handler(WSGIRequestHandler):

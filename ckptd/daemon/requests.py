@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core.policy import next_due_step
 from ckptd.core.vocab import NEVER
+from ckptd.daemon.jobkey import JobKey
 from ckptd.store.lifecycle import collect, first_verified
 from ckptd.store.remove import inside
 from ckptd.store.scan import read_info, set_pinned
@@ -38,41 +39,53 @@ def handle(d: "Daemon", session: "Session", msg: dict[str, Any]) -> None:
 
 
 def status(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+    """One row per job (name and directory) the asking uid may see."""
     now = time.time()
-    rows_by_job: dict[str, list[Any]] = {}
+    rows_by_job: dict[JobKey, list[Any]] = {}
     for r in d.catalog.checkpoints():
-        rows_by_job.setdefault(r.job, []).append(r)
-    out = []
+        rows_by_job.setdefault(r.key, []).append(r)
     with d.lock:
-        for name in sorted(n for n in set(d.jobs) | set(rows_by_job) if d.visible(session, n)):
-            j = d.jobs.get(name)
-            rows = [r for r in rows_by_job.get(name, []) if r.verified]
-            nxt = next_due_step(j.policy, j.last_saved_step) if j is not None else None
-            out.append({"job": name, "pid": j.pid if j and j.connected else None,
-                        "connected": bool(j and j.connected), "step": j.step if j else (rows[-1].step if rows else 0),
-                        "last_verified_step": rows[-1].step if rows else None,
-                        "last_verified_age": now - rows[-1].created if rows else None,
-                        "next_due_step": nxt if nxt is not None and nxt < NEVER else None,
-                        "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
-                        "missed": j.missed if j else 0, "failed": j.failed if j else 0,
-                        "world_size": j.world_size if j else None})
+        keys = set(d.jobs) | set(rows_by_job)
+    out = []
+    for key in sorted(k for k in keys if d.visible(session, k)):
+        with d.lock:
+            out.append(_status_row(key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now))
     return {"jobs": out}
+
+
+def _status_row(key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, Any]:
+    nxt = next_due_step(j.policy, j.last_saved_step) if j is not None else None
+    return {"job": key.name, "directory": key.directory, "pid": j.pid if j and j.connected else None,
+            "connected": bool(j and j.connected), "step": j.step if j else (rows[-1].step if rows else 0),
+            "last_verified_step": rows[-1].step if rows else None,
+            "last_verified_age": now - rows[-1].created if rows else None,
+            "next_due_step": nxt if nxt is not None and nxt < NEVER else None,
+            "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
+            "missed": j.missed if j else 0, "failed": j.failed if j else 0,
+            "world_size": j.world_size if j else None}
 
 
 def list_checkpoints(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     job = msg.get("job")
-    rows = [r for r in d.catalog.checkpoints(job if isinstance(job, str) else None) if d.visible(session, r.job)]
+    rows = [r for r in d.catalog.checkpoints(job if isinstance(job, str) else None) if d.visible(session, r.key)]
     return {"checkpoints": [r.__dict__ for r in rows]}
 
 
 def latest(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+    """The newest verified checkpoint of a job name; a name used in several directories is
+    ambiguous (two jobs), and the reply says which directories to ask for instead."""
     job = msg.get("job")
-    if not isinstance(job, str) or not d.visible(session, job):
-        raise PermissionError(f"no such job {job!r} for uid {session.uid}")
-    found = first_verified(reversed([r for r in d.catalog.checkpoints(job) if r.verified]),
-                           lambda r: verify_file(r.path))
+    rows = [r for r in d.catalog.checkpoints(job) if r.verified and d.visible(session, r.key)] \
+        if isinstance(job, str) else []
+    if not rows:
+        raise ValueError(f"job {job!r} has no verified checkpoint that uid {session.uid} may see")
+    directories = sorted({r.directory for r in rows})
+    if len(directories) > 1:
+        raise ValueError(f"{len(directories)} jobs are named {job}: ask for one by its directory "
+                         f"(ckptd latest DIR): {', '.join(directories)}")
+    found = first_verified(reversed(rows), lambda r: verify_file(r.path))
     if found is None:
-        raise ValueError(f"job {job} has no verified checkpoint")
+        raise ValueError(f"job {job} has no checkpoint that verifies now")
     return {"path": found.path}
 
 
@@ -81,7 +94,7 @@ def pin(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     if not inside(path, d.roots):
         raise PermissionError(f"{path} is outside the daemon's roots")
     info = read_info(path)
-    if not info.ok or not d.visible(session, info.job):
+    if not info.ok or not d.visible(session, JobKey(info.job, os.path.dirname(path))):
         raise PermissionError(f"{path} is not a checkpoint of a job of uid {session.uid}")
     pinned = msg["type"] == "pin"
     set_pinned(path, pinned, d.roots)
@@ -93,13 +106,13 @@ def gc(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     dry = bool(msg.get("dry_run"))
     want = msg.get("job")
     with d.lock:
-        jobs = [j for j in d.jobs.values() if want in (None, j.name) and d.visible(session, j.name)]
+        jobs = [j for j in d.jobs.values() if want in (None, j.name)]
     out = []
-    for j in jobs:
+    for j in (j for j in jobs if d.visible(session, j.key)):
         verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
         if not dry:
-            d.removed(j.name, removals)
-        out += [{"job": j.name, "path": v.item.id, "step": v.item.step, "keep": v.keep,
+            d.removed(j.key, removals)
+        out += [{"job": j.name, "directory": j.directory, "path": v.item.id, "step": v.item.step, "keep": v.keep,
                  "reasons": list(v.reasons)} for v in verdicts]
     return {"verdicts": out, "dry_run": dry}
 

@@ -21,6 +21,7 @@ from ckptd.core import missed
 from ckptd.core.policy import SavePolicy
 from ckptd.core.settings import SettingsError, group, parse_table, resolve
 from ckptd.core.vocab import FailReason, MissedReason, Trigger
+from ckptd.daemon.jobkey import JobKey
 from ckptd.store.lifecycle import Target, failure, prune, save_unit
 from ckptd.store.persist import Persisted, PersistError
 from ckptd.store.preflight import TargetError, check_job
@@ -61,6 +62,10 @@ class JobState:
     world_size: int = 1
     ended_at: float | None = None
     session: "Session | None" = None
+
+    @property
+    def key(self) -> JobKey:
+        return JobKey(self.name, self.directory)
 
 
 class Session:
@@ -132,7 +137,7 @@ class Session:
         try:
             job = check_job(msg["job"])
             directory = self.daemon.authorize_directory(msg["directory"], self.uid)
-            self.daemon.authorize_job(job, self.uid)
+            self.daemon.authorize_job(JobKey(job, directory), self.uid)
             kwargs = parse_table(msg["settings"], f"job {job}")
             settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
             policy = SavePolicy.from_settings(group(settings, "policy"))
@@ -172,8 +177,8 @@ class Session:
         assert self.job is not None
         with self.daemon.lock:
             self.job.missed += 1
-        self.daemon.metrics.missed.labels(self.job.name, reason).inc()
-        self.daemon.catalog.event(self.job.name, "missed", reason=reason, step=self.job.step)
+        self.daemon.metrics.missed.labels(*self.job.key, reason).inc()
+        self.daemon.catalog.event(self.job.key, "missed", reason=reason, step=self.job.step)
 
     # -- saves ------------------------------------------------------------------------------
 
@@ -203,7 +208,7 @@ class Session:
                         owner=None if d.privileged(self.uid) else self.uid)
         try:
             result = save_unit(target, fd, msg["length"], msg["filename"], msg["step"],
-                               on_removed=lambda removed: d.removed(job.name, removed),
+                               on_removed=lambda removed: d.removed(job.key, removed),
                                on_written=lambda written: self._written(job, msg, written))
             reply.update(ok=True, path=result.path)
         except Exception as exc:  # never lose the daemon to one save
@@ -246,10 +251,10 @@ class Session:
         with d.lock:
             job.last_saved_step = max(job.last_saved_step, info.step)
             job.step = max(job.step, info.step)
-        d.catalog.forget(r.path for r in d.catalog.checkpoints(job.name) if not os.path.exists(r.path))
+        d.catalog.forget(r.path for r in d.catalog.checkpoints(*job.key) if not os.path.exists(r.path))
         d.catalog.record(info, verified=True)
         d.save_succeeded(job, trigger, info, _reported_seconds(msg, ("stall", "persist", "verify")))
-        prune(Target(job.directory, job.name, job.settings, d.roots), lambda removed: d.removed(job.name, removed))
+        prune(Target(job.directory, job.name, job.settings, d.roots), lambda removed: d.removed(job.key, removed))
 
     # -- the end ---------------------------------------------------------------------------
 

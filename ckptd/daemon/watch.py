@@ -36,6 +36,7 @@ from watchdog.events import (
 
 from ckptd.core import retention
 from ckptd.core.vocab import NEVER, Outcome, Rule, Trigger
+from ckptd.daemon.jobkey import JobKey
 from ckptd.store import foreign
 from ckptd.store.remove import Removal
 from ckptd.store.remove import apply as apply_removals
@@ -63,6 +64,7 @@ class Watcher(FileSystemEventHandler):
         self._lock = threading.Lock()
         self.root = os.path.realpath(self.spec["path"])
         self.job = self.spec.get("job") or os.path.basename(self.root.rstrip("/")) or "watch"
+        self.key = JobKey(self.job, self.root)
         self.settle = float(self.spec.get("settle", 5.0))
         self.abandon_after = float(self.spec.get("abandon_after", 3600.0))
         self.pattern = self.spec.get("pattern")
@@ -100,7 +102,7 @@ class Watcher(FileSystemEventHandler):
             self.pending[unit] = self.daemon.clock()
 
     def _gone(self, path: str) -> None:
-        known = {r.path for r in self.daemon.catalog.checkpoints(self.job)}
+        known = {r.path for r in self.daemon.catalog.checkpoints(*self.key)}
         doomed = [p for p in known if p == path or p.startswith(path.rstrip("/") + "/")]
         if doomed:
             self.daemon.catalog.forget(doomed)
@@ -121,7 +123,7 @@ class Watcher(FileSystemEventHandler):
             log.info("watched root %s is back", self.root)
             self.gone = False
             self.daemon.rewatch(self)
-        known = {r.path: r for r in self.daemon.catalog.checkpoints(self.job)}
+        known = {r.path: r for r in self.daemon.catalog.checkpoints(*self.key)}
         marked = 0
         for unit in self._units():
             row = known.pop(unit.path, None)
@@ -155,7 +157,7 @@ class Watcher(FileSystemEventHandler):
             adopted |= self._adopt(path, now)
         if adopted:
             self._retention(now)
-            self.daemon.watch_settled(self.job)
+            self.daemon.watch_settled(self.key)
         self._check_expected(now)
 
     def _adopt(self, path: str, now: float) -> bool:
@@ -180,8 +182,9 @@ class Watcher(FileSystemEventHandler):
         info = Checkpoint(found.path, self.job, found.step if found.step is not None else -1, found.bytes,
                           found.mtime, trigger=Trigger.WATCH, rule=found.kind, pinned=is_pinned(found.path),
                           problem="" if result.ok else result.reason)
-        self.daemon.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome)
-        self.daemon.watch_verified(self.job, info, result.outcome)
+        self.daemon.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome,
+                                   directory=self.root)
+        self.daemon.watch_verified(self.key, info, result.outcome)
         if result.ok:
             self.last_new_at = max(self.last_new_at, now)
             self.overdue_flagged = False
@@ -197,7 +200,7 @@ class Watcher(FileSystemEventHandler):
         if not self.overdue_flagged and now - since > expect:
             self.overdue_flagged = True
             log.warning("watch %s: no new checkpoint for %.0fs (expect_every=%.0fs)", self.root, now - since, expect)
-            self.daemon.watch_missed(self.job)
+            self.daemon.watch_missed(self.key)
 
     # -- retention --------------------------------------------------------------------------------
 
@@ -216,7 +219,7 @@ class Watcher(FileSystemEventHandler):
         with self._lock:
             busy = set(self.pending)
         groups: dict[tuple[int, str], list[retention.Item]] = {}
-        for r in self.daemon.catalog.checkpoints(self.job):
+        for r in self.daemon.catalog.checkpoints(*self.key):
             owner = _owner(r.path)
             if owner is None:
                 continue
@@ -237,7 +240,7 @@ class Watcher(FileSystemEventHandler):
                     log.info("watch %s: would %s %s (%s)", self.root, "keep" if v.keep else "delete", v.item.id,
                              ", ".join(v.reasons))
                 continue
-            self.daemon.removed(self.job, self._apply(verdicts))
+            self.daemon.removed(self.key, self._apply(verdicts))
 
     def _apply(self, verdicts: list[retention.Verdict]) -> list[Removal]:
         """Deletions; with ``on_corrupt = "quarantine"`` the corrupt ones are moved aside instead

@@ -14,7 +14,7 @@ import yaml
 
 HERE = Path(__file__).parent
 RULES = {r["alert"]: r for g in yaml.safe_load((HERE / "alerts.yml").read_text())["groups"] for r in g["rules"]}
-L = 'job="ckptd",training_job="gpt",instance="h:9733"'
+L = 'job="ckptd",training_job="gpt",directory="/runs/gpt",instance="h:9733"'
 
 # (name, input series, eval time, alert, labels of the expected alerts or [] for "must not fire")
 CASES = [
@@ -62,7 +62,7 @@ def render(text: str, labels: dict[str, str]) -> str:
 
 def series_labels(series: str) -> dict[str, str]:
     """The labels an alert over ``series`` carries: the series' own, less the metric's reason etc."""
-    return dict(re.findall(r'(job|training_job|instance)="([^"]*)"', series))
+    return dict(re.findall(r'(job|training_job|directory|instance)="([^"]*)"', series))
 
 
 def expected(alert: str, extra: dict[str, str], series: str) -> dict:
