@@ -15,7 +15,7 @@ from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
 from ckptd.core.units import format_bytes, format_duration
-from ckptd.store.scan import Checkpoint, scan, set_pinned
+from ckptd.store.scan import Checkpoint, pin_path, scan, set_pinned
 from ckptd.store.verify import VerifyResult, verify_file
 
 
@@ -24,9 +24,20 @@ def setting_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[Ca
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         for key, spec in reversed(list(KEYS.items())):
             if spec.group in groups and key not in exclude:
-                f = click.option("--" + key.replace("_", "-"), key, default=None, help=spec.help)(f)
+                f = _option(key, spec)(f)
         return f
     return decorate
+
+
+def _option(key: str, spec: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--keep-final/--no-keep-final`` for a boolean key, a ``[min|max]`` choice for a choice."""
+    name = "--" + key.replace("_", "-")
+    if isinstance(spec.default, bool):
+        return click.option(f"{name}/--no-{name[2:]}", key, default=None, help=spec.help)
+    choices = getattr(spec.parse, "choices", None)
+    if choices:
+        return click.option(name, key, type=click.Choice(choices), default=None, help=spec.help)
+    return click.option(name, key, default=None, help=spec.help)
 
 
 def settings_from(options: dict[str, Any], source: str = "command line") -> dict[str, Any]:
@@ -44,38 +55,43 @@ def main() -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per file, in a list")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per checkpoint, in a list, at the end")
 def verify(paths: tuple[str, ...], as_json: bool) -> None:
-    """Verify checkpoints: header bounds, sizes, and every tensor's digest. Exit 1 on any bad file."""
-    files = _expand(paths)
-    results = [verify_file(p) for p in files] if files else []
+    """Verify checkpoints, ckptd's or other tools' (.pt/.bin/.ckpt, HF checkpoint-N/, DCP, sharded
+    safetensors): every tensor read and checked. One line per checkpoint as it finishes; exit 1 on
+    any that is corrupt, unsafe or missing."""
+    from ckptd.store import foreign
+
+    results: list[VerifyResult] = []
+    for p in paths:
+        if not os.path.lexists(p):
+            results.append(VerifyResult(p, False, "no such file or directory"))
+            _verified_line(results[-1], as_json, "MISSING")
+            continue
+        units = foreign.find(p)
+        if not units:
+            results.append(VerifyResult(p, False, "no checkpoint found here (ckptd's or a known foreign format)"))
+            _verified_line(results[-1], as_json, "MISSING")
+        for unit in units:
+            results.append(foreign.verify(unit))
+            _verified_line(results[-1], as_json)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=2))
-    else:
-        for r in results:
-            status = "ok     " if r.ok else "CORRUPT"
-            detail = f"{r.tensors} tensors, {format_bytes(r.bytes)}" if r.ok else r.reason
-            click.echo(f"{status} {r.path}: {detail}")
-    if not results:
-        raise click.ClickException("no checkpoint files found in " + ", ".join(paths))
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 
-def _expand(paths: tuple[str, ...]) -> list[str]:
-    """Files as given; a directory stands for the checkpoints in it (missing paths are reported)."""
-    out: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            out.extend(c.path for c in scan(p))
-        else:
-            out.append(p)
-    return out
+def _verified_line(r: VerifyResult, as_json: bool, status: str = "") -> None:
+    if as_json:
+        return
+    status = status or ("ok" if r.ok else "UNSAFE" if r.unsafe else "CORRUPT")
+    detail = f"{r.tensors} tensors, {format_bytes(r.bytes)}" if r.ok else r.reason
+    click.echo(f"{status:<7} {r.path}: {detail}")
 
 
 @main.command()
 @click.option("--total-steps", type=int, required=True, help="steps in the run")
 @setting_options("policy", exclude=("total_steps",))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def plan(total_steps: int, as_json: bool, **options: Any) -> None:
     """The steps that will be saved, with the rule behind each, and warnings about surprises."""
     settings = settings_from({**options, "total_steps": total_steps})
@@ -102,6 +118,18 @@ SOCKET_OPTION = click.option("--socket", "socket_path", default=None, envvar="CK
                              help="daemon socket (default: $CKPTD_SOCKET, $XDG_RUNTIME_DIR/ckptd.sock, /run/ckptd/ckptd.sock)")
 
 
+def is_directory(target: str | None) -> bool:
+    """A directory to read, or a job name to ask the daemon about. Something written like a path
+    (a '/', a leading '.') that is not there is an error about the path, not about the daemon."""
+    if target is None:
+        return False
+    if os.path.isdir(target):
+        return True
+    if "/" in target or target.startswith(".") or os.path.exists(target):
+        raise click.ClickException(f"{target}: no such directory")
+    return False
+
+
 def ask(socket_path: str | None, msg: dict[str, Any]) -> dict[str, Any]:
     """One request to the running daemon; a clear error when there is none."""
     from ckptd.wire.client import DaemonUnavailable, request
@@ -119,12 +147,12 @@ def ask(socket_path: str | None, msg: dict[str, Any]) -> dict[str, Any]:
 @main.command("list")
 @click.argument("target", required=False)
 @click.option("--job", default=None, help="only this job's checkpoints (with a directory)")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @SOCKET_OPTION
 def list_cmd(target: str | None, job: str | None, as_json: bool, socket_path: str | None) -> None:
     """Checkpoints of a directory (read from the files) or of a job (asked from the daemon)."""
-    if target is not None and os.path.isdir(target):
-        items = [_info_json(c) for c in scan(target, job)]
+    if target is not None and is_directory(target):
+        items = [_info_json(c) for c in scan(target, job)] + ([] if job else _foreign_json(target))
     else:
         rows = ask(socket_path, {"type": "list", "job": target})["checkpoints"]
         items = [{**r, "problem": "" if r["verified"] else (r.get("reason") or "not verified")} for r in rows]
@@ -140,6 +168,17 @@ def list_cmd(target: str | None, job: str | None, as_json: bool, socket_path: st
                    f"{format_duration(max(0.0, now - c['created'])):>6}  {c['path']}{pin}{bad}")
 
 
+def _foreign_json(directory: str) -> list[dict[str, Any]]:
+    """Checkpoints of other tools under ``directory`` (ckptd's own are listed from their headers)."""
+    from ckptd.store import foreign
+
+    ours = {c.path for c in scan(directory)}
+    return [{"path": f.path, "job": "", "step": f.step if f.step is not None else -1, "epoch": None,
+             "bytes": f.bytes, "created": f.mtime, "trigger": f.kind, "rule": "", "metrics": {},
+             "pinned": os.path.exists(pin_path(f.path)), "problem": ""}
+            for f in sorted(foreign.find(directory), key=lambda f: (f.step or -1, f.mtime)) if f.path not in ours]
+
+
 def _info_json(c: Checkpoint) -> dict[str, Any]:
     return {"path": c.path, "job": c.job, "step": c.step, "epoch": c.epoch, "bytes": c.bytes,
             "created": c.created, "trigger": c.trigger, "rule": c.rule, "metrics": c.metrics,
@@ -149,13 +188,19 @@ def _info_json(c: Checkpoint) -> dict[str, Any]:
 @main.command()
 @click.argument("target")
 @click.option("--job", default=None, help="with a directory: only this job")
+@click.option("--json", "as_json", is_flag=True, help='print {"path": ...} instead of the bare path')
 @SOCKET_OPTION
-def latest(target: str, job: str | None, socket_path: str | None) -> None:
+def latest(target: str, job: str | None, as_json: bool, socket_path: str | None) -> None:
     """Path of the newest checkpoint that verifies now, of a directory or a job (exit 1 if none)."""
-    if not os.path.isdir(target):
-        click.echo(ask(socket_path, {"type": "latest", "job": target})["path"])
-        return
-    from ckptd.store.lifecycle import newest_verified
+    path = ask(socket_path, {"type": "latest", "job": target})["path"] if not is_directory(target) \
+        else _newest_in(target, job)
+    click.echo(json.dumps({"path": path}) if as_json else path)
+
+
+def _newest_in(target: str, job: str | None) -> str:
+    """ckptd's own first (by step), then other tools' checkpoints (by step, then time)."""
+    from ckptd.store import foreign
+    from ckptd.store.lifecycle import first_verified, newest_verified
 
     def check(c: Checkpoint) -> VerifyResult:
         result = verify_file(c.path)
@@ -164,10 +209,13 @@ def latest(target: str, job: str | None, socket_path: str | None) -> None:
         return result
 
     found = newest_verified(target, job, check=check)
-    if found is None:
-        raise click.ClickException(f"no verified checkpoint in {target}")
-    click.echo(found.path)
-
+    if found is not None:
+        return found.path
+    others = sorted((f for f in foreign.find(target) if f.kind not in ("safetensors", "ckptd-sharded")),
+                    key=lambda f: (f.step if f.step is not None else -1, f.mtime), reverse=True)
+    if job is None and (other := first_verified(others, foreign.verify)) is not None:
+        return other.path
+    raise click.ClickException(f"no verified checkpoint in {target}")
 
 @main.command()
 @click.option("--config", "config_file", default=None, envvar="CKPTD_CONFIG", help="TOML config file")
@@ -242,7 +290,7 @@ def watch(directory: str, job: str | None, pattern: str | None, expect_every: st
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @SOCKET_OPTION
 def status(as_json: bool, socket_path: str | None) -> None:
     """Every job the daemon knows: step, last verified save and its age, next due, missed, failed."""
@@ -264,7 +312,7 @@ def _dash(v: Any) -> str:
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 def pin(path: str) -> None:
     """Keep PATH whatever the retention rules say."""
     _set_pin(path, True)
@@ -273,7 +321,7 @@ def pin(path: str) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
 def unpin(path: str) -> None:
     """Let retention rules decide about PATH again."""
     _set_pin(path, False)
@@ -324,13 +372,17 @@ def _tell_daemon(msg: dict[str, Any]) -> None:
 @setting_options("retention", "quota")
 @click.option("--best-metric", default=None, help="metric name for --keep-best")
 @click.option("--best-mode", default=None, type=click.Choice(["min", "max"]))
+@click.option("--json", "as_json", is_flag=True, help="print every verdict as one JSON list")
 @SOCKET_OPTION
 def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, socket_path: str | None,
-       **options: Any) -> None:
+       as_json: bool, **options: Any) -> None:
     """Apply retention to a directory, or to a job of the daemon: keep/delete and the rule that decided."""
-    if not os.path.isdir(target):
+    if not is_directory(target):
         reply = ask(socket_path, {"type": "gc", "job": target, "dry_run": dry_run})
-        _print_verdicts(target, reply["verdicts"], dry_run, {})
+        if as_json:
+            click.echo(json.dumps(reply["verdicts"], indent=2))
+        else:
+            _print_verdicts(target, reply["verdicts"], dry_run, {})
         return
     from ckptd.core import config as config_mod
     from ckptd.store.lifecycle import collect
@@ -341,14 +393,22 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = [job] if job else sorted({c.job for c in scan(target) if c.job})
-    failed = False
+    failed, everything = False, []
     for name in jobs:
-        settings = resolve(cli, {}, cfg.job_table(name), cfg.defaults)
+        try:
+            settings = resolve(cli, {}, cfg.job_table(name), cfg.defaults)
+        except SettingsError as exc:
+            raise click.UsageError(str(exc)) from None
         verdicts, removals = collect(target, name, settings, time.time(), [target], dry_run)
         errors = {r.verdict.item.id: r.error for r in removals if r.error}
-        rows = [{"path": v.item.id, "step": v.item.step, "keep": v.keep, "reasons": list(v.reasons)} for v in verdicts]
-        _print_verdicts(name, rows, dry_run, errors)
+        rows = [{"job": name, "path": v.item.id, "step": v.item.step, "keep": v.keep, "reasons": list(v.reasons),
+                 "error": errors.get(v.item.id, "")} for v in verdicts]
+        everything += rows
+        if not as_json:
+            _print_verdicts(name, rows, dry_run, errors)
         failed |= bool(errors)
+    if as_json:
+        click.echo(json.dumps(everything, indent=2))
     if failed:
         sys.exit(1)
 

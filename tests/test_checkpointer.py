@@ -246,3 +246,78 @@ def test_importing_the_hook_imports_no_daemon_libraries() -> None:
             "('watchdog', 'apscheduler', 'prometheus_client', 'click')]; print(bad)")
     r = run_py("-c", code)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# --- best checkpoints hold the weights that were evaluated (issue 17 #2) -------------------
+
+def test_report_saves_the_evaluated_weights_at_the_current_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from trainer_hooks import load
+
+    m = model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ckpt = Checkpointer("j", tmp_path, model=m, optimizer=opt, best_metric="eval_loss", keep_best=2,
+                        save_final=False)
+    evaluated: dict[int, torch.Tensor] = {}
+    scores = {4: 1.0, 8: 2.0, 10: 0.5}
+    for i in range(1, 13):
+        m(torch.ones(2, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt.step(metrics={"loss": 1.0 / i})
+        if i in scores:
+            evaluated[i] = m.weight.detach().clone()
+            assert ckpt.report({"eval_loss": scores[i]}) is (i != 8)
+    ckpt.close()
+    saved = {c.step: c for c in scan(str(tmp_path), "j")}
+    assert sorted(saved) == [4, 10] and {c.trigger for c in saved.values()} == {"best"}
+    for step in (4, 10):  # exactly what was evaluated, not the next step's weights
+        assert torch.equal(load(saved[step].path)["model"]["weight"], evaluated[step])
+        assert saved[step].metrics["eval_loss"] == scores[step]
+
+
+def test_a_best_metric_fed_to_every_step_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = Checkpointer("j", tmp_path, model=model(), best_metric="loss", save_final=False)
+    with caplog.at_level("WARNING", logger="ckptd.hook"):
+        for i in range(1, 12):
+            ckpt.step(metrics={"loss": 1.0 / i})
+            ckpt.wait()
+    ckpt.close()
+    warned = [m for m in caplog.messages if "ckpt.report" in m]
+    assert len(warned) == 1 and "min_interval" in warned[0]
+
+
+# --- a stale checkpoint of another run is refused, never loaded partly (issue 17 #4) --------
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
+    from trainer_hooks import ResumeError
+
+    old = Checkpointer("j", tmp_path, model=torch.nn.Linear(8, 5), total_steps=50)
+    old.step(50)
+    old.close()  # an older run with a different model left step 50 behind
+    new_model = model()
+    before = new_model.weight.detach().clone()
+    ckpt = Checkpointer("j", tmp_path, model=new_model, every_steps=5)
+    try:
+        with pytest.raises(ResumeError, match=r"does not fit this model: 'model/bias' is F32\[5\] there, "
+                                              r"F32\[4\] here.*resume\(fresh=True\)"):
+            ckpt.resume()
+    except BaseException:
+        ckpt.close(final=False)
+        raise
+    assert torch.equal(new_model.weight, before), "a refused checkpoint must not be loaded at all"
+    assert ckpt.resume(fresh=True) == 0
+    assert [c.step for c in scan(str(tmp_path), "j")] == []
+    assert list((tmp_path / ".ckptd-stale").glob("*/j-step00000050.safetensors")), "moved aside, not deleted"
+    for _ in range(10):
+        ckpt.step()
+    ckpt.close()
+    again = Checkpointer("j", tmp_path, model=model())
+    assert again.resume() == 10
+    again.close(final=False)
+    from safetensors import safe_open
+
+    from ckptd.core.meta import FINGERPRINT, RUN
+
+    with safe_open(str(tmp_path / "j-step00000010.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert len(meta[RUN]) == 16 and len(meta[FINGERPRINT]) == 32

@@ -82,17 +82,21 @@ def test_example_config_is_valid() -> None:
 
 
 def test_ended_jobs_are_dropped_from_metrics() -> None:
+    from ckptd.daemon.jobkey import JobKey
+
     m = Metrics()
-    m.saves.labels("old", "step", "ok").inc()
-    m.job_up.labels("old").set(0)
-    m.saves.labels("live", "step", "ok").inc()
-    m.job_ended("old", now=1000.0)
+    old, live, namesake = JobKey("old", "/runs/a"), JobKey("live", "/runs/b"), JobKey("old", "/runs/c")
+    m.saves.labels(*old, "step", "ok").inc()
+    m.job_up.labels(*old).set(0)
+    m.saves.labels(*live, "step", "ok").inc()
+    m.saves.labels(*namesake, "step", "ok").inc()  # the same name in another directory is another job
+    m.job_ended(old, now=1000.0)
     assert m.drop_ended(now=1000.0 + 10, ttl=3600) == []
-    assert m.drop_ended(now=1000.0 + 3601, ttl=3600) == ["old"]
+    assert m.drop_ended(now=1000.0 + 3601, ttl=3600) == [old]
     from prometheus_client import generate_latest
 
     text = generate_latest(m.registry).decode()
-    assert 'training_job="old"' not in text and 'training_job="live"' in text
+    assert 'directory="/runs/a"' not in text and 'training_job="live"' in text and 'directory="/runs/c"' in text
 
 
 # --- sd_notify and draining -----------------------------------------------------------------

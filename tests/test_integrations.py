@@ -53,6 +53,17 @@ def test_hf_trainer_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
     assert [c.step for c in scan(str(tmp_path / "b" / "ckptd"), "hf-demo")] == [15, 20]  # keep_last=2
 
 
+def test_hf_best_checkpoints_hold_the_evaluated_weights(tmp_path: Path) -> None:
+    """HF evaluates at steps 6, 12, 18 and at the end (20): a best save is taken at exactly those
+    steps (it was one step late, holding weights nobody evaluated), naming the metric it was judged by."""
+    pytest.importorskip("transformers")
+    run([PYTHON, str(ROOT / "examples" / "hf_trainer.py"), "--out", str(tmp_path / "e"), "--steps", "20",
+         "--eval-steps", "6"])
+    best = [c for c in scan(str(tmp_path / "e" / "ckptd"), "hf-demo") if c.trigger == "best"]
+    assert best and all(c.step in (6, 12, 18, 20) for c in best), [(c.step, c.trigger) for c in best]
+    assert all("eval_loss" in c.metrics for c in best)
+
+
 def test_lightning_killed_and_resumed_is_bit_identical_at_epoch_boundaries(tmp_path: Path) -> None:
     """Lightning restarts a plain DataLoader's epoch on resume, so mid-epoch resumes replay
     batches (Lightning's own checkpoints behave the same); at epoch boundaries it is exact."""

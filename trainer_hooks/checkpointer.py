@@ -30,6 +30,7 @@ import atexit
 import logging
 import os
 import time
+import uuid
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from ckptd.core import config as config_mod
 from ckptd.core import policy as pol
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
-from ckptd.core.settings import from_env, group, parse_table, resolve
+from ckptd.core.settings import from_env, group, parse_table, resolve, unknown_env
 from ckptd.store.lifecycle import Target, newest_verified
 from ckptd.store.manifest import shard_name, unit_name
 from ckptd.store.persist import Persisted, PersistError, cleanup_temp
@@ -62,13 +63,28 @@ from trainer_hooks.shards import (
     ShardGroup,
 )
 from trainer_hooks.staging import StagingBuffer
-from trainer_hooks.state import apply, as_float, capture, flatten, jsonable_metrics, load, rank_and_world
+from trainer_hooks.state import (
+    apply,
+    as_float,
+    capture,
+    fingerprint,
+    flatten,
+    jsonable_metrics,
+    load,
+    model_structure,
+    rank_and_world,
+    structure_problem,
+)
 from trainer_hooks.timerules import TimeRules
 from trainer_hooks.worker import SaveJob
 
 log = logging.getLogger("ckptd.hook")
 
 SCHEDULED = ("step", "time", "best")
+
+
+class ResumeError(RuntimeError):
+    """The newest verified checkpoint does not fit the model; the message says how to start fresh."""
 
 
 class Checkpointer:
@@ -84,6 +100,8 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self._before_save = before_save  # e.g. a framework callback refreshing ``extra`` only when it counts
         cfg = config_mod.load(config)
+        for problem in unknown_env():
+            log.warning("ckptd: environment variable %s; ignored", problem)
         self.settings = resolve(parse_table(settings, "Checkpointer()"), from_env(),
                                 cfg.job_table(job), cfg.defaults)
         self.rank, self.world_size = rank_and_world()
@@ -91,10 +109,13 @@ class Checkpointer:
         # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
         self.saving = sharded or self.rank == 0
         self.policy = self._make_policy()
+        self._warn_about_plan()
         self.directory, self.template = resolve_target(directory, self.settings["template"])
         check_template(self.template, job)
         self._init_progress()
         flat, _ = flatten(self._capture())  # an unserialisable state fails now, not at step 10000
+        self._structure = model_structure(flat)
+        self.run_id = uuid.uuid4().hex[:16]
         if self.saving:
             older = scan(self.directory, job)[:-1] if os.path.isdir(self.directory) else []
             check_directory(self.directory, flat.nbytes, self.settings["min_free"], sum(c.bytes for c in older))
@@ -122,9 +143,21 @@ class Checkpointer:
         if not self.saving:
             log.info("ckptd: job %s rank %d of %d: rank 0 saves; this rank only resumes", job, self.rank,
                      self.world_size)
+        elif self.mode == "embedded" and isinstance(socket, str):
+            log.warning("ckptd: job %s: no daemon answers at %s (socket= was given); saving in embedded mode to %s",
+                        job, socket, self.directory)
         elif self.mode == "embedded":
             log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
                      job, self.directory)
+
+    def _warn_about_plan(self) -> None:
+        """What ``ckptd plan`` would warn about, said at construction when the run's length is known."""
+        total = self.policy.total_steps
+        if total is not None and self.saving:
+            for rule, interval in self.policy.step_rules():
+                if interval > total:
+                    log.warning("ckptd: job %s: %s gives an interval of %d steps, longer than the run (%d): only the "
+                                "final save will happen", self.job, rule, interval, total)
 
     def _make_policy(self) -> pol.SavePolicy:
         if not self.saving:
@@ -200,6 +233,25 @@ class Checkpointer:
             self._due()
         return self._step
 
+    def report(self, metrics: dict[str, Any]) -> bool:
+        """Metrics measured on the current state (an evaluation), not on the step just done.
+
+        With ``best_metric``, an improvement saves now, at the current step, so a best
+        checkpoint holds exactly the weights that were evaluated (``keep_best`` then
+        keeps weights somebody measured). Returns whether a save was handed over.
+        Framework callbacks call it from their evaluation hooks.
+        """
+        self._metrics = {**(self._metrics or {}), **metrics}
+        if self._best_key is None or not pol.improves(self.policy, as_float(metrics.get(self._best_key)), self._best):
+            return False
+        if self._shards is not None:  # every rank must save at the same step: the next exchange carries it
+            self._best_seen = True
+            return False
+        saves = self.stats["saves"]
+        self._attention = True
+        self._due()
+        return self.stats["saves"] > saves
+
     def _exchange(self) -> None:
         """Sharded: send this step's own triggers once; act on what all ranks sent last step."""
         assert self._shards is not None
@@ -232,11 +284,23 @@ class Checkpointer:
         decision = pol.decide(self.policy, self._progress(), time.time())
         if decision.save:
             self._save(decision.trigger, decision.rule)
+            if decision.trigger == "best":
+                self._best_churn(self._step)
             if decision.trigger == "preempt":
                 self._preemption.finish(self.wait)
         self._next_due = pol.next_due_step(self.policy, self._last_saved_step)
         self._agreed_flags = [0, 0, 0]
         self._attention = self._shards is None and (self._time_due is not None or self._preemption.pending)
+
+    def _best_churn(self, step: int) -> None:
+        """A best metric fed to every ``step()`` (a training loss) saves at almost every step: say so once."""
+        self._best_steps = (getattr(self, "_best_steps", []) + [step])[-5:]
+        if not getattr(self, "_churn_warned", False) and len(self._best_steps) == 5 \
+                and self._best_steps[-1] - self._best_steps[0] <= 8:
+            self._churn_warned = True
+            log.warning("ckptd: job %s: best_metric %r improved and saved at 5 of the last %d steps; pass "
+                        "evaluation metrics with ckpt.report(...) instead of step(metrics=...), or set min_interval",
+                        self.job, self._best_key, self._best_steps[-1] - self._best_steps[0] + 1)
 
     # -- saving -----------------------------------------------------------------
 
@@ -304,7 +368,8 @@ class Checkpointer:
 
     def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
                   aliases: dict[str, str]) -> dict[str, str]:
-        meta = CheckpointMeta(self.job, self._step, now, trigger, rule, self.epoch, jsonable_metrics(self._metrics or {}))
+        meta = CheckpointMeta(self.job, self._step, now, trigger, rule, self.epoch, jsonable_metrics(self._metrics or {}),
+                              self.run_id, fingerprint(self._structure))
         return meta.encode(skeleton, aliases, FORMAT_VERSION)
 
     def _count_removals(self, removals: list[Removal]) -> None:
@@ -336,12 +401,28 @@ class Checkpointer:
     def checkpoints(self) -> list[Checkpoint]:
         return scan(self.directory, self.job)
 
-    def resume(self) -> int:
-        """Load the newest checkpoint that verifies now; return its step (0 if none)."""
+    def resume(self, fresh: bool = False) -> int:
+        """Load the newest checkpoint that verifies now; return its step (0 if none).
+
+        A checkpoint that does not fit the model (a stale run in the same directory, a
+        changed architecture) is refused with ``ResumeError``, never loaded partly.
+        ``fresh=True`` starts from step 0 instead and moves every existing checkpoint of
+        the job into ``DIR/.ckptd-stale/<time>/`` (nothing is deleted).
+        """
         self.wait()  # sharded: the persist thread's collectives must not interleave with the resume agreement
+        if fresh:
+            self._move_aside()
+            return 0
         info = newest_verified(self.directory, self.job, check=self._resumable)
         if info is None:
             return 0
+        fits = self._shards is not None or self.model is None  # (a sharded rank holds its part of the model)
+        problem = "" if fits else structure_problem(self._structure, info.path)
+        if problem:
+            raise ResumeError(f"the newest checkpoint of job {self.job}, {info.path} (step {info.step}), does not fit "
+                              f"this model: {problem}. It may be from an older run in the same directory. Start "
+                              "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
+                              "or give this run another directory or job name")
         path = info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank, self.world_size))
         state = load(path)
         apply(state, self.model, self.optimizer, self.scheduler)
@@ -351,6 +432,13 @@ class Checkpointer:
         self._restore_progress(state.get("trainer", {}), info)
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
         return self._step
+
+    def _move_aside(self) -> None:
+        stale = os.path.join(self.directory, ".ckptd-stale", time.strftime("%Y%m%dT%H%M%S"))
+        for c in self.checkpoints():
+            os.makedirs(stale, exist_ok=True)
+            os.rename(c.path, os.path.join(stale, os.path.basename(c.path)))
+            log.warning("ckptd: resume(fresh=True): moved %s aside to %s", c.path, stale)
 
     def _resumable(self, info: Checkpoint) -> VerifyResult:
         """Does ``info`` verify for this rank (sharded: this rank's shard, and on every rank)?"""

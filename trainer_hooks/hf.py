@@ -62,7 +62,9 @@ class CkptdCallback(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
                     **kwargs: Any) -> None:
-        self.on_log(args, state, control, metrics)
+        """Evaluation metrics describe the weights of ``state.global_step``: a best save happens now."""
+        if self.ckpt is not None and metrics:
+            self.ckpt.report({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.ckpt is not None:

@@ -52,9 +52,13 @@ class CkptdCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ckpt is not None:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                       if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+            metrics = _scalars(trainer.callback_metrics)
             self.ckpt.step(trainer.global_step, metrics=metrics or None, epoch=trainer.current_epoch)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Validation metrics describe the current weights: a best save happens now, not a batch later."""
+        if self.ckpt is not None and not trainer.sanity_checking:
+            self.ckpt.report(_scalars(trainer.callback_metrics))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.ckpt is not None:
@@ -80,3 +84,8 @@ class CkptdCallback(L.Callback):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         torch.save(ckpt, out)
         return out
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}

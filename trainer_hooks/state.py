@@ -227,3 +227,39 @@ def jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         f = as_float(v)
         out[str(k)] = f if f is not None else (v if isinstance(v, (str, bool, type(None))) else str(v))
     return out
+
+
+# --- does a checkpoint fit the model it is asked to load into? (issue 17 #4) --------------
+
+Structure = dict[str, tuple[str, tuple[int, ...]]]
+
+
+def model_structure(flat: Flat) -> Structure:
+    """Names, dtypes and shapes of the model's tensors as a checkpoint of it stores them."""
+    return {n: (TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in flat.tensors.items() if n.startswith("model/")}
+
+
+def fingerprint(structure: Structure) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted((n, d, list(s)) for n, (d, s) in structure.items())).encode()).hexdigest()[:32]
+
+
+def structure_problem(ours: Structure, path: str) -> str:
+    """Why the checkpoint at ``path`` does not fit a model of structure ``ours`` ("" if it does)."""
+    from ckptd.core.format import read_header
+    from ckptd.core.meta import FINGERPRINT
+
+    with open(path, "rb") as f:
+        header = read_header(f, os.fstat(f.fileno()).st_size)
+    if header.metadata.get(FINGERPRINT) == fingerprint(ours):
+        return ""
+    theirs = {e.name: (e.dtype, tuple(e.shape)) for e in header.tensors if e.name.startswith("model/")}
+    for name in sorted(set(ours) | set(theirs)):
+        if name not in theirs:
+            return f"it has no tensor {name!r}"
+        if name not in ours:
+            return f"it has a tensor {name!r} the model does not"
+        if ours[name] != theirs[name]:
+            return f"{name!r} is {theirs[name][0]}{list(theirs[name][1])} there, {ours[name][0]}{list(ours[name][1])} here"
+    return ""

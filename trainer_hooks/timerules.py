@@ -8,6 +8,7 @@ happens at the next ``step()``. APScheduler is imported only when a time rule is
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -24,6 +25,8 @@ class TimeRules:
             return
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.cron import CronTrigger
+
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # four INFO lines per save otherwise
 
         self._sched = BackgroundScheduler(daemon=True, job_defaults={"misfire_grace_time": None, "coalesce": True})
         if policy.cron:

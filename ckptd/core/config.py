@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ckptd.core.settings import SettingsError, parse_table
+from ckptd.core.settings import SettingsError, check_combination, parse_table
 from ckptd.core.units import parse_duration, parse_listen
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
@@ -128,7 +128,9 @@ def _watch(t: Any, where: str) -> dict[str, Any]:
     for key in ("expect_every", "settle", "rescan_every", "abandon_after"):
         if key in own:
             own[key] = _duration(own[key], f"{where}: {key}")
-    return {**own, **parse_table({k: v for k, v in t.items() if k not in WATCH_KEYS}, where)}
+    table = {**own, **parse_table({k: v for k, v in t.items() if k not in WATCH_KEYS}, where)}
+    check_combination(table, where)
+    return table
 
 
 def _duration(value: Any, where: str) -> float:

@@ -9,6 +9,7 @@ defaults) is applied in exactly one place: ``resolve``.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
         if v not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
         return str(v)
+    parse.choices = options  # type: ignore[attr-defined]  # the CLI offers them as a click.Choice
     return parse
 
 
@@ -154,8 +156,23 @@ def parse_table(table: Mapping[str, Any], source: str) -> dict[str, Any]:
     return {k: parse_value(k, v, source) for k, v in table.items() if v is not None}
 
 
+ENV_NAMES = {"CKPTD_SOCKET", "CKPTD_CONFIG", "CKPTD_SOAK", "CKPTD_BENCH_DIR", "CKPTD_BENCH_RESULTS"}
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``CKPTD_*`` variables that are no key and no variable of ours, each with a suggestion:
+    a typo there (``CKPTD_EVERY_STEP``) would otherwise be ignored silently."""
+    env = os.environ if environ is None else environ
+    known = {"CKPTD_" + k.upper() for k in KEYS} | ENV_NAMES
+    out = []
+    for name in sorted(n for n in env if n.startswith("CKPTD_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        out.append(f"{name} is not a ckptd setting" + (f" (did you mean {close[0]}?)" if close else ""))
+    return out
+
+
 def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``CKPTD_EVERY_STEPS=500`` and friends; unknown ``CKPTD_*`` names are not ours to judge."""
+    """``CKPTD_EVERY_STEPS=500`` and friends (``unknown_env`` lists the names that are not)."""
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
     for key in KEYS:
@@ -171,7 +188,14 @@ def resolve(kwargs: Mapping[str, Any], env: Mapping[str, Any], job_table: Mappin
     out = {k: spec.default for k, spec in KEYS.items()}
     for layer in (defaults_table, job_table, env, kwargs):
         out.update(layer)
+    check_combination(out)
     return out
+
+
+def check_combination(settings: Mapping[str, Any], source: str = "settings") -> None:
+    """Keys that only mean something together."""
+    if settings.get("keep_best") and not settings.get("best_metric"):
+        raise SettingsError(f"{source}: keep_best={settings['keep_best']} needs best_metric (the metric to rank by)")
 
 
 def group(settings: Mapping[str, Any], name: str) -> dict[str, Any]:

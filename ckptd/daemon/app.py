@@ -82,7 +82,10 @@ class Daemon:
         _raise_fd_limit()
         self.catalog = Catalog(self.state_dir)
         for root in self.roots:
-            os.makedirs(root, exist_ok=True)
+            if not os.path.isdir(root):
+                raise TargetError(f"root {root} does not exist: create it (and name it in the unit's ReadWritePaths=)")
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise TargetError(f"root {root} is not writable by the daemon (uid {os.getuid()})")
         counts = self.catalog.reconcile(self.roots)
         log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
         self._cleanup_temp()
@@ -100,6 +103,7 @@ class Daemon:
         """APScheduler owns everything periodic: the tick, the systemd watchdog, cron triggers."""
         from apscheduler.schedulers.background import BackgroundScheduler
 
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
         sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
                                                                "misfire_grace_time": 30})
         sched.add_job(self._tick_job, "interval", seconds=1.0, id="tick")

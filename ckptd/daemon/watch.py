@@ -135,19 +135,8 @@ class Watcher(FileSystemEventHandler):
         return marked
 
     def _units(self) -> list[foreign.Found]:
-        out = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            for name in list(dirnames):
-                found = foreign.classify(os.path.join(dirpath, name))
-                if found is not None:
-                    dirnames.remove(name)  # a checkpoint directory is one unit
-                    out.append(found)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                found = foreign.classify(os.path.join(dirpath, name), parent_is_plain=True)
-                if found is not None:
-                    out.append(found)
-        return [f for f in out if self.pattern is None or fnmatch.fnmatch(os.path.basename(f.path), self.pattern)]
+        units = foreign.units_under(self.root)
+        return [f for f in units if self.pattern is None or fnmatch.fnmatch(os.path.basename(f.path), self.pattern)]
 
     def tick(self, now: float) -> None:
         with self._lock:

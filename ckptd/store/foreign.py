@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptd.core.format import FormatError, read_header
+from ckptd.store import manifest as mf
 from ckptd.store.safepath import open_regular
-from ckptd.store.verify import VerifyResult, verify_file
+from ckptd.store.verify import VerifyResult, verify_file, verify_unit
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INCOMPLETE_MARKERS = ("checkpoint-is-incomplete.txt",)
@@ -97,6 +98,8 @@ def dir_kind(path: str) -> str | None:
         names = set(os.listdir(path))
     except OSError:
         return None
+    if mf.MANIFEST in names or any(mf.SHARD_RE.match(n) for n in names):
+        return "ckptd-sharded"
     if any(n.endswith(".distcp") for n in names) or ".metadata" in names:
         return "dcp"
     if "trainer_state.json" in names or re.match(r"checkpoint-\d+$", os.path.basename(path)):
@@ -179,6 +182,29 @@ def _index_shards(path: str) -> list[str] | None:
     return shards
 
 
+def units_under(root: str) -> list[Found]:
+    """Every checkpoint unit in the tree below ``root``: a directory that is one (HF, DCP, a
+    sharded ckptd unit) is not entered; hidden entries and symlinks are skipped."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames):
+            found = classify(os.path.join(dirpath, name))
+            if found is not None:
+                dirnames.remove(name)
+                out.append(found)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out.extend(f for f in (classify(os.path.join(dirpath, n), parent_is_plain=True) for n in filenames) if f)
+    return out
+
+
+def find(path: str) -> list[Found]:
+    """What a user means by PATH: the checkpoint it is, or the checkpoints under it."""
+    found = classify(path)
+    if found is not None:
+        return [found]
+    return units_under(path) if os.path.isdir(path) else []
+
+
 # --- completeness -------------------------------------------------------------------------
 
 def incomplete(found: Found) -> str | None:
@@ -200,6 +226,8 @@ def incomplete(found: Found) -> str | None:
                                 "trainer_state.json"} else "no model file yet"
     if found.kind == "dcp":
         return None if os.path.exists(os.path.join(found.path, ".metadata")) else "no .metadata yet (DCP writes it last)"
+    if found.kind == "ckptd-sharded":
+        return None if os.path.exists(os.path.join(found.path, mf.MANIFEST)) else "no manifest yet (written last)"
     if found.kind == "safetensors-sharded":
         return _index_incomplete(found.path)
     if found.kind == "safetensors":
@@ -256,6 +284,8 @@ def verify(found: Found) -> VerifyResult:
             return _verify_hf(found)
         if found.kind == "dcp":
             return _verify_dcp(found)
+        if found.kind == "ckptd-sharded":
+            return verify_unit(found.path)
     except OSError as exc:
         return VerifyResult(found.path, False, f"cannot read: {exc.strerror or exc}")
     return VerifyResult(found.path, False, f"unknown kind {found.kind}")

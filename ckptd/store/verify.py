@@ -49,7 +49,7 @@ class VerifyResult:
         return Outcome.OK if self.ok else Outcome.UNSAFE if self.unsafe else Outcome.CORRUPT
 
     def to_json(self) -> dict[str, object]:
-        return {"path": self.path, "ok": self.ok, "reason": self.reason,
+        return {"path": self.path, "ok": self.ok, "outcome": str(self.outcome), "reason": self.reason,
                 "tensors": self.tensors, "bytes": self.bytes,
                 "job": self.metadata.get("ckptd.job"), "step": _int_or_none(self.metadata.get("ckptd.step"))}
 

@@ -1,0 +1,95 @@
+"""The CLI on other tools' checkpoints and on wrong input, as a new user types it (issue 17)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import ckptd_cli
+from tests.helpers import small_checkpoint
+
+
+def hf_output(root: Path, steps: tuple[int, ...] = (10, 20)) -> Path:
+    for step in steps:
+        ck = root / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        save_file({"w": torch.ones(3) * step}, str(ck / "model.safetensors"))
+        torch.save({"state": {}, "param_groups": []}, ck / "optimizer.pt")
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return root
+
+
+def test_verify_a_plain_torch_save_file_and_a_malicious_one(tmp_path: Path) -> None:
+    plain = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(4)}, plain)
+    r = ckptd_cli("verify", str(plain))
+    assert r.returncode == 0 and r.stdout.startswith("ok") and "1 tensors" in r.stdout, r.stdout + r.stderr
+
+    sentinel = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {sentinel}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "x": Payload()}, evil, pickle_module=pickle)
+    r = ckptd_cli("verify", str(evil), "--json")
+    assert r.returncode == 1
+    [doc] = json.loads(r.stdout)
+    assert doc["outcome"] == "unsafe" and "could execute code" in doc["reason"]
+    assert not sentinel.exists()
+
+
+def test_verify_list_latest_and_pin_an_hf_output_directory(tmp_path: Path) -> None:
+    out = hf_output(tmp_path / "hfout")
+    r = ckptd_cli("verify", str(out))
+    assert r.returncode == 0 and r.stdout.count("\nok") + r.stdout.startswith("ok") == 2, r.stdout
+    listing = json.loads(ckptd_cli("list", str(out), "--json").stdout)
+    assert [(c["step"], c["trigger"]) for c in listing] == [(10, "hf"), (20, "hf")]
+    assert ckptd_cli("latest", str(out)).stdout.strip() == str(out / "checkpoint-20")
+    (out / "checkpoint-20" / "model.safetensors").write_bytes(b"garbage")
+    latest = ckptd_cli("latest", str(out))
+    assert latest.stdout.strip() == str(out / "checkpoint-10"), latest.stderr
+    r = ckptd_cli("pin", str(out / "checkpoint-10"))
+    assert r.returncode == 0 and (out / ".checkpoint-10.pinned").exists(), r.stderr
+
+
+def test_missing_paths_say_so(tmp_path: Path) -> None:
+    r = ckptd_cli("verify", str(tmp_path / "nope.safetensors"))
+    assert r.returncode == 1 and "MISSING" in r.stdout and "no such file" in r.stdout and "CORRUPT" not in r.stdout
+    for verb in ("list", "latest", "gc"):
+        r = ckptd_cli(verb, str(tmp_path / "runs" / "x"))
+        assert r.returncode != 0 and "no such directory" in r.stderr and "daemon" not in r.stderr, (verb, r.stderr)
+
+
+def test_verify_streams_one_line_per_checkpoint(tmp_path: Path) -> None:
+    for i in range(3):
+        small_checkpoint(tmp_path, f"c{i}.safetensors", step=i)
+    r = ckptd_cli("verify", str(tmp_path))
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 3
+
+
+def test_serve_refuses_a_missing_or_read_only_root(tmp_path: Path) -> None:
+    r = ckptd_cli("serve", "--root", str(tmp_path / "missing"), "--state-dir", str(tmp_path / "s"),
+                  "--socket", str(tmp_path / "s.sock"), "--metrics-listen", "127.0.0.1:0", timeout=30)
+    assert r.returncode != 0 and "does not exist" in r.stderr and not (tmp_path / "missing").exists()
+
+
+def test_keep_best_needs_best_metric_and_unknown_env_vars_are_named(tmp_path: Path) -> None:
+    small_checkpoint(tmp_path, "t-step00000001.safetensors")
+    r = ckptd_cli("gc", str(tmp_path), "--keep-best", "2", "--dry-run")
+    assert r.returncode == 2 and "keep_best=2 needs best_metric" in r.stderr
+    from tests.conftest import run_py
+
+    r = run_py("-c", "import torch\nfrom trainer_hooks import Checkpointer\n"
+               f"Checkpointer('j', {str(tmp_path / 'r')!r}, model=torch.nn.Linear(2, 2), total_steps=10, "
+               "every_steps=50, socket=False).close()", env={"CKPTD_EVERY_STEP": "5"})
+    assert r.returncode == 0, r.stderr
+    assert "CKPTD_EVERY_STEP is not a ckptd setting (did you mean CKPTD_EVERY_STEPS?)" in r.stderr
+    assert "longer than the run" in r.stderr
