@@ -321,3 +321,20 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> 
     with safe_open(str(tmp_path / "j-step00000010.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert len(meta[RUN]) == 16 and len(meta[FINGERPRINT]) == 32
+
+
+def test_a_generator_handed_in_is_saved_and_restored(tmp_path: Path) -> None:
+    """A sampler's own generator (DataLoader(generator=g)) resumes where it was, like the global RNGs."""
+    g = torch.Generator().manual_seed(7)
+    ckpt = Checkpointer("j", tmp_path, model=model(), generators={"sampler": g}, every_steps=3, save_final=False)
+    for _ in range(3):
+        torch.randperm(10, generator=g)
+        ckpt.step()
+    ckpt.wait()
+    expected = torch.randperm(10, generator=g)  # what the run draws next, right after the save
+    ckpt.close(final=False)
+    g2 = torch.Generator().manual_seed(999)
+    again = Checkpointer("j", tmp_path, model=model(), generators={"sampler": g2})
+    assert again.resume() == 3
+    assert torch.equal(torch.randperm(10, generator=g2), expected)
+    again.close(final=False)

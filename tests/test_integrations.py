@@ -51,6 +51,7 @@ def test_hf_trainer_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
     assert re.search(r"resume from .*checkpoint-(10|15)", out), out
     assert fingerprint(out) == straight
     assert [c.step for c in scan(str(tmp_path / "b" / "ckptd"), "hf-demo")] == [15, 20]  # keep_last=2
+    assert not (tmp_path / "b" / "ckptd" / ".hf-resume").exists(), "the materialised HF copy is left behind"
 
 
 def test_hf_best_checkpoints_hold_the_evaluated_weights(tmp_path: Path) -> None:
@@ -64,19 +65,21 @@ def test_hf_best_checkpoints_hold_the_evaluated_weights(tmp_path: Path) -> None:
     assert all("eval_loss" in c.metrics for c in best)
 
 
-def test_lightning_killed_and_resumed_is_bit_identical_at_epoch_boundaries(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shuffle", ["no"])  # shuffled resumes are not exact yet: see the README
+def test_lightning_killed_and_resumed_is_bit_identical_at_epoch_boundaries(tmp_path: Path, shuffle: str) -> None:
     """Lightning restarts a plain DataLoader's epoch on resume, so mid-epoch resumes replay
     batches (Lightning's own checkpoints behave the same); at epoch boundaries it is exact."""
     pytest.importorskip("lightning")
     script = str(ROOT / "examples" / "lightning_train.py")
-    straight = fingerprint(run([PYTHON, script, "--root", str(tmp_path / "a"), "--steps", "40"]))
-    kill_when([PYTHON, script, "--root", str(tmp_path / "b"), "--steps", "40", "--step-sleep", "0.2"],
+    mode = ["--shuffle", shuffle]
+    straight = fingerprint(run([PYTHON, script, "--root", str(tmp_path / "a"), "--steps", "40", *mode]))
+    kill_when([PYTHON, script, "--root", str(tmp_path / "b"), "--steps", "40", "--step-sleep", "0.2", *mode],
               tmp_path / "b" / "ckptd", "pl-demo", 20)
     ckpts = tmp_path / "b" / "ckptd"
     for c in scan(str(ckpts), "pl-demo"):
         if c.step % 20:  # keep only the epoch-boundary checkpoint for an exact comparison
             os.unlink(c.path)
-    out = run([PYTHON, script, "--root", str(tmp_path / "b"), "--steps", "40"])
+    out = run([PYTHON, script, "--root", str(tmp_path / "b"), "--steps", "40", *mode])
     assert "resume from" in out and "step20.ckpt" in out, out
     assert fingerprint(out) == straight
     metrics = scan(str(ckpts), "pl-demo")[-1].metrics

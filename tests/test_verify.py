@@ -147,7 +147,7 @@ def test_cli_verify_exit_codes_and_json(good: str, tmp_path: Path) -> None:
     assert rows["c.safetensors"]["ok"] is True
     assert rows["bad.safetensors"]["ok"] is False and "truncated" in rows["bad.safetensors"]["reason"]
     missing = ckptd_cli("verify", str(tmp_path / "nope.safetensors"))
-    assert missing.returncode == 1 and "cannot read" in missing.stdout
+    assert missing.returncode == 1 and "MISSING" in missing.stdout and "no such file" in missing.stdout
 
 
 def test_cli_verify_a_directory(good: str, tmp_path: Path) -> None:

@@ -295,3 +295,32 @@ def test_many_roots_and_a_root_that_disappears_and_comes_back(tmp_path: Path) ->
         assert [Path(x["path"]).name for x in listed] == ["m-step9.pt"]
     finally:
         d.stop()
+
+
+@pytest.mark.slow
+def test_rot_in_an_adopted_hf_checkpoint_is_found_by_scrub(tmp_path: Path) -> None:
+    """safetensors stores no digests, so a flipped byte in an HF model file verifies "ok";
+    the digests watch mode takes at adoption catch it at the next scrub."""
+    from tests.conftest import DaemonProc
+
+    tree = tmp_path / "d" / "roots" / "hf"
+    d = DaemonProc(tmp_path / "d", f'scrub_every = "1s"\n[[watch]]\npath = "{tree}"\njob = "hf"\nsettle = "0.2s"\n')
+    ck = tree / "checkpoint-10"
+    ck.mkdir(parents=True)
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(ck / "model.safetensors"))
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    d.start()
+    try:
+        wait_until(lambda: d.metric("ckptd_verify_total", training_job="hf", outcome="ok") >= 1, 30, "adoption")
+        model = ck / "model.safetensors"
+        st = model.stat()
+        data = bytearray(model.read_bytes())
+        data[-7] ^= 0x10  # one bit of one float: the file still parses and loads
+        model.write_bytes(bytes(data))
+        os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # rot does not touch the mtime
+        assert foreign.verify(foreign.classify(str(ck))).ok  # the format alone cannot tell
+        wait_until(lambda: d.metric("ckptd_verify_total", training_job="hf", outcome="corrupt") >= 1, 30,
+                   "the scrub to find it")
+        assert "changed since it was adopted" in d.log.read_text()
+    finally:
+        d.stop()

@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 from dataclasses import replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core import config as config_mod
 from ckptd.core import policy as pol
@@ -78,6 +78,9 @@ from trainer_hooks.state import (
 from trainer_hooks.timerules import TimeRules
 from trainer_hooks.worker import SaveJob
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger("ckptd.hook")
 
 SCHEDULED = ("step", "time", "best")
@@ -95,10 +98,12 @@ class Checkpointer:
                  preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS, preempt_grace: float = 5.0,
                  config: str | None = None, socket: str | bool | None = None, reconnect_every: float = 5.0,
                  before_save: Callable[[], None] | None = None, sharded: bool = False,
-                 shard_timeout: float = 600.0, **settings: Any) -> None:
+                 shard_timeout: float = 600.0, generators: dict[str, torch.Generator] | None = None,
+                 **settings: Any) -> None:
         self.job = check_job(job)
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self._before_save = before_save  # e.g. a framework callback refreshing ``extra`` only when it counts
+        self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)
         cfg = config_mod.load(config)
         for problem in unknown_env():
             log.warning("ckptd: environment variable %s; ignored", problem)
@@ -364,7 +369,7 @@ class Checkpointer:
         if self._before_save is not None:
             self._before_save()
         trainer = {"job": self.job, "step": self._step, "epoch": self.epoch}
-        return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer)
+        return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
 
     def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
                   aliases: dict[str, str]) -> dict[str, str]:
@@ -425,7 +430,7 @@ class Checkpointer:
                               "or give this run another directory or job name")
         path = info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank, self.world_size))
         state = load(path)
-        apply(state, self.model, self.optimizer, self.scheduler)
+        apply(state, self.model, self.optimizer, self.scheduler, self.generators)
         if self.extra is not None and "extra" in state:
             self.extra.clear()
             self.extra.update(state["extra"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ class CkptdCallback(TrainerCallback):
         self.extra: dict[str, Any] = {}
         self._metrics: dict[str, float] = {}
         self._state: Any = None
+        self.materialised: str | None = None  # the HF-format copy resume_dir made; removed once HF has read it
 
     @staticmethod
     def default_dir(output_dir: str) -> str:
@@ -54,6 +56,9 @@ class CkptdCallback(TrainerCallback):
             self.extra["hf_trainer_state"] = json.dumps(dataclasses.asdict(self._state), default=str)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.materialised is not None:  # HF has loaded weights, optimizer, scheduler and RNG from it by now
+            shutil.rmtree(os.path.dirname(self.materialised), ignore_errors=True)
+            self.materialised = None
         if self.ckpt is not None:
             self.ckpt.step(state.global_step, metrics=self._metrics or None, epoch=state.epoch)
 
@@ -82,7 +87,11 @@ class CkptdCallback(TrainerCallback):
         info = newest_verified(src, job, units=False)
         if info is None:
             return None
-        return _materialise(trainer, load(info.path), os.path.join(src, ".hf-resume", f"checkpoint-{info.step}"))
+        out = _materialise(trainer, load(info.path), os.path.join(src, ".hf-resume", f"checkpoint-{info.step}"))
+        for cb in trainer.callback_handler.callbacks:
+            if isinstance(cb, cls):
+                cb.materialised = out
+        return out
 
 
 def _materialise(trainer: Any, state: dict[str, Any], out: str) -> str:

@@ -19,12 +19,16 @@ import lightning as L
 import torch
 
 from trainer_hooks.checkpointer import Checkpointer
-from trainer_hooks.state import load
+from trainer_hooks.state import load, restore_rng
 
 
 class CkptdCallback(L.Callback):
-    def __init__(self, job: str, directory: str | None = None, **settings: Any) -> None:
+    def __init__(self, job: str, directory: str | None = None, generators: dict[str, torch.Generator] | None = None,
+                 **settings: Any) -> None:
+        """``generators``: the trainer's own (a DataLoader's ``generator=``), saved and restored by name."""
         self.job, self.directory, self.settings = job, directory, settings
+        self.generators = generators or {}
+        self.rng: dict[str, Any] | None = None  # resume_path's RNG states, restored once Lightning has loaded
         self.ckpt: Checkpointer | None = None
         self.extra: dict[str, Any] = {}
         self._trainer: Any = None
@@ -41,8 +45,11 @@ class CkptdCallback(L.Callback):
                     **self.settings}
         self.ckpt = Checkpointer(self.job, self.directory or self.default_dir(trainer), model=pl_module,
                                  optimizer=opt, scheduler=sched, extra=self.extra, before_save=self._refresh,
-                                 **settings)
+                                 generators=self.generators, **settings)
         self.ckpt.start_at(trainer.global_step)
+        if self.rng is not None:  # Lightning does not keep RNG states: the next epoch's shuffle must match
+            restore_rng(self.rng, self.generators)
+            self.rng = None
 
     def _refresh(self) -> None:
         """At save time only: the fit loop's progress, as Lightning's own checkpoints hold it."""
@@ -75,6 +82,9 @@ class CkptdCallback(L.Callback):
         if info is None:
             return None
         state = load(info.path)
+        for cb in trainer.callbacks:
+            if isinstance(cb, cls):
+                cb.rng = state.get("rng")
         pl = state.get("extra", {}).get("lightning", {})
         ckpt = {"state_dict": state["model"], "optimizer_states": [state["optimizer"]] if "optimizer" in state else [],
                 "lr_schedulers": [state["scheduler"]] if "scheduler" in state else [],

@@ -44,6 +44,7 @@ class Link:
         self._idle = threading.Event()
         self._idle.set()
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the reader's select at once
         self._bye = threading.Event()
         self._last_beat_step = -1
         self._last_beat_at = 0.0
@@ -94,8 +95,14 @@ class Link:
             self.notify({"type": "end", "step": end_step})
             self._bye.wait(timeout)
         self._stop.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
         self._thread.join(timeout)
         self._drop(handback=False)
+        self._wake_r.close()
+        self._wake_w.close()
 
     # -- background thread ---------------------------------------------------------------
 
@@ -130,8 +137,10 @@ class Link:
                     self._stop.wait(self._retry_every)
                 continue
             try:
-                ready, _, _ = select.select([self._sock], [], [], HEARTBEAT_EVERY)
-                if ready:
+                ready, _, _ = select.select([self._sock, self._wake_r], [], [], HEARTBEAT_EVERY)
+                if self._stop.is_set():
+                    break
+                if self._sock in ready:
                     msg, fds = protocol.recv(self._sock, limit=protocol.MAX_REPLY)
                     protocol.close_fds(fds)
                     self._handle(msg)

@@ -47,9 +47,13 @@ ST_TO_TORCH: dict[str, torch.dtype] = {v: k for k, v in TORCH_TO_ST.items()}
 
 
 def capture(model: Any = None, optimizer: Any = None, scheduler: Any = None,
-            extra: dict[str, Any] | None = None, trainer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The nested state of one checkpoint; RNG states always included."""
+            extra: dict[str, Any] | None = None, trainer: dict[str, Any] | None = None,
+            generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """The nested state of one checkpoint; RNG states always included, and those of the
+    generators the trainer hands in (a sampler's ``generator=``), by name."""
     state: dict[str, Any] = {"trainer": trainer or {}, "rng": rng_state()}
+    if generators:
+        state["rng"]["generators"] = {name: g.get_state() for name, g in generators.items()}
     if model is not None:
         state["model"] = model.state_dict()
     if optimizer is not None:
@@ -70,7 +74,10 @@ def rng_state() -> dict[str, Any]:
     return out
 
 
-def restore_rng(rng: dict[str, Any]) -> None:
+def restore_rng(rng: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    for name, g in (generators or {}).items():
+        if name in rng.get("generators", {}):
+            g.set_state(rng["generators"][name])
     if "python" in rng:
         random.setstate(rng["python"])
     if "torch" in rng:
@@ -179,7 +186,8 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], aliases: dict[str
     return dec(skeleton)
 
 
-def apply(state: dict[str, Any], model: Any = None, optimizer: Any = None, scheduler: Any = None) -> None:
+def apply(state: dict[str, Any], model: Any = None, optimizer: Any = None, scheduler: Any = None,
+          generators: dict[str, torch.Generator] | None = None) -> None:
     """Load a restored state into the live objects, RNG last (loading may draw from it)."""
     if model is not None and "model" in state:
         model.load_state_dict(state["model"])
@@ -188,7 +196,7 @@ def apply(state: dict[str, Any], model: Any = None, optimizer: Any = None, sched
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
-        restore_rng(state["rng"])
+        restore_rng(state["rng"], generators)
 
 
 def rank_and_world() -> tuple[int, int]:

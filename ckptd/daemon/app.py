@@ -13,7 +13,6 @@ import errno
 import grp
 import logging
 import os
-import pwd
 import signal
 import socket
 import stat
@@ -25,16 +24,17 @@ from typing import Any, Sequence
 from ckptd.core import missed
 from ckptd.core.config import Config
 from ckptd.core.policy import SavePolicy
-from ckptd.core.units import format_bytes
-from ckptd.core.vocab import FailReason, MissedReason, Outcome, Trigger, delete_label
+from ckptd.core.vocab import MissedReason
 from ckptd.daemon import sdnotify
+from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
+from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.metrics import Metrics, serve_http
 from ckptd.daemon.session import JobState, Session
 from ckptd.store.persist import PersistError, cleanup_temp
 from ckptd.store.preflight import TargetError, free_bytes
-from ckptd.store.remove import Removal, inside
+from ckptd.store.remove import inside
 from ckptd.store.scan import Checkpoint
 from ckptd.wire import protocol
 
@@ -81,6 +81,8 @@ class Daemon:
                               "written to and deleted from")
         _raise_fd_limit()
         self.catalog = Catalog(self.state_dir)
+        self.ledger = Ledger(self.metrics, self.catalog)
+        self.access = Access(self.roots, self.catalog, self.admin_gid, self.max_jobs_per_uid, self._live_jobs)
         for root in self.roots:
             if not os.path.isdir(root):
                 raise TargetError(f"root {root} does not exist: create it (and name it in the unit's ReadWritePaths=)")
@@ -94,7 +96,7 @@ class Daemon:
         self._accept_thread = self._spawn(self._accept_loop, "ckptd-accept")
         self.scheduler = self._start_scheduler()
         self._start_watchers()
-        self._refresh_all_gauges()
+        self.ledger.refresh_all()
         self._ready.set()
         sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
         log.info("ckptd serving on %s, metrics on %s", self.socket_path, self.metrics_listen)
@@ -150,55 +152,10 @@ class Daemon:
             pass
         w.handle = self.observer.schedule(w, w.root, recursive=True)
 
-    def watch_verified(self, job: JobKey, info: Checkpoint, outcome: Outcome) -> None:
-        ok = outcome == Outcome.OK
-        self.metrics.verify.labels(*job, outcome).inc()
-        self.metrics.saves.labels(*job, Trigger.WATCH, "ok" if ok else "failed").inc()
-        self.catalog.event(job, "adopted", path=info.path, ok=ok, outcome=outcome)
-        if not ok:
-            self.metrics.failures.labels(*job, FailReason.VERIFY_FAILED).inc()
-
     def scrub(self) -> dict[str, int]:
-        """Re-verify every catalogued checkpoint, with no trainer involved (``scrub_every``).
+        from ckptd.daemon.scrub import scrub
 
-        A checkpoint that no longer verifies is marked and counted
-        (``ckptd_verify_total{outcome="corrupt"}``), never deleted here: a transient read
-        error must not cost a good checkpoint.
-        """
-        from ckptd.store import foreign
-        from ckptd.store.verify import verify_file
-
-        counts = {"ok": 0, "corrupt": 0}
-        for row in self.catalog.checkpoints():
-            if not row.verified:
-                continue
-            if row.trigger == Trigger.WATCH:
-                found = foreign.classify(row.path)
-                result = foreign.verify(found) if found else verify_file(row.path)
-            else:
-                result = verify_file(row.path)
-            if result.ok:
-                counts["ok"] += 1
-                continue
-            counts["corrupt"] += 1
-            log.error("scrub: %s no longer verifies: %s", row.path, result.reason)
-            self.metrics.verify.labels(*row.key, Outcome.CORRUPT).inc()
-            self.catalog.mark_unverified(row.path, result.reason)
-            self.catalog.event(row.key, "scrub_corrupt", path=row.path, reason=result.reason)
-        self._refresh_all_gauges()
-        return counts
-
-    def _refresh_all_gauges(self) -> None:
-        for key in {r.key for r in self.catalog.checkpoints()}:
-            self._refresh_disk_gauges(key)
-
-    def watch_settled(self, job: JobKey) -> None:
-        """Once per tick with adoptions: the disk gauges (one catalogue read, not one per file)."""
-        self._refresh_disk_gauges(job)
-
-    def watch_missed(self, job: JobKey) -> None:
-        self.metrics.missed.labels(*job, MissedReason.TIME_OVERDUE).inc()
-        self.catalog.event(job, "missed", reason=MissedReason.TIME_OVERDUE)
+        return scrub(self.catalog, self.ledger)
 
     def _tick_job(self) -> None:
         try:
@@ -224,8 +181,7 @@ class Daemon:
         os.chmod(self.socket_path, 0o660)
         if self.group_gid is not None:
             os.chown(self.socket_path, -1, self.group_gid)
-        s.listen(512)
-        s.settimeout(0.5)
+        s.listen(512)  # blocking: stop() wakes accept() by shutting the socket down, no polling
         return s
 
     def serve_forever(self) -> None:
@@ -233,13 +189,16 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         self.start()
-        while not self._stop.wait(1.0):
-            pass
+        self._stop.wait()
         self.stop()
 
     def stop(self, drain_timeout: float = 60.0) -> None:
         sdnotify.notify("STOPPING=1", "STATUS=draining in-flight saves")
         self._stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread at once (EINVAL)
+        except OSError:
+            pass
         self.listener.close()
         with self.lock:
             sessions = list(self.sessions)
@@ -271,8 +230,6 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
             except OSError as exc:
                 if self._stop.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
                     break
@@ -295,7 +252,7 @@ class Daemon:
         except OSError:
             conn.close()
             return
-        capped = not self.privileged(session.uid)
+        capped = not self.access.privileged(session.uid)
         with self.lock:
             mine = sum(1 for s in self.sessions if s.uid == session.uid)
             refused = capped and mine >= self.max_connections_per_uid
@@ -328,57 +285,14 @@ class Daemon:
                 "catalog": self.catalog.healthy(),
                 "scheduler": bool(self.scheduler.running)}
 
-    # -- identity and authorisation ------------------------------------------------------
+    # -- jobs --------------------------------------------------------------------------
 
-    def privileged(self, uid: int) -> bool:
-        """May act on every job: root, the daemon's own uid, and real members of ``admin_group``.
-
-        Membership comes from the group database for the peer's uid, never from the gid
-        the peer connected with: any member of a group can make it its effective gid
-        (``sg``), so the socket's group grants access to the socket and nothing more.
-        """
-        if uid in (0, os.getuid()):
-            return True
-        if self.admin_gid is None:
-            return False
-        try:
-            user = pwd.getpwuid(uid)
-        except KeyError:
-            return False
-        return self.admin_gid in os.getgrouplist(user.pw_name, user.pw_gid)
-
-    def authorize_directory(self, directory: str, uid: int, must_exist: bool = True) -> str:
-        """A directory the uid may have the daemon write to and delete from (or, ``must_exist=False``,
-        create: then its nearest existing ancestor must be the uid's)."""
-        if not isinstance(directory, str) or not os.path.isabs(directory) or ".." in directory.split("/"):
-            raise PermissionError(f"directory {directory!r} must be an absolute path without '..'")
-        real = os.path.realpath(directory)
-        if not inside(real, self.roots):
-            raise PermissionError(f"directory {directory} is outside the daemon's roots ({', '.join(self.roots)})")
-        existing = real
-        while not os.path.isdir(existing):
-            if must_exist or existing in self.roots or existing == "/":
-                raise PermissionError(f"directory {directory} does not exist")
-            existing = os.path.dirname(existing)
-        if not self.privileged(uid) and os.stat(existing).st_uid != uid:
-            raise PermissionError(f"directory {existing} is not owned by uid {uid}")
-        return real
-
-    def authorize_job(self, key: JobKey, uid: int) -> None:
-        owner = self.catalog.job_owner(key)
-        if owner is not None and owner != uid and not self.privileged(uid):
-            raise PermissionError(f"job {key.name} in {key.directory} belongs to uid {owner}, not {uid}")
-        if self.privileged(uid):
-            return
+    def _live_jobs(self, uid: int, other_than: JobKey) -> int:
+        """Jobs of ``uid`` connected or ended within ``ENDED_JOB_TTL`` (each is a set of metric series)."""
         now = time.time()
         with self.lock:
-            live = {k for k, j in self.jobs.items() if j.uid == uid and k != key
-                    and (j.connected or now - (j.ended_at or now) < ENDED_JOB_TTL)}
-        if len(live) >= self.max_jobs_per_uid:
-            raise PermissionError(f"uid {uid} already has {len(live)} jobs connected or ended within the last "
-                                  f"{ENDED_JOB_TTL:.0f}s (max_jobs_per_uid); each job is a set of metric series")
-
-    # -- jobs --------------------------------------------------------------------------
+            return sum(1 for k, j in self.jobs.items() if j.uid == uid and k != other_than
+                       and (j.connected or now - (j.ended_at or now) < ENDED_JOB_TTL))
 
     def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
                  policy: SavePolicy, step: int, session: Session | None = None) -> JobState:
@@ -430,48 +344,13 @@ class Daemon:
                 job.last_verified_step, job.last_verified_at = info.step, info.created
             job.overdue_flagged = False
             job.due_sent = False
-        m = self.metrics
-        m.saves.labels(*job.key, trigger, "ok").inc()
-        m.verify.labels(*job.key, "ok").inc()
-        for phase, seconds in durations.items():
-            m.duration.labels(*job.key, phase).observe(seconds)
-        m.last_success.labels(*job.key).set(time.time())
-        m.last_saved_step.labels(*job.key).set(job.last_verified_step)
-        log.info("job %s: step %d saved and verified (%s, %s, %.2fs): %s", job.key, info.step, trigger,
-                 format_bytes(info.bytes), sum(durations.values()), info.path)
-        self.catalog.event(job.key, "saved", step=info.step, path=info.path, trigger=trigger)
+        self.ledger.saved(job.key, trigger, info, durations, job.last_verified_step)
         self.update_gauges(job)
 
     def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None:
         with self.lock:
             job.failed += 1
-        log.error("job %s: save failed (%s): %s", job.key, exc.reason, exc)
-        self.metrics.saves.labels(*job.key, trigger, "failed").inc()
-        self.metrics.failures.labels(*job.key, exc.reason).inc()
-        if exc.reason == FailReason.VERIFY_FAILED:
-            self.metrics.verify.labels(*job.key, "corrupt").inc()
-        self.catalog.event(job.key, "failed", reason=exc.reason, error=str(exc))
-
-    def removed(self, job: JobKey, removals: list[Removal]) -> None:
-        """Deletions by retention or quota, for hook jobs and watched trees alike."""
-        done = [r for r in removals if r.done]
-        for r in done:
-            log.info("job %s: deleted %s (%s)", job, r.verdict.item.id, r.verdict.rule)
-            self.metrics.deleted.labels(*job, delete_label(r.verdict.rule)).inc()
-            self.catalog.event(job, "deleted", path=r.verdict.item.id, rule=r.verdict.rule)
-        for r in removals:
-            if r.error:
-                log.error("job %s: %s", job, r.error)
-        self.catalog.forget(r.verdict.item.id for r in done)
-        self._refresh_disk_gauges(job)
-
-    def _refresh_disk_gauges(self, job: JobKey) -> None:
-        rows = [r for r in self.catalog.checkpoints(*job) if r.verified]
-        self.metrics.checkpoints.labels(*job).set(len(rows))
-        self.metrics.checkpoint_bytes.labels(*job).set(sum(r.bytes for r in rows))
-        if rows:
-            self.metrics.last_saved_step.labels(*job).set(rows[-1].step)
-            self.metrics.last_success.labels(*job).set(rows[-1].created)
+        self.ledger.failed(job.key, trigger, exc)
 
     # -- the one-second tick ---------------------------------------------------------------
 
@@ -500,10 +379,7 @@ class Daemon:
     def _time_rule_due(self, j: JobState, now: float) -> None:
         """The ``every`` rule: tell the trainer a save is due (it saves at its next step)."""
         with self.lock:
-            last = max(j.last_verified_at or j.started_at, j.started_at)
-            due = j.policy.every is not None and now - last >= j.policy.every and not j.due_sent
-            if due:
-                j.due_sent = True
+            due = j.every_due(now)
         if due and j.session is not None:
             j.session.send({"type": "due", "rule": "every"})
 
@@ -515,17 +391,10 @@ class Daemon:
 
     def _check_overdue(self, j: JobState, now: float) -> None:
         with self.lock:
-            interval = missed.expected_interval(j.policy, j.seconds_per_step)
-            last = j.last_verified_at if j.last_verified_at is not None else j.started_at
-            overdue = not j.overdue_flagged and missed.time_overdue(interval, max(last, j.started_at), now,
-                                                                   self.overdue_grace)
-            if overdue:
-                j.overdue_flagged = True
-                j.missed += 1
-        if overdue:
-            log.warning("job %s: no verified save for %.0fs (expected every %.0fs)", j.name, now - last, interval or 0)
-            self.metrics.missed.labels(*j.key, MissedReason.TIME_OVERDUE).inc()
-            self.catalog.event(j.key, "missed", reason=MissedReason.TIME_OVERDUE)
+            late = j.overdue(now, self.overdue_grace)
+        if late is not None:
+            log.warning("job %s: no verified save for %.0fs (expected every %.0fs)", j.key, late[0], late[1])
+            self.ledger.missed(j.key, MissedReason.TIME_OVERDUE)
 
     def _cleanup_temp(self) -> None:
         dirs = {k.directory for k, _ in self.catalog.jobs()} | {os.path.dirname(r.path) for r in self.catalog.checkpoints()}
@@ -540,11 +409,6 @@ class Daemon:
         from ckptd.daemon import requests
 
         requests.handle(self, session, msg)
-
-    def visible(self, session: Session, job: JobKey) -> bool:
-        """A uid sees its own jobs and unowned ones; privileged uids see everything."""
-        owner = self.catalog.job_owner(job)
-        return owner is None or owner == session.uid or self.privileged(session.uid)
 
 
 def _raise_fd_limit() -> None:

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from ckptd.core.vocab import Outcome
@@ -53,6 +53,7 @@ class Row:
     reason: str = ""
     outcome: Outcome = Outcome.OK
     directory: str = ""  # the job's directory (a watched tree's root for what watch mode adopted)
+    digests: dict[str, str] = field(default_factory=dict)  # per tensor (ours) or per file (adopted foreign ones)
 
     @property
     def key(self) -> JobKey:
@@ -164,15 +165,21 @@ class Catalog:
 
     def checkpoints(self, job: str | None = None, directory: str | None = None) -> list[Row]:
         """Oldest first; of one job name (in every directory), or of one job (``directory`` too)."""
-        sql = ("SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason, outcome, "
-               "directory FROM checkpoints")
         where = [(c, v) for c, v in (("job", job), ("directory", directory)) if v is not None]
-        if where:
-            sql += " WHERE " + " AND ".join(f"{c} = ?" for c, _ in where)
+        clause = (" WHERE " + " AND ".join(f"{c} = ?" for c, _ in where)) if where else ""
+        return self._rows(clause + " ORDER BY job, directory, step, created", [v for _, v in where])
+
+    def _rows(self, clause: str, args: list[Any]) -> list[Row]:
+        sql = ("SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason, outcome, "
+               "directory, digests FROM checkpoints")
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY job, directory, step, created", [v for _, v in where]).fetchall()
+            rows = self._db.execute(sql + clause, args).fetchall()
         return [Row(r[0], r[1], int(r[2]), float(r[3]), int(r[4]), bool(r[5]), r[6], bool(r[7]),
-                    json.loads(r[8]), r[9], Outcome(r[10]), r[11]) for r in rows]
+                    json.loads(r[8]), r[9], Outcome(r[10]), r[11], json.loads(r[12] or "{}")) for r in rows]
+
+    def row(self, path: str) -> Row | None:
+        found = [r for r in self._rows(" WHERE path = ?", [path])]
+        return found[0] if found else None
 
     def event(self, job: JobKey | str | None, kind: str, **detail: Any) -> None:
         name = job

@@ -1,8 +1,7 @@
 """The CLI's requests to the running daemon: status, list, latest, pin/unpin, gc.
 
 Each handler takes the daemon and the asking session and returns the reply's fields;
-what a uid may see or touch is the daemon's rule (``Daemon.visible``,
-``Daemon.privileged``, the roots). A refusal is a reply with ``ok: false``, never a
+what a uid may see or touch is ``ckptd.daemon.access``'s rule. A refusal is a reply with ``ok: false``, never a
 dropped connection.
 """
 
@@ -47,7 +46,7 @@ def status(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, An
     with d.lock:
         keys = set(d.jobs) | set(rows_by_job)
     out = []
-    for key in sorted(k for k in keys if d.visible(session, k)):
+    for key in sorted(k for k in keys if d.access.visible(session.uid, k)):
         with d.lock:
             out.append(_status_row(key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now))
     return {"jobs": out}
@@ -67,7 +66,7 @@ def _status_row(key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, A
 
 def list_checkpoints(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     job = msg.get("job")
-    rows = [r for r in d.catalog.checkpoints(job if isinstance(job, str) else None) if d.visible(session, r.key)]
+    rows = [r for r in d.catalog.checkpoints(job if isinstance(job, str) else None) if d.access.visible(session.uid, r.key)]
     return {"checkpoints": [r.__dict__ for r in rows]}
 
 
@@ -75,7 +74,7 @@ def latest(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, An
     """The newest verified checkpoint of a job name; a name used in several directories is
     ambiguous (two jobs), and the reply says which directories to ask for instead."""
     job = msg.get("job")
-    rows = [r for r in d.catalog.checkpoints(job) if r.verified and d.visible(session, r.key)] \
+    rows = [r for r in d.catalog.checkpoints(job) if r.verified and d.access.visible(session.uid, r.key)] \
         if isinstance(job, str) else []
     if not rows:
         raise ValueError(f"job {job!r} has no verified checkpoint that uid {session.uid} may see")
@@ -94,7 +93,7 @@ def pin(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     if not inside(path, d.roots):
         raise PermissionError(f"{path} is outside the daemon's roots")
     info = read_info(path)
-    if not info.ok or not d.visible(session, JobKey(info.job, os.path.dirname(path))):
+    if not info.ok or not d.access.visible(session.uid, JobKey(info.job, os.path.dirname(path))):
         raise PermissionError(f"{path} is not a checkpoint of a job of uid {session.uid}")
     pinned = msg["type"] == "pin"
     set_pinned(path, pinned, d.roots)
@@ -108,10 +107,10 @@ def gc(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     with d.lock:
         jobs = [j for j in d.jobs.values() if want in (None, j.name)]
     out = []
-    for j in (j for j in jobs if d.visible(session, j.key)):
+    for j in (j for j in jobs if d.access.visible(session.uid, j.key)):
         verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
         if not dry:
-            d.removed(j.key, removals)
+            d.ledger.removed(j.key, removals)
         out += [{"job": j.name, "directory": j.directory, "path": v.item.id, "step": v.item.step, "keep": v.keep,
                  "reasons": list(v.reasons)} for v in verdicts]
     return {"verdicts": out, "dry_run": dry}

@@ -67,6 +67,25 @@ class JobState:
     def key(self) -> JobKey:
         return JobKey(self.name, self.directory)
 
+    # The tick's questions; asked under the daemon's lock, each answered once per occasion.
+
+    def every_due(self, now: float) -> bool:
+        """Has the ``every`` interval passed since the last verified save (told once)?"""
+        last = max(self.last_verified_at or self.started_at, self.started_at)
+        due = self.policy.every is not None and now - last >= self.policy.every and not self.due_sent
+        self.due_sent = self.due_sent or due
+        return due
+
+    def overdue(self, now: float, grace: float) -> tuple[float, float] | None:
+        """(seconds since the last verified save, expected interval) the first time that is too long."""
+        interval = missed.expected_interval(self.policy, self.seconds_per_step)
+        last = max(self.last_verified_at if self.last_verified_at is not None else self.started_at, self.started_at)
+        if self.overdue_flagged or not missed.time_overdue(interval, last, now, grace):
+            return None
+        self.overdue_flagged = True
+        self.missed += 1
+        return now - last, interval or 0.0
+
 
 class Session:
     def __init__(self, daemon: "Daemon", sock: socket.socket) -> None:
@@ -136,13 +155,13 @@ class Session:
             raise protocol.ProtocolError("hello sent twice")
         try:
             job = check_job(msg["job"])
-            directory = self.daemon.authorize_directory(msg["directory"], self.uid)
-            self.daemon.authorize_job(JobKey(job, directory), self.uid)
+            directory = self.daemon.access.directory(msg["directory"], self.uid)
+            self.daemon.access.job(JobKey(job, directory), self.uid)
             kwargs = parse_table(msg["settings"], f"job {job}")
             settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
             policy = SavePolicy.from_settings(group(settings, "policy"))
             if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
-                settings["quarantine_dir"] = self.daemon.authorize_directory(settings["quarantine_dir"], self.uid,
+                settings["quarantine_dir"] = self.daemon.access.directory(settings["quarantine_dir"], self.uid,
                                                                              must_exist=False)
         except (TargetError, SettingsError, ValueError, PermissionError) as exc:
             self.send({"type": "error", "error": str(exc)})
@@ -177,8 +196,7 @@ class Session:
         assert self.job is not None
         with self.daemon.lock:
             self.job.missed += 1
-        self.daemon.metrics.missed.labels(*self.job.key, reason).inc()
-        self.daemon.catalog.event(self.job.key, "missed", reason=reason, step=self.job.step)
+        self.daemon.ledger.missed(self.job.key, reason, step=self.job.step)
 
     # -- saves ------------------------------------------------------------------------------
 
@@ -205,10 +223,10 @@ class Session:
         reply: dict[str, Any] = {"type": "saved", "id": msg["id"], "step": msg["step"]}
         d = self.daemon
         target = Target(job.directory, job.name, job.settings, d.roots,
-                        owner=None if d.privileged(self.uid) else self.uid)
+                        owner=None if d.access.privileged(self.uid) else self.uid)
         try:
             result = save_unit(target, fd, msg["length"], msg["filename"], msg["step"],
-                               on_removed=lambda removed: d.removed(job.key, removed),
+                               on_removed=lambda removed: d.ledger.removed(job.key, removed),
                                on_written=lambda written: self._written(job, msg, written))
             reply.update(ok=True, path=result.path)
         except Exception as exc:  # never lose the daemon to one save
@@ -254,7 +272,7 @@ class Session:
         d.catalog.forget(r.path for r in d.catalog.checkpoints(*job.key) if not os.path.exists(r.path))
         d.catalog.record(info, verified=True)
         d.save_succeeded(job, trigger, info, _reported_seconds(msg, ("stall", "persist", "verify")))
-        prune(Target(job.directory, job.name, job.settings, d.roots), lambda removed: d.removed(job.key, removed))
+        prune(Target(job.directory, job.name, job.settings, d.roots), lambda removed: d.ledger.removed(job.key, removed))
 
     # -- the end ---------------------------------------------------------------------------
 

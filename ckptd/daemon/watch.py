@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from watchdog.events import (
@@ -34,14 +35,15 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from ckptd.core import retention
-from ckptd.core.vocab import NEVER, Outcome, Rule, Trigger
+from ckptd.core import missed, retention
+from ckptd.core.vocab import NEVER, MissedReason, Outcome, Rule, Trigger
 from ckptd.daemon.jobkey import JobKey
 from ckptd.store import foreign
 from ckptd.store.remove import Removal
 from ckptd.store.remove import apply as apply_removals
 from ckptd.store.safepath import open_regular
 from ckptd.store.scan import Checkpoint, is_pinned
+from ckptd.store.verify import VerifyResult
 
 if TYPE_CHECKING:
     from ckptd.daemon.app import Daemon
@@ -146,7 +148,7 @@ class Watcher(FileSystemEventHandler):
             adopted |= self._adopt(path, now)
         if adopted:
             self._retention(now)
-            self.daemon.watch_settled(self.key)
+            self.daemon.ledger.refresh(self.key)
         self._check_expected(now)
 
     def _adopt(self, path: str, now: float) -> bool:
@@ -167,13 +169,14 @@ class Watcher(FileSystemEventHandler):
         self.incomplete_since.pop(path, None)
         with self._lock:
             self.pending.pop(path, None)
-        result = foreign.verify(found)
+        result = self._unchanged(found, foreign.verify(found))
         info = Checkpoint(found.path, self.job, found.step if found.step is not None else -1, found.bytes,
                           found.mtime, trigger=Trigger.WATCH, rule=found.kind, pinned=is_pinned(found.path),
-                          problem="" if result.ok else result.reason)
+                          problem="" if result.ok else result.reason,
+                          digests=_digests(found) if result.ok else {})
         self.daemon.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome,
                                    directory=self.root)
-        self.daemon.watch_verified(self.key, info, result.outcome)
+        self.daemon.ledger.adopted(self.key, info, result.outcome)
         if result.ok:
             self.last_new_at = max(self.last_new_at, now)
             self.overdue_flagged = False
@@ -181,15 +184,25 @@ class Watcher(FileSystemEventHandler):
             log.error("watched checkpoint %s failed verification: %s", path, result.reason)
         return True
 
+    def _unchanged(self, found: foreign.Found, result: VerifyResult) -> VerifyResult:
+        """A unit judged again with its mtime and size as catalogued must still have the bytes
+        it had at adoption: other formats store no digests, so this is how rot shows."""
+        row = self.daemon.catalog.row(found.path)
+        if not result.ok or row is None or not row.digests or row.bytes != found.bytes \
+                or abs(row.created - found.mtime) > 1e-3:
+            return result
+        changed = foreign.changed_since(found, row.digests)
+        return replace(result, ok=False, reason=changed) if changed else result
+
     def _check_expected(self, now: float) -> None:
         expect = self.spec.get("expect_every")
         if expect is None:
             return
         since = self.last_new_at or self.daemon.started_at
-        if not self.overdue_flagged and now - since > expect:
+        if not self.overdue_flagged and missed.time_overdue(expect, since, now, grace=0.0):
             self.overdue_flagged = True
             log.warning("watch %s: no new checkpoint for %.0fs (expect_every=%.0fs)", self.root, now - since, expect)
-            self.daemon.watch_missed(self.key)
+            self.daemon.ledger.missed(self.key, MissedReason.TIME_OVERDUE)
 
     # -- retention --------------------------------------------------------------------------------
 
@@ -229,7 +242,7 @@ class Watcher(FileSystemEventHandler):
                     log.info("watch %s: would %s %s (%s)", self.root, "keep" if v.keep else "delete", v.item.id,
                              ", ".join(v.reasons))
                 continue
-            self.daemon.removed(self.key, self._apply(verdicts))
+            self.daemon.ledger.removed(self.key, self._apply(verdicts))
 
     def _apply(self, verdicts: list[retention.Verdict]) -> list[Removal]:
         """Deletions; with ``on_corrupt = "quarantine"`` the corrupt ones are moved aside instead
@@ -267,3 +280,10 @@ def _owner(path: str) -> int | None:
         return os.lstat(path).st_uid
     except OSError:
         return None
+
+
+def _digests(found: foreign.Found) -> dict[str, str]:
+    try:
+        return foreign.file_digests(found)
+    except OSError:
+        return {}

@@ -182,6 +182,32 @@ def _index_shards(path: str) -> list[str] | None:
     return shards
 
 
+def file_digests(found: Found) -> dict[str, str]:
+    """xxh3-64 of every file of a unit, by name relative to it: other tools store no digests
+    (safetensors has none), so what watch mode adopted is fingerprinted for later scrubs."""
+    import xxhash
+
+    paths = [found.path] if os.path.isfile(found.path) else sorted(
+        os.path.join(d, n) for d, _, names in os.walk(found.path) for n in names)
+    out = {}
+    for p in paths:
+        h = xxhash.xxh3_64()
+        with open_regular(p) as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        out[os.path.relpath(p, found.path) if p != found.path else os.path.basename(p)] = h.hexdigest()
+    return out
+
+
+def changed_since(found: Found, recorded: dict[str, str]) -> str:
+    """The first file whose bytes differ from the digests taken at adoption ("" if none)."""
+    now = file_digests(found)
+    for name, digest in sorted(recorded.items()):
+        if now.get(name) != digest:
+            return f"{name} changed since it was adopted (xxh3-64 {now.get(name, 'missing')}, was {digest})"
+    return ""
+
+
 def units_under(root: str) -> list[Found]:
     """Every checkpoint unit in the tree below ``root``: a directory that is one (HF, DCP, a
     sharded ckptd unit) is not entered; hidden entries and symlinks are skipped."""
@@ -202,7 +228,8 @@ def find(path: str) -> list[Found]:
     found = classify(path)
     if found is not None:
         return [found]
-    return units_under(path) if os.path.isdir(path) else []
+    units = units_under(path) if os.path.isdir(path) else []
+    return sorted(units, key=lambda f: (f.step if f.step is not None else -1, f.mtime, f.path))
 
 
 # --- completeness -------------------------------------------------------------------------

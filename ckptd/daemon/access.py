@@ -1,0 +1,74 @@
+"""Who may do what (docs/security.md): the rules, in one place, over the peer's kernel identity.
+
+A client may act on jobs of its own uid, in directories it owns inside the roots; root,
+the daemon's own uid and real members of ``admin_group`` may act on every job. Real
+membership comes from the group database, never from the gid a peer connected with.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from typing import Callable, Sequence
+
+from ckptd.daemon.catalog import Catalog
+from ckptd.daemon.jobkey import JobKey
+from ckptd.store.remove import inside
+
+
+class Access:
+    def __init__(self, roots: Sequence[str], catalog: Catalog, admin_gid: int | None, max_jobs_per_uid: int,
+                 live_jobs: Callable[[int, JobKey], int]) -> None:
+        self.roots, self.catalog, self.admin_gid = roots, catalog, admin_gid
+        self.max_jobs_per_uid = max_jobs_per_uid
+        self._live_jobs = live_jobs  # jobs of a uid connected or recently ended, other than the one asked about
+
+    def privileged(self, uid: int) -> bool:
+        """May act on every job: root, the daemon's own uid, and real members of ``admin_group``.
+
+        Any member of a group can make it its effective gid (``sg``), so the socket's
+        group grants access to the socket and nothing more.
+        """
+        if uid in (0, os.getuid()):
+            return True
+        if self.admin_gid is None:
+            return False
+        try:
+            user = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return self.admin_gid in os.getgrouplist(user.pw_name, user.pw_gid)
+
+    def directory(self, directory: str, uid: int, must_exist: bool = True) -> str:
+        """A directory the uid may have the daemon write to and delete from (or, ``must_exist=False``,
+        create: then its nearest existing ancestor must be the uid's)."""
+        if not isinstance(directory, str) or not os.path.isabs(directory) or ".." in directory.split("/"):
+            raise PermissionError(f"directory {directory!r} must be an absolute path without '..'")
+        real = os.path.realpath(directory)
+        if not inside(real, self.roots):
+            raise PermissionError(f"directory {directory} is outside the daemon's roots ({', '.join(self.roots)})")
+        existing = real
+        while not os.path.isdir(existing):
+            if must_exist or existing in self.roots or existing == "/":
+                raise PermissionError(f"directory {directory} does not exist")
+            existing = os.path.dirname(existing)
+        if not self.privileged(uid) and os.stat(existing).st_uid != uid:
+            raise PermissionError(f"directory {existing} is not owned by uid {uid}")
+        return real
+
+    def job(self, key: JobKey, uid: int) -> None:
+        """May ``uid`` register ``key``: its own (or no one's) job, within ``max_jobs_per_uid``."""
+        owner = self.catalog.job_owner(key)
+        if owner is not None and owner != uid and not self.privileged(uid):
+            raise PermissionError(f"job {key.name} in {key.directory} belongs to uid {owner}, not {uid}")
+        if self.privileged(uid):
+            return
+        live = self._live_jobs(uid, key)
+        if live >= self.max_jobs_per_uid:
+            raise PermissionError(f"uid {uid} already has {live} jobs connected or ended within the last hour "
+                                  "(max_jobs_per_uid); each job is a set of metric series")
+
+    def visible(self, uid: int, job: JobKey) -> bool:
+        """A uid sees its own jobs and unowned ones (watched trees); privileged uids see everything."""
+        owner = self.catalog.job_owner(job)
+        return owner is None or owner == uid or self.privileged(uid)
