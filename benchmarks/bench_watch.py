@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import ROOT, scratch, table, timed, write_result  # noqa: E402
 
 
-def make_tree(root: Path, n: int) -> None:
+def make_tree(root: Path, n: int, per_dir: int = 1000) -> None:
     import numpy as np
     from safetensors.numpy import save
 
     blob = save({"w": np.ones(16, dtype=np.float32)})
     for i in range(n):
-        d = root / f"run{i // 1000}"
+        d = root / f"run{i // per_dir}"
         d.mkdir(exist_ok=True)
         (d / f"model-step{i}.safetensors").write_bytes(blob)
 
@@ -56,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--flat", action="store_true", help="every file in one directory (the walk was quadratic there)")
     args = ap.parse_args()
     n = 300 if args.quick else args.files
 
@@ -64,7 +65,7 @@ def main() -> None:
     try:
         tree = work / "tree"
         tree.mkdir()
-        make_tree(tree, n)
+        make_tree(tree, n, per_dir=n if args.flat else 1000)
         from ckptd.daemon.watch import Watcher
 
         class _D:  # the walk needs no daemon; only the classification is timed here
@@ -109,7 +110,7 @@ def main() -> None:
                 [["startup walk + classify", f"{scan_s:.2f}"], ["startup: all adopted and verified", f"{adopt_s:.2f}"],
                  ["new file closed -> verified (median of 5, settle=0.2s)", f"{med:.2f}"]]))
     print(f"files classified: {found}; startup walk target: {n} files in < 10 s")
-    write_result("watch_quick" if args.quick else "watch", {"files": n, "scan_s": scan_s, "adopt_all_s": adopt_s,
+    write_result("watch_quick" if args.quick else "watch_flat" if args.flat else "watch", {"flat": args.flat, "files": n, "scan_s": scan_s, "adopt_all_s": adopt_s,
                                                             "completion_to_verified_s": lat, "settle_s": 0.2})
 
 

@@ -14,7 +14,7 @@ from ckptd import __version__
 from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
-from ckptd.core.units import format_bytes, format_duration
+from ckptd.core.units import format_bytes, format_duration, parse_listen
 from ckptd.store.scan import Checkpoint, pin_path, scan, set_pinned
 from ckptd.store.verify import VerifyResult, verify_file
 
@@ -231,16 +231,19 @@ def serve(config_file: str | None, socket_path: str | None, state_dir: str | Non
 
     from ckptd.core import config as config_mod
     from ckptd.daemon.app import Daemon
-    from ckptd.store.preflight import TargetError
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     try:
         cfg = config_mod.load(config_file)
+        if metrics_listen is not None:
+            parse_listen(metrics_listen)
         daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir, metrics_listen=metrics_listen,
                         roots=list(roots) or None)
         daemon.serve_forever()
-    except (SettingsError, TargetError, OSError) as exc:
+    except ValueError as exc:  # SettingsError, TargetError and a malformed --metrics-listen
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
         raise click.ClickException(str(exc)) from None
 
 

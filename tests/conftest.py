@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -166,6 +166,23 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
         yield d
     finally:
         d.stop()
+
+
+@pytest.fixture
+def inproc_daemon(tmp_path: Path) -> Iterator[Any]:
+    """The daemon in this process: its logic in milliseconds (no interpreter start, no torch)."""
+    from ckptd.core.config import Config
+    from ckptd.daemon.app import Daemon
+
+    root = tmp_path / "roots"
+    root.mkdir()
+    d = Daemon(Config(), socket_path=str(tmp_path / "d.sock"), state_dir=str(tmp_path / "state"),
+               metrics_listen=f"127.0.0.1:{free_port()}", roots=[str(root)])
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop(drain_timeout=10)
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

@@ -93,3 +93,17 @@ def test_keep_best_needs_best_metric_and_unknown_env_vars_are_named(tmp_path: Pa
     assert r.returncode == 0, r.stderr
     assert "CKPTD_EVERY_STEP is not a ckptd setting (did you mean CKPTD_EVERY_STEPS?)" in r.stderr
     assert "longer than the run" in r.stderr
+
+
+def test_serve_names_a_bad_or_busy_metrics_address(tmp_path: Path) -> None:
+    import socket
+
+    base = ["serve", "--root", str(tmp_path), "--state-dir", str(tmp_path / "s"), "--socket", str(tmp_path / "s.sock")]
+    r = ckptd_cli(*base, "--metrics-listen", "localhost", timeout=30)
+    assert r.returncode == 1 and "expected host:port" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = ckptd_cli(*base, "--metrics-listen", f"127.0.0.1:{port}", timeout=30)
+    assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, r.stderr

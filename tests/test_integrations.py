@@ -65,10 +65,11 @@ def test_hf_best_checkpoints_hold_the_evaluated_weights(tmp_path: Path) -> None:
     assert all("eval_loss" in c.metrics for c in best)
 
 
-@pytest.mark.parametrize("shuffle", ["no"])  # shuffled resumes are not exact yet: see the README
+@pytest.mark.parametrize("shuffle", ["no", "global", "generator"])
 def test_lightning_killed_and_resumed_is_bit_identical_at_epoch_boundaries(tmp_path: Path, shuffle: str) -> None:
     """Lightning restarts a plain DataLoader's epoch on resume, so mid-epoch resumes replay
-    batches (Lightning's own checkpoints behave the same); at epoch boundaries it is exact."""
+    batches (Lightning's own checkpoints behave the same); at epoch boundaries it is exact, shuffled
+    too: the global RNGs and the sampler's generator are restored (Lightning keeps neither)."""
     pytest.importorskip("lightning")
     script = str(ROOT / "examples" / "lightning_train.py")
     mode = ["--shuffle", shuffle]

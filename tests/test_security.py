@@ -8,6 +8,7 @@ that need a second user need root to make one and are skipped (visibly) without 
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -363,7 +364,9 @@ def test_a_deflate_bomb_is_not_inflated(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 2 << 20
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.monotonic()
-    r = foreign.verify_torch(str(bomb))
+    from ckptd.store.picklesafe import verify_torch
+
+    r = verify_torch(str(bomb))
     assert not r.ok and r.unsafe and "inflate" in r.reason
     assert time.monotonic() - t0 < 2
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: under 100 MiB more
@@ -466,3 +469,37 @@ def test_metrics_on_ipv6_loopback(tmp_path: Path) -> None:
         assert "ckptd_build_info" in text
     finally:
         d.stop()
+
+
+def test_a_client_gets_one_save_in_flight_at_a_time(daemon: DaemonProc) -> None:
+    """The daemon's two persist workers are shared: a client queueing saves without waiting for
+    their replies (huge headers, say) would hold them all. The hook never has two in flight."""
+    from trainer_hooks.staging import StagingBuffer
+
+    run = daemon.root / "greedy"
+    run.mkdir()
+    buf = StagingBuffer("greedy")
+    meta = {"ckptd.format": "1", "ckptd.job": "greedy", "ckptd.step": "1", "ckptd.created": "2026-01-01T00:00:00Z",
+            "ckptd.trigger": "step", "ckptd.rule": "r", "ckptd.metrics": "{}", "ckptd.state": "null",
+            "ckptd.aliases": "{}"}
+    length = buf.stage({"w": torch.ones(4 << 20)}, meta)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(daemon.socket)
+            protocol.send(s, {"type": "hello", "job": "greedy", "directory": str(run), "settings": {}, "pid": 1,
+                              "step": 0})
+            assert protocol.recv(s)[0]["type"] == "welcome"
+            save = {"type": "save", "step": 1, "trigger": "step", "rule": "r",
+                    "filename": "greedy-step00000001.safetensors", "length": length}
+            protocol.send(s, {**save, "id": 1}, fd=buf.fd)
+            protocol.send(s, {**save, "id": 2}, fd=buf.fd)
+            replies = []
+            with contextlib.suppress(EOFError, OSError):
+                while True:
+                    replies.append(protocol.recv(s)[0])
+        assert any(r["type"] == "error" and "one save at a time" in r["error"] for r in replies), replies
+        wait_until(lambda: (run / "greedy-step00000001.safetensors").exists(), 30, "the first save to land")
+        assert daemon.healthy()
+    finally:
+        buf.close()

@@ -28,7 +28,6 @@ class CkptdCallback(L.Callback):
         """``generators``: the trainer's own (a DataLoader's ``generator=``), saved and restored by name."""
         self.job, self.directory, self.settings = job, directory, settings
         self.generators = generators or {}
-        self.rng: dict[str, Any] | None = None  # resume_path's RNG states, restored once Lightning has loaded
         self.ckpt: Checkpointer | None = None
         self.extra: dict[str, Any] = {}
         self._trainer: Any = None
@@ -47,9 +46,6 @@ class CkptdCallback(L.Callback):
                                  optimizer=opt, scheduler=sched, extra=self.extra, before_save=self._refresh,
                                  generators=self.generators, **settings)
         self.ckpt.start_at(trainer.global_step)
-        if self.rng is not None:  # Lightning does not keep RNG states: the next epoch's shuffle must match
-            restore_rng(self.rng, self.generators)
-            self.rng = None
 
     def _refresh(self) -> None:
         """At save time only: the fit loop's progress, as Lightning's own checkpoints hold it."""
@@ -82,9 +78,9 @@ class CkptdCallback(L.Callback):
         if info is None:
             return None
         state = load(info.path)
-        for cb in trainer.callbacks:
-            if isinstance(cb, cls):
-                cb.rng = state.get("rng")
+        for cb in trainer.callbacks:  # Lightning keeps no RNG states; restored now, before fit() builds the
+            if isinstance(cb, cls):  # epoch's iterator, so the resumed shuffle draws what the run would have
+                restore_rng(state.get("rng", {}), cb.generators)
         pl = state.get("extra", {}).get("lightning", {})
         ckpt = {"state_dict": state["model"], "optimizer_states": [state["optimizer"]] if "optimizer" in state else [],
                 "lr_schedulers": [state["scheduler"]] if "scheduler" in state else [],

@@ -150,6 +150,18 @@ def header_length(prefix: bytes, file_size: int) -> int:
     return int(n)
 
 
+def untrusted_json(raw: bytes) -> Any:
+    """JSON from another process or a file anyone may have written: every way it can fail is a
+    ``ValueError`` naming the problem (bad UTF-8 or JSON, integers past 4300 digits, nesting
+    deep enough to exhaust the stack), never another exception escaping to the caller."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise ValueError("is JSON nested too deeply") from None
+
+
 def parse_header(raw: bytes, header_len: int, file_size: int) -> Header:
     """Validate a header's JSON against the file it came from.
 
@@ -158,11 +170,9 @@ def parse_header(raw: bytes, header_len: int, file_size: int) -> Header:
     words a user can act on.
     """
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and integers past 4300 digits
-        raise FormatError(f"header is not valid JSON: {str(exc)[:200]}") from None
-    except RecursionError:
-        raise FormatError("header JSON is nested too deeply") from None
+        doc = untrusted_json(raw)
+    except ValueError as exc:
+        raise FormatError(f"header {exc}") from None
     if not isinstance(doc, dict):
         raise FormatError("header is not a JSON object")
     if len(doc) > MAX_TENSORS + 1:

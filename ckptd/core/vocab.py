@@ -9,11 +9,18 @@ their text, so JSON, SQLite rows and Prometheus labels carry the plain words.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TypeVar
 
 __all__ = ["NEVER", "DeleteRule", "FailReason", "MissedReason", "Outcome", "Problem", "Reason", "Rule",
            "Trigger", "PROTECTED", "WINDOW_RULES", "delete_label"]
 
 NEVER = 2**62  # a step that is never reached: "no step rule is due"
+E = TypeVar("E", bound=StrEnum)
+
+
+def _member(enum: type[E], text: object, default: E) -> E:
+    """The member named ``text`` by a client, or ``default``: label values stay a closed set."""
+    return enum(text) if isinstance(text, str) and text in enum._value2member_map_ else default
 
 
 class Trigger(StrEnum):
@@ -30,7 +37,7 @@ class Trigger(StrEnum):
     @classmethod
     def of(cls, text: object) -> "Trigger":
         """A trigger named by a client; anything unknown counts as manual (bounded labels)."""
-        return cls(text) if isinstance(text, str) and text in cls._value2member_map_ else cls.MANUAL
+        return _member(cls, text, cls.MANUAL)
 
 
 class FailReason(StrEnum):
@@ -50,7 +57,7 @@ class FailReason(StrEnum):
     @classmethod
     def of(cls, text: object) -> "FailReason":
         """A reason reported by a client; anything unknown is an internal error (bounded labels)."""
-        return cls(text) if isinstance(text, str) and text in cls._value2member_map_ else cls.INTERNAL_ERROR
+        return _member(cls, text, cls.INTERNAL_ERROR)
 
 
 class MissedReason(StrEnum):

@@ -9,13 +9,11 @@ SIGTERM: stop accepting, let in-flight persists finish (bounded), close, STOPPIN
 
 from __future__ import annotations
 
-import errno
 import grp
 import logging
 import os
 import signal
 import socket
-import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +28,7 @@ from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
+from ckptd.daemon.listener import Listener
 from ckptd.daemon.metrics import Metrics, serve_http
 from ckptd.daemon.session import JobState, Session
 from ckptd.store.persist import PersistError, cleanup_temp
@@ -92,8 +91,7 @@ class Daemon:
         log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
         self._cleanup_temp()
         self.http = serve_http(self.metrics, self.metrics_listen, self.health)
-        self.listener = self._bind()
-        self._accept_thread = self._spawn(self._accept_loop, "ckptd-accept")
+        self.listener = Listener(self.socket_path, self.group_gid, self._admit)
         self.scheduler = self._start_scheduler()
         self._start_watchers()
         self.ledger.refresh_all()
@@ -169,21 +167,6 @@ class Daemon:
         self._threads.append(t)
         return t
 
-    def _bind(self) -> socket.socket:
-        os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
-        try:
-            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(self.socket_path)
-        os.chmod(self.socket_path, 0o660)
-        if self.group_gid is not None:
-            os.chown(self.socket_path, -1, self.group_gid)
-        s.listen(512)  # blocking: stop() wakes accept() by shutting the socket down, no polling
-        return s
-
     def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT, then drain."""
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -195,10 +178,6 @@ class Daemon:
     def stop(self, drain_timeout: float = 60.0) -> None:
         sdnotify.notify("STOPPING=1", "STATUS=draining in-flight saves")
         self._stop.set()
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread at once (EINVAL)
-        except OSError:
-            pass
         self.listener.close()
         with self.lock:
             sessions = list(self.sessions)
@@ -217,32 +196,7 @@ class Daemon:
             self.observer.join(10)
         self.http.shutdown()
         self.http.server_close()
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
         self.catalog.close()
-
-    def _accept_loop(self) -> None:
-        """Accept until stopped. Running out of descriptors (EMFILE) is a state to report and
-        wait out, never a reason to stop: the socket would be dead for good."""
-        trouble = False
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError as exc:
-                if self._stop.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
-                    break
-                if not trouble:
-                    log.error("accepting on %s failed: %s; retrying (is a client holding many connections? "
-                              "LimitNOFILE= raises the limit)", self.socket_path, exc.strerror or exc)
-                trouble = True
-                self._stop.wait(0.1)
-                continue
-            if trouble:
-                log.info("accepting on %s again", self.socket_path)
-                trouble = False
-            self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
         """A session per connection, within ``max_connections_per_uid`` for unprivileged uids;
@@ -281,7 +235,7 @@ class Daemon:
         if not self._ready.is_set():
             return {"started": False}
         return {"started": True,
-                "socket": not self._stop.is_set() and self.listener.fileno() >= 0 and self._accept_thread.is_alive(),
+                "socket": not self._stop.is_set() and self.listener.alive,
                 "catalog": self.catalog.healthy(),
                 "scheduler": bool(self.scheduler.running)}
 

@@ -212,6 +212,8 @@ class Session:
             raise protocol.ProtocolError(f"save: invalid file name {name!r}")
         msg = {**msg, "trigger": Trigger.of(msg["trigger"])}  # a label value: a client must not grow the series
         with self.daemon.lock:
+            if self.job.in_flight:  # the hook reuses one buffer: a second save before "saved" is no trainer's
+                raise protocol.ProtocolError("save: one save at a time per job; wait for its saved reply")
             self.job.in_flight += 1
             self.job.last_saved_step = max(self.job.last_saved_step, msg["step"])
             self.job.step = max(self.job.step, msg["step"])

@@ -7,10 +7,8 @@ Lightning's included), torch.distributed.checkpoint directories, OneTrainer's
 never verified: other tools' in-progress markers are respected and each format's own
 completeness is checked first.
 
-Torch files are never unpickled with code execution: every zip record's CRC-32 is
-checked (``torch.load`` does not), the pickle's globals are listed without running it
-(``torch.serialization.get_unsafe_globals_in_checkpoint``), and only a file whose globals
-are all on a short allowlist is loaded, with ``weights_only=True``.
+Nothing is unpickled with code execution (``ckptd.store.picklesafe``). This module is the
+format registry every verb that takes a path uses (``find``), and watch mode too.
 """
 
 from __future__ import annotations
@@ -21,22 +19,16 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass
-from typing import Any
 
 from ckptd.core.format import FormatError, read_header
 from ckptd.store import manifest as mf
+from ckptd.store.picklesafe import read_dcp_metadata, verify_torch
 from ckptd.store.safepath import open_regular
 from ckptd.store.verify import VerifyResult, verify_file, verify_unit
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INCOMPLETE_MARKERS = ("checkpoint-is-incomplete.txt",)
 CONFIG_PICKLES = ("training_args.bin",)  # HF's pickled TrainingArguments: CRC-checked, never unpickled
-SAFE_GLOBALS = {
-    "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "collections.OrderedDict", "collections.defaultdict",
-    "pathlib.PosixPath", "argparse.Namespace", "lightning.fabric.utilities.data.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict", "torch.torch_version.TorchVersion",
-}
 _STEP = re.compile(r"(?:checkpoint-|step[=_-]?|global_step)(\d+)", re.IGNORECASE)
 _TRAILING = re.compile(r"(\d+)(?:\.[A-Za-z]+)?$")
 
@@ -361,112 +353,3 @@ def _verify_dcp(found: Found) -> VerifyResult:
     if missing:
         return VerifyResult(found.path, False, f"{missing[0]} named in .metadata is missing")
     return VerifyResult(found.path, True, "", len(getattr(meta, "state_dict_metadata", {}) or {}), found.bytes)
-
-
-# DCP's own reader is a plain pickle.load: code execution for whoever can write a .metadata
-# file in a watched tree. This allowlist is every global DCP's metadata pickles.
-_DCP_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                                              "MetadataIndex", "StorageMeta", "TensorProperties",
-                                              "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "pathlib": {"PosixPath", "PurePosixPath"},
-    "collections": {"OrderedDict"},
-}
-MAX_DCP_METADATA = 256 << 20
-
-
-class _DcpMetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        import torch
-
-        if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and (
-                name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"unsafe: .metadata needs {module}.{name}; not loaded (it could execute code)")
-
-
-def read_dcp_metadata(path: str) -> Any:
-    """A DCP ``.metadata`` file, unpickled with nothing but DCP's own metadata classes."""
-    with open_regular(path) as f:
-        if os.fstat(f.fileno()).st_size > MAX_DCP_METADATA:
-            raise ValueError(f"{path} is larger than {MAX_DCP_METADATA} bytes")
-        return _DcpMetadataUnpickler(f).load()
-
-
-def max_inflated(size: int) -> int:
-    """What a torch zip of ``size`` bytes may decompress to. torch.save stores its records
-    uncompressed, so a real checkpoint is about its own size; anything far larger is a bomb."""
-    return 4 * size + (64 << 20)
-
-
-def verify_torch(path: str, load: bool = True) -> VerifyResult:
-    """Zip CRCs of every record, then a weights-only load if its globals are all known-safe.
-
-    ``load=False`` stops after the CRCs: for pickled configuration (HF's
-    ``training_args.bin``) that is no tensor data and that only its own tool unpickles.
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            inflated = sum(i.file_size for i in z.infolist())
-            if inflated > max_inflated(os.path.getsize(path)):
-                return VerifyResult(path, False, f"unsafe: its zip records inflate to {inflated} bytes from "
-                                                 f"{os.path.getsize(path)}; not read (a decompression bomb?)", unsafe=True)
-            bad = z.testzip()
-        if bad is not None:
-            return VerifyResult(path, False, f"CRC-32 mismatch in zip record {bad}")
-    except (zipfile.BadZipFile, EOFError) as exc:
-        return VerifyResult(path, False, f"not a valid torch zip file: {exc}")
-    if not load:
-        return VerifyResult(path, True, "", 0, os.path.getsize(path))
-    import torch
-
-    try:
-        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as exc:
-        return VerifyResult(path, False, f"pickle unreadable: {exc}")
-    forbidden = sorted(needed - SAFE_GLOBALS)
-    if forbidden:
-        return VerifyResult(path, False, f"unsafe: the pickle needs {', '.join(forbidden[:3])}; "
-                                         "not loaded (it could execute code)", unsafe=True)
-    allowed: list[Any] = [obj for obj in map(_resolve, needed) if obj is not None] + _numpy_dtype_classes(needed)
-    try:
-        with torch.serialization.safe_globals(allowed):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        return VerifyResult(path, False, f"weights-only load failed: {str(exc).splitlines()[0][:200]}")
-    tensors = _count_tensors(obj)
-    return VerifyResult(path, True, "", tensors, os.path.getsize(path))
-
-
-def _numpy_dtype_classes(needed: set[str]) -> list[object]:
-    """numpy's per-dtype classes, which a pickled array's dtype is rebuilt through."""
-    if not any(g.startswith("numpy.") for g in needed):
-        return []
-    import numpy as np
-
-    return [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-
-
-def _resolve(qualname: str) -> object | None:
-    import importlib
-
-    module, _, name = qualname.rpartition(".")
-    try:
-        obj: object = getattr(importlib.import_module(module), name)
-        return obj
-    except (ImportError, AttributeError):
-        return None
-
-
-def _count_tensors(obj: object) -> int:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return 1
-    if isinstance(obj, dict):
-        return sum(_count_tensors(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_count_tensors(v) for v in obj)
-    return 0

@@ -54,6 +54,8 @@ import socket
 import struct
 from typing import Any
 
+from ckptd.core.format import untrusted_json
+
 MAX_MESSAGE = 1 << 20  # what a client may send the daemon
 MAX_REPLY = 256 << 20  # what the daemon may answer (``list`` of a job with 100k checkpoints)
 HEADER = struct.Struct(">I")
@@ -112,11 +114,9 @@ def recv(sock: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str, Any],
             raise ProtocolError(f"message of {n} bytes exceeds the {limit}-byte limit")
         body = _recv_exact(sock, n, fds)
         try:
-            msg = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints past 4300 digits
-            raise ProtocolError(f"message is not valid JSON: {str(exc)[:200]}") from None
-        except RecursionError:
-            raise ProtocolError("message is nested too deeply") from None
+            msg = untrusted_json(body)
+        except ValueError as exc:
+            raise ProtocolError(f"message {exc}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise ProtocolError("message must be a JSON object with a string 'type'")
         return msg, fds
