@@ -104,27 +104,8 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self._before_save = before_save  # e.g. a framework callback refreshing ``extra`` only when it counts
         self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)
-        cfg = config_mod.load(config)
-        for problem in unknown_env():
-            log.warning("ckptd: environment variable %s; ignored", problem)
-        self.settings = resolve(parse_table(settings, "Checkpointer()"), from_env(),
-                                cfg.job_table(job), cfg.defaults)
-        self.rank, self.world_size = rank_and_world()
-        self._shards = ShardGroup(shard_timeout) if sharded else None
-        # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
-        self.saving = sharded or self.rank == 0
-        self.policy = self._make_policy()
-        self._warn_about_plan()
-        self.directory, self.template = resolve_target(directory, self.settings["template"])
-        check_template(self.template, job)
-        self._init_progress()
-        flat, _ = flatten(self._capture())  # an unserialisable state fails now, not at step 10000
-        self._structure = model_structure(flat)
-        self.run_id = uuid.uuid4().hex[:16]
-        if self.saving:
-            older = scan(self.directory, job)[:-1] if os.path.isdir(self.directory) else []
-            check_directory(self.directory, flat.nbytes, self.settings["min_free"], sum(c.bytes for c in older))
-            cleanup_temp(self.directory)
+        self._configure(directory, settings, config, sharded, shard_timeout)
+        self._preflight()
         self.stats: dict[str, int] = {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0,
                                       "deleted": 0}
         self.saved: list[Checkpoint | dict[str, Any]] = []
@@ -145,15 +126,46 @@ class Checkpointer:
         if self.policy.on_preempt:
             self._preemption.install(preempt_signals)
         atexit.register(self._at_exit)
+        self._say_mode(socket)
+
+    def _configure(self, directory: str | os.PathLike[str], settings: dict[str, Any], config: str | None,
+                   sharded: bool, shard_timeout: float) -> None:
+        """Settings (kwargs > env > job table > defaults), ranks, policy and target; errors name the key."""
+        cfg = config_mod.load(config)
+        for problem in unknown_env():
+            log.warning("ckptd: environment variable %s; ignored", problem)
+        self.settings = resolve(parse_table(settings, "Checkpointer()"), from_env(),
+                                cfg.job_table(self.job), cfg.defaults)
+        self.rank, self.world_size = rank_and_world()
+        self._shards = ShardGroup(shard_timeout) if sharded else None
+        # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
+        self.saving = sharded or self.rank == 0
+        self.policy = self._make_policy()
+        self._warn_about_plan()
+        self.directory, self.template = resolve_target(directory, self.settings["template"])
+        check_template(self.template, self.job)
+        self._init_progress()
+
+    def _preflight(self) -> None:
+        """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
+        flat, _ = flatten(self._capture())
+        self._structure = model_structure(flat)
+        self.run_id = uuid.uuid4().hex[:16]
+        if self.saving:
+            older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
+            check_directory(self.directory, flat.nbytes, self.settings["min_free"], sum(c.bytes for c in older))
+            cleanup_temp(self.directory)
+
+    def _say_mode(self, socket: str | bool | None) -> None:
         if not self.saving:
-            log.info("ckptd: job %s rank %d of %d: rank 0 saves; this rank only resumes", job, self.rank,
+            log.info("ckptd: job %s rank %d of %d: rank 0 saves; this rank only resumes", self.job, self.rank,
                      self.world_size)
         elif self.mode == "embedded" and isinstance(socket, str):
             log.warning("ckptd: job %s: no daemon answers at %s (socket= was given); saving in embedded mode to %s",
-                        job, socket, self.directory)
+                        self.job, socket, self.directory)
         elif self.mode == "embedded":
             log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
-                     job, self.directory)
+                     self.job, self.directory)
 
     def _warn_about_plan(self) -> None:
         """What ``ckptd plan`` would warn about, said at construction when the run's length is known."""

@@ -144,15 +144,19 @@ class Watcher(FileSystemEventHandler):
         with self._lock:
             ready = [p for p, t in self.pending.items() if now - t >= self.settle]
         adopted = False
+        kinds: dict[str, str | None] = {}
         for path in ready:
-            adopted |= self._adopt(path, now)
+            adopted |= self._adopt(path, now, kinds)
         if adopted:
             self._retention(now)
             self.daemon.ledger.refresh(self.key)
         self._check_expected(now)
 
-    def _adopt(self, path: str, now: float) -> bool:
-        found = foreign.classify(path)
+    def _adopt(self, path: str, now: float, kinds: dict[str, str | None]) -> bool:
+        parent = os.path.dirname(path)
+        if parent not in kinds:  # once per directory per tick: listing it per file was quadratic
+            kinds[parent] = foreign.dir_kind(parent)
+        found = foreign.classify(path, parent_is_plain=kinds[parent] is None)
         if found is None or (self.pattern and not fnmatch.fnmatch(os.path.basename(path), self.pattern)):
             with self._lock:
                 self.pending.pop(path, None)
