@@ -1,4 +1,5 @@
-"""``ckptd``: the command line (click). Thin: parsing and printing only."""
+"""Verbs on checkpoints: verify, plan, list, latest, pin/unpin, gc. They read the files
+themselves (ckptd's and other tools'), and ask the daemon only about a job name."""
 
 from __future__ import annotations
 
@@ -6,51 +7,17 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from ckptd import __version__
+from ckptd.cli.base import SOCKET_OPTION, ask, is_directory, main, setting_options, settings_from
 from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
-from ckptd.core.units import format_bytes, format_duration, parse_listen
+from ckptd.core.units import format_bytes, format_duration
 from ckptd.store.scan import Checkpoint, pin_path, scan, set_pinned
 from ckptd.store.verify import VerifyResult, verify_file
-
-
-def setting_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Every policy/retention key of the given groups as a ``--dashed`` option (SPEC §6)."""
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        for key, spec in reversed(list(KEYS.items())):
-            if spec.group in groups and key not in exclude:
-                f = _option(key, spec)(f)
-        return f
-    return decorate
-
-
-def _option(key: str, spec: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--keep-final/--no-keep-final`` for a boolean key, a ``[min|max]`` choice for a choice."""
-    name = "--" + key.replace("_", "-")
-    if isinstance(spec.default, bool):
-        return click.option(f"{name}/--no-{name[2:]}", key, default=None, help=spec.help)
-    choices = getattr(spec.parse, "choices", None)
-    if choices:
-        return click.option(name, key, type=click.Choice(choices), default=None, help=spec.help)
-    return click.option(name, key, default=None, help=spec.help)
-
-
-def settings_from(options: dict[str, Any], source: str = "command line") -> dict[str, Any]:
-    try:
-        return resolve(parse_table({k: v for k, v in options.items() if k in KEYS}, source), {}, {}, {})
-    except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
-
-
-@click.group()
-@click.version_option(__version__, prog_name="ckptd")
-def main() -> None:
-    """ckptd: checkpoints that are written, verified and kept, or an alert says why not."""
 
 
 @main.command()
@@ -112,36 +79,6 @@ def plan(total_steps: int, as_json: bool, **options: Any) -> None:
         click.echo(f"  step {s.step:>10}  {s.trigger:<6} ({s.rule})")
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
-
-
-SOCKET_OPTION = click.option("--socket", "socket_path", default=None, envvar="CKPTD_SOCKET",
-                             help="daemon socket (default: $CKPTD_SOCKET, $XDG_RUNTIME_DIR/ckptd.sock, /run/ckptd/ckptd.sock)")
-
-
-def is_directory(target: str | None) -> bool:
-    """A directory to read, or a job name to ask the daemon about. Something written like a path
-    (a '/', a leading '.') that is not there is an error about the path, not about the daemon."""
-    if target is None:
-        return False
-    if os.path.isdir(target):
-        return True
-    if "/" in target or target.startswith(".") or os.path.exists(target):
-        raise click.ClickException(f"{target}: no such directory")
-    return False
-
-
-def ask(socket_path: str | None, msg: dict[str, Any]) -> dict[str, Any]:
-    """One request to the running daemon; a clear error when there is none."""
-    from ckptd.wire.client import DaemonUnavailable, request
-    from ckptd.wire.protocol import default_socket_path
-
-    try:
-        reply = request(socket_path or default_socket_path(), msg)
-    except DaemonUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
-    if not reply.get("ok"):
-        raise click.ClickException(str(reply.get("error", reply)))
-    return reply
 
 
 @main.command("list")
@@ -217,102 +154,6 @@ def _newest_in(target: str, job: str | None) -> str:
         return other.path
     raise click.ClickException(f"no verified checkpoint in {target}")
 
-@main.command()
-@click.option("--config", "config_file", default=None, envvar="CKPTD_CONFIG", help="TOML config file")
-@click.option("--socket", "socket_path", default=None, help="overrides [daemon] socket")
-@click.option("--state-dir", default=None, help="overrides [daemon] state_dir")
-@click.option("--metrics-listen", default=None, help="overrides [daemon] metrics_listen (host:port)")
-@click.option("--root", "roots", multiple=True, help="overrides [daemon] roots (repeatable)")
-@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
-def serve(config_file: str | None, socket_path: str | None, state_dir: str | None, metrics_listen: str | None,
-          roots: tuple[str, ...], log_level: str) -> None:
-    """Run the daemon: trainers hand it their checkpoints over the socket."""
-    import logging
-
-    from ckptd.core import config as config_mod
-    from ckptd.daemon.app import Daemon
-
-    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    try:
-        cfg = config_mod.load(config_file)
-        if metrics_listen is not None:
-            parse_listen(metrics_listen)
-        daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir, metrics_listen=metrics_listen,
-                        roots=list(roots) or None)
-        daemon.serve_forever()
-    except ValueError as exc:  # SettingsError, TargetError and a malformed --metrics-listen
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@main.command()
-@click.argument("directory", type=click.Path(file_okay=False))
-@setting_options("retention", "quota")
-@click.option("--job", default=None, help="job name for metrics and the catalogue (default: the directory's name)")
-@click.option("--pattern", default=None, help="only checkpoints whose name matches this glob")
-@click.option("--expect-every", default=None, help="alert (missed, time_overdue) when no new checkpoint for this long")
-@click.option("--settle", default="5s", help="quiet time before a new checkpoint is judged")
-@click.option("--rescan-every", default="3m", help="full rescan period (catches events inotify dropped)")
-@click.option("--abandon-after", default="1h", help="judge a checkpoint that stayed incomplete this long with no writes")
-@click.option("--on-corrupt", type=click.Choice(["keep", "quarantine", "delete"]), default="keep", show_default=True,
-              help="what retention does with a checkpoint that fails verification (keep: alert only)")
-@click.option("--dry-run", is_flag=True, help="log what retention would keep and delete, and why; delete nothing")
-@click.option("--state-dir", default=None,
-              help="catalogue directory (default: a private one under /var/lib/ckptd or ~/.local/state/ckptd)")
-@click.option("--metrics-listen", default="127.0.0.1:9733")
-@click.option("--socket", "socket_path", default=None, help="socket for status/list (default: STATE_DIR/ckptd.sock)")
-def watch(directory: str, job: str | None, pattern: str | None, expect_every: str | None, settle: str,
-          rescan_every: str, abandon_after: str, on_corrupt: str, dry_run: bool, state_dir: str | None,
-          metrics_listen: str, socket_path: str | None, **options: Any) -> None:
-    """Adopt the checkpoints another tool writes into DIRECTORY: verify, catalogue, retain, alert."""
-    import logging
-
-    from ckptd.core import config as config_mod
-    from ckptd.daemon.app import Daemon
-    from ckptd.store.preflight import TargetError
-
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    root = os.path.realpath(directory)
-    if not os.path.isdir(root):
-        raise click.UsageError(f"{directory} is not a directory (watch mode adopts what another tool writes "
-                               "there; it does not create it)")
-    state = state_dir or _private_state_dir(root)
-    table = {"path": root, "settle": settle, "rescan_every": rescan_every, "abandon_after": abandon_after,
-             "on_corrupt": on_corrupt, "dry_run": dry_run, **({"job": job} if job else {}),
-             **({"pattern": pattern} if pattern else {}), **({"expect_every": expect_every} if expect_every else {}),
-             **{k: v for k, v in options.items() if v is not None}}
-    try:
-        cfg = config_mod.parse({"watch": [table]}, "command line")
-        Daemon(cfg, socket_path=socket_path or os.path.join(state, "ckptd.sock"), state_dir=state,
-               metrics_listen=metrics_listen, roots=[root]).serve_forever()
-    except (SettingsError, TargetError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@SOCKET_OPTION
-def status(as_json: bool, socket_path: str | None) -> None:
-    """Every job the daemon knows: step, last verified save and its age, next due, missed, failed."""
-    jobs = ask(socket_path, {"type": "status"})["jobs"]
-    if as_json:
-        click.echo(json.dumps(jobs, indent=2))
-        return
-    click.echo(f"{'job':<16} {'pid':>7} {'step':>8} {'verified':>8} {'age':>6} {'next':>8} "
-               f"{'ckpts':>5} {'bytes':>10} {'missed':>6} {'failed':>6}  directory")
-    for j in jobs:
-        age = format_duration(j["last_verified_age"]) if j["last_verified_age"] is not None else "-"
-        click.echo(f"{j['job']:<16} {j['pid'] or '-':>7} {j['step']:>8} {_dash(j['last_verified_step']):>8} "
-                   f"{age:>6} {_dash(j['next_due_step']):>8} {j['checkpoints']:>5} {format_bytes(j['bytes']):>10} "
-                   f"{j['missed']:>6} {j['failed']:>6}  {j.get('directory', '')}")
-
-
-def _dash(v: Any) -> str:
-    return "-" if v is None else str(v)
-
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
@@ -330,21 +171,6 @@ def unpin(path: str) -> None:
     _set_pin(path, False)
     _tell_daemon({"type": "unpin", "path": os.path.abspath(path)})
     click.echo(f"unpinned {path}")
-
-
-def _private_state_dir(root: str) -> str:
-    """``ckptd watch``'s catalogue and socket: in the user's own state directory, never in the
-    watched tree, where another user could have prepared them."""
-    import hashlib
-
-    base = os.environ.get("XDG_STATE_HOME") or (
-        "/var/lib" if os.getuid() == 0 else os.path.join(os.path.expanduser("~"), ".local", "state"))
-    path = os.path.join(base, "ckptd", "watch-" + hashlib.sha256(root.encode()).hexdigest()[:16])
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
-        raise click.UsageError(f"{path} is not a directory of yours; pass --state-dir")
-    return path
 
 
 def _set_pin(path: str, pinned: bool) -> None:
@@ -423,16 +249,3 @@ def _print_verdicts(job: str, rows: list[dict[str, Any]], dry_run: bool, errors:
         action = "keep  " if r["keep"] else ("would delete" if dry_run else "delete")
         note = f"  FAILED: {errors[r['path']]}" if r["path"] in errors else ""
         click.echo(f"  {action:<12} step {r['step']:>10}  {', '.join(r['reasons']):<40} {r['path']}{note}")
-
-
-@main.command()
-@click.option("--dir", "directory", default=None, help="where to put the demo run (default: a temp dir)")
-def demo(directory: str | None) -> None:
-    """A toy training run with the hook: saves, a crash, a resume, verification."""
-    from ckptd.demo import run_demo
-
-    run_demo(directory)
-
-
-if __name__ == "__main__":
-    main()
