@@ -132,6 +132,7 @@ def watcher(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Pa
     proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "watch", str(tree), "--job", "ext", "--settle", "0.5s",
                              "--rescan-every", "2s", "--keep-last", "2", "--expect-every", "4s", "--abandon-after", "3s",
                              "--metrics-listen", f"127.0.0.1:{port}", "--socket", sock,
+                             "--state-dir", str(tmp_path / "state"),
                              *getattr(request, "param", [])],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
     try:
