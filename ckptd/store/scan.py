@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any, Sequence
 
 from ckptd.core.format import FormatError, read_header
+from ckptd.core.meta import parse_time
 from ckptd.core.vocab import Problem
 from ckptd.store import manifest as mf
 from ckptd.store.persist import TEMP_MARK
@@ -47,13 +47,6 @@ class Checkpoint:
     @property
     def ok(self) -> bool:
         return not self.problem
-
-
-def parse_time(text: str) -> float:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
 
 
 def read_info(path: str) -> Checkpoint:
