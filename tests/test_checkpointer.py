@@ -153,6 +153,35 @@ def test_time_trigger_fires_at_the_next_step(tmp_path: Path) -> None:
         ckpt.close()
 
 
+def test_every_auto_saves_on_its_own_interval_in_embedded_mode(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 18, no daemon: the hook's clock runs auto's interval from the stalls and persist
+    times it measured itself, says it once in the log, and never saves closer than it."""
+    caplog.set_level("INFO", logger="ckptd.hook")
+    ckpt = Checkpointer("auto", tmp_path, model=model(), every="auto", mtbf="10s", save_final=False)
+    intervals = []
+    try:
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            ckpt.step()
+            time.sleep(0.005)
+            if ckpt.stats["verified"]:
+                auto = ckpt.auto_interval
+                assert auto is not None and auto.cost_source == "measured"
+                intervals.append(auto.seconds)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    saves = [c for c in scan(str(tmp_path), "auto")]
+    assert {c.trigger for c in saves} == {"time"} and len(saves) >= 3, saves
+    assert {c.rule for c in saves} == {"every"}
+    gaps = [b.created - a.created for a, b in zip(saves, saves[1:])]
+    assert min(gaps) >= 0.9 * min(intervals), (gaps, min(intervals))  # never closer than auto's interval
+    assert max(intervals) < 1.0  # a 144-byte state is cheap to save: sqrt(2CM) with M = 10 s is well under 1 s
+    assert any("saving every" in r.message and "auto: T=" in r.message and "M=10s" in r.message
+               for r in caplog.records)
+
+
 def test_cron_trigger_is_scheduled(tmp_path: Path) -> None:
     ckpt = Checkpointer("j", tmp_path, model=model(), cron="* * * * *", save_final=False)
     try:

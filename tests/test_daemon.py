@@ -50,6 +50,21 @@ def test_a_run_saves_through_the_daemon(daemon: DaemonProc) -> None:
     assert "toy" in table and "missed" in table
 
 
+def test_settings_from_the_trainers_environment_reach_the_daemon(daemon: DaemonProc) -> None:
+    """CKPTD_* variables are the trainer's settings as much as its kwargs (kwargs > env): the daemon,
+    which runs retention, must apply them too (it used to see the kwargs alone and keep everything)."""
+    run_dir = daemon.root / "envjob"
+    r = subprocess.run([PYTHON, TOY, "--dir", str(run_dir), "--job", "envjob", "--steps", "40", "--every-steps", "10"],
+                       env={**env_for(daemon), "CKPTD_KEEP_LAST": "1", "CKPTD_EVERY_STEPS": "5"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "connected to the daemon" in r.stderr
+    assert [c.step for c in scan(str(run_dir), "envjob")] == [40]  # keep_last=1 from the environment
+    # the kwarg wins over the environment: saves every 10 steps (3 step saves and the final), not every 5
+    assert daemon.metric("ckptd_saves_total", training_job="envjob", trigger="step", outcome="ok") == 3
+    assert daemon.metric("ckptd_deleted_total", training_job="envjob", rule="retention") == 3
+
+
 HANDOFF_THEN_DIE = r"""
 import os, signal, sys, torch
 from trainer_hooks import Checkpointer
@@ -350,3 +365,70 @@ def test_gc_and_pin_through_the_daemon(daemon: DaemonProc) -> None:
     assert rows[first]["pinned"] is True
     dry = ckptd_cli("gc", "gcjob", "--dry-run", *env_socket)
     assert dry.returncode == 0 and "0 of 4 to delete" in dry.stdout  # no keep rules for this job: nothing goes
+
+
+GROWING = r"""
+import sys, time, torch
+from trainer_hooks import Checkpointer
+model = torch.nn.Linear(64, 64)
+extra = {"ballast": torch.zeros(16)}
+ckpt = Checkpointer("grow", sys.argv[1], model=model, extra=extra, every="auto", mtbf="30s",
+                    max_overhead="0.5%", keep_last=2)
+assert ckpt.mode == "daemon"
+end = time.time() + 5
+while time.time() < end:
+    ckpt.step(); time.sleep(0.005)
+print("GROW", flush=True)
+extra["ballast"] = torch.randn(32 << 20)           # 128 MiB more state: each save now stalls far longer
+end = time.time() + 18
+while time.time() < end:
+    ckpt.step(); time.sleep(0.005)
+ckpt.close()
+"""
+
+
+def _time_save_gaps(daemon: DaemonProc, job: str) -> list[tuple[float, float]]:
+    """(when, seconds since the previous) for each verified time-triggered save, from the catalogue's events."""
+    with sqlite3.connect(daemon.state / "catalog.sqlite") as db:
+        rows = db.execute("SELECT time, detail FROM events WHERE job = ? AND kind = 'saved' ORDER BY id", (job,))
+        times = [t for t, detail in rows if json.loads(detail).get("trigger") == "time"]
+    return [(b, b - a) for a, b in zip(times, times[1:])]
+
+
+def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonProc) -> None:
+    """Issue 18: the daemon chooses the interval from the stalls it is told of; a state that
+    grows 128 MiB mid-run makes each save cost more, and the interval widens with it. With
+    max_overhead at 0.5% the overhead bound (linear in the stall) decides once saves are costly."""
+    run = daemon.root / "grow"
+    run.mkdir()
+    proc = subprocess.Popen([PYTHON, "-c", GROWING, str(run)], env=env_for(daemon), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "GROW"
+        small = daemon.metric("ckptd_auto_interval_seconds", training_job="grow")
+        assert 0 < small < 2.0  # a 16 KiB state: a few ms per save, so well under a second
+        assert daemon.metric("ckptd_expected_loss_seconds", training_job="grow") < 5.0
+        status = ckptd_cli("status", "--socket", daemon.socket).stdout
+        assert "every=auto: a save every" in status and "M=30s" in status
+        switched = _time_save_gaps(daemon, "grow")[-1][0]
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    large = daemon.metric("ckptd_auto_interval_seconds", training_job="grow")
+    assert large > 4 * small, (small, large)
+    auto = json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)[0]["auto"]
+    assert auto["rule"] == "max_overhead" and "raised to the max_overhead bound" in auto["reason"], auto
+    gaps = _time_save_gaps(daemon, "grow")
+    before = [g for t, g in gaps if t <= switched]
+    after = [g for t, g in gaps if t > switched][-2:]  # once the median of the stalls has moved
+    assert len(before) >= 3 and len(after) == 2, gaps
+    assert min(after) > 2.5 * max(sorted(before)[len(before) // 2], 1.0), gaps  # the daemon ticks once a second
+    # the overhead gauge is the stalls the hook reported over the time the job ran (its one-off first
+    # save into a grown buffer included: the bound steers the interval, it cannot undo a spike)
+    stalled = daemon.metric("ckptd_save_duration_seconds_sum", training_job="grow", phase="stall")
+    with sqlite3.connect(daemon.state / "catalog.sqlite") as db:
+        (ran,) = db.execute("SELECT max(time) - min(time) FROM events WHERE job = 'grow' AND kind IN "
+                            "('start', 'end')").fetchone()
+    assert daemon.metric("ckptd_save_overhead_ratio", training_job="grow") == pytest.approx(stalled / ran, rel=0.1)
+    assert verify_file(str(scan(str(run), "grow")[-1].path)).ok

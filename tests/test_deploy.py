@@ -226,7 +226,9 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
         trainer = subprocess.Popen([PYTHON, str(ROOT / "examples" / "train_toy.py"), "--dir", str(d.root / "e2e"),
                                     "--job", "e2e", "--steps", "100000", "--every-steps", "100", "--step-sleep", "0.005",
                                     "--keep-last", "2"],
-                                   env={**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": d.socket},
+                                   # every=auto besides the step rule, so the dashboard's auto panel has its series
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": d.socket,
+                                        "CKPTD_EVERY": "auto"},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: d.metric("ckptd_saves_total", training_job="e2e", trigger="step", outcome="ok") >= 2, 60, "saves")
         subprocess.run(["mount", "-o", "remount,ro", str(d.root)], check=True)  # the target turns read-only
@@ -242,7 +244,7 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
         time.sleep(3)  # a few more scrapes so rate() windows hold several points
         dashboard = json.loads((DEPLOY / "grafana" / "ckptd.json").read_text())
         exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-        assert len(exprs) >= 12
+        assert len(exprs) >= 21
         for expr in exprs:
             q = expr.replace("$job", ".*").replace("$__rate_interval", "1m")
             result = prom.api("query", query=q)

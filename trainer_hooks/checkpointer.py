@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core import config as config_mod
 from ckptd.core import policy as pol
+from ckptd.core.autointerval import AutoInterval
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
-from ckptd.core.settings import from_env, group, parse_table, resolve, unknown_env
+from ckptd.core.settings import env_table, from_env, group, parse_table, resolve, unknown_env
 from ckptd.store.lifecycle import Target, newest_verified
 from ckptd.store.manifest import shard_name, unit_name
 from ckptd.store.persist import Persisted, PersistError, cleanup_temp
@@ -115,11 +116,13 @@ class Checkpointer:
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
                               self._count_removals, self._shards)
         self._closed = False
-        self._raw_settings = {k: v for k, v in settings.items() if v is not None}
+        # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
+        self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
         if socket is not False and self.saving and self._talks_to_daemon:
             self._outlet.connect(default_socket_path() if socket in (None, True) else str(socket), self._hello,
                                  self._beat, self._time_fired, reconnect_every)
-        self._time_rules = TimeRules(self.policy, self._time_fired, lambda: self.mode == "embedded")
+        self._time_rules = TimeRules(self.policy, self._time_fired, lambda: self.mode == "embedded", job,
+                                     self._state_bytes)
         self._time_rules.saved_at(self._last_save_wall)
         self._preemption = Preemption(preempt_grace, self._preempt_raised, self._between_steps,
                                       lambda: self._stop_threads(timeout=2.0))
@@ -150,6 +153,7 @@ class Checkpointer:
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
         flat, _ = flatten(self._capture())
         self._structure = model_structure(flat)
+        self._state_bytes = flat.nbytes
         self.run_id = uuid.uuid4().hex[:16]
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
@@ -200,7 +204,8 @@ class Checkpointer:
     def _hello(self) -> dict[str, Any]:
         return {"job": self.job, "directory": os.path.abspath(self.directory), "template": self.template,
                 "settings": self._raw_settings, "pid": os.getpid(), "step": self._step,
-                "rank": self.rank, "world_size": self.world_size, "sharded": self._shards is not None}
+                "rank": self.rank, "world_size": self.world_size, "sharded": self._shards is not None,
+                "state_bytes": self._state_bytes}
 
     def _beat(self) -> dict[str, Any]:
         return {"step": self._step, "epoch": self.epoch}
@@ -309,6 +314,11 @@ class Checkpointer:
         self._agreed_flags = [0, 0, 0]
         self._attention = self._shards is None and (self._time_due is not None or self._preemption.pending)
 
+    @property
+    def auto_interval(self) -> AutoInterval | None:
+        """With ``every="auto"``: the interval this hook's clock uses now, and why (None otherwise)."""
+        return self._time_rules.auto
+
     def _best_churn(self, step: int) -> None:
         """A best metric fed to every ``step()`` (a training loss) saves at almost every step: say so once."""
         self._best_steps = (getattr(self, "_best_steps", []) + [step])[-5:]
@@ -362,7 +372,9 @@ class Checkpointer:
         msg = {"step": self._step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
                "filename": filename, "length": length, "stall": job.stall}
         self._outlet.submit(job, msg)
-        self.stats["stall_ns"] += time.perf_counter_ns() - t0
+        stalled = time.perf_counter_ns() - t0
+        self._time_rules.measured(stall=stalled / 1e9)  # the handoff included: all that step() blocked
+        self.stats["stall_ns"] += stalled
         self.stats["saves"] += 1
         self._mark_saved(trigger, now)
         return True
@@ -400,6 +412,7 @@ class Checkpointer:
     def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
         """Runs on the worker thread after each save."""
         if result is not None:
+            self._time_rules.measured(persist=time.monotonic() - job.submitted)
             self.stats["verified"] += 1
             self.last_verified = result.path
             self._last_verified_step = max(self._last_verified_step, job.step)

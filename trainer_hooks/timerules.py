@@ -4,6 +4,11 @@ Time rules fire from one place: with a daemon connected, its scheduler sends ``d
 (``ckptd.wire.protocol``, step 6) and this one stays silent; embedded (no daemon, or
 the daemon went away) this one fires. Either way a firing only raises a flag: the save
 happens at the next ``step()``. APScheduler is imported only when a time rule is set.
+
+With ``every="auto"`` the interval is ``ckptd.core.autointerval``'s, from the stalls and
+persist times this hook measured (a guess from the state's size before the first save)
+and the configured ``mtbf`` or the prior: the hook has no history of the job's failures,
+the daemon does, so with a daemon its estimate (from the catalogue) is the one that fires.
 """
 
 from __future__ import annotations
@@ -14,13 +19,20 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from ckptd.core import policy as pol
+from ckptd.core.autointerval import AutoInterval, CostSamples, auto_interval, estimate_mtbf, guess_cost
+
+log = logging.getLogger("ckptd.hook")
 
 
 class TimeRules:
-    def __init__(self, policy: pol.SavePolicy, fire: Callable[[str], None], mine: Callable[[], bool]) -> None:
-        self.policy = policy
+    def __init__(self, policy: pol.SavePolicy, fire: Callable[[str], None], mine: Callable[[], bool],
+                 job: str = "", state_bytes: int = 0) -> None:
+        self.policy, self.job = policy, job
         self._fire, self._mine = fire, mine
         self._sched: Any = None
+        self.costs = CostSamples()
+        self._cost_guess = guess_cost(state_bytes)
+        self._said: float | None = None  # the auto interval last logged
         if not policy.has_time_rules:
             return
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -33,9 +45,25 @@ class TimeRules:
             self._sched.add_job(self._fired, CronTrigger.from_crontab(policy.cron), args=["cron"], id="cron")
         self._sched.start()
 
+    @property
+    def auto(self) -> AutoInterval | None:
+        """``every="auto"``'s interval now, with the rule that decided it (None without auto)."""
+        if not self.policy.auto:
+            return None
+        return auto_interval(self.costs, estimate_mtbf(0, 0.0, self.policy.mtbf), self.policy.max_overhead,
+                             self.policy.min_interval, self._cost_guess)
+
+    def measured(self, stall: float | None = None, persist: float | None = None) -> None:
+        """A save's stall (at the handoff) or persist time (handoff to verified), in seconds."""
+        self.costs = self.costs.add(stall, persist)
+
     def saved_at(self, wall: float) -> None:
         """A save was taken at ``wall``: ``every`` counts from there."""
-        due = pol.next_time_due(self.policy, wall)
+        auto = self.auto
+        if auto is not None and (self._said is None or abs(auto.seconds - self._said) > 0.25 * self._said):
+            self._said = auto.seconds
+            log.info("ckptd: job %s: saving every %.3gs (%s, rule %s)", self.job, auto.seconds, auto.reason, auto.rule)
+        due = pol.next_time_due(self.policy, wall, auto.seconds if auto else None)
         if due is not None and self._sched is not None:
             self._sched.add_job(self._fired, "date", run_date=datetime.fromtimestamp(due, timezone.utc),
                                 args=["every"], id="every", replace_existing=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ckptd.store.lifecycle import failure
@@ -29,6 +30,7 @@ class SaveJob:
     step: int
     trigger: str
     stall: float = 0.0  # seconds the trainer spent staging it
+    submitted: float = field(default_factory=time.monotonic)  # handed over: persist time counts from here
 
 
 Done = Callable[[SaveJob, "Persisted | None", "PersistError | None"], None]

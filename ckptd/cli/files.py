@@ -15,7 +15,7 @@ from ckptd.cli.base import SOCKET_OPTION, ask, is_directory, main, setting_optio
 from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
-from ckptd.core.units import format_bytes, format_duration
+from ckptd.core.units import format_bytes, format_duration, parse_duration
 from ckptd.store.scan import Checkpoint, pin_path, scan, set_pinned
 from ckptd.store.verify import VerifyResult, verify_file
 
@@ -58,19 +58,31 @@ def _verified_line(r: VerifyResult, as_json: bool, status: str = "") -> None:
 @main.command()
 @click.option("--total-steps", type=int, required=True, help="steps in the run")
 @setting_options("policy", exclude=("total_steps",))
+@click.option("--stall", default=None, help="with --every auto: what one save stalls training (0.8s; "
+              "ckptd status and ckptd_save_duration_seconds{phase=\"stall\"} show it)")
+@click.option("--persist", default=None, help="with --every auto: how long a save takes to be written and verified")
+@click.option("--step-time", default=None, help="seconds one step takes, to say the interval in steps too")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-def plan(total_steps: int, as_json: bool, **options: Any) -> None:
-    """The steps that will be saved, with the rule behind each, and warnings about surprises."""
+def plan(total_steps: int, as_json: bool, stall: str | None, persist: str | None, step_time: str | None,
+         **options: Any) -> None:
+    """The steps that will be saved, with the rule behind each, and warnings about surprises.
+    With --every auto, the interval auto chooses for a measured --stall, and why."""
     settings = settings_from({**options, "total_steps": total_steps})
     try:
-        result = make_plan(SavePolicy.from_settings(group(settings, "policy")))
+        policy = SavePolicy.from_settings(group(settings, "policy"))
+        result = make_plan(policy)
     except PolicyError as exc:
         raise click.UsageError(str(exc)) from None
+    auto = _auto_plan(policy, stall, persist, step_time)
     if as_json:
         click.echo(json.dumps({"total_steps": total_steps,
                                "saves": [s.__dict__ for s in result.saves],
+                               "auto": auto,
                                "warnings": list(result.warnings)}, indent=2))
         return
+    if auto is not None:
+        steps = f", about every {auto['steps']} steps at {step_time}/step" if "steps" in auto else ""
+        click.echo(f"every=auto: a time save every {auto['seconds']:.3g}s{steps} ({auto['reason']}; rule {auto['rule']})")
     click.echo(f"{len(result.saves)} saves over {total_steps} steps")
     shown = result.saves if len(result.saves) <= 40 else result.saves[:20] + result.saves[-10:]
     for i, s in enumerate(shown):
@@ -79,6 +91,31 @@ def plan(total_steps: int, as_json: bool, **options: Any) -> None:
         click.echo(f"  step {s.step:>10}  {s.trigger:<6} ({s.rule})")
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
+
+
+def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None,
+               step_time: str | None) -> dict[str, Any] | None:
+    """``--every auto``: the interval for the given costs, as the daemon would compute it."""
+    from ckptd.core.autointerval import CostSamples, auto_interval, estimate_mtbf
+
+    if not policy.auto:
+        if stall or persist:
+            raise click.UsageError("--stall and --persist only mean something with --every auto")
+        return None
+    if stall is None:
+        raise click.UsageError("--every auto needs --stall: what one save stalls training (e.g. 0.8s; "
+                               "ckptd status shows the measured stall of a running job)")
+    try:
+        costs = CostSamples().add(parse_duration(stall), parse_duration(persist) if persist else None)
+        per_step = parse_duration(step_time) if step_time else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    auto = auto_interval(costs, estimate_mtbf(0, 0.0, policy.mtbf), policy.max_overhead, policy.min_interval)
+    out: dict[str, Any] = {"seconds": auto.seconds, "rule": auto.rule, "reason": auto.reason,
+                           "cost": auto.cost, "mtbf": auto.mtbf.seconds}
+    if per_step:
+        out["steps"] = max(1, int(auto.seconds // per_step))
+    return out
 
 
 @main.command("list")

@@ -104,7 +104,9 @@ def status(as_json: bool, socket_path: str | None) -> None:
         click.echo(f"{j['job']:<16} {j['pid'] or '-':>7} {j['step']:>8} {_dash(j['last_verified_step']):>8} "
                    f"{age:>6} {_dash(j['next_due_step']):>8} {j['checkpoints']:>5} {format_bytes(j['bytes']):>10} "
                    f"{j['missed']:>6} {j['failed']:>6}  {j.get('directory', '')}")
-
+        if j.get("auto"):
+            click.echo(f"{'':<16} every=auto: a save every {j['auto']['seconds']:.3g}s "
+                       f"({j['auto']['reason']}; rule {j['auto']['rule']})")
 
 def _dash(v: Any) -> str:
     return "-" if v is None else str(v)

@@ -7,7 +7,7 @@ daemon only counts and logs. Reasons are the ``reason`` label of
 
 from __future__ import annotations
 
-from ckptd.core.policy import SavePolicy, next_scheduled_step
+from ckptd.core.policy import SavePolicy, next_scheduled_step, time_interval
 
 
 def skipped_step(policy: SavePolicy, last_saved_step: int, reported_step: int, flagged: int) -> int | None:
@@ -41,11 +41,20 @@ def unsaved_at_exit(step: int, last_verified_step: int) -> int:
     return max(0, step - last_verified_step)
 
 
-def expected_interval(policy: SavePolicy, seconds_per_step: float | None) -> float | None:
-    """Seconds between saves the policy implies: ``every``, or step interval × step time."""
+def expected_loss(last_verified_at: float | None, started_at: float, now: float) -> float:
+    """Training seconds lost if the job died now: since the newest verified save, or since
+    this run started (what came before it is in that save)."""
+    return max(0.0, now - max(last_verified_at or started_at, started_at))
+
+
+def expected_interval(policy: SavePolicy, seconds_per_step: float | None,
+                      auto_seconds: float | None = None) -> float | None:
+    """Seconds between saves the policy implies: ``every`` (auto's current interval with
+    ``every="auto"``), or step interval × step time."""
     candidates = []
-    if policy.every:
-        candidates.append(policy.every)
+    every = time_interval(policy, auto_seconds)
+    if every:
+        candidates.append(every)
     steps = [k for _, k in policy.step_rules()]
     if steps and seconds_per_step:
         candidates.append(min(steps) * seconds_per_step)

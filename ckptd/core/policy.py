@@ -38,6 +38,9 @@ class SavePolicy:
     every_epochs: float | None = None
     every: float | None = None
     cron: str | None = None
+    auto: bool = False  # every="auto": the interval comes from ``ckptd.core.autointerval``
+    mtbf: float | None = None
+    max_overhead: float = 0.02
     start_after: int = 0
     total_steps: int | None = None
     save_final: bool = True
@@ -55,11 +58,16 @@ class SavePolicy:
             raise PolicyError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if self.every is not None and self.every <= 0:
             raise PolicyError("every must be a positive duration")
+        if not 0 < self.max_overhead < 1:
+            raise PolicyError(f"max_overhead must be a fraction between 0 and 1, got {self.max_overhead!r}")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "SavePolicy":
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in settings.items() if k in names and v is not None})
+        values = {k: v for k, v in settings.items() if k in names and v is not None}
+        if values.get("every") == "auto":
+            values.update(every=None, auto=True)
+        return cls(**values)
 
     def step_rules(self) -> tuple[tuple[str, int], ...]:
         """(rule, interval in steps) for every configured step trigger."""
@@ -75,7 +83,7 @@ class SavePolicy:
 
     @property
     def has_time_rules(self) -> bool:
-        return self.every is not None or self.cron is not None
+        return self.every is not None or self.cron is not None or self.auto
 
 
 @dataclass(frozen=True)
@@ -174,9 +182,18 @@ def _scheduled(policy: SavePolicy, p: Progress) -> Decision:
     return NO_SAVE
 
 
-def next_time_due(policy: SavePolicy, last_save_at: float) -> float | None:
-    """When the ``every`` rule next fires: that long after the last save (or run start)."""
-    return None if policy.every is None else last_save_at + policy.every
+def next_time_due(policy: SavePolicy, last_save_at: float, auto_seconds: float | None = None) -> float | None:
+    """When the ``every`` rule next fires: that long after the last save (or run start).
+    With ``every="auto"`` the interval is ``auto_seconds`` (``ckptd.core.autointerval``)."""
+    interval = time_interval(policy, auto_seconds)
+    return None if interval is None else last_save_at + interval
+
+
+def time_interval(policy: SavePolicy, auto_seconds: float | None = None) -> float | None:
+    """The ``every`` interval in seconds: the fixed one, or auto's current one."""
+    if policy.auto:
+        return auto_seconds
+    return policy.every
 
 
 # --- planning ---------------------------------------------------------------

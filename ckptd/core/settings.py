@@ -86,6 +86,25 @@ def _cron(v: Any) -> str:
     return text
 
 
+def _every(v: Any) -> float | str:
+    """A duration, or "auto": the interval chosen from measured save cost and failure rate."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return "auto"
+    return parse_duration(v)
+
+
+def _fraction(v: Any) -> float:
+    """0.02 or "2%": a share of something, strictly between 0 and 1."""
+    text = v.strip() if isinstance(v, str) else v
+    if isinstance(text, str) and text.endswith("%"):
+        x = _pos_float(text[:-1]) / 100
+    else:
+        x = _pos_float(text)
+    if not x < 1:
+        raise ValueError(f"must be a fraction below 1 (0.02 or '2%'), got {v!r}")
+    return x
+
+
 def _template(v: Any) -> str:
     text = _text(v)
     if "/" in text or "{step" not in text:
@@ -107,7 +126,12 @@ KEYS: dict[str, Key] = {
     "saves_per_epoch": Key(_int(1), None, "policy", "saves per epoch (needs steps_per_epoch; interval rounds down)"),
     "steps_per_epoch": Key(_int(1), None, "policy", "optimizer steps in one epoch"),
     "every_epochs": Key(_pos_float, None, "policy", "save every F epochs (0.25 = each quarter epoch)"),
-    "every": Key(parse_duration, None, "policy", "save when this long has passed since the last save (90s, 30m, 2h)"),
+    "every": Key(_every, None, "policy", "save when this long has passed since the last save (90s, 30m, 2h), "
+                 "or 'auto': the interval from the measured save cost and the job's failure rate"),
+    "mtbf": Key(parse_duration, None, "policy", "with every='auto': mean time between failures (default: "
+                "estimated from the job's unclean exits, starting from 24h)"),
+    "max_overhead": Key(_fraction, 0.02, "policy", "with every='auto': at most this share of training "
+                        "stalled by saves (0.02 or '2%')"),
     "cron": Key(_cron, None, "policy", "save on a cron schedule (APScheduler crontab syntax)"),
     "start_after": Key(_int(0), 0, "policy", "no scheduled save before this step (final and preemption saves still happen)"),
     "total_steps": Key(_int(1), None, "policy", "steps in the run; the final save is at this step"),
@@ -171,15 +195,17 @@ def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
     return out
 
 
+def env_table(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The keys set as ``CKPTD_*`` variables, as written (the hook passes them on to the daemon,
+    which parses them itself, exactly as the hook's kwargs)."""
+    env = os.environ if environ is None else environ
+    return {key: env["CKPTD_" + key.upper()] for key in KEYS if env.get("CKPTD_" + key.upper(), "") != ""}
+
+
 def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``CKPTD_EVERY_STEPS=500`` and friends (``unknown_env`` lists the names that are not)."""
-    env = os.environ if environ is None else environ
-    out: dict[str, Any] = {}
-    for key in KEYS:
-        name = "CKPTD_" + key.upper()
-        if name in env and env[name] != "":
-            out[key] = parse_value(key, env[name], f"environment variable {name}")
-    return out
+    return {key: parse_value(key, value, f"environment variable CKPTD_{key.upper()}")
+            for key, value in env_table(environ).items()}
 
 
 def resolve(kwargs: Mapping[str, Any], env: Mapping[str, Any], job_table: Mapping[str, Any],

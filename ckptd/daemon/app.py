@@ -29,7 +29,7 @@ from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
-from ckptd.daemon.metrics import Metrics, serve_http
+from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
 from ckptd.daemon.session import JobState, Session
 from ckptd.store.persist import PersistError, cleanup_temp
 from ckptd.store.preflight import TargetError, free_bytes
@@ -64,6 +64,7 @@ class Daemon:
         self.jobs: dict[JobKey, JobState] = {}
         self.sessions: set[Session] = set()
         self.metrics = Metrics()
+        self.metrics.registry.register(JobGauges(self._timely_values))
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
         self._stop = threading.Event()
         self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
@@ -252,10 +253,11 @@ class Daemon:
                  policy: SavePolicy, step: int, session: Session | None = None) -> JobState:
         key = JobKey(name, directory)
         rows = [r for r in self.catalog.checkpoints(*key) if r.verified]
+        history = self.catalog.history(key) if policy.auto else (0.0, 0)
         with self.lock:
             job = JobState(name, uid, directory, settings, policy, pid=pid, connected=True, step=step,
                            last_saved_step=step, last_verified_step=rows[-1].step if rows else 0,
-                           last_verified_at=rows[-1].created if rows else None, session=session)
+                           last_verified_at=rows[-1].created if rows else None, session=session, history=history)
             self.jobs[key] = job
         if policy.cron:
             from apscheduler.triggers.cron import CronTrigger
@@ -287,7 +289,7 @@ class Daemon:
     def update_gauges(self, job: JobState) -> None:
         with self.lock:
             unsaved = missed.unsaved_at_exit(job.step, job.last_verified_step)
-            interval = missed.expected_interval(job.policy, job.seconds_per_step)
+            interval = job.interval(time.time())
         self.metrics.unsaved_steps.labels(*job.key).set(unsaved)
         if interval is not None:
             self.metrics.expected_interval.labels(*job.key).set(interval)
@@ -298,6 +300,7 @@ class Daemon:
                 job.last_verified_step, job.last_verified_at = info.step, info.created
             job.overdue_flagged = False
             job.due_sent = False
+            job.measured(time.time(), durations)
         self.ledger.saved(job.key, trigger, info, durations, job.last_verified_step)
         self.update_gauges(job)
 
@@ -305,6 +308,20 @@ class Daemon:
         with self.lock:
             job.failed += 1
         self.ledger.failed(job.key, trigger, exc)
+
+    def _timely_values(self, now: float) -> list[tuple[JobKey, dict[str, float]]]:
+        """Scrape time: each known job's expected loss, save overhead and (with auto) interval."""
+        with self.lock:
+            jobs = list(self.jobs.values())
+            out = []
+            for j in jobs:
+                values = {"ckptd_expected_loss_seconds": j.expected_loss(now),
+                          "ckptd_save_overhead_ratio": j.overhead(now)}
+                auto = j.auto(now)
+                if auto is not None:
+                    values["ckptd_auto_interval_seconds"] = auto.seconds
+                out.append((j.key, values))
+        return out
 
     # -- the one-second tick ---------------------------------------------------------------
 

@@ -198,6 +198,25 @@ class Catalog:
             rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
 
+    def history(self, key: JobKey) -> tuple[float, int]:
+        """(seconds the job's earlier runs ran, how many ended without saying ``end``): what
+        ``every="auto"`` estimates the job's MTBF from. A run still open (a daemon that died
+        under it) counts up to its last event."""
+        with self._lock:
+            rows = self._db.execute("SELECT time, kind, detail FROM events WHERE job = ? ORDER BY id",
+                                    (key.name,)).fetchall()
+        ran, exits, start, last = 0.0, 0, None, 0.0
+        for t, kind, detail in rows:
+            if json.loads(detail).get("directory") != key.directory:
+                continue
+            if kind == "start":
+                ran += (last - start) if start is not None else 0.0
+                start = t
+            elif kind in ("end", "disconnect") and start is not None:
+                ran, exits, start = ran + (t - start), exits + (kind == "disconnect"), None
+            last = t
+        return ran + ((last - start) if start is not None else 0.0), exits
+
     # -- reconciling with the disk -------------------------------------------------------
 
     def reconcile(self, roots: Sequence[str]) -> dict[str, int]:

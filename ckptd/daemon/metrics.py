@@ -12,11 +12,13 @@ import json
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 from ckptd import __version__
 from ckptd.core.units import parse_listen
@@ -94,6 +96,35 @@ class Metrics:
                            self.checkpoints, self.checkpoint_bytes, self.quota_bytes, self.job_up):
                 _remove_job(metric, job)
         return old
+
+
+# Gauges that depend on the time they are read at, computed at scrape time from the job registry
+# (``JobGauges``), so that they are exact whenever Prometheus asks and vanish with their job.
+TIMELY = {
+    "ckptd_expected_loss_seconds": "Training seconds lost if the job died now (since its newest verified save)",
+    "ckptd_save_overhead_ratio": "Share of training time stalled by saves over the last hour",
+    "ckptd_auto_interval_seconds": "The save interval every=auto chose (jobs with every=auto only)",
+}
+JobSource = Callable[[float], list[tuple[JobKey, dict[str, float]]]]
+
+
+class JobGauges(Collector):
+    """``TIMELY`` for every job the daemon knows: ``source(now)`` gives each job's values."""
+
+    def __init__(self, source: JobSource, clock: Callable[[], float] = time.time) -> None:
+        self._source, self._clock = source, clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = {name: GaugeMetricFamily(name, text, labels=[JOB, DIRECTORY]) for name, text in TIMELY.items()}
+        for key, values in self._source(self._clock()):
+            for name, value in values.items():
+                families[name].add_metric([key.name, key.directory], value)
+        yield from families.values()
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """Names only, so registering does not call ``source`` before the daemon is ready."""
+        for name, text in TIMELY.items():
+            yield GaugeMetricFamily(name, text, labels=[JOB, DIRECTORY])
 
 
 def _remove_job(metric: Counter | Gauge | Histogram, job: JobKey) -> None:

@@ -8,6 +8,7 @@ dropped connection.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -61,7 +62,14 @@ def _status_row(key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, A
             "next_due_step": nxt if nxt is not None and nxt < NEVER else None,
             "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
             "missed": j.missed if j else 0, "failed": j.failed if j else 0,
-            "world_size": j.world_size if j else None}
+            "world_size": j.world_size if j else None,
+            "stall": statistics.median(j.costs.stalls) if j and j.costs.stalls else None,
+            "auto": _auto(j, now)}
+
+
+def _auto(j: Any, now: float) -> dict[str, Any] | None:
+    auto = j.auto(now) if j is not None else None
+    return None if auto is None else {"seconds": auto.seconds, "rule": auto.rule, "reason": auto.reason}
 
 
 def list_checkpoints(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:

@@ -13,12 +13,14 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckptd.core import missed
-from ckptd.core.policy import SavePolicy
+from ckptd.core.autointerval import AutoInterval, CostSamples, auto_interval, estimate_mtbf, guess_cost, overhead_ratio
+from ckptd.core.policy import SavePolicy, time_interval
 from ckptd.core.settings import SettingsError, group, parse_table, resolve
 from ckptd.core.vocab import FailReason, MissedReason, Trigger
 from ckptd.daemon.jobkey import JobKey
@@ -62,23 +64,59 @@ class JobState:
     world_size: int = 1
     ended_at: float | None = None
     session: "Session | None" = None
+    state_bytes: int = 0  # the hook's state size, from hello: auto's cost guess before a save was measured
+    costs: CostSamples = field(default_factory=CostSamples)
+    stalls: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4096))  # (when, seconds)
+    history: tuple[float, int] = (0.0, 0)  # earlier runs of the job: (seconds run, unclean exits), from the catalogue
 
     @property
     def key(self) -> JobKey:
         return JobKey(self.name, self.directory)
 
+    def measured(self, at: float, durations: dict[str, float]) -> None:
+        """A verified save's stall (reported by the hook) and persist time (measured here)."""
+        stall = durations.get("stall")
+        persist = sum(durations.get(k, 0.0) for k in ("persist", "verify"))
+        self.costs = self.costs.add(stall, persist if persist > 0 else None)
+        if stall is not None:
+            self.stalls.append((at, stall))
+
+    def auto(self, now: float) -> AutoInterval | None:
+        """``every="auto"``'s interval now; the MTBF from this job's unclean exits on this host."""
+        if not self.policy.auto:
+            return None
+        ran, exits = self.history
+        mtbf = estimate_mtbf(exits, ran + max(0.0, now - self.started_at), self.policy.mtbf)
+        return auto_interval(self.costs, mtbf, self.policy.max_overhead, self.policy.min_interval,
+                             guess_cost(self.state_bytes))
+
+    def interval(self, now: float) -> float | None:
+        """Seconds between saves the policy implies now (``ckptd_expected_save_interval_seconds``)."""
+        auto = self.auto(now)
+        return missed.expected_interval(self.policy, self.seconds_per_step, auto.seconds if auto else None)
+
+    def overhead(self, now: float) -> float:
+        """Stalled share of training over the last hour (up to the end, for a job that ended)."""
+        return overhead_ratio(self.stalls, self.started_at, min(now, self.ended_at or now))
+
+    def expected_loss(self, now: float) -> float:
+        return missed.expected_loss(self.last_verified_at, self.started_at, now) if self.connected else 0.0
+
     # The tick's questions; asked under the daemon's lock, each answered once per occasion.
 
     def every_due(self, now: float) -> bool:
-        """Has the ``every`` interval passed since the last verified save (told once)?"""
+        """Has the ``every`` interval (auto's, with ``every="auto"``) passed since the last verified
+        save (told once)? Counting from the verified save is what keeps auto free of backpressure."""
         last = max(self.last_verified_at or self.started_at, self.started_at)
-        due = self.policy.every is not None and now - last >= self.policy.every and not self.due_sent
+        auto = self.auto(now)
+        every = time_interval(self.policy, auto.seconds if auto else None)
+        due = every is not None and now - last >= every and not self.due_sent
         self.due_sent = self.due_sent or due
         return due
 
     def overdue(self, now: float, grace: float) -> tuple[float, float] | None:
         """(seconds since the last verified save, expected interval) the first time that is too long."""
-        interval = missed.expected_interval(self.policy, self.seconds_per_step)
+        interval = self.interval(now)
         last = max(self.last_verified_at if self.last_verified_at is not None else self.started_at, self.started_at)
         if self.overdue_flagged or not missed.time_overdue(interval, last, now, grace):
             return None
@@ -168,8 +206,8 @@ class Session:
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
         self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"], self)
         self.sock.settimeout(None)  # a trainer may be quiet for as long as an evaluation takes
-        world = msg.get("world_size")
-        self.job.world_size = world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 1
+        self.job.world_size = max(1, _count(msg.get("world_size")))
+        self.job.state_bytes = _count(msg.get("state_bytes"))
         self.send({"type": "welcome", "job": job, "directory": directory})
 
     # -- heartbeats and missed steps --------------------------------------------------------
@@ -308,6 +346,11 @@ class Session:
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
             self._count_missed(MissedReason.TRAINER_EXIT_UNSAVED)
         self.daemon.unregister(self.job, self)
+
+
+def _count(value: Any) -> int:
+    """An untrusted field that must be a non-negative int (bools are not); 0 when it is not."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _reported_seconds(msg: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:

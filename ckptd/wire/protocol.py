@@ -13,9 +13,10 @@ Lifecycle of one training run, in order:
    ``$XDG_RUNTIME_DIR/ckptd.sock``, else ``/run/ckptd/ckptd.sock``). The daemon reads
    the peer's pid/uid/gid with ``SO_PEERCRED``; that, not anything the client says,
    is its identity.
-2. **hello** ``{job, directory, template, settings, pid, rank, world_size, step}`` →
+2. **hello** ``{job, directory, template, settings, pid, rank, world_size, step, state_bytes}`` →
    ``{ok, job}``: the daemon checks that the uid may act on the job and the
-   directory (inside the roots, owned by the uid), registers the run and its policy.
+   directory (inside the roots, owned by the uid), registers the run and its policy
+   (``state_bytes``, optional, seeds ``every="auto"``'s cost guess until a save is measured).
    Refused: the hook runs embedded.
 3. **heartbeat** ``{step, epoch, metrics}``: batched by the hook's background thread
    (at most one a second), never one per step. The daemon uses them for
