@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
+
 from ckptd.store.verify import verify_file
 from tests.wire_client import Client, snapshot
 
@@ -55,5 +57,40 @@ def test_a_snapshot_for_another_job_is_refused_before_it_is_written(inproc_daemo
             os.close(fd)
         assert saved["ok"] is False and saved["reason"] == "invalid_snapshot"
         assert os.listdir(run) == []
+    finally:
+        c.close()
+
+
+def test_every_auto_learns_the_mtbf_from_the_jobs_unclean_exits(inproc_daemon) -> None:  # type: ignore[no-untyped-def]
+    """Issue 18: two runs of a job that went away without ``end`` are two failures in the job's
+    history; the next run's auto interval is computed from M = (24h + run time) / (1 + 2)."""
+    from tests.conftest import wait_until
+
+    run = os.path.join(inproc_daemon.roots[0], "flaky")
+    os.mkdir(run)
+    settings = {"every": "auto", "keep_last": 2}
+
+    def exits() -> int:
+        return sum(1 for _, _, kind, _ in inproc_daemon.catalog.events("flaky") if kind == "disconnect")
+
+    for n in (1, 2):
+        c = Client(inproc_daemon.socket_path)
+        assert c.ask({"type": "hello", "job": "flaky", "directory": run, "settings": settings, "pid": os.getpid(),
+                      "step": 0, "state_bytes": 1 << 30})["type"] == "welcome"
+        c.close()  # no "end": the trainer died
+        wait_until(lambda n=n: exits() == n, 10, "the disconnect to be recorded")
+    c = Client(inproc_daemon.socket_path)
+    try:
+        c.ask({"type": "hello", "job": "flaky", "directory": run, "settings": settings, "pid": os.getpid(),
+               "step": 0, "state_bytes": 1 << 30})
+        (row,) = c.ask({"type": "status"})["jobs"]
+        auto = row["auto"]
+        # no save measured yet: C is guessed from the 1 GiB state (1 s), M = 24h / 3 = 8h
+        assert auto["rule"] == "young_daly" and "C=1s (guessed from the state size)" in auto["reason"]
+        assert "M=8h (2 unclean exits in" in auto["reason"], auto
+        labels = {"training_job": "flaky", "directory": run}
+        assert inproc_daemon.metrics.registry.get_sample_value("ckptd_auto_interval_seconds", labels) \
+            == pytest.approx(auto["seconds"], rel=1e-3)
+        assert inproc_daemon.metrics.registry.get_sample_value("ckptd_expected_loss_seconds", labels) >= 0
     finally:
         c.close()

@@ -56,13 +56,7 @@ from ckptd.store.verify import VerifyResult, verify_file, verify_unit
 from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.outlet import Outlet
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
-from trainer_hooks.shards import (
-    FLAG_BEST,
-    FLAG_PREEMPT,
-    FLAG_TIME,
-    TIME_RULES,
-    ShardGroup,
-)
+from trainer_hooks.shards import ShardGroup
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import (
     apply,
@@ -77,14 +71,13 @@ from trainer_hooks.state import (
     structure_problem,
 )
 from trainer_hooks.timerules import TimeRules
+from trainer_hooks.triggers import SCHEDULED, Triggers
 from trainer_hooks.worker import SaveJob
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("ckptd.hook")
-
-SCHEDULED = ("step", "time", "best")
 
 
 class ResumeError(RuntimeError):
@@ -216,18 +209,9 @@ class Checkpointer:
         self._step = 0
         self.epoch: float | None = None
         self._metrics: dict[str, Any] | None = None
-        self._last_saved_step = 0
         self._last_verified_step = -1
-        self._last_sched_at: float | None = None
         self._last_save_wall = time.time()
-        self._best: float | None = None
-        self._best_key = self.policy.best_metric
-        self._time_due: str | None = None
-        self._attention = False  # something besides the step count may make a save due: ask the policy
-        self._agreed_flags = [0, 0, 0]  # sharded: the flags every rank acts on (``trainer_hooks.shards``)
-        self._sent_preempt = False
-        self._best_seen = False
-        self._next_due = pol.next_due_step(self.policy, 0)
+        self._triggers = Triggers(self.policy, self.job, self._shards is not None)
 
     @property
     def step_count(self) -> int:
@@ -235,8 +219,8 @@ class Checkpointer:
 
     def start_at(self, step: int) -> None:
         """The run was resumed elsewhere (e.g. by a framework) at ``step``: count from there, save nothing."""
-        self._step = self._last_saved_step = self._last_verified_step = step
-        self._next_due = pol.next_due_step(self.policy, step)
+        self._step = self._last_verified_step = step
+        self._triggers.restart_at(step)
 
     def step(self, n: int | None = None, metrics: dict[str, Any] | None = None,
              epoch: float | None = None) -> int:
@@ -244,14 +228,14 @@ class Checkpointer:
         self._step = self._step + 1 if n is None else n
         if epoch is not None:
             self.epoch = epoch
+        t = self._triggers
         if metrics is not None:
             self._metrics = metrics
-            if self._best_key is not None and pol.improves(self.policy, metrics.get(self._best_key), self._best):
-                self._best_seen = True  # sharded: latched until the next exchange sends it
-                self._attention = self._shards is None
+            if t.best_key is not None:
+                t.metric_seen(metrics.get(t.best_key))
         if self._shards is not None and self._shards.due():
-            self._exchange()
-        if self._step >= self._next_due or self._attention:
+            t.exchange(self._shards, self._preemption.signum, self._metric, time.monotonic())
+        if self._step >= t.next_due or t.attention:
             self._due()
         return self._step
 
@@ -264,70 +248,36 @@ class Checkpointer:
         Framework callbacks call it from their evaluation hooks.
         """
         self._metrics = {**(self._metrics or {}), **metrics}
-        if self._best_key is None or not pol.improves(self.policy, as_float(metrics.get(self._best_key)), self._best):
+        key = self._triggers.best_key
+        if key is None or not self._triggers.metric_seen(as_float(metrics.get(key))):
             return False
         if self._shards is not None:  # every rank must save at the same step: the next exchange carries it
-            self._best_seen = True
             return False
         saves = self.stats["saves"]
-        self._attention = True
         self._due()
         return self.stats["saves"] > saves
-
-    def _exchange(self) -> None:
-        """Sharded: send this step's own triggers once; act on what all ranks sent last step."""
-        assert self._shards is not None
-        local = [0, 0, 0]
-        local[FLAG_TIME] = TIME_RULES.index(self._time_due) if self._time_due in TIME_RULES else 0
-        signum = self._preemption.signum
-        local[FLAG_PREEMPT] = int(signum is not None and signum > 0 and not self._sent_preempt)
-        local[FLAG_BEST] = int(self._best_seen or pol.improves(self.policy, self._metric, self._best))
-        self._best_seen = False
-        self._sent_preempt = self._sent_preempt or bool(local[FLAG_PREEMPT])
-        self._time_due = None  # sent: rank 0's timer fires once, the agreed flag comes back next step
-        self._agreed_flags = self._shards.exchange(local, time.monotonic())
-        self._attention = any(self._agreed_flags)
 
     @property
     def _metric(self) -> float | None:
         """The best_metric value last passed to ``step()``, if any."""
-        return as_float(self._metrics.get(self._best_key)) if (self._metrics and self._best_key) else None
-
-    def _progress(self) -> pol.Progress:
-        metric = self._metric
-        if self._shards is not None:
-            a = self._agreed_flags
-            return pol.Progress(self._step, self._last_saved_step, self._last_sched_at, TIME_RULES[a[FLAG_TIME]] or None,
-                                bool(a[FLAG_PREEMPT]), metric, self._best, best_due=bool(a[FLAG_BEST]))
-        return pol.Progress(self._step, self._last_saved_step, self._last_sched_at, self._time_due,
-                            self._preemption.pending, metric, self._best)
+        key = self._triggers.best_key
+        return as_float(self._metrics.get(key)) if (self._metrics and key) else None
 
     def _due(self) -> None:
-        decision = pol.decide(self.policy, self._progress(), time.time())
+        t = self._triggers
+        decision = t.decide(self._step, self._preemption.pending, self._metric, time.time())
         if decision.save:
             self._save(decision.trigger, decision.rule)
             if decision.trigger == "best":
-                self._best_churn(self._step)
+                t.churn(self._step)
             if decision.trigger == "preempt":
                 self._preemption.finish(self.wait)
-        self._next_due = pol.next_due_step(self.policy, self._last_saved_step)
-        self._agreed_flags = [0, 0, 0]
-        self._attention = self._shards is None and (self._time_due is not None or self._preemption.pending)
+        t.decided(self._preemption.pending)
 
     @property
     def auto_interval(self) -> AutoInterval | None:
         """With ``every="auto"``: the interval this hook's clock uses now, and why (None otherwise)."""
         return self._time_rules.auto
-
-    def _best_churn(self, step: int) -> None:
-        """A best metric fed to every ``step()`` (a training loss) saves at almost every step: say so once."""
-        self._best_steps = (getattr(self, "_best_steps", []) + [step])[-5:]
-        if not getattr(self, "_churn_warned", False) and len(self._best_steps) == 5 \
-                and self._best_steps[-1] - self._best_steps[0] <= 8:
-            self._churn_warned = True
-            log.warning("ckptd: job %s: best_metric %r improved and saved at 5 of the last %d steps; pass "
-                        "evaluation metrics with ckpt.report(...) instead of step(metrics=...), or set min_interval",
-                        self.job, self._best_key, self._best_steps[-1] - self._best_steps[0] + 1)
 
     # -- saving -----------------------------------------------------------------
 
@@ -380,13 +330,8 @@ class Checkpointer:
         return True
 
     def _mark_saved(self, trigger: str, now: float) -> None:
-        self._last_saved_step = self._step
+        self._triggers.saved(self._step, trigger, self._metric, now)
         self._last_save_wall = now
-        self._time_due = None
-        if trigger in SCHEDULED:
-            self._last_sched_at = now
-        if pol.improves(self.policy, self._metric, self._best):
-            self._best = self._metric
         self._time_rules.saved_at(now)
 
     def _capture(self) -> dict[str, Any]:
@@ -483,24 +428,19 @@ class Checkpointer:
         return result
 
     def _restore_progress(self, trainer: dict[str, Any], info: Checkpoint) -> None:
-        self._step = self._last_saved_step = self._last_verified_step = int(trainer.get("step", info.step))
+        self._step = self._last_verified_step = int(trainer.get("step", info.step))
         self.epoch = trainer.get("epoch")
-        if self._best_key:
-            values = [as_float(c.metrics.get(self._best_key)) for c in self.checkpoints()]
-            for v in values:
-                if pol.improves(self.policy, v, self._best):
-                    self._best = v
-        self._next_due = pol.next_due_step(self.policy, self._step)
+        key = self._triggers.best_key
+        self._triggers.restart_at(self._step, [as_float(c.metrics.get(key)) for c in self.checkpoints()] if key else [])
 
     # -- time rules and signals -------------------------------------------------
 
     def _time_fired(self, rule: str) -> None:
         """A time rule fired (the daemon's ``due``, or our own clock): the save happens at the next ``step()``."""
-        self._time_due = rule
-        self._attention = True
+        self._triggers.time_fired(rule)
 
     def _preempt_raised(self) -> None:
-        self._attention = True
+        self._triggers.raise_attention()
 
     def _between_steps(self, signum: int) -> None:
         """The trainer did not reach ``step()`` within the grace period after a signal: save now."""
@@ -520,7 +460,7 @@ class Checkpointer:
         """End of run: save the last step if unsaved, wait for verification, stop threads."""
         if self._closed:
             return
-        if final and self.policy.save_final and (self._step > self._last_saved_step or not self.stats["saves"]):
+        if final and self.policy.save_final and (self._step > self._triggers.last_saved_step or not self.stats["saves"]):
             self._save("final", "save_final")
         self.wait()
         if final and self.policy.save_final and self._last_verified_step != self._step:
