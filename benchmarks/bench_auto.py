@@ -3,8 +3,10 @@
 A run must finish ``--work`` hours of useful training. Failures arrive as a Poisson process
 (exponential gaps, mean ``MTBF``). Every save stalls training for ``C`` seconds (drawn
 around ``--stall`` with lognormal noise, as real stalls vary) and becomes durable ``P``
-seconds later (``--persist``: write + fsync + read-back); a failure loses the work since
-the newest *durable* save, plus ``--restart`` seconds to come back. Waste = wall time -
+seconds later (``--persist``: write + fsync + read-back; a save due while the previous one
+is still being written waits for it, as ckptd's ``on_busy="wait"`` does, and the wait counts
+as stall); a failure loses the work since the newest *durable* save, plus ``--restart``
+seconds to come back. Waste = wall time -
 useful work. Each strategy sees the same failure draws (common random numbers, one stream
 per seed), so differences are the strategies', not the dice's.
 
@@ -81,9 +83,13 @@ def simulate(choose: Chooser, work: float, mtbf: float, stall: float, persist: f
             durable, pending = pending[0], None
         if done >= work:
             break
+        if pending is not None:  # the previous save is still being written: step() waits for it (on_busy=wait)
+            cost += pending[1] - t
         if t + cost >= next_fail:
             fail()
             continue
+        if pending is not None:
+            durable, pending = pending[0], None
         t, stalled, saves = t + cost, stalled + cost, saves + 1
         pending = (done, t + persist)
         samples = samples.add(stall=cost, persist=persist)
@@ -150,6 +156,7 @@ def main() -> None:
                         "auto_overhead": overhead, "seeds": len(seeds),
                         "failures_total": sum(o.failures for o in auto_runs),
                         "sweep": {f"{t:.0f}": w for t, w in sweep.items()}})
+        print(f"MTBF {m_hours:g} h: {len(seeds)} runs per strategy done", file=sys.stderr, flush=True)
         rows.append([f"{m_hours:g} h", f"{len(seeds)} / {sum(o.failures for o in auto_runs)}", *(f"{named[n]:.2%}" for n in FIXED), f"{sweep[best_t]:.2%} @ {best_t:.0f}s",
                      f"{w_auto:.2%}", f"{w_known:.2%}", f"{w_auto / sweep[best_t] - 1:+.1%}", f"{overhead:.2%}"])
     print(table(f"Waste (stalls + lost work + restarts) per unit of useful work: {a.work:g} h of training, "
