@@ -15,7 +15,8 @@ BENCH = ROOT / "benchmarks"
 @pytest.mark.slow
 @pytest.mark.parametrize("name,result", [("bench_stall", "stall_quick"), ("bench_io", "io_quick"),
                                          ("bench_overhead", "overhead_quick"), ("bench_load", "load_quick"),
-                                         ("bench_watch", "watch_quick"), ("bench_sharded", "sharded_2ranks_quick")])
+                                         ("bench_watch", "watch_quick"), ("bench_sharded", "sharded_2ranks_quick"),
+                                         ("bench_auto", "auto_quick")])
 def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
     env = {"CKPTD_BENCH_RESULTS": str(tmp_path / "results"), "CKPTD_BENCH_DIR": str(tmp_path)}
     r = run_py(str(BENCH / f"{name}.py"), "--quick", timeout=300, env=env)
@@ -26,5 +27,8 @@ def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
         assert doc["lost"] == 0 and doc["corrupt"] == 0 and doc["failed"] == 0
     if name == "bench_sharded":
         assert doc["ranks"] == 2 and all(len(r["ckptd commit"]) == 3 for r in doc["per_rank"])
+    if name == "bench_auto":  # auto runs the daemon's own function: near the hindsight optimum, under the bound
+        for row in doc["results"]:
+            assert row["auto_overhead"] < 0.02 and row["waste"]["auto"] < row["waste"]["1 h"], row
     if name == "bench_io":
         assert doc["verify_peak_rss_bytes"] < 300 * 2**20
