@@ -188,6 +188,7 @@ def _plot(name: str, results: list[dict[str, object]]) -> None:
         assert isinstance(w, dict)
         ax.axhline(100 * w["auto"], color=line.get_color(), linestyle="--", linewidth=1)
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("fixed save interval (s); dashed: every=\"auto\"")
     ax.set_ylabel("waste, % of useful work")
     ax.set_title("every=\"auto\" against every fixed interval (simulated)")
