@@ -191,3 +191,56 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+class MotoServer:
+    """A real S3-compatible server (moto in server mode) on a loopback port, for the remote tier."""
+
+    def __init__(self, base: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = open(base / "moto.log", "ab")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "MotoServer":
+        import urllib.request
+
+        exe = Path(PYTHON).with_name("moto_server")
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.05)
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.log.close()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
+    """A moto S3 server with a bucket ``ckpt``; the test process has (fake) AWS credentials in its env."""
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    server = MotoServer(tmp_path).start()
+    try:
+        server.client().create_bucket(Bucket="ckpt")
+        yield server
+    finally:
+        server.stop()

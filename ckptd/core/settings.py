@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ckptd.core.units import parse_duration, parse_size, parse_size_or_percent
+from ckptd.core.units import parse_duration, parse_remote, parse_size, parse_size_or_percent
 
 
 class SettingsError(ValueError):
@@ -153,9 +153,18 @@ KEYS: dict[str, Key] = {
     # quota (SPEC §5)
     "max_bytes": Key(parse_size, None, "quota", "disk budget of the job (500MiB, 2TB)"),
     "min_free": Key(parse_size_or_percent, None, "quota", "free space to leave on the filesystem (bytes or 10%)"),
+    # remote tier (SPEC §11); the remote_keep_* rules are added below from §5's
+    "remote": Key(parse_remote, None, "remote", "replicate verified checkpoints to s3://bucket/prefix or file:///path"),
+    "remote_endpoint": Key(_text, None, "remote", "S3 endpoint URL, for S3-compatible stores (MinIO, Ceph, ...)"),
+    "remote_timeout": Key(parse_duration, 300.0, "remote", "embedded mode: how long close() waits for uploads"),
     # naming (SPEC §7)
     "template": Key(_template, "{job}-step{step:08d}.safetensors", "naming", "checkpoint file name template"),
 }
+
+
+for _key in ("keep_last", "keep_best", "keep_every_steps", "keep_hourly", "keep_daily", "keep_within", "keep_final"):
+    _local = KEYS[_key]
+    KEYS["remote_" + _key] = Key(_local.parse, None, "remote", f"remote copies: {_local.help}")
 
 
 def parse_value(key: str, value: Any, source: str) -> Any:

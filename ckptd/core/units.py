@@ -77,6 +77,17 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def parse_remote(value: object) -> str:
+    """A remote tier URL: ``s3://bucket[/prefix]`` or ``file:///absolute/path``."""
+    from urllib.parse import urlparse
+
+    u = urlparse(value) if isinstance(value, str) else None
+    if u is not None and ((u.scheme == "s3" and u.netloc) or (u.scheme == "file" and u.path.startswith("/")
+                                                               and not u.netloc)):
+        return str(value).rstrip("/")
+    raise ValueError(f"expected a URL like s3://bucket/prefix or file:///mnt/ckpt, got {value!r}")
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """(host, port) from "host:port", "[v6addr]:port" or ":port"; the error says what is expected."""
     text = str(value).strip()

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import BinaryIO, Collection
+from typing import Any, BinaryIO, Collection
 
 import xxhash
 
@@ -109,6 +109,43 @@ def verify_open(f: BinaryIO, label: str) -> VerifyResult:
     try:
         header = read_header(f, os.fstat(f.fileno()).st_size)
         return _check(label, f, header)
+    except FormatError as exc:
+        return VerifyResult(label, False, str(exc))
+    except OSError as exc:
+        return VerifyResult(label, False, f"cannot read: {exc.strerror or exc}")
+
+
+class _Forward:
+    """A forward-only byte stream (an object store's response body) as the verifier reads a
+    file: whole reads, and a seek only to where it already is (the verifier never goes back)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.pos = raw, 0
+
+    def read(self, n: int) -> bytes:
+        parts, want = [], n
+        while want > 0:
+            chunk = self.raw.read(want)
+            if not chunk:
+                break
+            parts.append(chunk)
+            want -= len(chunk)
+        data = b"".join(parts)
+        self.pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos != self.pos:
+            raise OSError(f"a stream cannot seek from {self.pos} to {pos}")
+        return pos
+
+
+def verify_stream(raw: Any, size: int, label: str) -> VerifyResult:
+    """Verify a checkpoint read once from a stream of ``size`` bytes (a remote object), with
+    the same checks as a local file: header, metadata digest, every tensor's digest."""
+    try:
+        f = _Forward(raw)
+        return _check(label, f, read_header(f, size))  # type: ignore[arg-type]
     except FormatError as exc:
         return VerifyResult(label, False, str(exc))
     except OSError as exc:

@@ -1,0 +1,236 @@
+"""Replication of verified checkpoints to a remote store, and what a reader checks (SPEC §11).
+
+Lifecycle of one replicated checkpoint, in order:
+
+1. A checkpoint is offered only once it verified locally (its final name says so).
+2. **Data**: the file goes to ``JOB/NAME`` (boto3's managed transfer for S3: multipart,
+   parallel parts, read part by part; temp file + fsync + rename for ``file://``).
+3. **Verify**: the object is read back as a stream and checked like a local file: its
+   size, the header's metadata digest against the local one, and every tensor's xxh3-64
+   against the digests in its header. A copy that does not verify is deleted.
+4. **Commit**: a small JSON object ``JOB/NAME.commit.json`` (step, size, metadata digest,
+   trigger, metrics, created) is written last. A remote checkpoint counts only when its
+   commit object exists; data without one (an upload cut off at any point) is never
+   listed, fetched or resumed from, and remote retention removes it once a later
+   checkpoint committed.
+5. **Retention**: the ``remote_keep_*`` rules (SPEC §5's, with the prefix) over the
+   committed checkpoints; a deletion removes the commit object first, then the data.
+
+A reader (``ckptd verify``, ``ckptd fetch``, ``resume()``) trusts nothing but steps 3-4
+again: commit object present, size equal, metadata digest equal, every tensor re-hashed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ckptd.core import retention
+from ckptd.core.format import FormatError, read_header
+from ckptd.core.vocab import Trigger
+from ckptd.store.remote import RemoteError, Store
+from ckptd.store.safepath import open_regular
+from ckptd.store.scan import SUFFIX, read_info
+from ckptd.store.verify import VerifyResult, verify_file, verify_stream
+
+__all__ = ["COMMIT", "RemoteCheckpoint", "committed", "fetch", "remote_rules", "replicate", "uncommitted",
+           "verify_remote", "prune_remote"]
+
+log = logging.getLogger("ckptd.store")
+COMMIT = ".commit.json"
+FORMAT = "1"
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """One committed remote checkpoint, as its commit object describes it."""
+
+    key: str
+    job: str
+    step: int
+    bytes: int
+    meta_digest: str
+    created: float
+    trigger: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+
+def replicate(store: Store, job: str, path: str) -> RemoteCheckpoint:
+    """Steps 2-4 for one local checkpoint that verified; raises ``RemoteError`` on any failure."""
+    info = read_info(path)
+    if info.problem or info.shards:
+        raise RemoteError(f"{path}: {'sharded checkpoints are not replicated yet' if info.shards else info.problem}")
+    key = f"{job}/{os.path.basename(path)}"
+    meta_digest = _meta_digest(path)
+    store.put_file(path, key)
+    commit = RemoteCheckpoint(key, job, info.step, info.bytes, meta_digest, info.created, info.trigger, info.metrics)
+    result = verify_remote(store, commit)
+    if not result.ok:
+        _quietly(store.delete, key)
+        raise RemoteError(f"{store.url}/{key} did not verify after the upload: {result.reason}")
+    store.put_bytes(key + COMMIT, json.dumps({"ckptd.remote": FORMAT, **commit.__dict__}, sort_keys=True).encode())
+    return commit
+
+
+def _meta_digest(path: str) -> str:
+    """From the header alone: a final name already means every tensor verified."""
+    try:
+        with open_regular(path) as f:
+            return read_header(f, os.fstat(f.fileno()).st_size).metadata.get("ckptd.meta_digest", "")
+    except (OSError, FormatError) as exc:
+        raise RemoteError(f"{path}: cannot read its header: {exc}") from None
+
+
+def verify_remote(store: Store, c: RemoteCheckpoint) -> VerifyResult:
+    """Steps 3-4 as a reader repeats them: size, metadata digest, every tensor, from one streamed read."""
+    label = f"{store.url}/{c.key}"
+    try:
+        body, size = store.open(c.key)
+    except RemoteError as exc:
+        return VerifyResult(label, False, str(exc))
+    try:
+        if size != c.bytes:
+            return VerifyResult(label, False, f"{size} bytes, the commit says {c.bytes}")
+        result = verify_stream(body, size, label)
+    finally:
+        body.close()
+    if result.ok and result.metadata.get("ckptd.meta_digest") != c.meta_digest:
+        return VerifyResult(label, False, "not the checkpoint its commit names (metadata digest differs)")
+    if result.ok and result.metadata.get("ckptd.step") != str(c.step):
+        return VerifyResult(label, False, f"header says step {result.metadata.get('ckptd.step')}, the commit {c.step}")
+    return result
+
+
+def committed(store: Store, job: str, listing: Mapping[str, int] | None = None) -> list[RemoteCheckpoint]:
+    """The job's committed remote checkpoints, oldest first (a commit object that does not parse is skipped)."""
+    keys = store.list(f"{job}/") if listing is None else listing
+    out = []
+    for key in keys:
+        if key.endswith(COMMIT) and key.startswith(f"{job}/"):
+            try:
+                out.append(_parse_commit(store, key))
+            except (ValueError, KeyError, TypeError, RemoteError) as exc:
+                log.warning("remote: %s/%s: unreadable commit object (%s); ignored", store.url, key, exc)
+    return sorted(out, key=lambda c: (c.step, c.created))
+
+
+def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
+    body, _ = store.open(key)
+    try:
+        doc = json.loads(body.read(1 << 20))
+    finally:
+        body.close()
+    if doc.get("ckptd.remote") != FORMAT or doc["key"] + COMMIT != key:
+        raise ValueError("not a ckptd commit object for this key")
+    return RemoteCheckpoint(str(doc["key"]), str(doc["job"]), int(doc["step"]), int(doc["bytes"]),
+                            str(doc["meta_digest"]), float(doc["created"]), str(doc.get("trigger", "")),
+                            dict(doc.get("metrics") or {}))
+
+
+def uncommitted(store: Store, job: str, listing: Mapping[str, int]) -> list[str]:
+    """Data objects with no commit object: uploads cut off, or still in progress."""
+    return [k for k in listing if k.startswith(f"{job}/") and k.endswith(SUFFIX) and k + COMMIT not in listing]
+
+
+def remote_rules(settings: Mapping[str, Any]) -> retention.Rules:
+    """The ``remote_keep_*`` keys read as §5's rules (``remote_keep_last`` -> ``keep_last``)."""
+    local = {k[len("remote_"):]: v for k, v in settings.items() if k.startswith("remote_keep") and v is not None}
+    if "keep_best" in local:
+        local.update(best_metric=settings.get("best_metric"), best_mode=settings.get("best_mode", "min"))
+    return retention.Rules.from_settings(local)
+
+
+def prune_remote(store: Store, job: str, settings: Mapping[str, Any], now: float) -> list[retention.Verdict]:
+    """Remote retention: commit object first, then data; plus leftovers of cut-off uploads
+    older than the newest committed checkpoint. Local files are never touched here."""
+    listing = store.list(f"{job}/")
+    commits = committed(store, job, listing)
+    rules = remote_rules(settings)
+    items = [retention.Item(c.key, c.step, c.created, c.bytes, final=c.trigger == Trigger.FINAL,
+                            metric=_metric(c.metrics.get(rules.best_metric or ""))) for c in commits]
+    verdicts = retention.plan(items, rules, now)
+    for v in verdicts:
+        if not v.keep:
+            store.delete(v.item.id + COMMIT)
+            store.delete(v.item.id)
+            log.info("remote: deleted %s/%s (%s)", store.url, v.item.id, v.reasons[0])
+    newest = max((c.step for c in commits), default=None)
+    for key in uncommitted(store, job, listing):
+        info_step = _step_of(key)
+        if newest is not None and info_step is not None and info_step < newest:
+            store.delete(key)
+            log.info("remote: deleted %s/%s (an upload that never committed)", store.url, key)
+    return verdicts
+
+
+def _metric(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _step_of(key: str) -> int | None:
+    m = re.search(r"-step(\d+)", key)
+    return int(m.group(1)) if m else None
+
+
+def fetch(store: Store, job: str, directory: str, step: int | None = None,
+          check: Callable[[RemoteCheckpoint], bool] = lambda c: True) -> str | None:
+    """Download the newest committed checkpoint (or ``step``) that verifies into ``directory``.
+
+    Streams to a temp file there, verifies the local copy tensor by tensor (the same read
+    checks the commit's size and metadata digest), then renames it to its final name and
+    fsyncs the directory: what ``resume()`` then finds is as good as one written here.
+    Returns the path, or None when the job has no remote checkpoint that verifies.
+    """
+    for c in reversed(committed(store, job)):
+        if (step is not None and c.step != step) or not check(c):
+            continue
+        path = _download(store, c, directory)
+        if path is not None:
+            return path
+    return None
+
+
+def _download(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:
+    os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, c.name)
+    tmp = os.path.join(directory, f".{c.name}.ckptd-fetch.{secrets.token_hex(4)}")
+    try:
+        body, size = store.open(c.key)
+        try:
+            with open(tmp, "wb") as f:
+                while chunk := body.read(8 << 20):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            body.close()
+        result = verify_file(tmp)
+        if not result.ok or size != c.bytes or result.metadata.get("ckptd.meta_digest") != c.meta_digest:
+            log.error("remote: %s/%s does not verify: %s", store.url, c.key, result.reason or "size or digest differ")
+            return None
+        os.rename(tmp, final)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return final
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except RemoteError:
+        pass
