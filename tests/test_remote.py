@@ -4,7 +4,9 @@ server (moto in server mode on loopback) and against a ``file://`` tier on a sec
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +16,7 @@ import pytest
 from ckptd.store.remote import RemoteError, Store, open_store
 from ckptd.store.replicate import COMMIT, committed, fetch, prune_remote, replicate, verify_remote
 from ckptd.store.verify import verify_file
-from tests.conftest import MotoServer, tmpfs_at
+from tests.conftest import ROOT, MotoServer, run_py, tmpfs_at
 from tests.helpers import small_checkpoint
 
 
@@ -22,6 +24,7 @@ from tests.helpers import small_checkpoint
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "s3":
         server: MotoServer = request.getfixturevalue("moto")
+        os.environ["CKPT_TEST_ENDPOINT"] = server.endpoint  # for the trainers the test starts
         yield open_store("s3://ckpt/team/runs", server.endpoint)
     else:
         with tmpfs_at(tmp_path / "shared", "64m") as shared:  # another filesystem than the checkpoints'
@@ -109,3 +112,51 @@ def test_a_store_that_is_down_is_one_clear_error(tmp_path: Path, monkeypatch: py
     with pytest.raises(RemoteError, match="upload t/t-step00000010.safetensors"):
         replicate(store, "t", path)
     assert time.monotonic() - t0 < 30  # bounded retries, not a hang
+
+
+# --- end to end: a training run with a remote tier ----------------------------------------------
+
+TOY = str(ROOT / "examples" / "train_toy.py")
+
+
+def toy(directory: Path, steps: int, env: dict[str, str], *extra: str) -> dict:  # type: ignore[type-arg]
+    r = run_py(TOY, "--dir", str(directory), "--job", "toy", "--steps", str(steps), "--every-steps", "10", *extra,
+               env={**env, "CKPTD_SOCKET": str(directory.parent / "no-daemon.sock")}, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"start": int(r.stdout.split("starting at step ")[1].split()[0]), **json.loads(r.stdout.strip().splitlines()[-1]),
+            "log": r.stderr}
+
+
+@pytest.mark.slow
+def test_a_new_host_resumes_from_the_remote_tier_bit_identical(store: Store, tmp_path: Path) -> None:
+    """Every verified checkpoint goes to the remote; local retention waits for it; the host's disk
+    is lost; a new host (another directory) resumes from the remote and ends where an
+    uninterrupted run ends, bit for bit."""
+    env = {"CKPTD_REMOTE": store.url, "CKPTD_REMOTE_KEEP_LAST": "2"}
+    if store.url.startswith("s3://"):
+        env["CKPTD_REMOTE_ENDPOINT"] = os.environ["CKPT_TEST_ENDPOINT"]
+    straight = toy(tmp_path / "straight", 60, {})
+    first = toy(tmp_path / "host1", 30, env, "--keep-last", "1")
+    assert first["start"] == 0 and first["stats"]["verified"] == 3
+    assert [c.step for c in committed(store, "toy")] == [20, 30]  # remote_keep_last=2, its own rule
+    assert os.listdir(tmp_path / "host1") == ["toy-step00000030.safetensors"]  # local keep_last=1, once remote
+    shutil.rmtree(tmp_path / "host1")  # the host is gone
+    second = toy(tmp_path / "host2", 60, env)
+    assert second["start"] == 30 and "fetched" in second["log"]
+    assert second["fingerprint"] == straight["fingerprint"]
+    # remote_keep_last=2 keeps 50 and 60; the first run's final checkpoint stays by keep_final (default true)
+    assert [c.step for c in committed(store, "toy")] == [30, 50, 60]
+
+
+@pytest.mark.slow
+def test_a_store_that_is_down_costs_no_local_copy_and_no_training(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import S3_ENV, free_port
+
+    env = {**S3_ENV, "CKPTD_REMOTE": "s3://ckpt/x", "CKPTD_REMOTE_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "CKPTD_REMOTE_TIMEOUT": "3s"}
+    run = toy(tmp_path / "host1", 30, env, "--keep-last", "1")
+    assert run["stats"]["verified"] == 3 and run["stats"]["failed"] == 0  # training went on, saves verified
+    assert sorted(os.listdir(tmp_path / "host1")) == [f"toy-step000000{s}.safetensors" for s in (10, 20, 30)]
+    assert run["log"].count("retrying with backoff") == 1  # said once, with the store's own words
+    assert "3 checkpoint(s) not yet on s3://ckpt/x after 3s" in run["log"]

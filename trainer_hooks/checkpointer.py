@@ -107,13 +107,15 @@ class Checkpointer:
         self.last_error: PersistError | None = None
         self._buffer = StagingBuffer(f"ckptd-{job}")
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
-                              self._count_removals, self._shards)
+                              self._count_removals, self._shards, replicate=self.saving)
         self._closed = False
         # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
         self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
         if socket is not False and self.saving and self._talks_to_daemon:
             self._outlet.connect(default_socket_path() if socket in (None, True) else str(socket), self._hello,
                                  self._beat, self._time_fired, reconnect_every)
+        if self.mode == "embedded":
+            self._outlet.resync_remote()
         self._time_rules = TimeRules(self.policy, self._time_fired, lambda: self.mode == "embedded", job,
                                      self._state_bytes)
         self._time_rules.saved_at(self._last_save_wall)
@@ -389,6 +391,8 @@ class Checkpointer:
             self._move_aside()
             return 0
         info = newest_verified(self.directory, self.job, check=self._resumable)
+        if info is None and self._fetch_remote():
+            info = newest_verified(self.directory, self.job, check=self._resumable)
         if info is None:
             return 0
         fits = self._shards is not None or self.model is None  # (a sharded rank holds its part of the model)
@@ -407,6 +411,23 @@ class Checkpointer:
         self._restore_progress(state.get("trainer", {}), info)
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
         return self._step
+
+    def _fetch_remote(self) -> bool:
+        """No local checkpoint verifies: a new host resumes from the remote tier, if there is one."""
+        if not self.settings.get("remote") or self._shards is not None:
+            return False
+        from ckptd.store.remote import RemoteError, open_store
+        from ckptd.store.replicate import fetch
+
+        try:
+            path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")), self.job,
+                         self.directory)
+        except RemoteError as exc:
+            log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
+            return False
+        if path is not None:
+            log.info("ckptd: job %s: no local checkpoint; fetched %s from %s", self.job, path, self.settings["remote"])
+        return path is not None
 
     def _move_aside(self) -> None:
         stale = os.path.join(self.directory, ".ckptd-stale", time.strftime("%Y%m%dT%H%M%S"))

@@ -8,6 +8,10 @@
 3. **sharded**: every rank's persist thread writes its own shard and the ranks commit
    together (``trainer_hooks.shards.save_shard``); rank 0 tells the daemon, if any.
 
+With a remote tier (``remote=``), what this process saved itself (embedded, or left by a
+daemon that went away) is then replicated by its own ``Replicator``; what the daemon
+saved, the daemon replicates. ``close()`` waits for pending uploads up to ``remote_timeout``.
+
 Whichever it is, ``on_done`` hears of each save once: verified, or failed with a reason.
 The staging buffer is reused, so one save is in flight at a time: ``busy``/``wait``.
 """
@@ -15,11 +19,13 @@ The staging buffer is reused, so one save is in flight at a time: ``busy``/``wai
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable
 
 from ckptd.core.vocab import FailReason
-from ckptd.store.lifecycle import Removed, Target, save_unit
+from ckptd.store.lifecycle import Removed, Target, prune, save_unit
 from ckptd.store.persist import Persisted, PersistError
+from ckptd.store.replicator import Replicator, Upload
 from trainer_hooks.link import Link
 from trainer_hooks.shards import ShardGroup, save_shard
 from trainer_hooks.worker import Done, SaveJob, Worker
@@ -28,11 +34,13 @@ log = logging.getLogger("ckptd.hook")
 
 
 class Outlet:
-    def __init__(self, target: Target, on_done: Done, on_removed: Removed, shards: ShardGroup | None = None) -> None:
+    def __init__(self, target: Target, on_done: Done, on_removed: Removed, shards: ShardGroup | None = None,
+                 replicate: bool = False) -> None:
         self.target, self.shards = target, shards
         self._on_done, self._on_removed = on_done, on_removed
-        self._worker = Worker(self._persist_here, on_done)
+        self._worker = Worker(self._persist_here, self._persisted_here)
         self.link: Link | None = None
+        self.replicator = Replicator() if replicate and target.settings.get("remote") and shards is None else None
 
     def connect(self, path: str, hello: Callable[[], dict[str, Any]], beat: Callable[[], dict[str, Any]],
                 on_due: Callable[[str], None], retry_every: float) -> None:
@@ -66,6 +74,34 @@ class Outlet:
             self.link.close(end_step)
             self.link = None
         self._worker.close(timeout)
+        if self.replicator is not None:
+            self._drain_uploads(timeout)
+
+    def _drain_uploads(self, timeout: float | None) -> None:
+        """Embedded: nobody else will upload what is left, so wait for it, within remote_timeout."""
+        assert self.replicator is not None
+        limit = self.target.settings.get("remote_timeout", 300.0)
+        left = self.replicator.wait(limit if timeout is None else min(limit, timeout))
+        if left:
+            log.warning("ckptd: %d checkpoint(s) not yet on %s after %.0fs: %s; they stay on disk and the next run "
+                        "(or a daemon) uploads them", len(left), self.target.settings["remote"], limit,
+                        ", ".join(os.path.basename(u.path) for u in left))
+        self.replicator.close(timeout=5.0)
+
+    def resync_remote(self) -> None:
+        """Embedded at start: upload what an earlier run saved and did not get to the remote tier."""
+        if self.replicator is not None:
+            self.replicator.resync(self.target.job, self.target.directory, self.target.settings,
+                                   after=self._prune_again)
+
+    def _persisted_here(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
+        if result is not None and self.replicator is not None:
+            self.replicator.submit(Upload(self.target.job, result.path, self.target.settings, after=self._prune_again))
+        self._on_done(job, result, error)
+
+    def _prune_again(self) -> None:
+        """Once a checkpoint is remote, local retention may delete what it only kept for that."""
+        prune(self.target, self._on_removed)
 
     # -- the persist thread ------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class Item:
     pinned: bool = False
     final: bool = False
     metric: float | None = None
+    remote_pending: bool = False  # a remote tier is set and this one is not verified there yet
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
     for i in good:
         if i.pinned:
             reasons[i.id].append(Reason(Rule.PINNED))
+        if i.remote_pending:
+            reasons[i.id].append(Reason(Rule.REMOTE_PENDING))
         if i.final and rules.keep_final:
             reasons[i.id].append(Reason(Rule.KEEP_FINAL))
     _rank(reasons, Rule.KEEP_BEST, _best(good, rules))

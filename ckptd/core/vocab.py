@@ -101,6 +101,7 @@ class Rule(StrEnum):
     KEEP_HOURLY = "keep_hourly"
     KEEP_DAILY = "keep_daily"
     NO_RETENTION_RULES = "no_retention_rules"
+    REMOTE_PENDING = "remote_pending"  # not yet verified on the remote tier: retention waits, quota may not
     # delete verdicts
     NO_RULE = "no rule keeps it"
     CORRUPT = "corrupt"

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence, TypeVar
 
 from ckptd.core import quota as quota_mod
 from ckptd.core import retention
@@ -71,8 +71,10 @@ class Target:
 
 # -- retention and quota over a real directory -----------------------------------------------
 
-def items_from(checkpoints: Sequence[Checkpoint], best_metric: str | None) -> list[retention.Item]:
-    """Header facts -> retention items. A final name means verified at write time."""
+def items_from(checkpoints: Sequence[Checkpoint], best_metric: str | None,
+               replicated: Collection[str] | None = None) -> list[retention.Item]:
+    """Header facts -> retention items. A final name means verified at write time.
+    ``replicated``: with a remote tier, the file names verified there (anything else is pending)."""
     out = []
     for c in checkpoints:
         metric = c.metrics.get(best_metric) if best_metric else None
@@ -80,13 +82,27 @@ def items_from(checkpoints: Sequence[Checkpoint], best_metric: str | None) -> li
         out.append(retention.Item(c.path, c.step, c.created, c.bytes, verified=c.ok and not c.pending,
                                   corrupt=not c.ok and not abandoned, partial=abandoned, in_flight=c.pending,
                                   pinned=c.pinned, final=c.trigger == Trigger.FINAL,
-                                  metric=float(metric) if isinstance(metric, (int, float)) else None))
+                                  metric=float(metric) if isinstance(metric, (int, float)) else None,
+                                  remote_pending=replicated is not None and os.path.basename(c.path) not in replicated))
     return out
 
 
 def evaluate(directory: str, job: str | None, settings: Mapping[str, Any], now: float) -> list[retention.Verdict]:
     rules = retention.Rules.from_settings(settings)
-    return retention.plan(items_from(scan(directory, job), rules.best_metric), rules, now)
+    replicated = replicated_names(settings, job) if settings.get("remote") and job else None
+    return retention.plan(items_from(scan(directory, job), rules.best_metric, replicated), rules, now)
+
+
+def replicated_names(settings: Mapping[str, Any], job: str) -> set[str]:
+    """The job's file names committed on its remote tier; none when the store cannot say (so
+    local retention keeps everything until it can: a store that is down never costs a copy)."""
+    from ckptd.store.remote import RemoteError, open_store
+    from ckptd.store.replicate import committed
+
+    try:
+        return {c.name for c in committed(open_store(settings["remote"], settings.get("remote_endpoint")), job)}
+    except RemoteError:
+        return set()
 
 
 def collect(directory: str, job: str | None, settings: Mapping[str, Any], now: float,
@@ -107,6 +123,9 @@ def make_room(directory: str, job: str, settings: Mapping[str, Any], reserve: in
     decision = quota_mod.plan(kept, budget)
     if decision.ok and decision.delete:
         doomed = [retention.Verdict(i, False, (Reason(Rule.QUOTA),)) for i in decision.delete]
+        for i in decision.delete:
+            if i.remote_pending:
+                log.warning("quota deletes %s before it reached the remote tier (the only copy)", i.id)
         removals += apply(doomed, roots, settings.get("quarantine_dir"))
     return decision, removals
 

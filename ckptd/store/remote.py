@@ -12,6 +12,7 @@ remote nor the idle daemon pays for it.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -45,7 +46,9 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+@functools.lru_cache(maxsize=64)
 def open_store(url: str, endpoint: str | None = None) -> Store:
+    """One store object per URL and endpoint, reused (a boto3 client is thread-safe and costly to make)."""
     u = urlparse(parse_remote(url))
     if u.scheme == "file":
         return FileStore(url, u.path)
