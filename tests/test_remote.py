@@ -160,3 +160,40 @@ def test_a_store_that_is_down_costs_no_local_copy_and_no_training(tmp_path: Path
     assert sorted(os.listdir(tmp_path / "host1")) == [f"toy-step000000{s}.safetensors" for s in (10, 20, 30)]
     assert run["log"].count("retrying with backoff") == 1  # said once, with the store's own words
     assert "3 checkpoint(s) not yet on s3://ckpt/x after 3s" in run["log"]
+
+
+@pytest.mark.slow
+def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the daemon: the store is down while the run trains (nothing local is deleted for
+    it, the lag shows), the daemon is SIGKILLed and restarted, the store comes back: every
+    checkpoint is uploaded and verified, then local retention catches up."""
+    from tests.conftest import S3_ENV, DaemonProc, wait_until
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    s3 = MotoServer(tmp_path)  # its port is chosen now; it starts later
+    d = DaemonProc(tmp_path / "d", env=S3_ENV).start()
+    run_dir = d.root / "toy"
+    env = {"CKPTD_SOCKET": d.socket, "CKPTD_REMOTE": "s3://ckpt/fleet", "CKPTD_REMOTE_ENDPOINT": s3.endpoint}
+    try:
+        r = run_py(TOY, "--dir", str(run_dir), "--job", "toy", "--steps", "30", "--every-steps", "10",
+                   "--keep-last", "1", env=env, timeout=180)
+        assert r.returncode == 0 and "connected to the daemon" in r.stderr, r.stderr[-2000:]
+        labels = {"training_job": "toy", "directory": str(run_dir)}
+        wait_until(lambda: d.metric("ckptd_remote_uploads_total", outcome="failed", **labels) >= 1, 30, "a failure")
+        assert d.metric("ckptd_remote_lag_seconds", **labels) > 0
+        assert len(os.listdir(run_dir)) == 3  # keep_last=1, but none of them is remote yet
+        d.kill(9)
+        d = DaemonProc(tmp_path / "d", env=S3_ENV).start()  # same state dir: the catalogue says what to resync
+        s3.start().client().create_bucket(Bucket="ckpt")
+        store = open_store("s3://ckpt/fleet", s3.endpoint)
+        wait_until(lambda: len(committed(store, "toy")) == 3, 90, "the uploads after the store came back")
+        wait_until(lambda: os.listdir(run_dir) == ["toy-step00000030.safetensors"], 30, "local retention")
+        assert all(verify_remote(store, c).ok for c in committed(store, "toy"))
+        assert store.list("toy/").keys() == {f"toy/toy-step000000{s}.safetensors{x}" for s in (10, 20, 30)
+                                             for x in ("", COMMIT)}  # nothing partial left behind
+        assert "remote" in d.log.read_text() and "retrying with backoff" in d.log.read_text()
+    finally:
+        d.stop()
+        s3.stop()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable
 
 from ckptd.core.vocab import FailReason
@@ -96,7 +97,8 @@ class Outlet:
 
     def _persisted_here(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
         if result is not None and self.replicator is not None:
-            self.replicator.submit(Upload(self.target.job, result.path, self.target.settings, after=self._prune_again))
+            self.replicator.submit(Upload(self.target.job, result.path, self.target.settings, after=self._prune_again,
+                                          created=time.time()))
         self._on_done(job, result, error)
 
     def _prune_again(self) -> None:

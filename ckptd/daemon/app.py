@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ckptd.core import missed
 from ckptd.core.config import Config
@@ -31,9 +31,13 @@ from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
 from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
 from ckptd.daemon.session import JobState, Session
+from ckptd.store.lifecycle import Target, prune
 from ckptd.store.persist import PersistError, cleanup_temp
 from ckptd.store.preflight import TargetError, free_bytes
+from ckptd.store.remote import RemoteError
 from ckptd.store.remove import inside
+from ckptd.store.replicate import RemoteCheckpoint
+from ckptd.store.replicator import Replicator, Upload
 from ckptd.store.scan import Checkpoint
 from ckptd.wire import protocol
 
@@ -91,6 +95,8 @@ class Daemon:
         counts = self.catalog.reconcile(self.roots)
         log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
         self._cleanup_temp()
+        self.replicator = Replicator(self._replicated, self._replication_failed)
+        self._resync_remote()
         self.http = serve_http(self.metrics, self.metrics_listen, self.health)
         self.listener = Listener(self.socket_path, self.group_gid, self._admit)
         self.scheduler = self._start_scheduler()
@@ -191,6 +197,7 @@ class Daemon:
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
         self.executor.shutdown(wait=True, cancel_futures=False)
+        self.replicator.close(timeout=10)  # an upload cut off here is resumed by the next start's resync
         self.scheduler.shutdown(wait=False)
         if self.watchers:
             self.observer.stop()
@@ -270,6 +277,9 @@ class Daemon:
         self.metrics.init_job(key)
         self.metrics.job_up.labels(*key).set(1)
         self.metrics.quota_bytes.labels(*key).set(settings.get("max_bytes") or 0)
+        if settings.get("remote"):
+            for outcome in ("ok", "failed"):
+                self.metrics.remote_uploads.labels(*key, outcome)
         self.update_gauges(job)
         return job
 
@@ -309,8 +319,43 @@ class Daemon:
             job.failed += 1
         self.ledger.failed(job.key, trigger, exc)
 
+    # -- the remote tier (ckptd.store.replicator) -----------------------------------------------
+
+    def replicate(self, job: JobState, info: Checkpoint) -> None:
+        """A verified save of a job with a remote tier: upload it, then let local retention run again."""
+        after = self._pruner(Target(job.directory, job.name, job.settings, self.roots), job.key)
+        self.replicator.submit(Upload(job.name, info.path, job.settings, job.key, after, info.created))
+
+    def _resync_remote(self) -> None:
+        """At start: what catalogued jobs saved and their remote lacks (a restart cut an upload off)."""
+        for key, _ in self.catalog.jobs():
+            settings = self.catalog.job_settings(key)
+            if settings.get("remote") and inside(key.directory, self.roots) and os.path.isdir(key.directory):
+                self.replicator.resync(key.name, key.directory, settings, key,
+                                       after=self._pruner(Target(key.directory, key.name, settings, self.roots), key))
+
+    def _pruner(self, target: Target, key: JobKey) -> Callable[[], None]:
+        """Local retention for a job, once a checkpoint of it is remote."""
+        return lambda: prune(target, lambda removed: self.ledger.removed(key, removed))
+
+    def _replicated(self, u: Upload, commit: RemoteCheckpoint, remote: list[RemoteCheckpoint]) -> None:
+        m, key = self.metrics, u.key
+        m.remote_uploads.labels(*key, "ok").inc()
+        m.remote_last_success.labels(*key).set(time.time())
+        m.remote_checkpoints.labels(*key).set(len(remote))
+        m.remote_bytes.labels(*key).set(sum(c.bytes for c in remote))
+        self.catalog.event(key, "replicated", path=u.path, remote=f"{u.settings['remote']}/{commit.key}")
+
+    def _replication_failed(self, u: Upload, exc: RemoteError) -> None:
+        self.metrics.remote_uploads.labels(*u.key, "failed").inc()
+        self.catalog.event(u.key, "replication_failed", path=u.path, error=str(exc))
+
     def _timely_values(self, now: float) -> list[tuple[JobKey, dict[str, float]]]:
-        """Scrape time: each known job's expected loss, save overhead and (with auto) interval."""
+        """Scrape time: each known job's expected loss, save overhead and (with auto) interval,
+        and with a remote tier its replication lag."""
+        waiting: dict[JobKey, float] = {}
+        for u in self.replicator.pending:
+            waiting[u.key] = max(waiting.get(u.key, 0.0), u.created)
         with self.lock:
             jobs = list(self.jobs.values())
             out = []
@@ -320,6 +365,8 @@ class Daemon:
                 auto = j.auto(now)
                 if auto is not None:
                     values["ckptd_auto_interval_seconds"] = auto.seconds
+                if j.settings.get("remote"):
+                    values["ckptd_remote_lag_seconds"] = max(0.0, now - waiting[j.key]) if j.key in waiting else 0.0
                 out.append((j.key, values))
         return out
 

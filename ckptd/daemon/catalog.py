@@ -131,6 +131,12 @@ class Catalog:
                 "ON CONFLICT(name, directory) DO UPDATE SET settings = excluded.settings",
                 (*key, uid, json.dumps(settings, default=str), time.time()))
 
+    def job_settings(self, key: JobKey) -> dict[str, Any]:
+        """The settings a job last registered with (what a restarted daemon resumes replication with)."""
+        with self._lock:
+            row = self._db.execute("SELECT settings FROM jobs WHERE name = ? AND directory = ?", key).fetchone()
+        return {} if row is None else dict(json.loads(row[0]))
+
     def jobs(self) -> list[tuple[JobKey, int]]:
         with self._lock:
             return [(JobKey(r[0], r[1]), int(r[2])) for r in self._db.execute("SELECT name, directory, uid FROM jobs")]

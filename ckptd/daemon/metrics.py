@@ -53,6 +53,14 @@ class Metrics:
         self.quota_bytes = Gauge("ckptd_quota_bytes", "max_bytes of the job (0 = none)", [JOB, DIRECTORY], registry=r)
         self.fs_free = Gauge("ckptd_filesystem_free_bytes", "Free bytes on a root's filesystem", ["root"], registry=r)
         self.job_up = Gauge("ckptd_job_up", "1 while the job's trainer is connected", [JOB, DIRECTORY], registry=r)
+        self.remote_uploads = Counter("ckptd_remote_uploads_total", "Uploads to the remote tier by outcome",
+                                      [JOB, DIRECTORY, "outcome"], registry=r)
+        self.remote_last_success = Gauge("ckptd_remote_last_success_timestamp_seconds",
+                                         "Time of the last checkpoint verified on the remote tier", [JOB, DIRECTORY], registry=r)
+        self.remote_checkpoints = Gauge("ckptd_remote_checkpoints", "Committed checkpoints on the remote tier",
+                                        [JOB, DIRECTORY], registry=r)
+        self.remote_bytes = Gauge("ckptd_remote_bytes", "Bytes of committed checkpoints on the remote tier",
+                                  [JOB, DIRECTORY], registry=r)
         self.build_info = Gauge("ckptd_build_info", "Version of ckptd", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self._ended: dict[JobKey, float] = {}
@@ -93,7 +101,8 @@ class Metrics:
         for job in old:
             for metric in (self.saves, self.failures, self.missed, self.verify, self.duration, self.deleted,
                            self.last_success, self.last_saved_step, self.expected_interval, self.unsaved_steps,
-                           self.checkpoints, self.checkpoint_bytes, self.quota_bytes, self.job_up):
+                           self.checkpoints, self.checkpoint_bytes, self.quota_bytes, self.job_up,
+                           self.remote_uploads, self.remote_last_success, self.remote_checkpoints, self.remote_bytes):
                 _remove_job(metric, job)
         return old
 
@@ -104,6 +113,7 @@ TIMELY = {
     "ckptd_expected_loss_seconds": "Training seconds lost if the job died now (since its newest verified save)",
     "ckptd_save_overhead_ratio": "Share of training time stalled by saves over the last hour",
     "ckptd_auto_interval_seconds": "The save interval every=auto chose (jobs with every=auto only)",
+    "ckptd_remote_lag_seconds": "Age of the newest verified local checkpoint not yet verified remotely (0: none)",
 }
 JobSource = Callable[[float], list[tuple[JobKey, dict[str, float]]]]
 

@@ -285,6 +285,8 @@ class Session:
         info = read_info(result.path)
         self.daemon.catalog.record(info, verified=True)
         self.daemon.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, ("stall",))})
+        if job.settings.get("remote"):
+            self.daemon.replicate(job, info)
 
     def _committed(self, msg: dict[str, Any]) -> None:
         """A sharded checkpoint its ranks wrote and agreed on: check it against its manifest

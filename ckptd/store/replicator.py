@@ -41,6 +41,7 @@ class Upload:
     settings: Mapping[str, Any]
     key: Any = None  # the caller's name for the job (the daemon's JobKey), handed back in callbacks
     after: Callable[[], None] | None = None  # local retention, once it is remote
+    created: float = 0.0  # when the local checkpoint was taken (the replication lag counts from it)
 
     def store(self) -> Store:
         return open_store(self.settings["remote"], self.settings.get("remote_endpoint"))
@@ -81,7 +82,7 @@ class Replicator:
             done = {c.name for c in committed(store, job)}
             for c in scan(directory, job):
                 if c.ok and not c.pending and not c.shards and os.path.basename(c.path) not in done:
-                    self.submit(Upload(job, c.path, settings, key, after))
+                    self.submit(Upload(job, c.path, settings, key, after, c.created))
         t = threading.Thread(target=self._retrying, args=(find, settings["remote"]), name="ckptd-resync", daemon=True)
         self._resyncs.append(t)
         t.start()
