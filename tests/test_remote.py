@@ -197,3 +197,24 @@ def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_pat
     finally:
         d.stop()
         s3.stop()
+
+
+def test_cli_list_verify_and_fetch_a_remote_job(store: Store, tmp_path: Path) -> None:
+    from tests.conftest import ckptd_cli
+
+    for p in checkpoints(tmp_path / "host1", (10, 20)):
+        replicate(store, "t", p)
+    url = f"{store.url}/t"
+    endpoint = ["--endpoint", os.environ["CKPT_TEST_ENDPOINT"]] if url.startswith("s3://") else []
+    listed = json.loads(ckptd_cli("list", "--remote", url, "--json", *endpoint).stdout)
+    assert [(c["step"], c["url"]) for c in listed] == [(s, f"{url}/t-step000000{s}.safetensors") for s in (10, 20)]
+    ok = ckptd_cli("verify", url, *endpoint)
+    assert ok.returncode == 0 and ok.stdout.count("ok      ") == 2, ok.stdout + ok.stderr
+    corrupt(store, committed(store, "t")[-1].key)
+    bad = ckptd_cli("verify", f"{url}/t-step00000020.safetensors", *endpoint)
+    assert bad.returncode == 1 and "CORRUPT" in bad.stdout and "digest mismatch" in bad.stdout
+    got = ckptd_cli("fetch", url, str(tmp_path / "host2"), *endpoint)  # the newest that verifies: step 10
+    assert got.returncode == 0 and got.stdout.strip() == str(tmp_path / "host2" / "t-step00000010.safetensors")
+    missing = ckptd_cli("fetch", url, str(tmp_path / "host3"), "--step", "20", *endpoint)
+    assert missing.returncode == 1 and "no committed checkpoint of step 20 verifies" in missing.stderr
+    assert not (tmp_path / "host3").exists() or os.listdir(tmp_path / "host3") == []

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ckptd.cli.base import SOCKET_OPTION, ask, is_directory, main, setting_options, settings_from
+from ckptd.cli.remote import is_remote, list_remote, remote_options, verify_remote_cmd
 from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
@@ -23,12 +24,17 @@ from ckptd.store.verify import VerifyResult, verify_file
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per checkpoint, in a list, at the end")
-def verify(paths: tuple[str, ...], as_json: bool) -> None:
+@remote_options
+def verify(paths: tuple[str, ...], as_json: bool, endpoint: str | None) -> None:
     """Verify checkpoints, ckptd's or other tools' (.pt/.bin/.ckpt, HF checkpoint-N/, DCP, sharded
-    safetensors): every tensor read and checked. One line per checkpoint as it finishes; exit 1 on
-    any that is corrupt, unsafe or missing."""
+    safetensors), or a remote job's (s3://bucket/prefix/JOB[/FILE], file:///...): every tensor read
+    and checked. One line per checkpoint as it finishes; exit 1 on any that is corrupt, unsafe or missing."""
     from ckptd.store import foreign
 
+    remote_ok = all([verify_remote_cmd(p, endpoint, as_json) for p in paths if is_remote(p)])
+    paths = tuple(p for p in paths if not is_remote(p))
+    if not paths:
+        sys.exit(0 if remote_ok else 1)
     results: list[VerifyResult] = []
     for p in paths:
         if not os.path.lexists(p):
@@ -44,7 +50,7 @@ def verify(paths: tuple[str, ...], as_json: bool) -> None:
             _verified_line(results[-1], as_json)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=2))
-    sys.exit(0 if all(r.ok for r in results) else 1)
+    sys.exit(0 if remote_ok and all(r.ok for r in results) else 1)
 
 
 def _verified_line(r: VerifyResult, as_json: bool, status: str = "") -> None:
@@ -122,9 +128,18 @@ def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None,
 @click.argument("target", required=False)
 @click.option("--job", default=None, help="only this job's checkpoints (with a directory)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--remote", "remote", is_flag=True, help="TARGET is a remote job: s3://bucket/prefix/JOB or file:///...")
+@remote_options
 @SOCKET_OPTION
-def list_cmd(target: str | None, job: str | None, as_json: bool, socket_path: str | None) -> None:
-    """Checkpoints of a directory (read from the files) or of a job (asked from the daemon)."""
+def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, endpoint: str | None,
+             socket_path: str | None) -> None:
+    """Checkpoints of a directory (read from the files), of a job (asked from the daemon), or with
+    --remote the committed checkpoints of a job on its remote tier."""
+    if remote or (target is not None and is_remote(target)):
+        if target is None:
+            raise click.UsageError("--remote needs the job's URL: s3://bucket/prefix/JOB")
+        list_remote(target, endpoint, as_json)
+        return
     if target is not None and is_directory(target):
         items = [_info_json(c) for c in scan(target, job)] + ([] if job else _foreign_json(target))
     else:

@@ -1,0 +1,106 @@
+"""Verbs on the remote tier: ``ckptd fetch``, and the remote side of ``verify`` and ``list``.
+
+A remote job is named by its URL: the store's URL and the job name after it,
+``s3://bucket/prefix/JOB`` (``file:///mnt/shared/ckpt/JOB``), with ``--endpoint`` (or
+``$CKPTD_REMOTE_ENDPOINT``) for an S3-compatible store. Credentials: the standard AWS chain.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from ckptd.cli.base import main
+from ckptd.core.units import format_bytes, format_duration, parse_remote
+from ckptd.store.remote import RemoteError, Store, open_store
+from ckptd.store.replicate import RemoteCheckpoint, committed, fetch, verify_remote
+from ckptd.store.scan import SUFFIX
+
+ENDPOINT = click.option("--endpoint", default=None, envvar="CKPTD_REMOTE_ENDPOINT",
+                        help="S3 endpoint URL for S3-compatible stores (default: $CKPTD_REMOTE_ENDPOINT, else AWS)")
+
+
+def is_remote(target: str) -> bool:
+    return target.startswith(("s3://", "file://"))
+
+
+def resolve(url: str, endpoint: str | None) -> tuple[Store, str, str | None]:
+    """``s3://bucket/prefix/JOB[/FILE.safetensors]`` -> (the store, JOB, FILE or None)."""
+    try:
+        parts = parse_remote(url).split("/")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    name = parts.pop() if parts[-1].endswith(SUFFIX) else None
+    if len(parts) < 4 or not parts[-1]:
+        raise click.UsageError(f"{url}: name the job after the store's URL (s3://bucket/prefix/JOB)")
+    job = parts.pop()
+    return open_store("/".join(parts), endpoint), job, name
+
+
+def listing(url: str, endpoint: str | None) -> tuple[Store, list[RemoteCheckpoint], str | None]:
+    store, job, name = resolve(url, endpoint)
+    try:
+        found = committed(store, job)
+    except RemoteError as exc:
+        raise click.ClickException(str(exc)) from None
+    return store, [c for c in found if name is None or c.name == name], name
+
+
+def verify_remote_cmd(url: str, endpoint: str | None, as_json: bool) -> bool:
+    """Every committed checkpoint under ``url`` streamed and every tensor checked; one line each."""
+    store, found, name = listing(url, endpoint)
+    if not found:
+        click.echo(f"MISSING {url}: no committed checkpoint" + (" of that name" if name else ""), err=as_json)
+        return False
+    ok = True
+    results = []
+    for c in found:
+        r = verify_remote(store, c)
+        ok = ok and r.ok
+        results.append({**r.to_json(), "step": c.step})
+        if not as_json:
+            detail = f"{r.tensors} tensors, {format_bytes(r.bytes)}" if r.ok else r.reason
+            click.echo(f"{'ok' if r.ok else 'CORRUPT':<7} {r.path}: {detail}")
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    return ok
+
+
+def list_remote(url: str, endpoint: str | None, as_json: bool) -> None:
+    store, found, _ = listing(url, endpoint)
+    if as_json:
+        click.echo(json.dumps([{**c.__dict__, "url": f"{store.url}/{c.key}"} for c in found], indent=2))
+        return
+    now = time.time()
+    click.echo(f"{'step':>10}  {'job':<16} {'trigger':<8} {'size':>10}  {'age':>6}  url")
+    for c in found:
+        click.echo(f"{c.step:>10}  {c.job:<16} {c.trigger:<8} {format_bytes(c.bytes):>10}  "
+                   f"{format_duration(max(0.0, now - c.created)):>6}  {store.url}/{c.key}")
+
+
+@main.command("fetch")
+@click.argument("url")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--step", type=int, default=None, help="this step instead of the newest")
+@ENDPOINT
+def fetch_cmd(url: str, directory: str, step: int | None, endpoint: str | None) -> None:
+    """Download the newest (or --step) remote checkpoint that verifies into DIRECTORY: streamed to a
+    temp file, every tensor checked, then renamed; a corrupt or uncommitted copy is never taken."""
+    store, job, _ = resolve(url, endpoint)
+    try:
+        path = fetch(store, job, directory, step)
+    except (RemoteError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if path is None:
+        click.echo(f"{url}: no committed checkpoint{f' of step {step}' if step is not None else ''} verifies",
+                   err=True)
+        sys.exit(1)
+    click.echo(path)
+
+
+def remote_options(f: Any) -> Any:
+    return ENDPOINT(f)
