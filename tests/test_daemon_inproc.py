@@ -94,3 +94,24 @@ def test_every_auto_learns_the_mtbf_from_the_jobs_unclean_exits(inproc_daemon) -
         assert inproc_daemon.metrics.registry.get_sample_value("ckptd_expected_loss_seconds", labels) >= 0
     finally:
         c.close()
+
+
+def test_the_daemon_replicates_only_to_remotes_its_admin_allows(inproc_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A client must not point the daemon (its filesystem rights, its AWS credentials) at another
+    path or bucket: ``remote`` must be under ``[daemon] remote_allow`` (empty here), or hello is
+    refused and the hook replicates by itself, with its own credentials."""
+    run = os.path.join(inproc_daemon.roots[0], "sneaky")
+    os.mkdir(run)
+    for url in ("file:///etc/cron.d", "s3://someone-elses-bucket/prefix"):
+        c = Client(inproc_daemon.socket_path)
+        try:
+            reply = c.ask({"type": "hello", "job": "sneaky", "directory": run, "settings": {"remote": url},
+                           "pid": os.getpid(), "step": 0})
+        finally:
+            c.close()
+        assert reply["type"] == "error" and "remote_allow" in reply["error"] and url in reply["error"], reply
+    inproc_daemon.access.remote_allow = ["s3://fleet/ckpt"]
+    inproc_daemon.access.remote("s3://fleet/ckpt/team")  # under an allowed prefix: fine
+    for url in ("s3://fleet/ckpt-other", "s3://fleet/ckpt/../x"):
+        with pytest.raises(PermissionError, match="remote_allow"):
+            inproc_daemon.access.remote(url)

@@ -40,7 +40,7 @@ def test_alert_rules_check_and_unit_tests_pass() -> None:
     promtool = need("promtool")
     check = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=DEPLOY / "prometheus",
                            capture_output=True, text=True)
-    assert check.returncode == 0 and "SUCCESS: 7 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 8 rules found" in check.stdout, check.stdout + check.stderr
     unit = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus",
                           capture_output=True, text=True)
     assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
@@ -55,7 +55,7 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     quiet = {t["alert_rule_test"][0]["alertname"] for t in doc["tests"] if not t["alert_rule_test"][0]["exp_alerts"]}
     assert set(rules) == firing == quiet
     assert set(rules) == {"CkptdSaveFailed", "CkptdSaveMissed", "CkptdCheckpointStale", "CkptdVerifyFailed",
-                          "CkptdQuotaNearlyExhausted", "CkptdTrainerExitUnsaved", "CkptdDown"}
+                          "CkptdQuotaNearlyExhausted", "CkptdTrainerExitUnsaved", "CkptdDown", "CkptdReplicationLagging"}
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
@@ -220,6 +220,9 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
     trainer = None
     prom = None
     try:
+        remote = tmp_path / "remote"  # a file:// remote tier beside the (tmpfs) root, for the remote panels
+        remote.mkdir()
+        d.config.write_text(d.config.read_text() + f'remote_allow = ["file://{remote}"]\n')
         d.start()
         prom = Prometheus(tmp_path / "prom", d.port)
         wait_until(lambda: prom.api("query", query='up{job="ckptd"}')["data"]["result"], 30, "the first scrape")
@@ -228,7 +231,7 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
                                     "--keep-last", "2"],
                                    # every=auto besides the step rule, so the dashboard's auto panel has its series
                                    env={**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": d.socket,
-                                        "CKPTD_EVERY": "auto"},
+                                        "CKPTD_EVERY": "auto", "CKPTD_REMOTE": f"file://{remote}"},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: d.metric("ckptd_saves_total", training_job="e2e", trigger="step", outcome="ok") >= 2, 60, "saves")
         subprocess.run(["mount", "-o", "remount,ro", str(d.root)], check=True)  # the target turns read-only

@@ -173,7 +173,8 @@ def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_pat
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     s3 = MotoServer(tmp_path)  # its port is chosen now; it starts later
-    d = DaemonProc(tmp_path / "d", env=S3_ENV).start()
+    allow = 'remote_allow = ["s3://ckpt/fleet"]\n'
+    d = DaemonProc(tmp_path / "d", allow, env=S3_ENV).start()
     run_dir = d.root / "toy"
     env = {"CKPTD_SOCKET": d.socket, "CKPTD_REMOTE": "s3://ckpt/fleet", "CKPTD_REMOTE_ENDPOINT": s3.endpoint}
     try:
@@ -185,7 +186,7 @@ def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_pat
         assert d.metric("ckptd_remote_lag_seconds", **labels) > 0
         assert len(os.listdir(run_dir)) == 3  # keep_last=1, but none of them is remote yet
         d.kill(9)
-        d = DaemonProc(tmp_path / "d", env=S3_ENV).start()  # same state dir: the catalogue says what to resync
+        d = DaemonProc(tmp_path / "d", allow, env=S3_ENV).start()  # same state dir: the catalogue says what to resync
         s3.start().client().create_bucket(Bucket="ckpt")
         store = open_store("s3://ckpt/fleet", s3.endpoint)
         wait_until(lambda: len(committed(store, "toy")) == 3, 90, "the uploads after the store came back")

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ckptd.core.settings import SettingsError, check_combination, parse_table
-from ckptd.core.units import parse_duration, parse_listen
+from ckptd.core.units import parse_duration, parse_listen, parse_remote
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
 DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group", "admin_group",
-               "max_connections_per_uid", "max_jobs_per_uid"}
+               "max_connections_per_uid", "max_jobs_per_uid", "remote_allow"}
 WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every", "abandon_after", "on_corrupt",
               "dry_run"}
 ON_CORRUPT = ("keep", "quarantine", "delete")
@@ -96,8 +96,8 @@ def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
     for key, value in t.items():
         if key not in DAEMON_KEYS:
             raise ConfigError(f"{path} [daemon]: unknown key {key!r} (expected one of {', '.join(sorted(DAEMON_KEYS))})")
-        if key == "roots" and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
-            raise ConfigError(f"{path} [daemon]: roots must be a list of paths")
+        if key in ("roots", "remote_allow") and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
+            raise ConfigError(f"{path} [daemon]: {key} must be a list of " + ("paths" if key == "roots" else "URLs"))
         if key in ("socket", "state_dir", "metrics_listen", "group", "admin_group") and not isinstance(value, str):
             raise ConfigError(f"{path} [daemon]: {key} must be a string")
         if key.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -108,6 +108,11 @@ def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"{path} [daemon]: metrics_listen: {exc}") from None
     out = dict(t)
+    for url in out.get("remote_allow", []):
+        try:
+            parse_remote(url)
+        except ValueError as exc:
+            raise ConfigError(f"{path} [daemon]: remote_allow: {exc}") from None
     if "scrub_every" in out:
         out["scrub_every"] = _duration(out["scrub_every"], f"{path} [daemon]: scrub_every")
     return out

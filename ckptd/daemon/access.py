@@ -18,8 +18,9 @@ from ckptd.store.remove import inside
 
 class Access:
     def __init__(self, roots: Sequence[str], catalog: Catalog, admin_gid: int | None, max_jobs_per_uid: int,
-                 live_jobs: Callable[[int, JobKey], int]) -> None:
+                 live_jobs: Callable[[int, JobKey], int], remote_allow: Sequence[str] = ()) -> None:
         self.roots, self.catalog, self.admin_gid = roots, catalog, admin_gid
+        self.remote_allow = [u.rstrip("/") for u in remote_allow]
         self.max_jobs_per_uid = max_jobs_per_uid
         self._live_jobs = live_jobs  # jobs of a uid connected or recently ended, other than the one asked about
 
@@ -67,6 +68,14 @@ class Access:
         if live >= self.max_jobs_per_uid:
             raise PermissionError(f"uid {uid} already has {live} jobs connected or ended within the last hour "
                                   "(max_jobs_per_uid); each job is a set of metric series")
+
+    def remote(self, url: str) -> None:
+        """The daemon replicates (and prunes, with its own credentials) only where ``[daemon]
+        remote_allow`` says: a client must not point it at another bucket or path."""
+        if ".." in url.split("/") or not any(url == a or url.startswith(a + "/") for a in self.remote_allow):
+            allowed = ", ".join(self.remote_allow) or "nothing, the list is empty"
+            raise PermissionError(f"remote {url} is not one the daemon replicates to ([daemon] remote_allow: {allowed}); "
+                                  "without the daemon, the trainer replicates itself with its own credentials")
 
     def visible(self, uid: int, job: JobKey) -> bool:
         """A uid sees its own jobs and unowned ones (watched trees); privileged uids see everything."""

@@ -86,7 +86,8 @@ class Daemon:
         _raise_fd_limit()
         self.catalog = Catalog(self.state_dir)
         self.ledger = Ledger(self.metrics, self.catalog)
-        self.access = Access(self.roots, self.catalog, self.admin_gid, self.max_jobs_per_uid, self._live_jobs)
+        self.access = Access(self.roots, self.catalog, self.admin_gid, self.max_jobs_per_uid, self._live_jobs,
+                             self.config.daemon.get("remote_allow", []))
         for root in self.roots:
             if not os.path.isdir(root):
                 raise TargetError(f"root {root} does not exist: create it (and name it in the unit's ReadWritePaths=)")
@@ -330,7 +331,13 @@ class Daemon:
         """At start: what catalogued jobs saved and their remote lacks (a restart cut an upload off)."""
         for key, _ in self.catalog.jobs():
             settings = self.catalog.job_settings(key)
-            if settings.get("remote") and inside(key.directory, self.roots) and os.path.isdir(key.directory):
+            if not settings.get("remote") or not inside(key.directory, self.roots) or not os.path.isdir(key.directory):
+                continue
+            try:
+                self.access.remote(settings["remote"])
+            except PermissionError as exc:
+                log.warning("job %s: not resuming its uploads: %s", key, exc)
+            else:
                 self.replicator.resync(key.name, key.directory, settings, key,
                                        after=self._pruner(Target(key.directory, key.name, settings, self.roots), key))
 

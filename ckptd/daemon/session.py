@@ -198,6 +198,8 @@ class Session:
             kwargs = parse_table(msg["settings"], f"job {job}")
             settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
             policy = SavePolicy.from_settings(group(settings, "policy"))
+            if settings.get("remote"):
+                self.daemon.access.remote(settings["remote"])
             if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
                 settings["quarantine_dir"] = self.daemon.access.directory(settings["quarantine_dir"], self.uid,
                                                                              must_exist=False)

@@ -51,6 +51,10 @@ CASES = [
      "8m", "CkptdQuotaNearlyExhausted", []),
     ("no quota set does not", [(f"ckptd_quota_bytes{{{L}}}", "0x10"), (f"ckptd_checkpoint_bytes{{{L}}}", "500x10")],
      "8m", "CkptdQuotaNearlyExhausted", []),
+    ("replication lagging fires", [(f"ckptd_remote_lag_seconds{{{L}}}", "0 60 120 180 240 300+60x30")], "30m",
+     "CkptdReplicationLagging", [{}]),
+    ("replication keeping up does not", [(f"ckptd_remote_lag_seconds{{{L}}}", "0 30 0 30 0 30 0x30")], "25m",
+     "CkptdReplicationLagging", []),
     ("daemon down fires", [('up{job="ckptd",instance="h:9733"}', "0x5")], "3m", "CkptdDown", [{"job": "ckptd"}]),
     ("daemon up does not", [('up{job="ckptd",instance="h:9733"}', "1x5")], "3m", "CkptdDown", []),
 ]
