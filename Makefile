@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sharded.py --ranks 2 --mib 64 --reps 7
 	$(PY) benchmarks/bench_sharded.py --ranks 4 --mib 32 --reps 5 --steps 600
 	$(PY) benchmarks/bench_auto.py
+	$(PY) benchmarks/bench_remote.py
 
 # The reliability campaign at full size: 200 trainer and 200 daemon kills, 10,000
 # corruptions, 100,000 fuzzed messages, 64 clients x 1,000 saves (an hour or more).

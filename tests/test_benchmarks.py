@@ -16,7 +16,7 @@ BENCH = ROOT / "benchmarks"
 @pytest.mark.parametrize("name,result", [("bench_stall", "stall_quick"), ("bench_io", "io_quick"),
                                          ("bench_overhead", "overhead_quick"), ("bench_load", "load_quick"),
                                          ("bench_watch", "watch_quick"), ("bench_sharded", "sharded_2ranks_quick"),
-                                         ("bench_auto", "auto_quick")])
+                                         ("bench_auto", "auto_quick"), ("bench_remote", "remote_quick")])
 def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
     env = {"CKPTD_BENCH_RESULTS": str(tmp_path / "results"), "CKPTD_BENCH_DIR": str(tmp_path)}
     r = run_py(str(BENCH / f"{name}.py"), "--quick", timeout=300, env=env)
@@ -30,5 +30,7 @@ def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
     if name == "bench_auto":  # auto runs the daemon's own function: near the hindsight optimum, under the bound
         for row in doc["results"]:
             assert row["auto_overhead"] < 0.02 and row["waste"]["auto"] < row["waste"]["1 h"], row
+    if name == "bench_remote":  # every upload verified and committed, and the lag run saw every save
+        assert len(doc["lag"]["samples"]) == doc["lag"]["saves"] and doc["ratio_s3_vs_upload_file"] > 0
     if name == "bench_io":
         assert doc["verify_peak_rss_bytes"] < 300 * 2**20

@@ -24,7 +24,7 @@ from tests.helpers import small_checkpoint
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "s3":
         server: MotoServer = request.getfixturevalue("moto")
-        os.environ["CKPT_TEST_ENDPOINT"] = server.endpoint  # for the trainers the test starts
+        request.getfixturevalue("monkeypatch").setenv("CKPT_TEST_ENDPOINT", server.endpoint)  # for its trainers
         yield open_store("s3://ckpt/team/runs", server.endpoint)
     else:
         with tmpfs_at(tmp_path / "shared", "64m") as shared:  # another filesystem than the checkpoints'
