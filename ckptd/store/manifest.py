@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from ckptd.core.format import FORMAT_VERSION
+from ckptd.store.safepath import fsync_dir
 
 MANIFEST = "ckptd-manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -141,7 +142,7 @@ def write(unit: str, manifest: Manifest) -> str:
             os.fsync(f.fileno())
         os.rename(tmp, MANIFEST, src_dir_fd=dfd, dst_dir_fd=dfd)
         os.fsync(dfd)
-        _fsync_dir(os.path.dirname(os.path.abspath(unit)))  # the unit's own entry, made by the first rank
+        fsync_dir(os.path.dirname(os.path.abspath(unit)))  # the unit's own entry, made by the first rank
     except OSError:
         try:
             os.unlink(tmp, dir_fd=dfd)
@@ -151,14 +152,6 @@ def write(unit: str, manifest: Manifest) -> str:
     finally:
         os.close(dfd)
     return os.path.join(unit, MANIFEST)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def commit_problem(outcomes: Sequence[dict[str, Any]], world_size: int) -> str:

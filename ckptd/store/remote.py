@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from ckptd.core.units import parse_remote
+from ckptd.store.safepath import fsync_dir
 
 __all__ = ["RemoteError", "Store", "FileStore", "S3Store", "open_store", "parse_remote"]
 
@@ -83,11 +84,7 @@ class FileStore:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-            fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise RemoteError(f"{self.url}/{key}: {exc.strerror or exc}") from None
 

@@ -34,7 +34,7 @@ from ckptd.core import retention
 from ckptd.core.format import FormatError, read_header
 from ckptd.core.vocab import Trigger
 from ckptd.store.remote import RemoteError, Store
-from ckptd.store.safepath import open_regular
+from ckptd.store.safepath import fsync_dir, open_regular
 from ckptd.store.scan import SUFFIX, read_info
 from ckptd.store.verify import VerifyResult, verify_file, verify_stream
 
@@ -218,11 +218,7 @@ def _download(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:
             log.error("remote: %s/%s does not verify: %s", store.url, c.key, result.reason or "size or digest differ")
             return None
         os.rename(tmp, final)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
         return final
     finally:
         if os.path.exists(tmp):

@@ -15,7 +15,7 @@ import os
 import stat
 from typing import BinaryIO, Sequence
 
-__all__ = ["DIR_FLAGS", "OutsideRoots", "open_dir", "open_regular", "relative_to_root"]
+__all__ = ["DIR_FLAGS", "OutsideRoots", "fsync_dir", "open_dir", "open_regular", "relative_to_root"]
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -51,6 +51,15 @@ def open_dir(path: str, roots: Sequence[str]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new entry in ``path`` durable (the directory's own fsync)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_regular(path: str) -> BinaryIO:
