@@ -189,7 +189,9 @@ def test_watch_adopts_verifies_retains_and_alerts(watcher: tuple[Path, str, int]
     names = set(os.listdir(tree))
     assert {"ours-step200.safetensors", "model-step300.pt", "evil.pt"} <= names  # unsafe is kept, never run
     assert not sentinel.exists()
-    assert metric(port, "ckptd_deleted_total", training_job="ext", rule="retention") == 1
+    # the deletion is recorded once its unlink has returned: wait for the count, not for the file alone
+    wait_until(lambda: metric(port, "ckptd_deleted_total", training_job="ext", rule="retention") == 1, 20,
+               "the deletion to be counted")
     # no new checkpoint for expect_every: missed, time_overdue
     wait_until(lambda: metric(port, "ckptd_missed_saves_total", training_job="ext", reason="time_overdue") == 1, 20, "overdue")
 
