@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -139,9 +140,30 @@ def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path, notify_socket:
         assert beats.count("WATCHDOG=1") >= 1
         assert any(line.startswith("STATUS=") and "jobs connected" in line for line in read_notify(s, "STATUS=0 jobs"))
     finally:
+        stopping: list[str] = []  # read while it stops, as systemd does (unread beats would fill the queue)
+        reader = threading.Thread(target=lambda: stopping.extend(read_notify(s, "STOPPING=1", timeout=60)))
+        reader.start()
         code = d.stop()
+        reader.join(70)
     assert code == 0
-    assert "STOPPING=1" in read_notify(s, "STOPPING=1")
+    assert "STOPPING=1" in stopping
+
+
+@pytest.mark.slow
+def test_a_supervisor_that_stops_reading_never_wedges_the_daemon(tmp_path: Path,
+                                                                 notify_socket: tuple[str, socket.socket]) -> None:
+    """Nobody reads $NOTIFY_SOCKET: its queue fills with watchdog beats in ~2 s. The daemon must
+    go on ticking and stop promptly on SIGTERM (it used to block in sendto, the tick and then
+    the shutdown with it)."""
+    path, _ = notify_socket
+    d = DaemonProc(tmp_path / "d", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": ""})
+    d.start()
+    time.sleep(4)  # the queue is full long before this
+    assert d.healthy()
+    t0 = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - t0 < 20
+    assert "maximum number of running instances" not in d.log.read_text()  # no job stuck in a send
 
 
 @pytest.mark.slow

@@ -1,6 +1,10 @@
 """sd_notify without libsystemd: one datagram to ``$NOTIFY_SOCKET`` (SPEC §9).
 
 A no-op when not started by systemd. Abstract sockets (``@...``) are supported.
+
+Never blocking: a datagram socket queues only a few unread messages (``max_dgram_qlen``,
+10 by default), and a supervisor that stops reading must cost a watchdog beat, not the
+scheduler thread that sends it, nor the shutdown that says STOPPING=1.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ def notify(*lines: str) -> bool:
     addr = "\0" + path[1:] if path.startswith("@") else path
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
             s.connect(addr)
-            s.sendall("\n".join(lines).encode())
+            s.send("\n".join(lines).encode())
         return True
     except OSError:
         return False
