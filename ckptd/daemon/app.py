@@ -180,7 +180,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         self.start()
-        self._stop.wait()
+        # Woken twice a second: the kernel may deliver SIGTERM to any of the daemon's threads, and
+        # CPython runs the Python handler only when the main thread runs; blocked in a wait with no
+        # timeout it never would, and the daemon would ignore SIGTERM (seen in CI, under load).
+        while not self._stop.wait(0.5):
+            pass
         self.stop()
 
     def stop(self, drain_timeout: float = 60.0) -> None:
