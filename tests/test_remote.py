@@ -145,7 +145,8 @@ def test_a_new_host_resumes_from_the_remote_tier_bit_identical(store: Store, tmp
     assert second["start"] == 30 and "fetched" in second["log"]
     assert second["fingerprint"] == straight["fingerprint"]
     # remote_keep_last=2 keeps 50 and 60; the first run's final checkpoint stays by keep_final (default true)
-    assert [c.step for c in committed(store, "toy")] == [30, 50, 60]
+    remote_log = "\n".join(line for line in second["log"].splitlines() if "remote" in line)
+    assert [c.step for c in committed(store, "toy")] == [30, 50, 60], (second["stats"], remote_log)  # CI: [30, 40, 60] once
 
 
 @pytest.mark.slow
