@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_watch.py
 	$(PY) benchmarks/bench_sharded.py --ranks 2 --mib 64 --reps 7
 	$(PY) benchmarks/bench_sharded.py --ranks 4 --mib 32 --reps 5 --steps 600
+	$(PY) benchmarks/bench_sharded.py --ranks 2 --mib 64 --reps 7 --fsdp
 	$(PY) benchmarks/bench_auto.py
 	$(PY) benchmarks/bench_remote.py
 

@@ -14,7 +14,11 @@ on every rank, interleaved so that noise hits all alike:
   matmul plus a small ``all_reduce`` (gradient sync) so that the ranks run in lockstep;
   the same loop with an unsharded hook shows the noise floor.
 
-    python benchmarks/bench_sharded.py [--ranks 2] [--mib 64] [--reps 5] [--quick]
+With ``--fsdp`` the state is an FSDP2 model (``fully_shard``, DTensor parameters and AdamW
+state, ``--mib`` MiB per rank): ckptd's stall then includes torch.distributed.checkpoint's
+planning collectives (``trainer_hooks.dcpio``), and DCP saves the same FSDP2 state dict.
+
+    python benchmarks/bench_sharded.py [--ranks 2] [--mib 64] [--reps 5] [--quick] [--fsdp]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -45,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    model, opt = make_state(args.mib)
+    model, opt = fsdp_state(args.mib, dist.get_world_size()) if args.fsdp else make_state(args.mib)
     work = Path(args.dir)
     ckpt = Checkpointer("bench-sharded", work / "ckptd", model=model, optimizer=opt, sharded=True, keep_last=1,
                         every_steps=10**9, save_final=False, socket=False, preempt_signals=())
@@ -54,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
                          save_final=False, socket=False, preempt_signals=())
     out: dict[str, list[float]] = {"memcpy floor": [], "ckptd stall": [], "dcp stall": [], "ckptd commit": [],
                                    "dcp commit": [], "loop": [], "loop + step()": [], "loop + unsharded step()": []}
-    tensors = all_tensors(model, opt)
+    tensors = [getattr(t, "to_local", lambda t=t: t)() for t in all_tensors(model, opt)]  # this rank's part
     for i in range(args.reps + 1):  # the first round pays for page faults and DCP's set-up
         sample = {"memcpy floor": floor(tensors, 1).samples[0]}
         dist.barrier()
@@ -63,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
         sample["ckptd stall"] = time.perf_counter() - t0
         ckpt.wait()
         sample["ckptd commit"] = time.perf_counter() - t0
-        sd = {f"rank{rank}": {"model": model.state_dict(), "optimizer": opt.state_dict()}}  # distinct keys: no dedup
+        sd = dcp_state(model, opt, rank, args.fsdp)
         dist.barrier()
         t0 = time.perf_counter()
         fut = dcp.async_save(sd, checkpoint_id=str(work / f"dcp{i}"))
@@ -98,6 +103,35 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def fsdp_state(mib: int, world: int) -> tuple[Any, Any]:
+    """``mib`` MiB of params + AdamW moments per rank, as FSDP2 shards them."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    width = 1024
+    layers = max(1, mib * world * (1 << 20) // 3 // 4 // (width * width))
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def dcp_state(model: Any, opt: Any, rank: int, fsdp: bool) -> dict[str, Any]:
+    """What DCP saves: the FSDP2 state dict as torch documents it, or each rank's own state
+    under its own key (plain tensors would otherwise be taken as replicated and saved once)."""
+    if not fsdp:
+        return {f"rank{rank}": {"model": model.state_dict(), "optimizer": opt.state_dict()}}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, default=2)
@@ -106,6 +140,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--width", type=int, default=512, help="the toy training step: a width x width matmul")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="an FSDP2 model (DTensor state) instead of per-rank tensors")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--dir", default="")
     args = ap.parse_args()
@@ -119,7 +154,7 @@ def main() -> None:
         cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={args.ranks}",
                f"--master_port={free_port()}", __file__, "--worker",
                "--dir", str(work), "--mib", str(args.mib), "--reps", str(args.reps), "--steps", str(args.steps),
-               "--width", str(args.width)]
+               "--width", str(args.width), *(["--fsdp"] if args.fsdp else [])]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         per_rank = json.loads((work / "result.json").read_text())
@@ -140,10 +175,11 @@ def report(args: argparse.Namespace, per_rank: list[dict[str, list[float]]]) -> 
     for key in ("loop + step()", "loop + unsharded step()"):
         rows.append([f"{key[7:]} overhead, no save due", f"{(med[key] - med['loop']) * 1e6:.1f} us",
                      f"{(med[key] / med['loop'] - 1) * 100:+.2f}% of a {med['loop'] * 1e6:.0f} us step"])
-    print(table(f"sharded saves: {args.ranks} ranks x {args.mib} MiB (medians of {rounds}, slowest rank per round)",
+    kind = "FSDP2 " if args.fsdp else ""
+    print(table(f"{kind}sharded saves: {args.ranks} ranks x {args.mib} MiB (medians of {rounds}, slowest rank per round)",
                 ["measure", "median", "ratio to the memcpy floor"], rows))
-    write_result(f"sharded_{args.ranks}ranks" + ("_quick" if args.quick else ""), {
-        "ranks": args.ranks, "mib_per_rank": args.mib, "rounds": rounds,
+    write_result(f"sharded_{'fsdp_' if args.fsdp else ''}{args.ranks}ranks" + ("_quick" if args.quick else ""), {
+        "ranks": args.ranks, "fsdp": args.fsdp, "mib_per_rank": args.mib, "rounds": rounds,
         "medians_seconds": med, "ratio_to_floor": {k: med[k] / floor for k in med if "loop" not in k},
         "step_overhead_fraction": overhead,
         "unsharded_step_overhead_fraction": med["loop + unsharded step()"] / med["loop"] - 1, "per_rank": per_rank})

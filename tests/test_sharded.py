@@ -40,8 +40,8 @@ def fingerprints(out: str) -> dict[str, str]:
     return dict(re.findall(r"rank (\d) FINGERPRINT (\w+)", out))
 
 
-def unit(directory: Path, step: int) -> Path:
-    return directory / f"{JOB}-step{step:08d}"
+def unit(directory: Path, step: int, job: str = JOB) -> Path:
+    return directory / f"{job}-step{step:08d}"
 
 
 @pytest.fixture(scope="module")
@@ -227,14 +227,15 @@ def test_sigterm_to_the_whole_job_commits_a_preemption_checkpoint(tmp_path: Path
     assert verify_unit(units[0].path).ok and units[0].step > 0
 
 
-def kill_mid_write(args: list[str], env: dict[str, str], b: Path, ranks: int, victim: int, log: Path) -> None:
+def kill_mid_write(args: list[str], env: dict[str, str], b: Path, ranks: int, victim: int, log: Path,
+                   job: str = JOB) -> None:
     """Run until the victim rank is writing its (large) shard of step 15 while rank 0's is
     written and waiting; SIGKILL the victim, then, as a launcher would, the rest."""
     with open(log, "wb") as out:
         p = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def writing() -> bool:
-            names = os.listdir(unit(b, 15)) if unit(b, 15).is_dir() else []
+            names = os.listdir(unit(b, 15, job)) if unit(b, 15, job).is_dir() else []
             return mf.shard_name(0, ranks) in names and any(
                 TEMP_MARK in n and mf.shard_name(victim, ranks) in n for n in names)
         wait_until(lambda: writing() or p.poll() is not None, 120, "the victim writing its shard of step 15")

@@ -41,6 +41,8 @@ from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
 from ckptd.core.settings import env_table, from_env, group, parse_table, resolve, unknown_env
 from ckptd.store.lifecycle import Target, newest_verified
+from ckptd.store.manifest import DCP as DCP_LAYOUT
+from ckptd.store.manifest import read as read_manifest
 from ckptd.store.manifest import shard_name, unit_name
 from ckptd.store.persist import Persisted, PersistError, cleanup_temp
 from ckptd.store.preflight import (
@@ -136,6 +138,7 @@ class Checkpointer:
                                 cfg.job_table(self.job), cfg.defaults)
         self.rank, self.world_size = rank_and_world()
         self._shards = ShardGroup(shard_timeout) if sharded else None
+        self._dcp = self._shards is not None and _holds_dtensors(self.model)  # FSDP2: DCP plans (trainer_hooks.dcpio)
         # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
         self.saving = sharded or self.rank == 0
         self.policy = self._make_policy()
@@ -148,7 +151,7 @@ class Checkpointer:
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
         flat, _ = flatten(self._capture())
         self._structure = model_structure(flat)
-        self._state_bytes = flat.nbytes
+        self._state_bytes = flat.nbytes + (self._planned_bytes() if self._dcp else 0)
         self.run_id = uuid.uuid4().hex[:16]
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
@@ -313,9 +316,9 @@ class Checkpointer:
                 return False
             self.wait()
         now = time.time()
-        flat, skeleton = flatten(self._capture())
+        tensors, metadata = self._image(trigger, rule, now)
         filename = render(self.template, self.job, self._step, self.epoch, now)
-        length = self._buffer.stage(flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases))
+        length = self._buffer.stage(tensors, metadata)
         if self._shards is not None:  # each rank writes its own shard in-process (see trainer_hooks.shards)
             unit = os.path.join(self.directory, unit_name(filename))
             filename = shard_name(self.rank, self.world_size)
@@ -337,10 +340,31 @@ class Checkpointer:
         self._time_rules.saved_at(now)
 
     def _capture(self) -> dict[str, Any]:
+        """The state this rank stores as its own (with DCP planning: all but model, optimizer, scheduler)."""
         if self._before_save is not None:
             self._before_save()
         trainer = {"job": self.job, "step": self._step, "epoch": self.epoch}
+        if self._dcp:
+            return capture(None, None, None, self.extra, trainer, self.generators)
         return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
+
+    def _image(self, trigger: str, rule: str, now: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and header fields of this save's snapshot."""
+        if not self._dcp:
+            flat, skeleton = flatten(self._capture())
+            return flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases)
+        from trainer_hooks import dcpio
+
+        assert self._shards is not None
+        flat, skeleton = flatten({dcpio.local_key(self.rank): self._capture()})  # names unique across the ranks' files
+        planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self._shards.plans)
+        tensors, keys = planned.header(flat.tensors)
+        return tensors, {**self._metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
+
+    def _planned_bytes(self) -> int:
+        from trainer_hooks import dcpio
+
+        return dcpio.local_bytes(dcpio.global_state(self.model, self.optimizer, None))
 
     def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
                   aliases: dict[str, str]) -> dict[str, str]:
@@ -402,15 +426,38 @@ class Checkpointer:
                               f"this model: {problem}. It may be from an older run in the same directory. Start "
                               "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
                               "or give this run another directory or job name")
-        path = info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank, self.world_size))
-        state = load(path)
-        apply(state, self.model, self.optimizer, self.scheduler, self.generators)
+        if self._shards is not None and read_manifest(info.path).layout == DCP_LAYOUT:
+            state = self._load_planned(info.path)
+        else:
+            state = load(info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank,
+                                                                                                   self.world_size)))
+            apply(state, self.model, self.optimizer, self.scheduler, self.generators)
         if self.extra is not None and "extra" in state:
             self.extra.clear()
             self.extra.update(state["extra"])
         self._restore_progress(state.get("trainer", {}), info)
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
         return self._step
+
+    def _load_planned(self, unit: str) -> dict[str, Any]:
+        """A unit DCP planned, saved by any number of ranks: DCP's load planner reshards the
+        model and optimizer; this rank's own state (RNG, ``extra``) comes from its own shard
+        when the unit has one (the same rank count), else it is left as it is."""
+        from trainer_hooks import dcpio
+
+        assert self._shards is not None
+        dcpio.load_unit(unit, self.model, self.optimizer, self.scheduler, self._shards.plans)
+        saved_by = read_manifest(unit).world_size
+        own = self.rank if self.rank < saved_by else 0
+        state: dict[str, Any] = load(os.path.join(unit, shard_name(own, saved_by)))[dcpio.local_key(own)]
+        if own != self.rank or saved_by != self.world_size:
+            log.info("ckptd: rank %d of %d resumes a checkpoint of %d ranks (resharded); its RNG and extra are "
+                     "%s", self.rank, self.world_size, saved_by, "rank 0's" if own != self.rank else "its own")
+        if own == self.rank:
+            apply(state, generators=self.generators)
+        else:
+            state.pop("extra", None)
+        return state
 
     def _fetch_remote(self) -> bool:
         """No local checkpoint verifies: a new host resumes from the remote tier, if there is one."""
@@ -440,10 +487,13 @@ class Checkpointer:
         """Does ``info`` verify for this rank (sharded: this rank's shard, and on every rank)?"""
         if self._shards is None:
             return verify_file(info.path)
-        result = verify_unit(info.path, full=(self.rank,))  # its own shard re-read, its peers' checked cheaply
-        if result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size):
+        # each shard re-read by one rank (its own, with as many ranks), its peers' checked cheaply
+        result = verify_unit(info.path, full=range(self.rank, 1 << 31, self.world_size))
+        if (result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size)
+                and result.metadata.get("ckptd.layout") != DCP_LAYOUT):
             result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
-                                                      f"this run has {self.world_size} (no resharding)")
+                                                      f"this run has {self.world_size}: each rank saved its own plain "
+                                                      "tensors, which do not reshard (DTensor state, FSDP2, does)")
         if self._shards.everyone(result.ok) != result.ok:
             result = replace(result, ok=False, reason="another rank's shard of it does not verify")
         return result
@@ -513,3 +563,11 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _holds_dtensors(model: Any) -> bool:
+    if model is None:
+        return False
+    from trainer_hooks import dcpio
+
+    return dcpio.has_dtensors(model.state_dict())

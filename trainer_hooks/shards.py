@@ -30,8 +30,8 @@ Lifecycle of one sharded save, in order; every rank runs every step:
 6. **After.** Rank 0 applies retention (a unit is kept or deleted whole) and tells the
    daemon, which catalogues the unit and counts it in its metrics.
 
-Checkpoint traffic runs on two gloo groups of its own, created here, each used by a
-single thread (flags: the training thread; outcomes: the persist thread), so their
+Checkpoint traffic runs on three gloo groups of its own, created here, each used by a
+single thread (flags and DCP's plans: the training thread; outcomes: the persist thread), so their
 collectives never interleave with each other nor with training's own collectives.
 """
 
@@ -83,6 +83,7 @@ class ShardGroup:
         wait = timedelta(seconds=timeout)
         self._flags = dist.new_group(backend="gloo", timeout=wait)
         self._outcomes = dist.new_group(backend="gloo", timeout=wait)
+        self.plans = dist.new_group(backend="gloo", timeout=wait)  # DCP's planning (trainer_hooks.dcpio), training thread
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._calls_left = 1  # step() calls until the next exchange; the same on every rank
         self._last: tuple[float, int] | None = None  # rank 0: (time, interval) of the last exchange
@@ -197,7 +198,7 @@ def manifest_from(outcomes: list[dict[str, Any]], world_size: int) -> mf.Manifes
     epoch = head.get("ckptd.epoch")
     return mf.Manifest(head["ckptd.job"], int(head["ckptd.step"]), world_size, shards, head.get("ckptd.created", ""),
                        float(epoch) if epoch else None, head.get("ckptd.trigger", ""), head.get("ckptd.rule", ""),
-                       _json_dict(head.get("ckptd.metrics", "{}")))
+                       _json_dict(head.get("ckptd.metrics", "{}")), head.get("ckptd.layout", mf.PER_RANK))
 
 
 def _json_dict(text: str) -> dict[str, Any]:

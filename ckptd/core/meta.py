@@ -16,12 +16,15 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 __all__ = ["FORMAT", "JOB", "STEP", "EPOCH", "CREATED", "TRIGGER", "RULE", "METRICS", "STATE", "ALIASES", "RUN",
-           "FINGERPRINT", "DIGESTS", "META_DIGEST", "WORLD_SIZE", "CheckpointMeta", "iso_utc", "parse_time"]
+           "FINGERPRINT", "DIGESTS", "META_DIGEST", "WORLD_SIZE",
+           "LAYOUT", "DCP", "DCP_SHARDING_INFO", "CheckpointMeta", "iso_utc", "parse_time"]
 
 FORMAT, JOB, STEP, EPOCH, CREATED = "ckptd.format", "ckptd.job", "ckptd.step", "ckptd.epoch", "ckptd.created"
 TRIGGER, RULE, METRICS, STATE, ALIASES = "ckptd.trigger", "ckptd.rule", "ckptd.metrics", "ckptd.state", "ckptd.aliases"
 RUN, FINGERPRINT = "ckptd.run", "ckptd.fingerprint"  # which run wrote it; the state's structure (names, shapes, dtypes)
 DIGESTS, META_DIGEST, WORLD_SIZE = "ckptd.digests", "ckptd.meta_digest", "ckptd.world_size"
+LAYOUT, DCP = "ckptd.layout", "ckptd.dcp"  # a sharded unit planned by torch.distributed.checkpoint: sizes, objects
+DCP_SHARDING_INFO = "DCP_SHARDING_INFO"  # torch's key (HuggingFaceStorageReader): each tensor's chunk offsets
 
 
 def iso_utc(when: float) -> str:

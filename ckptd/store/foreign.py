@@ -19,6 +19,7 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 from ckptd.core.format import FormatError, read_header
 from ckptd.store import manifest as mf
@@ -352,4 +353,25 @@ def _verify_dcp(found: Found) -> VerifyResult:
     missing = sorted(f for f in names if not os.path.isfile(os.path.join(found.path, f)))
     if missing:
         return VerifyResult(found.path, False, f"{missing[0]} named in .metadata is missing")
+    try:
+        short = _dcp_short_file(found.path, storage.values() if isinstance(storage, dict) else ())
+    except OSError as exc:
+        return VerifyResult(found.path, False, f"cannot read: {exc.strerror or exc}")
+    if short:
+        return VerifyResult(found.path, False, short)
     return VerifyResult(found.path, True, "", len(getattr(meta, "state_dict_metadata", {}) or {}), found.bytes)
+
+
+def _dcp_short_file(directory: str, entries: Iterable[Any]) -> str:
+    """DCP keeps no digests; what it does record is where each item's bytes lie: a file
+    truncated or emptied after the save no longer holds them."""
+    sizes: dict[str, int] = {}
+    for e in entries:
+        name, offset, length = (getattr(e, a, None) for a in ("relative_path", "offset", "length"))
+        if not isinstance(name, str) or not isinstance(offset, int) or not isinstance(length, int):
+            continue
+        if name not in sizes:
+            sizes[name] = os.stat(os.path.join(directory, name), follow_symlinks=False).st_size
+        if offset + length > sizes[name]:
+            return f"{name} is {sizes[name]} bytes; .metadata places an item at {offset}..{offset + length}"
+    return ""

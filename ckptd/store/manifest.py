@@ -8,6 +8,11 @@ Layout of one sharded checkpoint (``sharded=True``)::
         rank00003-of-00004.safetensors
         ckptd-manifest.json                    written last: its presence is the commit
 
+Two layouts: ``per-rank`` (each shard holds its rank's own state; it resumes on the same
+number of ranks) and ``dcp`` (DTensor state, FSDP2: each shard holds the chunks
+torch.distributed.checkpoint's planner gave its rank, named by their DCP keys with their
+offsets, so it resumes on any number of ranks and opens with ``dcp.load``).
+
 The manifest names every shard with its size and its header's ``ckptd.meta_digest``
 (a digest over the metadata, which holds every tensor's xxh3-64), so a shard that is
 swapped, truncated, or left over from another attempt does not pass for a member. It
@@ -34,6 +39,7 @@ from ckptd.store.safepath import fsync_dir
 
 MANIFEST = "ckptd-manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
+PER_RANK, DCP = "per-rank", "dcp"  # each rank its own state / chunks planned by DCP (trainer_hooks.dcpio)
 SHARD_RE = re.compile(r"^rank(\d{5})-of-(\d{5})\.safetensors$")
 
 
@@ -73,6 +79,7 @@ class Manifest:
     trigger: str = ""
     rule: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    layout: str = PER_RANK  # or "dcp": chunks planned by torch.distributed.checkpoint, reshardable
 
     def to_json(self) -> str:
         body = {"ckptd.format": FORMAT_VERSION, **asdict(self), "shards": [asdict(s) for s in self.shards]}
@@ -89,7 +96,8 @@ class Manifest:
             metrics = raw.get("metrics")
             m = cls(str(raw["job"]), int(raw["step"]), int(raw["world_size"]), shards, str(raw.get("created", "")),
                     None if raw.get("epoch") is None else float(raw["epoch"]), str(raw.get("trigger", "")),
-                    str(raw.get("rule", "")), metrics if isinstance(metrics, dict) else {})
+                    str(raw.get("rule", "")), metrics if isinstance(metrics, dict) else {},
+                    str(raw.get("layout", PER_RANK)))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ManifestError(f"unreadable manifest: {exc}") from None
         if sorted(s.rank for s in m.shards) != list(range(m.world_size)):

@@ -201,7 +201,8 @@ def verify_unit(unit: str, full: Collection[int] | None = None) -> VerifyResult:
         m = mf.read(unit)
     except mf.ManifestError as exc:
         return VerifyResult(unit, False, str(exc))
-    meta = {"ckptd.job": m.job, "ckptd.step": str(m.step), "ckptd.world_size": str(m.world_size)}
+    meta = {"ckptd.job": m.job, "ckptd.step": str(m.step), "ckptd.world_size": str(m.world_size),
+            "ckptd.layout": m.layout}
     tensors = total = 0
     for shard in m.shards:
         r = _verify_shard(os.path.join(unit, shard.file), shard, m, full is None or shard.rank in full)

@@ -1,0 +1,119 @@
+"""FSDP2 (``fully_shard``, DTensor) state through sharded saves planned by torch.distributed.checkpoint.
+
+Real ``torchrun`` jobs (gloo, CPU) of ``examples/fsdp_train.py``: the units they write
+reshard (4 -> 2 -> 4, and 2 -> 1 rank) to the same gathered state, open with ``dcp.load``
+in a script that never imports ckptd, hold a replicated tensor once, and a rank killed
+mid-save commits nothing (the previous unit resumes, bit-exact on the same rank count).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from ckptd.core.meta import DCP_SHARDING_INFO
+from ckptd.store import manifest as mf
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_unit
+from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port
+from tests.test_integrations import ENV, run
+from tests.test_sharded import TORCHRUN, kill_mid_write, unit
+
+SCRIPT = str(ROOT / "examples" / "fsdp_train.py")
+LOADER = str(ROOT / "tests" / "scripts" / "dcp_load_unit.py")
+JOB = "fsdp-demo"
+
+
+
+def torchrun(n: int, directory: Path, *extra: str) -> list[str]:
+    return [TORCHRUN, f"--nproc_per_node={n}", f"--master_port={free_port()}", SCRIPT, "--dir", str(directory),
+            *extra]
+
+
+def printed(out: str, what: str) -> set[str]:
+    """What every rank printed after ``what`` (a gathered fingerprint: one value when all agree)."""
+    return set(re.findall(rf"rank \d {what} ([0-9a-f]{{64}})", out))  # (ranks print concurrently)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    d = tmp_path_factory.mktemp("fsdp") / "ckpt"
+    return d, run(torchrun(4, d, "--steps", "20", "--every", "10"))
+
+
+@pytest.mark.slow
+def test_each_rank_writes_its_chunks_and_a_replicated_tensor_once(four_ranks: tuple[Path, str]) -> None:
+    d, out = four_ranks
+    units = scan(str(d), JOB)
+    assert [(c.step, c.ok, c.shards) for c in units] == [(10, True, 4), (20, True, 4)]
+    assert mf.read(str(unit(d, 20, JOB))).layout == mf.DCP and verify_unit(str(unit(d, 20, JOB))).ok
+    assert ckptd_cli("verify", str(unit(d, 20, JOB))).returncode == 0
+    rows, scales = [], 0
+    for r in range(4):
+        with safe_open(str(unit(d, 20, JOB) / mf.shard_name(r, 4)), framework="pt") as f:
+            offsets = json.loads((f.metadata() or {})[DCP_SHARDING_INFO])
+            rows.append(offsets["model.inp.weight"]["saved_offsets"][0])
+            assert f.get_slice("model.inp.weight").get_shape() == [16, 32]  # 64 rows over 4 ranks
+            scales += "model.scale" in f.keys()
+    assert rows == [0, 16, 32, 48] and scales == 1  # the replicated buffer: written by one rank
+
+
+@pytest.mark.slow
+def test_a_unit_reshards_4_to_2_to_4_and_to_1_with_the_same_gathered_state(
+        four_ranks: tuple[Path, str], tmp_path: Path) -> None:
+    d, out = four_ranks
+    (saved,) = printed(out, "FINGERPRINT")
+    two = tmp_path / "two"
+    shutil.copytree(d, two)
+    out2 = run(torchrun(2, two, "--steps", "25", "--every", "10"))  # resumes at 20, trains 5 steps, saves 25
+    assert printed(out2, "RESUMED") == {saved}
+    (at25,) = printed(out2, "FINGERPRINT")
+    for ranks in (4, 1):
+        again = tmp_path / f"again{ranks}"
+        shutil.copytree(two, again)
+        resumed = run(torchrun(ranks, again, "--steps", "27", "--every", "10"))  # and two optimizer steps after
+        assert printed(resumed, "RESUMED") == {at25}, resumed
+        assert re.findall(r"starting at step (\d+)", resumed) == ["25"] * ranks
+        assert scan(str(again), JOB)[-1].step == 27 and scan(str(again), JOB)[-1].shards == ranks
+
+
+@pytest.mark.slow
+def test_dcp_load_opens_a_unit_in_a_script_that_does_not_import_ckptd(four_ranks: tuple[Path, str]) -> None:
+    d, out = four_ranks
+    loaded = run([PYTHON, LOADER, str(unit(d, 20, JOB))])
+    assert set(re.findall(r"saves 2 MODEL ([0-9a-f]{64})", out)) == set(re.findall(r"^MODEL (\w+)$", loaded, re.M))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,victim", [(2, 1), (4, 3)])
+def test_a_rank_killed_mid_save_commits_nothing_and_resume_is_bit_exact(
+        tmp_path: Path, ranks: int, victim: int) -> None:
+    straight = run(torchrun(ranks, tmp_path / "a", "--steps", "25", "--every", "5"))
+    b = tmp_path / "b"
+    kill_mid_write(torchrun(ranks, b, "--steps", "25", "--every", "5", "--step-sleep", "0.05",
+                            "--ballast-rank", str(victim), "--ballast-mib", "128"),
+                   ENV, b, ranks, victim, tmp_path / "run.log", job=JOB)
+    assert not (unit(b, 15, JOB) / mf.MANIFEST).exists()
+    out = run(torchrun(ranks, b, "--steps", "25", "--every", "5", "--ballast-rank", str(victim),
+                       "--ballast-mib", "1"))
+    assert set(re.findall(r"starting at step (\d+)", out)) == {"10"}, out
+    assert printed(out, "FINGERPRINT") == printed(straight, "FINGERPRINT")
+    assert [c.step for c in scan(str(b), JOB) if not c.pending] == [5, 10, 15, 20, 25]
+
+
+def test_ckptd_verify_accepts_a_checkpoint_written_by_dcp_save(tmp_path: Path) -> None:
+    """Another tool's DCP checkpoint (its own ``.metadata`` and ``.distcp`` files): read, not unpickled."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    d = tmp_path / "dcp-step7"
+    dcp.save({"w": torch.ones(8), "b": torch.zeros(2), "lr": 0.1}, checkpoint_id=str(d), no_dist=True)
+    r = ckptd_cli("verify", str(d))
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    (d / "__0_0.distcp").write_bytes(b"")  # its data gone
+    assert ckptd_cli("verify", str(d)).returncode != 0
