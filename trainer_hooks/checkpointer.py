@@ -355,9 +355,8 @@ class Checkpointer:
             return flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases)
         from trainer_hooks import dcpio
 
-        assert self._shards is not None
         flat, skeleton = flatten({dcpio.local_key(self.rank): self._capture()})  # names unique across the ranks' files
-        planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self._shards.plans)
+        planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
         tensors, keys = planned.header(flat.tensors)
         return tensors, {**self._metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
 

@@ -31,7 +31,7 @@ Lifecycle of one sharded save, in order; every rank runs every step:
    daemon, which catalogues the unit and counts it in its metrics.
 
 Checkpoint traffic runs on three gloo groups of its own, created here, each used by a
-single thread (flags and DCP's plans: the training thread; outcomes: the persist thread), so their
+single thread (flags and DCP's load plans: the training thread; outcomes: the persist thread), so their
 collectives never interleave with each other nor with training's own collectives.
 """
 
@@ -83,7 +83,7 @@ class ShardGroup:
         wait = timedelta(seconds=timeout)
         self._flags = dist.new_group(backend="gloo", timeout=wait)
         self._outcomes = dist.new_group(backend="gloo", timeout=wait)
-        self.plans = dist.new_group(backend="gloo", timeout=wait)  # DCP's planning (trainer_hooks.dcpio), training thread
+        self.plans = dist.new_group(backend="gloo", timeout=wait)  # DCP's load planning (trainer_hooks.dcpio)
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._calls_left = 1  # step() calls until the next exchange; the same on every rank
         self._last: tuple[float, int] | None = None  # rank 0: (time, interval) of the last exchange
