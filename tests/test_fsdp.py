@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from safetensors import safe_open
@@ -20,7 +21,7 @@ from ckptd.core.meta import DCP_SHARDING_INFO
 from ckptd.store import manifest as mf
 from ckptd.store.scan import scan
 from ckptd.store.verify import verify_unit
-from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port
 from tests.test_integrations import ENV, run
 from tests.test_sharded import TORCHRUN, kill_mid_write, unit
 
@@ -41,9 +42,18 @@ def printed(out: str, what: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    d = tmp_path_factory.mktemp("fsdp") / "ckpt"
-    return d, run(torchrun(4, d, "--steps", "20", "--every", "10"))
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """Four ranks with a daemon: rank 0 reports each committed unit, the daemon catalogues it."""
+    daemon = DaemonProc(tmp_path_factory.mktemp("fsdp")).start()
+    try:
+        d = daemon.root / "ckpt"
+        out = run(torchrun(4, d, "--steps", "20", "--every", "10"), {**ENV, "CKPTD_SOCKET": daemon.socket})
+        status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)}
+        assert status[JOB]["world_size"] == 4 and status[JOB]["checkpoints"] == 2, status
+        assert daemon.metric("ckptd_saves_total", training_job=JOB, trigger="final", outcome="ok") == 1
+        yield d, out
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.slow
