@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from ckptd.store.remote import Store, open_store
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -244,3 +246,15 @@ def moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["s3", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A remote tier of each kind: a moto S3 server on loopback, and ``file://`` on a second filesystem."""
+    if request.param == "s3":
+        server: MotoServer = request.getfixturevalue("moto")
+        request.getfixturevalue("monkeypatch").setenv("CKPT_TEST_ENDPOINT", server.endpoint)  # for its trainers
+        yield open_store("s3://ckpt/team/runs", server.endpoint)
+    else:
+        with tmpfs_at(tmp_path / "shared", "64m") as shared:  # another filesystem than the checkpoints'
+            yield open_store(f"file://{shared}/ckpt")

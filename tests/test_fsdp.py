@@ -9,8 +9,11 @@ mid-save commits nothing (the previous unit resumes, bit-exact on the same rank 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,10 +22,13 @@ from safetensors import safe_open
 
 from ckptd.core.meta import DCP_SHARDING_INFO
 from ckptd.store import manifest as mf
+from ckptd.store.remote import Store, open_store
+from ckptd.store.replicate import COMMIT, committed, fetch, prune_remote, replicate, verify_remote
 from ckptd.store.scan import scan
 from ckptd.store.verify import verify_unit
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, tmpfs_at, wait_until
 from tests.test_integrations import ENV, run
+from tests.test_remote import corrupt
 from tests.test_sharded import TORCHRUN, kill_mid_write, unit
 
 SCRIPT = str(ROOT / "examples" / "fsdp_train.py")
@@ -43,14 +49,21 @@ def printed(out: str, what: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """Four ranks with a daemon: rank 0 reports each committed unit, the daemon catalogues it."""
-    daemon = DaemonProc(tmp_path_factory.mktemp("fsdp")).start()
+    """Four ranks with a daemon: rank 0 reports each committed unit, the daemon catalogues it
+    and replicates it to the job's remote tier."""
+    base = tmp_path_factory.mktemp("fsdp")
+    remote = f"file://{base}/remote"
+    os.makedirs(f"{base}/remote")
+    daemon = DaemonProc(base, extra_config=f'remote_allow = ["{remote}"]\n').start()
     try:
         d = daemon.root / "ckpt"
-        out = run(torchrun(4, d, "--steps", "20", "--every", "10"), {**ENV, "CKPTD_SOCKET": daemon.socket})
+        out = run(torchrun(4, d, "--steps", "20", "--every", "10"),
+                  {**ENV, "CKPTD_SOCKET": daemon.socket, "CKPTD_REMOTE": remote})
         status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)}
         assert status[JOB]["world_size"] == 4 and status[JOB]["checkpoints"] == 2, status
         assert daemon.metric("ckptd_saves_total", training_job=JOB, trigger="final", outcome="ok") == 1
+        wait_until(lambda: len(committed(open_store(remote), JOB)) == 2, 60, "the daemon to replicate both units")
+        assert [len(c.shards) for c in committed(open_store(remote), JOB)] == [4, 4]
         yield d, out
     finally:
         daemon.stop()
@@ -127,3 +140,45 @@ def test_ckptd_verify_accepts_a_checkpoint_written_by_dcp_save(tmp_path: Path) -
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
     (d / "__0_0.distcp").write_bytes(b"")  # its data gone
     assert ckptd_cli("verify", str(d)).returncode != 0
+
+
+# -- the remote tier: a unit goes as a directory of objects, committed last ---------------------
+
+@pytest.mark.slow
+def test_a_unit_replicates_verifies_and_fetches_and_a_flipped_byte_is_never_fetched(
+        four_ranks: tuple[Path, str], store: Store, tmp_path: Path) -> None:
+    d, _ = four_ranks
+    for step in (10, 20):
+        c = replicate(store, JOB, str(unit(d, step, JOB)))
+        assert c.shards == tuple(mf.shard_name(r, 4) for r in range(4))
+    listed = committed(store, JOB)
+    assert [(c.step, len(c.shards)) for c in listed] == [(10, 4), (20, 4)]
+    assert all(verify_remote(store, c).ok for c in listed)
+    got = fetch(store, JOB, str(tmp_path / "host2"))
+    assert got == str(tmp_path / "host2" / unit(d, 20, JOB).name) and verify_unit(got).ok
+    assert all((Path(got) / f).read_bytes() == (unit(d, 20, JOB) / f).read_bytes() for f in os.listdir(got))
+    corrupt(store, f"{listed[1].key}/{mf.shard_name(2, 4)}")
+    bad = verify_remote(store, listed[1])
+    assert not bad.ok and bad.reason.startswith(f"shard {mf.shard_name(2, 4)}: digest mismatch"), bad.reason
+    older = fetch(store, JOB, str(tmp_path / "host3"))
+    assert older is not None and older.endswith(unit(d, 10, JOB).name)  # the newest one that verifies
+    prune_remote(store, JOB, {"remote_keep_last": 1}, time.time())  # a deletion takes every object of the unit
+    assert sorted(store.list(f"{JOB}/")) == sorted([listed[1].key + COMMIT, *listed[1].objects])
+
+
+@pytest.mark.slow
+def test_a_new_host_resumes_a_sharded_run_from_the_remote_tier_on_another_rank_count(tmp_path: Path) -> None:
+    """Rank 0 replicates each committed unit; the host's disk is lost; four ranks on a new host
+    fetch the newest unit from the remote tier and reshard it to the state the two ranks saved."""
+    with tmpfs_at(tmp_path / "shared", "64m") as shared:
+        env = {**ENV, "CKPTD_REMOTE": f"file://{shared}/ckpt"}
+        first = run(torchrun(2, tmp_path / "host1", "--steps", "20", "--every", "10"), env)
+        (saved,) = printed(first, "FINGERPRINT")
+        store = open_store(f"file://{shared}/ckpt")
+        assert [(c.step, len(c.shards)) for c in committed(store, JOB)] == [(10, 2), (20, 2)]
+        shutil.rmtree(tmp_path / "host1")
+        r = subprocess.run(torchrun(4, tmp_path / "host2", "--steps", "20", "--every", "10"), env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert re.findall(r"starting at step (\d+)", r.stdout) == ["20"] * 4
+        assert printed(r.stdout, "RESUMED") == {saved}  # host2 started empty: the state came from the remote

@@ -10,26 +10,14 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from ckptd.store.remote import RemoteError, Store, open_store
 from ckptd.store.replicate import COMMIT, committed, fetch, prune_remote, replicate, verify_remote
 from ckptd.store.verify import verify_file
-from tests.conftest import ROOT, MotoServer, run_py, tmpfs_at
+from tests.conftest import ROOT, MotoServer, run_py
 from tests.helpers import small_checkpoint
-
-
-@pytest.fixture(params=["s3", "file"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "s3":
-        server: MotoServer = request.getfixturevalue("moto")
-        request.getfixturevalue("monkeypatch").setenv("CKPT_TEST_ENDPOINT", server.endpoint)  # for its trainers
-        yield open_store("s3://ckpt/team/runs", server.endpoint)
-    else:
-        with tmpfs_at(tmp_path / "shared", "64m") as shared:  # another filesystem than the checkpoints'
-            yield open_store(f"file://{shared}/ckpt")
 
 
 def checkpoints(directory: Path, steps: tuple[int, ...]) -> list[str]:

@@ -459,21 +459,32 @@ class Checkpointer:
         return state
 
     def _fetch_remote(self) -> bool:
-        """No local checkpoint verifies: a new host resumes from the remote tier, if there is one."""
-        if not self.settings.get("remote") or self._shards is not None:
+        """No local checkpoint verifies: a new host resumes from the remote tier, if there is one.
+        Sharded: rank 0 fetches the unit, then any rank that does not see it (another host) does."""
+        if not self.settings.get("remote"):
             return False
+        if self._shards is None:
+            return self._fetch_newest() is not None
+        self._shards.everyone(True)  # every rank has looked at its directory before anything appears in it
+        path = self._fetch_newest() if self.rank == 0 else None
+        self._shards.everyone(True)  # rank 0's copy is in place before the others look
+        if self.rank != 0 and not any(c.ok and not c.pending for c in self.checkpoints()):
+            path = self._fetch_newest()
+        return not self._shards.everyone(path is None)  # the same answer on every rank
+
+    def _fetch_newest(self) -> str | None:
         from ckptd.store.remote import RemoteError, open_store
         from ckptd.store.replicate import fetch
 
         try:
             path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")), self.job,
                          self.directory)
-        except RemoteError as exc:
+        except (RemoteError, OSError) as exc:
             log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
-            return False
+            return None
         if path is not None:
             log.info("ckptd: job %s: no local checkpoint; fetched %s from %s", self.job, path, self.settings["remote"])
-        return path is not None
+        return path
 
     def _move_aside(self) -> None:
         stale = os.path.join(self.directory, ".ckptd-stale", time.strftime("%Y%m%dT%H%M%S"))

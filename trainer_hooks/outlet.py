@@ -9,8 +9,8 @@
    together (``trainer_hooks.shards.save_shard``); rank 0 tells the daemon, if any.
 
 With a remote tier (``remote=``), what this process saved itself (embedded, or left by a
-daemon that went away) is then replicated by its own ``Replicator``; what the daemon
-saved, the daemon replicates. ``close()`` waits for pending uploads up to ``remote_timeout``.
+daemon that went away; sharded: rank 0, once the unit committed) is then replicated by its
+own ``Replicator``; what the daemon saved or was told of, the daemon replicates. ``close()`` waits for pending uploads up to ``remote_timeout``.
 
 Whichever it is, ``on_done`` hears of each save once: verified, or failed with a reason.
 The staging buffer is reused, so one save is in flight at a time: ``busy``/``wait``.
@@ -41,7 +41,9 @@ class Outlet:
         self._on_done, self._on_removed = on_done, on_removed
         self._worker = Worker(self._persist_here, self._persisted_here)
         self.link: Link | None = None
-        self.replicator = Replicator() if replicate and target.settings.get("remote") and shards is None else None
+        uploads = replicate and target.settings.get("remote") and (shards is None or shards.rank == 0)
+        self.replicator = Replicator() if uploads else None  # sharded: rank 0 uploads the committed unit
+        self._daemon_has_it = False  # the last sharded commit went to the daemon, which replicates it
 
     def connect(self, path: str, hello: Callable[[], dict[str, Any]], beat: Callable[[], dict[str, Any]],
                 on_due: Callable[[str], None], retry_every: float) -> None:
@@ -96,7 +98,7 @@ class Outlet:
                                    after=self._prune_again)
 
     def _persisted_here(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
-        if result is not None and self.replicator is not None:
+        if result is not None and self.replicator is not None and not self._daemon_has_it:
             self.replicator.submit(Upload(self.target.job, result.path, self.target.settings, after=self._prune_again,
                                           created=time.time()))
         self._on_done(job, result, error)
@@ -114,7 +116,9 @@ class Outlet:
 
     def _report_commit(self, report: dict[str, Any]) -> bool:
         """Rank 0 of a sharded save tells the daemon, which catalogues and prunes; False: there is none."""
-        if self.link is not None and self.link.connected:
+        self._daemon_has_it = self.link is not None and self.link.connected
+        if self._daemon_has_it:
+            assert self.link is not None
             self.link.notify(report)
             return True
         return self.shards is not None and self.shards.rank != 0

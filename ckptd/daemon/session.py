@@ -315,6 +315,8 @@ class Session:
         d.catalog.record(info, verified=True)
         d.save_succeeded(job, trigger, info, _reported_seconds(msg, ("stall", "persist", "verify")))
         prune(Target(job.directory, job.name, job.settings, d.roots), lambda removed: d.ledger.removed(job.key, removed))
+        if job.settings.get("remote"):
+            d.replicate(job, info)
 
     # -- the end ---------------------------------------------------------------------------
 

@@ -18,6 +18,11 @@ Lifecycle of one replicated checkpoint, in order:
 
 A reader (``ckptd verify``, ``ckptd fetch``, ``resume()``) trusts nothing but steps 3-4
 again: commit object present, size equal, metadata digest equal, every tensor re-hashed.
+
+A sharded unit goes the same way as a directory of objects: every shard to
+``JOB/UNIT/rankR-of-W.safetensors``, then its manifest, each shard verified against the
+manifest's size and metadata digest, and one commit object ``JOB/UNIT.commit.json`` (its
+``shards`` list and the manifest's digest) last.
 """
 
 from __future__ import annotations
@@ -27,16 +32,20 @@ import logging
 import os
 import re
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+import xxhash
 
 from ckptd.core import retention
 from ckptd.core.format import FormatError, read_header
 from ckptd.core.vocab import Trigger
+from ckptd.store import manifest as mf
 from ckptd.store.remote import RemoteError, Store
 from ckptd.store.safepath import fsync_dir, open_regular
-from ckptd.store.scan import SUFFIX, read_info
-from ckptd.store.verify import VerifyResult, verify_file, verify_stream
+from ckptd.store.scan import SUFFIX, Checkpoint, read_info
+from ckptd.store.verify import VerifyResult, verify_file, verify_stream, verify_unit
 
 __all__ = ["COMMIT", "RemoteCheckpoint", "committed", "fetch", "remote_rules", "replicate", "uncommitted",
            "verify_remote", "prune_remote"]
@@ -58,27 +67,61 @@ class RemoteCheckpoint:
     created: float
     trigger: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    shards: tuple[str, ...] = ()  # a sharded unit: its shard files under KEY/ (and KEY/ckptd-manifest.json)
 
     @property
     def name(self) -> str:
         return self.key.rsplit("/", 1)[-1]
 
+    @property
+    def objects(self) -> list[str]:
+        """Every data object of this checkpoint (what a deletion removes after the commit object)."""
+        if not self.shards:
+            return [self.key]
+        return [f"{self.key}/{f}" for f in (*self.shards, mf.MANIFEST)]
+
 
 def replicate(store: Store, job: str, path: str) -> RemoteCheckpoint:
     """Steps 2-4 for one local checkpoint that verified; raises ``RemoteError`` on any failure."""
     info = read_info(path)
-    if info.problem or info.shards:
-        raise RemoteError(f"{path}: {'sharded checkpoints are not replicated yet' if info.shards else info.problem}")
+    if info.problem:
+        raise RemoteError(f"{path}: {info.problem}")
     key = f"{job}/{os.path.basename(path)}"
-    meta_digest = _meta_digest(path)
-    store.put_file(path, key)
-    commit = RemoteCheckpoint(key, job, info.step, info.bytes, meta_digest, info.created, info.trigger, info.metrics)
+    if info.shards:
+        commit = _upload_unit(store, key, job, path, info)
+    else:
+        store.put_file(path, key)
+        commit = RemoteCheckpoint(key, job, info.step, info.bytes, _meta_digest(path), info.created, info.trigger,
+                                  info.metrics)
     result = verify_remote(store, commit)
     if not result.ok:
-        _quietly(store.delete, key)
+        for k in commit.objects:
+            _quietly(store.delete, k)
         raise RemoteError(f"{store.url}/{key} did not verify after the upload: {result.reason}")
     store.put_bytes(key + COMMIT, json.dumps({"ckptd.remote": FORMAT, **commit.__dict__}, sort_keys=True).encode())
     return commit
+
+
+def _upload_unit(store: Store, key: str, job: str, unit: str, info: Checkpoint) -> RemoteCheckpoint:
+    """Every shard, then the manifest (as it is on disk: its digest goes in the commit object)."""
+    try:
+        m = mf.read(unit)
+    except mf.ManifestError as exc:
+        raise RemoteError(f"{unit}: {exc}") from None
+    for shard in m.shards:
+        store.put_file(os.path.join(unit, shard.file), f"{key}/{shard.file}")
+    manifest = _read_small(os.path.join(unit, mf.MANIFEST))
+    store.put_bytes(f"{key}/{mf.MANIFEST}", manifest)
+    return RemoteCheckpoint(key, job, m.step, sum(s.bytes for s in m.shards), xxhash.xxh3_64_hexdigest(manifest),
+                            info.created, m.trigger, m.metrics, tuple(s.file for s in m.shards))
+
+
+def _read_small(path: str) -> bytes:
+    try:
+        with open_regular(path) as f:
+            return f.read(mf.MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise RemoteError(f"{path}: {exc.strerror or exc}") from None
 
 
 def _meta_digest(path: str) -> str:
@@ -92,6 +135,8 @@ def _meta_digest(path: str) -> str:
 
 def verify_remote(store: Store, c: RemoteCheckpoint) -> VerifyResult:
     """Steps 3-4 as a reader repeats them: size, metadata digest, every tensor, from one streamed read."""
+    if c.shards:
+        return _verify_remote_unit(store, c)
     label = f"{store.url}/{c.key}"
     try:
         body, size = store.open(c.key)
@@ -108,6 +153,31 @@ def verify_remote(store: Store, c: RemoteCheckpoint) -> VerifyResult:
     if result.ok and result.metadata.get("ckptd.step") != str(c.step):
         return VerifyResult(label, False, f"header says step {result.metadata.get('ckptd.step')}, the commit {c.step}")
     return result
+
+
+def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:
+    """The manifest the commit names (by digest), then every shard against it, as ``verify_unit`` does."""
+    label = f"{store.url}/{c.key}"
+    try:
+        body, _ = store.open(f"{c.key}/{mf.MANIFEST}")
+        try:
+            text = body.read(mf.MAX_MANIFEST_BYTES + 1)
+        finally:
+            body.close()
+        if xxhash.xxh3_64_hexdigest(text) != c.meta_digest:
+            return VerifyResult(label, False, "not the manifest its commit names (digest differs)")
+        m = mf.Manifest.parse(text.decode("utf-8"))
+    except (RemoteError, mf.ManifestError, UnicodeDecodeError) as exc:
+        return VerifyResult(label, False, f"manifest: {exc}")
+    tensors = 0
+    for shard in m.shards:
+        one = verify_remote(store, RemoteCheckpoint(f"{c.key}/{shard.file}", c.job, m.step, shard.bytes,
+                                                    shard.meta_digest, c.created))
+        if not one.ok:
+            return VerifyResult(label, False, f"shard {shard.file}: {one.reason}")
+        tensors += one.tensors
+    return VerifyResult(label, True, "", tensors, c.bytes, {"ckptd.job": m.job, "ckptd.step": str(m.step),
+                                                             "ckptd.world_size": str(m.world_size)})
 
 
 def committed(store: Store, job: str, listing: Mapping[str, int] | None = None) -> list[RemoteCheckpoint]:
@@ -131,14 +201,24 @@ def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
         body.close()
     if doc.get("ckptd.remote") != FORMAT or doc["key"] + COMMIT != key:
         raise ValueError("not a ckptd commit object for this key")
+    shards = tuple(str(f) for f in doc.get("shards") or ())
+    if any(not mf.SHARD_RE.match(f) for f in shards):
+        raise ValueError("a shard name that is not rankR-of-W.safetensors")
     return RemoteCheckpoint(str(doc["key"]), str(doc["job"]), int(doc["step"]), int(doc["bytes"]),
                             str(doc["meta_digest"]), float(doc["created"]), str(doc.get("trigger", "")),
-                            dict(doc.get("metrics") or {}))
+                            dict(doc.get("metrics") or {}), shards)
 
 
 def uncommitted(store: Store, job: str, listing: Mapping[str, int]) -> list[str]:
     """Data objects with no commit object: uploads cut off, or still in progress."""
-    return [k for k in listing if k.startswith(f"{job}/") and k.endswith(SUFFIX) and k + COMMIT not in listing]
+    return [k for k in listing if k.startswith(f"{job}/") and not k.endswith(COMMIT)
+            and (k.endswith(SUFFIX) or "/" in k[len(job) + 1:]) and _commit_key(job, k) not in listing]
+
+
+def _commit_key(job: str, key: str) -> str:
+    """``JOB/NAME.safetensors`` -> its commit object; ``JOB/UNIT/anything`` -> the unit's."""
+    unit, sep, _ = key[len(job) + 1:].partition("/")
+    return f"{job}/{unit}{COMMIT}" if sep else key + COMMIT
 
 
 def remote_rules(settings: Mapping[str, Any]) -> retention.Rules:
@@ -158,10 +238,12 @@ def prune_remote(store: Store, job: str, settings: Mapping[str, Any], now: float
     items = [retention.Item(c.key, c.step, c.created, c.bytes, final=c.trigger == Trigger.FINAL,
                             metric=_metric(c.metrics.get(rules.best_metric or ""))) for c in commits]
     verdicts = retention.plan(items, rules, now)
+    by_key = {c.key: c for c in commits}
     for v in verdicts:
         if not v.keep:
             store.delete(v.item.id + COMMIT)
-            store.delete(v.item.id)
+            for key in by_key[v.item.id].objects:
+                store.delete(key)
             log.info("remote: deleted %s/%s (%s)", store.url, v.item.id, v.reasons[0])
     newest = max((c.step for c in commits), default=None)
     for key in uncommitted(store, job, listing):
@@ -201,18 +283,12 @@ def fetch(store: Store, job: str, directory: str, step: int | None = None,
 
 def _download(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:
     os.makedirs(directory, exist_ok=True)
+    if c.shards:
+        return _download_unit(store, c, directory)
     final = os.path.join(directory, c.name)
     tmp = os.path.join(directory, f".{c.name}.ckptd-fetch.{secrets.token_hex(4)}")
     try:
-        body, size = store.open(c.key)
-        try:
-            with open(tmp, "wb") as f:
-                while chunk := body.read(8 << 20):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            body.close()
+        size = _stream_to(store, c.key, tmp)
         result = verify_file(tmp)
         if not result.ok or size != c.bytes or result.metadata.get("ckptd.meta_digest") != c.meta_digest:
             log.error("remote: %s/%s does not verify: %s", store.url, c.key, result.reason or "size or digest differ")
@@ -223,6 +299,45 @@ def _download(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _download_unit(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:
+    """Every object into a temp directory, ``verify_unit`` on it (every shard re-read), then one rename."""
+    final = os.path.join(directory, c.name)
+    tmp = os.path.join(directory, f".{c.name}.ckptd-fetch.{secrets.token_hex(4)}")
+    os.mkdir(tmp)
+    try:
+        for key in c.objects:
+            _stream_to(store, key, os.path.join(tmp, key.rsplit("/", 1)[-1]))
+        fsync_dir(tmp)
+        result = verify_unit(tmp)
+        with open(os.path.join(tmp, mf.MANIFEST), "rb") as f:
+            same = xxhash.xxh3_64_hexdigest(f.read()) == c.meta_digest
+        if not result.ok or not same:
+            log.error("remote: %s/%s does not verify: %s", store.url, c.key, result.reason or "manifest differs")
+            return None
+        if os.path.lexists(final):
+            log.error("remote: not fetching %s/%s: %s is in the way (an uncommitted attempt?)", store.url, c.key, final)
+            return None
+        os.rename(tmp, final)
+        fsync_dir(directory)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stream_to(store: Store, key: str, path: str) -> int:
+    """One object to a new local file, fsynced; returns the size the store gave."""
+    body, size = store.open(key)
+    try:
+        with open(path, "xb") as f:
+            while chunk := body.read(8 << 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        body.close()
+    return size
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:

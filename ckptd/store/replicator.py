@@ -81,7 +81,7 @@ class Replicator:
                 log.info("remote: aborted multipart uploads a killed upload left under %s/%s/", store.url, job)
             done = {c.name for c in committed(store, job)}
             for c in scan(directory, job):
-                if c.ok and not c.pending and not c.shards and os.path.basename(c.path) not in done:
+                if c.ok and not c.pending and os.path.basename(c.path) not in done:
                     self.submit(Upload(job, c.path, settings, key, after, c.created))
         t = threading.Thread(target=self._retrying, args=(find, settings["remote"]), name="ckptd-resync", daemon=True)
         self._resyncs.append(t)
