@@ -198,7 +198,8 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
 class MotoServer:
     """A real S3-compatible server (moto in server mode) on a loopback port, for the remote tier."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, **(env or {})}  # INITIAL_NO_AUTH_ACTION_COUNT=0: credentials are checked
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = open(base / "moto.log", "ab")
@@ -209,7 +210,7 @@ class MotoServer:
 
         exe = Path(PYTHON).with_name("moto_server")
         self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 30
         while True:
             try:

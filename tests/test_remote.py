@@ -155,6 +155,31 @@ def test_a_store_that_is_down_costs_no_local_copy_and_no_training(tmp_path: Path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fault", ["missing bucket", "wrong credentials"])
+def test_a_store_that_refuses_is_said_once_and_costs_no_training(fault: str, tmp_path: Path) -> None:
+    """The store answers, and refuses: a bucket that does not exist, keys it does not know (moto
+    checking credentials). One error with the store's own words; every save verifies locally
+    and stays on disk, since none is remote."""
+    from tests.conftest import S3_ENV
+
+    auth = {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if fault == "wrong credentials" else {}
+    server = MotoServer(tmp_path, auth).start()
+    try:
+        words, bucket = ("InvalidAccessKeyId", "ckpt") if auth else ("NoSuchBucket", "no-such-bucket")
+        env = {**S3_ENV, "CKPTD_REMOTE": f"s3://{bucket}/x", "CKPTD_REMOTE_ENDPOINT": server.endpoint,
+               "CKPTD_REMOTE_TIMEOUT": "3s"}
+        run = toy(tmp_path / "host1", 30, env, "--keep-last", "1")
+    finally:
+        server.stop()
+    assert run["stats"]["verified"] == 3 and run["stats"]["failed"] == 0
+    assert sorted(os.listdir(tmp_path / "host1")) == [f"toy-step000000{s}.safetensors" for s in (10, 20, 30)]
+    said = [line for line in run["log"].splitlines() if words in line]
+    assert len(said) == 2, run["log"][-3000:]  # once by resume(), once by the uploader for all three saves
+    assert sum("remote tier cannot be read" in line for line in said) == 1
+    assert sum("retrying with backoff; training is not affected" in line for line in said) == 1
+
+
+@pytest.mark.slow
 def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the daemon: the store is down while the run trains (nothing local is deleted for
@@ -211,3 +236,23 @@ def test_cli_list_verify_and_fetch_a_remote_job(store: Store, tmp_path: Path) ->
     missing = ckptd_cli("fetch", url, str(tmp_path / "host3"), "--step", "20", *endpoint)
     assert missing.returncode == 1 and "no committed checkpoint of step 20 verifies" in missing.stderr
     assert not (tmp_path / "host3").exists() or os.listdir(tmp_path / "host3") == []
+
+
+def test_cli_names_a_remote_job_by_its_name_from_the_config(store: Store, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ckptd list --remote JOB`` and ``ckptd fetch JOB DIR``: the job's remote comes from where its
+    trainer's would, here ``[jobs.t]`` of the config; a job without one is a usage error naming it."""
+    from tests.conftest import ckptd_cli
+
+    for p in checkpoints(tmp_path / "host1", (10, 20)):
+        replicate(store, "t", p)
+    endpoint = f'remote_endpoint = "{os.environ["CKPT_TEST_ENDPOINT"]}"\n' if store.url.startswith("s3://") else ""
+    config = tmp_path / "ckptd.toml"
+    config.write_text(f'[jobs.t]\nremote = "{store.url}"\n{endpoint}')
+    monkeypatch.setenv("CKPTD_CONFIG", str(config))
+    listed = json.loads(ckptd_cli("list", "t", "--remote", "--json").stdout)
+    assert [c["step"] for c in listed] == [10, 20]
+    got = ckptd_cli("fetch", "t", str(tmp_path / "host2"))
+    assert got.returncode == 0 and got.stdout.strip() == str(tmp_path / "host2" / "t-step00000020.safetensors")
+    none = ckptd_cli("fetch", "other", str(tmp_path / "host3"))
+    assert none.returncode == 2 and "job other has no remote tier" in none.stderr, none.stderr

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ckptd.cli.base import SOCKET_OPTION, ask, is_directory, main, setting_options, settings_from
-from ckptd.cli.remote import is_remote, list_remote, remote_options, verify_remote_cmd
+from ckptd.cli.remote import is_remote, job_url, list_remote, remote_options, verify_remote_cmd
 from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
@@ -128,7 +128,8 @@ def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None,
 @click.argument("target", required=False)
 @click.option("--job", default=None, help="only this job's checkpoints (with a directory)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("--remote", "remote", is_flag=True, help="TARGET is a remote job: s3://bucket/prefix/JOB or file:///...")
+@click.option("--remote", "remote", is_flag=True,
+              help="TARGET's remote tier: a job name (its remote from $CKPTD_*/the config) or s3://bucket/prefix/JOB")
 @remote_options
 @SOCKET_OPTION
 def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, endpoint: str | None,
@@ -137,7 +138,9 @@ def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, e
     --remote the committed checkpoints of a job on its remote tier."""
     if remote or (target is not None and is_remote(target)):
         if target is None:
-            raise click.UsageError("--remote needs the job's URL: s3://bucket/prefix/JOB")
+            raise click.UsageError("--remote needs a job: its name, or its URL s3://bucket/prefix/JOB")
+        if not is_remote(target):
+            target, endpoint = job_url(target, endpoint, os.environ.get("CKPTD_CONFIG"))
         list_remote(target, endpoint, as_json)
         return
     if target is not None and is_directory(target):

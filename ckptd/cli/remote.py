@@ -2,7 +2,10 @@
 
 A remote job is named by its URL: the store's URL and the job name after it,
 ``s3://bucket/prefix/JOB`` (``file:///mnt/shared/ckpt/JOB``), with ``--endpoint`` (or
-``$CKPTD_REMOTE_ENDPOINT``) for an S3-compatible store. Credentials: the standard AWS chain.
+``$CKPTD_REMOTE_ENDPOINT``) for an S3-compatible store; or by its name alone, whose
+``remote`` (and ``remote_endpoint``) come from the settings a trainer of that job would
+resolve: ``$CKPTD_*``, then the config's ``[jobs.JOB]`` and ``[defaults]``. Credentials:
+the standard AWS chain.
 """
 
 from __future__ import annotations
@@ -26,6 +29,23 @@ ENDPOINT = click.option("--endpoint", default=None, envvar="CKPTD_REMOTE_ENDPOIN
 
 def is_remote(target: str) -> bool:
     return target.startswith(("s3://", "file://"))
+
+
+def job_url(job: str, endpoint: str | None, config_file: str | None = None) -> tuple[str, str | None]:
+    """A job's name -> its remote URL and endpoint, as its trainer would resolve them."""
+    from ckptd.core import config as config_mod
+    from ckptd.core.settings import from_env
+    from ckptd.core.settings import resolve as resolve_settings
+
+    try:
+        cfg = config_mod.load(config_file)
+        settings = resolve_settings({}, from_env(), cfg.job_table(job), cfg.defaults)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not settings.get("remote"):
+        raise click.UsageError(f"job {job} has no remote tier: give its URL (s3://bucket/prefix/{job}), or set "
+                               f"remote in [jobs.{job}] / [defaults] or $CKPTD_REMOTE")
+    return f"{settings['remote'].rstrip('/')}/{job}", endpoint or settings.get("remote_endpoint")
 
 
 def resolve(url: str, endpoint: str | None) -> tuple[Store, str, str | None]:
@@ -86,10 +106,15 @@ def list_remote(url: str, endpoint: str | None, as_json: bool) -> None:
 @click.argument("url")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--step", type=int, default=None, help="this step instead of the newest")
+@click.option("--config", "config_file", default=None, envvar="CKPTD_CONFIG",
+              help="TOML config whose [jobs.NAME]/[defaults] give a job's remote (when URL is a job name)")
 @ENDPOINT
-def fetch_cmd(url: str, directory: str, step: int | None, endpoint: str | None) -> None:
-    """Download the newest (or --step) remote checkpoint that verifies into DIRECTORY: streamed to a
-    temp file, every tensor checked, then renamed; a corrupt or uncommitted copy is never taken."""
+def fetch_cmd(url: str, directory: str, step: int | None, config_file: str | None, endpoint: str | None) -> None:
+    """Download the newest (or --step) checkpoint of URL (a remote job's URL, or a job's name) that
+    verifies into DIRECTORY: streamed to a temp file (a sharded unit: a temp directory), every
+    tensor checked, then renamed; a corrupt or uncommitted copy is never taken."""
+    if not is_remote(url):
+        url, endpoint = job_url(url, endpoint, config_file)
     store, job, _ = resolve(url, endpoint)
     try:
         path = fetch(store, job, directory, step)
