@@ -198,9 +198,9 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
 class MotoServer:
     """A real S3-compatible server (moto in server mode) on a loopback port, for the remote tier."""
 
-    def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, base: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
         self.env = {**os.environ, **(env or {})}  # INITIAL_NO_AUTH_ACTION_COUNT=0: credentials are checked
-        self.port = free_port()
+        self.port = port or free_port()  # a restarted server: the same port
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = open(base / "moto.log", "ab")
         self.proc: subprocess.Popen[bytes] | None = None

@@ -155,6 +155,45 @@ def test_a_store_that_is_down_costs_no_local_copy_and_no_training(tmp_path: Path
 
 
 @pytest.mark.slow
+def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL to the S3 server while a multipart upload is in flight; a new server on the same
+    port (an empty one: moto keeps nothing). The uploader retries the checkpoint from the start;
+    nothing is ever listed before it is whole and verified, and it ends committed and verified."""
+    import torch
+
+    from ckptd.store.replicator import Replicator, Upload
+    from tests.conftest import S3_ENV, wait_until
+    from tests.helpers import save_state
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "host1").mkdir()
+    path = save_state({"w": torch.rand(130 << 18)}, tmp_path / "host1", "big-step00000010.safetensors",
+                      job="big", step=10)  # 130 MiB: three parts of a multipart upload
+    server = MotoServer(tmp_path).start()
+    server.client().create_bucket(Bucket="ckpt")
+    store = open_store("s3://ckpt/x", server.endpoint)
+    done: list[object] = []
+    replicator = Replicator(on_done=lambda u, c, rest: done.append(c))
+    try:
+        replicator.submit(Upload("big", path, {"remote": store.url, "remote_endpoint": server.endpoint}))
+        wait_until(lambda: server.client().list_multipart_uploads(Bucket="ckpt").get("Uploads"), 60,
+                   "a multipart upload in flight")
+        assert committed(store, "big") == []
+        server.stop()  # SIGKILL
+        server = MotoServer(tmp_path, port=server.port).start()
+        server.client().create_bucket(Bucket="ckpt")
+        wait_until(lambda: done or committed(store, "big"), 120, "the upload, retried after the restart")
+        (c,) = committed(store, "big")
+        assert done and verify_remote(store, c).ok and c.bytes == os.path.getsize(path)
+        assert set(store.list("big/")) == {c.key, c.key + COMMIT}
+    finally:
+        replicator.close(timeout=10)
+        server.stop()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["missing bucket", "wrong credentials"])
 def test_a_store_that_refuses_is_said_once_and_costs_no_training(fault: str, tmp_path: Path) -> None:
     """The store answers, and refuses: a bucket that does not exist, keys it does not know (moto
