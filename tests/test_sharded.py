@@ -250,3 +250,15 @@ def kill_mid_write(args: list[str], env: dict[str, str], b: Path, ranks: int, vi
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+
+
+@pytest.mark.slow
+def test_per_rank_units_do_not_reshard_and_say_why(two_rank_run: Path, tmp_path: Path) -> None:
+    """Plain per-rank tensors (each rank its own slice) have no global shape to reshard from:
+    four ranks do not load a two-rank unit, and the log says what would (DTensor state)."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(two_rank_run, d)
+    r = subprocess.run(torchrun(4, d, "--steps", "5"), capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(re.findall(r"starting at step (\d+)", r.stdout)) == {"0"}
+    assert "saved by 2 ranks, this run has 4" in r.stderr and "DTensor state, FSDP2, does" in r.stderr

@@ -4,7 +4,8 @@ Import-light by contract (SPEC §2): importing this package pulls in torch and t
 torch-free core of ckptd, never watchdog, apscheduler or prometheus_client.
 """
 
-from trainer_hooks.checkpointer import Checkpointer, ResumeError
+from trainer_hooks.checkpointer import Checkpointer
+from trainer_hooks.resume import ResumeError
 from trainer_hooks.state import load
 
 __all__ = ["Checkpointer", "ResumeError", "load"]

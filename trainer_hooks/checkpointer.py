@@ -40,9 +40,7 @@ from ckptd.core.autointerval import AutoInterval
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
 from ckptd.core.settings import env_table, from_env, group, parse_table, resolve, unknown_env
-from ckptd.store.lifecycle import Target, newest_verified
-from ckptd.store.manifest import DCP as DCP_LAYOUT
-from ckptd.store.manifest import read as read_manifest
+from ckptd.store.lifecycle import Target
 from ckptd.store.manifest import shard_name, unit_name
 from ckptd.store.persist import Persisted, PersistError, cleanup_temp
 from ckptd.store.preflight import (
@@ -54,23 +52,20 @@ from ckptd.store.preflight import (
 )
 from ckptd.store.remove import Removal
 from ckptd.store.scan import Checkpoint, scan
-from ckptd.store.verify import VerifyResult, verify_file, verify_unit
 from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.outlet import Outlet
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
+from trainer_hooks.resume import Resuming
 from trainer_hooks.shards import ShardGroup
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import (
-    apply,
     as_float,
     capture,
     fingerprint,
     flatten,
     jsonable_metrics,
-    load,
     model_structure,
     rank_and_world,
-    structure_problem,
 )
 from trainer_hooks.timerules import TimeRules
 from trainer_hooks.triggers import SCHEDULED, Triggers
@@ -82,11 +77,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ckptd.hook")
 
 
-class ResumeError(RuntimeError):
-    """The newest verified checkpoint does not fit the model; the message says how to start fresh."""
-
-
-class Checkpointer:
+class Checkpointer(Resuming):
     """Hand training state to ckptd; see the module docstring for the lifecycle."""
 
     def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
@@ -395,124 +386,6 @@ class Checkpointer:
         self.saved.append({"path": None, "step": job.step, "trigger": job.trigger, "ok": False,
                            "reason": error.reason, "error": str(error)})
         log.error("ckptd: save of step %d failed (%s): %s; training continues", job.step, error.reason, error)
-
-    # -- resume -----------------------------------------------------------------
-
-    def checkpoints(self) -> list[Checkpoint]:
-        return scan(self.directory, self.job)
-
-    def resume(self, fresh: bool = False) -> int:
-        """Load the newest checkpoint that verifies now; return its step (0 if none).
-
-        A checkpoint that does not fit the model (a stale run in the same directory, a
-        changed architecture) is refused with ``ResumeError``, never loaded partly.
-        ``fresh=True`` starts from step 0 instead and moves every existing checkpoint of
-        the job into ``DIR/.ckptd-stale/<time>/`` (nothing is deleted).
-        """
-        self.wait()  # sharded: the persist thread's collectives must not interleave with the resume agreement
-        if fresh:
-            self._move_aside()
-            return 0
-        info = newest_verified(self.directory, self.job, check=self._resumable)
-        if info is None and self._fetch_remote():
-            info = newest_verified(self.directory, self.job, check=self._resumable)
-        if info is None:
-            return 0
-        fits = self._shards is not None or self.model is None  # (a sharded rank holds its part of the model)
-        problem = "" if fits else structure_problem(self._structure, info.path)
-        if problem:
-            raise ResumeError(f"the newest checkpoint of job {self.job}, {info.path} (step {info.step}), does not fit "
-                              f"this model: {problem}. It may be from an older run in the same directory. Start "
-                              "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
-                              "or give this run another directory or job name")
-        if self._shards is not None and read_manifest(info.path).layout == DCP_LAYOUT:
-            state = self._load_planned(info.path)
-        else:
-            state = load(info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank,
-                                                                                                   self.world_size)))
-            apply(state, self.model, self.optimizer, self.scheduler, self.generators)
-        if self.extra is not None and "extra" in state:
-            self.extra.clear()
-            self.extra.update(state["extra"])
-        self._restore_progress(state.get("trainer", {}), info)
-        log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
-        return self._step
-
-    def _load_planned(self, unit: str) -> dict[str, Any]:
-        """A unit DCP planned, saved by any number of ranks: DCP's load planner reshards the
-        model and optimizer; this rank's own state (RNG, ``extra``) comes from its own shard
-        when the unit has one (the same rank count), else it is left as it is."""
-        from trainer_hooks import dcpio
-
-        assert self._shards is not None
-        dcpio.load_unit(unit, self.model, self.optimizer, self.scheduler, self._shards.plans)
-        saved_by = read_manifest(unit).world_size
-        own = self.rank if self.rank < saved_by else 0
-        state: dict[str, Any] = load(os.path.join(unit, shard_name(own, saved_by)))[dcpio.local_key(own)]
-        if own != self.rank or saved_by != self.world_size:
-            log.info("ckptd: rank %d of %d resumes a checkpoint of %d ranks (resharded); its RNG and extra are "
-                     "%s", self.rank, self.world_size, saved_by, "rank 0's" if own != self.rank else "its own")
-        if own == self.rank:
-            apply(state, generators=self.generators)
-        else:
-            state.pop("extra", None)
-        return state
-
-    def _fetch_remote(self) -> bool:
-        """No local checkpoint verifies: a new host resumes from the remote tier, if there is one.
-        Sharded: rank 0 fetches the unit, then any rank that does not see it (another host) does."""
-        if not self.settings.get("remote"):
-            return False
-        if self._shards is None:
-            return self._fetch_newest() is not None
-        self._shards.everyone(True)  # every rank has looked at its directory before anything appears in it
-        path = self._fetch_newest() if self.rank == 0 else None
-        self._shards.everyone(True)  # rank 0's copy is in place before the others look
-        if self.rank != 0 and not any(c.ok and not c.pending for c in self.checkpoints()):
-            path = self._fetch_newest()
-        return not self._shards.everyone(path is None)  # the same answer on every rank
-
-    def _fetch_newest(self) -> str | None:
-        from ckptd.store.remote import RemoteError, open_store
-        from ckptd.store.replicate import fetch
-
-        try:
-            path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")), self.job,
-                         self.directory)
-        except (RemoteError, OSError) as exc:
-            log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
-            return None
-        if path is not None:
-            log.info("ckptd: job %s: no local checkpoint; fetched %s from %s", self.job, path, self.settings["remote"])
-        return path
-
-    def _move_aside(self) -> None:
-        stale = os.path.join(self.directory, ".ckptd-stale", time.strftime("%Y%m%dT%H%M%S"))
-        for c in self.checkpoints():
-            os.makedirs(stale, exist_ok=True)
-            os.rename(c.path, os.path.join(stale, os.path.basename(c.path)))
-            log.warning("ckptd: resume(fresh=True): moved %s aside to %s", c.path, stale)
-
-    def _resumable(self, info: Checkpoint) -> VerifyResult:
-        """Does ``info`` verify for this rank (sharded: this rank's shard, and on every rank)?"""
-        if self._shards is None:
-            return verify_file(info.path)
-        # each shard re-read by one rank (its own, with as many ranks), its peers' checked cheaply
-        result = verify_unit(info.path, full=range(self.rank, 1 << 31, self.world_size))
-        if (result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size)
-                and result.metadata.get("ckptd.layout") != DCP_LAYOUT):
-            result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
-                                                      f"this run has {self.world_size}: each rank saved its own plain "
-                                                      "tensors, which do not reshard (DTensor state, FSDP2, does)")
-        if self._shards.everyone(result.ok) != result.ok:
-            result = replace(result, ok=False, reason="another rank's shard of it does not verify")
-        return result
-
-    def _restore_progress(self, trainer: dict[str, Any], info: Checkpoint) -> None:
-        self._step = self._last_verified_step = int(trainer.get("step", info.step))
-        self.epoch = trainer.get("epoch")
-        key = self._triggers.best_key
-        self._triggers.restart_at(self._step, [as_float(c.metrics.get(key)) for c in self.checkpoints()] if key else [])
 
     # -- time rules and signals -------------------------------------------------
 

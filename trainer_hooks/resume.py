@@ -1,0 +1,180 @@
+"""The resume side of ``Checkpointer``: find the newest checkpoint that verifies, load it.
+
+In order, on every rank: (1) wait for the save in flight (its collectives must not
+interleave with the agreement below); (2) ``newest_verified`` walks the job's checkpoints
+newest first, each verified now (sharded: each shard re-read by one rank, the others'
+checked cheaply, and all ranks agree with an ``all_reduce(MIN)``); (3) none: with a remote
+tier, fetch the newest that verifies there (sharded: rank 0 first, then any rank on another
+host) and look again; (4) check that it fits the model (a stale run in the same directory is
+refused, never loaded partly); (5) load: the file, or this rank's shard, or for a ``dcp``
+unit DCP's load planner over every shard (any number of ranks); then RNG, ``extra`` and
+the step count, so the next save and the triggers continue from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from ckptd.store.lifecycle import newest_verified
+from ckptd.store.manifest import DCP as DCP_LAYOUT
+from ckptd.store.manifest import read as read_manifest
+from ckptd.store.manifest import shard_name
+from ckptd.store.scan import Checkpoint, scan
+from ckptd.store.verify import VerifyResult, verify_file, verify_unit
+from trainer_hooks.state import Structure, apply, as_float, load, structure_problem
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer_hooks.shards import ShardGroup
+    from trainer_hooks.triggers import Triggers
+
+log = logging.getLogger("ckptd.hook")
+
+
+class ResumeError(RuntimeError):
+    """The newest verified checkpoint does not fit the model; the message says how to start fresh."""
+
+
+class Resuming:
+    """Mixed into ``Checkpointer``: what resuming needs of it is declared here."""
+
+    job: str
+    directory: str
+    settings: dict[str, Any]
+    rank: int
+    world_size: int
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    extra: dict[str, Any] | None
+    generators: dict[str, torch.Generator]
+    epoch: float | None
+    _shards: ShardGroup | None
+    _structure: Structure
+    _step: int
+    _last_verified_step: int
+    _triggers: Triggers
+
+    def wait(self, timeout: float | None = None) -> bool:
+        raise NotImplementedError
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return scan(self.directory, self.job)
+
+    def resume(self, fresh: bool = False) -> int:
+        """Load the newest checkpoint that verifies now; return its step (0 if none).
+
+        A checkpoint that does not fit the model (a stale run in the same directory, a
+        changed architecture) is refused with ``ResumeError``, never loaded partly.
+        ``fresh=True`` starts from step 0 instead and moves every existing checkpoint of
+        the job into ``DIR/.ckptd-stale/<time>/`` (nothing is deleted).
+        """
+        self.wait()  # sharded: the persist thread's collectives must not interleave with the resume agreement
+        if fresh:
+            self._move_aside()
+            return 0
+        info = newest_verified(self.directory, self.job, check=self._resumable)
+        if info is None and self._fetch_remote():
+            info = newest_verified(self.directory, self.job, check=self._resumable)
+        if info is None:
+            return 0
+        fits = self._shards is not None or self.model is None  # (a sharded rank holds its part of the model)
+        problem = "" if fits else structure_problem(self._structure, info.path)
+        if problem:
+            raise ResumeError(f"the newest checkpoint of job {self.job}, {info.path} (step {info.step}), does not fit "
+                              f"this model: {problem}. It may be from an older run in the same directory. Start "
+                              "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
+                              "or give this run another directory or job name")
+        if self._shards is not None and read_manifest(info.path).layout == DCP_LAYOUT:
+            state = self._load_planned(info.path)
+        else:
+            state = load(info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank,
+                                                                                                   self.world_size)))
+            apply(state, self.model, self.optimizer, self.scheduler, self.generators)
+        if self.extra is not None and "extra" in state:
+            self.extra.clear()
+            self.extra.update(state["extra"])
+        self._restore_progress(state.get("trainer", {}), info)
+        log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
+        return self._step
+
+    def _load_planned(self, unit: str) -> dict[str, Any]:
+        """A unit DCP planned, saved by any number of ranks: DCP's load planner reshards the
+        model and optimizer; this rank's own state (RNG, ``extra``) comes from its own shard
+        when the unit has one (the same rank count), else it is left as it is."""
+        from trainer_hooks import dcpio
+
+        assert self._shards is not None
+        dcpio.load_unit(unit, self.model, self.optimizer, self.scheduler, self._shards.plans)
+        saved_by = read_manifest(unit).world_size
+        own = self.rank if self.rank < saved_by else 0
+        state: dict[str, Any] = load(os.path.join(unit, shard_name(own, saved_by)))[dcpio.local_key(own)]
+        if own != self.rank or saved_by != self.world_size:
+            log.info("ckptd: rank %d of %d resumes a checkpoint of %d ranks (resharded); its RNG and extra are "
+                     "%s", self.rank, self.world_size, saved_by, "rank 0's" if own != self.rank else "its own")
+        if own == self.rank:
+            apply(state, generators=self.generators)
+        else:
+            state.pop("extra", None)
+        return state
+
+    def _fetch_remote(self) -> bool:
+        """No local checkpoint verifies: a new host resumes from the remote tier, if there is one.
+        Sharded: rank 0 fetches the unit, then any rank that does not see it (another host) does."""
+        if not self.settings.get("remote"):
+            return False
+        if self._shards is None:
+            return self._fetch_newest() is not None
+        self._shards.everyone(True)  # every rank has looked at its directory before anything appears in it
+        path = self._fetch_newest() if self.rank == 0 else None
+        self._shards.everyone(True)  # rank 0's copy is in place before the others look
+        if self.rank != 0 and not any(c.ok and not c.pending for c in self.checkpoints()):
+            path = self._fetch_newest()
+        return not self._shards.everyone(path is None)  # the same answer on every rank
+
+    def _fetch_newest(self) -> str | None:
+        from ckptd.store.remote import RemoteError, open_store
+        from ckptd.store.replicate import fetch
+
+        try:
+            path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")), self.job,
+                         self.directory)
+        except (RemoteError, OSError) as exc:
+            log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
+            return None
+        if path is not None:
+            log.info("ckptd: job %s: no local checkpoint; fetched %s from %s", self.job, path, self.settings["remote"])
+        return path
+
+    def _move_aside(self) -> None:
+        stale = os.path.join(self.directory, ".ckptd-stale", time.strftime("%Y%m%dT%H%M%S"))
+        for c in self.checkpoints():
+            os.makedirs(stale, exist_ok=True)
+            os.rename(c.path, os.path.join(stale, os.path.basename(c.path)))
+            log.warning("ckptd: resume(fresh=True): moved %s aside to %s", c.path, stale)
+
+    def _resumable(self, info: Checkpoint) -> VerifyResult:
+        """Does ``info`` verify for this rank (sharded: this rank's shard, and on every rank)?"""
+        if self._shards is None:
+            return verify_file(info.path)
+        # each shard re-read by one rank (its own, with as many ranks), its peers' checked cheaply
+        result = verify_unit(info.path, full=range(self.rank, 1 << 31, self.world_size))
+        if (result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size)
+                and result.metadata.get("ckptd.layout") != DCP_LAYOUT):
+            result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
+                                                      f"this run has {self.world_size}: each rank saved its own plain "
+                                                      "tensors, which do not reshard (DTensor state, FSDP2, does)")
+        if self._shards.everyone(result.ok) != result.ok:
+            result = replace(result, ok=False, reason="another rank's shard of it does not verify")
+        return result
+
+    def _restore_progress(self, trainer: dict[str, Any], info: Checkpoint) -> None:
+        self._step = self._last_verified_step = int(trainer.get("step", info.step))
+        self.epoch = trainer.get("epoch")
+        key = self._triggers.best_key
+        self._triggers.restart_at(self._step, [as_float(c.metrics.get(key)) for c in self.checkpoints()] if key else [])
