@@ -84,6 +84,22 @@ def test_remote_retention_is_its_own(store: Store, tmp_path: Path) -> None:
     assert len(os.listdir(tmp_path / "host1")) == 4  # local files are never touched by remote retention
 
 
+def test_s3_vouches_for_an_upload_by_its_own_checksum_and_a_file_store_does_not(
+        moto: MotoServer, tmp_path: Path) -> None:
+    """At upload, S3's SHA-256 of what it received stands in for reading the object back; it
+    must equal the local file's (which verified tensor by tensor). A filesystem keeps none."""
+    (path,) = checkpoints(tmp_path / "host1", (10,))
+    s3 = open_store("s3://ckpt/x", moto.endpoint)
+    c = replicate(s3, "t", path)
+    assert s3.matches(path, c.key) is True
+    other = tmp_path / "other.safetensors"
+    data = bytearray(Path(path).read_bytes())
+    data[-3] ^= 0x40
+    other.write_bytes(bytes(data))
+    assert s3.matches(str(other), c.key) is False  # one flipped bit, and the store says so
+    assert open_store(f"file://{tmp_path}/fs").matches(path, "t/x") is None
+
+
 def test_a_missing_bucket_is_one_clear_error(moto: MotoServer, tmp_path: Path) -> None:
     (path,) = checkpoints(tmp_path / "host1", (10,))
     with pytest.raises(RemoteError, match="NoSuchBucket"):
@@ -187,6 +203,7 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
         wait_until(lambda: done or committed(store, "big"), 120, "the upload, retried after the restart")
         (c,) = committed(store, "big")
         assert done and verify_remote(store, c).ok and c.bytes == os.path.getsize(path)
+        assert store.matches(path, c.key) is True  # S3's composite SHA-256 over the three parts
         assert set(store.list("big/")) == {c.key, c.key + COMMIT}
     finally:
         replicator.close(timeout=10)

@@ -12,7 +12,9 @@ remote nor the idle daemon pays for it.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import os
 import secrets
 import shutil
@@ -45,6 +47,11 @@ class Store(Protocol):
     def list(self, prefix: str) -> dict[str, int]: ...
 
     def delete(self, key: str) -> None: ...
+
+    def matches(self, local: str, key: str) -> bool | None:
+        """Does the stored object equal the local file, by a checksum the store validated on
+        receipt? None: the store keeps none (the caller reads the object back instead)."""
+        ...
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,6 +104,9 @@ class FileStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))
 
+    def matches(self, local: str, key: str) -> bool | None:
+        return None  # a filesystem keeps no checksum; reading it back comes from the page cache
+
     def open(self, key: str) -> tuple[BinaryIO, int]:
         try:
             f = open(self._path(key), "rb")
@@ -131,8 +141,11 @@ class S3Store:
     Uploads go through boto3's managed transfer: multipart above 64 MiB, parts in parallel,
     read from the file part by part (bounded memory), and an upload that fails is aborted
     by boto3 itself; ``abort_stale_uploads`` clears those a killed process left behind.
-    Checksums are computed only where the store requires them (S3-compatible stores reject
-    the newer default ones, boto/botocore#3352); ckptd verifies every tensor it uploaded.
+    Checksums: every upload carries SHA-256 (per part, as S3 validates them on receipt and
+    keeps their composite), which ``matches`` compares with the local file's, so the copy is
+    verified without a second transfer; no other checksum is computed unless the store
+    requires it (S3-compatible stores reject the newer default ones, boto/botocore#3352). A
+    store that keeps no checksum gets its object read back and every tensor re-hashed.
     """
 
     def __init__(self, url: str, bucket: str, prefix: str, endpoint: str | None = None) -> None:
@@ -164,7 +177,8 @@ class S3Store:
         from boto3.exceptions import S3UploadFailedError
 
         try:
-            self._call(f"upload {key}", self.client.upload_file, local, self.bucket, self._key(key), Config=self.transfer)
+            self._call(f"upload {key}", self.client.upload_file, local, self.bucket, self._key(key), Config=self.transfer,
+                       ExtraArgs={"ChecksumAlgorithm": "SHA256"})
         except S3UploadFailedError as exc:
             raise RemoteError(f"{self.url}: upload {key}: {exc}") from None
 
@@ -187,6 +201,16 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
+    def matches(self, local: str, key: str) -> bool | None:
+        head = self._call(f"head {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key),
+                          ChecksumMode="ENABLED")
+        stored = head.get("ChecksumSHA256")
+        if not stored:
+            return None
+        size = os.path.getsize(local)
+        part = self.transfer.multipart_chunksize if size >= self.transfer.multipart_threshold else None
+        return str(stored).split("-")[0] == sha256_as_stored(local, part)
+
     def abort_stale_uploads(self, prefix: str) -> int:
         """Abort the multipart uploads under ``prefix`` that a killed process left (they cost storage)."""
         r = self._call("list multipart uploads", self.client.list_multipart_uploads, Bucket=self.bucket,
@@ -196,3 +220,23 @@ class S3Store:
             self._call("abort multipart upload", self.client.abort_multipart_upload, Bucket=self.bucket,
                        Key=u["Key"], UploadId=u["UploadId"])
         return len(uploads)
+
+
+def sha256_as_stored(path: str, part: int | None) -> str:
+    """The SHA-256 S3 reports for this file uploaded whole (``part`` None) or in parts of
+    ``part`` bytes (the SHA-256 of the parts' SHA-256s), base64 as in ``x-amz-checksum-sha256``.
+    Read 8 MiB at a time: memory stays bounded whatever the part size."""
+    parts: list[bytes] = []
+    h, filled = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB if part is None else min(8 * MiB, part - filled)):
+            h.update(chunk)
+            filled += len(chunk)
+            if part is not None and filled == part:
+                parts.append(h.digest())
+                h, filled = hashlib.sha256(), 0
+    if part is None:
+        return base64.b64encode(h.digest()).decode()
+    if filled:
+        parts.append(h.digest())
+    return base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()

@@ -5,9 +5,12 @@ Lifecycle of one replicated checkpoint, in order:
 1. A checkpoint is offered only once it verified locally (its final name says so).
 2. **Data**: the file goes to ``JOB/NAME`` (boto3's managed transfer for S3: multipart,
    parallel parts, read part by part; temp file + fsync + rename for ``file://``).
-3. **Verify**: the object is read back as a stream and checked like a local file: its
-   size, the header's metadata digest against the local one, and every tensor's xxh3-64
-   against the digests in its header. A copy that does not verify is deleted.
+3. **Verify**: where the store keeps a checksum it validated on receipt (S3: SHA-256 per
+   part, sent with the upload), it must equal the local file's, which verified tensor by
+   tensor: the copy is the verified bytes, without a second transfer. Elsewhere the object
+   is read back as a stream and checked like a local file: its size, the header's
+   metadata digest against the local one, and every tensor's xxh3-64 against the digests
+   in its header. A copy that does not verify is deleted.
 4. **Commit**: a small JSON object ``JOB/NAME.commit.json`` (step, size, metadata digest,
    trigger, metrics, created) is written last. A remote checkpoint counts only when its
    commit object exists; data without one (an upload cut off at any point) is never
@@ -93,13 +96,33 @@ def replicate(store: Store, job: str, path: str) -> RemoteCheckpoint:
         store.put_file(path, key)
         commit = RemoteCheckpoint(key, job, info.step, info.bytes, _meta_digest(path), info.created, info.trigger,
                                   info.metrics)
-    result = verify_remote(store, commit)
+    result = _confirm(store, commit, path)
     if not result.ok:
         for k in commit.objects:
             _quietly(store.delete, k)
         raise RemoteError(f"{store.url}/{key} did not verify after the upload: {result.reason}")
     store.put_bytes(key + COMMIT, json.dumps({"ckptd.remote": FORMAT, **commit.__dict__}, sort_keys=True).encode())
     return commit
+
+
+def _confirm(store: Store, c: RemoteCheckpoint, local: str) -> VerifyResult:
+    """Step 3 at upload: where the store keeps a checksum it validated on receipt (S3's SHA-256),
+    it is compared with the local file's, which verified tensor by tensor: no second transfer.
+    Elsewhere the object is read back and every tensor re-hashed (``verify_remote``)."""
+    pairs = [(local, c.key)] if not c.shards else [(os.path.join(local, f), f"{c.key}/{f}") for f in c.shards]
+    vouched = [store.matches(path, key) for path, key in pairs]
+    label = f"{store.url}/{c.key}"
+    if False in vouched:
+        key = pairs[vouched.index(False)][1]
+        return VerifyResult(label, False, f"the store's SHA-256 of {key} differs from the local file's")
+    if None in vouched:
+        return verify_remote(store, c)
+    if c.shards:
+        try:
+            _remote_manifest(store, c)
+        except (RemoteError, mf.ManifestError, UnicodeDecodeError) as exc:
+            return VerifyResult(label, False, f"manifest: {exc}")
+    return VerifyResult(label, True, "", 0, c.bytes)
 
 
 def _upload_unit(store: Store, key: str, job: str, unit: str, info: Checkpoint) -> RemoteCheckpoint:
@@ -159,14 +182,7 @@ def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:
     """The manifest the commit names (by digest), then every shard against it, as ``verify_unit`` does."""
     label = f"{store.url}/{c.key}"
     try:
-        body, _ = store.open(f"{c.key}/{mf.MANIFEST}")
-        try:
-            text = body.read(mf.MAX_MANIFEST_BYTES + 1)
-        finally:
-            body.close()
-        if xxhash.xxh3_64_hexdigest(text) != c.meta_digest:
-            return VerifyResult(label, False, "not the manifest its commit names (digest differs)")
-        m = mf.Manifest.parse(text.decode("utf-8"))
+        m = _remote_manifest(store, c)
     except (RemoteError, mf.ManifestError, UnicodeDecodeError) as exc:
         return VerifyResult(label, False, f"manifest: {exc}")
     tensors = 0
@@ -178,6 +194,18 @@ def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:
         tensors += one.tensors
     return VerifyResult(label, True, "", tensors, c.bytes, {"ckptd.job": m.job, "ckptd.step": str(m.step),
                                                              "ckptd.world_size": str(m.world_size)})
+
+
+def _remote_manifest(store: Store, c: RemoteCheckpoint) -> mf.Manifest:
+    """A unit's manifest as stored, if it is the one its commit names (by digest)."""
+    body, _ = store.open(f"{c.key}/{mf.MANIFEST}")
+    try:
+        text = body.read(mf.MAX_MANIFEST_BYTES + 1)
+    finally:
+        body.close()
+    if xxhash.xxh3_64_hexdigest(text) != c.meta_digest:
+        raise mf.ManifestError("not the manifest its commit names (digest differs)")
+    return mf.Manifest.parse(text.decode("utf-8"))
 
 
 def committed(store: Store, job: str, listing: Mapping[str, int] | None = None) -> list[RemoteCheckpoint]:
