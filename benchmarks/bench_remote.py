@@ -3,8 +3,9 @@
 Baselines, measured in the same run on the same file: boto3's own ``upload_file`` (the same
 managed transfer: multipart, parallel parts) to a loopback S3 server (moto in server mode),
 and a plain copy (``shutil.copyfile`` + fsync) to a ``file://`` directory. ckptd's
-replication does more than either: it uploads, then streams the object back and checks
-every tensor's digest, then writes the commit object. Reported: throughput ratios, medians
+replication does more than either: it uploads with a SHA-256 per part, compares S3's own
+checksum of what it received with the local file's (a ``file://`` copy is streamed back and
+every tensor's digest checked instead), then writes the commit object. Reported: throughput ratios, medians
 of ``--reps``; and the replication lag (saved locally -> verified remotely) at p50/p99 for a
 run that saves every ``--every`` seconds, through ckptd's ``Replicator``.
 """
@@ -100,8 +101,8 @@ def run(a: argparse.Namespace, work: Path, server: object) -> dict[str, object]:
     rows = [[k, f"{size / MiB / med[k]:.0f} MiB/s", f"{med[k]:.2f} s"] for k in series]
     s3_ratio = med["boto3 upload_file"] / med["ckptd s3 (upload+verify+commit)"]
     file_ratio = med["plain copy + fsync"] / med["ckptd file:// (copy+verify+commit)"]
-    print(table(f"Replicating a {a.mib} MiB checkpoint (medians of {a.reps}); ckptd also reads every byte back "
-                "and checks every tensor", ["", "throughput", "time"], rows))
+    print(table(f"Replicating a {a.mib} MiB checkpoint (medians of {a.reps}); ckptd also verifies the copy (S3: its "
+                "SHA-256 of what it received; file://: read back, every tensor)", ["", "throughput", "time"], rows))
     print(f"ckptd s3 / boto3 upload_file: {s3_ratio:.2f}x   ckptd file:// / plain copy: {file_ratio:.2f}x")
     lags = lag_run(a, work, endpoint)
     p = statistics.quantiles(lags, n=100, method="inclusive") if len(lags) > 1 else lags * 99
