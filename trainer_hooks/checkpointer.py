@@ -37,8 +37,6 @@ from typing import TYPE_CHECKING, Any, Callable
 from ckptd.core import config as config_mod
 from ckptd.core import policy as pol
 from ckptd.core.autointerval import AutoInterval
-from ckptd.core.format import FORMAT_VERSION
-from ckptd.core.meta import CheckpointMeta
 from ckptd.core.settings import env_table, from_env, group, parse_table, resolve, unknown_env
 from ckptd.store.lifecycle import Target
 from ckptd.store.manifest import shard_name, unit_name
@@ -57,13 +55,11 @@ from trainer_hooks.outlet import Outlet
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
 from trainer_hooks.resume import Resuming
 from trainer_hooks.shards import ShardGroup
+from trainer_hooks.snapshot import Snapshotting
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import (
     as_float,
-    capture,
-    fingerprint,
     flatten,
-    jsonable_metrics,
     model_structure,
     rank_and_world,
 )
@@ -77,7 +73,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ckptd.hook")
 
 
-class Checkpointer(Resuming):
+class Checkpointer(Snapshotting, Resuming):
     """Hand training state to ckptd; see the module docstring for the lifecycle."""
 
     def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
@@ -329,38 +325,6 @@ class Checkpointer(Resuming):
         self._triggers.saved(self._step, trigger, self._metric, now)
         self._last_save_wall = now
         self._time_rules.saved_at(now)
-
-    def _capture(self) -> dict[str, Any]:
-        """The state this rank stores as its own (with DCP planning: all but model, optimizer, scheduler)."""
-        if self._before_save is not None:
-            self._before_save()
-        trainer = {"job": self.job, "step": self._step, "epoch": self.epoch}
-        if self._dcp:
-            return capture(None, None, None, self.extra, trainer, self.generators)
-        return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
-
-    def _image(self, trigger: str, rule: str, now: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The tensors and header fields of this save's snapshot."""
-        if not self._dcp:
-            flat, skeleton = flatten(self._capture())
-            return flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases)
-        from trainer_hooks import dcpio
-
-        flat, skeleton = flatten({dcpio.local_key(self.rank): self._capture()})  # names unique across the ranks' files
-        planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
-        tensors, keys = planned.header(flat.tensors)
-        return tensors, {**self._metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
-
-    def _planned_bytes(self) -> int:
-        from trainer_hooks import dcpio
-
-        return dcpio.local_bytes(dcpio.global_state(self.model, self.optimizer, None))
-
-    def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
-                  aliases: dict[str, str]) -> dict[str, str]:
-        meta = CheckpointMeta(self.job, self._step, now, trigger, rule, self.epoch, jsonable_metrics(self._metrics or {}),
-                              self.run_id, fingerprint(self._structure))
-        return meta.encode(skeleton, aliases, FORMAT_VERSION)
 
     def _count_removals(self, removals: list[Removal]) -> None:
         for r in removals:

@@ -1,0 +1,71 @@
+"""What one snapshot holds, composed for the staging buffer: tensors and header fields.
+
+A save's snapshot is the nested state (``trainer_hooks.state.capture``: model, optimizer,
+scheduler, RNGs, progress, ``extra``) flattened into tensors plus a JSON skeleton, with
+the ``ckptd.*`` header of ``CheckpointMeta``. With DTensor state (FSDP2) the model,
+optimizer and scheduler are planned by torch.distributed.checkpoint instead
+(``trainer_hooks.dcpio``): this rank's chunks join its own state (RNG, progress,
+``extra``) under names that differ between the ranks' files.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from ckptd.core.format import FORMAT_VERSION
+from ckptd.core.meta import CheckpointMeta
+from trainer_hooks.state import Structure, capture, fingerprint, flatten, jsonable_metrics
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Snapshotting:
+    """Mixed into ``Checkpointer``: what composing a snapshot needs of it is declared here."""
+
+    job: str
+    rank: int
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    extra: dict[str, Any] | None
+    generators: dict[str, torch.Generator]
+    epoch: float | None
+    run_id: str
+    _before_save: Callable[[], None] | None
+    _dcp: bool
+    _step: int
+    _metrics: dict[str, Any] | None
+    _structure: Structure
+
+    def _capture(self) -> dict[str, Any]:
+        """The state this rank stores as its own (with DCP planning: all but model, optimizer, scheduler)."""
+        if self._before_save is not None:
+            self._before_save()
+        trainer = {"job": self.job, "step": self._step, "epoch": self.epoch}
+        if self._dcp:
+            return capture(None, None, None, self.extra, trainer, self.generators)
+        return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
+
+    def _image(self, trigger: str, rule: str, now: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and header fields of this save's snapshot."""
+        if not self._dcp:
+            flat, skeleton = flatten(self._capture())
+            return flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases)
+        from trainer_hooks import dcpio
+
+        flat, skeleton = flatten({dcpio.local_key(self.rank): self._capture()})  # names unique across the ranks' files
+        planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
+        tensors, keys = planned.header(flat.tensors)
+        return tensors, {**self._metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
+
+    def _planned_bytes(self) -> int:
+        from trainer_hooks import dcpio
+
+        return dcpio.local_bytes(dcpio.global_state(self.model, self.optimizer, None))
+
+    def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
+                  aliases: dict[str, str]) -> dict[str, str]:
+        meta = CheckpointMeta(self.job, self._step, now, trigger, rule, self.epoch, jsonable_metrics(self._metrics or {}),
+                              self.run_id, fingerprint(self._structure))
+        return meta.encode(skeleton, aliases, FORMAT_VERSION)
