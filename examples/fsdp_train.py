@@ -41,10 +41,12 @@ class Net(torch.nn.Module):
         return self.out(torch.relu(self.inp(x))) * self.scale
 
 
-def build(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(world: int, hsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """FSDP2 over all ranks; or HSDP (``hsdp``): two replicas, each sharded over half the ranks."""
     torch.manual_seed(0)  # the same initial model whatever the number of ranks
     model = Net()
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp
+            else init_device_mesh("cpu", (world,)))
     fully_shard(model.inp, mesh=mesh)
     fully_shard(model.out, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -80,12 +82,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--hsdp", action="store_true", help="a 2-D mesh: 2 replicas x world/2 shards")
     ap.add_argument("--ballast-rank", type=int, default=-1, help="tests: this rank saves --ballast-mib more")
     ap.add_argument("--ballast-mib", type=int, default=0, help="(so that its shard takes a while to write)")
     a = ap.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, opt = build(world)
+    model, opt = build(world, a.hsdp)
     extra = {"ballast": torch.ones(a.ballast_mib << 18)} if rank == a.ballast_rank else {}
     ckpt = Checkpointer("fsdp-demo", a.dir, model=model, optimizer=opt, extra=extra, sharded=True,
                         every_steps=a.every, total_steps=a.steps)

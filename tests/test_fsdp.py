@@ -106,6 +106,24 @@ def test_a_unit_reshards_4_to_2_to_4_and_to_1_with_the_same_gathered_state(
 
 
 @pytest.mark.slow
+def test_hsdp_writes_each_chunk_from_one_replica_and_reshards_to_plain_fsdp(tmp_path: Path) -> None:
+    """A 2-D mesh (2 replicas x 2 shards, HSDP): the parameters are replicated over the first mesh
+    dimension, so only the ranks of replica 0 write chunks (no collective decides it: the rule
+    in ``dcpio._writes``). Two ranks of plain FSDP resume the unit to the same gathered state."""
+    d = tmp_path / "ckpt"
+    out = run(torchrun(4, d, "--steps", "20", "--every", "10", "--hsdp"))
+    (saved,) = printed(out, "FINGERPRINT")
+    planned = []
+    for r in range(4):
+        with safe_open(str(unit(d, 20, JOB) / mf.shard_name(r, 4)), framework="pt") as f:
+            planned.append(sorted(k for k in f.keys() if k.startswith(("model.", "optimizer."))))
+    assert planned[0] and planned[1] and planned[2] == planned[3] == []  # replica 1 writes none of them
+    assert {k for k in planned[0] if k.endswith("weight")} == {k for k in planned[1] if k.endswith("weight")}
+    resumed = run(torchrun(2, d, "--steps", "22", "--every", "10"))
+    assert printed(resumed, "RESUMED") == {saved}
+
+
+@pytest.mark.slow
 def test_dcp_load_opens_a_unit_in_a_script_that_does_not_import_ckptd(four_ranks: tuple[Path, str]) -> None:
     d, out = four_ranks
     loaded = run([PYTHON, LOADER, str(unit(d, 20, JOB))])
