@@ -142,7 +142,7 @@ class Checkpointer(Snapshotting, Resuming):
         self.run_id = uuid.uuid4().hex[:16]
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
-            check_directory(self.directory, flat.nbytes, self.settings["min_free"], sum(c.bytes for c in older))
+            check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in older))
             cleanup_temp(self.directory)
 
     def _say_mode(self, socket: str | bool | None) -> None:
@@ -391,6 +391,8 @@ class Checkpointer(Snapshotting, Resuming):
         if self._shards is not None:
             self._shards.drain()
         self._stop_threads()
+        if self._shards is not None:
+            self._shards.close()
         self._preemption.restore()
         atexit.unregister(self._at_exit)
 

@@ -255,12 +255,17 @@ def _dtype(name: str) -> torch.dtype:
 
 def load_unit(unit: str, model: Any, optimizer: Any, scheduler: Any, group: Any) -> None:
     """Every rank: DCP's load planner maps the unit's chunks onto this run's sharding."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = global_state(model, optimizer, scheduler)
     dcp_load(state, storage_reader=UnitReader(unit), process_group=group)
     if model is not None:
-        set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                       optim_state_dict=state.get("optimizer", {}), options=StateDictOptions(strict=True))
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])

@@ -84,6 +84,7 @@ class ShardGroup:
         self._flags = dist.new_group(backend="gloo", timeout=wait)
         self._outcomes = dist.new_group(backend="gloo", timeout=wait)
         self.plans = dist.new_group(backend="gloo", timeout=wait)  # DCP's load planning (trainer_hooks.dcpio)
+        self._groups = [self._flags, self._outcomes, self.plans]
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._calls_left = 1  # step() calls until the next exchange; the same on every rank
         self._last: tuple[float, int] | None = None  # rank 0: (time, interval) of the last exchange
@@ -128,6 +129,20 @@ class ShardGroup:
             except Exception as exc:
                 self._fail(f"flag exchange failed: {exc}")
         self._pending = None
+
+    def close(self) -> None:
+        """Shut ckptd's groups down now, while the interpreter is whole. Left to its finalisation
+        (the Checkpointer still holding them after ``destroy_process_group()``), a gloo group's
+        threads could abort the process at exit (SIGABRT, "terminate called without an active
+        exception"; CI saw it twice). Local: no collective."""
+        groups, self._groups = self._groups, []
+        self.broken = self.broken or "closed"
+        for g in groups:
+            try:
+                if self._dist.is_initialized():
+                    self._dist.destroy_process_group(g)
+            except Exception as exc:  # already gone with the default group: nothing to shut down
+                log.debug("ckptd: shutting a checkpoint group down: %s", exc)
 
     # -- step 2: prepare ----------------------------------------------------------------
 
