@@ -109,12 +109,16 @@ def main() -> None:
     ckpt.close()
     print(f"rank {rank} FINGERPRINT {fingerprint(model, opt)} saves {ckpt.stats['verified']} "
           f"MODEL {fingerprint(model, None)}", flush=True)
+    leave()
+
+
+def leave() -> None:
+    """Exit without interpreter finalisation: with FSDP2 on gloo, tearing the process groups down
+    at exit aborted a rank now and then (SIGABRT, "terminate called without an active exception",
+    after all work was done; cf. pytorch/pytorch#179291). Call it once everything is saved."""
     dist.barrier()  # every rank is done with every collective
     sys.stdout.flush()
     sys.stderr.flush()
-    # Leave without interpreter finalisation: with FSDP2 on gloo, tearing the process groups down
-    # at exit aborted a rank now and then (SIGABRT, "terminate called without an active exception",
-    # after all work was done; cf. pytorch/pytorch#179291). Everything is saved and verified here.
     os._exit(0)
 
 

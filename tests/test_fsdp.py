@@ -124,6 +124,15 @@ def test_hsdp_writes_each_chunk_from_one_replica_and_reshards_to_plain_fsdp(tmp_
 
 
 @pytest.mark.slow
+def test_constructing_a_checkpointer_leaves_a_fresh_optimizer_untouched(tmp_path: Path) -> None:
+    """torch's get_optimizer_state_dict initialises an optimizer that has not stepped by stepping it
+    (its step count moves): the Checkpointer must not call it before training does."""
+    script = str(ROOT / "tests" / "scripts" / "fsdp_untouched.py")
+    out = run([TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", script, str(tmp_path / "ckpt")])
+    assert re.findall(r"OPTIMIZER STATE (\d+)", out) == ["0", "0"], out
+
+
+@pytest.mark.slow
 def test_dcp_load_opens_a_unit_in_a_script_that_does_not_import_ckptd(four_ranks: tuple[Path, str]) -> None:
     d, out = four_ranks
     loaded = run([PYTHON, LOADER, str(unit(d, 20, JOB))])

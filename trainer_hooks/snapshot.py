@@ -60,9 +60,14 @@ class Snapshotting:
         return tensors, {**self._metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
 
     def _planned_bytes(self) -> int:
+        """This rank's part of the model and optimizer state, read as it is: not through
+        ``get_optimizer_state_dict``, which initialises an optimizer that has not stepped yet by
+        stepping it (with lr 0, but its step count moves): constructing a Checkpointer must not
+        change training."""
         from trainer_hooks import dcpio
 
-        return dcpio.local_bytes(dcpio.global_state(self.model, self.optimizer, None))
+        optimizer = self.optimizer.state_dict()["state"] if self.optimizer is not None else {}
+        return dcpio.local_bytes({"model": self.model.state_dict(), "optimizer": optimizer})
 
     def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
                   aliases: dict[str, str]) -> dict[str, str]:
