@@ -3,8 +3,9 @@
 DCP's planners decide which chunk of which tensor each rank holds and writes, and which
 chunks each rank reads back for this run's sharding, on any number of ranks. ckptd
 supplies the storage side, so a save still goes through the lifecycle every sharded save
-has (``trainer_hooks.shards``): snapshot, persist, verify, manifest last. Used when the model's state holds ``DTensor``s; plain per-rank state
-(each rank its own tensors, as tensor parallelism by hand) keeps the per-rank layout.
+has (``trainer_hooks.shards``): snapshot, persist, verify, manifest last. Used when the
+model's state holds ``DTensor``s; plain per-rank state (each rank its own tensors, as
+tensor parallelism by hand) keeps the per-rank layout.
 
 Lifecycle of one save, every rank, on the training thread, with no collective:
 

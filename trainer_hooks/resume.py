@@ -90,8 +90,9 @@ class Resuming:
                               f"this model: {problem}. It may be from an older run in the same directory. Start "
                               "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
                               "or give this run another directory or job name")
-        if self._shards is not None and read_manifest(info.path).layout == DCP_LAYOUT:
-            state = self._load_planned(info.path)
+        manifest = read_manifest(info.path) if self._shards is not None else None
+        if manifest is not None and manifest.layout == DCP_LAYOUT:
+            state = self._load_planned(info.path, manifest.world_size)
         else:
             state = load(info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank,
                                                                                                    self.world_size)))
@@ -103,7 +104,7 @@ class Resuming:
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
         return self._step
 
-    def _load_planned(self, unit: str) -> dict[str, Any]:
+    def _load_planned(self, unit: str, saved_by: int) -> dict[str, Any]:
         """A unit DCP planned, saved by any number of ranks: DCP's load planner reshards the
         model and optimizer; this rank's own state (RNG, ``extra``) comes from its own shard
         when the unit has one (the same rank count), else it is left as it is."""
@@ -111,12 +112,12 @@ class Resuming:
 
         assert self._shards is not None
         dcpio.load_unit(unit, self.model, self.optimizer, self.scheduler, self._shards.plans)
-        saved_by = read_manifest(unit).world_size
         own = self.rank if self.rank < saved_by else 0
         state: dict[str, Any] = load(os.path.join(unit, shard_name(own, saved_by)))[dcpio.local_key(own)]
         if own != self.rank or saved_by != self.world_size:
-            log.info("ckptd: rank %d of %d resumes a checkpoint of %d ranks (resharded); its RNG and extra are "
-                     "%s", self.rank, self.world_size, saved_by, "rank 0's" if own != self.rank else "its own")
+            log.info("ckptd: rank %d of %d resumes a checkpoint of %d ranks (resharded); its RNG and extra %s",
+                     self.rank, self.world_size, saved_by,
+                     "stay as they are (the unit has no shard of this rank)" if own != self.rank else "are its own")
         if own == self.rank:
             apply(state, generators=self.generators)
         else:
