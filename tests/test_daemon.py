@@ -380,7 +380,7 @@ while time.time() < end:
     ckpt.step(); time.sleep(0.005)
 print("GROW", flush=True)
 extra["ballast"] = torch.randn(32 << 20)           # 128 MiB more state: each save now stalls far longer
-end = time.time() + 18
+end = time.time() + 30  # enough saves after the growth for the median of the stalls to move, under load too
 while time.time() < end:
     ckpt.step(); time.sleep(0.005)
 ckpt.close()
