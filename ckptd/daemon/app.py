@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ckptd.core import missed
 from ckptd.core.config import Config
@@ -31,13 +31,11 @@ from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
 from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
 from ckptd.daemon.session import JobState, Session
-from ckptd.store.lifecycle import Target, prune
+from ckptd.daemon.uploads import Uploads
+from ckptd.daemon.watch import Context, Watching
 from ckptd.store.persist import PersistError, cleanup_temp
 from ckptd.store.preflight import TargetError, free_bytes
-from ckptd.store.remote import RemoteError
 from ckptd.store.remove import inside
-from ckptd.store.replicate import RemoteCheckpoint
-from ckptd.store.replicator import Replicator, Upload
 from ckptd.store.scan import Checkpoint
 from ckptd.wire import protocol
 
@@ -75,7 +73,7 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self.clock = time.time
         self.started_at = time.time()
-        self.watchers: list[Any] = []
+        self.watching: Watching | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -96,8 +94,8 @@ class Daemon:
         counts = self.catalog.reconcile(self.roots)
         log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
         self._cleanup_temp()
-        self.replicator = Replicator(self._replicated, self._replication_failed)
-        self._resync_remote()
+        self.uploads = Uploads(self.metrics, self.catalog, self.ledger, self.access, self.roots)
+        self.uploads.resync()
         self.http = serve_http(self.metrics, self.metrics_listen, self.health)
         self.listener = Listener(self.socket_path, self.group_gid, self._admit)
         self.scheduler = self._start_scheduler()
@@ -125,38 +123,15 @@ class Daemon:
         return sched
 
     def _start_watchers(self) -> None:
-        """``[[watch]]`` tables: one watchdog observer, a Watcher per tree, periodic rescans."""
         if not self.config.watch:
             return
-        from watchdog.observers import Observer
-
-        from ckptd.daemon.watch import Watcher
-
-        self.observer = Observer()
-        for i, spec in enumerate(self.config.watch):
-            w = Watcher(spec, self)
+        self.watching = Watching(self.config.watch, Context(self.catalog, self.ledger, self.roots, self.started_at,
+                                                            self.clock))
+        for w in self.watching.watchers:
             if not inside(w.root, self.roots):
                 raise TargetError(f"watched path {w.root} is outside the daemon's roots")
-            os.makedirs(w.root, exist_ok=True)
-            w.handle = self.observer.schedule(w, w.root, recursive=True)
-            self.metrics.init_job(w.key)
-            self.metrics.job_up.labels(*w.key).set(1)
-            if spec.get("expect_every"):
-                self.metrics.expected_interval.labels(*w.key).set(spec["expect_every"])
-            self.watchers.append(w)
-            self.scheduler.add_job(w.rescan, "interval", seconds=float(spec.get("rescan_every", 180.0)),
-                                   id=f"rescan:{i}")
-            log.info("watching %s as job %s (%d units to look at)", w.root, w.job, w.rescan())
-        self.observer.start()
-
-    def rewatch(self, w: Any) -> None:
-        """A watched root came back: its old inotify watch died with it; make a new one."""
-        try:
-            if w.handle is not None:
-                self.observer.unschedule(w.handle)
-        except (KeyError, OSError):
-            pass
-        w.handle = self.observer.schedule(w, w.root, recursive=True)
+        self.watching.start(self.metrics, lambda fn, seconds, id: self.scheduler.add_job(fn, "interval",
+                                                                                         seconds=seconds, id=id))
 
     def scrub(self) -> dict[str, int]:
         from ckptd.daemon.scrub import scrub
@@ -202,11 +177,10 @@ class Daemon:
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
         self.executor.shutdown(wait=True, cancel_futures=False)
-        self.replicator.close(timeout=10)  # an upload cut off here is resumed by the next start's resync
+        self.uploads.close(timeout=10)
         self.scheduler.shutdown(wait=False)
-        if self.watchers:
-            self.observer.stop()
-            self.observer.join(10)
+        if self.watching is not None:
+            self.watching.stop()
         self.http.shutdown()
         self.http.server_close()
         self.catalog.close()
@@ -282,9 +256,7 @@ class Daemon:
         self.metrics.init_job(key)
         self.metrics.job_up.labels(*key).set(1)
         self.metrics.quota_bytes.labels(*key).set(settings.get("max_bytes") or 0)
-        if settings.get("remote"):
-            for outcome in ("ok", "failed"):
-                self.metrics.remote_uploads.labels(*key, outcome)
+        self.uploads.job_started(key, settings)
         self.update_gauges(job)
         return job
 
@@ -324,49 +296,10 @@ class Daemon:
             job.failed += 1
         self.ledger.failed(job.key, trigger, exc)
 
-    # -- the remote tier (ckptd.store.replicator) -----------------------------------------------
-
-    def replicate(self, job: JobState, info: Checkpoint) -> None:
-        """A verified save of a job with a remote tier: upload it, then let local retention run again."""
-        after = self._pruner(Target(job.directory, job.name, job.settings, self.roots), job.key)
-        self.replicator.submit(Upload(job.name, info.path, job.settings, job.key, after, info.created))
-
-    def _resync_remote(self) -> None:
-        """At start: what catalogued jobs saved and their remote lacks (a restart cut an upload off)."""
-        for key, _ in self.catalog.jobs():
-            settings = self.catalog.job_settings(key)
-            if not settings.get("remote") or not inside(key.directory, self.roots) or not os.path.isdir(key.directory):
-                continue
-            try:
-                self.access.remote(settings["remote"])
-            except PermissionError as exc:
-                log.warning("job %s: not resuming its uploads: %s", key, exc)
-            else:
-                self.replicator.resync(key.name, key.directory, settings, key,
-                                       after=self._pruner(Target(key.directory, key.name, settings, self.roots), key))
-
-    def _pruner(self, target: Target, key: JobKey) -> Callable[[], None]:
-        """Local retention for a job, once a checkpoint of it is remote."""
-        return lambda: prune(target, lambda removed: self.ledger.removed(key, removed))
-
-    def _replicated(self, u: Upload, commit: RemoteCheckpoint, remote: list[RemoteCheckpoint]) -> None:
-        m, key = self.metrics, u.key
-        m.remote_uploads.labels(*key, "ok").inc()
-        m.remote_last_success.labels(*key).set(time.time())
-        m.remote_checkpoints.labels(*key).set(len(remote))
-        m.remote_bytes.labels(*key).set(sum(c.bytes for c in remote))
-        self.catalog.event(key, "replicated", path=u.path, remote=f"{u.settings['remote']}/{commit.key}")
-
-    def _replication_failed(self, u: Upload, exc: RemoteError) -> None:
-        self.metrics.remote_uploads.labels(*u.key, "failed").inc()
-        self.catalog.event(u.key, "replication_failed", path=u.path, error=str(exc))
-
     def _timely_values(self, now: float) -> list[tuple[JobKey, dict[str, float]]]:
         """Scrape time: each known job's expected loss, save overhead and (with auto) interval,
         and with a remote tier its replication lag."""
-        waiting: dict[JobKey, float] = {}
-        for u in self.replicator.pending:
-            waiting[u.key] = max(waiting.get(u.key, 0.0), u.created)
+        lag = self.uploads.lag(now)
         with self.lock:
             jobs = list(self.jobs.values())
             out = []
@@ -377,7 +310,7 @@ class Daemon:
                 if auto is not None:
                     values["ckptd_auto_interval_seconds"] = auto.seconds
                 if j.settings.get("remote"):
-                    values["ckptd_remote_lag_seconds"] = max(0.0, now - waiting[j.key]) if j.key in waiting else 0.0
+                    values["ckptd_remote_lag_seconds"] = lag.get(j.key, 0.0)
                 out.append((j.key, values))
         return out
 
@@ -389,8 +322,8 @@ class Daemon:
         for j in jobs:
             self._check_overdue(j, now)
             self._time_rule_due(j, now)
-        for w in self.watchers:
-            w.tick(now)
+        if self.watching is not None:
+            self.watching.tick(now)
         for root in self.roots:
             try:
                 self.metrics.fs_free.labels(root).set(free_bytes(root))

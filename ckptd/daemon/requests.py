@@ -10,25 +10,22 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ckptd.core.policy import next_due_step
 from ckptd.core.vocab import NEVER
 from ckptd.daemon.jobkey import JobKey
+from ckptd.daemon.session import Host, Session
 from ckptd.store.lifecycle import collect, first_verified
 from ckptd.store.remove import inside
 from ckptd.store.scan import read_info, set_pinned
 from ckptd.store.verify import verify_file
 from ckptd.wire import protocol
 
-if TYPE_CHECKING:
-    from ckptd.daemon.app import Daemon
-    from ckptd.daemon.session import Session
-
-Handler = Callable[["Daemon", "Session", dict[str, Any]], dict[str, Any]]
+Handler = Callable[[Host, Session, dict[str, Any]], dict[str, Any]]
 
 
-def handle(d: "Daemon", session: "Session", msg: dict[str, Any]) -> None:
+def handle(d: Host, session: Session, msg: dict[str, Any]) -> None:
     handler = HANDLERS.get(msg["type"])
     if handler is None:
         raise protocol.ProtocolError(f"{msg['type']} needs a hello first")
@@ -38,7 +35,7 @@ def handle(d: "Daemon", session: "Session", msg: dict[str, Any]) -> None:
         session.send({"type": "reply", "ok": False, "error": str(exc)})
 
 
-def status(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     """One row per job (name and directory) the asking uid may see."""
     now = time.time()
     rows_by_job: dict[JobKey, list[Any]] = {}
@@ -72,13 +69,13 @@ def _auto(j: Any, now: float) -> dict[str, Any] | None:
     return None if auto is None else {"seconds": auto.seconds, "rule": auto.rule, "reason": auto.reason}
 
 
-def list_checkpoints(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+def list_checkpoints(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     job = msg.get("job")
     rows = [r for r in d.catalog.checkpoints(job if isinstance(job, str) else None) if d.access.visible(session.uid, r.key)]
     return {"checkpoints": [r.__dict__ for r in rows]}
 
 
-def latest(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+def latest(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     """The newest verified checkpoint of a job name; a name used in several directories is
     ambiguous (two jobs), and the reply says which directories to ask for instead."""
     job = msg.get("job")
@@ -96,7 +93,7 @@ def latest(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, An
     return {"path": found.path}
 
 
-def pin(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+def pin(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     path = os.path.realpath(msg["path"])
     if not inside(path, d.roots):
         raise PermissionError(f"{path} is outside the daemon's roots")
@@ -109,7 +106,7 @@ def pin(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
     return {"path": path, "pinned": pinned}
 
 
-def gc(d: "Daemon", session: "Session", msg: dict[str, Any]) -> dict[str, Any]:
+def gc(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     dry = bool(msg.get("dry_run"))
     want = msg.get("job")
     with d.lock:

@@ -14,25 +14,27 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ckptd.core import missed
 from ckptd.core.autointerval import AutoInterval, CostSamples, auto_interval, estimate_mtbf, guess_cost, overhead_ratio
+from ckptd.core.config import Config
 from ckptd.core.policy import SavePolicy, time_interval
 from ckptd.core.settings import SettingsError, group, parse_table, resolve
 from ckptd.core.vocab import FailReason, MissedReason, Trigger
+from ckptd.daemon.access import Access
+from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
+from ckptd.daemon.ledger import Ledger
+from ckptd.daemon.uploads import Uploads
 from ckptd.store.lifecycle import Target, failure, prune, save_unit
 from ckptd.store.persist import Persisted, PersistError
 from ckptd.store.preflight import TargetError, check_job
-from ckptd.store.scan import read_info
+from ckptd.store.scan import Checkpoint, read_info
 from ckptd.store.verify import verify_unit
 from ckptd.wire import protocol
-
-if TYPE_CHECKING:
-    from ckptd.daemon.app import Daemon
 
 log = logging.getLogger("ckptd.daemon")
 
@@ -125,8 +127,40 @@ class JobState:
         return now - last, interval or 0.0
 
 
+class Host(Protocol):
+    """What sessions and the CLI's requests need of the daemon (``ckptd.daemon.app.Daemon``).
+
+    Written out so that neither imports the daemon's wiring: they see its job registry (the
+    jobs and the one lock they are mutated under), the checks and records they share, and
+    the transitions of a job's life, nothing else.
+    """
+
+    config: Config
+    roots: list[str]
+    lock: threading.RLock
+    jobs: dict[JobKey, JobState]
+    access: Access
+    catalog: Catalog
+    ledger: Ledger
+    uploads: Uploads
+    executor: ThreadPoolExecutor
+
+    def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
+                 policy: SavePolicy, step: int, session: "Session | None" = None) -> JobState: ...
+
+    def unregister(self, job: JobState, session: "Session") -> None: ...
+
+    def update_gauges(self, job: JobState) -> None: ...
+
+    def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float]) -> None: ...
+
+    def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None: ...
+
+    def request(self, session: "Session", msg: dict[str, Any]) -> None: ...
+
+
 class Session:
-    def __init__(self, daemon: "Daemon", sock: socket.socket) -> None:
+    def __init__(self, daemon: "Host", sock: socket.socket) -> None:
         self.daemon = daemon
         self.sock = sock
         self.pid, self.uid, self.gid = protocol.peer_credentials(sock)
@@ -288,7 +322,7 @@ class Session:
         self.daemon.catalog.record(info, verified=True)
         self.daemon.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, ("stall",))})
         if job.settings.get("remote"):
-            self.daemon.replicate(job, info)
+            self.daemon.uploads.submit(job.key, job.settings, info.path, info.created)
 
     def _committed(self, msg: dict[str, Any]) -> None:
         """A sharded checkpoint its ranks wrote and agreed on: check it against its manifest
@@ -316,7 +350,7 @@ class Session:
         d.save_succeeded(job, trigger, info, _reported_seconds(msg, ("stall", "persist", "verify")))
         prune(Target(job.directory, job.name, job.settings, d.roots), lambda removed: d.ledger.removed(job.key, removed))
         if job.settings.get("remote"):
-            d.replicate(job, info)
+            d.uploads.submit(job.key, job.settings, info.path, info.created)
 
     # -- the end ---------------------------------------------------------------------------
 

@@ -21,8 +21,8 @@ import json
 import logging
 import os
 import threading
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -37,7 +37,10 @@ from watchdog.events import (
 
 from ckptd.core import missed, retention
 from ckptd.core.vocab import NEVER, MissedReason, Outcome, Rule, Trigger
+from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
+from ckptd.daemon.ledger import Ledger
+from ckptd.daemon.metrics import Metrics
 from ckptd.store import foreign
 from ckptd.store.remove import Removal
 from ckptd.store.remove import apply as apply_removals
@@ -45,18 +48,67 @@ from ckptd.store.safepath import open_regular
 from ckptd.store.scan import Checkpoint, is_pinned
 from ckptd.store.verify import VerifyResult
 
-if TYPE_CHECKING:
-    from ckptd.daemon.app import Daemon
-
 log = logging.getLogger("ckptd.watch")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a watcher needs of the daemon, and no more."""
+
+    catalog: Catalog
+    ledger: Ledger
+    roots: Sequence[str]
+    started_at: float  # a tree that never saw a new unit is overdue counting from here
+    clock: Callable[[], float]
+
+
+class Watching:
+    """The ``[[watch]]`` tables: one watchdog observer, a ``Watcher`` per tree, periodic rescans."""
+
+    def __init__(self, specs: Sequence[dict[str, Any]], ctx: Context) -> None:
+        from watchdog.observers import Observer
+
+        self.watchers = [Watcher(spec, ctx, self.rewatch) for spec in specs]
+        self.observer = Observer()
+
+    def start(self, metrics: Metrics, every: Callable[[Callable[[], Any], float, str], None]) -> None:
+        """Schedule each tree's watch and its rescans (``every(fn, seconds, id)``), then the observer."""
+        for i, w in enumerate(self.watchers):
+            os.makedirs(w.root, exist_ok=True)
+            w.handle = self.observer.schedule(w, w.root, recursive=True)
+            metrics.init_job(w.key)
+            metrics.job_up.labels(*w.key).set(1)
+            if w.spec.get("expect_every"):
+                metrics.expected_interval.labels(*w.key).set(w.spec["expect_every"])
+            every(w.rescan, float(w.spec.get("rescan_every", 180.0)), f"rescan:{i}")
+            log.info("watching %s as job %s (%d units to look at)", w.root, w.job, w.rescan())
+        self.observer.start()
+
+    def rewatch(self, w: "Watcher") -> None:
+        """A watched root came back: its old inotify watch died with it; make a new one."""
+        try:
+            if w.handle is not None:
+                self.observer.unschedule(w.handle)
+        except (KeyError, OSError):
+            pass
+        w.handle = self.observer.schedule(w, w.root, recursive=True)
+
+    def tick(self, now: float) -> None:
+        for w in self.watchers:
+            w.tick(now)
+
+    def stop(self) -> None:
+        if self.observer.is_alive():
+            self.observer.stop()
+            self.observer.join(10)
 
 
 class Watcher(FileSystemEventHandler):
     """One watched tree; events mark units, ``tick`` adopts the settled ones."""
 
-    def __init__(self, spec: dict[str, Any], daemon: "Daemon") -> None:
+    def __init__(self, spec: dict[str, Any], ctx: Context, rewatch: Callable[["Watcher"], None]) -> None:
         super().__init__()
-        self.spec, self.daemon = spec, daemon
+        self.spec, self.ctx, self._rewatch = spec, ctx, rewatch
         self.pending: dict[str, float] = {}
         self.incomplete_since: dict[str, float] = {}
         self.handle: Any = None  # the observer's watch; re-made when the root comes back
@@ -101,13 +153,13 @@ class Watcher(FileSystemEventHandler):
         if unit == self.root:
             return
         with self._lock:
-            self.pending[unit] = self.daemon.clock()
+            self.pending[unit] = self.ctx.clock()
 
     def _gone(self, path: str) -> None:
-        known = {r.path for r in self.daemon.catalog.checkpoints(*self.key)}
+        known = {r.path for r in self.ctx.catalog.checkpoints(*self.key)}
         doomed = [p for p in known if p == path or p.startswith(path.rstrip("/") + "/")]
         if doomed:
-            self.daemon.catalog.forget(doomed)
+            self.ctx.catalog.forget(doomed)
 
     # -- the scheduler's thread --------------------------------------------------------------------
 
@@ -124,8 +176,8 @@ class Watcher(FileSystemEventHandler):
         elif self.gone:
             log.info("watched root %s is back", self.root)
             self.gone = False
-            self.daemon.rewatch(self)
-        known = {r.path: r for r in self.daemon.catalog.checkpoints(*self.key)}
+            self._rewatch(self)
+        known = {r.path: r for r in self.ctx.catalog.checkpoints(*self.key)}
         marked = 0
         for unit in self._units():
             row = known.pop(unit.path, None)
@@ -133,7 +185,7 @@ class Watcher(FileSystemEventHandler):
                 with self._lock:
                     self.pending.setdefault(unit.path, 0.0)
                 marked += 1
-        self.daemon.catalog.forget(known)  # catalogued but gone from the disk
+        self.ctx.catalog.forget(known)  # catalogued but gone from the disk
         return marked
 
     def _units(self) -> list[foreign.Found]:
@@ -149,7 +201,7 @@ class Watcher(FileSystemEventHandler):
             adopted |= self._adopt(path, now, kinds)
         if adopted:
             self._retention(now)
-            self.daemon.ledger.refresh(self.key)
+            self.ctx.ledger.refresh(self.key)
         self._check_expected(now)
 
     def _adopt(self, path: str, now: float, kinds: dict[str, str | None]) -> bool:
@@ -178,9 +230,9 @@ class Watcher(FileSystemEventHandler):
                           found.mtime, trigger=Trigger.WATCH, rule=found.kind, pinned=is_pinned(found.path),
                           problem="" if result.ok else result.reason,
                           digests=_digests(found) if result.ok else {})
-        self.daemon.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome,
+        self.ctx.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome,
                                    directory=self.root)
-        self.daemon.ledger.adopted(self.key, info, result.outcome)
+        self.ctx.ledger.adopted(self.key, info, result.outcome)
         if result.ok:
             self.last_new_at = max(self.last_new_at, now)
             self.overdue_flagged = False
@@ -191,7 +243,7 @@ class Watcher(FileSystemEventHandler):
     def _unchanged(self, found: foreign.Found, result: VerifyResult) -> VerifyResult:
         """A unit judged again with its mtime and size as catalogued must still have the bytes
         it had at adoption: other formats store no digests, so this is how rot shows."""
-        row = self.daemon.catalog.row(found.path)
+        row = self.ctx.catalog.row(found.path)
         if not result.ok or row is None or not row.digests or row.bytes != found.bytes \
                 or abs(row.created - found.mtime) > 1e-3:
             return result
@@ -202,11 +254,11 @@ class Watcher(FileSystemEventHandler):
         expect = self.spec.get("expect_every")
         if expect is None:
             return
-        since = self.last_new_at or self.daemon.started_at
+        since = self.last_new_at or self.ctx.started_at
         if not self.overdue_flagged and missed.time_overdue(expect, since, now, grace=0.0):
             self.overdue_flagged = True
             log.warning("watch %s: no new checkpoint for %.0fs (expect_every=%.0fs)", self.root, now - since, expect)
-            self.daemon.ledger.missed(self.key, MissedReason.TIME_OVERDUE)
+            self.ctx.ledger.missed(self.key, MissedReason.TIME_OVERDUE)
 
     # -- retention --------------------------------------------------------------------------------
 
@@ -225,7 +277,7 @@ class Watcher(FileSystemEventHandler):
         with self._lock:
             busy = set(self.pending)
         groups: dict[tuple[int, str], list[retention.Item]] = {}
-        for r in self.daemon.catalog.checkpoints(*self.key):
+        for r in self.ctx.catalog.checkpoints(*self.key):
             owner = _owner(r.path)
             if owner is None:
                 continue
@@ -246,7 +298,7 @@ class Watcher(FileSystemEventHandler):
                     log.info("watch %s: would %s %s (%s)", self.root, "keep" if v.keep else "delete", v.item.id,
                              ", ".join(v.reasons))
                 continue
-            self.daemon.ledger.removed(self.key, self._apply(verdicts))
+            self.ctx.ledger.removed(self.key, self._apply(verdicts))
 
     def _apply(self, verdicts: list[retention.Verdict]) -> list[Removal]:
         """Deletions; with ``on_corrupt = "quarantine"`` the corrupt ones are moved aside instead
@@ -254,10 +306,10 @@ class Watcher(FileSystemEventHandler):
         quarantine = self.spec.get("quarantine_dir")
         corrupt_to = quarantine or os.path.join(self.root, ".ckptd-quarantine")
         if self.spec.get("on_corrupt") != "quarantine":
-            return apply_removals(verdicts, self.daemon.roots, quarantine)
+            return apply_removals(verdicts, self.ctx.roots, quarantine)
         bad = [v for v in verdicts if v.rule.rule == Rule.CORRUPT]
         rest = [v for v in verdicts if v.rule.rule != Rule.CORRUPT]
-        return apply_removals(bad, self.daemon.roots, corrupt_to) + apply_removals(rest, self.daemon.roots, quarantine)
+        return apply_removals(bad, self.ctx.roots, corrupt_to) + apply_removals(rest, self.ctx.roots, quarantine)
 
     def _trainer_needs(self) -> set[str]:
         """Checkpoints the trainer will read again: the ``best_model_checkpoint`` named by the

@@ -1,0 +1,89 @@
+"""The daemon's side of the remote tier: which jobs' checkpoints it uploads, and what it says of them.
+
+The uploading itself (one thread, retries, remote retention, then local retention again) is
+``ckptd.store.replicator``, shared with the hook's embedded mode. Here: a job's verified
+checkpoint is queued; at start, what catalogued jobs saved and their remote lacks is queued
+again (a restart cut those uploads off), but only for remotes ``[daemon] remote_allow``
+names; each upload ends in a counter, the remote gauges and a catalogue event; and at scrape
+time each job's replication lag is the age of its newest checkpoint still waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from ckptd.daemon.access import Access
+from ckptd.daemon.catalog import Catalog
+from ckptd.daemon.jobkey import JobKey
+from ckptd.daemon.ledger import Ledger
+from ckptd.daemon.metrics import Metrics
+from ckptd.store.lifecycle import Target, prune
+from ckptd.store.remote import RemoteError
+from ckptd.store.remove import inside
+from ckptd.store.replicate import RemoteCheckpoint
+from ckptd.store.replicator import Replicator, Upload
+
+__all__ = ["Uploads"]
+
+log = logging.getLogger("ckptd.daemon")
+
+
+class Uploads:
+    def __init__(self, metrics: Metrics, catalog: Catalog, ledger: Ledger, access: Access,
+                 roots: Sequence[str]) -> None:
+        self.metrics, self.catalog, self.ledger, self.access, self.roots = metrics, catalog, ledger, access, roots
+        self.replicator = Replicator(self._replicated, self._failed)
+
+    def job_started(self, key: JobKey, settings: Mapping[str, Any]) -> None:
+        """Both outcome series at 0, so the first failed upload is an increase an alert sees."""
+        if settings.get("remote"):
+            for outcome in ("ok", "failed"):
+                self.metrics.remote_uploads.labels(*key, outcome)
+
+    def submit(self, key: JobKey, settings: Mapping[str, Any], path: str, created: float) -> None:
+        """A verified save of a job with a remote tier: upload it, then let local retention run again."""
+        after = self._pruner(Target(key.directory, key.name, settings, self.roots), key)
+        self.replicator.submit(Upload(key.name, path, settings, key, after, created))
+
+    def resync(self) -> None:
+        """At start: what catalogued jobs saved and their remote lacks (a restart cut an upload off)."""
+        for key, _ in self.catalog.jobs():
+            settings = self.catalog.job_settings(key)
+            if not settings.get("remote") or not inside(key.directory, self.roots) or not os.path.isdir(key.directory):
+                continue
+            try:
+                self.access.remote(settings["remote"])
+            except PermissionError as exc:
+                log.warning("job %s: not resuming its uploads: %s", key, exc)
+            else:
+                self.replicator.resync(key.name, key.directory, settings, key,
+                                       after=self._pruner(Target(key.directory, key.name, settings, self.roots), key))
+
+    def lag(self, now: float) -> dict[JobKey, float]:
+        """Per job with uploads waiting: the age of its newest verified checkpoint not yet remote."""
+        newest: dict[JobKey, float] = {}
+        for u in self.replicator.pending:
+            newest[u.key] = max(newest.get(u.key, 0.0), u.created)
+        return {key: max(0.0, now - created) for key, created in newest.items()}
+
+    def close(self, timeout: float) -> None:
+        self.replicator.close(timeout=timeout)  # an upload cut off here is resumed by the next start's resync
+
+    def _pruner(self, target: Target, key: JobKey) -> Callable[[], None]:
+        """Local retention for a job, once a checkpoint of it is remote."""
+        return lambda: prune(target, lambda removed: self.ledger.removed(key, removed))
+
+    def _replicated(self, u: Upload, commit: RemoteCheckpoint, remote: list[RemoteCheckpoint]) -> None:
+        m, key = self.metrics, u.key
+        m.remote_uploads.labels(*key, "ok").inc()
+        m.remote_last_success.labels(*key).set(time.time())
+        m.remote_checkpoints.labels(*key).set(len(remote))
+        m.remote_bytes.labels(*key).set(sum(c.bytes for c in remote))
+        self.catalog.event(key, "replicated", path=u.path, remote=f"{u.settings['remote']}/{commit.key}")
+
+    def _failed(self, u: Upload, exc: RemoteError) -> None:
+        self.metrics.remote_uploads.labels(*u.key, "failed").inc()
+        self.catalog.event(u.key, "replication_failed", path=u.path, error=str(exc))
