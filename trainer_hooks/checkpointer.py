@@ -31,11 +31,9 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core import config as config_mod
-from ckptd.core import policy as pol
 from ckptd.core.autointerval import AutoInterval
 from ckptd.core.settings import env_table, from_env, group, parse_table, resolve, unknown_env
 from ckptd.store.lifecycle import Target
@@ -64,7 +62,7 @@ from trainer_hooks.state import (
     rank_and_world,
 )
 from trainer_hooks.timerules import TimeRules
-from trainer_hooks.triggers import SCHEDULED, Triggers
+from trainer_hooks.triggers import SCHEDULED, Triggers, hook_policy, warn_about_plan
 from trainer_hooks.worker import SaveJob
 
 if TYPE_CHECKING:
@@ -128,8 +126,9 @@ class Checkpointer(Snapshotting, Resuming):
         self._dcp = self._shards is not None and _holds_dtensors(self.model)  # FSDP2: DCP plans (trainer_hooks.dcpio)
         # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
         self.saving = sharded or self.rank == 0
-        self.policy = self._make_policy()
-        self._warn_about_plan()
+        self.policy = hook_policy(group(self.settings, "policy"), self.saving, sharded, self.job)
+        if self.saving:
+            warn_about_plan(self.policy, self.job)
         self.directory, self.template = resolve_target(directory, self.settings["template"])
         check_template(self.template, self.job)
         self._init_progress()
@@ -155,25 +154,6 @@ class Checkpointer(Snapshotting, Resuming):
         elif self.mode == "embedded":
             log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
                      self.job, self.directory)
-
-    def _warn_about_plan(self) -> None:
-        """What ``ckptd plan`` would warn about, said at construction when the run's length is known."""
-        total = self.policy.total_steps
-        if total is not None and self.saving:
-            for rule, interval in self.policy.step_rules():
-                if interval > total:
-                    log.warning("ckptd: job %s: %s gives an interval of %d steps, longer than the run (%d): only the "
-                                "final save will happen", self.job, rule, interval, total)
-
-    def _make_policy(self) -> pol.SavePolicy:
-        if not self.saving:
-            return pol.SavePolicy(save_final=False, on_preempt=False)
-        policy = pol.SavePolicy.from_settings(group(self.settings, "policy"))
-        if self._shards is not None and policy.min_interval:
-            # every rank must save at the same step, and the ranks' clocks differ by milliseconds
-            log.warning("ckptd: sharded job %s: min_interval is not applied (ranks must agree on the step)", self.job)
-            policy = replace(policy, min_interval=0.0)
-        return policy
 
     @property
     def _talks_to_daemon(self) -> bool:

@@ -14,7 +14,8 @@ exchange (``trainer_hooks.shards``) and what every rank acts on is the agreed re
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import replace
+from typing import Any, Mapping, Sequence
 
 from ckptd.core import policy as pol
 from trainer_hooks.shards import FLAG_BEST, FLAG_PREEMPT, FLAG_TIME, TIME_RULES, ShardGroup
@@ -22,6 +23,28 @@ from trainer_hooks.shards import FLAG_BEST, FLAG_PREEMPT, FLAG_TIME, TIME_RULES,
 log = logging.getLogger("ckptd.hook")
 
 SCHEDULED = ("step", "time", "best")  # the triggers min_interval and on_busy="skip" apply to
+
+
+def hook_policy(settings: Mapping[str, Any], saving: bool, sharded: bool, job: str) -> pol.SavePolicy:
+    """The policy this process acts on: none on a rank that does not save (DDP's other ranks)."""
+    if not saving:
+        return pol.SavePolicy(save_final=False, on_preempt=False)
+    policy = pol.SavePolicy.from_settings(settings)
+    if sharded and policy.min_interval:
+        # every rank must save at the same step, and the ranks' clocks differ by milliseconds
+        log.warning("ckptd: sharded job %s: min_interval is not applied (ranks must agree on the step)", job)
+        policy = replace(policy, min_interval=0.0)
+    return policy
+
+
+def warn_about_plan(policy: pol.SavePolicy, job: str) -> None:
+    """What ``ckptd plan`` would warn about, said at construction when the run's length is known."""
+    total = policy.total_steps
+    if total is not None:
+        for rule, interval in policy.step_rules():
+            if interval > total:
+                log.warning("ckptd: job %s: %s gives an interval of %d steps, longer than the run (%d): only the "
+                            "final save will happen", job, rule, interval, total)
 
 
 class Triggers:
