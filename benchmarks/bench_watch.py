@@ -66,11 +66,10 @@ def main() -> None:
         tree = work / "tree"
         tree.mkdir()
         make_tree(tree, n, per_dir=n if args.flat else 1000)
-        from ckptd.daemon.watch import Watcher
+        from ckptd.daemon.watch import Context, Watcher
 
-        class _D:  # the walk needs no daemon; only the classification is timed here
-            clock = staticmethod(time.time)
-        w = Watcher({"path": str(tree)}, _D())  # type: ignore[arg-type]
+        # the walk needs no catalogue or ledger: only the classification is timed here
+        w = Watcher({"path": str(tree)}, Context(None, None, [], 0.0, time.time), lambda _: None)  # type: ignore[arg-type]
         scan_s = timed(w._units)
         found = len(w._units())
         import socket
