@@ -93,6 +93,7 @@ class Checkpointer(Snapshotting, Resuming):
         self.last_verified: str | None = None
         self.last_error: PersistError | None = None
         self._buffer = StagingBuffer(f"ckptd-{job}")
+        self._buffer.reserve(self._reserved)  # in the background: the first save must not fault it in
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
                               self._count_removals, self._shards, replicate=self.saving)
         self._closed = False
@@ -135,10 +136,11 @@ class Checkpointer(Snapshotting, Resuming):
 
     def _preflight(self) -> None:
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
-        flat, _ = flatten(self._capture())
+        flat, skeleton = flatten(self._capture())
         self._structure = model_structure(flat)
         self._state_bytes = flat.nbytes + (self._planned_bytes() if self._dcp else 0)
         self.run_id = uuid.uuid4().hex[:16]
+        self._reserved = self._image_bytes(flat, skeleton) if self.saving else 0
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
             check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in older))
@@ -183,6 +185,7 @@ class Checkpointer(Snapshotting, Resuming):
         self._metrics: dict[str, Any] | None = None
         self._last_verified_step = -1
         self._last_save_wall = time.time()
+        self._resized = False
         self._triggers = Triggers(self.policy, self.job, self._shards is not None)
 
     @property
@@ -209,8 +212,9 @@ class Checkpointer(Snapshotting, Resuming):
             t.exchange(self._shards, self._preemption.signum, self._metric, time.monotonic())
         if self._step >= t.next_due or t.attention:
             self._due()
+        elif not self._resized:
+            self._resize()
         return self._step
-
     def report(self, metrics: dict[str, Any]) -> bool:
         """Metrics measured on the current state (an evaluation), not on the step just done.
 
