@@ -50,10 +50,11 @@ from ckptd.store.remove import Removal
 from ckptd.store.scan import Checkpoint, scan
 from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.outlet import Outlet
+from trainer_hooks.pinned import pin_for
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
 from trainer_hooks.resume import Resuming
 from trainer_hooks.shards import ShardGroup
-from trainer_hooks.snapshot import Snapshotting
+from trainer_hooks.snapshot import Snapshotting, holds_dtensors
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import (
     as_float,
@@ -92,7 +93,7 @@ class Checkpointer(Snapshotting, Resuming):
         self.saved: list[Checkpoint | dict[str, Any]] = []
         self.last_verified: str | None = None
         self.last_error: PersistError | None = None
-        self._buffer = StagingBuffer(f"ckptd-{job}")
+        self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._pin)
         self._buffer.reserve(self._reserved)  # in the background: the first save must not fault it in
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
                               self._count_removals, self._shards, replicate=self.saving)
@@ -124,7 +125,7 @@ class Checkpointer(Snapshotting, Resuming):
                                 cfg.job_table(self.job), cfg.defaults)
         self.rank, self.world_size = rank_and_world()
         self._shards = ShardGroup(shard_timeout) if sharded else None
-        self._dcp = self._shards is not None and _holds_dtensors(self.model)  # FSDP2: DCP plans (trainer_hooks.dcpio)
+        self._dcp = self._shards is not None and holds_dtensors(self.model)  # FSDP2: DCP plans (trainer_hooks.dcpio)
         # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
         self.saving = sharded or self.rank == 0
         self.policy = hook_policy(group(self.settings, "policy"), self.saving, sharded, self.job)
@@ -141,6 +142,8 @@ class Checkpointer(Snapshotting, Resuming):
         self._state_bytes = flat.nbytes + (self._planned_bytes() if self._dcp else 0)
         self.run_id = uuid.uuid4().hex[:16]
         self._reserved = self._image_bytes(flat, skeleton) if self.saving else 0
+        state = [*flat.tensors.values(), *(self.model.state_dict().values() if self._dcp else ())]
+        self._pin = self.saving and pin_for(self.settings["snapshot"], self.job, state)
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
             check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in older))
@@ -396,11 +399,3 @@ class Checkpointer(Snapshotting, Resuming):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _holds_dtensors(model: Any) -> bool:
-    if model is None:
-        return False
-    from trainer_hooks import dcpio
-
-    return dcpio.has_dtensors(model.state_dict())

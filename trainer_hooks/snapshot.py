@@ -97,3 +97,12 @@ class Snapshotting:
         meta = CheckpointMeta(self.job, self._step, now, trigger, rule, self.epoch, jsonable_metrics(self._metrics or {}),
                               self.run_id, fingerprint(self._structure))
         return meta.encode(skeleton, aliases, FORMAT_VERSION)
+
+
+def holds_dtensors(model: Any) -> bool:
+    """FSDP2 (or any DTensor) state: its snapshot is planned by torch.distributed.checkpoint."""
+    if model is None:
+        return False
+    from trainer_hooks import dcpio
+
+    return dcpio.has_dtensors(model.state_dict())

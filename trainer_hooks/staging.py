@@ -25,6 +25,7 @@ import torch
 
 from ckptd.core.format import DIGEST_PLACEHOLDER, TensorEntry, encode_header, layout
 from ckptd.wire.protocol import snapshot_memfd
+from trainer_hooks import pinned
 from trainer_hooks.state import TORCH_TO_ST
 
 log = logging.getLogger("ckptd.hook")
@@ -34,9 +35,12 @@ MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault every page in at
 class StagingBuffer:
     """A growable memfd mapped once; ``stage`` copies tensors into it."""
 
-    def __init__(self, name: str = "ckptd-snapshot") -> None:
+    def __init__(self, name: str = "ckptd-snapshot", pin: bool = False) -> None:
         self.fd = snapshot_memfd(name)  # sealed against shrinking: it only ever grows
         self.capacity = 0
+        self.pin = pin  # page-lock the mapping for CUDA (trainer_hooks.pinned): the state is on a GPU
+        self.registered = False
+        self._devices = pinned.DeviceCopies() if pin else None
         self.grown_at_save = 0  # saves that found the buffer too small (and paid its page faults)
         self._mm: mmap.mmap | None = None
         self._flat: torch.Tensor | None = None
@@ -66,10 +70,7 @@ class StagingBuffer:
             self._reserving = None
 
     def _map(self, size: int, populate: bool = False) -> torch.Tensor:
-        self._flat = None
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        self._unmap()
         capacity = max(size, int(self.capacity * 1.25), mmap.PAGESIZE)
         os.ftruncate(self.fd, capacity)
         if populate:
@@ -78,7 +79,18 @@ class StagingBuffer:
         self._mm = mmap.mmap(self.fd, capacity, flags=flags)
         self.capacity = capacity
         self._flat = torch.frombuffer(self._mm, dtype=torch.uint8)
+        if self.pin:
+            self.registered = pinned.register(self._flat.data_ptr(), capacity)
         return self._flat
+
+    def _unmap(self) -> None:
+        if self.registered and self._flat is not None:
+            pinned.unregister(self._flat.data_ptr())  # before the mapping goes: CUDA holds its pages
+            self.registered = False
+        self._flat = None
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
 
     def _ensure(self, size: int) -> torch.Tensor:
         if size > self.capacity or self._flat is None:
@@ -98,19 +110,21 @@ class StagingBuffer:
     def _copy(self, flat: torch.Tensor, header: bytes, entries: list[TensorEntry],
               tensors: Mapping[str, torch.Tensor]) -> None:
         flat[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-        base = len(header)
+        base, on_gpu = len(header), []
         for e in entries:
             if e.nbytes:
                 t = tensors[e.name]
                 dst = flat[base + e.begin: base + e.end].view(t.dtype).view(t.shape)
-                dst.copy_(t)
+                if t.is_cuda:
+                    on_gpu.append((dst, t))
+                else:
+                    dst.copy_(t)
+        if on_gpu:
+            (self._devices or pinned.DeviceCopies()).copy(on_gpu)
 
     def close(self) -> None:
         self.join()
-        self._flat = None
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        self._unmap()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
