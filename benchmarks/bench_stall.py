@@ -4,9 +4,15 @@ For model + AdamW states of several sizes, the time the training thread is block
 one save: ckptd with the daemon and embedded (``step()`` when a save is due), torch.save,
 safetensors.save_file, torch.distributed.checkpoint.async_save (its blocking part), and
 the physical floor: one memcpy of the same tensors into a pre-faulted buffer.
-ckptd's first save (page faults of the new shared-memory buffer) is reported apart.
+ckptd's first save is reported apart: its shared-memory buffer is reserved (allocated and
+mapped) in the background from construction, which this benchmark lets finish, as the
+training steps before a first save would.
 
-    python benchmarks/bench_stall.py [--sizes 64,512,2048] [--reps 5] [--quick]
+With ``--device cuda`` the state lives on the GPU and the floor is a device-to-host copy
+into page-locked memory (``pin_memory=True``); a copy into pageable memory is listed beside
+it, and the name of the GPU is recorded with the results (``stall_cuda.json``).
+
+    python benchmarks/bench_stall.py [--sizes 64,512,2048] [--reps 5] [--quick] [--device cuda]
 """
 
 from __future__ import annotations
@@ -34,14 +40,17 @@ from benchmarks.common import (  # noqa: E402
 )
 
 
+DEVICE = "cpu"
+
+
 def make_state(total_mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Linear layers whose params + AdamW's two moments add up to ``total_mib``."""
     params = total_mib * MiB // 3 // 4
     width = 1024
     layers = max(1, params // (width * width))
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)]).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(2, width)).sum().backward()
+    model(torch.randn(2, width, device=DEVICE)).sum().backward()
     opt.step()
     return model, opt
 
@@ -51,21 +60,30 @@ def all_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torc
                                                 for t in s.values() if isinstance(t, torch.Tensor)]
 
 
-def floor(tensors: list[torch.Tensor], reps: int) -> Series:
+def floor(tensors: list[torch.Tensor], reps: int, pinned: bool = False) -> Series:
+    """One copy of the tensors into memory that is already there: the physical floor of a snapshot
+    (on a GPU: page-locked, "pinned D2H floor"; ``pinned=False`` there gives the pageable copy)."""
     total = sum(t.numel() * t.element_size() for t in tensors)
-    dst = torch.empty(total, dtype=torch.uint8)
+    dst = torch.empty(total, dtype=torch.uint8, pin_memory=pinned)
     dst.fill_(0)  # pre-fault
-    s = Series("memcpy floor")
+    s = Series("memcpy floor" if DEVICE == "cpu" else "pinned D2H floor" if pinned else "pageable D2H")
 
     def copy() -> None:
         off = 0
         for t in tensors:
             n = t.numel() * t.element_size()
-            dst[off:off + n].view(t.dtype).view(t.shape).copy_(t)
+            dst[off:off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=pinned)
             off += n
+        sync()
     for _ in range(reps):
+        sync()
         s.samples.append(timed(copy))
     return s
+
+
+def sync() -> None:
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
 
 
 def ckptd_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path,
@@ -75,10 +93,13 @@ def ckptd_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, d
     ckpt = Checkpointer("bench", directory, model=model, optimizer=opt, every_steps=1, keep_last=1,
                         socket=socket, save_final=False, preempt_signals=())
     try:
+        ckpt._buffer.join()  # training runs while the buffer is reserved; a first save comes steps later
+        sync()
         first = timed(ckpt.step)
         ckpt.wait()
         s = Series("ckptd daemon" if socket else "ckptd embedded")
         for _ in range(reps):
+            sync()
             s.samples.append(timed(ckpt.step))
             ckpt.wait()
         assert ckpt.stats["failed"] == 0, ckpt.last_error
@@ -127,7 +148,7 @@ def run(size_mib: int, reps: int, daemon: Daemon) -> dict:
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     work = scratch()
     try:
-        res = [floor(tensors, reps)]
+        res = [floor(tensors, reps, pinned=DEVICE != "cpu")] + ([floor(tensors, reps)] if DEVICE != "cpu" else [])
         d_series, d_first = ckptd_stall(model, opt, reps, daemon.root / f"s{size_mib}", daemon.socket)
         e_series, e_first = ckptd_stall(model, opt, reps, work / "embedded", False)
         res += [d_series, e_series]
@@ -139,7 +160,7 @@ def run(size_mib: int, reps: int, daemon: Daemon) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = res[0].median
-    return {"size_mib": size_mib, "bytes": nbytes, "first_save": {"ckptd daemon": d_first, "ckptd embedded": e_first},
+    return {"size_mib": size_mib, "bytes": nbytes, "floor": base, "first_save": {"ckptd daemon": d_first, "ckptd embedded": e_first},
             "series": {s.name: {**s.summary(), "ratio_to_floor": s.median / base} for s in res}}
 
 
@@ -148,7 +169,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,512")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smoke run: 8 MiB, 2 reps")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     sizes = [8] if args.quick else [int(x) for x in args.sizes.split(",")]
     reps = 2 if args.quick else args.reps
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -165,11 +189,12 @@ def main() -> None:
                          f"{s['max'] * 1000:.1f}", f"{s['ratio_to_floor']:.2f}x"])
         for name, t in r["first_save"].items():
             rows.append([f"{r['size_mib']} MiB", f"{name} (first save)", f"{t * 1000:.1f}", "", "",
-                         f"{t / r['series']['memcpy floor']['median']:.2f}x"])
-    print(table("Training stall per save (ms; ratio to the memcpy floor; medians of "
+                         f"{t / r['floor']:.2f}x"])
+    print(table(f"Training stall per save on {DEVICE} (ms; ratio to the floor; medians of "
                 f"{reps} saves, second save on)", ["state", "method", "median", "min", "max", "vs floor"], rows))
-    name = "stall_quick" if args.quick else "stall"
-    print("wrote", write_result(name, {"reps": reps, "results": results}))
+    name = ("stall_quick" if args.quick else "stall") + ("" if DEVICE == "cpu" else "_cuda")
+    gpu = torch.cuda.get_device_name() if DEVICE != "cpu" else None
+    print("wrote", write_result(name, {"reps": reps, "device": DEVICE, "gpu": gpu, "results": results}))
     plot_bars(name, "Training stall per save (ratio to memcpy floor, lower is better)",
               {f"{r['size_mib']} MiB": {k: v["ratio_to_floor"] for k, v in r["series"].items()} for r in results},
               "x memcpy floor")

@@ -123,6 +123,33 @@ def test_step_numbering_and_final_save(tmp_path: Path) -> None:
     assert ckpt.stats["verified"] == 3 and ckpt.stats["failed"] == 0
 
 
+def test_the_snapshot_memory_is_reserved_before_the_first_save(tmp_path: Path) -> None:
+    """SPEC §10: the buffer is sized and faulted in from construction, in the background; an
+    optimizer with no state yet (AdamW before its first step) is sized again at the first
+    step(), so the first save copies into memory that is already there and never grows it."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    ckpt = Checkpointer("j", tmp_path, model=m, optimizer=opt, every_steps=3, save_final=False)
+    buf = ckpt._buffer
+    buf.join()
+    model_bytes = sum(t.nbytes for t in m.state_dict().values())
+    assert model_bytes < buf.capacity < 2 * model_bytes  # the model (the optimizer has no state yet)
+    assert os.fstat(buf.fd).st_blocks * 512 >= buf.capacity  # allocated, not a sparse promise
+    for step in range(1, 4):
+        m(torch.randn(4, 256)).sum().backward()
+        opt.step()
+        ckpt.step()
+        if step == 1:
+            buf.join()
+            assert buf.capacity > 3 * model_bytes  # the two moments joined the model
+            assert os.fstat(buf.fd).st_blocks * 512 >= buf.capacity
+    ckpt.close()
+    assert buf.grown_at_save == 0 and ckpt.stats["verified"] == 1
+    [saved] = scan(str(tmp_path), "j")
+    assert saved.step == 3
+
+
 def test_close_saves_an_unsaved_end_of_run(tmp_path: Path) -> None:
     ckpt = Checkpointer("j", tmp_path, model=model(), every_steps=100)
     for _ in range(37):

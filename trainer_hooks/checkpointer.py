@@ -50,10 +50,11 @@ from ckptd.store.remove import Removal
 from ckptd.store.scan import Checkpoint, scan
 from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.outlet import Outlet
+from trainer_hooks.pinned import pin_for
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
 from trainer_hooks.resume import Resuming
 from trainer_hooks.shards import ShardGroup
-from trainer_hooks.snapshot import Snapshotting
+from trainer_hooks.snapshot import Snapshotting, holds_dtensors
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import (
     as_float,
@@ -92,7 +93,8 @@ class Checkpointer(Snapshotting, Resuming):
         self.saved: list[Checkpoint | dict[str, Any]] = []
         self.last_verified: str | None = None
         self.last_error: PersistError | None = None
-        self._buffer = StagingBuffer(f"ckptd-{job}")
+        self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._pin)
+        self._buffer.reserve(self._reserved)  # in the background: the first save must not fault it in
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
                               self._count_removals, self._shards, replicate=self.saving)
         self._closed = False
@@ -123,7 +125,7 @@ class Checkpointer(Snapshotting, Resuming):
                                 cfg.job_table(self.job), cfg.defaults)
         self.rank, self.world_size = rank_and_world()
         self._shards = ShardGroup(shard_timeout) if sharded else None
-        self._dcp = self._shards is not None and _holds_dtensors(self.model)  # FSDP2: DCP plans (trainer_hooks.dcpio)
+        self._dcp = self._shards is not None and holds_dtensors(self.model)  # FSDP2: DCP plans (trainer_hooks.dcpio)
         # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
         self.saving = sharded or self.rank == 0
         self.policy = hook_policy(group(self.settings, "policy"), self.saving, sharded, self.job)
@@ -135,10 +137,13 @@ class Checkpointer(Snapshotting, Resuming):
 
     def _preflight(self) -> None:
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
-        flat, _ = flatten(self._capture())
+        flat, skeleton = flatten(self._capture())
         self._structure = model_structure(flat)
         self._state_bytes = flat.nbytes + (self._planned_bytes() if self._dcp else 0)
         self.run_id = uuid.uuid4().hex[:16]
+        self._reserved = self._image_bytes(flat, skeleton) if self.saving else 0
+        state = [*flat.tensors.values(), *(self.model.state_dict().values() if self._dcp else ())]
+        self._pin = self.saving and pin_for(self.settings["snapshot"], self.job, state)
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
             check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in older))
@@ -183,6 +188,7 @@ class Checkpointer(Snapshotting, Resuming):
         self._metrics: dict[str, Any] | None = None
         self._last_verified_step = -1
         self._last_save_wall = time.time()
+        self._resized = False
         self._triggers = Triggers(self.policy, self.job, self._shards is not None)
 
     @property
@@ -209,8 +215,9 @@ class Checkpointer(Snapshotting, Resuming):
             t.exchange(self._shards, self._preemption.signum, self._metric, time.monotonic())
         if self._step >= t.next_due or t.attention:
             self._due()
+        elif not self._resized:
+            self._resize()
         return self._step
-
     def report(self, metrics: dict[str, Any]) -> bool:
         """Metrics measured on the current state (an evaluation), not on the step just done.
 
@@ -392,11 +399,3 @@ class Checkpointer(Snapshotting, Resuming):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _holds_dtensors(model: Any) -> bool:
-    if model is None:
-        return False
-    from trainer_hooks import dcpio
-
-    return dcpio.has_dtensors(model.state_dict())

@@ -10,14 +10,19 @@ optimizer and scheduler are planned by torch.distributed.checkpoint instead
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
-from trainer_hooks.state import Structure, capture, fingerprint, flatten, jsonable_metrics
+from trainer_hooks.staging import StagingBuffer, image_length
+from trainer_hooks.state import Flat, Structure, capture, fingerprint, flatten, jsonable_metrics
 
 if TYPE_CHECKING:
     import torch
+
+
+HEADER_ROOM = 1 << 16
 
 
 class Snapshotting:
@@ -37,10 +42,13 @@ class Snapshotting:
     _step: int
     _metrics: dict[str, Any] | None
     _structure: Structure
+    _buffer: StagingBuffer
+    _resized: bool
+    saving: bool
 
-    def _capture(self) -> dict[str, Any]:
+    def _capture(self, refresh: bool = True) -> dict[str, Any]:
         """The state this rank stores as its own (with DCP planning: all but model, optimizer, scheduler)."""
-        if self._before_save is not None:
+        if refresh and self._before_save is not None:
             self._before_save()
         trainer = {"job": self.job, "step": self._step, "epoch": self.epoch}
         if self._dcp:
@@ -59,6 +67,21 @@ class Snapshotting:
         tensors, keys = planned.header(flat.tensors)
         return tensors, {**self._metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
 
+    def _image_bytes(self, flat: Flat, skeleton: Any) -> int:
+        """What a snapshot of this state will take in the staging buffer, with room for a header
+        that grows between saves (step numbers, metrics): the size reserved ahead of a save.
+        Exact without DCP; with it, this rank's planned bytes stand in for its chunks."""
+        length = image_length(flat.tensors, self._metadata("manual", "manual", time.time(), skeleton, flat.aliases))
+        planned = self._planned_bytes() if self._dcp else 0
+        return length + planned + HEADER_ROOM
+
+    def _resize(self) -> None:
+        """Once, at the first step(): an optimizer that had no state at construction has it now
+        (AdamW's moments are twice the model): reserve for the state as it is, ahead of the first save."""
+        self._resized = True
+        if self.saving:
+            self._buffer.reserve(self._image_bytes(*flatten(self._capture(refresh=False))))
+
     def _planned_bytes(self) -> int:
         """This rank's part of the model and optimizer state, read as it is: not through
         ``get_optimizer_state_dict``, which initialises an optimizer that has not stepped yet by
@@ -74,3 +97,12 @@ class Snapshotting:
         meta = CheckpointMeta(self.job, self._step, now, trigger, rule, self.epoch, jsonable_metrics(self._metrics or {}),
                               self.run_id, fingerprint(self._structure))
         return meta.encode(skeleton, aliases, FORMAT_VERSION)
+
+
+def holds_dtensors(model: Any) -> bool:
+    """FSDP2 (or any DTensor) state: its snapshot is planned by torch.distributed.checkpoint."""
+    if model is None:
+        return False
+    from trainer_hooks import dcpio
+
+    return dcpio.has_dtensors(model.state_dict())

@@ -157,6 +157,9 @@ KEYS: dict[str, Key] = {
     "remote": Key(parse_remote, None, "remote", "replicate verified checkpoints to s3://bucket/prefix or file:///path"),
     "remote_endpoint": Key(_text, None, "remote", "S3 endpoint URL, for S3-compatible stores (MinIO, Ceph, ...)"),
     "remote_timeout": Key(parse_duration, 300.0, "remote", "embedded mode: how long close() waits for uploads"),
+    # GPU state (SPEC §10)
+    "snapshot": Key(_choice("auto", "host", "device"), "auto", "hook", "CUDA state: 'host' copies it straight into "
+                    "page-locked shared memory; 'device' (not yet built: host is used) a GPU copy first; 'auto' picks"),
     # naming (SPEC §7)
     "template": Key(_template, "{job}-step{step:08d}.safetensors", "naming", "checkpoint file name template"),
 }

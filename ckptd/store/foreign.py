@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from ckptd.core.format import FormatError, read_header
 from ckptd.store import manifest as mf
-from ckptd.store.picklesafe import read_dcp_metadata, verify_torch
+from ckptd.store.picklesafe import UnsafePickle, read_dcp_metadata, verify_torch
 from ckptd.store.safepath import open_regular
 from ckptd.store.verify import VerifyResult, verify_file, verify_unit
 
@@ -342,7 +342,7 @@ def _verify_dcp(found: Found) -> VerifyResult:
     try:
         meta = read_dcp_metadata(os.path.join(found.path, ".metadata"))
     except pickle.UnpicklingError as exc:
-        return VerifyResult(found.path, False, f".metadata: {exc}", unsafe=str(exc).startswith("unsafe"))
+        return VerifyResult(found.path, False, f".metadata: {exc}", unsafe=isinstance(exc, UnsafePickle))
     except (ValueError, EOFError, AttributeError, TypeError, RecursionError, MemoryError) as exc:
         return VerifyResult(found.path, False, f".metadata is not valid DCP metadata: {type(exc).__name__}")
     storage = getattr(meta, "storage_data", None)

@@ -18,7 +18,7 @@ from typing import Any
 from ckptd.store.safepath import open_regular
 from ckptd.store.verify import VerifyResult
 
-__all__ = ["SAFE_GLOBALS", "max_inflated", "read_dcp_metadata", "verify_torch"]
+__all__ = ["SAFE_GLOBALS", "UnsafePickle", "max_inflated", "read_dcp_metadata", "verify_torch"]
 
 SAFE_GLOBALS = {
     "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
@@ -42,6 +42,10 @@ _DCP_GLOBALS = {
 MAX_DCP_METADATA = 256 << 20
 
 
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickle that needs a global outside the allowed set: loading it could execute code."""
+
+
 class _DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         import torch
@@ -49,7 +53,7 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
         if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and (
                 name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"unsafe: .metadata needs {module}.{name}; not loaded (it could execute code)")
+        raise UnsafePickle(f"unsafe: .metadata needs {module}.{name}; not loaded (it could execute code)")
 
 
 def read_dcp_metadata(path: str) -> Any:

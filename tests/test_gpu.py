@@ -1,0 +1,134 @@
+"""CUDA state (SPEC §10): saved from page-locked shared memory, verified, resumed bit-exactly.
+
+Marked ``cuda`` and skipped where torch sees no GPU (CI); run on the device machine with
+``pytest -m cuda tests/test_gpu.py``. On CPU, only the setting's parsing is tested here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptd.core.settings import SettingsError
+from ckptd.store.scan import scan
+from ckptd.store.verify import verify_file
+from tests.conftest import DaemonProc
+from trainer_hooks import Checkpointer
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_the_snapshot_setting_is_checked_and_cpu_state_ignores_it(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="snapshot"):
+        Checkpointer("j", tmp_path, model=torch.nn.Linear(2, 2), snapshot="gpu")
+    ckpt = Checkpointer("j", tmp_path, model=torch.nn.Linear(2, 2), snapshot="host")
+    ckpt.close()
+    assert not ckpt._buffer.pin and ckpt.stats["verified"] == 1
+
+
+class Net(torch.nn.Module):
+    """fp32 and bf16 layers, a tied weight (one storage, two names) and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 32)
+        self.body = torch.nn.Linear(32, 32)
+        self.half = torch.nn.Linear(32, 32).to(torch.bfloat16)
+        self.head = torch.nn.Linear(32, 64, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.arange(32.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(self.embed(x)) * self.scale
+        return self.head(self.half(h.bfloat16()).float())
+
+
+def train(model: Net, opt: torch.optim.Optimizer, steps: int, ckpt: Checkpointer | None = None,
+          after_save: list[dict[str, torch.Tensor]] | None = None) -> None:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(steps):
+        x = torch.randint(0, 64, (8, 4), device="cuda", generator=g)
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if ckpt is not None:
+            saves = ckpt.stats["saves"]
+            ckpt.step()
+            if after_save is not None and ckpt.stats["saves"] > saves:
+                after_save.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                for p in model.parameters():  # the trainer's next kernels, at once: the snapshot must not see them
+                    p.data.add_(1.0)
+
+
+def run(directory: Path, socket: str | bool) -> tuple[list[dict[str, torch.Tensor]], Checkpointer]:
+    torch.manual_seed(0)
+    model = Net().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ckpt = Checkpointer("gpu", directory, model=model, optimizer=opt, every_steps=5, keep_last=2,
+                        socket=socket, extra={"view": torch.arange(12.0, device="cuda").view(3, 4).t()})
+    at_save: list[dict[str, torch.Tensor]] = []
+    train(model, opt, 10, ckpt, at_save)
+    ckpt.close(final=False)
+    return at_save, ckpt
+
+
+def check_saved(directory: Path, at_save: list[dict[str, torch.Tensor]]) -> None:
+    from safetensors import safe_open
+
+    saved = scan(str(directory), "gpu")
+    assert [c.step for c in saved] == [5, 10]
+    for c, expected in zip(saved, at_save):
+        assert verify_file(c.path, full=True).ok
+        with safe_open(c.path, "pt") as f:
+            names = set(f.keys())
+            for k, v in expected.items():
+                name = f"model/{k}"
+                if name in names:
+                    assert torch.equal(f.get_tensor(name), v), f"{c.path}: {k} is not the state of step {c.step}"
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_state_is_captured_at_its_step_and_resumes_on_the_gpu(tmp_path: Path) -> None:
+    at_save, ckpt = run(tmp_path, False)
+    assert ckpt._buffer.registered or ckpt._buffer.fd < 0  # page-locked while it lived
+    assert ckpt.stats["verified"] == 2 and ckpt._buffer.grown_at_save == 0
+    check_saved(tmp_path, at_save)
+    torch.manual_seed(5)
+    model = Net().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    extra: dict[str, torch.Tensor] = {}
+    resumed = Checkpointer("gpu", tmp_path, model=model, optimizer=opt, extra=extra, save_final=False)
+    assert resumed.resume() == 10
+    resumed.close(final=False)
+    for k, v in model.state_dict().items():
+        assert v.is_cuda and torch.equal(v.cpu(), at_save[-1][k]), k
+    assert model.head.weight.data_ptr() == model.embed.weight.data_ptr()  # still tied
+    assert all(t.is_cuda for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim())
+    assert torch.equal(extra["view"].cpu(), torch.arange(12.0).view(3, 4).t())  # a non-contiguous view of a GPU tensor
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_state_through_the_daemon(daemon: DaemonProc) -> None:
+    directory = daemon.root / "gpu"
+    at_save, ckpt = run(directory, daemon.socket)
+    assert ckpt.mode == "daemon" and ckpt.stats["verified"] == 2
+    check_saved(directory, at_save)
+    assert daemon.metric("ckptd_saves_total", training_job="gpu", trigger="step", outcome="ok") == 2
+
+
+@cuda
+@pytest.mark.cuda
+def test_a_cuda_rng_of_every_device_is_restored(tmp_path: Path) -> None:
+    ckpt = Checkpointer("rng", tmp_path, model=torch.nn.Linear(2, 2).cuda(), save_final=False)
+    ckpt.save(wait=True)
+    expected = [torch.rand(4, device=f"cuda:{i}").cpu() for i in range(torch.cuda.device_count())]
+    ckpt.close(final=False)
+    again = Checkpointer("rng", tmp_path, model=torch.nn.Linear(2, 2).cuda(), save_final=False)
+    again.resume()
+    again.close(final=False)
+    assert all(torch.equal(torch.rand(4, device=f"cuda:{i}").cpu(), e) for i, e in enumerate(expected))
