@@ -39,7 +39,6 @@ from benchmarks.common import (  # noqa: E402
     write_result,
 )
 
-
 DEVICE = "cpu"
 
 
