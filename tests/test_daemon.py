@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from ckptd.store.scan import scan
 from ckptd.store.verify import verify_file
 from ckptd.wire import protocol
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, run_py, wait_until
+from tests.wire_client import Client, snapshot
 from trainer_hooks import Checkpointer
 
 pytestmark = pytest.mark.slow
@@ -245,20 +247,52 @@ print(ckpt.stats["verified"], ckpt.stats["failed"])
 """
 
 
+def _wire_trainer(socket_path: str, run: Path, job: str) -> list[str]:
+    """What CLIENT does, without torch (``tests.wire_client``): saves at steps 2 and 4, the final
+    at 6, then ``end``; returns the ``saved`` replies' outcomes."""
+    c = Client(socket_path)
+    outcomes = []
+    try:
+        assert c.ask({"type": "hello", "job": job, "directory": str(run), "pid": os.getpid(), "step": 0,
+                      "settings": {"every_steps": 2, "total_steps": 6}})["type"] == "welcome"
+        for step, trigger, rule in ((2, "step", "every_steps"), (4, "step", "every_steps"), (6, "final", "save_final")):
+            fd, length = snapshot(job, step, {"w": os.urandom(256 * 1024)}, trigger, rule)
+            try:
+                assert c.ask({"type": "save", "id": step, "step": step, "trigger": trigger, "rule": rule,
+                              "filename": f"{job}-step{step:08d}.safetensors", "length": length},
+                             fd=fd)["type"] == "accepted"
+                saved = c.recv()
+            finally:
+                os.close(fd)
+            outcomes.append("ok" if saved.get("ok") else str(saved))
+        protocol.send(c.sock, {"type": "end", "step": 6})
+    finally:
+        c.close()
+    return outcomes
+
+
 def test_32_concurrent_clients_lose_nothing(daemon: DaemonProc) -> None:
+    """32 trainers at once: two real ones (torch, the hook, separate processes) and 30 that speak
+    the protocol without torch from threads of this process (real socket, real memfds, the same
+    daemon): every save of every one is written, verified and counted."""
     procs = []
     for i in range(32):
-        d = daemon.root / f"job{i}"
-        d.mkdir()
-        procs.append(subprocess.Popen([PYTHON, "-c", CLIENT, str(d), str(i)], env=env_for(daemon),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for i, p in enumerate(procs):
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        assert out.split() == ["3", "0"], (i, out, err)
+        (daemon.root / f"job{i}").mkdir()
+    for i in range(2):
+        procs.append(subprocess.Popen([PYTHON, "-c", CLIENT, str(daemon.root / f"job{i}"), str(i)],
+                                      env=env_for(daemon), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    with ThreadPoolExecutor(30) as pool:
+        wire = [pool.submit(_wire_trainer, daemon.socket, daemon.root / f"job{i}", f"job{i}") for i in range(2, 32)]
+        for i, p in enumerate(procs):
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+            assert out.split() == ["3", "0"], (i, out, err)
+        for i, f in enumerate(wire, start=2):
+            assert f.result(timeout=300) == ["ok", "ok", "ok"], i
     for i in range(32):
         steps = [c.step for c in scan(str(daemon.root / f"job{i}"), f"job{i}")]
         assert steps == [2, 4, 6], (i, steps)
+        assert all(verify_file(c.path).ok for c in scan(str(daemon.root / f"job{i}"), f"job{i}"))
         assert daemon.metric("ckptd_saves_total", training_job=f"job{i}", trigger="final", outcome="ok") == 1
 
 
