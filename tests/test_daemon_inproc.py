@@ -115,3 +115,30 @@ def test_the_daemon_replicates_only_to_remotes_its_admin_allows(inproc_daemon) -
     for url in ("s3://fleet/ckpt-other", "s3://fleet/ckpt/../x"):
         with pytest.raises(PermissionError, match="remote_allow"):
             inproc_daemon.access.remote(url)
+
+
+def test_a_jobs_state_gauges_follow_it_and_go_with_it(inproc_daemon) -> None:  # type: ignore[no-untyped-def]
+    """job_up, unsaved_steps, quota_bytes are read from the job registry at scrape time: 1 while
+    connected, 0 once it went, and no series at all once the ended job is dropped (an hour on)."""
+    import time
+
+    from ckptd.daemon.app import ENDED_JOB_TTL
+    from tests.conftest import wait_until
+
+    run = os.path.join(inproc_daemon.roots[0], "brief")
+    os.mkdir(run)
+    labels = {"training_job": "brief", "directory": run}
+    value = inproc_daemon.metrics.registry.get_sample_value
+    c = Client(inproc_daemon.socket_path)
+    c.ask({"type": "hello", "job": "brief", "directory": run, "pid": os.getpid(), "step": 0,
+           "settings": {"max_bytes": "1MiB"}})
+    assert value("ckptd_job_up", labels) == 1 and value("ckptd_quota_bytes", labels) == 1 << 20
+    from ckptd.wire import protocol
+
+    protocol.send(c.sock, {"type": "heartbeat", "step": 7})
+    wait_until(lambda: value("ckptd_unsaved_steps", labels) == 7, 10, "the heartbeat's step")
+    c.close()
+    wait_until(lambda: value("ckptd_job_up", labels) == 0, 10, "the disconnect")
+    inproc_daemon.tick(time.time() + ENDED_JOB_TTL + 1)
+    assert value("ckptd_job_up", labels) is None and value("ckptd_unsaved_steps", labels) is None
+    assert value("ckptd_saves_total", {**labels, "trigger": "step", "outcome": "ok"}) is None  # pushed series go too

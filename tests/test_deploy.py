@@ -88,7 +88,7 @@ def test_ended_jobs_are_dropped_from_metrics() -> None:
     m = Metrics()
     old, live, namesake = JobKey("old", "/runs/a"), JobKey("live", "/runs/b"), JobKey("old", "/runs/c")
     m.saves.labels(*old, "step", "ok").inc()
-    m.job_up.labels(*old).set(0)
+    m.last_saved_step.labels(*old).set(5)
     m.saves.labels(*live, "step", "ok").inc()
     m.saves.labels(*namesake, "step", "ok").inc()  # the same name in another directory is another job
     m.job_ended(old, now=1000.0)

@@ -19,7 +19,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from ckptd.core import missed
 from ckptd.core.config import Config
 from ckptd.core.policy import SavePolicy
 from ckptd.core.vocab import MissedReason
@@ -66,7 +65,7 @@ class Daemon:
         self.jobs: dict[JobKey, JobState] = {}
         self.sessions: set[Session] = set()
         self.metrics = Metrics()
-        self.metrics.registry.register(JobGauges(self._timely_values))
+        self.metrics.registry.register(JobGauges(self._job_gauges))
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
         self._stop = threading.Event()
         self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
@@ -254,10 +253,7 @@ class Daemon:
         self.catalog.event(key, "start", pid=pid, step=step)
         self.metrics.job_started(key)
         self.metrics.init_job(key)
-        self.metrics.job_up.labels(*key).set(1)
-        self.metrics.quota_bytes.labels(*key).set(settings.get("max_bytes") or 0)
         self.uploads.job_started(key, settings)
-        self.update_gauges(job)
         return job
 
     def unregister(self, job: JobState, session: Session) -> None:
@@ -268,18 +264,8 @@ class Daemon:
         cron = f"cron:{job.name}:{job.directory}"
         if self.scheduler.get_job(cron) is not None:
             self.scheduler.remove_job(cron)
-        self.metrics.job_up.labels(*job.key).set(0)
         self.metrics.job_ended(job.key, time.time())
         self.catalog.event(job.key, "end" if session.ended else "disconnect", step=job.step)
-        self.update_gauges(job)
-
-    def update_gauges(self, job: JobState) -> None:
-        with self.lock:
-            unsaved = missed.unsaved_at_exit(job.step, job.last_verified_step)
-            interval = job.interval(time.time())
-        self.metrics.unsaved_steps.labels(*job.key).set(unsaved)
-        if interval is not None:
-            self.metrics.expected_interval.labels(*job.key).set(interval)
 
     def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float]) -> None:
         with self.lock:
@@ -289,30 +275,18 @@ class Daemon:
             job.due_sent = False
             job.measured(time.time(), durations)
         self.ledger.saved(job.key, trigger, info, durations, job.last_verified_step)
-        self.update_gauges(job)
 
     def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None:
         with self.lock:
             job.failed += 1
         self.ledger.failed(job.key, trigger, exc)
 
-    def _timely_values(self, now: float) -> list[tuple[JobKey, dict[str, float]]]:
-        """Scrape time: each known job's expected loss, save overhead and (with auto) interval,
-        and with a remote tier its replication lag."""
+    def _job_gauges(self, now: float) -> list[tuple[JobKey, dict[str, float]]]:
+        """Scrape time: every known job's state gauges (``JobGauges``), watched trees' too."""
         lag = self.uploads.lag(now)
         with self.lock:
-            jobs = list(self.jobs.values())
-            out = []
-            for j in jobs:
-                values = {"ckptd_expected_loss_seconds": j.expected_loss(now),
-                          "ckptd_save_overhead_ratio": j.overhead(now)}
-                auto = j.auto(now)
-                if auto is not None:
-                    values["ckptd_auto_interval_seconds"] = auto.seconds
-                if j.settings.get("remote"):
-                    values["ckptd_remote_lag_seconds"] = lag.get(j.key, 0.0)
-                out.append((j.key, values))
-        return out
+            out = [(j.key, j.gauges(now, lag.get(j.key, 0.0))) for j in self.jobs.values()]
+        return out + (self.watching.gauges() if self.watching is not None else [])
 
     # -- the one-second tick ---------------------------------------------------------------
 

@@ -44,15 +44,10 @@ class Metrics:
                                   buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.last_success = Gauge("ckptd_last_success_timestamp_seconds", "Time of the last verified save", [JOB, DIRECTORY], registry=r)
         self.last_saved_step = Gauge("ckptd_last_saved_step", "Step of the last verified save", [JOB, DIRECTORY], registry=r)
-        self.expected_interval = Gauge("ckptd_expected_save_interval_seconds", "Expected time between saves",
-                                       [JOB, DIRECTORY], registry=r)
-        self.unsaved_steps = Gauge("ckptd_unsaved_steps", "Steps done since the last verified save", [JOB, DIRECTORY], registry=r)
         self.checkpoints = Gauge("ckptd_checkpoints", "Verified checkpoints on disk", [JOB, DIRECTORY], registry=r)
         self.checkpoint_bytes = Gauge("ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", [JOB, DIRECTORY], registry=r)
         self.deleted = Counter("ckptd_deleted_total", "Checkpoints deleted, by rule", [JOB, DIRECTORY, "rule"], registry=r)
-        self.quota_bytes = Gauge("ckptd_quota_bytes", "max_bytes of the job (0 = none)", [JOB, DIRECTORY], registry=r)
         self.fs_free = Gauge("ckptd_filesystem_free_bytes", "Free bytes on a root's filesystem", ["root"], registry=r)
-        self.job_up = Gauge("ckptd_job_up", "1 while the job's trainer is connected", [JOB, DIRECTORY], registry=r)
         self.remote_uploads = Counter("ckptd_remote_uploads_total", "Uploads to the remote tier by outcome",
                                       [JOB, DIRECTORY, "outcome"], registry=r)
         self.remote_last_success = Gauge("ckptd_remote_last_success_timestamp_seconds",
@@ -100,16 +95,20 @@ class Metrics:
                 del self._ended[j]
         for job in old:
             for metric in (self.saves, self.failures, self.missed, self.verify, self.duration, self.deleted,
-                           self.last_success, self.last_saved_step, self.expected_interval, self.unsaved_steps,
-                           self.checkpoints, self.checkpoint_bytes, self.quota_bytes, self.job_up,
+                           self.last_success, self.last_saved_step, self.checkpoints, self.checkpoint_bytes,
                            self.remote_uploads, self.remote_last_success, self.remote_checkpoints, self.remote_bytes):
                 _remove_job(metric, job)
         return old
 
 
-# Gauges that depend on the time they are read at, computed at scrape time from the job registry
-# (``JobGauges``), so that they are exact whenever Prometheus asks and vanish with their job.
-TIMELY = {
+# Gauges of a job's state, computed at scrape time from the job registry (``JobGauges``): exact
+# whenever Prometheus asks (several depend on the time they are read at), and gone with their
+# job, so nothing has to push them on every change or remember to drop them.
+JOB_GAUGES = {
+    "ckptd_job_up": "1 while the job's trainer is connected",
+    "ckptd_unsaved_steps": "Steps done since the last verified save",
+    "ckptd_expected_save_interval_seconds": "Expected time between saves",
+    "ckptd_quota_bytes": "max_bytes of the job (0 = none)",
     "ckptd_expected_loss_seconds": "Training seconds lost if the job died now (since its newest verified save)",
     "ckptd_save_overhead_ratio": "Share of training time stalled by saves over the last hour",
     "ckptd_auto_interval_seconds": "The save interval every=auto chose (jobs with every=auto only)",
@@ -119,13 +118,13 @@ JobSource = Callable[[float], list[tuple[JobKey, dict[str, float]]]]
 
 
 class JobGauges(Collector):
-    """``TIMELY`` for every job the daemon knows: ``source(now)`` gives each job's values."""
+    """``JOB_GAUGES`` for every job the daemon knows: ``source(now)`` gives each job's values."""
 
     def __init__(self, source: JobSource, clock: Callable[[], float] = time.time) -> None:
         self._source, self._clock = source, clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        families = {name: GaugeMetricFamily(name, text, labels=[JOB, DIRECTORY]) for name, text in TIMELY.items()}
+        families = {name: GaugeMetricFamily(name, text, labels=[JOB, DIRECTORY]) for name, text in JOB_GAUGES.items()}
         for key, values in self._source(self._clock()):
             for name, value in values.items():
                 families[name].add_metric([key.name, key.directory], value)
@@ -133,7 +132,7 @@ class JobGauges(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         """Names only, so registering does not call ``source`` before the daemon is ready."""
-        for name, text in TIMELY.items():
+        for name, text in JOB_GAUGES.items():
             yield GaugeMetricFamily(name, text, labels=[JOB, DIRECTORY])
 
 

@@ -97,6 +97,23 @@ class JobState:
         auto = self.auto(now)
         return missed.expected_interval(self.policy, self.seconds_per_step, auto.seconds if auto else None)
 
+    def gauges(self, now: float, remote_lag: float) -> dict[str, float]:
+        """The job's gauges at scrape time (``ckptd.daemon.metrics.JOB_GAUGES``)."""
+        auto = self.auto(now)
+        interval = missed.expected_interval(self.policy, self.seconds_per_step, auto.seconds if auto else None)
+        values = {"ckptd_job_up": float(self.connected),
+                  "ckptd_unsaved_steps": float(missed.unsaved_at_exit(self.step, self.last_verified_step)),
+                  "ckptd_quota_bytes": float(self.settings.get("max_bytes") or 0),
+                  "ckptd_expected_loss_seconds": self.expected_loss(now),
+                  "ckptd_save_overhead_ratio": self.overhead(now)}
+        if interval is not None:
+            values["ckptd_expected_save_interval_seconds"] = interval
+        if auto is not None:
+            values["ckptd_auto_interval_seconds"] = auto.seconds
+        if self.settings.get("remote"):
+            values["ckptd_remote_lag_seconds"] = remote_lag
+        return values
+
     def overhead(self, now: float) -> float:
         """Stalled share of training over the last hour (up to the end, for a job that ended)."""
         return overhead_ratio(self.stalls, self.started_at, min(now, self.ended_at or now))
@@ -149,8 +166,6 @@ class Host(Protocol):
                  policy: SavePolicy, step: int, session: "Session | None" = None) -> JobState: ...
 
     def unregister(self, job: JobState, session: "Session") -> None: ...
-
-    def update_gauges(self, job: JobState) -> None: ...
 
     def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float]) -> None: ...
 
@@ -264,7 +279,6 @@ class Session:
         if due is not None:
             log.warning("job %s: step %d was due for a save and the trainer went past it", j.name, due)
             self._count_missed(MissedReason.STEP_SKIPPED)
-        self.daemon.update_gauges(j)
 
     def _count_missed(self, reason: MissedReason) -> None:
         assert self.job is not None

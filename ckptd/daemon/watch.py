@@ -77,9 +77,6 @@ class Watching:
             os.makedirs(w.root, exist_ok=True)
             w.handle = self.observer.schedule(w, w.root, recursive=True)
             metrics.init_job(w.key)
-            metrics.job_up.labels(*w.key).set(1)
-            if w.spec.get("expect_every"):
-                metrics.expected_interval.labels(*w.key).set(w.spec["expect_every"])
             every(w.rescan, float(w.spec.get("rescan_every", 180.0)), f"rescan:{i}")
             log.info("watching %s as job %s (%d units to look at)", w.root, w.job, w.rescan())
         self.observer.start()
@@ -92,6 +89,11 @@ class Watching:
         except (KeyError, OSError):
             pass
         w.handle = self.observer.schedule(w, w.root, recursive=True)
+
+    def gauges(self) -> list[tuple[JobKey, dict[str, float]]]:
+        """A watched tree is a job that is always up; its interval is the one it was told to expect."""
+        return [(w.key, {"ckptd_job_up": 1.0, **({"ckptd_expected_save_interval_seconds": float(w.spec["expect_every"])}
+                                                  if w.spec.get("expect_every") else {})}) for w in self.watchers]
 
     def tick(self, now: float) -> None:
         for w in self.watchers:
