@@ -28,6 +28,25 @@ def test_the_snapshot_setting_is_checked_and_cpu_state_ignores_it(tmp_path: Path
     assert not ckpt._buffer.pin and ckpt.stats["verified"] == 1
 
 
+def test_a_buffer_cuda_will_not_page_lock_still_stages_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    """Page-locking is an optimisation: refused (here: a torch without CUDA), the snapshot is staged
+    all the same, into the same reserved memory, and the reason is logged once."""
+    from trainer_hooks.staging import StagingBuffer
+
+    buf = StagingBuffer("nopin", pin=True)
+    try:
+        with caplog.at_level("WARNING", logger="ckptd.hook"):
+            buf.reserve(1 << 20)
+            buf.join()
+        assert buf.capacity == 1 << 20 and not buf.registered
+        if not torch.cuda.is_available():
+            assert "could not page-lock" in caplog.text
+        length = buf.stage({"w": torch.arange(1000.0)}, {})
+        assert buf.grown_at_save == 0 and length < buf.capacity
+    finally:
+        buf.close()
+
+
 class Net(torch.nn.Module):
     """fp32 and bf16 layers, a tied weight (one storage, two names) and a buffer."""
 

@@ -29,8 +29,13 @@ def holds_cuda(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 def register(ptr: int, size: int) -> bool:
-    """Page-lock ``size`` bytes at ``ptr`` for CUDA; False (and said) when it refuses."""
-    err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, PORTABLE))  # type: ignore[no-untyped-call]
+    """Page-lock ``size`` bytes at ``ptr`` for CUDA; False (and said) when it refuses: the copies
+    then run at pageable speed, and nothing else changes."""
+    try:
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, PORTABLE))  # type: ignore[no-untyped-call]
+    except Exception as exc:  # no runtime to ask (a CPU build, a broken driver): never a failed save
+        log.warning("ckptd: could not page-lock the snapshot buffer: %s", exc)
+        return False
     if err:
         log.warning("ckptd: could not page-lock the %d-byte snapshot buffer (cudaError %d); CUDA tensors are "
                     "copied at pageable speed", size, err)
@@ -38,7 +43,11 @@ def register(ptr: int, size: int) -> bool:
 
 
 def unregister(ptr: int) -> None:
-    err = int(torch.cuda.cudart().cudaHostUnregister(ptr))  # type: ignore[no-untyped-call]
+    try:
+        err = int(torch.cuda.cudart().cudaHostUnregister(ptr))  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        log.warning("ckptd: cudaHostUnregister of the snapshot buffer failed: %s", exc)
+        return
     if err:
         log.warning("ckptd: cudaHostUnregister of the snapshot buffer failed (cudaError %d)", err)
 
