@@ -50,7 +50,6 @@ from ckptd.store.remove import Removal
 from ckptd.store.scan import Checkpoint, scan
 from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.outlet import Outlet
-from trainer_hooks.pinned import pin_for
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
 from trainer_hooks.resume import Resuming
 from trainer_hooks.shards import ShardGroup
@@ -142,8 +141,7 @@ class Checkpointer(Snapshotting, Resuming):
         self._state_bytes = flat.nbytes + (self._planned_bytes() if self._dcp else 0)
         self.run_id = uuid.uuid4().hex[:16]
         self._reserved = self._image_bytes(flat, skeleton) if self.saving else 0
-        state = [*flat.tensors.values(), *(self.model.state_dict().values() if self._dcp else ())]
-        self._pin = self.saving and pin_for(self.settings["snapshot"], self.job, state)
+        self._pin = self.saving and self._wants_pinning(flat)
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
             check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in older))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
+from trainer_hooks.pinned import pin_for
 from trainer_hooks.staging import StagingBuffer, image_length
 from trainer_hooks.state import Flat, Structure, capture, fingerprint, flatten, jsonable_metrics
 
@@ -45,6 +46,7 @@ class Snapshotting:
     _buffer: StagingBuffer
     _resized: bool
     saving: bool
+    settings: dict[str, Any]
 
     def _capture(self, refresh: bool = True) -> dict[str, Any]:
         """The state this rank stores as its own (with DCP planning: all but model, optimizer, scheduler)."""
@@ -77,10 +79,18 @@ class Snapshotting:
 
     def _resize(self) -> None:
         """Once, at the first step(): an optimizer that had no state at construction has it now
-        (AdamW's moments are twice the model): reserve for the state as it is, ahead of the first save."""
+        (AdamW's moments are twice the model), and a model moved to the GPU after construction is
+        there now: reserve (and page-lock) for the state as it is, ahead of the first save."""
         self._resized = True
         if self.saving:
-            self._buffer.reserve(self._image_bytes(*flatten(self._capture(refresh=False))))
+            flat, skeleton = flatten(self._capture(refresh=False))
+            self._buffer.pin = self._buffer.pin or self._wants_pinning(flat)
+            self._buffer.reserve(self._image_bytes(flat, skeleton))
+
+    def _wants_pinning(self, flat: Flat) -> bool:
+        """Page-lock the snapshot buffer: this rank's state is on a GPU (``trainer_hooks.pinned``)."""
+        state = [*flat.tensors.values(), *(self.model.state_dict().values() if self._dcp else ())]
+        return pin_for(self.settings["snapshot"], self.job, state)
 
     def _planned_bytes(self) -> int:
         """This rank's part of the model and optimizer state, read as it is: not through

@@ -40,7 +40,7 @@ class StagingBuffer:
         self.capacity = 0
         self.pin = pin  # page-lock the mapping for CUDA (trainer_hooks.pinned): the state is on a GPU
         self.registered = False
-        self._devices = pinned.DeviceCopies() if pin else None
+        self._devices: pinned.DeviceCopies | None = None  # ckptd's CUDA streams, made at the first CUDA copy
         self.grown_at_save = 0  # saves that found the buffer too small (and paid its page faults)
         self._mm: mmap.mmap | None = None
         self._flat: torch.Tensor | None = None
@@ -48,8 +48,9 @@ class StagingBuffer:
         self._reserving: threading.Thread | None = None
 
     def reserve(self, size: int) -> None:
-        """Make the buffer ``size`` bytes, backed and mapped, in the background (no-op if it is)."""
-        if size <= self.capacity or self.fd < 0:
+        """Make the buffer ``size`` bytes, backed, mapped (and page-locked with ``pin``), in the
+        background; a no-op when it is."""
+        if self.fd < 0 or (size <= self.capacity and (self.registered or not self.pin)):
             return
         self.join()
         self._reserving = threading.Thread(target=self._reserve, args=(size,), name="ckptd-reserve", daemon=True)
@@ -57,7 +58,11 @@ class StagingBuffer:
 
     def _reserve(self, size: int) -> None:
         with self._lock:
-            if size > self.capacity and self.fd >= 0:
+            if self.fd < 0:
+                return
+            if size <= self.capacity and self._flat is not None:  # big enough: page-lock what is there
+                self._register()
+            else:
                 try:
                     self._map(size, populate=True)
                 except OSError as exc:  # memory is short: the save faults pages in itself, as before
@@ -79,9 +84,13 @@ class StagingBuffer:
         self._mm = mmap.mmap(self.fd, capacity, flags=flags)
         self.capacity = capacity
         self._flat = torch.frombuffer(self._mm, dtype=torch.uint8)
-        if self.pin:
-            self.registered = pinned.register(self._flat.data_ptr(), capacity)
+        self._register()
         return self._flat
+
+    def _register(self) -> None:
+        if self.pin and not self.registered and self._flat is not None:
+            self.registered = pinned.register(self._flat.data_ptr(), self.capacity)
+            self.pin = self.registered  # refused once (said once): not asked again
 
     def _unmap(self) -> None:
         if self.registered and self._flat is not None:
@@ -120,7 +129,8 @@ class StagingBuffer:
                 else:
                     dst.copy_(t)
         if on_gpu:
-            (self._devices or pinned.DeviceCopies()).copy(on_gpu)
+            self._devices = self._devices or pinned.DeviceCopies()
+            self._devices.copy(on_gpu)
 
     def close(self) -> None:
         self.join()
