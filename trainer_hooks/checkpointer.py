@@ -211,10 +211,10 @@ class Checkpointer(Snapshotting, Resuming):
                 t.metric_seen(metrics.get(t.best_key))
         if self._shards is not None and self._shards.due():
             t.exchange(self._shards, self._preemption.signum, self._metric, time.monotonic())
+        if not self._resized:
+            self._resize()
         if self._step >= t.next_due or t.attention:
             self._due()
-        elif not self._resized:
-            self._resize()
         return self._step
     def report(self, metrics: dict[str, Any]) -> bool:
         """Metrics measured on the current state (an evaluation), not on the step just done.
