@@ -413,7 +413,7 @@ end = time.time() + 5
 while time.time() < end:
     ckpt.step(); time.sleep(0.005)
 print("GROW", flush=True)
-extra["ballast"] = torch.randn(32 << 20)           # 128 MiB more state: each save now stalls far longer
+extra["ballast"] = torch.randn(64 << 20)           # 256 MiB more state: each save now stalls far longer
 end = time.time() + 30  # enough saves after the growth for the median of the stalls to move, under load too
 while time.time() < end:
     ckpt.step(); time.sleep(0.005)
@@ -431,7 +431,7 @@ def _time_save_gaps(daemon: DaemonProc, job: str) -> list[tuple[float, float]]:
 
 def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonProc) -> None:
     """Issue 18: the daemon chooses the interval from the stalls it is told of; a state that
-    grows 128 MiB mid-run makes each save cost more, and the interval widens with it. With
+    grows 256 MiB mid-run makes each save cost more, and the interval widens with it. With
     max_overhead at 0.5% the overhead bound (linear in the stall) decides once saves are costly."""
     run = daemon.root / "grow"
     run.mkdir()

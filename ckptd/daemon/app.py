@@ -26,10 +26,11 @@ from ckptd.daemon import sdnotify
 from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
+from ckptd.daemon.jobstate import JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
 from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
-from ckptd.daemon.session import JobState, Session
+from ckptd.daemon.session import Session
 from ckptd.daemon.uploads import Uploads
 from ckptd.daemon.watch import Context, Watching
 from ckptd.store.persist import PersistError, cleanup_temp

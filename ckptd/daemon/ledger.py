@@ -3,7 +3,7 @@ metric samples and its catalogue event, in one place.
 
 Sessions, watchers and the tick report what happened here; none of them touches the
 Prometheus registry or the events table itself. Job state (steps, flags) stays with the
-job (``ckptd.daemon.session.JobState``, under the daemon's lock); this is only the record.
+job (``ckptd.daemon.jobstate.JobState``, under the daemon's lock); this is only the record.
 """
 
 from __future__ import annotations
