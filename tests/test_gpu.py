@@ -41,6 +41,12 @@ def test_a_buffer_cuda_will_not_page_lock_still_stages_and_says_why(caplog: pyte
         assert buf.capacity == 1 << 20 and not buf.registered
         if not torch.cuda.is_available():
             assert "could not page-lock" in caplog.text
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="ckptd.hook"):
+                buf.pin = True  # what the first step() asks again for a state on a GPU
+                buf.reserve(1 << 20)
+                buf.join()
+            assert "could not page-lock" not in caplog.text  # refused once, said once
         length = buf.stage({"w": torch.arange(1000.0)}, {})
         assert buf.grown_at_save == 0 and length < buf.capacity
     finally:

@@ -55,12 +55,7 @@ from trainer_hooks.resume import Resuming
 from trainer_hooks.shards import ShardGroup
 from trainer_hooks.snapshot import Snapshotting, holds_dtensors
 from trainer_hooks.staging import StagingBuffer
-from trainer_hooks.state import (
-    as_float,
-    flatten,
-    model_structure,
-    rank_and_world,
-)
+from trainer_hooks.state import as_float, flatten, model_structure, rank_and_world
 from trainer_hooks.timerules import TimeRules
 from trainer_hooks.triggers import SCHEDULED, Triggers, hook_policy, warn_about_plan
 from trainer_hooks.worker import SaveJob
@@ -138,9 +133,10 @@ class Checkpointer(Snapshotting, Resuming):
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
         flat, skeleton = flatten(self._capture())
         self._structure = model_structure(flat)
-        self._state_bytes = flat.nbytes + (self._planned_bytes() if self._dcp else 0)
+        planned = self._planned_bytes() if self._dcp else 0
+        self._state_bytes = flat.nbytes + planned
         self.run_id = uuid.uuid4().hex[:16]
-        self._reserved = self._image_bytes(flat, skeleton) if self.saving else 0
+        self._reserved = self._image_bytes(flat, skeleton, planned) if self.saving else 0
         self._pin = self.saving and self._wants_pinning(flat)
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
@@ -216,6 +212,7 @@ class Checkpointer(Snapshotting, Resuming):
         if self._step >= t.next_due or t.attention:
             self._due()
         return self._step
+
     def report(self, metrics: dict[str, Any]) -> bool:
         """Metrics measured on the current state (an evaluation), not on the step just done.
 

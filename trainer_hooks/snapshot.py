@@ -69,12 +69,11 @@ class Snapshotting:
         tensors, keys = planned.header(flat.tensors)
         return tensors, {**self._metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
 
-    def _image_bytes(self, flat: Flat, skeleton: Any) -> int:
+    def _image_bytes(self, flat: Flat, skeleton: Any, planned: int) -> int:
         """What a snapshot of this state will take in the staging buffer, with room for a header
         that grows between saves (step numbers, metrics): the size reserved ahead of a save.
-        Exact without DCP; with it, this rank's planned bytes stand in for its chunks."""
+        Exact without DCP; with it, this rank's ``planned`` bytes stand in for its chunks."""
         length = image_length(flat.tensors, self._metadata("manual", "manual", time.time(), skeleton, flat.aliases))
-        planned = self._planned_bytes() if self._dcp else 0
         return length + planned + HEADER_ROOM
 
     def _resize(self) -> None:
@@ -85,7 +84,7 @@ class Snapshotting:
         if self.saving:
             flat, skeleton = flatten(self._capture(refresh=False))
             self._buffer.pin = self._buffer.pin or self._wants_pinning(flat)
-            self._buffer.reserve(self._image_bytes(flat, skeleton))
+            self._buffer.reserve(self._image_bytes(flat, skeleton, self._planned_bytes() if self._dcp else 0))
 
     def _wants_pinning(self, flat: Flat) -> bool:
         """Page-lock the snapshot buffer: this rank's state is on a GPU (``trainer_hooks.pinned``)."""

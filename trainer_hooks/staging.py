@@ -40,6 +40,7 @@ class StagingBuffer:
         self.capacity = 0
         self.pin = pin  # page-lock the mapping for CUDA (trainer_hooks.pinned): the state is on a GPU
         self.registered = False
+        self._refused = False  # CUDA said no once (and it was said): not asked again
         self._devices: pinned.DeviceCopies | None = None  # ckptd's CUDA streams, made at the first CUDA copy
         self.grown_at_save = 0  # saves that found the buffer too small (and paid its page faults)
         self._mm: mmap.mmap | None = None
@@ -50,7 +51,7 @@ class StagingBuffer:
     def reserve(self, size: int) -> None:
         """Make the buffer ``size`` bytes, backed, mapped (and page-locked with ``pin``), in the
         background; a no-op when it is."""
-        if self.fd < 0 or (size <= self.capacity and (self.registered or not self.pin)):
+        if self.fd < 0 or (size <= self.capacity and not self._registers):
             return
         self.join()
         self._reserving = threading.Thread(target=self._reserve, args=(size,), name="ckptd-reserve", daemon=True)
@@ -87,10 +88,15 @@ class StagingBuffer:
         self._register()
         return self._flat
 
+    @property
+    def _registers(self) -> bool:
+        """The mapping is to be page-locked and is not (nor was it refused)."""
+        return self.pin and not self.registered and not self._refused
+
     def _register(self) -> None:
-        if self.pin and not self.registered and self._flat is not None:
+        if self._registers and self._flat is not None:
             self.registered = pinned.register(self._flat.data_ptr(), self.capacity)
-            self.pin = self.registered  # refused once (said once): not asked again
+            self._refused = not self.registered
 
     def _unmap(self) -> None:
         if self.registered and self._flat is not None:

@@ -81,15 +81,16 @@ class JobState:
         return auto_interval(self.costs, mtbf, self.policy.max_overhead, self.policy.min_interval,
                              guess_cost(self.state_bytes))
 
-    def interval(self, now: float) -> float | None:
-        """Seconds between saves the policy implies now (``ckptd_expected_save_interval_seconds``)."""
-        auto = self.auto(now)
+    def interval(self, now: float, auto: AutoInterval | None = None) -> float | None:
+        """Seconds between saves the policy implies now (``ckptd_expected_save_interval_seconds``);
+        ``auto``: ``self.auto(now)`` when the caller has it already."""
+        auto = auto or self.auto(now)
         return missed.expected_interval(self.policy, self.seconds_per_step, auto.seconds if auto else None)
 
     def gauges(self, now: float, remote_lag: float) -> dict[str, float]:
         """The job's gauges at scrape time (``ckptd.daemon.metrics.JOB_GAUGES``)."""
         auto = self.auto(now)
-        interval = missed.expected_interval(self.policy, self.seconds_per_step, auto.seconds if auto else None)
+        interval = self.interval(now, auto)
         values = {"ckptd_job_up": float(self.connected),
                   "ckptd_unsaved_steps": float(missed.unsaved_at_exit(self.step, self.last_verified_step)),
                   "ckptd_quota_bytes": float(self.settings.get("max_bytes") or 0),
