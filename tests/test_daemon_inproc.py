@@ -142,3 +142,34 @@ def test_a_jobs_state_gauges_follow_it_and_go_with_it(inproc_daemon) -> None:  #
     inproc_daemon.tick(time.time() + ENDED_JOB_TTL + 1)
     assert value("ckptd_job_up", labels) is None and value("ckptd_unsaved_steps", labels) is None
     assert value("ckptd_saves_total", {**labels, "trigger": "step", "outcome": "ok"}) is None  # pushed series go too
+
+
+def test_saves_written_while_the_daemon_was_away_are_catalogued_at_hello(inproc_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A trainer that could not reach the daemon saved embedded after the daemon's start-up
+    reconcile; when it says hello again, ``ckptd list`` shows those saves too."""
+    from ckptd.store.persist import persist
+
+    run = os.path.join(inproc_daemon.roots[0], "away")
+    os.mkdir(run)
+    for step in (5, 6):
+        fd, length = snapshot("away", step, {"w": struct.pack("<4f", step, 0, 0, 0)})
+        try:
+            persist(fd, length, run, f"away-step{step}.safetensors")
+        finally:
+            os.close(fd)
+    c = Client(inproc_daemon.socket_path)
+    try:
+        assert c.ask({"type": "list", "job": "away"})["checkpoints"] == []  # written after the start-up reconcile
+    finally:
+        c.close()
+    c = Client(inproc_daemon.socket_path)
+    try:
+        assert hello(c, "away", run)["type"] == "welcome"
+    finally:
+        c.close()
+    c = Client(inproc_daemon.socket_path)
+    try:
+        listed = c.ask({"type": "list", "job": "away"})["checkpoints"]
+    finally:
+        c.close()
+    assert [(r["step"], r["verified"]) for r in listed] == [(5, True), (6, True)], listed

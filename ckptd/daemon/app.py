@@ -238,6 +238,8 @@ class Daemon:
     def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
                  policy: SavePolicy, step: int, session: Session | None = None) -> JobState:
         key = JobKey(name, directory)
+        if self.catalog.adopt(directory):
+            log.info("job %s: catalogued the checkpoints it wrote while the daemon was away", name)
         rows = [r for r in self.catalog.checkpoints(*key) if r.verified]
         history = self.catalog.history(key) if policy.auto else (0.0, 0)
         with self.lock:

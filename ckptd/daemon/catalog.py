@@ -231,18 +231,29 @@ class Catalog:
         Files under a final name were verified when written; the header is re-read,
         and a file whose header is unreadable is recorded as not verified.
         """
-        on_disk = {p: read_info(p) for p in _checkpoint_files(roots)}
+        on_disk = _checkpoint_files(roots)
         known = {r.path for r in self.checkpoints()}
         gone = {p for p in known if not os.path.exists(p)}
         self.forget(gone)
+        return {"added": self._record_new(on_disk, known), "removed": len(gone), "files": len(on_disk)}
+
+    def adopt(self, directory: str) -> int:
+        """Catalogue what a job's directory holds that the catalogue does not: the saves its
+        trainer wrote itself (embedded mode) after the daemon's start-up reconcile, while it
+        could not reach the daemon. Asked when the trainer says hello again."""
+        return self._record_new(_checkpoint_files([directory]), {r.path for r in self.checkpoints()})
+
+    def _record_new(self, paths: Sequence[str], known: set[str]) -> int:
         added = 0
-        for path, info in on_disk.items():
+        for path in paths:
+            if path in known:
+                continue
+            info = read_info(path)
             if info.ok and not info.job:
                 continue  # a foreign safetensors file: watch mode's business, not ours
-            if path not in known:
-                self.record(info, verified=info.ok, reason=info.problem)
-                added += 1
-        return {"added": added, "removed": len(gone), "files": len(on_disk)}
+            self.record(info, verified=info.ok, reason=info.problem)
+            added += 1
+        return added
 
 
 def _checkpoint_files(roots: Sequence[str]) -> list[str]:

@@ -16,8 +16,9 @@ Lifecycle of one training run, in order:
 2. **hello** ``{job, directory, template, settings, pid, rank, world_size, step, state_bytes}`` →
    ``{ok, job}``: the daemon checks that the uid may act on the job and the
    directory (inside the roots, owned by the uid), registers the run and its policy
-   (``state_bytes``, optional, seeds ``every="auto"``'s cost guess until a save is measured).
-   Refused: the hook runs embedded.
+   (``state_bytes``, optional, seeds ``every="auto"``'s cost guess until a save is measured)
+   and catalogues the directory's checkpoints it does not know (those the hook wrote
+   embedded while it could not reach the daemon). Refused: the hook runs embedded.
 3. **heartbeat** ``{step, epoch, metrics}``: batched by the hook's background thread
    (at most one a second), never one per step. The daemon uses them for
    ``ckptd status``, ``unsaved_steps`` and ``step_skipped`` detection.
