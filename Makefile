@@ -31,8 +31,13 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy ckptd trainer_hooks
 	$(VENV)/bin/lint-imports
 
+# The suite in parallel (its tests mostly wait on real processes: trainers, torchrun ranks,
+# daemons), two workers a CPU up to 8; then the tests that time what they assert, alone.
+WORKERS ?= $(shell n=$$(( 2 * $$(nproc) )); [ $$n -gt 8 ] && n=8; echo $$n)
+
 test: $(STAMP) tools lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

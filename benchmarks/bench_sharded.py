@@ -148,7 +148,7 @@ def main() -> None:
         worker(args)
         return
     if args.quick:
-        args.mib, args.reps, args.steps = 16, 3, 500
+        args.mib, args.reps, args.steps, args.width = 16, 3, 200, 64  # the code path, not a measurement
     work = Path(os.environ.get("CKPTD_BENCH_DIR", "/var/tmp")) / f"ckptd-bench-sharded-{os.getpid()}"
     try:
         cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={args.ranks}",

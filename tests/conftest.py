@@ -37,6 +37,18 @@ def _children() -> set[int]:
     return out
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (make test), the tests that share a module-scoped
+    fixture (a torchrun job, a daemon) go to one worker, which makes the fixture once."""
+    for item in items:
+        infos = getattr(item, "_fixtureinfo", None)
+        for name in infos.names_closure if infos else ():
+            defs = infos.name2fixturedefs.get(name, ())
+            if defs and defs[-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{name}"))  # type: ignore[attr-defined]
+                break
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     threads_before = set(threading.enumerate())

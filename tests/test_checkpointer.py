@@ -167,6 +167,7 @@ def test_best_metric_saves_on_improvement(tmp_path: Path) -> None:
     assert found == [(1, "best", 1.0), (2, "best", 0.9), (4, "best", 0.7)]
 
 
+@pytest.mark.serial
 def test_time_trigger_fires_at_the_next_step(tmp_path: Path) -> None:
     ckpt = Checkpointer("j", tmp_path, model=model(), every="0.3s", save_final=False)
     try:
@@ -180,6 +181,7 @@ def test_time_trigger_fires_at_the_next_step(tmp_path: Path) -> None:
         ckpt.close()
 
 
+@pytest.mark.serial
 def test_every_auto_saves_on_its_own_interval_in_embedded_mode(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """Issue 18, no daemon: the hook's clock runs auto's interval from the stalls and persist

@@ -429,6 +429,7 @@ def _time_save_gaps(daemon: DaemonProc, job: str) -> list[tuple[float, float]]:
     return [(b, b - a) for a, b in zip(times, times[1:])]
 
 
+@pytest.mark.serial
 def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonProc) -> None:
     """Issue 18: the daemon chooses the interval from the stalls it is told of; a state that
     grows 256 MiB mid-run makes each save cost more, and the interval widens with it. With

@@ -357,6 +357,7 @@ def test_jobs_per_uid_are_capped(open_base: Path) -> None:
         d.stop()
 
 
+@pytest.mark.serial
 def test_a_deflate_bomb_is_not_inflated(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb-step1.pt"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
