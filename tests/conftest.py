@@ -37,6 +37,7 @@ def _children() -> set[int]:
     return out
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n N --dist loadgroup`` (make test), the tests that share a module-scoped
     fixture (a torchrun job, a daemon) go to one worker, which makes the fixture once."""
