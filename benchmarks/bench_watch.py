@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, scratch, table, timed, write_result  # noqa: E402
+from benchmarks.common import ROOT, free_port, scratch, table, timed, write_result  # noqa: E402
 
 
 def make_tree(root: Path, n: int, per_dir: int = 1000) -> None:
@@ -72,11 +72,7 @@ def main() -> None:
         w = Watcher({"path": str(tree)}, Context(None, None, [], 0.0, time.time), lambda _: None)  # type: ignore[arg-type]
         scan_s = timed(w._units)
         found = len(w._units())
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "watch", str(tree), "--settle", "0.2s",
                                  "--metrics-listen", f"127.0.0.1:{port}", "--socket", str(work / "w.sock"),
                                  "--state-dir", str(work / "state")],

@@ -117,9 +117,7 @@ class Daemon:
         self.root = base / "roots"
         self.root.mkdir(parents=True, exist_ok=True)
         self.socket = str(base / "ckptd.sock")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "serve", "--socket", self.socket,
                                       "--state-dir", str(base / "state"), "--metrics-listen", f"127.0.0.1:{self.port}",
                                       "--root", str(self.root), "--log-level", "WARNING"],
@@ -147,10 +145,19 @@ class Daemon:
 
 
 def free_port() -> int:
-    """A free loopback port (torchrun's default 29500 lets only one job run at a time)."""
+    """A free loopback port (torchrun's default 29500 lets only one job run at a time). The test
+    suite hands its smoke runs ports in ``CKPTD_BENCH_PORTS`` (see ``free_port`` in
+    tests/conftest.py: a port the kernel picks can be taken by a parallel worker's connection
+    before a slow-starting server binds it)."""
+    given = _GIVEN_PORTS.pop(0) if _GIVEN_PORTS else None
+    if given is not None:
+        return given
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_GIVEN_PORTS = [int(p) for p in os.environ.get("CKPTD_BENCH_PORTS", "").split(",") if p.strip()]
 
 
 def scratch() -> Path:

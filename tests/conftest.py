@@ -5,7 +5,9 @@ production (the same idea as watchdog's conftest)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -96,12 +98,26 @@ def tmpfs_at(mnt: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def free_port() -> int:
-    import socket
+_PORTS = itertools.count()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def free_port() -> int:
+    """A TCP port for a test's server (a daemon's metrics, torchrun's store, moto) that nothing
+    takes between this call and the server's bind. Not one the kernel picked (port 0): those are
+    in its ephemeral range, where every outgoing connection of the parallel workers gets its own
+    port, and one did take torchrun's (EADDRINUSE). Instead: below that range (32768 up on Linux),
+    a thousand ports a pytest-xdist worker, each handed out once in turn, and free right now."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    base = 20000 + 1000 * (worker % 12)
+    for _ in range(1000):
+        port = base + next(_PORTS) % 1000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # a server of this worker's still holds it, or something else does
+            return port
+    raise RuntimeError(f"no free TCP port in {base}-{base + 999}")
 
 
 class DaemonProc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_py
+from tests.conftest import ROOT, free_port, run_py
 
 BENCH = ROOT / "benchmarks"
 
@@ -19,7 +19,8 @@ BENCH = ROOT / "benchmarks"
                                          ("bench_sharded --fsdp", "sharded_fsdp_2ranks_quick"),
                                          ("bench_auto", "auto_quick"), ("bench_remote", "remote_quick")])
 def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
-    env = {"CKPTD_BENCH_RESULTS": str(tmp_path / "results"), "CKPTD_BENCH_DIR": str(tmp_path)}
+    env = {"CKPTD_BENCH_RESULTS": str(tmp_path / "results"), "CKPTD_BENCH_DIR": str(tmp_path),
+           "CKPTD_BENCH_PORTS": ",".join(str(free_port()) for _ in range(4))}
     name, *args = name.split()
     r = run_py(str(BENCH / f"{name}.py"), "--quick", *args, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
