@@ -44,12 +44,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n N --dist loadgroup`` (make test), the tests that share a module-scoped
     fixture (a torchrun job, a daemon) go to one worker, which makes the fixture once."""
     for item in items:
-        infos = getattr(item, "_fixtureinfo", None)
-        for name in infos.names_closure if infos else ():
-            defs = infos.name2fixturedefs.get(name, ())
-            if defs and defs[-1].scope == "module":
-                item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{name}"))  # type: ignore[attr-defined]
-                break
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        shared = [name for name, d in defs.items() if d and d[-1].scope == "module"]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.nodeid.split('::')[0]}:{shared[0]}"))
 
 
 @pytest.fixture(autouse=True)

@@ -20,8 +20,16 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": "/nonexistent/ckpt
 
 def run(args: list[str], env: dict[str, str] | None = None) -> str:
     r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env or ENV)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0, _failure(r)
     return r.stdout
+
+
+def _failure(r: subprocess.CompletedProcess[str]) -> str:
+    """What a failed run said: the end of each stream, and the first traceback (with torchrun the
+    rank that failed first says why near the start of stderr, long before the launcher's own)."""
+    first = r.stderr.find("Traceback")
+    head = r.stderr[max(0, first - 200):first + 2500] if 0 <= first < len(r.stderr) - 4000 else ""
+    return "\n".join([r.stdout[-2000:], head, "...", r.stderr[-4000:]])
 
 
 def kill_when(args: list[str], directory: Path, job: str, step: int, env: dict[str, str] | None = None) -> None:
