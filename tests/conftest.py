@@ -42,12 +42,17 @@ def _children() -> set[int]:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n N --dist loadgroup`` (make test), the tests that share a module-scoped
-    fixture (a torchrun job, a daemon) go to one worker, which makes the fixture once."""
+    fixture (a torchrun job, a daemon) go to one worker, which makes the fixture once; and the
+    slow tests are handed out first."""
     for item in items:
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         shared = [name for name, d in defs.items() if d and d[-1].scope == "module"]
         if shared:
             item.add_marker(pytest.mark.xdist_group(f"{item.nodeid.split('::')[0]}:{shared[0]}"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the real-process tests first, the quick ones after: no long test is left to run alone at
+        # the end while the other workers idle (a group still runs together, on one worker)
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)
