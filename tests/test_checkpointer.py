@@ -41,6 +41,30 @@ def test_target_that_is_a_file_fails_at_construction(tmp_path: Path) -> None:
         Checkpointer("j", f, model=model())
 
 
+def test_a_directory_another_rank_is_creating_is_never_taken_for_a_file(tmp_path: Path) -> None:
+    """Every rank of a new run resolves the same target while one of them creates it. Another
+    process makes and removes the directory as fast as it can; resolving it must never say
+    "an existing file" (it did, once in ~60 calls here, when it asked is_dir() and then exists())."""
+    from ckptd.store.preflight import resolve_target
+
+    target = tmp_path / "run"
+    flip = subprocess.Popen([PYTHON, "-c", "import os, sys\nwhile True:\n    try:\n"
+                             "        os.mkdir(sys.argv[1]); os.rmdir(sys.argv[1])\n    except OSError:\n        pass",
+                             str(target)])
+    wrong, calls, end = [], 0, time.monotonic() + 1.0
+    try:
+        while time.monotonic() < end:
+            calls += 1
+            try:
+                assert resolve_target(target, "t") == (str(target), "t")
+            except TargetError as exc:
+                wrong.append(str(exc))
+    finally:
+        flip.kill()
+        flip.wait()
+    assert calls > 1000 and not wrong, (calls, wrong[:1])
+
+
 def test_target_under_a_file_cannot_be_created(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(TargetError, match="cannot create checkpoint directory"):

@@ -7,8 +7,10 @@ and what to do about it.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -37,14 +39,28 @@ def resolve_target(path: str | os.PathLike[str], template: str) -> tuple[str, st
     ``<stem>-step{step:08d}.safetensors`` in its parent directory.
     """
     p = Path(path).expanduser()
-    if p.is_dir():
+    kind = _kind(p)
+    if kind == "directory":
         return str(p), template
-    if p.exists():
+    if kind == "file":
         raise TargetError(f"checkpoint target {p} is an existing file; pass the directory "
                           f"checkpoints should go in (e.g. {p.parent})")
     if p.suffix in CHECKPOINT_SUFFIXES:
         return str(p.parent), p.stem + "-step{step:08d}.safetensors"
     return str(p), template
+
+
+def _kind(p: Path) -> str:
+    """"directory", "file" (anything else that is there) or "none", from ONE stat: asked twice
+    (is it a directory? does it exist?), another rank creating the directory in between made a
+    run's second rank see "an existing file" and fail at start-up (seen under load in CI)."""
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):  # as pathlib's exists()
+            return "none"
+        raise
+    return "directory" if stat.S_ISDIR(mode) else "file"
 
 
 def render(template: str, job: str, step: int, epoch: float | None, when: float) -> str:
