@@ -157,19 +157,10 @@ def test_saves_written_while_the_daemon_was_away_are_catalogued_at_hello(inproc_
             persist(fd, length, run, f"away-step{step}.safetensors")
         finally:
             os.close(fd)
-    c = Client(inproc_daemon.socket_path)
-    try:
+    with Client(inproc_daemon.socket_path) as c:
         assert c.ask({"type": "list", "job": "away"})["checkpoints"] == []  # written after the start-up reconcile
-    finally:
-        c.close()
-    c = Client(inproc_daemon.socket_path)
-    try:
+    with Client(inproc_daemon.socket_path) as c:
         assert hello(c, "away", run)["type"] == "welcome"
-    finally:
-        c.close()
-    c = Client(inproc_daemon.socket_path)
-    try:
+    with Client(inproc_daemon.socket_path) as c:
         listed = c.ask({"type": "list", "job": "away"})["checkpoints"]
-    finally:
-        c.close()
     assert [(r["step"], r["verified"]) for r in listed] == [(5, True), (6, True)], listed

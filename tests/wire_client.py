@@ -48,3 +48,9 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -133,7 +133,7 @@ class Checkpointer(Snapshotting, Resuming):
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
         flat, skeleton = flatten(self._capture())
         self._structure = model_structure(flat)
-        planned = self._planned_bytes() if self._dcp else 0
+        planned = self._planned_bytes()
         self._state_bytes = flat.nbytes + planned
         self.run_id = uuid.uuid4().hex[:16]
         self._reserved = self._image_bytes(flat, skeleton, planned) if self.saving else 0

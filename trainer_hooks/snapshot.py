@@ -84,7 +84,7 @@ class Snapshotting:
         if self.saving:
             flat, skeleton = flatten(self._capture(refresh=False))
             self._buffer.pin = self._buffer.pin or self._wants_pinning(flat)
-            self._buffer.reserve(self._image_bytes(flat, skeleton, self._planned_bytes() if self._dcp else 0))
+            self._buffer.reserve(self._image_bytes(flat, skeleton, self._planned_bytes()))
 
     def _wants_pinning(self, flat: Flat) -> bool:
         """Page-lock the snapshot buffer: this rank's state is on a GPU (``trainer_hooks.pinned``)."""
@@ -92,10 +92,12 @@ class Snapshotting:
         return pin_for(self.settings["snapshot"], self.job, state)
 
     def _planned_bytes(self) -> int:
-        """This rank's part of the model and optimizer state, read as it is: not through
+        """With DCP planning (0 without), this rank's part of the model and optimizer state, read as it is: not through
         ``get_optimizer_state_dict``, which initialises an optimizer that has not stepped yet by
         stepping it (with lr 0, but its step count moves): constructing a Checkpointer must not
         change training."""
+        if not self._dcp:
+            return 0
         from trainer_hooks import dcpio
 
         optimizer = self.optimizer.state_dict()["state"] if self.optimizer is not None else {}

@@ -232,7 +232,7 @@ class Catalog:
         and a file whose header is unreadable is recorded as not verified.
         """
         on_disk = _checkpoint_files(roots)
-        known = {r.path for r in self.checkpoints()}
+        known = self._paths()
         gone = {p for p in known if not os.path.exists(p)}
         self.forget(gone)
         return {"added": self._record_new(on_disk, known), "removed": len(gone), "files": len(on_disk)}
@@ -241,7 +241,17 @@ class Catalog:
         """Catalogue what a job's directory holds that the catalogue does not: the saves its
         trainer wrote itself (embedded mode) after the daemon's start-up reconcile, while it
         could not reach the daemon. Asked when the trainer says hello again."""
-        return self._record_new(_checkpoint_files([directory]), {r.path for r in self.checkpoints()})
+        return self._record_new(_checkpoint_files([directory]), self._paths(under=directory))
+
+    def _paths(self, under: str | None = None) -> set[str]:
+        """The catalogued paths (those under a directory): what the disk is compared with, without
+        reading and decoding whole rows of every job on the host."""
+        sql, args = "SELECT path FROM checkpoints", []
+        if under is not None:
+            prefix = under.rstrip("/") + "/"
+            sql, args = sql + " WHERE substr(path, 1, ?) = ?", [len(prefix), prefix]
+        with self._lock:
+            return {r[0] for r in self._db.execute(sql, args).fetchall()}
 
     def _record_new(self, paths: Sequence[str], known: set[str]) -> int:
         added = 0

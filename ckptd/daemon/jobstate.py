@@ -113,10 +113,14 @@ class JobState:
 
     # The tick's questions; asked under the daemon's lock, each answered once per occasion.
 
+    def _since(self) -> float:
+        """When the time rules count from: the newest verified save, or this run's start if later."""
+        return max(self.last_verified_at or 0.0, self.started_at)
+
     def every_due(self, now: float) -> bool:
         """Has the ``every`` interval (auto's, with ``every="auto"``) passed since the last verified
         save (told once)? Counting from the verified save is what keeps auto free of backpressure."""
-        last = max(self.last_verified_at or self.started_at, self.started_at)
+        last = self._since()
         auto = self.auto(now)
         every = time_interval(self.policy, auto.seconds if auto else None)
         due = every is not None and now - last >= every and not self.due_sent
@@ -126,7 +130,7 @@ class JobState:
     def overdue(self, now: float, grace: float) -> tuple[float, float] | None:
         """(seconds since the last verified save, expected interval) the first time that is too long."""
         interval = self.interval(now)
-        last = max(self.last_verified_at if self.last_verified_at is not None else self.started_at, self.started_at)
+        last = self._since()
         if self.overdue_flagged or not missed.time_overdue(interval, last, now, grace):
             return None
         self.overdue_flagged = True

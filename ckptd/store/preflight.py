@@ -39,10 +39,10 @@ def resolve_target(path: str | os.PathLike[str], template: str) -> tuple[str, st
     ``<stem>-step{step:08d}.safetensors`` in its parent directory.
     """
     p = Path(path).expanduser()
-    kind = _kind(p)
-    if kind == "directory":
+    mode = _mode(p)
+    if mode is not None and stat.S_ISDIR(mode):
         return str(p), template
-    if kind == "file":
+    if mode is not None:
         raise TargetError(f"checkpoint target {p} is an existing file; pass the directory "
                           f"checkpoints should go in (e.g. {p.parent})")
     if p.suffix in CHECKPOINT_SUFFIXES:
@@ -50,17 +50,16 @@ def resolve_target(path: str | os.PathLike[str], template: str) -> tuple[str, st
     return str(p), template
 
 
-def _kind(p: Path) -> str:
-    """"directory", "file" (anything else that is there) or "none", from ONE stat: asked twice
-    (is it a directory? does it exist?), another rank creating the directory in between made a
-    run's second rank see "an existing file" and fail at start-up (seen under load in CI)."""
+def _mode(p: Path) -> int | None:
+    """What is at ``p`` (None: nothing), from ONE stat: asked twice (is it a directory? does it
+    exist?), another rank creating the directory in between made a run's second rank see "an
+    existing file" and fail at start-up (seen under load in CI)."""
     try:
-        mode = p.stat().st_mode
+        return p.stat().st_mode
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):  # as pathlib's exists()
-            return "none"
+            return None
         raise
-    return "directory" if stat.S_ISDIR(mode) else "file"
 
 
 def render(template: str, job: str, step: int, epoch: float | None, when: float) -> str:
