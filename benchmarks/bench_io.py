@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import xxhash  # noqa: E402
 
-from benchmarks.common import MiB, Series, scratch, table, timed, write_result  # noqa: E402
+from benchmarks.common import MiB, Series, project_env, scratch, table, timed, write_result  # noqa: E402
 
 
 def staged(size_mib: int):  # type: ignore[no-untyped-def]
@@ -129,7 +129,7 @@ def verify_rss(work: Path, size_mib: int) -> int:
     code = ("import sys; from ckptd.store.verify import verify_file; r = verify_file(sys.argv[1]); assert r.ok, r.reason; "
             "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                         env=project_env())
     return int(out.stdout.strip())
 
 

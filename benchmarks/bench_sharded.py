@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, free_port, table, write_result  # noqa: E402
+from benchmarks.common import free_port, project_env, table, write_result  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -155,7 +155,7 @@ def main() -> None:
                f"--master_port={free_port()}", __file__, "--worker",
                "--dir", str(work), "--mib", str(args.mib), "--reps", str(args.reps), "--steps", str(args.steps),
                "--width", str(args.width), *(["--fsdp"] if args.fsdp else [])]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = project_env(OMP_NUM_THREADS="1")
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         per_rank = json.loads((work / "result.json").read_text())
     finally:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, free_port, scratch, table, timed, write_result  # noqa: E402
+from benchmarks.common import free_port, project_env, scratch, table, timed, write_result  # noqa: E402
 
 
 def make_tree(root: Path, n: int, per_dir: int = 1000) -> None:
@@ -76,7 +75,7 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "watch", str(tree), "--settle", "0.2s",
                                  "--metrics-listen", f"127.0.0.1:{port}", "--socket", str(work / "w.sock"),
                                  "--state-dir", str(work / "state")],
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                                env=project_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
             t0 = time.perf_counter()

@@ -40,6 +40,13 @@ class Series:
         return {"median": self.median, "min": min(self.samples), "max": max(self.samples), "n": len(self.samples)}
 
 
+
+def project_env(**extra: str) -> dict[str, str]:
+    """This environment for a subprocess of the project: the project first on ``PYTHONPATH``,
+    then what the caller's already had (packages found only through it must still import)."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *inherited]), **extra}
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -121,7 +128,7 @@ class Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "serve", "--socket", self.socket,
                                       "--state-dir", str(base / "state"), "--metrics-listen", f"127.0.0.1:{self.port}",
                                       "--root", str(self.root), "--log-level", "WARNING"],
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                     env=project_env(),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

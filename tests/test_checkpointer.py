@@ -16,7 +16,7 @@ import torch
 from ckptd.core.settings import SettingsError
 from ckptd.store.preflight import TargetError
 from ckptd.store.scan import scan
-from tests.conftest import PYTHON, ROOT, run_py, tmpfs_at
+from tests.conftest import PYTHON, project_env, run_py, tmpfs_at
 from trainer_hooks import Checkpointer
 
 
@@ -298,7 +298,7 @@ while True:
 
 def start_preempt(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen([PYTHON, "-c", PREEMPT, str(tmp_path), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, text=True, env=project_env())
     assert proc.stdout is not None and proc.stdout.readline().strip() == "looping"
     return proc
 

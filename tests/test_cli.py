@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -107,3 +108,45 @@ def test_serve_names_a_bad_or_busy_metrics_address(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         r = ckptd_cli(*base, "--metrics-listen", f"127.0.0.1:{port}", timeout=30)
     assert r.returncode == 1 and f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, r.stderr
+
+
+def test_list_of_a_parent_of_job_directories_keeps_ckptds_own_metadata(tmp_path: Path) -> None:
+    """``ckptd list DIR`` on a parent of job directories names each job and trigger as ``ckptd list
+    DIR/job`` does (they showed a blank job and the trigger "safetensors"); a foreign file whose
+    step cannot be known shows "-" (JSON: null), not 0 or -1."""
+    from trainer_hooks import Checkpointer
+
+    runs = tmp_path / "runs"
+    for job in ("alpha", "beta"):
+        ckpt = Checkpointer(job, runs / job, model=torch.nn.Linear(2, 2), every_steps=2, socket=False)
+        for _ in range(3):
+            ckpt.step()
+        ckpt.close()
+    save_file({"w": torch.ones(2)}, str(runs / "model.safetensors"))
+    torch.save({"w": torch.ones(2)}, runs / "weights.pt")
+    listed = json.loads(ckptd_cli("list", str(runs), "--json").stdout)
+    ours = sorted((c["job"], c["step"], c["trigger"]) for c in listed if c["job"])
+    assert ours == [("alpha", 2, "step"), ("alpha", 3, "final"), ("beta", 2, "step"), ("beta", 3, "final")]
+    foreign = {Path(c["path"]).name: c for c in listed if not c["job"]}
+    assert set(foreign) == {"model.safetensors", "weights.pt"}
+    assert all(c["step"] is None for c in foreign.values()), foreign
+    only_beta = json.loads(ckptd_cli("list", str(runs), "--job", "beta", "--json").stdout)
+    assert [(c["job"], c["step"]) for c in only_beta] == [("beta", 2), ("beta", 3)]
+    table = ckptd_cli("list", str(runs)).stdout.splitlines()
+    row = next(line for line in table if line.endswith("weights.pt"))
+    assert row.split()[:3] == ["-", "-", "torch"], row
+    row = next(line for line in table if line.endswith("beta-step00000003.safetensors"))
+    assert row.split()[:3] == ["3", "beta", "final"], row
+
+
+def test_subprocesses_of_the_suite_keep_the_callers_pythonpath(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's daemons and trainers put the project in front of the caller's PYTHONPATH instead
+    of replacing it (on the GPU machine, watchdog was found only through it: 38 tests failed)."""
+    from tests.conftest import ROOT, DaemonProc, run_py
+
+    (tmp_path / "only_here.py").write_text("VALUE = 42\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    r = run_py("-c", "import only_here, ckptd.cli; print(only_here.VALUE)")
+    assert r.returncode == 0 and r.stdout.strip() == "42", r.stderr
+    assert DaemonProc(tmp_path / "d").env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), str(tmp_path)]

@@ -19,7 +19,7 @@ import torch
 from ckptd.store.scan import scan
 from ckptd.store.verify import verify_file
 from ckptd.wire import protocol
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, run_py, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, run_py, wait_until
 from tests.wire_client import Client, snapshot
 from trainer_hooks import Checkpointer
 
@@ -28,7 +28,7 @@ TOY = str(ROOT / "examples" / "train_toy.py")
 
 
 def env_for(d: DaemonProc) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": d.socket}
+    return project_env(CKPTD_SOCKET=d.socket)
 
 
 def test_a_run_saves_through_the_daemon(daemon: DaemonProc) -> None:

@@ -24,7 +24,7 @@ from ckptd.core import config as config_mod
 from ckptd.daemon.metrics import Metrics
 from ckptd.store.scan import scan
 from ckptd.store.verify import verify_file
-from tests.conftest import PYTHON, ROOT, DaemonProc, free_port, tmpfs_at, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, free_port, project_env, tmpfs_at, wait_until
 from trainer_hooks import Checkpointer
 
 DEPLOY = ROOT / "deploy"
@@ -252,8 +252,7 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
                                     "--job", "e2e", "--steps", "100000", "--every-steps", "100", "--step-sleep", "0.005",
                                     "--keep-last", "2"],
                                    # every=auto besides the step rule, so the dashboard's auto panel has its series
-                                   env={**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": d.socket,
-                                        "CKPTD_EVERY": "auto", "CKPTD_REMOTE": f"file://{remote}"},
+                                   env=project_env(CKPTD_SOCKET=d.socket, CKPTD_EVERY="auto", CKPTD_REMOTE=f"file://{remote}"),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: d.metric("ckptd_saves_total", training_job="e2e", trigger="step", outcome="ok") >= 2, 60, "saves")
         subprocess.run(["mount", "-o", "remount,ro", str(d.root)], check=True)  # the target turns read-only

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from ckptd.store.scan import scan
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, project_env, wait_until
 
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "CKPTD_SOCKET": "/nonexistent/ckptd.sock"}
+ENV = project_env(CKPTD_SOCKET="/nonexistent/ckptd.sock")
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from ckptd.store.scan import scan
 from ckptd.store.verify import verify_file
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, wait_until
 from tests.helpers import small_checkpoint
 from trainer_hooks import Checkpointer
 
@@ -27,7 +27,7 @@ SOAK = os.environ.get("CKPTD_SOAK") == "1"
 # them where CKPTD_BENCH_RESULTS says): tests write nowhere but their temporary directories.
 RESULTS: Path | None = (Path(os.environ["CKPTD_BENCH_RESULTS"]) if os.environ.get("CKPTD_BENCH_RESULTS")
                         else ROOT / "benchmarks" / "results" if SOAK else None)
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = project_env()
 
 
 def report(name: str, figures: dict) -> None:

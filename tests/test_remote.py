@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckptd.store.remote import RemoteError, Store, open_store
 from ckptd.store.replicate import COMMIT, committed, fetch, prune_remote, replicate, verify_remote
 from ckptd.store.verify import verify_file
 from tests.conftest import ROOT, MotoServer, run_py
 from tests.helpers import small_checkpoint
+from trainer_hooks import Checkpointer
 
 
 def checkpoints(directory: Path, steps: tuple[int, ...]) -> list[str]:
@@ -312,3 +314,31 @@ def test_cli_names_a_remote_job_by_its_name_from_the_config(store: Store, tmp_pa
     assert got.returncode == 0 and got.stdout.strip() == str(tmp_path / "host2" / "t-step00000020.safetensors")
     none = ckptd_cli("fetch", "other", str(tmp_path / "host3"))
     assert none.returncode == 2 and "job other has no remote tier" in none.stderr, none.stderr
+
+
+def test_cli_lists_every_job_below_the_hooks_remote_url(store: Store, tmp_path: Path) -> None:
+    """The URL a user gave the hook as ``remote=`` lists each job below it (it listed nothing, with
+    an "unreadable commit object" warning per save); a job that is not there is named, with those
+    that are."""
+    from tests.conftest import ckptd_cli
+
+    endpoint = os.environ.get("CKPT_TEST_ENDPOINT") if store.url.startswith("s3://") else None
+    for job in ("alpha", "beta"):
+        ckpt = Checkpointer(job, tmp_path / job, model=torch.nn.Linear(4, 4), every_steps=2, socket=False,
+                            remote=store.url, remote_endpoint=endpoint)
+        for _ in range(4):
+            ckpt.step()
+        ckpt.close()
+    args = ["--endpoint", endpoint] if endpoint else []
+    r = ckptd_cli("list", "--remote", store.url, "--json", *args)
+    assert r.returncode == 0 and "unreadable commit object" not in r.stderr, r.stderr
+    assert sorted((c["job"], c["step"]) for c in json.loads(r.stdout)) == [("alpha", 2), ("alpha", 4),
+                                                                            ("beta", 2), ("beta", 4)]
+    one = ckptd_cli("list", "--remote", f"{store.url}/beta", "--json", *args)
+    assert [(c["job"], c["step"]) for c in json.loads(one.stdout)] == [("beta", 2), ("beta", 4)], one.stderr
+    missing = ckptd_cli("list", "--remote", f"{store.url}/gamma", *args)
+    assert missing.returncode == 1 and f"no job gamma under {store.url}; found: alpha, beta" in missing.stderr
+    verified = ckptd_cli("verify", store.url, *args)
+    assert verified.returncode == 0 and verified.stdout.count("ok      ") == 4, verified.stdout + verified.stderr
+    several = ckptd_cli("fetch", store.url, str(tmp_path / "host2"), *args)
+    assert several.returncode == 2 and "holds several jobs (alpha, beta)" in several.stderr

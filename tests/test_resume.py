@@ -16,11 +16,11 @@ import torch
 from ckptd.store.scan import scan
 from ckptd.store.verify import verify_file
 from examples.train_toy import build
-from tests.conftest import PYTHON, ROOT, run_py
+from tests.conftest import PYTHON, ROOT, project_env, run_py
 from trainer_hooks import Checkpointer
 
 TOY = str(ROOT / "examples" / "train_toy.py")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = project_env()
 
 
 def straight_run(tmp_path: Path, steps: int) -> dict:

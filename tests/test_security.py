@@ -31,7 +31,7 @@ import torch
 from ckptd.store import foreign
 from ckptd.store.remove import RemovalError, remove
 from ckptd.wire import protocol
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, run_py, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, run_py, wait_until
 from tests.helpers import small_checkpoint
 
 NOBODY = 65534
@@ -429,7 +429,7 @@ def test_watch_keeps_its_state_outside_the_watched_tree(tmp_path: Path) -> None:
     r = ckptd_cli("watch", str(tmp_path / "missing"), timeout=30)
     assert r.returncode == 2 and "is not a directory" in r.stderr and not (tmp_path / "missing").exists()
     proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "watch", str(tree), "--metrics-listen", "127.0.0.1:0"],
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_STATE_HOME": str(tmp_path / "state")},
+                            env=project_env(XDG_STATE_HOME=str(tmp_path / "state")),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: bool(list((tmp_path / "state").glob("ckptd/watch-*/catalog.sqlite"))), 30,

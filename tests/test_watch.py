@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ckptd.store import foreign
-from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port, wait_until
+from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port, project_env, wait_until
 from tests.helpers import small_checkpoint
 
 
@@ -134,7 +134,7 @@ def watcher(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Pa
                              "--metrics-listen", f"127.0.0.1:{port}", "--socket", sock,
                              "--state-dir", str(tmp_path / "state"),
                              *getattr(request, "param", [])],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+                            env=project_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: os.path.exists(sock), 30, "ckptd watch to start")
         yield tree, sock, port
@@ -248,7 +248,7 @@ def test_a_real_hf_trainer_under_watch(watcher: tuple[Path, str, int]) -> None:
     tree, sock, port = watcher
     pytest.importorskip("transformers")
     r = subprocess.run([PYTHON, str(ROOT / "tests" / "scripts" / "hf_train.py"), str(tree / "hf"), "25"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True, timeout=600, env=project_env())
     assert r.returncode == 0, r.stderr[-3000:]  # load_best_model_at_end read its best checkpoint back: not deleted
     best = Path(r.stdout.split("BEST ", 1)[1].split()[0]).name
     wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") >= 5, 60, "all 5 verified")
@@ -263,7 +263,7 @@ def test_a_real_lightning_model_checkpoint_under_watch(watcher: tuple[Path, str,
     tree, sock, port = watcher
     pytest.importorskip("lightning")
     r = subprocess.run([PYTHON, str(ROOT / "tests" / "scripts" / "lightning_train.py"), str(tree / "pl"), "30"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True, timeout=600, env=project_env())
     assert r.returncode == 0 and "DONE" in r.stdout, r.stderr[-3000:]
     wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") >= 6, 60, "all 6 verified")
     assert metric(port, "ckptd_verify_total", training_job="ext", outcome="unsafe") == 0

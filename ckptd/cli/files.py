@@ -17,7 +17,7 @@ from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
 from ckptd.core.units import format_bytes, format_duration, parse_duration
-from ckptd.store.scan import Checkpoint, pin_path, scan, set_pinned
+from ckptd.store.scan import Checkpoint, pin_path, read_info, scan, set_pinned
 from ckptd.store.verify import VerifyResult, verify_file
 
 
@@ -129,7 +129,7 @@ def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None,
 @click.option("--job", default=None, help="only this job's checkpoints (with a directory)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--remote", "remote", is_flag=True,
-              help="TARGET's remote tier: a job name (its remote from $CKPTD_*/the config) or s3://bucket/prefix/JOB")
+              help="TARGET's remote tier: a job name (its remote from $CKPTD_*/the config), the hook's remote= URL (every job below it) or s3://bucket/prefix/JOB")
 @remote_options
 @SOCKET_OPTION
 def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, endpoint: str | None,
@@ -144,7 +144,7 @@ def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, e
         list_remote(target, endpoint, as_json)
         return
     if target is not None and is_directory(target):
-        items = [_info_json(c) for c in scan(target, job)] + ([] if job else _foreign_json(target))
+        items = _directory_items(target, job)
     else:
         rows = ask(socket_path, {"type": "list", "job": target})["checkpoints"]
         items = [{**r, "problem": "" if r["verified"] else (r.get("reason") or "not verified")} for r in rows]
@@ -152,23 +152,36 @@ def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, e
         click.echo(json.dumps(items, indent=2))
         return
     now = time.time()
-    click.echo(f"{'step':>10}  {'job':<16} {'trigger':<8} {'size':>10}  {'age':>6}  path")
+    click.echo(f"{'step':>10}  {'job':<16} {'trigger':<11} {'size':>10}  {'age':>6}  path")
     for c in items:
         pin = " (pinned)" if c["pinned"] else ""
         bad = f"  UNREADABLE: {c['problem']}" if c["problem"] else ""
-        click.echo(f"{c['step']:>10}  {c['job']:<16} {c['trigger']:<8} {format_bytes(c['bytes']):>10}  "
+        step = "-" if c["step"] is None or c["step"] < 0 else c["step"]
+        click.echo(f"{step:>10}  {c['job'] or '-':<16} {c['trigger'] or '-':<11} {format_bytes(c['bytes']):>10}  "
                    f"{format_duration(max(0.0, now - c['created'])):>6}  {c['path']}{pin}{bad}")
 
 
-def _foreign_json(directory: str) -> list[dict[str, Any]]:
-    """Checkpoints of other tools under ``directory`` (ckptd's own are listed from their headers)."""
+def _directory_items(directory: str, job: str | None) -> list[dict[str, Any]]:
+    """Every checkpoint at or below ``directory``: ckptd's own described by their headers wherever
+    they are (a parent of job directories too), other tools' by what their layout says (a step
+    that cannot be known is None, shown as "-", never 0 or -1)."""
     from ckptd.store import foreign
 
-    ours = {c.path for c in scan(directory)}
-    return [{"path": f.path, "job": "", "step": f.step if f.step is not None else -1, "epoch": None,
-             "bytes": f.bytes, "created": f.mtime, "trigger": f.kind, "rule": "", "metrics": {},
-             "pinned": os.path.exists(pin_path(f.path)), "problem": ""}
-            for f in sorted(foreign.find(directory), key=lambda f: (f.step or -1, f.mtime)) if f.path not in ours]
+    own = [c for c in scan(directory) if c.job or not c.ok]  # a header without ckptd's keys is foreign
+    items = [_info_json(c) for c in own if job is None or c.job == job]
+    seen = {c.path for c in own}
+    for f in foreign.find(directory):
+        if f.path in seen:
+            continue
+        info = read_info(f.path) if f.kind in ("safetensors", "ckptd-sharded") else None
+        if info is not None and info.job:
+            if job is None or info.job == job:
+                items.append(_info_json(info))
+        elif job is None:
+            items.append({"path": f.path, "job": "", "step": f.step, "epoch": None, "bytes": f.bytes,
+                          "created": f.mtime, "trigger": f.kind, "rule": "", "metrics": {},
+                          "pinned": os.path.exists(pin_path(f.path)), "problem": ""})
+    return sorted(items, key=lambda c: (c["step"] if c["step"] is not None else -1, c["created"], c["path"]))
 
 
 def _info_json(c: Checkpoint) -> dict[str, Any]:

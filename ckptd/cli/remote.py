@@ -20,7 +20,7 @@ import click
 from ckptd.cli.base import main
 from ckptd.core.units import format_bytes, format_duration, parse_remote
 from ckptd.store.remote import RemoteError, Store, open_store
-from ckptd.store.replicate import RemoteCheckpoint, committed, fetch, verify_remote
+from ckptd.store.replicate import COMMIT, RemoteCheckpoint, committed, fetch, verify_remote
 from ckptd.store.scan import SUFFIX
 
 ENDPOINT = click.option("--endpoint", default=None, envvar="CKPTD_REMOTE_ENDPOINT",
@@ -61,43 +61,80 @@ def resolve(url: str, endpoint: str | None) -> tuple[Store, str, str | None]:
     return open_store("/".join(parts), endpoint), job, name
 
 
-def listing(url: str, endpoint: str | None) -> tuple[Store, list[RemoteCheckpoint], str | None]:
+def jobs_at(store: Store, probe: bool = False) -> list[str]:
+    """The jobs with a commit object right below the store's URL (what a hook's ``remote=`` holds).
+    ``probe``: the URL may be a job's own, which need not exist as a store root: none, then."""
+    try:
+        keys = store.list("")
+    except RemoteError as exc:
+        if probe:
+            return []
+        raise click.ClickException(str(exc)) from None
+    return sorted({k.split("/", 1)[0] for k in keys if k.endswith(COMMIT) and k.count("/") == 1})
+
+
+def targets(url: str, endpoint: str | None) -> list[tuple[Store, str, str | None]]:
+    """What ``url`` names: the hook's ``remote=`` URL (every job below it), or one job's URL
+    (``.../JOB``, ``.../JOB/FILE``). A job that is not there is named, with those that are."""
+    try:
+        names_file = parse_remote(url).rstrip("/").endswith(SUFFIX)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not names_file:
+        root = open_store(url.rstrip("/"), endpoint)
+        jobs = jobs_at(root, probe=True)
+        if jobs:
+            return [(root, job, None) for job in jobs]
     store, job, name = resolve(url, endpoint)
     try:
-        found = committed(store, job)
+        empty = not committed(store, job)
     except RemoteError as exc:
         raise click.ClickException(str(exc)) from None
-    return store, [c for c in found if name is None or c.name == name], name
+    if empty and (others := jobs_at(store, probe=True)):
+        raise click.ClickException(f"no job {job} under {store.url}; found: {', '.join(others)}")
+    return [(store, job, name)]
+
+
+def listing(url: str, endpoint: str | None) -> list[tuple[Store, list[RemoteCheckpoint], str | None]]:
+    """Per job that ``url`` names: its store, its committed checkpoints (the one FILE if named)."""
+    out = []
+    for store, job, name in targets(url, endpoint):
+        try:
+            found = committed(store, job)
+        except RemoteError as exc:
+            raise click.ClickException(str(exc)) from None
+        out.append((store, [c for c in found if name is None or c.name == name], name))
+    return out
 
 
 def verify_remote_cmd(url: str, endpoint: str | None, as_json: bool) -> bool:
     """Every committed checkpoint under ``url`` streamed and every tensor checked; one line each."""
-    store, found, name = listing(url, endpoint)
-    if not found:
-        click.echo(f"MISSING {url}: no committed checkpoint" + (" of that name" if name else ""), err=as_json)
-        return False
     ok = True
     results = []
-    for c in found:
-        r = verify_remote(store, c)
-        ok = ok and r.ok
-        results.append({**r.to_json(), "step": c.step})
-        if not as_json:
-            detail = f"{r.tensors} tensors, {format_bytes(r.bytes)}" if r.ok else r.reason
-            click.echo(f"{'ok' if r.ok else 'CORRUPT':<7} {r.path}: {detail}")
+    for store, found, name in listing(url, endpoint):
+        if not found:
+            click.echo(f"MISSING {url}: no committed checkpoint" + (" of that name" if name else ""), err=as_json)
+            ok = False
+        for c in found:
+            r = verify_remote(store, c)
+            ok = ok and r.ok
+            results.append({**r.to_json(), "step": c.step})
+            if not as_json:
+                detail = f"{r.tensors} tensors, {format_bytes(r.bytes)}" if r.ok else r.reason
+                click.echo(f"{'ok' if r.ok else 'CORRUPT':<7} {r.path}: {detail}")
     if as_json:
         click.echo(json.dumps(results, indent=2))
     return ok
 
 
 def list_remote(url: str, endpoint: str | None, as_json: bool) -> None:
-    store, found, _ = listing(url, endpoint)
+    rows = [(store, c) for store, found, _ in listing(url, endpoint) for c in found]
     if as_json:
-        click.echo(json.dumps([{**c.__dict__, "url": f"{store.url}/{c.key}"} for c in found], indent=2))
+        click.echo(json.dumps([{**c.__dict__, "url": f"{store.url}/{c.key}"} for store, c in rows], indent=2))
         return
     now = time.time()
     click.echo(f"{'step':>10}  {'job':<16} {'trigger':<8} {'size':>10}  {'age':>6}  url")
-    for c in found:
+    for store, c in rows:
         click.echo(f"{c.step:>10}  {c.job:<16} {c.trigger:<8} {format_bytes(c.bytes):>10}  "
                    f"{format_duration(max(0.0, now - c.created)):>6}  {store.url}/{c.key}")
 
@@ -115,7 +152,11 @@ def fetch_cmd(url: str, directory: str, step: int | None, config_file: str | Non
     tensor checked, then renamed; a corrupt or uncommitted copy is never taken."""
     if not is_remote(url):
         url, endpoint = job_url(url, endpoint, config_file)
-    store, job, _ = resolve(url, endpoint)
+    found = targets(url, endpoint)
+    if len(found) > 1:
+        raise click.UsageError(f"{url} holds several jobs ({', '.join(job for _, job, _ in found)}): "
+                               f"name one, {url.rstrip('/')}/JOB")
+    store, job, _ = found[0]
     try:
         path = fetch(store, job, directory, step)
     except (RemoteError, OSError) as exc:

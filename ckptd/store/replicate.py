@@ -213,7 +213,7 @@ def committed(store: Store, job: str, listing: Mapping[str, int] | None = None) 
     keys = store.list(f"{job}/") if listing is None else listing
     out = []
     for key in keys:
-        if key.endswith(COMMIT) and key.startswith(f"{job}/"):
+        if key.endswith(COMMIT) and key.startswith(f"{job}/") and "/" not in key[len(job) + 1:]:
             try:
                 out.append(_parse_commit(store, key))
             except (ValueError, KeyError, TypeError, RemoteError) as exc:
