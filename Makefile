@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-fast lint bench soak clean tools
+.PHONY: demo test test-fast lint bench soak clean tools install
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -60,6 +60,31 @@ bench: $(STAMP)
 soak: $(STAMP) tools
 	CKPTD_SOAK=1 $(PY) -m pytest -q -s -o timeout=7200 tests/test_reliability.py tests/test_protocol.py
 	$(PY) benchmarks/bench_load.py --clients 64 --saves 1000 --mib 1
+
+# A training host's install (as root): ckptd in its own venv at PREFIX, its console script linked
+# where systemd/ckptd.service runs it (BINDIR/ckptd, /usr/local/bin/ckptd by default; the installed
+# unit's ExecStart follows BINDIR), the unit, sysusers and tmpfiles entries, and the example config
+# unless one exists. Set TORCH to the build you train with (a CUDA one on GPU hosts).
+PREFIX      ?= /opt/ckptd
+BINDIR      ?= /usr/local/bin
+UNITDIR     ?= /etc/systemd/system
+SYSUSERSDIR ?= /usr/lib/sysusers.d
+TMPFILESDIR ?= /usr/lib/tmpfiles.d
+CONFDIR     ?= /etc/ckptd
+
+install:
+	test -x $(PREFIX)/bin/python || python3 -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q $(TORCH)
+	$(PREFIX)/bin/pip install -q .
+	install -d $(BINDIR) $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR) $(CONFDIR)
+	ln -sfn $(PREFIX)/bin/ckptd $(BINDIR)/ckptd
+	sed 's|^ExecStart=/usr/local/bin/ckptd |ExecStart=$(BINDIR)/ckptd |' systemd/ckptd.service > $(UNITDIR)/ckptd.service
+	install -m 0644 systemd/ckptd.sysusers $(SYSUSERSDIR)/ckptd.conf
+	install -m 0644 systemd/ckptd.tmpfiles $(TMPFILESDIR)/ckptd.conf
+	test -e $(CONFDIR)/ckptd.toml || install -m 0644 deploy/ckptd.toml $(CONFDIR)/ckptd.toml
+	@echo "installed $(BINDIR)/ckptd -> $(PREFIX)/bin/ckptd and $(UNITDIR)/ckptd.service. Next: systemd-sysusers;"
+	@echo "systemd-tmpfiles --create ckptd.conf; set roots in $(CONFDIR)/ckptd.toml and ReadWritePaths= in the unit;"
+	@echo "systemctl daemon-reload && systemctl enable --now ckptd && ckptd status"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -19,7 +19,7 @@ import torch
 from ckptd.store.scan import scan
 from ckptd.store.verify import verify_file
 from ckptd.wire import protocol
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, run_py, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, project_env, run_py, wait_until
 from tests.wire_client import Client, snapshot
 from trainer_hooks import Checkpointer
 
@@ -467,3 +467,66 @@ def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonPro
                             "('start', 'end')").fetchone()
     assert daemon.metric("ckptd_save_overhead_ratio", training_job="grow") == pytest.approx(stalled / ran, rel=0.1)
     assert verify_file(str(scan(str(run), "grow")[-1].path)).ok
+
+
+def healthy(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+AS_NOBODY_SERVE = r"""
+import os, sys
+# imports first: nobody cannot read root's Python (what serve imports lazily is imported here)
+import ckptd.cli, ckptd.daemon.app, ckptd.daemon.watch, encodings.idna, encodings.ascii, encodings.latin_1, importlib.metadata, sqlite3, zoneinfo
+import apscheduler.schedulers.background, apscheduler.triggers.interval, apscheduler.triggers.cron, tzlocal
+os.setgid(65534); os.setuid(65534)
+sys.argv = ["ckptd", "serve", "--config", sys.argv[1]]
+ckptd.cli.main()
+"""
+
+
+@pytest.mark.slow
+def test_a_users_daemon_keeps_its_catalogue_in_its_own_state_directory(tmp_path: Path) -> None:
+    """``ckptd serve`` with a user's own config and no state_dir: the catalogue goes to the user's
+    XDG state directory, not /var/lib/ckptd (a system directory a user's daemon must not write)."""
+    from ckptd.core.config import default_state_dir
+
+    assert default_state_dir(0, {}, "/root") == "/var/lib/ckptd"
+    assert default_state_dir(1000, {"STATE_DIRECTORY": "/var/lib/ckptd"}, "/h") == "/var/lib/ckptd"
+    assert default_state_dir(1000, {"XDG_STATE_HOME": "/x"}, "/h") == "/x/ckptd"
+    base = Path(tempfile.mkdtemp(prefix="ckptd-user-", dir="/tmp"))  # traversable by uid 65534
+    os.chmod(base, 0o755)
+    try:
+        home, root, run = base / "home", base / "roots", base / "run"
+        for d in (home, root, run):
+            d.mkdir()
+            os.chown(d, 65534, 65534)
+        port = free_port()
+        config = base / "mine.toml"
+        config.write_text(f'[daemon]\nsocket = "{run}/ckptd.sock"\nmetrics_listen = "127.0.0.1:{port}"\n'
+                          f'roots = ["{root}"]\n')
+        env = {k: v for k, v in project_env(HOME=str(home)).items() if k not in ("XDG_STATE_HOME", "STATE_DIRECTORY")}
+        proc = subprocess.Popen([PYTHON, "-c", AS_NOBODY_SERVE, str(config)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            catalog = home / ".local" / "state" / "ckptd" / "catalog.sqlite"
+            wait_until(lambda: healthy(port) or proc.poll() is not None, 60, "the daemon up")
+            assert proc.poll() is None, proc.communicate()[0]
+            assert catalog.stat().st_uid == 65534
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=60)[0]
+        assert "Traceback" not in out, out
+        config.write_text(config.read_text() + f'state_dir = "{base}/not-mine"\n')
+        os.chmod(base, 0o755)
+        refused = subprocess.run([PYTHON, "-c", AS_NOBODY_SERVE, str(config)], env=env, capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode != 0 and f"state_dir {base}/not-mine" in refused.stderr, refused.stderr
+        assert "may write" in refused.stderr and "Traceback" not in refused.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

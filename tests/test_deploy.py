@@ -281,3 +281,59 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
         if prom is not None:
             prom.stop()
         d.stop()
+
+
+@pytest.mark.slow
+def test_make_install_puts_ckptd_where_the_unit_runs_it(tmp_path: Path) -> None:
+    """``make install`` (deploy/README.md) creates the venv, links its console script to the
+    unit's ExecStart path and installs a unit that ``systemd-analyze verify`` accepts: the unit
+    named /usr/local/bin/ckptd, which the documented install never created. The venv is seeded
+    with the suite's own packages (a .pth file), so pip has nothing heavy to fetch; the target
+    itself runs unchanged."""
+    analyze = need("systemd-analyze")
+    prefix, etc = tmp_path / "opt" / "ckptd", tmp_path / "etc"
+    subprocess.run([PYTHON, "-m", "venv", str(prefix)], check=True)
+    site = next(prefix.glob("lib/python3*/site-packages"))
+    ours = next(Path(PYTHON).parent.parent.glob("lib/python3*/site-packages"))
+    (site / "zz_seed.pth").write_text(f"{ours}\n")
+    dirs = {"PREFIX": prefix, "BINDIR": tmp_path / "bin", "UNITDIR": etc / "systemd", "SYSUSERSDIR": tmp_path / "sysusers",
+            "TMPFILESDIR": tmp_path / "tmpfiles", "CONFDIR": etc / "ckptd"}
+    r = subprocess.run(["make", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    exe = tmp_path / "bin" / "ckptd"
+    assert os.readlink(exe) == str(prefix / "bin" / "ckptd")
+    version = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "ckptd, version" in version.stdout, version.stderr
+    unit = (etc / "systemd" / "ckptd.service").read_text()
+    assert f"ExecStart={exe} serve --config /etc/ckptd/ckptd.toml" in unit
+    check = subprocess.run([analyze, "verify", str(etc / "systemd" / "ckptd.service")], capture_output=True, text=True)
+    assert check.returncode == 0 and "is not executable" not in check.stderr, check.stderr
+    assert config_mod.load(str(etc / "ckptd" / "ckptd.toml")).daemon["roots"] == ["/srv/checkpoints"]
+    assert (tmp_path / "sysusers" / "ckptd.conf").exists() and (tmp_path / "tmpfiles" / "ckptd.conf").exists()
+
+
+def test_every_metric_the_dashboard_and_the_alerts_use_is_exported_with_one_job(daemon: DaemonProc) -> None:
+    """A basic install, one job with a step rule (no remote tier, no every=auto): each series the
+    Grafana dashboard and the alert rules query has a sample, so no panel says "No data" (six did)
+    and no alert waits on a series that never appears."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    used = set(re.findall(r"ckptd_[a-z_]+", (DEPLOY / "grafana" / "ckptd.json").read_text()))
+    used |= set(re.findall(r"ckptd_[a-z_]+", (DEPLOY / "prometheus" / "alerts.yml").read_text()))
+    assert len(used) > 20
+    ckpt = Checkpointer("one", daemon.root / "one", model=torch.nn.Linear(4, 4), every_steps=2, socket=daemon.socket)
+    try:
+        for _ in range(8):  # at a trainer's pace: the heartbeats give the daemon a step rate
+            ckpt.step()
+            time.sleep(0.3)
+        ckpt.wait()
+        wait_until(lambda: daemon.metric("ckptd_saves_total", training_job="one", trigger="step", outcome="ok") == 4,
+                   30, "four saves")
+        wait_until(lambda: daemon.metric("ckptd_expected_save_interval_seconds", training_job="one") > 0, 30,
+                   "the expected interval from the step rate")
+        exported = {s.name for f in text_string_to_metric_families(daemon.metrics()) for s in f.samples
+                    if s.labels.get("training_job") in (None, "one")}
+        assert not used - exported, f"queried but not exported with one job: {sorted(used - exported)}"
+    finally:
+        ckpt.close()

@@ -18,9 +18,11 @@ pytestmark = pytest.mark.slow
 ENV = project_env(CKPTD_SOCKET="/nonexistent/ckptd.sock")
 
 
-def run(args: list[str], env: dict[str, str] | None = None) -> str:
+def run(args: list[str], env: dict[str, str] | None = None, stderr: list[str] | None = None) -> str:
     r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env or ENV)
     assert r.returncode == 0, _failure(r)
+    if stderr is not None:
+        stderr.append(r.stderr)
     return r.stdout
 
 
@@ -55,8 +57,12 @@ def test_hf_trainer_killed_and_resumed_is_bit_identical(tmp_path: Path) -> None:
     straight = fingerprint(run([PYTHON, script, "--out", str(tmp_path / "a"), "--steps", "20"]))
     kill_when([PYTHON, script, "--out", str(tmp_path / "b"), "--steps", "20", "--step-sleep", "0.3"],
               tmp_path / "b" / "ckptd", "hf-demo", 10)
-    out = run([PYTHON, script, "--out", str(tmp_path / "b"), "--steps", "20"])
+    err: list[str] = []
+    out = run([PYTHON, script, "--out", str(tmp_path / "b"), "--steps", "20"], stderr=err)
     assert re.search(r"resume from .*checkpoint-(10|15)", out), out
+    # the resume says itself on stderr at the default log level (job, step, file, verified, seconds)
+    assert re.search(r"ckptd: job hf-demo resumed at step (10|15) from \S+hf-demo-step000000(10|15)\.safetensors "
+                     r"\(verified, from disk\) \[\d+\.\d\ds\]", err[0]), err[0][-3000:]
     assert fingerprint(out) == straight
     assert [c.step for c in scan(str(tmp_path / "b" / "ckptd"), "hf-demo")] == [15, 20]  # keep_last=2
     assert not (tmp_path / "b" / "ckptd" / ".hf-resume").exists(), "the materialised HF copy is left behind"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -115,3 +116,25 @@ def test_sigkill_mid_write_never_leaves_a_bad_final_file(tmp_path: Path) -> None
     ckpt = Checkpointer("big", tmp_path, model=torch.nn.Linear(2048, 4096))
     ckpt.close(final=False)
     assert not [n for n in os.listdir(tmp_path) if ".ckptd-tmp." in n]
+
+
+def test_resume_says_where_it_resumed_from_on_stderr_unless_quiet(tmp_path: Path,
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """At the default log level a resume printed nothing: one line now says the job, the step, the
+    file, that it verified, where from and the seconds taken; ``quiet=True`` silences it."""
+    first = Checkpointer("said", tmp_path, model=torch.nn.Linear(2, 2), socket=False, quiet=True)
+    assert first.resume() == 0
+    for _ in range(3):
+        first.step()
+    first.close()
+    assert "ckptd:" not in capfd.readouterr().err
+    again = Checkpointer("said", tmp_path, model=torch.nn.Linear(2, 2), socket=False, save_final=False)
+    assert again.resume() == 3
+    again.close()
+    err = capfd.readouterr().err
+    assert re.search(rf"^ckptd: job said resumed at step 3 from {re.escape(str(tmp_path))}/said-step00000003"
+                     r"\.safetensors \(verified, from disk\) \[\d+\.\d\ds\]$", err, re.M), err
+    fresh = Checkpointer("said", tmp_path / "empty", model=torch.nn.Linear(2, 2), socket=False, save_final=False)
+    assert fresh.resume() == 0
+    fresh.close()
+    assert f"ckptd: job said: no verified checkpoint in {tmp_path / 'empty'}; starting at step 0" in capfd.readouterr().err

@@ -75,8 +75,9 @@ class Checkpointer(Snapshotting, Resuming):
                  config: str | None = None, socket: str | bool | None = None, reconnect_every: float = 5.0,
                  before_save: Callable[[], None] | None = None, sharded: bool = False,
                  shard_timeout: float = 600.0, generators: dict[str, torch.Generator] | None = None,
-                 **settings: Any) -> None:
+                 quiet: bool = False, **settings: Any) -> None:
         self.job = check_job(job)
+        self.quiet = quiet  # no line on stderr from resume()
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self._before_save = before_save  # e.g. a framework callback refreshing ``extra`` only when it counts
         self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)

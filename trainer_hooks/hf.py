@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import time
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from trainer_hooks.checkpointer import Checkpointer
+from trainer_hooks.resume import say_resumed
 from trainer_hooks.state import load
 
 
@@ -83,8 +85,12 @@ class CkptdCallback(TrainerCallback):
         """An HF checkpoint directory made from the newest verified ckptd checkpoint, or None."""
         from ckptd.store.lifecycle import newest_verified
 
+        t0 = time.perf_counter()
         src = directory or cls.default_dir(trainer.args.output_dir)
         info = newest_verified(src, job, units=False)
+        quiet = any(isinstance(cb, cls) and cb.settings.get("quiet") for cb in trainer.callback_handler.callbacks)
+        if not quiet:
+            say_resumed(job, info.step if info else 0, info.path if info else None, "disk", time.perf_counter() - t0, src)
         if info is None:
             return None
         out = _materialise(trainer, load(info.path), os.path.join(src, ".hf-resume", f"checkpoint-{info.step}"))

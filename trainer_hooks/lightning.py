@@ -13,12 +13,14 @@ own loops from it.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import lightning as L
 import torch
 
 from trainer_hooks.checkpointer import Checkpointer
+from trainer_hooks.resume import say_resumed
 from trainer_hooks.state import load, restore_rng
 
 
@@ -73,8 +75,12 @@ class CkptdCallback(L.Callback):
         """A Lightning ``.ckpt`` made from the newest verified ckptd checkpoint, or None."""
         from ckptd.store.lifecycle import newest_verified
 
+        t0 = time.perf_counter()
         src = directory or cls.default_dir(trainer)
         info = newest_verified(src, job, units=False)
+        quiet = any(isinstance(cb, cls) and cb.settings.get("quiet") for cb in trainer.callbacks)
+        if not quiet:
+            say_resumed(job, info.step if info else 0, info.path if info else None, "disk", time.perf_counter() - t0, src)
         if info is None:
             return None
         state = load(info.path)

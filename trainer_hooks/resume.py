@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,16 @@ if TYPE_CHECKING:
     from trainer_hooks.triggers import Triggers
 
 log = logging.getLogger("ckptd.hook")
+
+
+def say_resumed(job: str, step: int, path: str | None, source: str, seconds: float, where: str = "") -> None:
+    """The one line a resume prints on stderr by default (``quiet=True`` silences it): at the
+    default log level a silent resume left users guessing whether it had found anything."""
+    if path is None:
+        line = f"ckptd: job {job}: no verified checkpoint{f' in {where}' if where else ''}; starting at step 0"
+    else:
+        line = f"ckptd: job {job} resumed at step {step} from {path} (verified, from {source})"
+    print(f"{line} [{seconds:.2f}s]", file=sys.stderr, flush=True)
 
 
 class ResumeError(RuntimeError):
@@ -59,6 +70,7 @@ class Resuming:
     _step: int
     _last_verified_step: int
     _triggers: Triggers
+    quiet: bool
 
     def wait(self, timeout: float | None = None) -> bool:
         raise NotImplementedError
@@ -78,10 +90,12 @@ class Resuming:
         if fresh:
             self._move_aside()
             return 0
+        t0, source = time.perf_counter(), "disk"
         info = newest_verified(self.directory, self.job, check=self._resumable)
         if info is None and self._fetch_remote():
-            info = newest_verified(self.directory, self.job, check=self._resumable)
+            info, source = newest_verified(self.directory, self.job, check=self._resumable), "remote"
         if info is None:
+            self._say(None, source, t0)
             return 0
         fits = self._shards is not None or self.model is None  # (a sharded rank holds its part of the model)
         problem = "" if fits else structure_problem(self._structure, info.path)
@@ -102,7 +116,13 @@ class Resuming:
             self.extra.update(state["extra"])
         self._restore_progress(state.get("trainer", {}), info)
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
+        self._say(info.path, source, t0)
         return self._step
+
+    def _say(self, path: str | None, source: str, t0: float) -> None:
+        """One line on stderr (rank 0 of a multi-rank run), unless ``quiet=True``."""
+        if not self.quiet and self.rank == 0:
+            say_resumed(self.job, self._step if path else 0, path, source, time.perf_counter() - t0, self.directory)
 
     def _load_planned(self, unit: str, saved_by: int) -> dict[str, Any]:
         """A unit DCP planned, saved by any number of ranks: DCP's load planner reshards the

@@ -51,6 +51,19 @@ def config_path(explicit: str | None = None, environ: Mapping[str, str] | None =
     return DEFAULT_PATH, False
 
 
+def default_state_dir(uid: int, environ: Mapping[str, str], home: str) -> str:
+    """Where the catalogue goes when ``[daemon] state_dir`` is unset: systemd's own
+    (``StateDirectory=`` sets ``$STATE_DIRECTORY``), root's ``/var/lib/ckptd``, else the user's
+    XDG state directory. A user's daemon never writes a system directory it may not own (it
+    wrote ``/var/lib/ckptd`` whenever that happened to be writable, and failed where not)."""
+    if environ.get("STATE_DIRECTORY"):
+        return environ["STATE_DIRECTORY"].split(":")[0]
+    if uid == 0:
+        return "/var/lib/ckptd"
+    base = environ.get("XDG_STATE_HOME") or os.path.join(environ.get("HOME") or home, ".local", "state")
+    return os.path.join(base, "ckptd")
+
+
 def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     path, must_exist = config_path(explicit, environ)
     try:

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from ckptd.core.config import Config
+from ckptd.core.config import Config, default_state_dir
 from ckptd.core.policy import SavePolicy
 from ckptd.core.vocab import MissedReason
 from ckptd.daemon import sdnotify
@@ -54,7 +54,8 @@ class Daemon:
         d = config.daemon
         self.config = config
         self.socket_path = socket_path or d.get("socket") or protocol.default_socket_path()
-        self.state_dir = state_dir or d.get("state_dir") or "/var/lib/ckptd"
+        self.state_dir = state_dir or d.get("state_dir") or default_state_dir(os.getuid(), os.environ,
+                                                                              os.path.expanduser("~"))
         self.metrics_listen = metrics_listen or d.get("metrics_listen") or "127.0.0.1:9733"
         self.roots = [os.path.realpath(r) for r in (roots if roots is not None else d.get("roots", []))]
         self.group_gid = _gid(d.get("group"), "group")  # who may connect (the socket's group)
@@ -82,7 +83,11 @@ class Daemon:
             raise TargetError("no roots configured: set [daemon] roots to the directories checkpoints may be "
                               "written to and deleted from")
         _raise_fd_limit()
-        self.catalog = Catalog(self.state_dir)
+        try:
+            self.catalog = Catalog(self.state_dir)
+        except OSError as exc:
+            raise TargetError(f"state_dir {self.state_dir}: cannot keep the catalogue there ({exc.strerror or exc}); "
+                              f"set [daemon] state_dir (or --state-dir) to a directory uid {os.getuid()} may write") from None
         self.ledger = Ledger(self.metrics, self.catalog)
         self.access = Access(self.roots, self.catalog, self.admin_gid, self.max_jobs_per_uid, self._live_jobs,
                              self.config.daemon.get("remote_allow", []))
@@ -96,6 +101,7 @@ class Daemon:
         self._cleanup_temp()
         self.uploads = Uploads(self.metrics, self.catalog, self.ledger, self.access, self.roots)
         self.uploads.resync()
+        self._refresh_free()  # from the first scrape on, not from the first tick
         self.http = serve_http(self.metrics, self.metrics_listen, self.health)
         self.listener = Listener(self.socket_path, self.group_gid, self._admit)
         self.scheduler = self._start_scheduler()
@@ -256,7 +262,6 @@ class Daemon:
         self.catalog.event(key, "start", pid=pid, step=step)
         self.metrics.job_started(key)
         self.metrics.init_job(key)
-        self.uploads.job_started(key, settings)
         return job
 
     def unregister(self, job: JobState, session: Session) -> None:
@@ -293,6 +298,13 @@ class Daemon:
 
     # -- the one-second tick ---------------------------------------------------------------
 
+    def _refresh_free(self) -> None:
+        for root in self.roots:
+            try:
+                self.metrics.fs_free.labels(root).set(free_bytes(root))
+            except OSError:
+                pass
+
     def tick(self, now: float) -> None:
         with self.lock:
             jobs = [j for j in self.jobs.values() if j.connected]
@@ -301,11 +313,7 @@ class Daemon:
             self._time_rule_due(j, now)
         if self.watching is not None:
             self.watching.tick(now)
-        for root in self.roots:
-            try:
-                self.metrics.fs_free.labels(root).set(free_bytes(root))
-            except OSError:
-                pass
+        self._refresh_free()
         self.metrics.drop_ended(now, ENDED_JOB_TTL)
         with self.lock:
             for key in [k for k, j in self.jobs.items()

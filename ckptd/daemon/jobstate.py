@@ -96,12 +96,11 @@ class JobState:
                   "ckptd_quota_bytes": float(self.settings.get("max_bytes") or 0),
                   "ckptd_expected_loss_seconds": self.expected_loss(now),
                   "ckptd_save_overhead_ratio": self.overhead(now)}
-        if interval is not None:
+        if interval is not None:  # never 0 for "unknown": CkptdCheckpointStale compares with 2x it
             values["ckptd_expected_save_interval_seconds"] = interval
-        if auto is not None:
-            values["ckptd_auto_interval_seconds"] = auto.seconds
-        if self.settings.get("remote"):
-            values["ckptd_remote_lag_seconds"] = remote_lag
+        # 0 for a job without every=auto or a remote tier: a basic install's dashboard has its series
+        values["ckptd_auto_interval_seconds"] = auto.seconds if auto is not None else 0.0
+        values["ckptd_remote_lag_seconds"] = remote_lag if self.settings.get("remote") else 0.0
         return values
 
     def overhead(self, now: float) -> float:

@@ -78,6 +78,10 @@ class Metrics:
         for trigger in TRIGGERS:
             for outcome in ("ok", "failed"):
                 self.saves.labels(*job, trigger, outcome)
+        for outcome in ("ok", "failed"):  # the remote series too, at 0 without a remote tier: a basic
+            self.remote_uploads.labels(*job, outcome)  # install's dashboard must not say "No data"
+        self.remote_checkpoints.labels(*job)  # an existing value is kept: labels() only creates
+        self.remote_bytes.labels(*job)
 
     def job_ended(self, job: JobKey, now: float) -> None:
         with self._lock:
@@ -111,8 +115,9 @@ JOB_GAUGES = {
     "ckptd_quota_bytes": "max_bytes of the job (0 = none)",
     "ckptd_expected_loss_seconds": "Training seconds lost if the job died now (since its newest verified save)",
     "ckptd_save_overhead_ratio": "Share of training time stalled by saves over the last hour",
-    "ckptd_auto_interval_seconds": "The save interval every=auto chose (jobs with every=auto only)",
-    "ckptd_remote_lag_seconds": "Age of the newest verified local checkpoint not yet verified remotely (0: none)",
+    "ckptd_auto_interval_seconds": "The save interval every=auto chose (0: the job does not use every=auto)",
+    "ckptd_remote_lag_seconds": "Age of the newest verified local checkpoint not yet verified remotely "
+                                "(0: none waiting, or no remote tier)",
 }
 JobSource = Callable[[float], list[tuple[JobKey, dict[str, float]]]]
 

@@ -37,12 +37,6 @@ class Uploads:
         self.metrics, self.catalog, self.ledger, self.access, self.roots = metrics, catalog, ledger, access, roots
         self.replicator = Replicator(self._replicated, self._failed)
 
-    def job_started(self, key: JobKey, settings: Mapping[str, Any]) -> None:
-        """Both outcome series at 0, so the first failed upload is an increase an alert sees."""
-        if settings.get("remote"):
-            for outcome in ("ok", "failed"):
-                self.metrics.remote_uploads.labels(*key, outcome)
-
     def submit(self, key: JobKey, settings: Mapping[str, Any], path: str, created: float) -> None:
         """A verified save of a job with a remote tier: upload it, then let local retention run again."""
         after = self._pruner(Target(key.directory, key.name, settings, self.roots), key)
