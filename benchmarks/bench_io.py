@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     size, rss_size, reps = (32, 64, 2) if args.quick else (args.size_mib, args.rss_mib, args.reps)
-    from ckptd.store.persist import persist
-    from ckptd.store.verify import verify_file
+    from ckptd.disk.persist import persist
+    from ckptd.disk.verify import verify_file
 
     work = scratch()
     try:

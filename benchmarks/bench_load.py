@@ -94,8 +94,8 @@ def main() -> None:
         for t in threads:
             t.join()
         wall, cpu = time.perf_counter() - t0, cpu_seconds(d.proc.pid) - cpu0
-        from ckptd.store.scan import scan
-        from ckptd.store.verify import verify_file
+        from ckptd.disk.scan import scan
+        from ckptd.disk.verify import verify_file
 
         kept = [c for i in range(clients) for c in scan(str(d.root / f"load{i}"), f"load{i}")]
         lost = sum(1 for i in range(clients)

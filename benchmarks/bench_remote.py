@@ -7,7 +7,7 @@ replication does more than either: it uploads with a SHA-256 per part, compares 
 checksum of what it received with the local file's (a ``file://`` copy is streamed back and
 every tensor's digest checked instead), then writes the commit object. Reported: throughput ratios, medians
 of ``--reps``; and the replication lag (saved locally -> verified remotely) at p50/p99 for a
-run that saves every ``--every`` seconds, through ckptd's ``Replicator``.
+run that saves every ``--every`` seconds, through ckptd's ``Uploader``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from benchmarks.common import RESULTS, MiB, scratch, table, timed, write_result 
 def make_checkpoint(directory: Path, mib: int, step: int = 1) -> str:
     import torch
 
-    from ckptd.store.persist import persist
+    from ckptd.disk.persist import persist
     from trainer_hooks.staging import StagingBuffer
 
     tensors = {f"layer{i}": torch.randn(mib * MiB // 4 // 8) for i in range(8)}
@@ -74,8 +74,8 @@ def main() -> None:
 def run(a: argparse.Namespace, work: Path, server: object) -> dict[str, object]:
     from boto3.s3.transfer import TransferConfig
 
-    from ckptd.store.remote import open_store
-    from ckptd.store.replicate import replicate
+    from ckptd.remote.stores import open_store
+    from ckptd.remote.upload import replicate
 
     endpoint = server.endpoint  # type: ignore[attr-defined]
     client = server.client()  # type: ignore[attr-defined]
@@ -120,7 +120,7 @@ def _copy(src: str, dst: Path) -> None:
 
 def lag_run(a: argparse.Namespace, work: Path, endpoint: str) -> list[float]:
     """Saved locally -> verified remotely, for a run that saves every ``a.every`` seconds."""
-    from ckptd.store.replicator import Replicator, Upload
+    from ckptd.remote.uploader import Upload, Uploader
 
     done: dict[str, float] = {}
     finished = threading.Event()
@@ -133,7 +133,7 @@ def lag_run(a: argparse.Namespace, work: Path, endpoint: str) -> list[float]:
     directory = work / "lagrun"
     directory.mkdir()
     settings = {"remote": "s3://bench/lag", "remote_endpoint": endpoint, "remote_keep_last": 3}
-    rep = Replicator(on_done=on_done)
+    rep = Uploader(on_done=on_done)
     try:
         for i in range(a.saves):
             t0 = time.time()

@@ -20,8 +20,8 @@ from pathlib import Path
 import click
 
 from ckptd.core.units import format_bytes
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_file
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "examples" / "train_toy.py"

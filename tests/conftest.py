@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from ckptd.store.remote import Store, open_store
+from ckptd.remote.stores import Store, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

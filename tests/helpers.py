@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ckptd.store.persist import persist
+from ckptd.disk.persist import persist
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import capture, flatten
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ckptd.core.settings import SettingsError
-from ckptd.store.preflight import TargetError
-from ckptd.store.scan import scan
+from ckptd.disk.preflight import TargetError
+from ckptd.disk.scan import scan
 from tests.conftest import PYTHON, project_env, run_py, tmpfs_at
 from trainer_hooks import Checkpointer
 
@@ -45,7 +45,7 @@ def test_a_directory_another_rank_is_creating_is_never_taken_for_a_file(tmp_path
     """Every rank of a new run resolves the same target while one of them creates it. Another
     process makes and removes the directory as fast as it can; resolving it must never say
     "an existing file" (it did, once in ~60 calls here, when it asked is_dir() and then exists())."""
-    from ckptd.store.preflight import resolve_target
+    from ckptd.disk.preflight import resolve_target
 
     target = tmp_path / "run"
     flip = subprocess.Popen([PYTHON, "-c", "import os, sys\nwhile True:\n    try:\n"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_file
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file
 from ckptd.wire import protocol
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, project_env, run_py, wait_until
 from tests.wire_client import Client, snapshot

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from ckptd.store.verify import verify_file
+from ckptd.disk.verify import verify_file
 from tests.wire_client import Client, snapshot
 
 
@@ -147,7 +147,7 @@ def test_a_jobs_state_gauges_follow_it_and_go_with_it(inproc_daemon) -> None:  #
 def test_saves_written_while_the_daemon_was_away_are_catalogued_at_hello(inproc_daemon) -> None:  # type: ignore[no-untyped-def]
     """A trainer that could not reach the daemon saved embedded after the daemon's start-up
     reconcile; when it says hello again, ``ckptd list`` shows those saves too."""
-    from ckptd.store.persist import persist
+    from ckptd.disk.persist import persist
 
     run = os.path.join(inproc_daemon.roots[0], "away")
     os.mkdir(run)

@@ -22,8 +22,8 @@ import torch
 
 from ckptd.core import config as config_mod
 from ckptd.daemon.metrics import Metrics
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_file
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file
 from tests.conftest import PYTHON, ROOT, DaemonProc, free_port, project_env, tmpfs_at, wait_until
 from trainer_hooks import Checkpointer
 

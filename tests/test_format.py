@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from ckptd.core.format import FormatError, encode_header, layout, parse_header
-from ckptd.store.persist import PersistError, persist
-from ckptd.store.verify import verify_file
+from ckptd.disk.persist import PersistError, persist
+from ckptd.disk.verify import verify_file
 from tests.helpers import save_state
 from trainer_hooks.state import StateError, capture, flatten, load
 

@@ -21,11 +21,15 @@ import pytest
 from safetensors import safe_open
 
 from ckptd.core.meta import DCP_SHARDING_INFO
-from ckptd.store import manifest as mf
-from ckptd.store.remote import Store, open_store
-from ckptd.store.replicate import COMMIT, committed, fetch, prune_remote, replicate, verify_remote
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_unit
+from ckptd.disk import manifest as mf
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_unit
+from ckptd.remote.fetch import fetch
+from ckptd.remote.listing import COMMIT, committed
+from ckptd.remote.prune import prune_remote
+from ckptd.remote.stores import Store, open_store
+from ckptd.remote.upload import replicate
+from ckptd.remote.verify import verify_remote
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, tmpfs_at, wait_until
 from tests.test_integrations import ENV, run
 from tests.test_remote import corrupt

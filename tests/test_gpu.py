@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ckptd.core.settings import SettingsError
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_file
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file
 from tests.conftest import DaemonProc
 from trainer_hooks import Checkpointer
 

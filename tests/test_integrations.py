@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.store.scan import scan
+from ckptd.disk.scan import scan
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, project_env, wait_until
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptd.store.scan import scan
+from ckptd.disk.scan import scan
 from ckptd.wire import protocol
 from tests.conftest import DaemonProc
 from trainer_hooks import Checkpointer

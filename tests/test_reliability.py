@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_file
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, wait_until
 from tests.helpers import small_checkpoint
 from trainer_hooks import Checkpointer
@@ -148,7 +148,7 @@ def test_eio_on_fsync_fails_the_save_and_training_goes_on(tmp_path: Path, eio_sh
 
 
 def test_hard_link_to_a_file_outside_the_roots_only_loses_the_link(tmp_path: Path) -> None:
-    from ckptd.store.remove import remove
+    from ckptd.disk.remove import remove
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir(), outside.mkdir()

@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.store.remote import RemoteError, Store, open_store
-from ckptd.store.replicate import COMMIT, committed, fetch, prune_remote, replicate, verify_remote
-from ckptd.store.verify import verify_file
+from ckptd.disk.verify import verify_file
+from ckptd.remote.fetch import fetch
+from ckptd.remote.listing import COMMIT, committed
+from ckptd.remote.prune import prune_remote
+from ckptd.remote.stores import RemoteError, Store, open_store
+from ckptd.remote.upload import replicate
+from ckptd.remote.verify import verify_remote
 from tests.conftest import ROOT, MotoServer, run_py
 from tests.helpers import small_checkpoint
 from trainer_hooks import Checkpointer
@@ -180,7 +184,7 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
     nothing is ever listed before it is whole and verified, and it ends committed and verified."""
     import torch
 
-    from ckptd.store.replicator import Replicator, Upload
+    from ckptd.remote.uploader import Upload, Uploader
     from tests.conftest import S3_ENV, wait_until
     from tests.helpers import save_state
 
@@ -193,7 +197,7 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
     server.client().create_bucket(Bucket="ckpt")
     store = open_store("s3://ckpt/x", server.endpoint)
     done: list[object] = []
-    replicator = Replicator(on_done=lambda u, c, rest: done.append(c))
+    replicator = Uploader(on_done=lambda u, c, rest: done.append(c))
     try:
         replicator.submit(Upload("big", path, {"remote": store.url, "remote_endpoint": server.endpoint}))
         wait_until(lambda: server.client().list_multipart_uploads(Bucket="ckpt").get("Uploads"), 60,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_file
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file
 from examples.train_toy import build
 from tests.conftest import PYTHON, ROOT, project_env, run_py
 from trainer_hooks import Checkpointer

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from ckptd.core import quota, retention
 from ckptd.core.retention import Item, Rules
-from ckptd.store.remove import RemovalError, remove
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_file
+from ckptd.disk.remove import RemovalError, remove
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file
 from tests.conftest import ckptd_cli, tmpfs_at
 from tests.helpers import small_checkpoint
 from trainer_hooks import Checkpointer

@@ -28,8 +28,8 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from ckptd.store import foreign
-from ckptd.store.remove import RemovalError, remove
+from ckptd.disk.remove import RemovalError, remove
+from ckptd.foreign import formats as foreign
 from ckptd.wire import protocol
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, run_py, wait_until
 from tests.helpers import small_checkpoint
@@ -365,7 +365,7 @@ def test_a_deflate_bomb_is_not_inflated(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 2 << 20
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.monotonic()
-    from ckptd.store.picklesafe import verify_torch
+    from ckptd.foreign.picklesafe import verify_torch
 
     r = verify_torch(str(bomb))
     assert not r.ok and r.unsafe and "inflate" in r.reason

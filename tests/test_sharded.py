@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.store import manifest as mf
-from ckptd.store.lifecycle import collect
-from ckptd.store.persist import TEMP_MARK
-from ckptd.store.scan import scan
-from ckptd.store.verify import verify_file, verify_unit
+from ckptd.disk import manifest as mf
+from ckptd.disk.persist import TEMP_MARK
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file, verify_unit
+from ckptd.save.keep import collect
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, wait_until
 from tests.test_integrations import ENV, run
 

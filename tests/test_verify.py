@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckptd.core.format import read_header
-from ckptd.store.verify import verify_file
+from ckptd.disk.verify import verify_file
 from tests.conftest import ckptd_cli
 from tests.helpers import small_checkpoint
 

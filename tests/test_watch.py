@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckptd.store import foreign
+from ckptd.foreign import formats as foreign
 from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port, project_env, wait_until
 from tests.helpers import small_checkpoint
 

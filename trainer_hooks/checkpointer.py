@@ -36,18 +36,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from ckptd.core import config as config_mod
 from ckptd.core.autointerval import AutoInterval
 from ckptd.core.settings import env_table, from_env, group, parse_table, resolve, unknown_env
-from ckptd.store.lifecycle import Target
-from ckptd.store.manifest import shard_name, unit_name
-from ckptd.store.persist import Persisted, PersistError, cleanup_temp
-from ckptd.store.preflight import (
-    check_directory,
-    check_job,
-    check_template,
-    render,
-    resolve_target,
-)
-from ckptd.store.remove import Removal
-from ckptd.store.scan import Checkpoint, scan
+from ckptd.disk.manifest import shard_name, unit_name
+from ckptd.disk.persist import Persisted, PersistError, cleanup_temp
+from ckptd.disk.preflight import check_directory, check_job, check_template, render, resolve_target
+from ckptd.disk.remove import Removal
+from ckptd.disk.scan import Checkpoint, scan
+from ckptd.disk.target import Target
 from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.outlet import Outlet
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption

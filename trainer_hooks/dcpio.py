@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ckptd.core.meta import DCP, DCP_SHARDING_INFO, LAYOUT
-from ckptd.store import manifest as mf
+from ckptd.disk import manifest as mf
 from trainer_hooks.state import StateError, flatten, unflatten
 
 __all__ = ["Planned", "has_dtensors", "plan_save", "load_unit", "global_state", "local_key", "local_bytes",

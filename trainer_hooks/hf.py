@@ -83,7 +83,7 @@ class CkptdCallback(TrainerCallback):
     @classmethod
     def resume_dir(cls, trainer: Any, job: str, directory: str | None = None) -> str | None:
         """An HF checkpoint directory made from the newest verified ckptd checkpoint, or None."""
-        from ckptd.store.lifecycle import newest_verified
+        from ckptd.save.newest import newest_verified
 
         t0 = time.perf_counter()
         src = directory or cls.default_dir(trainer.args.output_dir)

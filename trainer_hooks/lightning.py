@@ -73,7 +73,7 @@ class CkptdCallback(L.Callback):
     @classmethod
     def resume_path(cls, trainer: Any, job: str, directory: str | None = None) -> str | None:
         """A Lightning ``.ckpt`` made from the newest verified ckptd checkpoint, or None."""
-        from ckptd.store.lifecycle import newest_verified
+        from ckptd.save.newest import newest_verified
 
         t0 = time.perf_counter()
         src = directory or cls.default_dir(trainer)

@@ -4,13 +4,14 @@
    daemon runs the save lifecycle and replies ``saved``.
 2. **embedded**: no daemon answers (or it went away with saves in flight): this
    process's persist thread (``trainer_hooks.worker``) runs the same lifecycle
-   (``ckptd.store.lifecycle.save_unit``).
+   (``ckptd.save.pipeline.save_unit``).
 3. **sharded**: every rank's persist thread writes its own shard and the ranks commit
-   together (``trainer_hooks.shards.save_shard``); rank 0 tells the daemon, if any.
+   together (``ckptd.save.pipeline.save_shard`` over ``trainer_hooks.shards``' collectives);
+   rank 0 tells the daemon, if any.
 
 With a remote tier (``remote=``), what this process saved itself (embedded, or left by a
 daemon that went away; sharded: rank 0, once the unit committed) is then replicated by its
-own ``Replicator``; what the daemon saved or was told of, the daemon replicates. ``close()`` waits for pending uploads up to ``remote_timeout``.
+own ``Uploader``; what the daemon saved or was told of, the daemon replicates. ``close()`` waits for pending uploads up to ``remote_timeout``.
 
 Whichever it is, ``on_done`` hears of each save once: verified, or failed with a reason.
 The staging buffer is reused, so one save is in flight at a time: ``busy``/``wait``.
@@ -21,15 +22,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core.vocab import FailReason
-from ckptd.store.lifecycle import Removed, Target, prune, save_unit
-from ckptd.store.persist import Persisted, PersistError
-from ckptd.store.replicator import Replicator, Upload
+from ckptd.disk.persist import Persisted, PersistError
+from ckptd.disk.target import Target
+from ckptd.save.keep import Removed, prune
+from ckptd.save.pipeline import Hooks, Shard, save_shard, save_unit
 from trainer_hooks.link import Link
-from trainer_hooks.shards import ShardGroup, save_shard
+from trainer_hooks.shards import ShardGroup
 from trainer_hooks.worker import Done, SaveJob, Worker
+
+if TYPE_CHECKING:
+    from ckptd.remote.uploader import Uploader
 
 log = logging.getLogger("ckptd.hook")
 
@@ -42,7 +47,11 @@ class Outlet:
         self._worker = Worker(self._persist_here, self._persisted_here)
         self.link: Link | None = None
         uploads = replicate and target.settings.get("remote") and (shards is None or shards.rank == 0)
-        self.replicator = Replicator() if uploads else None  # sharded: rank 0 uploads the committed unit
+        self.replicator: Uploader | None = None  # sharded: rank 0 uploads the committed unit
+        if uploads:  # the remote tier (boto3 and all) is imported only by a job that has one
+            from ckptd.remote.uploader import Uploader
+
+            self.replicator = Uploader()
         self._daemon_has_it = False  # the last sharded commit went to the daemon, which replicates it
 
     def connect(self, path: str, hello: Callable[[], dict[str, Any]], beat: Callable[[], dict[str, Any]],
@@ -98,10 +107,15 @@ class Outlet:
                                    after=self._prune_again)
 
     def _persisted_here(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
-        if result is not None and self.replicator is not None and not self._daemon_has_it:
+        self._on_done(job, result, error)
+
+    def _replicate(self, result: Persisted) -> None:
+        """Stage 7 of what this process saved itself (the daemon replicates what it was told of)."""
+        if self.replicator is not None and not self._daemon_has_it:
+            from ckptd.remote.uploader import Upload
+
             self.replicator.submit(Upload(self.target.job, result.path, self.target.settings, after=self._prune_again,
                                           created=time.time()))
-        self._on_done(job, result, error)
 
     def _prune_again(self) -> None:
         """Once a checkpoint is remote, local retention may delete what it only kept for that."""
@@ -110,9 +124,12 @@ class Outlet:
     # -- the persist thread ------------------------------------------------------------------
 
     def _persist_here(self, job: SaveJob) -> Persisted:
+        hooks = Hooks(removed=self._on_removed, replicate=self._replicate)
         if self.shards is not None:
-            return save_shard(self.shards, self.target, job, self._on_removed, self._report_commit)
-        return save_unit(self.target, job.fd, job.length, job.filename, job.step, on_removed=self._on_removed)
+            shard = Shard(job.fd, job.length, os.path.basename(job.directory), job.filename, job.step, job.trigger,
+                          job.stall)
+            return save_shard(self.shards, self.target, shard, hooks, self._report_commit)
+        return save_unit(self.target, job.fd, job.length, job.filename, job.step, hooks)
 
     def _report_commit(self, report: dict[str, Any]) -> bool:
         """Rank 0 of a sharded save tells the daemon, which catalogues and prunes; False: there is none."""

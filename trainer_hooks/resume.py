@@ -20,12 +20,12 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ckptd.store.lifecycle import newest_verified
-from ckptd.store.manifest import DCP as DCP_LAYOUT
-from ckptd.store.manifest import read as read_manifest
-from ckptd.store.manifest import shard_name
-from ckptd.store.scan import Checkpoint, scan
-from ckptd.store.verify import VerifyResult, verify_file, verify_unit
+from ckptd.disk.manifest import DCP as DCP_LAYOUT
+from ckptd.disk.manifest import read as read_manifest
+from ckptd.disk.manifest import shard_name
+from ckptd.disk.scan import Checkpoint, scan
+from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
+from ckptd.save.newest import newest_verified
 from trainer_hooks.state import Structure, apply, as_float, load, structure_problem
 
 if TYPE_CHECKING:
@@ -159,8 +159,8 @@ class Resuming:
         return not self._shards.everyone(path is None)  # the same answer on every rank
 
     def _fetch_newest(self) -> str | None:
-        from ckptd.store.remote import RemoteError, open_store
-        from ckptd.store.replicate import fetch
+        from ckptd.remote.fetch import fetch
+        from ckptd.remote.stores import RemoteError, open_store
 
         try:
             path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")), self.job,

@@ -1,5 +1,7 @@
 """Sharded saves (``Checkpointer(..., sharded=True)``): every rank writes its own shard,
-and the checkpoint commits only when every rank's shard is verified.
+and the checkpoint commits only when every rank's shard is verified. This module holds the
+collectives (``ShardGroup``); the stages themselves are the one save pipeline's
+(``ckptd.save.pipeline.save_shard``), and what rank 0 commits is ``ckptd.save.agree``.
 
 Lifecycle of one sharded save, in order; every rank runs every step:
 
@@ -37,22 +39,14 @@ collectives never interleave with each other nor with training's own collectives
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from ckptd.core.vocab import FailReason
-from ckptd.store import manifest as mf
-from ckptd.store.lifecycle import Removed, Target, prune, reserve
-from ckptd.store.persist import Persisted, PersistError, persist
-from ckptd.store.remove import remove
-
-if TYPE_CHECKING:
-    from trainer_hooks.worker import SaveJob
+from ckptd.disk.persist import PersistError
 
 log = logging.getLogger("ckptd.hook")
 
@@ -165,12 +159,13 @@ class ShardGroup:
 
     # -- steps 4 and 5: agree and commit -------------------------------------------------
 
-    def commit(self, unit: str, outcome: dict[str, Any]) -> str:
-        """Persist thread: gather every rank's outcome; rank 0 writes the manifest. "" = committed."""
+    def commit(self, outcome: dict[str, Any], on_rank0: Callable[[list[dict[str, Any]]], str]) -> str:
+        """Persist thread: gather every rank's outcome; rank 0 commits them (``on_rank0``, the
+        pipeline's manifest writer). "" = committed, on every rank."""
         try:
             outcomes: list[Any] = [None] * self.world_size
             self._dist.all_gather_object(outcomes, outcome, group=self._outcomes)
-            problem = [_commit_on_rank0(unit, outcomes, self.world_size) if self.rank == 0 else ""]
+            problem = [on_rank0(outcomes) if self.rank == 0 else ""]
             self._dist.broadcast_object_list(problem, src=0, group=self._outcomes)
             return str(problem[0])
         except Exception as exc:
@@ -185,86 +180,3 @@ class ShardGroup:
     def _fail(self, why: str) -> None:
         self.broken = why
         log.error("ckptd: sharded job: %s; sharded saves stop committing", why)
-
-
-def _commit_on_rank0(unit: str, outcomes: list[dict[str, Any]], world_size: int) -> str:
-    problem = mf.commit_problem(outcomes, world_size)
-    if problem:
-        return problem
-    manifest = manifest_from(outcomes, world_size)
-    try:
-        for shard in manifest.shards:  # a manifest never names a file that is not there, whole
-            size = os.stat(os.path.join(unit, shard.file), follow_symlinks=False).st_size
-            if size != shard.bytes:
-                return f"{shard.file} is {size} bytes on disk, rank {shard.rank} wrote {shard.bytes}"
-        for name in mf.stale_entries(os.listdir(unit), manifest):
-            os.unlink(os.path.join(unit, name))
-        mf.write(unit, manifest)
-    except OSError as exc:
-        return f"writing the manifest in {unit} failed: {exc.strerror or exc}"
-    return ""
-
-
-def manifest_from(outcomes: list[dict[str, Any]], world_size: int) -> mf.Manifest:
-    """Rank 0's header fields describe the whole checkpoint; every rank adds its shard."""
-    head = next(o for o in outcomes if o["rank"] == 0)["meta"]
-    shards = tuple(sorted((mf.Shard(o["rank"], o["file"], o["bytes"], o["meta"]["ckptd.meta_digest"])
-                           for o in outcomes), key=lambda s: s.rank))
-    epoch = head.get("ckptd.epoch")
-    return mf.Manifest(head["ckptd.job"], int(head["ckptd.step"]), world_size, shards, head.get("ckptd.created", ""),
-                       float(epoch) if epoch else None, head.get("ckptd.trigger", ""), head.get("ckptd.rule", ""),
-                       _json_dict(head.get("ckptd.metrics", "{}")), head.get("ckptd.layout", mf.PER_RANK))
-
-
-def _json_dict(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def shard_outcome(rank: int, step: int, persisted: Persisted | None = None,
-                  error: Exception | None = None) -> dict[str, Any]:
-    """What one rank reports to the others about its shard."""
-    if persisted is None:
-        return {"ok": False, "rank": rank, "step": step, "error": str(error)}
-    meta = {k: v for k, v in persisted.metadata.items() if k != "ckptd.state"}  # the skeleton can be large
-    return {"ok": True, "rank": rank, "step": step, "file": os.path.basename(persisted.path),
-            "bytes": persisted.bytes, "meta": meta}
-
-
-def save_shard(group: ShardGroup, target: Target, job: "SaveJob", on_removed: Removed,
-               report: Callable[[dict[str, Any]], bool]) -> Persisted:
-    """Persist thread, every rank: the save lifecycle of ``ckptd.store.lifecycle`` around the
-    agreement (steps 2-6 above). ``report`` hands rank 0's outcome to the daemon; when it
-    returns False there is none, and rank 0 prunes here."""
-    reason, message = group.prepare(lambda: _prepare_unit(target, job, group.world_size, on_removed))
-    if reason:
-        raise PersistError(FailReason(reason), message)
-    persisted, error = None, None
-    try:
-        os.makedirs(job.directory, exist_ok=True)
-        persisted = persist(job.fd, job.length, job.directory, job.filename)
-    except (PersistError, OSError) as exc:
-        error = exc
-    problem = group.commit(job.directory, shard_outcome(group.rank, job.step, persisted, error))
-    failed = error.reason if isinstance(error, PersistError) else FailReason.UNCOMMITTED
-    told = report({"type": "committed", "step": job.step, "path": job.directory, "trigger": job.trigger,
-                   "ok": not problem, "reason": failed, "error": problem, "stall": job.stall,
-                   **(persisted.durations if persisted else {})})
-    if not told and not problem:
-        prune(target, on_removed)
-    if problem:
-        raise PersistError(failed, f"sharded checkpoint of step {job.step} not committed: {problem}")
-    assert persisted is not None
-    return Persisted(job.directory, persisted.bytes, persisted.metadata, persisted.durations)
-
-
-def _prepare_unit(target: Target, job: "SaveJob", world_size: int, on_removed: Removed) -> None:
-    """Rank 0, while the other ranks wait: room for the whole unit (stage 1), and a clean target."""
-    reserve(target, job.length * world_size, job.step, on_removed, what="sharded checkpoint",
-            note="no rank wrote its shard, ")
-    if os.path.isdir(job.directory) and not os.path.exists(os.path.join(job.directory, mf.MANIFEST)):
-        log.warning("ckptd: removing %s, an uncommitted earlier attempt at step %d", job.directory, job.step)
-        remove(job.directory, target.guard)

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ckptd.store.lifecycle import failure
-from ckptd.store.persist import Persisted, PersistError
+from ckptd.disk.persist import Persisted, PersistError
+from ckptd.save.pipeline import failure
 
 log = logging.getLogger("ckptd.hook")
 

@@ -17,8 +17,8 @@ from ckptd.core.policy import PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
 from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
 from ckptd.core.units import format_bytes, format_duration, parse_duration
-from ckptd.store.scan import Checkpoint, pin_path, read_info, scan, set_pinned
-from ckptd.store.verify import VerifyResult, verify_file
+from ckptd.disk.scan import Checkpoint, pin_path, read_info, scan, set_pinned
+from ckptd.disk.verify import VerifyResult, verify_file
 
 
 @main.command()
@@ -29,7 +29,7 @@ def verify(paths: tuple[str, ...], as_json: bool, endpoint: str | None) -> None:
     """Verify checkpoints, ckptd's or other tools' (.pt/.bin/.ckpt, HF checkpoint-N/, DCP, sharded
     safetensors), or a remote job's (s3://bucket/prefix/JOB[/FILE], file:///...): every tensor read
     and checked. One line per checkpoint as it finishes; exit 1 on any that is corrupt, unsafe or missing."""
-    from ckptd.store import foreign
+    from ckptd.foreign import formats as foreign
 
     remote_ok = all([verify_remote_cmd(p, endpoint, as_json) for p in paths if is_remote(p)])
     paths = tuple(p for p in paths if not is_remote(p))
@@ -165,7 +165,7 @@ def _directory_items(directory: str, job: str | None) -> list[dict[str, Any]]:
     """Every checkpoint at or below ``directory``: ckptd's own described by their headers wherever
     they are (a parent of job directories too), other tools' by what their layout says (a step
     that cannot be known is None, shown as "-", never 0 or -1)."""
-    from ckptd.store import foreign
+    from ckptd.foreign import formats as foreign
 
     own = [c for c in scan(directory) if c.job or not c.ok]  # a header without ckptd's keys is foreign
     items = [_info_json(c) for c in own if job is None or c.job == job]
@@ -204,8 +204,8 @@ def latest(target: str, job: str | None, as_json: bool, socket_path: str | None)
 
 def _newest_in(target: str, job: str | None) -> str:
     """ckptd's own first (by step), then other tools' checkpoints (by step, then time)."""
-    from ckptd.store import foreign
-    from ckptd.store.lifecycle import first_verified, newest_verified
+    from ckptd.foreign import formats as foreign
+    from ckptd.save.newest import first_verified, newest_verified
 
     def check(c: Checkpoint) -> VerifyResult:
         result = verify_file(c.path)
@@ -282,7 +282,7 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
             _print_verdicts(target, reply["verdicts"], dry_run, {})
         return
     from ckptd.core import config as config_mod
-    from ckptd.store.lifecycle import collect
+    from ckptd.save.keep import collect
 
     try:
         cfg = config_mod.load(config_file)

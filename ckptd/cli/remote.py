@@ -19,9 +19,11 @@ import click
 
 from ckptd.cli.base import main
 from ckptd.core.units import format_bytes, format_duration, parse_remote
-from ckptd.store.remote import RemoteError, Store, open_store
-from ckptd.store.replicate import COMMIT, RemoteCheckpoint, committed, fetch, verify_remote
-from ckptd.store.scan import SUFFIX
+from ckptd.disk.scan import SUFFIX
+from ckptd.remote.fetch import fetch
+from ckptd.remote.listing import COMMIT, RemoteCheckpoint, committed
+from ckptd.remote.stores import RemoteError, Store, open_store
+from ckptd.remote.verify import verify_remote
 
 ENDPOINT = click.option("--endpoint", default=None, envvar="CKPTD_REMOTE_ENDPOINT",
                         help="S3 endpoint URL for S3-compatible stores (default: $CKPTD_REMOTE_ENDPOINT, else AWS)")

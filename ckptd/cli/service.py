@@ -67,7 +67,7 @@ def watch(directory: str, job: str | None, pattern: str | None, expect_every: st
 
     from ckptd.core import config as config_mod
     from ckptd.daemon.app import Daemon
-    from ckptd.store.preflight import TargetError
+    from ckptd.disk.preflight import TargetError
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)

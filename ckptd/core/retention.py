@@ -19,9 +19,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ckptd.core.vocab import PROTECTED, WINDOW_RULES, Reason, Rule
+from ckptd.core.vocab import PROTECTED, WINDOW_RULES, Reason, Rule, Trigger
 
-__all__ = ["Item", "Rules", "Verdict", "plan", "to_delete"]
+__all__ = ["Item", "Removal", "Rules", "Verdict", "carry_out", "item_of", "plan", "to_delete"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,15 @@ class Item:
     final: bool = False
     metric: float | None = None
     remote_pending: bool = False  # a remote tier is set and this one is not verified there yet
+
+
+def item_of(id: str, step: int, created: float, nbytes: int, *, trigger: str = "",
+            metrics: Mapping[str, Any] | None = None, best_metric: str | None = None, **state: bool) -> Item:
+    """The one way a tree (local, watched, remote) describes a checkpoint to retention: the
+    final flag from its trigger, the metric ``keep_best`` ranks by, and its state flags."""
+    value = (metrics or {}).get(best_metric) if best_metric else None
+    metric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return Item(id, step, created, nbytes, final=trigger == Trigger.FINAL, metric=metric, **state)
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,38 @@ def _buckets(good: list[Item], n: int | None, bucket: Callable[[float], int]) ->
             if len(chosen) == n:
                 break
     return chosen
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What became of one deletion a plan asked for."""
+
+    verdict: Verdict
+    done: bool
+    error: str = ""
+
+
+def carry_out(verdicts: Sequence[Verdict], delete: Callable[[Item], None], dry_run: bool = False,
+              skip: Callable[[Item], bool] = lambda item: False) -> list[Removal]:
+    """The one place a plan's deletions are applied, whatever the tree: ``delete`` is its edge
+    (a local unlink through a directory fd, a quarantine move, a store's commit-then-data
+    deletion). A failure is reported in its ``Removal``, never raised: one file that cannot go
+    must not stop retention from judging the rest. ``skip``: looked again, and no longer doomed."""
+    out = []
+    for v in verdicts:
+        if v.keep:
+            continue
+        if dry_run:
+            out.append(Removal(v, False))
+            continue
+        if skip(v.item):
+            continue
+        try:
+            delete(v.item)
+            out.append(Removal(v, True))
+        except Exception as exc:  # the edge's own error type (RemovalError, RemoteError, OSError)
+            out.append(Removal(v, False, str(exc)))
+    return out
 
 
 def to_delete(verdicts: Sequence[Verdict]) -> list[Item]:

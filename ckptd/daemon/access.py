@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
-from ckptd.store.remove import inside
+from ckptd.disk.remove import inside
 
 
 class Access:

@@ -33,10 +33,10 @@ from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
 from ckptd.daemon.session import Session
 from ckptd.daemon.uploads import Uploads
 from ckptd.daemon.watch import Context, Watching
-from ckptd.store.persist import PersistError, cleanup_temp
-from ckptd.store.preflight import TargetError, free_bytes
-from ckptd.store.remove import inside
-from ckptd.store.scan import Checkpoint
+from ckptd.disk.persist import PersistError, cleanup_temp
+from ckptd.disk.preflight import TargetError, free_bytes
+from ckptd.disk.remove import inside
+from ckptd.disk.scan import Checkpoint
 from ckptd.wire import protocol
 
 log = logging.getLogger("ckptd.daemon")

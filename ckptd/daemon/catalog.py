@@ -18,9 +18,9 @@ from typing import Any, Iterable, Sequence
 
 from ckptd.core.vocab import Outcome
 from ckptd.daemon.jobkey import JobKey
-from ckptd.store.manifest import MANIFEST, SHARD_RE
-from ckptd.store.persist import TEMP_MARK
-from ckptd.store.scan import SUFFIX, Checkpoint, read_info
+from ckptd.disk.manifest import MANIFEST, SHARD_RE
+from ckptd.disk.persist import TEMP_MARK
+from ckptd.disk.scan import SUFFIX, Checkpoint, read_info
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

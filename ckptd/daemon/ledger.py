@@ -17,9 +17,9 @@ from ckptd.core.vocab import FailReason, MissedReason, Outcome, Trigger, delete_
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.metrics import Metrics
-from ckptd.store.persist import PersistError
-from ckptd.store.remove import Removal
-from ckptd.store.scan import Checkpoint
+from ckptd.disk.persist import PersistError
+from ckptd.disk.remove import Removal
+from ckptd.disk.scan import Checkpoint
 
 log = logging.getLogger("ckptd.daemon")
 

@@ -16,10 +16,11 @@ from ckptd.core.policy import next_due_step
 from ckptd.core.vocab import NEVER
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.session import Host, Session
-from ckptd.store.lifecycle import collect, first_verified
-from ckptd.store.remove import inside
-from ckptd.store.scan import read_info, set_pinned
-from ckptd.store.verify import verify_file
+from ckptd.disk.remove import inside
+from ckptd.disk.scan import read_info, set_pinned
+from ckptd.disk.verify import verify_file
+from ckptd.save.keep import collect
+from ckptd.save.newest import first_verified
 from ckptd.wire import protocol
 
 Handler = Callable[[Host, Session, dict[str, Any]], dict[str, Any]]

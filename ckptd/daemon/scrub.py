@@ -15,8 +15,8 @@ def scrub(catalog: Catalog, ledger: Ledger) -> dict[str, int]:
     (``ckptd_verify_total{outcome="corrupt"}``), never deleted here: a transient read
     error must not cost a good checkpoint.
     """
-    from ckptd.store import foreign
-    from ckptd.store.verify import VerifyResult, verify_file
+    from ckptd.disk.verify import VerifyResult, verify_file
+    from ckptd.foreign import formats as foreign
 
     counts = {"ok": 0, "corrupt": 0}
     for row in catalog.checkpoints():

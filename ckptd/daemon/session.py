@@ -27,11 +27,11 @@ from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.jobstate import JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.uploads import Uploads
-from ckptd.store.lifecycle import Target, failure, prune, save_unit
-from ckptd.store.persist import Persisted, PersistError
-from ckptd.store.preflight import TargetError, check_job
-from ckptd.store.scan import Checkpoint, read_info
-from ckptd.store.verify import verify_unit
+from ckptd.disk.persist import Persisted, PersistError
+from ckptd.disk.preflight import TargetError, check_job
+from ckptd.disk.scan import Checkpoint, read_info
+from ckptd.disk.target import Target
+from ckptd.save.pipeline import Hooks, commit_unit, failure, save_unit
 from ckptd.wire import protocol
 
 log = logging.getLogger("ckptd.daemon")
@@ -202,38 +202,57 @@ class Session:
         self._futures.append(self.daemon.executor.submit(self._persist, self.job, msg, fds[0]))
 
     def _persist(self, job: JobState, msg: dict[str, Any], fd: int) -> None:
-        """Executor thread: the save lifecycle (``ckptd.store.lifecycle``), then the reply."""
+        """Executor thread: the save pipeline (``ckptd.save.pipeline``), then the reply."""
         reply: dict[str, Any] = {"type": "saved", "id": msg["id"], "step": msg["step"]}
-        d = self.daemon
-        target = Target(job.directory, job.name, job.settings, d.roots,
-                        owner=None if d.access.privileged(self.uid) else self.uid)
         try:
-            result = save_unit(target, fd, msg["length"], msg["filename"], msg["step"],
-                               on_removed=lambda removed: d.ledger.removed(job.key, removed),
-                               on_written=lambda written: self._written(job, msg, written))
+            result = save_unit(self._target(job), fd, msg["length"], msg["filename"], msg["step"],
+                               self._hooks(job, msg, ("stall",)))
             reply.update(ok=True, path=result.path)
         except Exception as exc:  # never lose the daemon to one save
             error = failure(exc, msg["step"])
-            d.save_failed(job, msg["trigger"], error)
+            self.daemon.save_failed(job, msg["trigger"], error)
             reply.update(ok=False, reason=error.reason, error=str(error))
         finally:
             os.close(fd)
-            with d.lock:
+            with self.daemon.lock:
                 job.in_flight -= 1
         self.send(reply)
 
-    def _written(self, job: JobState, msg: dict[str, Any], result: Persisted) -> None:
-        """Stage 3: catalogue and count it. (That the snapshot is the job and step it claimed was
-        checked by ``persist`` before a byte was written: ``save_unit`` passes them as ``expect``.)"""
-        info = read_info(result.path)
-        self.daemon.catalog.record(info, verified=True)
-        self.daemon.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, ("stall",))})
-        if job.settings.get("remote"):
-            self.daemon.uploads.submit(job.key, job.settings, info.path, info.created)
+    def _target(self, job: JobState) -> Target:
+        """The job's directory as every write and deletion for this client must find it: under the
+        roots, reached without a link, and (unless the client is privileged) still owned by it."""
+        d = self.daemon
+        return Target(job.directory, job.name, job.settings, d.roots,
+                      owner=None if d.access.privileged(self.uid) else self.uid)
+
+    def _hooks(self, job: JobState, msg: dict[str, Any], reported: tuple[str, ...], unit: bool = False) -> Hooks:
+        """Stages 5 and 7 as the daemon runs them: catalogue and count, then the uploader.
+        (That a snapshot is the job and step it claimed was checked by ``persist`` before a
+        byte was written: ``save_unit`` passes them as ``expect``.) A sharded ``unit`` was
+        announced, not sent: its step counts only now, and the catalogue drops the units
+        its ranks' retention removed meanwhile."""
+        d = self.daemon
+
+        def committed(result: Persisted) -> None:
+            info = read_info(result.path)
+            if unit:
+                with d.lock:
+                    job.last_saved_step = max(job.last_saved_step, info.step)
+                    job.step = max(job.step, info.step)
+                d.catalog.forget(r.path for r in d.catalog.checkpoints(*job.key) if not os.path.exists(r.path))
+            d.catalog.record(info, verified=True)
+            d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, reported)})
+
+        def replicate(result: Persisted) -> None:
+            if job.settings.get("remote"):
+                d.uploads.submit(job.key, job.settings, result.path, read_info(result.path).created)
+
+        return Hooks(removed=lambda removed: d.ledger.removed(job.key, removed), committed=committed,
+                     replicate=replicate)
 
     def _committed(self, msg: dict[str, Any]) -> None:
-        """A sharded checkpoint its ranks wrote and agreed on: check it against its manifest
-        (its shards were verified from disk by their writers), catalogue it, apply retention."""
+        """A sharded checkpoint its ranks wrote and agreed on: stages 5-7 of the pipeline
+        (``commit_unit``: the guard, its manifest and shards checked, catalogue, retention)."""
         job, d = self.job, self.daemon
         assert job is not None
         trigger = Trigger.of(msg["trigger"])
@@ -244,20 +263,11 @@ class Session:
         path = os.path.realpath(msg["path"])
         if os.path.dirname(path) != os.path.realpath(job.directory):
             raise protocol.ProtocolError(f"committed: {msg['path']} is not in the job's directory")
-        result, info = verify_unit(path, full=()), read_info(path)
-        if not result.ok or info.job != job.name or info.step != msg["step"]:
-            d.save_failed(job, trigger, PersistError(FailReason.VERIFY_FAILED, f"sharded checkpoint {path}: "
-                                                     f"{result.reason or 'job or step differ from the message'}"))
-            return
-        with d.lock:
-            job.last_saved_step = max(job.last_saved_step, info.step)
-            job.step = max(job.step, info.step)
-        d.catalog.forget(r.path for r in d.catalog.checkpoints(*job.key) if not os.path.exists(r.path))
-        d.catalog.record(info, verified=True)
-        d.save_succeeded(job, trigger, info, _reported_seconds(msg, ("stall", "persist", "verify")))
-        prune(Target(job.directory, job.name, job.settings, d.roots), lambda removed: d.ledger.removed(job.key, removed))
-        if job.settings.get("remote"):
-            d.uploads.submit(job.key, job.settings, info.path, info.created)
+        try:
+            commit_unit(self._target(job), os.path.basename(path), msg["step"],
+                        self._hooks(job, {**msg, "trigger": trigger}, ("stall", "persist", "verify"), unit=True))
+        except Exception as exc:  # refused by the guard, or it does not verify: a failed save, counted
+            d.save_failed(job, trigger, failure(exc, msg["step"]))
 
     # -- the end ---------------------------------------------------------------------------
 

@@ -20,11 +20,12 @@ from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.metrics import Metrics
-from ckptd.store.lifecycle import Target, prune
-from ckptd.store.remote import RemoteError
-from ckptd.store.remove import inside
-from ckptd.store.replicate import RemoteCheckpoint
-from ckptd.store.replicator import Replicator, Upload
+from ckptd.disk.remove import inside
+from ckptd.disk.target import Target
+from ckptd.remote.listing import RemoteCheckpoint
+from ckptd.remote.stores import RemoteError
+from ckptd.remote.uploader import Upload, Uploader
+from ckptd.save.keep import prune
 
 __all__ = ["Uploads"]
 
@@ -35,7 +36,7 @@ class Uploads:
     def __init__(self, metrics: Metrics, catalog: Catalog, ledger: Ledger, access: Access,
                  roots: Sequence[str]) -> None:
         self.metrics, self.catalog, self.ledger, self.access, self.roots = metrics, catalog, ledger, access, roots
-        self.replicator = Replicator(self._replicated, self._failed)
+        self.replicator = Uploader(self._replicated, self._failed)
 
     def submit(self, key: JobKey, settings: Mapping[str, Any], path: str, created: float) -> None:
         """A verified save of a job with a remote tier: upload it, then let local retention run again."""

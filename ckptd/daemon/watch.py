@@ -41,12 +41,12 @@ from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.metrics import Metrics
-from ckptd.store import foreign
-from ckptd.store.remove import Removal
-from ckptd.store.remove import apply as apply_removals
-from ckptd.store.safepath import open_regular
-from ckptd.store.scan import Checkpoint, is_pinned
-from ckptd.store.verify import VerifyResult
+from ckptd.disk.remove import Removal
+from ckptd.disk.remove import apply as apply_removals
+from ckptd.disk.safepath import open_regular
+from ckptd.disk.scan import Checkpoint, is_pinned
+from ckptd.disk.verify import VerifyResult
+from ckptd.foreign import formats as foreign
 
 log = logging.getLogger("ckptd.watch")
 

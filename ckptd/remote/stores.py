@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from ckptd.core.units import parse_remote
-from ckptd.store.safepath import fsync_dir
+from ckptd.disk.safepath import fsync_dir
 
 __all__ = ["RemoteError", "Store", "FileStore", "S3Store", "open_store", "parse_remote"]
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ckptd.core.format import FormatError, read_header
-from ckptd.store import manifest as mf
-from ckptd.store.picklesafe import UnsafePickle, read_dcp_metadata, verify_torch
-from ckptd.store.safepath import open_regular
-from ckptd.store.verify import VerifyResult, verify_file, verify_unit
+from ckptd.disk import manifest as mf
+from ckptd.disk.safepath import open_regular
+from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
+from ckptd.foreign.picklesafe import UnsafePickle, read_dcp_metadata, verify_torch
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INCOMPLETE_MARKERS = ("checkpoint-is-incomplete.txt",)

@@ -26,8 +26,8 @@ from ckptd.core.format import (
     read_header,
 )
 from ckptd.core.vocab import Outcome
-from ckptd.store import manifest as mf
-from ckptd.store.safepath import open_regular
+from ckptd.disk import manifest as mf
+from ckptd.disk.safepath import open_regular
 
 CHUNK = 8 * 1024 * 1024
 

@@ -15,8 +15,8 @@ import pickle
 import zipfile
 from typing import Any
 
-from ckptd.store.safepath import open_regular
-from ckptd.store.verify import VerifyResult
+from ckptd.disk.safepath import open_regular
+from ckptd.disk.verify import VerifyResult
 
 __all__ = ["SAFE_GLOBALS", "UnsafePickle", "max_inflated", "read_dcp_metadata", "verify_torch"]
 

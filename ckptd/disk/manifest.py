@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from ckptd.core.format import FORMAT_VERSION
-from ckptd.store.safepath import fsync_dir
+from ckptd.disk.safepath import fsync_dir
 
 MANIFEST = "ckptd-manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -138,9 +138,11 @@ def read(unit: str) -> Manifest:
         raise ManifestError("manifest is not UTF-8") from None
 
 
-def write(unit: str, manifest: Manifest) -> str:
-    """Commit: temp → fsync → rename → fsync directory, so the manifest is all or nothing."""
-    dfd = os.open(unit, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def write(unit: str, manifest: Manifest, *, dir_fd: int | None = None, parent_fd: int | None = None) -> str:
+    """Commit: temp → fsync → rename → fsync directory, so the manifest is all or nothing.
+    ``dir_fd``/``parent_fd``: the unit and its job directory as the save's guard opened them
+    (``ckptd.disk.target``); the caller keeps them. Without them the unit is opened by name."""
+    dfd = dir_fd if dir_fd is not None else os.open(unit, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     tmp = f".{MANIFEST}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
@@ -150,7 +152,10 @@ def write(unit: str, manifest: Manifest) -> str:
             os.fsync(f.fileno())
         os.rename(tmp, MANIFEST, src_dir_fd=dfd, dst_dir_fd=dfd)
         os.fsync(dfd)
-        fsync_dir(os.path.dirname(os.path.abspath(unit)))  # the unit's own entry, made by the first rank
+        if parent_fd is not None:  # the unit's own entry, made by the first rank
+            os.fsync(parent_fd)
+        else:
+            fsync_dir(os.path.dirname(os.path.abspath(unit)))
     except OSError:
         try:
             os.unlink(tmp, dir_fd=dfd)
@@ -158,7 +163,8 @@ def write(unit: str, manifest: Manifest) -> str:
             pass
         raise
     finally:
-        os.close(dfd)
+        if dir_fd is None:
+            os.close(dfd)
     return os.path.join(unit, MANIFEST)
 
 

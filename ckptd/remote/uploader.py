@@ -7,8 +7,9 @@ ever enqueues. A store that is down or refuses is retried with exponential backo
 to 60 s) on the same checkpoint, and said once per change of state (failing, then
 working again) with the store's own words, not once per try.
 
-After each upload: remote retention for the job, then local retention again (a local
-checkpoint kept only because it was not yet remote may go now). On start, ``resync``
+After each upload: remote retention for the job, the remote index (``listing.INDEX``) updated
+with what is committed now, then local retention again (a local checkpoint kept only because
+it was not yet remote may go now). On start, ``resync``
 queues what a directory holds that the remote lacks: uploads survive restarts of the
 daemon and of the trainer, because the truth is the store's listing, not a queue file.
 """
@@ -24,11 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ckptd.store.remote import RemoteError, S3Store, Store, open_store
-from ckptd.store.replicate import RemoteCheckpoint, committed, prune_remote, replicate
-from ckptd.store.scan import scan
+from ckptd.disk.scan import scan
+from ckptd.remote.listing import INDEX, RemoteCheckpoint, committed
+from ckptd.remote.prune import prune_remote
+from ckptd.remote.stores import RemoteError, S3Store, Store, open_store
+from ckptd.remote.upload import replicate
 
-__all__ = ["Upload", "Replicator"]
+__all__ = ["Upload", "Uploader"]
 
 log = logging.getLogger("ckptd.store")
 BACKOFF = (1.0, 60.0)
@@ -51,7 +54,7 @@ Done = Callable[[Upload, RemoteCheckpoint, list[RemoteCheckpoint]], None]
 Failed = Callable[[Upload, RemoteError], None]
 
 
-class Replicator:
+class Uploader:
     def __init__(self, on_done: Done | None = None, on_failed: Failed | None = None,
                  name: str = "ckptd-replicate") -> None:
         self._on_done, self._on_failed = on_done, on_failed
@@ -80,6 +83,7 @@ class Replicator:
             if isinstance(store, S3Store) and store.abort_stale_uploads(f"{job}/"):
                 log.info("remote: aborted multipart uploads a killed upload left under %s/%s/", store.url, job)
             done = {c.name for c in committed(store, job)}
+            INDEX.update(settings["remote"], settings.get("remote_endpoint"), job, done)
             for c in scan(directory, job):
                 if c.ok and not c.pending and os.path.basename(c.path) not in done:
                     self.submit(Upload(job, c.path, settings, key, after, c.created))
@@ -155,6 +159,7 @@ class Replicator:
             raise
         prune_remote(store, u.job, u.settings, time.time())
         remaining = committed(store, u.job)
+        INDEX.update(u.settings["remote"], u.settings.get("remote_endpoint"), u.job, (c.name for c in remaining))
         log.info("remote: %s verified at %s/%s", u.path, store.url, commit.key)
         if self._on_done is not None:
             self._on_done(u, commit, remaining)

@@ -14,25 +14,18 @@ import os
 import shutil
 import stat
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 from ckptd.core import retention
-from ckptd.store.safepath import DIR_FLAGS, OutsideRoots, open_dir
-from ckptd.store.scan import pin_path, read_info
+from ckptd.disk.safepath import DIR_FLAGS, OutsideRoots, open_dir
+from ckptd.disk.scan import pin_path, read_info
 
 __all__ = ["Removal", "RemovalError", "apply", "inside", "remove"]
+Removal = retention.Removal
 
 
 class RemovalError(Exception):
     """A deletion refused or failed; the checkpoint is still there."""
-
-
-@dataclass(frozen=True)
-class Removal:
-    verdict: retention.Verdict
-    done: bool
-    error: str = ""
 
 
 def inside(path: str, roots: Sequence[str]) -> bool:
@@ -109,22 +102,9 @@ def _drop_pin(dfd: int, name: str) -> None:
 
 def apply(verdicts: Sequence[retention.Verdict], roots: Sequence[str], quarantine_dir: str | None = None,
           dry_run: bool = False) -> list[Removal]:
-    """Carry out the deletions of a plan; a failure is reported, never raised."""
-    out = []
-    for v in verdicts:
-        if v.keep:
-            continue
-        if dry_run:
-            out.append(Removal(v, False))
-            continue
-        if v.item.partial and _touched_since(v.item):
-            continue  # an abandoned sharded unit that ranks started writing (or committed) since the scan
-        try:
-            remove(v.item.id, roots, quarantine_dir)
-            out.append(Removal(v, True))
-        except RemovalError as exc:
-            out.append(Removal(v, False, str(exc)))
-    return out
+    """A plan's deletions in a local tree (``retention.carry_out`` with ``remove`` as its edge)."""
+    return retention.carry_out(verdicts, lambda item: remove(item.id, roots, quarantine_dir), dry_run,
+                               skip=lambda item: item.partial and _touched_since(item))
 
 
 def _touched_since(item: retention.Item) -> bool:

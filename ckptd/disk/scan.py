@@ -14,9 +14,9 @@ from typing import Any, Sequence
 from ckptd.core.format import FormatError, read_header
 from ckptd.core.meta import parse_time
 from ckptd.core.vocab import Problem
-from ckptd.store import manifest as mf
-from ckptd.store.persist import TEMP_MARK
-from ckptd.store.safepath import DIR_FLAGS, open_dir, open_regular
+from ckptd.disk import manifest as mf
+from ckptd.disk.persist import TEMP_MARK
+from ckptd.disk.safepath import DIR_FLAGS, open_dir, open_regular
 
 __all__ = ["SUFFIX", "Checkpoint", "is_pinned", "parse_time", "pin_path", "read_info", "scan", "set_pinned"]
 

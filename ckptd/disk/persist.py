@@ -38,7 +38,7 @@ from ckptd.core.format import (
     read_header_from_buffer,
 )
 from ckptd.core.vocab import FailReason
-from ckptd.store.verify import VerifyResult, verify_open
+from ckptd.disk.verify import VerifyResult, verify_open
 
 __all__ = ["TEMP_MARK", "PersistError", "Persisted", "cleanup_temp", "persist", "reason_for", "temp_name"]
 

@@ -1,0 +1,171 @@
+"""What is committed on a job's remote tier, and a cached index of it.
+
+A remote checkpoint counts only when its commit object ``JOB/NAME.commit.json`` exists
+(written last by ``upload``); ``committed`` lists and parses those. Local retention needs
+to know which local checkpoints are already remote (a checkpoint that is not must not be
+deleted by a rule), but asking the store is network I/O: on the persist thread, a slow or
+hung store would delay every local save. So the persist path reads ``INDEX`` instead, which
+answers from memory. Its entries are refreshed off the persist thread (one background thread,
+only after a reader found them stale) and updated by the uploader after each upload (the
+only writer of the remote tier). An entry not known yet answers "nothing is remote": local
+retention keeps everything until the index knows, which costs disk, never a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from ckptd.disk import manifest as mf
+from ckptd.disk.scan import SUFFIX
+from ckptd.remote.stores import RemoteError, Store, open_store
+
+__all__ = ["COMMIT", "INDEX", "RemoteCheckpoint", "RemoteIndex", "committed", "uncommitted"]
+
+log = logging.getLogger("ckptd.store")
+COMMIT = ".commit.json"
+FORMAT = "1"
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """One committed remote checkpoint, as its commit object describes it."""
+
+    key: str
+    job: str
+    step: int
+    bytes: int
+    meta_digest: str
+    created: float
+    trigger: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    shards: tuple[str, ...] = ()  # a sharded unit: its shard files under KEY/ (and KEY/ckptd-manifest.json)
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def objects(self) -> list[str]:
+        """Every data object of this checkpoint (what a deletion removes after the commit object)."""
+        if not self.shards:
+            return [self.key]
+        return [f"{self.key}/{f}" for f in (*self.shards, mf.MANIFEST)]
+
+
+def committed(store: Store, job: str, listing: Mapping[str, int] | None = None) -> list[RemoteCheckpoint]:
+    """The job's committed remote checkpoints, oldest first (a commit object that does not parse is skipped)."""
+    keys = store.list(f"{job}/") if listing is None else listing
+    out = []
+    for key in keys:
+        if key.endswith(COMMIT) and key.startswith(f"{job}/") and "/" not in key[len(job) + 1:]:
+            try:
+                out.append(_parse_commit(store, key))
+            except (ValueError, KeyError, TypeError, RemoteError) as exc:
+                log.warning("remote: %s/%s: unreadable commit object (%s); ignored", store.url, key, exc)
+    return sorted(out, key=lambda c: (c.step, c.created))
+
+
+def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
+    body, _ = store.open(key)
+    try:
+        doc = json.loads(body.read(1 << 20))
+    finally:
+        body.close()
+    if doc.get("ckptd.remote") != FORMAT or doc["key"] + COMMIT != key:
+        raise ValueError("not a ckptd commit object for this key")
+    shards = tuple(str(f) for f in doc.get("shards") or ())
+    if any(not mf.SHARD_RE.match(f) for f in shards):
+        raise ValueError("a shard name that is not rankR-of-W.safetensors")
+    return RemoteCheckpoint(str(doc["key"]), str(doc["job"]), int(doc["step"]), int(doc["bytes"]),
+                            str(doc["meta_digest"]), float(doc["created"]), str(doc.get("trigger", "")),
+                            dict(doc.get("metrics") or {}), shards)
+
+
+def uncommitted(store: Store, job: str, listing: Mapping[str, int]) -> list[str]:
+    """Data objects with no commit object: uploads cut off, or still in progress."""
+    return [k for k in listing if k.startswith(f"{job}/") and not k.endswith(COMMIT)
+            and (k.endswith(SUFFIX) or "/" in k[len(job) + 1:]) and _commit_key(job, k) not in listing]
+
+
+def _commit_key(job: str, key: str) -> str:
+    """``JOB/NAME.safetensors`` -> its commit object; ``JOB/UNIT/anything`` -> the unit's."""
+    unit, sep, _ = key[len(job) + 1:].partition("/")
+    return f"{job}/{unit}{COMMIT}" if sep else key + COMMIT
+
+
+Key = tuple[str, "str | None", str]  # (the remote URL as configured, its endpoint, the job)
+STALE_AFTER = 60.0  # seconds after which a reader's look at an entry asks for a refresh
+
+
+@dataclass
+class RemoteIndex:
+    """The names of each job's committed remote checkpoints, answered from memory.
+
+    ``names`` never does network I/O unless asked to ``wait`` (``ckptd gc``, a one-shot
+    command that wants the truth); a missing or stale entry is refreshed by one background
+    thread, which exists only while there is something to refresh. ``update`` is how the
+    uploader, which just listed the store after an upload, keeps the entry exact.
+    """
+
+    stale_after: float = STALE_AFTER
+    _entries: dict[Key, tuple[float, frozenset[str]]] = field(default_factory=dict)
+    _wanted: list[Key] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+
+    def names(self, url: str, endpoint: str | None, job: str, wait: bool = False) -> set[str]:
+        key = (url, endpoint, job)
+        if wait:
+            return set(self.refresh(key))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or time.monotonic() - entry[0] > self.stale_after:
+                self._want(key)
+        return set(entry[1]) if entry else set()
+
+    def update(self, url: str, endpoint: str | None, job: str, names: Iterable[str]) -> None:
+        with self._lock:
+            self._entries[(url, endpoint, job)] = (time.monotonic(), frozenset(names))
+
+    def refresh(self, key: Key) -> frozenset[str]:
+        """List the store now (the caller's thread); on failure the entry stays as it was."""
+        url, endpoint, job = key
+        try:
+            names = frozenset(c.name for c in committed(open_store(url, endpoint), job))
+        except RemoteError as exc:
+            log.debug("remote: cannot list %s for job %s: %s", url, job, exc)
+            with self._lock:
+                entry = self._entries.get(key)
+            return entry[1] if entry else frozenset()
+        self.update(url, endpoint, job, names)
+        return names
+
+    def _want(self, key: Key) -> None:
+        """Under the lock: queue ``key`` and make sure the refresher runs."""
+        if key not in self._wanted:
+            self._wanted.append(key)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._refresher, name="ckptd-remote-index", daemon=True)
+            self._thread.start()
+
+    def _refresher(self) -> None:
+        while True:
+            with self._lock:
+                if not self._wanted:
+                    self._thread = None
+                    return
+                key = self._wanted[0]
+            try:
+                self.refresh(key)
+            except Exception:  # never lose the refresher to one store's surprise
+                log.exception("remote: refreshing the index of %s failed", key[0])
+            with self._lock:
+                self._wanted.remove(key)
+
+
+INDEX = RemoteIndex()

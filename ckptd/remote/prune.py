@@ -1,0 +1,64 @@
+"""Remote retention: SPEC §5's rules with a ``remote_`` prefix, over the committed remote
+checkpoints, through the same item builder and the same applier as local and watched trees
+(``retention.item_of``, ``retention.carry_out``). A deletion removes the commit object first,
+then the data, so a half-deleted checkpoint is never listed; leftovers of cut-off uploads older
+than the newest committed checkpoint go too. Local files are never touched here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Mapping
+
+from ckptd.core import retention
+from ckptd.remote.listing import COMMIT, RemoteCheckpoint, committed, uncommitted
+from ckptd.remote.stores import Store
+
+__all__ = ["prune_remote", "remote_rules"]
+
+log = logging.getLogger("ckptd.store")
+
+
+def remote_rules(settings: Mapping[str, Any]) -> retention.Rules:
+    """The ``remote_keep_*`` keys read as §5's rules (``remote_keep_last`` -> ``keep_last``)."""
+    local = {k[len("remote_"):]: v for k, v in settings.items() if k.startswith("remote_keep") and v is not None}
+    if "keep_best" in local:
+        local.update(best_metric=settings.get("best_metric"), best_mode=settings.get("best_mode", "min"))
+    return retention.Rules.from_settings(local)
+
+
+def prune_remote(store: Store, job: str, settings: Mapping[str, Any], now: float) -> list[retention.Verdict]:
+    """Remote retention for one job; returns the verdicts. A deletion the store refuses is
+    logged and tried again at the next prune (the checkpoint stays listed until then)."""
+    listing = store.list(f"{job}/")
+    commits = committed(store, job, listing)
+    rules = remote_rules(settings)
+    items = [retention.item_of(c.key, c.step, c.created, c.bytes, trigger=c.trigger, metrics=c.metrics,
+                               best_metric=rules.best_metric) for c in commits]
+    verdicts = retention.plan(items, rules, now)
+    by_key = {c.key: c for c in commits}
+    for r in retention.carry_out(verdicts, lambda item: _delete(store, by_key[item.id])):
+        if r.done:
+            log.info("remote: deleted %s/%s (%s)", store.url, r.verdict.item.id, r.verdict.rule)
+        else:
+            log.error("remote: could not delete %s/%s: %s", store.url, r.verdict.item.id, r.error)
+    newest = max((c.step for c in commits), default=None)
+    for key in uncommitted(store, job, listing):
+        info_step = _step_of(key)
+        if newest is not None and info_step is not None and info_step < newest:
+            store.delete(key)
+            log.info("remote: deleted %s/%s (an upload that never committed)", store.url, key)
+    return verdicts
+
+
+def _delete(store: Store, c: RemoteCheckpoint) -> None:
+    """The commit object first: a checkpoint half deleted is never listed as committed."""
+    store.delete(c.key + COMMIT)
+    for key in c.objects:
+        store.delete(key)
+
+
+def _step_of(key: str) -> int | None:
+    m = re.search(r"-step(\d+)", key)
+    return int(m.group(1)) if m else None

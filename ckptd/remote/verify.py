@@ -1,0 +1,67 @@
+"""A remote copy checked as a reader checks it (``ckptd verify s3://...``, ``fetch``, ``resume()``):
+commit object present, size equal, metadata digest equal, every tensor re-hashed from one
+streamed read; a sharded unit's manifest by its digest, then every shard against it.
+"""
+
+from __future__ import annotations
+
+import xxhash
+
+from ckptd.disk import manifest as mf
+from ckptd.disk.verify import VerifyResult, verify_stream
+from ckptd.remote.listing import RemoteCheckpoint
+from ckptd.remote.stores import RemoteError, Store
+
+__all__ = ["remote_manifest", "verify_remote"]
+
+
+def verify_remote(store: Store, c: RemoteCheckpoint) -> VerifyResult:
+    """Steps 3-4 as a reader repeats them: size, metadata digest, every tensor, from one streamed read."""
+    if c.shards:
+        return _verify_remote_unit(store, c)
+    label = f"{store.url}/{c.key}"
+    try:
+        body, size = store.open(c.key)
+    except RemoteError as exc:
+        return VerifyResult(label, False, str(exc))
+    try:
+        if size != c.bytes:
+            return VerifyResult(label, False, f"{size} bytes, the commit says {c.bytes}")
+        result = verify_stream(body, size, label)
+    finally:
+        body.close()
+    if result.ok and result.metadata.get("ckptd.meta_digest") != c.meta_digest:
+        return VerifyResult(label, False, "not the checkpoint its commit names (metadata digest differs)")
+    if result.ok and result.metadata.get("ckptd.step") != str(c.step):
+        return VerifyResult(label, False, f"header says step {result.metadata.get('ckptd.step')}, the commit {c.step}")
+    return result
+
+
+def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:
+    """The manifest the commit names (by digest), then every shard against it, as ``verify_unit`` does."""
+    label = f"{store.url}/{c.key}"
+    try:
+        m = remote_manifest(store, c)
+    except (RemoteError, mf.ManifestError, UnicodeDecodeError) as exc:
+        return VerifyResult(label, False, f"manifest: {exc}")
+    tensors = 0
+    for shard in m.shards:
+        one = verify_remote(store, RemoteCheckpoint(f"{c.key}/{shard.file}", c.job, m.step, shard.bytes,
+                                                    shard.meta_digest, c.created))
+        if not one.ok:
+            return VerifyResult(label, False, f"shard {shard.file}: {one.reason}")
+        tensors += one.tensors
+    return VerifyResult(label, True, "", tensors, c.bytes, {"ckptd.job": m.job, "ckptd.step": str(m.step),
+                                                             "ckptd.world_size": str(m.world_size)})
+
+
+def remote_manifest(store: Store, c: RemoteCheckpoint) -> mf.Manifest:
+    """A unit's manifest as stored, if it is the one its commit names (by digest)."""
+    body, _ = store.open(f"{c.key}/{mf.MANIFEST}")
+    try:
+        text = body.read(mf.MAX_MANIFEST_BYTES + 1)
+    finally:
+        body.close()
+    if xxhash.xxh3_64_hexdigest(text) != c.meta_digest:
+        raise mf.ManifestError("not the manifest its commit names (digest differs)")
+    return mf.Manifest.parse(text.decode("utf-8"))

@@ -1,0 +1,48 @@
+"""The one resume search: newest first, the first checkpoint that verifies now.
+
+The hook's ``resume()``, ``ckptd latest``, the HF and Lightning callbacks and a sharded
+rank (which verifies its own shard and agrees with its peers through ``check``) all ask
+this, so they can never disagree about which checkpoint a run continues from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Iterable, TypeVar
+
+from ckptd.disk.scan import Checkpoint, scan
+from ckptd.disk.verify import VerifyResult, verify_file
+
+__all__ = ["first_verified", "newest_verified", "reread"]
+
+log = logging.getLogger("ckptd.store")
+T = TypeVar("T")
+
+
+def reread(c: Checkpoint) -> VerifyResult:
+    """Every tensor read back from disk (a sharded unit: every shard's)."""
+    return verify_file(c.path)
+
+
+def first_verified(candidates: Iterable[T], check: Callable[[T], VerifyResult]) -> T | None:
+    """The first candidate (callers pass them newest first) that verifies now."""
+    for c in candidates:
+        result = check(c)
+        if result.ok:
+            return c
+        log.warning("ckptd: skipping %s: %s", result.path, result.reason)
+    return None
+
+
+def newest_verified(directory: str, job: str | None = None, *, units: bool = True,
+                    check: Callable[[Checkpoint], VerifyResult] = reread) -> Checkpoint | None:
+    """The newest checkpoint of ``job`` in ``directory`` that verifies now (None if none does).
+
+    ``units=False`` skips sharded units (for readers that load a single file);
+    ``check`` lets a sharded rank verify its own shard and agree with its peers (so
+    every rank must see the same candidates: uncommitted units are checked, not skipped).
+    """
+    if not os.path.isdir(directory):
+        return None
+    return first_verified([c for c in reversed(scan(directory, job)) if units or not c.shards], check)
