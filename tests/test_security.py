@@ -31,7 +31,7 @@ import torch
 from ckptd.disk.remove import RemovalError, remove
 from ckptd.foreign import formats as foreign
 from ckptd.wire import protocol
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, run_py, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, project_env, run_py, wait_until
 from tests.helpers import small_checkpoint
 
 NOBODY = 65534
@@ -504,3 +504,48 @@ def test_a_client_gets_one_save_in_flight_at_a_time(daemon: DaemonProc) -> None:
         assert daemon.healthy()
     finally:
         buf.close()
+
+
+@as_root
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["link", "owner"])
+def test_the_daemons_commit_of_a_sharded_unit_goes_through_the_guard(open_base: Path, change: str) -> None:
+    """A client's directory that became a link (to another user's checkpoints) or changed hands
+    after hello: the unit it then announces as committed is refused (``permission``), neither
+    catalogued nor counted as a save, and retention deletes nothing there. The daemon's commit
+    of a unit used to check neither the link nor the owner."""
+    d = start_daemon(open_base)
+    try:
+        mine = nobody_dir(d, "committer")
+        victim = d.root / "victim"
+        r = run_py(str(ROOT / "tests" / "scripts" / "one_rank.py"), str(free_port()), str(victim), "j", "4", "2")
+        assert json.loads(r.stdout.strip().splitlines()[-1])["verified"] == 2, r.stderr[-3000:]
+        units = sorted(p.name for p in victim.iterdir() if not p.name.startswith("."))
+        assert units == ["j-step00000002", "j-step00000004"], units
+        if change == "owner":  # the units are in the client's own directory, which then goes to root
+            for u in units:
+                shutil.copytree(victim / u, mine / u)
+            subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(mine)], check=True)
+        args = {"job": "j", "dir": str(mine), "unit": units[-1], "step": 4, "settings": {"keep_last": 1}}
+        proc = subprocess.Popen([PYTHON, str(ROOT / "tests" / "scripts" / "hostile.py"), "commit_later", d.socket,
+                                 json.dumps(args)], env=project_env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        if change == "link":
+            os.rename(mine, str(mine) + ".moved")
+            os.symlink(victim, mine)
+        else:
+            os.chown(mine, 0, 0)
+        out, err = proc.communicate("go\n", timeout=60)
+        assert proc.returncode == 0 and json.loads(out.strip().splitlines()[-1])["status"] == "reply", err[-3000:]
+        assert d.metric("ckptd_save_failures_total", training_job="j", reason="permission") == 1
+        assert d.metric("ckptd_saves_total", training_job="j", trigger="step", outcome="ok") == 0
+        where = victim if change == "link" else mine
+        assert sorted(p.name for p in where.iterdir() if not p.name.startswith(".")) == units, "retention ran"
+        listed = json.loads(ckptd_cli("list", "j", "--json", "--socket", d.socket).stdout)
+        if change == "link":  # the other user's units never entered this job's catalogue
+            assert listed == [], listed
+        else:  # what the client's own directory held at hello was catalogued then, and is still there
+            assert sorted(os.path.basename(c["path"]) for c in listed) == units, listed
+    finally:
+        d.stop()

@@ -23,7 +23,7 @@ from ckptd.disk.persist import TEMP_MARK
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_file, verify_unit
 from ckptd.save.keep import collect
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, run_py, wait_until
 from tests.test_integrations import ENV, run
 
 TORCHRUN = str(Path(PYTHON).parent / "torchrun")
@@ -262,3 +262,23 @@ def test_per_rank_units_do_not_reshard_and_say_why(two_rank_run: Path, tmp_path:
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(re.findall(r"starting at step (\d+)", r.stdout)) == {"0"}
     assert "saved by 2 ranks, this run has 4" in r.stderr and "DTensor state, FSDP2, does" in r.stderr
+
+
+def test_a_rank_never_writes_its_shard_through_a_link_at_the_units_name(tmp_path: Path) -> None:
+    """Every rank's write goes through the save's guard (the unit's directory opened below the
+    job directory's fd, no link followed): a link planted at the unit's name, pointing at a
+    directory that even looks committed (a manifest in it, so the stale-attempt cleanup leaves
+    it), fails the save; nothing is written where it points. (It was written through.)"""
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    run.mkdir()
+    outside.mkdir()
+    (outside / "ckptd-manifest.json").write_text("{}")
+    os.symlink(outside, run / "linked-step00000002")
+    r = run_py(str(ROOT / "tests" / "scripts" / "one_rank.py"), str(free_port()), str(run), "linked", "2", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    assert stats["verified"] == 0 and stats["failed"] == 1 and stats["reason"] == "permission", stats
+    assert sorted(os.listdir(outside)) == ["ckptd-manifest.json"], "a shard was written through the link"
+    again = run_py(str(ROOT / "tests" / "scripts" / "one_rank.py"), str(free_port()), str(tmp_path / "clean"),
+                   "linked", "2", "2")
+    assert json.loads(again.stdout.strip().splitlines()[-1])["verified"] == 1, again.stderr[-3000:]

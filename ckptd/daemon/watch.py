@@ -286,13 +286,13 @@ class Watcher(FileSystemEventHandler):
             corrupt = r.outcome == Outcome.CORRUPT and not keep_corrupt
             # unsafe (a pickle we refuse to run) is unverified, not corrupt: kept, never deleted by rules
             groups.setdefault((owner, os.path.dirname(r.path)), []).append(
-                retention.Item(r.path, r.step, r.created, r.bytes, verified=r.verified, corrupt=corrupt,
-                               in_flight=r.path in busy, pinned=r.pinned or r.path in protected))
+                retention.item_of(r.path, r.step, r.created, r.bytes, verified=r.verified, corrupt=corrupt,
+                                  in_flight=r.path in busy, pinned=r.pinned or r.path in protected))
         for unit in busy:
             owner = _owner(unit)
             if owner is not None:
                 groups.setdefault((owner, os.path.dirname(unit)), []).append(
-                    retention.Item(unit, NEVER, now, in_flight=True))
+                    retention.item_of(unit, NEVER, now, 0, in_flight=True))
         for items in groups.values():
             verdicts = [v for v in retention.plan(items, rules, now) if not v.item.in_flight]
             if self.dry_run:

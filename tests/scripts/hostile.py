@@ -124,7 +124,20 @@ def connections(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) 
     return {"last_three": errors}
 
 
-ATTACKS = {"swap_dir": swap_dir, "shrink": shrink, "admin": admin, "many_jobs": many_jobs,
+def commit_later(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) -> dict[str, Any]:
+    """hello with my own directory; once told (a line on stdin: the directory has changed under
+    the session meanwhile), announce a sharded unit in it as committed, as rank 0 does."""
+    s = connect(sock)
+    welcome = hello(s, args["job"], args["dir"], args.get("settings"))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    protocol.send(s, {"type": "committed", "step": args["step"], "path": os.path.join(args["dir"], args["unit"]),
+                      "trigger": "step", "ok": True, "reason": "", "error": "", "stall": 0.0})
+    protocol.send(s, {"type": "status"})  # answered after the commit was handled: the session reads in order
+    return {"welcome": welcome["type"], "status": protocol.recv(s, limit=protocol.MAX_REPLY)[0]["type"]}
+
+
+ATTACKS = {"swap_dir": swap_dir, "commit_later": commit_later, "shrink": shrink, "admin": admin, "many_jobs": many_jobs,
            "connections": connections}
 
 if __name__ == "__main__":
