@@ -126,7 +126,7 @@ def verify_rss(work: Path, size_mib: int) -> int:
         f.write(encode_header(entries, meta))
         f.truncate(f.tell() + per * 4 * n)  # zero tensors (sparse): reading them is the cost
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the (torch-sized) parent
-    code = ("import sys; from ckptd.store.verify import verify_file; r = verify_file(sys.argv[1]); assert r.ok, r.reason; "
+    code = ("import sys; from ckptd.disk.verify import verify_file; r = verify_file(sys.argv[1]); assert r.ok, r.reason; "
             "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
                          env=project_env())

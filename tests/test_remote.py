@@ -10,6 +10,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -197,9 +198,9 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
     server.client().create_bucket(Bucket="ckpt")
     store = open_store("s3://ckpt/x", server.endpoint)
     done: list[object] = []
-    replicator = Uploader(on_done=lambda u, c, rest: done.append(c))
+    uploader = Uploader(on_done=lambda u, c, rest: done.append(c))
     try:
-        replicator.submit(Upload("big", path, {"remote": store.url, "remote_endpoint": server.endpoint}))
+        uploader.submit(Upload("big", path, {"remote": store.url, "remote_endpoint": server.endpoint}))
         wait_until(lambda: server.client().list_multipart_uploads(Bucket="ckpt").get("Uploads"), 60,
                    "a multipart upload in flight")
         assert committed(store, "big") == []
@@ -212,7 +213,7 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
         assert store.matches(path, c.key) is True  # S3's composite SHA-256 over the three parts
         assert set(store.list("big/")) == {c.key, c.key + COMMIT}
     finally:
-        replicator.close(timeout=10)
+        uploader.close(timeout=10)
         server.stop()
 
 
@@ -346,3 +347,62 @@ def test_cli_lists_every_job_below_the_hooks_remote_url(store: Store, tmp_path: 
     assert verified.returncode == 0 and verified.stdout.count("ok      ") == 4, verified.stdout + verified.stderr
     several = ckptd_cli("fetch", store.url, str(tmp_path / "host2"), *args)
     assert several.returncode == 2 and "holds several jobs (alpha, beta)" in several.stderr
+
+
+class HungStore:
+    """An S3 endpoint on loopback that accepts every connection and never answers (a store that
+    hangs, as one behind a dead NAT does), until ``stop`` closes everything."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns: list[Any] = []
+        self.thread = threading.Thread(target=self._accept, name="hung-store", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def stop(self) -> None:
+        import socket
+
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.serial
+def test_a_hung_remote_never_delays_a_local_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local save's retention asks which checkpoints are already remote; it used to list the
+    store on the persist thread, so a store that hangs held every save for its timeouts (60 s a
+    try). It reads the cached index now, refreshed off that thread: saves go on at disk speed,
+    and everything stays on disk while the store cannot say what it holds."""
+    from ckptd.disk.scan import scan
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    store = HungStore()
+    ckpt = Checkpointer("hung", tmp_path, model=torch.nn.Linear(64, 64), every_steps=1, socket=False, keep_last=1,
+                        remote="s3://bucket/runs", remote_endpoint=store.url, remote_timeout=1, quiet=True)
+    try:
+        t0 = time.monotonic()
+        for _ in range(3):
+            ckpt.step()
+            ckpt.wait()
+        elapsed = time.monotonic() - t0
+        assert ckpt.stats["verified"] == 3, ckpt.saved
+        assert elapsed < 20, f"three local saves took {elapsed:.1f}s behind a hung store"
+        assert [c.step for c in scan(str(tmp_path), "hung")] == [1, 2, 3]  # not remote yet: all kept
+    finally:
+        store.stop()
+        ckpt.close(final=False)

@@ -137,4 +137,5 @@ def test_resume_says_where_it_resumed_from_on_stderr_unless_quiet(tmp_path: Path
     fresh = Checkpointer("said", tmp_path / "empty", model=torch.nn.Linear(2, 2), socket=False, save_final=False)
     assert fresh.resume() == 0
     fresh.close()
-    assert f"ckptd: job said: no verified checkpoint in {tmp_path / 'empty'}; starting at step 0" in capfd.readouterr().err
+    said = capfd.readouterr().err
+    assert f"ckptd: job said: nothing to resume (no verified checkpoint in {tmp_path / 'empty'}), step 0" in said, said

@@ -30,7 +30,6 @@ import atexit
 import logging
 import os
 import time
-import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core import config as config_mod
@@ -39,15 +38,15 @@ from ckptd.core.settings import env_table, from_env, group, parse_table, resolve
 from ckptd.disk.manifest import shard_name, unit_name
 from ckptd.disk.persist import Persisted, PersistError, cleanup_temp
 from ckptd.disk.preflight import check_directory, check_job, check_template, render, resolve_target
-from ckptd.disk.remove import Removal
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.target import Target
 from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.outlet import Outlet
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
-from trainer_hooks.resume import Resuming
+from trainer_hooks.record import SaveRecord
+from trainer_hooks.resume import Resumer
 from trainer_hooks.shards import ShardGroup
-from trainer_hooks.snapshot import Snapshotting, holds_dtensors
+from trainer_hooks.snapshot import Progress, Snapshotter, holds_dtensors
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import as_float, flatten, model_structure, rank_and_world
 from trainer_hooks.timerules import TimeRules
@@ -60,8 +59,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("ckptd.hook")
 
 
-class Checkpointer(Snapshotting, Resuming):
-    """Hand training state to ckptd; see the module docstring for the lifecycle."""
+class Checkpointer:
+    """Hand training state to ckptd; see the module docstring for the lifecycle.
+
+    Composed of small parts: a ``Snapshotter`` (what a snapshot holds), the ``StagingBuffer``
+    (where it is copied), an ``Outlet`` (where it goes: the daemon, the embedded worker, the
+    ranks), a ``Resumer``, and the policy clock (``Triggers`` for steps and signals,
+    ``TimeRules`` for time), with the run's ``Progress`` shared between them.
+    """
 
     def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
                  scheduler: Any = None, extra: dict[str, Any] | None = None, *,
@@ -71,21 +76,22 @@ class Checkpointer(Snapshotting, Resuming):
                  shard_timeout: float = 600.0, generators: dict[str, torch.Generator] | None = None,
                  quiet: bool = False, **settings: Any) -> None:
         self.job = check_job(job)
-        self.quiet = quiet  # no line on stderr from resume()
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
-        self._before_save = before_save  # e.g. a framework callback refreshing ``extra`` only when it counts
         self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)
+        self._progress = Progress()
         self._configure(directory, settings, config, sharded, shard_timeout)
+        # before_save: e.g. a framework callback refreshing ``extra`` only when it counts
+        self._snap = Snapshotter(self.job, self.rank, model, optimizer, scheduler, extra, self.generators,
+                                 self._progress, self.settings["snapshot"], self._dcp, before_save)
         self._preflight()
-        self.stats: dict[str, int] = {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0,
-                                      "deleted": 0}
-        self.saved: list[Checkpoint | dict[str, Any]] = []
-        self.last_verified: str | None = None
-        self.last_error: PersistError | None = None
+        self._resumer = Resumer(self.job, self.directory, self.settings, self.rank, self.world_size, model, optimizer,
+                                scheduler, extra, self.generators, self._structure, self._shards, quiet)
+        self._record = SaveRecord()
+        self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._pin)
         self._buffer.reserve(self._reserved)  # in the background: the first save must not fault it in
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
-                              self._count_removals, self._shards, replicate=self.saving)
+                              self._record.removed, self._shards, replicate=self.saving)
         self._closed = False
         # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
         self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
@@ -102,7 +108,7 @@ class Checkpointer(Snapshotting, Resuming):
         if self.policy.on_preempt:
             self._preemption.install(preempt_signals)
         atexit.register(self._at_exit)
-        self._say_mode(socket)
+        self._outlet.say_mode(self.saving, (self.rank, self.world_size), socket)
 
     def _configure(self, directory: str | os.PathLike[str], settings: dict[str, Any], config: str | None,
                    sharded: bool, shard_timeout: float) -> None:
@@ -126,28 +132,17 @@ class Checkpointer(Snapshotting, Resuming):
 
     def _preflight(self) -> None:
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
-        flat, skeleton = flatten(self._capture())
-        self._structure = model_structure(flat)
-        planned = self._planned_bytes()
+        flat, skeleton = flatten(self._snap.capture())
+        self._structure = self._snap.structure = model_structure(flat)
+        planned = self._snap.planned_bytes()
         self._state_bytes = flat.nbytes + planned
-        self.run_id = uuid.uuid4().hex[:16]
-        self._reserved = self._image_bytes(flat, skeleton, planned) if self.saving else 0
-        self._pin = self.saving and self._wants_pinning(flat)
+        self.run_id = self._snap.run_id
+        self._reserved = self._snap.image_bytes(flat, skeleton, planned) if self.saving else 0
+        self._pin = self.saving and self._snap.wants_pinning(flat)
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
             check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in older))
             cleanup_temp(self.directory)
-
-    def _say_mode(self, socket: str | bool | None) -> None:
-        if not self.saving:
-            log.info("ckptd: job %s rank %d of %d: rank 0 saves; this rank only resumes", self.job, self.rank,
-                     self.world_size)
-        elif self.mode == "embedded" and isinstance(socket, str):
-            log.warning("ckptd: job %s: no daemon answers at %s (socket= was given); saving in embedded mode to %s",
-                        self.job, socket, self.directory)
-        elif self.mode == "embedded":
-            log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
-                     self.job, self.directory)
 
     @property
     def _talks_to_daemon(self) -> bool:
@@ -162,51 +157,65 @@ class Checkpointer(Snapshotting, Resuming):
 
     def _hello(self) -> dict[str, Any]:
         return {"job": self.job, "directory": os.path.abspath(self.directory), "template": self.template,
-                "settings": self._raw_settings, "pid": os.getpid(), "step": self._step,
+                "settings": self._raw_settings, "pid": os.getpid(), "step": self._progress.step,
                 "rank": self.rank, "world_size": self.world_size, "sharded": self._shards is not None,
                 "state_bytes": self._state_bytes}
 
     def _beat(self) -> dict[str, Any]:
-        return {"step": self._step, "epoch": self.epoch}
+        return {"step": self._progress.step, "epoch": self.epoch}
 
     # -- progress ---------------------------------------------------------------
 
     def _init_progress(self) -> None:
-        self._step = 0
-        self.epoch: float | None = None
-        self._metrics: dict[str, Any] | None = None
-        self._last_verified_step = -1
         self._last_save_wall = time.time()
         self._resized = False
         self._triggers = Triggers(self.policy, self.job, self._shards is not None)
 
     @property
+    def epoch(self) -> float | None:
+        return self._progress.epoch
+
+    @epoch.setter
+    def epoch(self, value: float | None) -> None:
+        self._progress.epoch = value
+
+    @property
+    def last_verified(self) -> str | None:
+        """The path of the newest save that verified (None before one did)."""
+        return self._record.last_verified
+
+    @property
+    def last_error(self) -> PersistError | None:
+        """Why the last failed save failed (None while none has)."""
+        return self._record.last_error
+
+    @property
     def step_count(self) -> int:
-        return self._step
+        return self._progress.step
 
     def start_at(self, step: int) -> None:
         """The run was resumed elsewhere (e.g. by a framework) at ``step``: count from there, save nothing."""
-        self._step = self._last_verified_step = step
+        self._progress.step = self._record.last_verified_step = step
         self._triggers.restart_at(step)
 
     def step(self, n: int | None = None, metrics: dict[str, Any] | None = None,
              epoch: float | None = None) -> int:
         """One more optimizer step done (or ``n`` done in all). Cheap unless a save is due."""
-        self._step = self._step + 1 if n is None else n
+        self._progress.step = self._progress.step + 1 if n is None else n
         if epoch is not None:
             self.epoch = epoch
         t = self._triggers
         if metrics is not None:
-            self._metrics = metrics
+            self._progress.metrics = metrics
             if t.best_key is not None:
                 t.metric_seen(metrics.get(t.best_key))
         if self._shards is not None and self._shards.due():
             t.exchange(self._shards, self._preemption.signum, self._metric, time.monotonic())
         if not self._resized:
             self._resize()
-        if self._step >= t.next_due or t.attention:
+        if self._progress.step >= t.next_due or t.attention:
             self._due()
-        return self._step
+        return self._progress.step
 
     def report(self, metrics: dict[str, Any]) -> bool:
         """Metrics measured on the current state (an evaluation), not on the step just done.
@@ -216,7 +225,7 @@ class Checkpointer(Snapshotting, Resuming):
         keeps weights somebody measured). Returns whether a save was handed over.
         Framework callbacks call it from their evaluation hooks.
         """
-        self._metrics = {**(self._metrics or {}), **metrics}
+        self._progress.metrics = {**(self._progress.metrics or {}), **metrics}
         key = self._triggers.best_key
         if key is None or not self._triggers.metric_seen(as_float(metrics.get(key))):
             return False
@@ -230,18 +239,48 @@ class Checkpointer(Snapshotting, Resuming):
     def _metric(self) -> float | None:
         """The best_metric value last passed to ``step()``, if any."""
         key = self._triggers.best_key
-        return as_float(self._metrics.get(key)) if (self._metrics and key) else None
+        return as_float(self._progress.metrics.get(key)) if (self._progress.metrics and key) else None
 
     def _due(self) -> None:
         t = self._triggers
-        decision = t.decide(self._step, self._preemption.pending, self._metric, time.time())
+        decision = t.decide(self._progress.step, self._preemption.pending, self._metric, time.time())
         if decision.save:
             self._save(decision.trigger, decision.rule)
             if decision.trigger == "best":
-                t.churn(self._step)
+                t.churn(self._progress.step)
             if decision.trigger == "preempt":
                 self._preemption.finish(self.wait)
         t.decided(self._preemption.pending)
+
+    def _resize(self) -> None:
+        """Once, at the first step(): an optimizer that had no state at construction has it now
+        (AdamW's moments are twice the model), and a model moved to the GPU after construction is
+        there now: reserve (and page-lock) for the state as it is, ahead of the first save."""
+        self._resized = True
+        if self.saving:
+            nbytes, flat = self._snap.reservation()
+            self._buffer.pin = self._buffer.pin or self._snap.wants_pinning(flat)
+            self._buffer.reserve(nbytes)
+
+    # -- resume -------------------------------------------------------------------
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The job's checkpoints in its directory, oldest step first (from their headers)."""
+        return self._resumer.checkpoints()
+
+    def resume(self, fresh: bool = False) -> int:
+        """Load the newest checkpoint that verifies now; return its step (0 if none). A checkpoint
+        that does not fit the model raises ``ResumeError``; ``fresh=True`` starts from 0 and moves
+        the job's checkpoints into ``DIR/.ckptd-stale/<time>/`` (``Resumer.resume``)."""
+        self.wait()  # sharded: the persist thread's collectives must not interleave with the resume agreement
+        resumed = self._resumer.resume(fresh)
+        if resumed is None:
+            return 0
+        self._progress.step = self._record.last_verified_step = resumed.step
+        self.epoch = resumed.epoch
+        key = self._triggers.best_key
+        self._triggers.restart_at(self._progress.step, [as_float(c.metrics.get(key)) for c in self.checkpoints()] if key else [])
+        return self._progress.step
 
     @property
     def auto_interval(self) -> AutoInterval | None:
@@ -266,7 +305,7 @@ class Checkpointer(Snapshotting, Resuming):
             return self._stage_and_submit(trigger, rule)
         except Exception as exc:  # a failing save must never crash training
             self.stats["failed"] += 1
-            log.error("ckptd: %s save at step %d failed before it reached the disk: %s", trigger, self._step, exc)
+            log.error("ckptd: %s save at step %d failed before it reached the disk: %s", trigger, self._progress.step, exc)
             return False
 
     def _stage_and_submit(self, trigger: str, rule: str) -> bool:
@@ -275,20 +314,20 @@ class Checkpointer(Snapshotting, Resuming):
             if self.settings["on_busy"] == "skip" and trigger in SCHEDULED and self._shards is None:
                 self.stats["skipped"] += 1
                 log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
-                            "(missed, reason=backpressure)", trigger, self._step)
-                self._outlet.notify({"type": "skipped", "step": self._step, "reason": "backpressure"})
+                            "(missed, reason=backpressure)", trigger, self._progress.step)
+                self._outlet.notify({"type": "skipped", "step": self._progress.step, "reason": "backpressure"})
                 return False
             self.wait()
         now = time.time()
-        tensors, metadata = self._image(trigger, rule, now)
-        filename = render(self.template, self.job, self._step, self.epoch, now)
+        tensors, metadata = self._snap.image(trigger, rule, now)
+        filename = render(self.template, self.job, self._progress.step, self.epoch, now)
         length = self._buffer.stage(tensors, metadata)
         if self._shards is not None:  # each rank writes its own shard in-process (see trainer_hooks.shards)
             unit = os.path.join(self.directory, unit_name(filename))
             filename = shard_name(self.rank, self.world_size)
-        job = SaveJob(self._buffer.fd, length, unit if self._shards else self.directory, filename, self._step,
+        job = SaveJob(self._buffer.fd, length, unit if self._shards else self.directory, filename, self._progress.step,
                       trigger, stall=(time.perf_counter_ns() - t0) / 1e9)
-        msg = {"step": self._step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
+        msg = {"step": self._progress.step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
                "filename": filename, "length": length, "stall": job.stall}
         self._outlet.submit(job, msg)
         stalled = time.perf_counter_ns() - t0
@@ -299,34 +338,15 @@ class Checkpointer(Snapshotting, Resuming):
         return True
 
     def _mark_saved(self, trigger: str, now: float) -> None:
-        self._triggers.saved(self._step, trigger, self._metric, now)
+        self._triggers.saved(self._progress.step, trigger, self._metric, now)
         self._last_save_wall = now
         self._time_rules.saved_at(now)
 
-    def _count_removals(self, removals: list[Removal]) -> None:
-        for r in removals:
-            if r.done:
-                self.stats["deleted"] += 1
-                log.info("ckptd: deleted %s (%s)", r.verdict.item.id, r.verdict.rule)
-            else:
-                log.error("ckptd: %s", r.error)
-
     def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
-        """Runs on the worker thread after each save."""
+        """Runs on the worker thread (or the link's reader) after each save."""
         if result is not None:
             self._time_rules.measured(persist=time.monotonic() - job.submitted)
-            self.stats["verified"] += 1
-            self.last_verified = result.path
-            self._last_verified_step = max(self._last_verified_step, job.step)
-            self.saved.append({"path": result.path, "step": job.step, "trigger": job.trigger, "ok": True})
-            log.info("ckptd: step %d saved and verified: %s (%s)", job.step, result.path, job.trigger)
-            return
-        assert error is not None
-        self.stats["failed"] += 1
-        self.last_error = error
-        self.saved.append({"path": None, "step": job.step, "trigger": job.trigger, "ok": False,
-                           "reason": error.reason, "error": str(error)})
-        log.error("ckptd: save of step %d failed (%s): %s; training continues", job.step, error.reason, error)
+        self._record.persisted(job, result, error)
 
     # -- time rules and signals -------------------------------------------------
 
@@ -355,13 +375,13 @@ class Checkpointer(Snapshotting, Resuming):
         """End of run: save the last step if unsaved, wait for verification, stop threads."""
         if self._closed:
             return
-        if final and self.policy.save_final and (self._step > self._triggers.last_saved_step or not self.stats["saves"]):
+        if final and self.policy.save_final and (self._progress.step > self._triggers.last_saved_step or not self.stats["saves"]):
             self._save("final", "save_final")
         self.wait()
-        if final and self.policy.save_final and self._last_verified_step != self._step:
+        if final and self.policy.save_final and self._record.last_verified_step != self._progress.step:
             # the end of the run did not reach the disk: one fresh attempt (new temp file,
             # new fsync; a failed fsync is never retried on the same file)
-            log.warning("ckptd: the final checkpoint of step %d is not verified; trying once more", self._step)
+            log.warning("ckptd: the final checkpoint of step %d is not verified; trying once more", self._progress.step)
             self._save("final", "save_final")
             self.wait()
         self._closed = True
@@ -374,7 +394,7 @@ class Checkpointer(Snapshotting, Resuming):
         atexit.unregister(self._at_exit)
 
     def _stop_threads(self, timeout: float | None = None) -> None:
-        self._outlet.close(self._step if self._closed else None, timeout)
+        self._outlet.close(self._progress.step if self._closed else None, timeout)
         self._time_rules.close()
         self._buffer.close()
 

@@ -1,9 +1,9 @@
 """Where a staged snapshot goes: the three ways a save leaves the trainer, behind one interface.
 
 1. **daemon**: the snapshot's fd goes over the socket (``trainer_hooks.link``); the
-   daemon runs the save lifecycle and replies ``saved``.
+   daemon runs the save pipeline and replies ``saved``.
 2. **embedded**: no daemon answers (or it went away with saves in flight): this
-   process's persist thread (``trainer_hooks.worker``) runs the same lifecycle
+   process's persist thread (``trainer_hooks.worker``) runs the same pipeline
    (``ckptd.save.pipeline.save_unit``).
 3. **sharded**: every rank's persist thread writes its own shard and the ranks commit
    together (``ckptd.save.pipeline.save_shard`` over ``trainer_hooks.shards``' collectives);
@@ -47,17 +47,29 @@ class Outlet:
         self._worker = Worker(self._persist_here, self._persisted_here)
         self.link: Link | None = None
         uploads = replicate and target.settings.get("remote") and (shards is None or shards.rank == 0)
-        self.replicator: Uploader | None = None  # sharded: rank 0 uploads the committed unit
+        self.uploader: Uploader | None = None  # sharded: rank 0 uploads the committed unit
         if uploads:  # the remote tier (boto3 and all) is imported only by a job that has one
             from ckptd.remote.uploader import Uploader
 
-            self.replicator = Uploader()
+            self.uploader = Uploader()
         self._daemon_has_it = False  # the last sharded commit went to the daemon, which replicates it
 
     def connect(self, path: str, hello: Callable[[], dict[str, Any]], beat: Callable[[], dict[str, Any]],
                 on_due: Callable[[str], None], retry_every: float) -> None:
         """Talk to the daemon at ``path`` (and keep trying to, every ``retry_every`` seconds)."""
         self.link = Link(path, hello, beat, self._daemon_saved, self._daemon_lost, retry_every, on_due=on_due)
+
+    def say_mode(self, saving: bool, rank_of: tuple[int, int], socket: str | bool | None) -> None:
+        """Once, at construction: where this process's saves go (said, never guessed at later)."""
+        job, directory = self.target.job, self.target.directory
+        if not saving:
+            log.info("ckptd: job %s rank %d of %d: rank 0 saves; this rank only resumes", job, *rank_of)
+        elif self.mode == "embedded" and isinstance(socket, str):
+            log.warning("ckptd: job %s: no daemon answers at %s (socket= was given); saving in embedded mode to %s",
+                        job, socket, directory)
+        elif self.mode == "embedded":
+            log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
+                     job, directory)
 
     @property
     def mode(self) -> str:
@@ -86,24 +98,24 @@ class Outlet:
             self.link.close(end_step)
             self.link = None
         self._worker.close(timeout)
-        if self.replicator is not None:
+        if self.uploader is not None:
             self._drain_uploads(timeout)
 
     def _drain_uploads(self, timeout: float | None) -> None:
         """Embedded: nobody else will upload what is left, so wait for it, within remote_timeout."""
-        assert self.replicator is not None
+        assert self.uploader is not None
         limit = self.target.settings.get("remote_timeout", 300.0)
-        left = self.replicator.wait(limit if timeout is None else min(limit, timeout))
+        left = self.uploader.wait(limit if timeout is None else min(limit, timeout))
         if left:
             log.warning("ckptd: %d checkpoint(s) not yet on %s after %.0fs: %s; they stay on disk and the next run "
                         "(or a daemon) uploads them", len(left), self.target.settings["remote"], limit,
                         ", ".join(os.path.basename(u.path) for u in left))
-        self.replicator.close(timeout=5.0)
+        self.uploader.close(timeout=5.0)
 
     def resync_remote(self) -> None:
         """Embedded at start: upload what an earlier run saved and did not get to the remote tier."""
-        if self.replicator is not None:
-            self.replicator.resync(self.target.job, self.target.directory, self.target.settings,
+        if self.uploader is not None:
+            self.uploader.resync(self.target.job, self.target.directory, self.target.settings,
                                    after=self._prune_again)
 
     def _persisted_here(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
@@ -111,10 +123,10 @@ class Outlet:
 
     def _replicate(self, result: Persisted) -> None:
         """Stage 7 of what this process saved itself (the daemon replicates what it was told of)."""
-        if self.replicator is not None and not self._daemon_has_it:
+        if self.uploader is not None and not self._daemon_has_it:
             from ckptd.remote.uploader import Upload
 
-            self.replicator.submit(Upload(self.target.job, result.path, self.target.settings, after=self._prune_again,
+            self.uploader.submit(Upload(self.target.job, result.path, self.target.settings, after=self._prune_again,
                                           created=time.time()))
 
     def _prune_again(self) -> None:

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ckptd.disk.manifest import DCP as DCP_LAYOUT
@@ -26,13 +26,12 @@ from ckptd.disk.manifest import shard_name
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
 from ckptd.save.newest import newest_verified
-from trainer_hooks.state import Structure, apply, as_float, load, structure_problem
+from trainer_hooks.state import Structure, apply, load, structure_problem
 
 if TYPE_CHECKING:
     import torch
 
     from trainer_hooks.shards import ShardGroup
-    from trainer_hooks.triggers import Triggers
 
 log = logging.getLogger("ckptd.hook")
 
@@ -41,7 +40,7 @@ def say_resumed(job: str, step: int, path: str | None, source: str, seconds: flo
     """The one line a resume prints on stderr by default (``quiet=True`` silences it): at the
     default log level a silent resume left users guessing whether it had found anything."""
     if path is None:
-        line = f"ckptd: job {job}: no verified checkpoint{f' in {where}' if where else ''}; starting at step 0"
+        line = f"ckptd: job {job}: nothing to resume (no verified checkpoint{f' in {where}' if where else ''}), step 0"
     else:
         line = f"ckptd: job {job} resumed at step {step} from {path} (verified, from {source})"
     print(f"{line} [{seconds:.2f}s]", file=sys.stderr, flush=True)
@@ -51,8 +50,19 @@ class ResumeError(RuntimeError):
     """The newest verified checkpoint does not fit the model; the message says how to start fresh."""
 
 
-class Resuming:
-    """Mixed into ``Checkpointer``: what resuming needs of it is declared here."""
+@dataclass(frozen=True)
+class Resumed:
+    """What a resume restored: the run continues from ``step``."""
+
+    step: int
+    epoch: float | None
+    path: str
+
+
+@dataclass
+class Resumer:
+    """Finds the newest checkpoint of a job that verifies (locally, else on its remote tier) and
+    loads it into the trainer's objects; the ``Checkpointer`` then continues its count from it."""
 
     job: str
     directory: str
@@ -64,65 +74,62 @@ class Resuming:
     scheduler: Any
     extra: dict[str, Any] | None
     generators: dict[str, torch.Generator]
-    epoch: float | None
-    _shards: ShardGroup | None
-    _structure: Structure
-    _step: int
-    _last_verified_step: int
-    _triggers: Triggers
-    quiet: bool
-
-    def wait(self, timeout: float | None = None) -> bool:
-        raise NotImplementedError
+    structure: Structure
+    shards: ShardGroup | None = None
+    quiet: bool = False
 
     def checkpoints(self) -> list[Checkpoint]:
         return scan(self.directory, self.job)
 
-    def resume(self, fresh: bool = False) -> int:
-        """Load the newest checkpoint that verifies now; return its step (0 if none).
+    def resume(self, fresh: bool = False) -> Resumed | None:
+        """Load the newest checkpoint that verifies now; None if there is none (or ``fresh``).
 
         A checkpoint that does not fit the model (a stale run in the same directory, a
         changed architecture) is refused with ``ResumeError``, never loaded partly.
-        ``fresh=True`` starts from step 0 instead and moves every existing checkpoint of
-        the job into ``DIR/.ckptd-stale/<time>/`` (nothing is deleted).
+        ``fresh=True`` moves every existing checkpoint of the job into
+        ``DIR/.ckptd-stale/<time>/`` (nothing is deleted).
         """
-        self.wait()  # sharded: the persist thread's collectives must not interleave with the resume agreement
         if fresh:
             self._move_aside()
-            return 0
+            return None
         t0, source = time.perf_counter(), "disk"
         info = newest_verified(self.directory, self.job, check=self._resumable)
         if info is None and self._fetch_remote():
             info, source = newest_verified(self.directory, self.job, check=self._resumable), "remote"
         if info is None:
-            self._say(None, source, t0)
-            return 0
-        fits = self._shards is not None or self.model is None  # (a sharded rank holds its part of the model)
-        problem = "" if fits else structure_problem(self._structure, info.path)
+            self._say(None, 0, source, t0)
+            return None
+        fits = self.shards is not None or self.model is None  # (a sharded rank holds its part of the model)
+        problem = "" if fits else structure_problem(self.structure, info.path)
         if problem:
             raise ResumeError(f"the newest checkpoint of job {self.job}, {info.path} (step {info.step}), does not fit "
                               f"this model: {problem}. It may be from an older run in the same directory. Start "
                               "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
                               "or give this run another directory or job name")
-        manifest = read_manifest(info.path) if self._shards is not None else None
-        if manifest is not None and manifest.layout == DCP_LAYOUT:
-            state = self._load_planned(info.path, manifest.world_size)
-        else:
-            state = load(info.path if self._shards is None else os.path.join(info.path, shard_name(self.rank,
-                                                                                                   self.world_size)))
-            apply(state, self.model, self.optimizer, self.scheduler, self.generators)
+        state = self._load(info)
         if self.extra is not None and "extra" in state:
             self.extra.clear()
             self.extra.update(state["extra"])
-        self._restore_progress(state.get("trainer", {}), info)
-        log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, self._step)
-        self._say(info.path, source, t0)
-        return self._step
+        trainer = state.get("trainer", {})
+        resumed = Resumed(int(trainer.get("step", info.step)), trainer.get("epoch"), info.path)
+        log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, resumed.step)
+        self._say(info.path, resumed.step, source, t0)
+        return resumed
 
-    def _say(self, path: str | None, source: str, t0: float) -> None:
+    def _load(self, info: Checkpoint) -> dict[str, Any]:
+        """The file, or this rank's shard, or for a ``dcp`` unit DCP's load planner over every shard."""
+        manifest = read_manifest(info.path) if self.shards is not None else None
+        if manifest is not None and manifest.layout == DCP_LAYOUT:
+            return self._load_planned(info.path, manifest.world_size)
+        state = load(info.path if self.shards is None else os.path.join(info.path, shard_name(self.rank,
+                                                                                             self.world_size)))
+        apply(state, self.model, self.optimizer, self.scheduler, self.generators)
+        return state
+
+    def _say(self, path: str | None, step: int, source: str, t0: float) -> None:
         """One line on stderr (rank 0 of a multi-rank run), unless ``quiet=True``."""
         if not self.quiet and self.rank == 0:
-            say_resumed(self.job, self._step if path else 0, path, source, time.perf_counter() - t0, self.directory)
+            say_resumed(self.job, step, path, source, time.perf_counter() - t0, self.directory)
 
     def _load_planned(self, unit: str, saved_by: int) -> dict[str, Any]:
         """A unit DCP planned, saved by any number of ranks: DCP's load planner reshards the
@@ -130,8 +137,8 @@ class Resuming:
         when the unit has one (the same rank count), else it is left as it is."""
         from trainer_hooks import dcpio
 
-        assert self._shards is not None
-        dcpio.load_unit(unit, self.model, self.optimizer, self.scheduler, self._shards.plans)
+        assert self.shards is not None
+        dcpio.load_unit(unit, self.model, self.optimizer, self.scheduler, self.shards.plans)
         own = self.rank if self.rank < saved_by else 0
         state: dict[str, Any] = load(os.path.join(unit, shard_name(own, saved_by)))[dcpio.local_key(own)]
         if own != self.rank or saved_by != self.world_size:
@@ -149,14 +156,14 @@ class Resuming:
         Sharded: rank 0 fetches the unit, then any rank that does not see it (another host) does."""
         if not self.settings.get("remote"):
             return False
-        if self._shards is None:
+        if self.shards is None:
             return self._fetch_newest() is not None
-        self._shards.everyone(True)  # every rank has looked at its directory before anything appears in it
+        self.shards.everyone(True)  # every rank has looked at its directory before anything appears in it
         path = self._fetch_newest() if self.rank == 0 else None
-        self._shards.everyone(True)  # rank 0's copy is in place before the others look
+        self.shards.everyone(True)  # rank 0's copy is in place before the others look
         if self.rank != 0 and not any(c.ok and not c.pending for c in self.checkpoints()):
             path = self._fetch_newest()
-        return not self._shards.everyone(path is None)  # the same answer on every rank
+        return not self.shards.everyone(path is None)  # the same answer on every rank
 
     def _fetch_newest(self) -> str | None:
         from ckptd.remote.fetch import fetch
@@ -181,7 +188,7 @@ class Resuming:
 
     def _resumable(self, info: Checkpoint) -> VerifyResult:
         """Does ``info`` verify for this rank (sharded: this rank's shard, and on every rank)?"""
-        if self._shards is None:
+        if self.shards is None:
             return verify_file(info.path)
         # each shard re-read by one rank (its own, with as many ranks), its peers' checked cheaply
         result = verify_unit(info.path, full=range(self.rank, 1 << 31, self.world_size))
@@ -190,12 +197,6 @@ class Resuming:
             result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
                                                       f"this run has {self.world_size}: each rank saved its own plain "
                                                       "tensors, which do not reshard (DTensor state, FSDP2, does)")
-        if self._shards.everyone(result.ok) != result.ok:
+        if self.shards.everyone(result.ok) != result.ok:
             result = replace(result, ok=False, reason="another rank's shard of it does not verify")
         return result
-
-    def _restore_progress(self, trainer: dict[str, Any], info: Checkpoint) -> None:
-        self._step = self._last_verified_step = int(trainer.get("step", info.step))
-        self.epoch = trainer.get("epoch")
-        key = self._triggers.best_key
-        self._triggers.restart_at(self._step, [as_float(c.metrics.get(key)) for c in self.checkpoints()] if key else [])

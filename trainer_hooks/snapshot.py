@@ -11,12 +11,14 @@ optimizer and scheduler are planned by torch.distributed.checkpoint instead
 from __future__ import annotations
 
 import time
+import uuid
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
 from trainer_hooks.pinned import pin_for
-from trainer_hooks.staging import StagingBuffer, image_length
+from trainer_hooks.staging import image_length
 from trainer_hooks.state import Flat, Structure, capture, fingerprint, flatten, jsonable_metrics
 
 if TYPE_CHECKING:
@@ -26,8 +28,22 @@ if TYPE_CHECKING:
 HEADER_ROOM = 1 << 16
 
 
-class Snapshotting:
-    """Mixed into ``Checkpointer``: what composing a snapshot needs of it is declared here."""
+@dataclass
+class Progress:
+    """Where the run is, as the policy clock counts it: what a snapshot's header records."""
+
+    step: int = 0
+    epoch: float | None = None
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass
+class Snapshotter:
+    """The state one rank saves, composed into tensors and header fields for the staging buffer.
+
+    It reads the trainer's objects (model, optimizer, scheduler, RNGs, ``extra``) and the run's
+    ``Progress`` only when asked, so what it composes is the state at the ``step()`` that asks.
+    """
 
     job: str
     rank: int
@@ -36,77 +52,67 @@ class Snapshotting:
     scheduler: Any
     extra: dict[str, Any] | None
     generators: dict[str, torch.Generator]
-    epoch: float | None
-    run_id: str
-    _before_save: Callable[[], None] | None
-    _dcp: bool
-    _step: int
-    _metrics: dict[str, Any] | None
-    _structure: Structure
-    _buffer: StagingBuffer
-    _resized: bool
-    saving: bool
-    settings: dict[str, Any]
+    progress: Progress
+    snapshot_mode: str  # the ``snapshot`` setting: auto | host | device
+    dcp: bool = False  # DTensor state planned by torch.distributed.checkpoint (trainer_hooks.dcpio)
+    before_save: Callable[[], None] | None = None  # e.g. a framework callback refreshing ``extra``
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    structure: Structure | None = None  # the model's structure, fixed at construction
 
-    def _capture(self, refresh: bool = True) -> dict[str, Any]:
+    def capture(self, refresh: bool = True) -> dict[str, Any]:
         """The state this rank stores as its own (with DCP planning: all but model, optimizer, scheduler)."""
-        if refresh and self._before_save is not None:
-            self._before_save()
-        trainer = {"job": self.job, "step": self._step, "epoch": self.epoch}
-        if self._dcp:
+        if refresh and self.before_save is not None:
+            self.before_save()
+        trainer = {"job": self.job, "step": self.progress.step, "epoch": self.progress.epoch}
+        if self.dcp:
             return capture(None, None, None, self.extra, trainer, self.generators)
         return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
 
-    def _image(self, trigger: str, rule: str, now: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def image(self, trigger: str, rule: str, now: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and header fields of this save's snapshot."""
-        if not self._dcp:
-            flat, skeleton = flatten(self._capture())
-            return flat.tensors, self._metadata(trigger, rule, now, skeleton, flat.aliases)
+        if not self.dcp:
+            flat, skeleton = flatten(self.capture())
+            return flat.tensors, self.metadata(trigger, rule, now, skeleton, flat.aliases)
         from trainer_hooks import dcpio
 
-        flat, skeleton = flatten({dcpio.local_key(self.rank): self._capture()})  # names unique across the ranks' files
+        flat, skeleton = flatten({dcpio.local_key(self.rank): self.capture()})  # names unique across the ranks' files
         planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
         tensors, keys = planned.header(flat.tensors)
-        return tensors, {**self._metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
+        return tensors, {**self.metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
 
-    def _image_bytes(self, flat: Flat, skeleton: Any, planned: int) -> int:
+    def image_bytes(self, flat: Flat, skeleton: Any, planned: int) -> int:
         """What a snapshot of this state will take in the staging buffer, with room for a header
         that grows between saves (step numbers, metrics): the size reserved ahead of a save.
         Exact without DCP; with it, this rank's ``planned`` bytes stand in for its chunks."""
-        length = image_length(flat.tensors, self._metadata("manual", "manual", time.time(), skeleton, flat.aliases))
+        length = image_length(flat.tensors, self.metadata("manual", "manual", time.time(), skeleton, flat.aliases))
         return length + planned + HEADER_ROOM
 
-    def _resize(self) -> None:
-        """Once, at the first step(): an optimizer that had no state at construction has it now
-        (AdamW's moments are twice the model), and a model moved to the GPU after construction is
-        there now: reserve (and page-lock) for the state as it is, ahead of the first save."""
-        self._resized = True
-        if self.saving:
-            flat, skeleton = flatten(self._capture(refresh=False))
-            self._buffer.pin = self._buffer.pin or self._wants_pinning(flat)
-            self._buffer.reserve(self._image_bytes(flat, skeleton, self._planned_bytes()))
+    def reservation(self) -> tuple[int, Flat]:
+        """The bytes to reserve for the state as it is now, and that state flattened."""
+        flat, skeleton = flatten(self.capture(refresh=False))
+        return self.image_bytes(flat, skeleton, self.planned_bytes()), flat
 
-    def _wants_pinning(self, flat: Flat) -> bool:
+    def wants_pinning(self, flat: Flat) -> bool:
         """Page-lock the snapshot buffer: this rank's state is on a GPU (``trainer_hooks.pinned``)."""
-        state = [*flat.tensors.values(), *(self.model.state_dict().values() if self._dcp else ())]
-        return pin_for(self.settings["snapshot"], self.job, state)
+        state = [*flat.tensors.values(), *(self.model.state_dict().values() if self.dcp else ())]
+        return pin_for(self.snapshot_mode, self.job, state)
 
-    def _planned_bytes(self) -> int:
+    def planned_bytes(self) -> int:
         """With DCP planning (0 without), this rank's part of the model and optimizer state, read as it is: not through
         ``get_optimizer_state_dict``, which initialises an optimizer that has not stepped yet by
         stepping it (with lr 0, but its step count moves): constructing a Checkpointer must not
         change training."""
-        if not self._dcp:
+        if not self.dcp:
             return 0
         from trainer_hooks import dcpio
 
         optimizer = self.optimizer.state_dict()["state"] if self.optimizer is not None else {}
         return dcpio.local_bytes({"model": self.model.state_dict(), "optimizer": optimizer})
 
-    def _metadata(self, trigger: str, rule: str, now: float, skeleton: Any,
-                  aliases: dict[str, str]) -> dict[str, str]:
-        meta = CheckpointMeta(self.job, self._step, now, trigger, rule, self.epoch, jsonable_metrics(self._metrics or {}),
-                              self.run_id, fingerprint(self._structure))
+    def metadata(self, trigger: str, rule: str, now: float, skeleton: Any, aliases: dict[str, str]) -> dict[str, str]:
+        p = self.progress
+        meta = CheckpointMeta(self.job, p.step, now, trigger, rule, p.epoch, jsonable_metrics(p.metrics or {}),
+                              self.run_id, fingerprint(self.structure) if self.structure is not None else "")
         return meta.encode(skeleton, aliases, FORMAT_VERSION)
 
 

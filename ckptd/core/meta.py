@@ -4,7 +4,7 @@ Every value is a string (safetensors' rule); JSON where the value is structured.
 hook writes them (``CheckpointMeta.encode``), everything else reads them
 (``CheckpointMeta.decode``), and docs/format.md describes each. ``ckptd.digests`` and
 ``ckptd.meta_digest`` are filled in by whoever persists the snapshot
-(``ckptd.store.persist``), not by the writer of the state.
+(``ckptd.disk.persist``), not by the writer of the state.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The daemon's side of the remote tier: which jobs' checkpoints it uploads, and what it says of them.
 
 The uploading itself (one thread, retries, remote retention, then local retention again) is
-``ckptd.store.replicator``, shared with the hook's embedded mode. Here: a job's verified
+``ckptd.remote.uploader``, shared with the hook's embedded mode. Here: a job's verified
 checkpoint is queued; at start, what catalogued jobs saved and their remote lacks is queued
 again (a restart cut those uploads off), but only for remotes ``[daemon] remote_allow``
 names; each upload ends in a counter, the remote gauges and a catalogue event; and at scrape
@@ -36,12 +36,12 @@ class Uploads:
     def __init__(self, metrics: Metrics, catalog: Catalog, ledger: Ledger, access: Access,
                  roots: Sequence[str]) -> None:
         self.metrics, self.catalog, self.ledger, self.access, self.roots = metrics, catalog, ledger, access, roots
-        self.replicator = Uploader(self._replicated, self._failed)
+        self.uploader = Uploader(self._replicated, self._failed)
 
     def submit(self, key: JobKey, settings: Mapping[str, Any], path: str, created: float) -> None:
         """A verified save of a job with a remote tier: upload it, then let local retention run again."""
         after = self._pruner(Target(key.directory, key.name, settings, self.roots), key)
-        self.replicator.submit(Upload(key.name, path, settings, key, after, created))
+        self.uploader.submit(Upload(key.name, path, settings, key, after, created))
 
     def resync(self) -> None:
         """At start: what catalogued jobs saved and their remote lacks (a restart cut an upload off)."""
@@ -54,18 +54,18 @@ class Uploads:
             except PermissionError as exc:
                 log.warning("job %s: not resuming its uploads: %s", key, exc)
             else:
-                self.replicator.resync(key.name, key.directory, settings, key,
+                self.uploader.resync(key.name, key.directory, settings, key,
                                        after=self._pruner(Target(key.directory, key.name, settings, self.roots), key))
 
     def lag(self, now: float) -> dict[JobKey, float]:
         """Per job with uploads waiting: the age of its newest verified checkpoint not yet remote."""
         newest: dict[JobKey, float] = {}
-        for u in self.replicator.pending:
+        for u in self.uploader.pending:
             newest[u.key] = max(newest.get(u.key, 0.0), u.created)
         return {key: max(0.0, now - created) for key, created in newest.items()}
 
     def close(self, timeout: float) -> None:
-        self.replicator.close(timeout=timeout)  # an upload cut off here is resumed by the next start's resync
+        self.uploader.close(timeout=timeout)  # an upload cut off here is resumed by the next start's resync
 
     def _pruner(self, target: Target, key: JobKey) -> Callable[[], None]:
         """Local retention for a job, once a checkpoint of it is remote."""

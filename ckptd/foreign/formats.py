@@ -7,7 +7,7 @@ Lightning's included), torch.distributed.checkpoint directories, OneTrainer's
 never verified: other tools' in-progress markers are respected and each format's own
 completeness is checked first.
 
-Nothing is unpickled with code execution (``ckptd.store.picklesafe``). This module is the
+Nothing is unpickled with code execution (``ckptd.foreign.picklesafe``). This module is the
 format registry every verb that takes a path uses (``find``), and watch mode too.
 """
 

@@ -2,7 +2,7 @@
 
 ``remote = "s3://bucket/prefix"`` (with ``remote_endpoint`` for S3-compatible stores) or
 ``remote = "file:///mnt/shared/ckpt"``. Both stores offer the same five operations on
-keys relative to the URL's prefix, which is all replication needs (``ckptd.store.replicate``
+keys relative to the URL's prefix, which is all replication needs (``ckptd.remote.upload``
 says what goes where and in which order). Credentials come from the standard AWS chain
 (environment, profile, instance role) only: boto3 finds them, ckptd's config never holds them.
 

@@ -1,0 +1,55 @@
+"""What became of a Checkpointer's saves: counters, one record per save, the last outcome.
+
+Written by the persist side (the worker thread, or the link's reader when the daemon
+replies) and read by the training thread and by tests: plain counters and appends, each
+a single bytecode-level operation, so no lock is needed for what they are used for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptd.core.retention import Removal
+from ckptd.disk.persist import Persisted, PersistError
+from trainer_hooks.worker import SaveJob
+
+log = logging.getLogger("ckptd.hook")
+
+
+def _counters() -> dict[str, int]:
+    return {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0, "deleted": 0}
+
+
+@dataclass
+class SaveRecord:
+    stats: dict[str, int] = field(default_factory=_counters)
+    saved: list[dict[str, Any]] = field(default_factory=list)
+    last_verified: str | None = None  # the path of the newest save that verified
+    last_verified_step: int = -1
+    last_error: PersistError | None = None
+
+    def persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
+        """One save's outcome, said in the log: verified, or failed with its reason (training goes on)."""
+        if result is not None:
+            self.stats["verified"] += 1
+            self.last_verified = result.path
+            self.last_verified_step = max(self.last_verified_step, job.step)
+            self.saved.append({"path": result.path, "step": job.step, "trigger": job.trigger, "ok": True})
+            log.info("ckptd: step %d saved and verified: %s (%s)", job.step, result.path, job.trigger)
+            return
+        assert error is not None
+        self.stats["failed"] += 1
+        self.last_error = error
+        self.saved.append({"path": None, "step": job.step, "trigger": job.trigger, "ok": False,
+                           "reason": error.reason, "error": str(error)})
+        log.error("ckptd: save of step %d failed (%s): %s; training continues", job.step, error.reason, error)
+
+    def removed(self, removals: list[Removal]) -> None:
+        for r in removals:
+            if r.done:
+                self.stats["deleted"] += 1
+                log.info("ckptd: deleted %s (%s)", r.verdict.item.id, r.verdict.rule)
+            else:
+                log.error("ckptd: %s", r.error)
