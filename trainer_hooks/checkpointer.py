@@ -48,7 +48,7 @@ from trainer_hooks.resume import Resumer
 from trainer_hooks.shards import ShardGroup
 from trainer_hooks.snapshot import Progress, Snapshotter, holds_dtensors
 from trainer_hooks.staging import StagingBuffer
-from trainer_hooks.state import as_float, flatten, model_structure, rank_and_world
+from trainer_hooks.state import as_float, rank_and_world
 from trainer_hooks.timerules import TimeRules
 from trainer_hooks.triggers import SCHEDULED, Triggers, hook_policy, warn_about_plan
 from trainer_hooks.worker import SaveJob
@@ -85,17 +85,18 @@ class Checkpointer:
                                  self._progress, self.settings["snapshot"], self._dcp, before_save)
         self._preflight()
         self._resumer = Resumer(self.job, self.directory, self.settings, self.rank, self.world_size, model, optimizer,
-                                scheduler, extra, self.generators, self._structure, self._shards, quiet)
+                                scheduler, extra, self.generators, self._snap.structure or {}, self._shards, quiet)
         self._record = SaveRecord()
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
-        self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._pin)
-        self._buffer.reserve(self._reserved)  # in the background: the first save must not fault it in
+        self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
+        self._buffer.reserve(self._sizes.image_bytes)  # in the background: the first save must not fault it in
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
                               self._record.removed, self._shards, replicate=self.saving)
         self._closed = False
         # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
         self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
-        if socket is not False and self.saving and self._talks_to_daemon:
+        talks = self.rank == 0 or self._shards is None  # the rank that talks to the daemon (time rules, retention)
+        if socket is not False and self.saving and talks:
             self._outlet.connect(default_socket_path() if socket in (None, True) else str(socket), self._hello,
                                  self._beat, self._time_fired, reconnect_every)
         if self.mode == "embedded":
@@ -132,24 +133,12 @@ class Checkpointer:
 
     def _preflight(self) -> None:
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
-        flat, skeleton = flatten(self._snap.capture())
-        self._structure = self._snap.structure = model_structure(flat)
-        planned = self._snap.planned_bytes()
-        self._state_bytes = flat.nbytes + planned
-        self.run_id = self._snap.run_id
-        self._reserved = self._snap.image_bytes(flat, skeleton, planned) if self.saving else 0
-        self._pin = self.saving and self._snap.wants_pinning(flat)
+        self._sizes = self._snap.measure(self.saving)
+        self._state_bytes, self.run_id = self._sizes.state_bytes, self._snap.run_id
         if self.saving:
             older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
             check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in older))
             cleanup_temp(self.directory)
-
-    @property
-    def _talks_to_daemon(self) -> bool:
-        """The rank that talks to the daemon, runs time rules and retention."""
-        return self.rank == 0 or self._shards is None
-
-    # -- the daemon ---------------------------------------------------------------
 
     @property
     def mode(self) -> str:
@@ -162,7 +151,7 @@ class Checkpointer:
                 "state_bytes": self._state_bytes}
 
     def _beat(self) -> dict[str, Any]:
-        return {"step": self._progress.step, "epoch": self.epoch}
+        return {"step": self._progress.step, "epoch": self._progress.epoch}
 
     # -- progress ---------------------------------------------------------------
 
@@ -375,14 +364,13 @@ class Checkpointer:
         """End of run: save the last step if unsaved, wait for verification, stop threads."""
         if self._closed:
             return
-        if final and self.policy.save_final and (self._progress.step > self._triggers.last_saved_step or not self.stats["saves"]):
+        step, final = self._progress.step, final and self.policy.save_final
+        if final and (step > self._triggers.last_saved_step or not self.stats["saves"]):
             self._save("final", "save_final")
         self.wait()
-        if final and self.policy.save_final and self._record.last_verified_step != self._progress.step:
-            # the end of the run did not reach the disk: one fresh attempt (new temp file,
-            # new fsync; a failed fsync is never retried on the same file)
-            log.warning("ckptd: the final checkpoint of step %d is not verified; trying once more", self._progress.step)
-            self._save("final", "save_final")
+        if final and self._record.last_verified_step != step:  # one fresh attempt (new temp file, new
+            log.warning("ckptd: the final checkpoint of step %d is not verified; trying once more", step)
+            self._save("final", "save_final")  # fsync: a failed fsync is never retried on the same file)
             self.wait()
         self._closed = True
         if self._shards is not None:

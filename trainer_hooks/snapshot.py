@@ -19,7 +19,7 @@ from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
 from trainer_hooks.pinned import pin_for
 from trainer_hooks.staging import image_length
-from trainer_hooks.state import Flat, Structure, capture, fingerprint, flatten, jsonable_metrics
+from trainer_hooks.state import Flat, Structure, capture, fingerprint, flatten, jsonable_metrics, model_structure
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +35,13 @@ class Progress:
     step: int = 0
     epoch: float | None = None
     metrics: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Measured:
+    state_bytes: int  # what the state holds (the disk must take one of these)
+    image_bytes: int  # what to reserve in the staging buffer (0 on a rank that does not save)
+    pin: bool  # page-lock the buffer: the state is on a GPU
 
 
 @dataclass
@@ -86,6 +93,15 @@ class Snapshotter:
         Exact without DCP; with it, this rank's ``planned`` bytes stand in for its chunks."""
         length = image_length(flat.tensors, self.metadata("manual", "manual", time.time(), skeleton, flat.aliases))
         return length + planned + HEADER_ROOM
+
+    def measure(self, saving: bool) -> Measured:
+        """At construction: the state flattened once (an unserialisable ``extra`` fails here), the
+        model's structure fixed for resume's fit check, and the sizes the buffer and disk need."""
+        flat, skeleton = flatten(self.capture())
+        self.structure = model_structure(flat)
+        planned = self.planned_bytes()
+        image = self.image_bytes(flat, skeleton, planned) if saving else 0
+        return Measured(flat.nbytes + planned, image, saving and self.wants_pinning(flat))
 
     def reservation(self) -> tuple[int, Flat]:
         """The bytes to reserve for the state as it is now, and that state flattened."""
