@@ -46,6 +46,7 @@ from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
 from trainer_hooks.record import SaveRecord
 from trainer_hooks.resume import Resumer
 from trainer_hooks.shards import ShardGroup
+from trainer_hooks.shared import SharedTensors
 from trainer_hooks.snapshot import Progress, Snapshotter, holds_dtensors
 from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import as_float, rank_and_world
@@ -81,11 +82,14 @@ class Checkpointer:
         self._progress = Progress()
         self._configure(directory, settings, config, sharded, shard_timeout)
         # before_save: e.g. a framework callback refreshing ``extra`` only when it counts
+        shared = SharedTensors() if self.saving and sharded is False and not self.settings.get("remote") else None
         self._snap = Snapshotter(self.job, self.rank, model, optimizer, scheduler, extra, self.generators,
-                                 self._progress, self.settings["snapshot"], self._dcp, before_save)
+                                 self._progress, self.settings["snapshot"], self._dcp, before_save, shared=shared,
+                                 trainable_only=self.settings["save"] == "trainable")
         self._preflight()
         self._resumer = Resumer(self.job, self.directory, self.settings, self.rank, self.world_size, model, optimizer,
-                                scheduler, extra, self.generators, self._snap.structure or {}, self._shards, quiet)
+                                scheduler, extra, self.generators, self._snap.structure or {}, self._shards, quiet,
+                                strict=self.settings["save"] == "all")
         self._record = SaveRecord()
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
@@ -335,6 +339,8 @@ class Checkpointer:
         """Runs on the worker thread (or the link's reader) after each save."""
         if result is not None:
             self._time_rules.measured(persist=time.monotonic() - job.submitted)
+        if self._snap.shared is not None:  # where the frozen tensors' bytes are now, or forget them all
+            self._snap.shared.verified(job.step, result.path) if result is not None else self._snap.shared.failed()
         self._record.persisted(job, result, error)
 
     # -- time rules and signals -------------------------------------------------

@@ -77,6 +77,7 @@ class Resumer:
     structure: Structure
     shards: ShardGroup | None = None
     quiet: bool = False
+    strict: bool = True  # False for save="trainable": the base is the user's to load
 
     def checkpoints(self) -> list[Checkpoint]:
         return scan(self.directory, self.job)
@@ -123,7 +124,7 @@ class Resumer:
             return self._load_planned(info.path, manifest.world_size)
         state = load(info.path if self.shards is None else os.path.join(info.path, shard_name(self.rank,
                                                                                              self.world_size)))
-        apply(state, self.model, self.optimizer, self.scheduler, self.generators)
+        apply(state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
         return state
 
     def _say(self, path: str | None, step: int, source: str, t0: float) -> None:

@@ -10,6 +10,8 @@ optimizer and scheduler are planned by torch.distributed.checkpoint instead
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,7 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
+from ckptd.core.refs import REFS_KEY, encode
+from ckptd.disk.export import HF_CONFIG, PEFT_CONFIG
 from trainer_hooks.pinned import pin_for
+from trainer_hooks.shared import SharedTensors, frozen_identities, identity
 from trainer_hooks.staging import image_length
 from trainer_hooks.state import Flat, Structure, capture, fingerprint, flatten, jsonable_metrics, model_structure
 
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 
 
 HEADER_ROOM = 1 << 16
+log = logging.getLogger("ckptd.hook")
 
 
 @dataclass
@@ -65,6 +71,15 @@ class Snapshotter:
     before_save: Callable[[], None] | None = None  # e.g. a framework callback refreshing ``extra``
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     structure: Structure | None = None  # the model's structure, fixed at construction
+    shared: SharedTensors | None = None  # unchanged frozen tensors referred to, not copied (SPEC §13)
+    trainable_only: bool = False  # save="trainable": the model's trainable part and the buffers that changed
+    _buffers_at_start: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    _configs: dict[str, str] = field(default_factory=dict)  # what ``ckptd export`` needs to write hf/peft
+
+    def __post_init__(self) -> None:
+        if self.trainable_only and self.model is not None:
+            self._buffers_at_start = {n: (identity(b), b._version) for n, b in self.model.named_buffers()}
+        self._configs = model_configs(self.model)
 
     def capture(self, refresh: bool = True) -> dict[str, Any]:
         """The state this rank stores as its own (with DCP planning: all but model, optimizer, scheduler)."""
@@ -73,13 +88,28 @@ class Snapshotter:
         trainer = {"job": self.job, "step": self.progress.step, "epoch": self.progress.epoch}
         if self.dcp:
             return capture(None, None, None, self.extra, trainer, self.generators)
-        return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
+        if not self.trainable_only or self.model is None:
+            return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
+        state = capture(None, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
+        return {**state, "model": self._trainable_state()}
+
+    def _trainable_state(self) -> dict[str, Any]:
+        """``save="trainable"``: the parameters that train and the buffers that changed since construction."""
+        trains = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        changed = {n for n, b in self.model.named_buffers() if (identity(b), b._version) != self._buffers_at_start.get(n)}
+        return {k: v for k, v in self.model.state_dict().items() if k in trains or k in changed}
 
     def image(self, trigger: str, rule: str, now: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and header fields of this save's snapshot."""
         if not self.dcp:
             flat, skeleton = flatten(self.capture())
-            return flat.tensors, self.metadata(trigger, rule, now, skeleton, flat.aliases)
+            meta = self.metadata(trigger, rule, now, skeleton, flat.aliases)
+            if self.shared is None:
+                return flat.tensors, meta
+            tensors, refs = self.shared.split(self.progress.step, flat.tensors, frozen_identities(self.model))
+            if refs:
+                meta[REFS_KEY] = encode(refs)
+            return tensors, meta
         from trainer_hooks import dcpio
 
         flat, skeleton = flatten({dcpio.local_key(self.rank): self.capture()})  # names unique across the ranks' files
@@ -129,7 +159,24 @@ class Snapshotter:
         p = self.progress
         meta = CheckpointMeta(self.job, p.step, now, trigger, rule, p.epoch, jsonable_metrics(p.metrics or {}),
                               self.run_id, fingerprint(self.structure) if self.structure is not None else "")
-        return meta.encode(skeleton, aliases, FORMAT_VERSION)
+        return {**meta.encode(skeleton, aliases, FORMAT_VERSION), **self._configs}
+
+
+def model_configs(model: Any) -> dict[str, str]:
+    """A HF model's config and a PEFT model's adapter configs, as JSON header fields: ``ckptd
+    export --format hf|peft`` writes them back as ``config.json`` / ``adapter_config.json``."""
+    out: dict[str, str] = {}
+    try:
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            out[HF_CONFIG] = config.to_json_string(use_diff=False)
+        peft = getattr(model, "peft_config", None)
+        if isinstance(peft, dict) and peft:
+            out[PEFT_CONFIG] = json.dumps({name: c.to_dict() for name, c in peft.items()}, sort_keys=True,
+                                          default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
+    except Exception as exc:  # a config that does not serialise costs the export format, never a save
+        log.warning("ckptd: the model's config is not recorded (ckptd export --format hf/peft will say so): %s", exc)
+    return out
 
 
 def holds_dtensors(model: Any) -> bool:

@@ -187,10 +187,13 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], aliases: dict[str
 
 
 def apply(state: dict[str, Any], model: Any = None, optimizer: Any = None, scheduler: Any = None,
-          generators: dict[str, torch.Generator] | None = None) -> None:
-    """Load a restored state into the live objects, RNG last (loading may draw from it)."""
+          generators: dict[str, torch.Generator] | None = None, strict: bool = True) -> None:
+    """Load a restored state into the live objects, RNG last (loading may draw from it).
+    ``strict=False``: a ``save="trainable"`` checkpoint, whose base the user's code loaded."""
     if model is not None and "model" in state:
-        model.load_state_dict(state["model"])
+        result = model.load_state_dict(state["model"], strict=strict)
+        if not strict and result is not None and result.unexpected_keys:
+            raise StateError(f"the checkpoint has tensors the model does not: {result.unexpected_keys[:5]}")
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
@@ -215,10 +218,28 @@ def load(path: str) -> dict[str, Any]:
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors.update(load_referenced(path, meta))
     skeleton = json.loads(meta.get("ckptd.state", "null"))
     aliases = json.loads(meta.get("ckptd.aliases", "{}"))
     state: dict[str, Any] = unflatten(skeleton, tensors, aliases)
     return state
+
+
+def load_referenced(path: str, meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint refers to instead of storing (SPEC §13), from the files beside it
+    that hold them; each holder opened once."""
+    from safetensors import safe_open
+
+    from ckptd.core.refs import decode
+
+    by_file: dict[str, dict[str, str]] = {}
+    for name, r in decode(meta).items():
+        by_file.setdefault(r.file, {})[name] = r.tensor
+    out: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        with safe_open(os.path.join(os.path.dirname(path), file), framework="pt") as f:
+            out.update({name: f.get_tensor(there) for name, there in names.items()})
+    return out
 
 
 def as_float(v: Any) -> float | None:
@@ -262,7 +283,10 @@ def structure_problem(ours: Structure, path: str) -> str:
         header = read_header(f, os.fstat(f.fileno()).st_size)
     if header.metadata.get(FINGERPRINT) == fingerprint(ours):
         return ""
+    from ckptd.core.refs import decode
+
     theirs = {e.name: (e.dtype, tuple(e.shape)) for e in header.tensors if e.name.startswith("model/")}
+    theirs.update({n: (r.dtype, r.shape) for n, r in decode(header.metadata).items() if n.startswith("model/")})
     for name in sorted(set(ours) | set(theirs)):
         if name not in theirs:
             return f"it has no tensor {name!r}"

@@ -4,7 +4,7 @@
 ``service`` the verbs that run or ask the daemon. Importing this package registers them all.
 """
 
-from ckptd.cli import files, remote, service  # noqa: F401  (registers the verbs on ``main``)
+from ckptd.cli import export, files, remote, service  # noqa: F401  (registers the verbs on ``main``)
 from ckptd.cli.base import main
 
 __all__ = ["main"]

@@ -40,15 +40,17 @@ class Item:
     final: bool = False
     metric: float | None = None
     remote_pending: bool = False  # a remote tier is set and this one is not verified there yet
+    refs: tuple[str, ...] = ()  # ids of the items holding tensors this one refers to instead of storing (§13)
 
 
 def item_of(id: str, step: int, created: float, nbytes: int, *, trigger: str = "",
-            metrics: Mapping[str, Any] | None = None, best_metric: str | None = None, **state: bool) -> Item:
+            metrics: Mapping[str, Any] | None = None, best_metric: str | None = None,
+            refs: tuple[str, ...] = (), **state: bool) -> Item:
     """The one way a tree (local, watched, remote) describes a checkpoint to retention: the
     final flag from its trigger, the metric ``keep_best`` ranks by, and its state flags."""
     value = (metrics or {}).get(best_metric) if best_metric else None
     metric = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    return Item(id, step, created, nbytes, final=trigger == Trigger.FINAL, metric=metric, **state)
+    return Item(id, step, created, nbytes, final=trigger == Trigger.FINAL, metric=metric, refs=refs, **state)
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,24 @@ def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
     if not rules.any_window:
         for i in good:
             reasons[i.id].append(Reason(Rule.NO_RETENTION_RULES))
+    _keep_referenced(ordered, reasons)
     return [Verdict(i, bool(reasons[i.id]), tuple(reasons[i.id]) if reasons[i.id] else (_why_delete(i),))
             for i in ordered]
+
+
+def _keep_referenced(ordered: list[Item], reasons: dict[str, list[Reason]]) -> None:
+    """A kept checkpoint's references keep what they point to ("referenced by step N"), until
+    nothing changes: deleting a holder would leave a kept checkpoint incomplete."""
+    changed = True
+    while changed:
+        changed = False
+        for i in ordered:  # newest first: a holder names the newest checkpoint that needs it
+            if not reasons[i.id] or i.corrupt or i.partial:
+                continue
+            for h in i.refs:
+                if h in reasons and not any(r.rule == Rule.REFERENCED for r in reasons[h]):
+                    reasons[h].append(Reason(Rule.REFERENCED, i.step))
+                    changed = True
 
 
 def _why_delete(i: Item) -> Reason:

@@ -160,6 +160,9 @@ KEYS: dict[str, Key] = {
     # GPU state (SPEC §10)
     "snapshot": Key(_choice("auto", "host", "device"), "auto", "hook", "CUDA state: 'host' copies it straight into "
                     "page-locked shared memory; 'device' (not yet built: host is used) a GPU copy first; 'auto' picks"),
+    # fine-tuning (SPEC §13)
+    "save": Key(_choice("all", "trainable"), "all", "hook", "'trainable': only parameters with requires_grad, "
+                "the buffers that changed, the optimizer and the rest (resume needs the base loaded first)"),
     # naming (SPEC §7)
     "template": Key(_template, "{job}-step{step:08d}.safetensors", "naming", "checkpoint file name template"),
 }

@@ -102,6 +102,7 @@ class Rule(StrEnum):
     KEEP_DAILY = "keep_daily"
     NO_RETENTION_RULES = "no_retention_rules"
     REMOTE_PENDING = "remote_pending"  # not yet verified on the remote tier: retention waits, quota may not
+    REFERENCED = "referenced"  # holds tensors a kept checkpoint refers to instead of storing them again (§13)
     # delete verdicts
     NO_RULE = "no rule keeps it"
     CORRUPT = "corrupt"
@@ -111,7 +112,7 @@ class Rule(StrEnum):
 
 # Rules that quota must respect too; the rest only express "a window of recent history".
 PROTECTED = frozenset({Rule.IN_FLIGHT, Rule.UNVERIFIED, Rule.NEWEST_VERIFIED, Rule.PINNED, Rule.KEEP_BEST,
-                       Rule.KEEP_FINAL})
+                       Rule.KEEP_FINAL, Rule.REFERENCED})
 WINDOW_RULES = ("keep_last", "keep_every_steps", "keep_hourly", "keep_daily", "keep_within")
 
 
@@ -126,7 +127,11 @@ class Reason(str):
     rank: int | None
 
     def __new__(cls, rule: Rule, rank: int | None = None) -> "Reason":
-        obj = super().__new__(cls, rule.value if rank is None else f"{rule.value} #{rank}")
+        """``rank``: where the rule ranks it; for ``referenced``, the step of the checkpoint that refers to it."""
+        text = rule.value if rank is None else f"{rule.value} #{rank}"
+        if rule == Rule.REFERENCED and rank is not None:
+            text = f"{rule.value} by step {rank}"
+        obj = super().__new__(cls, text)
         obj.rule, obj.rank = rule, rank
         return obj
 

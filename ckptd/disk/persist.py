@@ -37,7 +37,9 @@ from ckptd.core.format import (
     meta_digest,
     read_header_from_buffer,
 )
+from ckptd.core.refs import REFS_KEY
 from ckptd.core.vocab import FailReason
+from ckptd.disk.refs import check_refs, opener_at
 from ckptd.disk.verify import VerifyResult, verify_open
 
 __all__ = ["TEMP_MARK", "PersistError", "Persisted", "cleanup_temp", "persist", "reason_for", "temp_name"]
@@ -100,6 +102,10 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
             result = _verify_temp(dfd, tmp, directory)
             if not result.ok:
                 raise PersistError(FailReason.VERIFY_FAILED, f"{directory}/{filename}: read-back failed: {result.reason}")
+            missing = check_refs(header.metadata, opener_at(dir_fd=dfd), full=False) if REFS_KEY in header.metadata \
+                else ""
+            if missing:  # a tensor it refers to instead of storing is not where it says
+                raise PersistError(FailReason.VERIFY_FAILED, f"{directory}/{filename}: {missing}")
             os.rename(tmp, filename, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
         except OSError as exc:

@@ -16,6 +16,7 @@ from ckptd.core.meta import parse_time
 from ckptd.core.vocab import Problem
 from ckptd.disk import manifest as mf
 from ckptd.disk.persist import TEMP_MARK
+from ckptd.disk.refs import holders
 from ckptd.disk.safepath import DIR_FLAGS, open_dir, open_regular
 
 __all__ = ["SUFFIX", "Checkpoint", "is_pinned", "parse_time", "pin_path", "read_info", "scan", "set_pinned"]
@@ -43,6 +44,7 @@ class Checkpoint:
     digests: dict[str, str] = field(default_factory=dict)
     shards: int = 0  # a sharded unit (a directory): how many rank files it commits
     pending: bool = False  # a sharded unit without a manifest that may still be committing
+    refs: tuple[str, ...] = ()  # files beside it that hold tensors it refers to instead of storing (§13)
 
     @property
     def ok(self) -> bool:
@@ -65,7 +67,7 @@ def read_info(path: str) -> Checkpoint:
                           float(epoch) if epoch not in (None, "", "null") else None,
                           meta.get("ckptd.trigger", ""), meta.get("ckptd.rule", ""),
                           metrics if isinstance(metrics, dict) else {}, is_pinned(path),
-                          digests=header.meta_json("ckptd.digests", {}) or {})
+                          digests=header.meta_json("ckptd.digests", {}) or {}, refs=holders(meta))
     except (OSError, FormatError, ValueError, json.JSONDecodeError) as exc:
         size = _size(path)
         return Checkpoint(path, "", -1, size, _mtime(path), problem=str(exc) or type(exc).__name__,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Collection
 
 import xxhash
@@ -25,8 +25,10 @@ from ckptd.core.format import (
     meta_digest,
     read_header,
 )
+from ckptd.core.refs import REFS_KEY, RefError, decode
 from ckptd.core.vocab import Outcome
 from ckptd.disk import manifest as mf
+from ckptd.disk.refs import check_refs, opener_at
 from ckptd.disk.safepath import open_regular
 
 CHUNK = 8 * 1024 * 1024
@@ -99,9 +101,14 @@ def verify_file(path: str | os.PathLike[str]) -> VerifyResult:
         return verify_unit(p)
     try:
         with open_regular(p) as f:
-            return verify_open(f, p)
+            result = verify_open(f, p)
     except OSError as exc:
         return VerifyResult(p, False, f"cannot read: {exc.strerror or exc}")
+    if result.ok and REFS_KEY in result.metadata:  # complete only with every tensor it references
+        problem = check_refs(result.metadata, opener_at(os.path.dirname(p)), full=True)
+        if problem:
+            return replace(result, ok=False, reason=problem)
+    return result
 
 
 def verify_open(f: BinaryIO, label: str) -> VerifyResult:
@@ -184,7 +191,11 @@ def _name_mismatch(path: str, header: Header) -> str:
 
 def _check_aliases(header: Header) -> None:
     aliases = header.meta_json("ckptd.aliases", {})
-    names = {e.name for e in header.tensors}
+    try:
+        referenced = set(decode(header.metadata))  # a tied frozen weight is referenced, not stored
+    except RefError as exc:
+        raise FormatError(str(exc)) from None
+    names = {e.name for e in header.tensors} | referenced
     if not isinstance(aliases, dict) or not all(v in names for v in aliases.values()):
         raise FormatError("ckptd.aliases names a tensor that is not stored")
 

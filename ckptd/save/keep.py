@@ -44,7 +44,8 @@ def items_from(checkpoints: Sequence[Checkpoint], best_metric: str | None,
                                      best_metric=best_metric, verified=c.ok and not c.pending,
                                      corrupt=not c.ok and not abandoned, partial=abandoned, in_flight=c.pending,
                                      pinned=c.pinned, remote_pending=replicated is not None
-                                     and os.path.basename(c.path) not in replicated))
+                                     and os.path.basename(c.path) not in replicated,
+                                     refs=tuple(os.path.join(os.path.dirname(c.path), f) for f in c.refs)))
     return out
 
 

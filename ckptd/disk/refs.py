@@ -1,0 +1,106 @@
+"""Following a checkpoint's references (``ckptd.core.refs``) to the files that hold the bytes.
+
+A checkpoint with references is complete only when every tensor it references is present
+and verified: its holder is a ckptd file of the same job beside it, the holder's header
+lists a tensor of that name at those offsets, with that dtype, shape and digest, and (when
+``full``) those bytes, read again, hash to the digest. ``persist`` checks the cheap part
+before it renames a new file into place (the holder verified when it was written and a
+final name is never rewritten); ``verify_file``, resume and ``ckptd verify`` re-read the bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO, Callable, Mapping
+
+import xxhash
+
+from ckptd.core.format import FormatError, read_header
+from ckptd.core.refs import Ref, RefError, decode
+from ckptd.disk.safepath import open_regular
+
+__all__ = ["check_refs", "holders", "opener_at", "read_referenced"]
+
+CHUNK = 8 << 20
+Opener = Callable[[str], BinaryIO]
+
+
+def opener_at(directory: str | None = None, dir_fd: int | None = None) -> Opener:
+    """Open a holder by name in ``directory`` (or below ``dir_fd``, without following a link)."""
+    def open_holder(name: str) -> BinaryIO:
+        if dir_fd is None:
+            return open_regular(os.path.join(directory or ".", name))
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    return open_holder
+
+
+def holders(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The file names a header's references point into (none when it has none or they do not parse)."""
+    try:
+        return tuple(sorted({r.file for r in decode(metadata).values()}))
+    except RefError:
+        return ()
+
+
+def check_refs(metadata: Mapping[str, str], open_holder: Opener, full: bool) -> str:
+    """Why the references of a header do not resolve ("" when every one does)."""
+    try:
+        refs = decode(metadata)
+    except RefError as exc:
+        return str(exc)
+    by_file: dict[str, list[tuple[str, Ref]]] = {}
+    for name, r in refs.items():
+        by_file.setdefault(r.file, []).append((name, r))
+    for file, wanted in sorted(by_file.items()):
+        problem = _check_holder(file, wanted, open_holder, full, metadata.get("ckptd.job"))
+        if problem:
+            return problem
+    return ""
+
+
+def _check_holder(file: str, wanted: list[tuple[str, Ref]], open_holder: Opener, full: bool,
+                  job: str | None) -> str:
+    try:
+        with open_holder(file) as f:
+            header = read_header(f, os.fstat(f.fileno()).st_size)
+            if header.metadata.get("ckptd.job") != job:
+                return f"referenced file {file} is not a checkpoint of job {job}"
+            digests = header.meta_json("ckptd.digests", {}) or {}
+            entries = {e.name: e for e in header.tensors}
+            for name, r in wanted:
+                e = entries.get(r.tensor)
+                if e is None or (e.begin, e.end) != r.offsets or e.dtype != r.dtype or tuple(e.shape) != r.shape \
+                        or digests.get(r.tensor) != r.digest:
+                    return f"tensor {name!r} refers to {file}:{r.tensor}, which does not hold it"
+                if full and _hash(f, header.data_start + e.begin, e.nbytes) != r.digest:
+                    return f"digest mismatch in tensor {name!r} (its bytes, in {file})"
+    except FileNotFoundError:
+        return f"referenced file {file} is missing (it holds {len(wanted)} of this checkpoint's tensors)"
+    except (OSError, FormatError) as exc:
+        return f"referenced file {file} cannot be read: {getattr(exc, 'strerror', None) or exc}"
+    return ""
+
+
+def _hash(f: BinaryIO, start: int, n: int) -> str:
+    h = xxhash.xxh3_64()
+    f.seek(start)
+    while n > 0:
+        chunk = f.read(min(CHUNK, n))
+        if not chunk:
+            raise FormatError("file truncated inside a referenced tensor")
+        h.update(chunk)
+        n -= len(chunk)
+    return h.hexdigest()
+
+
+def read_referenced(r: Ref, open_holder: Opener) -> bytes:
+    """The bytes of one referenced tensor (what a loader turns into a tensor)."""
+    with open_holder(r.file) as f:
+        header = read_header(f, os.fstat(f.fileno()).st_size)
+        f.seek(header.data_start + r.offsets[0])
+        data = f.read(r.nbytes)
+    if len(data) != r.nbytes:
+        raise FormatError(f"{r.file} is truncated inside {r.tensor!r}")
+    return data
