@@ -61,13 +61,9 @@ log = logging.getLogger("ckptd.hook")
 
 
 class Checkpointer:
-    """Hand training state to ckptd; see the module docstring for the lifecycle.
-
-    Composed of small parts: a ``Snapshotter`` (what a snapshot holds), the ``StagingBuffer``
-    (where it is copied), an ``Outlet`` (where it goes: the daemon, the embedded worker, the
-    ranks), a ``Resumer``, and the policy clock (``Triggers`` for steps and signals,
-    ``TimeRules`` for time), with the run's ``Progress`` shared between them.
-    """
+    """Hand training state to ckptd (the lifecycle: the module docstring). Composed of parts: the
+    ``Snapshotter``, ``StagingBuffer``, ``Outlet``, ``Resumer``, ``SaveRecord`` and the policy clock
+    (``Triggers``, ``TimeRules``), sharing the run's ``Progress``."""
 
     def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
                  scheduler: Any = None, extra: dict[str, Any] | None = None, *,
@@ -81,7 +77,6 @@ class Checkpointer:
         self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)
         self._progress = Progress()
         self._configure(directory, settings, config, sharded, shard_timeout)
-        # before_save: e.g. a framework callback refreshing ``extra`` only when it counts
         shared = SharedTensors() if self.saving and sharded is False and not self.settings.get("remote") else None
         self._snap = Snapshotter(self.job, self.rank, model, optimizer, scheduler, extra, self.generators,
                                  self._progress, self.settings["snapshot"], self._dcp, before_save, shared=shared,
