@@ -406,3 +406,40 @@ def test_a_hung_remote_never_delays_a_local_save(tmp_path: Path, monkeypatch: py
     finally:
         store.stop()
         ckpt.close(final=False)
+
+
+def test_checkpoints_that_refer_to_a_frozen_base_replicate_verify_fetch_and_resume(store: Store,
+                                                                                    tmp_path: Path) -> None:
+    """Stored once locally, stored once remotely (SPEC §13 with §11): the holder is committed before
+    any checkpoint that refers to it, remote retention keeps it while a kept copy refers to it,
+    ``ckptd verify`` checks the references there, and a new host resumes bit for bit from the
+    remote tier alone (the holder fetched first)."""
+    from tests.conftest import ckptd_cli
+    from tests.scripts.lora_train import build
+
+    endpoint = os.environ.get("CKPT_TEST_ENDPOINT") if store.url.startswith("s3://") else None
+    model, opt = build()
+    ckpt = Checkpointer("lora", tmp_path / "host1", model=model, optimizer=opt, every_steps=1, keep_last=2,
+                        remote=store.url, remote_endpoint=endpoint, remote_keep_last=1, quiet=True, socket=False)
+    for step in range(5):
+        model(torch.randn(16, 512, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt.step()
+    ckpt.close()
+    remote = committed(store, "lora")
+    assert [c.step for c in remote] == [1, 5] and remote[1].refs == (remote[0].name,), remote
+    assert remote[0].bytes > 10 * remote[1].bytes
+    args = ["--endpoint", endpoint] if endpoint else []
+    ok = ckptd_cli("verify", f"{store.url}/lora", *args)
+    assert ok.returncode == 0 and ok.stdout.count("ok      ") == 2, ok.stdout + ok.stderr
+    model2, opt2 = build(seed=9)
+    host2 = Checkpointer("lora", tmp_path / "host2", model=model2, optimizer=opt2, remote=store.url,
+                         remote_endpoint=endpoint, socket=False, save_final=False, quiet=True)
+    assert host2.resume() == 5
+    host2.close(final=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in model2.state_dict().items())
+    assert sorted(os.listdir(tmp_path / "host2")) == [remote[0].name, remote[1].name]
+    store.delete(remote[0].key)  # the holder's data gone: the copy that refers to it no longer verifies
+    bad = ckptd_cli("verify", f"{store.url}/lora/{remote[1].name}", *args)
+    assert bad.returncode == 1 and f"referenced file {remote[0].name} cannot be read" in bad.stdout, bad.stdout

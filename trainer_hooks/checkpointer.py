@@ -77,7 +77,7 @@ class Checkpointer:
         self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)
         self._progress = Progress()
         self._configure(directory, settings, config, sharded, shard_timeout)
-        shared = SharedTensors() if self.saving and sharded is False and not self.settings.get("remote") else None
+        shared = SharedTensors() if self.saving and not sharded else None  # frozen tensors stored once
         self._snap = Snapshotter(self.job, self.rank, model, optimizer, scheduler, extra, self.generators,
                                  self._progress, self.settings["snapshot"], self._dcp, before_save, shared=shared,
                                  trainable_only=self.settings["save"] == "trainable")

@@ -22,17 +22,19 @@ from ckptd.disk.safepath import open_regular
 __all__ = ["check_refs", "holders", "opener_at", "read_referenced"]
 
 CHUNK = 8 << 20
-Opener = Callable[[str], BinaryIO]
+Opener = Callable[[str], tuple[BinaryIO, int]]  # a holder's name -> (a readable file or stream, its size)
 
 
 def opener_at(directory: str | None = None, dir_fd: int | None = None) -> Opener:
     """Open a holder by name in ``directory`` (or below ``dir_fd``, without following a link)."""
-    def open_holder(name: str) -> BinaryIO:
+    def open_holder(name: str) -> tuple[BinaryIO, int]:
         if dir_fd is None:
-            return open_regular(os.path.join(directory or ".", name))
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=0)
+            f = open_regular(os.path.join(directory or ".", name))
+        else:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            os.set_blocking(fd, True)
+            f = os.fdopen(fd, "rb", buffering=0)
+        return f, os.fstat(f.fileno()).st_size
     return open_holder
 
 
@@ -63,8 +65,9 @@ def check_refs(metadata: Mapping[str, str], open_holder: Opener, full: bool) -> 
 def _check_holder(file: str, wanted: list[tuple[str, Ref]], open_holder: Opener, full: bool,
                   job: str | None) -> str:
     try:
-        with open_holder(file) as f:
-            header = read_header(f, os.fstat(f.fileno()).st_size)
+        f, size = open_holder(file)
+        with f:
+            header = read_header(f, size)
             if header.metadata.get("ckptd.job") != job:
                 return f"referenced file {file} is not a checkpoint of job {job}"
             digests = header.meta_json("ckptd.digests", {}) or {}
@@ -76,9 +79,9 @@ def _check_holder(file: str, wanted: list[tuple[str, Ref]], open_holder: Opener,
                     return f"tensor {name!r} refers to {file}:{r.tensor}, which does not hold it"
                 if full and _hash(f, header.data_start + e.begin, e.nbytes) != r.digest:
                     return f"digest mismatch in tensor {name!r} (its bytes, in {file})"
-    except FileNotFoundError:
+    except (FileNotFoundError, KeyError):
         return f"referenced file {file} is missing (it holds {len(wanted)} of this checkpoint's tensors)"
-    except (OSError, FormatError) as exc:
+    except (OSError, FormatError, ValueError) as exc:
         return f"referenced file {file} cannot be read: {getattr(exc, 'strerror', None) or exc}"
     return ""
 
@@ -97,8 +100,9 @@ def _hash(f: BinaryIO, start: int, n: int) -> str:
 
 def read_referenced(r: Ref, open_holder: Opener) -> bytes:
     """The bytes of one referenced tensor (what a loader turns into a tensor)."""
-    with open_holder(r.file) as f:
-        header = read_header(f, os.fstat(f.fileno()).st_size)
+    f, size = open_holder(r.file)
+    with f:
+        header = read_header(f, size)
         f.seek(header.data_start + r.offsets[0])
         data = f.read(r.nbytes)
     if len(data) != r.nbytes:

@@ -36,13 +36,28 @@ def fetch(store: Store, job: str, directory: str, step: int | None = None,
     fsyncs the directory: what ``resume()`` then finds is as good as one written here.
     Returns the path, or None when the job has no remote checkpoint that verifies.
     """
-    for c in reversed(committed(store, job)):
-        if (step is not None and c.step != step) or not check(c):
+    found = committed(store, job)
+    for c in reversed(found):
+        if (step is not None and c.step != step) or not check(c) or not _holders(store, c, found, directory):
             continue
         path = _download(store, c, directory)
         if path is not None:
             return path
     return None
+
+
+def _holders(store: Store, c: RemoteCheckpoint, found: list[RemoteCheckpoint], directory: str) -> bool:
+    """The checkpoints ``c`` refers to for tensors it does not hold (§13), fetched first unless a
+    copy here verifies: a fetched checkpoint is complete the moment it has its final name."""
+    by_name = {x.name: x for x in found}
+    for name in c.refs:
+        here = os.path.join(directory, name)
+        if os.path.exists(here) and verify_file(here).ok:
+            continue
+        if name not in by_name or _download(store, by_name[name], directory) is None:
+            log.error("remote: %s/%s refers to %s, which cannot be fetched", store.url, c.key, name)
+            return False
+    return True
 
 
 def _download(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:

@@ -44,6 +44,7 @@ class RemoteCheckpoint:
     trigger: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     shards: tuple[str, ...] = ()  # a sharded unit: its shard files under KEY/ (and KEY/ckptd-manifest.json)
+    refs: tuple[str, ...] = ()  # names of the job's checkpoints holding tensors it refers to (§13), committed first
 
     @property
     def name(self) -> str:
@@ -81,9 +82,12 @@ def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
     shards = tuple(str(f) for f in doc.get("shards") or ())
     if any(not mf.SHARD_RE.match(f) for f in shards):
         raise ValueError("a shard name that is not rankR-of-W.safetensors")
+    refs = tuple(str(f) for f in doc.get("refs") or ())
+    if any("/" in f or not f.endswith(SUFFIX) for f in refs):
+        raise ValueError("a reference that is not a checkpoint of the same job")
     return RemoteCheckpoint(str(doc["key"]), str(doc["job"]), int(doc["step"]), int(doc["bytes"]),
                             str(doc["meta_digest"]), float(doc["created"]), str(doc.get("trigger", "")),
-                            dict(doc.get("metrics") or {}), shards)
+                            dict(doc.get("metrics") or {}), shards, refs)
 
 
 def uncommitted(store: Store, job: str, listing: Mapping[str, int]) -> list[str]:

@@ -35,7 +35,8 @@ def prune_remote(store: Store, job: str, settings: Mapping[str, Any], now: float
     commits = committed(store, job, listing)
     rules = remote_rules(settings)
     items = [retention.item_of(c.key, c.step, c.created, c.bytes, trigger=c.trigger, metrics=c.metrics,
-                               best_metric=rules.best_metric) for c in commits]
+                               best_metric=rules.best_metric, refs=tuple(f"{job}/{h}" for h in c.refs))
+             for c in commits]
     verdicts = retention.plan(items, rules, now)
     by_key = {c.key: c for c in commits}
     for r in retention.carry_out(verdicts, lambda item: _delete(store, by_key[item.id])):

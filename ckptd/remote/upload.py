@@ -28,7 +28,7 @@ from ckptd.disk import manifest as mf
 from ckptd.disk.safepath import open_regular
 from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.verify import VerifyResult
-from ckptd.remote.listing import COMMIT, FORMAT, RemoteCheckpoint
+from ckptd.remote.listing import COMMIT, FORMAT, RemoteCheckpoint, committed
 from ckptd.remote.stores import RemoteError, Store
 from ckptd.remote.verify import remote_manifest, verify_remote
 
@@ -44,9 +44,10 @@ def replicate(store: Store, job: str, path: str) -> RemoteCheckpoint:
     if info.shards:
         commit = _upload_unit(store, key, job, path, info)
     else:
+        _holders_first(store, job, path, info.refs)
         store.put_file(path, key)
         commit = RemoteCheckpoint(key, job, info.step, info.bytes, _meta_digest(path), info.created, info.trigger,
-                                  info.metrics)
+                                  info.metrics, refs=info.refs)
     result = _confirm(store, commit, path)
     if not result.ok:
         for k in commit.objects:
@@ -54,6 +55,17 @@ def replicate(store: Store, job: str, path: str) -> RemoteCheckpoint:
         raise RemoteError(f"{store.url}/{key} did not verify after the upload: {result.reason}")
     store.put_bytes(key + COMMIT, json.dumps({"ckptd.remote": FORMAT, **commit.__dict__}, sort_keys=True).encode())
     return commit
+
+
+def _holders_first(store: Store, job: str, path: str, holders: tuple[str, ...]) -> None:
+    """A checkpoint that refers to tensors another one holds (§13) is committed remotely only
+    after that one is: a remote copy is never incomplete. (A holder refers to nothing itself.)"""
+    if not holders:
+        return
+    there = {c.name for c in committed(store, job)}
+    for name in holders:
+        if name not in there:
+            replicate(store, job, os.path.join(os.path.dirname(path), name))
 
 
 def _confirm(store: Store, c: RemoteCheckpoint, local: str) -> VerifyResult:

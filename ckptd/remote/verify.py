@@ -5,11 +5,15 @@ streamed read; a sharded unit's manifest by its digest, then every shard against
 
 from __future__ import annotations
 
+from typing import Any, BinaryIO, cast
+
 import xxhash
 
+from ckptd.core.refs import REFS_KEY
 from ckptd.disk import manifest as mf
+from ckptd.disk.refs import check_refs, holders
 from ckptd.disk.verify import VerifyResult, verify_stream
-from ckptd.remote.listing import RemoteCheckpoint
+from ckptd.remote.listing import RemoteCheckpoint, committed
 from ckptd.remote.stores import RemoteError, Store
 
 __all__ = ["remote_manifest", "verify_remote"]
@@ -34,7 +38,57 @@ def verify_remote(store: Store, c: RemoteCheckpoint) -> VerifyResult:
         return VerifyResult(label, False, "not the checkpoint its commit names (metadata digest differs)")
     if result.ok and result.metadata.get("ckptd.step") != str(c.step):
         return VerifyResult(label, False, f"header says step {result.metadata.get('ckptd.step')}, the commit {c.step}")
+    if result.ok and REFS_KEY in result.metadata:
+        problem = _remote_refs(store, c, result.metadata)
+        if problem:
+            return VerifyResult(label, False, problem, result.tensors, result.bytes, result.metadata)
     return result
+
+
+def _remote_refs(store: Store, c: RemoteCheckpoint, metadata: dict[str, str]) -> str:
+    """A copy that refers to tensors (§13) is complete only if each holder is committed there and
+    lists them, with their digests, where the reference says (its own tensors are verified when
+    it is, being a committed checkpoint of the job itself)."""
+    there = {x.name for x in committed(store, c.job)}
+    missing = [h for h in holders(metadata) if h not in there]
+    if missing:
+        return f"referenced checkpoint {missing[0]} is not committed on the remote tier"
+
+    def open_holder(name: str) -> tuple[BinaryIO, int]:
+        try:
+            body, size = store.open(f"{c.job}/{name}")
+        except RemoteError as exc:
+            raise OSError(str(exc)) from None
+        return cast(BinaryIO, _Stream(body)), size
+
+    return check_refs(metadata, open_holder, full=False)
+
+
+class _Stream:
+    """A store's response body as a context-managed, forward-only file for a header read."""
+
+    def __init__(self, body: Any) -> None:
+        self.body, self.pos = body, 0
+
+    def read(self, n: int) -> bytes:
+        parts, want = [], n
+        while want > 0 and (chunk := self.body.read(want)):
+            parts.append(chunk)
+            want -= len(chunk)
+        data = b"".join(parts)
+        self.pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos != self.pos:
+            raise OSError(f"a stream cannot seek from {self.pos} to {pos}")
+        return pos
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.body.close()
 
 
 def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:
