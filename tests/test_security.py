@@ -549,3 +549,22 @@ def test_the_daemons_commit_of_a_sharded_unit_goes_through_the_guard(open_base: 
             assert sorted(os.path.basename(c["path"]) for c in listed) == units, listed
     finally:
         d.stop()
+
+
+@as_root
+@pytest.mark.slow
+def test_another_user_cannot_take_a_jobs_snapshot_from_the_memory_tier(open_base: Path) -> None:
+    d = start_daemon(open_base)
+    try:
+        run = d.root / "secret"
+        from trainer_hooks import Checkpointer
+
+        ckpt = Checkpointer("secret", run, model=torch.nn.Linear(8, 8), every_steps=1, socket=d.socket, quiet=True)
+        ckpt.step()
+        ckpt.wait()
+        ckpt.close(final=False)
+        wait_until(lambda: d.metric("ckptd_memory_bytes", training_job="secret") > 0, 30, "the memory tier")
+        seen = hostile("memory_of", d, job="secret", dir=str(run))
+        assert seen["fds"] == 0 and seen["reply"]["ok"] is False and "uid 65534" in seen["reply"]["error"], seen
+    finally:
+        d.stop()

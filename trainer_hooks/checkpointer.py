@@ -84,7 +84,7 @@ class Checkpointer:
         self._preflight()
         self._resumer = Resumer(self.job, self.directory, self.settings, self.rank, self.world_size, model, optimizer,
                                 scheduler, extra, self.generators, self._snap.structure or {}, self._shards, quiet,
-                                strict=self.settings["save"] == "all")
+                                strict=self.settings["save"] == "all", socket_path=_socket_path(socket))
         self._record = SaveRecord()
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
@@ -94,10 +94,9 @@ class Checkpointer:
         self._closed = False
         # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
         self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
-        talks = self.rank == 0 or self._shards is None  # the rank that talks to the daemon (time rules, retention)
-        if socket is not False and self.saving and talks:
-            self._outlet.connect(default_socket_path() if socket in (None, True) else str(socket), self._hello,
-                                 self._beat, self._time_fired, reconnect_every)
+        path, talks = _socket_path(socket), self.rank == 0 or self._shards is None  # (time rules, retention)
+        if path is not None and self.saving and talks:
+            self._outlet.connect(path, self._hello, self._beat, self._time_fired, reconnect_every)
         if self.mode == "embedded":
             self._outlet.resync_remote()
         self._time_rules = TimeRules(self.policy, self._time_fired, lambda: self.mode == "embedded", job,
@@ -152,8 +151,6 @@ class Checkpointer:
     def _beat(self) -> dict[str, Any]:
         return {"step": self._progress.step, "epoch": self._progress.epoch}
 
-    # -- progress ---------------------------------------------------------------
-
     def _init_progress(self) -> None:
         self._last_save_wall = time.time()
         self._resized = False
@@ -168,13 +165,11 @@ class Checkpointer:
         self._progress.epoch = value
 
     @property
-    def last_verified(self) -> str | None:
-        """The path of the newest save that verified (None before one did)."""
+    def last_verified(self) -> str | None:  # the path of the newest save that verified
         return self._record.last_verified
 
     @property
-    def last_error(self) -> PersistError | None:
-        """Why the last failed save failed (None while none has)."""
+    def last_error(self) -> PersistError | None:  # why the last failed save failed
         return self._record.last_error
 
     @property
@@ -398,3 +393,7 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _socket_path(socket: str | bool | None) -> str | None:
+    return None if socket is False else default_socket_path() if socket in (None, True) else str(socket)

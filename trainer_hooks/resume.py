@@ -20,13 +20,14 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from ckptd.core.meta import FINGERPRINT
 from ckptd.disk.manifest import DCP as DCP_LAYOUT
 from ckptd.disk.manifest import read as read_manifest
 from ckptd.disk.manifest import shard_name
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
 from ckptd.save.newest import newest_verified
-from trainer_hooks.state import Structure, apply, load, structure_problem
+from trainer_hooks.state import Structure, apply, fingerprint, load, structure_problem
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +79,7 @@ class Resumer:
     shards: ShardGroup | None = None
     quiet: bool = False
     strict: bool = True  # False for save="trainable": the base is the user's to load
+    socket_path: str | None = None  # the daemon whose memory tier may hold the newest snapshot
 
     def checkpoints(self) -> list[Checkpoint]:
         return scan(self.directory, self.job)
@@ -94,6 +96,9 @@ class Resumer:
             self._move_aside()
             return None
         t0, source = time.perf_counter(), "disk"
+        remembered = self._from_memory(t0)
+        if remembered is not None:
+            return remembered
         info = newest_verified(self.directory, self.job, check=self._resumable)
         if info is None and self._fetch_remote():
             info, source = newest_verified(self.directory, self.job, check=self._resumable), "remote"
@@ -115,6 +120,26 @@ class Resumer:
         resumed = Resumed(int(trainer.get("step", info.step)), trainer.get("epoch"), info.path)
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, resumed.step)
         self._say(info.path, resumed.step, source, t0)
+        return resumed
+
+    def _from_memory(self, t0: float) -> Resumed | None:
+        """The daemon's memory tier (SPEC §14): the newest verified snapshot without reading its
+        file, when the daemon holds it, it verifies, and it fits the model (else: from disk)."""
+        if self.socket_path is None or self.shards is not None:
+            return None
+        from trainer_hooks import memory
+
+        on_disk = [c.step for c in self.checkpoints() if c.ok and not c.pending]
+        snap = memory.fetch(self.socket_path, self.job, self.directory, max(on_disk, default=-1))
+        if snap is None or (self.model is not None and snap.metadata.get(FINGERPRINT) != fingerprint(self.structure)):
+            return None
+        apply(snap.state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
+        if self.extra is not None and "extra" in snap.state:
+            self.extra.clear()
+            self.extra.update(snap.state["extra"])
+        trainer = snap.state.get("trainer", {})
+        resumed = Resumed(int(trainer.get("step", snap.step)), trainer.get("epoch"), snap.path)
+        self._say(snap.path, resumed.step, "memory", t0)
         return resumed
 
     def _load(self, info: Checkpoint) -> dict[str, Any]:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ckptd.core.settings import SettingsError, check_combination, parse_table
-from ckptd.core.units import parse_duration, parse_listen, parse_remote
+from ckptd.core.units import parse_duration, parse_listen, parse_remote, parse_size_or_percent
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
 DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group", "admin_group",
-               "max_connections_per_uid", "max_jobs_per_uid", "remote_allow"}
+               "max_connections_per_uid", "max_jobs_per_uid", "remote_allow", "memory_budget"}
 WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every", "abandon_after", "on_corrupt",
               "dry_run"}
 ON_CORRUPT = ("keep", "quarantine", "delete")
@@ -115,6 +115,11 @@ def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
             raise ConfigError(f"{path} [daemon]: {key} must be a string")
         if key.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{path} [daemon]: {key} must be a positive integer, got {value!r}")
+    if "memory_budget" in t:
+        try:
+            t = {**t, "memory_budget": parse_size_or_percent(t["memory_budget"])}
+        except ValueError as exc:
+            raise ConfigError(f"{path} [daemon]: memory_budget: {exc}") from None
     if "metrics_listen" in t:
         try:
             parse_listen(t["metrics_listen"])

@@ -29,6 +29,7 @@ from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.jobstate import JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
+from ckptd.daemon.memtier import MemoryTier, default_budget
 from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
 from ckptd.daemon.session import Session
 from ckptd.daemon.uploads import Uploads
@@ -69,6 +70,7 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.registry.register(JobGauges(self._job_gauges))
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
+        self.memory = MemoryTier(_budget(d.get("memory_budget")))
         self._stop = threading.Event()
         self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
         self._threads: list[threading.Thread] = []
@@ -190,6 +192,7 @@ class Daemon:
         self.http.shutdown()
         self.http.server_close()
         self.catalog.close()
+        self.memory.close()
 
     def _admit(self, conn: socket.socket) -> None:
         """A session per connection, within ``max_connections_per_uid`` for unprivileged uids;
@@ -293,7 +296,7 @@ class Daemon:
         """Scrape time: every known job's state gauges (``JobGauges``), watched trees' too."""
         lag = self.uploads.lag(now)
         with self.lock:
-            out = [(j.key, j.gauges(now, lag.get(j.key, 0.0))) for j in self.jobs.values()]
+            out = [(j.key, j.gauges(now, lag.get(j.key, 0.0), self.memory.held(j.key))) for j in self.jobs.values()]
         return out + (self.watching.gauges() if self.watching is not None else [])
 
     # -- the one-second tick ---------------------------------------------------------------
@@ -376,3 +379,10 @@ def _gid(name: str | None, key: str) -> int | None:
         raise TargetError(f"[daemon] {key} {name!r} does not exist") from None
 
 
+def _budget(value: int | float | None) -> int:
+    """``[daemon] memory_budget``: bytes, or a fraction of RAM ("25%", the default)."""
+    if value is None:
+        return default_budget()
+    if isinstance(value, float):
+        return int(value * default_budget() * 4)
+    return int(value)

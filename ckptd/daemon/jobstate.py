@@ -87,7 +87,7 @@ class JobState:
         auto = auto or self.auto(now)
         return missed.expected_interval(self.policy, self.seconds_per_step, auto.seconds if auto else None)
 
-    def gauges(self, now: float, remote_lag: float) -> dict[str, float]:
+    def gauges(self, now: float, remote_lag: float, memory: int = 0) -> dict[str, float]:
         """The job's gauges at scrape time (``ckptd.daemon.metrics.JOB_GAUGES``)."""
         auto = self.auto(now)
         interval = self.interval(now, auto)
@@ -101,6 +101,7 @@ class JobState:
         # 0 for a job without every=auto or a remote tier: a basic install's dashboard has its series
         values["ckptd_auto_interval_seconds"] = auto.seconds if auto is not None else 0.0
         values["ckptd_remote_lag_seconds"] = remote_lag if self.settings.get("remote") else 0.0
+        values["ckptd_memory_bytes"] = float(memory)
         return values
 
     def overhead(self, now: float) -> float:

@@ -31,9 +31,29 @@ def handle(d: Host, session: Session, msg: dict[str, Any]) -> None:
     if handler is None:
         raise protocol.ProtocolError(f"{msg['type']} needs a hello first")
     try:
-        session.send({"type": "reply", "ok": True, **handler(d, session, msg)})
+        reply = handler(d, session, msg)
     except (PermissionError, ValueError, OSError) as exc:
         session.send({"type": "reply", "ok": False, "error": str(exc)})
+        return
+    fd = reply.pop("fd", None)  # the memory tier's answer carries its snapshot
+    try:
+        session.send({"type": "reply", "ok": True, **reply}, fd=fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def memory(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+    """A restarted trainer's resume: the job's newest verified snapshot from the memory tier, to
+    its owner (or a privileged uid) only; ``step: null`` when the daemon holds none."""
+    key = JobKey(msg["job"], d.access.directory(msg["directory"], session.uid))
+    owner = d.catalog.job_owner(key)
+    if owner != session.uid and not d.access.privileged(session.uid):
+        raise PermissionError(f"job {key.name} in {key.directory} is not uid {session.uid}'s")
+    held = d.memory.get(key)
+    if held is None:
+        return {"step": None}
+    return {"step": held.step, "length": held.length, "path": held.path, "fd": held.fd}
 
 
 def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
@@ -47,11 +67,11 @@ def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     out = []
     for key in sorted(k for k in keys if d.access.visible(session.uid, k)):
         with d.lock:
-            out.append(_status_row(key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now))
+            out.append(_status_row(d, key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now))
     return {"jobs": out}
 
 
-def _status_row(key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, Any]:
+def _status_row(d: Host, key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, Any]:
     nxt = next_due_step(j.policy, j.last_saved_step) if j is not None else None
     return {"job": key.name, "directory": key.directory, "pid": j.pid if j and j.connected else None,
             "connected": bool(j and j.connected), "step": j.step if j else (rows[-1].step if rows else 0),
@@ -62,7 +82,7 @@ def _status_row(key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, A
             "missed": j.missed if j else 0, "failed": j.failed if j else 0,
             "world_size": j.world_size if j else None,
             "stall": statistics.median(j.costs.stalls) if j and j.costs.stalls else None,
-            "auto": _auto(j, now)}
+            "auto": _auto(j, now), "memory_bytes": d.memory.held(key)}
 
 
 def _auto(j: Any, now: float) -> dict[str, Any] | None:
@@ -123,4 +143,4 @@ def gc(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
 
 
 HANDLERS: dict[str, Handler] = {"status": status, "list": list_checkpoints, "latest": latest,
-                                "pin": pin, "unpin": pin, "gc": gc}
+                                "pin": pin, "unpin": pin, "gc": gc, "memory": memory}

@@ -26,6 +26,7 @@ from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.jobstate import JobState
 from ckptd.daemon.ledger import Ledger
+from ckptd.daemon.memtier import MemoryTier
 from ckptd.daemon.uploads import Uploads
 from ckptd.disk.persist import Persisted, PersistError
 from ckptd.disk.preflight import TargetError, check_job
@@ -54,6 +55,7 @@ class Host(Protocol):
     ledger: Ledger
     uploads: Uploads
     executor: ThreadPoolExecutor
+    memory: MemoryTier
 
     def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
                  policy: SavePolicy, step: int, session: "Session | None" = None) -> JobState: ...
@@ -98,11 +100,11 @@ class Session:
         finally:
             self._disconnected()
 
-    def send(self, msg: dict[str, Any]) -> bool:
+    def send(self, msg: dict[str, Any], fd: int | None = None) -> bool:
         """Best effort: a vanished trainer must not fail a persist or the daemon."""
         try:
             with self._send_lock:
-                protocol.send(self.sock, msg, limit=protocol.MAX_REPLY)
+                protocol.send(self.sock, msg, fd=fd, limit=protocol.MAX_REPLY)
             return True
         except (OSError, protocol.ProtocolError):
             return False
@@ -208,6 +210,7 @@ class Session:
             result = save_unit(self._target(job), fd, msg["length"], msg["filename"], msg["step"],
                                self._hooks(job, msg, ("stall",)))
             reply.update(ok=True, path=result.path)
+            self._keep_in_memory(job, fd, msg, result.path)
         except Exception as exc:  # never lose the daemon to one save
             error = failure(exc, msg["step"])
             self.daemon.save_failed(job, msg["trigger"], error)
@@ -217,6 +220,14 @@ class Session:
             with self.daemon.lock:
                 job.in_flight -= 1
         self.send(reply)
+
+    def _keep_in_memory(self, job: JobState, fd: int, msg: dict[str, Any], path: str) -> None:
+        """The memory tier (SPEC §14): the verified snapshot, copied before the reply frees the
+        trainer's buffer. It is a cache: failing to keep it costs nothing saved."""
+        try:
+            self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time())
+        except OSError as exc:
+            log.warning("job %s: step %d not kept in memory: %s", job.name, msg["step"], exc)
 
     def _target(self, job: JobState) -> Target:
         """The job's directory as every write and deletion for this client must find it: under the

@@ -28,3 +28,23 @@ def request(path: str, msg: dict[str, Any], timeout: float = 30.0) -> dict[str, 
         raise DaemonUnavailable(f"the daemon at {path} did not answer: {exc}") from None
     finally:
         s.close()
+
+
+def request_fd(path: str, msg: dict[str, Any], timeout: float = 30.0) -> tuple[dict[str, Any], int | None]:
+    """One request whose reply may carry a file descriptor (the memory tier's snapshot): the
+    caller owns and closes it."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except OSError as exc:
+            raise DaemonUnavailable(f"no ckptd daemon at {path} ({exc.strerror})") from None
+        protocol.send(s, msg)
+        reply, fds = protocol.recv(s, limit=protocol.MAX_REPLY)
+        protocol.close_fds(fds[1:])
+        return reply, fds[0] if fds else None
+    except (EOFError, protocol.ProtocolError, OSError) as exc:
+        raise DaemonUnavailable(f"the daemon at {path} did not answer: {exc}") from None
+    finally:
+        s.close()

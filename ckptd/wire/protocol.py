@@ -44,7 +44,10 @@ Lifecycle of one training run, in order:
    ``final_missing``.
 
 CLI requests use the same framing on a fresh connection: ``status``, ``list``,
-``latest``, ``pin``, ``unpin``, ``gc``; each gets one reply.
+``latest``, ``pin``, ``unpin``, ``gc``; each gets one reply. So does a restarted trainer's
+**memory** ``{job, directory}`` (SPEC §14): the reply ``{step, length, path}`` carries the
+job's newest verified snapshot as a sealed memfd (``SCM_RIGHTS``), or ``step: null``;
+only the job's owner (or a privileged uid) gets it.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "end": {"step": (int,)},
     "skipped": {"step": (int,), "reason": (str,)},
     "status": {}, "list": {}, "latest": {}, "pin": {"path": (str,)}, "unpin": {"path": (str,)}, "gc": {},
+    "memory": {"job": (str,), "directory": (str,)},
 }
 
 

@@ -137,7 +137,16 @@ def commit_later(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer)
     return {"welcome": welcome["type"], "status": protocol.recv(s, limit=protocol.MAX_REPLY)[0]["type"]}
 
 
-ATTACKS = {"swap_dir": swap_dir, "commit_later": commit_later, "shrink": shrink, "admin": admin, "many_jobs": many_jobs,
+def memory_of(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) -> dict[str, Any]:
+    """Ask for another user's job's snapshot from the memory tier."""
+    with connect(sock) as s:
+        protocol.send(s, {"type": "memory", "job": args["job"], "directory": args["dir"]})
+        reply, fds = protocol.recv(s, limit=protocol.MAX_REPLY)
+        protocol.close_fds(fds)
+    return {"reply": reply, "fds": len(fds)}
+
+
+ATTACKS = {"swap_dir": swap_dir, "commit_later": commit_later, "memory_of": memory_of, "shrink": shrink, "admin": admin, "many_jobs": many_jobs,
            "connections": connections}
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""The memory tier (SPEC §14): each job's newest verified snapshot, kept in the daemon's memory.
+
+Most failures kill the trainer, not the host: the daemon outlives it, and so can the newest
+checkpoint's bytes. After a save verified on disk, the daemon copies the snapshot it received
+(a memfd whose header already carries the final digests: it is the file's exact image) into
+a memfd of its own, sealed against any write, and keeps it for the job, replacing the one
+before. A restarted trainer's ``resume()`` asks for it (``memory`` request, answered with the
+fd) and restores without reading the checkpoint file; it verifies every tensor's digest first.
+
+Within ``[daemon] memory_budget`` (default 25% of RAM): when a snapshot would exceed it, the
+oldest jobs' snapshots are dropped first; one larger than the budget is not kept. The daemon's
+own memory is all this costs: a daemon that dies loses the tier, never a checkpoint (resume
+falls back to disk and says so).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from ckptd.daemon.jobkey import JobKey
+
+__all__ = ["Held", "MemoryTier", "default_budget"]
+
+log = logging.getLogger("ckptd.daemon")
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+def default_budget() -> int:
+    """25% of the host's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+@dataclass(frozen=True)
+class Held:
+    key: JobKey
+    fd: int  # the daemon's sealed memfd
+    length: int
+    step: int
+    path: str  # the verified checkpoint file it is the image of
+    at: float  # when it was kept (the oldest job's goes first)
+
+
+class MemoryTier:
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._held: dict[JobKey, Held] = {}
+        self._lock = threading.Lock()
+
+    def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float) -> bool:
+        """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply)."""
+        if length > self.budget:
+            self.drop(key)
+            log.info("job %s: snapshot of %d bytes exceeds the memory budget (%d); not kept in memory",
+                     key.name, length, self.budget)
+            return False
+        fd = _sealed_copy(src_fd, length, f"ckptd-mem-{key.name}")
+        with self._lock:
+            old = self._held.pop(key, None)
+            for doomed in self._to_evict(length):
+                os.close(self._held.pop(doomed.key).fd)
+                log.info("memory tier: dropped job %s's step %d (the oldest) for job %s", doomed.key.name,
+                         doomed.step, key.name)
+            self._held[key] = Held(key, fd, length, step, path, now)
+        if old is not None:
+            os.close(old.fd)
+        return True
+
+    def _to_evict(self, incoming: int) -> list[Held]:
+        """Under the lock: the oldest snapshots whose room the incoming one needs."""
+        used = sum(h.length for h in self._held.values())
+        out = []
+        for h in sorted(self._held.values(), key=lambda h: h.at):
+            if used + incoming <= self.budget:
+                break
+            out.append(h)
+            used -= h.length
+        return out
+
+    def get(self, key: JobKey) -> Held | None:
+        """The job's snapshot, with an fd of its own for the caller to send and close."""
+        with self._lock:
+            h = self._held.get(key)
+            return None if h is None else Held(h.key, os.dup(h.fd), h.length, h.step, h.path, h.at)
+
+    def held(self, key: JobKey) -> int:
+        with self._lock:
+            h = self._held.get(key)
+            return h.length if h is not None else 0
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(h.length for h in self._held.values())
+
+    def drop(self, key: JobKey) -> None:
+        with self._lock:
+            h = self._held.pop(key, None)
+        if h is not None:
+            os.close(h.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for h in held:
+            os.close(h.fd)
+
+
+def _sealed_copy(src_fd: int, length: int, name: str) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, length)
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(src_fd, fd, length - done, done, done)
+            except OSError:  # a kernel without it for these files: sendfile writes at the position
+                os.lseek(fd, done, os.SEEK_SET)
+                n = os.sendfile(fd, src_fd, done, length - done)
+            if n <= 0:
+                raise OSError("the snapshot ended early")
+            done += n
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)  # nobody, the daemon included, changes it from now on
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -1,0 +1,127 @@
+"""The memory tier (SPEC §14, issue 28): the daemon keeps each job's newest verified snapshot;
+a trainer that crashed resumes from it without reading the checkpoint file; a dead daemon means
+disk, said in the log; the budget drops the oldest job first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptd.disk.scan import scan
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, wait_until
+from tests.wire_client import Client, snapshot
+from trainer_hooks import Checkpointer
+from trainer_hooks.state import load
+
+LORA = str(ROOT / "tests" / "scripts" / "lora_train.py")
+
+
+def save(c: Client, job: str, step: int, nbytes: int) -> dict:  # type: ignore[type-arg]
+    fd, length = snapshot(job, step, {"w": struct.pack("<f", step) * (nbytes // 4)})
+    try:
+        assert c.ask({"type": "save", "id": step, "step": step, "trigger": "step", "rule": "r",
+                      "filename": f"{job}-step{step:08d}.safetensors", "length": length}, fd=fd)["type"] == "accepted"
+        return c.recv()
+    finally:
+        os.close(fd)
+
+
+def test_the_budget_keeps_each_jobs_newest_and_drops_the_oldest_job_first(inproc_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = inproc_daemon
+    d.memory.budget = 3 << 20
+    runs = {}
+    for job in ("first", "second"):
+        runs[job] = os.path.join(d.roots[0], job)
+        os.mkdir(runs[job])
+    a, b = Client(d.socket_path), Client(d.socket_path)
+    try:
+        for c, job in ((a, "first"), (b, "second")):
+            c.ask({"type": "hello", "job": job, "directory": runs[job], "settings": {}, "pid": os.getpid(), "step": 0})
+        assert save(a, "first", 1, 1 << 20)["ok"] and save(a, "first", 2, 1 << 20)["ok"]
+        held = {r["job"]: r["memory_bytes"] for r in a.ask({"type": "status"})["jobs"]}
+        assert held["first"] > 1 << 20 and held["second"] == 0  # the newest only: step 2 replaced step 1
+        assert save(b, "second", 1, 2 << 20)["ok"]  # 1 + 2 MiB and headers exceed 3 MiB: the oldest job goes
+        held = {r["job"]: r["memory_bytes"] for r in a.ask({"type": "status"})["jobs"]}
+        assert held["first"] == 0 and held["second"] > 2 << 20, held
+        labels = {"training_job": "second", "directory": runs["second"]}
+        assert d.metrics.registry.get_sample_value("ckptd_memory_bytes", labels) == held["second"]
+        assert save(b, "second", 2, 4 << 20)["ok"]  # larger than the whole budget: saved, not held
+        assert {r["job"]: r["memory_bytes"] for r in a.ask({"type": "status"})["jobs"]}["second"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.slow
+def test_a_crashed_trainer_resumes_from_the_daemons_memory(tmp_path: Path) -> None:
+    """SIGKILL the trainer; the daemon still holds step N's snapshot. With the file of step N
+    gone from the disk (so only memory can have it), resume restores step N bit for bit from
+    the daemon and says so; it is the state that file held."""
+    d = DaemonProc(tmp_path / "d").start()
+    run = d.root / "lora"
+    try:
+        p = subprocess.Popen([PYTHON, LORA, str(run), "1000", "--step-sleep", "0.05", "--socket", d.socket],
+                             env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: len(scan(str(run), "lora")) >= 3, 60, "three saves")
+        p.send_signal(signal.SIGKILL)
+        p.wait(60)
+        newest = scan(str(run), "lora")[-1]
+        wait_until(lambda: d.metric("ckptd_memory_bytes", training_job="lora") > 0, 30, "the memory tier")
+        status = json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)
+        assert next(j for j in status if j["job"] == "lora")["memory_bytes"] > 0, status
+        expected = load(newest.path)["model"]
+        os.rename(newest.path, str(tmp_path / "moved.safetensors"))
+        from tests.scripts.lora_train import build
+
+        model, opt = build(seed=5)
+        r = subprocess.run([PYTHON, "-c", RESUME, str(run), d.socket], env=project_env(), capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"resumed at step {newest.step} from {newest.path} (verified, from memory)" in r.stderr, r.stderr
+        got = torch.load(r.stdout.strip(), weights_only=True)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+        del model, opt
+    finally:
+        d.stop()
+
+
+RESUME = r"""
+import sys, tempfile, torch
+from tests.scripts.lora_train import build
+from trainer_hooks import Checkpointer
+model, opt = build(seed=5)
+ckpt = Checkpointer("lora", sys.argv[1], model=model, optimizer=opt, socket=sys.argv[2], save_final=False)
+ckpt.resume()
+out = tempfile.mktemp(suffix=".pt")
+torch.save(model.state_dict(), out)
+ckpt.close(final=False)
+print(out)
+"""
+
+
+@pytest.mark.slow
+def test_a_dead_daemon_means_resume_from_disk_and_a_line_saying_so(tmp_path: Path, capfd, caplog) -> None:  # type: ignore[no-untyped-def]
+    d = DaemonProc(tmp_path / "d").start()
+    run = d.root / "mem"
+    model = torch.nn.Linear(8, 8)
+    ckpt = Checkpointer("mem", run, model=model, every_steps=1, socket=d.socket, quiet=True)
+    for _ in range(2):
+        ckpt.step()
+    ckpt.wait()
+    d.kill(signal.SIGKILL)
+    ckpt.close(final=False)
+    capfd.readouterr()
+    with caplog.at_level("WARNING", logger="ckptd.hook"):
+        again = Checkpointer("mem", run, model=torch.nn.Linear(8, 8), socket=d.socket, save_final=False)
+        assert again.resume() == 2
+        again.close(final=False)
+    assert "the daemon's memory tier is unavailable" in caplog.text and "resuming from disk" in caplog.text
+    err = capfd.readouterr().err
+    assert "ckptd: job mem resumed at step 2" in err and "(verified, from disk)" in err, err
