@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_auto.py
 	$(PY) benchmarks/bench_remote.py
 	$(PY) benchmarks/bench_finetune.py
+	$(PY) benchmarks/bench_resume.py
 
 # The reliability campaign at full size: 200 trainer and 200 daemon kills, 10,000
 # corruptions, 100,000 fuzzed messages, 64 clients x 1,000 saves (an hour or more).

@@ -18,7 +18,7 @@ BENCH = ROOT / "benchmarks"
                                          ("bench_watch", "watch_quick"), ("bench_sharded", "sharded_2ranks_quick"),
                                          ("bench_sharded --fsdp", "sharded_fsdp_2ranks_quick"),
                                          ("bench_auto", "auto_quick"), ("bench_remote", "remote_quick"),
-                                         ("bench_finetune", "finetune_quick")])
+                                         ("bench_finetune", "finetune_quick"), ("bench_resume", "resume_quick")])
 def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
     env = {"CKPTD_BENCH_RESULTS": str(tmp_path / "results"), "CKPTD_BENCH_DIR": str(tmp_path),
            "CKPTD_BENCH_PORTS": ",".join(str(free_port()) for _ in range(4))}
@@ -38,5 +38,7 @@ def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
         assert len(doc["lag"]["samples"]) == doc["lag"]["saves"] and doc["ratio_s3_vs_upload_file"] > 0
     if name == "bench_finetune":  # the base is written once: later saves cost about the trainable state
         assert doc["bytes_goal_met"] and doc["ckptd"]["kept_files"] == 3, doc
+    if name == "bench_resume":  # every way back measured, the memory tier's included
+        assert all(len(doc["results"][0][k]) == 2 for k in ("memory", "disk (cold)", "remote", "memcpy")), doc
     if name == "bench_io":
         assert doc["verify_peak_rss_bytes"] < 300 * 2**20

@@ -131,13 +131,18 @@ class Resumer:
 
         on_disk = [c.step for c in self.checkpoints() if c.ok and not c.pending]
         snap = memory.fetch(self.socket_path, self.job, self.directory, max(on_disk, default=-1))
-        if snap is None or (self.model is not None and snap.metadata.get(FINGERPRINT) != fingerprint(self.structure)):
+        if snap is None:
             return None
-        apply(snap.state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
-        if self.extra is not None and "extra" in snap.state:
-            self.extra.clear()
-            self.extra.update(snap.state["extra"])
-        trainer = snap.state.get("trainer", {})
+        try:
+            if self.model is not None and snap.metadata.get(FINGERPRINT) != fingerprint(self.structure):
+                return None  # from disk, where a model that does not fit is refused with its reason
+            apply(snap.state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
+            if self.extra is not None and "extra" in snap.state:
+                self.extra.clear()
+                self.extra.update(snap.state["extra"])
+            trainer = snap.state.get("trainer", {})
+        finally:
+            snap.close()
         resumed = Resumed(int(trainer.get("step", snap.step)), trainer.get("epoch"), snap.path)
         self._say(snap.path, resumed.step, "memory", t0)
         return resumed

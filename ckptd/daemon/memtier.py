@@ -3,9 +3,10 @@
 Most failures kill the trainer, not the host: the daemon outlives it, and so can the newest
 checkpoint's bytes. After a save verified on disk, the daemon copies the snapshot it received
 (a memfd whose header already carries the final digests: it is the file's exact image) into
-a memfd of its own, sealed against any write, and keeps it for the job, replacing the one
-before. A restarted trainer's ``resume()`` asks for it (``memory`` request, answered with the
-fd) and restores without reading the checkpoint file; it verifies every tensor's digest first.
+a memfd of its own, sealed against any write, verifies every tensor of that copy against the
+digests in its header, and keeps it for the job, replacing the one before. A restarted trainer's ``resume()`` asks for it (``memory`` request, answered with the
+fd) and restores without reading the checkpoint file: it checks the seals (no write since the
+daemon verified the copy) and the metadata digest, and reads each byte once.
 
 Within ``[daemon] memory_budget`` (default 25% of RAM): when a snapshot would exceed it, the
 oldest jobs' snapshots are dropped first; one larger than the budget is not kept. The daemon's
@@ -17,11 +18,16 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import threading
 from dataclasses import dataclass
 
+import xxhash
+
+from ckptd.core.format import FormatError, read_header_from_buffer
 from ckptd.daemon.jobkey import JobKey
+from ckptd.disk.verify import digest_map
 
 __all__ = ["Held", "MemoryTier", "default_budget"]
 
@@ -58,6 +64,13 @@ class MemoryTier:
                      key.name, length, self.budget)
             return False
         fd = _sealed_copy(src_fd, length, f"ckptd-mem-{key.name}")
+        problem = _unverified(fd, length)
+        if problem:
+            os.close(fd)
+            self.drop(key)
+            log.warning("job %s: the copy of step %d for the memory tier does not verify (%s); not kept",
+                        key.name, step, problem)
+            return False
         with self._lock:
             old = self._held.pop(key, None)
             for doomed in self._to_evict(length):
@@ -106,6 +119,25 @@ class MemoryTier:
             held, self._held = list(self._held.values()), {}
         for h in held:
             os.close(h.fd)
+
+
+def _unverified(fd: int, length: int) -> str:
+    """Every tensor of the sealed copy against the digests in its header ("" when all match): what
+    a resume from memory reads is then these very bytes (the seal forbids any write since), so it
+    need not hash them again."""
+    with mmap.mmap(fd, length, prot=mmap.PROT_READ) as mm:
+        view = memoryview(mm)
+        try:
+            header = read_header_from_buffer(view, length)
+            expected = digest_map(header)
+            for e in header.tensors:
+                if xxhash.xxh3_64_hexdigest(view[header.data_start + e.begin:header.data_start + e.end]) != expected[e.name]:
+                    return f"digest mismatch in tensor {e.name!r}"
+        except FormatError as exc:
+            return str(exc)
+        finally:
+            view.release()
+    return ""
 
 
 def _sealed_copy(src_fd: int, length: int, name: str) -> int:
