@@ -42,6 +42,7 @@ from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.target import Target
 from ckptd.wire.protocol import default_socket_path
 from trainer_hooks.outlet import Outlet
+from trainer_hooks.overlap import Overlap
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
 from trainer_hooks.record import SaveRecord
 from trainer_hooks.resume import Resumer
@@ -85,12 +86,13 @@ class Checkpointer:
         self._resumer = Resumer(self.job, self.directory, self.settings, self.rank, self.world_size, model, optimizer,
                                 scheduler, extra, self.generators, self._snap.structure or {}, self._shards, quiet,
                                 strict=self.settings["save"] == "all", socket_path=_socket_path(socket))
+        overlap = Overlap(optimizer) if self.settings["snapshot"] == "overlap" and self.saving and not sharded else None
         self._record = SaveRecord()
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
         self._buffer.reserve(self._sizes.image_bytes)  # in the background: the first save must not fault it in
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
-                              self._record.removed, self._shards, replicate=self.saving)
+                              self._record.removed, self._shards, replicate=self.saving, overlap=overlap)
         self._closed = False
         # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
         self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
@@ -201,13 +203,9 @@ class Checkpointer:
         return self._progress.step
 
     def report(self, metrics: dict[str, Any]) -> bool:
-        """Metrics measured on the current state (an evaluation), not on the step just done.
-
-        With ``best_metric``, an improvement saves now, at the current step, so a best
-        checkpoint holds exactly the weights that were evaluated (``keep_best`` then
-        keeps weights somebody measured). Returns whether a save was handed over.
-        Framework callbacks call it from their evaluation hooks.
-        """
+        """Metrics measured on the current state (an evaluation), not on the step just done. With
+        ``best_metric``, an improvement saves now, at the current step, so a best checkpoint holds
+        exactly the weights that were evaluated. Returns whether a save was handed over."""
         self._progress.metrics = {**(self._progress.metrics or {}), **metrics}
         key = self._triggers.best_key
         if key is None or not self._triggers.metric_seen(as_float(metrics.get(key))):
@@ -304,7 +302,8 @@ class Checkpointer:
         now = time.time()
         tensors, metadata = self._snap.image(trigger, rule, now)
         filename = render(self.template, self.job, self._progress.step, self.epoch, now)
-        length = self._buffer.stage(tensors, metadata)
+        later = self._snap.optimizer_writes(tensors) if self._outlet.overlap is not None else ()
+        length, pending = self._buffer.stage_overlapped(tensors, metadata, later)
         if self._shards is not None:  # each rank writes its own shard in-process (see trainer_hooks.shards)
             unit = os.path.join(self.directory, unit_name(filename))
             filename = shard_name(self.rank, self.world_size)
@@ -312,7 +311,7 @@ class Checkpointer:
                       trigger, stall=(time.perf_counter_ns() - t0) / 1e9)
         msg = {"step": self._progress.step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
                "filename": filename, "length": length, "stall": job.stall}
-        self._outlet.submit(job, msg)
+        self._outlet.submit(job, msg, pending)  # with snapshot="overlap", once the copy is done
         stalled = time.perf_counter_ns() - t0
         self._time_rules.measured(stall=stalled / 1e9)  # the handoff included: all that step() blocked
         self.stats["stall_ns"] += stalled

@@ -30,7 +30,9 @@ from ckptd.disk.target import Target
 from ckptd.save.keep import Removed, prune
 from ckptd.save.pipeline import Hooks, Shard, save_shard, save_unit
 from trainer_hooks.link import Link
+from trainer_hooks.overlap import Overlap
 from trainer_hooks.shards import ShardGroup
+from trainer_hooks.staging import Pending
 from trainer_hooks.worker import Done, SaveJob, Worker
 
 if TYPE_CHECKING:
@@ -41,8 +43,9 @@ log = logging.getLogger("ckptd.hook")
 
 class Outlet:
     def __init__(self, target: Target, on_done: Done, on_removed: Removed, shards: ShardGroup | None = None,
-                 replicate: bool = False) -> None:
+                 replicate: bool = False, overlap: Overlap | None = None) -> None:
         self.target, self.shards = target, shards
+        self.overlap = overlap  # snapshot="overlap": the copy finishes, then the handoff, off step()
         self._on_done, self._on_removed = on_done, on_removed
         self._worker = Worker(self._persist_here, self._persisted_here)
         self.link: Link | None = None
@@ -77,15 +80,25 @@ class Outlet:
 
     @property
     def busy(self) -> bool:
-        return self._worker.busy or (self.link is not None and self.link.busy)
+        copying = self.overlap is not None and not self.overlap.idle
+        return copying or self._worker.busy or (self.link is not None and self.link.busy)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the save in flight is verified or failed (by the daemon or here)."""
+        if self.overlap is not None and not self.overlap.wait(timeout):
+            return False
         if self.link is not None and not self.link.wait_idle(timeout):
             return False
         return self._worker.wait_idle(timeout)
 
-    def submit(self, job: SaveJob, msg: dict[str, Any]) -> None:
+    def submit(self, job: SaveJob, msg: dict[str, Any], pending: Pending | None = None) -> None:
+        """Hand a staged snapshot over; one whose copy is ``pending`` once the overlap thread finished it."""
+        if pending is not None and not pending.empty and self.overlap is not None:
+            self.overlap.start(pending, lambda: self._hand_over(job, msg))
+        else:
+            self._hand_over(job, msg)
+
+    def _hand_over(self, job: SaveJob, msg: dict[str, Any]) -> None:
         if self.shards is not None or self.link is None or not self.link.submit(job, msg):
             self._worker.submit(job)
 
@@ -94,6 +107,8 @@ class Outlet:
             self.link.notify(msg)
 
     def close(self, end_step: int | None, timeout: float | None = None) -> None:
+        if self.overlap is not None:
+            self.overlap.close()
         if self.link is not None:
             self.link.close(end_step)
             self.link = None

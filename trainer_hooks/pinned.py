@@ -60,7 +60,14 @@ class DeviceCopies:
 
     def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``dst.copy_(src)`` for each (host dst, CUDA src), all in flight at once, done on return."""
-        used = []
+        for _, event in self.enqueue(pairs):
+            event.synchronize()
+
+    def enqueue(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.device, torch.cuda.Event]]:
+        """The same copies, enqueued and not waited for (``snapshot="overlap"``): one event per
+        device, recorded after them, which the trainer's stream waits on before the optimizer
+        writes (on the GPU, not the host) and the overlap thread synchronises before the handoff."""
+        events = []
         for device in dict.fromkeys(src.device for _, src in pairs):
             stream = self._streams.get(device)
             if stream is None:
@@ -70,9 +77,10 @@ class DeviceCopies:
                 for dst, src in pairs:
                     if src.device == device:
                         dst.copy_(src, non_blocking=True)
-            used.append(stream)
-        for stream in used:
-            stream.synchronize()
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(stream)
+            events.append((device, event))
+        return events
 
 
 def pin_for(mode: str, job: str, tensors: Iterable[torch.Tensor]) -> bool:

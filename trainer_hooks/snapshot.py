@@ -21,6 +21,7 @@ from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import CheckpointMeta
 from ckptd.core.refs import REFS_KEY, encode
 from ckptd.disk.export import HF_CONFIG, PEFT_CONFIG
+from trainer_hooks.overlap import written_by_optimizer
 from trainer_hooks.pinned import pin_for
 from trainer_hooks.shared import SharedTensors, frozen_identities, identity
 from trainer_hooks.staging import image_length
@@ -116,6 +117,12 @@ class Snapshotter:
         planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
         tensors, keys = planned.header(flat.tensors)
         return tensors, {**self.metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
+
+    def optimizer_writes(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """The tensors only the optimizer writes between two steps (``snapshot="overlap"`` copies
+        them beside the next forward and backward)."""
+        ids = written_by_optimizer(self.model, self.optimizer)
+        return [n for n, t in tensors.items() if t.numel() and identity(t) in ids]
 
     def image_bytes(self, flat: Flat, skeleton: Any, planned: int) -> int:
         """What a snapshot of this state will take in the staging buffer, with room for a header

@@ -19,7 +19,8 @@ import logging
 import mmap
 import os
 import threading
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Collection, Mapping
 
 import torch
 
@@ -116,27 +117,42 @@ class StagingBuffer:
 
     def stage(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> int:
         """Copy the state into the buffer; returns the length of the safetensors image."""
+        return self.stage_overlapped(tensors, metadata, ())[0]
+
+    def stage_overlapped(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str],
+                         later: Collection[str]) -> tuple[int, Pending]:
+        """``stage``, but the tensors named in ``later`` are left to copy (``snapshot="overlap"``: on
+        CPU by ``Pending.finish``, on CUDA already enqueued on ckptd's stream)."""
         entries, header, length = _header(tensors, metadata)
         self.join()
         with self._lock:
-            self._copy(self._ensure(length), header, entries, tensors)
-        return length
+            pending = self._copy(self._ensure(length), header, entries, tensors, later)
+        return length, pending
 
     def _copy(self, flat: torch.Tensor, header: bytes, entries: list[TensorEntry],
-              tensors: Mapping[str, torch.Tensor]) -> None:
+              tensors: Mapping[str, torch.Tensor], later: Collection[str]) -> Pending:
         flat[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-        base, on_gpu = len(header), []
+        base, pending = len(header), Pending()
+        on_gpu: list[tuple[torch.Tensor, torch.Tensor]] = []
         for e in entries:
             if e.nbytes:
                 t = tensors[e.name]
                 dst = flat[base + e.begin: base + e.end].view(t.dtype).view(t.shape)
                 if t.is_cuda:
-                    on_gpu.append((dst, t))
+                    (pending.gpu if e.name in later else on_gpu).append((dst, t))
+                elif e.name in later:
+                    pending.cpu.append((dst, t))
                 else:
                     dst.copy_(t)
-        if on_gpu:
+        if on_gpu or pending.gpu:
             self._devices = self._devices or pinned.DeviceCopies()
+        if on_gpu:
+            assert self._devices is not None
             self._devices.copy(on_gpu)
+        if pending.gpu:
+            assert self._devices is not None
+            pending.events = self._devices.enqueue(pending.gpu)
+        return pending
 
     def close(self) -> None:
         self.join()
@@ -144,6 +160,27 @@ class StagingBuffer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclass
+class Pending:
+    """What ``stage`` left to copy (``snapshot="overlap"``): CPU copies for the overlap thread to
+    make, and CUDA copies already in flight on ckptd's streams, with the events that follow them."""
+
+    cpu: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    gpu: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.cpu and not self.gpu
+
+    def finish(self) -> None:
+        """Until every byte is in the buffer (the overlap thread, before the handoff)."""
+        for dst, src in self.cpu:
+            dst.copy_(src)
+        for _, event in self.events:
+            event.synchronize()
 
 
 def image_length(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> int:

@@ -158,8 +158,10 @@ KEYS: dict[str, Key] = {
     "remote_endpoint": Key(_text, None, "remote", "S3 endpoint URL, for S3-compatible stores (MinIO, Ceph, ...)"),
     "remote_timeout": Key(parse_duration, 300.0, "remote", "embedded mode: how long close() waits for uploads"),
     # GPU state (SPEC §10)
-    "snapshot": Key(_choice("auto", "host", "device"), "auto", "hook", "CUDA state: 'host' copies it straight into "
-                    "page-locked shared memory; 'device' (not yet built: host is used) a GPU copy first; 'auto' picks"),
+    "snapshot": Key(_choice("auto", "host", "device", "overlap"), "auto", "hook", "'host' copies the state straight "
+                    "into (page-locked) shared memory in step(); 'overlap' copies parameters and optimizer state while "
+                    "the next forward/backward run, done before the optimizer writes them; 'device' (not yet built: "
+                    "host is used) a GPU copy first; 'auto' picks host"),
     # fine-tuning (SPEC §13)
     "save": Key(_choice("all", "trainable"), "all", "hook", "'trainable': only parameters with requires_grad, "
                 "the buffers that changed, the optimizer and the rest (resume needs the base loaded first)"),

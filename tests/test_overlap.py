@@ -1,0 +1,132 @@
+"""``snapshot="overlap"`` (SPEC §14, issue 28): step() returns before the parameters and the
+optimizer state are copied; the copy is done before the optimizer next writes them, so a
+checkpoint holds the state at its step, bit for bit, never two steps mixed."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_file
+from tests.conftest import PYTHON, ROOT, DaemonProc, project_env, run_py, wait_until
+from trainer_hooks import Checkpointer
+from trainer_hooks.state import load
+
+TRAIN = str(ROOT / "tests" / "scripts" / "overlap_train.py")
+KILLS = 200 if os.environ.get("CKPTD_SOAK") else 10
+
+
+def at_step(n: int) -> tuple[float, float]:
+    """What overlap_train.py's weight and momentum are after n steps (the same float32 arithmetic)."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0, momentum=0.5)
+    for _ in range(n):
+        w.grad = torch.full_like(w, -1.0)
+        opt.step()
+    return float(w[0]), float(opt.state[w]["momentum_buffer"][0]) if n else 0.0
+
+
+def assert_one_step(path: str) -> int:
+    state = load(path)
+    step = state["trainer"]["step"]
+    w, m = at_step(step)
+    weights, momentum = state["model"]["0"], state["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.all(weights == w) and torch.all(momentum == m), \
+        f"{path}: step {step} mixed with another ({weights.unique()[:4].tolist()}, {momentum.unique()[:4].tolist()})"
+    return int(step)
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, ckpt: Checkpointer, steps: int,
+          at_save: dict[int, dict[str, torch.Tensor]]) -> None:
+    for _ in range(steps):
+        model(torch.randn(32, 256)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        saves = ckpt.stats["saves"]
+        ckpt.step()
+        if ckpt.stats["saves"] > saves:
+            at_save[ckpt.step_count] = {k: v.clone() for k, v in model.state_dict().items()}
+            at_save[ckpt.step_count].update({f"opt/{i}/{k}": v.clone() for i, s in opt.state_dict()["state"].items()
+                                             for k, v in s.items()})
+
+
+@pytest.mark.parametrize("through", ["embedded", "daemon"])
+def test_the_checkpoint_holds_the_state_of_its_step_though_training_went_on(tmp_path: Path, through: str) -> None:
+    """Right after each saving step(): a forward that moves BatchNorm's running statistics in place,
+    and an optimizer step that writes every parameter and moment in place. The checkpoint is the
+    state of the saving step, bit for bit, in both."""
+    d = DaemonProc(tmp_path / "d").start() if through == "daemon" else None
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.BatchNorm1d(256), torch.nn.Linear(256, 256))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        directory = (d.root if d else tmp_path) / "ov"
+        ckpt = Checkpointer("ov", directory, model=model, optimizer=opt, every_steps=3, snapshot="overlap",
+                            keep_last=10, socket=d.socket if d else False, quiet=True)
+        at_save: dict[int, dict[str, torch.Tensor]] = {}
+        train(model, opt, ckpt, 12, at_save)
+        assert ckpt.mode == through
+        ckpt.close(final=False)
+        saved = scan(str(directory), "ov")
+        assert [c.step for c in saved] == [3, 6, 9, 12] and all(verify_file(c.path).ok for c in saved)
+        for c in saved:
+            state = load(c.path)
+            got = {**state["model"], **{f"opt/{i}/{k}": v for i, s in state["optimizer"]["state"].items()
+                                        for k, v in s.items()}}
+            assert got.keys() == at_save[c.step].keys()
+            assert all(torch.equal(got[k], v) for k, v in at_save[c.step].items()), c.path
+    finally:
+        if d is not None:
+            d.stop()
+
+
+def test_a_checkpoint_never_mixes_two_steps_under_a_racing_optimizer(tmp_path: Path) -> None:
+    r = run_py(TRAIN, str(tmp_path), "12", "--mib", "32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = scan(str(tmp_path), "ov")
+    assert [assert_one_step(c.path) for c in saved] == [10, 11, 12]
+
+
+def settled(run: Path) -> None:
+    names: list[str] = []
+    while names != (names := sorted(os.listdir(run))):
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_trainer_killed_at_random_moments_of_overlapped_saves(tmp_path: Path) -> None:
+    """KILLS SIGKILLs of a trainer saving every step with snapshot="overlap" through the daemon
+    (200 with CKPTD_SOAK=1): no file under a final name fails to verify or mixes two steps, and
+    each restart resumes from the newest one."""
+    d = DaemonProc(tmp_path / "d").start()
+    run = d.root / "ov"
+    rng = random.Random(28)
+    seen = 0
+    try:
+        for _ in range(KILLS):
+            p = subprocess.Popen([PYTHON, TRAIN, str(run), "100000", "--socket", d.socket, "--mib", "8"],
+                                 env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            before = max((c.step for c in scan(str(run), "ov")), default=0)
+            wait_until(lambda: max((c.step for c in scan(str(run), "ov")), default=0) > before
+                       or p.poll() is not None, 120, "a save")
+            time.sleep(rng.uniform(0.0, 0.4))
+            p.send_signal(signal.SIGKILL)
+            p.wait(60)
+            wait_until(lambda: d.metric("ckptd_job_up", training_job="ov") == 0, 30, "the disconnect")
+            settled(run)  # the daemon finishes (and prunes after) what it was handed before the kill
+            for c in scan(str(run), "ov"):
+                if c.ok:
+                    assert verify_file(c.path).ok, c.path
+                    assert_one_step(c.path)
+                    seen += 1
+    finally:
+        d.stop()
+    assert seen >= KILLS
