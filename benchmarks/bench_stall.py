@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -107,6 +108,37 @@ def ckptd_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, d
     return s, first
 
 
+def overlap_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path,
+                  socket: str | bool) -> tuple[Series, float]:
+    """snapshot="overlap": what step() blocks, and how much slower the next forward and backward
+    run while the copy runs beside them (their own time without a save in the same run)."""
+    from trainer_hooks import Checkpointer
+
+    x = torch.randn(64, 1024, device=DEVICE)
+
+    def forward_backward() -> None:
+        model(x).sum().backward()
+        sync()
+    ckpt = Checkpointer("bench", directory, model=model, optimizer=opt, every_steps=1, keep_last=1, socket=socket,
+                        save_final=False, preempt_signals=(), snapshot="overlap", quiet=True)
+    try:
+        ckpt._buffer.join()
+        ckpt.step()
+        ckpt.wait()
+        alone = [timed(forward_backward) for _ in range(reps)]
+        s, beside = Series("ckptd overlap" + (" (daemon)" if socket else "")), []
+        for _ in range(reps):
+            sync()
+            s.samples.append(timed(ckpt.step))
+            beside.append(timed(forward_backward))  # while the parameters and moments are being copied
+            ckpt.wait()
+        opt.zero_grad(set_to_none=True)
+        assert ckpt.stats["failed"] == 0, ckpt.last_error
+    finally:
+        ckpt.close(final=False)
+    return s, statistics.median(beside) / statistics.median(alone)
+
+
 def baseline(name: str, fn, reps: int) -> Series:  # type: ignore[no-untyped-def]
     s = Series(name)
     for _ in range(reps):
@@ -150,7 +182,8 @@ def run(size_mib: int, reps: int, daemon: Daemon) -> dict:
         res = [floor(tensors, reps, pinned=DEVICE != "cpu")] + ([floor(tensors, reps)] if DEVICE != "cpu" else [])
         d_series, d_first = ckptd_stall(model, opt, reps, daemon.root / f"s{size_mib}", daemon.socket)
         e_series, e_first = ckptd_stall(model, opt, reps, work / "embedded", False)
-        res += [d_series, e_series]
+        o_series, slowdown = overlap_stall(model, opt, reps, daemon.root / f"o{size_mib}", daemon.socket)
+        res += [d_series, e_series, o_series]
         res.append(baseline("torch.save", lambda: torch.save({"model": model.state_dict(),
                                                               "optimizer": opt.state_dict()}, work / "t.pt"), reps))
         flat = {f"t{i}": t.contiguous() for i, t in enumerate(tensors)}
@@ -160,6 +193,7 @@ def run(size_mib: int, reps: int, daemon: Daemon) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     base = res[0].median
     return {"size_mib": size_mib, "bytes": nbytes, "floor": base, "first_save": {"ckptd daemon": d_first, "ckptd embedded": e_first},
+            "overlap_step_slowdown": slowdown,
             "series": {s.name: {**s.summary(), "ratio_to_floor": s.median / base} for s in res}}
 
 
@@ -191,6 +225,11 @@ def main() -> None:
                          f"{t / r['floor']:.2f}x"])
     print(table(f"Training stall per save on {DEVICE} (ms; ratio to the floor; medians of "
                 f"{reps} saves, second save on)", ["state", "method", "median", "min", "max", "vs floor"], rows))
+    for r in results:
+        ratio = r["series"]["ckptd overlap (daemon)"]["ratio_to_floor"]
+        print(f"{r['size_mib']} MiB, snapshot='overlap': stall {ratio:.3f}x the floor (goal <= "
+              f"{0.25 if DEVICE == 'cpu' else 0.2}x); forward+backward {100 * (r['overlap_step_slowdown'] - 1):+.1f}% "
+              "slower while the copy runs (goal <= +10%)")
     name = ("stall_quick" if args.quick else "stall") + ("" if DEVICE == "cpu" else "_cuda")
     gpu = torch.cuda.get_device_name() if DEVICE != "cpu" else None
     print("wrote", write_result(name, {"reps": reps, "device": DEVICE, "gpu": gpu, "results": results}))
