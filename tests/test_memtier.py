@@ -125,3 +125,46 @@ def test_a_dead_daemon_means_resume_from_disk_and_a_line_saying_so(tmp_path: Pat
     assert "the daemon's memory tier is unavailable" in caplog.text and "resuming from disk" in caplog.text
     err = capfd.readouterr().err
     assert "ckptd: job mem resumed at step 2" in err and "(verified, from disk)" in err, err
+
+
+MEMORY_TRAIN = r"""
+import sys, time, torch
+from trainer_hooks import Checkpointer
+w = torch.nn.Parameter(torch.zeros(1 << 16))
+opt = torch.optim.SGD([w], lr=1.0)
+ckpt = Checkpointer("often", sys.argv[1], model=torch.nn.ParameterList([w]), optimizer=opt, every_steps=1000,
+                    every_memory="0.2s", socket=sys.argv[2])
+start = ckpt.resume()
+print("START", start, float(w[0]), float(w[-1]), flush=True)
+for _ in range(start, 100000):
+    w.grad = torch.full_like(w, -1.0)
+    opt.step()
+    ckpt.step()
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.slow
+def test_every_memory_saves_to_the_memory_tier_only_and_a_crash_resumes_there(tmp_path: Path) -> None:
+    """``every_memory="0.2s"`` with a disk save every 1000 steps: the daemon holds a snapshot a
+    fraction of a second old, no file is written for it, and after a SIGKILL the run resumes from
+    it (its weights are its step: SGD with lr 1 and gradient -1), far past the last file."""
+    d = DaemonProc(tmp_path / "d").start()
+    run = d.root / "often"
+    try:
+        p = subprocess.Popen([PYTHON, "-c", MEMORY_TRAIN, str(run), d.socket], env=project_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: d.metric("ckptd_saves_total", training_job="often", trigger="memory", outcome="ok") >= 3,
+                   60, "three memory saves")
+        p.send_signal(signal.SIGKILL)
+        p.wait(60)
+        assert scan(str(run), "often") == []  # every_steps=1000 never came: nothing on disk
+        assert d.metric("ckptd_unsaved_steps", training_job="often") > 0  # memory is not a saved step
+        r = subprocess.run([PYTHON, "-c", MEMORY_TRAIN.replace("range(start, 100000)", "range(0)"), str(run),
+                            d.socket], env=project_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        start, first, last = r.stdout.split("START")[1].split()[:3]
+        assert float(first) == float(last) == int(start), r.stdout  # the weights are the state of that step
+        assert int(start) > 5 and "(a memory-only save: not on disk) (verified, from memory)" in r.stderr, r.stderr
+    finally:
+        d.stop()

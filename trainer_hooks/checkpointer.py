@@ -102,9 +102,9 @@ class Checkpointer:
         if self.mode == "embedded":
             self._outlet.resync_remote()
         self._time_rules = TimeRules(self.policy, self._time_fired, lambda: self.mode == "embedded", job,
-                                     self._state_bytes)
+                                     self._state_bytes, self.settings["every_memory"] if self.saving else None)
         self._time_rules.saved_at(self._last_save_wall)
-        self._preemption = Preemption(preempt_grace, self._preempt_raised, self._between_steps,
+        self._preemption = Preemption(preempt_grace, self._triggers.raise_attention, self._between_steps,
                                       lambda: self._stop_threads(timeout=2.0))
         if self.policy.on_preempt:
             self._preemption.install(preempt_signals)
@@ -231,6 +231,9 @@ class Checkpointer:
                 t.churn(self._progress.step)
             if decision.trigger == "preempt":
                 self._preemption.finish(self.wait)
+        elif t.memory_due and self.mode == "daemon" and not self._outlet.busy:  # (never waits for a disk save)
+            self._save("memory", "every_memory")
+        t.memory_due = False  # one that found the buffer busy waits for its clock's next tick
         t.decided(self._preemption.pending)
 
     def _resize(self) -> None:
@@ -300,7 +303,7 @@ class Checkpointer:
                 return False
             self.wait()
         now = time.time()
-        tensors, metadata = self._snap.image(trigger, rule, now)
+        tensors, metadata = self._snap.image(trigger, rule, now, memory_only=trigger == "memory")
         filename = render(self.template, self.job, self._progress.step, self.epoch, now)
         later = self._snap.optimizer_writes(tensors) if self._outlet.overlap is not None else ()
         length, pending = self._buffer.stage_overlapped(tensors, metadata, later)
@@ -310,36 +313,33 @@ class Checkpointer:
         job = SaveJob(self._buffer.fd, length, unit if self._shards else self.directory, filename, self._progress.step,
                       trigger, stall=(time.perf_counter_ns() - t0) / 1e9)
         msg = {"step": self._progress.step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
-               "filename": filename, "length": length, "stall": job.stall}
+               "filename": filename, "length": length, "stall": job.stall, "memory_only": trigger == "memory"}
         self._outlet.submit(job, msg, pending)  # with snapshot="overlap", once the copy is done
         stalled = time.perf_counter_ns() - t0
-        self._time_rules.measured(stall=stalled / 1e9)  # the handoff included: all that step() blocked
         self.stats["stall_ns"] += stalled
+        if trigger == "memory":  # not a saved step: the policy's clocks go on as they were
+            return True
+        self._time_rules.measured(stall=stalled / 1e9)  # the handoff included: all that step() blocked
         self.stats["saves"] += 1
-        self._mark_saved(trigger, now)
-        return True
-
-    def _mark_saved(self, trigger: str, now: float) -> None:
         self._triggers.saved(self._progress.step, trigger, self._metric, now)
         self._last_save_wall = now
         self._time_rules.saved_at(now)
+        return True
 
     def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
         """Runs on the worker thread (or the link's reader) after each save."""
+        if job.trigger == "memory":  # a snapshot for the daemon's memory tier: nothing on disk to record
+            self.stats["memory"] += result is not None
+            return
         if result is not None:
             self._time_rules.measured(persist=time.monotonic() - job.submitted)
         if self._snap.shared is not None:  # where the frozen tensors' bytes are now, or forget them all
             self._snap.shared.verified(job.step, result.path) if result is not None else self._snap.shared.failed()
         self._record.persisted(job, result, error)
 
-    # -- time rules and signals -------------------------------------------------
-
     def _time_fired(self, rule: str) -> None:
         """A time rule fired (the daemon's ``due``, or our own clock): the save happens at the next ``step()``."""
         self._triggers.time_fired(rule)
-
-    def _preempt_raised(self) -> None:
-        self._triggers.raise_attention()
 
     def _between_steps(self, signum: int) -> None:
         """The trainer did not reach ``step()`` within the grace period after a signal: save now."""

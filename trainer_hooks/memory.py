@@ -62,7 +62,7 @@ def fetch(socket_path: str, job: str, directory: str, newest_on_disk: int) -> Sn
     try:
         if int(reply["step"]) < newest_on_disk:
             return None  # a newer checkpoint reached the disk another way (an embedded save, a fetch)
-        return _load(fd, int(reply["length"]), str(reply["path"]), job)
+        return _load(fd, int(reply["length"]), str(reply.get("path") or ""), job, directory)
     except (OSError, ValueError, KeyError, FormatError) as exc:
         log.warning("ckptd: job %s: the snapshot in the daemon's memory is not usable (%s); resuming from disk",
                     job, exc)
@@ -71,7 +71,7 @@ def fetch(socket_path: str, job: str, directory: str, newest_on_disk: int) -> Sn
         os.close(fd)
 
 
-def _load(fd: int, length: int, path: str, job: str) -> Snapshot:
+def _load(fd: int, length: int, path: str, job: str, directory: str) -> Snapshot:
     if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALED != SEALED:
         raise FormatError("the daemon's copy is not sealed against writes")
     populate = getattr(mmap, "MAP_POPULATE", 0)  # the page faults at mmap, not one by one in the copy
@@ -82,7 +82,7 @@ def _load(fd: int, length: int, path: str, job: str) -> Snapshot:
         tensors = {e.name: _tensor(mm, header.data_start, e.dtype, e.shape, e.begin, e.end,
                                    copy=not e.name.startswith("model/")) for e in header.tensors}
         meta = dict(header.metadata)
-        tensors.update(load_referenced(path, meta))
+        tensors.update(load_referenced(os.path.join(os.path.abspath(directory), "memory"), meta))  # holders beside
         state: dict[str, Any] = unflatten(json.loads(meta.get("ckptd.state", "null")), tensors,
                                           json.loads(meta.get("ckptd.aliases", "{}")))
     except BaseException:

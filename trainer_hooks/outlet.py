@@ -177,5 +177,7 @@ class Outlet:
 
     def _daemon_lost(self, jobs: list[SaveJob]) -> None:
         for job in jobs:
+            if job.trigger == "memory":  # its tier went with the daemon: nothing to persist here
+                continue
             log.warning("ckptd: the daemon went away with step %d in flight; persisting it here", job.step)
             self._worker.submit(job)

@@ -19,7 +19,7 @@ log = logging.getLogger("ckptd.hook")
 
 
 def _counters() -> dict[str, int]:
-    return {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0, "deleted": 0}
+    return {"saves": 0, "verified": 0, "failed": 0, "skipped": 0, "stall_ns": 0, "deleted": 0, "memory": 0}
 
 
 @dataclass

@@ -143,8 +143,9 @@ class Resumer:
             trainer = snap.state.get("trainer", {})
         finally:
             snap.close()
-        resumed = Resumed(int(trainer.get("step", snap.step)), trainer.get("epoch"), snap.path)
-        self._say(snap.path, resumed.step, "memory", t0)
+        where = snap.path or "the daemon's memory (a memory-only save: not on disk)"
+        resumed = Resumed(int(trainer.get("step", snap.step)), trainer.get("epoch"), where)
+        self._say(where, resumed.step, "memory", t0)
         return resumed
 
     def _load(self, info: Checkpoint) -> dict[str, Any]:

@@ -56,9 +56,10 @@ class SharedTensors:
         self._held: dict[str, tuple[_Seen, Ref]] = {}  # name -> as verified, and where its bytes are
         self._staged: tuple[int, dict[str, tuple[_Seen, Ref | None]]] | None = None
 
-    def split(self, step: int, tensors: dict[str, torch.Tensor],
-              frozen: set[Identity]) -> tuple[dict[str, torch.Tensor], dict[str, Ref]]:
-        """At staging: (the tensors to copy, the references that stand for the unchanged frozen ones)."""
+    def split(self, step: int, tensors: dict[str, torch.Tensor], frozen: set[Identity],
+              record: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Ref]]:
+        """At staging: (the tensors to copy, the references that stand for the unchanged frozen ones).
+        ``record=False``: a snapshot that will not be a file (``every_memory``) teaches nothing."""
         stored: dict[str, torch.Tensor] = {}
         refs: dict[str, Ref] = {}
         staged: dict[str, tuple[_Seen, Ref | None]] = {}
@@ -76,7 +77,8 @@ class SharedTensors:
                 else:
                     refs[name] = ref
                 staged[name] = (seen, ref)
-            self._staged = (step, staged)
+            if record:
+                self._staged = (step, staged)
         return stored, refs
 
     def verified(self, step: int, path: str) -> None:

@@ -100,14 +100,16 @@ class Snapshotter:
         changed = {n for n, b in self.model.named_buffers() if (identity(b), b._version) != self._buffers_at_start.get(n)}
         return {k: v for k, v in self.model.state_dict().items() if k in trains or k in changed}
 
-    def image(self, trigger: str, rule: str, now: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def image(self, trigger: str, rule: str, now: float,
+              memory_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and header fields of this save's snapshot."""
         if not self.dcp:
             flat, skeleton = flatten(self.capture())
             meta = self.metadata(trigger, rule, now, skeleton, flat.aliases)
             if self.shared is None:
                 return flat.tensors, meta
-            tensors, refs = self.shared.split(self.progress.step, flat.tensors, frozen_identities(self.model))
+            tensors, refs = self.shared.split(self.progress.step, flat.tensors, frozen_identities(self.model),
+                                              record=not memory_only)
             if refs:
                 meta[REFS_KEY] = encode(refs)
             return tensors, meta

@@ -26,14 +26,14 @@ log = logging.getLogger("ckptd.hook")
 
 class TimeRules:
     def __init__(self, policy: pol.SavePolicy, fire: Callable[[str], None], mine: Callable[[], bool],
-                 job: str = "", state_bytes: int = 0) -> None:
+                 job: str = "", state_bytes: int = 0, every_memory: float | None = None) -> None:
         self.policy, self.job = policy, job
         self._fire, self._mine = fire, mine
         self._sched: Any = None
         self.costs = CostSamples()
         self._cost_guess = guess_cost(state_bytes)
         self._said: float | None = None  # the auto interval last logged
-        if not policy.has_time_rules:
+        if not policy.has_time_rules and not every_memory:
             return
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.cron import CronTrigger
@@ -43,6 +43,8 @@ class TimeRules:
         self._sched = BackgroundScheduler(daemon=True, job_defaults={"misfire_grace_time": None, "coalesce": True})
         if policy.cron:
             self._sched.add_job(self._fired, CronTrigger.from_crontab(policy.cron), args=["cron"], id="cron")
+        if every_memory:  # the memory tier's clock: only with a daemon, whose memory it is (SPEC §14)
+            self._sched.add_job(self._fired, "interval", seconds=every_memory, args=["memory"], id="memory")
         self._sched.start()
 
     @property
@@ -72,7 +74,10 @@ class TimeRules:
         return self._sched is not None and self._sched.get_job(rule) is not None
 
     def _fired(self, rule: str) -> None:
-        if self._mine():
+        if rule == "memory":
+            if not self._mine():  # a daemon holds the job: the memory tier is there
+                self._fire(rule)
+        elif self._mine():
             self._fire(rule)
         elif rule == "every":  # the daemon's turn; keep a clock running should it go away
             self.saved_at(time.time())

@@ -55,6 +55,7 @@ class Triggers:
         self.last_sched_at: float | None = None
         self.best: float | None = None  # the best metric among saved checkpoints
         self.time_due: str | None = None  # "every" or "cron" once a time rule fired
+        self.memory_due = False  # every_memory's clock fired: a save to the daemon's memory tier only
         self.attention = False  # something besides the step count may make a save due: ask the policy
         self.agreed = [0, 0, 0]  # sharded: the flags every rank acts on
         self._sent_preempt = False
@@ -75,7 +76,10 @@ class Triggers:
         return True
 
     def time_fired(self, rule: str) -> None:
-        self.time_due = rule
+        if rule == "memory":
+            self.memory_due = True
+        else:
+            self.time_due = rule
         self.attention = True
 
     def raise_attention(self) -> None:

@@ -162,6 +162,9 @@ KEYS: dict[str, Key] = {
                     "into (page-locked) shared memory in step(); 'overlap' copies parameters and optimizer state while "
                     "the next forward/backward run, done before the optimizer writes them; 'device' (not yet built: "
                     "host is used) a GPU copy first; 'auto' picks host"),
+    # the memory tier (SPEC §14)
+    "every_memory": Key(parse_duration, None, "hook", "with a daemon: also a save to its memory tier only (no disk) "
+                        "this often, shorter than the disk interval; resume after a trainer crash starts there"),
     # fine-tuning (SPEC §13)
     "save": Key(_choice("all", "trainable"), "all", "hook", "'trainable': only parameters with requires_grad, "
                 "the buffers that changed, the optimizer and the rest (resume needs the base loaded first)"),

@@ -33,6 +33,7 @@ class Trigger(StrEnum):
     PREEMPT = "preempt"
     MANUAL = "manual"
     WATCH = "watch"
+    MEMORY = "memory"  # a save that only refreshes the daemon's memory tier (every_memory, SPEC §14)
 
     @classmethod
     def of(cls, text: object) -> "Trigger":

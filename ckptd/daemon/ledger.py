@@ -41,6 +41,12 @@ class Ledger:
                  format_bytes(info.bytes), sum(durations.values()), info.path)
         self.catalog.event(job, "saved", step=info.step, path=info.path, trigger=trigger)
 
+    def remembered(self, job: JobKey, step: int, nbytes: int, seconds: float) -> None:
+        """A memory-only save (``every_memory``): counted as a save of trigger ``memory``; no file,
+        so neither the last success nor the last saved step moves (what is on disk is what counts)."""
+        self.metrics.saves.labels(*job, "memory", "ok").inc()
+        log.info("job %s: step %d kept in memory (%s, %.2fs)", job, step, format_bytes(nbytes), seconds)
+
     def failed(self, job: JobKey, trigger: str, exc: PersistError) -> None:
         log.error("job %s: save failed (%s): %s", job, exc.reason, exc)
         self.metrics.saves.labels(*job, trigger, "failed").inc()

@@ -28,7 +28,7 @@ from ckptd.daemon.jobstate import JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.memtier import MemoryTier
 from ckptd.daemon.uploads import Uploads
-from ckptd.disk.persist import Persisted, PersistError
+from ckptd.disk.persist import Persisted, PersistError, seal
 from ckptd.disk.preflight import TargetError, check_job
 from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.target import Target
@@ -194,14 +194,40 @@ class Session:
         if "/" in name or name.startswith(".") or not name.endswith(".safetensors"):
             raise protocol.ProtocolError(f"save: invalid file name {name!r}")
         msg = {**msg, "trigger": Trigger.of(msg["trigger"])}  # a label value: a client must not grow the series
+        memory_only = msg.get("memory_only") is True
         with self.daemon.lock:
             if self.job.in_flight:  # the hook reuses one buffer: a second save before "saved" is no trainer's
                 raise protocol.ProtocolError("save: one save at a time per job; wait for its saved reply")
             self.job.in_flight += 1
-            self.job.last_saved_step = max(self.job.last_saved_step, msg["step"])
+            if not memory_only:  # a snapshot kept in memory only is not a saved step (the disk says what is)
+                self.job.last_saved_step = max(self.job.last_saved_step, msg["step"])
             self.job.step = max(self.job.step, msg["step"])
         self.send({"type": "accepted", "id": msg["id"]})
-        self._futures.append(self.daemon.executor.submit(self._persist, self.job, msg, fds[0]))
+        persist = self._remember if memory_only else self._persist
+        self._futures.append(self.daemon.executor.submit(persist, self.job, msg, fds[0]))
+
+    def _remember(self, job: JobState, msg: dict[str, Any], fd: int) -> None:
+        """Executor thread, ``every_memory``: a snapshot for the memory tier only. Sealed (digests)
+        like a save, checked to be the job and step it claims, then kept as the job's newest."""
+        reply: dict[str, Any] = {"type": "saved", "id": msg["id"], "step": msg["step"], "memory": True}
+        t0 = time.monotonic()
+        try:
+            header = seal(fd, msg["length"])
+            if header.metadata.get("ckptd.job") != job.name or header.metadata.get("ckptd.step") != str(msg["step"]):
+                raise PersistError(FailReason.INVALID_SNAPSHOT, "the snapshot is not the job and step it claims")
+            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time()):
+                raise PersistError(FailReason.NO_SPACE, "the snapshot does not fit the memory budget")
+            self.daemon.ledger.remembered(job.key, msg["step"], msg["length"], time.monotonic() - t0)
+            reply.update(ok=True, path=None)
+        except Exception as exc:  # costs nothing on disk: said, not paged (no save_failures count)
+            error = failure(exc, msg["step"])
+            log.warning("job %s: step %d not kept in memory (%s): %s", job.name, msg["step"], error.reason, error)
+            reply.update(ok=False, reason=error.reason, error=str(error))
+        finally:
+            os.close(fd)
+            with self.daemon.lock:
+                job.in_flight -= 1
+        self.send(reply)
 
     def _persist(self, job: JobState, msg: dict[str, Any], fd: int) -> None:
         """Executor thread: the save pipeline (``ckptd.save.pipeline``), then the reply."""

@@ -42,7 +42,7 @@ from ckptd.core.vocab import FailReason
 from ckptd.disk.refs import check_refs, opener_at
 from ckptd.disk.verify import VerifyResult, verify_open
 
-__all__ = ["TEMP_MARK", "PersistError", "Persisted", "cleanup_temp", "persist", "reason_for", "temp_name"]
+__all__ = ["TEMP_MARK", "PersistError", "Persisted", "cleanup_temp", "persist", "reason_for", "seal", "temp_name"]
 
 TEMP_MARK = ".ckptd-tmp."
 
@@ -88,7 +88,7 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
     if "/" in filename or filename in ("", ".", ".."):
         raise PersistError(FailReason.INVALID_TARGET, f"invalid checkpoint file name {filename!r}")
     t0 = time.monotonic()
-    header = _seal(fd, length)
+    header = seal(fd, length)
     wrong = {k: header.metadata.get(k) for k, v in (expect or {}).items() if header.metadata.get(k) != v}
     if wrong:
         raise PersistError(FailReason.INVALID_SNAPSHOT, f"snapshot says {wrong}, the request says "
@@ -129,7 +129,7 @@ def _open_dir(directory: str) -> int:
         raise PersistError(reason_for(exc), f"cannot open checkpoint directory {directory}: {exc.strerror}") from None
 
 
-def _seal(fd: int, length: int) -> Header:
+def seal(fd: int, length: int) -> Header:
     """Validate the staged header and patch in the real digests (same byte length)."""
     if length < 8 or os.fstat(fd).st_size < length:
         raise PersistError(FailReason.INVALID_SNAPSHOT, f"snapshot buffer shorter than the stated {length} bytes")
