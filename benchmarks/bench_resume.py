@@ -75,11 +75,12 @@ def one_size(work: Path, mib: int, reps: int) -> dict[str, object]:
         from ckptd.remote.upload import replicate
 
         replicate(open_store(remote), "res", path)  # what the uploader does, here and now
-        params = list(model.parameters())
-        del model, ckpt  # the trainer is gone: only the daemon and the disk hold the state now
         times: dict[str, list[float]] = {"memory": [], "disk (cold)": [], "remote": [], "memcpy": [], "read (cold)": []}
+        params = list(model.parameters())
+        for _ in range(reps):  # one layer at a time: no second copy of the state held
+            times["memcpy"].append(sum(timed(p.clone) for p in params))
+        del model, ckpt, params  # the trainer is gone: only the daemon and the disk hold the state now
         for i in range(reps):
-            times["memcpy"].append(sum(timed(p.clone) for p in params))  # one layer at a time: no second copy held
             times["read (cold)"].append(read_floor(path))
             times["memory"].append(_resume(run, d.socket, mib))
             cold(path)

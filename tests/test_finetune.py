@@ -239,3 +239,34 @@ def _finish(p: subprocess.Popen[bytes]) -> None:
     """After a daemon kill the trainer saves embedded and reconnects: stop it as preemption would."""
     p.send_signal(signal.SIGKILL)
     p.wait(60)
+
+
+def test_a_base_loaded_again_by_resume_is_found_unchanged_by_its_bytes(tmp_path: Path) -> None:
+    """``resume()`` loads the frozen base into the parameters again: their version counters move,
+    their bytes do not. The first save after the resume compares them byte for byte with the file
+    that holds them and refers to it instead of writing the base again; so does a buffer that
+    did not change. (Before, every restart of a fine-tune wrote the whole base once more.)"""
+    model, opt = build()
+    model.register_buffer("table", torch.randn(256, 256))  # 256 KiB, never written by training
+    ckpt = Checkpointer("lora", tmp_path, model=model, optimizer=opt, every_steps=1, socket=False, quiet=True)
+    train(model, opt, ckpt, 2)
+    ckpt.close()
+    model2, opt2 = build(seed=4)
+    model2.register_buffer("table", torch.zeros(256, 256))
+    again = Checkpointer("lora", tmp_path, model=model2, optimizer=opt2, every_steps=1, socket=False, quiet=True)
+    assert again.resume() == 2
+    train(model2, opt2, again, 2)
+    again.close()
+    files = scan(str(tmp_path), "lora")
+    assert [c.step for c in files] == [1, 2, 3, 4]
+    assert files[2].bytes < files[0].bytes / 5 and files[3].bytes < files[0].bytes / 5, [c.bytes for c in files]
+    with open(files[2].path, "rb") as f:
+        refs = json.loads(read_header(f, os.fstat(f.fileno()).st_size).metadata["ckptd.refs"])
+    assert {"model/base.0.weight", "model/table"} <= set(refs), sorted(refs)
+    assert all(verify_file(c.path).ok for c in files)
+    model3, opt3 = build(seed=8)
+    model3.register_buffer("table", torch.zeros(256, 256))
+    last = Checkpointer("lora", tmp_path, model=model3, optimizer=opt3, socket=False, save_final=False, quiet=True)
+    assert last.resume() == 4
+    last.close(final=False)
+    assert all(torch.equal(v, model2.state_dict()[k]) for k, v in model3.state_dict().items())

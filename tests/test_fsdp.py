@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from ckptd.core.meta import DCP_SHARDING_INFO
@@ -141,6 +142,29 @@ def test_dcp_load_opens_a_unit_in_a_script_that_does_not_import_ckptd(four_ranks
     d, out = four_ranks
     loaded = run([PYTHON, LOADER, str(unit(d, 20, JOB))])
     assert set(re.findall(r"saves 2 MODEL ([0-9a-f]{64})", out)) == set(re.findall(r"^MODEL (\w+)$", loaded, re.M))
+
+
+@pytest.mark.slow
+def test_ckptd_export_consolidates_a_unit_of_four_ranks_into_the_model(four_ranks: tuple[Path, str],
+                                                                         tmp_path: Path) -> None:
+    """``ckptd export`` of a unit that four FSDP2 ranks wrote: one ``model.safetensors`` of whole
+    tensors under the model's own keys, the same model the training run and ``dcp.load`` saw."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    d, out = four_ranks
+    r = ckptd_cli("export", str(unit(d, 20, JOB)), str(tmp_path / "out"), "--json")
+    assert r.returncode == 0, r.stderr
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(tensors) == {"inp.weight", "inp.bias", "out.weight", "out.bias", "scale"}, sorted(tensors)
+    h = hashlib.sha256()  # as tests/scripts/dcp_load_unit.py and the training run fingerprint the model
+    for k in sorted(tensors):
+        h.update(f".model.{k}".encode())
+        h.update(tensors[k].reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert set(re.findall(r"saves 2 MODEL ([0-9a-f]{64})", out)) == {h.hexdigest()}
+    hf = ckptd_cli("export", str(unit(d, 20, JOB)), str(tmp_path / "hf"), "--format", "hf")
+    assert hf.returncode == 1 and "exports as --format safetensors" in hf.stderr
 
 
 @pytest.mark.slow

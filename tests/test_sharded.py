@@ -282,3 +282,18 @@ def test_a_rank_never_writes_its_shard_through_a_link_at_the_units_name(tmp_path
     again = run_py(str(ROOT / "tests" / "scripts" / "one_rank.py"), str(free_port()), str(tmp_path / "clean"),
                    "linked", "2", "2")
     assert json.loads(again.stdout.strip().splitlines()[-1])["verified"] == 1, again.stderr[-3000:]
+
+
+def test_export_of_a_unit_of_per_rank_state_takes_one_rank(tmp_path: Path) -> None:
+    """Each rank of a per-rank unit saved its own tensors: ``ckptd export`` says to pick one, and
+    exports that rank's model (``--rank``) like a single file's."""
+    from safetensors.torch import load_file
+
+    r = run_py(str(ROOT / "tests" / "scripts" / "one_rank.py"), str(free_port()), str(tmp_path / "run"), "pr", "2", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    path = str(tmp_path / "run" / "pr-step00000002")
+    refused = ckptd_cli("export", path, str(tmp_path / "out"))
+    assert refused.returncode == 1 and "export one rank's with --rank R" in refused.stderr, refused.stderr
+    ok = ckptd_cli("export", path, str(tmp_path / "out"), "--rank", "0")
+    assert ok.returncode == 0, ok.stderr
+    assert set(load_file(str(tmp_path / "out" / "model.safetensors"))) == {"weight", "bias"}

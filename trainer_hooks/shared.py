@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from ckptd.core.format import read_header
-from ckptd.core.refs import Ref
+from ckptd.core.refs import Ref, RefError, decode
 from ckptd.disk.safepath import open_regular
 
 __all__ = ["SharedTensors", "identity", "frozen_identities"]
@@ -112,5 +112,10 @@ def _where(path: str, names: list[str]) -> dict[str, Ref]:
     digests = header.meta_json("ckptd.digests", {}) or {}
     entries = {e.name: e for e in header.tensors}
     file = os.path.basename(path)
-    return {n: Ref(file, n, (entries[n].begin, entries[n].end), str(digests[n]), entries[n].dtype,
+    held = {n: Ref(file, n, (entries[n].begin, entries[n].end), str(digests[n]), entries[n].dtype,
                    tuple(entries[n].shape)) for n in names if n in entries and n in digests}
+    try:
+        referred = decode(header.metadata)  # what the persister found unchanged by its bytes (ckptd.disk.dedup)
+    except RefError:
+        referred = {}
+    return {**held, **{n: referred[n] for n in names if n in referred}}

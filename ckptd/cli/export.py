@@ -24,11 +24,14 @@ LARGE = 1 << 30  # exports above this show their progress
                    "(PeftModel.from_pretrained)")
 @click.option("--adapter", default="default", show_default=True, help="with --format peft: which adapter")
 @click.option("--job", default=None, help="with a directory: the newest verified checkpoint of this job")
+@click.option("--rank", type=int, default=None, help="a sharded unit of per-rank state: export this rank's")
 @click.option("--json", "as_json", is_flag=True, help="print what was written as JSON")
-def export_cmd(unit: str, out_dir: str, fmt: str, adapter: str, job: str | None, as_json: bool) -> None:
+def export_cmd(unit: str, out_dir: str, fmt: str, adapter: str, job: str | None, rank: int | None,
+               as_json: bool) -> None:
     """Write UNIT's model weights alone into OUT_DIR, under the model's own state_dict keys (no ckptd
     prefixes, no optimizer or RNG state), frozen tensors stored elsewhere included. UNIT is a
-    checkpoint file, or a directory (its newest checkpoint that verifies)."""
+    checkpoint file, a sharded unit (FSDP2/DTensor units are consolidated into one state dict), or
+    a directory (its newest checkpoint that verifies)."""
     path = _resolve(unit, job)
     shown = [0]
 
@@ -38,7 +41,7 @@ def export_cmd(unit: str, out_dir: str, fmt: str, adapter: str, job: str | None,
             click.echo(f"export: {format_bytes(done)} of {format_bytes(total)} ({100 * done // total}%)", err=True)
 
     try:
-        done = export(path, out_dir, fmt, adapter, progress)
+        done = export(path, out_dir, fmt, adapter, progress, rank)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

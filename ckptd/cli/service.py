@@ -107,6 +107,9 @@ def status(as_json: bool, socket_path: str | None) -> None:
         if j.get("auto"):
             click.echo(f"{'':<16} every=auto: a save every {j['auto']['seconds']:.3g}s "
                        f"({j['auto']['reason']}; rule {j['auto']['rule']})")
+        if j.get("memory_bytes"):
+            click.echo(f"{'':<16} memory tier: the newest snapshot, {format_bytes(j['memory_bytes'])}, held by the "
+                       "daemon (a crashed trainer resumes from it)")
 
 def _dash(v: Any) -> str:
     return "-" if v is None else str(v)

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 from ckptd.core.format import TensorEntry, encode_header, layout, read_header
 from ckptd.core.refs import decode
+from ckptd.disk import manifest as mf
 from ckptd.disk.persist import temp_name
 from ckptd.disk.safepath import fsync_dir, open_regular
-from ckptd.disk.verify import verify_file
+from ckptd.disk.verify import verify_file, verify_unit
 
 __all__ = ["FORMATS", "ExportError", "Exported", "export"]
 
@@ -65,12 +66,12 @@ class Exported:
                 "bytes": self.bytes}
 
 
-def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress: Progress | None = None) -> Exported:
+def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress: Progress | None = None,
+           rank: int | None = None) -> Exported:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     if os.path.isdir(unit):
-        raise ExportError(f"{unit} is a sharded (multi-rank) unit: exporting those is not built yet; resume it on "
-                          "one rank and save, or read it with torch.distributed.checkpoint.load")
+        return _export_unit(unit, out_dir, fmt, adapter, progress, rank)
     result = verify_file(unit)
     if not result.ok:
         raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
@@ -95,6 +96,67 @@ def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress
         _write_json(out_dir, "config.json", json.loads(hf_config), done)
     _write_model(out_dir, "model", sources, done, progress, shard=True)
     return done
+
+
+def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: Progress | None,
+                 rank: int | None) -> Exported:
+    """A sharded unit: a ``dcp`` one (FSDP2, DTensor) consolidated into one state dict by
+    torch.distributed.checkpoint's own reader and planner, in this process; a ``per-rank`` one
+    holds each rank's own tensors, so one rank's (``rank``) is exported as a single file is."""
+    result = verify_unit(unit)
+    if not result.ok:
+        raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
+    m = mf.read(unit)
+    if m.layout != mf.DCP:
+        if rank is None:
+            raise ExportError(f"{unit} holds each rank's own tensors (per-rank layout, {m.world_size} ranks): "
+                              "export one rank's with --rank R")
+        if not 0 <= rank < m.world_size:
+            raise ExportError(f"{unit} has ranks 0..{m.world_size - 1}, not {rank}")
+        return export(os.path.join(unit, mf.shard_name(rank, m.world_size)), out_dir, fmt, adapter, progress)
+    if fmt != "safetensors":
+        raise ExportError(f"{unit}: a consolidated DCP unit exports as --format safetensors (no HF or PEFT config "
+                          "is recorded for sharded state)")
+    tensors = _consolidated(unit)
+    if not tensors:
+        raise ExportError(f"{unit} holds no model weights")
+    os.makedirs(out_dir, exist_ok=True)
+    from safetensors.torch import save_file
+
+    done = Exported(unit, fmt)
+    path = os.path.join(out_dir, "model.safetensors")
+    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.rename(path + ".tmp", path)
+    fsync_dir(out_dir)
+    done.files.append(path)
+    done.tensors = len(tensors)
+    done.bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    if progress is not None:
+        progress(done.bytes, done.bytes)
+    return done
+
+
+def _consolidated(unit: str) -> dict[str, Any]:
+    """Every model tensor of a DCP unit, whole (gathered from every rank's chunks)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    state: dict[str, Any] = {}  # filled from the unit's own metadata: what dcp_to_torch_save does
+    load(state, storage_reader=HuggingFaceStorageReader(unit), planner=_EmptyStateDictLoadPlanner(),  # type: ignore[no-untyped-call]
+         no_dist=True)
+    flat = _flat(state)
+    return {k[len("model."):]: v.contiguous() for k, v in sorted(flat.items()) if k.startswith("model.")}
+
+
+def _flat(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _model_tensors(path: str, meta: dict[str, str]) -> dict[str, Source]:

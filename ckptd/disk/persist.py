@@ -39,6 +39,7 @@ from ckptd.core.format import (
 )
 from ckptd.core.refs import REFS_KEY
 from ckptd.core.vocab import FailReason
+from ckptd.disk.dedup import find_reused, reduced
 from ckptd.disk.refs import check_refs, opener_at
 from ckptd.disk.verify import VerifyResult, verify_open
 
@@ -97,7 +98,7 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
     try:
         tmp = temp_name(filename)
         try:
-            _write(fd, length, dfd, tmp)
+            header, length = _write_new_bytes(fd, length, header, dfd, tmp)
             t1 = time.monotonic()
             result = _verify_temp(dfd, tmp, directory)
             if not result.ok:
@@ -120,6 +121,43 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
     t2 = time.monotonic()
     return Persisted(os.path.join(directory, filename), length, header.metadata,
                      {"persist": t1 - t0, "verify": t2 - t1})
+
+
+def _write_new_bytes(fd: int, length: int, header: Header, dfd: int, tmp: str) -> tuple[Header, int]:
+    """The snapshot as it is, or without the tensors the job's newest checkpoint already holds
+    (``ckptd.disk.dedup``): then a header of its own, the rest copied after it. Returns the
+    header and length of what was written."""
+    with mmap.mmap(fd, length, prot=mmap.PROT_READ) as mm:
+        view = memoryview(mm)
+        try:
+            reused = find_reused(header, view, dfd, opener_at(dir_fd=dfd))
+            if not reused.refs:
+                _write(fd, length, dfd, tmp)
+                return header, length
+            new, kept, meta = reduced(header, reused)
+            raw = encode_header(new, meta)
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+            try:
+                os.pwrite(out, raw, 0)
+                for n, e in zip(new, kept):
+                    _pwrite_all(out, view[header.data_start + e.begin:header.data_start + e.end], len(raw) + n.begin)
+                os.fsync(out)
+                os.posix_fadvise(out, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(out)
+        finally:
+            view.release()
+    result = Header(len(raw) - 8, tuple(new), meta)
+    return result, result.total_len
+
+
+def _pwrite_all(out: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        n = os.pwrite(out, data[done:done + DIRECT_CHUNK], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += n
 
 
 def _open_dir(directory: str) -> int:

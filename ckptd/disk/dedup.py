@@ -1,0 +1,115 @@
+"""Tensors unchanged since the job's newest checkpoint, found by their bytes (SPEC §13).
+
+The hook leaves out the frozen parameters it can tell are unchanged (same storage, same version
+counter). Everything else is compared here, at persist time, after the digests are computed: a
+tensor of the new snapshot whose name, dtype, shape and xxh3-64 equal those of a tensor that the
+job's newest checkpoint holds (or refers to) is compared byte for byte with those bytes on disk
+and, when equal, not written: the new file refers to the file that holds them. That covers what
+the version counter cannot see, such as a frozen base loaded again by ``resume()`` (its counter
+moved, its bytes did not) and buffers that did not change. Small tensors are always written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ckptd.core.format import Header, TensorEntry, layout, meta_digest, read_header
+from ckptd.core.refs import REFS_KEY, Ref, RefError, decode, encode
+from ckptd.disk.refs import Opener
+
+__all__ = ["MIN_BYTES", "Reused", "find_reused", "reduced"]
+
+MIN_BYTES = 64 << 10  # below this a reference costs about what the bytes do
+CHUNK = 8 << 20
+SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class Reused:
+    """What the new file refers to instead of storing: name -> where the equal bytes are."""
+
+    refs: dict[str, Ref]
+
+
+def find_reused(header: Header, snapshot: memoryview, dir_fd: int, open_at: Opener) -> Reused:
+    """Compare the snapshot's tensors with the job's newest checkpoint in the directory."""
+    job = header.metadata.get("ckptd.job")
+    known = _known(dir_fd, job, open_at) if job else {}
+    if not known:
+        return Reused({})
+    digests = header.meta_json("ckptd.digests", {}) or {}
+    out: dict[str, Ref] = {}
+    for e in header.tensors:
+        r = known.get(e.name)
+        if (r is not None and e.nbytes >= MIN_BYTES and r.digest == digests.get(e.name) and r.dtype == e.dtype
+                and r.shape == tuple(e.shape) and _same_bytes(snapshot, header.data_start + e.begin, r, open_at)):
+            out[e.name] = r
+    return Reused(out)
+
+
+def _known(dir_fd: int, job: str, open_at: Opener) -> dict[str, Ref]:
+    """Name -> where the newest checkpoint of ``job`` here has that tensor's bytes (held or referenced)."""
+    newest = _newest_file(dir_fd, job)
+    if newest is None:
+        return {}
+    try:
+        f, size = open_at(newest)
+        with f:
+            header = read_header(f, size)
+        if header.metadata.get("ckptd.job") != job:
+            return {}
+        digests = header.meta_json("ckptd.digests", {}) or {}
+        out = {e.name: Ref(newest, e.name, (e.begin, e.end), str(digests[e.name]), e.dtype, tuple(e.shape))
+               for e in header.tensors if e.nbytes >= MIN_BYTES and e.name in digests}
+        out.update(decode(header.metadata))  # what it refers to: the same holders, still valid
+        return out
+    except (OSError, ValueError, RefError):
+        return {}
+
+
+def _newest_file(dir_fd: int, job: str) -> str | None:
+    """The job's newest final-named single-file checkpoint here (a final name means verified)."""
+    best: tuple[float, str] | None = None
+    for name in os.listdir(dir_fd):
+        if name.startswith(".") or not name.endswith(SUFFIX):
+            continue
+        try:
+            when = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if best is None or (when, name) > best:
+            best = (when, name)
+    return best[1] if best else None
+
+
+def _same_bytes(snapshot: memoryview, start: int, r: Ref, open_at: Opener) -> bool:
+    """Byte for byte: equal digests are not taken on trust (a collision would be silent)."""
+    try:
+        f, size = open_at(r.file)
+        with f:
+            base = read_header(f, size).data_start
+            f.seek(base + r.offsets[0])
+            done = 0
+            while done < r.nbytes:
+                chunk = f.read(min(CHUNK, r.nbytes - done))
+                if not chunk or chunk != snapshot[start + done:start + done + len(chunk)]:
+                    return False
+                done += len(chunk)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def reduced(header: Header, reused: Reused) -> tuple[list[TensorEntry], list[TensorEntry], dict[str, str]]:
+    """(the entries the new file keeps, laid out anew; the same entries where the snapshot has them;
+    its metadata, with the references added and the metadata digest sealed again)."""
+    kept = [e for e in header.tensors if e.name not in reused.refs]
+    new = layout([(e.name, e.dtype, tuple(e.shape)) for e in kept])
+    meta = dict(header.metadata)
+    meta[REFS_KEY] = encode({**decode(meta), **reused.refs})
+    digests = header.meta_json("ckptd.digests", {}) or {}
+    meta["ckptd.digests"] = json.dumps({e.name: digests[e.name] for e in kept}, separators=(",", ":"))
+    meta["ckptd.meta_digest"] = meta_digest(meta)
+    return new, kept, meta
