@@ -61,7 +61,7 @@ def read_floor(path: str) -> float:
 def one_size(work: Path, mib: int, reps: int) -> dict[str, object]:
     from trainer_hooks import Checkpointer
 
-    d = Daemon(work / "d")
+    d = Daemon(scratch())  # a short path: a Unix socket's is at most 107 bytes
     run, remote = d.root / "job", f"file://{work / 'remote'}"
     try:
         model = model_of(mib)
@@ -90,6 +90,7 @@ def one_size(work: Path, mib: int, reps: int) -> dict[str, object]:
         return {"mib": mib, "bytes": os.path.getsize(path), **{k: v for k, v in times.items()}}
     finally:
         d.stop()
+        shutil.rmtree(d.base, ignore_errors=True)
 
 
 def _resume(directory: Path, socket: str | bool, mib: int, remote: str | None = None) -> float:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
@@ -140,11 +141,13 @@ def _consolidated(unit: str) -> dict[str, Any]:
     """Every model tensor of a DCP unit, whole (gathered from every rank's chunks)."""
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict_loader import load
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    state: dict[str, Any] = {}  # filled from the unit's own metadata: what dcp_to_torch_save does
-    load(state, storage_reader=HuggingFaceStorageReader(unit), planner=_EmptyStateDictLoadPlanner(),  # type: ignore[no-untyped-call]
-         no_dist=True)
+    state: dict[str, Any] = {}  # filled from the unit's own metadata, as torch's dcp_to_torch_save does
+    with warnings.catch_warnings():  # "no process group: loading in a single process", which is the point
+        warnings.simplefilter("ignore", UserWarning)
+        _load_state_dict(state, storage_reader=HuggingFaceStorageReader(unit),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
     flat = _flat(state)
     return {k[len("model."):]: v.contiguous() for k, v in sorted(flat.items()) if k.startswith("model.")}
 
