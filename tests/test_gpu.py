@@ -176,3 +176,34 @@ def test_a_cuda_rng_of_every_device_is_restored(tmp_path: Path) -> None:
     again.resume()
     again.close(final=False)
     assert all(torch.equal(torch.rand(4, device=f"cuda:{i}").cpu(), e) for i, e in enumerate(expected))
+
+
+@cuda
+@pytest.mark.cuda
+def test_an_overlapped_cuda_snapshot_is_the_state_of_its_step(tmp_path: Path) -> None:
+    """snapshot="overlap" on CUDA: the copies run on ckptd's stream after step() returns; the next
+    forward, backward and optimizer step are enqueued at once, and the optimizer's kernels wait
+    (on the GPU) for the copy. The checkpoint is the state of the saving step."""
+    torch.manual_seed(0)
+    model = Net().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ckpt = Checkpointer("gpu", tmp_path, model=model, optimizer=opt, every_steps=5, keep_last=2, socket=False,
+                        snapshot="overlap", quiet=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    at_save: list[dict[str, torch.Tensor]] = []
+    try:
+        for _ in range(10):
+            x = torch.randint(0, 64, (8, 4), device="cuda", generator=g)
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            saves = ckpt.stats["saves"]
+            ckpt.step()
+            if ckpt.stats["saves"] > saves:
+                at_save.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                model(x).float().pow(2).mean().backward()  # right away, while the copy may still run
+                opt.step()
+                opt.zero_grad()
+    finally:
+        ckpt.close(final=False)
+    check_saved(tmp_path, at_save)

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core.format import FORMAT_VERSION
-from ckptd.core.meta import CheckpointMeta
+from ckptd.core.meta import HF_CONFIG, PEFT_CONFIG, CheckpointMeta
 from ckptd.core.refs import REFS_KEY, encode
-from ckptd.disk.export import HF_CONFIG, PEFT_CONFIG
 from trainer_hooks.overlap import written_by_optimizer
 from trainer_hooks.pinned import pin_for
 from trainer_hooks.shared import SharedTensors, frozen_identities, identity

@@ -21,6 +21,7 @@ __all__ = ["FORMAT", "JOB", "STEP", "EPOCH", "CREATED", "TRIGGER", "RULE", "METR
 
 FORMAT, JOB, STEP, EPOCH, CREATED = "ckptd.format", "ckptd.job", "ckptd.step", "ckptd.epoch", "ckptd.created"
 TRIGGER, RULE, METRICS, STATE, ALIASES = "ckptd.trigger", "ckptd.rule", "ckptd.metrics", "ckptd.state", "ckptd.aliases"
+HF_CONFIG, PEFT_CONFIG = "ckptd.hf_config", "ckptd.peft_config"  # what ckptd export writes back (SPEC §13)
 RUN, FINGERPRINT = "ckptd.run", "ckptd.fingerprint"  # which run wrote it; the state's structure (names, shapes, dtypes)
 DIGESTS, META_DIGEST, WORLD_SIZE = "ckptd.digests", "ckptd.meta_digest", "ckptd.world_size"
 LAYOUT, DCP = "ckptd.layout", "ckptd.dcp"  # a sharded unit planned by torch.distributed.checkpoint: sizes, objects

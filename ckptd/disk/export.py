@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from ckptd.core.format import TensorEntry, encode_header, layout, read_header
+from ckptd.core.meta import HF_CONFIG, PEFT_CONFIG
 from ckptd.core.refs import decode
 from ckptd.disk import manifest as mf
 from ckptd.disk.persist import temp_name
@@ -37,7 +38,6 @@ __all__ = ["FORMATS", "ExportError", "Exported", "export"]
 FORMATS = ("safetensors", "hf", "peft")
 MAX_SHARD = 5 * 10**9  # HF's default max_shard_size
 CHUNK = 8 << 20
-HF_CONFIG, PEFT_CONFIG = "ckptd.hf_config", "ckptd.peft_config"
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
