@@ -270,3 +270,21 @@ def test_a_base_loaded_again_by_resume_is_found_unchanged_by_its_bytes(tmp_path:
     assert last.resume() == 4
     last.close(final=False)
     assert all(torch.equal(v, model2.state_dict()[k]) for k, v in model3.state_dict().items())
+
+
+def test_watch_modes_verification_follows_references(tmp_path: Path) -> None:
+    """Watch mode judges a ckptd file it finds with the same verification (``foreign.verify``): a
+    checkpoint whose holder is gone is incomplete, named as such, not passed as a good one."""
+    from ckptd.foreign import formats as foreign
+
+    model, opt = build()
+    ckpt = Checkpointer("lora", tmp_path, model=model, optimizer=opt, every_steps=1, socket=False, quiet=True)
+    train(model, opt, ckpt, 2)
+    ckpt.close()
+    found = foreign.find(str(tmp_path))
+    assert [f.kind for f in found] == ["safetensors", "safetensors"]
+    assert all(foreign.verify(f).ok for f in found)
+    holder, referring = sorted(found, key=lambda f: f.step or 0)
+    os.unlink(holder.path)
+    result = foreign.verify(referring)
+    assert not result.ok and f"referenced file {os.path.basename(holder.path)} is missing" in result.reason, result
