@@ -288,3 +288,22 @@ def test_watch_modes_verification_follows_references(tmp_path: Path) -> None:
     os.unlink(holder.path)
     result = foreign.verify(referring)
     assert not result.ok and f"referenced file {os.path.basename(holder.path)} is missing" in result.reason, result
+
+
+def test_a_step_saved_again_never_replaces_a_file_others_refer_to(tmp_path: Path) -> None:
+    """The same step saved twice (a manual save right after a scheduled one, a save the daemon
+    persisted just before it died and the hook persists again): the second snapshot refers to
+    the first file for the frozen base, so replacing that file would leave it, and everything
+    after it, pointing at bytes that are gone. The first is kept; the save succeeds; all verify."""
+    model, opt = build()
+    ckpt = Checkpointer("lora", tmp_path, model=model, optimizer=opt, every_steps=1, socket=False, quiet=True)
+    train(model, opt, ckpt, 1)
+    ckpt.wait()
+    first = scan(str(tmp_path), "lora")[0]
+    assert ckpt.save(wait=True)  # step 1 again: its frozen tensors refer to the file of step 1 itself
+    assert ckpt.stats["failed"] == 0 and ckpt.last_verified == first.path
+    train(model, opt, ckpt, 2)
+    ckpt.close()
+    files = scan(str(tmp_path), "lora")
+    assert [c.step for c in files] == [1, 2, 3] and files[0].bytes == first.bytes
+    assert all(verify_file(c.path).ok for c in files)

@@ -33,10 +33,11 @@ class Reused:
     refs: dict[str, Ref]
 
 
-def find_reused(header: Header, snapshot: memoryview, dir_fd: int, open_at: Opener) -> Reused:
-    """Compare the snapshot's tensors with the job's newest checkpoint in the directory."""
+def find_reused(header: Header, snapshot: memoryview, dir_fd: int, open_at: Opener, target: str) -> Reused:
+    """Compare the snapshot's tensors with the job's newest checkpoint in the directory other than
+    ``target`` (the name being written: a file about to be replaced is nobody's holder)."""
     job = header.metadata.get("ckptd.job")
-    known = _known(dir_fd, job, open_at) if job else {}
+    known = _known(dir_fd, job, open_at, target) if job else {}
     if not known:
         return Reused({})
     digests = header.meta_json("ckptd.digests", {}) or {}
@@ -49,9 +50,9 @@ def find_reused(header: Header, snapshot: memoryview, dir_fd: int, open_at: Open
     return Reused(out)
 
 
-def _known(dir_fd: int, job: str, open_at: Opener) -> dict[str, Ref]:
+def _known(dir_fd: int, job: str, open_at: Opener, target: str) -> dict[str, Ref]:
     """Name -> where the newest checkpoint of ``job`` here has that tensor's bytes (held or referenced)."""
-    newest = _newest_file(dir_fd, job)
+    newest = _newest_file(dir_fd, target)
     if newest is None:
         return {}
     try:
@@ -64,16 +65,16 @@ def _known(dir_fd: int, job: str, open_at: Opener) -> dict[str, Ref]:
         out = {e.name: Ref(newest, e.name, (e.begin, e.end), str(digests[e.name]), e.dtype, tuple(e.shape))
                for e in header.tensors if e.nbytes >= MIN_BYTES and e.name in digests}
         out.update(decode(header.metadata))  # what it refers to: the same holders, still valid
-        return out
+        return {name: r for name, r in out.items() if r.file != target}
     except (OSError, ValueError, RefError):
         return {}
 
 
-def _newest_file(dir_fd: int, job: str) -> str | None:
-    """The job's newest final-named single-file checkpoint here (a final name means verified)."""
+def _newest_file(dir_fd: int, target: str) -> str | None:
+    """The newest final-named checkpoint file here but ``target`` (a final name means verified)."""
     best: tuple[float, str] | None = None
     for name in os.listdir(dir_fd):
-        if name.startswith(".") or not name.endswith(SUFFIX):
+        if name.startswith(".") or not name.endswith(SUFFIX) or name == target:
             continue
         try:
             when = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime

@@ -35,13 +35,14 @@ from ckptd.core.format import (
     Header,
     encode_header,
     meta_digest,
+    read_header,
     read_header_from_buffer,
 )
-from ckptd.core.refs import REFS_KEY
+from ckptd.core.refs import REFS_KEY, decode
 from ckptd.core.vocab import FailReason
 from ckptd.disk.dedup import find_reused, reduced
-from ckptd.disk.refs import check_refs, opener_at
-from ckptd.disk.verify import VerifyResult, verify_open
+from ckptd.disk.refs import check_refs, holders, opener_at
+from ckptd.disk.verify import VerifyResult, verify_file, verify_open
 
 __all__ = ["TEMP_MARK", "PersistError", "Persisted", "cleanup_temp", "persist", "reason_for", "seal", "temp_name"]
 
@@ -79,12 +80,16 @@ def temp_name(filename: str) -> str:
 
 
 def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int | None = None,
-            expect: Mapping[str, str] | None = None) -> Persisted:
+            expect: Mapping[str, str] | None = None, dedup: bool = False) -> Persisted:
     """Persist the snapshot in ``fd`` (length bytes) as ``directory/filename``.
 
     ``dir_fd``: the directory, already opened safely by the caller (``safepath``), which
     keeps it; ``expect``: header fields the snapshot must carry (a daemon checks that a
-    client's snapshot is the job and step it claims) before a byte is written.
+    client's snapshot is the job and step it claims) before a byte is written; ``dedup``: a
+    job's directory, whose newest checkpoint may already hold some tensors (``ckptd.disk.dedup``).
+    A file of the same name that a checkpoint refers to (a step saved again: a retried final
+    save, a save the daemon persisted just before it died) is kept as it is, not replaced:
+    replacing it would break what refers to it.
     """
     if "/" in filename or filename in ("", ".", ".."):
         raise PersistError(FailReason.INVALID_TARGET, f"invalid checkpoint file name {filename!r}")
@@ -96,9 +101,12 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
                                                         f"{ {k: expect[k] for k in wrong} if expect else {} }")
     dfd = dir_fd if dir_fd is not None else _open_dir(directory)
     try:
+        kept = _keep_referenced(dfd, directory, filename, header)
+        if kept is not None:
+            return kept
         tmp = temp_name(filename)
         try:
-            header, length = _write_new_bytes(fd, length, header, dfd, tmp)
+            header, length = _write_new_bytes(fd, length, header, dfd, tmp, filename if dedup else None)
             t1 = time.monotonic()
             result = _verify_temp(dfd, tmp, directory)
             if not result.ok:
@@ -123,15 +131,48 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
                      {"persist": t1 - t0, "verify": t2 - t1})
 
 
-def _write_new_bytes(fd: int, length: int, header: Header, dfd: int, tmp: str) -> tuple[Header, int]:
+def _keep_referenced(dfd: int, directory: str, filename: str, header: Header) -> Persisted | None:
+    """The existing file of this name, when a checkpoint refers to it and it verifies (the same
+    job and step): the save is already there, and replacing it would break the references."""
+    try:
+        os.stat(filename, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    referring = [r.file for r in decode(header.metadata).values()]
+    for name in os.listdir(dfd):
+        if name != filename and name.endswith(".safetensors") and not name.startswith("."):
+            referring += holders(_header_of(dfd, name))
+    if filename not in referring:
+        return None
+    path = os.path.join(directory, filename)
+    existing = verify_file(path)
+    same = existing.metadata.get("ckptd.job") == header.metadata.get("ckptd.job") and \
+        existing.metadata.get("ckptd.step") == header.metadata.get("ckptd.step")
+    if not (existing.ok and same):
+        raise PersistError(FailReason.VERIFY_FAILED, f"{path} is referred to by other checkpoints and cannot be "
+                                                     f"replaced: {existing.reason or 'another job or step'}")
+    return Persisted(path, existing.bytes, existing.metadata, {"persist": 0.0, "verify": 0.0})
+
+
+def _header_of(dfd: int, name: str) -> dict[str, str]:
+    try:
+        f, size = opener_at(dir_fd=dfd)(name)
+        with f:
+            return read_header(f, size).metadata
+    except (OSError, FormatError):
+        return {}
+
+
+def _write_new_bytes(fd: int, length: int, header: Header, dfd: int, tmp: str,
+                     dedup_for: str | None) -> tuple[Header, int]:
     """The snapshot as it is, or without the tensors the job's newest checkpoint already holds
-    (``ckptd.disk.dedup``): then a header of its own, the rest copied after it. Returns the
-    header and length of what was written."""
+    (``ckptd.disk.dedup``, when ``dedup_for`` names the file being written): then a header of its
+    own, the rest copied after it. Returns the header and length of what was written."""
     with mmap.mmap(fd, length, prot=mmap.PROT_READ) as mm:
         view = memoryview(mm)
         try:
-            reused = find_reused(header, view, dfd, opener_at(dir_fd=dfd))
-            if not reused.refs:
+            reused = find_reused(header, view, dfd, opener_at(dir_fd=dfd), dedup_for) if dedup_for else None
+            if reused is None or not reused.refs:
                 _write(fd, length, dfd, tmp)
                 return header, length
             new, kept, meta = reduced(header, reused)

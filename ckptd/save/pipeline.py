@@ -70,7 +70,7 @@ def save_unit(t: Target, fd: int, length: int, filename: str, step: int, hooks: 
     dfd = open_target(t)  # 3
     try:
         result = persist(fd, length, t.directory, filename, dir_fd=dfd,  # 3-4
-                         expect={"ckptd.job": t.job, "ckptd.step": str(step)})
+                         expect={"ckptd.job": t.job, "ckptd.step": str(step)}, dedup=True)
     finally:
         os.close(dfd)
     if hooks.committed is not None:  # 5
