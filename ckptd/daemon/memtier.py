@@ -58,6 +58,8 @@ class MemoryTier:
 
     def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float) -> bool:
         """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply)."""
+        if self.budget <= 0:  # memory_budget = 0: the tier is off
+            return False
         if length > self.budget:
             self.drop(key)
             log.info("job %s: snapshot of %d bytes exceeds the memory budget (%d); not kept in memory",
