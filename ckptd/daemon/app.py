@@ -29,7 +29,7 @@ from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.jobstate import JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
-from ckptd.daemon.memtier import MemoryTier, default_budget
+from ckptd.daemon.memtier import MemoryTier, budget_of
 from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
 from ckptd.daemon.session import Session
 from ckptd.daemon.uploads import Uploads
@@ -70,7 +70,7 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.registry.register(JobGauges(self._job_gauges))
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
-        self.memory = MemoryTier(_budget(d.get("memory_budget")))
+        self.memory = MemoryTier(budget_of(d.get("memory_budget")))
         self._stop = threading.Event()
         self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
         self._threads: list[threading.Thread] = []
@@ -377,12 +377,3 @@ def _gid(name: str | None, key: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise TargetError(f"[daemon] {key} {name!r} does not exist") from None
-
-
-def _budget(value: int | float | None) -> int:
-    """``[daemon] memory_budget``: bytes, or a fraction of RAM ("25%", the default)."""
-    if value is None:
-        return default_budget()
-    if isinstance(value, float):
-        return int(value * default_budget() * 4)
-    return int(value)

@@ -18,26 +18,25 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import mmap
 import os
 import threading
 from dataclasses import dataclass
 
-import xxhash
-
-from ckptd.core.format import FormatError, read_header_from_buffer
 from ckptd.daemon.jobkey import JobKey
-from ckptd.disk.verify import digest_map
+from ckptd.disk.verify import verify_open
 
-__all__ = ["Held", "MemoryTier", "default_budget"]
+__all__ = ["Held", "MemoryTier", "budget_of"]
 
 log = logging.getLogger("ckptd.daemon")
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
-def default_budget() -> int:
-    """25% of the host's memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+def budget_of(setting: int | float | None) -> int:
+    """``[daemon] memory_budget``: bytes, or a fraction of the host's memory (default 25%)."""
+    if isinstance(setting, int):
+        return setting
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram * (0.25 if setting is None else setting))
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class MemoryTier:
                      key.name, length, self.budget)
             return False
         fd = _sealed_copy(src_fd, length, f"ckptd-mem-{key.name}")
-        problem = _unverified(fd, length)
+        problem = _unverified(fd, f"the memory tier's copy of {path or key.name}")
         if problem:
             os.close(fd)
             self.drop(key)
@@ -123,23 +122,12 @@ class MemoryTier:
             os.close(h.fd)
 
 
-def _unverified(fd: int, length: int) -> str:
-    """Every tensor of the sealed copy against the digests in its header ("" when all match): what
-    a resume from memory reads is then these very bytes (the seal forbids any write since), so it
-    need not hash them again."""
-    with mmap.mmap(fd, length, prot=mmap.PROT_READ) as mm:
-        view = memoryview(mm)
-        try:
-            header = read_header_from_buffer(view, length)
-            expected = digest_map(header)
-            for e in header.tensors:
-                if xxhash.xxh3_64_hexdigest(view[header.data_start + e.begin:header.data_start + e.end]) != expected[e.name]:
-                    return f"digest mismatch in tensor {e.name!r}"
-        except FormatError as exc:
-            return str(exc)
-        finally:
-            view.release()
-    return ""
+def _unverified(fd: int, label: str) -> str:
+    """The sealed copy verified as a file is ("" when it is: header, metadata digest, every
+    tensor): what a resume from memory reads is then these very bytes (the seal forbids any write
+    since), so it need not hash them again."""
+    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+        return verify_open(f, label).reason
 
 
 def _sealed_copy(src_fd: int, length: int, name: str) -> int:

@@ -269,9 +269,10 @@ class Session:
         announced, not sent: its step counts only now, and the catalogue drops the units
         its ranks' retention removed meanwhile."""
         d = self.daemon
+        seen: dict[str, Checkpoint] = {}  # the header read at commit, for the upload too
 
         def committed(result: Persisted) -> None:
-            info = read_info(result.path)
+            info = seen[result.path] = read_info(result.path)
             if unit:
                 with d.lock:
                     job.last_saved_step = max(job.last_saved_step, info.step)
@@ -282,7 +283,8 @@ class Session:
 
         def replicate(result: Persisted) -> None:
             if job.settings.get("remote"):
-                d.uploads.submit(job.key, job.settings, result.path, read_info(result.path).created)
+                info = seen.get(result.path) or read_info(result.path)
+                d.uploads.submit(job.key, job.settings, result.path, info.created)
 
         return Hooks(removed=lambda removed: d.ledger.removed(job.key, removed), committed=committed,
                      replicate=replicate)

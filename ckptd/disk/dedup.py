@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from ckptd.core.format import Header, TensorEntry, layout, meta_digest, read_header
 from ckptd.core.refs import REFS_KEY, Ref, RefError, decode, encode
@@ -42,11 +43,15 @@ def find_reused(header: Header, snapshot: memoryview, dir_fd: int, open_at: Open
         return Reused({})
     digests = header.meta_json("ckptd.digests", {}) or {}
     out: dict[str, Ref] = {}
-    for e in header.tensors:
-        r = known.get(e.name)
-        if (r is not None and e.nbytes >= MIN_BYTES and r.digest == digests.get(e.name) and r.dtype == e.dtype
-                and r.shape == tuple(e.shape) and _same_bytes(snapshot, header.data_start + e.begin, r, open_at)):
-            out[e.name] = r
+    holders = _Holders(open_at)
+    try:
+        for e in header.tensors:
+            r = known.get(e.name)
+            if (r is not None and e.nbytes >= MIN_BYTES and r.digest == digests.get(e.name) and r.dtype == e.dtype
+                    and r.shape == tuple(e.shape) and holders.same_bytes(snapshot, header.data_start + e.begin, r)):
+                out[e.name] = r
+    finally:
+        holders.close()
     return Reused(out)
 
 
@@ -85,22 +90,49 @@ def _newest_file(dir_fd: int, target: str) -> str | None:
     return best[1] if best else None
 
 
-def _same_bytes(snapshot: memoryview, start: int, r: Ref, open_at: Opener) -> bool:
-    """Byte for byte: equal digests are not taken on trust (a collision would be silent)."""
-    try:
-        f, size = open_at(r.file)
-        with f:
-            base = read_header(f, size).data_start
-            f.seek(base + r.offsets[0])
+class _Holders:
+    """The files compared against, each opened and its header read once (a base is many tensors)."""
+
+    def __init__(self, open_at: Opener) -> None:
+        self._open_at = open_at
+        self._open: dict[str, tuple[BinaryIO, int] | None] = {}
+
+    def same_bytes(self, snapshot: memoryview, start: int, r: Ref) -> bool:
+        """Byte for byte: equal digests are not taken on trust (a collision would be silent)."""
+        held = self._file(r.file)
+        if held is None:
+            return False
+        f, data_start = held
+        try:
+            f.seek(data_start + r.offsets[0])
             done = 0
             while done < r.nbytes:
                 chunk = f.read(min(CHUNK, r.nbytes - done))
                 if not chunk or chunk != snapshot[start + done:start + done + len(chunk)]:
                     return False
                 done += len(chunk)
-        return True
-    except (OSError, ValueError):
-        return False
+            return True
+        except OSError:
+            return False
+
+    def _file(self, name: str) -> tuple[BinaryIO, int] | None:
+        if name not in self._open:
+            try:
+                f, size = self._open_at(name)
+            except OSError:
+                self._open[name] = None
+                return None
+            try:
+                self._open[name] = (f, read_header(f, size).data_start)
+            except (OSError, ValueError):
+                f.close()
+                self._open[name] = None
+        return self._open[name]
+
+    def close(self) -> None:
+        for held in self._open.values():
+            if held is not None:
+                held[0].close()
 
 
 def reduced(header: Header, reused: Reused) -> tuple[list[TensorEntry], list[TensorEntry], dict[str, str]]:

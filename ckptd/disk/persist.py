@@ -168,11 +168,14 @@ def _write_new_bytes(fd: int, length: int, header: Header, dfd: int, tmp: str,
     """The snapshot as it is, or without the tensors the job's newest checkpoint already holds
     (``ckptd.disk.dedup``, when ``dedup_for`` names the file being written): then a header of its
     own, the rest copied after it. Returns the header and length of what was written."""
+    if dedup_for is None:  # a rank's shard: its unit holds only its peers' files
+        _write(fd, length, dfd, tmp)
+        return header, length
     with mmap.mmap(fd, length, prot=mmap.PROT_READ) as mm:
         view = memoryview(mm)
         try:
-            reused = find_reused(header, view, dfd, opener_at(dir_fd=dfd), dedup_for) if dedup_for else None
-            if reused is None or not reused.refs:
+            reused = find_reused(header, view, dfd, opener_at(dir_fd=dfd), dedup_for)
+            if not reused.refs:
                 _write(fd, length, dfd, tmp)
                 return header, length
             new, kept, meta = reduced(header, reused)
