@@ -88,7 +88,8 @@ def test_a_handed_over_checkpoint_survives_its_trainer(daemon: DaemonProc) -> No
     path = scan(str(run_dir), "victim")[0].path
     assert verify_file(path).ok
     wait_until(lambda: daemon.metric("ckptd_saves_total", training_job="victim", trigger="step", outcome="ok") == 1)
-    assert daemon.metric("ckptd_job_up", training_job="victim") == 0
+    # the disconnect is recorded once the in-flight save is done, which is just after it is counted
+    wait_until(lambda: daemon.metric("ckptd_job_up", training_job="victim") == 0, 30, "the disconnect")
 
 
 def test_trainer_killed_with_unsaved_steps_is_counted(daemon: DaemonProc) -> None:
