@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,6 +117,18 @@ def tmpfs_at(mnt: Path, size: str) -> Iterator[Path]:
 
 
 _PORTS = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def fsync_shim(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``tests/fsync_shim.c`` built: LD_PRELOAD it for a disk whose fsync fails or is slow."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.fail("a C compiler is needed to build the fsync shim")
+    out = tmp_path_factory.mktemp("shim") / "fsync_shim.so"
+    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "fsync_shim.c"), "-ldl"],
+                   check=True)
+    return str(out)
 
 
 def free_port() -> int:

@@ -129,8 +129,8 @@ def test_plan_shows_the_interval_and_its_rule() -> None:
     r = ckptd_cli("plan", "--total-steps", "10000", "--every", "auto", "--stall", "0.8s", "--mtbf", "24h",
                   "--step-time", "0.5s")
     assert r.returncode == 0, r.stderr
-    assert "every=auto: a time save every 372s, about every 744 steps at 0.5s/step" in r.stdout
-    assert "auto: T=372s from C=0.8s, M=24h; rule young_daly" in r.stdout
+    assert "every=auto: a disk save every 372s, about every 744 steps at 0.5s/step (rule young_daly)" in r.stdout
+    assert "why: auto: T=372s from C=0.8s, M=24h; memory tier: no separate saves" in r.stdout
     r = ckptd_cli("plan", "--total-steps", "100", "--every", "auto", "--stall", "10s", "--persist", "60s",
                   "--mtbf", "1h", "--json")
     auto = json.loads(r.stdout)["auto"]

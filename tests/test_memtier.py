@@ -168,3 +168,59 @@ def test_every_memory_saves_to_the_memory_tier_only_and_a_crash_resumes_there(tm
         assert int(start) > 5 and "(a memory-only save: not on disk) (verified, from memory)" in r.stderr, r.stderr
     finally:
         d.stop()
+
+
+TIERED_TRAIN = r"""
+import sys, time, torch
+from trainer_hooks import Checkpointer
+w = torch.nn.Parameter(torch.zeros(1 << 20))
+opt = torch.optim.SGD([w], lr=1.0)
+ckpt = Checkpointer("tiered", sys.argv[1], model=torch.nn.ParameterList([w]), optimizer=opt, every="auto",
+                    mtbf="5s", max_overhead="50%", socket=sys.argv[2])
+start = ckpt.resume()
+print("START", start, float(w[0]), float(w[-1]), flush=True)
+for _ in range(start, 100000):
+    w.grad = torch.full_like(w, -1.0)
+    opt.step()
+    ckpt.step()
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.slow
+def test_every_auto_plans_memory_saves_when_the_disk_is_slow(tmp_path: Path, fsync_shim: str) -> None:
+    """Multilevel every="auto": on a disk whose fsync takes 2 s (a network filesystem), a disk
+    save cannot come as often as a 5 s MTBF calls for; the daemon plans memory-only saves in
+    between, asks the trainer for them, and says so in status and metrics. A SIGKILL then
+    resumes from memory at a step past the newest file."""
+    d = DaemonProc(tmp_path / "d", env={"LD_PRELOAD": fsync_shim, "SLOW_SHIM_MATCH": "/tiered/",
+                                        "SLOW_SHIM_MS": "2000"}).start()
+    run = d.root / "tiered"
+    try:
+        p = subprocess.Popen([PYTHON, "-c", TIERED_TRAIN, str(run), d.socket], env=project_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: d.metric("ckptd_saves_total", training_job="tiered", trigger="memory", outcome="ok") >= 3,
+                   90, "three memory-only saves asked by the daemon")
+        memory = d.metric("ckptd_auto_memory_interval_seconds", training_job="tiered")
+        disk = d.metric("ckptd_auto_interval_seconds", training_job="tiered")
+        assert 0 < memory < disk, (memory, disk)
+        (status,) = json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)
+        plan = status["auto"]["memory"]
+        assert plan["disk_every"] >= 2 and plan["share_source"] == "prior", status["auto"]
+        assert "one in" in status["auto"]["reason"] and status["auto"]["rule"] in ("persist", "multilevel")
+        assert "a memory-only save every" in ckptd_cli("status", "--socket", d.socket).stdout
+        p.send_signal(signal.SIGKILL)
+        p.wait(60)
+        on_disk = max((c.step for c in scan(str(run), "tiered")), default=0)
+        held = json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)[0]["memory_bytes"]
+        assert held > 4 << 20
+        r = subprocess.run([PYTHON, "-c", TIERED_TRAIN.replace("range(start, 100000)", "range(0)"), str(run),
+                            d.socket], env=project_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        start, first, last = r.stdout.split("START")[1].split()[:3]
+        assert float(first) == float(last) == int(start) >= on_disk, (r.stdout, on_disk)
+        assert "from memory" in r.stderr, r.stderr
+    finally:
+        p.kill()
+        p.wait(60)
+        d.stop()

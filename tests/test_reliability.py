@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -114,17 +113,6 @@ def test_scrub_finds_corruption_without_any_trainer(tmp_path: Path) -> None:
 
 # --- storage faults ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def eio_shim(tmp_path_factory: pytest.TempPathFactory) -> str:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.fail("a C compiler is needed to build the EIO shim")
-    out = tmp_path_factory.mktemp("shim") / "fsync_eio.so"
-    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "fsync_eio_shim.c"), "-ldl"],
-                   check=True)
-    return str(out)
-
-
 EIO_TRAINER = r"""
 import sys, torch
 from trainer_hooks import Checkpointer
@@ -137,10 +125,10 @@ print("stats", ckpt.stats["verified"], ckpt.stats["failed"], ckpt.last_error.rea
 
 
 @pytest.mark.slow
-def test_eio_on_fsync_fails_the_save_and_training_goes_on(tmp_path: Path, eio_shim: str) -> None:
+def test_eio_on_fsync_fails_the_save_and_training_goes_on(tmp_path: Path, fsync_shim: str) -> None:
     run = tmp_path / "eio-target"
     r = subprocess.run([PYTHON, "-c", EIO_TRAINER, str(run)], capture_output=True, text=True, timeout=120,
-                       env={**ENV, "LD_PRELOAD": eio_shim, "EIO_SHIM_MATCH": "eio-target"})
+                       env={**ENV, "LD_PRELOAD": fsync_shim, "EIO_SHIM_MATCH": "eio-target"})
     assert r.returncode == 0, r.stderr
     assert "stats 0 4 io_error" in r.stdout, r.stdout + r.stderr[-2000:]
     assert "Input/output error" in r.stderr

@@ -40,7 +40,7 @@ from ckptd.disk.persist import Persisted, PersistError, cleanup_temp
 from ckptd.disk.preflight import check_directory, check_job, check_template, render, resolve_target
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.target import Target
-from ckptd.wire.protocol import default_socket_path
+from trainer_hooks.link import socket_path
 from trainer_hooks.outlet import Outlet
 from trainer_hooks.overlap import Overlap
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
@@ -85,7 +85,7 @@ class Checkpointer:
         self._preflight()
         self._resumer = Resumer(self.job, self.directory, self.settings, self.rank, self.world_size, model, optimizer,
                                 scheduler, extra, self.generators, self._snap.structure or {}, self._shards, quiet,
-                                strict=self.settings["save"] == "all", socket_path=_socket_path(socket))
+                                strict=self.settings["save"] == "all", socket_path=socket_path(socket))
         overlap = Overlap(optimizer) if self.settings["snapshot"] == "overlap" and self.saving and not sharded else None
         self._record = SaveRecord()
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
@@ -96,7 +96,7 @@ class Checkpointer:
         self._closed = False
         # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
         self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
-        path, talks = _socket_path(socket), self.rank == 0 or self._shards is None  # (time rules, retention)
+        path, talks = socket_path(socket), self.rank == 0 or self._shards is None  # (time rules, retention)
         if path is not None and self.saving and talks:
             self._outlet.connect(path, self._hello, self._beat, self._time_fired, reconnect_every)
         if self.mode == "embedded":
@@ -231,7 +231,7 @@ class Checkpointer:
                 t.churn(self._progress.step)
             if decision.trigger == "preempt":
                 self._preemption.finish(self.wait)
-        elif t.memory_due and self.mode == "daemon" and not self._outlet.busy:  # (never waits for a disk save)
+        elif t.memory_due and self.mode == "daemon":  # its own buffer: never waits for a disk save
             self._save("memory", "every_memory")
         t.memory_due = False  # one that found the buffer busy waits for its clock's next tick
         t.decided(self._preemption.pending)
@@ -294,7 +294,11 @@ class Checkpointer:
 
     def _stage_and_submit(self, trigger: str, rule: str) -> bool:
         t0 = time.perf_counter_ns()
-        if self._outlet.busy:
+        memory = trigger == "memory"
+        buffer = self._outlet.memory_slot(self._buffer.pin) if memory else self._buffer
+        if buffer is None:  # the last memory-only save is still being kept: this one is not needed
+            return False
+        if self._outlet.busy and not memory:
             if self.settings["on_busy"] == "skip" and trigger in SCHEDULED and self._shards is None:
                 self.stats["skipped"] += 1
                 log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
@@ -303,21 +307,21 @@ class Checkpointer:
                 return False
             self.wait()
         now = time.time()
-        tensors, metadata = self._snap.image(trigger, rule, now, memory_only=trigger == "memory")
+        tensors, metadata = self._snap.image(trigger, rule, now, memory_only=memory)
         filename = render(self.template, self.job, self._progress.step, self.epoch, now)
-        later = self._snap.optimizer_writes(tensors) if self._outlet.overlap is not None else ()
-        length, pending = self._buffer.stage_overlapped(tensors, metadata, later)
+        later = self._snap.optimizer_writes(tensors) if self._outlet.overlap is not None and not memory else ()
+        length, pending = buffer.stage_overlapped(tensors, metadata, later)
         if self._shards is not None:  # each rank writes its own shard in-process (see trainer_hooks.shards)
             unit = os.path.join(self.directory, unit_name(filename))
             filename = shard_name(self.rank, self.world_size)
-        job = SaveJob(self._buffer.fd, length, unit if self._shards else self.directory, filename, self._progress.step,
+        job = SaveJob(buffer.fd, length, unit if self._shards else self.directory, filename, self._progress.step,
                       trigger, stall=(time.perf_counter_ns() - t0) / 1e9)
         msg = {"step": self._progress.step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
-               "filename": filename, "length": length, "stall": job.stall, "memory_only": trigger == "memory"}
+               "filename": filename, "length": length, "stall": job.stall, "memory_only": memory}
         self._outlet.submit(job, msg, pending)  # with snapshot="overlap", once the copy is done
         stalled = time.perf_counter_ns() - t0
         self.stats["stall_ns"] += stalled
-        if trigger == "memory":  # not a saved step: the policy's clocks go on as they were
+        if memory:  # not a saved step: the policy's clocks go on as they were
             return True
         self._time_rules.measured(stall=stalled / 1e9)  # the handoff included: all that step() blocked
         self.stats["saves"] += 1
@@ -393,6 +397,3 @@ class Checkpointer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def _socket_path(socket: str | bool | None) -> str | None:
-    return None if socket is False else default_socket_path() if socket in (None, True) else str(socket)

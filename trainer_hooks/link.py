@@ -29,6 +29,11 @@ log = logging.getLogger("ckptd.hook")
 HEARTBEAT_EVERY = 1.0
 
 
+def socket_path(socket: str | bool | None) -> str | None:
+    """The hook's ``socket=``: False for none, None/True for the default, else the path given."""
+    return None if socket is False else protocol.default_socket_path() if socket in (None, True) else str(socket)
+
+
 class Link:
     def __init__(self, path: str, hello: Callable[[], dict[str, Any]], progress: Callable[[], dict[str, Any]],
                  on_saved: Callable[[SaveJob, dict[str, Any]], None], on_lost: Callable[[list[SaveJob]], None],
@@ -60,6 +65,11 @@ class Link:
     @property
     def busy(self) -> bool:
         return not self._idle.is_set()
+
+    def holds(self, fd: int) -> bool:
+        """Is a save staged in the buffer ``fd`` still in flight (so the buffer is not free)?"""
+        with self._lock:
+            return any(job.fd == fd for job in self._inflight.values())
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)

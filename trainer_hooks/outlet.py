@@ -14,7 +14,10 @@ daemon that went away; sharded: rank 0, once the unit committed) is then replica
 own ``Uploader``; what the daemon saved or was told of, the daemon replicates. ``close()`` waits for pending uploads up to ``remote_timeout``.
 
 Whichever it is, ``on_done`` hears of each save once: verified, or failed with a reason.
-The staging buffer is reused, so one save is in flight at a time: ``busy``/``wait``.
+The staging buffer is reused, so one save is in flight at a time: ``busy``/``wait``. Memory-only
+saves (``every_memory``, or every="auto"'s memory tier) have a buffer of their own
+(``memory_slot``), made at the first: they never wait for a disk save still being written,
+and a disk save whose daemon went away is still whole in its buffer, to be persisted here.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from ckptd.save.pipeline import Hooks, Shard, save_shard, save_unit
 from trainer_hooks.link import Link
 from trainer_hooks.overlap import Overlap
 from trainer_hooks.shards import ShardGroup
-from trainer_hooks.staging import Pending
+from trainer_hooks.staging import Pending, StagingBuffer
 from trainer_hooks.worker import Done, SaveJob, Worker
 
 if TYPE_CHECKING:
@@ -56,6 +59,7 @@ class Outlet:
 
             self.uploader = Uploader()
         self._daemon_has_it = False  # the last sharded commit went to the daemon, which replicates it
+        self._memory: StagingBuffer | None = None  # memory-only saves' buffer
 
     def connect(self, path: str, hello: Callable[[], dict[str, Any]], beat: Callable[[], dict[str, Any]],
                 on_due: Callable[[str], None], retry_every: float) -> None:
@@ -106,12 +110,22 @@ class Outlet:
         if self.link is not None:
             self.link.notify(msg)
 
+    def memory_slot(self, pin: bool) -> StagingBuffer | None:
+        """The buffer for a memory-only save; None without a daemon, or while the last is in flight."""
+        if self.link is None or not self.link.connected:
+            return None
+        if self._memory is None:
+            self._memory = StagingBuffer("ckptd-memory", pin=pin)
+        return None if self.link.holds(self._memory.fd) else self._memory
+
     def close(self, end_step: int | None, timeout: float | None = None) -> None:
         if self.overlap is not None:
             self.overlap.close()
         if self.link is not None:
             self.link.close(end_step)
             self.link = None
+        if self._memory is not None:
+            self._memory.close()
         self._worker.close(timeout)
         if self.uploader is not None:
             self._drain_uploads(timeout)

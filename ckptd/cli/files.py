@@ -67,19 +67,26 @@ def _verified_line(r: VerifyResult, as_json: bool, status: str = "") -> None:
 @click.option("--stall", default=None, help="with --every auto: what one save stalls training (0.8s; "
               "ckptd status and ckptd_save_duration_seconds{phase=\"stall\"} show it)")
 @click.option("--persist", default=None, help="with --every auto: how long a save takes to be written and verified")
+@click.option("--memory-stall", default=None, help="with --every auto: what a memory-only save stalls (default: --stall)")
+@click.option("--memory-persist", default=None,
+              help="with --every auto: how long the daemon takes to keep a snapshot in memory (default: the stall)")
+@click.option("--memory-share", type=click.FloatRange(0.0, 1.0), default=None,
+              help="with --every auto: the share of failures the daemon's memory recovers (default 0.75; 0: no memory tier)")
 @click.option("--step-time", default=None, help="seconds one step takes, to say the interval in steps too")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-def plan(total_steps: int, as_json: bool, stall: str | None, persist: str | None, step_time: str | None,
-         **options: Any) -> None:
+def plan(total_steps: int, as_json: bool, stall: str | None, persist: str | None, memory_stall: str | None,
+         memory_persist: str | None, memory_share: float | None, step_time: str | None, **options: Any) -> None:
     """The steps that will be saved, with the rule behind each, and warnings about surprises.
-    With --every auto, the interval auto chooses for a measured --stall, and why."""
+    With --every auto, the intervals auto chooses for a measured --stall and --persist, for the
+    disk and for the daemon's memory tier, and why."""
     settings = settings_from({**options, "total_steps": total_steps})
     try:
         policy = SavePolicy.from_settings(group(settings, "policy"))
         result = make_plan(policy)
     except PolicyError as exc:
         raise click.UsageError(str(exc)) from None
-    auto = _auto_plan(policy, stall, persist, step_time)
+    memory = {"stall": memory_stall, "persist": memory_persist, "share": memory_share}
+    auto = _auto_plan(policy, stall, persist, step_time, memory, settings.get("every_memory"))
     if as_json:
         click.echo(json.dumps({"total_steps": total_steps,
                                "saves": [s.__dict__ for s in result.saves],
@@ -87,8 +94,7 @@ def plan(total_steps: int, as_json: bool, stall: str | None, persist: str | None
                                "warnings": list(result.warnings)}, indent=2))
         return
     if auto is not None:
-        steps = f", about every {auto['steps']} steps at {step_time}/step" if "steps" in auto else ""
-        click.echo(f"every=auto: a time save every {auto['seconds']:.3g}s{steps} ({auto['reason']}; rule {auto['rule']})")
+        _say_auto(auto, step_time)
     click.echo(f"{len(result.saves)} saves over {total_steps} steps")
     shown = result.saves if len(result.saves) <= 40 else result.saves[:20] + result.saves[-10:]
     for i, s in enumerate(shown):
@@ -99,29 +105,52 @@ def plan(total_steps: int, as_json: bool, stall: str | None, persist: str | None
         click.echo(f"warning: {w}", err=True)
 
 
-def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None,
-               step_time: str | None) -> dict[str, Any] | None:
-    """``--every auto``: the interval for the given costs, as the daemon would compute it."""
-    from ckptd.core.autointerval import CostSamples, auto_interval, estimate_mtbf
+def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None, step_time: str | None,
+               memory: dict[str, Any], every_memory: float | None) -> dict[str, Any] | None:
+    """``--every auto``: both tiers' intervals for the given costs, as the daemon would compute them."""
+    from ckptd.core.autointerval import CostSamples, estimate_mtbf
+    from ckptd.core.multilevel import PRIOR_SHARE, Coverage, multilevel
 
     if not policy.auto:
-        if stall or persist:
-            raise click.UsageError("--stall and --persist only mean something with --every auto")
+        if stall or persist or any(v is not None for v in memory.values()):
+            raise click.UsageError("--stall, --persist and --memory-* only mean something with --every auto")
         return None
     if stall is None:
         raise click.UsageError("--every auto needs --stall: what one save stalls training (e.g. 0.8s; "
                                "ckptd status shows the measured stall of a running job)")
     try:
         costs = CostSamples().add(parse_duration(stall), parse_duration(persist) if persist else None)
+        mem_stall = parse_duration(memory["stall"]) if memory["stall"] else None
+        mem_costs = CostSamples().add(mem_stall, parse_duration(memory["persist"]) if memory["persist"] else None)
         per_step = parse_duration(step_time) if step_time else None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    auto = auto_interval(costs, estimate_mtbf(0, 0.0, policy.mtbf), policy.max_overhead, policy.min_interval)
-    out: dict[str, Any] = {"seconds": auto.seconds, "rule": auto.rule, "reason": auto.reason,
-                           "cost": auto.cost, "mtbf": auto.mtbf.seconds}
+    share = PRIOR_SHARE if memory["share"] is None else memory["share"]
+    coverage = Coverage(share, "prior" if memory["share"] is None else "given")
+    ml = multilevel(costs, mem_costs, estimate_mtbf(0, 0.0, policy.mtbf), coverage, policy.max_overhead,
+                    policy.min_interval, fixed_memory=every_memory)
+    out: dict[str, Any] = {"seconds": ml.disk.seconds, "rule": ml.disk.rule, "reason": ml.reason,
+                           "cost": ml.disk.cost, "mtbf": ml.disk.mtbf.seconds,
+                           "memory": {"seconds": ml.memory, "rule": ml.memory_rule, "disk_every": ml.k,
+                                      "share": share, "waste": ml.waste, "waste_disk_alone": ml.single_waste}}
     if per_step:
-        out["steps"] = max(1, int(auto.seconds // per_step))
+        out["steps"] = max(1, int(ml.disk.seconds // per_step))
+        if ml.memory:
+            out["memory"]["steps"] = max(1, int(ml.memory // per_step))
     return out
+
+
+def _say_auto(auto: dict[str, Any], step_time: str | None) -> None:
+    steps = f", about every {auto['steps']} steps at {step_time}/step" if "steps" in auto else ""
+    click.echo(f"every=auto: a disk save every {auto['seconds']:.3g}s{steps} (rule {auto['rule']})")
+    mem = auto["memory"]
+    if mem["seconds"]:
+        steps = f", about every {mem['steps']} steps" if "steps" in mem else ""
+        click.echo(f"every=auto: a memory-only save every {mem['seconds']:.3g}s{steps} (rule {mem['rule']}), "
+                   f"one in {mem['disk_every']} saves to disk")
+    else:
+        click.echo("every=auto: no memory-only saves (each save may as well go to disk)")
+    click.echo(f"  why: {auto['reason']}")
 
 
 @main.command("list")

@@ -105,7 +105,9 @@ def status(as_json: bool, socket_path: str | None) -> None:
                    f"{age:>6} {_dash(j['next_due_step']):>8} {j['checkpoints']:>5} {format_bytes(j['bytes']):>10} "
                    f"{j['missed']:>6} {j['failed']:>6}  {j.get('directory', '')}")
         if j.get("auto"):
-            click.echo(f"{'':<16} every=auto: a save every {j['auto']['seconds']:.3g}s "
+            memory = (j["auto"].get("memory") or {}).get("seconds")
+            also = f", a memory-only save every {memory:.3g}s" if memory else ""
+            click.echo(f"{'':<16} every=auto: a save every {j['auto']['seconds']:.3g}s{also} "
                        f"({j['auto']['reason']}; rule {j['auto']['rule']})")
         if j.get("memory_bytes"):
             click.echo(f"{'':<16} memory tier: the newest snapshot, {format_bytes(j['memory_bytes'])}, held by the "

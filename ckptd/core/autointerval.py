@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 __all__ = ["DEFAULT_MAX_OVERHEAD", "PRIOR_MTBF", "WINDOW", "AutoInterval", "CostSamples", "Mtbf",
-           "auto_interval", "estimate_mtbf", "guess_cost", "overhead_ratio", "young_daly"]
+           "auto_interval", "estimate_mtbf", "guess_cost", "overhead_ratio", "short_duration", "young_daly"]
 
 PRIOR_MTBF = 24 * 3600.0  # until a job has history: one failure a day, a conservative guess for a GPU host
 DEFAULT_MAX_OVERHEAD = 0.02
@@ -109,21 +109,22 @@ class AutoInterval:
     """The interval ``every="auto"`` uses now, with the bound that decided it."""
 
     seconds: float
-    rule: str  # "young_daly", "max_overhead", "persist" or "min_interval"
+    rule: str  # "young_daly", "max_overhead", "persist", "min_interval" (or "multilevel": ``ckptd.core.multilevel``)
     cost: float
     mtbf: Mtbf
     cost_source: str = "measured"  # or "guess" before the first save was measured
 
     @property
     def reason(self) -> str:
-        how = f"C={_short(self.cost)}" + (" (guessed from the state size)" if self.cost_source == "guess" else "")
-        m = f"M={_short(self.mtbf.seconds)}"
+        how = f"C={short_duration(self.cost)}" + (" (guessed from the state size)" if self.cost_source == "guess" else "")
+        m = f"M={short_duration(self.mtbf.seconds)}"
         if self.mtbf.source == "prior":
             m += " (prior)"
         elif self.mtbf.source == "history":
-            m += f" ({self.mtbf.failures} unclean exits in {_short(self.mtbf.observed)})"
-        bound = "" if self.rule == "young_daly" else f", raised to the {self.rule} bound"
-        return f"auto: T={_short(self.seconds)} from {how}, {m}{bound}"
+            m += f" ({self.mtbf.failures} unclean exits in {short_duration(self.mtbf.observed)})"
+        bound = ("" if self.rule == "young_daly" else ", the two tiers' optimum" if self.rule == "multilevel"
+                 else f", raised to the {self.rule} bound")
+        return f"auto: T={short_duration(self.seconds)} from {how}, {m}{bound}"
 
 
 def auto_interval(samples: CostSamples, mtbf: Mtbf, max_overhead: float = DEFAULT_MAX_OVERHEAD,
@@ -158,7 +159,7 @@ def overhead_ratio(stalls: Sequence[tuple[float, float]], started_at: float, now
     return min(1.0, sum(s for t, s in stalls if t >= since) / span)
 
 
-def _short(seconds: float) -> str:
+def short_duration(seconds: float) -> str:
     """412s, 0.8s, 12ms, 24h, 3.5d: a duration as a person reads it in a log line."""
     if seconds < 0.1:
         return f"{seconds * 1000:.3g}ms"

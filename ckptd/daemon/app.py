@@ -26,7 +26,7 @@ from ckptd.daemon import sdnotify
 from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
-from ckptd.daemon.jobstate import JobState
+from ckptd.daemon.jobstate import TICK, JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
 from ckptd.daemon.memtier import MemoryTier, budget_of
@@ -70,6 +70,8 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.registry.register(JobGauges(self._job_gauges))
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
+        # memory-only saves (a copy and a hash) never queue behind the disk's persists
+        self.memory_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-memory")
         self.memory = MemoryTier(budget_of(d.get("memory_budget")))
         self._stop = threading.Event()
         self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
@@ -120,7 +122,7 @@ class Daemon:
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
                                                                "misfire_grace_time": 30})
-        sched.add_job(self._tick_job, "interval", seconds=1.0, id="tick")
+        sched.add_job(self._tick_job, "interval", seconds=TICK, id="tick")
         scrub = self.config.daemon.get("scrub_every")
         if scrub:
             sched.add_job(self.scrub, "interval", seconds=float(scrub), id="scrub")
@@ -185,6 +187,7 @@ class Daemon:
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
         self.executor.shutdown(wait=True, cancel_futures=False)
+        self.memory_executor.shutdown(wait=True, cancel_futures=False)
         self.uploads.close(timeout=10)
         self.scheduler.shutdown(wait=False)
         if self.watching is not None:
@@ -250,7 +253,7 @@ class Daemon:
         if self.catalog.adopt(directory):
             log.info("job %s: catalogued the checkpoints it wrote while the daemon was away", name)
         rows = [r for r in self.catalog.checkpoints(*key) if r.verified]
-        history = self.catalog.history(key) if policy.auto else (0.0, 0)
+        history = self.catalog.history(key) if policy.auto else (0.0, 0, 0)
         with self.lock:
             job = JobState(name, uid, directory, settings, policy, pid=pid, connected=True, step=step,
                            last_saved_step=step, last_verified_step=rows[-1].step if rows else 0,
@@ -327,11 +330,13 @@ class Daemon:
         sdnotify.notify(f"STATUS={running} jobs connected, {len(self.jobs)} known")
 
     def _time_rule_due(self, j: JobState, now: float) -> None:
-        """The ``every`` rule: tell the trainer a save is due (it saves at its next step)."""
+        """The ``every`` rule, and ``every="auto"``'s memory interval: tell the trainer a save is
+        due (it saves at its next step)."""
         with self.lock:
             due = j.every_due(now)
-        if due and j.session is not None:
-            j.session.send({"type": "due", "rule": "every"})
+            memory = not due and j.memory_due(now)  # a disk save refreshes the memory tier too
+        if (due or memory) and j.session is not None:
+            j.session.send({"type": "due", "rule": "every" if due else "memory"})
 
     def _cron_due(self, key: JobKey) -> None:
         with self.lock:

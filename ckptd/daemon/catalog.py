@@ -204,24 +204,33 @@ class Catalog:
             rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
 
-    def history(self, key: JobKey) -> tuple[float, int]:
-        """(seconds the job's earlier runs ran, how many ended without saying ``end``): what
-        ``every="auto"`` estimates the job's MTBF from. A run still open (a daemon that died
-        under it) counts up to its last event."""
+    def history(self, key: JobKey) -> tuple[float, int, int]:
+        """(seconds the job's earlier runs ran, trainer crashes, runs lost with the daemon): what
+        ``every="auto"`` estimates the job's MTBF and the memory tier's share of recoveries from
+        (``ckptd.core.multilevel``). A crash is a run that ended without saying ``end``; a run
+        left open (the daemon died under it) counts up to its last event, and as lost when the
+        next run started at or before its newest saved step (a new process, resumed from disk: the
+        host or the daemon took the memory tier with it), not when it carried on (the daemon alone
+        restarted and the trainer reconnected)."""
         with self._lock:
             rows = self._db.execute("SELECT time, kind, detail FROM events WHERE job = ? ORDER BY id",
                                     (key.name,)).fetchall()
-        ran, exits, start, last = 0.0, 0, None, 0.0
+        ran, crashes, losses, start, last, step = 0.0, 0, 0, None, 0.0, 0
         for t, kind, detail in rows:
-            if json.loads(detail).get("directory") != key.directory:
+            fields = json.loads(detail)
+            if fields.get("directory") != key.directory:
                 continue
+            at = fields.get("step") if isinstance(fields.get("step"), int) else 0
             if kind == "start":
-                ran += (last - start) if start is not None else 0.0
-                start = t
+                if start is not None:  # the previous run never ended: the daemon went down under it
+                    ran, losses = ran + (last - start), losses + (at <= step)
+                start, step = t, at
             elif kind in ("end", "disconnect") and start is not None:
-                ran, exits, start = ran + (t - start), exits + (kind == "disconnect"), None
+                ran, crashes, start = ran + (t - start), crashes + (kind == "disconnect"), None
+            elif start is not None:
+                step = max(step, at)
             last = t
-        return ran + ((last - start) if start is not None else 0.0), exits
+        return ran + ((last - start) if start is not None else 0.0), crashes, losses
 
     # -- reconciling with the disk -------------------------------------------------------
 

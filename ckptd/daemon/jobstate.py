@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckptd.core import missed
-from ckptd.core.autointerval import AutoInterval, CostSamples, auto_interval, estimate_mtbf, guess_cost, overhead_ratio
+from ckptd.core.autointerval import AutoInterval, CostSamples, estimate_mtbf, guess_cost, overhead_ratio
+from ckptd.core.multilevel import Coverage, MultiLevel, estimate_coverage, multilevel
 from ckptd.core.policy import SavePolicy, time_interval
 from ckptd.daemon.jobkey import JobKey
 
-__all__ = ["JobState", "Trainer"]
+__all__ = ["TICK", "JobState", "Trainer"]
+
+TICK = 1.0  # seconds between the daemon's ticks, which ask every_due and memory_due: no interval is finer
 
 
 class Trainer(Protocol):
@@ -50,15 +53,22 @@ class JobState:
     last_beat: tuple[float, int] | None = None
     missed: int = 0
     failed: int = 0
-    in_flight: int = 0
+    in_flight: int = 0  # disk saves handed over and not yet answered
+    in_flight_memory: int = 0  # memory-only saves (their own buffer in the hook)
     due_sent: bool = False
     world_size: int = 1
+    sharded: bool = False  # every rank writes its part (the memory tier holds whole snapshots only)
     ended_at: float | None = None
     session: Trainer | None = None
     state_bytes: int = 0  # the hook's state size, from hello: auto's cost guess before a save was measured
     costs: CostSamples = field(default_factory=CostSamples)
+    memory_costs: CostSamples = field(default_factory=CostSamples)  # memory-only saves: stall, then kept
+    memory_budget: int = 0  # the daemon's memory tier (0: off), for every="auto"'s two-level plan
+    last_memory_at: float | None = None  # the newest snapshot the memory tier took (of either kind)
+    memory_due_sent: bool = False
     stalls: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4096))  # (when, seconds)
-    history: tuple[float, int] = (0.0, 0)  # earlier runs of the job: (seconds run, unclean exits), from the catalogue
+    # earlier runs of the job, from the catalogue: (seconds run, trainer crashes, runs lost with the daemon)
+    history: tuple[float, int, int] = (0.0, 0, 0)
 
     @property
     def key(self) -> JobKey:
@@ -72,14 +82,28 @@ class JobState:
         if stall is not None:
             self.stalls.append((at, stall))
 
-    def auto(self, now: float) -> AutoInterval | None:
-        """``every="auto"``'s interval now; the MTBF from this job's unclean exits on this host."""
+    def plan(self, now: float) -> MultiLevel | None:
+        """``every="auto"``'s two intervals now (``ckptd.core.multilevel``): the MTBF from this job's
+        failures on this host, the memory tier's share of recoveries from which kind they were."""
         if not self.policy.auto:
             return None
-        ran, exits = self.history
-        mtbf = estimate_mtbf(exits, ran + max(0.0, now - self.started_at), self.policy.mtbf)
-        return auto_interval(self.costs, mtbf, self.policy.max_overhead, self.policy.min_interval,
-                             guess_cost(self.state_bytes))
+        ran, crashes, losses = self.history
+        mtbf = estimate_mtbf(crashes + losses, ran + max(0.0, now - self.started_at), self.policy.mtbf)
+        coverage = estimate_coverage(crashes, losses) if self.memory_tier else Coverage(0.0, "none")
+        return multilevel(self.costs, self.memory_costs, mtbf, coverage, self.policy.max_overhead,
+                          self.policy.min_interval, guess_cost(self.state_bytes), self.settings.get("every_memory"),
+                          resolution=TICK)
+
+    @property
+    def memory_tier(self) -> bool:
+        """Can this job's snapshots be kept in the daemon's memory (so memory saves are worth planning)?"""
+        fits = self.state_bytes <= self.memory_budget  # (0: not told; a snapshot too large is not kept)
+        return self.memory_budget > 0 and fits and not self.sharded
+
+    def auto(self, now: float) -> AutoInterval | None:
+        """``every="auto"``'s disk interval now, with the rule that decided it."""
+        plan = self.plan(now)
+        return plan.disk if plan is not None else None
 
     def interval(self, now: float, auto: AutoInterval | None = None) -> float | None:
         """Seconds between saves the policy implies now (``ckptd_expected_save_interval_seconds``);
@@ -89,7 +113,8 @@ class JobState:
 
     def gauges(self, now: float, remote_lag: float, memory: int = 0) -> dict[str, float]:
         """The job's gauges at scrape time (``ckptd.daemon.metrics.JOB_GAUGES``)."""
-        auto = self.auto(now)
+        plan = self.plan(now)
+        auto = plan.disk if plan is not None else None
         interval = self.interval(now, auto)
         values = {"ckptd_job_up": float(self.connected),
                   "ckptd_unsaved_steps": float(missed.unsaved_at_exit(self.step, self.last_verified_step)),
@@ -100,6 +125,7 @@ class JobState:
             values["ckptd_expected_save_interval_seconds"] = interval
         # 0 for a job without every=auto or a remote tier: a basic install's dashboard has its series
         values["ckptd_auto_interval_seconds"] = auto.seconds if auto is not None else 0.0
+        values["ckptd_auto_memory_interval_seconds"] = (plan.memory or 0.0) if plan is not None else 0.0
         values["ckptd_remote_lag_seconds"] = remote_lag if self.settings.get("remote") else 0.0
         values["ckptd_memory_bytes"] = float(memory)
         return values
@@ -126,6 +152,23 @@ class JobState:
         due = every is not None and now - last >= every and not self.due_sent
         self.due_sent = self.due_sent or due
         return due
+
+    def memory_due(self, now: float) -> bool:
+        """Has ``every="auto"``'s memory interval passed since the memory tier last took a snapshot
+        (told once)? A fixed ``every_memory`` is the hook's own clock, not asked here."""
+        plan = self.plan(now)
+        if plan is None or plan.memory is None or plan.memory_rule == "fixed":
+            return False
+        last = max(self.last_memory_at or 0.0, self._since())
+        due = now - last >= plan.memory and not self.memory_due_sent
+        self.memory_due_sent = self.memory_due_sent or due
+        return due
+
+    def kept_in_memory(self, at: float, stall: float | None, seconds: float | None) -> None:
+        """The memory tier took a snapshot (a memory-only save when ``seconds`` is its cost)."""
+        self.last_memory_at, self.memory_due_sent = at, False
+        if seconds is not None:
+            self.memory_costs = self.memory_costs.add(stall, seconds)
 
     def overdue(self, now: float, grace: float) -> tuple[float, float] | None:
         """(seconds since the last verified save, expected interval) the first time that is too long."""

@@ -56,13 +56,16 @@ class MemoryTier:
         self._lock = threading.Lock()
 
     def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float) -> bool:
-        """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply)."""
+        """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply);
+        False when it is not kept (the tier is off, it does not fit, or a newer step is held)."""
         if self.budget <= 0:  # memory_budget = 0: the tier is off
             return False
         if length > self.budget:
             self.drop(key)
             log.info("job %s: snapshot of %d bytes exceeds the memory budget (%d); not kept in memory",
                      key.name, length, self.budget)
+            return False
+        if self._newer_than(key, step):
             return False
         fd = _sealed_copy(src_fd, length, f"ckptd-mem-{key.name}")
         problem = _unverified(fd, f"the memory tier's copy of {path or key.name}")
@@ -73,6 +76,9 @@ class MemoryTier:
                         key.name, step, problem)
             return False
         with self._lock:
+            if self._newer_than(key, step, locked=True):
+                os.close(fd)
+                return False
             old = self._held.pop(key, None)
             for doomed in self._to_evict(length):
                 os.close(self._held.pop(doomed.key).fd)
@@ -82,6 +88,14 @@ class MemoryTier:
         if old is not None:
             os.close(old.fd)
         return True
+
+    def _newer_than(self, key: JobKey, step: int, locked: bool = False) -> bool:
+        """A newer snapshot is held: a memory-only save taken while this disk save was persisting."""
+        if not locked:
+            with self._lock:
+                return self._newer_than(key, step, True)
+        held = self._held.get(key)
+        return held is not None and held.step > step
 
     def _to_evict(self, incoming: int) -> list[Held]:
         """Under the lock: the oldest snapshots whose room the incoming one needs."""

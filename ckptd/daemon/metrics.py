@@ -116,6 +116,8 @@ JOB_GAUGES = {
     "ckptd_expected_loss_seconds": "Training seconds lost if the job died now (since its newest verified save)",
     "ckptd_save_overhead_ratio": "Share of training time stalled by saves over the last hour",
     "ckptd_auto_interval_seconds": "The save interval every=auto chose (0: the job does not use every=auto)",
+    "ckptd_auto_memory_interval_seconds": "The interval of memory-only saves every=auto chose (0: none, the "
+                                          "disk's saves are enough or the job does not use every=auto)",
     "ckptd_remote_lag_seconds": "Age of the newest verified local checkpoint not yet verified remotely "
                                 "(0: none waiting, or no remote tier)",
     "ckptd_memory_bytes": "Bytes of the job's newest verified snapshot the daemon holds in memory (0: none)",

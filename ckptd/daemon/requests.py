@@ -86,8 +86,12 @@ def _status_row(d: Host, key: JobKey, j: Any, rows: list[Any], now: float) -> di
 
 
 def _auto(j: Any, now: float) -> dict[str, Any] | None:
-    auto = j.auto(now) if j is not None else None
-    return None if auto is None else {"seconds": auto.seconds, "rule": auto.rule, "reason": auto.reason}
+    plan = j.plan(now) if j is not None else None
+    if plan is None:
+        return None
+    return {"seconds": plan.disk.seconds, "rule": plan.disk.rule, "reason": plan.reason,
+            "memory": {"seconds": plan.memory, "rule": plan.memory_rule, "disk_every": plan.k,
+                       "share": plan.coverage.share, "share_source": plan.coverage.source}}
 
 
 def list_checkpoints(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:

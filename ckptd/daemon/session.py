@@ -55,6 +55,7 @@ class Host(Protocol):
     ledger: Ledger
     uploads: Uploads
     executor: ThreadPoolExecutor
+    memory_executor: ThreadPoolExecutor
     memory: MemoryTier
 
     def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
@@ -154,6 +155,8 @@ class Session:
         self.sock.settimeout(None)  # a trainer may be quiet for as long as an evaluation takes
         self.job.world_size = max(1, _count(msg.get("world_size")))
         self.job.state_bytes = _count(msg.get("state_bytes"))
+        self.job.sharded = msg.get("sharded") is True
+        self.job.memory_budget = self.daemon.memory.budget
         self.send({"type": "welcome", "job": job, "directory": directory})
 
     # -- heartbeats and missed steps --------------------------------------------------------
@@ -196,15 +199,20 @@ class Session:
         msg = {**msg, "trigger": Trigger.of(msg["trigger"])}  # a label value: a client must not grow the series
         memory_only = msg.get("memory_only") is True
         with self.daemon.lock:
-            if self.job.in_flight:  # the hook reuses one buffer: a second save before "saved" is no trainer's
-                raise protocol.ProtocolError("save: one save at a time per job; wait for its saved reply")
-            self.job.in_flight += 1
+            # the hook reuses its buffers (one for disk saves, one for memory-only saves): a second save
+            # of a kind before the first's "saved" reply is no trainer's
+            if self.job.in_flight_memory if memory_only else self.job.in_flight:
+                raise protocol.ProtocolError("save: one save of a kind at a time per job; wait for its saved reply")
+            self.job.in_flight += not memory_only
+            self.job.in_flight_memory += memory_only
             if not memory_only:  # a snapshot kept in memory only is not a saved step (the disk says what is)
                 self.job.last_saved_step = max(self.job.last_saved_step, msg["step"])
             self.job.step = max(self.job.step, msg["step"])
         self.send({"type": "accepted", "id": msg["id"]})
-        persist = self._remember if memory_only else self._persist
-        self._futures.append(self.daemon.executor.submit(persist, self.job, msg, fds[0]))
+        if memory_only:
+            self._futures.append(self.daemon.memory_executor.submit(self._remember, self.job, msg, fds[0]))
+        else:
+            self._futures.append(self.daemon.executor.submit(self._persist, self.job, msg, fds[0]))
 
     def _remember(self, job: JobState, msg: dict[str, Any], fd: int) -> None:
         """Executor thread, ``every_memory``: a snapshot for the memory tier only. Sealed (digests)
@@ -217,7 +225,10 @@ class Session:
                 raise PersistError(FailReason.INVALID_SNAPSHOT, "the snapshot is not the job and step it claims")
             if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time()):
                 raise PersistError(FailReason.NO_SPACE, "the snapshot does not fit the memory budget")
-            self.daemon.ledger.remembered(job.key, msg["step"], msg["length"], time.monotonic() - t0)
+            seconds = time.monotonic() - t0
+            with self.daemon.lock:
+                job.kept_in_memory(time.time(), _reported_seconds(msg, ("stall",)).get("stall"), seconds)
+            self.daemon.ledger.remembered(job.key, msg["step"], msg["length"], seconds)
             reply.update(ok=True, path=None)
         except Exception as exc:  # costs nothing on disk: said, not paged (no save_failures count)
             error = failure(exc, msg["step"])
@@ -226,7 +237,7 @@ class Session:
         finally:
             os.close(fd)
             with self.daemon.lock:
-                job.in_flight -= 1
+                job.in_flight_memory -= 1
         self.send(reply)
 
     def _persist(self, job: JobState, msg: dict[str, Any], fd: int) -> None:
@@ -251,7 +262,9 @@ class Session:
         """The memory tier (SPEC §14): the verified snapshot, copied before the reply frees the
         trainer's buffer. It is a cache: failing to keep it costs nothing saved."""
         try:
-            self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time())
+            if self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time()):
+                with self.daemon.lock:
+                    job.kept_in_memory(time.time(), None, None)
         except OSError as exc:
             log.warning("job %s: step %d not kept in memory: %s", job.name, msg["step"], exc)
 
