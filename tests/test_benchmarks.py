@@ -18,7 +18,8 @@ BENCH = ROOT / "benchmarks"
                                          ("bench_watch", "watch_quick"), ("bench_sharded", "sharded_2ranks_quick"),
                                          ("bench_sharded --fsdp", "sharded_fsdp_2ranks_quick"),
                                          ("bench_auto", "auto_quick"), ("bench_remote", "remote_quick"),
-                                         ("bench_finetune", "finetune_quick"), ("bench_resume", "resume_quick")])
+                                         ("bench_finetune", "finetune_quick"), ("bench_resume", "resume_quick"),
+                                         ("bench_multilevel", "multilevel_quick")])
 def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
     env = {"CKPTD_BENCH_RESULTS": str(tmp_path / "results"), "CKPTD_BENCH_DIR": str(tmp_path),
            "CKPTD_BENCH_PORTS": ",".join(str(free_port()) for _ in range(4))}
@@ -40,5 +41,9 @@ def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
         assert doc["bytes_goal_met"] and doc["ckptd"]["kept_files"] == 3, doc
     if name == "bench_resume":  # every way back measured, the memory tier's included
         assert all(len(doc["results"][0][k]) == 2 for k in ("memory", "disk (cold)", "remote", "memcpy")), doc
+    if name == "bench_multilevel":  # no memory saves where the disk keeps up; fewer losses where it cannot
+        for row in doc["rows"]:
+            assert row["ratio"] == 1.0 if row["two_tiers"]["memory"] is None else row["ratio"] < 0.9, row
+        assert sum(row["two_tiers"]["memory"] is not None for row in doc["rows"]) == 2
     if name == "bench_io":
         assert doc["verify_peak_rss_bytes"] < 300 * 2**20

@@ -474,7 +474,8 @@ def test_metrics_on_ipv6_loopback(tmp_path: Path) -> None:
 
 def test_a_client_gets_one_save_in_flight_at_a_time(daemon: DaemonProc) -> None:
     """The daemon's two persist workers are shared: a client queueing saves without waiting for
-    their replies (huge headers, say) would hold them all. The hook never has two in flight."""
+    their replies (huge headers, say) would hold them all. The hook never has two of a kind in
+    flight: one disk save, and one memory-only save in its own buffer."""
     from trainer_hooks.staging import StagingBuffer
 
     run = daemon.root / "greedy"
@@ -494,12 +495,14 @@ def test_a_client_gets_one_save_in_flight_at_a_time(daemon: DaemonProc) -> None:
             save = {"type": "save", "step": 1, "trigger": "step", "rule": "r",
                     "filename": "greedy-step00000001.safetensors", "length": length}
             protocol.send(s, {**save, "id": 1}, fd=buf.fd)
-            protocol.send(s, {**save, "id": 2}, fd=buf.fd)
+            protocol.send(s, {**save, "id": 2, "memory_only": True}, fd=buf.fd)  # the hook's second buffer
+            protocol.send(s, {**save, "id": 3}, fd=buf.fd)
             replies = []
             with contextlib.suppress(EOFError, OSError):
                 while True:
                     replies.append(protocol.recv(s)[0])
-        assert any(r["type"] == "error" and "one save at a time" in r["error"] for r in replies), replies
+        assert [r["id"] for r in replies if r["type"] == "accepted"] == [1, 2], replies
+        assert any(r["type"] == "error" and "one save of a kind at a time" in r["error"] for r in replies), replies
         wait_until(lambda: (run / "greedy-step00000001.safetensors").exists(), 30, "the first save to land")
         assert daemon.healthy()
     finally:

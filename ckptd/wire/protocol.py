@@ -32,7 +32,9 @@ Lifecycle of one training run, in order:
    new save waits (or is skipped with ``on_busy="skip"``, counted as
    ``missed{reason="backpressure"}``).
 6. **due** ``{rule}`` (daemon → hook, unsolicited): a time rule (``every``/``cron``)
-   of the daemon's scheduler fired; the hook saves at its next ``step()``.
+   of the daemon's scheduler fired, or ``memory``: every="auto"'s memory tier wants a
+   memory-only save (``save`` with ``memory_only``, staged in the hook's second buffer, so
+   it may be in flight beside one disk save); the hook saves at its next ``step()``.
    Sharded jobs (``sharded=True``) send no ``save``: every rank writes its own shard
    and the ranks commit together (``trainer_hooks.shards``); rank 0, the only rank
    connected, then reports **committed** ``{step, path, trigger, ok, reason, error,
