@@ -130,12 +130,13 @@ class Resumer:
         from trainer_hooks import memory
 
         on_disk = [c.step for c in self.checkpoints() if c.ok and not c.pending]
-        snap = memory.fetch(self.socket_path, self.job, self.directory, max(on_disk, default=-1))
+        into = {f"model/{k}": t for k, t in self.model.state_dict().items()} if self.model is not None else {}
+        snap = memory.fetch(self.socket_path, self.job, self.directory, max(on_disk, default=-1),
+                            lambda meta: self.model is None or meta.get(FINGERPRINT) == fingerprint(self.structure),
+                            into)
         if snap is None:
             return None
         try:
-            if self.model is not None and snap.metadata.get(FINGERPRINT) != fingerprint(self.structure):
-                return None  # from disk, where a model that does not fit is refused with its reason
             apply(snap.state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
             if self.extra is not None and "extra" in snap.state:
                 self.extra.clear()
