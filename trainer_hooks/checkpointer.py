@@ -90,7 +90,8 @@ class Checkpointer:
         self._record = SaveRecord()
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
-        self._buffer.reserve(self._sizes.image_bytes)  # in the background: the first save must not fault it in
+        if not self._found:  # in the background: the first save must not fault it in (with checkpoints to
+            self._buffer.reserve(self._sizes.image_bytes)  # resume from, resume() reserves after its copy)
         self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
                               self._record.removed, self._shards, replicate=self.saving, overlap=overlap)
         self._closed = False
@@ -106,8 +107,7 @@ class Checkpointer:
         self._time_rules.saved_at(self._last_save_wall)
         self._preemption = Preemption(preempt_grace, self._triggers.raise_attention, self._between_steps,
                                       lambda: self._stop_threads(timeout=2.0))
-        if self.policy.on_preempt:
-            self._preemption.install(preempt_signals)
+        self._preemption.install(preempt_signals if self.policy.on_preempt else ())
         atexit.register(self._at_exit)
         self._outlet.say_mode(self.saving, (self.rank, self.world_size), socket)
 
@@ -135,9 +135,9 @@ class Checkpointer:
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
         self._sizes = self._snap.measure(self.saving)
         self._state_bytes, self.run_id = self._sizes.state_bytes, self._snap.run_id
+        self._found = found = scan(self.directory, self.job) if self.saving and os.path.isdir(self.directory) else []
         if self.saving:
-            older = scan(self.directory, self.job)[:-1] if os.path.isdir(self.directory) else []
-            check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in older))
+            check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in found[:-1]))
             cleanup_temp(self.directory)
 
     @property
@@ -258,6 +258,7 @@ class Checkpointer:
         the job's checkpoints into ``DIR/.ckptd-stale/<time>/`` (``Resumer.resume``)."""
         self.wait()  # sharded: the persist thread's collectives must not interleave with the resume agreement
         resumed = self._resumer.resume(fresh)
+        self._buffer.reserve(self._sizes.image_bytes)  # now: reserving beside the resume's copy slowed it 4x
         if resumed is None:
             return 0
         self._progress.step = self._record.last_verified_step = resumed.step

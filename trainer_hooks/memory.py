@@ -12,11 +12,12 @@ and the caller resumes from disk; a daemon that does not answer is said once in 
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import logging
+import mmap
 import os
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -68,8 +69,8 @@ def fetch(socket_path: str, job: str, directory: str, newest_on_disk: int, fits:
 
 def _load(fd: int, length: int, path: str, job: str, directory: str, fits: Callable[[dict[str, str]], bool],
           into: Mapping[str, torch.Tensor]) -> Snapshot | None:
-    """Read with ``preadv`` straight into the destination: one copy of each byte, and no mapping
-    of the daemon's memfd (whose page-table setup cost as much as a third of the copy)."""
+    """The header by ``pread``, then every tensor copied straight into its destination: one copy
+    of each byte (the model's own tensors included: ``load_state_dict`` finds them loaded)."""
     if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALED != SEALED:
         raise FormatError("the daemon's copy is not sealed against writes")
     n = header_length(os.pread(fd, 8, 0), length)
@@ -78,8 +79,10 @@ def _load(fd: int, length: int, path: str, job: str, directory: str, fits: Calla
     meta = dict(header.metadata)
     if not fits(meta):
         return None  # from disk, where a model that does not fit is refused with its reason
-    tensors = {e.name: _tensor(fd, header.data_start, e.dtype, e.shape, e.begin, e.end, into.get(e.name))
+    reads: list[tuple[torch.Tensor, int, int]] = []
+    tensors = {e.name: _tensor(header.data_start, e.dtype, e.shape, e.begin, e.end, into.get(e.name), reads)
                for e in header.tensors}
+    _read_all(fd, length, reads)
     tensors.update(load_referenced(os.path.join(os.path.abspath(directory), "memory"), meta))  # holders beside
     state: dict[str, Any] = unflatten(json.loads(meta.get("ckptd.state", "null")), tensors,
                                       json.loads(meta.get("ckptd.aliases", "{}")))
@@ -96,28 +99,36 @@ def _check(header: Header, job: str) -> None:
         raise FormatError("metadata digest mismatch")
 
 
-def _tensor(fd: int, start: int, dtype: str, shape: tuple[int, ...], begin: int, end: int,
-            dest: torch.Tensor | None) -> torch.Tensor:
-    """One tensor: into ``dest`` (a model tensor of the same kind on the CPU, which
-    ``load_state_dict`` then finds already holding it and does not copy again) or a new one."""
+def _tensor(start: int, dtype: str, shape: tuple[int, ...], begin: int, end: int, dest: torch.Tensor | None,
+            reads: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
+    """One tensor: ``dest`` (a model tensor of the same kind on the CPU, which ``load_state_dict``
+    then finds already holding it and does not copy again) or a new one; its read is queued."""
     kind = ST_TO_TORCH[dtype]
     fits = (dest is not None and dest.device.type == "cpu" and dest.dtype == kind and tuple(dest.shape) == shape
             and dest.is_contiguous())
     t = dest if fits and dest is not None else torch.empty(shape, dtype=kind)
+    if t.untyped_storage().nbytes() < end - begin:
+        raise FormatError("a tensor's extent does not match its shape")
     if end > begin:
-        _read_into(fd, t, start + begin, end - begin)
+        reads.append((t, start + begin, end - begin))
     if t is dest:
         torch.autograd.graph.increment_version(t)  # written behind autograd's back: say so
     return t
 
 
-def _read_into(fd: int, t: torch.Tensor, offset: int, nbytes: int) -> None:
-    if t.untyped_storage().nbytes() < nbytes:
-        raise FormatError("a tensor's extent does not match its shape")
-    view = memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
-    done = 0
-    while done < nbytes:  # a read returns at most 2 GiB
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise FormatError(f"the snapshot ends {nbytes - done} bytes early")
-        done += got
+def _read_all(fd: int, length: int, reads: list[tuple[torch.Tensor, int, int]]) -> None:
+    """Every queued read: the sealed memfd mapped once (its pages exist: mapping them costs a
+    twentieth of the copy) and copied by torch, which splits a large copy over its threads.
+    Measured on a 2-vCPU VM, 1 GiB: 0.14 s this way, 0.25 s by ``preadv`` (the kernel copies
+    shared memory page by page on one core), 0.25 s for a ``clone`` of the state."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+    try:
+        with warnings.catch_warnings():  # read-only memory: nothing writes through this view (a write would fault)
+            warnings.filterwarnings("ignore", "The given buffer is not writable")
+            flat = torch.frombuffer(mm, dtype=torch.uint8)
+        for t, offset, nbytes in reads:
+            t.reshape(-1).view(torch.uint8)[:nbytes].copy_(flat[offset:offset + nbytes])
+        del flat
+    finally:
+        mm.close()
