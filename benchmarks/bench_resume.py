@@ -17,6 +17,7 @@ the file (the same ``DONTNEED``, then a plain read). Goal: from memory <= 1.5x o
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import statistics
@@ -80,6 +81,7 @@ def one_size(work: Path, mib: int, reps: int) -> dict[str, object]:
         for _ in range(reps):  # one layer at a time: no second copy of the state held
             times["memcpy"].append(sum(timed(p.clone) for p in params))
         del model, ckpt, params  # the trainer is gone: only the daemon and the disk hold the state now
+        gc.collect()
         for i in range(reps):
             times["read (cold)"].append(read_floor(path))
             times["memory"].append(_resume(run, d.socket, mib))
@@ -102,6 +104,8 @@ def _resume(directory: Path, socket: str | bool, mib: int, remote: str | None = 
         return timed(ckpt.resume)
     finally:
         ckpt.close(final=False)
+        del fresh, ckpt
+        gc.collect()  # the resumed model goes before the next one is built: 4 GiB states fit in 24 GiB
 
 
 def main() -> None:
