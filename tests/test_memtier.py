@@ -224,3 +224,55 @@ def test_every_auto_plans_memory_saves_when_the_disk_is_slow(tmp_path: Path, fsy
         p.kill()
         p.wait(60)
         d.stop()
+
+
+HANDBACK_TRAIN = r"""
+import sys, time, torch
+from trainer_hooks import Checkpointer
+w = torch.nn.Parameter(torch.zeros(1 << 18))
+opt = torch.optim.SGD([w], lr=1.0)
+ckpt = Checkpointer("handback", sys.argv[1], model=torch.nn.ParameterList([w]), optimizer=opt, every_steps=50,
+                    every_memory="0.2s", socket=sys.argv[2], reconnect_every=3600)
+for _ in range(400):
+    w.grad = torch.full_like(w, -1.0)
+    opt.step()
+    if ckpt.step() == 50:
+        print("HANDED", flush=True)  # the step-50 save is the daemon's now
+    time.sleep(0.02)
+ckpt.close()
+print("STATS", ckpt.stats["verified"], ckpt.stats["failed"], ckpt.stats["memory"], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_memory_saves_run_beside_a_slow_disk_save_and_a_dead_daemon_hands_it_back(tmp_path: Path,
+                                                                                   fsync_shim: str) -> None:
+    """Memory-only saves have a buffer of their own: they go on while the first disk save is still
+    being written (its fsync takes 4 s), and when the daemon is killed with that disk save in
+    flight, the trainer still has it whole in its own buffer and persists it itself; no file is
+    ever written for a memory-only save."""
+    d = DaemonProc(tmp_path / "d", env={"LD_PRELOAD": fsync_shim, "SLOW_SHIM_MATCH": "/handback/",
+                                        "SLOW_SHIM_MS": "4000"}).start()
+    run = d.root / "handback"
+    p = subprocess.Popen([PYTHON, "-c", HANDBACK_TRAIN, str(run), d.socket], env=project_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "HANDED"
+
+        def memory() -> float:
+            return d.metric("ckptd_saves_total", training_job="handback", trigger="memory", outcome="ok")
+        before = memory()
+        wait_until(lambda: memory() >= before + 3, 60, "memory saves beside the disk save in flight")
+        assert d.metric("ckptd_saves_total", training_job="handback", trigger="step", outcome="ok") == 0
+        d.kill(signal.SIGKILL)  # the step-50 save is still in its fsync
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+        d.stop()
+    assert p.returncode == 0, err[-3000:]
+    assert "the daemon went away with step 50 in flight; persisting it here" in err, err[-3000:]
+    steps = [c.step for c in scan(str(run), "handback")]
+    assert 50 in steps and steps[-1] == 400, steps  # every disk save (then embedded) and the final one
+    assert all(c.ok for c in scan(str(run), "handback"))
+    verified, failed, memory = (int(x) for x in out.split("STATS")[1].split()[:3])
+    assert failed == 0 and verified >= 2 and memory >= 3, out
