@@ -134,6 +134,7 @@ def test_no_memory_saves_without_a_memory_tier_for_the_job(budget: int, sharded:
     j = _job(budget, sharded)
     p = j.plan(0.0)
     assert p is not None and p.memory is None and p.coverage.source == "none", why
+    assert p.reason.endswith("; no memory tier for this job") and p.disk == j.auto(0.0), p.reason
     assert not j.memory_due(1000.0)
     assert j.gauges(1000.0, 0.0)["ckptd_auto_memory_interval_seconds"] == 0.0
 

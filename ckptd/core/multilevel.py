@@ -48,7 +48,7 @@ class Coverage:
     """The share of failures the memory tier recovers, and where the number came from."""
 
     share: float
-    source: str  # "prior", "history" or "none" (no memory tier: every failure needs the disk)
+    source: str  # "prior", "history", "given" (ckptd plan) or "none" (no memory tier: every failure needs the disk)
     crashes: int = 0  # the trainer's unclean exits with the daemon alive
     losses: int = 0  # runs the daemon itself lost (host or daemon failure)
 
@@ -76,6 +76,8 @@ class MultiLevel:
 
     @property
     def reason(self) -> str:
+        if self.coverage.source == "none":
+            return f"{self.disk.reason}; no memory tier for this job"
         cov = f"p={self.coverage.share:.2f} of failures recoverable from memory"
         if self.coverage.source == "prior":
             cov += " (prior)"
