@@ -233,7 +233,7 @@ class Checkpointer:
                 self._preemption.finish(self.wait)
         elif t.memory_due and self.mode == "daemon":  # its own buffer: never waits for a disk save
             self._save("memory", "every_memory")
-        t.memory_due = False  # one that found the buffer busy waits for its clock's next tick
+        t.memory_due = False  # one that found the last memory save still in flight waits for the next tick
         t.decided(self._preemption.pending)
 
     def _resize(self) -> None:

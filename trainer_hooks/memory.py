@@ -18,11 +18,12 @@ import logging
 import mmap
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
-from ckptd.core.format import FormatError, Header, header_length, meta_digest, parse_header
+from ckptd.core.format import FormatError, Header, meta_digest, read_header
 from ckptd.disk.verify import digest_map
 from ckptd.wire.client import DaemonUnavailable, request_fd
 from trainer_hooks.state import ST_TO_TORCH, load_referenced, unflatten
@@ -31,15 +32,15 @@ log = logging.getLogger("ckptd.hook")
 SEALED = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
 
 
+@dataclass(frozen=True)
 class Snapshot:
     """A snapshot from memory: its step, the checkpoint file it is the image of, its state (the
     model's tensors already read into the model's own, the rest into tensors of their own)."""
 
-    def __init__(self, step: int, path: str, state: dict[str, Any], metadata: dict[str, str]) -> None:
-        self.step, self.path, self.state, self.metadata = step, path, state, metadata
-
-    def close(self) -> None:
-        self.state = {}
+    step: int
+    path: str
+    state: dict[str, Any]
+    metadata: dict[str, str]
 
 
 def fetch(socket_path: str, job: str, directory: str, newest_on_disk: int, fits: Callable[[dict[str, str]], bool],
@@ -69,12 +70,12 @@ def fetch(socket_path: str, job: str, directory: str, newest_on_disk: int, fits:
 
 def _load(fd: int, length: int, path: str, job: str, directory: str, fits: Callable[[dict[str, str]], bool],
           into: Mapping[str, torch.Tensor]) -> Snapshot | None:
-    """The header by ``pread``, then every tensor copied straight into its destination: one copy
+    """The header, then every tensor copied straight into its destination: one copy
     of each byte (the model's own tensors included: ``load_state_dict`` finds them loaded)."""
     if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALED != SEALED:
         raise FormatError("the daemon's copy is not sealed against writes")
-    n = header_length(os.pread(fd, 8, 0), length)
-    header = parse_header(os.pread(fd, n, 8), n, length)
+    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+        header = read_header(f, length)
     _check(header, job)
     meta = dict(header.metadata)
     if not fits(meta):
@@ -106,9 +107,7 @@ def _tensor(start: int, dtype: str, shape: tuple[int, ...], begin: int, end: int
     kind = ST_TO_TORCH[dtype]
     fits = (dest is not None and dest.device.type == "cpu" and dest.dtype == kind and tuple(dest.shape) == shape
             and dest.is_contiguous())
-    t = dest if fits and dest is not None else torch.empty(shape, dtype=kind)
-    if t.untyped_storage().nbytes() < end - begin:
-        raise FormatError("a tensor's extent does not match its shape")
+    t = dest if fits and dest is not None else torch.empty(shape, dtype=kind)  # (the header matched extent and shape)
     if end > begin:
         reads.append((t, start + begin, end - begin))
     if t is dest:

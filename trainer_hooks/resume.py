@@ -112,14 +112,8 @@ class Resumer:
                               f"this model: {problem}. It may be from an older run in the same directory. Start "
                               "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
                               "or give this run another directory or job name")
-        state = self._load(info)
-        if self.extra is not None and "extra" in state:
-            self.extra.clear()
-            self.extra.update(state["extra"])
-        trainer = state.get("trainer", {})
-        resumed = Resumed(int(trainer.get("step", info.step)), trainer.get("epoch"), info.path)
+        resumed = self._finish(self._load(info), info.step, info.path, source, t0)
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, resumed.step)
-        self._say(info.path, resumed.step, source, t0)
         return resumed
 
     def _from_memory(self, t0: float) -> Resumed | None:
@@ -136,17 +130,19 @@ class Resumer:
                             into)
         if snap is None:
             return None
-        try:
-            apply(snap.state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
-            if self.extra is not None and "extra" in snap.state:
-                self.extra.clear()
-                self.extra.update(snap.state["extra"])
-            trainer = snap.state.get("trainer", {})
-        finally:
-            snap.close()
+        apply(snap.state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
         where = snap.path or "the daemon's memory (a memory-only save: not on disk)"
-        resumed = Resumed(int(trainer.get("step", snap.step)), trainer.get("epoch"), where)
-        self._say(where, resumed.step, "memory", t0)
+        return self._finish(snap.state, snap.step, where, "memory", t0)
+
+    def _finish(self, state: dict[str, Any], step: int, where: str, source: str, t0: float) -> Resumed:
+        """After the state was applied, wherever it came from: ``extra`` back, the step and epoch the
+        trainer recorded, and the line that says where the run resumed from."""
+        if self.extra is not None and "extra" in state:
+            self.extra.clear()
+            self.extra.update(state["extra"])
+        trainer = state.get("trainer", {})
+        resumed = Resumed(int(trainer.get("step", step)), trainer.get("epoch"), where)
+        self._say(where, resumed.step, source, t0)
         return resumed
 
     def _load(self, info: Checkpoint) -> dict[str, Any]:

@@ -129,10 +129,7 @@ def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None, step_
     coverage = Coverage(share, "prior" if memory["share"] is None else "given")
     ml = multilevel(costs, mem_costs, estimate_mtbf(0, 0.0, policy.mtbf), coverage, policy.max_overhead,
                     policy.min_interval, fixed_memory=every_memory)
-    out: dict[str, Any] = {"seconds": ml.disk.seconds, "rule": ml.disk.rule, "reason": ml.reason,
-                           "cost": ml.disk.cost, "mtbf": ml.disk.mtbf.seconds,
-                           "memory": {"seconds": ml.memory, "rule": ml.memory_rule, "disk_every": ml.k,
-                                      "share": share, "waste": ml.waste, "waste_disk_alone": ml.single_waste}}
+    out: dict[str, Any] = {**ml.summary(), "cost": ml.disk.cost, "mtbf": ml.disk.mtbf.seconds}
     if per_step:
         out["steps"] = max(1, int(ml.disk.seconds // per_step))
         if ml.memory:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 from ckptd.core.autointerval import AutoInterval, CostSamples, Mtbf, auto_interval, short_duration
 
@@ -88,6 +89,14 @@ class MultiLevel:
         return (f"{self.disk.reason}; memory tier: a save every {short_duration(self.memory)} (rule "
                 f"{self.memory_rule}), one in {self.k} to disk ({cov}; waste {self.waste:.3%} of training against "
                 f"{self.single_waste:.3%} with the disk alone)")
+
+
+    def summary(self) -> dict[str, Any]:
+        """The plan as plain data: what ``ckptd status --json`` and ``ckptd plan --json`` show."""
+        return {"seconds": self.disk.seconds, "rule": self.disk.rule, "reason": self.reason,
+                "memory": {"seconds": self.memory, "rule": self.memory_rule, "disk_every": self.k,
+                           "share": self.coverage.share, "share_source": self.coverage.source,
+                           "waste": self.waste, "waste_disk_alone": self.single_waste}}
 
 
 def waste(period: float, k: int, c_mem: float, c_disk: float, share: float, mtbf: float) -> float:

@@ -65,8 +65,9 @@ class MemoryTier:
             log.info("job %s: snapshot of %d bytes exceeds the memory budget (%d); not kept in memory",
                      key.name, length, self.budget)
             return False
-        if self._newer_than(key, step):
-            return False
+        with self._lock:
+            if self._newer_than(key, step):
+                return False
         fd = _sealed_copy(src_fd, length, f"ckptd-mem-{key.name}")
         problem = _unverified(fd, f"the memory tier's copy of {path or key.name}")
         if problem:
@@ -76,7 +77,7 @@ class MemoryTier:
                         key.name, step, problem)
             return False
         with self._lock:
-            if self._newer_than(key, step, locked=True):
+            if self._newer_than(key, step):
                 os.close(fd)
                 return False
             old = self._held.pop(key, None)
@@ -89,11 +90,9 @@ class MemoryTier:
             os.close(old.fd)
         return True
 
-    def _newer_than(self, key: JobKey, step: int, locked: bool = False) -> bool:
-        """A newer snapshot is held: a memory-only save taken while this disk save was persisting."""
-        if not locked:
-            with self._lock:
-                return self._newer_than(key, step, True)
+    def _newer_than(self, key: JobKey, step: int) -> bool:
+        """Under the lock: a newer snapshot is held (a memory-only save taken while this disk save
+        was persisting)."""
         held = self._held.get(key)
         return held is not None and held.step > step
 
@@ -118,10 +117,6 @@ class MemoryTier:
         with self._lock:
             h = self._held.get(key)
             return h.length if h is not None else 0
-
-    def total(self) -> int:
-        with self._lock:
-            return sum(h.length for h in self._held.values())
 
     def drop(self, key: JobKey) -> None:
         with self._lock:

@@ -87,11 +87,7 @@ def _status_row(d: Host, key: JobKey, j: Any, rows: list[Any], now: float) -> di
 
 def _auto(j: Any, now: float) -> dict[str, Any] | None:
     plan = j.plan(now) if j is not None else None
-    if plan is None:
-        return None
-    return {"seconds": plan.disk.seconds, "rule": plan.disk.rule, "reason": plan.reason,
-            "memory": {"seconds": plan.memory, "rule": plan.memory_rule, "disk_every": plan.k,
-                       "share": plan.coverage.share, "share_source": plan.coverage.source}}
+    return plan.summary() if plan is not None else None
 
 
 def list_checkpoints(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
