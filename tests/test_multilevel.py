@@ -104,6 +104,10 @@ def test_a_fixed_every_memory_leaves_the_disk_the_failures_memory_cannot_take() 
     assert ml.memory == 30.0 and ml.memory_rule == "fixed"
     assert ml.disk.seconds == pytest.approx(young_daly(0.05, 4 * DAY))  # M / (1 - 0.75)
     assert ml.k == round(ml.disk.seconds / 30.0)
+    assert ml.waste == pytest.approx(waste(30.0, ml.k, 0.05, 0.05, 0.75, DAY))
+    measured = multilevel(CostSamples((0.05,), (1.0,)), CostSamples((0.5,), (0.6,)), Mtbf(DAY, "mtbf"), PRIOR, 0.02,
+                          fixed_memory=30.0)  # memory saves measured at 0.5 s each: their stalls are counted
+    assert measured.waste == pytest.approx(waste(30.0, measured.k, 0.5, 0.05, 0.75, DAY)) and measured.waste > ml.waste
 
 
 def _job(budget: int, sharded: bool = False, every_memory: float | None = None) -> JobState:

@@ -122,7 +122,7 @@ def multilevel(disk: CostSamples, memory: CostSamples, mtbf: Mtbf, coverage: Cov
     m, share = mtbf.seconds, coverage.share
     single_waste = waste(single.seconds, 1, c_mem, c_disk, share, m)
     if fixed_memory is not None:
-        return _given_memory(fixed_memory, single, disk, coverage, max_overhead, min_interval, single_waste)
+        return _given_memory(fixed_memory, c_mem, single, disk, coverage, max_overhead, min_interval, single_waste)
     best = (single_waste, 1, single.seconds, "disk_covers")
     for k in range(2, MAX_K + 1) if share > 0 else ():
         period, rule = _period(k, c_mem, c_disk, p_mem, p_disk, share, m, max_overhead, min_interval, resolution)
@@ -137,14 +137,13 @@ def multilevel(disk: CostSamples, memory: CostSamples, mtbf: Mtbf, coverage: Cov
     return MultiLevel(disk_level, period, rule, k, coverage, w, single_waste)
 
 
-def _given_memory(every: float, single: AutoInterval, disk: CostSamples, coverage: Coverage,
+def _given_memory(every: float, c_mem: float, single: AutoInterval, disk: CostSamples, coverage: Coverage,
                   max_overhead: float, min_interval: float, single_waste: float) -> MultiLevel:
     """``every_memory`` fixed by the user: the memory tier takes the failures it can, so the disk's
     interval is Young/Daly's for the rest (failures at ``(1 - p)/M``), under the same bounds."""
     rest = Mtbf(single.mtbf.seconds / max(1 - coverage.share, 0.01), single.mtbf.source)
     level = auto_interval(disk, rest, max_overhead, min_interval, single.cost if single.cost_source == "guess" else 0.0)
     k = max(1, round(level.seconds / every))
-    c_mem = single.cost
     w = waste(every, k, c_mem, single.cost, coverage.share, single.mtbf.seconds)
     disk_level = AutoInterval(level.seconds, level.rule, level.cost, single.mtbf, single.cost_source)
     return MultiLevel(disk_level, every, "fixed", k, coverage, w, single_waste)
