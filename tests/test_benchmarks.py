@@ -45,5 +45,8 @@ def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
         for row in doc["rows"]:
             assert row["ratio"] == 1.0 if row["two_tiers"]["memory"] is None else row["ratio"] < 0.9, row
         assert sum(row["two_tiers"]["memory"] is not None for row in doc["rows"]) == 2
+    if name == "bench_stall":  # the overlapped copy measured beside a short and a long training step
+        overlap = doc["results"][0]["overlap"]
+        assert set(overlap) == {"64", "256"} and all(o["step_beside_copy"] > 0 for o in overlap.values()), doc
     if name == "bench_io":
         assert doc["verify_peak_rss_bytes"] < 300 * 2**20

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_file
 from tests.conftest import PYTHON, ROOT, DaemonProc, project_env, run_py, wait_until
 from trainer_hooks import Checkpointer
+from trainer_hooks.overlap import Overlap
 from trainer_hooks.state import load
 
 TRAIN = str(ROOT / "tests" / "scripts" / "overlap_train.py")
@@ -86,6 +88,54 @@ def test_the_checkpoint_holds_the_state_of_its_step_though_training_went_on(tmp_
     finally:
         if d is not None:
             d.stop()
+
+
+def test_what_the_next_forward_may_write_is_held_at_the_saving_step(tmp_path: Path) -> None:
+    """The copy thread composes the header after step() returned: the progress, the metrics passed in,
+    ``extra`` (its tensors and its plain values) and the RNG are as they were at the saving step,
+    though the trainer changes them all in place before the optimizer's next step."""
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    extra = {"ema": torch.zeros(64), "seen": [0], "note": "a"}
+    ckpt = Checkpointer("held", tmp_path, model=model, optimizer=opt, extra=extra, every_steps=2,
+                        snapshot="overlap", keep_last=10, socket=False, quiet=True)
+    metrics = {"loss": 0.0}
+    expected: dict[int, tuple[float, list[int], str, torch.Tensor]] = {}
+    for i in range(1, 7):
+        model(torch.randn(8, 64)).sum().backward()
+        opt.step()
+        metrics["loss"] = float(i)
+        ckpt.step(metrics=metrics)
+        if i % 2 == 0:
+            expected[i] = (float(i), list(extra["seen"]), str(extra["note"]), torch.get_rng_state())
+        extra["ema"].add_(1.0)  # in place, before the copy thread could have run
+        extra["seen"].append(i)
+        extra["note"] += "b"
+        metrics["loss"] = -1.0
+        torch.rand(1000)  # moves the RNG
+    ckpt.close(final=False)
+    saved = scan(str(tmp_path), "held")
+    assert [c.step for c in saved] == [2, 4, 6]
+    for c in saved:
+        state, loss = load(c.path), c.metrics["loss"]
+        assert (loss, state["extra"]["seen"], state["extra"]["note"]) == expected[c.step][:3]
+        assert torch.equal(state["extra"]["ema"], torch.full((64,), float(c.step - 1)))
+        assert torch.equal(state["rng"]["torch"], expected[c.step][3])
+        assert state["trainer"]["step"] == c.step
+
+
+def test_a_failure_on_the_copy_thread_is_a_failed_save_not_an_exception() -> None:
+    failures: list[tuple[int, str]] = []
+    handed: list[int] = []
+    overlap = Overlap(None, lambda step, exc: failures.append((step, str(exc))))
+
+    def broken() -> Callable[[], None]:
+        raise OSError("no memory for the snapshot")
+    overlap.start(broken, 7)
+    assert overlap.wait(10) and failures == [(7, "no memory for the snapshot")]
+    overlap.start(lambda: lambda: handed.append(8), 8)  # the thread lives on for the next save
+    assert overlap.wait(10) and handed == [8]
+    overlap.close()
 
 
 def test_a_checkpoint_never_mixes_two_steps_under_a_racing_optimizer(tmp_path: Path) -> None:

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Callable
 from ckptd.core import config as config_mod
 from ckptd.core.autointerval import AutoInterval
 from ckptd.core.settings import env_table, from_env, group, parse_table, resolve, unknown_env
-from ckptd.disk.manifest import shard_name, unit_name
 from ckptd.disk.persist import Persisted, PersistError, cleanup_temp
 from ckptd.disk.preflight import check_directory, check_job, check_template, render, resolve_target
 from ckptd.disk.scan import Checkpoint, scan
@@ -48,8 +47,8 @@ from trainer_hooks.record import SaveRecord
 from trainer_hooks.resume import Resumer
 from trainer_hooks.shards import ShardGroup
 from trainer_hooks.shared import SharedTensors
-from trainer_hooks.snapshot import Progress, Snapshotter, holds_dtensors
-from trainer_hooks.staging import StagingBuffer
+from trainer_hooks.snapshot import Frozen, Progress, Snapshotter, holds_dtensors
+from trainer_hooks.staging import Pending, StagingBuffer
 from trainer_hooks.state import as_float, rank_and_world
 from trainer_hooks.timerules import TimeRules
 from trainer_hooks.triggers import SCHEDULED, Triggers, hook_policy, warn_about_plan
@@ -86,8 +85,9 @@ class Checkpointer:
         self._resumer = Resumer(self.job, self.directory, self.settings, self.rank, self.world_size, model, optimizer,
                                 scheduler, extra, self.generators, self._snap.structure or {}, self._shards, quiet,
                                 strict=self.settings["save"] == "all", socket_path=socket_path(socket))
-        overlap = Overlap(optimizer) if self.settings["snapshot"] == "overlap" and self.saving and not sharded else None
         self._record = SaveRecord()
+        overlaps = self.settings["snapshot"] == "overlap" and self.saving and not sharded
+        overlap = Overlap(optimizer, self._record.failed_early) if overlaps else None
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
         if not self._found:  # in the background: the first save must not fault it in (with checkpoints to
@@ -237,14 +237,10 @@ class Checkpointer:
         t.decided(self._preemption.pending)
 
     def _resize(self) -> None:
-        """Once, at the first step(): an optimizer that had no state at construction has it now
-        (AdamW's moments are twice the model), and a model moved to the GPU after construction is
-        there now: reserve (and page-lock) for the state as it is, ahead of the first save."""
+        """Once, at the first step(): reserve for the state as it is now (``Snapshotter.reserve``)."""
         self._resized = True
         if self.saving:
-            nbytes, flat = self._snap.reservation()
-            self._buffer.pin = self._buffer.pin or self._snap.wants_pinning(flat)
-            self._buffer.reserve(nbytes)
+            self._snap.reserve(self._buffer)
 
     # -- resume -------------------------------------------------------------------
 
@@ -289,8 +285,7 @@ class Checkpointer:
         try:
             return self._stage_and_submit(trigger, rule)
         except Exception as exc:  # a failing save must never crash training
-            self.stats["failed"] += 1
-            log.error("ckptd: %s save at step %d failed before it reached the disk: %s", trigger, self._progress.step, exc)
+            self._record.failed_early(self._progress.step, exc)
             return False
 
     def _stage_and_submit(self, trigger: str, rule: str) -> bool:
@@ -301,25 +296,20 @@ class Checkpointer:
             return False
         if self._outlet.busy and not memory:
             if self.settings["on_busy"] == "skip" and trigger in SCHEDULED and self._shards is None:
-                self.stats["skipped"] += 1
-                log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
-                            "(missed, reason=backpressure)", trigger, self._progress.step)
+                self._record.skipped(trigger, self._progress.step)
                 self._outlet.notify({"type": "skipped", "step": self._progress.step, "reason": "backpressure"})
                 return False
             self.wait()
         now = time.time()
-        tensors, metadata = self._snap.image(trigger, rule, now, memory_only=memory)
+        frozen = self._snap.freeze(trigger, rule, now, memory_only=memory)
         filename = render(self.template, self.job, self._progress.step, self.epoch, now)
-        later = self._snap.optimizer_writes(tensors) if self._outlet.overlap is not None and not memory else ()
-        length, pending = buffer.stage_overlapped(tensors, metadata, later)
-        if self._shards is not None:  # each rank writes its own shard in-process (see trainer_hooks.shards)
-            unit = os.path.join(self.directory, unit_name(filename))
-            filename = shard_name(self.rank, self.world_size)
-        job = SaveJob(buffer.fd, length, unit if self._shards else self.directory, filename, self._progress.step,
-                      trigger, stall=(time.perf_counter_ns() - t0) / 1e9)
-        msg = {"step": self._progress.step, "epoch": self.epoch, "trigger": trigger, "rule": rule,
-               "filename": filename, "length": length, "stall": job.stall, "memory_only": memory}
-        self._outlet.submit(job, msg, pending)  # with snapshot="overlap", once the copy is done
+        overlap = self._outlet.overlap is not None and not memory
+        if overlap and not frozen.on_gpu:  # the copy thread composes and copies it (trainer_hooks.overlap)
+            self._snap.hold(frozen)
+            stall = (time.perf_counter_ns() - t0) / 1e9
+            self._outlet.defer(lambda: self._stage(buffer, frozen, filename, False, stall), frozen.meta.step)
+        else:
+            self._outlet.submit(*self._stage(buffer, frozen, filename, overlap, None, t0))  # CUDA: once copied
         stalled = time.perf_counter_ns() - t0
         self.stats["stall_ns"] += stalled
         if memory:  # not a saved step: the policy's clocks go on as they were
@@ -330,6 +320,16 @@ class Checkpointer:
         self._last_save_wall = now
         self._time_rules.saved_at(now)
         return True
+
+    def _stage(self, buffer: StagingBuffer, frozen: Frozen, filename: str, later: bool, stall: float | None,
+               t0: int = 0) -> tuple[SaveJob, dict[str, Any], Pending]:
+        """Compose the snapshot and copy it into ``buffer`` (``later``: leave the CUDA copies of what the
+        optimizer writes in flight, ``Pending``); the save, described for whoever persists it."""
+        tensors, metadata = self._snap.compose(frozen)
+        written = self._snap.optimizer_writes(tensors) if later else ()
+        length, pending = buffer.stage_overlapped(tensors, metadata, written)
+        stall = (time.perf_counter_ns() - t0) / 1e9 if stall is None else stall
+        return (*self._outlet.describe(buffer.fd, length, frozen.meta, filename, frozen.memory_only, stall), pending)
 
     def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
         """Runs on the worker thread (or the link's reader) after each save."""

@@ -27,7 +27,9 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ckptd.core.meta import CheckpointMeta
 from ckptd.core.vocab import FailReason
+from ckptd.disk.manifest import shard_name, unit_name
 from ckptd.disk.persist import Persisted, PersistError
 from ckptd.disk.target import Target
 from ckptd.save.keep import Removed, prune
@@ -97,10 +99,36 @@ class Outlet:
 
     def submit(self, job: SaveJob, msg: dict[str, Any], pending: Pending | None = None) -> None:
         """Hand a staged snapshot over; one whose copy is ``pending`` once the overlap thread finished it."""
-        if pending is not None and not pending.empty and self.overlap is not None:
-            self.overlap.start(pending, lambda: self._hand_over(job, msg))
-        else:
+        if pending is None or pending.empty or self.overlap is None:
             self._hand_over(job, msg)
+            return
+
+        def copy() -> Callable[[], None]:
+            pending.finish()
+            return lambda: self._hand_over(job, msg)
+        self.overlap.start(copy, job.step, pending.events, cpu=bool(pending.cpu))
+
+    def defer(self, stage: Callable[[], tuple[SaveJob, dict[str, Any], Pending]], step: int) -> None:
+        """``snapshot="overlap"`` on CPU: the overlap thread ``stage``s the snapshot, then hands it over."""
+        assert self.overlap is not None
+
+        def copy() -> Callable[[], None]:
+            job, msg, _ = stage()  # nothing left pending: the thread copied it all
+            return lambda: self._hand_over(job, msg)
+        self.overlap.start(copy, step)
+
+    def describe(self, fd: int, length: int, meta: CheckpointMeta, filename: str, memory_only: bool,
+                 stall: float) -> tuple[SaveJob, dict[str, Any]]:
+        """A staged snapshot as whoever persists it sees it (sharded: each rank writes its own shard in-process,
+        in the unit's directory; see trainer_hooks.shards)."""
+        directory = self.target.directory
+        if self.shards is not None:
+            directory = os.path.join(directory, unit_name(filename))
+            filename = shard_name(self.shards.rank, self.shards.world_size)
+        job = SaveJob(fd, length, directory, filename, meta.step, meta.trigger, stall=stall)
+        msg = {"step": meta.step, "epoch": meta.epoch, "trigger": meta.trigger, "rule": meta.rule,
+               "filename": filename, "length": length, "stall": stall, "memory_only": memory_only}
+        return job, msg
 
     def _hand_over(self, job: SaveJob, msg: dict[str, Any]) -> None:
         if self.shards is not None or self.link is None or not self.link.submit(job, msg):

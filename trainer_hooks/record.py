@@ -46,6 +46,16 @@ class SaveRecord:
                            "reason": error.reason, "error": str(error)})
         log.error("ckptd: save of step %d failed (%s): %s; training continues", job.step, error.reason, error)
 
+    def failed_early(self, step: int, exc: Exception) -> None:
+        """A save that failed before it was handed over (composing or copying its snapshot)."""
+        self.stats["failed"] += 1
+        log.error("ckptd: save at step %d failed before it reached the disk: %s", step, exc)
+
+    def skipped(self, trigger: str, step: int) -> None:
+        self.stats["skipped"] += 1
+        log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
+                    "(missed, reason=backpressure)", trigger, step)
+
     def removed(self, removals: list[Removal]) -> None:
         for r in removals:
             if r.done:

@@ -23,7 +23,7 @@ from ckptd.core.refs import REFS_KEY, encode
 from trainer_hooks.overlap import written_by_optimizer
 from trainer_hooks.pinned import pin_for
 from trainer_hooks.shared import SharedTensors, frozen_identities, identity
-from trainer_hooks.staging import image_length
+from trainer_hooks.staging import StagingBuffer, image_length
 from trainer_hooks.state import Flat, Structure, capture, fingerprint, flatten, jsonable_metrics, model_structure
 
 if TYPE_CHECKING:
@@ -48,6 +48,22 @@ class Measured:
     state_bytes: int  # what the state holds (the disk must take one of these)
     image_bytes: int  # what to reserve in the staging buffer (0 on a rank that does not save)
     pin: bool  # page-lock the buffer: the state is on a GPU
+
+
+@dataclass
+class Frozen:
+    """A snapshot as read at its ``step()``, its header not yet composed (``Snapshotter.freeze``)."""
+
+    tensors: dict[str, torch.Tensor]
+    aliases: dict[str, str]
+    skeleton: Any
+    meta: CheckpointMeta
+    memory_only: bool
+    fields: dict[str, str] = field(default_factory=dict)  # with DCP: the plan's header fields
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(t.is_cuda for t in self.tensors.values())
 
 
 @dataclass
@@ -102,22 +118,41 @@ class Snapshotter:
     def image(self, trigger: str, rule: str, now: float,
               memory_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and header fields of this save's snapshot."""
+        return self.compose(self.freeze(trigger, rule, now, memory_only))
+
+    def freeze(self, trigger: str, rule: str, now: float, memory_only: bool = False) -> Frozen:
+        """What must be read at the saving ``step()`` itself: the state's structure, its tensors (the
+        live ones; with DCP, this rank's planned chunks) and the progress. ``compose`` may run later."""
+        meta = self._meta(trigger, rule, now)
         if not self.dcp:
             flat, skeleton = flatten(self.capture())
-            meta = self.metadata(trigger, rule, now, skeleton, flat.aliases)
-            if self.shared is None:
-                return flat.tensors, meta
-            tensors, refs = self.shared.split(self.progress.step, flat.tensors, frozen_identities(self.model),
-                                              record=not memory_only)
-            if refs:
-                meta[REFS_KEY] = encode(refs)
-            return tensors, meta
+            return Frozen(flat.tensors, flat.aliases, skeleton, meta, memory_only)
         from trainer_hooks import dcpio
 
         flat, skeleton = flatten({dcpio.local_key(self.rank): self.capture()})  # names unique across the ranks' files
         planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
         tensors, keys = planned.header(flat.tensors)
-        return tensors, {**self.metadata(trigger, rule, now, skeleton, flat.aliases), **keys}
+        return Frozen(tensors, flat.aliases, skeleton, meta, memory_only, keys)
+
+    def compose(self, frozen: Frozen) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and header fields of a frozen snapshot: the JSON, and the references that stand
+        for unchanged frozen tensors. Reads nothing the next training step changes."""
+        meta = {**self._fields(frozen.meta, frozen.skeleton, frozen.aliases), **frozen.fields}
+        if self.shared is None:
+            return frozen.tensors, meta
+        tensors, refs = self.shared.split(frozen.meta.step, frozen.tensors, frozen_identities(self.model),
+                                          record=not frozen.memory_only)
+        if refs:
+            meta[REFS_KEY] = encode(refs)
+        return tensors, meta
+
+    def hold(self, frozen: Frozen) -> None:
+        """Copy now what the next forward may write (buffers such as BatchNorm's statistics, tensors in
+        ``extra``): the rest, which only the optimizer writes, is copied later, before it does."""
+        ids = written_by_optimizer(self.model, self.optimizer)
+        for name, t in frozen.tensors.items():
+            if t.numel() and identity(t) not in ids:
+                frozen.tensors[name] = t.clone()
 
     def optimizer_writes(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         """The tensors only the optimizer writes between two steps (``snapshot="overlap"`` copies
@@ -141,10 +176,13 @@ class Snapshotter:
         image = self.image_bytes(flat, skeleton, planned) if saving else 0
         return Measured(flat.nbytes + planned, image, saving and self.wants_pinning(flat))
 
-    def reservation(self) -> tuple[int, Flat]:
-        """The bytes to reserve for the state as it is now, and that state flattened."""
+    def reserve(self, buffer: StagingBuffer) -> None:
+        """At the first ``step()``: an optimizer that had no state at construction has it now (AdamW's
+        moments are twice the model), and a model moved to the GPU after construction is there now:
+        reserve (and page-lock) the buffer for the state as it is, ahead of the first save."""
         flat, skeleton = flatten(self.capture(refresh=False))
-        return self.image_bytes(flat, skeleton, self.planned_bytes()), flat
+        buffer.pin = buffer.pin or self.wants_pinning(flat)
+        buffer.reserve(self.image_bytes(flat, skeleton, self.planned_bytes()))
 
     def wants_pinning(self, flat: Flat) -> bool:
         """Page-lock the snapshot buffer: this rank's state is on a GPU (``trainer_hooks.pinned``)."""
@@ -164,9 +202,14 @@ class Snapshotter:
         return dcpio.local_bytes({"model": self.model.state_dict(), "optimizer": optimizer})
 
     def metadata(self, trigger: str, rule: str, now: float, skeleton: Any, aliases: dict[str, str]) -> dict[str, str]:
+        return self._fields(self._meta(trigger, rule, now), skeleton, aliases)
+
+    def _meta(self, trigger: str, rule: str, now: float) -> CheckpointMeta:
         p = self.progress
-        meta = CheckpointMeta(self.job, p.step, now, trigger, rule, p.epoch, jsonable_metrics(p.metrics or {}),
+        return CheckpointMeta(self.job, p.step, now, trigger, rule, p.epoch, jsonable_metrics(p.metrics or {}),
                               self.run_id, fingerprint(self.structure) if self.structure is not None else "")
+
+    def _fields(self, meta: CheckpointMeta, skeleton: Any, aliases: dict[str, str]) -> dict[str, str]:
         return {**meta.encode(skeleton, aliases, FORMAT_VERSION), **self._configs}
 
 
