@@ -6,6 +6,11 @@ the ``ckptd.*`` header of ``CheckpointMeta``. With DTensor state (FSDP2) the mod
 optimizer and scheduler are planned by torch.distributed.checkpoint instead
 (``trainer_hooks.dcpio``): this rank's chunks join its own state (RNG, progress,
 ``extra``) under names that differ between the ranks' files.
+
+Two steps, so that ``snapshot="overlap"`` can leave the second to its copy thread: ``freeze``
+reads, at the saving ``step()``, what the step must not outlive (the structure, the tensors,
+the progress and metrics); ``compose`` turns that into the header fields (JSON, references to
+unchanged frozen tensors) and reads nothing the next training step changes.
 """
 
 from __future__ import annotations
@@ -115,11 +120,6 @@ class Snapshotter:
         changed = {n for n, b in self.model.named_buffers() if (identity(b), b._version) != self._buffers_at_start.get(n)}
         return {k: v for k, v in self.model.state_dict().items() if k in trains or k in changed}
 
-    def image(self, trigger: str, rule: str, now: float,
-              memory_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The tensors and header fields of this save's snapshot."""
-        return self.compose(self.freeze(trigger, rule, now, memory_only))
-
     def freeze(self, trigger: str, rule: str, now: float, memory_only: bool = False) -> Frozen:
         """What must be read at the saving ``step()`` itself: the state's structure, its tensors (the
         live ones; with DCP, this rank's planned chunks) and the progress. ``compose`` may run later."""
@@ -164,7 +164,7 @@ class Snapshotter:
         """What a snapshot of this state will take in the staging buffer, with room for a header
         that grows between saves (step numbers, metrics): the size reserved ahead of a save.
         Exact without DCP; with it, this rank's ``planned`` bytes stand in for its chunks."""
-        length = image_length(flat.tensors, self.metadata("manual", "manual", time.time(), skeleton, flat.aliases))
+        length = image_length(flat.tensors, self._fields(self._meta("manual", "manual", time.time()), skeleton, flat.aliases))
         return length + planned + HEADER_ROOM
 
     def measure(self, saving: bool) -> Measured:
@@ -200,9 +200,6 @@ class Snapshotter:
 
         optimizer = self.optimizer.state_dict()["state"] if self.optimizer is not None else {}
         return dcpio.local_bytes({"model": self.model.state_dict(), "optimizer": optimizer})
-
-    def metadata(self, trigger: str, rule: str, now: float, skeleton: Any, aliases: dict[str, str]) -> dict[str, str]:
-        return self._fields(self._meta(trigger, rule, now), skeleton, aliases)
 
     def _meta(self, trigger: str, rule: str, now: float) -> CheckpointMeta:
         p = self.progress
