@@ -123,16 +123,15 @@ class Snapshotter:
     def freeze(self, trigger: str, rule: str, now: float, memory_only: bool = False) -> Frozen:
         """What must be read at the saving ``step()`` itself: the state's structure, its tensors (the
         live ones; with DCP, this rank's planned chunks) and the progress. ``compose`` may run later."""
-        meta = self._meta(trigger, rule, now)
         if not self.dcp:
-            flat, skeleton = flatten(self.capture())
-            return Frozen(flat.tensors, flat.aliases, skeleton, meta, memory_only)
+            flat, skeleton = flatten(self.capture())  # first: ``before_save`` may refresh what the header says
+            return Frozen(flat.tensors, flat.aliases, skeleton, self._meta(trigger, rule, now), memory_only)
         from trainer_hooks import dcpio
 
         flat, skeleton = flatten({dcpio.local_key(self.rank): self.capture()})  # names unique across the ranks' files
         planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
         tensors, keys = planned.header(flat.tensors)
-        return Frozen(tensors, flat.aliases, skeleton, meta, memory_only, keys)
+        return Frozen(tensors, flat.aliases, skeleton, self._meta(trigger, rule, now), memory_only, keys)
 
     def compose(self, frozen: Frozen) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and header fields of a frozen snapshot: the JSON, and the references that stand
