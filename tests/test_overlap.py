@@ -4,6 +4,7 @@ checkpoint holds the state at its step, bit for bit, never two steps mixed."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -17,7 +18,7 @@ import torch
 
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_file
-from tests.conftest import PYTHON, ROOT, DaemonProc, project_env, run_py, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, run_py, wait_until
 from trainer_hooks import Checkpointer
 from trainer_hooks.overlap import Overlap
 from trainer_hooks.state import load
@@ -136,6 +137,32 @@ def test_a_failure_on_the_copy_thread_is_a_failed_save_not_an_exception() -> Non
     overlap.start(lambda: lambda: handed.append(8), 8)  # the thread lives on for the next save
     assert overlap.wait(10) and handed == [8]
     overlap.close()
+
+
+def test_every_auto_weighs_what_an_overlapped_copy_costs_not_only_the_stall(tmp_path: Path) -> None:
+    """On CPU the copy beside training takes about its own time from training (the README's
+    figures): the hook reports it as ``cost`` beside the stall, the daemon's plan and overhead
+    ratio weigh it (``status``' stall is the plan's), and the stall histogram keeps the stall."""
+    d = DaemonProc(tmp_path / "d").start()
+    try:
+        model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(4)])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # 48 MiB with its moments
+        ckpt = Checkpointer("cost", d.root / "cost", model=model, optimizer=opt, every_steps=1, snapshot="overlap",
+                            keep_last=2, socket=d.socket, quiet=True)
+        for _ in range(6):
+            model(torch.randn(8, 1024)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ckpt.step()
+            ckpt.wait()
+        ckpt.close(final=False)
+        assert ckpt.stats["verified"] == 6
+        status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)}
+        stalls = d.metric("ckptd_save_duration_seconds_sum", training_job="cost", phase="stall")
+        assert d.metric("ckptd_save_duration_seconds_count", training_job="cost", phase="stall") == 6
+        assert 0 < 3 * stalls / 6 < status["cost"]["stall"], (stalls, status["cost"])  # about 17x here
+    finally:
+        d.stop()
 
 
 def test_a_checkpoint_never_mixes_two_steps_under_a_racing_optimizer(tmp_path: Path) -> None:

@@ -129,7 +129,8 @@ class Checkpointer:
             warn_about_plan(self.policy, self.job)
         self.directory, self.template = resolve_target(directory, self.settings["template"])
         check_template(self.template, self.job)
-        self._init_progress()
+        self._last_save_wall, self._resized = time.time(), not self.saving  # (resized: see step())
+        self._triggers = Triggers(self.policy, self.job, self._shards is not None)
 
     def _preflight(self) -> None:
         """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
@@ -144,19 +145,14 @@ class Checkpointer:
     def mode(self) -> str:
         return self._outlet.mode
 
+    def _beat(self) -> dict[str, Any]:
+        return {"step": self._progress.step, "epoch": self._progress.epoch}
+
     def _hello(self) -> dict[str, Any]:
         return {"job": self.job, "directory": os.path.abspath(self.directory), "template": self.template,
                 "settings": self._raw_settings, "pid": os.getpid(), "step": self._progress.step,
                 "rank": self.rank, "world_size": self.world_size, "sharded": self._shards is not None,
                 "state_bytes": self._state_bytes}
-
-    def _beat(self) -> dict[str, Any]:
-        return {"step": self._progress.step, "epoch": self._progress.epoch}
-
-    def _init_progress(self) -> None:
-        self._last_save_wall = time.time()
-        self._resized = False
-        self._triggers = Triggers(self.policy, self.job, self._shards is not None)
 
     @property
     def epoch(self) -> float | None:
@@ -196,8 +192,9 @@ class Checkpointer:
                 t.metric_seen(metrics.get(t.best_key))
         if self._shards is not None and self._shards.due():
             t.exchange(self._shards, self._preemption.signum, self._metric, time.monotonic())
-        if not self._resized:
-            self._resize()
+        if not self._resized:  # once, at the first step(): reserve for the state as it is now
+            self._resized = True
+            self._snap.reserve(self._buffer)
         if self._progress.step >= t.next_due or t.attention:
             self._due()
         return self._progress.step
@@ -235,12 +232,6 @@ class Checkpointer:
             self._save("memory", "every_memory")
         t.memory_due = False  # one that found the last memory save still in flight waits for the next tick
         t.decided(self._preemption.pending)
-
-    def _resize(self) -> None:
-        """Once, at the first step(): reserve for the state as it is now (``Snapshotter.reserve``)."""
-        self._resized = True
-        if self.saving:
-            self._snap.reserve(self._buffer)
 
     # -- resume -------------------------------------------------------------------
 
@@ -304,32 +295,39 @@ class Checkpointer:
         frozen = self._snap.freeze(trigger, rule, now, memory_only=memory)
         filename = render(self.template, self.job, self._progress.step, self.epoch, now)
         overlap = self._outlet.overlap is not None and not memory
-        if overlap and not frozen.on_gpu:  # the copy thread composes and copies it (trainer_hooks.overlap)
+        if deferred := overlap and not frozen.on_gpu:  # the copy thread composes and copies it (trainer_hooks.overlap)
             self._snap.hold(frozen)
             stall = (time.perf_counter_ns() - t0) / 1e9
-            self._outlet.defer(lambda: self._stage(buffer, frozen, filename, False, stall), frozen.meta.step)
+            self._outlet.defer(lambda: self._stage(buffer, frozen, filename, False, t0, stall), frozen.meta.step)
         else:
-            self._outlet.submit(*self._stage(buffer, frozen, filename, overlap, None, t0))  # CUDA: once copied
+            self._outlet.submit(*self._stage(buffer, frozen, filename, overlap, t0))  # CUDA: once copied
         stalled = time.perf_counter_ns() - t0
         self.stats["stall_ns"] += stalled
         if memory:  # not a saved step: the policy's clocks go on as they were
             return True
-        self._time_rules.measured(stall=stalled / 1e9)  # the handoff included: all that step() blocked
+        if not deferred:  # (deferred: the copy thread measures what the save cost, in _stage)
+            self._time_rules.measured(stall=stalled / 1e9)  # the handoff included: all that step() blocked
         self.stats["saves"] += 1
         self._triggers.saved(self._progress.step, trigger, self._metric, now)
         self._last_save_wall = now
         self._time_rules.saved_at(now)
         return True
 
-    def _stage(self, buffer: StagingBuffer, frozen: Frozen, filename: str, later: bool, stall: float | None,
-               t0: int = 0) -> tuple[SaveJob, dict[str, Any], Pending]:
+    def _stage(self, buffer: StagingBuffer, frozen: Frozen, filename: str, later: bool, t0: int,
+               stall: float | None = None) -> tuple[SaveJob, dict[str, Any], Pending]:
         """Compose the snapshot and copy it into ``buffer`` (``later``: leave the CUDA copies of what the
-        optimizer writes in flight, ``Pending``); the save, described for whoever persists it."""
+        optimizer writes in flight, ``Pending``); the save, described for whoever persists it. On the copy
+        thread (``stall`` given) its time is part of the save's cost: a CPU copy takes about that from training."""
+        t1 = time.perf_counter_ns()
         tensors, metadata = self._snap.compose(frozen)
         written = self._snap.optimizer_writes(tensors) if later else ()
         length, pending = buffer.stage_overlapped(tensors, metadata, written)
+        cost = None if stall is None else stall + (time.perf_counter_ns() - t1) / 1e9
+        if cost is not None:  # what every="auto" weighs for this save (step() measured the others)
+            self._time_rules.measured(stall=cost)
         stall = (time.perf_counter_ns() - t0) / 1e9 if stall is None else stall
-        return (*self._outlet.describe(buffer.fd, length, frozen.meta, filename, frozen.memory_only, stall), pending)
+        return (*self._outlet.describe(buffer.fd, length, frozen.meta, filename, frozen.memory_only, stall, cost),
+                pending)
 
     def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
         """Runs on the worker thread (or the link's reader) after each save."""

@@ -118,7 +118,7 @@ class Outlet:
         self.overlap.start(copy, step)
 
     def describe(self, fd: int, length: int, meta: CheckpointMeta, filename: str, memory_only: bool,
-                 stall: float) -> tuple[SaveJob, dict[str, Any]]:
+                 stall: float, cost: float | None = None) -> tuple[SaveJob, dict[str, Any]]:
         """A staged snapshot as whoever persists it sees it (sharded: each rank writes its own shard in-process,
         in the unit's directory; see trainer_hooks.shards)."""
         directory = self.target.directory
@@ -128,6 +128,8 @@ class Outlet:
         job = SaveJob(fd, length, directory, filename, meta.step, meta.trigger, stall=stall)
         msg = {"step": meta.step, "epoch": meta.epoch, "trigger": meta.trigger, "rule": meta.rule,
                "filename": filename, "length": length, "stall": stall, "memory_only": memory_only}
+        if cost is not None:  # what the save cost training, when more than the stall (overlap's copy on CPU)
+            msg["cost"] = cost
         return job, msg
 
     def _hand_over(self, job: SaveJob, msg: dict[str, Any]) -> None:

@@ -281,13 +281,14 @@ class Daemon:
         self.metrics.job_ended(job.key, time.time())
         self.catalog.event(job.key, "end" if session.ended else "disconnect", step=job.step)
 
-    def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float]) -> None:
+    def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float],
+                       cost: float | None = None) -> None:
         with self.lock:
             if info.step >= job.last_verified_step:
                 job.last_verified_step, job.last_verified_at = info.step, info.created
             job.overdue_flagged = False
             job.due_sent = False
-            job.measured(time.time(), durations)
+            job.measured(time.time(), durations, cost)
         self.ledger.saved(job.key, trigger, info, durations, job.last_verified_step)
 
     def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None:

@@ -74,9 +74,11 @@ class JobState:
     def key(self) -> JobKey:
         return JobKey(self.name, self.directory)
 
-    def measured(self, at: float, durations: dict[str, float]) -> None:
-        """A verified save's stall (reported by the hook) and persist time (measured here)."""
-        stall = durations.get("stall")
+    def measured(self, at: float, durations: dict[str, float], cost: float | None = None) -> None:
+        """A verified save's stall (reported by the hook) and persist time (measured here). What the
+        save cost training is its stall, or the ``cost`` the hook reports when it was more (an
+        overlapped copy on CPU): that is what every="auto" and the overhead ratio weigh."""
+        stall = durations.get("stall") if cost is None else cost
         persist = sum(durations.get(k, 0.0) for k in ("persist", "verify"))
         self.costs = self.costs.add(stall, persist if persist > 0 else None)
         if stall is not None:

@@ -63,7 +63,8 @@ class Host(Protocol):
 
     def unregister(self, job: JobState, session: "Session") -> None: ...
 
-    def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float]) -> None: ...
+    def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float],
+                       cost: float | None = None) -> None: ...
 
     def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None: ...
 
@@ -292,7 +293,8 @@ class Session:
                     job.step = max(job.step, info.step)
                 d.catalog.forget(r.path for r in d.catalog.checkpoints(*job.key) if not os.path.exists(r.path))
             d.catalog.record(info, verified=True)
-            d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, reported)})
+            d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, reported)},
+                             _reported_seconds(msg, ("cost",)).get("cost"))
 
         def replicate(result: Persisted) -> None:
             if job.settings.get("remote"):

@@ -22,10 +22,12 @@ Lifecycle of one training run, in order:
 3. **heartbeat** ``{step, epoch, metrics}``: batched by the hook's background thread
    (at most one a second), never one per step. The daemon uses them for
    ``ckptd status``, ``unsaved_steps`` and ``step_skipped`` detection.
-4. **save** ``{id, step, epoch, trigger, rule, filename, length}`` + memfd: sent by the
-   trainer thread itself right after the copy into the memfd, so when ``step()``
-   returns the fd is in the daemon's socket queue: killing the trainer now cannot
-   lose the checkpoint. The daemon replies **accepted** ``{id}`` and persists it
+4. **save** ``{id, step, epoch, trigger, rule, filename, length, stall, memory_only,
+   cost}`` + memfd: sent by the trainer thread itself right after the copy into the
+   memfd, so when ``step()`` returns the fd is in the daemon's socket queue: killing
+   the trainer now cannot lose the checkpoint (with ``snapshot="overlap"``: sent by the
+   copy thread once the copy is done, and ``cost``, the stall plus that thread's time,
+   is what every="auto" weighs instead of ``stall``). The daemon replies **accepted** ``{id}`` and persists it
    (hash → temp → fsync → verify → rename → fsync dir, ``ckptd.persist``).
 5. **saved** ``{id, ok, path, reason, error}`` (daemon → hook, unsolicited): the
    buffer is released; the hook may overwrite it for the next save. Until then a
