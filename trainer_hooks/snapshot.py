@@ -148,9 +148,9 @@ class Snapshotter:
     def hold(self, frozen: Frozen) -> None:
         """Copy now what the next forward may write (buffers such as BatchNorm's statistics, tensors in
         ``extra``): the rest, which only the optimizer writes, is copied later, before it does."""
-        ids = written_by_optimizer(self.model, self.optimizer)
+        later = set(self.optimizer_writes(frozen.tensors))
         for name, t in frozen.tensors.items():
-            if t.numel() and identity(t) not in ids:
+            if t.numel() and name not in later:
                 frozen.tensors[name] = t.clone()
 
     def optimizer_writes(self, tensors: dict[str, torch.Tensor]) -> list[str]:
