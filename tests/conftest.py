@@ -221,6 +221,20 @@ class DaemonProc:
 
 
 @pytest.fixture
+def users() -> Iterator[Any]:
+    """Real unix users and groups made for this test (``tests/users.py``); removed after it."""
+    from tests.users import Users
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create real users")
+    made = Users()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
     d = DaemonProc(tmp_path / "d").start()
     try:
