@@ -1,0 +1,1 @@
+"""The trust boundary (docs/security.md, issue 33): a hostile local user, real users, real daemons."""
