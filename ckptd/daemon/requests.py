@@ -65,10 +65,26 @@ def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     with d.lock:
         keys = set(d.jobs) | set(rows_by_job)
     out = []
+    lag = d.uploads.lag(now)
     for key in sorted(k for k in keys if d.access.visible(session.uid, k)):
+        tally = d.catalog.tally(key)
         with d.lock:
-            out.append(_status_row(d, key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now))
+            row = _status_row(d, key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now)
+        out.append({**row, **_standing(d, key, row, tally, lag.get(key))})
     return {"jobs": out}
+
+
+def _standing(d: Host, key: JobKey, row: dict[str, Any], tally: dict[str, Any], lag: float | None) -> dict[str, Any]:
+    """What on-call asks first, and what survives a daemon restart: the run's state, the counts and
+    the last error from the catalogue's events, replication and quota."""
+    j = d.jobs.get(key)
+    settings = j.settings if j is not None else d.catalog.job_settings(key)
+    state = "running" if row["connected"] else (tally["run"] if tally["run"] not in (None, "running") else "idle")
+    return {"state": state, "missed_total": tally["missed"], "failed_total": tally["failed"],
+            "last_error": tally["last_error"], "remote": settings.get("remote"),
+            "remote_pending": d.uploads.pending_count(key), "remote_lag": lag,
+            "quota_bytes": settings.get("max_bytes"),
+            "quota_used": row["bytes"] / settings["max_bytes"] if settings.get("max_bytes") else None}
 
 
 def _status_row(d: Host, key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, Any]:
