@@ -161,3 +161,30 @@ def test_status_says_state_last_error_and_counts_that_survive_a_restart(tmp_path
         assert "state disconnected" in table and "last error" in table and "quota" in table, table
     finally:
         d.stop()
+
+
+@pytest.mark.slow
+def test_gc_of_a_daemons_directory_goes_through_it_and_keeps_what_is_not_yet_remote(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.write_text("not a directory: every upload fails, and the checkpoints stay pending")
+    d = DaemonProc(tmp_path / "d")
+    d.config.write_text(d.config.read_text().replace("[daemon]\n", f'[daemon]\nremote_allow = ["file://{store}"]\n'))
+    d.start()
+    run = d.root / "job"
+    run.mkdir()
+    try:
+        with Client(d.socket) as c:
+            assert hello(c, "job", str(run), keep_last=1, remote=f"file://{store}/job")["type"] == "welcome"
+            for step in (1, 2, 3):
+                assert save(c, "job", step)["ok"] is True
+            r = ckptd_cli("gc", str(run), "--keep-last", "1", "--dry-run", "--json", "--socket", d.socket)
+            assert r.returncode == 0, r.stderr
+            verdicts = json.loads(r.stdout)
+            assert len(verdicts) == 3 and all(v["keep"] for v in verdicts), verdicts
+            assert "applies the job's own settings" in r.stderr, r.stderr
+            assert all("remote_pending" in v["reasons"] for v in verdicts if v["step"] < 3), verdicts
+            r = ckptd_cli("gc", str(run), "--keep-last", "1", "--socket", d.socket)
+            assert r.returncode == 0, r.stderr
+            assert len(list(run.glob("*.safetensors"))) == 3, "gc deleted checkpoints that are not remote yet"
+    finally:
+        d.stop()

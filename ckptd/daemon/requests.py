@@ -144,18 +144,21 @@ def pin(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def gc(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+    """Retention now, for the asker's jobs (by name, or all of those in ``directory``: ``ckptd gc DIR``
+    comes here when the daemon has a job there, since only the daemon knows what is not yet remote)."""
     dry = bool(msg.get("dry_run"))
-    want = msg.get("job")
+    want, where = msg.get("job"), msg.get("directory")
     with d.lock:
-        jobs = [j for j in d.jobs.values() if want in (None, j.name)]
+        jobs = [j for j in d.jobs.values() if want in (None, j.name) and where in (None, j.directory)]
+    jobs = [j for j in jobs if d.access.visible(session.uid, j.key)]
     out = []
-    for j in (j for j in jobs if d.access.visible(session.uid, j.key)):
+    for j in jobs:
         verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
         if not dry:
             d.ledger.removed(j.key, removals)
         out += [{"job": j.name, "directory": j.directory, "path": v.item.id, "step": v.item.step, "keep": v.keep,
                  "reasons": list(v.reasons)} for v in verdicts]
-    return {"verdicts": out, "dry_run": dry}
+    return {"verdicts": out, "dry_run": dry, "jobs": len(jobs)}
 
 
 HANDLERS: dict[str, Handler] = {"status": status, "list": list_checkpoints, "latest": latest,
