@@ -61,13 +61,28 @@ def is_directory(target: str | None) -> bool:
     return False
 
 
+def configured_socket() -> str | None:
+    """The socket the configuration file names (``$CKPTD_CONFIG`` or /etc/ckptd/ckptd.toml), when a
+    daemon is listening there: the CLI then talks to the daemon that file configures, as systemd runs
+    it, without ``--socket``. ``--socket`` and ``$CKPTD_SOCKET`` still come first."""
+    import stat
+
+    from ckptd.core import config as config_mod
+
+    try:
+        path = config_mod.load().daemon.get("socket")
+        return path if path and stat.S_ISSOCK(os.stat(path).st_mode) else None
+    except (SettingsError, OSError):
+        return None
+
+
 def ask(socket_path: str | None, msg: dict[str, Any]) -> dict[str, Any]:
     """One request to the running daemon; a clear error when there is none."""
     from ckptd.wire.client import DaemonUnavailable, request
     from ckptd.wire.protocol import default_socket_path
 
     try:
-        reply = request(socket_path or default_socket_path(), msg)
+        reply = request(socket_path or configured_socket() or default_socket_path(), msg)
     except DaemonUnavailable as exc:
         raise click.ClickException(str(exc)) from None
     if not reply.get("ok"):

@@ -300,12 +300,18 @@ def _tell_daemon(msg: dict[str, Any]) -> None:
 def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, socket_path: str | None,
        as_json: bool, **options: Any) -> None:
     """Apply retention to a directory, or to a job of the daemon: keep/delete and the rule that decided."""
-    if not is_directory(target):
-        reply = ask(socket_path, {"type": "gc", "job": target, "dry_run": dry_run})
+    directory = is_directory(target)
+    reply = _daemon_gc(socket_path, target, job, dry_run) if directory else \
+        ask(socket_path, {"type": "gc", "job": target, "dry_run": dry_run})
+    if reply is not None:
+        given = sorted(k for k, v in options.items() if v is not None and k in KEYS)
+        if given:
+            click.echo(f"ckptd gc: the daemon owns {target} and applies the job's own settings; "
+                       f"{', '.join('--' + k.replace('_', '-') for k in given)} not used", err=True)
         if as_json:
             click.echo(json.dumps(reply["verdicts"], indent=2))
         else:
-            _print_verdicts(target, reply["verdicts"], dry_run, {})
+            _print_verdicts(job or target, reply["verdicts"], dry_run, {})
         return
     from ckptd.core import config as config_mod
     from ckptd.save.keep import collect
@@ -334,6 +340,26 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
         click.echo(json.dumps(everything, indent=2))
     if failed:
         sys.exit(1)
+
+
+def _daemon_gc(socket_path: str | None, directory: str, job: str | None, dry_run: bool) -> dict[str, Any] | None:
+    """``gc DIR`` through the daemon when it has jobs in DIR: it alone knows what is still waiting
+    to be replicated (``remote_pending``) and what it is writing, so a gc of its directory run beside
+    it must be its own. None when no daemon answers or none of its jobs lives there (then the CLI
+    applies retention itself)."""
+    from ckptd.cli.base import configured_socket
+    from ckptd.wire.client import DaemonUnavailable, request
+    from ckptd.wire.protocol import default_socket_path
+
+    try:
+        reply = request(socket_path or configured_socket() or default_socket_path(),
+                        {"type": "gc", "directory": os.path.realpath(directory), "job": job, "dry_run": dry_run},
+                        timeout=120)
+    except DaemonUnavailable:
+        return None
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error", reply)))
+    return reply if reply.get("jobs") else None
 
 
 def _print_verdicts(job: str, rows: list[dict[str, Any]], dry_run: bool, errors: dict[str, str]) -> None:

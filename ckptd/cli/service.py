@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import click
@@ -20,22 +21,24 @@ from ckptd.core.units import format_bytes, format_duration, parse_listen
 @click.option("--metrics-listen", default=None, help="overrides [daemon] metrics_listen (host:port)")
 @click.option("--root", "roots", multiple=True, help="overrides [daemon] roots (repeatable)")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--check", is_flag=True, help="validate the configuration and exit (0: valid) without starting")
 def serve(config_file: str | None, socket_path: str | None, state_dir: str | None, metrics_listen: str | None,
-          roots: tuple[str, ...], log_level: str) -> None:
-    """Run the daemon: trainers hand it their checkpoints over the socket."""
-    import logging
-
+          roots: tuple[str, ...], log_level: str, check: bool) -> None:
+    """Run the daemon: trainers hand it their checkpoints over the socket. SIGHUP re-reads the config."""
     from ckptd.core import config as config_mod
+    from ckptd.daemon import journal
     from ckptd.daemon.app import Daemon
 
-    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    journal.configure(log_level)
     try:
         cfg = config_mod.load(config_file)
         if metrics_listen is not None:
             parse_listen(metrics_listen)
         daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir, metrics_listen=metrics_listen,
                         roots=list(roots) or None)
+        if check:
+            click.echo(f"{cfg.path or 'no configuration file'}: valid ({daemon.check()})")
+            return
         daemon.serve_forever()
     except ValueError as exc:  # SettingsError, TargetError and a malformed --metrics-listen
         raise click.ClickException(str(exc)) from None
@@ -63,14 +66,12 @@ def watch(directory: str, job: str | None, pattern: str | None, expect_every: st
           rescan_every: str, abandon_after: str, on_corrupt: str, dry_run: bool, state_dir: str | None,
           metrics_listen: str, socket_path: str | None, **options: Any) -> None:
     """Adopt the checkpoints another tool writes into DIRECTORY: verify, catalogue, retain, alert."""
-    import logging
-
     from ckptd.core import config as config_mod
+    from ckptd.daemon import journal
     from ckptd.daemon.app import Daemon
     from ckptd.disk.preflight import TargetError
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    journal.configure("INFO")
     root = os.path.realpath(directory)
     if not os.path.isdir(root):
         raise click.UsageError(f"{directory} is not a directory (watch mode adopts what another tool writes "
@@ -109,9 +110,31 @@ def status(as_json: bool, socket_path: str | None) -> None:
             also = f", a memory-only save every {memory:.3g}s" if memory else ""
             click.echo(f"{'':<16} every=auto: a save every {j['auto']['seconds']:.3g}s{also} "
                        f"({j['auto']['reason']}; rule {j['auto']['rule']})")
+        standing = _standing(j)
+        if standing:
+            click.echo(f"{'':<16} {standing}")
         if j.get("memory_bytes"):
             click.echo(f"{'':<16} memory tier: the newest snapshot, {format_bytes(j['memory_bytes'])}, held by the "
                        "daemon (a crashed trainer resumes from it)")
+
+def _standing(j: dict[str, Any]) -> str:
+    """The second line of a job: its state, what failed last, replication and quota (what on-call
+    asks first). Counts are since the catalogue began, so they survive a daemon restart."""
+    parts = [f"state {j.get('state', '-')}"]
+    if j.get("missed_total") or j.get("failed_total"):
+        parts.append(f"{j.get('missed_total', 0)} missed, {j.get('failed_total', 0)} failed in all")
+    err = j.get("last_error")
+    if err:
+        parts.append(f"last error {format_duration(time.time() - err['time'])} ago: {err['reason']}: {err['error']}")
+    if j.get("remote"):
+        lag = j.get("remote_lag")
+        parts.append(f"remote {j['remote']}: {j.get('remote_pending', 0)} pending"
+                     + (f", lag {format_duration(lag)}" if lag else ""))
+    if j.get("quota_bytes"):
+        parts.append(f"quota {format_bytes(j['bytes'])} of {format_bytes(j['quota_bytes'])} "
+                     f"({100 * (j.get('quota_used') or 0):.0f}%)")
+    return "; ".join(parts)
+
 
 def _dash(v: Any) -> str:
     return "-" if v is None else str(v)

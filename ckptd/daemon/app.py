@@ -21,10 +21,13 @@ from typing import Any, Sequence
 
 from ckptd.core.config import Config, default_state_dir
 from ckptd.core.policy import SavePolicy
+from ckptd.core.settings import group, resolve
+from ckptd.core.units import parse_listen
 from ckptd.core.vocab import MissedReason
 from ckptd.daemon import sdnotify
 from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
+from ckptd.daemon.instance import InstanceLock
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.jobstate import TICK, JobState
 from ckptd.daemon.ledger import Ledger
@@ -74,6 +77,9 @@ class Daemon:
         self.memory_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-memory")
         self.memory = MemoryTier(budget_of(d.get("memory_budget")))
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._started_with = {"socket": d.get("socket"), "state_dir": d.get("state_dir"),
+                              "metrics_listen": d.get("metrics_listen"), "watch": config.watch}
         self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
         self._threads: list[threading.Thread] = []
         self.clock = time.time
@@ -82,11 +88,27 @@ class Daemon:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def check(self) -> str:
+        """``ckptd serve --check``: what ``start`` would refuse, found without starting (nothing is
+        bound, locked or written); the summary of what it would run with."""
+        _check_roots(self.roots)
+        parse_listen(self.metrics_listen)
+        for w in self.config.watch:
+            if not inside(os.path.realpath(w["path"]), self.roots):
+                raise TargetError(f"watched path {w['path']} is outside the daemon's roots")
+        for what, path in (("state_dir", self.state_dir), ("socket", os.path.dirname(self.socket_path))):
+            existing = path
+            while not os.path.isdir(existing) and existing not in ("", "/"):
+                existing = os.path.dirname(existing)
+            if not os.access(existing or "/", os.W_OK | os.X_OK):
+                raise TargetError(f"{what} {path}: uid {os.getuid()} cannot write {existing}")
+        return (f"roots {', '.join(self.roots)}; socket {self.socket_path}; state_dir {self.state_dir}; metrics on "
+                f"{self.metrics_listen}; {len(self.config.jobs)} [jobs] tables, {len(self.config.watch)} [[watch]]")
+
     def start(self) -> None:
-        if not self.roots:
-            raise TargetError("no roots configured: set [daemon] roots to the directories checkpoints may be "
-                              "written to and deleted from")
+        _check_roots(self.roots)
         _raise_fd_limit()
+        self.instance = InstanceLock(self.socket_path, self.state_dir)  # before anything is opened or bound
         try:
             self.catalog = Catalog(self.state_dir)
         except OSError as exc:
@@ -95,11 +117,7 @@ class Daemon:
         self.ledger = Ledger(self.metrics, self.catalog)
         self.access = Access(self.roots, self.catalog, self.admin_gid, self.max_jobs_per_uid, self._live_jobs,
                              self.config.daemon.get("remote_allow", []))
-        for root in self.roots:
-            if not os.path.isdir(root):
-                raise TargetError(f"root {root} does not exist: create it (and name it in the unit's ReadWritePaths=)")
-            if not os.access(root, os.W_OK | os.X_OK):
-                raise TargetError(f"root {root} is not writable by the daemon (uid {os.getuid()})")
+        _check_roots(self.roots)
         counts = self.catalog.reconcile(self.roots)
         log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
         self._cleanup_temp()
@@ -161,16 +179,67 @@ class Daemon:
         return t
 
     def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT, then drain."""
+        """Run until SIGTERM/SIGINT, then drain; SIGHUP re-reads the configuration."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.start()
         # Woken twice a second: the kernel may deliver SIGTERM to any of the daemon's threads, and
         # CPython runs the Python handler only when the main thread runs; blocked in a wait with no
         # timeout it never would, and the daemon would ignore SIGTERM (seen in CI, under load).
         while not self._stop.wait(0.5):
-            pass
+            if self._reload.is_set():
+                self._reload.clear()
+                try:
+                    self.reload()
+                except Exception:  # a reload never takes the daemon down
+                    log.exception("reload failed; the running configuration stays")
         self.stop()
+
+    def reload(self) -> bool:
+        """SIGHUP (``systemctl reload``): re-read the configuration file and apply what can change
+        under running trainers: policies, retention and quota for every job (connected ones keep
+        their connection and their own kwargs on top), the roots and ``remote_allow``. A file
+        that does not validate changes nothing: the running configuration stays, and the log
+        says why. What needs a restart (socket, state_dir, metrics_listen, watch tables) is named."""
+        from ckptd.core import config as config_mod
+
+        path = self.config.path
+        sdnotify.notify("RELOADING=1", f"STATUS=reloading {path}")
+        try:
+            if path is None:
+                raise TargetError("the daemon was started without a configuration file; nothing to re-read")
+            cfg = config_mod.load(path)
+            roots = [os.path.realpath(r) for r in cfg.daemon.get("roots", [])]
+            _check_roots(roots)
+            settings = self._resolve_connected(cfg)
+        except (ValueError, OSError) as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            sdnotify.notify("READY=1", "STATUS=reload refused; running on the previous configuration")
+            return False
+        with self.lock:
+            self.config, self.roots[:] = cfg, roots
+            self.access.remote_allow[:] = [u.rstrip("/") for u in cfg.daemon.get("remote_allow", [])]
+            for job, values, policy in settings:
+                job.settings, job.policy = values, policy
+        fixed = [k for k in ("socket", "state_dir", "metrics_listen") if cfg.daemon.get(k) != self._started_with.get(k)]
+        if cfg.watch != self._started_with["watch"]:
+            fixed.append("[[watch]]")
+        log.info("reloaded %s: %d connected jobs re-resolved, roots %s%s", path, len(settings), ", ".join(roots),
+                 f"; {', '.join(fixed)} changed and take effect at the next restart" if fixed else "")
+        sdnotify.notify("READY=1", f"STATUS=reloaded {path}")
+        return True
+
+    def _resolve_connected(self, cfg: Config) -> list[tuple[JobState, dict[str, Any], SavePolicy]]:
+        """Each connected job's settings under ``cfg``, its trainer's own kwargs still on top."""
+        with self.lock:
+            sessions = [s for s in self.sessions if s.job is not None and s.kwargs is not None]
+        out = []
+        for s in sessions:
+            assert s.job is not None and s.kwargs is not None
+            values = resolve(s.kwargs, {}, cfg.job_table(s.job.name), cfg.defaults)
+            out.append((s.job, values, SavePolicy.from_settings(group(values, "policy"))))
+        return out
 
     def stop(self, drain_timeout: float = 60.0) -> None:
         sdnotify.notify("STOPPING=1", "STATUS=draining in-flight saves")
@@ -178,6 +247,10 @@ class Daemon:
         self.listener.close()
         with self.lock:
             sessions = list(self.sessions)
+            connected = sorted(j.name for j in self.jobs.values() if j.connected)
+        log.info("ckptd stopping: %d trainers connected (%s); in-flight saves drain for up to %.0fs; the trainers "
+                 "carry on and reconnect to the next daemon", len(connected), ", ".join(connected) or "none",
+                 drain_timeout)
         for s in sessions:
             try:
                 s.sock.shutdown(socket.SHUT_RD)
@@ -196,6 +269,8 @@ class Daemon:
         self.http.server_close()
         self.catalog.close()
         self.memory.close()
+        self.instance.release()
+        log.info("ckptd stopped")
 
     def _admit(self, conn: socket.socket) -> None:
         """A session per connection, within ``max_connections_per_uid`` for unprivileged uids;
@@ -365,6 +440,17 @@ class Daemon:
         from ckptd.daemon import requests
 
         requests.handle(self, session, msg)
+
+
+def _check_roots(roots: Sequence[str]) -> None:
+    if not roots:
+        raise TargetError("no roots configured: set [daemon] roots to the directories checkpoints may be "
+                          "written to and deleted from")
+    for root in roots:
+        if not os.path.isdir(root):
+            raise TargetError(f"root {root} does not exist: create it (and name it in the unit's ReadWritePaths=)")
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise TargetError(f"root {root} is not writable by the daemon (uid {os.getuid()})")
 
 
 def _raise_fd_limit() -> None:

@@ -232,6 +232,27 @@ class Catalog:
             last = t
         return ran + ((last - start) if start is not None else 0.0), crashes, losses
 
+    def tally(self, key: JobKey) -> dict[str, Any]:
+        """What ``ckptd status`` says of a job across daemon restarts, from its events: missed and
+        failed saves counted since the catalogue began, the newest failure, and how its newest run
+        stands (``running``, ``ended``, ``disconnected``: went away without saying ``end``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT time, kind, detail FROM events WHERE job = ? AND kind IN "
+                                    "('start', 'end', 'disconnect', 'missed', 'failed') ORDER BY id",
+                                    (key.name,)).fetchall()
+        out: dict[str, Any] = {"missed": 0, "failed": 0, "last_error": None, "run": None}
+        for t, kind, detail in rows:
+            fields = json.loads(detail)
+            if fields.get("directory") != key.directory:
+                continue
+            if kind in ("missed", "failed"):
+                out[kind] += 1
+            if kind == "failed":
+                out["last_error"] = {"time": t, "reason": fields.get("reason"), "error": fields.get("error")}
+            elif kind in ("start", "end", "disconnect"):
+                out["run"] = {"start": "running", "end": "ended", "disconnect": "disconnected"}[kind]
+        return out
+
     # -- reconciling with the disk -------------------------------------------------------
 
     def reconcile(self, roots: Sequence[str]) -> dict[str, int]:

@@ -24,6 +24,7 @@ class Listener:
         self.path, self._group_gid, self._on_connection = path, group_gid, on_connection
         self._closed = threading.Event()
         self._sock = self._bind()
+        self._inode = os.lstat(path).st_ino  # close() unlinks this socket, never one bound after it
         self._thread = threading.Thread(target=self._accept_loop, name="ckptd-accept", daemon=True)
         self._thread.start()
 
@@ -40,7 +41,8 @@ class Listener:
         self._sock.close()
         self._thread.join(timeout)
         try:
-            os.unlink(self.path)
+            if os.lstat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
         except OSError:
             pass
 

@@ -65,10 +65,26 @@ def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     with d.lock:
         keys = set(d.jobs) | set(rows_by_job)
     out = []
+    lag = d.uploads.lag(now)
     for key in sorted(k for k in keys if d.access.visible(session.uid, k)):
+        tally = d.catalog.tally(key)
         with d.lock:
-            out.append(_status_row(d, key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now))
+            row = _status_row(d, key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now)
+        out.append({**row, **_standing(d, key, row, tally, lag.get(key))})
     return {"jobs": out}
+
+
+def _standing(d: Host, key: JobKey, row: dict[str, Any], tally: dict[str, Any], lag: float | None) -> dict[str, Any]:
+    """What on-call asks first, and what survives a daemon restart: the run's state, the counts and
+    the last error from the catalogue's events, replication and quota."""
+    j = d.jobs.get(key)
+    settings = j.settings if j is not None else d.catalog.job_settings(key)
+    state = "running" if row["connected"] else (tally["run"] if tally["run"] not in (None, "running") else "idle")
+    return {"state": state, "missed_total": tally["missed"], "failed_total": tally["failed"],
+            "last_error": tally["last_error"], "remote": settings.get("remote"),
+            "remote_pending": d.uploads.pending_count(key), "remote_lag": lag,
+            "quota_bytes": settings.get("max_bytes"),
+            "quota_used": row["bytes"] / settings["max_bytes"] if settings.get("max_bytes") else None}
 
 
 def _status_row(d: Host, key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, Any]:
@@ -128,18 +144,21 @@ def pin(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def gc(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
+    """Retention now, for the asker's jobs (by name, or all of those in ``directory``: ``ckptd gc DIR``
+    comes here when the daemon has a job there, since only the daemon knows what is not yet remote)."""
     dry = bool(msg.get("dry_run"))
-    want = msg.get("job")
+    want, where = msg.get("job"), msg.get("directory")
     with d.lock:
-        jobs = [j for j in d.jobs.values() if want in (None, j.name)]
+        jobs = [j for j in d.jobs.values() if want in (None, j.name) and where in (None, j.directory)]
+    jobs = [j for j in jobs if d.access.visible(session.uid, j.key)]
     out = []
-    for j in (j for j in jobs if d.access.visible(session.uid, j.key)):
+    for j in jobs:
         verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
         if not dry:
             d.ledger.removed(j.key, removals)
         out += [{"job": j.name, "directory": j.directory, "path": v.item.id, "step": v.item.step, "keep": v.keep,
                  "reasons": list(v.reasons)} for v in verdicts]
-    return {"verdicts": out, "dry_run": dry}
+    return {"verdicts": out, "dry_run": dry, "jobs": len(jobs)}
 
 
 HANDLERS: dict[str, Handler] = {"status": status, "list": list_checkpoints, "latest": latest,

@@ -77,6 +77,7 @@ class Session:
         self.sock = sock
         self.pid, self.uid, self.gid = protocol.peer_credentials(sock)
         self.job: JobState | None = None
+        self.kwargs: dict[str, Any] | None = None  # the trainer's own settings: a reload resolves them again
         self.ended = False
         self._send_lock = threading.Lock()
         self._futures: list[Future[None]] = []
@@ -152,7 +153,10 @@ class Session:
         except (TargetError, SettingsError, ValueError, PermissionError) as exc:
             self.send({"type": "error", "error": str(exc)})
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
+        self.kwargs = kwargs
         self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"], self)
+        log.info("job %s: trainer pid %d (uid %d) connected at step %d, directory %s; %s", job, self.pid,
+                 self.uid, msg["step"], directory, _described(settings))
         self.sock.settimeout(None)  # a trainer may be quiet for as long as an evaluation takes
         self.job.world_size = max(1, _count(msg.get("world_size")))
         self.job.state_bytes = _count(msg.get("state_bytes"))
@@ -341,6 +345,8 @@ class Session:
             lost = missed.final_missing(self.job.policy, msg["step"], self.job.last_verified_step)
         if lost:
             self._count_missed(MissedReason.FINAL_MISSING)
+        log.info("job %s: trainer pid %d ended its run at step %d; newest verified step %d%s", self.job.name,
+                 self.pid, msg["step"], self.job.last_verified_step, " (its final save is missing)" if lost else "")
         self.send({"type": "bye"})
 
     def _disconnected(self) -> None:
@@ -357,6 +363,12 @@ class Session:
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
             self._count_missed(MissedReason.TRAINER_EXIT_UNSAVED)
         self.daemon.unregister(self.job, self)
+
+
+def _described(settings: dict[str, Any]) -> str:
+    """The resolved policy and retention, for the connect line: what this job will be held to."""
+    keys = {**group(settings, "policy"), **group(settings, "retention"), **group(settings, "quota")}
+    return "; ".join(f"{k}={v}" for k, v in sorted(keys.items()) if v is not None) or "no save rule"
 
 
 def _count(value: Any) -> int:

@@ -64,6 +64,10 @@ class Uploads:
             newest[u.key] = max(newest.get(u.key, 0.0), u.created)
         return {key: max(0.0, now - created) for key, created in newest.items()}
 
+    def pending_count(self, key: JobKey) -> int:
+        """Verified checkpoints of ``key`` waiting to be remote (``ckptd status``)."""
+        return sum(1 for u in self.uploader.pending if u.key == key)
+
     def close(self, timeout: float) -> None:
         self.uploader.close(timeout=timeout)  # an upload cut off here is resumed by the next start's resync
 
