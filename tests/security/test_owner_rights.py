@@ -150,7 +150,7 @@ class Host:
 
 @pytest.fixture
 def host(users: Users, request: pytest.FixtureRequest) -> Iterator[Host]:
-    h = Host(users, request.param)
+    h = Host(users, request.param, 'scrub_every = "1s"\n')
     try:
         yield h
     finally:
@@ -222,18 +222,17 @@ def test_a_daemon_without_setuid_refuses_another_uids_job_clearly(users: Users) 
 @pytest.mark.slow
 @pytest.mark.parametrize("host", ["root", "service"], indirect=True)
 def test_socket_users_get_only_what_the_kernel_gives_them(host: Host) -> None:
-    """H3. Alice saves through the daemon into her 0700 directory: the file is hers and private.
-    Bob, on the same socket, cannot register a job in her directory, and a checkpoint of his own
-    job swapped for a symlink to her file is not "verified" for him (the daemon reads it as Bob:
-    EACCES), so his ``latest`` never hands him her weights. Alice resumes her own weights."""
+    """H3. Alice saves through the daemon into her 0700 directory. Bob, on the same socket,
+    cannot register a job in her directory; a checkpoint of his own job swapped for a symlink to
+    her file is read by the daemon as Bob (scrub and ``latest``: EACCES, "Permission denied"), so
+    it is neither verified for him nor handed to him as his newest. Alice resumes her own
+    weights, from a file that is hers."""
     h = host
     h.d.start()
     alice_dir, bob_dir = h.home(h.a), h.home(h.b)
     as_user(h.a, SAVE, "run", str(alice_dir), h.d.socket, "1.5")
     saved = sorted(alice_dir.glob("run-step*.safetensors"))
     assert saved, (h.d.log.read_text()[-3000:], list(alice_dir.iterdir()))
-    st = os.stat(saved[-1])
-    assert (st.st_uid, st.st_gid) == (h.a.uid, h.a.gid), st  # written as Alice: hers, in her 0700 directory
 
     reply = ask(h.b, h.d, {"type": "hello", "job": "run", "directory": str(alice_dir)})
     assert reply["type"] == "error", reply
@@ -242,6 +241,12 @@ def test_socket_users_get_only_what_the_kernel_gives_them(host: Host) -> None:
     bobs = sorted(bob_dir.glob("bob-step*.safetensors"))[-1]
     as_user(h.b, "import os, sys, json; os.unlink(sys.argv[1]); os.symlink(sys.argv[2], sys.argv[1]); print('{}')",
             str(bobs), str(saved[-1]))
+
+    def bobs_row() -> dict[str, Any]:
+        return next(r for r in ask(h.b, h.d, {"type": "list", "job": "bob"})["checkpoints"] if r["path"] == str(bobs))
+
+    wait_until(lambda: not bobs_row()["verified"], 60, "scrub to re-read Bob's file")
+    assert "Permission denied" in str(bobs_row()), bobs_row()
     latest = ask(h.b, h.d, {"type": "latest", "job": "bob"})
     assert latest.get("ok") is False and "path" not in latest, latest
     listed = ask(h.b, h.d, {"type": "list"})
@@ -249,6 +254,8 @@ def test_socket_users_get_only_what_the_kernel_gives_them(host: Host) -> None:
 
     resumed = as_user(h.a, RESUME, "run", str(alice_dir), h.d.socket)
     assert resumed["weight"] == 1.5 and resumed["step"] >= 1, resumed
+    st = os.stat(saved[-1])
+    assert (st.st_uid, st.st_gid) == (h.a.uid, h.a.gid), st  # written as Alice: hers, not root's or ckptd's
 
 
 # --- H4: the shipped root is sticky --------------------------------------------------------------
@@ -279,17 +286,16 @@ def test_the_shipped_root_is_sticky_and_a_swapped_directory_gets_nothing(host: H
 # --- L5: a planted link is followed as its planter ----------------------------------------------
 
 @pytest.mark.slow
-def test_watch_and_scrub_follow_a_planted_link_only_as_its_owner_would(users: Users) -> None:
+def test_watch_follows_a_planted_holder_link_only_as_its_owner_would(users: Users) -> None:
     """L5, daemon side. In a watched tree, Bob's checkpoint refers to a holder file that he made
     a symlink to Alice's 0700 checkpoint: the daemon judges it as Bob (EACCES), so what it
-    catalogues tells him nothing of her file; the same for scrub re-reading a file of his job
-    swapped for such a link."""
+    catalogues tells him nothing of her file (scrub and ``latest`` on such a link: the H3 test)."""
     h = Host(users, "root")
     try:
         tree = h.root / "watched"
         tree.mkdir()
         os.chmod(tree, 0o1777)
-        h.d.config.write_text(h.d.config.read_text() + f'scrub_every = "1s"\n[[watch]]\npath = "{tree}"\njob = "w"\n'
+        h.d.config.write_text(h.d.config.read_text() + f'[[watch]]\npath = "{tree}"\njob = "w"\n'
                               'settle = "0.2s"\nrescan_every = "1s"\n')
         alice_dir = h.home(h.a)
         h.d.start()
