@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-fast lint bench soak clean tools install
+.PHONY: demo test test-fast lint bench soak clean tools install install-venv install-files
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -65,28 +65,42 @@ soak: $(STAMP) tools
 
 # A training host's install (as root): ckptd in its own venv at PREFIX, its console script linked
 # where systemd/ckptd.service runs it (BINDIR/ckptd, /usr/local/bin/ckptd by default; the installed
-# unit's ExecStart follows BINDIR), the unit, sysusers and tmpfiles entries, and the example config
-# unless one exists. Set TORCH to the build you train with (a CUDA one on GPU hosts).
-PREFIX      ?= /opt/ckptd
-BINDIR      ?= /usr/local/bin
-UNITDIR     ?= /etc/systemd/system
-SYSUSERSDIR ?= /usr/lib/sysusers.d
-TMPFILESDIR ?= /usr/lib/tmpfiles.d
-CONFDIR     ?= /etc/ckptd
+# unit's ExecStart follows BINDIR and its --config follows CONFDIR), the unit, sysusers and tmpfiles
+# entries, and the example config unless one exists. Set TORCH to the build you train with (a CUDA
+# one on GPU hosts). The venv is made from INSTALL_PYTHON, which the service user must be able to
+# run: a pyenv or conda python under a 0700 home is refused before anything is installed.
+PREFIX         ?= /opt/ckptd
+BINDIR         ?= /usr/local/bin
+UNITDIR        ?= /etc/systemd/system
+SYSUSERSDIR    ?= /usr/lib/sysusers.d
+TMPFILESDIR    ?= /usr/lib/tmpfiles.d
+CONFDIR        ?= /etc/ckptd
+INSTALL_PYTHON ?= /usr/bin/python3
 
-install:
-	test -x $(PREFIX)/bin/python || python3 -m venv $(PREFIX)
-	$(PREFIX)/bin/pip install -q $(TORCH)
-	$(PREFIX)/bin/pip install -q .
-	install -d $(BINDIR) $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR) $(CONFDIR)
-	ln -sfn $(PREFIX)/bin/ckptd $(BINDIR)/ckptd
-	sed 's|^ExecStart=/usr/local/bin/ckptd |ExecStart=$(BINDIR)/ckptd |' systemd/ckptd.service > $(UNITDIR)/ckptd.service
-	install -m 0644 systemd/ckptd.sysusers $(SYSUSERSDIR)/ckptd.conf
-	install -m 0644 systemd/ckptd.tmpfiles $(TMPFILESDIR)/ckptd.conf
-	test -e $(CONFDIR)/ckptd.toml || install -m 0644 deploy/ckptd.toml $(CONFDIR)/ckptd.toml
+install: install-venv install-files
 	@echo "installed $(BINDIR)/ckptd -> $(PREFIX)/bin/ckptd and $(UNITDIR)/ckptd.service. Next: systemd-sysusers;"
 	@echo "systemd-tmpfiles --create ckptd.conf; set roots in $(CONFDIR)/ckptd.toml and ReadWritePaths= in the unit;"
 	@echo "systemctl daemon-reload && systemctl enable --now ckptd && ckptd status"
+
+install-venv:
+	test -x $(PREFIX)/bin/python || $(INSTALL_PYTHON) -m venv $(PREFIX)
+	@py=$$(readlink -f $(PREFIX)/bin/python); d=$$py; \
+	while [ "$$d" != / ]; do \
+	  [ $$(( 0$$(stat -Lc %a "$$d") & 1 )) -eq 1 ] || { echo "make install: the service user cannot run $$py" \
+	    "($$d is not world-executable/searchable): set INSTALL_PYTHON= to a python every user can run" \
+	    "(e.g. /usr/bin/python3) and remove $(PREFIX)" >&2; exit 1; }; \
+	  d=$$(dirname "$$d"); done
+	$(PREFIX)/bin/pip install -q $(TORCH)
+	$(PREFIX)/bin/pip install -q .
+
+install-files:
+	install -d $(BINDIR) $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR) $(CONFDIR)
+	ln -sfn $(PREFIX)/bin/ckptd $(BINDIR)/ckptd
+	sed -e 's|^ExecStart=/usr/local/bin/ckptd |ExecStart=$(BINDIR)/ckptd |' \
+	    -e 's| --config /etc/ckptd/ckptd.toml| --config $(CONFDIR)/ckptd.toml|' systemd/ckptd.service > $(UNITDIR)/ckptd.service
+	install -m 0644 systemd/ckptd.sysusers $(SYSUSERSDIR)/ckptd.conf
+	install -m 0644 systemd/ckptd.tmpfiles $(TMPFILESDIR)/ckptd.conf
+	test -e $(CONFDIR)/ckptd.toml || install -m 0644 deploy/ckptd.toml $(CONFDIR)/ckptd.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

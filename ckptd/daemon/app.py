@@ -37,6 +37,7 @@ from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
 from ckptd.daemon.session import Session
 from ckptd.daemon.uploads import Uploads
 from ckptd.daemon.watch import Context, Watching
+from ckptd.disk.owner import acting_as, owner_of
 from ckptd.disk.persist import PersistError, cleanup_temp
 from ckptd.disk.preflight import TargetError, free_bytes
 from ckptd.disk.remove import inside
@@ -431,7 +432,12 @@ class Daemon:
         dirs = {k.directory for k, _ in self.catalog.jobs()} | {os.path.dirname(r.path) for r in self.catalog.checkpoints()}
         for d in dirs:
             if inside(d, self.roots):
-                for name in cleanup_temp(d):
+                try:
+                    with acting_as(owner_of(d)):  # a job's files, as their owner (ckptd.disk.owner)
+                        removed = cleanup_temp(d)
+                except OSError:
+                    continue
+                for name in removed:
                     log.info("removed abandoned temp file %s/%s", d, name)
 
     # -- CLI requests (ckptd.requests) ------------------------------------------------------

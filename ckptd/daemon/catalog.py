@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 from ckptd.core.vocab import Outcome
 from ckptd.daemon.jobkey import JobKey
 from ckptd.disk.manifest import MANIFEST, SHARD_RE
+from ckptd.disk.owner import NOBODY, Identity, acting_as, owner_of
 from ckptd.disk.persist import TEMP_MARK
 from ckptd.disk.scan import SUFFIX, Checkpoint, read_info
 
@@ -123,6 +124,17 @@ class Catalog:
         with self._lock:
             row = self._db.execute("SELECT uid FROM jobs WHERE name = ? AND directory = ?", key).fetchone()
         return None if row is None else int(row[0])
+
+    def owner(self, key: JobKey, path: str) -> Identity:
+        """Whose rights a catalogued file is touched with (``ckptd.disk.owner``): the uid that
+        registered its job, or (a watched tree's, or nobody's) the owner of the file itself."""
+        uid = self.job_owner(key)
+        if uid is not None:
+            return Identity.of(uid)
+        try:
+            return owner_of(path)
+        except OSError:  # gone, or out of the daemon's sight: nobody's rights, and it fails as it would for them
+            return Identity.of(NOBODY)
 
     def upsert_job(self, key: JobKey, uid: int, settings: dict[str, Any]) -> None:
         with self._lock:
@@ -263,7 +275,7 @@ class Catalog:
         """
         on_disk = _checkpoint_files(roots)
         known = self._paths()
-        gone = {p for p in known if not os.path.exists(p)}
+        gone = {p for p in known if _missing(p)}
         self.forget(gone)
         return {"added": self._record_new(on_disk, known), "removed": len(gone), "files": len(on_disk)}
 
@@ -271,7 +283,12 @@ class Catalog:
         """Catalogue what a job's directory holds that the catalogue does not: the saves its
         trainer wrote itself (embedded mode) after the daemon's start-up reconcile, while it
         could not reach the daemon. Asked when the trainer says hello again."""
-        return self._record_new(_checkpoint_files([directory]), self._paths(under=directory))
+        try:
+            with acting_as(owner_of(directory)):
+                paths = _checkpoint_files([directory])
+        except OSError:
+            return 0
+        return self._record_new(paths, self._paths(under=directory))
 
     def _paths(self, under: str | None = None) -> set[str]:
         """The catalogued paths (those under a directory): what the disk is compared with, without
@@ -288,12 +305,28 @@ class Catalog:
         for path in paths:
             if path in known:
                 continue
-            info = read_info(path)
+            try:  # read as the file's owner: what the daemon catalogues is what its owner could read
+                with acting_as(owner_of(path)):
+                    info = read_info(path)
+            except OSError:  # its owner cannot read it, or the daemon may not act as its owner
+                continue
             if info.ok and not info.job:
                 continue  # a foreign safetensors file: watch mode's business, not ours
             self.record(info, verified=info.ok, reason=info.problem)
             added += 1
         return added
+
+
+def _missing(path: str) -> bool:
+    """Gone for sure: a path the daemon cannot reach (another uid's 0700 directory, for a service
+    user) is not gone, it is checked as its owner when its job comes back."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _checkpoint_files(roots: Sequence[str]) -> list[str]:

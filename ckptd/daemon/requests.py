@@ -1,7 +1,9 @@
 """The CLI's requests to the running daemon: status, list, latest, pin/unpin, gc.
 
 Each handler takes the daemon and the asking session and returns the reply's fields;
-what a uid may see or touch is ``ckptd.daemon.access``'s rule. A refusal is a reply with ``ok: false``, never a
+what a uid may see or touch is ``ckptd.daemon.access``'s rule. A job's files are read and
+changed with the job owner's rights (``owner_of_job``), a path the client names is resolved
+with the client's own (``ckptd.disk.owner``). A refusal is a reply with ``ok: false``, never a
 dropped connection.
 """
 
@@ -16,6 +18,7 @@ from ckptd.core.policy import next_due_step
 from ckptd.core.vocab import NEVER
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.session import Host, Session
+from ckptd.disk.owner import Identity, acting_as
 from ckptd.disk.remove import inside
 from ckptd.disk.scan import read_info, set_pinned
 from ckptd.disk.verify import verify_file
@@ -46,7 +49,8 @@ def handle(d: Host, session: Session, msg: dict[str, Any]) -> None:
 def memory(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     """A restarted trainer's resume: the job's newest verified snapshot from the memory tier, to
     its owner (or a privileged uid) only; ``step: null`` when the daemon holds none."""
-    key = JobKey(msg["job"], d.access.directory(msg["directory"], session.uid))
+    with acting_as(session.identity):
+        key = JobKey(msg["job"], d.access.directory(msg["directory"], session.uid))
     owner = d.catalog.job_owner(key)
     if owner != session.uid and not d.access.privileged(session.uid):
         raise PermissionError(f"job {key.name} in {key.directory} is not uid {session.uid}'s")
@@ -124,21 +128,32 @@ def latest(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     if len(directories) > 1:
         raise ValueError(f"{len(directories)} jobs are named {job}: ask for one by its directory "
                          f"(ckptd latest DIR): {', '.join(directories)}")
-    found = first_verified(reversed(rows), lambda r: verify_file(r.path))
+    owners = {r.path: d.catalog.owner(r.key, r.path) for r in rows}
+
+    def verify_as_owner(r: Any) -> Any:
+        with acting_as(owners[r.path]):
+            return verify_file(r.path)
+
+    found = first_verified(reversed(rows), verify_as_owner)
     if found is None:
         raise ValueError(f"job {job} has no checkpoint that verifies now")
     return {"path": found.path}
 
 
 def pin(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
-    path = os.path.realpath(msg["path"])
+    with acting_as(session.identity):  # the client's path, resolved as the client would
+        path = os.path.realpath(msg["path"])
     if not inside(path, d.roots):
         raise PermissionError(f"{path} is outside the daemon's roots")
-    info = read_info(path)
+    row = d.catalog.row(path)
+    who = d.catalog.owner(row.key, path) if row is not None else session.identity  # a catalogued job's: its owner's
+    with acting_as(who):
+        info = read_info(path)
     if not info.ok or not d.access.visible(session.uid, JobKey(info.job, os.path.dirname(path))):
         raise PermissionError(f"{path} is not a checkpoint of a job of uid {session.uid}")
     pinned = msg["type"] == "pin"
-    set_pinned(path, pinned, d.roots)
+    with acting_as(who):
+        set_pinned(path, pinned, d.roots)
     d.catalog.set_pinned(path, pinned)
     return {"path": path, "pinned": pinned}
 
@@ -153,7 +168,8 @@ def gc(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     jobs = [j for j in jobs if d.access.visible(session.uid, j.key)]
     out = []
     for j in jobs:
-        verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
+        with acting_as(Identity.of(j.uid)):
+            verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
         if not dry:
             d.ledger.removed(j.key, removals)
         out += [{"job": j.name, "directory": j.directory, "path": v.item.id, "step": v.item.step, "keep": v.keep,

@@ -28,8 +28,10 @@ from ckptd.daemon.jobstate import JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.memtier import MemoryTier
 from ckptd.daemon.uploads import Uploads
+from ckptd.disk.owner import Identity, acting_as, as_daemon
 from ckptd.disk.persist import Persisted, PersistError, seal
 from ckptd.disk.preflight import TargetError, check_job
+from ckptd.disk.remove import Removal
 from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.target import Target
 from ckptd.save.pipeline import Hooks, commit_unit, failure, save_unit
@@ -76,6 +78,7 @@ class Session:
         self.daemon = daemon
         self.sock = sock
         self.pid, self.uid, self.gid = protocol.peer_credentials(sock)
+        self.identity = Identity.of(self.uid, self.gid)  # the rights its job's files are touched with
         self.job: JobState | None = None
         self.kwargs: dict[str, Any] | None = None  # the trainer's own settings: a reload resolves them again
         self.ended = False
@@ -140,7 +143,8 @@ class Session:
             raise protocol.ProtocolError("hello sent twice")
         try:
             job = check_job(msg["job"])
-            directory = self.daemon.access.directory(msg["directory"], self.uid)
+            with acting_as(self.identity):  # resolved as the client would: no oracle, no other uid's path
+                directory = self.daemon.access.directory(msg["directory"], self.uid)
             self.daemon.access.job(JobKey(job, directory), self.uid)
             kwargs = parse_table(msg["settings"], f"job {job}")
             settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
@@ -148,8 +152,9 @@ class Session:
             if settings.get("remote"):
                 self.daemon.access.remote(settings["remote"])
             if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
-                settings["quarantine_dir"] = self.daemon.access.directory(settings["quarantine_dir"], self.uid,
-                                                                             must_exist=False)
+                with acting_as(self.identity):
+                    settings["quarantine_dir"] = self.daemon.access.directory(settings["quarantine_dir"], self.uid,
+                                                                                 must_exist=False)
         except (TargetError, SettingsError, ValueError, PermissionError) as exc:
             self.send({"type": "error", "error": str(exc)})
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
@@ -249,8 +254,9 @@ class Session:
         """Executor thread: the save pipeline (``ckptd.save.pipeline``), then the reply."""
         reply: dict[str, Any] = {"type": "saved", "id": msg["id"], "step": msg["step"]}
         try:
-            result = save_unit(self._target(job), fd, msg["length"], msg["filename"], msg["step"],
-                               self._hooks(job, msg, ("stall",)))
+            with acting_as(self.identity):  # every file of the save as its owner (ckptd.disk.owner)
+                result = save_unit(self._target(job), fd, msg["length"], msg["filename"], msg["step"],
+                                   self._hooks(job, msg, ("stall",)))
             reply.update(ok=True, path=result.path)
             self._keep_in_memory(job, fd, msg, result.path)
         except Exception as exc:  # never lose the daemon to one save
@@ -285,7 +291,8 @@ class Session:
         (That a snapshot is the job and step it claimed was checked by ``persist`` before a
         byte was written: ``save_unit`` passes them as ``expect``.) A sharded ``unit`` was
         announced, not sent: its step counts only now, and the catalogue drops the units
-        its ranks' retention removed meanwhile."""
+        its ranks' retention removed meanwhile. They run inside the owner's rights (the files)
+        and step back to the daemon's for its own records (``as_daemon``)."""
         d = self.daemon
         seen: dict[str, Checkpoint] = {}  # the header read at commit, for the upload too
 
@@ -295,18 +302,27 @@ class Session:
                 with d.lock:
                     job.last_saved_step = max(job.last_saved_step, info.step)
                     job.step = max(job.step, info.step)
-                d.catalog.forget(r.path for r in d.catalog.checkpoints(*job.key) if not os.path.exists(r.path))
-            d.catalog.record(info, verified=True)
-            d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, reported)},
-                             _reported_seconds(msg, ("cost",)).get("cost"))
+                with as_daemon():
+                    rows = d.catalog.checkpoints(*job.key)
+                gone = [r.path for r in rows if not os.path.exists(r.path)]
+            with as_daemon():
+                if unit:
+                    d.catalog.forget(gone)
+                d.catalog.record(info, verified=True)
+                d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, reported)},
+                                 _reported_seconds(msg, ("cost",)).get("cost"))
 
         def replicate(result: Persisted) -> None:
             if job.settings.get("remote"):
                 info = seen.get(result.path) or read_info(result.path)
-                d.uploads.submit(job.key, job.settings, result.path, info.created)
+                with as_daemon():
+                    d.uploads.submit(job.key, job.settings, result.path, info.created)
 
-        return Hooks(removed=lambda removed: d.ledger.removed(job.key, removed), committed=committed,
-                     replicate=replicate)
+        def removed(removals: list[Removal]) -> None:
+            with as_daemon():
+                d.ledger.removed(job.key, removals)
+
+        return Hooks(removed=removed, committed=committed, replicate=replicate)
 
     def _committed(self, msg: dict[str, Any]) -> None:
         """A sharded checkpoint its ranks wrote and agreed on: stages 5-7 of the pipeline
@@ -318,12 +334,15 @@ class Session:
             d.save_failed(job, trigger, PersistError(FailReason.of(msg.get("reason", FailReason.UNCOMMITTED)),
                                                      str(msg.get("error"))))
             return
-        path = os.path.realpath(msg["path"])
-        if os.path.dirname(path) != os.path.realpath(job.directory):
+        with acting_as(self.identity):
+            path = os.path.realpath(msg["path"])
+            inside_job = os.path.dirname(path) == os.path.realpath(job.directory)
+        if not inside_job:
             raise protocol.ProtocolError(f"committed: {msg['path']} is not in the job's directory")
         try:
-            commit_unit(self._target(job), os.path.basename(path), msg["step"],
-                        self._hooks(job, {**msg, "trigger": trigger}, ("stall", "persist", "verify"), unit=True))
+            with acting_as(self.identity):
+                commit_unit(self._target(job), os.path.basename(path), msg["step"],
+                            self._hooks(job, {**msg, "trigger": trigger}, ("stall", "persist", "verify"), unit=True))
         except Exception as exc:  # refused by the guard, or it does not verify: a failed save, counted
             d.save_failed(job, trigger, failure(exc, msg["step"]))
 

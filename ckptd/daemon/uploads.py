@@ -20,7 +20,8 @@ from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.metrics import Metrics
-from ckptd.disk.remove import inside
+from ckptd.disk.owner import acting_as, as_daemon
+from ckptd.disk.remove import Removal, inside
 from ckptd.disk.target import Target
 from ckptd.remote.listing import RemoteCheckpoint
 from ckptd.remote.stores import RemoteError
@@ -72,8 +73,17 @@ class Uploads:
         self.uploader.close(timeout=timeout)  # an upload cut off here is resumed by the next start's resync
 
     def _pruner(self, target: Target, key: JobKey) -> Callable[[], None]:
-        """Local retention for a job, once a checkpoint of it is remote."""
-        return lambda: prune(target, lambda removed: self.ledger.removed(key, removed))
+        """Local retention for a job, once a checkpoint of it is remote: with the job owner's rights
+        (``ckptd.disk.owner``), the catalogue with the daemon's."""
+        def removed(removals: list[Removal]) -> None:
+            with as_daemon():
+                self.ledger.removed(key, removals)
+
+        def after() -> None:
+            who = self.catalog.owner(key, key.directory)
+            with acting_as(who):
+                prune(target, removed)
+        return after
 
     def _replicated(self, u: Upload, commit: RemoteCheckpoint, remote: list[RemoteCheckpoint]) -> None:
         m, key = self.metrics, u.key

@@ -41,6 +41,7 @@ from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.metrics import Metrics
+from ckptd.disk.owner import Identity, OwnerError, acting_as, as_daemon, owner_of
 from ckptd.disk.remove import Removal
 from ckptd.disk.remove import apply as apply_removals
 from ckptd.disk.safepath import open_regular
@@ -207,31 +208,27 @@ class Watcher(FileSystemEventHandler):
         self._check_expected(now)
 
     def _adopt(self, path: str, now: float, kinds: dict[str, str | None]) -> bool:
-        parent = os.path.dirname(path)
-        if parent not in kinds:  # once per directory per tick: listing it per file was quadratic
-            kinds[parent] = foreign.dir_kind(parent)
-        found = foreign.classify(path, parent_is_plain=kinds[parent] is None)
-        if found is None or (self.pattern and not fnmatch.fnmatch(os.path.basename(path), self.pattern)):
+        """A settled unit judged with the rights of its owner (``st_uid`` of the file or directory,
+        with that uid's groups): a link to a file its owner may not read fails as it would for them."""
+        try:
+            who = owner_of(path)
+        except OSError:  # gone meanwhile
             with self._lock:
                 self.pending.pop(path, None)
             return False
-        reason = foreign.incomplete(found)
-        first = self.incomplete_since.setdefault(path, now) if reason is not None else now
-        if reason is not None and now - first < self.abandon_after:
-            log.debug("%s not complete yet: %s", path, reason)
+        try:
+            with acting_as(who):
+                judged = self._judge(path, now, kinds)
+        except OwnerError as exc:
+            log.error("watch %s: %s not adopted: %s", self.root, path, exc)
+            judged = None
+        if judged is None:
             with self._lock:
-                self.pending[path] = now  # look again after another settle period
+                self.pending.pop(path, None)
             return False
-        if reason is not None:
-            log.warning("%s has been incomplete for %.0fs with no writes: judging it as it is", path, now - first)
-        self.incomplete_since.pop(path, None)
-        with self._lock:
-            self.pending.pop(path, None)
-        result = self._unchanged(found, foreign.verify(found))
-        info = Checkpoint(found.path, self.job, found.step if found.step is not None else -1, found.bytes,
-                          found.mtime, trigger=Trigger.WATCH, rule=found.kind, pinned=is_pinned(found.path),
-                          problem="" if result.ok else result.reason,
-                          digests=_digests(found) if result.ok else {})
+        if isinstance(judged, str):  # "later": not complete yet
+            return False
+        info, result = judged
         self.ctx.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome,
                                    directory=self.root)
         self.ctx.ledger.adopted(self.key, info, result.outcome)
@@ -242,10 +239,39 @@ class Watcher(FileSystemEventHandler):
             log.error("watched checkpoint %s failed verification: %s", path, result.reason)
         return True
 
-    def _unchanged(self, found: foreign.Found, result: VerifyResult) -> VerifyResult:
+    def _judge(self, path: str, now: float, kinds: dict[str, str | None]) -> tuple[Checkpoint, VerifyResult] | str | None:
+        """As the unit's owner: None, not a unit (any more); "later", not complete yet (looked at
+        again after another settle period); else what to catalogue."""
+        parent = os.path.dirname(path)
+        if parent not in kinds:  # once per directory per tick: listing it per file was quadratic
+            kinds[parent] = foreign.dir_kind(parent)
+        found = foreign.classify(path, parent_is_plain=kinds[parent] is None)
+        if found is None or (self.pattern and not fnmatch.fnmatch(os.path.basename(path), self.pattern)):
+            return None
+        reason = foreign.incomplete(found)
+        first = self.incomplete_since.setdefault(path, now) if reason is not None else now
+        if reason is not None and now - first < self.abandon_after:
+            log.debug("%s not complete yet: %s", path, reason)
+            with self._lock:
+                self.pending[path] = now  # look again after another settle period
+            return "later"
+        if reason is not None:
+            log.warning("%s has been incomplete for %.0fs with no writes: judging it as it is", path, now - first)
+        self.incomplete_since.pop(path, None)
+        with self._lock:
+            self.pending.pop(path, None)
+        with as_daemon():
+            row = self.ctx.catalog.row(found.path)
+        result = self._unchanged(found, foreign.verify(found), row)
+        info = Checkpoint(found.path, self.job, found.step if found.step is not None else -1, found.bytes,
+                          found.mtime, trigger=Trigger.WATCH, rule=found.kind, pinned=is_pinned(found.path),
+                          problem="" if result.ok else result.reason,
+                          digests=_digests(found) if result.ok else {})
+        return info, result
+
+    def _unchanged(self, found: foreign.Found, result: VerifyResult, row: Any) -> VerifyResult:
         """A unit judged again with its mtime and size as catalogued must still have the bytes
         it had at adoption: other formats store no digests, so this is how rot shows."""
-        row = self.ctx.catalog.row(found.path)
         if not result.ok or row is None or not row.digests or row.bytes != found.bytes \
                 or abs(row.created - found.mtime) > 1e-3:
             return result
@@ -293,14 +319,20 @@ class Watcher(FileSystemEventHandler):
             if owner is not None:
                 groups.setdefault((owner, os.path.dirname(unit)), []).append(
                     retention.item_of(unit, NEVER, now, 0, in_flight=True))
-        for items in groups.values():
+        for (owner, _), items in groups.items():
             verdicts = [v for v in retention.plan(items, rules, now) if not v.item.in_flight]
             if self.dry_run:
                 for v in verdicts:
                     log.info("watch %s: would %s %s (%s)", self.root, "keep" if v.keep else "delete", v.item.id,
                              ", ".join(v.reasons))
                 continue
-            self.ctx.ledger.removed(self.key, self._apply(verdicts))
+            try:
+                with acting_as(Identity.of(owner)):  # deletions and quarantine moves as the owner could
+                    removals = self._apply(verdicts)
+            except OwnerError as exc:
+                log.error("watch %s: retention for uid %d not applied: %s", self.root, owner, exc)
+                continue
+            self.ctx.ledger.removed(self.key, removals)
 
     def _apply(self, verdicts: list[retention.Verdict]) -> list[Removal]:
         """Deletions; with ``on_corrupt = "quarantine"`` the corrupt ones are moved aside instead
@@ -324,7 +356,7 @@ class Watcher(FileSystemEventHandler):
         needed = set()
         for parent, unit in newest.items():
             try:
-                with open_regular(os.path.join(unit.path, "trainer_state.json")) as f:
+                with acting_as(owner_of(unit.path)), open_regular(os.path.join(unit.path, "trainer_state.json")) as f:
                     best = json.load(f).get("best_model_checkpoint")
             except (OSError, ValueError, AttributeError):
                 continue
