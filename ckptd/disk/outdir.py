@@ -107,17 +107,21 @@ def _step(fd: int, part: str, path: str, created: list[tuple[int, str]]) -> int:
         try:
             nxt = os.open(part, _DIR, dir_fd=fd)
         except OSError as exc:
-            _refuse(exc, part, path)
+            _refuse(exc, fd, part, path)
     except OSError as exc:
-        _refuse(exc, part, path)
+        _refuse(exc, fd, part, path)
     if not created or created[-1][0] != fd:
         os.close(fd)
     return nxt
 
 
-def _refuse(exc: OSError, part: str, path: str) -> NoReturn:
+def _refuse(exc: OSError, fd: int, part: str, path: str) -> NoReturn:
     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-        what = "a symbolic link" if exc.errno == errno.ELOOP else "not a directory"
+        try:
+            link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+        except OSError:
+            link = exc.errno == errno.ELOOP
+        what = "a symbolic link" if link else "not a directory"
         raise OutputError(f"OUT_DIR {path}: {part} is {what}; an export never writes through a link "
                           "(give the directory's real path)") from None
     raise exc
