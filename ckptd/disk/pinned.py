@@ -16,7 +16,7 @@ import os
 import stat
 from typing import BinaryIO
 
-__all__ = ["FILE_FLAGS", "Pinned", "open_file_at", "unreadable"]
+__all__ = ["FILE_FLAGS", "Pinned", "open_file_at", "regular", "unreadable"]
 
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -26,10 +26,14 @@ def open_file_at(dir_fd: int, name: str) -> int:
     """An fd of the regular file ``name`` directly below ``dir_fd`` (no link, no other type)."""
     if not name or "/" in name or name in (".", ".."):
         raise OSError(errno.EINVAL, f"{name!r} is not a file name")
-    fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    return regular(os.open(name, FILE_FLAGS, dir_fd=dir_fd), name)
+
+
+def regular(fd: int, label: str) -> int:
+    """``fd`` (opened ``O_NONBLOCK``) made blocking if it is a regular file; else closed, and an error."""
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"{name} is not a regular file")
+            raise OSError(errno.EINVAL, f"{label} is not a regular file")
         os.set_blocking(fd, True)
     except OSError:
         os.close(fd)
