@@ -5,7 +5,8 @@ keeps it, and every verdict names its rules ("keep_last #2", "keep_daily #3"), s
 ``ckptd gc --dry-run`` can say exactly why each file stays or goes. Time is an
 argument. Guarantees (property-tested):
 
-- the newest verified checkpoint is never deleted, whatever the rules;
+- the newest verified checkpoint is never deleted, whatever the rules; one that refers to a
+  holder that is not itself verified does not count as verified;
 - pinned and in-flight checkpoints are never deleted, nor are checkpoints that have
   not been judged yet (unverified is not corrupt);
 - corrupt checkpoints and abandoned partial files always go;
@@ -101,13 +102,15 @@ def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
     """A verdict for every item, newest first."""
     ordered = _order(items)
     reasons: dict[str, list[Reason]] = {i.id: [] for i in ordered}
-    good = [i for i in ordered if i.verified and not i.corrupt and not i.partial and not i.in_flight]
+    sound = [i for i in ordered if i.verified and not i.corrupt and not i.partial and not i.in_flight]
+    good = _complete(sound)
+    incomplete = {i.id for i in sound} - {i.id for i in good}
     for i in ordered:
         if i.in_flight:
             reasons[i.id].append(Reason(Rule.IN_FLIGHT))
         elif i.corrupt or i.partial:
             continue
-        elif not i.verified:
+        elif not i.verified or i.id in incomplete:
             reasons[i.id].append(Reason(Rule.UNVERIFIED))
     if good:
         reasons[good[0].id].append(Reason(Rule.NEWEST_VERIFIED))
@@ -136,6 +139,18 @@ def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
     _keep_referenced(ordered, reasons)
     return [Verdict(i, bool(reasons[i.id]), tuple(reasons[i.id]) if reasons[i.id] else (_why_delete(i),))
             for i in ordered]
+
+
+def _complete(good: list[Item]) -> list[Item]:
+    """The good items whose holders are good too, transitively: one that refers to a holder that is
+    gone, corrupt, partial or itself incomplete is not verified (SPEC §13: complete only when every
+    tensor it references is present and verified), so it is never the newest verified one."""
+    while True:
+        ids = {i.id for i in good}
+        kept = [i for i in good if all(h in ids for h in i.refs)]
+        if len(kept) == len(good):
+            return kept
+        good = kept
 
 
 def _keep_referenced(ordered: list[Item], reasons: dict[str, list[Reason]]) -> None:

@@ -15,23 +15,34 @@ file instead of holding it. An export writes the model's tensors under the model
 Torch-free and streaming: each tensor's bytes are copied from the checkpoint (or its holder)
 into the new file in chunks, so exporting a 14 GB base needs a few MiB of memory. The unit is
 verified first (every tensor, references followed); a corrupt one is not exported.
+
+What is copied is what was verified: the unit and each of its holders are opened once, without
+following a link (``ckptd.disk.pinned``), verified through those fds, and copied from the same
+fds, each tensor hashed again on the way and compared with the digest it verified with (a file
+rewritten in place in between fails the export instead of passing). Outputs are created only as
+``ckptd.disk.outdir`` allows: OUT_DIR reached without a link and owned by the caller, each file
+new (``O_EXCL | O_NOFOLLOW``, a random temp name) and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable, Iterator
+
+import xxhash
 
 from ckptd.core.format import TensorEntry, encode_header, layout, read_header
 from ckptd.core.meta import HF_CONFIG, PEFT_CONFIG
 from ckptd.core.refs import decode
 from ckptd.disk import manifest as mf
-from ckptd.disk.persist import temp_name
-from ckptd.disk.safepath import fsync_dir, open_regular
-from ckptd.disk.verify import verify_file, verify_unit
+from ckptd.disk.outdir import OutDir, OutputError
+from ckptd.disk.pinned import Pinned, unreadable
+from ckptd.disk.verify import verify_pinned, verify_unit
 
 __all__ = ["FORMATS", "ExportError", "Exported", "export"]
 
@@ -47,11 +58,13 @@ class ExportError(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    """Where one exported tensor's bytes are: a file and their absolute offsets in it."""
+    """Where one exported tensor's bytes are: a verified fd, their absolute offsets in it, their digest."""
 
-    file: str
+    fd: int
+    label: str  # the file's name, for messages
     start: int
     entry: TensorEntry  # dtype, shape and length (its begin/end are the source's, unused in the output)
+    digest: str  # xxh3-64 the bytes verified with
 
 
 @dataclass
@@ -71,70 +84,130 @@ def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress
            rank: int | None = None) -> Exported:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
-    if os.path.isdir(unit):
+    if os.path.isdir(unit) and not os.path.islink(unit):
         return _export_unit(unit, out_dir, fmt, adapter, progress, rank)
-    result = verify_file(unit)
+    try:
+        pins = Pinned.beside(unit)
+    except OSError as exc:
+        raise ExportError(f"{unit}: {unreadable(exc, unit)}") from None
+    with pins:
+        return _export_file(pins, os.path.basename(unit), unit, out_dir, fmt, adapter, progress)
+
+
+def _export_file(pins: Pinned, name: str, unit: str, out_dir: str, fmt: str, adapter: str,
+                 progress: Progress | None) -> Exported:
+    result = verify_pinned(pins, name, unit)
     if not result.ok:
         raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
     meta = result.metadata
-    sources = _model_tensors(unit, meta)
+    sources = _model_tensors(pins, name, meta)
     if not sources:
         raise ExportError(f"{unit} holds no model weights (no model= was given to the Checkpointer)")
-    os.makedirs(out_dir, exist_ok=True)
-    done = Exported(unit, fmt)
     if fmt == "peft":
         config = _peft_config(unit, meta, adapter)
-        _write_model(out_dir, "adapter_model", _adapter_tensors(sources, adapter, unit), done, progress, shard=False)
-        _write_json(out_dir, "adapter_config.json", config, done)
+        picked = _adapter_tensors(sources, adapter, unit)
+        with _output(out_dir) as out:
+            done = Exported(unit, fmt)
+            _write_model(out, "adapter_model", picked, done, progress, shard=False)
+            _write_json(out, "adapter_config.json", config, done)
         return done
     if fmt == "hf" and PEFT_CONFIG in meta:
         raise ExportError(f"{unit} is a PEFT model: export its adapter with --format peft (or merge the adapter "
                           "into the base and save that)")
-    if fmt == "hf":
-        hf_config = meta.get(HF_CONFIG)
-        if not hf_config:
-            raise ExportError(f"{unit} recorded no HF config (the model had no .config): use --format safetensors")
-        _write_json(out_dir, "config.json", json.loads(hf_config), done)
-    _write_model(out_dir, "model", sources, done, progress, shard=True)
+    hf_config = meta.get(HF_CONFIG)
+    if fmt == "hf" and not hf_config:
+        raise ExportError(f"{unit} recorded no HF config (the model had no .config): use --format safetensors")
+    with _output(out_dir) as out:
+        done = Exported(unit, fmt)
+        if fmt == "hf" and hf_config:
+            _write_json(out, "config.json", json.loads(hf_config), done)
+        _write_model(out, "model", sources, done, progress, shard=True)
     return done
+
+
+class _output:
+    """OUT_DIR opened as ``outdir`` allows, closed durable on success, undone on failure."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.out = OutDir.open(path)
+        except OutputError as exc:
+            raise ExportError(str(exc)) from None
+
+    def __enter__(self) -> OutDir:
+        return self.out
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        self.out.close(ok=kind is None)
 
 
 def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: Progress | None,
                  rank: int | None) -> Exported:
     """A sharded unit: a ``dcp`` one (FSDP2, DTensor) consolidated into one state dict by
     torch.distributed.checkpoint's own reader and planner, in this process; a ``per-rank`` one
-    holds each rank's own tensors, so one rank's (``rank``) is exported as a single file is."""
-    result = verify_unit(unit)
-    if not result.ok:
-        raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
-    m = mf.read(unit)
-    if m.layout != mf.DCP:
-        if rank is None:
-            raise ExportError(f"{unit} holds each rank's own tensors (per-rank layout, {m.world_size} ranks): "
-                              "export one rank's with --rank R")
-        if not 0 <= rank < m.world_size:
-            raise ExportError(f"{unit} has ranks 0..{m.world_size - 1}, not {rank}")
-        return export(os.path.join(unit, mf.shard_name(rank, m.world_size)), out_dir, fmt, adapter, progress)
-    if fmt != "safetensors":
-        raise ExportError(f"{unit}: a consolidated DCP unit exports as --format safetensors (no HF or PEFT config "
-                          "is recorded for sharded state)")
-    tensors = _consolidated(unit)
+    holds each rank's own tensors, so one rank's (``rank``) is exported as a single file is.
+    Either way from the shard fds ``verify_unit`` verified."""
+    try:
+        pins = Pinned.at(unit, nofollow=True)
+    except OSError as exc:
+        raise ExportError(f"{unit}: {unreadable(exc, unit)}") from None
+    with pins:
+        result = verify_unit(unit, pins=pins)
+        if not result.ok:
+            raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
+        m = mf.read(pins.proc_path)
+        if m.layout != mf.DCP:
+            if rank is None:
+                raise ExportError(f"{unit} holds each rank's own tensors (per-rank layout, {m.world_size} ranks): "
+                                  "export one rank's with --rank R")
+            if not 0 <= rank < m.world_size:
+                raise ExportError(f"{unit} has ranks 0..{m.world_size - 1}, not {rank}")
+            name = mf.shard_name(rank, m.world_size)
+            return _export_file(pins, name, os.path.join(unit, name), out_dir, fmt, adapter, progress)
+        if fmt != "safetensors":
+            raise ExportError(f"{unit}: a consolidated DCP unit exports as --format safetensors (no HF or PEFT "
+                              "config is recorded for sharded state)")
+        with _verified_view(pins) as view:
+            tensors = _consolidated(view)
     if not tensors:
         raise ExportError(f"{unit} holds no model weights")
-    os.makedirs(out_dir, exist_ok=True)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    data = save(tensors, metadata={"format": "pt"})
     done = Exported(unit, fmt)
-    path = os.path.join(out_dir, "model.safetensors")
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.rename(path + ".tmp", path)
-    fsync_dir(out_dir)
-    done.files.append(path)
+    with _output(out_dir) as out:
+        done.files.append(out.write("model.safetensors", lambda fd: _write_all(fd, data)))
     done.tensors = len(tensors)
     done.bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     if progress is not None:
         progress(done.bytes, done.bytes)
     return done
+
+
+class _verified_view:
+    """A private directory (0700, the caller's) of links to the verified shard fds themselves
+    (``/proc/PID/fd/N``, which the kernel resolves to the open file, not to a name), for torch's
+    reader, which opens files by path: it reads the shards that verified, whatever the unit's
+    names point to by now."""
+
+    def __init__(self, pins: Pinned) -> None:
+        self.pins = pins
+        self.path = tempfile.mkdtemp(prefix="ckptd-export-")
+
+    def __enter__(self) -> str:
+        for name in self.pins.names():
+            os.symlink(f"/proc/{os.getpid()}/fd/{self.pins.fd(name)}", os.path.join(self.path, name))
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view[:CHUNK])
+        view = view[n:]
 
 
 def _consolidated(unit: str) -> dict[str, Any]:
@@ -162,21 +235,25 @@ def _flat(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _model_tensors(path: str, meta: dict[str, str]) -> dict[str, Source]:
-    """``model/<key>`` -> where its bytes are: stored in the unit, referenced, or tied to another."""
-    with open_regular(path) as f:
-        header = read_header(f, os.fstat(f.fileno()).st_size)
-    out = {e.name: Source(path, header.data_start + e.begin, e) for e in header.tensors}
-    directory = os.path.dirname(path)
-    for name, r in decode(meta).items():
-        holder = os.path.join(directory, r.file)
-        with open_regular(holder) as f:
-            start = read_header(f, os.fstat(f.fileno()).st_size).data_start
-        out[name] = Source(holder, start + r.offsets[0], TensorEntry(name, r.dtype, r.shape, *r.offsets))
+def _model_tensors(pins: Pinned, name: str, meta: dict[str, str]) -> dict[str, Source]:
+    """``model/<key>`` -> where its bytes are: stored in the unit, referenced, or tied to another;
+    every one in a file ``pins`` verified (its fd, not its name)."""
+    f, size = pins.open(name)
+    with f:
+        header = read_header(f, size)
+    digests = header.meta_json("ckptd.digests", {}) or {}
+    out = {e.name: Source(pins.fd(name), name, header.data_start + e.begin, e, str(digests.get(e.name, "")))
+           for e in header.tensors}
+    for tensor, r in decode(meta).items():
+        f, size = pins.open(r.file)
+        with f:
+            start = read_header(f, size).data_start
+        out[tensor] = Source(pins.fd(r.file), r.file, start + r.offsets[0],
+                             TensorEntry(tensor, r.dtype, r.shape, *r.offsets), r.digest)
     for alias, stored in json.loads(meta.get("ckptd.aliases", "{}")).items():
         if stored in out:
             out[alias] = out[stored]
-    return {name[len("model/"):]: s for name, s in sorted(out.items()) if name.startswith("model/")}
+    return {n[len("model/"):]: s for n, s in sorted(out.items()) if n.startswith("model/")}
 
 
 def _peft_config(unit: str, meta: dict[str, str], adapter: str) -> dict[str, object]:
@@ -201,7 +278,7 @@ def _adapter_tensors(sources: dict[str, Source], adapter: str, unit: str) -> dic
     return picked
 
 
-def _write_model(out_dir: str, stem: str, sources: dict[str, Source], done: Exported,
+def _write_model(out: OutDir, stem: str, sources: dict[str, Source], done: Exported,
                  progress: Progress | None, shard: bool) -> None:
     groups = _shards(sources) if shard else [list(sources)]
     total = sum(s.entry.nbytes for s in sources.values())
@@ -209,11 +286,10 @@ def _write_model(out_dir: str, stem: str, sources: dict[str, Source], done: Expo
         [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map: dict[str, str] = {}
     for name, keys in zip(names, groups):
-        _write_safetensors(os.path.join(out_dir, name), {k: sources[k] for k in keys}, done, progress, total)
+        _write_safetensors(out, name, {k: sources[k] for k in keys}, done, progress, total)
         weight_map.update({k: name for k in keys})
-        done.files.append(os.path.join(out_dir, name))
     if len(groups) > 1:
-        _write_json(out_dir, f"{stem}.safetensors.index.json",
+        _write_json(out, f"{stem}.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": weight_map}, done)
 
 
@@ -229,47 +305,43 @@ def _shards(sources: dict[str, Source]) -> list[list[str]]:
     return groups
 
 
-def _write_safetensors(path: str, sources: dict[str, Source], done: Exported, progress: Progress | None,
-                       total: int) -> None:
-    """A temp file beside it, every tensor's bytes copied in, fsync, rename: never half an export."""
+def _write_safetensors(out: OutDir, name: str, sources: dict[str, Source], done: Exported,
+                       progress: Progress | None, total: int) -> None:
+    """A new temp file in OUT_DIR, every tensor's bytes copied in, fsync, rename: never half an export."""
     entries = layout([(k, s.entry.dtype, tuple(s.entry.shape)) for k, s in sources.items()])
     header = encode_header(entries, {"format": "pt"})
-    tmp = os.path.join(os.path.dirname(path), temp_name(os.path.basename(path)))
-    try:
-        with open(tmp, "xb") as out:
-            out.write(header)
-            for e in entries:
-                _copy(sources[e.name], out)
-                done.tensors += 1
-                done.bytes += e.nbytes
-                if progress is not None:
-                    progress(done.bytes, total)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(tmp, path)
-        fsync_dir(os.path.dirname(path))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def fill(fd: int) -> None:
+        _write_all(fd, header)
+        for e in entries:
+            for chunk in _verified_bytes(sources[e.name]):
+                _write_all(fd, chunk)
+            done.tensors += 1
+            done.bytes += e.nbytes
+            if progress is not None:
+                progress(done.bytes, total)
+
+    done.files.append(out.write(name, fill))
 
 
-def _copy(s: Source, out: BinaryIO) -> None:
-    with open_regular(s.file) as f:
-        f.seek(s.start)
-        left = s.entry.nbytes
-        while left > 0:
-            chunk = f.read(min(CHUNK, left))
-            if not chunk:
-                raise ExportError(f"{s.file} ends inside {s.entry.name!r}")
-            out.write(chunk)
-            left -= len(chunk)
+def _verified_bytes(s: Source) -> Iterator[bytes]:
+    """One tensor's bytes, read from the verified fd, and hashed again on the way: bytes changed
+    since they verified (the file rewritten in place) fail the export instead of being written."""
+    h = xxhash.xxh3_64()
+    pos, left = s.start, s.entry.nbytes
+    while left > 0:
+        chunk = os.pread(s.fd, min(CHUNK, left), pos)
+        if not chunk:
+            raise ExportError(f"{s.label} ends inside {s.entry.name!r}")
+        h.update(chunk)
+        pos += len(chunk)
+        left -= len(chunk)
+        yield chunk
+    if s.digest and h.hexdigest() != s.digest:
+        raise ExportError(f"{s.label} changed while it was exported (tensor {s.entry.name!r} no longer has the "
+                          "digest it verified with): that output was discarded; export again")
 
 
-def _write_json(out_dir: str, name: str, doc: object, done: Exported) -> None:
-    path = os.path.join(out_dir, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(path + ".tmp", path)
-    done.files.append(path)
+def _write_json(out: OutDir, name: str, doc: object, done: Exported) -> None:
+    text = json.dumps(doc, indent=2, sort_keys=True).encode()
+    done.files.append(out.write(name, lambda fd: _write_all(fd, text)))

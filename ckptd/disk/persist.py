@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import secrets
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -41,8 +42,9 @@ from ckptd.core.format import (
 from ckptd.core.refs import REFS_KEY, decode
 from ckptd.core.vocab import FailReason
 from ckptd.disk.dedup import find_reused, reduced
+from ckptd.disk.pinned import Pinned
 from ckptd.disk.refs import check_refs, holders, opener_at
-from ckptd.disk.verify import VerifyResult, verify_file, verify_open
+from ckptd.disk.verify import VerifyResult, verify_open, verify_pinned
 
 __all__ = ["TEMP_MARK", "PersistError", "Persisted", "cleanup_temp", "persist", "reason_for", "seal", "temp_name"]
 
@@ -132,26 +134,55 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
 
 
 def _keep_referenced(dfd: int, directory: str, filename: str, header: Header) -> Persisted | None:
-    """The existing file of this name, when a checkpoint refers to it and it verifies (the same
-    job and step): the save is already there, and replacing it would break the references."""
+    """The existing file of this name, when the new save cannot replace it (a checkpoint on disk, or
+    the new snapshot itself, refers to it) and it verifies as this very save (the same job and step):
+    the save is already there, and replacing it would break the references.
+
+    Only a file the job's directory itself holds counts: opened once relative to its fd, never
+    through a link, a regular file with one link owned by the directory's owner (or written by this
+    process), and verified from that same fd with its references. Anything else under the name (a
+    symlink to another user's checkpoint, a FIFO, a hard link) is never kept: the new file replaces
+    it (a rename replaces the entry, it never follows it), or, when the snapshot refers to that
+    name, the save is refused because what it refers to is not there. The snapshot's references
+    (the client wrote them) only ever say "do not replace"; they never make anything trusted.
+    """
     try:
-        os.stat(filename, dir_fd=dfd, follow_symlinks=False)
+        st = os.stat(filename, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    referring = [r.file for r in decode(header.metadata).values()]
+    own = [r.file for r in decode(header.metadata).values()]
+    if not _own_file(st, os.fstat(dfd).st_uid):
+        if filename in own:  # what it refers to would be gone once it replaced this entry
+            raise PersistError(FailReason.VERIFY_FAILED, f"{directory}/{filename}: the snapshot refers to the file of "
+                                                         "its own name, and what has that name is not a checkpoint "
+                                                         "of the job's own (a link, or not a regular file)")
+        return None
+    referring = list(own)
     for name in os.listdir(dfd):
         if name != filename and name.endswith(".safetensors") and not name.startswith("."):
             referring += holders(_header_of(dfd, name))
     if filename not in referring:
         return None
     path = os.path.join(directory, filename)
-    existing = verify_file(path)
+    with Pinned(os.dup(dfd), directory) as pins:
+        try:
+            fd = pins.fd(filename)
+            same_file = _own_file(os.fstat(fd), os.fstat(dfd).st_uid)
+        except OSError:
+            same_file = False
+        existing = verify_pinned(pins, filename, path) if same_file else \
+            VerifyResult(path, False, "not a regular file of the job's own")
     same = existing.metadata.get("ckptd.job") == header.metadata.get("ckptd.job") and \
         existing.metadata.get("ckptd.step") == header.metadata.get("ckptd.step")
     if not (existing.ok and same):
         raise PersistError(FailReason.VERIFY_FAILED, f"{path} is referred to by other checkpoints and cannot be "
                                                      f"replaced: {existing.reason or 'another job or step'}")
     return Persisted(path, existing.bytes, existing.metadata, {"persist": 0.0, "verify": 0.0})
+
+
+def _own_file(st: os.stat_result, owner: int) -> bool:
+    """A regular file with no other name, of the directory's owner or of this process (the writer)."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid in (owner, os.geteuid())
 
 
 def _header_of(dfd: int, name: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ final name is never rewritten); ``verify_file``, resume and ``ckptd verify`` re-
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import BinaryIO, Callable, Mapping
 
@@ -17,7 +18,7 @@ import xxhash
 
 from ckptd.core.format import FormatError, read_header
 from ckptd.core.refs import Ref, RefError, decode
-from ckptd.disk.safepath import open_regular
+from ckptd.disk.pinned import open_file_at
 
 __all__ = ["check_refs", "holders", "opener_at", "read_referenced"]
 
@@ -25,16 +26,27 @@ CHUNK = 8 << 20
 Opener = Callable[[str], tuple[BinaryIO, int]]  # a holder's name -> (a readable file or stream, its size)
 
 
+# A holder that cannot be opened as a regular file beside the unit: one answer for all of these, so
+# that a reference (a symlink, a name in a directory the reader may not enter) tells nothing about
+# what lies behind it (docs/security.md, "Reading what was verified").
+_NOT_THERE = frozenset({errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOTDIR,
+                        errno.EISDIR, errno.ENXIO})
+
+
 def opener_at(directory: str | None = None, dir_fd: int | None = None) -> Opener:
-    """Open a holder by name in ``directory`` (or below ``dir_fd``, without following a link)."""
+    """Open a holder by name directly in ``directory`` (or below ``dir_fd``): a regular file, its
+    last component never a link (``ckptd.disk.pinned``). A reader that must copy what it verified
+    passes a ``Pinned.open`` instead, which opens each holder once."""
     def open_holder(name: str) -> tuple[BinaryIO, int]:
-        if dir_fd is None:
-            f = open_regular(os.path.join(directory or ".", name))
+        if dir_fd is not None:
+            fd = open_file_at(dir_fd, name)
         else:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-            os.set_blocking(fd, True)
-            f = os.fdopen(fd, "rb", buffering=0)
-        return f, os.fstat(f.fileno()).st_size
+            d = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = open_file_at(d, name)
+            finally:
+                os.close(d)
+        return os.fdopen(fd, "rb", buffering=0), os.fstat(fd).st_size
     return open_holder
 
 
@@ -79,11 +91,20 @@ def _check_holder(file: str, wanted: list[tuple[str, Ref]], open_holder: Opener,
                     return f"tensor {name!r} refers to {file}:{r.tensor}, which does not hold it"
                 if full and _hash(f, header.data_start + e.begin, e.nbytes) != r.digest:
                     return f"digest mismatch in tensor {name!r} (its bytes, in {file})"
-    except (FileNotFoundError, KeyError):
-        return f"referenced file {file} is missing (it holds {len(wanted)} of this checkpoint's tensors)"
-    except (OSError, FormatError, ValueError) as exc:
+    except KeyError:
+        return _missing(file, wanted)
+    except OSError as exc:
+        if exc.errno in _NOT_THERE:
+            return _missing(file, wanted)
+        return f"referenced file {file} cannot be read: {exc.strerror or exc}"
+    except (FormatError, ValueError) as exc:
         return f"referenced file {file} cannot be read: {getattr(exc, 'strerror', None) or exc}"
     return ""
+
+
+def _missing(file: str, wanted: list[tuple[str, Ref]]) -> str:
+    return (f"referenced file {file} is missing (no regular file of that name beside it that may be read; "
+            f"it holds {len(wanted)} of this checkpoint's tensors)")
 
 
 def _hash(f: BinaryIO, start: int, n: int) -> str:

@@ -10,10 +10,10 @@ deletion the daemon makes on behalf of a client goes through a directory fd from
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from typing import BinaryIO, Sequence
+
+from ckptd.disk.pinned import regular
 
 __all__ = ["DIR_FLAGS", "OutsideRoots", "fsync_dir", "open_dir", "open_regular", "relative_to_root"]
 
@@ -69,12 +69,4 @@ def open_regular(path: str) -> BinaryIO:
     ``open`` of a FIFO named ``x.safetensors`` blocks until someone writes to it, and
     with it the daemon's shared workers); the file type is then checked on the open fd.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"{path} is not a regular file")
-        os.set_blocking(fd, True)
-    except OSError:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb", buffering=0)
+    return os.fdopen(regular(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), path), "rb", buffering=0)

@@ -16,14 +16,17 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 from ckptd.core import quota as quota_mod
 from ckptd.core import retention
+from ckptd.core.format import FormatError, read_header
 from ckptd.core.vocab import FailReason, Problem, Reason, Rule
 from ckptd.disk.persist import PersistError
+from ckptd.disk.pinned import Pinned
 from ckptd.disk.preflight import free_bytes, min_free_bytes
+from ckptd.disk.refs import check_refs, opener_at
 from ckptd.disk.remove import Removal, apply
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.target import Target
 
-__all__ = ["Removed", "collect", "evaluate", "items_from", "make_room", "prune", "reserve"]
+__all__ = ["Removed", "collect", "evaluate", "items_from", "make_room", "prune", "reserve", "unresolved"]
 
 log = logging.getLogger("ckptd.store")
 Removed = Callable[[list[Removal]], None]
@@ -35,17 +38,47 @@ def _ignore(_: list[Removal]) -> None:
 
 def items_from(checkpoints: Sequence[Checkpoint], best_metric: str | None,
                replicated: Collection[str] | None = None) -> list[retention.Item]:
-    """Header facts -> retention items. A final name means verified at write time.
+    """Header facts -> retention items. A final name means verified at write time; a file that
+    refers to tensors it does not store is verified only while those references resolve
+    (``unresolved``), else it is "unverified": kept, but never the newest verified checkpoint,
+    so retention cannot delete the one that is in its place.
     ``replicated``: with a remote tier, the file names verified there (anything else is pending)."""
     out = []
+    broken = unresolved(checkpoints)
     for c in checkpoints:
         abandoned = c.fault == Problem.ABANDONED
+        if c.path in broken:
+            log.warning("ckptd: %s is not complete, so not counted as verified: %s", c.path, broken[c.path])
         out.append(retention.item_of(c.path, c.step, c.created, c.bytes, trigger=c.trigger, metrics=c.metrics,
-                                     best_metric=best_metric, verified=c.ok and not c.pending,
+                                     best_metric=best_metric, verified=c.ok and not c.pending
+                                     and c.path not in broken,
                                      corrupt=not c.ok and not abandoned, partial=abandoned, in_flight=c.pending,
                                      pinned=c.pinned, remote_pending=replicated is not None
                                      and os.path.basename(c.path) not in replicated,
                                      refs=tuple(os.path.join(os.path.dirname(c.path), f) for f in c.refs)))
+    return out
+
+
+def unresolved(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
+    """Path -> why its references do not resolve, for each file that has any: a holder missing,
+    not a regular file beside it, or not holding the tensor with that digest where the reference
+    says (a reference cycle is that: neither file holds what the other points to). Headers only,
+    read through the directory's fd without following a link; the bytes were verified when each
+    file was written, as for any final name."""
+    out: dict[str, str] = {}
+    for c in checkpoints:
+        if not c.refs or not c.ok or c.shards:
+            continue
+        try:
+            with Pinned.beside(c.path) as pins:
+                f, size = pins.open(os.path.basename(c.path))
+                with f:
+                    meta = read_header(f, size).metadata
+                problem = check_refs(meta, opener_at(dir_fd=pins.dir_fd), full=False)
+        except (OSError, FormatError) as exc:
+            problem = f"cannot read it again: {getattr(exc, 'strerror', None) or exc}"
+        if problem:
+            out[c.path] = problem
     return out
 
 
