@@ -52,6 +52,7 @@ class Triggers:
         self.policy, self.job, self.sharded = policy, job, sharded
         self.best_key = policy.best_metric
         self.last_saved_step = 0
+        self.last_trigger = ""  # what the save of last_saved_step was ("": none in this run)
         self.last_sched_at: float | None = None
         self.best: float | None = None  # the best metric among saved checkpoints
         self.time_due: str | None = None  # "every" or "cron" once a time rule fired
@@ -116,7 +117,7 @@ class Triggers:
         self.attention = not self.sharded and (self.time_due is not None or preempt_pending)
 
     def saved(self, step: int, trigger: str, metric: float | None, now: float) -> None:
-        self.last_saved_step = step
+        self.last_saved_step, self.last_trigger = step, trigger
         self.time_due = None
         if trigger in SCHEDULED:
             self.last_sched_at = now
@@ -126,7 +127,7 @@ class Triggers:
     def restart_at(self, step: int, saved_metrics: Sequence[float | None] = ()) -> None:
         """The run continues from ``step`` (a resume): nothing is due before the next rule; the
         best metric is the best among the checkpoints already saved."""
-        self.last_saved_step = step
+        self.last_saved_step, self.last_trigger = step, ""
         for v in saved_metrics:
             if pol.improves(self.policy, v, self.best):
                 self.best = v

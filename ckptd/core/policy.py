@@ -168,6 +168,9 @@ def decide(policy: SavePolicy, p: Progress, now: float) -> Decision:
             and now - p.last_scheduled_save_at < policy.min_interval):
         return Decision(False, "", "min_interval",
                         f"{now - p.last_scheduled_save_at:.1f}s since the last save, min_interval={policy.min_interval:g}s")
+    if policy.save_final and policy.total_steps is not None and p.step >= policy.total_steps:
+        # the run's last state: a best save here (an evaluation after the last step) is the final one too
+        return Decision(True, "final", wanted.rule)
     return wanted
 
 
