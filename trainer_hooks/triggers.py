@@ -39,12 +39,9 @@ def hook_policy(settings: Mapping[str, Any], saving: bool, sharded: bool, job: s
 
 def warn_about_plan(policy: pol.SavePolicy, job: str) -> None:
     """What ``ckptd plan`` would warn about, said at construction when the run's length is known."""
-    total = policy.total_steps
-    if total is not None:
-        for rule, interval in policy.step_rules():
-            if interval > total:
-                log.warning("ckptd: job %s: %s gives an interval of %d steps, longer than the run (%d): only the "
-                            "final save will happen", job, rule, interval, total)
+    if policy.total_steps is not None:
+        for warning in pol.longer_than_run(policy, policy.total_steps):
+            log.warning("ckptd: job %s: %s", job, warning)
 
 
 class Triggers:
