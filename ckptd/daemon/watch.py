@@ -37,6 +37,7 @@ from watchdog.events import (
 
 from ckptd.core import missed, retention
 from ckptd.core.vocab import NEVER, MissedReason, Outcome, Rule, Trigger
+from ckptd.daemon import history
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
@@ -238,9 +239,25 @@ class Watcher(FileSystemEventHandler):
         if result.ok:
             self.last_new_at = max(self.last_new_at, now)
             self.overdue_flagged = False
+            self._adopted(found)
         else:
             log.error("watched checkpoint %s failed verification: %s", path, result.reason)
         return True
+
+    def _adopted(self, found: foreign.Found) -> None:
+        """Say what was adopted; a file its trainer overwrites in place gets this version kept
+        (``ckptd.daemon.history``), adopted in its turn as a checkpoint of its own."""
+        step = "no step recorded" if found.step is None else f"step {found.step}"
+        kept = None
+        if history.overwritten_in_place(found) and not self.dry_run:
+            try:
+                kept = history.keep_version(found)
+            except OSError as exc:
+                log.error("watch %s: could not keep this version of %s: %s", self.root, found.path, exc)
+        log.info("watch %s: adopted %s (%s, %s), verified%s", self.root, found.path, found.kind, step,
+                 f"; this version kept as {kept}" if kept else "")
+        if kept is not None:
+            self._mark(kept)
 
     def _unchanged(self, found: foreign.Found, result: VerifyResult) -> VerifyResult:
         """A unit judged again with its mtime and size as catalogued must still have the bytes
@@ -274,7 +291,7 @@ class Watcher(FileSystemEventHandler):
         rules = retention.Rules.from_settings(self.spec)
         if not rules.any_window:
             return
-        protected = self._trainer_needs()
+        protected = self._trainer_needs() | self._overwritten_in_place()
         keep_corrupt = self.spec.get("on_corrupt", "keep") == "keep"
         with self._lock:
             busy = set(self.pending)
@@ -312,6 +329,10 @@ class Watcher(FileSystemEventHandler):
         bad = [v for v in verdicts if v.rule.rule == Rule.CORRUPT]
         rest = [v for v in verdicts if v.rule.rule != Rule.CORRUPT]
         return apply_removals(bad, self.ctx.roots, corrupt_to) + apply_removals(rest, self.ctx.roots, quarantine)
+
+    def _overwritten_in_place(self) -> set[str]:
+        """Files the trainer writes again and again: its own, never retention's (their versions are)."""
+        return {u.path for u in self._units() if history.overwritten_in_place(u)}
 
     def _trainer_needs(self) -> set[str]:
         """Checkpoints the trainer will read again: the ``best_model_checkpoint`` named by the
