@@ -11,8 +11,9 @@ file itself belongs to the trainer: it is never deleted by retention.
 
 A copy, not a hard link: a trainer that rewrites the file in place (``torch.save(path)``
 without a temp file) would rewrite a linked version too. The copy is made from a descriptor
-opened without following links, checked to be the version that was verified (size and
-mtime) before and after, written to a temp name and renamed, owned as the original is.
+opened without following links (its path checked through ``/proc/self/fd``: no directory on
+the way swapped for a link), checked to be the version that was verified (size and mtime)
+before and after, written to a temp name and renamed, owned and moded as the original is.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def keep_version(found: foreign.Found) -> str | None:
         st = os.fstat(src)
         if not stat.S_ISREG(st.st_mode) or not _same(st, found):
             return None
+        if os.readlink(f"/proc/self/fd/{src}") != found.path:  # a directory on the way swapped for a link
+            raise OSError(f"{found.path} is not where it was found (a link on its path?): not copied")
         dfd = _history_dir(parent, name, st)
         try:
             target = version_name(found)
@@ -108,6 +111,7 @@ def _copy(src: int, dfd: int, target: str, st: os.stat_result) -> bool:
             if n == 0:
                 break
             offset += n
+        os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o666)  # readable by whom the original is, no more
         os.fsync(out)
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
         now = os.fstat(src)
