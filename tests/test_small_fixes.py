@@ -43,3 +43,27 @@ def test_make_demo_says_what_it_installs_and_shows_pip_progress(tmp_path: Path) 
     installs = [line for line in r.stdout.splitlines() if " install " in line]
     assert installs and not any(" -q" in line for line in installs), installs
     assert "installing torch" in r.stdout
+
+
+def test_gc_on_a_foreign_directory_says_what_it_would_do_and_deletes_nothing(tmp_path: Path) -> None:
+    import torch
+
+    from tests.conftest import ckptd_cli
+
+    for step in (10, 20, 30):
+        torch.save({"w": torch.ones(3) * step}, tmp_path / f"model-step{step}.pt")
+    (tmp_path / "bad-step40.pt").write_bytes(b"PK\x03\x04 no zip after all")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = ckptd_cli("gc", str(tmp_path), "--keep-last", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any("would delete" in line and line.endswith("model-step10.pt") for line in lines), r.stdout
+    assert any(line.strip().startswith("keep") and "keep_last" in line and line.endswith("model-step30.pt")
+               for line in lines), r.stdout
+    assert any(line.strip().startswith("keep") and "unverified" in line and line.endswith("bad-step40.pt")
+               for line in lines), r.stdout
+    assert "nothing deleted" in r.stdout and sorted(p.name for p in tmp_path.iterdir()) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = ckptd_cli("gc", str(empty))
+    assert none.returncode == 1 and "no checkpoints here" in none.stderr

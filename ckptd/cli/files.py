@@ -225,6 +225,13 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = [job] if job else sorted({c.job for c in scan(target) if c.job})
+    if not jobs:  # no checkpoint of ckptd's here: other tools' (or none), said, never deleted from here
+        try:
+            settings = resolve(cli, {}, {}, cfg.defaults)
+        except SettingsError as exc:
+            raise click.UsageError(str(exc)) from None
+        _foreign_gc(target, settings, as_json)
+        return
     failed, everything = False, []
     for name in jobs:
         try:
@@ -243,6 +250,33 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
         click.echo(json.dumps(everything, indent=2))
     if failed:
         sys.exit(1)
+
+
+def _foreign_gc(target: str, settings: dict[str, Any], as_json: bool) -> None:
+    """Other tools' checkpoints: what retention would do (each verified first, grouped by directory
+    as watch mode groups them; one that fails is kept, as watch mode's on_corrupt="keep" keeps it).
+    Deleting them is watch mode's: it judges each as it is written."""
+    from ckptd.core import retention
+    from ckptd.foreign import formats as foreign
+
+    units = foreign.find(target)
+    if not units:
+        raise click.ClickException(f"{target}: no checkpoints here (ckptd's or a known foreign format)")
+    rules = retention.Rules.from_settings(settings)
+    groups: dict[str, list[retention.Item]] = {}
+    for u in units:
+        ok = foreign.verify(u).ok
+        groups.setdefault(os.path.dirname(u.path), []).append(
+            retention.item_of(u.path, u.step if u.step is not None else -1, u.mtime, u.bytes, verified=ok))
+    by_dir = {d: [{"job": None, "path": v.item.id, "step": v.item.step, "keep": v.keep, "reasons": list(v.reasons),
+                   "error": ""} for v in retention.plan(items, rules, time.time())] for d, items in groups.items()}
+    if as_json:
+        click.echo(json.dumps([r for rows in by_dir.values() for r in rows], indent=2))
+        return
+    for directory, rows in by_dir.items():
+        _print_verdicts(f"(other tools' checkpoints in {directory})", rows, True, {})
+    click.echo("nothing deleted: other tools' checkpoints are retained by watch mode, which verifies each as it is "
+               f"written (ckptd watch {target} with these retention options)")
 
 
 def _print_verdicts(job: str, rows: list[dict[str, Any]], dry_run: bool, errors: dict[str, str]) -> None:
