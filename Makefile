@@ -11,9 +11,12 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch first and pinned (the local CPU build); then the project with its test extras.
+# Not -q: on a fresh clone this takes minutes, and a silent terminal looks hung.
 $(STAMP): $(PY) pyproject.toml
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[test]'
+	@echo "== installing $(TORCH) and ckptd into $(VENV) (first run only; a few minutes, pip's progress below)"
+	$(PIP) install --progress-bar on $(TORCH)
+	$(PIP) install --progress-bar on -e '.[test]'
+	@echo "== installed; next time this step is skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,7 +17,10 @@ Lifecycle, in order:
    worker; ``step()`` returns as soon as the copy is done.
 5. ``close()`` (also at interpreter exit) saves the final step if it is not saved,
    waits until it is verified, and stops the threads. After a preemption save the
-   original signal handler runs.
+   original signal handler runs. An exit by an exception (an uncaught one at interpreter
+   exit, or one leaving the ``with`` block) is not the end of the run: nothing is saved
+   for it (a save already in flight still completes) and the log says so, so the next
+   run resumes from the last save made on schedule, never from a crashed state.
 
 Training is never crashed by a failing save: errors are logged, counted in
 ``stats`` and the loop goes on. Errors in what the user passed (a bad key, an
@@ -42,7 +45,7 @@ from ckptd.disk.target import Target
 from trainer_hooks.link import socket_path
 from trainer_hooks.outlet import Outlet
 from trainer_hooks.overlap import Overlap
-from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
+from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption, uncaught_exception
 from trainer_hooks.record import SaveRecord
 from trainer_hooks.resume import Resumer
 from trainer_hooks.shards import ShardGroup
@@ -362,8 +365,9 @@ class Checkpointer:
         """End of run: save the last step if unsaved, wait for verification, stop threads."""
         if self._closed:
             return
-        step, final = self._progress.step, final and self.policy.save_final
-        if final and (step > self._triggers.last_saved_step or not self.stats["saves"]):
+        step, final, t = self._progress.step, final and self.policy.save_final, self._triggers
+        # a best save of this very step (an evaluation after the last step) is saved again as the final one
+        if final and (step > t.last_saved_step or not self.stats["saves"] or t.last_trigger == "best"):
             self._save("final", "save_final")
         self.wait()
         if final and self._record.last_verified_step != step:  # one fresh attempt (new temp file, new
@@ -386,13 +390,26 @@ class Checkpointer:
 
     def _at_exit(self) -> None:
         try:
-            self.close()
+            self._close_after(uncaught_exception())
         except Exception:
             log.exception("ckptd: error while closing at exit")
+
+    def _close_after(self, exc: BaseException | None) -> None:
+        """Close at the end of the run, or, after an exception, without a final save (SPEC §3). ``sys.exit``
+        (``SystemExit``) is an ordinary end, as it is at interpreter exit."""
+        if isinstance(exc, SystemExit):
+            exc = None
+        if exc is not None and not self._closed and self.saving:
+            self.wait()  # a save already handed over is not the crashed state: it completes
+            newest = self._record.last_verified_step
+            log.warning("ckptd: job %s ended by an exception (%s) at step %d: not the end of the run, no final "
+                        "save; the next run resumes from %s", self.job, type(exc).__name__, self._progress.step,
+                        f"step {newest}" if newest >= 0 else "the newest verified checkpoint, if any")
+        self.close(final=exc is None)
 
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._close_after(exc)
 

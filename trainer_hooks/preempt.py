@@ -13,12 +13,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any, Callable
 
 log = logging.getLogger("ckptd.hook")
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def uncaught_exception() -> BaseException | None:
+    """The exception that is ending the interpreter, seen from an ``atexit`` handler (None: a normal end).
+
+    CPython records an exception that reached the top level in ``sys.last_value`` before it runs the
+    ``atexit`` handlers, whoever's ``sys.excepthook`` prints it (a ``SystemExit`` is not recorded: ``sys.exit``
+    is an ordinary end). Such an exit is not the end of the run (SPEC §3): its state is never saved as final.
+    """
+    return getattr(sys, "last_value", None)
 
 
 class Preemption:

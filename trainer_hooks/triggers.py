@@ -39,12 +39,9 @@ def hook_policy(settings: Mapping[str, Any], saving: bool, sharded: bool, job: s
 
 def warn_about_plan(policy: pol.SavePolicy, job: str) -> None:
     """What ``ckptd plan`` would warn about, said at construction when the run's length is known."""
-    total = policy.total_steps
-    if total is not None:
-        for rule, interval in policy.step_rules():
-            if interval > total:
-                log.warning("ckptd: job %s: %s gives an interval of %d steps, longer than the run (%d): only the "
-                            "final save will happen", job, rule, interval, total)
+    if policy.total_steps is not None:
+        for warning in pol.longer_than_run(policy, policy.total_steps):
+            log.warning("ckptd: job %s: %s", job, warning)
 
 
 class Triggers:
@@ -52,6 +49,7 @@ class Triggers:
         self.policy, self.job, self.sharded = policy, job, sharded
         self.best_key = policy.best_metric
         self.last_saved_step = 0
+        self.last_trigger = ""  # what the save of last_saved_step was ("": none in this run)
         self.last_sched_at: float | None = None
         self.best: float | None = None  # the best metric among saved checkpoints
         self.time_due: str | None = None  # "every" or "cron" once a time rule fired
@@ -116,7 +114,7 @@ class Triggers:
         self.attention = not self.sharded and (self.time_due is not None or preempt_pending)
 
     def saved(self, step: int, trigger: str, metric: float | None, now: float) -> None:
-        self.last_saved_step = step
+        self.last_saved_step, self.last_trigger = step, trigger
         self.time_due = None
         if trigger in SCHEDULED:
             self.last_sched_at = now
@@ -126,7 +124,7 @@ class Triggers:
     def restart_at(self, step: int, saved_metrics: Sequence[float | None] = ()) -> None:
         """The run continues from ``step`` (a resume): nothing is due before the next rule; the
         best metric is the best among the checkpoints already saved."""
-        self.last_saved_step = step
+        self.last_saved_step, self.last_trigger = step, ""
         for v in saved_metrics:
             if pol.improves(self.policy, v, self.best):
                 self.best = v

@@ -11,12 +11,10 @@ from typing import Any
 
 import click
 
-from ckptd.cli.base import SOCKET_OPTION, ask, is_directory, main, setting_options, settings_from
+from ckptd.cli.base import SOCKET_OPTION, ask, is_directory, main, setting_options
 from ckptd.cli.remote import is_remote, job_url, list_remote, remote_options, verify_remote_cmd
-from ckptd.core.policy import PolicyError, SavePolicy
-from ckptd.core.policy import plan as make_plan
-from ckptd.core.settings import KEYS, SettingsError, group, parse_table, resolve
-from ckptd.core.units import format_bytes, format_duration, parse_duration
+from ckptd.core.settings import KEYS, SettingsError, parse_table, resolve
+from ckptd.core.units import format_bytes, format_duration
 from ckptd.disk.scan import Checkpoint, pin_path, read_info, scan, set_pinned
 from ckptd.disk.verify import VerifyResult, verify_file
 
@@ -59,95 +57,6 @@ def _verified_line(r: VerifyResult, as_json: bool, status: str = "") -> None:
     status = status or ("ok" if r.ok else "UNSAFE" if r.unsafe else "CORRUPT")
     detail = f"{r.tensors} tensors, {format_bytes(r.bytes)}" if r.ok else r.reason
     click.echo(f"{status:<7} {r.path}: {detail}")
-
-
-@main.command()
-@click.option("--total-steps", type=int, required=True, help="steps in the run")
-@setting_options("policy", exclude=("total_steps",))
-@click.option("--stall", default=None, help="with --every auto: what one save stalls training (0.8s; "
-              "ckptd status and ckptd_save_duration_seconds{phase=\"stall\"} show it)")
-@click.option("--persist", default=None, help="with --every auto: how long a save takes to be written and verified")
-@click.option("--memory-stall", default=None, help="with --every auto: what a memory-only save stalls (default: --stall)")
-@click.option("--memory-persist", default=None,
-              help="with --every auto: how long the daemon takes to keep a snapshot in memory (default: the stall)")
-@click.option("--memory-share", type=click.FloatRange(0.0, 1.0), default=None,
-              help="with --every auto: the share of failures the daemon's memory recovers (default 0.75; 0: no memory tier)")
-@click.option("--step-time", default=None, help="seconds one step takes, to say the interval in steps too")
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-def plan(total_steps: int, as_json: bool, stall: str | None, persist: str | None, memory_stall: str | None,
-         memory_persist: str | None, memory_share: float | None, step_time: str | None, **options: Any) -> None:
-    """The steps that will be saved, with the rule behind each, and warnings about surprises.
-    With --every auto, the intervals auto chooses for a measured --stall and --persist, for the
-    disk and for the daemon's memory tier, and why."""
-    settings = settings_from({**options, "total_steps": total_steps})
-    try:
-        policy = SavePolicy.from_settings(group(settings, "policy"))
-        result = make_plan(policy)
-    except PolicyError as exc:
-        raise click.UsageError(str(exc)) from None
-    memory = {"stall": memory_stall, "persist": memory_persist, "share": memory_share}
-    auto = _auto_plan(policy, stall, persist, step_time, memory, settings.get("every_memory"))
-    if as_json:
-        click.echo(json.dumps({"total_steps": total_steps,
-                               "saves": [s.__dict__ for s in result.saves],
-                               "auto": auto,
-                               "warnings": list(result.warnings)}, indent=2))
-        return
-    if auto is not None:
-        _say_auto(auto, step_time)
-    click.echo(f"{len(result.saves)} saves over {total_steps} steps")
-    shown = result.saves if len(result.saves) <= 40 else result.saves[:20] + result.saves[-10:]
-    for i, s in enumerate(shown):
-        if len(result.saves) > 40 and i == 20:
-            click.echo(f"  ... {len(result.saves) - 30} more ...")
-        click.echo(f"  step {s.step:>10}  {s.trigger:<6} ({s.rule})")
-    for w in result.warnings:
-        click.echo(f"warning: {w}", err=True)
-
-
-def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None, step_time: str | None,
-               memory: dict[str, Any], every_memory: float | None) -> dict[str, Any] | None:
-    """``--every auto``: both tiers' intervals for the given costs, as the daemon would compute them."""
-    from ckptd.core.autointerval import CostSamples, estimate_mtbf
-    from ckptd.core.multilevel import PRIOR_SHARE, Coverage, multilevel
-
-    if not policy.auto:
-        if stall or persist or any(v is not None for v in memory.values()):
-            raise click.UsageError("--stall, --persist and --memory-* only mean something with --every auto")
-        return None
-    if stall is None:
-        raise click.UsageError("--every auto needs --stall: what one save stalls training (e.g. 0.8s; "
-                               "ckptd status shows the measured stall of a running job)")
-    try:
-        costs = CostSamples().add(parse_duration(stall), parse_duration(persist) if persist else None)
-        mem_stall = parse_duration(memory["stall"]) if memory["stall"] else None
-        mem_costs = CostSamples().add(mem_stall, parse_duration(memory["persist"]) if memory["persist"] else None)
-        per_step = parse_duration(step_time) if step_time else None
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    share = PRIOR_SHARE if memory["share"] is None else memory["share"]
-    coverage = Coverage(share, "prior" if memory["share"] is None else "given")
-    ml = multilevel(costs, mem_costs, estimate_mtbf(0, 0.0, policy.mtbf), coverage, policy.max_overhead,
-                    policy.min_interval, fixed_memory=every_memory)
-    out: dict[str, Any] = {**ml.summary(), "cost": ml.disk.cost, "mtbf": ml.disk.mtbf.seconds}
-    if per_step:
-        out["steps"] = max(1, int(ml.disk.seconds // per_step))
-        if ml.memory:
-            out["memory"]["steps"] = max(1, int(ml.memory // per_step))
-    return out
-
-
-def _say_auto(auto: dict[str, Any], step_time: str | None) -> None:
-    steps = f", about every {auto['steps']} steps at {step_time}/step" if "steps" in auto else ""
-    click.echo(f"every=auto: a disk save every {auto['seconds']:.3g}s{steps} (rule {auto['rule']})")
-    mem = auto["memory"]
-    if mem["seconds"]:
-        steps = f", about every {mem['steps']} steps" if "steps" in mem else ""
-        click.echo(f"every=auto: a memory-only save every {mem['seconds']:.3g}s{steps} (rule {mem['rule']}), "
-                   f"one in {mem['disk_every']} saves to disk")
-    else:
-        click.echo("every=auto: no memory-only saves (each save may as well go to disk)")
-    click.echo(f"  why: {auto['reason']}")
 
 
 @main.command("list")
@@ -322,6 +231,13 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     jobs = [job] if job else sorted({c.job for c in scan(target) if c.job})
+    if not jobs:  # no checkpoint of ckptd's here: other tools' (or none), said, never deleted from here
+        try:
+            settings = resolve(cli, {}, {}, cfg.defaults)
+        except SettingsError as exc:
+            raise click.UsageError(str(exc)) from None
+        _foreign_gc(target, settings, as_json)
+        return
     failed, everything = False, []
     for name in jobs:
         try:
@@ -360,6 +276,33 @@ def _daemon_gc(socket_path: str | None, directory: str, job: str | None, dry_run
     if not reply.get("ok"):
         raise click.ClickException(str(reply.get("error", reply)))
     return reply if reply.get("jobs") else None
+
+
+def _foreign_gc(target: str, settings: dict[str, Any], as_json: bool) -> None:
+    """Other tools' checkpoints: what retention would do (each verified first, grouped by directory
+    as watch mode groups them; one that fails is kept, as watch mode's on_corrupt="keep" keeps it).
+    Deleting them is watch mode's: it judges each as it is written."""
+    from ckptd.core import retention
+    from ckptd.foreign import formats as foreign
+
+    units = foreign.find(target)
+    if not units:
+        raise click.ClickException(f"{target}: no checkpoints here (ckptd's or a known foreign format)")
+    rules = retention.Rules.from_settings(settings)
+    groups: dict[str, list[retention.Item]] = {}
+    for u in units:
+        ok = foreign.verify(u).ok
+        groups.setdefault(os.path.dirname(u.path), []).append(
+            retention.item_of(u.path, u.step if u.step is not None else -1, u.mtime, u.bytes, verified=ok))
+    by_dir = {d: [{"job": None, "path": v.item.id, "step": v.item.step, "keep": v.keep, "reasons": list(v.reasons),
+                   "error": ""} for v in retention.plan(items, rules, time.time())] for d, items in groups.items()}
+    if as_json:
+        click.echo(json.dumps([r for rows in by_dir.values() for r in rows], indent=2))
+        return
+    for directory, rows in by_dir.items():
+        _print_verdicts(f"(other tools' checkpoints in {directory})", rows, True, {})
+    click.echo("nothing deleted: other tools' checkpoints are retained by watch mode, which verifies each as it is "
+               f"written (ckptd watch {target} with these retention options)")
 
 
 def _print_verdicts(job: str, rows: list[dict[str, Any]], dry_run: bool, errors: dict[str, str]) -> None:

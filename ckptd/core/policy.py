@@ -6,12 +6,15 @@ the hook and the daemon cannot disagree and a user can always ask "why did (or
 didn't) it save at step 1578?".
 
 Step numbering follows HF's ``global_step``: step ``s`` means ``s`` optimizer steps
-are complete. Step rules fire on a grid anchored at 0 (``s % interval == 0``), so
-step saves line up with retention milestones. Intervals derived from fractions
-(``saves_per_epoch``, ``every_epochs``) round *down* and are at least 1: rounding up
-is how a 1578-step run ended with no checkpoint after step 1185 (SPEC §1.1). The
-final step is its own rule, so an interval longer than the run still ends with a
-save (SPEC §1.2).
+are complete. ``every_steps`` fires on a grid anchored at 0 (``s % interval == 0``), so
+step saves line up with retention milestones. Rules given in fractions of an epoch
+(``saves_per_epoch``, ``every_epochs``) fire at the k-th multiple of the exact fraction,
+rounded *down* (``floor(k * steps_per_epoch / saves_per_epoch)``): each epoch's fractions
+are anchored to its start, so the end of an epoch is a save point (789 and 1578 for two
+epochs of 789 with ``saves_per_epoch=2``), no save is ever past the point it stands for,
+and rounding never accumulates. Rounding up is how a 1578-step run ended with no
+checkpoint after step 1185 (SPEC §1.1). The final step is its own rule, so an interval
+longer than the run still ends with a save (SPEC §1.2).
 """
 
 from __future__ import annotations
@@ -70,15 +73,19 @@ class SavePolicy:
         return cls(**values)
 
     def step_rules(self) -> tuple[tuple[str, int], ...]:
-        """(rule, interval in steps) for every configured step trigger."""
-        rules: list[tuple[str, int]] = []
+        """(rule, interval in steps, rounded down) for every configured step trigger."""
+        return tuple((rule, max(1, math.floor(exact))) for rule, exact in self.exact_step_rules())
+
+    def exact_step_rules(self) -> tuple[tuple[str, Fraction], ...]:
+        """(rule, exact interval in steps): the k-th save of a rule is at ``floor(k * interval)``."""
+        rules: list[tuple[str, Fraction]] = []
         if self.every_steps:
-            rules.append(("every_steps", self.every_steps))
+            rules.append(("every_steps", Fraction(self.every_steps)))
         if self.saves_per_epoch and self.steps_per_epoch:
-            rules.append(("saves_per_epoch", max(1, self.steps_per_epoch // self.saves_per_epoch)))
+            rules.append(("saves_per_epoch", max(Fraction(1), Fraction(self.steps_per_epoch, self.saves_per_epoch))))
         if self.every_epochs and self.steps_per_epoch:
             exact = Fraction(str(self.every_epochs)) * self.steps_per_epoch
-            rules.append(("every_epochs", max(1, math.floor(exact))))
+            rules.append(("every_epochs", max(Fraction(1), exact)))
         return tuple(rules)
 
     @property
@@ -117,8 +124,8 @@ def next_scheduled_step(policy: SavePolicy, after: int) -> tuple[int, str] | Non
     """The first step > ``after`` where a step rule fires (start_after and total_steps applied)."""
     lo = max(after + 1, policy.start_after, 1)
     best: tuple[int, str] | None = None
-    for rule, interval in policy.step_rules():
-        s = -(-lo // interval) * interval
+    for rule, interval in policy.exact_step_rules():
+        s = math.floor(math.ceil(lo / interval) * interval)  # the first floor(k * interval) >= lo
         if policy.total_steps is not None and s > policy.total_steps:
             continue
         if best is None or s < best[0]:
@@ -168,6 +175,9 @@ def decide(policy: SavePolicy, p: Progress, now: float) -> Decision:
             and now - p.last_scheduled_save_at < policy.min_interval):
         return Decision(False, "", "min_interval",
                         f"{now - p.last_scheduled_save_at:.1f}s since the last save, min_interval={policy.min_interval:g}s")
+    if policy.save_final and policy.total_steps is not None and p.step >= policy.total_steps:
+        # the run's last state: a best save here (an evaluation after the last step) is the final one too
+        return Decision(True, "final", wanted.rule)
     return wanted
 
 
@@ -243,13 +253,18 @@ def plan(policy: SavePolicy, total_steps: int | None = None) -> Plan:
     return Plan(tuple(saves), tuple(plan_warnings(policy, total, saves)))
 
 
+def longer_than_run(policy: SavePolicy, total: int) -> list[str]:
+    """Step rules that never fire in a run of ``total`` steps, when nothing else saves before its end
+    (a time rule does: then the warning would be false). The hook says these at construction."""
+    if policy.has_time_rules:
+        return []
+    return [f"{rule} gives an interval of {interval} steps, longer than the run ({total} steps): only the "
+            f"final save will happen" for rule, interval in policy.step_rules() if interval > total]
+
+
 def plan_warnings(policy: SavePolicy, total: int, saves: list[PlannedSave]) -> list[str]:
     """Schedules that will surprise someone, said plainly."""
-    out: list[str] = []
-    for rule, interval in policy.step_rules():
-        if interval > total:
-            out.append(f"{rule} gives an interval of {interval} steps, longer than the run "
-                       f"({total} steps): only the final save will happen")
+    out = longer_than_run(policy, total)
     scheduled = [s for s in saves if s.trigger == "step"]
     if scheduled and scheduled[0].step > 0.9 * total:
         out.append(f"the first scheduled save is at step {scheduled[0].step}, after 90% of the run")

@@ -24,7 +24,7 @@ from ckptd.core.policy import SavePolicy
 from ckptd.core.settings import group, resolve
 from ckptd.core.units import parse_listen
 from ckptd.core.vocab import MissedReason
-from ckptd.daemon import sdnotify
+from ckptd.daemon import schedlog, sdnotify
 from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.instance import InstanceLock
@@ -139,6 +139,7 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        schedlog.install()  # "skipped: maximum number of running instances" once in a while, with a count
         sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
                                                                "misfire_grace_time": 30})
         sched.add_job(self._tick_job, "interval", seconds=TICK, id="tick")

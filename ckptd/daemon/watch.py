@@ -37,6 +37,7 @@ from watchdog.events import (
 
 from ckptd.core import missed, retention
 from ckptd.core.vocab import NEVER, MissedReason, Outcome, Rule, Trigger
+from ckptd.daemon import history
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
@@ -228,18 +229,35 @@ class Watcher(FileSystemEventHandler):
             return False
         if isinstance(judged, str):  # "later": not complete yet
             return False
-        info, result = judged
+        found, info, result = judged
         self.ctx.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome,
                                    directory=self.root)
         self.ctx.ledger.adopted(self.key, info, result.outcome)
         if result.ok:
             self.last_new_at = max(self.last_new_at, now)
             self.overdue_flagged = False
+            with acting_as(who):  # a version it keeps is a file of the owner's, made with their rights
+                self._adopted(found)
         else:
             log.error("watched checkpoint %s failed verification: %s", path, result.reason)
         return True
 
-    def _judge(self, path: str, now: float, kinds: dict[str, str | None]) -> tuple[Checkpoint, VerifyResult] | str | None:
+    def _adopted(self, found: foreign.Found) -> None:
+        """Say what was adopted; a file its trainer overwrites in place gets this version kept
+        (``ckptd.daemon.history``), adopted in its turn as a checkpoint of its own."""
+        step = "no step recorded" if found.step is None else f"step {found.step}"
+        kept = None
+        if history.overwritten_in_place(found) and not self.dry_run:
+            try:
+                kept = history.keep_version(found)
+            except OSError as exc:
+                log.error("watch %s: could not keep this version of %s: %s", self.root, found.path, exc)
+        log.info("watch %s: adopted %s (%s, %s), verified%s", self.root, found.path, found.kind, step,
+                 f"; this version kept as {kept}" if kept else "")
+        if kept is not None:
+            self._mark(kept)
+
+    def _judge(self, path: str, now: float, kinds: dict[str, str | None]) -> tuple[foreign.Found, Checkpoint, VerifyResult] | str | None:
         """As the unit's owner: None, not a unit (any more); "later", not complete yet (looked at
         again after another settle period); else what to catalogue."""
         parent = os.path.dirname(path)
@@ -267,7 +285,7 @@ class Watcher(FileSystemEventHandler):
                           found.mtime, trigger=Trigger.WATCH, rule=found.kind, pinned=is_pinned(found.path),
                           problem="" if result.ok else result.reason,
                           digests=_digests(found) if result.ok else {})
-        return info, result
+        return found, info, result
 
     def _unchanged(self, found: foreign.Found, result: VerifyResult, row: Any) -> VerifyResult:
         """A unit judged again with its mtime and size as catalogued must still have the bytes
@@ -300,7 +318,7 @@ class Watcher(FileSystemEventHandler):
         rules = retention.Rules.from_settings(self.spec)
         if not rules.any_window:
             return
-        protected = self._trainer_needs()
+        protected = self._trainer_needs() | self._overwritten_in_place()
         keep_corrupt = self.spec.get("on_corrupt", "keep") == "keep"
         with self._lock:
             busy = set(self.pending)
@@ -344,6 +362,10 @@ class Watcher(FileSystemEventHandler):
         bad = [v for v in verdicts if v.rule.rule == Rule.CORRUPT]
         rest = [v for v in verdicts if v.rule.rule != Rule.CORRUPT]
         return apply_removals(bad, self.ctx.roots, corrupt_to) + apply_removals(rest, self.ctx.roots, quarantine)
+
+    def _overwritten_in_place(self) -> set[str]:
+        """Files the trainer writes again and again: its own, never retention's (their versions are)."""
+        return {u.path for u in self._units() if history.overwritten_in_place(u)}
 
     def _trainer_needs(self) -> set[str]:
         """Checkpoints the trainer will read again: the ``best_model_checkpoint`` named by the

@@ -25,13 +25,13 @@ from ckptd.core.format import FormatError, read_header
 from ckptd.disk import manifest as mf
 from ckptd.disk.safepath import open_regular
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
+from ckptd.foreign import steps
 from ckptd.foreign.picklesafe import UnsafePickle, read_dcp_metadata, verify_torch
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INCOMPLETE_MARKERS = ("checkpoint-is-incomplete.txt",)
 CONFIG_PICKLES = ("training_args.bin",)  # HF's pickled TrainingArguments: CRC-checked, never unpickled
-_STEP = re.compile(r"(?:checkpoint-|step[=_-]?|global_step)(\d+)", re.IGNORECASE)
-_TRAILING = re.compile(r"(\d+)(?:\.[A-Za-z]+)?$")
+_ONETRAINER_PROGRESS = re.compile(r"-(\d+)-\d+-\d+\.\w+$")  # {timestamp}-save-{global_step}-{epoch}-{epoch_step}
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,14 @@ class Found:
 
 
 def step_from_name(name: str) -> int | None:
-    m = _STEP.search(name) or _TRAILING.search(name.split("-")[-1] if "-" in name else name)
-    return int(m.group(1)) if m else None
+    """Only a name that says "step" gives one (``ckptd.foreign.steps``; a bare number is no step)."""
+    return steps.step_from_name(name)
+
+
+def _file_step(path: str, name: str, kind: str) -> int | None:
+    """A step the name states, else the one recorded inside the file (``ckptd.foreign.steps``)."""
+    named = step_from_name(name)
+    return named if named is not None else steps.recorded_step(path, kind)
 
 
 def classify(path: str, parent_is_plain: bool = False) -> Found | None:
@@ -80,9 +86,10 @@ def classify(path: str, parent_is_plain: bool = False) -> Found | None:
         return Found(path, "safetensors-sharded", step_from_name(name), st.st_mtime, _index_bytes(path))
     if name.endswith(TORCH_SUFFIXES) and _is_zip(path):
         kind = "lightning" if name.endswith(".ckpt") else "torch"
-        return Found(path, kind, step_from_name(name), st.st_mtime, st.st_size)
+        return Found(path, kind, _file_step(path, name, kind), st.st_mtime, st.st_size)
     if "save" in path.split(os.sep)[-2:-1] and re.match(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}-", name):
-        return Found(path, "onetrainer", step_from_name(name), st.st_mtime, st.st_size)
+        progress = _ONETRAINER_PROGRESS.search(name)
+        return Found(path, "onetrainer", int(progress.group(1)) if progress else None, st.st_mtime, st.st_size)
     return None
 
 
@@ -124,7 +131,7 @@ def _safetensors_step(path: str, name: str) -> int | None:
             return int(meta["ckptd.step"])
     except (OSError, FormatError, ValueError):
         pass
-    return step_from_name(name)
+    return _file_step(path, name, "safetensors")
 
 
 def _is_zip(path: str) -> bool:

@@ -1,0 +1,69 @@
+"""Issue 36 #5, the smaller findings: each as a user meets it."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def test_apscheduler_skipped_runs_are_said_once_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    """A job still running at its next time (a tick under load): a real BackgroundScheduler warned at
+    every skip; with the daemon's filter one line says it, with the count."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from ckptd.daemon import schedlog
+
+    installed = schedlog.install()
+    release = threading.Event()
+    sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
+    sched.add_job(lambda: release.wait(5), "interval", seconds=0.05, id="tick")
+    with caplog.at_level(logging.WARNING, logger="apscheduler"):
+        sched.start()
+        try:
+            time.sleep(1.0)
+        finally:
+            release.set()
+            sched.shutdown(wait=True)
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert installed.skipped.get("tick", 0) >= 3  # skips happened...
+    assert len(lines) == 1 and lines[0].startswith("job tick was still running at its next time")  # ...said once
+    assert all("maximum number of running instances" not in r.getMessage() for r in caplog.records)
+
+
+def test_make_demo_says_what_it_installs_and_shows_pip_progress(tmp_path: Path) -> None:
+    r = subprocess.run(["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    installs = [line for line in r.stdout.splitlines() if " install " in line]
+    assert installs and not any(" -q" in line for line in installs), installs
+    assert "installing torch" in r.stdout
+
+
+def test_gc_on_a_foreign_directory_says_what_it_would_do_and_deletes_nothing(tmp_path: Path) -> None:
+    import torch
+
+    from tests.conftest import ckptd_cli
+
+    for step in (10, 20, 30):
+        torch.save({"w": torch.ones(3) * step}, tmp_path / f"model-step{step}.pt")
+    (tmp_path / "bad-step40.pt").write_bytes(b"PK\x03\x04 no zip after all")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = ckptd_cli("gc", str(tmp_path), "--keep-last", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any("would delete" in line and line.endswith("model-step10.pt") for line in lines), r.stdout
+    assert any(line.strip().startswith("keep") and "keep_last" in line and line.endswith("model-step30.pt")
+               for line in lines), r.stdout
+    assert any(line.strip().startswith("keep") and "unverified" in line and line.endswith("bad-step40.pt")
+               for line in lines), r.stdout
+    assert "nothing deleted" in r.stdout and sorted(p.name for p in tmp_path.iterdir()) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = ckptd_cli("gc", str(empty))
+    assert none.returncode == 1 and "no checkpoints here" in none.stderr
