@@ -104,6 +104,19 @@ def test_rules_are_named_like_borg() -> None:
     assert not verdicts["c1"].keep and verdicts["c1"].rule == "no rule keeps it"
 
 
+def test_a_checkpoint_whose_holder_is_gone_or_bad_is_not_the_newest_verified() -> None:
+    """SPEC §13: complete only when every tensor it refers to is present and verified. Newer
+    items referring to a missing, a corrupt, or an incomplete holder are kept as "unverified",
+    and the newest one that is complete is the newest verified (kept whatever the rules)."""
+    items = [Item("good", 1, NOW - 50), Item("bad", 2, NOW - 40, corrupt=True),
+             Item("dangling", 3, NOW - 30, refs=("gone",)), Item("on-bad", 4, NOW - 20, refs=("bad",)),
+             Item("on-dangling", 5, NOW - 10, refs=("dangling",))]
+    verdicts = {v.item.id: v for v in retention.plan(items, Rules(keep_last=1), NOW)}
+    assert verdicts["good"].keep and verdicts["good"].rule.rule == "newest_verified", verdicts["good"]
+    for i in ("dangling", "on-bad", "on-dangling"):
+        assert verdicts[i].keep and verdicts[i].rule.rule == "unverified", verdicts[i]
+
+
 def test_no_rules_deletes_nothing_verified() -> None:
     items = [Item("a", 1, NOW), Item("b", 2, NOW), Item("bad", 3, NOW, corrupt=True)]
     keep = {v.item.id: v.keep for v in retention.plan(items, Rules(), NOW)}

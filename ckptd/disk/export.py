@@ -26,6 +26,7 @@ new (``O_EXCL | O_NOFOLLOW``, a random temp name) and renamed into place.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ from ckptd.core.refs import decode
 from ckptd.disk import manifest as mf
 from ckptd.disk.outdir import OutDir, OutputError
 from ckptd.disk.pinned import Pinned, unreadable
+from ckptd.disk.safepath import open_dir
 from ckptd.disk.verify import verify_pinned, verify_unit
 
 __all__ = ["FORMATS", "ExportError", "Exported", "export"]
@@ -86,12 +88,21 @@ def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     if os.path.isdir(unit) and not os.path.islink(unit):
         return _export_unit(unit, out_dir, fmt, adapter, progress, rank)
-    try:
-        pins = Pinned.beside(unit)
-    except OSError as exc:
-        raise ExportError(f"{unit}: {unreadable(exc, unit)}") from None
-    with pins:
+    with _reached(os.path.dirname(unit) or ".", unit) as pins:
         return _export_file(pins, os.path.basename(unit), unit, out_dir, fmt, adapter, progress)
+
+
+def _reached(directory: str, unit: str) -> Pinned:
+    """``directory`` walked from ``/`` without following a link at any depth (``safepath.open_dir``):
+    root exporting ``/home/alice/x/unit`` must not read Bob's checkpoint because ``x`` is Alice's
+    link to Bob's directory. The error names the problem."""
+    try:
+        return Pinned(open_dir(os.path.abspath(directory), ["/"]), directory)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ExportError(f"{unit}: its path goes through a symbolic link (or a file), which an export "
+                              "never follows: give the checkpoint's real path") from None
+        raise ExportError(f"{unit}: {unreadable(exc, unit)}") from None
 
 
 def _export_file(pins: Pinned, name: str, unit: str, out_dir: str, fmt: str, adapter: str,
@@ -147,11 +158,7 @@ def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: Prog
     torch.distributed.checkpoint's own reader and planner, in this process; a ``per-rank`` one
     holds each rank's own tensors, so one rank's (``rank``) is exported as a single file is.
     Either way from the shard fds ``verify_unit`` verified."""
-    try:
-        pins = Pinned.at(unit, nofollow=True)
-    except OSError as exc:
-        raise ExportError(f"{unit}: {unreadable(exc, unit)}") from None
-    with pins:
+    with _reached(unit, unit) as pins:
         result = verify_unit(unit, pins=pins)
         if not result.ok:
             raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")

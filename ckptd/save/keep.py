@@ -21,7 +21,7 @@ from ckptd.core.vocab import FailReason, Problem, Reason, Rule
 from ckptd.disk.persist import PersistError
 from ckptd.disk.pinned import Pinned
 from ckptd.disk.preflight import free_bytes, min_free_bytes
-from ckptd.disk.refs import check_refs, opener_at
+from ckptd.disk.refs import check_refs
 from ckptd.disk.remove import Removal, apply
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.target import Target
@@ -74,7 +74,7 @@ def unresolved(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
                 f, size = pins.open(os.path.basename(c.path))
                 with f:
                     meta = read_header(f, size).metadata
-                problem = check_refs(meta, opener_at(dir_fd=pins.dir_fd), full=False)
+                problem = check_refs(meta, pins.open, full=False)
         except (OSError, FormatError) as exc:
             problem = f"cannot read it again: {getattr(exc, 'strerror', None) or exc}"
         if problem:

@@ -201,7 +201,8 @@ def test_export_copies_the_bytes_it_verified_not_what_a_swapped_name_points_to(b
 
 
 def test_export_of_a_unit_that_is_a_link_is_refused(base: Path, users: Any) -> None:
-    """UNIT given as a link (to Bob's 0700 checkpoint): root's export says it never follows one."""
+    """UNIT given as a link to Bob's 0700 checkpoint, or reached through Alice's link to his
+    directory: root's export says it never follows one, and exports nothing of Bob's."""
     alice, a, bob, b = user_dirs(base, users)
     lora_run(b, seed=9)
     give(b, bob, 0o700)
@@ -209,6 +210,9 @@ def test_export_of_a_unit_that_is_a_link_is_refused(base: Path, users: Any) -> N
     give(a, alice, 0o755)
     r = ckptd_cli("export", str(a / STEP2), str(base / "out"))
     assert r.returncode == 1 and "is a symbolic link" in r.stderr, r.stderr
+    (a / "x").symlink_to(b)  # a link higher up the unit's path
+    r = ckptd_cli("export", str(a / "x" / STEP2), str(base / "out"))
+    assert r.returncode == 1 and "its path goes through a symbolic link" in r.stderr, r.stderr
     assert not (base / "out").exists()
 
 
