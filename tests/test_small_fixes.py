@@ -67,3 +67,23 @@ def test_gc_on_a_foreign_directory_says_what_it_would_do_and_deletes_nothing(tmp
     empty.mkdir()
     none = ckptd_cli("gc", str(empty))
     assert none.returncode == 1 and "no checkpoints here" in none.stderr
+
+
+def test_an_hf_export_names_the_architecture_of_a_model_built_from_its_config(tmp_path: Path) -> None:
+    """A model built locally from a config has ``architectures: null``; save_pretrained would write
+    the class, and so does the export now (Auto classes pick a custom architecture by it)."""
+    import json
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import ckptd_cli
+    from trainer_hooks import Checkpointer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    assert model.config.architectures is None
+    Checkpointer("hf", tmp_path / "ck", model=model, socket=False, quiet=True).close()
+    r = ckptd_cli("export", str(tmp_path / "ck"), str(tmp_path / "out"), "--format", "hf")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
