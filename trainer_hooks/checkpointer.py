@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ckptd.core import config as config_mod
 from ckptd.core.autointerval import AutoInterval
-from ckptd.core.settings import env_table, from_env, group, parse_table, resolve, unknown_env
+from ckptd.core.quota import never_fits
+from ckptd.core.settings import SettingsError, env_table, from_env, group, parse_table, resolve, unknown_env
 from ckptd.disk.persist import Persisted, PersistError, cleanup_temp
 from ckptd.disk.preflight import check_directory, check_job, check_template, render, resolve_target
 from ckptd.disk.scan import Checkpoint, scan
@@ -141,6 +142,9 @@ class Checkpointer:
         self._state_bytes, self.run_id = self._sizes.state_bytes, self._snap.run_id
         self._found = found = scan(self.directory, self.job) if self.saving and os.path.isdir(self.directory) else []
         if self.saving:
+            too_big = never_fits(self._state_bytes, self.settings["max_bytes"])
+            if too_big:
+                raise SettingsError(f"job {self.job}: {too_big}")
             check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in found[:-1]))
             cleanup_temp(self.directory)
 

@@ -216,7 +216,7 @@ def model_configs(model: Any) -> dict[str, str]:
     try:
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_json_string"):
-            out[HF_CONFIG] = config.to_json_string(use_diff=False)
+            out[HF_CONFIG] = with_architecture(config.to_json_string(use_diff=False), model)
         peft = getattr(model, "peft_config", None)
         if isinstance(peft, dict) and peft:
             out[PEFT_CONFIG] = json.dumps({name: c.to_dict() for name, c in peft.items()}, sort_keys=True,
@@ -224,6 +224,18 @@ def model_configs(model: Any) -> dict[str, str]:
     except Exception as exc:  # a config that does not serialise costs the export format, never a save
         log.warning("ckptd: the model's config is not recorded (ckptd export --format hf/peft will say so): %s", exc)
     return out
+
+
+def with_architecture(config_json: str, model: Any) -> str:
+    """``architectures`` from the model's class when the config has none (a model built from a config
+    rather than loaded), as ``save_pretrained`` writes it: Auto classes and pipelines pick the class by
+    it. A PEFT model names its base model's class."""
+    doc = json.loads(config_json)
+    if doc.get("architectures"):
+        return config_json
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    doc["architectures"] = [type(base).__name__]
+    return json.dumps(doc, indent=2, sort_keys=True)
 
 
 def holds_dtensors(model: Any) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ckptd.core.retention import Item, Verdict
+from ckptd.core.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,22 @@ def shortfall(b: Budget, freed: int) -> int:
     return max(0, short)
 
 
+def never_fits(one_checkpoint: int, max_bytes: int | None) -> str | None:
+    """Why no save can ever fit the job's ``max_bytes`` (one checkpoint alone is larger), or None."""
+    if max_bytes is None or one_checkpoint <= max_bytes:
+        return None
+    return (f"max_bytes={format_bytes(max_bytes)} is smaller than one checkpoint of this job (about "
+            f"{format_bytes(one_checkpoint)}; {format_bytes(one_checkpoint - max_bytes)} missing with no other "
+            f"checkpoint kept): no save can ever fit; raise max_bytes")
+
+
 def plan(kept: Sequence[Verdict], budget: Budget) -> QuotaPlan:
     """Oldest-first deletions among the unprotected kept checkpoints, or a refusal."""
     if shortfall(budget, 0) == 0:
         return QuotaPlan(True)
+    hopeless = never_fits(budget.reserve, budget.max_bytes)
+    if hopeless:  # deleting every checkpoint would not help: said as it is
+        return QuotaPlan(False, (), hopeless)
     candidates = sorted((v.item for v in kept if v.keep and not v.protected),
                         key=lambda i: (i.step, i.created, i.id))
     chosen: list[Item] = []
