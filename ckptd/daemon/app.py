@@ -94,7 +94,7 @@ class Daemon:
                               f"set [daemon] state_dir (or --state-dir) to a directory uid {os.getuid()} may write") from None
         self.ledger = Ledger(self.metrics, self.catalog)
         self.access = Access(self.roots, self.catalog, self.admin_gid, self.max_jobs_per_uid, self._live_jobs,
-                             self.config.daemon.get("remote_allow", []))
+                             self.config.daemon.get("remote_allow", []), self.config.daemon.get("remote_endpoint"))
         for root in self.roots:
             if not os.path.isdir(root):
                 raise TargetError(f"root {root} does not exist: create it (and name it in the unit's ReadWritePaths=)")

@@ -32,6 +32,7 @@ from ckptd.disk.persist import Persisted, PersistError, seal
 from ckptd.disk.preflight import TargetError, check_job
 from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.target import Target
+from ckptd.remote.layout import job_prefix
 from ckptd.save.pipeline import Hooks, commit_unit, failure, save_unit
 from ckptd.wire import protocol
 
@@ -144,8 +145,9 @@ class Session:
             kwargs = parse_table(msg["settings"], f"job {job}")
             settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
             policy = SavePolicy.from_settings(group(settings, "policy"))
-            if settings.get("remote"):
-                self.daemon.access.remote(settings["remote"])
+            if settings.get("remote"):  # the store, its endpoint and the job's key prefix: the daemon's word
+                settings["remote_endpoint"] = self.daemon.access.remote(settings["remote"], kwargs.get("remote_endpoint"))
+                settings["remote_prefix"] = job_prefix(job, directory, self.uid)
             if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
                 settings["quarantine_dir"] = self.daemon.access.directory(settings["quarantine_dir"], self.uid,
                                                                              must_exist=False)
@@ -299,7 +301,7 @@ class Session:
         def replicate(result: Persisted) -> None:
             if job.settings.get("remote"):
                 info = seen.get(result.path) or read_info(result.path)
-                d.uploads.submit(job.key, job.settings, result.path, info.created)
+                d.uploads.submit(job.key, job.settings, result.path, info.created, job.uid, result.fd)
 
         return Hooks(removed=lambda removed: d.ledger.removed(job.key, removed), committed=committed,
                      replicate=replicate)
