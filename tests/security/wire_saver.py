@@ -3,7 +3,7 @@
 ``WIRE_AS=UID:GID python -m tests.security.wire_saver SOCKET JOB DIRECTORY SETTINGS_JSON STEP...`` (started
 as root, it becomes that user once its imports are done) prints one
 JSON line: the hello reply, then each save's outcome. A ``gate:PATH`` among the steps waits
-(connected) until PATH exists: the test says when to go on. A checkpoint's ``ckptd.created`` is now
+(connected) until PATH exists: the test says when to go on; ``pause:SECONDS`` trains a while. A checkpoint's ``ckptd.created`` is now
 (the replication lag counts from it), and its one tensor holds the step and the job's name.
 """
 
@@ -57,6 +57,9 @@ def main(argv: list[str]) -> int:
                 if arg.startswith("gate:"):
                     while not os.path.exists(arg[5:]):
                         time.sleep(0.05)
+                    continue
+                if arg.startswith("pause:"):  # a trainer between saves
+                    time.sleep(float(arg[6:]))
                     continue
                 step = int(arg)
                 fd, length = snapshot(job, step, f"{job}:{os.getuid()}:{step}".encode() * 64)
