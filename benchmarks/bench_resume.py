@@ -72,10 +72,13 @@ def one_size(work: Path, mib: int, reps: int) -> dict[str, object]:
         ckpt.close(final=False)
         if mode != "daemon":
             raise RuntimeError("the save did not go through the daemon: no memory tier to measure")
+        from ckptd.remote.layout import job_prefix
         from ckptd.remote.stores import open_store
         from ckptd.remote.upload import replicate
 
-        replicate(open_store(remote), "res", path)  # what the uploader does, here and now
+        for i in range(reps):  # what the uploader does, here and now, for each new host's job (uid, directory)
+            replicate(open_store(remote), "res", path,
+                      prefix=job_prefix("res", os.path.realpath(work / f"host{i}"), os.getuid()))
         times: dict[str, list[float]] = {"memory": [], "disk (cold)": [], "remote": [], "memcpy": [], "read (cold)": []}
         params = list(model.parameters())
         for _ in range(reps):  # one layer at a time: no second copy of the state held

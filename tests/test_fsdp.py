@@ -26,6 +26,7 @@ from ckptd.disk import manifest as mf
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_unit
 from ckptd.remote.fetch import fetch
+from ckptd.remote.layout import job_prefix
 from ckptd.remote.listing import COMMIT, committed
 from ckptd.remote.prune import prune_remote
 from ckptd.remote.stores import Store, open_store
@@ -67,8 +68,9 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)}
         assert status[JOB]["world_size"] == 4 and status[JOB]["checkpoints"] == 2, status
         assert daemon.metric("ckptd_saves_total", training_job=JOB, trigger="final", outcome="ok") == 1
-        wait_until(lambda: len(committed(open_store(remote), JOB)) == 2, 60, "the daemon to replicate both units")
-        assert [len(c.shards) for c in committed(open_store(remote), JOB)] == [4, 4]
+        pre = job_prefix(JOB, os.path.realpath(d), os.getuid())  # the job's owner and directory
+        wait_until(lambda: len(committed(open_store(remote), pre)) == 2, 60, "the daemon to replicate both units")
+        assert [len(c.shards) for c in committed(open_store(remote), pre)] == [4, 4]
         yield d, out
     finally:
         daemon.stop()
@@ -230,9 +232,10 @@ def test_a_new_host_resumes_a_sharded_run_from_the_remote_tier_on_another_rank_c
         first = run(torchrun(2, tmp_path / "host1", "--steps", "20", "--every", "10"), env)
         (saved,) = printed(first, "FINGERPRINT")
         store = open_store(f"file://{shared}/ckpt")
-        assert [(c.step, len(c.shards)) for c in committed(store, JOB)] == [(10, 2), (20, 2)]
-        shutil.rmtree(tmp_path / "host1")
-        r = subprocess.run(torchrun(4, tmp_path / "host2", "--steps", "20", "--every", "10"), env=env,
+        pre = job_prefix(JOB, os.path.realpath(tmp_path / "host1"), os.getuid())
+        assert [(c.step, len(c.shards)) for c in committed(store, pre)] == [(10, 2), (20, 2)]
+        shutil.rmtree(tmp_path / "host1")  # a new host: the same job (uid, directory path), four ranks
+        r = subprocess.run(torchrun(4, tmp_path / "host1", "--steps", "20", "--every", "10"), env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
         assert re.findall(r"starting at step (\d+)", r.stdout) == ["20"] * 4

@@ -17,6 +17,7 @@ import torch
 
 from ckptd.disk.verify import verify_file
 from ckptd.remote.fetch import fetch
+from ckptd.remote.layout import job_prefix
 from ckptd.remote.listing import COMMIT, committed
 from ckptd.remote.prune import prune_remote
 from ckptd.remote.stores import RemoteError, Store, open_store
@@ -142,25 +143,26 @@ def toy(directory: Path, steps: int, env: dict[str, str], *extra: str) -> dict: 
 @pytest.mark.slow
 def test_a_new_host_resumes_from_the_remote_tier_bit_identical(store: Store, tmp_path: Path) -> None:
     """Every verified checkpoint goes to the remote; local retention waits for it; the host's disk
-    is lost; a new host (another directory) resumes from the remote and ends where an
-    uninterrupted run ends, bit for bit."""
+    is lost; a new host (the same job: the same user, the same directory path) resumes from the
+    remote and ends where an uninterrupted run ends, bit for bit."""
     env = {"CKPTD_REMOTE": store.url, "CKPTD_REMOTE_KEEP_LAST": "2"}
     if store.url.startswith("s3://"):
         env["CKPTD_REMOTE_ENDPOINT"] = os.environ["CKPT_TEST_ENDPOINT"]
     straight = toy(tmp_path / "straight", 60, {})
     first = toy(tmp_path / "host1", 30, env, "--keep-last", "1")
     assert first["start"] == 0 and first["stats"]["verified"] == 3
-    assert [c.step for c in committed(store, "toy")] == [20, 30]  # remote_keep_last=2, its own rule
+    pre = job_prefix("toy", str((tmp_path / "host1").resolve()), os.getuid())
+    assert [c.step for c in committed(store, pre)] == [20, 30]  # remote_keep_last=2, its own rule
     assert os.listdir(tmp_path / "host1") == ["toy-step00000030.safetensors"]  # local keep_last=1, once remote
     shutil.rmtree(tmp_path / "host1")  # the host is gone
-    second = toy(tmp_path / "host2", 60, env)
+    second = toy(tmp_path / "host1", 60, env)
     assert second["start"] == 30 and "fetched" in second["log"]
     assert second["fingerprint"] == straight["fingerprint"]
     # remote_keep_last=2 keeps the second run's two newest; the first run's final (30) stays by keep_final
     verified = [int(m) for m in re.findall(r"ckptd: step (\d+) saved and verified", second["log"])]
     assert verified[-1] == 60 and len(verified) >= 2, second["log"][-3000:]
     remote_log = "\n".join(line for line in second["log"].splitlines() if "remote" in line)
-    assert [c.step for c in committed(store, "toy")] == [30, *sorted(verified)[-2:]], (second["stats"], remote_log)
+    assert [c.step for c in committed(store, pre)] == [30, *sorted(verified)[-2:]], (second["stats"], remote_log)
 
 
 @pytest.mark.slow
@@ -253,10 +255,10 @@ def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_pat
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     s3 = MotoServer(tmp_path)  # its port is chosen now; it starts later
-    allow = 'remote_allow = ["s3://ckpt/fleet"]\n'
+    allow = f'remote_allow = ["s3://ckpt/fleet"]\nremote_endpoint = "{s3.endpoint}"\n'  # the daemon's, not the client's
     d = DaemonProc(tmp_path / "d", allow, env=S3_ENV).start()
     run_dir = d.root / "toy"
-    env = {"CKPTD_SOCKET": d.socket, "CKPTD_REMOTE": "s3://ckpt/fleet", "CKPTD_REMOTE_ENDPOINT": s3.endpoint}
+    env = {"CKPTD_SOCKET": d.socket, "CKPTD_REMOTE": "s3://ckpt/fleet"}
     try:
         r = run_py(TOY, "--dir", str(run_dir), "--job", "toy", "--steps", "30", "--every-steps", "10",
                    "--keep-last", "1", env=env, timeout=180)
@@ -269,11 +271,12 @@ def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_pat
         d = DaemonProc(tmp_path / "d", allow, env=S3_ENV).start()  # same state dir: the catalogue says what to resync
         s3.start().client().create_bucket(Bucket="ckpt")
         store = open_store("s3://ckpt/fleet", s3.endpoint)
-        wait_until(lambda: len(committed(store, "toy")) == 3, 90, "the uploads after the store came back")
+        pre = job_prefix("toy", str(run_dir), os.getuid())
+        wait_until(lambda: len(committed(store, pre)) == 3, 90, "the uploads after the store came back")
         wait_until(lambda: os.listdir(run_dir) == ["toy-step00000030.safetensors"], 30, "local retention")
-        assert all(verify_remote(store, c).ok for c in committed(store, "toy"))
-        assert store.list("toy/").keys() == {f"toy/toy-step000000{s}.safetensors{x}" for s in (10, 20, 30)
-                                             for x in ("", COMMIT)}  # nothing partial left behind
+        assert all(verify_remote(store, c).ok for c in committed(store, pre))
+        assert store.list("").keys() == {f"{pre}/toy-step000000{s}.safetensors{x}" for s in (10, 20, 30)
+                                         for x in ("", COMMIT)}  # nothing partial left behind
         assert "remote" in d.log.read_text() and "retrying with backoff" in d.log.read_text()
     finally:
         d.stop()
@@ -307,16 +310,18 @@ def test_cli_names_a_remote_job_by_its_name_from_the_config(store: Store, tmp_pa
     trainer's would, here ``[jobs.t]`` of the config; a job without one is a usage error naming it."""
     from tests.conftest import ckptd_cli
 
-    for p in checkpoints(tmp_path / "host1", (10, 20)):
-        replicate(store, "t", p)
+    run = tmp_path / "run"  # saved here on a lost host; fetched here on a new one
+    for p in checkpoints(run, (10, 20)):
+        replicate(store, "t", p, prefix=job_prefix("t", str(run), os.getuid()))
+    shutil.rmtree(run)
     endpoint = f'remote_endpoint = "{os.environ["CKPT_TEST_ENDPOINT"]}"\n' if store.url.startswith("s3://") else ""
     config = tmp_path / "ckptd.toml"
     config.write_text(f'[jobs.t]\nremote = "{store.url}"\n{endpoint}')
     monkeypatch.setenv("CKPTD_CONFIG", str(config))
     listed = json.loads(ckptd_cli("list", "t", "--remote", "--json").stdout)
     assert [c["step"] for c in listed] == [10, 20]
-    got = ckptd_cli("fetch", "t", str(tmp_path / "host2"))
-    assert got.returncode == 0 and got.stdout.strip() == str(tmp_path / "host2" / "t-step00000020.safetensors")
+    got = ckptd_cli("fetch", "t", str(run))
+    assert got.returncode == 0 and got.stdout.strip() == str(run / "t-step00000020.safetensors"), got.stderr
     none = ckptd_cli("fetch", "other", str(tmp_path / "host3"))
     assert none.returncode == 2 and "job other has no remote tier" in none.stderr, none.stderr
 
@@ -339,14 +344,15 @@ def test_cli_lists_every_job_below_the_hooks_remote_url(store: Store, tmp_path: 
     assert r.returncode == 0 and "unreadable commit object" not in r.stderr, r.stderr
     assert sorted((c["job"], c["step"]) for c in json.loads(r.stdout)) == [("alpha", 2), ("alpha", 4),
                                                                             ("beta", 2), ("beta", 4)]
-    one = ckptd_cli("list", "--remote", f"{store.url}/beta", "--json", *args)
+    beta = job_prefix("beta", str((tmp_path / "beta").resolve()), os.getuid())  # its owner, its directory, its name
+    one = ckptd_cli("list", "--remote", f"{store.url}/{beta}", "--json", *args)
     assert [(c["job"], c["step"]) for c in json.loads(one.stdout)] == [("beta", 2), ("beta", 4)], one.stderr
     missing = ckptd_cli("list", "--remote", f"{store.url}/gamma", *args)
-    assert missing.returncode == 1 and f"no job gamma under {store.url}; found: alpha, beta" in missing.stderr
+    assert missing.returncode == 1 and f"no job gamma under {store.url}; found: u{os.getuid()}/" in missing.stderr
     verified = ckptd_cli("verify", store.url, *args)
     assert verified.returncode == 0 and verified.stdout.count("ok      ") == 4, verified.stdout + verified.stderr
     several = ckptd_cli("fetch", store.url, str(tmp_path / "host2"), *args)
-    assert several.returncode == 2 and "holds several jobs (alpha, beta)" in several.stderr
+    assert several.returncode == 2 and "holds several jobs (" in several.stderr and "/beta)" in several.stderr
 
 
 class HungStore:
@@ -427,19 +433,71 @@ def test_checkpoints_that_refer_to_a_frozen_base_replicate_verify_fetch_and_resu
         opt.zero_grad()
         ckpt.step()
     ckpt.close()
-    remote = committed(store, "lora")
+    pre = job_prefix("lora", str((tmp_path / "host1").resolve()), os.getuid())
+    remote = committed(store, pre)
     assert [c.step for c in remote] == [1, 5] and remote[1].refs == (remote[0].name,), remote
     assert remote[0].bytes > 10 * remote[1].bytes
     args = ["--endpoint", endpoint] if endpoint else []
-    ok = ckptd_cli("verify", f"{store.url}/lora", *args)
+    ok = ckptd_cli("verify", f"{store.url}/{pre}", *args)
     assert ok.returncode == 0 and ok.stdout.count("ok      ") == 2, ok.stdout + ok.stderr
     model2, opt2 = build(seed=9)
-    host2 = Checkpointer("lora", tmp_path / "host2", model=model2, optimizer=opt2, remote=store.url,
+    shutil.rmtree(tmp_path / "host1")  # a new host, the same job (user, directory)
+    host2 = Checkpointer("lora", tmp_path / "host1", model=model2, optimizer=opt2, remote=store.url,
                          remote_endpoint=endpoint, socket=False, save_final=False, quiet=True)
     assert host2.resume() == 5
     host2.close(final=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in model2.state_dict().items())
-    assert sorted(os.listdir(tmp_path / "host2")) == [remote[0].name, remote[1].name]
+    assert sorted(os.listdir(tmp_path / "host1")) == [remote[0].name, remote[1].name]
     store.delete(remote[0].key)  # the holder's data gone: the copy that refers to it no longer verifies
-    bad = ckptd_cli("verify", f"{store.url}/lora/{remote[1].name}", *args)
+    bad = ckptd_cli("verify", f"{store.url}/{pre}/{remote[1].name}", *args)
     assert bad.returncode == 1 and f"referenced file {remote[0].name} cannot be read" in bad.stdout, bad.stdout
+
+
+@pytest.mark.slow
+def test_replication_lag_counts_from_the_oldest_waiting_and_the_newest_goes_up_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 is down while a job keeps saving: ``ckptd_remote_lag_seconds`` is the age of the oldest
+    verified checkpoint not yet remote, so it grows past the outage (it was the newest's age, a
+    few seconds, and the alert never fired). When S3 is back, the newest checkpoint, the one a
+    lost host would resume from, is remote first; then the backlog."""
+    from tests.conftest import S3_ENV, DaemonProc, wait_until
+    from tests.security.test_remote_trust import job_dir, saver
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    s3 = MotoServer(tmp_path).start()
+    s3.client().create_bucket(Bucket="ckpt")
+    d = DaemonProc(tmp_path / "d", f'remote_allow = ["s3://ckpt/fleet"]\nremote_endpoint = "{s3.endpoint}"\n',
+                   env=S3_ENV).start()
+    run = job_dir(d, None, "lag")
+    down, end = tmp_path / "down", tmp_path / "end"
+    trainer = saver(d, None, "lag", run, {"remote": "s3://ckpt/fleet"}, 1, f"gate:{down}", 2, "pause:3", 3, "pause:3",
+                    4, "pause:3", 5, f"gate:{end}", wait=False)
+    store = open_store("s3://ckpt/fleet", s3.endpoint)
+    pre = job_prefix("lag", str(run), os.getuid())
+    labels = {"training_job": "lag", "directory": str(run)}
+    try:
+        wait_until(lambda: [c.step for c in committed(store, pre)] == [1], 60, "the first upload")
+        s3.stop()
+        t_down = time.time()
+        down.touch()
+        wait_until(lambda: (run / "lag-step00000005.safetensors").exists(), 60, "four saves during the outage")
+        wait_until(lambda: time.time() - t_down > 12, 20, "a 12 s outage")  # saves 3 s apart: the newest is recent
+        newest_age = time.time() - os.path.getmtime(run / "lag-step00000005.safetensors")
+        lag = d.metric("ckptd_remote_lag_seconds", **labels)
+        assert lag >= time.time() - t_down - 2 and lag > newest_age + 3, (lag, newest_age)
+        log_before = len(d.log.read_text())
+        s3 = MotoServer(tmp_path, port=s3.port).start()
+        s3.client().create_bucket(Bucket="ckpt")
+        def order() -> list[int]:
+            return [int(m) for m in re.findall(r"lag-step(\d+)\.safetensors verified at", d.log.read_text()[log_before:])]
+
+        wait_until(lambda: len(order()) == 4, 120, "the backlog")
+        assert order() == [5, 4, 3, 2], d.log.read_text()[-3000:]
+        assert [c.step for c in committed(store, pre)] == [2, 3, 4, 5]  # (a restarted moto forgot step 1)
+        wait_until(lambda: d.metric("ckptd_remote_lag_seconds", **labels) == 0, 30, "no lag once all is remote")
+    finally:
+        end.touch()
+        trainer.communicate(timeout=60)
+        d.stop()
+        s3.stop()

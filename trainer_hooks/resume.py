@@ -196,11 +196,12 @@ class Resumer:
 
     def _fetch_newest(self) -> str | None:
         from ckptd.remote.fetch import fetch
+        from ckptd.remote.layout import prefix_in
         from ckptd.remote.stores import RemoteError, open_store
 
-        try:
-            path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")), self.job,
-                         self.directory)
+        try:  # only this uid's own job in this directory (layout.job_prefix): never another user's objects
+            path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")),
+                         prefix_in(self.settings, self.job, self.directory), self.directory)
         except (RemoteError, OSError) as exc:
             log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
             return None

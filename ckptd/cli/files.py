@@ -74,8 +74,10 @@ def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, e
     if remote or (target is not None and is_remote(target)):
         if target is None:
             raise click.UsageError("--remote needs a job: its name, or its URL s3://bucket/prefix/JOB")
-        if not is_remote(target):
-            target, endpoint = job_url(target, endpoint, os.environ.get("CKPTD_CONFIG"))
+        if not is_remote(target):  # a job's name: the caller's own jobs of that name
+            url, endpoint = job_url(target, endpoint, os.environ.get("CKPTD_CONFIG"))
+            list_remote(url, endpoint, as_json, own_job=target)
+            return
         list_remote(target, endpoint, as_json)
         return
     if target is not None and is_directory(target):

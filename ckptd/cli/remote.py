@@ -1,16 +1,19 @@
 """Verbs on the remote tier: ``ckptd fetch``, and the remote side of ``verify`` and ``list``.
 
-A remote job is named by its URL: the store's URL and the job name after it,
-``s3://bucket/prefix/JOB`` (``file:///mnt/shared/ckpt/JOB``), with ``--endpoint`` (or
-``$CKPTD_REMOTE_ENDPOINT``) for an S3-compatible store; or by its name alone, whose
-``remote`` (and ``remote_endpoint``) come from the settings a trainer of that job would
-resolve: ``$CKPTD_*``, then the config's ``[jobs.JOB]`` and ``[defaults]``. Credentials:
-the standard AWS chain.
+A remote job is named by its URL: the store's URL and the job's key prefix after it,
+``s3://bucket/prefix/u1000/DIRTAG/JOB`` (``ckptd.remote.layout``; a version-1 job, keyed by its
+name alone, is ``s3://bucket/prefix/JOB``), with ``--endpoint`` (or ``$CKPTD_REMOTE_ENDPOINT``)
+for an S3-compatible store; the hook's ``remote=`` URL lists every job below it; or by its name
+alone, whose ``remote`` (and ``remote_endpoint``) come from the settings a trainer of that job
+would resolve (``$CKPTD_*``, then the config's ``[jobs.JOB]`` and ``[defaults]``): then only the
+caller's own jobs of that name (``fetch JOB DIR``: the one saved in DIR). Credentials: the
+standard AWS chain, the caller's own.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -21,6 +24,7 @@ from ckptd.cli.base import main
 from ckptd.core.units import format_bytes, format_duration, parse_remote
 from ckptd.disk.scan import SUFFIX
 from ckptd.remote.fetch import fetch
+from ckptd.remote.layout import PREFIX_RE, job_prefix, owner_of
 from ckptd.remote.listing import COMMIT, RemoteCheckpoint, committed
 from ckptd.remote.stores import RemoteError, Store, open_store
 from ckptd.remote.verify import verify_remote
@@ -34,7 +38,8 @@ def is_remote(target: str) -> bool:
 
 
 def job_url(job: str, endpoint: str | None, config_file: str | None = None) -> tuple[str, str | None]:
-    """A job's name -> its remote URL and endpoint, as its trainer would resolve them."""
+    """A job's name -> its remote tier's URL (the hook's ``remote=``) and endpoint, as its trainer
+    would resolve them."""
     from ckptd.core import config as config_mod
     from ckptd.core.settings import from_env
     from ckptd.core.settings import resolve as resolve_settings
@@ -47,7 +52,7 @@ def job_url(job: str, endpoint: str | None, config_file: str | None = None) -> t
     if not settings.get("remote"):
         raise click.UsageError(f"job {job} has no remote tier: give its URL (s3://bucket/prefix/{job}), or set "
                                f"remote in [jobs.{job}] / [defaults] or $CKPTD_REMOTE")
-    return f"{settings['remote'].rstrip('/')}/{job}", endpoint or settings.get("remote_endpoint")
+    return str(settings["remote"]).rstrip("/"), endpoint or settings.get("remote_endpoint")
 
 
 def resolve(url: str, endpoint: str | None) -> tuple[Store, str, str | None]:
@@ -58,13 +63,15 @@ def resolve(url: str, endpoint: str | None) -> tuple[Store, str, str | None]:
         raise click.UsageError(str(exc)) from None
     name = parts.pop() if parts[-1].endswith(SUFFIX) else None
     if len(parts) < 4 or not parts[-1]:
-        raise click.UsageError(f"{url}: name the job after the store's URL (s3://bucket/prefix/JOB)")
-    job = parts.pop()
-    return open_store("/".join(parts), endpoint), job, name
+        raise click.UsageError(f"{url}: name the job after the store's URL (s3://bucket/prefix/u<uid>/DIRTAG/JOB)")
+    depth = 3 if len(parts) >= 6 and PREFIX_RE.match("/".join(parts[-3:])) else 1  # version 1: the job name alone
+    job = "/".join(parts[-depth:])
+    return open_store("/".join(parts[:-depth]), endpoint), job, name
 
 
 def jobs_at(store: Store, probe: bool = False) -> list[str]:
-    """The jobs with a commit object right below the store's URL (what a hook's ``remote=`` holds).
+    """The job prefixes with a commit object below the store's URL (what a hook's ``remote=``
+    holds): ``u<uid>/<directory tag>/<job>``, and version 1's ``<job>``.
     ``probe``: the URL may be a job's own, which need not exist as a store root: none, then."""
     try:
         keys = store.list("")
@@ -72,7 +79,11 @@ def jobs_at(store: Store, probe: bool = False) -> list[str]:
         if probe:
             return []
         raise click.ClickException(str(exc)) from None
-    return sorted({k.split("/", 1)[0] for k in keys if k.endswith(COMMIT) and k.count("/") == 1})
+    found = set()
+    for k in keys:
+        if k.endswith(COMMIT) and (k.count("/") == 1 or (k.count("/") == 3 and PREFIX_RE.match(k.rsplit("/", 1)[0]))):
+            found.add(k.rsplit("/", 1)[0])
+    return sorted(found)
 
 
 def targets(url: str, endpoint: str | None) -> list[tuple[Store, str, str | None]]:
@@ -97,10 +108,17 @@ def targets(url: str, endpoint: str | None) -> list[tuple[Store, str, str | None
     return [(store, job, name)]
 
 
-def listing(url: str, endpoint: str | None) -> list[tuple[Store, list[RemoteCheckpoint], str | None]]:
-    """Per job that ``url`` names: its store, its committed checkpoints (the one FILE if named)."""
+def listing(url: str, endpoint: str | None, own_job: str | None = None,
+            ) -> list[tuple[Store, list[RemoteCheckpoint], str | None]]:
+    """Per job that ``url`` names: its store, its committed checkpoints (the one FILE if named).
+    ``own_job``: ``url`` is a remote tier's, and only the caller's own jobs of that name count."""
     out = []
-    for store, job, name in targets(url, endpoint):
+    jobs = targets(url, endpoint)
+    if own_job is not None:
+        jobs = [t for t in jobs if t[1].rsplit("/", 1)[-1] == own_job and owner_of(t[1]) == os.getuid()]
+        if not jobs:
+            raise click.ClickException(f"no job {own_job} of uid {os.getuid()} under {url}")
+    for store, job, name in jobs:
         try:
             found = committed(store, job)
         except RemoteError as exc:
@@ -129,8 +147,8 @@ def verify_remote_cmd(url: str, endpoint: str | None, as_json: bool) -> bool:
     return ok
 
 
-def list_remote(url: str, endpoint: str | None, as_json: bool) -> None:
-    rows = [(store, c) for store, found, _ in listing(url, endpoint) for c in found]
+def list_remote(url: str, endpoint: str | None, as_json: bool, own_job: str | None = None) -> None:
+    rows = [(store, c) for store, found, _ in listing(url, endpoint, own_job) for c in found]
     if as_json:
         click.echo(json.dumps([{**c.__dict__, "url": f"{store.url}/{c.key}"} for store, c in rows], indent=2))
         return
@@ -152,8 +170,9 @@ def fetch_cmd(url: str, directory: str, step: int | None, config_file: str | Non
     """Download the newest (or --step) checkpoint of URL (a remote job's URL, or a job's name) that
     verifies into DIRECTORY: streamed to a temp file (a sharded unit: a temp directory), every
     tensor checked, then renamed; a corrupt or uncommitted copy is never taken."""
-    if not is_remote(url):
-        url, endpoint = job_url(url, endpoint, config_file)
+    if not is_remote(url):  # a job's name: the caller's own job of that name saved in DIRECTORY
+        remote, endpoint = job_url(url, endpoint, config_file)
+        url = f"{remote}/{job_prefix(url, os.path.realpath(directory), os.getuid())}"
     found = targets(url, endpoint)
     if len(found) > 1:
         raise click.UsageError(f"{url} holds several jobs ({', '.join(job for _, job, _ in found)}): "

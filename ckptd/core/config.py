@@ -19,7 +19,7 @@ from ckptd.core.units import parse_duration, parse_listen, parse_remote, parse_s
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
 DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group", "admin_group",
-               "max_connections_per_uid", "max_jobs_per_uid", "remote_allow", "memory_budget"}
+               "max_connections_per_uid", "max_jobs_per_uid", "remote_allow", "remote_endpoint", "memory_budget"}
 WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every", "abandon_after", "on_corrupt",
               "dry_run"}
 ON_CORRUPT = ("keep", "quarantine", "delete")
@@ -111,7 +111,8 @@ def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
             raise ConfigError(f"{path} [daemon]: unknown key {key!r} (expected one of {', '.join(sorted(DAEMON_KEYS))})")
         if key in ("roots", "remote_allow") and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
             raise ConfigError(f"{path} [daemon]: {key} must be a list of " + ("paths" if key == "roots" else "URLs"))
-        if key in ("socket", "state_dir", "metrics_listen", "group", "admin_group") and not isinstance(value, str):
+        if key in ("socket", "state_dir", "metrics_listen", "group", "admin_group", "remote_endpoint") \
+                and not isinstance(value, str):
             raise ConfigError(f"{path} [daemon]: {key} must be a string")
         if key.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{path} [daemon]: {key} must be a positive integer, got {value!r}")

@@ -18,9 +18,11 @@ from ckptd.disk.remove import inside
 
 class Access:
     def __init__(self, roots: Sequence[str], catalog: Catalog, admin_gid: int | None, max_jobs_per_uid: int,
-                 live_jobs: Callable[[int, JobKey], int], remote_allow: Sequence[str] = ()) -> None:
+                 live_jobs: Callable[[int, JobKey], int], remote_allow: Sequence[str] = (),
+                 remote_endpoint: str | None = None) -> None:
         self.roots, self.catalog, self.admin_gid = roots, catalog, admin_gid
         self.remote_allow = [u.rstrip("/") for u in remote_allow]
+        self.remote_endpoint = remote_endpoint
         self.max_jobs_per_uid = max_jobs_per_uid
         self._live_jobs = live_jobs  # jobs of a uid connected or recently ended, other than the one asked about
 
@@ -69,13 +71,22 @@ class Access:
             raise PermissionError(f"uid {uid} already has {live} jobs connected or ended within the last hour "
                                   "(max_jobs_per_uid); each job is a set of metric series")
 
-    def remote(self, url: str) -> None:
-        """The daemon replicates (and prunes, with its own credentials) only where ``[daemon]
-        remote_allow`` says: a client must not point it at another bucket or path."""
+    def remote(self, url: str, client_endpoint: str | None = None) -> str | None:
+        """The endpoint the daemon uses for ``url``, a remote ``[daemon] remote_allow`` names.
+
+        The daemon replicates (and prunes, lists, with its own credentials) only where its own
+        configuration says: a client names an allowed remote, never a store, endpoint or
+        credentials (a client's ``remote_endpoint`` would receive the daemon's signed requests,
+        credentials and all). S3 requests go to ``[daemon] remote_endpoint`` (None: AWS)."""
+        if client_endpoint is not None:
+            raise PermissionError(f"remote_endpoint {client_endpoint!r} is refused: with a daemon, the S3 endpoint "
+                                  "comes from its configuration ([daemon] remote_endpoint), never from a client; "
+                                  "leave remote_endpoint unset (embedded mode, without a daemon, uses it)")
         if ".." in url.split("/") or not any(url == a or url.startswith(a + "/") for a in self.remote_allow):
             allowed = ", ".join(self.remote_allow) or "nothing, the list is empty"
             raise PermissionError(f"remote {url} is not one the daemon replicates to ([daemon] remote_allow: {allowed}); "
                                   "without the daemon, the trainer replicates itself with its own credentials")
+        return self.remote_endpoint if url.startswith("s3://") else None
 
     def visible(self, uid: int, job: JobKey) -> bool:
         """A uid sees its own jobs and unowned ones (watched trees); privileged uids see everything."""

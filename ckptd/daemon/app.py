@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 from ckptd.core.config import Config, default_state_dir
 from ckptd.core.policy import SavePolicy
-from ckptd.core.settings import group, resolve
 from ckptd.core.units import parse_listen
 from ckptd.core.vocab import MissedReason
 from ckptd.daemon import schedlog, sdnotify
@@ -117,8 +116,7 @@ class Daemon:
                               f"set [daemon] state_dir (or --state-dir) to a directory uid {os.getuid()} may write") from None
         self.ledger = Ledger(self.metrics, self.catalog)
         self.access = Access(self.roots, self.catalog, self.admin_gid, self.max_jobs_per_uid, self._live_jobs,
-                             self.config.daemon.get("remote_allow", []))
-        _check_roots(self.roots)
+                             self.config.daemon.get("remote_allow", []), self.config.daemon.get("remote_endpoint"))
         counts = self.catalog.reconcile(self.roots)
         log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
         self._cleanup_temp()
@@ -214,7 +212,6 @@ class Daemon:
             cfg = config_mod.load(path)
             roots = [os.path.realpath(r) for r in cfg.daemon.get("roots", [])]
             _check_roots(roots)
-            settings = self._resolve_connected(cfg)
         except (ValueError, OSError) as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
             sdnotify.notify("READY=1", "STATUS=reload refused; running on the previous configuration")
@@ -222,25 +219,34 @@ class Daemon:
         with self.lock:
             self.config, self.roots[:] = cfg, roots
             self.access.remote_allow[:] = [u.rstrip("/") for u in cfg.daemon.get("remote_allow", [])]
-            for job, values, policy in settings:
+            self.access.remote_endpoint = cfg.daemon.get("remote_endpoint")
+        resolved = self._resolve_connected(cfg)
+        with self.lock:
+            for job, values, policy in resolved:
                 job.settings, job.policy = values, policy
         fixed = [k for k in ("socket", "state_dir", "metrics_listen") if cfg.daemon.get(k) != self._started_with.get(k)]
         if cfg.watch != self._started_with["watch"]:
             fixed.append("[[watch]]")
-        log.info("reloaded %s: %d connected jobs re-resolved, roots %s%s", path, len(settings), ", ".join(roots),
+        log.info("reloaded %s: %d connected jobs re-resolved, roots %s%s", path, len(resolved), ", ".join(roots),
                  f"; {', '.join(fixed)} changed and take effect at the next restart" if fixed else "")
         sdnotify.notify("READY=1", f"STATUS=reloaded {path}")
         return True
 
     def _resolve_connected(self, cfg: Config) -> list[tuple[JobState, dict[str, Any], SavePolicy]]:
-        """Each connected job's settings under ``cfg``, its trainer's own kwargs still on top."""
+        """Each connected job's settings under ``cfg``, its trainer's own kwargs still on top. A job
+        the new configuration refuses (its remote no longer allowed) keeps what it had, and the log
+        names it: a reload never drops a trainer."""
         with self.lock:
             sessions = [s for s in self.sessions if s.job is not None and s.kwargs is not None]
         out = []
         for s in sessions:
             assert s.job is not None and s.kwargs is not None
-            values = resolve(s.kwargs, {}, cfg.job_table(s.job.name), cfg.defaults)
-            out.append((s.job, values, SavePolicy.from_settings(group(values, "policy"))))
+            try:
+                values, policy = s.resolved(cfg, s.job.name, s.job.directory, s.kwargs)
+            except (ValueError, PermissionError) as exc:
+                log.warning("reload: job %s keeps its previous settings: %s", s.job.key, exc)
+                continue
+            out.append((s.job, values, policy))
         return out
 
     def stop(self, drain_timeout: float = 60.0) -> None:

@@ -118,7 +118,7 @@ JOB_GAUGES = {
     "ckptd_auto_interval_seconds": "The save interval every=auto chose (0: the job does not use every=auto)",
     "ckptd_auto_memory_interval_seconds": "The interval of memory-only saves every=auto chose (0: none, the "
                                           "disk's saves are enough or the job does not use every=auto)",
-    "ckptd_remote_lag_seconds": "Age of the newest verified local checkpoint not yet verified remotely "
+    "ckptd_remote_lag_seconds": "Age of the oldest verified local checkpoint not yet verified remotely "
                                 "(0: none waiting, or no remote tier)",
     "ckptd_memory_bytes": "Bytes of the job's newest verified snapshot the daemon holds in memory (0: none)",
 }

@@ -34,6 +34,7 @@ from ckptd.disk.preflight import TargetError, check_job
 from ckptd.disk.remove import Removal
 from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.target import Target
+from ckptd.remote.layout import job_prefix
 from ckptd.save.pipeline import Hooks, commit_unit, failure, save_unit
 from ckptd.wire import protocol
 
@@ -147,14 +148,7 @@ class Session:
                 directory = self.daemon.access.directory(msg["directory"], self.uid)
             self.daemon.access.job(JobKey(job, directory), self.uid)
             kwargs = parse_table(msg["settings"], f"job {job}")
-            settings = resolve(kwargs, {}, self.daemon.config.job_table(job), self.daemon.config.defaults)
-            policy = SavePolicy.from_settings(group(settings, "policy"))
-            if settings.get("remote"):
-                self.daemon.access.remote(settings["remote"])
-            if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
-                with acting_as(self.identity):
-                    settings["quarantine_dir"] = self.daemon.access.directory(settings["quarantine_dir"], self.uid,
-                                                                                 must_exist=False)
+            settings, policy = self.resolved(self.daemon.config, job, directory, kwargs)
         except (TargetError, SettingsError, ValueError, PermissionError) as exc:
             self.send({"type": "error", "error": str(exc)})
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
@@ -168,6 +162,21 @@ class Session:
         self.job.sharded = msg.get("sharded") is True
         self.job.memory_budget = self.daemon.memory.budget
         self.send({"type": "welcome", "job": job, "directory": directory})
+
+    def resolved(self, config: Config, job: str, directory: str,
+                 kwargs: dict[str, Any]) -> tuple[dict[str, Any], SavePolicy]:
+        """The job's settings (its trainer's kwargs over ``config``'s tables) with what only the daemon
+        decides filled in: at hello, and again for a connected job when the configuration is reloaded."""
+        settings = resolve(kwargs, {}, config.job_table(job), config.defaults)
+        policy = SavePolicy.from_settings(group(settings, "policy"))
+        if settings.get("remote"):  # the store, its endpoint and the job's key prefix: the daemon's word
+            settings["remote_endpoint"] = self.daemon.access.remote(settings["remote"], kwargs.get("remote_endpoint"))
+            settings["remote_prefix"] = job_prefix(job, directory, self.uid)
+        if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
+            with acting_as(self.identity):
+                settings["quarantine_dir"] = self.daemon.access.directory(settings["quarantine_dir"], self.uid,
+                                                                             must_exist=False)
+        return settings, policy
 
     # -- heartbeats and missed steps --------------------------------------------------------
 
@@ -316,7 +325,7 @@ class Session:
             if job.settings.get("remote"):
                 info = seen.get(result.path) or read_info(result.path)
                 with as_daemon():
-                    d.uploads.submit(job.key, job.settings, result.path, info.created)
+                    d.uploads.submit(job.key, job.settings, result.path, info.created, job.uid, result.fd)
 
         def removed(removals: list[Removal]) -> None:
             with as_daemon():

@@ -1,11 +1,13 @@
 """The daemon's side of the remote tier: which jobs' checkpoints it uploads, and what it says of them.
 
-The uploading itself (one thread, retries, remote retention, then local retention again) is
-``ckptd.remote.uploader``, shared with the hook's embedded mode. Here: a job's verified
-checkpoint is queued; at start, what catalogued jobs saved and their remote lacks is queued
-again (a restart cut those uploads off), but only for remotes ``[daemon] remote_allow``
-names; each upload ends in a counter, the remote gauges and a catalogue event; and at scrape
-time each job's replication lag is the age of its newest checkpoint still waiting.
+The uploading itself (a lane per job, retries, remote retention, then local retention again)
+is ``ckptd.remote.uploader``, shared with the hook's embedded mode. Here: a job's verified
+checkpoint is queued with the fd it verified through; at start, what catalogued jobs saved
+and their remote lacks is queued again (a restart cut those uploads off), but only for
+remotes ``[daemon] remote_allow`` names, with the daemon's own endpoint and each job's owner
+as its catalogue says (never what a client once sent); each upload ends in a counter, the
+remote gauges and a catalogue event; and at scrape time each job's replication lag is the
+age of its oldest verified checkpoint not yet remote.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ckptd.daemon.metrics import Metrics
 from ckptd.disk.owner import acting_as, as_daemon
 from ckptd.disk.remove import Removal, inside
 from ckptd.disk.target import Target
+from ckptd.remote.layout import job_prefix
 from ckptd.remote.listing import RemoteCheckpoint
 from ckptd.remote.stores import RemoteError
 from ckptd.remote.uploader import Upload, Uploader
@@ -39,31 +42,42 @@ class Uploads:
         self.metrics, self.catalog, self.ledger, self.access, self.roots = metrics, catalog, ledger, access, roots
         self.uploader = Uploader(self._replicated, self._failed)
 
-    def submit(self, key: JobKey, settings: Mapping[str, Any], path: str, created: float) -> None:
-        """A verified save of a job with a remote tier: upload it, then let local retention run again."""
+    def submit(self, key: JobKey, settings: Mapping[str, Any], path: str, created: float, owner: int,
+               fd: int | None = None) -> None:
+        """A verified save of a job with a remote tier: upload it (from ``fd``, what verified, dup'd
+        here), then let local retention run again."""
         after = self._pruner(Target(key.directory, key.name, settings, self.roots), key)
-        self.uploader.submit(Upload(key.name, path, settings, key, after, created))
+        prefix = job_prefix(key.name, key.directory, owner)
+        held = None if fd is None else os.dup(fd)
+        self.uploader.submit(Upload(key.name, path, settings, key, after, created, prefix, owner, tuple(self.roots),
+                                    held))
 
     def resync(self) -> None:
         """At start: what catalogued jobs saved and their remote lacks (a restart cut an upload off)."""
         for key, _ in self.catalog.jobs():
-            settings = self.catalog.job_settings(key)
-            if not settings.get("remote") or not inside(key.directory, self.roots) or not os.path.isdir(key.directory):
+            stored = self.catalog.job_settings(key)
+            owner = self.catalog.job_owner(key)
+            if not stored.get("remote") or owner is None or not inside(key.directory, self.roots) \
+                    or not os.path.isdir(key.directory):
                 continue
             try:
-                self.access.remote(settings["remote"])
+                endpoint = self.access.remote(stored["remote"])
             except PermissionError as exc:
                 log.warning("job %s: not resuming its uploads: %s", key, exc)
-            else:
-                self.uploader.resync(key.name, key.directory, settings, key,
-                                       after=self._pruner(Target(key.directory, key.name, settings, self.roots), key))
+                continue
+            prefix = job_prefix(key.name, key.directory, owner)
+            settings = {**stored, "remote_endpoint": endpoint, "remote_prefix": prefix}
+            self.uploader.resync(key.name, key.directory, settings, key,
+                                 after=self._pruner(Target(key.directory, key.name, settings, self.roots), key),
+                                 prefix=prefix, owner_uid=owner, guard=tuple(self.roots))
 
     def lag(self, now: float) -> dict[JobKey, float]:
-        """Per job with uploads waiting: the age of its newest verified checkpoint not yet remote."""
-        newest: dict[JobKey, float] = {}
+        """Per job with uploads waiting: the age of its oldest verified checkpoint not yet remote
+        (a job that keeps saving through an outage shows the outage, not its last save's age)."""
+        oldest: dict[JobKey, float] = {}
         for u in self.uploader.pending:
-            newest[u.key] = max(newest.get(u.key, 0.0), u.created)
-        return {key: max(0.0, now - created) for key, created in newest.items()}
+            oldest[u.key] = min(oldest.get(u.key, u.created), u.created)
+        return {key: max(0.0, now - created) for key, created in oldest.items()}
 
     def pending_count(self, key: JobKey) -> int:
         """Verified checkpoints of ``key`` waiting to be remote (``ckptd status``)."""

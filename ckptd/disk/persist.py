@@ -65,6 +65,7 @@ class Persisted:
     bytes: int
     metadata: dict[str, str]
     durations: dict[str, float] = field(default_factory=dict)
+    fd: int | None = None  # ``keep_fd``: the file as it verified, read-only (the caller closes it)
 
 
 _ERRNO_REASONS = {errno.ENOSPC: FailReason.NO_SPACE, errno.EDQUOT: FailReason.NO_SPACE,
@@ -82,7 +83,7 @@ def temp_name(filename: str) -> str:
 
 
 def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int | None = None,
-            expect: Mapping[str, str] | None = None, dedup: bool = False) -> Persisted:
+            expect: Mapping[str, str] | None = None, dedup: bool = False, keep_fd: bool = False) -> Persisted:
     """Persist the snapshot in ``fd`` (length bytes) as ``directory/filename``.
 
     ``dir_fd``: the directory, already opened safely by the caller (``safepath``), which
@@ -91,7 +92,8 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
     job's directory, whose newest checkpoint may already hold some tensors (``ckptd.disk.dedup``).
     A file of the same name that a checkpoint refers to (a step saved again: a retried final
     save, a save the daemon persisted just before it died) is kept as it is, not replaced:
-    replacing it would break what refers to it.
+    replacing it would break what refers to it. ``keep_fd``: the result carries the fd the new
+    file verified through (its upload reads what verified, whatever the name points to later).
     """
     if "/" in filename or filename in ("", ".", ".."):
         raise PersistError(FailReason.INVALID_TARGET, f"invalid checkpoint file name {filename!r}")
@@ -107,10 +109,11 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
         if kept is not None:
             return kept
         tmp = temp_name(filename)
+        kept_fd: list[int] = []
         try:
             header, length = _write_new_bytes(fd, length, header, dfd, tmp, filename if dedup else None)
             t1 = time.monotonic()
-            result = _verify_temp(dfd, tmp, directory)
+            result = _verify_temp(dfd, tmp, directory, kept_fd if keep_fd else None)
             if not result.ok:
                 raise PersistError(FailReason.VERIFY_FAILED, f"{directory}/{filename}: read-back failed: {result.reason}")
             missing = check_refs(header.metadata, opener_at(dir_fd=dfd), full=False) if REFS_KEY in header.metadata \
@@ -121,16 +124,18 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
             os.fsync(dfd)
         except OSError as exc:
             _unlink_quietly(dfd, tmp)
+            _close_all(kept_fd)
             raise PersistError(reason_for(exc), f"writing {directory}/{filename} failed: {exc.strerror or exc}") from None
         except PersistError:
             _unlink_quietly(dfd, tmp)
+            _close_all(kept_fd)
             raise
     finally:
         if dir_fd is None:
             os.close(dfd)
     t2 = time.monotonic()
     return Persisted(os.path.join(directory, filename), length, header.metadata,
-                     {"persist": t1 - t0, "verify": t2 - t1})
+                     {"persist": t1 - t0, "verify": t2 - t1}, kept_fd[0] if kept_fd else None)
 
 
 def _keep_referenced(dfd: int, directory: str, filename: str, header: Header) -> Persisted | None:
@@ -319,12 +324,19 @@ def _sendfile(out: int, src_fd: int, offset: int, length: int) -> None:
         offset += sent
 
 
-def _verify_temp(dfd: int, tmp: str, directory: str) -> VerifyResult:
+def _verify_temp(dfd: int, tmp: str, directory: str, keep: list[int] | None = None) -> VerifyResult:
     fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    if keep is not None:
+        keep.append(os.dup(fd))
     with os.fdopen(fd, "rb", buffering=0) as f:
         result = verify_open(f, os.path.join(directory, tmp))
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         return result
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
 
 
 def _unlink_quietly(dfd: int, name: str) -> None:

@@ -4,6 +4,12 @@ Streamed to a temp file (a sharded unit: a temp directory) in the target directo
 tensor by tensor there (the same read checks the commit's size and metadata digest), then
 renamed to its final name and the directory fsynced: what ``resume()`` then finds is as good
 as a checkpoint written on this host.
+
+The bucket is not trusted: only checkpoint names are ever written (``listing.NAME_RE``; a
+commit object naming ``.bashrc`` or ``../x`` is skipped when listed), every file is created
+``O_EXCL | O_NOFOLLOW`` under a random temp name, and an object is read no further than the
+size its commit object gave (plus one byte to see that it is longer): a 300 MiB object against
+a 384-byte commit costs 385 bytes, not 300 MiB.
 """
 
 from __future__ import annotations
@@ -12,31 +18,36 @@ import logging
 import os
 import secrets
 import shutil
+from dataclasses import replace
 from typing import Callable
 
 import xxhash
 
+from ckptd.core.refs import REFS_KEY
 from ckptd.disk import manifest as mf
-from ckptd.disk.safepath import fsync_dir
-from ckptd.disk.verify import verify_file, verify_unit
-from ckptd.remote.listing import RemoteCheckpoint, committed
-from ckptd.remote.stores import Store
+from ckptd.disk.refs import check_refs, opener_at
+from ckptd.disk.verify import verify_open, verify_unit
+from ckptd.remote.listing import NAME_RE, RemoteCheckpoint, committed
+from ckptd.remote.stores import RemoteError, Store
 
 __all__ = ["fetch"]
 
 log = logging.getLogger("ckptd.store")
+CHUNK = 8 << 20
+NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def fetch(store: Store, job: str, directory: str, step: int | None = None,
+def fetch(store: Store, prefix: str, directory: str, step: int | None = None,
           check: Callable[[RemoteCheckpoint], bool] = lambda c: True) -> str | None:
-    """Download the newest committed checkpoint (or ``step``) that verifies into ``directory``.
+    """Download the newest committed checkpoint (or ``step``) under the job's ``prefix``
+    (``layout.job_prefix``) that verifies into ``directory``.
 
     Streams to a temp file there, verifies the local copy tensor by tensor (the same read
     checks the commit's size and metadata digest), then renames it to its final name and
     fsyncs the directory: what ``resume()`` then finds is as good as one written here.
     Returns the path, or None when the job has no remote checkpoint that verifies.
     """
-    found = committed(store, job)
+    found = committed(store, prefix)
     for c in reversed(found):
         if (step is not None and c.step != step) or not check(c) or not _holders(store, c, found, directory):
             continue
@@ -51,8 +62,7 @@ def _holders(store: Store, c: RemoteCheckpoint, found: list[RemoteCheckpoint], d
     copy here verifies: a fetched checkpoint is complete the moment it has its final name."""
     by_name = {x.name: x for x in found}
     for name in c.refs:
-        here = os.path.join(directory, name)
-        if os.path.exists(here) and verify_file(here).ok:
+        if _verifies_here(directory, name):
             continue
         if name not in by_name or _download(store, by_name[name], directory) is None:
             log.error("remote: %s/%s refers to %s, which cannot be fetched", store.url, c.key, name)
@@ -60,35 +70,74 @@ def _holders(store: Store, c: RemoteCheckpoint, found: list[RemoteCheckpoint], d
     return True
 
 
-def _download(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:
-    os.makedirs(directory, exist_ok=True)
-    if c.shards:
-        return _download_unit(store, c, directory)
-    final = os.path.join(directory, c.name)
-    tmp = os.path.join(directory, f".{c.name}.ckptd-fetch.{secrets.token_hex(4)}")
+def _verifies_here(directory: str, name: str) -> bool:
     try:
-        size = _stream_to(store, c.key, tmp)
-        result = verify_file(tmp)
-        if not result.ok or size != c.bytes or result.metadata.get("ckptd.meta_digest") != c.meta_digest:
-            log.error("remote: %s/%s does not verify: %s", store.url, c.key, result.reason or "size or digest differ")
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        return os.path.isfile(f"/proc/self/fd/{fd}") and verify_open(f, os.path.join(directory, name)).ok
+
+
+def _download(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:
+    if not NAME_RE.match(c.name):  # ``committed`` skips these; a caller's own RemoteCheckpoint too
+        log.error("remote: not fetching %s/%s: not a checkpoint's name", store.url, c.key)
+        return None
+    os.makedirs(directory, exist_ok=True)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if c.shards:
+            return _download_unit(store, c, directory, dfd)
+        return _download_file(store, c, directory, dfd)
+    except RemoteError as exc:
+        log.error("remote: not fetching %s/%s: %s", store.url, c.key, exc)
+        return None
+    finally:
+        os.close(dfd)
+
+
+def _download_file(store: Store, c: RemoteCheckpoint, directory: str, dfd: int) -> str | None:
+    final = os.path.join(directory, c.name)
+    tmp = f".{c.name}.ckptd-fetch.{secrets.token_hex(4)}"
+    fd = os.open(tmp, NEW, 0o644, dir_fd=dfd)
+    try:
+        with os.fdopen(fd, "w+b", buffering=0) as f:
+            _stream_into(store, c.key, f, c.bytes)
+            f.seek(0)
+            result = verify_open(f, final)
+        if result.ok and REFS_KEY in result.metadata:  # complete only with every tensor it refers to
+            problem = check_refs(result.metadata, opener_at(directory), full=True)
+            result = replace(result, ok=not problem, reason=problem)
+        if not result.ok or result.metadata.get("ckptd.meta_digest") != c.meta_digest:
+            log.error("remote: %s/%s does not verify: %s", store.url, c.key, result.reason or "its digest differs")
             return None
-        os.rename(tmp, final)
-        fsync_dir(directory)
+        os.rename(tmp, c.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
         return final
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
 
 
-def _download_unit(store: Store, c: RemoteCheckpoint, directory: str) -> str | None:
+def _download_unit(store: Store, c: RemoteCheckpoint, directory: str, dfd: int) -> str | None:
     """Every object into a temp directory, ``verify_unit`` on it (every shard re-read), then one rename."""
     final = os.path.join(directory, c.name)
-    tmp = os.path.join(directory, f".{c.name}.ckptd-fetch.{secrets.token_hex(4)}")
-    os.mkdir(tmp)
+    tmp_name = f".{c.name}.ckptd-fetch.{secrets.token_hex(4)}"
+    os.mkdir(tmp_name, 0o755, dir_fd=dfd)
+    tmp = os.path.join(directory, tmp_name)
     try:
-        for key in c.objects:
-            _stream_to(store, key, os.path.join(tmp, key.rsplit("/", 1)[-1]))
-        fsync_dir(tmp)
+        udfd = os.open(tmp_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            for key in c.objects:
+                name = key.rsplit("/", 1)[-1]
+                limit = mf.MAX_MANIFEST_BYTES if name == mf.MANIFEST else c.bytes
+                with os.fdopen(os.open(name, NEW, 0o644, dir_fd=udfd), "wb", buffering=0) as f:
+                    _stream_into(store, key, f, limit, exact=False)
+            os.fsync(udfd)
+        finally:
+            os.close(udfd)
         result = verify_unit(tmp)
         with open(os.path.join(tmp, mf.MANIFEST), "rb") as f:
             same = xxhash.xxh3_64_hexdigest(f.read()) == c.meta_digest
@@ -98,22 +147,29 @@ def _download_unit(store: Store, c: RemoteCheckpoint, directory: str) -> str | N
         if os.path.lexists(final):
             log.error("remote: not fetching %s/%s: %s is in the way (an uncommitted attempt?)", store.url, c.key, final)
             return None
-        os.rename(tmp, final)
-        fsync_dir(directory)
+        os.rename(tmp_name, c.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _stream_to(store: Store, key: str, path: str) -> int:
-    """One object to a new local file, fsynced; returns the size the store gave."""
+def _stream_into(store: Store, key: str, f: object, limit: int, exact: bool = True) -> int:
+    """One object into ``f``, fsynced, reading at most ``limit`` + 1 bytes: an object that is
+    longer (or, ``exact``, of another size) than its commit says is refused, not downloaded."""
     body, size = store.open(key)
+    got = 0
     try:
-        with open(path, "xb") as f:
-            while chunk := body.read(8 << 20):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        if size > limit or (exact and size != limit):
+            raise RemoteError(f"{key}: {size} bytes, its commit object says {limit}")
+        while got <= limit and (chunk := body.read(min(CHUNK, limit + 1 - got))):
+            got += len(chunk)
+            if got > limit:
+                raise RemoteError(f"{key}: longer than the {limit} bytes its commit object says")
+            f.write(chunk)  # type: ignore[attr-defined]
+        if exact and got != limit:
+            raise RemoteError(f"{key}: {got} bytes, its commit object says {limit}")
+        os.fsync(f.fileno())  # type: ignore[attr-defined]
     finally:
         body.close()
-    return size
+    return got

@@ -1,7 +1,9 @@
 """What is committed on a job's remote tier, and a cached index of it.
 
-A remote checkpoint counts only when its commit object ``JOB/NAME.commit.json`` exists
-(written last by ``upload``); ``committed`` lists and parses those. Local retention needs
+A remote checkpoint counts only when its commit object ``PREFIX/NAME.commit.json`` exists
+(written last by ``upload``; ``PREFIX`` is the job's, ``ckptd.remote.layout``); ``committed``
+lists and parses those. A commit object is the store's word, not ours: one whose name is not a
+checkpoint's (``.bashrc``, ``../x``) or whose fields do not parse is skipped with a warning. Local retention needs
 to know which local checkpoints are already remote (a checkpoint that is not must not be
 deleted by a rule), but asking the store is network I/O: on the persist thread, a slow or
 hung store would delay every local save. So the persist path reads ``INDEX`` instead, which
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ __all__ = ["COMMIT", "INDEX", "RemoteCheckpoint", "RemoteIndex", "committed", "u
 log = logging.getLogger("ckptd.store")
 COMMIT = ".commit.json"
 FORMAT = "1"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*-step\d+(\.safetensors)?$")  # a checkpoint's, nothing else
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,17 @@ class RemoteCheckpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     shards: tuple[str, ...] = ()  # a sharded unit: its shard files under KEY/ (and KEY/ckptd-manifest.json)
     refs: tuple[str, ...] = ()  # names of the job's checkpoints holding tensors it refers to (§13), committed first
+    owner_uid: int | None = None  # who saved it (the uid its prefix names); None in a version-1 commit
+    directory: str = ""  # the job directory it was saved in, on the host that saved it
 
     @property
     def name(self) -> str:
         return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def prefix(self) -> str:
+        """The job's key prefix: where its holders (§13) are too."""
+        return self.key.rsplit("/", 1)[0]
 
     @property
     def objects(self) -> list[str]:
@@ -58,12 +69,13 @@ class RemoteCheckpoint:
         return [f"{self.key}/{f}" for f in (*self.shards, mf.MANIFEST)]
 
 
-def committed(store: Store, job: str, listing: Mapping[str, int] | None = None) -> list[RemoteCheckpoint]:
-    """The job's committed remote checkpoints, oldest first (a commit object that does not parse is skipped)."""
-    keys = store.list(f"{job}/") if listing is None else listing
+def committed(store: Store, prefix: str, listing: Mapping[str, int] | None = None) -> list[RemoteCheckpoint]:
+    """The committed remote checkpoints under the job's ``prefix`` (``layout.job_prefix``, or a
+    version-1 job name), oldest first (a commit object that does not parse is skipped)."""
+    keys = store.list(f"{prefix}/") if listing is None else listing
     out = []
     for key in keys:
-        if key.endswith(COMMIT) and key.startswith(f"{job}/") and "/" not in key[len(job) + 1:]:
+        if key.endswith(COMMIT) and key.startswith(f"{prefix}/") and "/" not in key[len(prefix) + 1:]:
             try:
                 out.append(_parse_commit(store, key))
             except (ValueError, KeyError, TypeError, RemoteError) as exc:
@@ -79,30 +91,34 @@ def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
         body.close()
     if doc.get("ckptd.remote") != FORMAT or doc["key"] + COMMIT != key:
         raise ValueError("not a ckptd commit object for this key")
+    if not NAME_RE.match(key[:-len(COMMIT)].rsplit("/", 1)[-1]):
+        raise ValueError("not a checkpoint's name (JOB-stepN[.safetensors])")
     shards = tuple(str(f) for f in doc.get("shards") or ())
     if any(not mf.SHARD_RE.match(f) for f in shards):
         raise ValueError("a shard name that is not rankR-of-W.safetensors")
     refs = tuple(str(f) for f in doc.get("refs") or ())
-    if any("/" in f or not f.endswith(SUFFIX) for f in refs):
+    if any(not NAME_RE.match(f) or not f.endswith(SUFFIX) for f in refs):
         raise ValueError("a reference that is not a checkpoint of the same job")
+    owner = doc.get("owner_uid")
     return RemoteCheckpoint(str(doc["key"]), str(doc["job"]), int(doc["step"]), int(doc["bytes"]),
                             str(doc["meta_digest"]), float(doc["created"]), str(doc.get("trigger", "")),
-                            dict(doc.get("metrics") or {}), shards, refs)
+                            dict(doc.get("metrics") or {}), shards, refs, None if owner is None else int(owner),
+                            str(doc.get("directory") or ""))
 
 
-def uncommitted(store: Store, job: str, listing: Mapping[str, int]) -> list[str]:
+def uncommitted(store: Store, prefix: str, listing: Mapping[str, int]) -> list[str]:
     """Data objects with no commit object: uploads cut off, or still in progress."""
-    return [k for k in listing if k.startswith(f"{job}/") and not k.endswith(COMMIT)
-            and (k.endswith(SUFFIX) or "/" in k[len(job) + 1:]) and _commit_key(job, k) not in listing]
+    return [k for k in listing if k.startswith(f"{prefix}/") and not k.endswith(COMMIT)
+            and (k.endswith(SUFFIX) or "/" in k[len(prefix) + 1:]) and _commit_key(prefix, k) not in listing]
 
 
-def _commit_key(job: str, key: str) -> str:
-    """``JOB/NAME.safetensors`` -> its commit object; ``JOB/UNIT/anything`` -> the unit's."""
-    unit, sep, _ = key[len(job) + 1:].partition("/")
-    return f"{job}/{unit}{COMMIT}" if sep else key + COMMIT
+def _commit_key(prefix: str, key: str) -> str:
+    """``PREFIX/NAME.safetensors`` -> its commit object; ``PREFIX/UNIT/anything`` -> the unit's."""
+    unit, sep, _ = key[len(prefix) + 1:].partition("/")
+    return f"{prefix}/{unit}{COMMIT}" if sep else key + COMMIT
 
 
-Key = tuple[str, "str | None", str]  # (the remote URL as configured, its endpoint, the job)
+Key = tuple[str, "str | None", str]  # (the remote URL as configured, its endpoint, the job's prefix)
 STALE_AFTER = 60.0  # seconds after which a reader's look at an entry asks for a refresh
 
 
@@ -122,8 +138,8 @@ class RemoteIndex:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
 
-    def names(self, url: str, endpoint: str | None, job: str, wait: bool = False) -> set[str]:
-        key = (url, endpoint, job)
+    def names(self, url: str, endpoint: str | None, prefix: str, wait: bool = False) -> set[str]:
+        key = (url, endpoint, prefix)
         if wait:
             return set(self.refresh(key))
         with self._lock:
@@ -132,21 +148,21 @@ class RemoteIndex:
                 self._want(key)
         return set(entry[1]) if entry else set()
 
-    def update(self, url: str, endpoint: str | None, job: str, names: Iterable[str]) -> None:
+    def update(self, url: str, endpoint: str | None, prefix: str, names: Iterable[str]) -> None:
         with self._lock:
-            self._entries[(url, endpoint, job)] = (time.monotonic(), frozenset(names))
+            self._entries[(url, endpoint, prefix)] = (time.monotonic(), frozenset(names))
 
     def refresh(self, key: Key) -> frozenset[str]:
         """List the store now (the caller's thread); on failure the entry stays as it was."""
-        url, endpoint, job = key
+        url, endpoint, prefix = key
         try:
-            names = frozenset(c.name for c in committed(open_store(url, endpoint), job))
+            names = frozenset(c.name for c in committed(open_store(url, endpoint), prefix))
         except RemoteError as exc:
-            log.debug("remote: cannot list %s for job %s: %s", url, job, exc)
+            log.debug("remote: cannot list %s/%s: %s", url, prefix, exc)
             with self._lock:
                 entry = self._entries.get(key)
             return entry[1] if entry else frozenset()
-        self.update(url, endpoint, job, names)
+        self.update(url, endpoint, prefix, names)
         return names
 
     def _want(self, key: Key) -> None:

@@ -28,14 +28,16 @@ def remote_rules(settings: Mapping[str, Any]) -> retention.Rules:
     return retention.Rules.from_settings(local)
 
 
-def prune_remote(store: Store, job: str, settings: Mapping[str, Any], now: float) -> list[retention.Verdict]:
-    """Remote retention for one job; returns the verdicts. A deletion the store refuses is
-    logged and tried again at the next prune (the checkpoint stays listed until then)."""
-    listing = store.list(f"{job}/")
-    commits = committed(store, job, listing)
+def prune_remote(store: Store, prefix: str, settings: Mapping[str, Any], now: float) -> list[retention.Verdict]:
+    """Remote retention for the job whose objects are under ``prefix`` (``layout.job_prefix``:
+    its owner's and its directory's, so it sees, and deletes, only what this job wrote);
+    returns the verdicts. A deletion the store refuses is logged and tried again at the next
+    prune (the checkpoint stays listed until then)."""
+    listing = store.list(f"{prefix}/")
+    commits = committed(store, prefix, listing)
     rules = remote_rules(settings)
     items = [retention.item_of(c.key, c.step, c.created, c.bytes, trigger=c.trigger, metrics=c.metrics,
-                               best_metric=rules.best_metric, refs=tuple(f"{job}/{h}" for h in c.refs))
+                               best_metric=rules.best_metric, refs=tuple(f"{prefix}/{h}" for h in c.refs))
              for c in commits]
     verdicts = retention.plan(items, rules, now)
     by_key = {c.key: c for c in commits}
@@ -45,7 +47,7 @@ def prune_remote(store: Store, job: str, settings: Mapping[str, Any], now: float
         else:
             log.error("remote: could not delete %s/%s: %s", store.url, r.verdict.item.id, r.error)
     newest = max((c.step for c in commits), default=None)
-    for key in uncommitted(store, job, listing):
+    for key in uncommitted(store, prefix, listing):
         info_step = _step_of(key)
         if newest is not None and info_step is not None and info_step < newest:
             store.delete(key)

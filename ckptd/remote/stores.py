@@ -13,22 +13,28 @@ remote nor the idle daemon pays for it.
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import hashlib
 import os
 import secrets
 import shutil
+import stat
+import time
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from ckptd.core.units import parse_remote
-from ckptd.disk.safepath import fsync_dir
+from ckptd.disk.safepath import DIR_FLAGS
 
 __all__ = ["RemoteError", "Store", "FileStore", "S3Store", "open_store", "parse_remote"]
 
 MiB = 1 << 20
 TEMP = ".ckptd-upload-"
+MAX_LIST_KEYS = 200_000  # far above any one job's objects; a listing past it is a hostile or broken store
+MAX_LIST_PAGES = 1_000  # S3 pages of up to 1000 keys: an endless, always-truncated listing ends here
+LIST_SECONDS = 120.0
 
 
 class RemoteError(Exception):
@@ -65,35 +71,76 @@ def open_store(url: str, endpoint: str | None = None) -> Store:
 
 @dataclass
 class FileStore:
-    """A shared filesystem (NFS, Lustre, a second disk): temp file, fsync, rename, fsync dir."""
+    """A shared filesystem (NFS, Lustre, a second disk): temp file, fsync, rename, fsync dir.
+
+    The tier is shared, so anything below its root may have been planted by someone else: every
+    key is reached from the root's fd one component at a time with ``O_NOFOLLOW`` (a symlink at
+    any depth fails the walk instead of being followed, for reads, writes and deletions alike),
+    objects are opened ``O_NONBLOCK`` and must be regular files (a FIFO named like a commit
+    object is an error at once, not a thread blocked forever), and a listing stops at
+    ``MAX_LIST_KEYS`` keys or ``LIST_SECONDS`` with an error."""
 
     url: str
     root: str
 
-    def _path(self, key: str) -> str:
+    def _parts(self, key: str) -> list[str]:
         parts = key.split("/")
         if any(p in ("", ".", "..") for p in parts):
             raise RemoteError(f"invalid remote key {key!r}")
-        return os.path.join(self.root, *parts)
+        return parts
+
+    def _error(self, key: str, exc: OSError) -> RemoteError:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return RemoteError(f"{self.url}/{key}: a symbolic link or a file where a directory should be "
+                               "(never followed in a shared store)")
+        return RemoteError(f"{self.url}/{key}: {exc.strerror or exc}")
+
+    def _dir(self, parts: list[str], create: bool) -> int:
+        """The fd of the directory ``parts`` below the root, reached without following a link."""
+        if create:
+            os.makedirs(self.root, exist_ok=True)
+        try:
+            fd = os.open(self.root, DIR_FLAGS)
+        except OSError as exc:
+            raise RemoteError(f"{self.url}: {self.root} is not a directory (is the shared filesystem mounted?): "
+                              f"{exc.strerror or exc}") from None
+        try:
+            for part in parts:
+                if create:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                nxt = os.open(part, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def _write(self, key: str, fill: Any) -> None:
-        path = self._path(key)
+        *parents, name = self._parts(key)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), TEMP + secrets.token_hex(6))
+            dfd = self._dir(parents, create=True)
             try:
-                with open(tmp, "wb") as f:
-                    fill(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.rename(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-            fsync_dir(os.path.dirname(path))
+                tmp = TEMP + secrets.token_hex(6)
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                              dir_fd=dfd)
+                try:
+                    with os.fdopen(out, "wb") as f:
+                        fill(f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # replaces a link, never follows it
+                except BaseException:
+                    _unlink_at(dfd, tmp)
+                    raise
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         except OSError as exc:
-            raise RemoteError(f"{self.url}/{key}: {exc.strerror or exc}") from None
+            raise self._error(key, exc) from None
 
     def put_file(self, local: str, key: str) -> None:
         def copy(dst: BinaryIO) -> None:
@@ -108,31 +155,80 @@ class FileStore:
         return None  # a filesystem keeps no checksum; reading it back comes from the page cache
 
     def open(self, key: str) -> tuple[BinaryIO, int]:
+        *parents, name = self._parts(key)
         try:
-            f = open(self._path(key), "rb")
-            return f, os.fstat(f.fileno()).st_size
+            dfd = self._dir(parents, create=False)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+            finally:
+                os.close(dfd)
         except OSError as exc:
-            raise RemoteError(f"{self.url}/{key}: {exc.strerror or exc}") from None
+            raise self._error(key, exc) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise RemoteError(f"{self.url}/{key}: not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0), st.st_size
 
     def list(self, prefix: str) -> dict[str, int]:
-        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        parts = self._parts(prefix.strip("/")) if prefix.strip("/") else []
         out: dict[str, int] = {}
-        if not os.path.isdir(self.root):
-            raise RemoteError(f"{self.url}: {self.root} is not a directory (is the shared filesystem mounted?)")
-        for dirpath, _, files in os.walk(base):
-            for name in files:
-                if not name.startswith(TEMP):
-                    full = os.path.join(dirpath, name)
-                    out[os.path.relpath(full, self.root)] = os.path.getsize(full)
+        deadline = time.monotonic() + LIST_SECONDS
+        try:
+            top = self._dir(parts, create=False)
+        except FileNotFoundError:
+            return out  # the root is there (``_dir`` says so otherwise), the job's prefix not yet
+        except OSError as exc:
+            raise self._error(prefix, exc) from None
+        base = "/".join(parts)
+        try:
+            for dirpath, _, files, dfd in os.fwalk(".", dir_fd=top):  # follow_symlinks=False: links are not walked
+                for name in files:
+                    try:
+                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if name.startswith(TEMP) or not stat.S_ISREG(st.st_mode):
+                        continue
+                    rel = os.path.normpath(os.path.join(dirpath, name))
+                    out[f"{base}/{rel}" if base else rel] = st.st_size
+                    _bounded(self.url, prefix, len(out), deadline)
+        finally:
+            os.close(top)
         return out
 
     def delete(self, key: str) -> None:
+        *parents, name = self._parts(key)
         try:
-            os.unlink(self._path(key))
+            dfd = self._dir(parents, create=False)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._error(key, exc) from None
+        try:
+            os.unlink(name, dir_fd=dfd)  # a link planted here is removed itself, never what it points to
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise RemoteError(f"{self.url}/{key}: {exc.strerror or exc}") from None
+            raise self._error(key, exc) from None
+        finally:
+            os.close(dfd)
+
+
+def _unlink_at(dfd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
+def _bounded(url: str, prefix: str, keys: int, deadline: float, pages: int = 0) -> None:
+    """A listing that grows past what any job holds, or runs too long, is an error, not memory or time spent."""
+    if keys > MAX_LIST_KEYS or pages > MAX_LIST_PAGES or time.monotonic() > deadline:
+        raise RemoteError(f"{url}/{prefix}: listing stopped after {keys} keys, {pages} pages: over the bounds "
+                          f"({MAX_LIST_KEYS} keys, {MAX_LIST_PAGES} pages, {LIST_SECONDS:.0f} s); a store that "
+                          "lists without end is refused")
 
 
 class S3Store:
@@ -190,12 +286,18 @@ class S3Store:
         return r["Body"], int(r["ContentLength"])
 
     def list(self, prefix: str) -> dict[str, int]:
+        """Page by page, bounded (``MAX_LIST_KEYS``, ``MAX_LIST_PAGES``, ``LIST_SECONDS``): an
+        endpoint that lists without end costs an error, not the daemon's memory."""
         out: dict[str, int] = {}
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+        pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                            Prefix=self._key(prefix)))
         strip = len(self.prefix) + 1 if self.prefix else 0
-        for page in self._call(f"list {prefix}", list, pages):
+        deadline, n = time.monotonic() + LIST_SECONDS, 0
+        while (page := self._call(f"list {prefix}", next, pages, None)) is not None:
+            n += 1
             for obj in page.get("Contents", []):
-                out[obj["Key"][strip:]] = int(obj["Size"])
+                out[str(obj["Key"])[strip:]] = int(obj["Size"])
+            _bounded(self.url, prefix, len(out), deadline, n)
         return out
 
     def delete(self, key: str) -> None:

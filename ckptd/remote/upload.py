@@ -1,7 +1,10 @@
 """Uploading one verified local checkpoint, in order (SPEC §11):
 
-1. A checkpoint is offered only once it verified locally (its final name says so).
-2. **Data**: the file goes to ``JOB/NAME`` (boto3's managed transfer for S3: multipart,
+1. A checkpoint is offered only once it verified locally, and what goes up is what verified:
+   the fd the save verified through (``source``), or, when there is none (after a restart, a
+   holder), the file opened once without following a link and verified again from that fd.
+2. **Data**: the file goes to ``PREFIX/NAME`` (``PREFIX``: ``ckptd.remote.layout``, naming
+   the job's owner and directory) (boto3's managed transfer for S3: multipart,
    parallel parts, read part by part; temp file + fsync + rename for ``file://``). A
    sharded unit goes as a directory of objects: every shard to ``JOB/UNIT/rankR-of-W``,
    then its manifest.
@@ -10,24 +13,28 @@
    tensor: the copy is the verified bytes, without a second transfer. Elsewhere the object
    is read back as a stream and checked like a local file (``ckptd.remote.verify``). A copy
    that does not verify is deleted.
-4. **Commit**: a small JSON object ``JOB/NAME.commit.json`` (step, size, metadata digest,
-   trigger, metrics, created; a unit's shard list and manifest digest) is written last. Data
+4. **Commit**: a small JSON object ``PREFIX/NAME.commit.json`` (step, size, metadata digest,
+   trigger, metrics, created, the owner's uid and the job directory; a unit's shard list and
+   manifest digest) is written last. Data
    without one (an upload cut off at any point) is never listed, fetched or resumed from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Callable
+import stat
+from typing import Any, Callable, Iterator, Sequence
 
 import xxhash
 
 from ckptd.core.format import FormatError, read_header
 from ckptd.disk import manifest as mf
-from ckptd.disk.safepath import open_regular
+from ckptd.disk.owner import Identity, acting_as
+from ckptd.disk.safepath import open_dir, open_regular
 from ckptd.disk.scan import Checkpoint, read_info
-from ckptd.disk.verify import VerifyResult
+from ckptd.disk.verify import VerifyResult, verify_open
 from ckptd.remote.listing import COMMIT, FORMAT, RemoteCheckpoint, committed
 from ckptd.remote.stores import RemoteError, Store
 from ckptd.remote.verify import remote_manifest, verify_remote
@@ -35,20 +42,33 @@ from ckptd.remote.verify import remote_manifest, verify_remote
 __all__ = ["replicate"]
 
 
-def replicate(store: Store, job: str, path: str) -> RemoteCheckpoint:
-    """Steps 2-4 for one local checkpoint that verified; raises ``RemoteError`` on any failure."""
-    info = read_info(path)
+def replicate(store: Store, job: str, path: str, *, prefix: str | None = None, fd: int | None = None,
+              owner_uid: int | None = None, guard: Sequence[str] | None = None) -> RemoteCheckpoint:
+    """Steps 2-4 for one local checkpoint that verified; raises ``RemoteError`` on any failure.
+
+    ``prefix``: the job's (``layout.job_prefix``; a bare job name is version 1's layout);
+    ``fd``: the file as it verified at save time (read through ``/proc/self/fd``, the same
+    inode whatever ``path`` names now); without it a single file is opened from ``guard`` (the
+    roots, or its directory) without following links and verified again before a byte goes."""
+    prefix = job if prefix is None else prefix
+    if fd is None and not mf.is_unit(path):
+        with _verified(path, guard or (os.path.dirname(path),), owner_uid) as opened:
+            return replicate(store, job, path, prefix=prefix, fd=opened, owner_uid=owner_uid, guard=guard)
+    local = path if fd is None else f"/proc/self/fd/{fd}"
+    info = read_info(local)
     if info.problem:
         raise RemoteError(f"{path}: {info.problem}")
-    key = f"{job}/{os.path.basename(path)}"
+    key = f"{prefix}/{os.path.basename(path)}"
+    directory = os.path.dirname(path)
     if info.shards:
         commit = _upload_unit(store, key, job, path, info)
     else:
-        _holders_first(store, job, path, info.refs)
-        store.put_file(path, key)
-        commit = RemoteCheckpoint(key, job, info.step, info.bytes, _meta_digest(path), info.created, info.trigger,
+        _holders_first(store, job, path, info.refs, prefix, owner_uid, guard)
+        store.put_file(local, key)
+        commit = RemoteCheckpoint(key, job, info.step, info.bytes, _meta_digest(local), info.created, info.trigger,
                                   info.metrics, refs=info.refs)
-    result = _confirm(store, commit, path)
+    commit = RemoteCheckpoint(**{**commit.__dict__, "owner_uid": owner_uid, "directory": directory})
+    result = _confirm(store, commit, local)
     if not result.ok:
         for k in commit.objects:
             _quietly(store.delete, k)
@@ -57,15 +77,46 @@ def replicate(store: Store, job: str, path: str) -> RemoteCheckpoint:
     return commit
 
 
-def _holders_first(store: Store, job: str, path: str, holders: tuple[str, ...]) -> None:
+@contextlib.contextmanager
+def _verified(path: str, guard: Sequence[str], owner_uid: int | None) -> Iterator[int]:
+    """``path`` opened once, with its owner's rights (``ckptd.disk.owner``: a root daemon opens
+    nothing its owner could not): its directory reached from ``guard`` without a link, the file
+    itself ``O_NOFOLLOW | O_NONBLOCK`` and regular, every tensor verified from that fd (which is
+    then what is uploaded)."""
+    try:
+        with acting_as(Identity.of(owner_uid)) if owner_uid is not None else contextlib.nullcontext():
+            dfd = open_dir(os.path.dirname(path), guard)
+            try:
+                fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dfd)
+            finally:
+                os.close(dfd)
+    except OSError as exc:
+        raise RemoteError(f"{path}: not uploaded: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RemoteError(f"{path}: not uploaded: not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            result = verify_open(f, path)
+        if not result.ok:
+            raise RemoteError(f"{path}: not uploaded: it does not verify now: {result.reason}")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _holders_first(store: Store, job: str, path: str, holders: tuple[str, ...], prefix: str,
+                   owner_uid: int | None, guard: Sequence[str] | None) -> None:
     """A checkpoint that refers to tensors another one holds (§13) is committed remotely only
     after that one is: a remote copy is never incomplete. (A holder refers to nothing itself.)"""
     if not holders:
         return
-    there = {c.name for c in committed(store, job)}
+    there = {c.name for c in committed(store, prefix)}
     for name in holders:
         if name not in there:
-            replicate(store, job, os.path.join(os.path.dirname(path), name))
+            replicate(store, job, os.path.join(os.path.dirname(path), name), prefix=prefix, owner_uid=owner_uid,
+                      guard=guard)
 
 
 def _confirm(store: Store, c: RemoteCheckpoint, local: str) -> VerifyResult:

@@ -49,14 +49,14 @@ def _remote_refs(store: Store, c: RemoteCheckpoint, metadata: dict[str, str]) ->
     """A copy that refers to tensors (§13) is complete only if each holder is committed there and
     lists them, with their digests, where the reference says (its own tensors are verified when
     it is, being a committed checkpoint of the job itself)."""
-    there = {x.name for x in committed(store, c.job)}
+    there = {x.name for x in committed(store, c.prefix)}
     missing = [h for h in holders(metadata) if h not in there]
     if missing:
         return f"referenced checkpoint {missing[0]} is not committed on the remote tier"
 
     def open_holder(name: str) -> tuple[BinaryIO, int]:
         try:
-            body, size = store.open(f"{c.job}/{name}")
+            body, size = store.open(f"{c.prefix}/{name}")
         except RemoteError as exc:
             raise OSError(str(exc)) from None
         return cast(BinaryIO, _Stream(body)), size

@@ -87,16 +87,19 @@ def evaluate(directory: str, job: str | None, settings: Mapping[str, Any], now: 
     """The verdicts for one job's directory (every checkpoint in it without ``job``).
     ``fresh_remote``: list the remote tier now (``ckptd gc``) instead of reading its cached index."""
     rules = retention.Rules.from_settings(settings)
-    replicated = _replicated(settings, job, fresh_remote) if settings.get("remote") and job else None
+    replicated = _replicated(settings, job, directory, fresh_remote) if settings.get("remote") and job else None
     return retention.plan(items_from(scan(directory, job), rules.best_metric, replicated), rules, now)
 
 
-def _replicated(settings: Mapping[str, Any], job: str, fresh: bool) -> set[str]:
-    """The job's file names committed on its remote tier; none while that is not known (so
-    local retention keeps everything until it is: a store that is down never costs a copy)."""
+def _replicated(settings: Mapping[str, Any], job: str, directory: str, fresh: bool) -> set[str]:
+    """The job's file names committed on its remote tier (under its own prefix); none while that
+    is not known (so local retention keeps everything until it is: a store that is down never
+    costs a copy)."""
+    from ckptd.remote.layout import prefix_in
     from ckptd.remote.listing import INDEX
 
-    return INDEX.names(settings["remote"], settings.get("remote_endpoint"), job, wait=fresh)
+    return INDEX.names(settings["remote"], settings.get("remote_endpoint"), prefix_in(settings, job, directory),
+                       wait=fresh)
 
 
 def collect(directory: str, job: str | None, settings: Mapping[str, Any], now: float,

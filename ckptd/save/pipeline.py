@@ -70,14 +70,19 @@ def save_unit(t: Target, fd: int, length: int, filename: str, step: int, hooks: 
     dfd = open_target(t)  # 3
     try:
         result = persist(fd, length, t.directory, filename, dir_fd=dfd,  # 3-4
-                         expect={"ckptd.job": t.job, "ckptd.step": str(step)}, dedup=True)
+                         expect={"ckptd.job": t.job, "ckptd.step": str(step)}, dedup=True,
+                         keep_fd=hooks.replicate is not None)
     finally:
         os.close(dfd)
-    if hooks.committed is not None:  # 5
-        hooks.committed(result)
-    prune(t, hooks.removed)  # 6
-    if hooks.replicate is not None:  # 7
-        hooks.replicate(result)
+    try:
+        if hooks.committed is not None:  # 5
+            hooks.committed(result)
+        prune(t, hooks.removed)  # 6
+        if hooks.replicate is not None:  # 7: the uploader dups ``result.fd`` (what verified) if it keeps it
+            hooks.replicate(result)
+    finally:
+        if result.fd is not None:
+            os.close(result.fd)
     return result
 
 

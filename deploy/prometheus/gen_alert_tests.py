@@ -51,6 +51,9 @@ CASES = [
      "8m", "CkptdQuotaNearlyExhausted", []),
     ("no quota set does not", [(f"ckptd_quota_bytes{{{L}}}", "0x10"), (f"ckptd_checkpoint_bytes{{{L}}}", "500x10")],
      "8m", "CkptdQuotaNearlyExhausted", []),
+    # ckptd_remote_lag_seconds as the exporter gives it (tests/test_remote.py, ..._lag_counts_from_the_oldest_waiting...):
+    # the age of the oldest checkpoint not yet remote, so an outage under a job that keeps saving grows by the
+    # scrape interval; a store keeping up is a sawtooth of upload times.
     ("replication lagging fires", [(f"ckptd_remote_lag_seconds{{{L}}}", "0 60 120 180 240 300+60x30")], "30m",
      "CkptdReplicationLagging", [{}]),
     ("replication keeping up does not", [(f"ckptd_remote_lag_seconds{{{L}}}", "0 30 0 30 0 30 0x30")], "25m",
