@@ -198,22 +198,23 @@ def test_a_flood_of_the_metrics_port_leaves_the_daemon_its_descriptors(open_base
     outsider = users.user("ckout")
     d = DaemonProc(open_base / "d", 'http_request_timeout = "2s"\n', preexec=few_fds)
     d.start()
+    fds = Sampler(lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd")), 0.005)  # type: ignore[union-attr]
     flood = subprocess.Popen([PYTHON, str(ROOT / "tests" / "scripts" / "http_flood.py"), str(outsider.uid),
                               str(outsider.gid), str(d.port), "400"], stdout=subprocess.PIPE, text=True, env=project_env())
     try:
-        assert flood.stdout is not None and d.proc is not None
-        ready = json.loads(flood.stdout.readline())
-        assert ready["held"] == 400, ready
-        fds = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
-        assert fds < 100, f"the daemon holds {fds} descriptors"
-        r = ckptd_cli("status", "--socket", d.socket, timeout=30)
-        assert r.returncode == 0, r.stderr
-        assert "ckptd_build_info" in d.metrics()  # another peer (uid 0) still scrapes
-        assert d.healthy()
-        out, _ = flood.communicate(timeout=90)
-        seen = json.loads(out.strip().splitlines()[-1])
+        with fds:  # the daemon's descriptors, sampled from the first connection to the last
+            assert flood.stdout is not None
+            ready = json.loads(flood.stdout.readline())
+            assert ready["held"] == 400, ready
+            r = ckptd_cli("status", "--socket", d.socket, timeout=30)
+            assert r.returncode == 0, r.stderr
+            assert "ckptd_build_info" in d.metrics()  # another peer (uid 0) still scrapes
+            assert d.healthy()
+            seen = json.loads(flood.communicate(timeout=90)[0].strip().splitlines()[-1])
+        assert fds.most < 100, f"the daemon held {fds.most} descriptors"
         assert seen["cut_after"] is not None and 1.5 < seen["cut_after"] < 4.0, seen  # the 2 s deadline
-        assert seen["refused"] >= 400 - 8 and seen["open"] == 0, seen  # 8 per peer, each cut at 2 s too
+        # 8 at a time for this peer (each cut at 2 s too): nearly all are refused
+        assert seen["refused"] > 300 and seen["refused"] + seen["closed"] == 400, seen
         assert "max_http_connections_per_peer" in d.log.read_text()
     finally:
         if flood.poll() is None:
@@ -292,22 +293,26 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
-class Peak(threading.Thread):
-    """Samples the daemon's memory-tier bytes and anonymous RSS until stopped; keeps the peaks."""
+class Sampler(threading.Thread):
+    """Calls ``measure`` over and over (``pause`` seconds apart) until stopped, keeping the
+    largest value it returned."""
 
-    def __init__(self, pid: int) -> None:
-        super().__init__(name="peak-sampler")
-        self.pid, self.memfds, self.samples = pid, 0, 0
-        self.rss0 = self.rss = _rss_anon(pid)
+    def __init__(self, measure: Callable[[], int], pause: float = 0.0) -> None:
+        super().__init__(name="sampler")
+        self.measure, self.pause, self.samples = measure, pause, 0
+        self.first = self.most = measure()
         self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._done.is_set():
-            self.memfds = max(self.memfds, _memfd_bytes(self.pid))
-            self.rss = max(self.rss, _rss_anon(self.pid))
+        while not self._done.wait(self.pause):
+            self.most = max(self.most, self.measure())
             self.samples += 1
 
-    def stop(self) -> None:
+    def __enter__(self) -> "Sampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self._done.set()
         self.join()
 
@@ -348,26 +353,25 @@ def test_concurrent_saves_never_take_the_memory_tier_past_its_budget(tmp_path: P
     d.start()
     try:
         assert d.proc is not None
-        peak = Peak(d.proc.pid)
-        peak.start()
+        pid = d.proc.pid
         errors: list[str] = []
         workers = []
         for i in range(6):
             run = d.root / f"job{i}"
             run.mkdir()
             workers.append(threading.Thread(target=_saves, args=(d.socket, f"job{i}", run, 12, 4, errors)))
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        peak.stop()
+        with Sampler(lambda: _memfd_bytes(pid)) as peak, Sampler(lambda: _rss_anon(pid)) as rss:
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
         assert not errors, errors
         held = sum(d.metric("ckptd_memory_bytes", training_job=f"job{i}") for i in range(6))
         assert 0 < held <= budget
         margin = 64 * 1024  # page rounding of the memfds
-        print(f"memory tier peak: {peak.memfds / MiB:.1f} MiB of memfds for a {budget / MiB:.0f} MiB budget "
-              f"({peak.samples} samples); anonymous RSS {peak.rss0 / MiB:.0f} -> {peak.rss / MiB:.0f} MiB")
-        assert peak.memfds <= budget + margin, f"the tier's memfds peaked at {peak.memfds / MiB:.1f} MiB"
+        print(f"memory tier peak: {peak.most / MiB:.1f} MiB of memfds for a {budget / MiB:.0f} MiB budget "
+              f"({peak.samples} samples); anonymous RSS {rss.first / MiB:.0f} -> {rss.most / MiB:.0f} MiB")
+        assert peak.most <= budget + margin, f"the tier's memfds peaked at {peak.most / MiB:.1f} MiB"
     finally:
         d.stop()
 
