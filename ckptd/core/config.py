@@ -19,7 +19,8 @@ from ckptd.core.units import parse_duration, parse_listen, parse_remote, parse_s
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
 DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group", "admin_group",
-               "max_connections_per_uid", "max_jobs_per_uid", "remote_allow", "remote_endpoint", "memory_budget"}
+               "max_connections_per_uid", "max_jobs_per_uid", "max_http_connections", "max_http_connections_per_peer",
+               "http_request_timeout", "remote_allow", "remote_endpoint", "memory_budget"}
 WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every", "abandon_after", "on_corrupt",
               "dry_run"}
 ON_CORRUPT = ("keep", "quarantine", "delete")
@@ -132,8 +133,11 @@ def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
             parse_remote(url)
         except ValueError as exc:
             raise ConfigError(f"{path} [daemon]: remote_allow: {exc}") from None
-    if "scrub_every" in out:
-        out["scrub_every"] = _duration(out["scrub_every"], f"{path} [daemon]: scrub_every")
+    for key in ("scrub_every", "http_request_timeout"):
+        if key in out:
+            out[key] = _duration(out[key], f"{path} [daemon]: {key}")
+    if out.get("http_request_timeout", 1) <= 0:
+        raise ConfigError(f"{path} [daemon]: http_request_timeout must be a positive duration")
     return out
 
 

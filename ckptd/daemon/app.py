@@ -32,7 +32,7 @@ from ckptd.daemon.jobstate import TICK, JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
 from ckptd.daemon.memtier import MemoryTier, budget_of
-from ckptd.daemon.metrics import JobGauges, Metrics, serve_http
+from ckptd.daemon.metrics import HttpLimits, JobGauges, Metrics, serve_http
 from ckptd.daemon.session import Session
 from ckptd.daemon.uploads import Uploads
 from ckptd.daemon.watch import Context, Watching
@@ -85,6 +85,7 @@ class Daemon:
         self.clock = time.time
         self.started_at = time.time()
         self.watching: Watching | None = None
+        self._unhealthy: list[str] = []  # the failing health checks the watchdog last saw
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -123,7 +124,7 @@ class Daemon:
         self.uploads = Uploads(self.metrics, self.catalog, self.ledger, self.access, self.roots)
         self.uploads.resync()
         self._refresh_free()  # from the first scrape on, not from the first tick
-        self.http = serve_http(self.metrics, self.metrics_listen, self.health)
+        self.http = serve_http(self.metrics, self.metrics_listen, self.health, self._http_limits())
         self.listener = Listener(self.socket_path, self.group_gid, self._admit)
         self.scheduler = self._start_scheduler()
         self._start_watchers()
@@ -131,6 +132,12 @@ class Daemon:
         self._ready.set()
         sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
         log.info("ckptd serving on %s, metrics on %s", self.socket_path, self.metrics_listen)
+
+    def _http_limits(self) -> HttpLimits:
+        d, default = self.config.daemon, HttpLimits()
+        return HttpLimits(int(d.get("max_http_connections", default.connections)),
+                          int(d.get("max_http_connections_per_peer", default.per_peer)),
+                          float(d.get("http_request_timeout", default.deadline)))
 
     def _start_scheduler(self) -> Any:
         """APScheduler owns everything periodic: the tick, the systemd watchdog, cron triggers."""
@@ -146,7 +153,7 @@ class Daemon:
             sched.add_job(self.scrub, "interval", seconds=float(scrub), id="scrub")
         interval = sdnotify.watchdog_interval()
         if interval:
-            sched.add_job(sdnotify.notify, "interval", seconds=interval, args=["WATCHDOG=1"], id="watchdog")
+            sched.add_job(self._watchdog, "interval", seconds=interval, id="watchdog")
         sched.start()
         return sched
 
@@ -300,7 +307,12 @@ class Daemon:
             conn.close()
             return
         conn.settimeout(HELLO_TIMEOUT)
-        self._spawn(lambda s=session: self._run_session(s), f"ckptd-client-{session.pid}")
+        try:
+            self._spawn(lambda s=session: self._run_session(s), f"ckptd-client-{session.pid}")
+        except BaseException:  # no thread (RuntimeError: can't start new thread): the listener refuses it
+            with self.lock:
+                self.sessions.discard(session)
+            raise
 
     def _run_session(self, session: Session) -> None:
         try:
@@ -310,6 +322,21 @@ class Daemon:
                 self.sessions.discard(session)
             me = threading.current_thread()
             self._threads = [t for t in self._threads if t is not me]
+
+    def _watchdog(self) -> None:
+        """``WATCHDOG=1`` only while every check of ``health`` (``/healthz``) passes: a daemon
+        whose socket no longer accepts is restarted by systemd after ``WatchdogSec=``, not kept
+        alive by a scheduler that still ticks."""
+        checks = self.health()
+        failing = sorted(name for name, ok in checks.items() if not ok)
+        if not failing:
+            sdnotify.notify("WATCHDOG=1")
+            if self._unhealthy:
+                log.info("healthy again: the systemd watchdog is fed again")
+        elif failing != self._unhealthy:
+            log.error("unhealthy (%s failing): the systemd watchdog is no longer fed", ", ".join(failing))
+            sdnotify.notify(f"STATUS=unhealthy: {', '.join(failing)} failing; the watchdog is not fed")
+        self._unhealthy = failing
 
     def health(self) -> dict[str, bool]:
         """Served before start() ends (the HTTP port opens early), so "started" gates readiness:

@@ -8,15 +8,20 @@ digests in its header, and keeps it for the job, replacing the one before. A res
 fd) and restores without reading the checkpoint file: it checks the seals (no write since the
 daemon verified the copy) and the metadata digest, and reads each byte once.
 
-Within ``[daemon] memory_budget`` (default 25% of RAM): when a snapshot would exceed it, the
-oldest jobs' snapshots are dropped first; one larger than the budget is not kept. The daemon's
-own memory is all this costs: a daemon that dies loses the tier, never a checkpoint (resume
-falls back to disk and says so).
+Within ``[daemon] memory_budget`` (default 25% of RAM), counting copies in flight: room is
+reserved before a byte is copied, so the tier's memfds never hold more than the budget, however
+many saves copy at once; a snapshot that finds no room is not kept (the save itself is not
+affected). Making room drops snapshots by a per-uid share (``evictions``): the budget divided by
+the uids in the tier; the oldest snapshot of the uid that holds the most goes first, and a uid
+within its share never loses one to another uid's save. One larger than the budget is not kept.
+The daemon's own memory is all this costs: a daemon that dies loses the tier, never a checkpoint
+(resume falls back to disk and says so).
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import threading
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from ckptd.daemon.jobkey import JobKey
 from ckptd.disk.verify import verify_open
 
-__all__ = ["Held", "MemoryTier", "budget_of"]
+__all__ = ["Held", "MemoryTier", "Usage", "budget_of", "evictions"]
 
 log = logging.getLogger("ckptd.daemon")
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
@@ -53,11 +58,16 @@ class MemoryTier:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._held: dict[JobKey, Held] = {}
+        self._owner: dict[JobKey, int] = {}  # the uid each held snapshot counts against
+        self._flying: dict[int, tuple[int, int]] = {}  # a copy in flight (``_reserve``) -> (uid, bytes)
+        self._tickets = itertools.count()
         self._lock = threading.Lock()
 
-    def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float) -> bool:
-        """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply);
-        False when it is not kept (the tier is off, it does not fit, or a newer step is held)."""
+    def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float,
+             uid: int = -1) -> bool:
+        """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply),
+        once, into room reserved for it first; False when it is not kept (the tier is off, it does
+        not fit, or a newer step is held). ``uid``: whose share it counts against (the job's owner)."""
         if self.budget <= 0:  # memory_budget = 0: the tier is off
             return False
         if length > self.budget:
@@ -65,47 +75,76 @@ class MemoryTier:
             log.info("job %s: snapshot of %d bytes exceeds the memory budget (%d); not kept in memory",
                      key.name, length, self.budget)
             return False
+        ticket = self._reserve(key, uid, length, step)
+        if ticket is None:
+            return False
+        try:
+            fd = _sealed_copy(src_fd, length, f"ckptd-mem-{key.name}")
+            problem = _unverified(fd, f"the memory tier's copy of {path or key.name}")
+        except BaseException:
+            self._release(ticket)
+            raise
         with self._lock:
-            if self._newer_than(key, step):
-                return False
-        fd = _sealed_copy(src_fd, length, f"ckptd-mem-{key.name}")
-        problem = _unverified(fd, f"the memory tier's copy of {path or key.name}")
+            del self._flying[ticket]
+            kept = not problem and not self._newer_than(key, step)
+            if kept:
+                old = self._held.pop(key, None)
+                if old is not None:  # closed under the lock: its room is free before anyone reserves it
+                    os.close(old.fd)
+                self._held[key], self._owner[key] = Held(key, fd, length, step, path, now), uid
+            else:
+                os.close(fd)
         if problem:
-            os.close(fd)
             self.drop(key)
             log.warning("job %s: the copy of step %d for the memory tier does not verify (%s); not kept",
                         key.name, step, problem)
-            return False
+        return kept
+
+    def _reserve(self, key: JobKey, uid: int, length: int, step: int) -> int | None:
+        """Room for ``length`` bytes of ``uid``'s, made by ``evictions`` and counted until the copy
+        is kept or dropped: a ticket, or None when no room can be made (or a newer step is held)."""
         with self._lock:
             if self._newer_than(key, step):
-                os.close(fd)
-                return False
-            old = self._held.pop(key, None)
-            for doomed in self._to_evict(length):
-                os.close(self._held.pop(doomed.key).fd)
-                log.info("memory tier: dropped job %s's step %d (the oldest) for job %s", doomed.key.name,
-                         doomed.step, key.name)
-            self._held[key] = Held(key, fd, length, step, path, now)
-        if old is not None:
-            os.close(old.fd)
-        return True
+                return None
+            doomed = evictions(self._usage(), self.budget, uid, length)
+            if doomed is None:
+                log.info("memory tier: no room for job %s's step %d (%d bytes): the copies in flight and the "
+                         "snapshots of uids within their share hold the budget; not kept", key.name, step, length)
+                return None
+            for victim in doomed:
+                h = self._held.pop(victim)
+                del self._owner[victim]
+                os.close(h.fd)
+                log.info("memory tier: dropped job %s's step %d (the oldest of the uid holding the most) for job %s",
+                         victim.name, h.step, key.name)
+            ticket = next(self._tickets)
+            self._flying[ticket] = (uid, length)
+            return ticket
+
+    def _usage(self) -> Usage:
+        """Under the lock: what each uid holds and has in flight."""
+        held: dict[int, list[tuple[float, JobKey, int]]] = {}
+        for k, h in self._held.items():
+            held.setdefault(self._owner[k], []).append((h.at, k, h.length))
+        flying: dict[int, int] = {}
+        for u, n in self._flying.values():
+            flying[u] = flying.get(u, 0) + n
+        return Usage(held, flying)
+
+    def _release(self, ticket: int) -> None:
+        with self._lock:
+            self._flying.pop(ticket, None)
+
+    def accounted(self) -> int:
+        """Bytes the tier holds and has reserved for copies in flight: never above the budget."""
+        with self._lock:
+            return sum(h.length for h in self._held.values()) + sum(n for _, n in self._flying.values())
 
     def _newer_than(self, key: JobKey, step: int) -> bool:
         """Under the lock: a newer snapshot is held (a memory-only save taken while this disk save
         was persisting)."""
         held = self._held.get(key)
         return held is not None and held.step > step
-
-    def _to_evict(self, incoming: int) -> list[Held]:
-        """Under the lock: the oldest snapshots whose room the incoming one needs."""
-        used = sum(h.length for h in self._held.values())
-        out = []
-        for h in sorted(self._held.values(), key=lambda h: h.at):
-            if used + incoming <= self.budget:
-                break
-            out.append(h)
-            used -= h.length
-        return out
 
     def get(self, key: JobKey) -> Held | None:
         """The job's snapshot, with an fd of its own for the caller to send and close."""
@@ -121,14 +160,51 @@ class MemoryTier:
     def drop(self, key: JobKey) -> None:
         with self._lock:
             h = self._held.pop(key, None)
-        if h is not None:
-            os.close(h.fd)
+            self._owner.pop(key, None)
+            if h is not None:
+                os.close(h.fd)
 
     def close(self) -> None:
         with self._lock:
             held, self._held = list(self._held.values()), {}
-        for h in held:
-            os.close(h.fd)
+            self._owner.clear()
+            for h in held:
+                os.close(h.fd)
+
+
+@dataclass(frozen=True)
+class Usage:
+    held: dict[int, list[tuple[float, JobKey, int]]]  # uid -> its snapshots (kept at, key, bytes)
+    flying: dict[int, int]  # uid -> bytes of its copies in flight
+
+    def of(self, uid: int) -> int:
+        return sum(n for _, _, n in self.held.get(uid, ())) + self.flying.get(uid, 0)
+
+
+def evictions(usage: Usage, budget: int, uid: int, length: int) -> list[JobKey] | None:
+    """The snapshots to drop so that ``length`` more bytes of ``uid``'s fit ``budget``, or None
+    when they cannot be made to fit. The share rule (L1): each uid in the tier (holding, copying
+    or asking) has ``budget / uids``; while room is short, the uid that holds the most, counting
+    the incoming bytes as ``uid``'s (on a tie, ``uid`` itself), loses its oldest snapshot, and
+    only a uid over its share loses any. Since the total asked exceeds the budget, the heaviest
+    uid is over its share: a uid within its share never loses a snapshot to another's save.
+    Copies in flight are never dropped (they are counted, so the budget holds as they land)."""
+    held = {u: sorted(snaps) for u, snaps in usage.held.items()}
+    uids = set(held) | set(usage.flying) | {uid}
+    share = budget / len(uids)
+    load = {u: usage.of(u) + (length if u == uid else 0) for u in uids}
+    used = sum(load.values())
+    out: list[JobKey] = []
+    while used > budget:
+        candidates = [u for u in uids if held.get(u) and load[u] > share]
+        if not candidates:
+            return None
+        victim = max(candidates, key=lambda u: (load[u], u == uid))
+        _, key, n = held[victim].pop(0)
+        out.append(key)
+        load[victim] -= n
+        used -= n
+    return out
 
 
 def _unverified(fd: int, label: str) -> str:

@@ -8,10 +8,13 @@ jobs does not grow its series forever.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -24,39 +27,82 @@ from ckptd import __version__
 from ckptd.core.units import parse_listen
 from ckptd.core.vocab import DeleteRule, FailReason, MissedReason, Outcome, Trigger
 from ckptd.daemon.jobkey import JobKey
+from ckptd.daemon.tcppeer import local_uid
+
+log = logging.getLogger("ckptd.daemon")
 
 JOB = "training_job"  # not "job": that label is Prometheus' own (the scrape job), SPEC §8
 DIRECTORY = "directory"  # with the name, what identifies a job (two runs named alike are two jobs)
 MISSED_REASONS = tuple(MissedReason)
 FAILURE_REASONS = tuple(FailReason)
 TRIGGERS = tuple(Trigger)
+LABEL_MAX = 128  # characters of a label value; a longer one keeps its ends and a digest of the whole
+_HEAD, _TAIL = 32, 64
+
+
+def bounded(value: str) -> str:
+    """A label value within ``LABEL_MAX`` characters, the same for the same value and different
+    for different ones: a long value keeps its first and last characters (a directory's root and
+    its run) around a digest of the whole. A client's directory of 4,000 characters must not make
+    every one of its series, and every scrape, 4 kB longer."""
+    if len(value) <= LABEL_MAX:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{value[:_HEAD]}…{digest}…{value[-_TAIL:]}"
+
+
+class _Bounded:
+    """Every label value through ``bounded``, whoever sets it (the ledger, uploads, watch)."""
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        return super().labels(*(_bound(v) for v in values),  # type: ignore[misc]
+                              **{k: _bound(v) for k, v in named.items()})
+
+    def remove_by_labels(self, labels: dict[str, str]) -> None:
+        super().remove_by_labels({k: bounded(v) for k, v in labels.items()})  # type: ignore[misc]
+
+
+def _bound(value: Any) -> Any:
+    return bounded(value) if isinstance(value, str) else value
+
+
+class BoundedCounter(_Bounded, Counter):
+    pass
+
+
+class BoundedGauge(_Bounded, Gauge):
+    pass
+
+
+class BoundedHistogram(_Bounded, Histogram):
+    pass
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.saves = Counter("ckptd_saves_total", "Saves by trigger and outcome", [JOB, DIRECTORY, "trigger", "outcome"], registry=r)
-        self.failures = Counter("ckptd_save_failures_total", "Failed saves by reason", [JOB, DIRECTORY, "reason"], registry=r)
-        self.missed = Counter("ckptd_missed_saves_total", "Saves that should have happened and did not",
+        self.saves = BoundedCounter("ckptd_saves_total", "Saves by trigger and outcome", [JOB, DIRECTORY, "trigger", "outcome"], registry=r)
+        self.failures = BoundedCounter("ckptd_save_failures_total", "Failed saves by reason", [JOB, DIRECTORY, "reason"], registry=r)
+        self.missed = BoundedCounter("ckptd_missed_saves_total", "Saves that should have happened and did not",
                               [JOB, DIRECTORY, "reason"], registry=r)
-        self.verify = Counter("ckptd_verify_total", "Verifications by outcome", [JOB, DIRECTORY, "outcome"], registry=r)
-        self.duration = Histogram("ckptd_save_duration_seconds", "Time per save phase", [JOB, DIRECTORY, "phase"], registry=r,
+        self.verify = BoundedCounter("ckptd_verify_total", "Verifications by outcome", [JOB, DIRECTORY, "outcome"], registry=r)
+        self.duration = BoundedHistogram("ckptd_save_duration_seconds", "Time per save phase", [JOB, DIRECTORY, "phase"], registry=r,
                                   buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        self.last_success = Gauge("ckptd_last_success_timestamp_seconds", "Time of the last verified save", [JOB, DIRECTORY], registry=r)
-        self.last_saved_step = Gauge("ckptd_last_saved_step", "Step of the last verified save", [JOB, DIRECTORY], registry=r)
-        self.checkpoints = Gauge("ckptd_checkpoints", "Verified checkpoints on disk", [JOB, DIRECTORY], registry=r)
-        self.checkpoint_bytes = Gauge("ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", [JOB, DIRECTORY], registry=r)
-        self.deleted = Counter("ckptd_deleted_total", "Checkpoints deleted, by rule", [JOB, DIRECTORY, "rule"], registry=r)
-        self.fs_free = Gauge("ckptd_filesystem_free_bytes", "Free bytes on a root's filesystem", ["root"], registry=r)
-        self.remote_uploads = Counter("ckptd_remote_uploads_total", "Uploads to the remote tier by outcome",
+        self.last_success = BoundedGauge("ckptd_last_success_timestamp_seconds", "Time of the last verified save", [JOB, DIRECTORY], registry=r)
+        self.last_saved_step = BoundedGauge("ckptd_last_saved_step", "Step of the last verified save", [JOB, DIRECTORY], registry=r)
+        self.checkpoints = BoundedGauge("ckptd_checkpoints", "Verified checkpoints on disk", [JOB, DIRECTORY], registry=r)
+        self.checkpoint_bytes = BoundedGauge("ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", [JOB, DIRECTORY], registry=r)
+        self.deleted = BoundedCounter("ckptd_deleted_total", "Checkpoints deleted, by rule", [JOB, DIRECTORY, "rule"], registry=r)
+        self.fs_free = BoundedGauge("ckptd_filesystem_free_bytes", "Free bytes on a root's filesystem", ["root"], registry=r)
+        self.remote_uploads = BoundedCounter("ckptd_remote_uploads_total", "Uploads to the remote tier by outcome",
                                       [JOB, DIRECTORY, "outcome"], registry=r)
-        self.remote_last_success = Gauge("ckptd_remote_last_success_timestamp_seconds",
+        self.remote_last_success = BoundedGauge("ckptd_remote_last_success_timestamp_seconds",
                                          "Time of the last checkpoint verified on the remote tier", [JOB, DIRECTORY], registry=r)
-        self.remote_checkpoints = Gauge("ckptd_remote_checkpoints", "Committed checkpoints on the remote tier",
+        self.remote_checkpoints = BoundedGauge("ckptd_remote_checkpoints", "Committed checkpoints on the remote tier",
                                         [JOB, DIRECTORY], registry=r)
-        self.remote_bytes = Gauge("ckptd_remote_bytes", "Bytes of committed checkpoints on the remote tier",
+        self.remote_bytes = BoundedGauge("ckptd_remote_bytes", "Bytes of committed checkpoints on the remote tier",
                                   [JOB, DIRECTORY], registry=r)
-        self.build_info = Gauge("ckptd_build_info", "Version of ckptd", ["version"], registry=r)
+        self.build_info = BoundedGauge("ckptd_build_info", "Version of ckptd", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self._ended: dict[JobKey, float] = {}
         self._lock = threading.Lock()
@@ -135,7 +181,7 @@ class JobGauges(Collector):
         families = {name: GaugeMetricFamily(name, text, labels=[JOB, DIRECTORY]) for name, text in JOB_GAUGES.items()}
         for key, values in self._source(self._clock()):
             for name, value in values.items():
-                families[name].add_metric([key.name, key.directory], value)
+                families[name].add_metric([bounded(key.name), bounded(key.directory)], value)
         yield from families.values()
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
@@ -148,9 +194,21 @@ def _remove_job(metric: Counter | Gauge | Histogram, job: JobKey) -> None:
     metric.remove_by_labels({JOB: job.name, DIRECTORY: job.directory})
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client of the metrics port may hold (``[daemon] max_http_connections``,
+    ``max_http_connections_per_peer``): each connection is a thread and a descriptor of the
+    daemon's, and the port is open to users outside the socket's group. A peer is a local
+    uid (the kernel says whose the client's socket is) or, from another host, an address."""
+
+    connections: int = 32
+    per_peer: int = 8
+    deadline: float = 10.0  # seconds for the whole request and its reply: one byte a second is cut here
+
+
 class _Handler(WSGIRequestHandler):
-    """Quiet, and an idle connection is dropped after ``timeout`` seconds: a thousand idle
-    TCP connections must not hold a thousand of the daemon's file descriptors."""
+    """Quiet, and an idle connection is dropped after ``timeout`` seconds (the whole request's
+    deadline is the server's, ``HttpLimits.deadline``)."""
 
     timeout = 10
 
@@ -158,9 +216,84 @@ class _Handler(WSGIRequestHandler):
         pass
 
 
-def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, bool]]) -> WSGIServer:
+REFUSED = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, within ``HttpLimits``: a connection past a cap gets a 503 and
+    is closed at once, and one still open at its deadline is shut down (its thread then ends).
+    Deadlines are checked by the serving loop itself (``service_actions``), no thread per timer."""
+
+    limits = HttpLimits()
+    request_queue_size = 128  # the listen backlog: a flood waits in the kernel, not in our descriptors
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self._open: dict[socket.socket, tuple[str, float]] = {}  # connection -> (peer, deadline)
+        self._open_lock = threading.Lock()
+        self._refusing = ""  # the last cap that refused someone, logged once per change
+        super().__init__(*args, **kw)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        peer = _peer(request, client_address)
+        with self._open_lock:
+            mine = sum(1 for p, _ in self._open.values() if p == peer)
+            full = ("max_http_connections" if len(self._open) >= self.limits.connections else
+                    "max_http_connections_per_peer" if mine >= self.limits.per_peer else "")
+            if not full:
+                self._open[request] = (peer, time.monotonic() + self.limits.deadline)
+        if full:
+            self._refuse(request, peer, full)
+            return
+        super().process_request(request, client_address)  # a thread that cannot start: shutdown_request
+
+    def _refuse(self, request: socket.socket, peer: str, cap: str) -> None:
+        if cap != self._refusing:
+            log.warning("metrics port: refusing connections (%s reached; the latest from %s)", cap, peer)
+            self._refusing = cap
+        try:
+            request.setblocking(False)
+            request.send(REFUSED)
+        except OSError:
+            pass
+        request.close()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+            if not self._open:
+                self._refusing = ""
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Shut down every connection past its deadline: its handler's read or write fails at
+        once, and the handler's thread closes it."""
+        now = time.monotonic()
+        with self._open_lock:
+            late = [conn for conn, (_, deadline) in self._open.items() if deadline < now]
+            for conn in late:
+                self._open[conn] = (self._open[conn][0], float("inf"))  # cut once
+        for conn in late:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """No traceback on stderr per connection (a flood would fill the journal): one line."""
+        import sys
+
+        log.debug("metrics port: a request from %s failed: %r", client_address, sys.exc_info()[1])
+
+
+def _peer(conn: socket.socket, address: Any) -> str:
+    uid = local_uid(conn)
+    return f"uid {uid}" if uid is not None else str(address[0])
+
+
+def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, bool]],
+               limits: HttpLimits = HttpLimits()) -> WSGIServer:
     """``/metrics`` (prometheus_client's own app: content negotiation, gzip) and ``/healthz``
-    beside it, on ``host:port`` (IPv4 or IPv6), in a daemon thread."""
+    beside it, on ``host:port`` (IPv4 or IPv6), in a daemon thread, within ``limits``."""
     host, port = parse_listen(listen)
     prometheus_app = make_wsgi_app(metrics.registry)
 
@@ -177,12 +310,14 @@ def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, boo
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 
-    class Server(ThreadingWSGIServer):
+    class Server(BoundedServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
+    Server.limits = limits
     try:
         server = make_server(host, port, app, Server, handler_class=_Handler)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen for metrics on {listen}: {exc.strerror}") from None
-    threading.Thread(target=server.serve_forever, name="ckptd-metrics", daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="ckptd-metrics",
+                     daemon=True).start()
     return server

@@ -242,7 +242,7 @@ class Session:
             header = seal(fd, msg["length"])
             if header.metadata.get("ckptd.job") != job.name or header.metadata.get("ckptd.step") != str(msg["step"]):
                 raise PersistError(FailReason.INVALID_SNAPSHOT, "the snapshot is not the job and step it claims")
-            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time()):
+            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time(), uid=job.uid):
                 raise PersistError(FailReason.NO_SPACE, "the snapshot does not fit the memory budget")
             seconds = time.monotonic() - t0
             with self.daemon.lock:
@@ -282,7 +282,7 @@ class Session:
         """The memory tier (SPEC §14): the verified snapshot, copied before the reply frees the
         trainer's buffer. It is a cache: failing to keep it costs nothing saved."""
         try:
-            if self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time()):
+            if self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time(), uid=job.uid):
                 with self.daemon.lock:
                     job.kept_in_memory(time.time(), None, None)
         except OSError as exc:
