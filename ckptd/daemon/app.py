@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from ckptd.core import missed
 from ckptd.core.config import Config, default_state_dir
 from ckptd.core.policy import SavePolicy
 from ckptd.core.vocab import MissedReason
@@ -228,6 +229,12 @@ class Daemon:
             me = threading.current_thread()
             self._threads = [t for t in self._threads if t is not me]
 
+    @property
+    def stopping(self) -> bool:
+        """Is the daemon shutting down? Its trainers' connections then end by the daemon's hand,
+        not by the trainers': nothing is a trainer exit (``Session._disconnected``)."""
+        return self._stop.is_set()
+
     def health(self) -> dict[str, bool]:
         """Served before start() ends (the HTTP port opens early), so "started" gates readiness:
         a probe must not see a daemon whose watchers and scheduler are not up yet as healthy."""
@@ -254,9 +261,12 @@ class Daemon:
             log.info("job %s: catalogued the checkpoints it wrote while the daemon was away", name)
         rows = [r for r in self.catalog.checkpoints(*key) if r.verified]
         history = self.catalog.history(key) if policy.auto else (0.0, 0, 0)
+        # the hook says hello before it resumes (step 0): a resumed run has saved what the catalogue
+        # holds, so counting due steps from 0 would call every saved grid step skipped (missed.resumed_from)
+        saved = missed.resumed_from(step, [r.step for r in rows])
         with self.lock:
             job = JobState(name, uid, directory, settings, policy, pid=pid, connected=True, step=step,
-                           last_saved_step=step, last_verified_step=rows[-1].step if rows else 0,
+                           last_saved_step=saved, last_verified_step=rows[-1].step if rows else 0,
                            last_verified_at=rows[-1].created if rows else None, session=session, history=history)
             self.jobs[key] = job
         if policy.cron:
@@ -279,7 +289,10 @@ class Daemon:
         if self.scheduler.get_job(cron) is not None:
             self.scheduler.remove_job(cron)
         self.metrics.job_ended(job.key, time.time())
-        self.catalog.event(job.key, "end" if session.ended else "disconnect", step=job.step)
+        # "detached": the daemon stopped under a running trainer, which is no crash of it (every="auto"
+        # learns its MTBF from "disconnect"s, ``Catalog.history``); the run stays open until it reconnects
+        kind = "end" if session.ended else "detached" if self.stopping else "disconnect"
+        self.catalog.event(job.key, kind, step=job.step)
 
     def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float],
                        cost: float | None = None) -> None:

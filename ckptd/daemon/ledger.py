@@ -74,6 +74,12 @@ class Ledger:
         self.catalog.mark_unverified(path, reason)
         self.catalog.event(job, "scrub_corrupt", path=path, reason=reason)
 
+    def scrubbed_missing(self, job: JobKey, path: str) -> None:
+        """A catalogued checkpoint the scrub found gone (deleted meanwhile): forgotten, not corrupt."""
+        log.info("scrub: %s is gone (deleted since it was catalogued); forgotten", path)
+        self.catalog.forget([path])
+        self.catalog.event(job, "scrub_missing", path=path)
+
     def removed(self, job: JobKey, removals: list[Removal]) -> None:
         """Deletions by retention or quota, for hook jobs and watched trees alike."""
         done = [r for r in removals if r.done]

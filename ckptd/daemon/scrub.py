@@ -3,6 +3,8 @@ so bit rot is found while there is still an older good copy, not at the next res
 
 from __future__ import annotations
 
+import os
+
 from ckptd.core.vocab import Trigger
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.ledger import Ledger
@@ -13,12 +15,13 @@ def scrub(catalog: Catalog, ledger: Ledger) -> dict[str, int]:
 
     A checkpoint that no longer verifies is marked and counted
     (``ckptd_verify_total{outcome="corrupt"}``), never deleted here: a transient read
-    error must not cost a good checkpoint.
+    error must not cost a good checkpoint. One that is gone by the time it is read is
+    ``missing``: forgotten by the catalogue, counted as nothing.
     """
     from ckptd.disk.verify import VerifyResult, verify_file
     from ckptd.foreign import formats as foreign
 
-    counts = {"ok": 0, "corrupt": 0}
+    counts = {"ok": 0, "corrupt": 0, "missing": 0}
     for row in catalog.checkpoints():
         if not row.verified:
             continue
@@ -32,6 +35,10 @@ def scrub(catalog: Catalog, ledger: Ledger) -> dict[str, int]:
             result = verify_file(row.path)
         if result.ok:
             counts["ok"] += 1
+            continue
+        if not os.path.lexists(row.path):  # deleted meanwhile (retention, a trainer in embedded mode,
+            counts["missing"] += 1  # a user): gone is not corrupt, and pages nobody
+            ledger.scrubbed_missing(row.key, row.path)
             continue
         counts["corrupt"] += 1
         ledger.scrubbed_corrupt(row.key, row.path, result.reason)

@@ -58,6 +58,9 @@ class Host(Protocol):
     memory_executor: ThreadPoolExecutor
     memory: MemoryTier
 
+    @property
+    def stopping(self) -> bool: ...
+
     def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
                  policy: SavePolicy, step: int, session: "Session | None" = None) -> JobState: ...
 
@@ -353,7 +356,7 @@ class Session:
         self._wait_in_flight()
         with self.daemon.lock:
             unsaved = missed.unsaved_at_exit(self.job.step, self.job.last_verified_step)
-        if not self.ended and unsaved > 0:
+        if not self.ended and unsaved > 0 and not self.daemon.stopping:  # a daemon's restart is no trainer's exit
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
             self._count_missed(MissedReason.TRAINER_EXIT_UNSAVED)
         self.daemon.unregister(self.job, self)
