@@ -43,6 +43,7 @@ from ckptd.wire import protocol
 
 log = logging.getLogger("ckptd.daemon")
 ENDED_JOB_TTL = 3600.0
+SWEEP_EVERY = 30.0  # seconds between sweeps of the roots for checkpoints saved without the daemon
 OVERDUE_GRACE = 60.0
 MAX_CONNECTIONS_PER_UID = 64  # unprivileged uids; root and admins are not capped
 MAX_JOBS_PER_UID = 64  # jobs connected or ended within ENDED_JOB_TTL: each is a set of metric series
@@ -107,7 +108,8 @@ class Daemon:
         self.uploads = Uploads(self.metrics, self.catalog, self.ledger, self.access, self.roots)
         self.uploads.resync()
         self._refresh_free()  # from the first scrape on, not from the first tick
-        self.http = serve_http(self.metrics, self.metrics_listen, self.health)
+        self.ledger.restore_failures(time.time() - ENDED_JOB_TTL)
+        self.http = serve_http(self.metrics, self.metrics_listen, self.health, self._owner_of, self._http_status)
         self.listener = Listener(self.socket_path, self.group_gid, self._admit)
         self.scheduler = self._start_scheduler()
         self._start_watchers()
@@ -124,6 +126,7 @@ class Daemon:
         sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
                                                                "misfire_grace_time": 30})
         sched.add_job(self._tick_job, "interval", seconds=TICK, id="tick")
+        sched.add_job(self.sweep, "interval", seconds=SWEEP_EVERY, id="sweep")
         scrub = self.config.daemon.get("scrub_every")
         if scrub:
             sched.add_job(self.scrub, "interval", seconds=float(scrub), id="scrub")
@@ -148,6 +151,41 @@ class Daemon:
         from ckptd.daemon.scrub import scrub
 
         return scrub(self.catalog, self.ledger)
+
+    def sweep(self) -> int:
+        """Checkpoints under the roots that no connected trainer handed over: a trainer saving in
+        embedded mode (the daemon was down, its socket refused it) is seen within ``SWEEP_EVERY``.
+        One walk of the roots' directories; only new files' headers are read. Connected jobs'
+        directories and watched trees are skipped (their sessions and watchers record them)."""
+        with self.lock:
+            busy = {j.directory for j in self.jobs.values() if j.connected}
+        watched = [w.root for w in self.watching.watchers] if self.watching is not None else []
+        found = self.catalog.sweep(self.roots, lambda d: d in busy or inside(d, watched))
+        for info in found:
+            if info.ok:
+                self.ledger.unattended(JobKey(info.job, os.path.dirname(info.path)), info)
+        return len(found)
+
+    def _owner_of(self, key: JobKey) -> str:
+        """The ``user`` label of a job's series: its owner's name, from the catalogue (a watched
+        tree's: its directory's owner)."""
+        from ckptd.daemon.metrics import owner_name
+
+        uid = self.catalog.job_owner(key)
+        if uid is None:
+            try:
+                uid = os.stat(key.directory).st_uid
+            except OSError:
+                return ""
+        return owner_name(uid)
+
+    def _http_status(self) -> dict[str, Any]:
+        """``/status`` on the metrics port: what ``ckptd status --json`` says of every job, and the host."""
+        from ckptd import __version__
+        from ckptd.daemon import requests
+
+        return {"host": socket.gethostname(), "version": __version__, "time": time.time(),
+                "socket": self.socket_path, "started_at": self.started_at, "jobs": requests.job_rows(self, None)}
 
     def _tick_job(self) -> None:
         try:

@@ -58,6 +58,12 @@ def memory(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
 
 def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     """One row per job (name and directory) the asking uid may see."""
+    return {"jobs": job_rows(d, session.uid)}
+
+
+def job_rows(d: Host, uid: int | None) -> list[dict[str, Any]]:
+    """``status``'s rows: of the jobs ``uid`` may see, or (None) of every job, for the metrics
+    port's read-only ``/status`` (which says no more than ``/metrics`` beside it)."""
     now = time.time()
     rows_by_job: dict[JobKey, list[Any]] = {}
     for r in d.catalog.checkpoints():
@@ -65,10 +71,10 @@ def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     with d.lock:
         keys = set(d.jobs) | set(rows_by_job)
     out = []
-    for key in sorted(k for k in keys if d.access.visible(session.uid, k)):
+    for key in sorted(k for k in keys if uid is None or d.access.visible(uid, k)):
         with d.lock:
             out.append(_status_row(d, key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now))
-    return {"jobs": out}
+    return out
 
 
 def _status_row(d: Host, key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, Any]:

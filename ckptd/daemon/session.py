@@ -161,6 +161,7 @@ class Session:
         self.job.state_bytes = _count(msg.get("state_bytes"))
         self.job.sharded = msg.get("sharded") is True
         self.job.memory_budget = self.daemon.memory.budget
+        self.daemon.ledger.hook_version(self.job.key, _version(msg.get("version")))
         self.send({"type": "welcome", "job": job, "directory": directory})
 
     # -- heartbeats and missed steps --------------------------------------------------------
@@ -360,6 +361,12 @@ class Session:
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
             self._count_missed(MissedReason.TRAINER_EXIT_UNSAVED)
         self.daemon.unregister(self.job, self)
+
+
+def _version(value: Any) -> str:
+    """The hook's version from hello, a label value: a short version string, or "unknown"."""
+    ok = isinstance(value, str) and 0 < len(value) <= 32 and all(c.isalnum() or c in ".+-_" for c in value)
+    return value if ok else "unknown"
 
 
 def _count(value: Any) -> int:
