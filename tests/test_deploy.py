@@ -118,6 +118,20 @@ def test_the_promtool_tests_feed_the_label_sets_the_exporter_really_produces(dae
     assert checked >= 6
 
 
+def test_the_dashboard_keeps_the_host_in_every_aggregation_and_names_every_series() -> None:
+    """Two hosts' `llm-pretrain` must not merge (issue 34): every `by (...)` keeps `instance`
+    (the fleet row's `count(...)` of hosts excepted), every per-job selector takes the host
+    variable, every target has a legend naming its host."""
+    dashboard = json.loads((DEPLOY / "grafana" / "ckptd.json").read_text())
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert dashboard["panels"][0]["type"] == "row" and dashboard["panels"][0]["title"] == "Fleet overview"
+    for t in targets:
+        for group in re.findall(r"by \(([^)]*)\)", t["expr"]):
+            assert "instance" in group, t["expr"]
+        assert 'instance=~"$host"' in t["expr"], t["expr"]
+        assert t.get("legendFormat") and ("{{instance}}" in t["legendFormat"] or t["expr"].startswith("count(")), t
+
+
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     analyze = need("systemd-analyze")
     unit = (ROOT / "systemd" / "ckptd.service").read_text()
@@ -326,10 +340,11 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
         assert prom.alert_state("CkptdDown") is None
         time.sleep(3)  # a few more scrapes so rate() windows hold several points
         dashboard = json.loads((DEPLOY / "grafana" / "ckptd.json").read_text())
+        assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "host", "training_job"}
         exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-        assert len(exprs) >= 21
+        assert len(exprs) >= 27
         for expr in exprs:
-            q = expr.replace("$job", ".*").replace("$__rate_interval", "1m")
+            q = expr.replace("$training_job", ".*").replace("$host", ".*").replace("$__rate_interval", "1m")
             result = prom.api("query", query=q)
             assert result["status"] == "success", (expr, result)
             assert result["data"]["result"], f"no series for dashboard query {expr}"
