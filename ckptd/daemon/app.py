@@ -44,6 +44,7 @@ from ckptd.wire import protocol
 log = logging.getLogger("ckptd.daemon")
 ENDED_JOB_TTL = 3600.0
 SWEEP_EVERY = 30.0  # seconds between sweeps of the roots for checkpoints saved without the daemon
+MAX_UNATTENDED_JOBS = 64  # jobs found by the sweep that get series (job names there come from file headers)
 OVERDUE_GRACE = 60.0
 MAX_CONNECTIONS_PER_UID = 64  # unprivileged uids; root and admins are not capped
 MAX_JOBS_PER_UID = 64  # jobs connected or ended within ENDED_JOB_TTL: each is a set of metric series
@@ -81,6 +82,7 @@ class Daemon:
         self.clock = time.time
         self.started_at = time.time()
         self.watching: Watching | None = None
+        self._unattended: set[JobKey] = set()  # jobs the sweep gave series (MAX_UNATTENDED_JOBS)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -162,8 +164,16 @@ class Daemon:
         watched = [w.root for w in self.watching.watchers] if self.watching is not None else []
         found = self.catalog.sweep(self.roots, lambda d: d in busy or inside(d, watched))
         for info in found:
-            if info.ok:
-                self.ledger.unattended(JobKey(info.job, os.path.dirname(info.path)), info)
+            key = JobKey(info.job, os.path.dirname(info.path))
+            if not info.ok or not _valid_job(info.job):
+                continue
+            if key not in self._unattended and len(self._unattended) >= MAX_UNATTENDED_JOBS:
+                log.warning("job %s: step %d saved without the daemon: %s (no series: %d such jobs already)",
+                            key, info.step, info.path, MAX_UNATTENDED_JOBS)
+                continue
+            self._unattended.add(key)
+            self.ledger.unattended(key, info)
+            self.metrics.job_ended(key, time.time())  # its series go ENDED_JOB_TTL after, unless it connects
         return len(found)
 
     def _owner_of(self, key: JobKey) -> str:
@@ -372,7 +382,7 @@ class Daemon:
         if self.watching is not None:
             self.watching.tick(now)
         self._refresh_free()
-        self.metrics.drop_ended(now, ENDED_JOB_TTL)
+        self._unattended.difference_update(self.metrics.drop_ended(now, ENDED_JOB_TTL))
         with self.lock:
             for key in [k for k, j in self.jobs.items()
                         if not j.connected and j.ended_at is not None and now - j.ended_at > ENDED_JOB_TTL]:
@@ -416,6 +426,17 @@ class Daemon:
         from ckptd.daemon import requests
 
         requests.handle(self, session, msg)
+
+
+def _valid_job(name: str) -> bool:
+    """A job name read from a file's header: a label value only if a hello could have named it."""
+    from ckptd.disk.preflight import check_job
+
+    try:
+        check_job(name)
+        return True
+    except (TargetError, ValueError):
+        return False
 
 
 def _raise_fd_limit() -> None:
