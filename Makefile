@@ -22,11 +22,13 @@ $(STAMP): $(PY) pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/ckptd demo
 
-# Debian's prometheus gives promtool and the server; systemd gives systemd-analyze.
+# Debian's prometheus gives promtool and the server, prometheus-alertmanager the Alertmanager and
+# amtool (the end-to-end alert test); systemd gives systemd-analyze.
 tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v systemd-analyze >/dev/null || \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v systemd-analyze >/dev/null \
+	  && command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      prometheus systemd >/dev/null; }
+	      prometheus prometheus-alertmanager systemd >/dev/null; }
 
 # The gates: lint, types (strict on ckptd/core), and the layer contract (imports only point down).
 lint: $(STAMP)

@@ -378,6 +378,8 @@ class Checkpointer:
             log.warning("ckptd: the final checkpoint of step %d is not verified; trying once more", step)
             self._save("final", "save_final")  # fsync: a failed fsync is never retried on the same file)
             self.wait()
+        if final:
+            self._record.ended(self.job, step)
         self._closed = True
         if self._shards is not None:
             self._shards.drain()

@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from ckptd import __version__
 from ckptd.wire import protocol
 from trainer_hooks.worker import SaveJob
 
@@ -123,7 +124,7 @@ class Link:
         try:
             s.settimeout(5.0)
             s.connect(self.path)
-            protocol.send(s, {"type": "hello", **self._hello()})
+            protocol.send(s, {"type": "hello", "version": __version__, **self._hello()})  # ckptd_hook_info
             reply, fds = protocol.recv(s)
             protocol.close_fds(fds)
         except (OSError, EOFError, protocol.ProtocolError):

@@ -46,6 +46,13 @@ class SaveRecord:
                            "reason": error.reason, "error": str(error)})
         log.error("ckptd: save of step %d failed (%s): %s; training continues", job.step, error.reason, error)
 
+    def ended(self, job: str, step: int) -> None:
+        """The run ended: if its final step is not verified, its last line says so (exit 0 or not)."""
+        if self.last_verified_step != step:
+            why = f"{self.last_error.reason}: {self.last_error}" if self.last_error else "not verified"
+            log.error("ckptd: job %s: the final save of step %d FAILED (%s); the newest verified checkpoint is "
+                      "step %d", job, step, why, self.last_verified_step)
+
     def failed_early(self, step: int, exc: Exception) -> None:
         """A save that failed before it was handed over (composing or copying its snapshot)."""
         self.stats["failed"] += 1

@@ -26,6 +26,16 @@ def skipped_step(policy: SavePolicy, last_saved_step: int, reported_step: int, f
     return None
 
 
+def resumed_from(hello_step: int, saved_steps: list[int]) -> int:
+    """The step a (re)connecting run's due steps count from: the newest saved step of the job
+    (a resumed run, after a crash or a preemption save, has those) or the step it says it is at.
+
+    The hook says hello before ``resume()`` loads a checkpoint, at step 0; counting from 0 would
+    report every grid step already saved as ``step_skipped`` until the first new save.
+    """
+    return max([hello_step, *saved_steps])
+
+
 def time_overdue(expected_interval: float | None, last_success_at: float, now: float, grace: float) -> bool:
     """No verified save within the expected interval plus a grace period (``time_overdue``)."""
     return expected_interval is not None and now - last_success_at > expected_interval + grace

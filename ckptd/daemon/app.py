@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from ckptd.core import missed
 from ckptd.core.config import Config, default_state_dir
 from ckptd.core.policy import SavePolicy
 from ckptd.core.units import parse_listen
@@ -45,6 +46,8 @@ from ckptd.wire import protocol
 
 log = logging.getLogger("ckptd.daemon")
 ENDED_JOB_TTL = 3600.0
+SWEEP_EVERY = 30.0  # seconds between sweeps of the roots for checkpoints saved without the daemon
+MAX_UNATTENDED_JOBS = 64  # jobs found by the sweep that get series (job names there come from file headers)
 OVERDUE_GRACE = 60.0
 MAX_CONNECTIONS_PER_UID = 64  # unprivileged uids; root and admins are not capped
 MAX_JOBS_PER_UID = 64  # jobs connected or ended within ENDED_JOB_TTL: each is a set of metric series
@@ -86,6 +89,7 @@ class Daemon:
         self.started_at = time.time()
         self.watching: Watching | None = None
         self._unhealthy: list[str] = []  # the failing health checks the watchdog last saw
+        self._unattended: set[JobKey] = set()  # jobs the sweep gave series (MAX_UNATTENDED_JOBS)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -124,7 +128,9 @@ class Daemon:
         self.uploads = Uploads(self.metrics, self.catalog, self.ledger, self.access, self.roots)
         self.uploads.resync()
         self._refresh_free()  # from the first scrape on, not from the first tick
-        self.http = serve_http(self.metrics, self.metrics_listen, self.health, self._http_limits())
+        self.ledger.restore_failures(time.time() - ENDED_JOB_TTL)
+        self.http = serve_http(self.metrics, self.metrics_listen, self.health, self._http_limits(), self._owner_of,
+                               self._http_status)
         self.listener = Listener(self.socket_path, self.group_gid, self._admit)
         self.scheduler = self._start_scheduler()
         self._start_watchers()
@@ -148,6 +154,7 @@ class Daemon:
         sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
                                                                "misfire_grace_time": 30})
         sched.add_job(self._tick_job, "interval", seconds=TICK, id="tick")
+        sched.add_job(self.sweep, "interval", seconds=SWEEP_EVERY, id="sweep")
         scrub = self.config.daemon.get("scrub_every")
         if scrub:
             sched.add_job(self.scrub, "interval", seconds=float(scrub), id="scrub")
@@ -172,6 +179,49 @@ class Daemon:
         from ckptd.daemon.scrub import scrub
 
         return scrub(self.catalog, self.ledger)
+
+    def sweep(self) -> int:
+        """Checkpoints under the roots that no connected trainer handed over: a trainer saving in
+        embedded mode (the daemon was down, its socket refused it) is seen within ``SWEEP_EVERY``.
+        One walk of the roots' directories; only new files' headers are read. Connected jobs'
+        directories and watched trees are skipped (their sessions and watchers record them)."""
+        with self.lock:
+            busy = {j.directory for j in self.jobs.values() if j.connected}
+        watched = [w.root for w in self.watching.watchers] if self.watching is not None else []
+        found = self.catalog.sweep(self.roots, lambda d: d in busy or inside(d, watched))
+        for info in found:
+            key = JobKey(info.job, os.path.dirname(info.path))
+            if not info.ok or not _valid_job(info.job):
+                continue
+            if key not in self._unattended and len(self._unattended) >= MAX_UNATTENDED_JOBS:
+                log.warning("job %s: step %d saved without the daemon: %s (no series: %d such jobs already)",
+                            key, info.step, info.path, MAX_UNATTENDED_JOBS)
+                continue
+            self._unattended.add(key)
+            self.ledger.unattended(key, info)
+            self.metrics.job_ended(key, time.time())  # its series go ENDED_JOB_TTL after, unless it connects
+        return len(found)
+
+    def _owner_of(self, key: JobKey) -> str:
+        """The ``user`` label of a job's series: its owner's name, from the catalogue (a watched
+        tree's: its directory's owner)."""
+        from ckptd.daemon.metrics import owner_name
+
+        uid = self.catalog.job_owner(key)
+        if uid is None:
+            try:
+                uid = os.stat(key.directory).st_uid
+            except OSError:
+                return ""
+        return owner_name(uid)
+
+    def _http_status(self) -> dict[str, Any]:
+        """``/status`` on the metrics port: what ``ckptd status --json`` says of every job, and the host."""
+        from ckptd import __version__
+        from ckptd.daemon import requests
+
+        return {"host": socket.gethostname(), "version": __version__, "time": time.time(),
+                "socket": self.socket_path, "started_at": self.started_at, "jobs": requests.job_rows(self, None)}
 
     def _tick_job(self) -> None:
         try:
@@ -338,6 +388,12 @@ class Daemon:
             sdnotify.notify(f"STATUS=unhealthy: {', '.join(failing)} failing; the watchdog is not fed")
         self._unhealthy = failing
 
+    @property
+    def stopping(self) -> bool:
+        """Is the daemon shutting down? Its trainers' connections then end by the daemon's hand,
+        not by the trainers': nothing is a trainer exit (``Session._disconnected``)."""
+        return self._stop.is_set()
+
     def health(self) -> dict[str, bool]:
         """Served before start() ends (the HTTP port opens early), so "started" gates readiness:
         a probe must not see a daemon whose watchers and scheduler are not up yet as healthy."""
@@ -364,9 +420,12 @@ class Daemon:
             log.info("job %s: catalogued the checkpoints it wrote while the daemon was away", name)
         rows = [r for r in self.catalog.checkpoints(*key) if r.verified]
         history = self.catalog.history(key) if policy.auto else (0.0, 0, 0)
+        # the hook says hello before it resumes (step 0): a resumed run has saved what the catalogue
+        # holds, so counting due steps from 0 would call every saved grid step skipped (missed.resumed_from)
+        saved = missed.resumed_from(step, [r.step for r in rows])
         with self.lock:
             job = JobState(name, uid, directory, settings, policy, pid=pid, connected=True, step=step,
-                           last_saved_step=step, last_verified_step=rows[-1].step if rows else 0,
+                           last_saved_step=saved, last_verified_step=rows[-1].step if rows else 0,
                            last_verified_at=rows[-1].created if rows else None, session=session, history=history)
             self.jobs[key] = job
         if policy.cron:
@@ -389,7 +448,10 @@ class Daemon:
         if self.scheduler.get_job(cron) is not None:
             self.scheduler.remove_job(cron)
         self.metrics.job_ended(job.key, time.time())
-        self.catalog.event(job.key, "end" if session.ended else "disconnect", step=job.step)
+        # "detached": the daemon stopped under a running trainer, which is no crash of it (every="auto"
+        # learns its MTBF from "disconnect"s, ``Catalog.history``); the run stays open until it reconnects
+        kind = "end" if session.ended else "detached" if self.stopping else "disconnect"
+        self.catalog.event(job.key, kind, step=job.step)
 
     def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float],
                        cost: float | None = None) -> None:
@@ -431,7 +493,7 @@ class Daemon:
         if self.watching is not None:
             self.watching.tick(now)
         self._refresh_free()
-        self.metrics.drop_ended(now, ENDED_JOB_TTL)
+        self._unattended.difference_update(self.metrics.drop_ended(now, ENDED_JOB_TTL))
         with self.lock:
             for key in [k for k, j in self.jobs.items()
                         if not j.connected and j.ended_at is not None and now - j.ended_at > ENDED_JOB_TTL]:
@@ -491,6 +553,17 @@ def _check_roots(roots: Sequence[str]) -> None:
             raise TargetError(f"root {root} does not exist: create it (and name it in the unit's ReadWritePaths=)")
         if not os.access(root, os.W_OK | os.X_OK):
             raise TargetError(f"root {root} is not writable by the daemon (uid {os.getuid()})")
+
+
+def _valid_job(name: str) -> bool:
+    """A job name read from a file's header: a label value only if a hello could have named it."""
+    from ckptd.disk.preflight import check_job
+
+    try:
+        check_job(name)
+        return True
+    except (TargetError, ValueError):
+        return False
 
 
 def _raise_fd_limit() -> None:

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ckptd.core.vocab import Outcome
 from ckptd.daemon.jobkey import JobKey
@@ -277,7 +277,7 @@ class Catalog:
         known = self._paths()
         gone = {p for p in known if _missing(p)}
         self.forget(gone)
-        return {"added": self._record_new(on_disk, known), "removed": len(gone), "files": len(on_disk)}
+        return {"added": len(self._record_new(on_disk, known)), "removed": len(gone), "files": len(on_disk)}
 
     def adopt(self, directory: str) -> int:
         """Catalogue what a job's directory holds that the catalogue does not: the saves its
@@ -288,7 +288,14 @@ class Catalog:
                 paths = _checkpoint_files([directory])
         except OSError:
             return 0
-        return self._record_new(paths, self._paths(under=directory))
+        return len(self._record_new(paths, self._paths(under=directory)))
+
+    def sweep(self, roots: Sequence[str], skip: Callable[[str], bool]) -> list[Checkpoint]:
+        """Catalogue the checkpoints under ``roots`` that it does not hold, but for those in the
+        directories ``skip`` names (a connected trainer's: its session records them): what
+        trainers saved on their own, since the start-up reconcile or the last sweep."""
+        paths = [p for p in _checkpoint_files(roots) if not skip(os.path.dirname(p))]
+        return self._record_new(paths, self._paths())
 
     def _paths(self, under: str | None = None) -> set[str]:
         """The catalogued paths (those under a directory): what the disk is compared with, without
@@ -300,8 +307,8 @@ class Catalog:
         with self._lock:
             return {r[0] for r in self._db.execute(sql, args).fetchall()}
 
-    def _record_new(self, paths: Sequence[str], known: set[str]) -> int:
-        added = 0
+    def _record_new(self, paths: Sequence[str], known: set[str]) -> list[Checkpoint]:
+        added = []
         for path in paths:
             if path in known:
                 continue
@@ -313,7 +320,7 @@ class Catalog:
             if info.ok and not info.job:
                 continue  # a foreign safetensors file: watch mode's business, not ours
             self.record(info, verified=info.ok, reason=info.problem)
-            added += 1
+            added.append(info)
         return added
 
 

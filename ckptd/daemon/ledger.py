@@ -51,12 +51,14 @@ class Ledger:
         log.error("job %s: save failed (%s): %s", job, exc.reason, exc)
         self.metrics.saves.labels(*job, trigger, "failed").inc()
         self.metrics.failures.labels(*job, exc.reason).inc()
+        self.metrics.last_failure.labels(*job, exc.reason).set(time.time())
         if exc.reason == FailReason.VERIFY_FAILED:
             self.metrics.verify.labels(*job, Outcome.CORRUPT).inc()
         self.catalog.event(job, "failed", reason=exc.reason, error=str(exc))
 
     def missed(self, job: JobKey, reason: MissedReason, **detail: Any) -> None:
         self.metrics.missed.labels(*job, reason).inc()
+        self.metrics.last_missed.labels(*job, reason).set(time.time())
         self.catalog.event(job, "missed", reason=reason, **detail)
 
     def adopted(self, job: JobKey, info: Checkpoint, outcome: Outcome) -> None:
@@ -67,12 +69,19 @@ class Ledger:
         self.catalog.event(job, "adopted", path=info.path, ok=ok, outcome=outcome)
         if not ok:
             self.metrics.failures.labels(*job, FailReason.VERIFY_FAILED).inc()
+        self.refresh(job)  # the corrupt gauge: a foreign checkpoint that does not verify is on disk
 
     def scrubbed_corrupt(self, job: JobKey, path: str, reason: str) -> None:
         log.error("scrub: %s no longer verifies: %s", path, reason)
         self.metrics.verify.labels(*job, Outcome.CORRUPT).inc()
         self.catalog.mark_unverified(path, reason)
         self.catalog.event(job, "scrub_corrupt", path=path, reason=reason)
+
+    def scrubbed_missing(self, job: JobKey, path: str) -> None:
+        """A catalogued checkpoint the scrub found gone (deleted meanwhile): forgotten, not corrupt."""
+        log.info("scrub: %s is gone (deleted since it was catalogued); forgotten", path)
+        self.catalog.forget([path])
+        self.catalog.event(job, "scrub_missing", path=path)
 
     def removed(self, job: JobKey, removals: list[Removal]) -> None:
         """Deletions by retention or quota, for hook jobs and watched trees alike."""
@@ -87,9 +96,39 @@ class Ledger:
         self.catalog.forget(r.verdict.item.id for r in done)
         self.refresh(job)
 
+    def unattended(self, job: JobKey, info: Checkpoint) -> None:
+        """A checkpoint under the roots that no connected trainer handed the daemon (``sweep``): its
+        trainer saves on its own (embedded mode: the daemon was down, or its socket refused it)."""
+        log.warning("job %s: step %d was saved without the daemon (a trainer in embedded mode?): %s",
+                    job, info.step, info.path)
+        self.metrics.last_unattended.labels(*job).set(info.created)
+        self.catalog.event(job, "unattended", step=info.step, path=info.path)
+        self.refresh(job)
+
+    def hook_version(self, job: JobKey, version: str) -> None:
+        """The hook version a job's trainer said hello with (one series per job)."""
+        self.metrics.hook_info.remove_by_labels({"training_job": job.name, "directory": job.directory})
+        self.metrics.hook_info.labels(*job, version).set(1)
+
+    def restore_failures(self, since: float) -> None:
+        """At start: each job's last failed save after ``since``, from the catalogue's events, when
+        no verified save came after it. A save that keeps failing stays failing across a daemon
+        restart: its alert (last failure newer than last success) does not resolve because the
+        daemon restarted, nor does an old one come back with every restart."""
+        newest = {r.key: r.created for r in self.catalog.checkpoints() if r.verified}
+        for key, _ in self.catalog.jobs():
+            for at, _name, kind, detail in self.catalog.events(key.name, limit=200):
+                if detail.get("directory") != key.directory or kind not in ("failed", "saved"):
+                    continue
+                if kind == "failed" and at > max(newest.get(key, 0.0), since):
+                    self.metrics.last_failure.labels(*key, FailReason.of(detail.get("reason"))).set(at)
+                break
+
     def refresh(self, job: JobKey) -> None:
         """The disk gauges of a job, from the catalogue (one read)."""
-        rows = [r for r in self.catalog.checkpoints(*job) if r.verified]
+        every = self.catalog.checkpoints(*job)
+        rows = [r for r in every if r.verified]
+        self.metrics.corrupt.labels(*job).set(sum(1 for r in every if not r.verified and r.outcome == Outcome.CORRUPT))
         self.metrics.checkpoints.labels(*job).set(len(rows))
         self.metrics.checkpoint_bytes.labels(*job).set(sum(r.bytes for r in rows))
         if rows:

@@ -33,6 +33,7 @@ log = logging.getLogger("ckptd.daemon")
 
 JOB = "training_job"  # not "job": that label is Prometheus' own (the scrape job), SPEC §8
 DIRECTORY = "directory"  # with the name, what identifies a job (two runs named alike are two jobs)
+USER = "user"  # the job's owner, added to every job series at exposition (``Owners``): alert routing
 MISSED_REASONS = tuple(MissedReason)
 FAILURE_REASONS = tuple(FailReason)
 TRIGGERS = tuple(Trigger)
@@ -102,6 +103,19 @@ class Metrics:
                                         [JOB, DIRECTORY], registry=r)
         self.remote_bytes = BoundedGauge("ckptd_remote_bytes", "Bytes of committed checkpoints on the remote tier",
                                   [JOB, DIRECTORY], registry=r)
+        # "failing now" and "missed since the last good save": alerts compare them with last_success,
+        # so they resolve at the next verified save, not when a counter window forgets the event
+        self.last_failure = BoundedGauge("ckptd_last_failure_timestamp_seconds", "Time of the last failed save, by reason",
+                                  [JOB, DIRECTORY, "reason"], registry=r)
+        self.last_missed = BoundedGauge("ckptd_last_missed_timestamp_seconds", "Time of the last missed save, by reason",
+                                 [JOB, DIRECTORY, "reason"], registry=r)
+        self.corrupt = BoundedGauge("ckptd_corrupt_checkpoints", "Checkpoints on disk known not to verify (from the catalogue)",
+                             [JOB, DIRECTORY], registry=r)
+        self.last_unattended = BoundedGauge("ckptd_last_unattended_save_timestamp_seconds",
+                                     "Time of the newest checkpoint found under the roots that no connected trainer "
+                                     "handed the daemon (a trainer saving in embedded mode)", [JOB, DIRECTORY], registry=r)
+        self.hook_info = BoundedGauge("ckptd_hook_info", "Version of the hook (trainer_hooks) of each connected job's trainer",
+                               [JOB, DIRECTORY, "version"], registry=r)
         self.build_info = BoundedGauge("ckptd_build_info", "Version of ckptd", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self._ended: dict[JobKey, float] = {}
@@ -126,6 +140,7 @@ class Metrics:
                 self.saves.labels(*job, trigger, outcome)
         for outcome in ("ok", "failed"):  # the remote series too, at 0 without a remote tier: a basic
             self.remote_uploads.labels(*job, outcome)  # install's dashboard must not say "No data"
+        self.corrupt.labels(*job)
         self.remote_checkpoints.labels(*job)  # an existing value is kept: labels() only creates
         self.remote_bytes.labels(*job)
 
@@ -146,7 +161,8 @@ class Metrics:
         for job in old:
             for metric in (self.saves, self.failures, self.missed, self.verify, self.duration, self.deleted,
                            self.last_success, self.last_saved_step, self.checkpoints, self.checkpoint_bytes,
-                           self.remote_uploads, self.remote_last_success, self.remote_checkpoints, self.remote_bytes):
+                           self.remote_uploads, self.remote_last_success, self.remote_checkpoints, self.remote_bytes,
+                           self.last_failure, self.last_missed, self.corrupt, self.last_unattended, self.hook_info):
                 _remove_job(metric, job)
         return old
 
@@ -188,6 +204,55 @@ class JobGauges(Collector):
         """Names only, so registering does not call ``source`` before the daemon is ready."""
         for name, text in JOB_GAUGES.items():
             yield GaugeMetricFamily(name, text, labels=[JOB, DIRECTORY])
+
+
+class Owners(Collector):
+    """Every series of ``inner`` as it is, plus ``user`` (the job's owner) on job series: so "your
+    trainer hung" can be routed to its owner and "disk full" to the platform's rotation.
+
+    Added here, at exposition, from the job's key (``owner_of``, cached per job): the metrics
+    themselves and every place that counts stay keyed by (training_job, directory). A job whose
+    owner is unknown carries no ``user``."""
+
+    def __init__(self, inner: CollectorRegistry, owner_of: Callable[[JobKey], str]) -> None:
+        self._inner, self._owner_of = inner, owner_of
+        self._names: dict[JobKey, str] = {}
+        self._lock = threading.Lock()
+
+    def owner(self, job: JobKey) -> str:
+        with self._lock:
+            name = self._names.get(job)
+        if name is None:
+            name = self._owner_of(job)
+            with self._lock:
+                if len(self._names) > 100_000:  # bounded: jobs come and go on a long-lived host
+                    self._names.clear()
+                self._names[job] = name
+        return name
+
+    def collect(self) -> Iterator[Any]:
+        for family in self._inner.collect():
+            samples = []
+            for sample in family.samples:
+                if JOB in sample.labels and DIRECTORY in sample.labels and USER not in sample.labels:
+                    user = self.owner(JobKey(sample.labels[JOB], sample.labels[DIRECTORY]))
+                    if user:
+                        sample = sample._replace(labels={**sample.labels, USER: user})
+                samples.append(sample)
+            family.samples = samples
+            yield family
+
+
+def owner_name(uid: int | None) -> str:
+    """The user name of ``uid`` (its number when it has none; "" when unknown)."""
+    import pwd
+
+    if uid is None:
+        return ""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _remove_job(metric: Counter | Gauge | Histogram, job: JobKey) -> None:
@@ -291,11 +356,18 @@ def _peer(conn: socket.socket, address: Any) -> str:
 
 
 def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, bool]],
-               limits: HttpLimits = HttpLimits()) -> WSGIServer:
-    """``/metrics`` (prometheus_client's own app: content negotiation, gzip) and ``/healthz``
-    beside it, on ``host:port`` (IPv4 or IPv6), in a daemon thread, within ``limits``."""
+               limits: HttpLimits = HttpLimits(), owner_of: Callable[[JobKey], str] | None = None,
+               status: Callable[[], dict[str, Any]] | None = None) -> WSGIServer:
+    """``/metrics`` (prometheus_client's own app: content negotiation, gzip), ``/healthz`` and
+    the read-only ``/status`` (``ckptd status --json`` and the host) beside it, on ``host:port``
+    (IPv4 or IPv6), in a daemon thread, within ``limits``. ``owner_of``: a job's owner, the
+    ``user`` label."""
     host, port = parse_listen(listen)
-    prometheus_app = make_wsgi_app(metrics.registry)
+    exposed = metrics.registry
+    if owner_of is not None:
+        exposed = CollectorRegistry(auto_describe=False)
+        exposed.register(Owners(metrics.registry, owner_of))
+    prometheus_app = make_wsgi_app(exposed)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -306,6 +378,10 @@ def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, boo
             body = json.dumps({"ok": all(checks.values()), "checks": checks, "time": time.time()}).encode()
             start_response("200 OK" if all(checks.values()) else "503 Service Unavailable",
                            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        if path == "/status" and status is not None:
+            body = json.dumps(status(), default=str).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]

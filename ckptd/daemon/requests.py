@@ -62,6 +62,12 @@ def memory(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
 
 def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     """One row per job (name and directory) the asking uid may see."""
+    return {"jobs": job_rows(d, session.uid)}
+
+
+def job_rows(d: Host, uid: int | None) -> list[dict[str, Any]]:
+    """``status``'s rows: of the jobs ``uid`` may see, or (None) of every job, for the metrics
+    port's read-only ``/status`` (which says no more than ``/metrics`` beside it)."""
     now = time.time()
     rows_by_job: dict[JobKey, list[Any]] = {}
     for r in d.catalog.checkpoints():
@@ -70,12 +76,12 @@ def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
         keys = set(d.jobs) | set(rows_by_job)
     out = []
     lag = d.uploads.lag(now)
-    for key in sorted(k for k in keys if d.access.visible(session.uid, k)):
+    for key in sorted(k for k in keys if uid is None or d.access.visible(uid, k)):
         tally = d.catalog.tally(key)
         with d.lock:
             row = _status_row(d, key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now)
         out.append({**row, **_standing(d, key, row, tally, lag.get(key))})
-    return {"jobs": out}
+    return out
 
 
 def _standing(d: Host, key: JobKey, row: dict[str, Any], tally: dict[str, Any], lag: float | None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ so bit rot is found while there is still an older good copy, not at the next res
 from __future__ import annotations
 
 import logging
+import os
 
 from ckptd.core.vocab import Trigger
 from ckptd.daemon.catalog import Catalog, Row
@@ -20,23 +21,28 @@ def scrub(catalog: Catalog, ledger: Ledger) -> dict[str, int]:
 
     A checkpoint that no longer verifies is marked and counted
     (``ckptd_verify_total{outcome="corrupt"}``), never deleted here: a transient read
-    error must not cost a good checkpoint.
+    error must not cost a good checkpoint. One that is gone by the time it is read is
+    ``missing``: forgotten by the catalogue, counted as nothing.
     """
-    counts = {"ok": 0, "corrupt": 0}
+    counts = {"ok": 0, "corrupt": 0, "missing": 0}
     for row in catalog.checkpoints():
         if not row.verified:
             continue
         try:
             with acting_as(catalog.owner(row.key, row.path)):  # read as its owner could (ckptd.disk.owner)
                 result = _verify(row)
+                gone = not result.ok and not os.path.lexists(row.path)
         except OwnerError as exc:  # not judged at all: the daemon may not read it as its owner
             log.warning("scrub: %s not checked: %s", row.path, exc)
             continue
         if result.ok:
             counts["ok"] += 1
-            continue
-        counts["corrupt"] += 1
-        ledger.scrubbed_corrupt(row.key, row.path, result.reason)
+        elif gone:  # deleted meanwhile (retention, a trainer in embedded mode, a user):
+            counts["missing"] += 1  # gone is not corrupt, and pages nobody
+            ledger.scrubbed_missing(row.key, row.path)
+        else:
+            counts["corrupt"] += 1
+            ledger.scrubbed_corrupt(row.key, row.path, result.reason)
     ledger.refresh_all()
     return counts
 

@@ -61,6 +61,9 @@ class Host(Protocol):
     memory_executor: ThreadPoolExecutor
     memory: MemoryTier
 
+    @property
+    def stopping(self) -> bool: ...
+
     def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
                  policy: SavePolicy, step: int, session: "Session | None" = None) -> JobState: ...
 
@@ -161,6 +164,7 @@ class Session:
         self.job.state_bytes = _count(msg.get("state_bytes"))
         self.job.sharded = msg.get("sharded") is True
         self.job.memory_budget = self.daemon.memory.budget
+        self.daemon.ledger.hook_version(self.job.key, _version(msg.get("version")))
         self.send({"type": "welcome", "job": job, "directory": directory})
 
     def resolved(self, config: Config, job: str, directory: str,
@@ -387,7 +391,7 @@ class Session:
         self._wait_in_flight()
         with self.daemon.lock:
             unsaved = missed.unsaved_at_exit(self.job.step, self.job.last_verified_step)
-        if not self.ended and unsaved > 0:
+        if not self.ended and unsaved > 0 and not self.daemon.stopping:  # a daemon's restart is no trainer's exit
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
             self._count_missed(MissedReason.TRAINER_EXIT_UNSAVED)
         self.daemon.unregister(self.job, self)
@@ -397,6 +401,12 @@ def _described(settings: dict[str, Any]) -> str:
     """The resolved policy and retention, for the connect line: what this job will be held to."""
     keys = {**group(settings, "policy"), **group(settings, "retention"), **group(settings, "quota")}
     return "; ".join(f"{k}={v}" for k, v in sorted(keys.items()) if v is not None) or "no save rule"
+
+
+def _version(value: Any) -> str:
+    """The hook's version from hello, a label value: a short version string, or "unknown"."""
+    ok = isinstance(value, str) and 0 < len(value) <= 32 and all(c.isalnum() or c in ".+-_" for c in value)
+    return value if ok else "unknown"
 
 
 def _count(value: Any) -> int:

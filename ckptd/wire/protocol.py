@@ -13,7 +13,7 @@ Lifecycle of one training run, in order:
    ``$XDG_RUNTIME_DIR/ckptd.sock``, else ``/run/ckptd/ckptd.sock``). The daemon reads
    the peer's pid/uid/gid with ``SO_PEERCRED``; that, not anything the client says,
    is its identity.
-2. **hello** ``{job, directory, template, settings, pid, rank, world_size, step, state_bytes}`` →
+2. **hello** ``{job, directory, template, settings, pid, rank, world_size, step, state_bytes, version}`` →
    ``{ok, job}``: the daemon checks that the uid may act on the job and the
    directory (inside the roots, owned by the uid), registers the run and its policy
    (``state_bytes``, optional, seeds ``every="auto"``'s cost guess until a save is measured)
