@@ -32,7 +32,7 @@ __all__ = ["RemoteError", "Store", "FileStore", "S3Store", "open_store", "parse_
 
 MiB = 1 << 20
 TEMP = ".ckptd-upload-"
-MAX_LIST_KEYS = 200_000  # far above any one job's objects; a listing past it is a hostile or broken store
+MAX_LIST_KEYS = 50_000  # far above any one job's objects (data + commit per checkpoint); a listing past it is a hostile or broken store
 MAX_LIST_PAGES = 1_000  # S3 pages of up to 1000 keys: an endless, always-truncated listing ends here
 LIST_SECONDS = 120.0
 
