@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from ckptd.core.units import parse_remote
-from ckptd.disk.safepath import DIR_FLAGS
+from ckptd.disk.safepath import open_dir
 
 __all__ = ["RemoteError", "Store", "FileStore", "S3Store", "open_store", "parse_remote"]
 
@@ -96,28 +96,21 @@ class FileStore:
         return RemoteError(f"{self.url}/{key}: {exc.strerror or exc}")
 
     def _dir(self, parts: list[str], create: bool) -> int:
-        """The fd of the directory ``parts`` below the root, reached without following a link."""
+        """The fd of the directory ``parts`` below the root, reached without following a link
+        (``safepath.open_dir`` from the root); ``create``: each missing component made first."""
         if create:
             os.makedirs(self.root, exist_ok=True)
-        try:
-            fd = os.open(self.root, DIR_FLAGS)
-        except OSError as exc:
-            raise RemoteError(f"{self.url}: {self.root} is not a directory (is the shared filesystem mounted?): "
-                              f"{exc.strerror or exc}") from None
-        try:
-            for part in parts:
-                if create:
-                    try:
-                        os.mkdir(part, 0o755, dir_fd=fd)
-                    except FileExistsError:
-                        pass
-                nxt = os.open(part, DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
+        if not os.path.isdir(self.root):
+            raise RemoteError(f"{self.url}: {self.root} is not a directory (is the shared filesystem mounted?)")
+        for i in range(len(parts) if create else 0):
+            parent = open_dir(os.path.join(self.root, *parts[:i]), (self.root,))
+            try:
+                os.mkdir(parts[i], 0o755, dir_fd=parent)
+            except FileExistsError:
+                pass
+            finally:
+                os.close(parent)
+        return open_dir(os.path.join(self.root, *parts), (self.root,))
 
     def _write(self, key: str, fill: Any) -> None:
         *parents, name = self._parts(key)

@@ -60,15 +60,17 @@ def replicate(store: Store, job: str, path: str, *, prefix: str | None = None, f
         raise RemoteError(f"{path}: {info.problem}")
     key = f"{prefix}/{os.path.basename(path)}"
     directory = os.path.dirname(path)
-    if info.shards:
-        commit = _upload_unit(store, key, job, path, info)
-    else:
-        _holders_first(store, job, path, info.refs, prefix, owner_uid, guard)
-        store.put_file(local, key)
-        commit = RemoteCheckpoint(key, job, info.step, info.bytes, _meta_digest(local), info.created, info.trigger,
-                                  info.metrics, refs=info.refs)
-    commit = RemoteCheckpoint(**{**commit.__dict__, "owner_uid": owner_uid, "directory": directory})
-    result = _confirm(store, commit, local)
+    with contextlib.ExitStack() as held:  # a unit's fds, open until its upload is confirmed
+        if info.shards:
+            commit, pairs = _upload_unit(store, key, job, path, info, guard or (directory,), held)
+        else:
+            _holders_first(store, job, path, info.refs, prefix, owner_uid, guard)
+            store.put_file(local, key)
+            commit = RemoteCheckpoint(key, job, info.step, info.bytes, _meta_digest(local), info.created,
+                                      info.trigger, info.metrics, refs=info.refs)
+            pairs = [(local, key)]
+        commit = RemoteCheckpoint(**{**commit.__dict__, "owner_uid": owner_uid, "directory": directory})
+        result = _confirm(store, commit, pairs)
     if not result.ok:
         for k in commit.objects:
             _quietly(store.delete, k)
@@ -119,11 +121,11 @@ def _holders_first(store: Store, job: str, path: str, holders: tuple[str, ...], 
                       guard=guard)
 
 
-def _confirm(store: Store, c: RemoteCheckpoint, local: str) -> VerifyResult:
+def _confirm(store: Store, c: RemoteCheckpoint, pairs: list[tuple[str, str]]) -> VerifyResult:
     """Step 3 at upload: where the store keeps a checksum it validated on receipt (S3's SHA-256),
-    it is compared with the local file's, which verified tensor by tensor: no second transfer.
-    Elsewhere the object is read back and every tensor re-hashed (``verify_remote``)."""
-    pairs = [(local, c.key)] if not c.shards else [(os.path.join(local, f), f"{c.key}/{f}") for f in c.shards]
+    it is compared with the local file's (``pairs``: what was read, and its key), which verified
+    tensor by tensor: no second transfer. Elsewhere the object is read back and every tensor
+    re-hashed (``verify_remote``)."""
     vouched = [store.matches(path, key) for path, key in pairs]
     label = f"{store.url}/{c.key}"
     if False in vouched:
@@ -139,26 +141,44 @@ def _confirm(store: Store, c: RemoteCheckpoint, local: str) -> VerifyResult:
     return VerifyResult(label, True, "", 0, c.bytes)
 
 
-def _upload_unit(store: Store, key: str, job: str, unit: str, info: Checkpoint) -> RemoteCheckpoint:
-    """Every shard, then the manifest (as it is on disk: its digest goes in the commit object)."""
+def _upload_unit(store: Store, key: str, job: str, unit: str, info: Checkpoint, guard: Sequence[str],
+                 held: contextlib.ExitStack) -> tuple[RemoteCheckpoint, list[tuple[str, str]]]:
+    """Every shard, then the manifest (as it is on disk: its digest goes in the commit object).
+    The unit is reached from ``guard`` without a link and each file opened ``O_NOFOLLOW`` from
+    its fd (kept in ``held`` until the upload is confirmed): a shard swapped for a link to
+    another user's file is refused, not published."""
     try:
-        m = mf.read(unit)
+        dfd = open_dir(unit, guard)
+    except OSError as exc:
+        raise RemoteError(f"{unit}: not uploaded: {exc.strerror or exc}") from None
+    held.callback(os.close, dfd)
+    try:
+        m = mf.read(f"/proc/self/fd/{dfd}")
     except mf.ManifestError as exc:
         raise RemoteError(f"{unit}: {exc}") from None
+    pairs = []
     for shard in m.shards:
-        store.put_file(os.path.join(unit, shard.file), f"{key}/{shard.file}")
-    manifest = _read_small(os.path.join(unit, mf.MANIFEST))
+        local = f"/proc/self/fd/{_open_at(dfd, shard.file, unit, held)}"
+        store.put_file(local, f"{key}/{shard.file}")
+        pairs.append((local, f"{key}/{shard.file}"))
+    with os.fdopen(os.dup(_open_at(dfd, mf.MANIFEST, unit, held)), "rb") as f:
+        manifest = f.read(mf.MAX_MANIFEST_BYTES + 1)
     store.put_bytes(f"{key}/{mf.MANIFEST}", manifest)
     return RemoteCheckpoint(key, job, m.step, sum(s.bytes for s in m.shards), xxhash.xxh3_64_hexdigest(manifest),
-                            info.created, m.trigger, m.metrics, tuple(s.file for s in m.shards))
+                            info.created, m.trigger, m.metrics, tuple(s.file for s in m.shards)), pairs
 
 
-def _read_small(path: str) -> bytes:
+def _open_at(dfd: int, name: str, unit: str, held: contextlib.ExitStack) -> int:
+    """``name`` in the directory ``dfd``: not a link, a regular file; closed with ``held``."""
     try:
-        with open_regular(path) as f:
-            return f.read(mf.MAX_MANIFEST_BYTES + 1)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except OSError as exc:
-        raise RemoteError(f"{path}: {exc.strerror or exc}") from None
+        raise RemoteError(f"{unit}/{name}: not uploaded: {exc.strerror or exc}") from None
+    held.callback(os.close, fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise RemoteError(f"{unit}/{name}: not uploaded: not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _meta_digest(path: str) -> str:
