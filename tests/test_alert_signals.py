@@ -93,13 +93,30 @@ def test_a_trainer_saving_without_the_daemon_is_seen_within_a_minute(daemon: Dae
             ckpt.step()
         ckpt.wait()
         assert ckpt.mode == "embedded"
+        _with_job_name(daemon.root / "alone" / "alone-step00000002.safetensors", daemon.root / "evil" / "x.safetensors",
+                       "bad name\n{}" * 20)  # a header written to grow the daemon's series: no label for it
         wait_until(lambda: daemon.metric("ckptd_last_unattended_save_timestamp_seconds", training_job="alone") >= t0,
                    60, "the sweep")
         assert daemon.metric("ckptd_last_saved_step", training_job="alone") == 4
         assert time.time() - t0 < 60
+        assert "bad name" not in daemon.metrics()
     finally:
         ckpt.close(final=False)
     assert "saved without the daemon" in daemon.log.read_text()
+
+
+def _with_job_name(source: Path, dest: Path, job: str) -> None:
+    """A copy of a checkpoint whose header names another job (safetensors: 8-byte length, JSON)."""
+    import struct
+
+    data = source.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"]["ckptd.job"] = job
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
 
 
 def test_job_series_carry_the_owner_and_the_hook_version_and_status_is_served(daemon: DaemonProc) -> None:

@@ -114,7 +114,7 @@ class Metrics:
         self.last_unattended = BoundedGauge("ckptd_last_unattended_save_timestamp_seconds",
                                      "Time of the newest checkpoint found under the roots that no connected trainer "
                                      "handed the daemon (a trainer saving in embedded mode)", [JOB, DIRECTORY], registry=r)
-        self.hook_info = BoundedGauge("ckptd_hook_info", "Version of the hook (trainer_hooks) of each connected job's trainer",
+        self.hook_info = BoundedGauge("ckptd_hook_info", "Version of the hook (trainer_hooks) each job's trainer said hello with",
                                [JOB, DIRECTORY, "version"], registry=r)
         self.build_info = BoundedGauge("ckptd_build_info", "Version of ckptd", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
