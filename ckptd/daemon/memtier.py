@@ -20,7 +20,7 @@ import fcntl
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ckptd.daemon.jobkey import JobKey
 from ckptd.disk.verify import verify_open
@@ -47,6 +47,15 @@ class Held:
     step: int
     path: str  # the verified checkpoint file it is the image of
     at: float  # when it was kept (the oldest job's goes first)
+    owner: int = -1  # the uid it was kept for: only that uid resumes from it
+    directory_id: tuple[int, int] = (0, 0)  # the job directory's (device, inode) when it was kept
+    directory_fd: int = -1  # an O_PATH fd of that directory, held with it: while it is open the inode
+    # cannot be freed and its number reused, so a directory removed and made again never matches
+
+    def release(self) -> None:
+        os.close(self.fd)
+        if self.directory_fd >= 0:
+            os.close(self.directory_fd)
 
 
 class MemoryTier:
@@ -55,9 +64,22 @@ class MemoryTier:
         self._held: dict[JobKey, Held] = {}
         self._lock = threading.Lock()
 
-    def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float) -> bool:
+    def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float, *, owner: int = -1,
+             directory_fd: int = -1) -> bool:
         """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply);
-        False when it is not kept (the tier is off, it does not fit, or a newer step is held)."""
+        False when it is not kept (the tier is off, it does not fit, or a newer step is held).
+        ``owner`` and ``directory_fd`` (an fd of the job directory, the tier's to close) say whose
+        and for which directory it is (``requests.memory`` answers only those)."""
+        kept = False
+        try:
+            kept = self._keep(key, src_fd, length, step, path, now, owner, directory_fd)
+            return kept
+        finally:
+            if not kept and directory_fd >= 0:
+                os.close(directory_fd)
+
+    def _keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float, owner: int,
+              directory_fd: int) -> bool:
         if self.budget <= 0:  # memory_budget = 0: the tier is off
             return False
         if length > self.budget:
@@ -82,12 +104,12 @@ class MemoryTier:
                 return False
             old = self._held.pop(key, None)
             for doomed in self._to_evict(length):
-                os.close(self._held.pop(doomed.key).fd)
+                self._held.pop(doomed.key).release()
                 log.info("memory tier: dropped job %s's step %d (the oldest) for job %s", doomed.key.name,
                          doomed.step, key.name)
-            self._held[key] = Held(key, fd, length, step, path, now)
+            self._held[key] = Held(key, fd, length, step, path, now, owner, _identity(directory_fd), directory_fd)
         if old is not None:
-            os.close(old.fd)
+            old.release()
         return True
 
     def _newer_than(self, key: JobKey, step: int) -> bool:
@@ -111,7 +133,7 @@ class MemoryTier:
         """The job's snapshot, with an fd of its own for the caller to send and close."""
         with self._lock:
             h = self._held.get(key)
-            return None if h is None else Held(h.key, os.dup(h.fd), h.length, h.step, h.path, h.at)
+            return None if h is None else replace(h, fd=os.dup(h.fd), directory_fd=-1)
 
     def held(self, key: JobKey) -> int:
         with self._lock:
@@ -122,13 +144,20 @@ class MemoryTier:
         with self._lock:
             h = self._held.pop(key, None)
         if h is not None:
-            os.close(h.fd)
+            h.release()
 
     def close(self) -> None:
         with self._lock:
             held, self._held = list(self._held.values()), {}
         for h in held:
-            os.close(h.fd)
+            h.release()
+
+
+def _identity(directory_fd: int) -> tuple[int, int]:
+    if directory_fd < 0:
+        return (0, 0)
+    st = os.fstat(directory_fd)
+    return (st.st_dev, st.st_ino)
 
 
 def _unverified(fd: int, label: str) -> str:

@@ -224,7 +224,8 @@ class Session:
             header = seal(fd, msg["length"])
             if header.metadata.get("ckptd.job") != job.name or header.metadata.get("ckptd.step") != str(msg["step"]):
                 raise PersistError(FailReason.INVALID_SNAPSHOT, "the snapshot is not the job and step it claims")
-            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time()):
+            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time(),
+                                           **_whose(job)):
                 raise PersistError(FailReason.NO_SPACE, "the snapshot does not fit the memory budget")
             seconds = time.monotonic() - t0
             with self.daemon.lock:
@@ -263,7 +264,7 @@ class Session:
         """The memory tier (SPEC §14): the verified snapshot, copied before the reply frees the
         trainer's buffer. It is a cache: failing to keep it costs nothing saved."""
         try:
-            if self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time()):
+            if self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time(), **_whose(job)):
                 with self.daemon.lock:
                     job.kept_in_memory(time.time(), None, None)
         except OSError as exc:
@@ -292,7 +293,7 @@ class Session:
                     job.last_saved_step = max(job.last_saved_step, info.step)
                     job.step = max(job.step, info.step)
                 d.catalog.forget(r.path for r in d.catalog.checkpoints(*job.key) if not os.path.exists(r.path))
-            d.catalog.record(info, verified=True)
+            d.catalog.record(info, verified=True, uid=job.uid)
             d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, reported)},
                              _reported_seconds(msg, ("cost",)).get("cost"))
 
@@ -357,6 +358,12 @@ class Session:
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
             self._count_missed(MissedReason.TRAINER_EXIT_UNSAVED)
         self.daemon.unregister(self.job, self)
+
+
+def _whose(job: JobState) -> dict[str, Any]:
+    """Whose snapshot the memory tier keeps, and for which directory (an fd of it, which the tier
+    holds with the snapshot): a resume from memory needs both to be the asker's now (L9)."""
+    return {"owner": job.uid, "directory_fd": os.open(job.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
 
 
 def _count(value: Any) -> int:
