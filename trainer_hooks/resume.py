@@ -35,7 +35,7 @@ from ckptd.disk.manifest import shard_name
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
 from ckptd.save.newest import newest_verified
-from ckptd.save.owned import directory_problem, holders_problem, owner_problem
+from ckptd.save.owned import directory_problem, verified_if_owned
 from trainer_hooks.state import Structure, apply, fingerprint, load, structure_problem
 
 if TYPE_CHECKING:
@@ -251,18 +251,11 @@ class Resumer:
     def _resumable(self, info: Checkpoint) -> VerifyResult:
         """Is ``info`` this uid's own and does it verify for this rank (sharded: this rank's shard,
         and on every rank: the ownership answer takes part in the agreement)?"""
-        uid = os.geteuid()
-        problem = owner_problem(info.path, uid)
-        if problem:
-            result = VerifyResult(info.path, False, problem)
-        elif self.shards is None:
-            result = verify_file(info.path)
-        else:  # each shard re-read by one rank (its own, with as many ranks), its peers' checked cheaply
-            result = verify_unit(info.path, full=range(self.rank, 1 << 31, self.world_size))
-        if result.ok and (problem := holders_problem(self.directory, result.metadata, uid)):
-            result = replace(result, ok=False, reason=problem)
         if self.shards is None:
-            return result
+            return verified_if_owned(info.path, self.directory, os.geteuid(), verify_file)
+        # each shard re-read by one rank (its own, with as many ranks), its peers' checked cheaply
+        full = range(self.rank, 1 << 31, self.world_size)
+        result = verified_if_owned(info.path, self.directory, os.geteuid(), lambda p: verify_unit(p, full=full))
         if (result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size)
                 and result.metadata.get("ckptd.layout") != DCP_LAYOUT):
             result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "

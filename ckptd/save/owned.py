@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Mapping
+from dataclasses import replace
+from typing import Callable, Mapping
 
 from ckptd.disk.refs import holders
+from ckptd.disk.verify import VerifyResult
 
-__all__ = ["directory_problem", "holders_problem", "owner_problem"]
+__all__ = ["directory_problem", "holders_problem", "owner_problem", "verified_if_owned"]
 
 
 def _problem(path: str, uid: int, what: str) -> str:
@@ -69,3 +71,15 @@ def holders_problem(directory: str, metadata: Mapping[str, str], uid: int) -> st
         if problem:
             return problem
     return ""
+
+
+def verified_if_owned(path: str, directory: str, uid: int, verify: Callable[[str], VerifyResult]) -> VerifyResult:
+    """``verify(path)`` for a checkpoint that is ``uid``'s (not read at all when it is not), then
+    its holders' owners; a failed result says why, for the caller's "skipping" line."""
+    problem = owner_problem(path, uid)
+    if problem:
+        return VerifyResult(path, False, problem)
+    result = verify(path)
+    if result.ok and (problem := holders_problem(directory, result.metadata, uid)):
+        return replace(result, ok=False, reason=problem)
+    return result
