@@ -140,11 +140,14 @@ class MemoryTier:
             h = self._held.get(key)
             return h.length if h is not None else 0
 
-    def drop(self, key: JobKey) -> None:
+    def drop(self, key: JobKey, kept_at: float | None = None) -> None:
+        """Forget the job's snapshot (only the one kept at ``kept_at``, when given: not a newer one)."""
         with self._lock:
-            h = self._held.pop(key, None)
-        if h is not None:
-            h.release()
+            h = self._held.get(key)
+            if h is None or (kept_at is not None and h.at != kept_at):
+                return
+            del self._held[key]
+        h.release()
 
     def close(self) -> None:
         with self._lock:

@@ -61,7 +61,7 @@ def memory(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
         now = None
     if now != held.directory_id:
         os.close(held.fd)
-        d.memory.drop(key)  # its directory is gone or recreated: nobody resumes from it
+        d.memory.drop(key, kept_at=held.at)  # its directory is gone or recreated: nobody resumes from it
         log.info("job %s: the memory tier's snapshot of %s was dropped: the directory was removed or recreated",
                  key.name, key.directory)
         return {"step": None}
