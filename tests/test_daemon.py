@@ -328,7 +328,7 @@ def test_identity_comes_from_the_kernel_and_is_enforced(tmp_path: Path) -> None:
 
         # a job is its directory and owner (SPEC §3): root's job name in nobody's own directory is nobody's job
         assert as_nobody("owned", nobody_dir) == "None"
-        assert "not owned by uid 65534" in as_nobody("fresh", mine)
+        assert "is not a directory of uid 65534" in as_nobody("fresh", mine)
         assert "outside the daemon's roots" in as_nobody("fresh", tmp_path)
         assert "'..'" in as_nobody("fresh", str(daemon.root) + "/nobody/../mine")
         assert as_nobody("fresh", nobody_dir) == "None"  # its own directory, a new job: welcome

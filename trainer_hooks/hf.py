@@ -87,7 +87,7 @@ class CkptdCallback(TrainerCallback):
 
         t0 = time.perf_counter()
         src = directory or cls.default_dir(trainer.args.output_dir)
-        info = newest_verified(src, job, units=False)
+        info = newest_verified(src, job, units=False, owner=os.geteuid())  # only the uid's own
         quiet = any(isinstance(cb, cls) and cb.settings.get("quiet") for cb in trainer.callback_handler.callbacks)
         if not quiet:
             say_resumed(job, info.step if info else 0, info.path if info else None, "disk", time.perf_counter() - t0, src)

@@ -2,7 +2,10 @@
 
 After a trainer crash with the daemon alive, the daemon still holds the job's newest verified
 snapshot (``ckptd.daemon.memtier``). ``fetch`` asks for it (``memory`` request; the reply
-carries a sealed memfd), checks it is the job's, not older than the newest checkpoint on disk,
+carries a sealed memfd), checks it is the job's, kept for this very directory (the device and
+inode the daemon recorded when it kept it equal the directory's now: one removed with
+``rm -rf`` or recreated does not resume from memory; the daemon checks it too), that every
+file it refers to is this uid's own, not older than the newest checkpoint on disk,
 sealed against writes (the daemon verified every tensor of it before sealing it), its
 metadata digest and that it fits the model, then reads the model's tensors straight into the
 model and returns the state: no byte of the checkpoint file is read (tensors it refers to instead of holding, a
@@ -25,6 +28,7 @@ import torch
 
 from ckptd.core.format import FormatError, Header, meta_digest, read_header
 from ckptd.disk.verify import digest_map
+from ckptd.save.owned import holders_problem
 from ckptd.wire.client import DaemonUnavailable, request_fd
 from trainer_hooks.state import ST_TO_TORCH, load_referenced, unflatten
 
@@ -43,11 +47,12 @@ class Snapshot:
     metadata: dict[str, str]
 
 
-def fetch(socket_path: str, job: str, directory: str, newest_on_disk: int, fits: Callable[[dict[str, str]], bool],
-          into: Mapping[str, torch.Tensor]) -> Snapshot | None:
-    """The daemon's snapshot of ``job``, or None (resume from disk). ``fits``: does its metadata
-    describe this model (asked before any byte is read into it)? ``into``: the model's tensors by
-    their name in the snapshot (``model/KEY``), read into in place when they match."""
+def fetch(socket_path: str, job: str, directory: str, directory_id: tuple[int, int], newest_on_disk: int,
+          fits: Callable[[dict[str, str]], bool], into: Mapping[str, torch.Tensor]) -> Snapshot | None:
+    """The daemon's snapshot of ``job``, or None (resume from disk). ``directory_id``: the job
+    directory's (device, inode) now. ``fits``: does its metadata describe this model (asked before
+    any byte is read into it)? ``into``: the model's tensors by their name in the snapshot
+    (``model/KEY``), read into in place when they match."""
     try:
         reply, fd = request_fd(socket_path, {"type": "memory", "job": job, "directory": os.path.abspath(directory)})
     except DaemonUnavailable as exc:
@@ -55,6 +60,12 @@ def fetch(socket_path: str, job: str, directory: str, newest_on_disk: int, fits:
             log.warning("ckptd: job %s: the daemon's memory tier is unavailable (%s); resuming from disk", job, exc)
         return None
     if fd is None or not reply.get("ok") or reply.get("step") is None:
+        return None
+    if reply.get("directory_id") != list(directory_id):
+        os.close(fd)
+        log.warning("ckptd: job %s: the daemon's snapshot was kept for another directory at %s (removed or "
+                    "recreated since: device and inode %s, now %s); not resumed from memory", job, directory,
+                    reply.get("directory_id"), list(directory_id))
         return None
     try:
         if int(reply["step"]) < newest_on_disk:
@@ -83,6 +94,9 @@ def _load(fd: int, length: int, path: str, job: str, directory: str, fits: Calla
     reads: list[tuple[torch.Tensor, int, int]] = []
     tensors = {e.name: _tensor(header.data_start, e.dtype, e.shape, e.begin, e.end, into.get(e.name), reads)
                for e in header.tensors}
+    problem = holders_problem(os.path.abspath(directory), meta, os.geteuid())
+    if problem:
+        raise FormatError(problem)
     _read_all(fd, length, reads)
     tensors.update(load_referenced(os.path.join(os.path.abspath(directory), "memory"), meta))  # holders beside
     state: dict[str, Any] = unflatten(json.loads(meta.get("ckptd.state", "null")), tensors,

@@ -9,12 +9,20 @@ host) and look again; (4) check that it fits the model (a stale run in the same 
 refused, never loaded partly); (5) load: the file, or this rank's shard, or for a ``dcp``
 unit DCP's load planner over every shard (any number of ranks); then RNG, ``extra`` and
 the step count, so the next save and the triggers continue from there.
+
+Only what the resuming uid owns is resumed (docs/security.md, "What the hook resumes"): the
+job directory must be its own (else ``ResumeError``: it may have been swapped); on disk a
+checkpoint, the files of a unit and every holder it refers to must be its own and no link;
+from memory only a snapshot the daemon holds for this uid and this very directory (same device
+and inode); from a remote only a unit whose commit object names this uid and directory. Each
+candidate skipped is logged with its path and why.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -27,11 +35,13 @@ from ckptd.disk.manifest import shard_name
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
 from ckptd.save.newest import newest_verified
+from ckptd.save.owned import directory_problem, verified_if_owned
 from trainer_hooks.state import Structure, apply, fingerprint, load, structure_problem
 
 if TYPE_CHECKING:
     import torch
 
+    from ckptd.remote.listing import RemoteCheckpoint
     from trainer_hooks.shards import ShardGroup
 
 log = logging.getLogger("ckptd.hook")
@@ -95,6 +105,10 @@ class Resumer:
         if fresh:
             self._move_aside()
             return None
+        problem = directory_problem(self.directory, os.geteuid())
+        if problem:
+            raise ResumeError(f"job {self.job}: {problem}. Nothing in it is resumed (another user may have swapped "
+                              "it for one of theirs); give this run a directory of your own")
         t0, source = time.perf_counter(), "disk"
         remembered = self._from_memory(t0)
         if remembered is not None:
@@ -123,9 +137,13 @@ class Resumer:
             return None
         from trainer_hooks import memory
 
+        try:
+            st = os.stat(self.directory)
+        except OSError:
+            return None  # no directory (removed since): nothing of it is in memory either
         on_disk = [c.step for c in self.checkpoints() if c.ok and not c.pending]
         into = {f"model/{k}": t for k, t in self.model.state_dict().items()} if self.model is not None else {}
-        snap = memory.fetch(self.socket_path, self.job, self.directory, max(on_disk, default=-1),
+        snap = memory.fetch(self.socket_path, self.job, self.directory, (st.st_dev, st.st_ino), max(on_disk, default=-1),
                             lambda meta: self.model is None or meta.get(FINGERPRINT) == fingerprint(self.structure),
                             into)
         if snap is None:
@@ -150,8 +168,8 @@ class Resumer:
         manifest = read_manifest(info.path) if self.shards is not None else None
         if manifest is not None and manifest.layout == DCP_LAYOUT:
             return self._load_planned(info.path, manifest.world_size)
-        state = load(info.path if self.shards is None else os.path.join(info.path, shard_name(self.rank,
-                                                                                             self.world_size)))
+        state = _load_owned(info.path if self.shards is None else os.path.join(info.path, shard_name(self.rank,
+                                                                                                    self.world_size)))
         apply(state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
         return state
 
@@ -199,9 +217,9 @@ class Resumer:
         from ckptd.remote.layout import prefix_in
         from ckptd.remote.stores import RemoteError, open_store
 
-        try:  # only this uid's own job in this directory (layout.job_prefix): never another user's objects
+        try:  # only this uid's own job in this directory (layout.job_prefix), and its commit object must say so
             path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")),
-                         prefix_in(self.settings, self.job, self.directory), self.directory)
+                         prefix_in(self.settings, self.job, self.directory), self.directory, check=self._remote_ours)
         except (RemoteError, OSError) as exc:
             log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
             return None
@@ -216,12 +234,29 @@ class Resumer:
             os.rename(c.path, os.path.join(stale, os.path.basename(c.path)))
             log.warning("ckptd: resume(fresh=True): moved %s aside to %s", c.path, stale)
 
+    def _remote_ours(self, c: RemoteCheckpoint) -> bool:
+        """A remote unit is fetched only when its commit object names this uid and this directory.
+        One written before the layout named them (neither recorded) was listed with this trainer's
+        own credentials, which the store's access control let read it: fetched, said in the log."""
+        uid, directory = remote_owner(c)
+        if uid is None and directory is None:
+            log.warning("ckptd: job %s: remote %s names no owner (written before the layout recorded one); "
+                        "fetched because this trainer's own credentials read it", self.job, c.key)
+            return True
+        if uid == os.geteuid() and directory == os.path.realpath(self.directory):
+            return True
+        log.warning("ckptd: skipping remote %s: its commit object names uid %s in %s, this run is uid %d in %s",
+                    c.key, uid, directory, os.geteuid(), os.path.realpath(self.directory))
+        return False
+
     def _resumable(self, info: Checkpoint) -> VerifyResult:
-        """Does ``info`` verify for this rank (sharded: this rank's shard, and on every rank)?"""
+        """Is ``info`` this uid's own and does it verify for this rank (sharded: this rank's shard,
+        and on every rank: the ownership answer takes part in the agreement)?"""
         if self.shards is None:
-            return verify_file(info.path)
+            return verified_if_owned(info.path, self.directory, os.geteuid(), verify_file)
         # each shard re-read by one rank (its own, with as many ranks), its peers' checked cheaply
-        result = verify_unit(info.path, full=range(self.rank, 1 << 31, self.world_size))
+        full = range(self.rank, 1 << 31, self.world_size)
+        result = verified_if_owned(info.path, self.directory, os.geteuid(), lambda p: verify_unit(p, full=full))
         if (result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size)
                 and result.metadata.get("ckptd.layout") != DCP_LAYOUT):
             result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
@@ -230,3 +265,25 @@ class Resumer:
         if self.shards.everyone(result.ok) != result.ok:
             result = replace(result, ok=False, reason="another rank's shard of it does not verify")
         return result
+
+
+def _load_owned(path: str) -> dict[str, Any]:
+    """``load`` from the very file whose owner is checked: opened once without following a link,
+    its owner checked on that descriptor and read through it, so a file swapped in after the
+    candidate was checked (by someone who may write into the directory) is never what is loaded."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ResumeError(f"{path} changed after it was checked: it is now owned by uid {st.st_uid}, not by uid "
+                              f"{os.geteuid()} (another user can write into its directory); it is not loaded")
+        return load(path, via=f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def remote_owner(c: RemoteCheckpoint) -> tuple[int | None, str | None]:
+    """The owner uid and job directory a remote commit object names (``owner_uid`` and
+    ``directory`` in its JSON); (None, None) for one written before the layout recorded them."""
+    uid, directory = getattr(c, "owner_uid", None), getattr(c, "directory", None)
+    return (int(uid) if isinstance(uid, int) else None), (directory if isinstance(directory, str) and directory else None)

@@ -211,11 +211,13 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def load(path: str) -> dict[str, Any]:
-    """The nested state stored in a ckptd checkpoint (tensors on CPU)."""
+def load(path: str, via: str | None = None) -> dict[str, Any]:
+    """The nested state stored in a ckptd checkpoint (tensors on CPU). ``via``: the name to open
+    it by instead (``/proc/self/fd/N`` of a file already opened and checked); the files it refers
+    to are beside ``path``."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
+    with safe_open(via or path, framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors.update(load_referenced(path, meta))

@@ -11,7 +11,7 @@ import os
 import pwd
 from typing import Callable, Sequence
 
-from ckptd.daemon.catalog import Catalog
+from ckptd.daemon.catalog import Catalog, Row
 from ckptd.daemon.jobkey import JobKey
 from ckptd.disk.remove import inside
 
@@ -44,26 +44,32 @@ class Access:
 
     def directory(self, directory: str, uid: int, must_exist: bool = True) -> str:
         """A directory the uid may have the daemon write to and delete from (or, ``must_exist=False``,
-        create: then its nearest existing ancestor must be the uid's)."""
+        create: then its nearest existing ancestor must be the uid's).
+
+        To an unprivileged uid, a directory that does not exist and one another uid owns get the
+        same refusal: the daemon, which may look where the uid cannot, must not tell them apart
+        (finding L7)."""
         if not isinstance(directory, str) or not os.path.isabs(directory) or ".." in directory.split("/"):
             raise PermissionError(f"directory {directory!r} must be an absolute path without '..'")
         real = os.path.realpath(directory)
         if not inside(real, self.roots):
             raise PermissionError(f"directory {directory} is outside the daemon's roots ({', '.join(self.roots)})")
+        privileged = self.privileged(uid)
+        refusal = (f"directory {directory} does not exist" if privileged else
+                   f"directory {directory} is not a directory of uid {uid} (it does not exist, or another uid owns it)")
         existing = real
         while not os.path.isdir(existing):
             if must_exist or existing in self.roots or existing == "/":
-                raise PermissionError(f"directory {directory} does not exist")
+                raise PermissionError(refusal)
             existing = os.path.dirname(existing)
-        if not self.privileged(uid) and os.stat(existing).st_uid != uid:
-            raise PermissionError(f"directory {existing} is not owned by uid {uid}")
+        if not privileged and os.stat(existing).st_uid != uid:
+            raise PermissionError(refusal)
         return real
 
     def job(self, key: JobKey, uid: int) -> None:
-        """May ``uid`` register ``key``: its own (or no one's) job, within ``max_jobs_per_uid``."""
-        owner = self.catalog.job_owner(key)
-        if owner is not None and owner != uid and not self.privileged(uid):
-            raise PermissionError(f"job {key.name} in {key.directory} belongs to uid {owner}, not {uid}")
+        """May ``uid`` register ``key``, within ``max_jobs_per_uid``. Whose the job is follows its
+        directory (``directory`` checked it is the uid's): a new owner of a directory gets the
+        job, and the catalogue's owner changes with it (finding L2)."""
         if self.privileged(uid):
             return
         live = self._live_jobs(uid, key)
@@ -89,6 +95,17 @@ class Access:
         return self.remote_endpoint if url.startswith("s3://") else None
 
     def visible(self, uid: int, job: JobKey) -> bool:
-        """A uid sees its own jobs and unowned ones (watched trees); privileged uids see everything."""
+        """A uid sees its own jobs; a job nobody registered (a watched tree) is seen by the uids
+        that own a checkpoint of it; privileged uids see everything."""
+        if self.privileged(uid):
+            return True
         owner = self.catalog.job_owner(job)
-        return owner is None or owner == uid or self.privileged(uid)
+        if owner is not None:
+            return owner == uid
+        return any(r.uid == uid for r in self.catalog.checkpoints(*job))
+
+    def sees(self, uid: int, row: Row) -> bool:
+        """A checkpoint row: the uid that owned its file when it was catalogued, and privileged
+        uids (a directory that changed hands keeps its old rows from the new owner, L2; rows
+        rebuilt from files are their owners', L6)."""
+        return row.uid == uid or self.privileged(uid)

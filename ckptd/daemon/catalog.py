@@ -9,6 +9,7 @@ database file is moved aside and rebuilt at start (SPEC §7).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -23,6 +24,7 @@ from ckptd.disk.owner import NOBODY, Identity, acting_as, owner_of
 from ckptd.disk.persist import TEMP_MARK
 from ckptd.disk.scan import SUFFIX, Checkpoint, read_info
 
+log = logging.getLogger("ckptd.daemon")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT NOT NULL, directory TEXT NOT NULL, uid INTEGER NOT NULL,
@@ -32,12 +34,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     trigger TEXT NOT NULL DEFAULT '', rule TEXT NOT NULL DEFAULT '', bytes INTEGER NOT NULL,
     verified INTEGER NOT NULL, metrics TEXT NOT NULL DEFAULT '{}', pinned INTEGER NOT NULL DEFAULT 0,
     reason TEXT NOT NULL DEFAULT '', digests TEXT NOT NULL DEFAULT '{}', outcome TEXT NOT NULL DEFAULT 'ok',
-    directory TEXT NOT NULL DEFAULT '');
+    directory TEXT NOT NULL DEFAULT '', uid INTEGER);
 CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job, directory, step);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, job TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
-SCHEMA_VERSION = 3  # PRAGMA user_version; a catalogue of another version is rebuilt from the files
+SCHEMA_VERSION = 4  # PRAGMA user_version; a catalogue of another version is rebuilt from the files
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Row:
     outcome: Outcome = Outcome.OK
     directory: str = ""  # the job's directory (a watched tree's root for what watch mode adopted)
     digests: dict[str, str] = field(default_factory=dict)  # per tensor (ours) or per file (adopted foreign ones)
+    uid: int | None = None  # whose: the job's owner when it saved it, else its file's owner when catalogued
 
     @property
     def key(self) -> JobKey:
@@ -137,10 +140,12 @@ class Catalog:
             return Identity.of(NOBODY)
 
     def upsert_job(self, key: JobKey, uid: int, settings: dict[str, Any]) -> None:
+        """The job is ``uid``'s from now on: the uid whose directory it is now (``Access.job``), not
+        whoever first registered that name there (finding L2)."""
         with self._lock:
             self._db.execute(
                 "INSERT INTO jobs(name, directory, uid, settings, created) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(name, directory) DO UPDATE SET settings = excluded.settings",
+                "ON CONFLICT(name, directory) DO UPDATE SET settings = excluded.settings, uid = excluded.uid",
                 (*key, uid, json.dumps(settings, default=str), time.time()))
 
     def job_settings(self, key: JobKey) -> dict[str, Any]:
@@ -156,17 +161,19 @@ class Catalog:
     # -- checkpoints -----------------------------------------------------------------
 
     def record(self, c: Checkpoint, verified: bool, reason: str = "", outcome: Outcome | None = None,
-               directory: str | None = None) -> None:
-        """``directory``: the job's (default: the checkpoint's own parent)."""
+               directory: str | None = None, uid: int | None = None) -> None:
+        """``directory``: the job's (default: the checkpoint's own parent). ``uid``: whose it is (the
+        job's owner for a save it made; default: the owner of the file, not followed if a link),
+        who alone (with privileged uids) sees the row (finding L6)."""
         outcome = outcome or (Outcome.OK if verified else Outcome.CORRUPT)
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints(path, job, step, epoch, created, trigger, rule, bytes, "
-                "verified, metrics, pinned, reason, digests, outcome, directory) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "verified, metrics, pinned, reason, digests, outcome, directory, uid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (c.path, c.job, c.step, c.epoch, c.created, c.trigger, c.rule, c.bytes, int(verified),
                  json.dumps(c.metrics, default=str), int(c.pinned), reason, json.dumps(c.digests), outcome,
-                 directory or os.path.dirname(c.path)))
+                 directory or os.path.dirname(c.path), _file_owner(c.path) if uid is None else uid))
 
     def forget(self, paths: Iterable[str]) -> None:
         with self._lock:
@@ -189,11 +196,12 @@ class Catalog:
 
     def _rows(self, clause: str, args: list[Any]) -> list[Row]:
         sql = ("SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason, outcome, "
-               "directory, digests FROM checkpoints")
+               "directory, digests, uid FROM checkpoints")
         with self._lock:
             rows = self._db.execute(sql + clause, args).fetchall()
         return [Row(r[0], r[1], int(r[2]), float(r[3]), int(r[4]), bool(r[5]), r[6], bool(r[7]),
-                    json.loads(r[8]), r[9], Outcome(r[10]), r[11], json.loads(r[12] or "{}")) for r in rows]
+                    json.loads(r[8]), r[9], Outcome(r[10]), r[11], json.loads(r[12] or "{}"),
+                    None if r[13] is None else int(r[13])) for r in rows]
 
     def row(self, path: str) -> Row | None:
         found = [r for r in self._rows(" WHERE path = ?", [path])]
@@ -336,11 +344,30 @@ def _missing(path: str) -> bool:
     return False
 
 
+def _file_owner(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_uid
+    except OSError:
+        return None
+
+
+def _utf8(dirpath: str, name: str) -> bool:
+    """A name the catalogue (UTF-8 text) can hold: one that is not (its bytes not UTF-8, the
+    surrogate escapes ``os`` decodes them to) is skipped with a line naming it, never a crash of
+    the hello or the start-up that met it (finding L8)."""
+    try:
+        os.path.join(dirpath, name).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        log.warning("catalogue: skipped %s: its name is not UTF-8", ascii(os.path.join(dirpath, name)))
+        return False
+
+
 def _checkpoint_files(roots: Sequence[str]) -> list[str]:
     out = []
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and _utf8(dirpath, d)]
             if MANIFEST in filenames or any(SHARD_RE.match(n) for n in filenames):
                 dirnames[:] = []  # a sharded unit: one checkpoint once committed, its shards are not
                 if MANIFEST in filenames and not os.path.islink(dirpath):
@@ -349,6 +376,6 @@ def _checkpoint_files(roots: Sequence[str]) -> list[str]:
             for name in filenames:
                 full = os.path.join(dirpath, name)
                 if name.endswith(SUFFIX) and TEMP_MARK not in name and not name.startswith(".") \
-                        and not os.path.islink(full):
+                        and not os.path.islink(full) and _utf8(dirpath, name):
                     out.append(full)
     return out

@@ -25,7 +25,7 @@ import itertools
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ckptd.daemon.jobkey import JobKey
 from ckptd.disk.verify import verify_open
@@ -52,22 +52,42 @@ class Held:
     step: int
     path: str  # the verified checkpoint file it is the image of
     at: float  # when it was kept (the oldest job's goes first)
+    owner: int = -1  # the uid it was kept for: only that uid resumes from it, and it counts against its share
+    directory_id: tuple[int, int] = (0, 0)  # the job directory's (device, inode) when it was kept
+    directory_fd: int = -1  # an O_PATH fd of that directory, held with it: while it is open the inode
+    # cannot be freed and its number reused, so a directory removed and made again never matches
+
+    def release(self) -> None:
+        os.close(self.fd)
+        if self.directory_fd >= 0:
+            os.close(self.directory_fd)
 
 
 class MemoryTier:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._held: dict[JobKey, Held] = {}
-        self._owner: dict[JobKey, int] = {}  # the uid each held snapshot counts against
         self._flying: dict[int, tuple[int, int]] = {}  # a copy in flight (``_reserve``) -> (uid, bytes)
         self._tickets = itertools.count()
         self._lock = threading.Lock()
 
-    def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float,
-             uid: int = -1) -> bool:
+    def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float, *, owner: int = -1,
+             directory_fd: int = -1) -> bool:
         """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply),
         once, into room reserved for it first; False when it is not kept (the tier is off, it does
-        not fit, or a newer step is held). ``uid``: whose share it counts against (the job's owner)."""
+        not fit, or a newer step is held). ``owner``: whose it is (only that uid resumes from it; it
+        counts against that uid's share); ``directory_fd`` (the tier's to close): the job directory
+        it is for (``requests.memory`` answers only for that very directory)."""
+        kept = False
+        try:
+            kept = self._keep(key, src_fd, length, step, path, now, owner, directory_fd)
+            return kept
+        finally:
+            if not kept and directory_fd >= 0:
+                os.close(directory_fd)
+
+    def _keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float, uid: int,
+              directory_fd: int) -> bool:
         if self.budget <= 0:  # memory_budget = 0: the tier is off
             return False
         if length > self.budget:
@@ -90,8 +110,8 @@ class MemoryTier:
             if kept:
                 old = self._held.pop(key, None)
                 if old is not None:  # closed under the lock: its room is free before anyone reserves it
-                    os.close(old.fd)
-                self._held[key], self._owner[key] = Held(key, fd, length, step, path, now), uid
+                    old.release()
+                self._held[key] = Held(key, fd, length, step, path, now, uid, _identity(directory_fd), directory_fd)
             else:
                 os.close(fd)
         if problem:
@@ -113,8 +133,7 @@ class MemoryTier:
                 return None
             for victim in doomed:
                 h = self._held.pop(victim)
-                del self._owner[victim]
-                os.close(h.fd)
+                h.release()
                 log.info("memory tier: dropped job %s's step %d (the oldest of the uid holding the most) for job %s",
                          victim.name, h.step, key.name)
             ticket = next(self._tickets)
@@ -125,7 +144,7 @@ class MemoryTier:
         """Under the lock: what each uid holds and has in flight."""
         held: dict[int, list[tuple[float, JobKey, int]]] = {}
         for k, h in self._held.items():
-            held.setdefault(self._owner[k], []).append((h.at, k, h.length))
+            held.setdefault(h.owner, []).append((h.at, k, h.length))
         flying: dict[int, int] = {}
         for u, n in self._flying.values():
             flying[u] = flying.get(u, 0) + n
@@ -150,26 +169,27 @@ class MemoryTier:
         """The job's snapshot, with an fd of its own for the caller to send and close."""
         with self._lock:
             h = self._held.get(key)
-            return None if h is None else Held(h.key, os.dup(h.fd), h.length, h.step, h.path, h.at)
+            return None if h is None else replace(h, fd=os.dup(h.fd), directory_fd=-1)
 
     def held(self, key: JobKey) -> int:
         with self._lock:
             h = self._held.get(key)
             return h.length if h is not None else 0
 
-    def drop(self, key: JobKey) -> None:
+    def drop(self, key: JobKey, kept_at: float | None = None) -> None:
+        """Forget the job's snapshot (only the one kept at ``kept_at``, when given: not a newer one)."""
         with self._lock:
-            h = self._held.pop(key, None)
-            self._owner.pop(key, None)
-            if h is not None:
-                os.close(h.fd)
+            h = self._held.get(key)
+            if h is None or (kept_at is not None and h.at != kept_at):
+                return
+            del self._held[key]
+        h.release()
 
     def close(self) -> None:
         with self._lock:
             held, self._held = list(self._held.values()), {}
-            self._owner.clear()
-            for h in held:
-                os.close(h.fd)
+        for h in held:
+            h.release()
 
 
 @dataclass(frozen=True)
@@ -205,6 +225,13 @@ def evictions(usage: Usage, budget: int, uid: int, length: int) -> list[JobKey] 
         load[victim] -= n
         used -= n
     return out
+
+
+def _identity(directory_fd: int) -> tuple[int, int]:
+    if directory_fd < 0:
+        return (0, 0)
+    st = os.fstat(directory_fd)
+    return (st.st_dev, st.st_ino)
 
 
 def _unverified(fd: int, label: str) -> str:

@@ -9,6 +9,7 @@ dropped connection.
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -26,6 +27,7 @@ from ckptd.save.keep import collect
 from ckptd.save.newest import first_verified
 from ckptd.wire import protocol
 
+log = logging.getLogger("ckptd.daemon")
 Handler = Callable[[Host, Session, dict[str, Any]], dict[str, Any]]
 
 
@@ -47,17 +49,31 @@ def handle(d: Host, session: Session, msg: dict[str, Any]) -> None:
 
 
 def memory(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
-    """A restarted trainer's resume: the job's newest verified snapshot from the memory tier, to
-    its owner (or a privileged uid) only; ``step: null`` when the daemon holds none."""
+    """A restarted trainer's resume: the job's newest verified snapshot from the memory tier, only
+    when it was kept for the asking uid and for this very directory (the device and inode it had
+    then: one removed and recreated is another, finding L9); ``step: null`` otherwise, the same
+    answer as when the daemon holds none (nothing says whose it was)."""
     with acting_as(session.identity):
         key = JobKey(msg["job"], d.access.directory(msg["directory"], session.uid))
-    owner = d.catalog.job_owner(key)
-    if owner != session.uid and not d.access.privileged(session.uid):
-        raise PermissionError(f"job {key.name} in {key.directory} is not uid {session.uid}'s")
     held = d.memory.get(key)
     if held is None:
         return {"step": None}
-    return {"step": held.step, "length": held.length, "path": held.path, "fd": held.fd}
+    try:
+        st = os.stat(key.directory)
+        now = (st.st_dev, st.st_ino)
+    except OSError:
+        now = None
+    if now != held.directory_id:
+        os.close(held.fd)
+        d.memory.drop(key, kept_at=held.at)  # its directory is gone or recreated: nobody resumes from it
+        log.info("job %s: the memory tier's snapshot of %s was dropped: the directory was removed or recreated",
+                 key.name, key.directory)
+        return {"step": None}
+    if held.owner != session.uid:
+        os.close(held.fd)
+        return {"step": None}
+    return {"step": held.step, "length": held.length, "path": held.path, "fd": held.fd,
+            "directory_id": list(held.directory_id)}
 
 
 def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +87,8 @@ def job_rows(d: Host, uid: int | None) -> list[dict[str, Any]]:
     now = time.time()
     rows_by_job: dict[JobKey, list[Any]] = {}
     for r in d.catalog.checkpoints():
-        rows_by_job.setdefault(r.key, []).append(r)
+        if uid is None or d.access.sees(uid, r):
+            rows_by_job.setdefault(r.key, []).append(r)
     with d.lock:
         keys = set(d.jobs) | set(rows_by_job)
     out = []
@@ -118,7 +135,7 @@ def _auto(j: Any, now: float) -> dict[str, Any] | None:
 
 def list_checkpoints(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     job = msg.get("job")
-    rows = [r for r in d.catalog.checkpoints(job if isinstance(job, str) else None) if d.access.visible(session.uid, r.key)]
+    rows = [r for r in d.catalog.checkpoints(job if isinstance(job, str) else None) if d.access.sees(session.uid, r)]
     return {"checkpoints": [r.__dict__ for r in rows]}
 
 
@@ -126,7 +143,7 @@ def latest(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     """The newest verified checkpoint of a job name; a name used in several directories is
     ambiguous (two jobs), and the reply says which directories to ask for instead."""
     job = msg.get("job")
-    rows = [r for r in d.catalog.checkpoints(job) if r.verified and d.access.visible(session.uid, r.key)] \
+    rows = [r for r in d.catalog.checkpoints(job) if r.verified and d.access.sees(session.uid, r)] \
         if isinstance(job, str) else []
     if not rows:
         raise ValueError(f"job {job!r} has no verified checkpoint that uid {session.uid} may see")

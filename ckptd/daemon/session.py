@@ -246,7 +246,8 @@ class Session:
             header = seal(fd, msg["length"])
             if header.metadata.get("ckptd.job") != job.name or header.metadata.get("ckptd.step") != str(msg["step"]):
                 raise PersistError(FailReason.INVALID_SNAPSHOT, "the snapshot is not the job and step it claims")
-            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time(), uid=job.uid):
+            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time(),
+                                           **_whose(job)):
                 raise PersistError(FailReason.NO_SPACE, "the snapshot does not fit the memory budget")
             seconds = time.monotonic() - t0
             with self.daemon.lock:
@@ -286,7 +287,7 @@ class Session:
         """The memory tier (SPEC §14): the verified snapshot, copied before the reply frees the
         trainer's buffer. It is a cache: failing to keep it costs nothing saved."""
         try:
-            if self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time(), uid=job.uid):
+            if self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time(), **_whose(job)):
                 with self.daemon.lock:
                     job.kept_in_memory(time.time(), None, None)
         except OSError as exc:
@@ -321,7 +322,7 @@ class Session:
             with as_daemon():
                 if unit:
                     d.catalog.forget(gone)
-                d.catalog.record(info, verified=True)
+                d.catalog.record(info, verified=True, uid=job.uid)
                 d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, reported)},
                                  _reported_seconds(msg, ("cost",)).get("cost"))
 
@@ -407,6 +408,12 @@ def _version(value: Any) -> str:
     """The hook's version from hello, a label value: a short version string, or "unknown"."""
     ok = isinstance(value, str) and 0 < len(value) <= 32 and all(c.isalnum() or c in ".+-_" for c in value)
     return value if ok else "unknown"
+
+
+def _whose(job: JobState) -> dict[str, Any]:
+    """Whose snapshot the memory tier keeps, and for which directory (an fd of it, which the tier
+    holds with the snapshot): a resume from memory needs both to be the asker's now (L9)."""
+    return {"owner": job.uid, "directory_fd": os.open(job.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}
 
 
 def _count(value: Any) -> int:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, TypeVar
 
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file
+from ckptd.save.owned import verified_if_owned
 
 __all__ = ["first_verified", "newest_verified", "reread"]
 
@@ -36,13 +37,23 @@ def first_verified(candidates: Iterable[T], check: Callable[[T], VerifyResult]) 
 
 
 def newest_verified(directory: str, job: str | None = None, *, units: bool = True,
-                    check: Callable[[Checkpoint], VerifyResult] = reread) -> Checkpoint | None:
+                    check: Callable[[Checkpoint], VerifyResult] = reread, owner: int | None = None) -> Checkpoint | None:
     """The newest checkpoint of ``job`` in ``directory`` that verifies now (None if none does).
 
     ``units=False`` skips sharded units (for readers that load a single file);
     ``check`` lets a sharded rank verify its own shard and agree with its peers (so
     every rank must see the same candidates: uncommitted units are checked, not skipped).
+    ``owner``: only what that uid owns counts (``ckptd.save.owned``; what a trainer resumes),
+    each other candidate skipped with a line saying whose it is.
     """
     if not os.path.isdir(directory):
         return None
+    if owner is not None:
+        check = _owned(check, directory, owner)
     return first_verified([c for c in reversed(scan(directory, job)) if units or not c.shards], check)
+
+
+def _owned(check: Callable[[Checkpoint], VerifyResult], directory: str,
+           uid: int) -> Callable[[Checkpoint], VerifyResult]:
+    """``check`` of each candidate that is ``uid``'s (its file, its holders)."""
+    return lambda c: verified_if_owned(c.path, directory, uid, lambda _: check(c))
