@@ -4,16 +4,20 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
+# DeepSpeed builds against the torch above: no build isolation (it would fetch a CUDA torch), no ops
+# (the suite uses torch optimizers; nothing is JIT-compiled).
+DEEPSPEED := deepspeed==0.19.8
 
 .PHONY: demo test test-fast lint bench soak clean tools install
 
 $(PY):
 	python3 -m venv $(VENV)
 
-# torch first and pinned (the local CPU build); then the project with its test extras.
+# torch first and pinned (the local CPU build); then the project with its test extras; then DeepSpeed.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[test]'
+	$(PIP) show -q deepspeed 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation $(DEEPSPEED)
 	touch $(STAMP)
 
 demo: $(STAMP)
