@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=4, help="ckptd: save every N steps")
     ap.add_argument("--native", type=int, default=0, help="no ckptd: engine.save_checkpoint every N steps")
     ap.add_argument("--width", type=int, default=16, help="hidden width (the benchmark makes it large)")
+    ap.add_argument("--pieces", action="store_true",
+                    help="pass model=engine.module, optimizer=engine.optimizer instead of engine= (the same)")
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--pause-rank", type=int, default=-1, help="tests: this rank stops after writing its files ...")
     ap.add_argument("--pause-at", type=int, default=0, help="... of the save at this step (to be killed there)")
@@ -46,7 +48,8 @@ def main() -> None:
 
         if rank == a.pause_rank:
             _pause_in_save(engine, a.pause_at)
-        ckpt = Checkpointer("ds-demo", a.dir, engine=engine, every_steps=a.every, total_steps=a.steps)
+        parts = {"model": engine.module, "optimizer": engine.optimizer} if a.pieces else {"engine": engine}
+        ckpt = Checkpointer("ds-demo", a.dir, **parts, every_steps=a.every, total_steps=a.steps)
     start = ckpt.resume() if ckpt else 0
     print(f"rank {rank} pid {os.getpid()} starting at step {start}", flush=True)
     for step in range(start, a.steps):
