@@ -5,7 +5,8 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 # DeepSpeed builds against the torch above: no build isolation (it would fetch a CUDA torch), no ops
-# (the suite uses torch optimizers; nothing is JIT-compiled).
+# (the suite uses torch optimizers). Its CPU accelerator JIT-builds one op on first use, the
+# shared-memory collectives: built here, once (cached under ~/.cache/torch_extensions), not in a test.
 DEEPSPEED := deepspeed==0.19.8
 
 .PHONY: demo test test-fast lint bench soak clean tools install
@@ -18,6 +19,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[test]'
 	$(PIP) show -q deepspeed 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation $(DEEPSPEED)
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	touch $(STAMP)
 
 demo: $(STAMP)
