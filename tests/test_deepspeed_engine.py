@@ -27,7 +27,9 @@ TORCHRUN = str(Path(PYTHON).parent / "torchrun")
 ENV = project_env(DS_ACCELERATOR="cpu", CKPTD_SOCKET="/nonexistent/ckptd.sock", OMP_NUM_THREADS="1")
 SCRIPT = str(ROOT / "examples" / "deepspeed_train.py")
 HF_SCRIPT = str(ROOT / "tests" / "scripts" / "hf_ds_train.py")
-pytestmark = pytest.mark.xdist_group("deepspeed")
+# one worker for the module (its fixture is shared); a module fixture runs three 2-rank DeepSpeed
+# jobs at once, which on a loaded 2-CPU machine can take longer than the suite's 300 s default
+pytestmark = [pytest.mark.xdist_group("deepspeed"), pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def torchrun(*args: str) -> list[str]:
