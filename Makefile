@@ -4,18 +4,24 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
+# DeepSpeed builds against the torch above: no build isolation (it would fetch a CUDA torch), no ops
+# (the suite uses torch optimizers). Its CPU accelerator JIT-builds one op on first use, the
+# shared-memory collectives: built here, once (cached under ~/.cache/torch_extensions), not in a test.
+DEEPSPEED := deepspeed==0.19.8
 
 .PHONY: demo test test-fast lint bench soak clean tools install install-venv install-files
 
 $(PY):
 	python3 -m venv $(VENV)
 
-# torch first and pinned (the local CPU build); then the project with its test extras.
+# torch first and pinned (the local CPU build); then the project with its test extras; then DeepSpeed.
 # Not -q: on a fresh clone this takes minutes, and a silent terminal looks hung.
 $(STAMP): $(PY) pyproject.toml
-	@echo "== installing $(TORCH) and ckptd into $(VENV) (first run only; a few minutes, pip's progress below)"
+	@echo "== installing $(TORCH), ckptd and DeepSpeed into $(VENV) (first run only; a few minutes, pip's progress below)"
 	$(PIP) install --progress-bar on $(TORCH)
 	$(PIP) install --progress-bar on -e '.[test]'
+	$(PIP) show -q deepspeed 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install --progress-bar on --no-build-isolation $(DEEPSPEED)
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	@echo "== installed; next time this step is skipped"
 	touch $(STAMP)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -69,13 +70,23 @@ class Checkpointer:
     ``Snapshotter``, ``StagingBuffer``, ``Outlet``, ``Resumer``, ``SaveRecord`` and the policy clock
     (``Triggers``, ``TimeRules``), sharing the run's ``Progress``."""
 
+    def __new__(cls, *args: Any, engine: Any = None, **kwargs: Any) -> Any:
+        """A DeepSpeed engine (``engine=``, or its pieces as model/optimizer): ``trainer_hooks.deepspeed``."""
+        if engine is not None or "deepspeed" in sys.modules:
+            from trainer_hooks.deepspeed import for_engine
+
+            made = for_engine(args, kwargs, engine)
+            if made is not None:
+                return made
+        return super().__new__(cls)
+
     def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
                  scheduler: Any = None, extra: dict[str, Any] | None = None, *,
                  preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS, preempt_grace: float = 5.0,
                  config: str | None = None, socket: str | bool | None = None, reconnect_every: float = 5.0,
                  before_save: Callable[[], None] | None = None, sharded: bool = False,
                  shard_timeout: float = 600.0, generators: dict[str, torch.Generator] | None = None,
-                 quiet: bool = False, **settings: Any) -> None:
+                 quiet: bool = False, engine: None = None, **settings: Any) -> None:
         self.job = check_job(job)
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)

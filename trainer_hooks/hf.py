@@ -45,9 +45,12 @@ class CkptdCallback(TrainerCallback):
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self._state = state
         settings = {"total_steps": state.max_steps, **self.settings}
+        from trainer_hooks.deepspeed import find_engine
+
+        engine = find_engine(model)  # under DeepSpeed the engine is saved, in its own layout
         self.ckpt = Checkpointer(self.job, self.directory or self.default_dir(args.output_dir), model=model,
                                  optimizer=optimizer, scheduler=lr_scheduler, extra=self.extra,
-                                 before_save=self._refresh_extra, **settings)
+                                 before_save=self._refresh_extra, engine=engine, **settings)
         self.ckpt.start_at(state.global_step)  # a resumed Trainer starts past 0; nothing is due for that
 
     def _refresh_extra(self) -> None:
@@ -87,6 +90,14 @@ class CkptdCallback(TrainerCallback):
 
         t0 = time.perf_counter()
         src = directory or cls.default_dir(trainer.args.output_dir)
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            from trainer_hooks.deepspeed import hf_resume_dir
+
+            out = hf_resume_dir(src, job, os.path.join(src, ".hf-resume"))
+            for cb in trainer.callback_handler.callbacks:
+                if isinstance(cb, cls) and out is not None:
+                    cb.materialised = out
+            return out
         info = newest_verified(src, job, units=False, owner=os.geteuid())  # only the uid's own
         quiet = any(isinstance(cb, cls) and cb.settings.get("quiet") for cb in trainer.callback_handler.callbacks)
         if not quiet:

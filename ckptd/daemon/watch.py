@@ -145,12 +145,14 @@ class Watcher(FileSystemEventHandler):
             self._mark(os.path.dirname(str(event.src_path)))  # a marker file removed: its dir may be done
 
     def _unit_of(self, path: str) -> str:
-        parent = os.path.dirname(path)
+        """The outermost checkpoint directory holding ``path`` (an HF ``checkpoint-N/`` over the
+        DeepSpeed ``global_stepN/`` inside it), else ``path`` itself."""
+        unit, parent = path, os.path.dirname(path)
         while parent.startswith(self.root) and parent != self.root:
             if foreign.dir_kind(parent) is not None:
-                return parent
+                unit = parent
             parent = os.path.dirname(parent)
-        return path
+        return unit
 
     def _mark(self, path: str) -> None:
         unit = self._unit_of(path)

@@ -2,7 +2,8 @@
 
 Recognised by layout and content, not only by name: HF Trainer ``checkpoint-N/``
 directories, (sharded) safetensors, torch zip files (``.pt``/``.pth``/``.bin``/``.ckpt``,
-Lightning's included), torch.distributed.checkpoint directories, OneTrainer's
+Lightning's included), torch.distributed.checkpoint directories, DeepSpeed tags (``global_stepN/``, alone or inside
+an HF ``checkpoint-N/``: ``ckptd.foreign.deepspeed``), OneTrainer's
 ``workspace/save/{timestamp}-{progress}`` files. A checkpoint still being written is
 never verified: other tools' in-progress markers are respected and each format's own
 completeness is checked first.
@@ -25,7 +26,7 @@ from ckptd.core.format import FormatError, read_header
 from ckptd.disk import manifest as mf
 from ckptd.disk.safepath import open_regular
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
-from ckptd.foreign import steps
+from ckptd.foreign import deepspeed, steps
 from ckptd.foreign.picklesafe import UnsafePickle, read_dcp_metadata, verify_torch
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -103,8 +104,11 @@ def dir_kind(path: str) -> str | None:
     if any(n.endswith(".distcp") for n in names) or ".metadata" in names:
         return "dcp"
     if "trainer_state.json" in names or re.match(r"checkpoint-\d+$", os.path.basename(path)):
-        return "hf" if names & {"trainer_state.json", "model.safetensors", "pytorch_model.bin",
-                                "model.safetensors.index.json", "optimizer.pt", *INCOMPLETE_MARKERS} else None
+        if names & {"trainer_state.json", "model.safetensors", "pytorch_model.bin",
+                    "model.safetensors.index.json", "optimizer.pt", *INCOMPLETE_MARKERS}:
+            return "hf"
+    if deepspeed.is_tag(names):
+        return "deepspeed"
     return None
 
 
@@ -236,10 +240,16 @@ def find(path: str) -> list[Found]:
 
 def incomplete(found: Found) -> str | None:
     """Why ``found`` is not finished yet (None when it is): markers and format checks."""
+    if found.kind == "deepspeed":
+        return deepspeed.incomplete(found.path)
     if found.kind == "hf":
         names = set(os.listdir(found.path))
         if names & set(INCOMPLETE_MARKERS):
             return "HF marks it incomplete (checkpoint-is-incomplete.txt)"
+        for tag in _deepspeed_tags(found.path):
+            reason = deepspeed.incomplete(os.path.join(found.path, tag))
+            if reason:
+                return f"{tag}: {reason}"
         for n in sorted(names):
             if n.endswith(".safetensors.index.json"):
                 reason = _index_incomplete(os.path.join(found.path, n))
@@ -313,6 +323,8 @@ def verify(found: Found) -> VerifyResult:
             return _verify_dcp(found)
         if found.kind == "ckptd-sharded":
             return verify_unit(found.path)
+        if found.kind == "deepspeed":
+            return deepspeed.verify(found.path)
     except OSError as exc:
         return VerifyResult(found.path, False, f"cannot read: {exc.strerror or exc}")
     return VerifyResult(found.path, False, f"unknown kind {found.kind}")
@@ -333,6 +345,8 @@ def _verify_all(label: str, parts: list[str]) -> VerifyResult:
 
 
 def _verify_hf(found: Found) -> VerifyResult:
+    """Every file that holds state, not only the model: the trainer's own (optimizer,
+    scheduler, RNG, scaler) and a DeepSpeed tag inside, as one unit with its ``latest`` file."""
     names = sorted(os.listdir(found.path))
     parts = [os.path.join(found.path, n) for n in names
              if n.endswith(".safetensors") or (n.endswith(TORCH_SUFFIXES) and not n.startswith("."))]
@@ -342,7 +356,34 @@ def _verify_hf(found: Found) -> VerifyResult:
                 json.load(f)
         except ValueError as exc:
             return VerifyResult(found.path, False, f"trainer_state.json is not valid JSON: {exc}")
-    return _verify_all(found.path, parts)
+    result = _verify_all(found.path, parts)
+    tags = _deepspeed_tags(found.path)
+    if not result.ok or not tags:
+        return result
+    tensors, total = result.tensors, result.bytes
+    for tag in tags:
+        r = deepspeed.verify(os.path.join(found.path, tag))
+        if not r.ok:
+            return VerifyResult(found.path, False, f"{tag}/{r.reason}", unsafe=r.unsafe)
+        tensors, total = tensors + r.tensors, total + r.bytes
+    named = deepspeed.latest_names(found.path)
+    if named is not None and named not in tags:
+        return VerifyResult(found.path, False, f"{deepspeed.LATEST} names {named!r}, which is not a DeepSpeed tag here")
+    return VerifyResult(found.path, True, "", tensors, total)
+
+
+def _deepspeed_tags(path: str) -> list[str]:
+    """The DeepSpeed tag directories inside an HF checkpoint (``global_stepN/``)."""
+    out = []
+    for n in sorted(os.listdir(path)):
+        p = os.path.join(path, n)
+        if not n.startswith(".") and os.path.isdir(p) and not os.path.islink(p):
+            try:
+                if deepspeed.is_tag(set(os.listdir(p))):
+                    out.append(n)
+            except OSError:
+                continue
+    return out
 
 
 def _verify_dcp(found: Found) -> VerifyResult:

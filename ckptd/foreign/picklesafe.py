@@ -3,7 +3,10 @@
 Torch zip files (``.pt``/``.pth``/``.bin``/``.ckpt``): every zip record's CRC-32 is checked
 (``torch.load`` does not), the pickle's globals are listed without running it
 (``torch.serialization.get_unsafe_globals_in_checkpoint``), and only a file whose globals
-are all on a short allowlist is loaded, with ``weights_only=True``. DCP's ``.metadata``
+are all on a short allowlist is loaded, with ``weights_only=True``. DeepSpeed's own pickled
+objects (its loss scaler, ZeRO stage enum, fragment addresses) are on that list as *inert
+stand-ins*: the name maps to a class of ours that only records the arguments and fields it is
+given, so DeepSpeed need not be installed and none of its code runs. DCP's ``.metadata``
 (a plain ``pickle.load`` in DCP's own reader) is read with an unpickler that allows DCP's
 metadata classes and nothing else. A decompression bomb is refused before it is inflated.
 """
@@ -18,7 +21,7 @@ from typing import Any
 from ckptd.disk.safepath import open_regular
 from ckptd.disk.verify import VerifyResult
 
-__all__ = ["SAFE_GLOBALS", "UnsafePickle", "max_inflated", "read_dcp_metadata", "verify_torch"]
+__all__ = ["DEEPSPEED_GLOBALS", "Inert", "SAFE_GLOBALS", "UnsafePickle", "max_inflated", "read_dcp_metadata", "verify_torch"]
 
 SAFE_GLOBALS = {
     "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
@@ -26,6 +29,65 @@ SAFE_GLOBALS = {
     "pathlib.PosixPath", "argparse.Namespace", "lightning.fabric.utilities.data.AttributeDict",
     "pytorch_lightning.utilities.parsing.AttributeDict", "torch.torch_version.TorchVersion",
 }
+
+# What DeepSpeed (0.9 to 0.19) pickles into its checkpoints besides tensors, dicts and numbers:
+# read as ``Inert`` records, never resolved to DeepSpeed's classes.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.LossScalerBase", "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.config.DeepSpeedConfig",
+    "deepspeed.runtime.zero.offload_config.OffloadDeviceEnum",
+})
+
+
+class Inert:
+    """A foreign object read back as plain data: its class's name (``qualname``), the arguments it
+    was rebuilt with (``args``; an enum's value) and its fields (``state``). It has no behaviour:
+    the unpickler may create it and hand it its state, and that is all that happens."""
+
+    qualname = ""
+
+    def __new__(cls, *args: Any) -> "Inert":
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, {}
+        return obj
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert {self.qualname}{self.args or ''}>"
+
+    args: tuple[Any, ...]
+    state: Any
+
+
+_INERT: dict[str, type[Inert]] = {}
+
+
+def _inert_class(qualname: str) -> type[Inert]:
+    """One stand-in class per foreign name (the weights-only unpickler matches by class)."""
+    if qualname not in _INERT:
+        _INERT[qualname] = type(qualname.rpartition(".")[2], (Inert,), {"qualname": qualname})
+    return _INERT[qualname]
+
+
+def safe_load(path: str, mmap: bool = False) -> Any:
+    """``torch.load`` of a torch zip whose globals are all allowed (``weights_only``, DeepSpeed's
+    objects as ``Inert``); ``UnsafePickle`` names the first global that is not."""
+    import torch
+
+    needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    forbidden = sorted(needed - SAFE_GLOBALS - DEEPSPEED_GLOBALS)
+    if forbidden:
+        raise UnsafePickle(f"unsafe: the pickle needs {', '.join(forbidden[:3])}; not loaded (it could execute code)")
+    allowed: list[Any] = [obj for obj in map(_resolve, needed - DEEPSPEED_GLOBALS) if obj is not None]
+    allowed += [(_inert_class(n), n) for n in needed & DEEPSPEED_GLOBALS] + _numpy_dtype_classes(needed)
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 # DCP's own reader is a plain pickle.load: code execution for whoever can write a .metadata
@@ -89,20 +151,10 @@ def verify_torch(path: str, load: bool = True) -> VerifyResult:
         return VerifyResult(path, False, f"not a valid torch zip file: {exc}")
     if not load:
         return VerifyResult(path, True, "", 0, os.path.getsize(path))
-    import torch
-
     try:
-        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as exc:
-        return VerifyResult(path, False, f"pickle unreadable: {exc}")
-    forbidden = sorted(needed - SAFE_GLOBALS)
-    if forbidden:
-        return VerifyResult(path, False, f"unsafe: the pickle needs {', '.join(forbidden[:3])}; "
-                                         "not loaded (it could execute code)", unsafe=True)
-    allowed: list[Any] = [obj for obj in map(_resolve, needed) if obj is not None] + _numpy_dtype_classes(needed)
-    try:
-        with torch.serialization.safe_globals(allowed):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_load(path)
+    except UnsafePickle as exc:
+        return VerifyResult(path, False, str(exc), unsafe=True)
     except Exception as exc:
         return VerifyResult(path, False, f"weights-only load failed: {str(exc).splitlines()[0][:200]}")
     tensors = _count_tensors(obj)
