@@ -164,3 +164,22 @@ def test_hf_trainer_with_deepspeed_zero2_and_ckptd_callback_trains_and_resumes(t
     assert "resumed at step 4" in resumed
     assert len(fingerprints(straight)) == 2 and fingerprints(resumed) == fingerprints(straight)
     assert not (b / "ckptd" / ".hf-resume" / "rank0").exists()  # the scratch HF view is removed once read
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a tag to another uid")
+def test_a_tag_of_another_uid_is_never_resumed(zero_runs: dict[str, tuple[Path, str]], tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """SPEC §6: the hook resumes only checkpoints its own uid owns; DeepSpeed's load_checkpoint
+    unpickles, so a committed tag planted by another uid (here a copy of a real one, given to
+    uid 65534) must be skipped, and the log says why, before any byte of it is loaded."""
+    from trainer_hooks.deepspeed import newest_committed
+
+    src, _ = zero_runs["zero2"]
+    d = tmp_path / "run"
+    shutil.copytree(src, d, symlinks=True)
+    assert newest_committed(str(d)) == str(d / "global_step12")
+    for path in [d / "global_step12", *(d / "global_step12").iterdir()]:
+        os.lchown(path, 65534, 65534)
+    with caplog.at_level("WARNING", logger="ckptd.hook"):
+        assert newest_committed(str(d)) == str(d / "global_step8")
+    assert "owned by uid 65534" in caplog.text, caplog.text

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import time
 from typing import Any, Callable
@@ -343,6 +344,10 @@ def newest_committed(directory: str) -> str | None:
     tags = sorted((step_from_name(n) or -1, n) for n in os.listdir(directory) if not n.startswith(".")
                   and os.path.isfile(os.path.join(directory, n, COMMIT))) if os.path.isdir(directory) else []
     for _, tag in reversed(tags):
+        foreign = _not_ours(os.path.join(directory, tag))
+        if foreign:  # DeepSpeed's load_checkpoint unpickles what it reads: only this uid's own files
+            log.warning("ckptd: skipping %s: %s", os.path.join(directory, tag), foreign)
+            continue
         result = dsfmt.verify(os.path.join(directory, tag))
         if result.ok:
             return os.path.join(directory, tag)
@@ -386,6 +391,20 @@ def hf_resume_dir(directory: str, job: str, scratch: str) -> str | None:
         hf = {"python": rng.get("python"), "numpy": rng.get("numpy"), "cpu": rng.get("torch")}
         torch.save(hf, os.path.join(out, f"rng_state_{r}.pth" if len(rngs) > 1 else "rng_state.pth"))
     return out
+
+
+def _not_ours(tag_dir: str) -> str:
+    """Why a tag is not this uid's own ("" when it is): the tag, and every file in it, must be owned
+    by the trainer's uid and be no link (SPEC §6: the hook resumes only checkpoints its own uid owns;
+    ``engine.load_checkpoint`` unpickles, so another uid's planted tag would run its code here)."""
+    me = os.geteuid()
+    for path in [tag_dir, *(os.path.join(tag_dir, n) for n in sorted(os.listdir(tag_dir)))]:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return f"{path} is a symbolic link"
+        if st.st_uid != me:
+            return f"{path} is owned by uid {st.st_uid}, not by uid {me}"
+    return ""
 
 
 def _written_by(name: str) -> int | None:

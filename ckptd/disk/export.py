@@ -17,7 +17,7 @@ into the new file in chunks, so exporting a 14 GB base needs a few MiB of memory
 verified first (every tensor, references followed); a corrupt one is not exported.
 
 What is copied is what was verified: the unit and each of its holders are opened once, without
-following a link (``ckptd.disk.pinned``), verified through those fds, and copied from the same
+following a link (``ckptd.disk.opened``), verified through those fds, and copied from the same
 fds, each tensor hashed again on the way and compared with the digest it verified with (a file
 rewritten in place in between fails the export instead of passing). Outputs are created only as
 ``ckptd.disk.outdir`` allows: OUT_DIR reached without a link and owned by the caller, each file
@@ -41,10 +41,10 @@ from ckptd.core.format import TensorEntry, encode_header, layout, read_header
 from ckptd.core.meta import HF_CONFIG, PEFT_CONFIG
 from ckptd.core.refs import decode
 from ckptd.disk import manifest as mf
+from ckptd.disk.opened import Opened, unreadable
 from ckptd.disk.outdir import OutDir, OutputError
-from ckptd.disk.pinned import Pinned, unreadable
 from ckptd.disk.safepath import open_dir
-from ckptd.disk.verify import verify_pinned, verify_unit
+from ckptd.disk.verify import verify_opened, verify_unit
 
 __all__ = ["FORMATS", "ExportError", "Exported", "export"]
 
@@ -88,16 +88,16 @@ def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     if os.path.isdir(unit) and not os.path.islink(unit):
         return _export_unit(unit, out_dir, fmt, adapter, progress, rank)
-    with _reached(os.path.dirname(unit) or ".", unit) as pins:
-        return _export_file(pins, os.path.basename(unit), unit, out_dir, fmt, adapter, progress)
+    with _reached(os.path.dirname(unit) or ".", unit) as opened:
+        return _export_file(opened, os.path.basename(unit), unit, out_dir, fmt, adapter, progress)
 
 
-def _reached(directory: str, unit: str) -> Pinned:
+def _reached(directory: str, unit: str) -> Opened:
     """``directory`` walked from ``/`` without following a link at any depth (``safepath.open_dir``):
     root exporting ``/home/alice/x/unit`` must not read Bob's checkpoint because ``x`` is Alice's
     link to Bob's directory. The error names the problem."""
     try:
-        return Pinned(open_dir(os.path.abspath(directory), ["/"]), directory)
+        return Opened(open_dir(os.path.abspath(directory), ["/"]), directory)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise ExportError(f"{unit}: its path goes through a symbolic link (or a file), which an export "
@@ -105,13 +105,13 @@ def _reached(directory: str, unit: str) -> Pinned:
         raise ExportError(f"{unit}: {unreadable(exc, unit)}") from None
 
 
-def _export_file(pins: Pinned, name: str, unit: str, out_dir: str, fmt: str, adapter: str,
+def _export_file(opened: Opened, name: str, unit: str, out_dir: str, fmt: str, adapter: str,
                  progress: Progress | None) -> Exported:
-    result = verify_pinned(pins, name, unit)
+    result = verify_opened(opened, name, unit)
     if not result.ok:
         raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
     meta = result.metadata
-    sources = _model_tensors(pins, name, meta)
+    sources = _model_tensors(opened, name, meta)
     if not sources:
         raise ExportError(f"{unit} holds no model weights (no model= was given to the Checkpointer)")
     if fmt == "peft":
@@ -158,11 +158,11 @@ def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: Prog
     torch.distributed.checkpoint's own reader and planner, in this process; a ``per-rank`` one
     holds each rank's own tensors, so one rank's (``rank``) is exported as a single file is.
     Either way from the shard fds ``verify_unit`` verified."""
-    with _reached(unit, unit) as pins:
-        result = verify_unit(unit, pins=pins)
+    with _reached(unit, unit) as opened:
+        result = verify_unit(unit, opened=opened)
         if not result.ok:
             raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
-        m = mf.read(pins.proc_path)
+        m = mf.read(opened.proc_path)
         if m.layout != mf.DCP:
             if rank is None:
                 raise ExportError(f"{unit} holds each rank's own tensors (per-rank layout, {m.world_size} ranks): "
@@ -170,11 +170,11 @@ def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: Prog
             if not 0 <= rank < m.world_size:
                 raise ExportError(f"{unit} has ranks 0..{m.world_size - 1}, not {rank}")
             name = mf.shard_name(rank, m.world_size)
-            return _export_file(pins, name, os.path.join(unit, name), out_dir, fmt, adapter, progress)
+            return _export_file(opened, name, os.path.join(unit, name), out_dir, fmt, adapter, progress)
         if fmt != "safetensors":
             raise ExportError(f"{unit}: a consolidated DCP unit exports as --format safetensors (no HF or PEFT "
                               "config is recorded for sharded state)")
-        with _verified_view(pins) as view:
+        with _verified_view(opened) as view:
             tensors = _consolidated(view)
     if not tensors:
         raise ExportError(f"{unit} holds no model weights")
@@ -197,13 +197,13 @@ class _verified_view:
     reader, which opens files by path: it reads the shards that verified, whatever the unit's
     names point to by now."""
 
-    def __init__(self, pins: Pinned) -> None:
-        self.pins = pins
+    def __init__(self, opened: Opened) -> None:
+        self.opened = opened
         self.path = tempfile.mkdtemp(prefix="ckptd-export-")
 
     def __enter__(self) -> str:
-        for name in self.pins.names():
-            os.symlink(f"/proc/{os.getpid()}/fd/{self.pins.fd(name)}", os.path.join(self.path, name))
+        for name in self.opened.names():
+            os.symlink(f"/proc/{os.getpid()}/fd/{self.opened.fd(name)}", os.path.join(self.path, name))
         return self.path
 
     def __exit__(self, *exc: object) -> None:
@@ -242,20 +242,20 @@ def _flat(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _model_tensors(pins: Pinned, name: str, meta: dict[str, str]) -> dict[str, Source]:
+def _model_tensors(opened: Opened, name: str, meta: dict[str, str]) -> dict[str, Source]:
     """``model/<key>`` -> where its bytes are: stored in the unit, referenced, or tied to another;
-    every one in a file ``pins`` verified (its fd, not its name)."""
-    f, size = pins.open(name)
+    every one in a file ``opened`` verified (its fd, not its name)."""
+    f, size = opened.open(name)
     with f:
         header = read_header(f, size)
     digests = header.meta_json("ckptd.digests", {}) or {}
-    out = {e.name: Source(pins.fd(name), name, header.data_start + e.begin, e, str(digests.get(e.name, "")))
+    out = {e.name: Source(opened.fd(name), name, header.data_start + e.begin, e, str(digests.get(e.name, "")))
            for e in header.tensors}
     for tensor, r in decode(meta).items():
-        f, size = pins.open(r.file)
+        f, size = opened.open(r.file)
         with f:
             start = read_header(f, size).data_start
-        out[tensor] = Source(pins.fd(r.file), r.file, start + r.offsets[0],
+        out[tensor] = Source(opened.fd(r.file), r.file, start + r.offsets[0],
                              TensorEntry(tensor, r.dtype, r.shape, *r.offsets), r.digest)
     for alias, stored in json.loads(meta.get("ckptd.aliases", "{}")).items():
         if stored in out:

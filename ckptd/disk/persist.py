@@ -42,9 +42,9 @@ from ckptd.core.format import (
 from ckptd.core.refs import REFS_KEY, decode
 from ckptd.core.vocab import FailReason
 from ckptd.disk.dedup import find_reused, reduced
-from ckptd.disk.pinned import Pinned
+from ckptd.disk.opened import Opened
 from ckptd.disk.refs import check_refs, holders, opener_at
-from ckptd.disk.verify import VerifyResult, verify_open, verify_pinned
+from ckptd.disk.verify import VerifyResult, verify_open, verify_opened
 
 __all__ = ["TEMP_MARK", "PersistError", "Persisted", "cleanup_temp", "persist", "reason_for", "seal", "temp_name"]
 
@@ -169,13 +169,13 @@ def _keep_referenced(dfd: int, directory: str, filename: str, header: Header) ->
     if filename not in referring:
         return None
     path = os.path.join(directory, filename)
-    with Pinned(os.dup(dfd), directory) as pins:
+    with Opened(os.dup(dfd), directory) as opened:
         try:
-            fd = pins.fd(filename)
+            fd = opened.fd(filename)
             same_file = _own_file(os.fstat(fd), os.fstat(dfd).st_uid)
         except OSError:
             same_file = False
-        existing = verify_pinned(pins, filename, path) if same_file else \
+        existing = verify_opened(opened, filename, path) if same_file else \
             VerifyResult(path, False, "not a regular file of the job's own")
     same = existing.metadata.get("ckptd.job") == header.metadata.get("ckptd.job") and \
         existing.metadata.get("ckptd.step") == header.metadata.get("ckptd.step")

@@ -18,7 +18,7 @@ import xxhash
 
 from ckptd.core.format import FormatError, read_header
 from ckptd.core.refs import Ref, RefError, decode
-from ckptd.disk.pinned import open_file_at
+from ckptd.disk.opened import open_file_at
 
 __all__ = ["check_refs", "holders", "opener_at", "read_referenced"]
 
@@ -35,8 +35,8 @@ _NOT_THERE = frozenset({errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EPERM, er
 
 def opener_at(directory: str | None = None, dir_fd: int | None = None) -> Opener:
     """Open a holder by name directly in ``directory`` (or below ``dir_fd``): a regular file, its
-    last component never a link (``ckptd.disk.pinned``). A reader that must copy what it verified
-    passes a ``Pinned.open`` instead, which opens each holder once."""
+    last component never a link (``ckptd.disk.opened``). A reader that must copy what it verified
+    passes a ``Opened.open`` instead, which opens each holder once."""
     def open_holder(name: str) -> tuple[BinaryIO, int]:
         if dir_fd is not None:
             fd = open_file_at(dir_fd, name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import BinaryIO, Sequence
 
-from ckptd.disk.pinned import regular
+from ckptd.disk.opened import regular
 
 __all__ = ["DIR_FLAGS", "OutsideRoots", "fsync_dir", "open_dir", "open_regular", "relative_to_root"]
 

@@ -28,7 +28,7 @@ from ckptd.core.format import (
 from ckptd.core.refs import REFS_KEY, RefError, decode
 from ckptd.core.vocab import Outcome
 from ckptd.disk import manifest as mf
-from ckptd.disk.pinned import Pinned, unreadable
+from ckptd.disk.opened import Opened, unreadable
 from ckptd.disk.refs import check_refs
 
 CHUNK = 8 * 1024 * 1024
@@ -96,29 +96,29 @@ def compute_digests(f: BinaryIO, header: Header) -> dict[str, str]:
 
 def verify_file(path: str | os.PathLike[str]) -> VerifyResult:
     """Verify one safetensors file (or sharded unit); never raises for a bad file, only reports it.
-    The file and its holders are opened once each, without following a link (``verify_pinned``)."""
+    The file and its holders are opened once each, without following a link (``verify_opened``)."""
     p = os.fspath(path)
     if mf.is_unit(p):
         return verify_unit(p)
     try:
-        with Pinned.beside(p) as pins:
-            return verify_pinned(pins, os.path.basename(p), p)
+        with Opened.beside(p) as opened:
+            return verify_opened(opened, os.path.basename(p), p)
     except OSError as exc:
         return VerifyResult(p, False, unreadable(exc, p))
 
 
-def verify_pinned(pins: Pinned, name: str, label: str) -> VerifyResult:
-    """Verify ``name`` below ``pins``, references followed through the same ``pins``: the fds it
+def verify_opened(opened: Opened, name: str, label: str) -> VerifyResult:
+    """Verify ``name`` below ``opened``, references followed through the same ``opened``: the fds it
     leaves open are the verified ones, and a reader that goes on from them (an export's copy)
     reads what was verified, whatever has become of the names since."""
     try:
-        f, _ = pins.open(name)
+        f, _ = opened.open(name)
     except OSError as exc:
         return VerifyResult(label, False, unreadable(exc, label))
     with f:
         result = verify_open(f, label)
     if result.ok and REFS_KEY in result.metadata:  # complete only with every tensor it references
-        problem = check_refs(result.metadata, pins.open, full=True)
+        problem = check_refs(result.metadata, opened.open, full=True)
         if problem:
             return replace(result, ok=False, reason=problem)
     return result
@@ -213,39 +213,39 @@ def _check_aliases(header: Header) -> None:
         raise FormatError("ckptd.aliases names a tensor that is not stored")
 
 
-def verify_unit(unit: str, full: Collection[int] | None = None, pins: Pinned | None = None) -> VerifyResult:
+def verify_unit(unit: str, full: Collection[int] | None = None, opened: Opened | None = None) -> VerifyResult:
     """A sharded checkpoint: the manifest, then every shard against it.
 
     Shards whose rank is in ``full`` (all when None) are re-read tensor by tensor;
     the others get the cheap checks (size, header, metadata digest, job, step), which
     is what a resuming rank needs for its peers' shards and the daemon for a commit
-    whose shards their writers already verified from disk. ``pins``: the unit's directory, whose
+    whose shards their writers already verified from disk. ``opened``: the unit's directory, whose
     shard fds are the verified ones after this (an export reads them); else opened here.
     """
-    if pins is None:
+    if opened is None:
         try:
-            with Pinned.at(unit, nofollow=True) as own:
+            with Opened.at(unit, nofollow=True) as own:
                 return verify_unit(unit, full, own)
         except OSError as exc:
             return VerifyResult(unit, False, unreadable(exc, unit))
     try:
-        m = mf.read(pins.proc_path)  # the manifest of the unit pinned, not of whatever has its name now
+        m = mf.read(opened.proc_path)  # the manifest of the unit opened, not of whatever has its name now
     except mf.ManifestError as exc:
         return VerifyResult(unit, False, str(exc))
     meta = {"ckptd.job": m.job, "ckptd.step": str(m.step), "ckptd.world_size": str(m.world_size),
             "ckptd.layout": m.layout}
     tensors = total = 0
     for shard in m.shards:
-        r = _verify_shard(pins, shard, m, full is None or shard.rank in full, os.path.join(unit, shard.file))
+        r = _verify_shard(opened, shard, m, full is None or shard.rank in full, os.path.join(unit, shard.file))
         if not r.ok:
             return VerifyResult(unit, False, f"shard {shard.file}: {r.reason}", tensors, total, meta)
         tensors, total = tensors + r.tensors, total + r.bytes
     return VerifyResult(unit, True, "", tensors, total, meta)
 
 
-def _verify_shard(pins: Pinned, shard: mf.Shard, m: mf.Manifest, full: bool, path: str) -> VerifyResult:
+def _verify_shard(opened: Opened, shard: mf.Shard, m: mf.Manifest, full: bool, path: str) -> VerifyResult:
     try:
-        f, size = pins.open(shard.file)
+        f, size = opened.open(shard.file)
         with f:
             if size != shard.bytes:
                 return VerifyResult(path, False, f"{size} bytes, the manifest says {shard.bytes}")

@@ -18,8 +18,8 @@ from ckptd.core import quota as quota_mod
 from ckptd.core import retention
 from ckptd.core.format import FormatError, read_header
 from ckptd.core.vocab import FailReason, Problem, Reason, Rule
+from ckptd.disk.opened import Opened
 from ckptd.disk.persist import PersistError
-from ckptd.disk.pinned import Pinned
 from ckptd.disk.preflight import free_bytes, min_free_bytes
 from ckptd.disk.refs import check_refs
 from ckptd.disk.remove import Removal, apply
@@ -70,11 +70,11 @@ def unresolved(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
         if not c.refs or not c.ok or c.shards:
             continue
         try:
-            with Pinned.beside(c.path) as pins:
-                f, size = pins.open(os.path.basename(c.path))
+            with Opened.beside(c.path) as opened:
+                f, size = opened.open(os.path.basename(c.path))
                 with f:
                     meta = read_header(f, size).metadata
-                problem = check_refs(meta, pins.open, full=False)
+                problem = check_refs(meta, opened.open, full=False)
         except (OSError, FormatError) as exc:
             problem = f"cannot read it again: {getattr(exc, 'strerror', None) or exc}"
         if problem:

@@ -246,7 +246,7 @@ def test_socket_users_get_only_what_the_kernel_gives_them(host: Host) -> None:
         return next(r for r in ask(h.b, h.d, {"type": "list", "job": "bob"})["checkpoints"] if r["path"] == str(bobs))
 
     wait_until(lambda: not bobs_row()["verified"], 60, "scrub to re-read Bob's file")
-    # refused without following the link (ckptd/disk/pinned.py), or, reached as Bob, EACCES: either
+    # refused without following the link (ckptd/disk/opened.py), or, reached as Bob, EACCES: either
     # way nothing of Alice's file (her path, her job) is in what Bob is told
     reason = bobs_row()["reason"]
     assert "symbolic link" in reason or "Permission denied" in reason, bobs_row()
@@ -324,7 +324,7 @@ def test_watch_follows_a_planted_holder_link_only_as_its_owner_would(users: User
         seen = row()
         assert seen is not None and not seen["verified"], seen
         # the holder link is never followed (a holder that is a link, missing or unreadable gets one
-        # answer, ckptd/disk/pinned.py), or, reached as Bob, EACCES: nothing of Alice's file either way
+        # answer, ckptd/disk/opened.py), or, reached as Bob, EACCES: nothing of Alice's file either way
         assert "missing" in seen["reason"] or "Permission denied" in seen["reason"], seen
         assert str(hers) not in str(seen), seen
     finally:

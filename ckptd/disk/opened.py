@@ -2,7 +2,7 @@
 
 What is verified must be what is read next (an export's copy, a save kept as it is): a
 reader that checks a file and then opens it again by name reads whatever the name points to
-by then, a symlink to another user's checkpoint included. ``Pinned`` holds one directory fd
+by then, a symlink to another user's checkpoint included. ``Opened`` holds one directory fd
 and opens each file below it at most once, relative to that fd, with ``O_NOFOLLOW`` (a link
 is refused, never followed) and ``O_NONBLOCK`` (a FIFO does not hang the open), and requires a
 regular file. Every later reader of that name (the verifier, the references' check, the
@@ -16,7 +16,7 @@ import os
 import stat
 from typing import BinaryIO
 
-__all__ = ["FILE_FLAGS", "Pinned", "open_file_at", "regular", "unreadable"]
+__all__ = ["FILE_FLAGS", "Opened", "open_file_at", "regular", "unreadable"]
 
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -48,7 +48,7 @@ def unreadable(exc: OSError, name: str) -> str:
     return f"cannot read: {exc.strerror or exc}"
 
 
-class Pinned:
+class Opened:
     """A directory and the files opened below it, each opened once (see the module's docstring)."""
 
     def __init__(self, dir_fd: int, label: str = "") -> None:
@@ -57,20 +57,20 @@ class Pinned:
         self._fds: dict[str, int] = {}
 
     @classmethod
-    def at(cls, directory: str, nofollow: bool = False) -> "Pinned":
+    def at(cls, directory: str, nofollow: bool = False) -> "Opened":
         """The directory ``directory`` (as the caller's path names it; ``nofollow``: its last
         component must not be a link either)."""
         fd = os.open(directory or ".", _DIR_FLAGS | (os.O_NOFOLLOW if nofollow else 0))
         return cls(fd, directory)
 
     @classmethod
-    def beside(cls, path: str) -> "Pinned":
+    def beside(cls, path: str) -> "Opened":
         """The directory that holds the file ``path``."""
         return cls.at(os.path.dirname(path) or ".")
 
     @property
     def proc_path(self) -> str:
-        """A path to the pinned directory itself (``/proc/PID/fd/N``, a link the kernel resolves to
+        """A path to the opened directory itself (``/proc/PID/fd/N``, a link the kernel resolves to
         this directory, not to the name it was opened by), for readers that only take paths."""
         return f"/proc/{os.getpid()}/fd/{self.dir_fd}"
 
@@ -98,7 +98,7 @@ class Pinned:
             os.close(self.dir_fd)
             self.dir_fd = -1
 
-    def __enter__(self) -> "Pinned":
+    def __enter__(self) -> "Opened":
         return self
 
     def __exit__(self, *exc: object) -> None:
