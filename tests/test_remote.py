@@ -205,15 +205,16 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
         uploader.submit(Upload("big", path, {"remote": store.url, "remote_endpoint": server.endpoint}))
         wait_until(lambda: server.client().list_multipart_uploads(Bucket="ckpt").get("Uploads"), 60,
                    "a multipart upload in flight")
-        assert committed(store, "big") == []
+        prefix = job_prefix("big", str((tmp_path / "host1").resolve()), os.getuid())  # its owner, directory, name
+        assert committed(store, prefix) == []
         server.stop()  # SIGKILL
         server = MotoServer(tmp_path, port=server.port).start()
         server.client().create_bucket(Bucket="ckpt")
         wait_until(lambda: done, 120, "the upload, retried after the restart")  # (done: after commit and prune)
-        (c,) = committed(store, "big")
+        (c,) = committed(store, prefix)
         assert done and verify_remote(store, c).ok and c.bytes == os.path.getsize(path)
         assert store.matches(path, c.key) is True  # S3's composite SHA-256 over the three parts
-        assert set(store.list("big/")) == {c.key, c.key + COMMIT}
+        assert set(store.list(prefix + "/")) == {c.key, c.key + COMMIT}
     finally:
         uploader.close(timeout=10)
         server.stop()
@@ -352,7 +353,8 @@ def test_cli_lists_every_job_below_the_hooks_remote_url(store: Store, tmp_path: 
     verified = ckptd_cli("verify", store.url, *args)
     assert verified.returncode == 0 and verified.stdout.count("ok      ") == 4, verified.stdout + verified.stderr
     several = ckptd_cli("fetch", store.url, str(tmp_path / "host2"), *args)
-    assert several.returncode == 2 and "holds several jobs (" in several.stderr and "/beta)" in several.stderr
+    assert several.returncode == 2 and "holds several jobs (" in several.stderr, several.stderr
+    assert "/alpha" in several.stderr and "/beta" in several.stderr, several.stderr  # each prefix, in key order
 
 
 class HungStore:

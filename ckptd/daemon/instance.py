@@ -30,7 +30,7 @@ class InstanceLock:
     def __init__(self, socket_path: str, state_dir: str) -> None:
         self._fds: list[int] = []
         try:
-            for path, what in ((os.path.join(state_dir, "ckptd.lock"), f"state directory {state_dir}"),
+            for path, what in ((os.path.join(state_dir, "ckptd.lock"), f"state_dir {state_dir}"),
                                (socket_path + ".lock", f"socket {socket_path}")):
                 self._fds.append(_take(path, what))
         except BaseException:
@@ -48,8 +48,9 @@ def _take(path: str, what: str) -> int:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise TargetError(f"cannot lock {what} ({path}: {exc.strerror or exc}); the daemon's uid {os.getuid()} "
-                          "must be able to write there") from None
+        key = what.split()[0]
+        raise TargetError(f"{what}: cannot lock {path} ({exc.strerror or exc}); set [daemon] {key} (or --{key.replace('_', '-')}) "
+                          f"to a place uid {os.getuid()} may write") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
