@@ -131,6 +131,11 @@ def test_under_journald_each_line_carries_its_priority(tmp_path: Path) -> None:
     assert "reload refused" not in d.log.read_text(), "records went to the journal socket, not as plain lines"
 
 
+def _connected(d: DaemonProc) -> bool:
+    r = ckptd_cli("status", "--json", "--socket", d.socket)
+    return any(j["connected"] for j in json.loads(r.stdout)) if r.returncode == 0 else True
+
+
 def _received(sink: socket.socket, seen: list[dict[str, str]]) -> bool:
     data = sink.recv(65536)
     seen.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
@@ -148,6 +153,8 @@ def test_status_says_state_last_error_and_counts_that_survive_a_restart(tmp_path
             assert save(c, "job", 1)["ok"] is True
             assert save(c, "other", 2, claimed="job")["ok"] is False  # a snapshot of another job: refused, a failed save
             protocol.send(c.sock, {"type": "heartbeat", "step": 5})  # steps 3 and 4 were due and went by
+        wait_until(lambda: "went away" in d.log.read_text() or "ended its run" in d.log.read_text()
+                   or not _connected(d), 30, "the daemon to see the trainer go")
         d.stop()
         d.start()
         r = ckptd_cli("status", "--json", "--socket", d.socket)

@@ -255,10 +255,11 @@ class Catalog:
     def tally(self, key: JobKey) -> dict[str, Any]:
         """What ``ckptd status`` says of a job across daemon restarts, from its events: missed and
         failed saves counted since the catalogue began, the newest failure, and how its newest run
-        stands (``running``, ``ended``, ``disconnected``: went away without saying ``end``)."""
+        stands (``running``, ``ended``, ``disconnected``: went away without saying ``end``,
+        ``detached``: connected when the daemon stopped)."""
         with self._lock:
             rows = self._db.execute("SELECT time, kind, detail FROM events WHERE job = ? AND kind IN "
-                                    "('start', 'end', 'disconnect', 'missed', 'failed') ORDER BY id",
+                                    "('start', 'end', 'disconnect', 'detached', 'missed', 'failed') ORDER BY id",
                                     (key.name,)).fetchall()
         out: dict[str, Any] = {"missed": 0, "failed": 0, "last_error": None, "run": None}
         for t, kind, detail in rows:
@@ -269,8 +270,9 @@ class Catalog:
                 out[kind] += 1
             if kind == "failed":
                 out["last_error"] = {"time": t, "reason": fields.get("reason"), "error": fields.get("error")}
-            elif kind in ("start", "end", "disconnect"):
-                out["run"] = {"start": "running", "end": "ended", "disconnect": "disconnected"}[kind]
+            elif kind in ("start", "end", "disconnect", "detached"):
+                out["run"] = {"start": "running", "end": "ended", "disconnect": "disconnected",
+                              "detached": "detached"}[kind]
         return out
 
     # -- reconciling with the disk -------------------------------------------------------
