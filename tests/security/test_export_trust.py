@@ -14,9 +14,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
 import torch
 import xxhash
 
@@ -34,15 +33,6 @@ JOB = "lora"
 STEP1, STEP2 = f"{JOB}-step00000001.safetensors", f"{JOB}-step00000002.safetensors"
 
 
-@pytest.fixture
-def base() -> Iterator[Path]:
-    """A 0755 directory under /tmp that every test user can traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="ckptd-export-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def give(path: Path, user: User, mode: int) -> None:

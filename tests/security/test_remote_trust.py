@@ -13,11 +13,10 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -32,15 +31,6 @@ from tests.users import User
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as several unix users")
 
 
-@pytest.fixture
-def base() -> Iterator[Path]:
-    """A 0755 directory under /tmp that the test's users can traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="ckptd-remote-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def start_daemon(base: Path, extra: str, env: dict[str, str] | None = None) -> DaemonProc:

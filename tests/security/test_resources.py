@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -33,15 +31,6 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, rea
 MiB = 1 << 20
 
 
-@pytest.fixture
-def open_base() -> Iterator[Path]:
-    """A 0755 directory under /tmp that other users can traverse (pytest's tmp_path is 0700)."""
-    base = Path(tempfile.mkdtemp(prefix="ckptd-res-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -193,7 +182,7 @@ def test_the_watchdog_is_fed_only_while_healthy(tmp_path: Path) -> None:
 @as_root
 @pytest.mark.slow
 @pytest.mark.serial
-def test_a_flood_of_the_metrics_port_leaves_the_daemon_its_descriptors(open_base: Path, users) -> None:  # type: ignore[no-untyped-def]
+def test_a_flood_of_the_metrics_port_leaves_the_daemon_its_descriptors(base: Path, users) -> None:  # type: ignore[no-untyped-def]
     """A user outside the socket's group holds 400 connections to the metrics port and feeds one
     request a byte at a time, against a daemon limited to 256 descriptors. Before: every one was
     served (a thread and a descriptor each, as fast as the daemon could accept them; none
@@ -204,7 +193,7 @@ def test_a_flood_of_the_metrics_port_leaves_the_daemon_its_descriptors(open_base
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # what LimitNOFILE= makes of it
 
     outsider = users.user("ckout")
-    d = DaemonProc(open_base / "d", 'http_request_timeout = "2s"\n', preexec=few_fds)
+    d = DaemonProc(base / "d", 'http_request_timeout = "2s"\n', preexec=few_fds)
     d.start()
     fds = Sampler(lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd")), 0.005)  # type: ignore[union-attr]
     flood = subprocess.Popen([PYTHON, str(ROOT / "tests" / "scripts" / "http_flood.py"), str(outsider.uid),
@@ -386,16 +375,16 @@ def test_concurrent_saves_never_take_the_memory_tier_past_its_budget(tmp_path: P
 
 @as_root
 @pytest.mark.slow
-def test_another_users_saves_do_not_evict_a_snapshot_within_its_share(open_base: Path, users) -> None:  # type: ignore[no-untyped-def]
+def test_another_users_saves_do_not_evict_a_snapshot_within_its_share(base: Path, users) -> None:  # type: ignore[no-untyped-def]
     """Budget 10 MiB, two users: alice keeps one 3 MiB snapshot; bob saves four jobs of 3 MiB.
     Bob is over his share (5 MiB), so his own oldest go. Before: the oldest in the tier went,
     alice's, although she held less than half."""
     group, _ = users.group("ckres")
     alice, bob = users.user("cka", groups=[group]), users.user("ckb", groups=[group])
-    d = DaemonProc(open_base / "d", f'group = "{group}"\nmemory_budget = {10 * MiB}\n')
+    d = DaemonProc(base / "d", f'group = "{group}"\nmemory_budget = {10 * MiB}\n')
     d.start()
     try:
-        for p in (open_base / "d", open_base / "d" / "run", d.root):
+        for p in (base / "d", base / "d" / "run", d.root):
             os.chmod(p, 0o755)
 
         def saves(user: Any, jobs: list[str]) -> list[dict[str, Any]]:

@@ -18,7 +18,6 @@ from tests import test_security
 from tests.conftest import PYTHON, ROOT, project_env, wait_until
 from tests.users import User
 
-open_base = test_security.open_base  # a fixture: a 0755 place under /tmp every test user can traverse
 start_daemon = test_security.start_daemon  # a real daemon whose socket every user may open
 TRAIN = str(ROOT / "tests" / "scripts" / "as_user_train.py")
 
@@ -67,16 +66,16 @@ def own_dir(path: Path, user: User, mode: int = 0o755, gid: int | None = None) -
     return path
 
 
-def test_another_uids_newer_checkpoint_planted_or_hard_linked_is_skipped_and_logged(users, open_base: Path) -> None:
+def test_another_uids_newer_checkpoint_planted_or_hard_linked_is_skipped_and_logged(users, base: Path) -> None:
     """Alice's job directory is writable by a group Mallory is in (the old 2775 deployment).
     Mallory plants a newer checkpoint of the same job (a copy she owns, a hard link to her own
     file, a symlink to it): Alice's resume skips each, one line each naming the path, the owner
     and why, and continues from her own step 2 with her own weights."""
     group, gid = users.group()
     alice, mallory = users.user(groups=[group]), users.user(groups=[group])
-    mine = own_dir(open_base / "alice" / "run", alice, 0o2775, gid)
-    own_dir(open_base / "alice", alice)
-    theirs = own_dir(open_base / "mallory", mallory)
+    mine = own_dir(base / "alice" / "run", alice, 0o2775, gid)
+    own_dir(base / "alice", alice)
+    theirs = own_dir(base / "mallory", mallory)
     assert started(train(alice, mine, "run", 2))[0] == 0
     assert [c.step for c in scan(str(mine), "run")] == [1, 2]
     train(mallory, theirs, "run", 9, fill=660.0)
@@ -94,13 +93,13 @@ def test_another_uids_newer_checkpoint_planted_or_hard_linked_is_skipped_and_log
         assert f"skipping {path}: checkpoint {path} is owned by uid {mallory.uid}, not by uid {alice.uid}" in r.stderr
 
 
-def test_a_swapped_job_directory_is_refused_in_embedded_mode(users, open_base: Path) -> None:
+def test_a_swapped_job_directory_is_refused_in_embedded_mode(users, base: Path) -> None:
     """H4, the hook's side: the shared 2775 root has no sticky bit, so Mallory renames Alice's job
     directory away and puts her own, holding a newer checkpoint of Alice's job, in its place.
     Alice's hook (no daemon: embedded mode) refuses to resume from it and says why."""
     group, gid = users.group()
     alice, mallory = users.user(groups=[group]), users.user(groups=[group])
-    shared = open_base / "shared"
+    shared = base / "shared"
     shared.mkdir()
     os.chown(shared, 0, gid)
     os.chmod(shared, 0o2775)
@@ -116,12 +115,12 @@ def test_a_swapped_job_directory_is_refused_in_embedded_mode(users, open_base: P
     assert [c.step for c in scan(str(mine), "run")] == [1, 2, 3, 4, 5]  # she wrote nothing there either
 
 
-def test_the_memory_tier_does_not_outlive_rm_rf_of_the_job_directory(users, open_base: Path) -> None:
+def test_the_memory_tier_does_not_outlive_rm_rf_of_the_job_directory(users, base: Path) -> None:
     """L9: Alice's run saved step 3 through the daemon, which holds it in memory. She removes the
     job directory (``rm -rf``) and makes it again: a new run starts at 0, not from the memory of
     the run she deleted; asked directly, the daemon holds nothing for that directory now."""
     alice = users.user()
-    d = start_daemon(open_base)
+    d = start_daemon(base)
     try:
         run = own_dir(d.root / "alice", alice) / "run"
         assert started(train(alice, run, "run", 3, fill=10.0, socket=d.socket))[0] == 0
@@ -142,12 +141,12 @@ def hello(user: User, socket: str, directory: Path, job: str = "run") -> dict[st
                               "step": 0})
 
 
-def test_a_job_follows_its_directory_to_a_new_owner_who_does_not_see_the_old_rows(users, open_base: Path) -> None:
+def test_a_job_follows_its_directory_to_a_new_owner_who_does_not_see_the_old_rows(users, base: Path) -> None:
     """L2: Alice's job directory is given to Bob (``chown``); her files in it stay hers. Bob's
     trainer says hello for the same (name, directory) and is welcome (the job was Alice's forever
     before); his listing and status show the job but none of Alice's checkpoints."""
     alice, bob = users.user(), users.user()
-    d = start_daemon(open_base)
+    d = start_daemon(base)
     try:
         run = own_dir(d.root / "run", alice)
         train(alice, run, "run", 2, socket=d.socket)
@@ -165,17 +164,17 @@ def test_a_job_follows_its_directory_to_a_new_owner_who_does_not_see_the_old_row
         d.stop()
 
 
-def test_rows_rebuilt_from_files_are_their_owners_and_latest_finds_ones_own(users, open_base: Path) -> None:
+def test_rows_rebuilt_from_files_are_their_owners_and_latest_finds_ones_own(users, base: Path) -> None:
     """L6: Alice and Bob each trained a job named ``run`` with no daemon; the daemon then starts
     and catalogues both from the files. Bob sees only his: ``latest run`` answers his checkpoint
     (it said "2 jobs are named run", naming Alice's directory), ``list`` and ``status`` show his."""
     alice, bob = users.user(), users.user()
-    root = open_base / "d" / "roots"
+    root = base / "d" / "roots"
     hers, his = own_dir(root / "alice", alice), own_dir(root / "bob", bob)
     os.chmod(root, 0o755)
     train(alice, hers, "run", 2)
     train(bob, his, "run", 3)
-    d = start_daemon(open_base)
+    d = start_daemon(base)
     try:
         wait_until(lambda: len(ask(users_root(), d.socket, {"type": "list"})["checkpoints"]) == 5, 30, "the rebuild")
         latest = ask(bob, d.socket, {"type": "latest", "job": "run"})
@@ -190,11 +189,11 @@ def users_root() -> User:
     return User("root", 0, 0)
 
 
-def test_refusals_do_not_tell_a_missing_directory_from_another_users(users, open_base: Path) -> None:
+def test_refusals_do_not_tell_a_missing_directory_from_another_users(users, base: Path) -> None:
     """L7: Mallory names a directory inside Alice's 0700 one (which she cannot stat) and one that
     does not exist: ``hello`` and ``memory`` refuse both in the same words."""
     alice, mallory = users.user(), users.user()
-    d = start_daemon(open_base)
+    d = start_daemon(base)
     try:
         private = own_dir(d.root / "alice", alice, 0o700)
         own_dir(private / "secret", alice)
@@ -207,12 +206,12 @@ def test_refusals_do_not_tell_a_missing_directory_from_another_users(users, open
         d.stop()
 
 
-def test_a_file_name_that_is_not_utf8_is_skipped_with_a_line_not_a_crash(users, open_base: Path) -> None:
+def test_a_file_name_that_is_not_utf8_is_skipped_with_a_line_not_a_crash(users, base: Path) -> None:
     """L8: a checkpoint-like file whose name is not UTF-8 in Alice's job directory: her hello is
     welcome (it crashed while the catalogue adopted the directory), the daemon's log names the
     file with surrogate escapes, and the daemon serves on."""
     alice = users.user()
-    d = start_daemon(open_base)
+    d = start_daemon(base)
     try:
         run = own_dir(d.root / "run", alice)
         odd = os.path.join(os.fsencode(run), b"run-\xff.safetensors")
