@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 	@echo "== installing $(TORCH), ckptd and DeepSpeed into $(VENV) (first run only; a few minutes, pip's progress below)"
 	$(PIP) install --progress-bar on $(TORCH)
 	$(PIP) install --progress-bar on -e '.[test]'
-	$(PIP) show -q deepspeed 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install --progress-bar on --no-build-isolation $(DEEPSPEED)
+	$(PIP) show deepspeed >/dev/null 2>&1 || DS_BUILD_OPS=0 $(PIP) install --progress-bar on --no-build-isolation $(DEEPSPEED)
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	@echo "== installed; next time this step is skipped"
 	touch $(STAMP)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import time
 
 import torch
@@ -66,7 +67,8 @@ def main() -> None:
             time.sleep(a.step_sleep)
     if ckpt:
         ckpt.close()
-    print(f"rank {rank} FINGERPRINT {fingerprint(engine)}", flush=True)
+    sys.stdout.write(f"rank {rank} FINGERPRINT {fingerprint(engine)}\n")  # one write: ranks share the pipe
+    sys.stdout.flush()
 
 
 def _pause_in_save(engine: object, step: int) -> None:

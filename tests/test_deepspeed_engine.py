@@ -48,7 +48,7 @@ def run_all(cmds: dict[str, list[str]]) -> dict[str, str]:
 
 
 def fingerprints(out: str) -> dict[str, str]:
-    return dict(re.findall(r"rank (\d) (?:STEP \d+ )?FINGERPRINT (\w+)", out))
+    return dict(re.findall(r"rank (\d) (?:STEP \d+ )?FINGERPRINT ([0-9a-f]{16})", out))
 
 
 def keep_only(directory: Path, tag: str) -> None:

@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-__all__ = ["NOBODY", "Identity", "OwnerError", "acting_as", "as_daemon", "current_fs_ids", "owner_of"]
+__all__ = ["NOBODY", "Identity", "OwnerError", "acting_as", "as_daemon", "current_fs_ids", "owner_of", "start_thread"]
 
 NOBODY = NOBODY_GID = 65534  # the overflow ids: whose rights a file nobody can be found to own is read with
 
@@ -127,6 +127,15 @@ def as_daemon() -> Iterator[None]:
     finally:
         _switch(prev)
         _local.who = prev
+
+
+def start_thread(thread: threading.Thread) -> None:
+    """Start ``thread`` with the daemon's own rights, wherever it is started from. A new thread
+    inherits its creator's credentials from the kernel, not this module's record of them: one
+    started inside ``acting_as`` (a background refresher a reader wakes up during retention)
+    would run as the job's owner for good, and fail to import what only the daemon may read."""
+    with as_daemon():
+        thread.start()
 
 
 class _ImportsAsDaemon(importlib.abc.MetaPathFinder):

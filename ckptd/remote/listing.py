@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from ckptd.disk import manifest as mf
+from ckptd.disk.owner import start_thread
 from ckptd.disk.scan import SUFFIX
 from ckptd.remote.stores import RemoteError, Store, open_store
 
@@ -171,7 +172,7 @@ class RemoteIndex:
             self._wanted.append(key)
         if self._thread is None:
             self._thread = threading.Thread(target=self._refresher, name="ckptd-remote-index", daemon=True)
-            self._thread.start()
+            start_thread(self._thread)
 
     def _refresher(self) -> None:
         while True:

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from ckptd.disk.owner import start_thread
 from ckptd.disk.scan import scan
 from ckptd.remote.layout import job_prefix
 from ckptd.remote.listing import INDEX, RemoteCheckpoint, committed
@@ -104,7 +105,7 @@ class Uploader:
             if lane not in self._running:
                 t = threading.Thread(target=self._run, args=(lane,), name=f"{self._name}-{upload.job}", daemon=True)
                 self._running[lane] = t
-                t.start()
+                start_thread(t)
 
     def resync(self, job: str, directory: str, settings: Mapping[str, Any], key: Any = None,
                after: Callable[[], None] | None = None, prefix: str = "", owner_uid: int | None = None,
@@ -123,7 +124,7 @@ class Uploader:
                     self.submit(Upload(job, c.path, settings, key, after, c.created, where, owner_uid, guard))
         t = threading.Thread(target=self._retrying, args=(find, settings["remote"]), name="ckptd-resync", daemon=True)
         self._resyncs.append(t)
-        t.start()
+        start_thread(t)
 
     @property
     def pending(self) -> list[Upload]:

@@ -37,4 +37,5 @@ params = list(trainer.model.parameters())
 with deepspeed.zero.GatheredParameters(params):
     for p in params:
         h.update(p.detach().float().numpy().tobytes())
-print(f"rank {trainer.args.process_index} STEP {trainer.state.global_step} FINGERPRINT {h.hexdigest()[:16]}", flush=True)
+sys.stdout.write(f"rank {trainer.args.process_index} STEP {trainer.state.global_step} FINGERPRINT {h.hexdigest()[:16]}\n")
+sys.stdout.flush()  # one write: the ranks share the pipe

@@ -349,3 +349,24 @@ LORA_TWO_SAVES = """
     files = sorted(glob.glob(os.path.join(directory, "bobs-step*.safetensors")))
     print(json.dumps({"holder": files[0], "referring": files[-1]}))
 """
+
+
+def test_a_thread_started_inside_the_switch_runs_as_the_daemon(users: Users) -> None:
+    """The kernel gives a new thread its creator's credentials: a background thread started during
+    a job's file work (the remote index's refresher, woken by retention) ran as that user for good,
+    and then could not import the stdlib from a 0700 home (found when the branches met). Threads
+    ckptd starts go through ``start_thread``, which starts them with the daemon's own rights."""
+    from ckptd.disk.owner import Identity, acting_as, current_fs_ids, start_thread
+
+    u = users.user()
+    seen: dict[str, tuple[int, int]] = {}
+    with acting_as(Identity.of(u.uid)):
+        plain = threading.Thread(target=lambda: seen.__setitem__("plain", current_fs_ids()))
+        plain.start()
+        plain.join()
+        ours = threading.Thread(target=lambda: seen.__setitem__("ours", current_fs_ids()))
+        start_thread(ours)
+        ours.join()
+        assert current_fs_ids() == (u.uid, u.gid)  # and the starting thread is still the owner
+    assert seen["plain"] == (u.uid, u.gid), seen  # what the kernel does
+    assert seen["ours"] == (os.geteuid(), os.getegid()), seen

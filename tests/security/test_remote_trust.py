@@ -366,7 +366,10 @@ def test_a_checkpoint_swapped_for_a_link_while_its_upload_waits_publishes_nothin
         out = saver(d, attacker, "run", run, {"remote": "s3://ckpt/fleet"}, 1)
         assert out[1]["ok"], out
         mine = (run / "run-step00000001.safetensors").read_bytes()
-        wait_until(lambda: "retrying with backoff" in d.log.read_text(), 30, "the upload failing")
+        try:
+            wait_until(lambda: "retrying with backoff" in d.log.read_text(), 30, "the upload failing")
+        except AssertionError:
+            raise AssertionError(d.log.read_text()[-4000:]) from None
         swap = as_user(attacker, "", "os.symlink(sys.argv[1], sys.argv[2] + '.x')\n"
                                      "os.rename(sys.argv[2] + '.x', sys.argv[2])",
                        str(secret), str(run / "run-step00000001.safetensors"))
