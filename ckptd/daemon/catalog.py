@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ckptd.core.vocab import Outcome
 from ckptd.daemon.jobkey import JobKey
 from ckptd.disk.manifest import MANIFEST, SHARD_RE
-from ckptd.disk.owner import NOBODY, Identity, acting_as, owner_of
+from ckptd.disk.owner import NOBODY, Identity, acting_as, owner_of, uid_of
 from ckptd.disk.persist import TEMP_MARK
 from ckptd.disk.scan import SUFFIX, Checkpoint, read_info
 
@@ -173,7 +173,7 @@ class Catalog:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (c.path, c.job, c.step, c.epoch, c.created, c.trigger, c.rule, c.bytes, int(verified),
                  json.dumps(c.metrics, default=str), int(c.pinned), reason, json.dumps(c.digests), outcome,
-                 directory or os.path.dirname(c.path), _file_owner(c.path) if uid is None else uid))
+                 directory or os.path.dirname(c.path), uid_of(c.path) if uid is None else uid))
 
     def forget(self, paths: Iterable[str]) -> None:
         with self._lock:
@@ -344,13 +344,6 @@ def _missing(path: str) -> bool:
     except OSError:
         return False
     return False
-
-
-def _file_owner(path: str) -> int | None:
-    try:
-        return os.lstat(path).st_uid
-    except OSError:
-        return None
 
 
 def _utf8(dirpath: str, name: str) -> bool:

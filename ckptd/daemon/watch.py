@@ -42,7 +42,7 @@ from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.metrics import Metrics
-from ckptd.disk.owner import Identity, OwnerError, acting_as, as_daemon, owner_of
+from ckptd.disk.owner import Identity, OwnerError, acting_as, as_daemon, owner_of, uid_of
 from ckptd.disk.remove import Removal
 from ckptd.disk.remove import apply as apply_removals
 from ckptd.disk.safepath import open_regular
@@ -326,7 +326,7 @@ class Watcher(FileSystemEventHandler):
             busy = set(self.pending)
         groups: dict[tuple[int, str], list[retention.Item]] = {}
         for r in self.ctx.catalog.checkpoints(*self.key):
-            owner = _owner(r.path)
+            owner = uid_of(r.path)
             if owner is None:
                 continue
             corrupt = r.outcome == Outcome.CORRUPT and not keep_corrupt
@@ -335,7 +335,7 @@ class Watcher(FileSystemEventHandler):
                 retention.item_of(r.path, r.step, r.created, r.bytes, verified=r.verified, corrupt=corrupt,
                                   in_flight=r.path in busy, pinned=r.pinned or r.path in protected))
         for unit in busy:
-            owner = _owner(unit)
+            owner = uid_of(unit)
             if owner is not None:
                 groups.setdefault((owner, os.path.dirname(unit)), []).append(
                     retention.item_of(unit, NEVER, now, 0, in_flight=True))
@@ -387,13 +387,6 @@ class Watcher(FileSystemEventHandler):
             if best:
                 needed.add(os.path.realpath(os.path.join(parent, os.path.basename(str(best).rstrip("/")))))
         return needed
-
-
-def _owner(path: str) -> int | None:
-    try:
-        return os.lstat(path).st_uid
-    except OSError:
-        return None
 
 
 def _digests(found: foreign.Found) -> dict[str, str]:

@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-__all__ = ["NOBODY", "Identity", "OwnerError", "acting_as", "as_daemon", "current_fs_ids", "owner_of", "start_thread"]
+__all__ = ["NOBODY", "Identity", "OwnerError", "acting_as", "as_daemon", "current_fs_ids", "owner_of", "start_thread", "uid_of"]
 
 NOBODY = NOBODY_GID = 65534  # the overflow ids: whose rights a file nobody can be found to own is read with
 
@@ -74,6 +74,14 @@ class Identity:
         except KeyError:
             return cls(uid, gid, (gid,))
         return cls(uid, user.pw_gid, tuple(sorted(set(os.getgrouplist(user.pw_name, user.pw_gid)))))
+
+
+def uid_of(path: str) -> int | None:
+    """The uid owning ``path`` itself (a symlink's, not its target's); None when it cannot be seen."""
+    try:
+        return os.lstat(path).st_uid
+    except OSError:
+        return None
 
 
 def owner_of(path: str) -> Identity:
