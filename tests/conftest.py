@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -218,6 +219,23 @@ class DaemonProc:
     def stop(self) -> int:
         self.kill(15)
         return self.proc.returncode if self.proc else 0
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A 0755 directory under /tmp that the test's users can traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="ckptd-sec-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def open_base(base: Path) -> Path:
+    """``base``, by the name tests/test_security.py has always used."""
+    return base
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 import zipfile
@@ -38,15 +37,6 @@ NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second unix user")
 
 
-@pytest.fixture
-def open_base() -> Iterator[Path]:
-    """A 0755 directory under /tmp that uid 65534 can traverse (pytest's tmp_path is 0700)."""
-    base = Path(tempfile.mkdtemp(prefix="ckptd-sec-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def start_daemon(base: Path, extra: str = "") -> DaemonProc:
