@@ -17,7 +17,7 @@ import torch
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_file
 from examples.train_toy import build
-from tests.conftest import PYTHON, ROOT, project_env, run_py
+from tests.conftest import PYTHON, ROOT, project_env, run_py, wait_until
 from trainer_hooks import Checkpointer
 
 TOY = str(ROOT / "examples" / "train_toy.py")
@@ -31,13 +31,6 @@ def straight_run(tmp_path: Path, steps: int) -> dict:
     return json.loads(out.read_text())
 
 
-def wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     steps = 40
@@ -46,7 +39,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     proc = subprocess.Popen([PYTHON, TOY, "--dir", str(run_dir), "--steps", str(steps), "--every-steps", "5",
                              "--step-sleep", "0.05"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: any(c.step >= steps // 2 for c in scan(str(run_dir), "toy")))
+        wait_until(lambda: any(c.step >= steps // 2 for c in scan(str(run_dir), "toy")))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
