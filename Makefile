@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # shared-memory collectives: built here, once (cached under ~/.cache/torch_extensions), not in a test.
 DEEPSPEED := deepspeed==0.19.8
 
-.PHONY: demo test test-fast lint bench soak clean tools install install-venv install-files
+.PHONY: demo test test-unit test-fast lint bench soak clean tools install install-venv install-files
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,19 +36,25 @@ tools:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      prometheus prometheus-alertmanager systemd >/dev/null; }
 
-# The gates: lint, types (strict on ckptd/core), and the layer contract (imports only point down).
+# The gates: lint, types (mypy strict on all of ckptd and trainer_hooks), and the layer contract (imports only point down).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ckptd trainer_hooks tests benchmarks examples deploy
 	$(VENV)/bin/mypy ckptd trainer_hooks
 	$(VENV)/bin/lint-imports
 
-# The suite in parallel (its tests mostly wait on real processes: trainers, torchrun ranks,
-# daemons), two workers a CPU up to 8; then the tests that time what they assert, alone.
+# The suite in tiers. First tests/unit: the logic in-process (no torch, no subprocess, no daemon),
+# so that a broken rule fails in a minute. Then the real-process tests in parallel (they mostly wait
+# on trainers, torchrun ranks, daemons), two workers a CPU up to 8; then the tests that time what
+# they assert, alone.
 WORKERS ?= $(shell n=$$(( 2 * $$(nproc) )); [ $$n -gt 8 ] && n=8; echo $$n)
 
 test: $(STAMP) tools lint
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup -m "not serial"
-	$(PY) -m pytest -q -m serial
+	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup -m "not serial" --ignore=tests/unit --durations=25
+	$(PY) -m pytest -q -m serial --ignore=tests/unit
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

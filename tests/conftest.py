@@ -66,7 +66,7 @@ def no_leaks() -> Iterator[None]:
     threads_before = set(threading.enumerate())
     children_before = _children()
     yield
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + 5.0 * SLACK
     while True:
         threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
         children = _children() - children_before

@@ -25,9 +25,8 @@ from ckptd.daemon.metrics import Metrics
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_file
 from tests.conftest import PYTHON, ROOT, DaemonProc, free_port, project_env, tmpfs_at, wait_until
+from tests.unit.test_deploy import DEPLOY
 from trainer_hooks import Checkpointer
-
-DEPLOY = ROOT / "deploy"
 
 
 def need(tool: str) -> str:
@@ -51,36 +50,6 @@ def test_the_alertmanager_example_is_valid() -> None:
     check = subprocess.run([need("amtool"), "check-config", "alertmanager.yml"], cwd=DEPLOY / "prometheus",
                            capture_output=True, text=True)
     assert check.returncode == 0 and "inhibit rules" in check.stdout, check.stdout + check.stderr
-
-
-def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
-    import yaml  # noqa: F401 (pyyaml comes with the test extras)
-
-    rules = re.findall(r"- alert: (\w+)", (DEPLOY / "prometheus" / "alerts.yml").read_text())
-    doc = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())
-    firing = {t["alert_rule_test"][0]["alertname"] for t in doc["tests"] if t["alert_rule_test"][0]["exp_alerts"]}
-    quiet = {t["alert_rule_test"][0]["alertname"] for t in doc["tests"] if not t["alert_rule_test"][0]["exp_alerts"]}
-    assert set(rules) == firing == quiet
-    assert set(rules) == {"CkptdSaveFailed", "CkptdSaveMissed", "CkptdCheckpointStale", "CkptdVerifyFailed",
-                          "CkptdQuotaNearlyExhausted", "CkptdTrainerExitUnsaved", "CkptdDown", "CkptdReplicationLagging",
-                          "CkptdTrainerUnattended", "CkptdMetricsAbsent"}
-
-
-def test_every_alert_names_its_host_routes_and_links_its_runbook() -> None:
-    """Fleet routing (issue 34): the host in every text (but absent()'s, which has none), the
-    severity and service labels common Alertmanager configs route on, a runbook section each."""
-    import yaml
-
-    runbooks = (ROOT / "docs" / "runbooks.md").read_text()
-    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", runbooks, re.M)}
-    rules = [r for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"] for r in g["rules"]]
-    for rule in rules:
-        assert rule["labels"]["severity"] in ("critical", "warning") and rule["labels"]["service"] == "ckptd", rule
-        url = rule["annotations"]["runbook_url"]
-        assert url == f"docs/runbooks.md#{rule['alert'].lower()}" and rule["alert"].lower() in anchors, url
-        if "absent(" not in rule["expr"]:
-            assert "{{ $labels.instance }}" in rule["annotations"]["summary"], rule["alert"]
-        assert 'job="ckptd"' not in rule["expr"], rule["alert"]
 
 
 def test_the_promtool_tests_feed_the_label_sets_the_exporter_really_produces(daemon: DaemonProc) -> None:
@@ -116,20 +85,6 @@ def test_the_promtool_tests_feed_the_label_sets_the_exporter_really_produces(dae
         assert labels == exported.get(name, declared.get(name)), (name, labels, exported.get(name, declared.get(name)))
         checked += name in exported
     assert checked >= 6
-
-
-def test_the_dashboard_keeps_the_host_in_every_aggregation_and_names_every_series() -> None:
-    """Two hosts' `llm-pretrain` must not merge (issue 34): every `by (...)` keeps `instance`
-    (the fleet row's `count(...)` of hosts excepted), every per-job selector takes the host
-    variable, every target has a legend naming its host."""
-    dashboard = json.loads((DEPLOY / "grafana" / "ckptd.json").read_text())
-    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
-    assert dashboard["panels"][0]["type"] == "row" and dashboard["panels"][0]["title"] == "Fleet overview"
-    for t in targets:
-        for group in re.findall(r"by \(([^)]*)\)", t["expr"]):
-            assert "instance" in group, t["expr"]
-        assert 'instance=~"$host"' in t["expr"], t["expr"]
-        assert t.get("legendFormat") and ("{{instance}}" in t["legendFormat"] or t["expr"].startswith("count(")), t
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
@@ -179,16 +134,6 @@ def test_the_unit_holds_exactly_the_two_capabilities_owner_rights_need(tmp_path:
     assert level <= 3.7, r.stdout[-2000:]
 
 
-def test_the_shipped_tmpfiles_and_sysusers_share_nothing_writable() -> None:
-    """No shared writable group (issue 33, H3/H4): the root is sticky and root's (everyone may make
-    a directory, nobody may rename or delete another's), and the service user's group is the
-    socket's alone. tests/security/test_owner_rights.py uses this very mode against real users."""
-    tmpfiles = (ROOT / "systemd" / "ckptd.tmpfiles").read_text()
-    root = next(x.split() for x in tmpfiles.splitlines() if x.startswith("d /srv/checkpoints "))
-    assert root[2:5] == ["1777", "root", "root"], root
-    assert "ckptd" not in " ".join(root)
-
-
 def test_install_files_follow_confdir_and_bindir(tmp_path: Path) -> None:
     """L10: the installed unit runs BINDIR/ckptd with CONFDIR's config (``make install-files``, the
     part of ``make install`` after the venv), and ``systemd-analyze verify`` accepts it."""
@@ -227,26 +172,6 @@ def test_example_config_is_valid() -> None:
     assert cfg.daemon["roots"] == ["/srv/checkpoints"]
     assert cfg.jobs["gpt-ft"]["every"] == 1800.0 and cfg.defaults["min_free"] == 0.05
 
-
-def test_ended_jobs_are_dropped_from_metrics() -> None:
-    from ckptd.daemon.jobkey import JobKey
-
-    m = Metrics()
-    old, live, namesake = JobKey("old", "/runs/a"), JobKey("live", "/runs/b"), JobKey("old", "/runs/c")
-    m.saves.labels(*old, "step", "ok").inc()
-    m.last_saved_step.labels(*old).set(5)
-    m.saves.labels(*live, "step", "ok").inc()
-    m.saves.labels(*namesake, "step", "ok").inc()  # the same name in another directory is another job
-    m.job_ended(old, now=1000.0)
-    assert m.drop_ended(now=1000.0 + 10, ttl=3600) == []
-    assert m.drop_ended(now=1000.0 + 3601, ttl=3600) == [old]
-    from prometheus_client import generate_latest
-
-    text = generate_latest(m.registry).decode()
-    assert 'directory="/runs/a"' not in text and 'training_job="live"' in text and 'directory="/runs/c"' in text
-
-
-# --- sd_notify and draining -----------------------------------------------------------------
 
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
@@ -331,8 +256,6 @@ def test_sigterm_drains_in_flight_saves(tmp_path: Path) -> None:
     (only,) = scan(str(run), "drain")
     assert verify_file(only.path).ok and ckpt.stats["verified"] == 1
 
-
-# --- a real Prometheus server ------------------------------------------------------------------
 
 class Prometheus:
     def __init__(self, base: Path, target_port: int) -> None:
@@ -490,3 +413,4 @@ def test_every_metric_the_dashboard_and_the_alerts_use_is_exported_with_one_job(
         assert not used - exported - faults, f"queried but not exported with one job: {sorted(used - exported)}"
     finally:
         ckpt.close()
+

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -20,10 +19,11 @@ from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_file
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, run_py, wait_until
 from trainer_hooks import Checkpointer
-from trainer_hooks.overlap import Overlap
 from trainer_hooks.state import load
 
 TRAIN = str(ROOT / "tests" / "scripts" / "overlap_train.py")
+
+
 KILLS = 200 if os.environ.get("CKPTD_SOAK") else 10
 
 
@@ -125,20 +125,6 @@ def test_what_the_next_forward_may_write_is_held_at_the_saving_step(tmp_path: Pa
         assert state["trainer"]["step"] == c.step
 
 
-def test_a_failure_on_the_copy_thread_is_a_failed_save_not_an_exception() -> None:
-    failures: list[tuple[int, str]] = []
-    handed: list[int] = []
-    overlap = Overlap(None, lambda step, exc: failures.append((step, str(exc))))
-
-    def broken() -> Callable[[], None]:
-        raise OSError("no memory for the snapshot")
-    overlap.start(broken, 7)
-    assert overlap.wait(10) and failures == [(7, "no memory for the snapshot")]
-    overlap.start(lambda: lambda: handed.append(8), 8)  # the thread lives on for the next save
-    assert overlap.wait(10) and handed == [8]
-    overlap.close()
-
-
 def test_every_auto_weighs_what_an_overlapped_copy_costs_not_only_the_stall(tmp_path: Path) -> None:
     """On CPU the copy beside training takes about its own time from training (the README's
     figures): the hook reports it as ``cost`` beside the stall, the daemon's plan and overhead
@@ -207,3 +193,4 @@ def test_trainer_killed_at_random_moments_of_overlapped_saves(tmp_path: Path) ->
     finally:
         d.stop()
     assert seen >= KILLS
+

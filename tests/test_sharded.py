@@ -27,7 +27,11 @@ from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, run_p
 from tests.test_integrations import ENV, run
 
 TORCHRUN = str(Path(PYTHON).parent / "torchrun")
+
+
 SCRIPT = str(ROOT / "examples" / "sharded_train.py")
+
+
 JOB = "sharded-demo"
 
 
@@ -50,47 +54,6 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(torchrun(2, d, "--steps", "20"))
     return d
 
-
-# -- the commit rule, as a pure function ---------------------------------------------------
-
-def test_commit_needs_every_rank_verified_at_the_same_step() -> None:
-    good = [{"ok": True, "rank": r, "step": 10} for r in range(3)]
-    assert mf.commit_problem(good, 3) == ""
-    assert "2 of 3 ranks" in mf.commit_problem(good[:2], 3)
-    failed = [*good[:2], {"ok": False, "rank": 2, "step": 10, "error": "no space"}]
-    assert mf.commit_problem(failed, 3) == "rank 2: no space"
-    skewed = [*good[:2], {"ok": True, "rank": 2, "step": 11}]
-    assert "different steps [10, 11]" in mf.commit_problem(skewed, 3)
-    twice = [*good[:2], {"ok": True, "rank": 1, "step": 10}]
-    assert "twice" in mf.commit_problem(twice, 3)
-
-
-def test_rank0_proposes_about_a_tenth_of_a_second_between_trigger_exchanges() -> None:
-    from trainer_hooks.shards import MAX_INTERVAL, next_interval
-
-    assert next_interval(None) == 1 and next_interval(0.0) == 1  # no measurement yet: every call
-    assert next_interval(0.001) == 100 and next_interval(0.01) == 10
-    assert next_interval(2.0) == 1  # slow steps: every step, a trigger waits one step
-    assert next_interval(1e-9) == MAX_INTERVAL
-
-
-def test_manifest_round_trip_and_rejects_inconsistent_ones() -> None:
-    m = mf.Manifest("j", 40, 2, (mf.Shard(0, mf.shard_name(0, 2), 10, "a" * 16),
-                                 mf.Shard(1, mf.shard_name(1, 2), 11, "b" * 16)), trigger="step", epoch=1.5)
-    assert mf.Manifest.parse(m.to_json()) == m
-    body = json.loads(m.to_json())
-    body["world_size"] = 3
-    with pytest.raises(mf.ManifestError, match="world size 3"):
-        mf.Manifest.parse(json.dumps(body))
-    body = json.loads(m.to_json())
-    body["shards"][1]["file"] = "../../etc/passwd"
-    with pytest.raises(mf.ManifestError, match="does not match its rank"):
-        mf.Manifest.parse(json.dumps(body))
-    with pytest.raises(mf.ManifestError, match="unreadable"):
-        mf.Manifest.parse("{not json")
-
-
-# -- what two ranks wrote ------------------------------------------------------------------
 
 def test_each_rank_writes_its_shard_and_the_manifest_names_them(two_rank_run: Path) -> None:
     units = scan(str(two_rank_run), JOB)
@@ -153,8 +116,6 @@ def test_a_quota_refusal_reaches_every_rank_before_any_shard_is_written(tmp_path
     assert re.findall(r"rank \d FINGERPRINT \w+ saves (\d+)", out) == ["1", "1"]
 
 
-# -- killed mid-save, with 2 and 4 ranks ----------------------------------------------------
-
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks,victim", [(2, 1), (4, 2)])
 def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
@@ -189,8 +150,6 @@ def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
     finally:
         d.stop()
 
-
-# -- triggers that are not a function of the step: agreed, then saved on every rank at once --------
 
 @pytest.mark.slow
 def test_time_rule_saves_commit_on_every_rank(tmp_path: Path) -> None:
@@ -297,3 +256,4 @@ def test_export_of_a_unit_of_per_rank_state_takes_one_rank(tmp_path: Path) -> No
     ok = ckptd_cli("export", path, str(tmp_path / "out"), "--rank", "0")
     assert ok.returncode == 0, ok.stderr
     assert set(load_file(str(tmp_path / "out" / "model.safetensors"))) == {"weight", "bias"}
+
