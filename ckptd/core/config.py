@@ -107,37 +107,45 @@ def _as_table(value: Any, where: str) -> dict[str, Any]:
 
 
 def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
+    """The [daemon] table: every key known and of its type first, then each value parsed."""
     for key, value in t.items():
-        if key not in DAEMON_KEYS:
-            raise ConfigError(f"{path} [daemon]: unknown key {key!r} (expected one of {', '.join(sorted(DAEMON_KEYS))})")
-        if key in ("roots", "remote_allow") and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
-            raise ConfigError(f"{path} [daemon]: {key} must be a list of " + ("paths" if key == "roots" else "URLs"))
-        if key in ("socket", "state_dir", "metrics_listen", "group", "admin_group", "remote_endpoint") \
-                and not isinstance(value, str):
-            raise ConfigError(f"{path} [daemon]: {key} must be a string")
-        if key.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{path} [daemon]: {key} must be a positive integer, got {value!r}")
-    if "memory_budget" in t:
-        try:
-            t = {**t, "memory_budget": parse_size_or_percent(t["memory_budget"])}
-        except ValueError as exc:
-            raise ConfigError(f"{path} [daemon]: memory_budget: {exc}") from None
-    if "metrics_listen" in t:
-        try:
-            parse_listen(t["metrics_listen"])
-        except ValueError as exc:
-            raise ConfigError(f"{path} [daemon]: metrics_listen: {exc}") from None
-    out = dict(t)
-    for url in out.get("remote_allow", []):
-        try:
+        _daemon_key(key, value, f"{path} [daemon]")
+    return _daemon_values(dict(t), f"{path} [daemon]")
+
+
+def _daemon_key(key: str, value: Any, where: str) -> None:
+    if key not in DAEMON_KEYS:
+        raise ConfigError(f"{where}: unknown key {key!r} (expected one of {', '.join(sorted(DAEMON_KEYS))})")
+    if key in ("roots", "remote_allow") and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
+        raise ConfigError(f"{where}: {key} must be a list of " + ("paths" if key == "roots" else "URLs"))
+    if key in ("socket", "state_dir", "metrics_listen", "group", "admin_group", "remote_endpoint") \
+            and not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a string")
+    if key.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+
+
+def _daemon_values(out: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        if "memory_budget" in out:
+            out["memory_budget"] = parse_size_or_percent(out["memory_budget"])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: memory_budget: {exc}") from None
+    try:
+        if "metrics_listen" in out:
+            parse_listen(out["metrics_listen"])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: metrics_listen: {exc}") from None
+    try:
+        for url in out.get("remote_allow", []):
             parse_remote(url)
-        except ValueError as exc:
-            raise ConfigError(f"{path} [daemon]: remote_allow: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: remote_allow: {exc}") from None
     for key in ("scrub_every", "http_request_timeout"):
         if key in out:
-            out[key] = _duration(out[key], f"{path} [daemon]: {key}")
+            out[key] = _duration(out[key], f"{where}: {key}")
     if out.get("http_request_timeout", 1) <= 0:
-        raise ConfigError(f"{path} [daemon]: http_request_timeout must be a positive duration")
+        raise ConfigError(f"{where}: http_request_timeout must be a positive duration")
     return out
 
 

@@ -99,21 +99,36 @@ def _order(items: Iterable[Item]) -> list[Item]:
 
 
 def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
-    """A verdict for every item, newest first."""
+    """A verdict for every item, newest first. The rules apply in a fixed order, which is the
+    order of the reasons a verdict lists: what is unfinished, the newest verified one, what the
+    user protected, the windows, then what a kept checkpoint refers to."""
     ordered = _order(items)
     reasons: dict[str, list[Reason]] = {i.id: [] for i in ordered}
-    sound = [i for i in ordered if i.verified and not i.corrupt and not i.partial and not i.in_flight]
-    good = _complete(sound)
-    incomplete = {i.id for i in sound} - {i.id for i in good}
+    good = _complete([i for i in ordered if i.verified and not i.corrupt and not i.partial and not i.in_flight])
+    _hold_unfinished(ordered, {i.id for i in good}, reasons)
+    if good:
+        reasons[good[0].id].append(Reason(Rule.NEWEST_VERIFIED))
+    _protect(good, rules, reasons)
+    _windows(good, rules, now, reasons)
+    _keep_referenced(ordered, reasons)
+    return [Verdict(i, bool(reasons[i.id]), tuple(reasons[i.id]) if reasons[i.id] else (_why_delete(i),))
+            for i in ordered]
+
+
+def _hold_unfinished(ordered: list[Item], good: set[str], reasons: dict[str, list[Reason]]) -> None:
+    """A save still in flight, and one not (or not completely) verified, is never deleted by a rule:
+    it may yet verify. Corrupt and partial ones get no reason, so they go."""
     for i in ordered:
         if i.in_flight:
             reasons[i.id].append(Reason(Rule.IN_FLIGHT))
         elif i.corrupt or i.partial:
             continue
-        elif not i.verified or i.id in incomplete:
+        elif not i.verified or i.id not in good:
             reasons[i.id].append(Reason(Rule.UNVERIFIED))
-    if good:
-        reasons[good[0].id].append(Reason(Rule.NEWEST_VERIFIED))
+
+
+def _protect(good: list[Item], rules: Rules, reasons: dict[str, list[Reason]]) -> None:
+    """What the user or the remote tier protected: pinned, not yet uploaded, the final save."""
     for i in good:
         if i.pinned:
             reasons[i.id].append(Reason(Rule.PINNED))
@@ -121,24 +136,20 @@ def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
             reasons[i.id].append(Reason(Rule.REMOTE_PENDING))
         if i.final and rules.keep_final:
             reasons[i.id].append(Reason(Rule.KEEP_FINAL))
+
+
+def _windows(good: list[Item], rules: Rules, now: float, reasons: dict[str, list[Reason]]) -> None:
+    """The retention windows over the verified items (restic's forget, in this order)."""
     _rank(reasons, Rule.KEEP_BEST, _best(good, rules))
     _rank(reasons, Rule.KEEP_LAST, good[: rules.keep_last or 0])
     if rules.keep_every_steps:
-        for i in good:
-            if i.step % rules.keep_every_steps == 0:
-                reasons[i.id].append(Reason(Rule.KEEP_EVERY_STEPS))
+        _mark(reasons, Rule.KEEP_EVERY_STEPS, [i for i in good if i.step % rules.keep_every_steps == 0])
     if rules.keep_within is not None:
-        for i in good:
-            if i.created >= now - rules.keep_within:
-                reasons[i.id].append(Reason(Rule.KEEP_WITHIN))
+        _mark(reasons, Rule.KEEP_WITHIN, [i for i in good if i.created >= now - rules.keep_within])
     _rank(reasons, Rule.KEEP_HOURLY, _buckets(good, rules.keep_hourly, lambda t: math.floor(t / 3600)))
     _rank(reasons, Rule.KEEP_DAILY, _buckets(good, rules.keep_daily, _utc_day))
     if not rules.any_window:
-        for i in good:
-            reasons[i.id].append(Reason(Rule.NO_RETENTION_RULES))
-    _keep_referenced(ordered, reasons)
-    return [Verdict(i, bool(reasons[i.id]), tuple(reasons[i.id]) if reasons[i.id] else (_why_delete(i),))
-            for i in ordered]
+        _mark(reasons, Rule.NO_RETENTION_RULES, good)
 
 
 def _complete(good: list[Item]) -> list[Item]:
@@ -173,8 +184,15 @@ def _why_delete(i: Item) -> Reason:
 
 
 def _rank(reasons: dict[str, list[Reason]], rule: Rule, chosen: Iterable[Item]) -> None:
+    """Each chosen item kept by ``rule``, with its rank in the window (best #1, last #2, ...)."""
     for n, i in enumerate(chosen, start=1):
         reasons[i.id].append(Reason(rule, n))
+
+
+def _mark(reasons: dict[str, list[Reason]], rule: Rule, chosen: Iterable[Item]) -> None:
+    """Each chosen item kept by ``rule``, which has no ranks."""
+    for i in chosen:
+        reasons[i.id].append(Reason(rule))
 
 
 def _best(good: list[Item], rules: Rules) -> list[Item]:

@@ -20,7 +20,7 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ckptd.core.format import FormatError, read_header
 from ckptd.disk import manifest as mf
@@ -239,42 +239,48 @@ def find(path: str) -> list[Found]:
 # --- completeness -------------------------------------------------------------------------
 
 def incomplete(found: Found) -> str | None:
-    """Why ``found`` is not finished yet (None when it is): markers and format checks."""
-    if found.kind == "deepspeed":
-        return deepspeed.incomplete(found.path)
-    if found.kind == "hf":
-        names = set(os.listdir(found.path))
-        if names & set(INCOMPLETE_MARKERS):
-            return "HF marks it incomplete (checkpoint-is-incomplete.txt)"
-        for tag in _deepspeed_tags(found.path):
-            reason = deepspeed.incomplete(os.path.join(found.path, tag))
-            if reason:
-                return f"{tag}: {reason}"
-        for n in sorted(names):
-            if n.endswith(".safetensors.index.json"):
-                reason = _index_incomplete(os.path.join(found.path, n))
-                if reason:
-                    return reason
-            elif n.endswith(".safetensors") and not re.search(r"-\d{5}-of-\d{5}", n):
-                reason = _safetensors_incomplete(os.path.join(found.path, n))
-                if reason:
-                    return reason
-        return None if names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                                "trainer_state.json"} else "no model file yet"
-    if found.kind == "dcp":
-        return None if os.path.exists(os.path.join(found.path, ".metadata")) else "no .metadata yet (DCP writes it last)"
-    if found.kind == "ckptd-sharded":
-        return None if os.path.exists(os.path.join(found.path, mf.MANIFEST)) else "no manifest yet (written last)"
-    if found.kind == "safetensors-sharded":
-        return _index_incomplete(found.path)
-    if found.kind == "safetensors":
-        return _safetensors_incomplete(found.path)
-    if found.kind in ("torch", "lightning", "onetrainer") and _is_zip(found.path):
-        try:
-            with zipfile.ZipFile(found.path) as z:
-                z.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return "zip central directory not readable yet"
+    """Why ``found`` is not finished yet (None when it is): markers and format checks, one per
+    kind (a kind with no check is finished once it is there)."""
+    check = _COMPLETENESS.get(found.kind)
+    return check(found.path) if check else None
+
+
+def _hf_incomplete(path: str) -> str | None:
+    """An HF ``checkpoint-N/``: no marker, its DeepSpeed tags and weight files complete, and a
+    model file or trainer state present."""
+    names = set(os.listdir(path))
+    if names & set(INCOMPLETE_MARKERS):
+        return "HF marks it incomplete (checkpoint-is-incomplete.txt)"
+    for tag in _deepspeed_tags(path):
+        reason = deepspeed.incomplete(os.path.join(path, tag))
+        if reason:
+            return f"{tag}: {reason}"
+    for n in sorted(names):
+        reason = _weights_incomplete(os.path.join(path, n))
+        if reason:
+            return reason
+    return None if names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                            "trainer_state.json"} else "no model file yet"
+
+
+def _weights_incomplete(path: str) -> str | None:
+    """A safetensors index or a single safetensors file (a numbered shard is checked by its index)."""
+    name = os.path.basename(path)
+    if name.endswith(".safetensors.index.json"):
+        return _index_incomplete(path)
+    if name.endswith(".safetensors") and not re.search(r"-\d{5}-of-\d{5}", name):
+        return _safetensors_incomplete(path)
+    return None
+
+
+def _zip_incomplete(path: str) -> str | None:
+    if not _is_zip(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "zip central directory not readable yet"
     return None
 
 
@@ -423,3 +429,16 @@ def _dcp_short_file(directory: str, entries: Iterable[Any]) -> str:
         if offset + length > sizes[name]:
             return f"{name} is {sizes[name]} bytes; .metadata places an item at {offset}..{offset + length}"
     return ""
+
+
+_COMPLETENESS: dict[str, Callable[[str], str | None]] = {
+    "deepspeed": deepspeed.incomplete,
+    "hf": _hf_incomplete,
+    "dcp": lambda p: None if os.path.exists(os.path.join(p, ".metadata")) else "no .metadata yet (DCP writes it last)",
+    "ckptd-sharded": lambda p: None if os.path.exists(os.path.join(p, mf.MANIFEST)) else "no manifest yet (written last)",
+    "safetensors-sharded": _index_incomplete,
+    "safetensors": _safetensors_incomplete,
+    "torch": _zip_incomplete,
+    "lightning": _zip_incomplete,
+    "onetrainer": _zip_incomplete,
+}
