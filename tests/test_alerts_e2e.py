@@ -3,7 +3,7 @@ Alertmanager with the shipped rules (deploy/prometheus/alerts.yml), a webhook re
 real daemon and a real trainer. A preemption, a resume and a daemon restart page nobody; a
 save that fails pages, naming the host, and resolves when the disk is fixed. Each other fault
 (S3 down under a training job, the daemon down, a checkpoint rotting on disk, a trainer saving
-without the daemon, a hung trainer) is caused for real, its alert reaches the webhook with its
+without the daemon, a hung trainer, a job near its quota) is caused for real, its alert reaches the webhook with its
 host and severity, the fix resolves it, and nothing else fires.
 
 Short scrape and evaluation intervals (1 s) and Alertmanager's group timers at 1 s come from
@@ -371,4 +371,28 @@ def test_a_hung_trainer_fires_checkpoint_stale_and_resolves_when_it_goes_on(tmp_
     finally:
         if trainer is not None:
             trainer.send_signal(signal.SIGCONT)
+        _end(trainer)
+
+
+@pytest.mark.slow
+def test_a_job_near_its_quota_fires_quota_nearly_exhausted_and_resolves_when_the_quota_grows(tmp_path: Path) -> None:
+    trainer = None
+    try:
+        with _rig(tmp_path) as (d, stack, hook):
+            run = d.root / "e2e"
+            trainer = _trainer(d, run)
+            wait_until(lambda: list(run.glob("*.safetensors")), 120, "a first save")
+            size = max(os.path.getsize(p) for p in run.glob("*.safetensors"))
+            trainer.send_signal(signal.SIGTERM)  # preempted; it resumes with a quota 3 checkpoints fill to ~94%
+            trainer.wait(60)
+            trainer = _trainer(d, run, CKPTD_MAX_BYTES=str(int(size * 3.2)))
+            fault = time.monotonic()
+            fired = _pages(hook, d, "CkptdQuotaNearlyExhausted", "warning", fault)
+            assert fired["labels"]["training_job"] == "e2e" and fired["labels"]["user"] == "root", fired
+            trainer.send_signal(signal.SIGTERM)
+            trainer.wait(60)
+            trainer = _trainer(d, run, CKPTD_MAX_BYTES=str(size * 100))  # fixed: a bigger quota, resumed
+            _resolves(hook, "CkptdQuotaNearlyExhausted", time.monotonic())
+            _only(hook, "CkptdQuotaNearlyExhausted")
+    finally:
         _end(trainer)
