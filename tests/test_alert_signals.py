@@ -30,7 +30,8 @@ def _saved(d: DaemonProc, run: Path, job: str, steps: int, every: int = 2) -> No
 def test_known_corrupt_checkpoints_are_a_gauge_that_survives_a_restart(tmp_path: Path) -> None:
     """The scrub finds a checkpoint that no longer verifies: ckptd_corrupt_checkpoints says 1, and
     still says 1 after the daemon restarts (it comes from the catalogue). Before, the only trace
-    was a counter increase, gone with the restart: the file left monitoring."""
+    was a counter increase, gone with the restart: the file left monitoring. Deleted by hand, it
+leaves the gauge at the next scrub (before, only at a restart: the alert never resolved)."""
     d = DaemonProc(tmp_path / "d", extra_config="scrub_every = \"1s\"\n").start()
     try:
         run = d.root / "rot"
@@ -45,6 +46,9 @@ def test_known_corrupt_checkpoints_are_a_gauge_that_survives_a_restart(tmp_path:
         assert d.stop() == 0
         d.start()
         assert d.metric("ckptd_corrupt_checkpoints", training_job="rot") == 1
+        assert d.metric("ckptd_checkpoints", training_job="rot") == 1
+        oldest.unlink()  # the runbook's fix: the next scrub forgets it, no restart needed (CkptdVerifyFailed resolves)
+        wait_until(lambda: d.metric("ckptd_corrupt_checkpoints", training_job="rot") == 0, 30, "the scrub to forget it")
         assert d.metric("ckptd_checkpoints", training_job="rot") == 1
     finally:
         d.stop()

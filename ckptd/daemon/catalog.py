@@ -285,9 +285,9 @@ class Catalog:
         """
         on_disk = _checkpoint_files(roots)
         known = self._paths()
-        gone = {p for p in known if _missing(p)}
-        self.forget(gone)
-        return {"added": len(self._record_new(on_disk, known)), "removed": len(gone), "files": len(on_disk)}
+        vanished = {p for p in known if gone(p)}
+        self.forget(vanished)
+        return {"added": len(self._record_new(on_disk, known)), "removed": len(vanished), "files": len(on_disk)}
 
     def adopt(self, directory: str) -> int:
         """Catalogue what a job's directory holds that the catalogue does not: the saves its
@@ -334,7 +334,7 @@ class Catalog:
         return added
 
 
-def _missing(path: str) -> bool:
+def gone(path: str) -> bool:
     """Gone for sure: a path the daemon cannot reach (another uid's 0700 directory, for a service
     user) is not gone, it is checked as its owner when its job comes back."""
     try:

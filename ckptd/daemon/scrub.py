@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import os
 
-from ckptd.core.vocab import Trigger
-from ckptd.daemon.catalog import Catalog, Row
+from ckptd.core.vocab import Outcome, Trigger
+from ckptd.daemon.catalog import Catalog, Row, gone
 from ckptd.daemon.ledger import Ledger
 from ckptd.disk.owner import OwnerError, acting_as
 from ckptd.disk.verify import VerifyResult, verify_file
@@ -22,11 +22,16 @@ def scrub(catalog: Catalog, ledger: Ledger) -> dict[str, int]:
     A checkpoint that no longer verifies is marked and counted
     (``ckptd_verify_total{outcome="corrupt"}``), never deleted here: a transient read
     error must not cost a good checkpoint. One that is gone by the time it is read is
-    ``missing``: forgotten by the catalogue, counted as nothing.
+    ``missing``: forgotten by the catalogue, counted as nothing. So is a known-corrupt one
+    deleted since (the runbook's fix): ``ckptd_corrupt_checkpoints`` drops and
+    ``CkptdVerifyFailed`` resolves, without waiting for a daemon restart's reconcile.
     """
     counts = {"ok": 0, "corrupt": 0, "missing": 0}
     for row in catalog.checkpoints():
         if not row.verified:
+            if row.outcome == Outcome.CORRUPT and _gone(catalog, row):
+                counts["missing"] += 1
+                ledger.scrubbed_missing(row.key, row.path)
             continue
         try:
             with acting_as(catalog.owner(row.key, row.path)):  # read as its owner could (ckptd.disk.owner)
@@ -45,6 +50,16 @@ def scrub(catalog: Catalog, ledger: Ledger) -> dict[str, int]:
             ledger.scrubbed_corrupt(row.key, row.path, result.reason)
     ledger.refresh_all()
     return counts
+
+
+def _gone(catalog: Catalog, row: Row) -> bool:
+    """Gone for sure, looked up as its owner (``catalog.gone``); one the daemon may not look up
+    as its owner is not judged."""
+    try:
+        with acting_as(catalog.owner(row.key, row.path)):
+            return gone(row.path)
+    except OwnerError:
+        return False
 
 
 def _verify(row: Row) -> VerifyResult:
