@@ -10,8 +10,10 @@ Short scrape and evaluation intervals (1 s) and Alertmanager's group timers at 1
 this test's configs. The first test runs the rules as shipped, unchanged. The fault tests run
 them on a time scale ``SCALE`` (20) times shorter, or each would take 10 to 25 minutes: every
 duration in alerts.yml is divided by SCALE, and only durations: each ``for:``, each range
-window (``[15m]``, ``[1d]``) and each age in seconds an expression compares with (the 900 s of
-replication lag and of an unattended save, the 300 s floor of a stale checkpoint). The
+window (``[15m]``, ``[1d]``), and the age in seconds an expression compares with that the test's
+fault is about (the 900 s of replication lag or of an unattended save, the 300 s floor of a
+stale checkpoint; the others stay as shipped, so that a slow start on a loaded machine pages
+nobody). The
 expressions are otherwise the shipped ones (``scaled_rules`` fails if one of those it rewrites
 is no longer there). The S3 outage test runs them ``LAG_SCALE`` (60) times shorter: at 20, its
 15 minutes of lag and 10 of ``for`` would still take 75 s. SCALE stays at 20 for the others:
@@ -45,17 +47,23 @@ LAG_SCALE = 60  # the S3 outage's: 25 minutes of lag and `for` would still be 75
 UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def scaled_rules(text: str, scale: int) -> str:
+AGES = {"lag": ("ckptd_remote_lag_seconds > 900", 900),
+        "unattended": ("ckptd_last_unattended_save_timestamp_seconds < 900", 900),
+        "stale": ("ckptd_expected_save_interval_seconds, 300)", 300)}
+
+
+def scaled_rules(text: str, scale: int, ages: tuple[str, ...] = ()) -> str:
     """alerts.yml with every duration divided by ``scale``: ``for:``, range windows, and the ages
-    in seconds the expressions compare with. Nothing else of an expression changes."""
+    in seconds named in ``ages`` (of AGES) that the expressions compare with. Nothing else of an
+    expression changes. A test scales only the age its fault is about: unscaled, the others keep
+    a loaded machine's slow trainer start (a save 20 s late) from paging."""
     def duration(m: re.Match[str]) -> str:
         return f"{max(1, int(m[2]) * UNIT[m[3]] // scale)}s"
 
-    ages = [("ckptd_remote_lag_seconds > 900", 900), ("ckptd_last_unattended_save_timestamp_seconds < 900", 900),
-            ("ckptd_expected_save_interval_seconds, 300)", 300)]
-    for phrase, seconds in ages:
+    for name, (phrase, seconds) in AGES.items():
         assert phrase in text, f"alerts.yml no longer has {phrase!r}: update scaled_rules"
-        text = text.replace(phrase, phrase.replace(str(seconds), str(seconds // scale)))
+        if name in ages:
+            text = text.replace(phrase, phrase.replace(str(seconds), str(seconds // scale)))
     text = re.sub(r"(for: )(\d+)([smhd])\b", lambda m: m[1] + duration(m), text)
     return re.sub(r"(\[)(\d+)([smhd])\]", lambda m: m[1] + duration(m) + "]", text)
 
@@ -102,10 +110,10 @@ class Webhook:
 class Stack:
     """Prometheus (scrape job named "hosts": no rule may depend on it) and Alertmanager."""
 
-    def __init__(self, base: Path, target_port: int, webhook: str, scale: int = 1) -> None:
+    def __init__(self, base: Path, target_port: int, webhook: str, scale: int = 1, ages: tuple[str, ...] = ()) -> None:
         base.mkdir(parents=True, exist_ok=True)
         self.am_port, self.prom_port = free_port(), free_port()
-        (base / "alerts.yml").write_text(scaled_rules((DEPLOY / "alerts.yml").read_text(), scale))
+        (base / "alerts.yml").write_text(scaled_rules((DEPLOY / "alerts.yml").read_text(), scale, ages))
         (base / "alertmanager.yml").write_text(
             "route:\n  receiver: hook\n  group_by: [alertname, instance, training_job, reason]\n"
             "  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\n"
@@ -162,14 +170,14 @@ def _end(trainer: subprocess.Popen[bytes] | None) -> None:
 
 @contextmanager
 def _rig(base: Path, extra_config: str = "", env: dict[str, str] | None = None,
-         scale: int = SCALE) -> Iterator[tuple[DaemonProc, Stack, Webhook]]:
-    """A started daemon scraped by Prometheus with the rules at ``scale``, and the webhook."""
+         scale: int = SCALE, ages: tuple[str, ...] = ()) -> Iterator[tuple[DaemonProc, Stack, Webhook]]:
+    """A started daemon scraped by Prometheus with the rules at ``scale`` (and ``ages``), and the webhook."""
     d = DaemonProc(base / "d", extra_config, env=env)
     hook = Webhook()
     stack = None
     try:
         d.start()
-        stack = Stack(base / "stack", d.port, hook.url, scale)
+        stack = Stack(base / "stack", d.port, hook.url, scale, ages)
         wait_until(lambda: stack.query('up{job="hosts"} == 1'), 30, "the first scrape")
         yield d, stack, hook
     finally:
@@ -273,7 +281,7 @@ def test_s3_down_under_a_training_job_fires_replication_lagging_only_and_resolve
     allow = f'remote_allow = ["s3://ckpt/fleet"]\nremote_endpoint = "{s3.endpoint}"\n'
     trainer = None
     try:
-        with _rig(tmp_path, allow, env=S3_ENV, scale=LAG_SCALE) as (d, stack, hook):
+        with _rig(tmp_path, allow, env=S3_ENV, scale=LAG_SCALE, ages=("lag",)) as (d, stack, hook):
             labels = {"training_job": "e2e", "directory": str(d.root / "e2e")}
             # a save every few seconds: on the scaled clock, minutes; the backlog the outage piles up is as small
             trainer = _trainer(d, d.root / "e2e", every=100, CKPTD_REMOTE="s3://ckpt/fleet")
@@ -338,7 +346,7 @@ def test_a_trainer_saving_without_the_daemon_fires_trainer_unattended_and_resolv
         tmp_path: Path) -> None:
     trainer = None
     try:
-        with _rig(tmp_path) as (d, stack, hook):
+        with _rig(tmp_path, ages=("unattended",)) as (d, stack, hook):
             run = d.root / "e2e"
             # embedded mode: its socket is not the daemon's (a typo, the daemon down at start)
             trainer = _trainer(d, run, every=50, socket=str(tmp_path / "nowhere.sock"))
@@ -358,7 +366,7 @@ def test_a_trainer_saving_without_the_daemon_fires_trainer_unattended_and_resolv
 def test_a_hung_trainer_fires_checkpoint_stale_and_resolves_when_it_goes_on(tmp_path: Path) -> None:
     trainer = None
     try:
-        with _rig(tmp_path) as (d, stack, hook):
+        with _rig(tmp_path, ages=("stale",)) as (d, stack, hook):
             trainer = _trainer(d, d.root / "e2e")
             wait_until(lambda: d.metric("ckptd_last_saved_step", training_job="e2e") >= 40, 120, "two saves")
             trainer.send_signal(signal.SIGSTOP)  # hung: connected, saving nothing
