@@ -140,7 +140,7 @@ def test_save_trainable_and_export_to_peft_and_hf(tmp_path: Path, monkeypatch: p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0))
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ckpt = Checkpointer("lora", tmp_path / "ck", model=model, optimizer=opt, every_steps=2, save="trainable",
                         socket=False, quiet=True)
@@ -157,7 +157,7 @@ def test_save_trainable_and_export_to_peft_and_hf(tmp_path: Path, monkeypatch: p
     saved = scan(str(tmp_path / "ck"), "lora")[-1]
     names = set(load_file(saved.path))
     assert names and all("lora_" in n for n in names if n.startswith("model/")), sorted(names)[:5]
-    resumed = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0))
+    resumed = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True))
     opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
     again = Checkpointer("lora", tmp_path / "ck", model=resumed, optimizer=opt2, save="trainable", socket=False,
                          save_final=False, quiet=True)

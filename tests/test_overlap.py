@@ -34,7 +34,7 @@ def at_step(n: int) -> tuple[float, float]:
     for _ in range(n):
         w.grad = torch.full_like(w, -1.0)
         opt.step()
-    return float(w[0]), float(opt.state[w]["momentum_buffer"][0]) if n else 0.0
+    return float(w.detach()[0]), float(opt.state[w]["momentum_buffer"][0]) if n else 0.0
 
 
 def assert_one_step(path: str) -> int:
