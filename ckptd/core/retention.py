@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ckptd.core.vocab import PROTECTED, WINDOW_RULES, Reason, Rule, Trigger
 
-__all__ = ["Item", "Removal", "Rules", "Verdict", "carry_out", "item_of", "plan", "to_delete"]
+__all__ = ["Item", "Removal", "Rules", "Verdict", "carry_out", "item_of", "plan", "to_delete", "verdict_row"]
 
 
 @dataclass(frozen=True)
@@ -241,3 +241,17 @@ def carry_out(verdicts: Sequence[Verdict], delete: Callable[[Item], None], dry_r
 def to_delete(verdicts: Sequence[Verdict]) -> list[Item]:
     return [v.item for v in verdicts if not v.keep]
 
+
+
+def verdict_row(v: Verdict, job: str | None, *, directory: str | None = None,
+                error: str | None = None) -> dict[str, Any]:
+    """One verdict as ``ckptd gc`` reports it (its ``--json`` rows, the daemon's reply to a gc):
+    one shape wherever retention is judged. ``directory`` (the daemon's, which serves several) and
+    ``error`` (what a deletion met) appear only when given."""
+    row: dict[str, Any] = {"job": job}
+    if directory is not None:
+        row["directory"] = directory
+    row.update(path=v.item.id, step=v.item.step, keep=v.keep, reasons=list(v.reasons))
+    if error is not None:
+        row["error"] = error
+    return row
