@@ -62,7 +62,7 @@ from trainer_hooks.worker import SaveJob
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:

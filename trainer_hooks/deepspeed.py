@@ -46,7 +46,7 @@ from ckptd.foreign.formats import step_from_name
 from ckptd.foreign.picklesafe import verify_torch
 from trainer_hooks.state import restore_rng, rng_state
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 STAGING = ".ckptd-staging-"
 COMMIT = "ckptd-commit.json"  # inside a committed tag: who wrote and verified it

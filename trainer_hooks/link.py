@@ -26,7 +26,7 @@ from ckptd import __version__
 from ckptd.wire import protocol
 from trainer_hooks.worker import SaveJob
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 1.0
 
 

@@ -43,7 +43,7 @@ from trainer_hooks.worker import Done, SaveJob, Worker
 if TYPE_CHECKING:
     from ckptd.remote.uploader import Uploader
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 class Outlet:

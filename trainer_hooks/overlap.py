@@ -39,7 +39,7 @@ import torch
 
 from trainer_hooks.shared import Identity, identity
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 def written_by_optimizer(model: Any, optimizer: Any) -> set[Identity]:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from ckptd.remote.listing import RemoteCheckpoint
     from trainer_hooks.shards import ShardGroup
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 def say_resumed(job: str, step: int, path: str | None, source: str, seconds: float, where: str = "") -> None:

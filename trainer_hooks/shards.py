@@ -48,7 +48,7 @@ import torch
 from ckptd.core.vocab import FailReason
 from ckptd.disk.persist import PersistError
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 FLAG_TIME, FLAG_PREEMPT, FLAG_BEST, INTERVAL = range(4)
 TIME_RULES = ("", "every", "cron")  # the value of the time flag names the rule

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 HEADER_ROOM = 1 << 16
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Callable
 from ckptd.disk.persist import Persisted, PersistError
 from ckptd.save.pipeline import failure
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

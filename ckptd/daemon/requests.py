@@ -28,7 +28,7 @@ from ckptd.save.keep import collect
 from ckptd.save.newest import first_verified
 from ckptd.wire import protocol
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 Handler = Callable[[Host, Session, dict[str, Any]], dict[str, Any]]
 
 

@@ -38,7 +38,7 @@ from ckptd.remote.layout import job_prefix
 from ckptd.save.pipeline import Hooks, commit_unit, failure, save_unit
 from ckptd.wire import protocol
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 
 
 class Host(Protocol):

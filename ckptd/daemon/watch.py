@@ -50,7 +50,7 @@ from ckptd.disk.scan import Checkpoint, is_pinned
 from ckptd.disk.verify import VerifyResult
 from ckptd.foreign import formats as foreign
 
-log = logging.getLogger("ckptd.watch")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from ckptd.remote.stores import Store
 
 __all__ = ["prune_remote", "remote_rules"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 
 
 def remote_rules(settings: Mapping[str, Any]) -> retention.Rules:

@@ -28,7 +28,7 @@ from ckptd.disk.target import Target
 
 __all__ = ["Removed", "collect", "evaluate", "items_from", "make_room", "prune", "reserve", "unresolved"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 Removed = Callable[[list[Removal]], None]
 
 

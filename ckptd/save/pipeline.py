@@ -48,7 +48,7 @@ from ckptd.save.keep import prune, reserve
 
 __all__ = ["Hooks", "Shard", "commit_unit", "failure", "save_shard", "save_unit"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 
 
 def _ignore(_: list[Removal]) -> None:
