@@ -11,7 +11,7 @@ Lifecycle, in order:
    model, optimizer, scheduler and RNGs, and returns its step count.
 3. ``step()`` counts a completed optimizer step. Its fast path compares the step
    with the next due step and reads one flag (set by the scheduler thread or a
-   signal); only when either says so does it ask ``ckptd.policy.decide``.
+   signal); only when either says so does it ask ``ckptd.core.policy.decide``.
 4. A due save waits for the previous one to leave the staging buffer (or skips, with
    ``on_busy="skip"``), copies the state into shared memory and hands it to the
    worker; ``step()`` returns as soon as the copy is done.

@@ -536,7 +536,7 @@ class Daemon:
                 for name in removed:
                     log.info("removed abandoned temp file %s/%s", d, name)
 
-    # -- CLI requests (ckptd.requests) ------------------------------------------------------
+    # -- CLI requests (ckptd.daemon.requests) ------------------------------------------------------
 
     def request(self, session: Session, msg: dict[str, Any]) -> None:
         from ckptd.daemon import requests

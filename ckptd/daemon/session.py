@@ -1,4 +1,4 @@
-"""One connected training run, as the daemon sees it (see ``ckptd.protocol`` for the lifecycle).
+"""One connected training run, as the daemon sees it (see ``ckptd.wire.protocol`` for the lifecycle).
 
 A ``Session`` reads the run's messages on its own thread; its saves are persisted on
 the daemon's executor, so a slow disk never stops the daemon from reading the next
