@@ -296,7 +296,7 @@ def _foreign_gc(target: str, settings: dict[str, Any], as_json: bool) -> None:
         ok = foreign.verify(u).ok
         groups.setdefault(os.path.dirname(u.path), []).append(
             retention.item_of(u.path, u.step if u.step is not None else -1, u.mtime, u.bytes, verified=ok))
-    by_dir = {d: [retention.verdict_row(v, None, error="") for v in retention.plan(items, rules, time.time())]
+    by_dir = {d: [retention.verdict_row(v, None, error="") for v in retention.judge(items, rules, time.time())]
               for d, items in groups.items()}
     if as_json:
         click.echo(json.dumps([r for rows in by_dir.values() for r in rows], indent=2))

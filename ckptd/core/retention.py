@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ckptd.core.vocab import PROTECTED, WINDOW_RULES, Reason, Rule, Trigger
 
-__all__ = ["Item", "Removal", "Rules", "Verdict", "carry_out", "item_of", "plan", "to_delete", "verdict_row"]
+__all__ = ["Item", "Removal", "Rules", "Verdict", "carry_out", "item_of", "judge", "to_delete", "verdict_row"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _order(items: Iterable[Item]) -> list[Item]:
     return sorted(items, key=lambda i: (i.step, i.created, i.id), reverse=True)
 
 
-def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
+def judge(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
     """A verdict for every item, newest first."""
     ordered = _order(items)
     reasons: dict[str, list[Reason]] = {i.id: [] for i in ordered}
@@ -208,7 +208,7 @@ def _buckets(good: list[Item], n: int | None, bucket: Callable[[float], int]) ->
 
 @dataclass(frozen=True)
 class Removal:
-    """What became of one deletion a plan asked for."""
+    """What became of one deletion a verdict asked for."""
 
     verdict: Verdict
     done: bool
@@ -217,7 +217,7 @@ class Removal:
 
 def carry_out(verdicts: Sequence[Verdict], delete: Callable[[Item], None], dry_run: bool = False,
               skip: Callable[[Item], bool] = lambda item: False) -> list[Removal]:
-    """The one place a plan's deletions are applied, whatever the tree: ``delete`` is its edge
+    """The one place the verdicts' deletions are applied, whatever the tree: ``delete`` is its edge
     (a local unlink through a directory fd, a quarantine move, a store's commit-then-data
     deletion). A failure is reported in its ``Removal``, never raised: one file that cannot go
     must not stop retention from judging the rest. ``skip``: looked again, and no longer doomed."""
