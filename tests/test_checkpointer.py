@@ -210,7 +210,7 @@ def test_every_auto_saves_on_its_own_interval_in_embedded_mode(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """Issue 18, no daemon: the hook's clock runs auto's interval from the stalls and persist
     times it measured itself, says it once in the log, and never saves closer than it."""
-    caplog.set_level("INFO", logger="ckptd.hook")
+    caplog.set_level("INFO", logger="trainer_hooks")
     # M = 60 s: Young's sqrt(2CM) (~0.4 s for a ms-cheap save) stays above any fsync a loaded machine takes,
     # so the persist bound cannot move the interval between one save and the next
     ckpt = Checkpointer("auto", tmp_path, model=model(), every="auto", mtbf="60s", save_final=False)
@@ -361,7 +361,7 @@ def test_report_saves_the_evaluated_weights_at_the_current_step(tmp_path: Path, 
 
 def test_a_best_metric_fed_to_every_step_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ckpt = Checkpointer("j", tmp_path, model=model(), best_metric="loss", save_final=False)
-    with caplog.at_level("WARNING", logger="ckptd.hook"):
+    with caplog.at_level("WARNING", logger="trainer_hooks"):
         for i in range(1, 12):
             ckpt.step(metrics={"loss": 1.0 / i})
             ckpt.wait()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptd.core.retention import Rules, item_of, plan
+from ckptd.core.retention import Rules, item_of, judge
 from ckptd.core.vocab import Rule
 from ckptd.disk.scan import scan
 from tests.conftest import run_py
@@ -74,7 +74,7 @@ def _kept_as(directory: Path, job: str) -> list[tuple[int, str, tuple[str, ...]]
     found = scan(str(directory), job)
     rules = Rules(keep_best=1, best_metric="loss", keep_final=True)
     items = [item_of(c.path, c.step, 0.0, 0, trigger=c.trigger, metrics=c.metrics, best_metric="loss") for c in found]
-    verdicts = {v.item.id: v for v in plan(items, rules, 0.0)}
+    verdicts = {v.item.id: v for v in judge(items, rules, 0.0)}
     return [(c.step, c.trigger, tuple(sorted(str(r.rule) for r in verdicts[c.path].reasons
                                              if r.rule in (Rule.KEEP_FINAL, Rule.KEEP_BEST)))) for c in found]
 

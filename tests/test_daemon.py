@@ -146,7 +146,7 @@ def test_no_daemon_at_start_then_reconnect_then_daemon_killed(tmp_path: Path, ca
     d = DaemonProc(tmp_path / "d")
     run_dir = d.root / "re"
     model = torch.nn.Linear(64, 64)
-    with caplog.at_level("INFO", logger="ckptd.hook"):
+    with caplog.at_level("INFO", logger="trainer_hooks"):
         ckpt = Checkpointer("re", run_dir, model=model, every_steps=1, socket=d.socket, reconnect_every=0.2)
     try:
         assert ckpt.mode == "embedded" and any("embedded mode" in m for m in caplog.messages)

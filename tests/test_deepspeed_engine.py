@@ -180,6 +180,6 @@ def test_a_tag_of_another_uid_is_never_resumed(zero_runs: dict[str, tuple[Path, 
     assert newest_committed(str(d)) == str(d / "global_step12")
     for path in [d / "global_step12", *(d / "global_step12").iterdir()]:
         os.lchown(path, 65534, 65534)
-    with caplog.at_level("WARNING", logger="ckptd.hook"):
+    with caplog.at_level("WARNING", logger="trainer_hooks"):
         assert newest_committed(str(d)) == str(d / "global_step8")
     assert "owned by uid 65534" in caplog.text, caplog.text

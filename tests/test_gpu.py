@@ -35,14 +35,14 @@ def test_a_buffer_cuda_will_not_page_lock_still_stages_and_says_why(caplog: pyte
 
     buf = StagingBuffer("nopin", pin=True)
     try:
-        with caplog.at_level("WARNING", logger="ckptd.hook"):
+        with caplog.at_level("WARNING", logger="trainer_hooks"):
             buf.reserve(1 << 20)
             buf.join()
         assert buf.capacity == 1 << 20 and not buf.registered
         if not torch.cuda.is_available():
             assert "could not page-lock" in caplog.text
             caplog.clear()
-            with caplog.at_level("WARNING", logger="ckptd.hook"):
+            with caplog.at_level("WARNING", logger="trainer_hooks"):
                 buf.pin = True  # what the first step() asks again for a state on a GPU
                 buf.reserve(1 << 20)
                 buf.join()

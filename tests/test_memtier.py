@@ -118,7 +118,7 @@ def test_a_dead_daemon_means_resume_from_disk_and_a_line_saying_so(tmp_path: Pat
     d.kill(signal.SIGKILL)
     ckpt.close(final=False)
     capfd.readouterr()
-    with caplog.at_level("WARNING", logger="ckptd.hook"):
+    with caplog.at_level("WARNING", logger="trainer_hooks"):
         again = Checkpointer("mem", run, model=torch.nn.Linear(8, 8), socket=d.socket, save_final=False)
         assert again.resume() == 2
         again.close(final=False)

@@ -65,7 +65,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path: Path, caplog: pytest
     model, opt, sched = build()
     ckpt = Checkpointer("toy", tmp_path, model=model, optimizer=opt, scheduler=sched, every_steps=5)
     try:
-        with caplog.at_level("WARNING", logger="ckptd.hook"):
+        with caplog.at_level("WARNING", logger="trainer_hooks"):
             assert ckpt.resume() == 15
         assert any(newest.path in m and "digest mismatch" in m for m in caplog.messages)
     finally:

@@ -11,7 +11,7 @@ Lifecycle, in order:
    model, optimizer, scheduler and RNGs, and returns its step count.
 3. ``step()`` counts a completed optimizer step. Its fast path compares the step
    with the next due step and reads one flag (set by the scheduler thread or a
-   signal); only when either says so does it ask ``ckptd.policy.decide``.
+   signal); only when either says so does it ask ``ckptd.core.policy.decide``.
 4. A due save waits for the previous one to leave the staging buffer (or skips, with
    ``on_busy="skip"``), copies the state into shared memory and hands it to the
    worker; ``step()`` returns as soon as the copy is done.
@@ -52,7 +52,7 @@ from trainer_hooks.record import SaveRecord
 from trainer_hooks.resume import Resumer
 from trainer_hooks.shards import ShardGroup
 from trainer_hooks.shared import SharedTensors
-from trainer_hooks.snapshot import Frozen, Progress, Snapshotter, holds_dtensors
+from trainer_hooks.snapshot import Position, Snapshotter, Taken, holds_dtensors
 from trainer_hooks.staging import Pending, StagingBuffer
 from trainer_hooks.state import as_float, rank_and_world
 from trainer_hooks.timerules import TimeRules
@@ -62,13 +62,13 @@ from trainer_hooks.worker import SaveJob
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
     """Hand training state to ckptd (the lifecycle: the module docstring). Composed of parts: the
     ``Snapshotter``, ``StagingBuffer``, ``Outlet``, ``Resumer``, ``SaveRecord`` and the policy clock
-    (``Triggers``, ``TimeRules``), sharing the run's ``Progress``."""
+    (``Triggers``, ``TimeRules``), sharing the run's ``Position``."""
 
     def __new__(cls, *args: Any, engine: Any = None, **kwargs: Any) -> Any:
         """A DeepSpeed engine (``engine=``, or its pieces as model/optimizer): ``trainer_hooks.deepspeed``."""
@@ -90,7 +90,7 @@ class Checkpointer:
         self.job = check_job(job)
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)
-        self._progress = Progress()
+        self._progress = Position()
         self._configure(directory, settings, config, sharded, shard_timeout)
         shared = SharedTensors() if self.saving and not sharded else None  # frozen tensors stored once
         self._snap = Snapshotter(self.job, self.rank, model, optimizer, scheduler, extra, self.generators,
@@ -310,15 +310,15 @@ class Checkpointer:
                 return False
             self.wait()
         now = time.time()
-        frozen = self._snap.freeze(trigger, rule, now, memory_only=memory)
+        taken = self._snap.take(trigger, rule, now, memory_only=memory)
         filename = render(self.template, self.job, self._progress.step, self.epoch, now)
         overlap = self._outlet.overlap is not None and not memory
-        if deferred := overlap and not frozen.on_gpu:  # the copy thread composes and copies it (trainer_hooks.overlap)
-            self._snap.hold(frozen)
+        if deferred := overlap and not taken.on_gpu:  # the copy thread composes and copies it (trainer_hooks.overlap)
+            self._snap.hold(taken)
             stall = (time.perf_counter_ns() - t0) / 1e9
-            self._outlet.defer(lambda: self._stage(buffer, frozen, filename, False, t0, stall), frozen.meta.step)
+            self._outlet.defer(lambda: self._stage(buffer, taken, filename, False, t0, stall), taken.meta.step)
         else:
-            self._outlet.submit(*self._stage(buffer, frozen, filename, overlap, t0))  # CUDA: once copied
+            self._outlet.submit(*self._stage(buffer, taken, filename, overlap, t0))  # CUDA: once copied
         stalled = time.perf_counter_ns() - t0
         self.stats["stall_ns"] += stalled
         if memory:  # not a saved step: the policy's clocks go on as they were
@@ -331,20 +331,20 @@ class Checkpointer:
         self._time_rules.saved_at(now)
         return True
 
-    def _stage(self, buffer: StagingBuffer, frozen: Frozen, filename: str, later: bool, t0: int,
+    def _stage(self, buffer: StagingBuffer, taken: Taken, filename: str, later: bool, t0: int,
                stall: float | None = None) -> tuple[SaveJob, dict[str, Any], Pending]:
         """Compose the snapshot and copy it into ``buffer`` (``later``: leave the CUDA copies of what the
         optimizer writes in flight, ``Pending``); the save, described for whoever persists it. On the copy
         thread (``stall`` given) its time is part of the save's cost: a CPU copy takes about that from training."""
         t1 = time.perf_counter_ns()
-        tensors, metadata = self._snap.compose(frozen)
+        tensors, metadata = self._snap.compose(taken)
         written = self._snap.optimizer_writes(tensors) if later else ()
         length, pending = buffer.stage_overlapped(tensors, metadata, written)
         cost = None if stall is None else stall + (time.perf_counter_ns() - t1) / 1e9
         if cost is not None:  # what every="auto" weighs for this save (step() measured the others)
             self._time_rules.measured(stall=cost)
         stall = (time.perf_counter_ns() - t0) / 1e9 if stall is None else stall
-        return (*self._outlet.describe(buffer.fd, length, frozen.meta, filename, frozen.memory_only, stall, cost),
+        return (*self._outlet.describe(buffer.fd, length, taken.meta, filename, taken.memory_only, stall, cost),
                 pending)
 
     def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:

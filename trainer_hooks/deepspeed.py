@@ -46,7 +46,7 @@ from ckptd.foreign.formats import step_from_name
 from ckptd.foreign.picklesafe import verify_torch
 from trainer_hooks.state import restore_rng, rng_state
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 STAGING = ".ckptd-staging-"
 COMMIT = "ckptd-commit.json"  # inside a committed tag: who wrote and verified it
@@ -274,7 +274,7 @@ class EngineCheckpointer:
                                    os.path.getmtime(os.path.join(self.directory, tag)), 0,
                                    pinned=os.path.exists(os.path.join(self.directory, f".{tag}.pinned")))
                  for step, tag in self.committed()]
-        for v in retention.plan(items, self.rules, time.time()):
+        for v in retention.judge(items, self.rules, time.time()):
             if not v.keep:
                 shutil.rmtree(v.item.id, ignore_errors=True)
 

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import time
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from trainer_hooks.checkpointer import Checkpointer
-from trainer_hooks.resume import say_resumed
+from trainer_hooks.resume import newest_to_resume
 from trainer_hooks.state import load
 
 
@@ -86,9 +85,6 @@ class CkptdCallback(TrainerCallback):
     @classmethod
     def resume_dir(cls, trainer: Any, job: str, directory: str | None = None) -> str | None:
         """An HF checkpoint directory made from the newest verified ckptd checkpoint, or None."""
-        from ckptd.save.newest import newest_verified
-
-        t0 = time.perf_counter()
         src = directory or cls.default_dir(trainer.args.output_dir)
         if getattr(trainer, "is_deepspeed_enabled", False):
             from trainer_hooks.deepspeed import hf_resume_dir
@@ -98,10 +94,8 @@ class CkptdCallback(TrainerCallback):
                 if isinstance(cb, cls) and out is not None:
                     cb.materialised = out
             return out
-        info = newest_verified(src, job, units=False, owner=os.geteuid())  # only the uid's own
         quiet = any(isinstance(cb, cls) and cb.settings.get("quiet") for cb in trainer.callback_handler.callbacks)
-        if not quiet:
-            say_resumed(job, info.step if info else 0, info.path if info else None, "disk", time.perf_counter() - t0, src)
+        info = newest_to_resume(job, src, quiet)
         if info is None:
             return None
         out = _materialise(trainer, load(info.path), os.path.join(src, ".hf-resume", f"checkpoint-{info.step}"))

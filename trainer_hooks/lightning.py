@@ -13,14 +13,13 @@ own loops from it.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import lightning as L
 import torch
 
 from trainer_hooks.checkpointer import Checkpointer
-from trainer_hooks.resume import say_resumed
+from trainer_hooks.resume import newest_to_resume
 from trainer_hooks.state import load, restore_rng
 
 
@@ -73,14 +72,9 @@ class CkptdCallback(L.Callback):
     @classmethod
     def resume_path(cls, trainer: Any, job: str, directory: str | None = None) -> str | None:
         """A Lightning ``.ckpt`` made from the newest verified ckptd checkpoint, or None."""
-        from ckptd.save.newest import newest_verified
-
-        t0 = time.perf_counter()
         src = directory or cls.default_dir(trainer)
-        info = newest_verified(src, job, units=False, owner=os.geteuid())  # only the uid's own
         quiet = any(isinstance(cb, cls) and cb.settings.get("quiet") for cb in trainer.callbacks)
-        if not quiet:
-            say_resumed(job, info.step if info else 0, info.path if info else None, "disk", time.perf_counter() - t0, src)
+        info = newest_to_resume(job, src, quiet)
         if info is None:
             return None
         state = load(info.path)

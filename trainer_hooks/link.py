@@ -4,7 +4,7 @@ The thread connects (and reconnects every ``retry_every`` seconds while there is
 daemon), reads the daemon's replies and events, and sends batched heartbeats (at
 most one a second, only when the step moved). The trainer thread itself sends only
 ``save`` messages, right after staging, so that the snapshot's fd is in the daemon's
-hands when ``step()`` returns (see ``ckptd.protocol`` for the whole lifecycle).
+hands when ``step()`` returns (see ``ckptd.wire.protocol`` for the whole lifecycle).
 
 If the connection breaks, every save still in flight is handed back through
 ``on_lost``: its snapshot is still in the staging buffer (it is only reused after a
@@ -26,7 +26,7 @@ from ckptd import __version__
 from ckptd.wire import protocol
 from trainer_hooks.worker import SaveJob
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 1.0
 
 

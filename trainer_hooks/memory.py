@@ -32,7 +32,7 @@ from ckptd.save.owned import holders_problem
 from ckptd.wire.client import DaemonUnavailable, request_fd
 from trainer_hooks.state import ST_TO_TORCH, load_referenced, unflatten
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 SEALED = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
 
 

@@ -33,7 +33,7 @@ from ckptd.disk.manifest import shard_name, unit_name
 from ckptd.disk.persist import Persisted, PersistError
 from ckptd.disk.target import Target
 from ckptd.save.keep import Removed, prune
-from ckptd.save.pipeline import Hooks, Shard, save_shard, save_unit
+from ckptd.save.pipeline import Hooks, StagedShard, save_shard, save_unit
 from trainer_hooks.link import Link
 from trainer_hooks.overlap import Overlap
 from trainer_hooks.shards import ShardGroup
@@ -43,7 +43,7 @@ from trainer_hooks.worker import Done, SaveJob, Worker
 if TYPE_CHECKING:
     from ckptd.remote.uploader import Uploader
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 class Outlet:
@@ -197,8 +197,8 @@ class Outlet:
     def _persist_here(self, job: SaveJob) -> Persisted:
         hooks = Hooks(removed=self._on_removed, replicate=self._replicate)
         if self.shards is not None:
-            shard = Shard(job.fd, job.length, os.path.basename(job.directory), job.filename, job.step, job.trigger,
-                          job.stall)
+            shard = StagedShard(job.fd, job.length, os.path.basename(job.directory), job.filename, job.step,
+                                job.trigger, job.stall)
             return save_shard(self.shards, self.target, shard, hooks, self._report_commit)
         return save_unit(self.target, job.fd, job.length, job.filename, job.step, hooks)
 

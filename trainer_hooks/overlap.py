@@ -4,7 +4,7 @@ writes them.
 
 Lifecycle of one overlapped save, in order:
 
-1. ``step()`` reads what must be read at the saving step (``Snapshotter.freeze``: the state's
+1. ``step()`` reads what must be read at the saving step (``Snapshotter.take``: the state's
    structure, its tensors, the progress) and copies at once, into memory of its own, the tensors
    the next forward may write (buffers such as BatchNorm's running statistics, RNG states,
    tensors in ``extra``: small; ``Snapshotter.hold``). The parameters and the optimizer's state
@@ -39,7 +39,7 @@ import torch
 
 from trainer_hooks.shared import Identity, identity
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 def written_by_optimizer(model: Any, optimizer: Any) -> set[Identity]:

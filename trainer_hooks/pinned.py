@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's context, not only the current one
 
 

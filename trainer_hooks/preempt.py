@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 

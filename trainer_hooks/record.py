@@ -15,7 +15,7 @@ from ckptd.core.retention import Removal
 from ckptd.disk.persist import Persisted, PersistError
 from trainer_hooks.worker import SaveJob
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 def _counters() -> dict[str, int]:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from ckptd.remote.listing import RemoteCheckpoint
     from trainer_hooks.shards import ShardGroup
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 def say_resumed(job: str, step: int, path: str | None, source: str, seconds: float, where: str = "") -> None:
@@ -55,6 +55,17 @@ def say_resumed(job: str, step: int, path: str | None, source: str, seconds: flo
     else:
         line = f"ckptd: job {job} resumed at step {step} from {path} (verified, from {source})"
     print(f"{line} [{seconds:.2f}s]", file=sys.stderr, flush=True)
+
+
+def newest_to_resume(job: str, directory: str, quiet: bool) -> Checkpoint | None:
+    """The newest verified single-file checkpoint of ``job`` in ``directory`` that is the uid's own,
+    said as every resume says it: what a framework's resume (HF, Lightning) rebuilds in its own format."""
+    t0 = time.perf_counter()
+    info = newest_verified(directory, job, units=False, owner=os.geteuid())  # only the uid's own
+    if not quiet:
+        say_resumed(job, info.step if info else 0, info.path if info else None, "disk", time.perf_counter() - t0,
+                    directory)
+    return info
 
 
 class ResumeError(RuntimeError):

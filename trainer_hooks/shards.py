@@ -21,12 +21,12 @@ Lifecycle of one sharded save, in order; every rank runs every step:
    reaches every rank, and no rank writes a shard.
 3. **Write.** Each rank has staged its own state in its staging buffer (in ``step()``,
    before 2: that copy is all training waits for); its persist thread writes ``DIR/<unit>/rankR-of-W.safetensors`` (temp, fsync, verify from disk,
-   rename), exactly like a single-file save (``ckptd.persist``).
+   rename), exactly like a single-file save (``ckptd.disk.persist``).
 4. **Agree.** The persist thread gathers every rank's outcome (step, size, metadata
    digest, or the error) with ``all_gather_object``, within the group's timeout.
 5. **Commit.** If every rank verified the same step and its file is in place, rank 0
    writes the manifest (temp, fsync, rename, fsync directory,
-   ``ckptd.manifest``) and broadcasts the outcome; otherwise nothing is committed and
+   ``ckptd.disk.manifest``) and broadcasts the outcome; otherwise nothing is committed and
    every rank logs why. A rank that died before step 4 makes the others time out
    there: no manifest, and resume takes the previous committed checkpoint.
 6. **After.** Rank 0 applies retention (a unit is kept or deleted whole) and tells the
@@ -48,7 +48,7 @@ import torch
 from ckptd.core.vocab import FailReason
 from ckptd.disk.persist import PersistError
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 FLAG_TIME, FLAG_PREEMPT, FLAG_BEST, INTERVAL = range(4)
 TIME_RULES = ("", "every", "cron")  # the value of the time flag names the rule

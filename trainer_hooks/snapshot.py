@@ -7,7 +7,7 @@ optimizer and scheduler are planned by torch.distributed.checkpoint instead
 (``trainer_hooks.dcpio``): this rank's chunks join its own state (RNG, progress,
 ``extra``) under names that differ between the ranks' files.
 
-Two steps, so that ``snapshot="overlap"`` can leave the second to its copy thread: ``freeze``
+Two steps, so that ``snapshot="overlap"`` can leave the second to its copy thread: ``take``
 reads, at the saving ``step()``, what the step must not outlive (the structure, the tensors,
 the progress and metrics); ``compose`` turns that into the header fields (JSON, references to
 unchanged frozen tensors) and reads nothing the next training step changes.
@@ -36,12 +36,13 @@ if TYPE_CHECKING:
 
 
 HEADER_ROOM = 1 << 16
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class Progress:
-    """Where the run is, as the policy clock counts it: what a snapshot's header records."""
+class Position:
+    """Where the run is, as the policy clock counts it: what a snapshot's header records. Not
+    ``core.policy.Progress`` (what the save policy weighs: last save, time due, metric)."""
 
     step: int = 0
     epoch: float | None = None
@@ -56,8 +57,9 @@ class Measured:
 
 
 @dataclass
-class Frozen:
-    """A snapshot as read at its ``step()``, its header not yet composed (``Snapshotter.freeze``)."""
+class Taken:
+    """A snapshot as read at its ``step()``, its header not yet composed (``Snapshotter.take``).
+    Not "frozen": that word is for parameters that do not train (``shared.frozen_identities``)."""
 
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str]
@@ -76,7 +78,7 @@ class Snapshotter:
     """The state one rank saves, composed into tensors and header fields for the staging buffer.
 
     It reads the trainer's objects (model, optimizer, scheduler, RNGs, ``extra``) and the run's
-    ``Progress`` only when asked, so what it composes is the state at the ``step()`` that asks.
+    ``Position`` only when asked, so what it composes is the state at the ``step()`` that asks.
     """
 
     job: str
@@ -86,7 +88,7 @@ class Snapshotter:
     scheduler: Any
     extra: dict[str, Any] | None
     generators: dict[str, torch.Generator]
-    progress: Progress
+    progress: Position
     snapshot_mode: str  # the ``snapshot`` setting: auto | host | device
     dcp: bool = False  # DTensor state planned by torch.distributed.checkpoint (trainer_hooks.dcpio)
     before_save: Callable[[], None] | None = None  # e.g. a framework callback refreshing ``extra``
@@ -120,38 +122,38 @@ class Snapshotter:
         changed = {n for n, b in self.model.named_buffers() if (identity(b), b._version) != self._buffers_at_start.get(n)}
         return {k: v for k, v in self.model.state_dict().items() if k in trains or k in changed}
 
-    def freeze(self, trigger: str, rule: str, now: float, memory_only: bool = False) -> Frozen:
+    def take(self, trigger: str, rule: str, now: float, memory_only: bool = False) -> Taken:
         """What must be read at the saving ``step()`` itself: the state's structure, its tensors (the
         live ones; with DCP, this rank's planned chunks) and the progress. ``compose`` may run later."""
         if not self.dcp:
             flat, skeleton = flatten(self.capture())  # first: ``before_save`` may refresh what the header says
-            return Frozen(flat.tensors, flat.aliases, skeleton, self._meta(trigger, rule, now), memory_only)
+            return Taken(flat.tensors, flat.aliases, skeleton, self._meta(trigger, rule, now), memory_only)
         from trainer_hooks import dcpio
 
         flat, skeleton = flatten({dcpio.local_key(self.rank): self.capture()})  # names unique across the ranks' files
         planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
         tensors, keys = planned.header(flat.tensors)
-        return Frozen(tensors, flat.aliases, skeleton, self._meta(trigger, rule, now), memory_only, keys)
+        return Taken(tensors, flat.aliases, skeleton, self._meta(trigger, rule, now), memory_only, keys)
 
-    def compose(self, frozen: Frozen) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The tensors and header fields of a frozen snapshot: the JSON, and the references that stand
+    def compose(self, taken: Taken) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and header fields of a taken snapshot: the JSON, and the references that stand
         for unchanged frozen tensors. Reads nothing the next training step changes."""
-        meta = {**self._fields(frozen.meta, frozen.skeleton, frozen.aliases), **frozen.fields}
+        meta = {**self._fields(taken.meta, taken.skeleton, taken.aliases), **taken.fields}
         if self.shared is None:
-            return frozen.tensors, meta
-        tensors, refs = self.shared.split(frozen.meta.step, frozen.tensors, frozen_identities(self.model),
-                                          record=not frozen.memory_only)
+            return taken.tensors, meta
+        tensors, refs = self.shared.split(taken.meta.step, taken.tensors, frozen_identities(self.model),
+                                          record=not taken.memory_only)
         if refs:
             meta[REFS_KEY] = encode(refs)
         return tensors, meta
 
-    def hold(self, frozen: Frozen) -> None:
+    def hold(self, taken: Taken) -> None:
         """Copy now what the next forward may write (buffers such as BatchNorm's statistics, tensors in
         ``extra``): the rest, which only the optimizer writes, is copied later, before it does."""
-        later = set(self.optimizer_writes(frozen.tensors))
-        for name, t in frozen.tensors.items():
+        later = set(self.optimizer_writes(taken.tensors))
+        for name, t in taken.tensors.items():
             if t.numel() and name not in later:
-                frozen.tensors[name] = t.clone()
+                taken.tensors[name] = t.clone()
 
     def optimizer_writes(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         """The tensors only the optimizer writes between two steps (``snapshot="overlap"`` copies

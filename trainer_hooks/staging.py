@@ -29,7 +29,7 @@ from ckptd.wire.protocol import snapshot_memfd
 from trainer_hooks import pinned
 from trainer_hooks.state import TORCH_TO_ST
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault every page in at mmap()
 
 

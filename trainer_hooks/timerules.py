@@ -21,7 +21,7 @@ from typing import Any, Callable
 from ckptd.core import policy as pol
 from ckptd.core.autointerval import AutoInterval, CostSamples, auto_interval, estimate_mtbf, guess_cost
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 class TimeRules:

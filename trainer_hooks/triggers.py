@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from ckptd.core import policy as pol
 from trainer_hooks.shards import FLAG_BEST, FLAG_PREEMPT, FLAG_TIME, TIME_RULES, ShardGroup
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 SCHEDULED = ("step", "time", "best")  # the triggers min_interval and on_busy="skip" apply to
 

@@ -2,7 +2,7 @@
 
 Used when no daemon answers. The trainer thread stages a snapshot into shared
 memory and hands it here; this thread hashes, writes, fsyncs, verifies and renames
-it (``ckptd.persist``), then applies retention. One snapshot is in flight at a time
+it (``ckptd.disk.persist``), then applies retention. One snapshot is in flight at a time
 because the staging buffer is reused: ``wait_idle`` is the backpressure point.
 """
 
@@ -18,7 +18,7 @@ from typing import Callable
 from ckptd.disk.persist import Persisted, PersistError
 from ckptd.save.pipeline import failure
 
-log = logging.getLogger("ckptd.hook")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

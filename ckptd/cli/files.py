@@ -225,6 +225,7 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
             _print_verdicts(job or target, reply["verdicts"], dry_run, {})
         return
     from ckptd.core import config as config_mod
+    from ckptd.core.retention import verdict_row
     from ckptd.save.keep import collect
 
     try:
@@ -248,8 +249,7 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
             raise click.UsageError(str(exc)) from None
         verdicts, removals = collect(target, name, settings, time.time(), [target], dry_run)
         errors = {r.verdict.item.id: r.error for r in removals if r.error}
-        rows = [{"job": name, "path": v.item.id, "step": v.item.step, "keep": v.keep, "reasons": list(v.reasons),
-                 "error": errors.get(v.item.id, "")} for v in verdicts]
+        rows = [verdict_row(v, name, error=errors.get(v.item.id, "")) for v in verdicts]
         everything += rows
         if not as_json:
             _print_verdicts(name, rows, dry_run, errors)
@@ -296,8 +296,8 @@ def _foreign_gc(target: str, settings: dict[str, Any], as_json: bool) -> None:
         ok = foreign.verify(u).ok
         groups.setdefault(os.path.dirname(u.path), []).append(
             retention.item_of(u.path, u.step if u.step is not None else -1, u.mtime, u.bytes, verified=ok))
-    by_dir = {d: [{"job": None, "path": v.item.id, "step": v.item.step, "keep": v.keep, "reasons": list(v.reasons),
-                   "error": ""} for v in retention.plan(items, rules, time.time())] for d, items in groups.items()}
+    by_dir = {d: [retention.verdict_row(v, None, error="") for v in retention.judge(items, rules, time.time())]
+              for d, items in groups.items()}
     if as_json:
         click.echo(json.dumps([r for rows in by_dir.values() for r in rows], indent=2))
         return

@@ -116,7 +116,7 @@ def _seconds(step_time: str | None) -> float | None:
 
 def _retained(result: Plan, settings: dict[str, Any], per_step: float | None) -> tuple[dict[int, list[str]], list[str]]:
     """Each planned save's keeping rules at the end of the run (empty: deleted by then), by the
-    same ``retention.plan`` the daemon applies; {} when no retention key is given."""
+    same ``retention.judge`` the daemon applies; {} when no retention key is given."""
     given = {k for k in group(settings, "retention") if settings[k] is not None and k != "quarantine_dir"}
     if not given - {"keep_final"} and settings["keep_final"]:
         return {}, []
@@ -130,7 +130,7 @@ def _retained(result: Plan, settings: dict[str, Any], per_step: float | None) ->
         notes.append("keep_best depends on the metrics of the run: not planned (each best save is kept too)")
     per = per_step or 0.0
     items = [retention.item_of(str(s.step), s.step, s.step * per, 0, trigger=s.trigger) for s in result.saves]
-    verdicts = retention.plan(items, rules, result.saves[-1].step * per if result.saves else 0.0)
+    verdicts = retention.judge(items, rules, result.saves[-1].step * per if result.saves else 0.0)
     return {int(v.item.id): [str(r.rule) for r in v.reasons] if v.keep else [] for v in verdicts}, notes
 
 

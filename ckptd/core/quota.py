@@ -1,4 +1,4 @@
-"""Disk quota: can the next checkpoint fit, and what must go first? Pure planning.
+"""Disk quota: can the next checkpoint fit, and what must go first? Pure, no I/O.
 
 ``max_bytes`` bounds a job's checkpoints; ``min_free`` keeps free space on the
 filesystem. Before a save, its size is reserved. If the limits cannot be met, the
@@ -32,7 +32,7 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class QuotaPlan:
+class QuotaChoice:
     ok: bool
     delete: tuple[Item, ...] = field(default_factory=tuple)
     reason: str = ""
@@ -57,13 +57,13 @@ def never_fits(one_checkpoint: int, max_bytes: int | None) -> str | None:
             f"checkpoint kept): no save can ever fit; raise max_bytes")
 
 
-def plan(kept: Sequence[Verdict], budget: Budget) -> QuotaPlan:
+def choose(kept: Sequence[Verdict], budget: Budget) -> QuotaChoice:
     """Oldest-first deletions among the unprotected kept checkpoints, or a refusal."""
     if shortfall(budget, 0) == 0:
-        return QuotaPlan(True)
+        return QuotaChoice(True)
     hopeless = never_fits(budget.reserve, budget.max_bytes)
     if hopeless:  # deleting every checkpoint would not help: said as it is
-        return QuotaPlan(False, (), hopeless)
+        return QuotaChoice(False, (), hopeless)
     candidates = sorted((v.item for v in kept if v.keep and not v.protected),
                         key=lambda i: (i.step, i.created, i.id))
     chosen: list[Item] = []
@@ -72,7 +72,7 @@ def plan(kept: Sequence[Verdict], budget: Budget) -> QuotaPlan:
         chosen.append(item)
         freed += item.bytes
         if shortfall(budget, freed) == 0:
-            return QuotaPlan(True, tuple(chosen))
+            return QuotaChoice(True, tuple(chosen))
     missing = shortfall(budget, freed)
-    return QuotaPlan(False, (), f"needs {budget.reserve} bytes; even after deleting every deletable "
+    return QuotaChoice(False, (), f"needs {budget.reserve} bytes; even after deleting every deletable "
                                 f"checkpoint {missing} bytes would be missing")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ckptd.core.vocab import PROTECTED, WINDOW_RULES, Reason, Rule, Trigger
 
-__all__ = ["Item", "Removal", "Rules", "Verdict", "carry_out", "item_of", "plan", "to_delete"]
+__all__ = ["Item", "Removal", "Rules", "Verdict", "carry_out", "item_of", "judge", "to_delete", "verdict_row"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _order(items: Iterable[Item]) -> list[Item]:
     return sorted(items, key=lambda i: (i.step, i.created, i.id), reverse=True)
 
 
-def plan(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
+def judge(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
     """A verdict for every item, newest first. The rules apply in a fixed order, which is the
     order of the reasons a verdict lists: what is unfinished, the newest verified one, what the
     user protected, the windows, then what a kept checkpoint refers to."""
@@ -226,7 +226,7 @@ def _buckets(good: list[Item], n: int | None, bucket: Callable[[float], int]) ->
 
 @dataclass(frozen=True)
 class Removal:
-    """What became of one deletion a plan asked for."""
+    """What became of one deletion a verdict asked for."""
 
     verdict: Verdict
     done: bool
@@ -235,7 +235,7 @@ class Removal:
 
 def carry_out(verdicts: Sequence[Verdict], delete: Callable[[Item], None], dry_run: bool = False,
               skip: Callable[[Item], bool] = lambda item: False) -> list[Removal]:
-    """The one place a plan's deletions are applied, whatever the tree: ``delete`` is its edge
+    """The one place the verdicts' deletions are applied, whatever the tree: ``delete`` is its edge
     (a local unlink through a directory fd, a quarantine move, a store's commit-then-data
     deletion). A failure is reported in its ``Removal``, never raised: one file that cannot go
     must not stop retention from judging the rest. ``skip``: looked again, and no longer doomed."""
@@ -259,3 +259,17 @@ def carry_out(verdicts: Sequence[Verdict], delete: Callable[[Item], None], dry_r
 def to_delete(verdicts: Sequence[Verdict]) -> list[Item]:
     return [v.item for v in verdicts if not v.keep]
 
+
+
+def verdict_row(v: Verdict, job: str | None, *, directory: str | None = None,
+                error: str | None = None) -> dict[str, Any]:
+    """One verdict as ``ckptd gc`` reports it (its ``--json`` rows, the daemon's reply to a gc):
+    one shape wherever retention is judged. ``directory`` (the daemon's, which serves several) and
+    ``error`` (what a deletion met) appear only when given."""
+    row: dict[str, Any] = {"job": job}
+    if directory is not None:
+        row["directory"] = directory
+    row.update(path=v.item.id, step=v.item.step, keep=v.keep, reasons=list(v.reasons))
+    if error is not None:
+        row["error"] = error
+    return row

@@ -44,7 +44,7 @@ from ckptd.disk.remove import inside
 from ckptd.disk.scan import Checkpoint
 from ckptd.wire import protocol
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 ENDED_JOB_TTL = 3600.0
 SWEEP_EVERY = 30.0  # seconds between sweeps of the roots for checkpoints saved without the daemon
 MAX_UNATTENDED_JOBS = 64  # jobs found by the sweep that get series (job names there come from file headers)
@@ -536,7 +536,7 @@ class Daemon:
                 for name in removed:
                     log.info("removed abandoned temp file %s/%s", d, name)
 
-    # -- CLI requests (ckptd.requests) ------------------------------------------------------
+    # -- CLI requests (ckptd.daemon.requests) ------------------------------------------------------
 
     def request(self, session: Session, msg: dict[str, Any]) -> None:
         from ckptd.daemon import requests

@@ -24,7 +24,7 @@ from ckptd.disk.owner import NOBODY, Identity, acting_as, owner_of, uid_of
 from ckptd.disk.persist import TEMP_MARK
 from ckptd.disk.scan import SUFFIX, Checkpoint, read_info
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     name TEXT NOT NULL, directory TEXT NOT NULL, uid INTEGER NOT NULL,

@@ -26,7 +26,7 @@ import time
 from ckptd.foreign import formats as foreign
 from ckptd.foreign.steps import step_from_name
 
-log = logging.getLogger("ckptd.watch")
+log = logging.getLogger(__name__)
 
 HISTORY_DIR = "ckptd-history"
 KINDS = ("torch", "lightning", "safetensors")  # single-file formats a trainer can overwrite

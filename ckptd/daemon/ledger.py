@@ -21,7 +21,7 @@ from ckptd.disk.persist import PersistError
 from ckptd.disk.remove import Removal
 from ckptd.disk.scan import Checkpoint
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 
 
 class Ledger:

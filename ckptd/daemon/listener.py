@@ -20,7 +20,7 @@ from typing import Callable
 
 from ckptd.wire import protocol
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0  # seconds between tries while accepting keeps failing
 
 

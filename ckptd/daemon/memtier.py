@@ -32,7 +32,7 @@ from ckptd.disk.verify import verify_open
 
 __all__ = ["Held", "MemoryTier", "Usage", "budget_of", "evictions"]
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 

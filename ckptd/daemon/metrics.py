@@ -29,7 +29,7 @@ from ckptd.core.vocab import DeleteRule, FailReason, MissedReason, Outcome, Trig
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.tcppeer import local_uid
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 
 JOB = "training_job"  # not "job": that label is Prometheus' own (the scrape job), SPEC §8
 DIRECTORY = "directory"  # with the name, what identifies a job (two runs named alike are two jobs)

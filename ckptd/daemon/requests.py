@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from ckptd.core.policy import next_due_step
+from ckptd.core.retention import verdict_row
 from ckptd.core.vocab import NEVER
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.session import Host, Session
@@ -27,7 +28,7 @@ from ckptd.save.keep import collect
 from ckptd.save.newest import first_verified
 from ckptd.wire import protocol
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 Handler = Callable[[Host, Session, dict[str, Any]], dict[str, Any]]
 
 
@@ -195,8 +196,7 @@ def gc(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
             verdicts, removals = collect(j.directory, j.name, j.settings, time.time(), d.roots, dry)
         if not dry:
             d.ledger.removed(j.key, removals)
-        out += [{"job": j.name, "directory": j.directory, "path": v.item.id, "step": v.item.step, "keep": v.keep,
-                 "reasons": list(v.reasons)} for v in verdicts]
+        out += [verdict_row(v, j.name, directory=j.directory) for v in verdicts]
     return {"verdicts": out, "dry_run": dry, "jobs": len(jobs)}
 
 

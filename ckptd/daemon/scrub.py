@@ -13,7 +13,7 @@ from ckptd.disk.owner import OwnerError, acting_as
 from ckptd.disk.verify import VerifyResult, verify_file
 from ckptd.foreign import formats as foreign
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 
 
 def scrub(catalog: Catalog, ledger: Ledger) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""One connected training run, as the daemon sees it (see ``ckptd.protocol`` for the lifecycle).
+"""One connected training run, as the daemon sees it (see ``ckptd.wire.protocol`` for the lifecycle).
 
 A ``Session`` reads the run's messages on its own thread; its saves are persisted on
 the daemon's executor, so a slow disk never stops the daemon from reading the next
@@ -38,7 +38,7 @@ from ckptd.remote.layout import job_prefix
 from ckptd.save.pipeline import Hooks, commit_unit, failure, save_unit
 from ckptd.wire import protocol
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 
 
 class Host(Protocol):

@@ -33,7 +33,7 @@ from ckptd.save.keep import prune
 
 __all__ = ["Uploads"]
 
-log = logging.getLogger("ckptd.daemon")
+log = logging.getLogger(__name__)
 
 
 class Uploads:

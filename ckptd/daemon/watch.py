@@ -50,7 +50,7 @@ from ckptd.disk.scan import Checkpoint, is_pinned
 from ckptd.disk.verify import VerifyResult
 from ckptd.foreign import formats as foreign
 
-log = logging.getLogger("ckptd.watch")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ class Watcher(FileSystemEventHandler):
                 groups.setdefault((owner, os.path.dirname(unit)), []).append(
                     retention.item_of(unit, NEVER, now, 0, in_flight=True))
         for (owner, _), items in groups.items():
-            verdicts = [v for v in retention.plan(items, rules, now) if not v.item.in_flight]
+            verdicts = [v for v in retention.judge(items, rules, now) if not v.item.in_flight]
             if self.dry_run:
                 for v in verdicts:
                     log.info("watch %s: would %s %s (%s)", self.root, "keep" if v.keep else "delete", v.item.id,

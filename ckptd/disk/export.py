@@ -51,7 +51,7 @@ __all__ = ["FORMATS", "ExportError", "Exported", "export"]
 FORMATS = ("safetensors", "hf", "peft")
 MAX_SHARD = 5 * 10**9  # HF's default max_shard_size
 CHUNK = 8 << 20
-Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+OnProgress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
 class ExportError(Exception):
@@ -82,7 +82,7 @@ class Exported:
                 "bytes": self.bytes}
 
 
-def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress: Progress | None = None,
+def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress: OnProgress | None = None,
            rank: int | None = None) -> Exported:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
@@ -106,7 +106,7 @@ def _reached(directory: str, unit: str) -> Opened:
 
 
 def _export_file(opened: Opened, name: str, unit: str, out_dir: str, fmt: str, adapter: str,
-                 progress: Progress | None) -> Exported:
+                 progress: OnProgress | None) -> Exported:
     result = verify_opened(opened, name, unit)
     if not result.ok:
         raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
@@ -152,7 +152,7 @@ class _output:
         self.out.close(ok=kind is None)
 
 
-def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: Progress | None,
+def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: OnProgress | None,
                  rank: int | None) -> Exported:
     """A sharded unit: a ``dcp`` one (FSDP2, DTensor) consolidated into one state dict by
     torch.distributed.checkpoint's own reader and planner, in this process; a ``per-rank`` one
@@ -286,7 +286,7 @@ def _adapter_tensors(sources: dict[str, Source], adapter: str, unit: str) -> dic
 
 
 def _write_model(out: OutDir, stem: str, sources: dict[str, Source], done: Exported,
-                 progress: Progress | None, shard: bool) -> None:
+                 progress: OnProgress | None, shard: bool) -> None:
     groups = _shards(sources) if shard else [list(sources)]
     total = sum(s.entry.nbytes for s in sources.values())
     names = [f"{stem}.safetensors"] if len(groups) == 1 else \
@@ -313,7 +313,7 @@ def _shards(sources: dict[str, Source]) -> list[list[str]]:
 
 
 def _write_safetensors(out: OutDir, name: str, sources: dict[str, Source], done: Exported,
-                       progress: Progress | None, total: int) -> None:
+                       progress: OnProgress | None, total: int) -> None:
     """A new temp file in OUT_DIR, every tensor's bytes copied in, fsync, rename: never half an export."""
     entries = layout([(k, s.entry.dtype, tuple(s.entry.shape)) for k, s in sources.items()])
     header = encode_header(entries, {"format": "pt"})

@@ -22,7 +22,7 @@ directory is a committed checkpoint if and only if it holds a manifest. One with
 (a rank died, a disk filled) is never loaded, and is removed once a later save commits.
 
 This module is the format only (no torch, no collectives): ``trainer_hooks.shards``
-runs the agreement, ``ckptd.verify.verify_unit`` checks a unit, ``ckptd.scan`` lists them.
+runs the agreement, ``ckptd.disk.verify.verify_unit`` checks a unit, ``ckptd.disk.scan`` lists them.
 """
 
 from __future__ import annotations

@@ -135,19 +135,17 @@ def verify_open(f: BinaryIO, label: str) -> VerifyResult:
         return VerifyResult(label, False, f"cannot read: {exc.strerror or exc}")
 
 
-class _Forward:
+class ForwardStream:
     """A forward-only byte stream (an object store's response body) as the verifier reads a
-    file: whole reads, and a seek only to where it already is (the verifier never goes back)."""
+    file: whole reads, and a seek only to where it already is (the verifier never goes back).
+    As a context manager it closes the body (a referenced holder's header read)."""
 
     def __init__(self, raw: Any) -> None:
         self.raw, self.pos = raw, 0
 
     def read(self, n: int) -> bytes:
         parts, want = [], n
-        while want > 0:
-            chunk = self.raw.read(want)
-            if not chunk:
-                break
+        while want > 0 and (chunk := self.raw.read(want)):
             parts.append(chunk)
             want -= len(chunk)
         data = b"".join(parts)
@@ -159,12 +157,18 @@ class _Forward:
             raise OSError(f"a stream cannot seek from {self.pos} to {pos}")
         return pos
 
+    def __enter__(self) -> "ForwardStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
+
 
 def verify_stream(raw: Any, size: int, label: str) -> VerifyResult:
     """Verify a checkpoint read once from a stream of ``size`` bytes (a remote object), with
     the same checks as a local file: header, metadata digest, every tensor's digest."""
     try:
-        f = _Forward(raw)
+        f = ForwardStream(raw)
         return _check(label, f, read_header(f, size))  # type: ignore[arg-type]
     except FormatError as exc:
         return VerifyResult(label, False, str(exc))

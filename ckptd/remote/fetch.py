@@ -32,7 +32,7 @@ from ckptd.remote.stores import RemoteError, Store
 
 __all__ = ["fetch"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 CHUNK = 8 << 20
 NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 

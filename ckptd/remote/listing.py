@@ -30,7 +30,7 @@ from ckptd.remote.stores import RemoteError, Store, open_store
 
 __all__ = ["COMMIT", "INDEX", "RemoteCheckpoint", "RemoteIndex", "committed", "uncommitted"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 COMMIT = ".commit.json"
 FORMAT = "1"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*-step\d+(\.safetensors)?$")  # a checkpoint's, nothing else

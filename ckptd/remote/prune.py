@@ -17,7 +17,7 @@ from ckptd.remote.stores import Store
 
 __all__ = ["prune_remote", "remote_rules"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 
 
 def remote_rules(settings: Mapping[str, Any]) -> retention.Rules:
@@ -39,7 +39,7 @@ def prune_remote(store: Store, prefix: str, settings: Mapping[str, Any], now: fl
     items = [retention.item_of(c.key, c.step, c.created, c.bytes, trigger=c.trigger, metrics=c.metrics,
                                best_metric=rules.best_metric, refs=tuple(f"{prefix}/{h}" for h in c.refs))
              for c in commits]
-    verdicts = retention.plan(items, rules, now)
+    verdicts = retention.judge(items, rules, now)
     by_key = {c.key: c for c in commits}
     for r in retention.carry_out(verdicts, lambda item: _delete(store, by_key[item.id])):
         if r.done:

@@ -41,7 +41,7 @@ from ckptd.remote.upload import replicate
 
 __all__ = ["Upload", "Uploader"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 BACKOFF = (1.0, 60.0)
 MAX_HELD_FDS = 256  # verified fds held for queued uploads; past it an upload reopens and verifies again
 

@@ -5,14 +5,14 @@ streamed read; a sharded unit's manifest by its digest, then every shard against
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO, cast
 
 import xxhash
 
 from ckptd.core.refs import REFS_KEY
 from ckptd.disk import manifest as mf
 from ckptd.disk.refs import check_refs, holders
-from ckptd.disk.verify import VerifyResult, verify_stream
+from ckptd.disk.verify import ForwardStream, VerifyResult, verify_stream
 from ckptd.remote.listing import RemoteCheckpoint, committed
 from ckptd.remote.stores import RemoteError, Store
 
@@ -59,36 +59,9 @@ def _remote_refs(store: Store, c: RemoteCheckpoint, metadata: dict[str, str]) ->
             body, size = store.open(f"{c.prefix}/{name}")
         except RemoteError as exc:
             raise OSError(str(exc)) from None
-        return cast(BinaryIO, _Stream(body)), size
+        return cast(BinaryIO, ForwardStream(body)), size
 
     return check_refs(metadata, open_holder, full=False)
-
-
-class _Stream:
-    """A store's response body as a context-managed, forward-only file for a header read."""
-
-    def __init__(self, body: Any) -> None:
-        self.body, self.pos = body, 0
-
-    def read(self, n: int) -> bytes:
-        parts, want = [], n
-        while want > 0 and (chunk := self.body.read(want)):
-            parts.append(chunk)
-            want -= len(chunk)
-        data = b"".join(parts)
-        self.pos += len(data)
-        return data
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        if whence != 0 or pos != self.pos:
-            raise OSError(f"a stream cannot seek from {self.pos} to {pos}")
-        return pos
-
-    def __enter__(self) -> "_Stream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.body.close()
 
 
 def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:

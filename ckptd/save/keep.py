@@ -1,6 +1,6 @@
 """Retention and quota over a job's real directory: the plan and retain stages of a save.
 
-``retention.plan`` decides over plain items; this module builds those items from what the
+``retention.judge`` decides over plain items; this module builds those items from what the
 directory holds (``items_from``), asks the remote tier's cached index what is already
 remote (never the store itself: a slow or hung store must not delay a local save), and
 applies the deletions through ``ckptd.disk.remove`` (one directory fd per deletion, no link
@@ -28,7 +28,7 @@ from ckptd.disk.target import Target
 
 __all__ = ["Removed", "collect", "evaluate", "items_from", "make_room", "prune", "reserve", "unresolved"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 Removed = Callable[[list[Removal]], None]
 
 
@@ -88,7 +88,7 @@ def evaluate(directory: str, job: str | None, settings: Mapping[str, Any], now: 
     ``fresh_remote``: list the remote tier now (``ckptd gc``) instead of reading its cached index."""
     rules = retention.Rules.from_settings(settings)
     replicated = _replicated(settings, job, directory, fresh_remote) if settings.get("remote") and job else None
-    return retention.plan(items_from(scan(directory, job), rules.best_metric, replicated), rules, now)
+    return retention.judge(items_from(scan(directory, job), rules.best_metric, replicated), rules, now)
 
 
 def _replicated(settings: Mapping[str, Any], job: str, directory: str, fresh: bool) -> set[str]:
@@ -111,14 +111,14 @@ def collect(directory: str, job: str | None, settings: Mapping[str, Any], now: f
 
 
 def make_room(directory: str, job: str, settings: Mapping[str, Any], reserve: int, now: float,
-              roots: Sequence[str]) -> tuple[quota_mod.QuotaPlan, list[Removal]]:
+              roots: Sequence[str]) -> tuple[quota_mod.QuotaChoice, list[Removal]]:
     """Retention's deletions, then quota's oldest-first ones if the next save needs them."""
     verdicts, removals = collect(directory, job, settings, now, roots)
     kept = [v for v in verdicts if v.keep]
     budget = quota_mod.Budget(reserve=reserve, used=sum(v.item.bytes for v in kept),
                               max_bytes=settings.get("max_bytes"), free=free_bytes(directory),
                               min_free=min_free_bytes(directory, settings.get("min_free")))
-    decision = quota_mod.plan(kept, budget)
+    decision = quota_mod.choose(kept, budget)
     if decision.ok and decision.delete:
         doomed = [retention.Verdict(i, False, (Reason(Rule.QUOTA),)) for i in decision.delete]
         for i in decision.delete:

@@ -17,7 +17,7 @@ from ckptd.save.owned import verified_if_owned
 
 __all__ = ["first_verified", "newest_verified", "reread"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 

@@ -46,9 +46,9 @@ from ckptd.disk.verify import verify_unit
 from ckptd.save.agree import Agreement, commit_on_rank0, shard_outcome
 from ckptd.save.keep import prune, reserve
 
-__all__ = ["Hooks", "Shard", "commit_unit", "failure", "save_shard", "save_unit"]
+__all__ = ["Hooks", "StagedShard", "commit_unit", "failure", "save_shard", "save_unit"]
 
-log = logging.getLogger("ckptd.store")
+log = logging.getLogger(__name__)
 
 
 def _ignore(_: list[Removal]) -> None:
@@ -87,7 +87,7 @@ def save_unit(t: Target, fd: int, length: int, filename: str, step: int, hooks: 
 
 
 @dataclass(frozen=True)
-class Shard:
+class StagedShard:
     """One rank's part of a sharded save: its staged image and where it goes."""
 
     fd: int
@@ -99,7 +99,7 @@ class Shard:
     stall: float = 0.0
 
 
-def save_shard(group: Agreement, t: Target, shard: Shard, hooks: Hooks,
+def save_shard(group: Agreement, t: Target, shard: StagedShard, hooks: Hooks,
                report: Callable[[dict[str, Any]], bool]) -> Persisted:
     """The stages on every rank of a sharded save. ``report`` hands rank 0's outcome to the
     daemon (which then runs 5-7 for the unit, ``commit_unit``); False: there is none, and
@@ -130,7 +130,7 @@ def save_shard(group: Agreement, t: Target, shard: Shard, hooks: Hooks,
     return result
 
 
-def _write_shard(t: Target, shard: Shard, path: str) -> Persisted:
+def _write_shard(t: Target, shard: StagedShard, path: str) -> Persisted:
     dfd = open_target(t)
     try:
         ufd = open_unit(t, dfd, shard.unit, create=True)
@@ -142,7 +142,7 @@ def _write_shard(t: Target, shard: Shard, path: str) -> Persisted:
         os.close(dfd)
 
 
-def _prepare_unit(t: Target, shard: Shard, world_size: int, removed: Callable[[list[Removal]], None]) -> None:
+def _prepare_unit(t: Target, shard: StagedShard, world_size: int, removed: Callable[[list[Removal]], None]) -> None:
     """Rank 0, while the other ranks wait: room for the whole unit, and a clean target."""
     reserve(t, shard.length * world_size, shard.step, removed, what="sharded checkpoint",
             note="no rank wrote its shard, ")

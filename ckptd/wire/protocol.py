@@ -28,7 +28,7 @@ Lifecycle of one training run, in order:
    the trainer now cannot lose the checkpoint (with ``snapshot="overlap"``: sent by the
    copy thread once the copy is done, and ``cost``, the stall plus that thread's time,
    is what every="auto" weighs instead of ``stall``). The daemon replies **accepted** ``{id}`` and persists it
-   (hash → temp → fsync → verify → rename → fsync dir, ``ckptd.persist``).
+   (hash → temp → fsync → verify → rename → fsync dir, ``ckptd.disk.persist``).
 5. **saved** ``{id, ok, path, reason, error}`` (daemon → hook, unsolicited): the
    buffer is released; the hook may overwrite it for the next save. Until then a
    new save waits (or is skipped with ``on_busy="skip"``, counted as

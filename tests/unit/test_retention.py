@@ -48,7 +48,7 @@ def newest(items: list[Item]) -> Item | None:
 @settings(max_examples=500, deadline=None)
 @given(items_st, rules_st)
 def test_retention_guarantees(items: list[Item], rules: Rules) -> None:
-    verdicts = retention.plan(items, rules, NOW)
+    verdicts = retention.judge(items, rules, NOW)
     keep = {v.item.id: v.keep for v in verdicts}
     assert sorted(keep) == sorted(i.id for i in items)
     n = newest(items)
@@ -75,8 +75,8 @@ def test_retention_guarantees(items: list[Item], rules: Rules) -> None:
 def test_retention_does_not_depend_on_input_order(items: list[Item], rules: Rules, rnd: random.Random) -> None:
     shuffled = list(items)
     rnd.shuffle(shuffled)
-    a = {v.item.id: (v.keep, v.reasons) for v in retention.plan(items, rules, NOW)}
-    b = {v.item.id: (v.keep, v.reasons) for v in retention.plan(shuffled, rules, NOW)}
+    a = {v.item.id: (v.keep, v.reasons) for v in retention.judge(items, rules, NOW)}
+    b = {v.item.id: (v.keep, v.reasons) for v in retention.judge(shuffled, rules, NOW)}
     assert a == b
 
 
@@ -84,7 +84,7 @@ def test_retention_does_not_depend_on_input_order(items: list[Item], rules: Rule
 @given(items_st, st.integers(1, 8))
 def test_keep_last_leaves_exactly_the_n_newest_verified(items: list[Item], n: int) -> None:
     items = [Item(**{**i.__dict__, "pinned": False}) for i in items]
-    verdicts = retention.plan(items, Rules(keep_last=n, keep_final=False), NOW)
+    verdicts = retention.judge(items, Rules(keep_last=n, keep_final=False), NOW)
     kept_good = {v.item.id for v in verdicts if v.keep and good(v.item)}
     expected = {i.id for i in sorted((i for i in items if good(i)), key=lambda i: (i.step, i.created, i.id),
                                      reverse=True)[:n]}
@@ -94,7 +94,7 @@ def test_keep_last_leaves_exactly_the_n_newest_verified(items: list[Item], n: in
 def test_rules_are_named_like_borg() -> None:
     day = 86400.0
     items = [Item(f"c{s}", s, NOW - (10 - s) * day) for s in range(10)]
-    verdicts = {v.item.id: v for v in retention.plan(items, Rules(keep_last=2, keep_daily=4, keep_every_steps=5), NOW)}
+    verdicts = {v.item.id: v for v in retention.judge(items, Rules(keep_last=2, keep_daily=4, keep_every_steps=5), NOW)}
     assert verdicts["c9"].reasons == ("newest_verified", "keep_last #1", "keep_daily #1")
     assert verdicts["c7"].reasons == ("keep_daily #3",)
     assert verdicts["c5"].reasons == ("keep_every_steps",)
@@ -109,7 +109,7 @@ def test_a_checkpoint_whose_holder_is_gone_or_bad_is_not_the_newest_verified() -
     items = [Item("good", 1, NOW - 50), Item("bad", 2, NOW - 40, corrupt=True),
              Item("dangling", 3, NOW - 30, refs=("gone",)), Item("on-bad", 4, NOW - 20, refs=("bad",)),
              Item("on-dangling", 5, NOW - 10, refs=("dangling",))]
-    verdicts = {v.item.id: v for v in retention.plan(items, Rules(keep_last=1), NOW)}
+    verdicts = {v.item.id: v for v in retention.judge(items, Rules(keep_last=1), NOW)}
     assert verdicts["good"].keep and verdicts["good"].rule.rule == "newest_verified", verdicts["good"]
     for i in ("dangling", "on-bad", "on-dangling"):
         assert verdicts[i].keep and verdicts[i].rule.rule == "unverified", verdicts[i]
@@ -117,7 +117,7 @@ def test_a_checkpoint_whose_holder_is_gone_or_bad_is_not_the_newest_verified() -
 
 def test_no_rules_deletes_nothing_verified() -> None:
     items = [Item("a", 1, NOW), Item("b", 2, NOW), Item("bad", 3, NOW, corrupt=True)]
-    keep = {v.item.id: v.keep for v in retention.plan(items, Rules(), NOW)}
+    keep = {v.item.id: v.keep for v in retention.judge(items, Rules(), NOW)}
     assert keep == {"a": True, "b": True, "bad": False}
 
 
@@ -127,10 +127,10 @@ def test_no_rules_deletes_nothing_verified() -> None:
 def test_quota_never_deletes_protected_and_refuses_without_harm(items: list[Item], rules: Rules, reserve: int,
                                                                 max_bytes: int | None, free: int | None,
                                                                 min_free: int) -> None:
-    verdicts = retention.plan(items, rules, NOW)
+    verdicts = retention.judge(items, rules, NOW)
     kept = [v for v in verdicts if v.keep]
     budget = quota.Budget(reserve, sum(v.item.bytes for v in kept), max_bytes, free, min_free)
-    result = quota.plan(kept, budget)
+    result = quota.choose(kept, budget)
     protected = {v.item.id for v in kept if v.protected}
     n = newest(items)
     if n is not None:
