@@ -215,15 +215,27 @@ def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, soc
     reply = _daemon_gc(socket_path, target, job, dry_run) if directory else \
         ask(socket_path, {"type": "gc", "job": target, "dry_run": dry_run})
     if reply is not None:
-        given = sorted(k for k, v in options.items() if v is not None and k in KEYS)
-        if given:
-            click.echo(f"ckptd gc: the daemon owns {target} and applies the job's own settings; "
-                       f"{', '.join('--' + k.replace('_', '-') for k in given)} not used", err=True)
-        if as_json:
-            click.echo(json.dumps(reply["verdicts"], indent=2))
-        else:
-            _print_verdicts(job or target, reply["verdicts"], dry_run, {})
-        return
+        _show_daemon_gc(reply, target, job, dry_run, as_json, options)
+    else:
+        _local_gc(target, job, dry_run, config_file, as_json, options)
+
+
+def _show_daemon_gc(reply: dict[str, Any], target: str, job: str | None, dry_run: bool, as_json: bool,
+                    options: dict[str, Any]) -> None:
+    """What the daemon did with the job's own settings (the command line's are said to be unused)."""
+    given = sorted(k for k, v in options.items() if v is not None and k in KEYS)
+    if given:
+        click.echo(f"ckptd gc: the daemon owns {target} and applies the job's own settings; "
+                   f"{', '.join('--' + k.replace('_', '-') for k in given)} not used", err=True)
+    if as_json:
+        click.echo(json.dumps(reply["verdicts"], indent=2))
+    else:
+        _print_verdicts(job or target, reply["verdicts"], dry_run, {})
+
+
+def _local_gc(target: str, job: str | None, dry_run: bool, config_file: str | None, as_json: bool,
+              options: dict[str, Any]) -> None:
+    """No daemon owns ``target``: retention applied here, per job, with the config and command line."""
     from ckptd.core import config as config_mod
     from ckptd.core.retention import verdict_row
     from ckptd.save.keep import collect
