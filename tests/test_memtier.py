@@ -17,8 +17,7 @@ import torch
 from ckptd.disk.scan import scan
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, wait_until
 from tests.wire_client import Client, snapshot
-from trainer_hooks import Checkpointer
-from trainer_hooks.state import load
+from trainer_hooks import Checkpointer, load
 
 LORA = str(ROOT / "tests" / "scripts" / "lora_train.py")
 

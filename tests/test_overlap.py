@@ -18,8 +18,7 @@ import torch
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_file
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, project_env, run_py, wait_until
-from trainer_hooks import Checkpointer
-from trainer_hooks.state import load
+from trainer_hooks import Checkpointer, load
 
 TRAIN = str(ROOT / "tests" / "scripts" / "overlap_train.py")
 

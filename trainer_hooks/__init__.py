@@ -5,7 +5,7 @@ torch-free core of ckptd, never watchdog, apscheduler or prometheus_client.
 """
 
 from trainer_hooks.checkpointer import Checkpointer
+from trainer_hooks.loader import load
 from trainer_hooks.resume import ResumeError
-from trainer_hooks.state import load
 
 __all__ = ["Checkpointer", "ResumeError", "load"]

@@ -50,11 +50,11 @@ from trainer_hooks.overlap import Overlap
 from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption, uncaught_exception
 from trainer_hooks.record import SaveRecord
 from trainer_hooks.resume import Resumer
-from trainer_hooks.shards import ShardGroup
+from trainer_hooks.shards import ShardGroup, rank_and_world
 from trainer_hooks.shared import SharedTensors
 from trainer_hooks.snapshot import Position, Snapshotter, Taken, holds_dtensors
 from trainer_hooks.staging import Pending, StagingBuffer
-from trainer_hooks.state import as_float, rank_and_world
+from trainer_hooks.state import as_float
 from trainer_hooks.timerules import TimeRules
 from trainer_hooks.triggers import SCHEDULED, Triggers, hook_policy, warn_about_plan
 from trainer_hooks.worker import SaveJob

@@ -44,7 +44,7 @@ from ckptd.core.settings import from_env, group, parse_table, resolve
 from ckptd.foreign import deepspeed as dsfmt
 from ckptd.foreign.formats import step_from_name
 from ckptd.foreign.picklesafe import verify_torch
-from trainer_hooks.state import restore_rng, rng_state
+from trainer_hooks.rng import restore_rng, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def hf_resume_dir(directory: str, job: str, scratch: str) -> str | None:
     import torch
 
     from trainer_hooks.resume import say_resumed
-    from trainer_hooks.state import rank_and_world
+    from trainer_hooks.shards import rank_and_world
 
     t0 = time.perf_counter()
     tag_dir = newest_committed(directory)

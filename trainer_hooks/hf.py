@@ -23,8 +23,8 @@ import torch
 from transformers import TrainerCallback
 
 from trainer_hooks.checkpointer import Checkpointer
+from trainer_hooks.loader import load
 from trainer_hooks.resume import newest_to_resume
-from trainer_hooks.state import load
 
 
 class CkptdCallback(TrainerCallback):

@@ -19,8 +19,9 @@ import lightning as L
 import torch
 
 from trainer_hooks.checkpointer import Checkpointer
+from trainer_hooks.loader import load
 from trainer_hooks.resume import newest_to_resume
-from trainer_hooks.state import load, restore_rng
+from trainer_hooks.rng import restore_rng
 
 
 class CkptdCallback(L.Callback):

@@ -36,7 +36,9 @@ from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
 from ckptd.save.newest import newest_verified
 from ckptd.save.owned import directory_problem, verified_if_owned
-from trainer_hooks.state import Structure, apply, fingerprint, load, structure_problem
+from trainer_hooks.fit import Structure, fingerprint, structure_problem
+from trainer_hooks.loader import load
+from trainer_hooks.state import apply
 
 if TYPE_CHECKING:
     import torch

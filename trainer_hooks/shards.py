@@ -40,6 +40,7 @@ collectives never interleave with each other nor with training's own collectives
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -180,3 +181,12 @@ class ShardGroup:
     def _fail(self, why: str) -> None:
         self.broken = why
         log.error("ckptd: sharded job: %s; sharded saves stop committing", why)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """From torch.distributed when initialised, else torchrun's environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import HF_CONFIG, PEFT_CONFIG, CheckpointMeta
 from ckptd.core.refs import REFS_KEY, encode
+from trainer_hooks.fit import Structure, fingerprint, model_structure
 from trainer_hooks.overlap import written_by_optimizer
 from trainer_hooks.pinned import pin_for
 from trainer_hooks.shared import SharedTensors, frozen_identities, identity
 from trainer_hooks.staging import StagingBuffer, image_length
-from trainer_hooks.state import Flat, Structure, capture, fingerprint, flatten, jsonable_metrics, model_structure
+from trainer_hooks.state import Flat, capture, flatten, jsonable_metrics
 
 if TYPE_CHECKING:
     import torch

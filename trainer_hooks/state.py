@@ -14,14 +14,13 @@ alias of the first and ``unflatten`` hands both names the same tensor again.
 
 from __future__ import annotations
 
-import json
-import os
-import random
 from typing import Any
 
 import torch
 
-try:  # numpy is optional for torch; its RNG is captured when it is there.
+from trainer_hooks.rng import restore_rng, rng_state
+
+try:  # numpy arrays in the state (a sampler's, a user's extra) come back as numpy arrays
     import numpy as np
 except ImportError:  # pragma: no cover - numpy ships with our test extras
     np = None  # type: ignore[assignment]
@@ -63,29 +62,6 @@ def capture(model: Any = None, optimizer: Any = None, scheduler: Any = None,
     if extra:
         state["extra"] = extra
     return state
-
-
-def rng_state() -> dict[str, Any]:
-    out: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if np is not None:
-        out["numpy"] = np.random.get_state()
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def restore_rng(rng: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
-    for name, g in (generators or {}).items():
-        if name in rng.get("generators", {}):
-            g.set_state(rng["generators"][name])
-    if "python" in rng:
-        random.setstate(rng["python"])
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
-    if "numpy" in rng and np is not None:
-        np.random.set_state(rng["numpy"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 class Flat:
@@ -202,48 +178,6 @@ def apply(state: dict[str, Any], model: Any = None, optimizer: Any = None, sched
         restore_rng(state["rng"], generators)
 
 
-def rank_and_world() -> tuple[int, int]:
-    """From torch.distributed when initialised, else torchrun's environment."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def load(path: str, via: str | None = None) -> dict[str, Any]:
-    """The nested state stored in a ckptd checkpoint (tensors on CPU). ``via``: the name to open
-    it by instead (``/proc/self/fd/N`` of a file already opened and checked); the files it refers
-    to are beside ``path``."""
-    from safetensors import safe_open
-
-    with safe_open(via or path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors.update(load_referenced(path, meta))
-    skeleton = json.loads(meta.get("ckptd.state", "null"))
-    aliases = json.loads(meta.get("ckptd.aliases", "{}"))
-    state: dict[str, Any] = unflatten(skeleton, tensors, aliases)
-    return state
-
-
-def load_referenced(path: str, meta: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint refers to instead of storing (SPEC §13), from the files beside it
-    that hold them; each holder opened once."""
-    from safetensors import safe_open
-
-    from ckptd.core.refs import decode
-
-    by_file: dict[str, dict[str, str]] = {}
-    for name, r in decode(meta).items():
-        by_file.setdefault(r.file, {})[name] = r.tensor
-    out: dict[str, torch.Tensor] = {}
-    for file, names in by_file.items():
-        with safe_open(os.path.join(os.path.dirname(path), file), framework="pt") as f:
-            out.update({name: f.get_tensor(there) for name, there in names.items()})
-    return out
-
-
 def as_float(v: Any) -> float | None:
     if isinstance(v, torch.Tensor):
         return float(v.item()) if v.numel() == 1 else None
@@ -258,42 +192,3 @@ def jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         f = as_float(v)
         out[str(k)] = f if f is not None else (v if isinstance(v, (str, bool, type(None))) else str(v))
     return out
-
-
-# --- does a checkpoint fit the model it is asked to load into? (issue 17 #4) --------------
-
-Structure = dict[str, tuple[str, tuple[int, ...]]]
-
-
-def model_structure(flat: Flat) -> Structure:
-    """Names, dtypes and shapes of the model's tensors as a checkpoint of it stores them."""
-    return {n: (TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in flat.tensors.items() if n.startswith("model/")}
-
-
-def fingerprint(structure: Structure) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(sorted((n, d, list(s)) for n, (d, s) in structure.items())).encode()).hexdigest()[:32]
-
-
-def structure_problem(ours: Structure, path: str) -> str:
-    """Why the checkpoint at ``path`` does not fit a model of structure ``ours`` ("" if it does)."""
-    from ckptd.core.format import read_header
-    from ckptd.core.meta import FINGERPRINT
-
-    with open(path, "rb") as f:
-        header = read_header(f, os.fstat(f.fileno()).st_size)
-    if header.metadata.get(FINGERPRINT) == fingerprint(ours):
-        return ""
-    from ckptd.core.refs import decode
-
-    theirs = {e.name: (e.dtype, tuple(e.shape)) for e in header.tensors if e.name.startswith("model/")}
-    theirs.update({n: (r.dtype, r.shape) for n, r in decode(header.metadata).items() if n.startswith("model/")})
-    for name in sorted(set(ours) | set(theirs)):
-        if name not in theirs:
-            return f"it has no tensor {name!r}"
-        if name not in ours:
-            return f"it has a tensor {name!r} the model does not"
-        if ours[name] != theirs[name]:
-            return f"{name!r} is {theirs[name][0]}{list(theirs[name][1])} there, {ours[name][0]}{list(ours[name][1])} here"
-    return ""
