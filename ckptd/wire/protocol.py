@@ -151,6 +151,12 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 # --- message validation --------------------------------------------------------------
 
+NUMBER = (int, float)
+MAYBE_STR = (str, type(None))
+MAYBE_INT = (int, type(None))
+MAYBE_NUMBER = (int, float, type(None))
+
+# Each message type: the fields it must have, and their types.
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "hello": {"job": (str,), "directory": (str,), "settings": (dict,), "pid": (int,), "step": (int,)},
     "heartbeat": {"step": (int,)},
@@ -162,20 +168,43 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "memory": {"job": (str,), "directory": (str,)},
 }
 
+# The fields it may have, and their types when present. Fields named nowhere are ignored (a
+# newer hook may send more); a named one of the wrong type is refused like a missing one.
+OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
+    "hello": {"version": (str,), "template": MAYBE_STR, "rank": (int,), "world_size": (int,), "sharded": (bool,),
+              "state_bytes": MAYBE_INT},
+    "heartbeat": {"epoch": MAYBE_NUMBER},
+    "save": {"epoch": MAYBE_NUMBER, "stall": NUMBER, "cost": NUMBER, "memory_only": (bool,)},
+    "committed": {"ok": (bool,), "reason": (str,), "error": MAYBE_STR, "stall": NUMBER},
+    "list": {"job": MAYBE_STR}, "latest": {"job": MAYBE_STR},
+    "gc": {"job": MAYBE_STR, "directory": MAYBE_STR, "dry_run": (bool,)},
+}
+
 
 def validate(msg: dict[str, Any]) -> dict[str, Any]:
-    """Check the type and the required fields' types; bools are not ints here."""
+    """Check the type, the required fields and the optional ones present; bools are not numbers
+    here, and a count is never negative."""
     kind = msg["type"]
     if kind not in SCHEMAS:
         raise ProtocolError(f"unknown message type {kind!r}")
     for key, types in SCHEMAS[kind].items():
-        value = msg.get(key)
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolError(f"{kind}: field {key!r} must be {types[0].__name__}")
-    for key in ("step", "length", "id", "pid"):
-        if key in SCHEMAS[kind] and msg[key] < 0:
+        _check(kind, key, msg.get(key), types)
+    for key, types in OPTIONAL.get(kind, {}).items():
+        if key in msg:
+            _check(kind, key, msg[key], types)
+    for key in ("step", "length", "id", "pid", "rank", "world_size", "state_bytes", "stall", "cost"):
+        if isinstance(msg.get(key), NUMBER) and not isinstance(msg[key], bool) and msg[key] < 0:
             raise ProtocolError(f"{kind}: field {key!r} must not be negative")
     return msg
+
+
+def _check(kind: str, key: str, value: Any, types: tuple[type, ...]) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ProtocolError(f"{kind}: field {key!r} must be {' or '.join(_name(t) for t in types)}")
+
+
+def _name(t: type) -> str:
+    return "null" if t is type(None) else t.__name__
 
 
 def snapshot_memfd(name: str) -> int:
