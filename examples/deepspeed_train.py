@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--pause-rank", type=int, default=-1, help="tests: this rank stops after writing its files ...")
     ap.add_argument("--pause-at", type=int, default=0, help="... of the save at this step (to be killed there)")
+    ap.add_argument("--corrupt-rank", type=int, default=-1, help="tests: this rank truncates its optimizer file ...")
+    ap.add_argument("--corrupt-at", type=int, default=0, help="... of the save at this step (its verify then fails)")
     a = ap.parse_args()
     import deepspeed
 
@@ -49,6 +51,8 @@ def main() -> None:
 
         if rank == a.pause_rank:
             _pause_in_save(engine, a.pause_at)
+        if rank == a.corrupt_rank:
+            _corrupt_in_save(engine, a.corrupt_at)
         parts = {"model": engine.module, "optimizer": engine.optimizer} if a.pieces else {"engine": engine}
         ckpt = Checkpointer("ds-demo", a.dir, **parts, every_steps=a.every, total_steps=a.steps)
     start = ckpt.resume() if ckpt else 0
@@ -83,6 +87,22 @@ def _pause_in_save(engine: object, step: int) -> None:
         return result
 
     engine.save_checkpoint = save_then_pause  # type: ignore[attr-defined]
+
+
+def _corrupt_in_save(engine: object, step: int) -> None:
+    """Tests: this rank's optimizer partition of the save at ``step`` is cut in half once written
+    (a disk that lost the tail), so the rank's own verification fails and nothing is committed."""
+    original = engine.save_checkpoint  # type: ignore[attr-defined]
+
+    def save_then_truncate(*args: object, **kwargs: object) -> object:
+        result = original(*args, **kwargs)
+        if kwargs.get("tag") == f"global_step{step}":
+            rank = engine.global_rank  # type: ignore[attr-defined]
+            path = os.path.join(str(args[0]), f"global_step{step}", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+            os.truncate(path, os.path.getsize(path) // 2)
+        return result
+
+    engine.save_checkpoint = save_then_truncate  # type: ignore[attr-defined]
 
 
 def fingerprint(engine: object) -> str:

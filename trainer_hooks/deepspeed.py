@@ -18,7 +18,11 @@ writes ``latest`` with a plain write. So one save here is, on every rank:
    (``ckptd.foreign.deepspeed.incomplete``), renames the tag into ``DIR`` (fsync of the
    directory), then replaces ``DIR/latest`` by temp file, fsync and rename. A rank killed at
    any point before leaves no tag under its final name and ``latest`` unchanged.
-5. **Retention.** Rank 0 applies the job's rules (``keep_last`` ...) to the committed tags.
+5. **Tell, or retain.** With a daemon (the same ``Link`` as the plain hook: hello with the job's
+   policy, heartbeats of the step, ``end`` at close), rank 0 reports the tag with the sharded
+   path's ``committed`` message (or ``ok: false`` and why: a failed save, counted and paged);
+   the daemon re-verifies it, catalogues and counts it and applies the job's retention. Without
+   one (embedded), rank 0 applies the job's rules (``keep_last`` ...) to the committed tags itself.
 
 ``resume()`` takes the newest committed tag that verifies (rank 0 judges, every rank gets its
 name) and loads it with ``engine.load_checkpoint``: weights, optimizer partitions, loss scaler,
@@ -40,16 +44,18 @@ from typing import Any, Callable
 from ckptd.core import config as config_mod
 from ckptd.core import policy as pol
 from ckptd.core import retention
-from ckptd.core.settings import from_env, group, parse_table, resolve
+from ckptd.core.settings import env_table, from_env, group, parse_table, resolve
 from ckptd.foreign import deepspeed as dsfmt
 from ckptd.foreign.formats import step_from_name
 from ckptd.foreign.picklesafe import verify_torch
+from trainer_hooks.link import Link, socket_path
 from trainer_hooks.rng import restore_rng, rng_state
 
 log = logging.getLogger(__name__)
 
 STAGING = ".ckptd-staging-"
-COMMIT = "ckptd-commit.json"  # inside a committed tag: who wrote and verified it
+COMMIT = dsfmt.COMMIT  # inside a committed tag: who wrote and verified it
+TRIGGERS = {"scheduled": "step"}  # this module's save reasons as the daemon's trigger names
 
 
 def is_engine(obj: Any) -> bool:
@@ -70,9 +76,10 @@ class EngineCheckpointer:
         if not is_engine(engine):
             raise TypeError(f"engine= takes a DeepSpeed engine (deepspeed.initialize's first result), not "
                             f"{type(engine).__name__}")
-        for ignored in ("sharded", "shard_timeout", "socket", "preempt_signals", "preempt_grace", "generators",
-                        "reconnect_every"):  # the hook's transport and signal options: not used on this path
-            settings.pop(ignored, None)
+        socket = settings.pop("socket", None)
+        reconnect_every = settings.pop("reconnect_every", None)
+        for ignored in ("sharded", "shard_timeout", "preempt_signals", "preempt_grace", "generators"):
+            settings.pop(ignored, None)  # the hook's sharding and signal options: not used on this path
         # model and optimizer: the engine holds them and DeepSpeed saves them; a scheduler the engine does not own (HF Trainer's own) travels in client_state
         self.scheduler = scheduler if scheduler is not None and scheduler is not engine.lr_scheduler \
             and hasattr(scheduler, "state_dict") else None
@@ -91,9 +98,24 @@ class EngineCheckpointer:
         self.saved: list[str] = []
         self.failed = 0
         self._closed = False
+        self.link: Link | None = None
         if self.rank == 0:
             os.makedirs(self.directory, exist_ok=True)
             self._clean_staging()
+            path = socket_path(socket)
+            if path is not None:  # rank 0 speaks for the job, as a sharded job's does
+                self._raw_settings = {**env_table(), **known}
+                self.link = Link(path, self._hello, lambda: {"step": self.current}, lambda *_: None,
+                                 lambda _: None, float(reconnect_every or 5.0))
+
+    @property
+    def mode(self) -> str:
+        """"daemon" while rank 0 is connected (the daemon counts, pages and retains), else "embedded"."""
+        return "daemon" if self.link is not None and self.link.connected else "embedded"
+
+    def _hello(self) -> dict[str, Any]:
+        return {"job": self.job, "directory": self.directory, "settings": self._raw_settings, "pid": os.getpid(),
+                "step": self.current, "rank": self.rank, "world_size": self.world_size, "sharded": False}
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -147,6 +169,7 @@ class EngineCheckpointer:
         self._closed = True
         if self.policy.save_final and self.last_saved != self.current and self.current > 0:
             self.save(reason="final")
+        self._hang_up(self.current)
 
     def __enter__(self) -> EngineCheckpointer:
         return self
@@ -155,6 +178,12 @@ class EngineCheckpointer:
         if exc_type is None:
             self.close()
         self._closed = True  # an exception is not the end of the run: nothing saved as final
+        self._hang_up(None)  # nor an end: the daemon counts the unsaved steps
+
+    def _hang_up(self, end_step: int | None) -> None:
+        if self.link is not None:
+            link, self.link = self.link, None
+            link.close(end_step)
 
     # -- one save -------------------------------------------------------------------------------
 
@@ -182,9 +211,11 @@ class EngineCheckpointer:
         stall = time.perf_counter() - t0
         outcomes: list[Any] = [None] * self.world_size
         self._dist.all_gather_object(outcomes, outcome)
-        verdict = [self._commit(staging, tag, step, outcomes) if self.rank == 0 else ""]
+        verdict = [self._commit(staging, tag, step, reason, outcomes) if self.rank == 0 else ""]
         self._dist.broadcast_object_list(verdict, src=0)
         problem = str(verdict[0])
+        if self.rank == 0 and not self._tell(tag, step, reason, problem, stall) and not problem:
+            self._retain()  # embedded: nobody else applies the job's rules
         if problem:
             self.failed += 1
             log.error("ckptd: job %s: DeepSpeed checkpoint %s not committed: %s", self.job, tag, problem)
@@ -217,7 +248,7 @@ class EngineCheckpointer:
             return {"ok": False, "error": f"rank {self.rank} wrote no file into {tag_dir}"}
         return {"ok": True, "files": mine, "tensors": tensors, "bytes": nbytes}
 
-    def _commit(self, staging: str, tag: str, step: int, outcomes: list[dict[str, Any]]) -> str:
+    def _commit(self, staging: str, tag: str, step: int, reason: str, outcomes: list[dict[str, Any]]) -> str:
         """Rank 0: every rank verified and every rank's file is there -> rename into place, then
         ``latest``. "" when committed, else why not (and nothing under a final name changed)."""
         bad = [o for o in outcomes if not o or not o.get("ok")]
@@ -228,7 +259,7 @@ class EngineCheckpointer:
             missing = dsfmt.incomplete(src)
             if missing:
                 return f"the tag is incomplete: {missing}"
-            commit = {"job": self.job, "step": step, "world_size": self.world_size, "created": time.time(),
+            commit = {"job": self.job, "step": step, "trigger": TRIGGERS.get(reason, reason), "world_size": self.world_size, "created": time.time(),
                       "ranks": [{k: o.get(k) for k in ("rank", "files", "tensors", "bytes")} for o in outcomes]}
             _write_atomic(os.path.join(src, COMMIT), json.dumps(commit, indent=1).encode())
             _fsync(src)
@@ -246,21 +277,23 @@ class EngineCheckpointer:
             shutil.rmtree(staging, ignore_errors=True)
         except OSError as exc:
             return f"commit failed: {exc.strerror or exc}"
-        self._retain()
         return ""
+
+    def _tell(self, tag: str, step: int, reason: str, problem: str, stall: float) -> bool:
+        """Rank 0: the daemon hears of the save as of a sharded unit's (``committed``: ok, or a
+        failed save and why). False when there is no daemon: the save stays embedded."""
+        if self.link is None or not self.link.connected:
+            return False
+        self.link.notify({"type": "committed", "step": step, "path": os.path.join(self.directory, tag),
+                          "trigger": TRIGGERS.get(reason, reason), "ok": not problem, "reason": "uncommitted",
+                          "error": problem, "stall": stall})
+        return True
 
     # -- what is on disk --------------------------------------------------------------------------
 
     def committed(self) -> list[tuple[int, str]]:
         """(step, tag) of the committed tags in the directory, oldest first."""
-        out = []
-        for n in os.listdir(self.directory):
-            path = os.path.join(self.directory, n)
-            step = step_from_name(n)
-            if n.startswith(".") or step is None or os.path.islink(path) or not os.path.isfile(os.path.join(path, COMMIT)):
-                continue
-            out.append((step, n))
-        return sorted(out)
+        return dsfmt.committed_tags(self.directory)
 
     def newest_committed(self) -> str | None:
         """The newest committed tag that verifies now (every rank's file there and loading)."""

@@ -23,7 +23,7 @@ from ckptd.daemon.session import Host, Session
 from ckptd.disk.owner import Identity, acting_as
 from ckptd.disk.remove import inside
 from ckptd.disk.scan import read_info, set_pinned
-from ckptd.disk.verify import verify_file
+from ckptd.foreign.deepspeed import verify_ours
 from ckptd.save.keep import collect
 from ckptd.save.newest import first_verified
 from ckptd.wire import protocol
@@ -156,7 +156,7 @@ def latest(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
 
     def verify_as_owner(r: Any) -> Any:
         with acting_as(owners[r.path]):
-            return verify_file(r.path)
+            return verify_ours(r.path)  # a file, a sharded unit or an engine job's DeepSpeed tag
 
     found = first_verified(reversed(rows), verify_as_owner)
     if found is None:

@@ -12,6 +12,7 @@ from ckptd.daemon.ledger import Ledger
 from ckptd.disk.owner import OwnerError, acting_as
 from ckptd.disk.verify import VerifyResult, verify_file
 from ckptd.foreign import formats as foreign
+from ckptd.foreign.deepspeed import verify_ours
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _gone(catalog: Catalog, row: Row) -> bool:
 
 def _verify(row: Row) -> VerifyResult:
     if row.trigger != Trigger.WATCH:
-        return verify_file(row.path)
+        return verify_ours(row.path)  # a file, a sharded unit or an engine job's DeepSpeed tag
     found = foreign.classify(row.path)
     result = foreign.verify(found) if found else verify_file(row.path)
     changed = foreign.changed_since(found, row.digests) if found and result.ok and row.digests else ""

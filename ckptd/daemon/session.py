@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from ckptd.core import missed
 from ckptd.core.config import Config
@@ -34,8 +34,9 @@ from ckptd.disk.preflight import TargetError, check_job
 from ckptd.disk.remove import Removal
 from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.target import Target
+from ckptd.foreign import deepspeed as dsfmt
 from ckptd.remote.layout import job_prefix
-from ckptd.save.pipeline import Hooks, commit_unit, failure, save_unit
+from ckptd.save.pipeline import Hooks, commit_tag, commit_unit, failure, save_unit
 from ckptd.wire import protocol
 
 log = logging.getLogger(__name__)
@@ -300,18 +301,20 @@ class Session:
         return Target(job.directory, job.name, job.settings, d.roots,
                       owner=None if d.access.privileged(self.uid) else self.uid)
 
-    def _hooks(self, job: JobState, msg: dict[str, Any], reported: tuple[str, ...], unit: bool = False) -> Hooks:
+    def _hooks(self, job: JobState, msg: dict[str, Any], reported: tuple[str, ...], unit: bool = False,
+               info_of: Callable[[str], Checkpoint] = read_info) -> Hooks:
         """Stages 5 and 7 as the daemon runs them: catalogue and count, then the uploader.
         (That a snapshot is the job and step it claimed was checked by ``persist`` before a
         byte was written: ``save_unit`` passes them as ``expect``.) A sharded ``unit`` was
         announced, not sent: its step counts only now, and the catalogue drops the units
-        its ranks' retention removed meanwhile. They run inside the owner's rights (the files)
+        its ranks' retention removed meanwhile (``info_of`` reads what it is: a DeepSpeed tag
+        from its commit record). They run inside the owner's rights (the files)
         and step back to the daemon's for its own records (``as_daemon``)."""
         d = self.daemon
         seen: dict[str, Checkpoint] = {}  # the header read at commit, for the upload too
 
         def committed(result: Persisted) -> None:
-            info = seen[result.path] = read_info(result.path)
+            info = seen[result.path] = info_of(result.path)
             if unit:
                 with d.lock:
                     job.last_saved_step = max(job.last_saved_step, info.step)
@@ -340,23 +343,32 @@ class Session:
 
     def _committed(self, msg: dict[str, Any]) -> None:
         """A sharded checkpoint its ranks wrote and agreed on: stages 5-7 of the pipeline
-        (``commit_unit``: the guard, its manifest and shards checked, catalogue, retention)."""
+        (``commit_unit``: the guard, its manifest and shards checked, catalogue, retention), or
+        a DeepSpeed engine job's committed tag (``commit_tag``: every rank's file verified)."""
         job, d = self.job, self.daemon
         assert job is not None
         trigger = Trigger.of(msg["trigger"])
         if not msg.get("ok", True):
+            with d.lock:  # attempted at its step, as a plain save is once sent: a failure pages, not a skip too
+                job.last_saved_step = max(job.last_saved_step, msg["step"])
             d.save_failed(job, trigger, PersistError(FailReason.of(msg.get("reason", FailReason.UNCOMMITTED)),
                                                      str(msg.get("error"))))
             return
         with acting_as(self.identity):
             path = os.path.realpath(msg["path"])
             inside_job = os.path.dirname(path) == os.path.realpath(job.directory)
+            tag = dsfmt.is_committed(path)
         if not inside_job:
             raise protocol.ProtocolError(f"committed: {msg['path']} is not in the job's directory")
+        reported = ("stall", "persist", "verify")
         try:
             with acting_as(self.identity):
-                commit_unit(self._target(job), os.path.basename(path), msg["step"],
-                            self._hooks(job, {**msg, "trigger": trigger}, ("stall", "persist", "verify"), unit=True))
+                if tag:
+                    commit_tag(self._target(job), os.path.basename(path), msg["step"],
+                               self._hooks(job, {**msg, "trigger": trigger}, reported, True, dsfmt.committed_info))
+                else:
+                    commit_unit(self._target(job), os.path.basename(path), msg["step"],
+                                self._hooks(job, {**msg, "trigger": trigger}, reported, unit=True))
         except Exception as exc:  # refused by the guard, or it does not verify: a failed save, counted
             d.save_failed(job, trigger, failure(exc, msg["step"]))
 

@@ -12,16 +12,21 @@ stage in ``ds_config``) and every one of those ranks' files is there and loads.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 from typing import Any
 
 from ckptd.disk.safepath import open_regular
-from ckptd.disk.verify import VerifyResult
+from ckptd.disk.scan import Checkpoint, is_pinned
+from ckptd.disk.verify import VerifyResult, verify_file
 from ckptd.foreign.picklesafe import UnsafePickle, safe_load, verify_torch
+from ckptd.foreign.steps import step_from_name
 
 RANK_FILE = re.compile(r"^(?:(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_(?P<what>model|optim)_states\.pt$")
 LATEST = "latest"
+COMMIT = "ckptd-commit.json"  # inside a tag ckptd committed (``trainer_hooks.deepspeed``): who wrote it, when
 
 
 def is_tag(names: set[str]) -> bool:
@@ -124,3 +129,60 @@ def latest_names(directory: str) -> str | None:
     except OSError:
         return None
     return text or None
+
+
+# -- tags ckptd committed (an engine job's checkpoints) ----------------------------------------
+
+
+def is_committed(path: str) -> bool:
+    """A DeepSpeed tag that ckptd's engine hook committed (its ``COMMIT`` record inside); no link."""
+    return not os.path.islink(path) and os.path.isdir(path) and os.path.isfile(os.path.join(path, COMMIT))
+
+
+def committed_tags(directory: str) -> list[tuple[int, str]]:
+    """(step, name) of the committed tags in ``directory``, oldest first (hidden names and links skipped)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    out = []
+    for n in names:
+        step = step_from_name(n)
+        if not n.startswith(".") and step is not None and is_committed(os.path.join(directory, n)):
+            out.append((step, n))
+    return sorted(out)
+
+
+def committed_info(path: str) -> Checkpoint:
+    """A committed tag as the catalogue and retention describe a checkpoint: job, step and
+    creation time from its ``COMMIT`` record (read without following a link), its bytes."""
+    try:
+        with open_regular(os.path.join(path, COMMIT)) as f:
+            record = json.loads(f.read(1 << 20) or b"{}")
+        names = os.listdir(path)
+        size = sum(os.lstat(os.path.join(path, n)).st_size for n in names)
+    except (OSError, ValueError) as exc:
+        return Checkpoint(path, "", -1, 0, problem=f"{COMMIT}: {exc}")
+    record = record if isinstance(record, dict) else {}
+    step, created = record.get("step"), record.get("created")
+    return Checkpoint(path, str(record.get("job") or ""), step if isinstance(step, int) else -1, size,
+                      float(created) if isinstance(created, (int, float)) else os.lstat(path).st_mtime,
+                      trigger=str(record.get("trigger") or ""), pinned=is_pinned(path),
+                      shards=sum(1 for n in names if RANK_FILE.match(n)))
+
+
+def not_plain(dir_fd: int) -> str:
+    """Why a tag opened as ``dir_fd`` (without following a link) is no plain tag ("" when it is):
+    each entry must be a regular file or directory itself, never a link, a FIFO or a device, so
+    that verifying it reads the tag's own files and nothing a link points at."""
+    for n in sorted(os.listdir(dir_fd)):
+        mode = os.stat(n, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return f"{n} is not a regular file (a link, a FIFO or a device)"
+    return ""
+
+
+def verify_ours(path: str) -> VerifyResult:
+    """A ckptd checkpoint of any shape verified now: a committed DeepSpeed tag (every rank's file),
+    else a file or a sharded unit (``verify_file``)."""
+    return verify(path) if is_committed(path) else verify_file(path)

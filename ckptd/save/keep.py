@@ -25,8 +25,9 @@ from ckptd.disk.refs import check_refs
 from ckptd.disk.remove import Removal, apply
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.target import Target
+from ckptd.foreign import deepspeed as dsfmt
 
-__all__ = ["Removed", "collect", "evaluate", "items_from", "make_room", "prune", "reserve", "unresolved"]
+__all__ = ["Removed", "collect", "evaluate", "items_from", "make_room", "prune", "prune_tags", "reserve", "unresolved"]
 
 log = logging.getLogger(__name__)
 Removed = Callable[[list[Removal]], None]
@@ -141,3 +142,15 @@ def reserve(t: Target, nbytes: int, step: int, on_removed: Removed = _ignore, *,
 def prune(t: Target, on_removed: Removed = _ignore, now: float | None = None) -> None:
     """Retention once the new checkpoint is in place."""
     on_removed(collect(t.directory, t.job, t.settings, time.time() if now is None else now, t.guard)[1])
+
+
+def prune_tags(t: Target, on_removed: Removed = _ignore, now: float | None = None) -> None:
+    """Retention over a DeepSpeed engine job's committed tags (``ckptd.foreign.deepspeed``): the
+    same rules and the same removal (no link followed) as for its files, each tag one unit."""
+    rules = retention.Rules.from_settings(t.settings)
+    if not rules.any_window:
+        return
+    tags = [dsfmt.committed_info(os.path.join(t.directory, n)) for _, n in dsfmt.committed_tags(t.directory)]
+    items = items_from([c for c in tags if c.job == t.job], rules.best_metric)
+    verdicts = retention.judge(items, rules, time.time() if now is None else now)
+    on_removed(apply(verdicts, t.guard, t.settings.get("quarantine_dir")))

@@ -43,10 +43,11 @@ from ckptd.disk.remove import Removal, remove
 from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.target import Target, open_target, open_unit
 from ckptd.disk.verify import verify_unit
+from ckptd.foreign import deepspeed as dsfmt
 from ckptd.save.agree import Agreement, commit_on_rank0, shard_outcome
-from ckptd.save.keep import prune, reserve
+from ckptd.save.keep import prune, prune_tags, reserve
 
-__all__ = ["Hooks", "StagedShard", "commit_unit", "failure", "save_shard", "save_unit"]
+__all__ = ["Hooks", "StagedShard", "commit_tag", "commit_unit", "failure", "save_shard", "save_unit"]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,36 @@ def commit_unit(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
     prune(t, hooks.removed)
     if hooks.replicate is not None:
         hooks.replicate(persisted)
+    return info
+
+
+def commit_tag(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
+    """Stages 5-6 as the daemon runs them for a DeepSpeed tag an engine job's ranks wrote,
+    verified and agreed on, and its rank 0 committed (``trainer_hooks.deepspeed``): reached through
+    the same guard as a unit (in the job's directory, no link, the job uid's), every entry a
+    plain file (no link or FIFO to make the daemon read elsewhere), then every rank's file
+    present and verified (``ckptd.foreign.deepspeed.verify``: zip CRCs, an inert load), then
+    ``committed`` and retention over the job's tags. Not replicated: the remote tier takes
+    ckptd's own files and units only."""
+    path = os.path.join(t.directory, name)
+    dfd = open_target(t)
+    try:
+        ufd = open_unit(t, dfd, name, create=False)
+        try:
+            hostile = dsfmt.not_plain(ufd)
+        finally:
+            os.close(ufd)
+    finally:
+        os.close(dfd)
+    result = dsfmt.verify(path) if not hostile else None
+    info = dsfmt.committed_info(path)
+    if result is None or not result.ok or info.job != t.job or info.step != step:
+        why = hostile or (result.reason if result is not None and not result.ok else "") \
+            or "job or step differ from the message"
+        raise PersistError(FailReason.VERIFY_FAILED, f"DeepSpeed checkpoint {path}: {why}")
+    if hooks.committed is not None:
+        hooks.committed(Persisted(path, info.bytes, {}))
+    prune_tags(t, hooks.removed)
     return info
 
 
