@@ -36,6 +36,9 @@ def test_engine_job_is_counted_retained_and_paged_by_the_daemon(daemon: DaemonPr
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     job = {"training_job": "ds-demo", "directory": str(d)}
+    # rank 0 waits up to 10 s for the daemon's bye; a loaded daemon may still be verifying the tags
+    # it was told of (in order, `end` last) when the run exits: the session's end is the event
+    wait_until(lambda: daemon.metric("ckptd_job_up", **job) == 0, 60, "the daemon to finish the run's messages")
     assert daemon.metric("ckptd_saves_total", **job, trigger="step", outcome="ok") == 2
     assert daemon.metric("ckptd_save_failures_total", **job, reason="uncommitted") == 1
     assert daemon.metric("ckptd_last_saved_step", **job) == 12
