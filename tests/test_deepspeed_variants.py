@@ -38,7 +38,7 @@ def launch(directory: Path, *args: str) -> subprocess.Popen[str]:
 
 
 def fingerprints(out: str) -> dict[str, str]:
-    return dict(re.findall(r"rank (\d) FINGERPRINT ([0-9a-f]{16})", out))
+    return dict(re.findall(r"rank (\d) FINGERPRINT (.+)", out))  # the hash, then dtype, optimizer, steps, scaler
 
 
 def kill_and_resume(tmp_path: Path, *args: str, die_rank: int = 1, die_at: int = 10) -> tuple[str, Path, str]:

@@ -32,8 +32,8 @@ def config(a: argparse.Namespace) -> dict:
                  "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": a.stage}}
     if a.dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
-    if a.dtype == "fp16":  # 2**24 overflows at first: steps are skipped and the scale halves, then grows every 2
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 24, "loss_scale_window": 2, "hysteresis": 1}
+    if a.dtype == "fp16":  # 2**20 overflows at first: steps are skipped while the scale halves; it then doubles every 2 good steps
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 20, "loss_scale_window": 2, "hysteresis": 1}
     if a.ds_adam:
         cfg["optimizer"] = {"type": "Adam", "params": {"lr": 1e-2, "weight_decay": 0.01}}
         cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-2,
