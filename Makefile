@@ -22,6 +22,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --progress-bar on -e '.[test]'
 	$(PIP) show deepspeed >/dev/null 2>&1 || DS_BUILD_OPS=0 $(PIP) install --progress-bar on --no-build-isolation $(DEEPSPEED)
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
+	@echo "== building DeepSpeed's cpu_adam op (DeepSpeedCPUAdam; a C++ compile, minutes; the tests then load it)"
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder as B; B().load(verbose=False)"
 	@echo "== installed; next time this step is skipped"
 	touch $(STAMP)
 

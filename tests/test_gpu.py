@@ -207,3 +207,42 @@ def test_an_overlapped_cuda_snapshot_is_the_state_of_its_step(tmp_path: Path) ->
     finally:
         ckpt.close(final=False)
     check_saved(tmp_path, at_save)
+
+
+@cuda
+@pytest.mark.cuda
+def test_deepspeed_fp16_loss_scaler_resumes_exactly(tmp_path: Path) -> None:
+    """fp16 with DeepSpeed's dynamic loss scaler (GPU-only: DeepSpeed's CPU accelerator refuses
+    fp16, docs/deepspeed.md). Started at 2**20 the scale overflows, skips steps and halves, then
+    grows every 2 good steps; run 12 steps saving every 4, once straight and once with the rank
+    SIGKILLed after step 10, then resumed from global_step8: the scaler (cur_scale, cur_iter,
+    last_overflow_iter, hysteresis), skipped steps, weights and optimizer must end as the
+    uninterrupted run's."""
+    import re
+    import subprocess
+
+    from tests.conftest import PYTHON, ROOT, free_port, project_env
+
+    pytest.importorskip("deepspeed")
+    env = project_env(DS_ACCELERATOR="cuda", CKPTD_SOCKET="/nonexistent/ckptd.sock")
+
+    def run_ds(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [str(Path(PYTHON).parent / "torchrun"), "--nproc_per_node=1", f"--master_port={free_port()}",
+               str(ROOT / "tests" / "scripts" / "ds_variant_train.py"), "--dir", str(directory), "--stage", "2",
+               "--dtype", "fp16", "--steps", "12", "--every", "4", *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    straight = run_ds(tmp_path / "straight")
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
+    killed = run_ds(tmp_path / "killed", "--die-rank", "0", "--die-at", "10")
+    assert killed.returncode != 0 and "rank 0 SIGKILL after step 10" in killed.stdout
+    assert (tmp_path / "killed" / "latest").read_text() == "global_step8"
+    resumed = run_ds(tmp_path / "killed")
+    assert resumed.returncode == 0 and "rank 0 starting at step 8" in resumed.stdout, resumed.stderr[-4000:]
+    line = re.compile(r"rank 0 FINGERPRINT (.+)")
+    final = line.findall(straight.stdout)
+    assert len(final) == 1 and "dtype=float16" in final[0], straight.stdout[-2000:]
+    skipped = int(re.findall(r"skipped=(\d+)", final[0])[0])
+    scale = float(re.findall(r"cur_scale=([0-9.e+]+)", final[0])[0])
+    assert skipped > 0 and scale < 2.0**20, final[0]  # the scaler moved: there is state to resume
+    assert line.findall(resumed.stdout) == final  # fingerprint, skipped steps and scaler state alike
