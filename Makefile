@@ -38,8 +38,9 @@ tools:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      prometheus prometheus-alertmanager systemd >/dev/null; }
 
-# The gates: lint, types (mypy strict on all of ckptd and trainer_hooks), and the layer contract (imports only point down).
+# The gates: ruff format (120 columns) and lint, types (mypy strict on all of ckptd and trainer_hooks), and the layer contract (imports only point down).
 lint: $(STAMP)
+	$(VENV)/bin/ruff format --check ckptd trainer_hooks tests benchmarks examples deploy
 	$(VENV)/bin/ruff check ckptd trainer_hooks tests benchmarks examples deploy
 	$(VENV)/bin/mypy ckptd trainer_hooks
 	$(VENV)/bin/lint-imports

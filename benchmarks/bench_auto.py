@@ -54,8 +54,9 @@ class Outcome:
 Chooser = Callable[[CostSamples, int, float], float]
 
 
-def simulate(choose: Chooser, work: float, mtbf: float, stall: float, persist: float, restart: float,
-             seed: int) -> Outcome:
+def simulate(
+    choose: Chooser, work: float, mtbf: float, stall: float, persist: float, restart: float, seed: int
+) -> Outcome:
     fail_rng, cost_rng = random.Random(seed), random.Random(seed + 10_000)
     t = done = durable = 0.0
     pending: tuple[float, float] | None = None  # (work captured, when it becomes durable)
@@ -104,6 +105,7 @@ def auto(max_overhead: float, known_mtbf: float | None = None) -> Chooser:
     def choose(samples: CostSamples, failures: int, now: float) -> float:
         mtbf = estimate_mtbf(failures, now, known_mtbf)
         return auto_interval(samples, mtbf, max_overhead, cost_guess=1.0).seconds
+
     return choose
 
 
@@ -121,9 +123,13 @@ def main() -> None:
     ap.add_argument("--restart", type=float, default=120.0, help="seconds to come back after a failure")
     ap.add_argument("--max-overhead", type=float, default=0.02)
     ap.add_argument("--seeds", type=int, default=8, help="runs per MTBF, at least (more where failures are rare)")
-    ap.add_argument("--failures", type=int, default=150,
-                    help="failures each MTBF's runs should see in all: a rare-failure row gets more seeds, or its "
-                         "hindsight optimum is noise (two failures per run at MTBF 7 d over 300 h)")
+    ap.add_argument(
+        "--failures",
+        type=int,
+        default=150,
+        help="failures each MTBF's runs should see in all: a rare-failure row gets more seeds, or its "
+        "hindsight optimum is noise (two failures per run at MTBF 7 d over 300 h)",
+    )
     ap.add_argument("--grid", type=int, default=17, help="fixed intervals tried for the hindsight optimum")
     ap.add_argument("--quick", action="store_true", help="a small run for the smoke test")
     a = ap.parse_args()
@@ -149,21 +155,50 @@ def main() -> None:
         w_auto, w_known = waste(auto_runs, work), waste(known_runs, work)
         overhead = statistics.mean(o.stalled / (o.wall - o.lost) for o in auto_runs)
         ratio = (1 + w_auto) / (1 + sweep[best_t])  # wall time against the best fixed interval's
-        results.append({"mtbf_hours": m_hours, "waste": {**named, "best fixed": sweep[best_t], "auto": w_auto,
-                                                         "auto (known M)": w_known},
-                        "best_fixed_seconds": best_t, "auto_wall_vs_best": ratio,
-                        "auto_extra_waste_vs_best": w_auto / sweep[best_t] - 1,
-                        "auto_overhead": overhead, "seeds": len(seeds),
-                        "failures_total": sum(o.failures for o in auto_runs),
-                        "sweep": {f"{t:.0f}": w for t, w in sweep.items()}})
+        results.append(
+            {
+                "mtbf_hours": m_hours,
+                "waste": {**named, "best fixed": sweep[best_t], "auto": w_auto, "auto (known M)": w_known},
+                "best_fixed_seconds": best_t,
+                "auto_wall_vs_best": ratio,
+                "auto_extra_waste_vs_best": w_auto / sweep[best_t] - 1,
+                "auto_overhead": overhead,
+                "seeds": len(seeds),
+                "failures_total": sum(o.failures for o in auto_runs),
+                "sweep": {f"{t:.0f}": w for t, w in sweep.items()},
+            }
+        )
         print(f"MTBF {m_hours:g} h: {len(seeds)} runs per strategy done", file=sys.stderr, flush=True)
-        rows.append([f"{m_hours:g} h", f"{len(seeds)} / {sum(o.failures for o in auto_runs)}", *(f"{named[n]:.2%}" for n in FIXED), f"{sweep[best_t]:.2%} @ {best_t:.0f}s",
-                     f"{w_auto:.2%}", f"{w_known:.2%}", f"{w_auto / sweep[best_t] - 1:+.1%}", f"{overhead:.2%}"])
-    print(table(f"Waste (stalls + lost work + restarts) per unit of useful work: {a.work:g} h of training, "
-                f"C={a.stall:g}s, P={a.persist:g}s, restart={a.restart:g}s, "
-                f"max_overhead={a.max_overhead:.0%}",
-                ["MTBF", "runs / failures", *FIXED, "best fixed (hindsight)", "auto", "auto (known M)", "auto vs best",
-                 "auto overhead"], rows))
+        rows.append(
+            [
+                f"{m_hours:g} h",
+                f"{len(seeds)} / {sum(o.failures for o in auto_runs)}",
+                *(f"{named[n]:.2%}" for n in FIXED),
+                f"{sweep[best_t]:.2%} @ {best_t:.0f}s",
+                f"{w_auto:.2%}",
+                f"{w_known:.2%}",
+                f"{w_auto / sweep[best_t] - 1:+.1%}",
+                f"{overhead:.2%}",
+            ]
+        )
+    print(
+        table(
+            f"Waste (stalls + lost work + restarts) per unit of useful work: {a.work:g} h of training, "
+            f"C={a.stall:g}s, P={a.persist:g}s, restart={a.restart:g}s, "
+            f"max_overhead={a.max_overhead:.0%}",
+            [
+                "MTBF",
+                "runs / failures",
+                *FIXED,
+                "best fixed (hindsight)",
+                "auto",
+                "auto (known M)",
+                "auto vs best",
+                "auto overhead",
+            ],
+            rows,
+        )
+    )
     name = "auto_quick" if a.quick else "auto"
     write_result(name, {"params": vars(a), "results": results})
     _plot(name, results)
@@ -183,15 +218,15 @@ def _plot(name: str, results: list[dict[str, object]]) -> None:
         sweep = r["sweep"]
         assert isinstance(sweep, dict)
         xs = [float(t) for t in sweep]
-        line, = ax.plot(xs, [100 * w for w in sweep.values()], label=f"fixed, MTBF {r['mtbf_hours']:g} h")
+        (line,) = ax.plot(xs, [100 * w for w in sweep.values()], label=f"fixed, MTBF {r['mtbf_hours']:g} h")
         w = r["waste"]
         assert isinstance(w, dict)
         ax.axhline(100 * w["auto"], color=line.get_color(), linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("fixed save interval (s); dashed: every=\"auto\"")
+    ax.set_xlabel('fixed save interval (s); dashed: every="auto"')
     ax.set_ylabel("waste, % of useful work")
-    ax.set_title("every=\"auto\" against every fixed interval (simulated)")
+    ax.set_title('every="auto" against every fixed interval (simulated)')
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=100)

@@ -45,8 +45,11 @@ def worker(args: argparse.Namespace) -> None:
     layers = max(1, (args.mib << 20) // (4 * width * width))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
-           "zero_optimization": {"stage": args.stage}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": args.stage},
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     loss = engine(torch.randn(1, width)).pow(2).mean()
     engine.backward(loss)
@@ -112,27 +115,58 @@ def main() -> None:
     for stage in (2, 3):
         d = tempfile.mkdtemp(prefix=f"bench-ds{stage}-")
         try:
-            cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}",
-                   __file__, "--worker", "--stage", str(stage), "--mib", str(args.mib), "--reps", str(args.reps),
-                   "--dir", d]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
-                               env=project_env(DS_ACCELERATOR="cpu", CKPTD_SOCKET="/nonexistent/ckptd.sock"))
+            cmd = [
+                str(Path(sys.executable).parent / "torchrun"),
+                "--nproc_per_node=2",
+                f"--master_port={free_port()}",
+                __file__,
+                "--worker",
+                "--stage",
+                str(stage),
+                "--mib",
+                str(args.mib),
+                "--reps",
+                str(args.reps),
+                "--dir",
+                d,
+            ]
+            r = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=3600,
+                env=project_env(DS_ACCELERATOR="cpu", CKPTD_SOCKET="/nonexistent/ckptd.sock"),
+            )
             line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
             if r.returncode != 0 or line is None:
                 raise SystemExit(f"ZeRO-{stage} worker failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-            res = json.loads(line[len("RESULT "):])
+            res = json.loads(line[len("RESULT ") :])
         finally:
             shutil.rmtree(d, ignore_errors=True)
         med = {k: statistics.median(v) for k, v in res["samples"].items()}
         out["stages"][f"zero{stage}"] = {
-            "samples": res["samples"], "median": med,
+            "samples": res["samples"],
+            "median": med,
             "stall_ratio": med["ckptd_stall"] / med["baseline_stall"],
-            "to_verified_ratio": med["ckptd_stall"] / med["baseline_verified"]}
-        rows.append([f"ZeRO-{stage}", f"{med['baseline_stall'] * 1e3:.0f}", f"{med['ckptd_stall'] * 1e3:.0f}",
-                     f"{med['ckptd_stall'] / med['baseline_stall']:.2f}x", f"{med['baseline_verified'] * 1e3:.0f}",
-                     f"{med['ckptd_stall'] / med['baseline_verified']:.2f}x"])
-    print(table(f"DeepSpeed saves, 2 ranks, {args.mib} MiB fp32 weights + AdamW, median of {args.reps} (ms)",
-                ["stage", "save_checkpoint stall", "ckptd stall", "ratio", "save + verify", "ckptd ratio"], rows))
+            "to_verified_ratio": med["ckptd_stall"] / med["baseline_verified"],
+        }
+        rows.append(
+            [
+                f"ZeRO-{stage}",
+                f"{med['baseline_stall'] * 1e3:.0f}",
+                f"{med['ckptd_stall'] * 1e3:.0f}",
+                f"{med['ckptd_stall'] / med['baseline_stall']:.2f}x",
+                f"{med['baseline_verified'] * 1e3:.0f}",
+                f"{med['ckptd_stall'] / med['baseline_verified']:.2f}x",
+            ]
+        )
+    print(
+        table(
+            f"DeepSpeed saves, 2 ranks, {args.mib} MiB fp32 weights + AdamW, median of {args.reps} (ms)",
+            ["stage", "save_checkpoint stall", "ckptd stall", "ratio", "save + verify", "ckptd ratio"],
+            rows,
+        )
+    )
     path = write_result("deepspeed_quick" if args.quick else "deepspeed", out)
     print(f"wrote {path}")
 

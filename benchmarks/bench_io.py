@@ -67,19 +67,34 @@ def main() -> None:
     work = scratch()
     try:
         buf, length, tensors, meta = staged(size)
-        p_total, p_write, dd, ver, raw = (Series(n) for n in ("ckptd persist+verify", "ckptd persist", "dd direct+fsync",
-                                                               "ckptd verify", "read+xxh3"))
+        p_total, p_write, dd, ver, raw = (
+            Series(n) for n in ("ckptd persist+verify", "ckptd persist", "dd direct+fsync", "ckptd verify", "read+xxh3")
+        )
         for i in range(reps):
             result = persist(buf.fd, length, str(work), f"c{i}.safetensors")
             p_total.samples.append(sum(result.durations.values()))
             p_write.samples.append(result.durations["persist"])
-            dd.samples.append(timed(lambda: subprocess.run(
-                ["dd", "if=/dev/zero", f"of={work / 'dd.bin'}", "bs=16M", f"count={max(1, length // (16 * MiB))}",
-                 "oflag=direct", "conv=fsync"], check=True, capture_output=True)))
+            dd.samples.append(
+                timed(
+                    lambda: subprocess.run(
+                        [
+                            "dd",
+                            "if=/dev/zero",
+                            f"of={work / 'dd.bin'}",
+                            "bs=16M",
+                            f"count={max(1, length // (16 * MiB))}",
+                            "oflag=direct",
+                            "conv=fsync",
+                        ],
+                        check=True,
+                        capture_output=True,
+                    )
+                )
+            )
             path = work / f"c{i}.safetensors"
             # cold reads, on a quiet disk (dd's writeback settled), alternating which goes first
             pair = [(ver, lambda: verify_file(path)), (raw, lambda: read_and_hash(path))]
-            for series, fn in (pair if i % 2 == 0 else pair[::-1]):
+            for series, fn in pair if i % 2 == 0 else pair[::-1]:
                 os.sync()
                 time.sleep(1.0)
                 drop_cache(path)
@@ -87,23 +102,47 @@ def main() -> None:
             os.unlink(path)
         buf.close()
         dd_bytes = max(1, length // (16 * MiB)) * 16 * MiB
-        tput = {s.name: (length if s is not dd else dd_bytes) / s.median / MiB for s in (p_total, p_write, dd, ver, raw)}
+        tput = {
+            s.name: (length if s is not dd else dd_bytes) / s.median / MiB for s in (p_total, p_write, dd, ver, raw)
+        }
         rss = verify_rss(work, rss_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rows = [[s.name, f"{s.median * 1000:.0f}", f"{min(s.samples) * 1000:.0f}", f"{max(s.samples) * 1000:.0f}",
-             f"{tput[s.name]:.0f}"] for s in (p_write, p_total, dd, ver, raw)]
-    print(table(f"Persist and verify of a {size} MiB checkpoint (ms, MiB/s; medians of {reps})",
-                ["what", "median", "min", "max", "MiB/s"], rows))
+    rows = [
+        [
+            s.name,
+            f"{s.median * 1000:.0f}",
+            f"{min(s.samples) * 1000:.0f}",
+            f"{max(s.samples) * 1000:.0f}",
+            f"{tput[s.name]:.0f}",
+        ]
+        for s in (p_write, p_total, dd, ver, raw)
+    ]
+    print(
+        table(
+            f"Persist and verify of a {size} MiB checkpoint (ms, MiB/s; medians of {reps})",
+            ["what", "median", "min", "max", "MiB/s"],
+            rows,
+        )
+    )
     persist_ratio = tput["ckptd persist"] / tput["dd direct+fsync"]
     verify_ratio = tput["ckptd verify"] / tput["read+xxh3"]
     print(f"persist throughput vs dd: {persist_ratio:.2f}x (target >= 0.8x)")
     print(f"verify throughput vs read+xxh3: {verify_ratio:.2f}x (target >= 0.7x)")
     print(f"peak RSS verifying a {rss_size} MiB checkpoint: {rss / MiB:.0f} MiB (target <= 300 MiB)")
-    write_result("io_quick" if args.quick else "io", {
-        "size_mib": size, "reps": reps, "throughput_mib_s": tput, "persist_vs_dd": persist_ratio,
-        "verify_vs_read_xxh3": verify_ratio, "verify_peak_rss_bytes": rss, "verify_rss_file_mib": rss_size,
-        "series": {s.name: s.summary() for s in (p_total, p_write, dd, ver, raw)}})
+    write_result(
+        "io_quick" if args.quick else "io",
+        {
+            "size_mib": size,
+            "reps": reps,
+            "throughput_mib_s": tput,
+            "persist_vs_dd": persist_ratio,
+            "verify_vs_read_xxh3": verify_ratio,
+            "verify_peak_rss_bytes": rss,
+            "verify_rss_file_mib": rss_size,
+            "series": {s.name: s.summary() for s in (p_total, p_write, dd, ver, raw)},
+        },
+    )
 
 
 def verify_rss(work: Path, size_mib: int) -> int:
@@ -126,10 +165,13 @@ def verify_rss(work: Path, size_mib: int) -> int:
         f.write(encode_header(entries, meta))
         f.truncate(f.tell() + per * 4 * n)  # zero tensors (sparse): reading them is the cost
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the (torch-sized) parent
-    code = ("import sys; from ckptd.disk.verify import verify_file; r = verify_file(sys.argv[1]); assert r.ok, r.reason; "
-            "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
-                         env=project_env())
+    code = (
+        "import sys; from ckptd.disk.verify import verify_file; r = verify_file(sys.argv[1]); assert r.ok, r.reason; "
+        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True, env=project_env()
+    )
     return int(out.stdout.strip())
 
 

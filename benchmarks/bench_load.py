@@ -30,9 +30,13 @@ from ckptd.wire import protocol  # noqa: E402
 
 def image(job: str, step: int, payload: bytes) -> bytes:
     entries = layout([("w", "U8", (len(payload),))])
-    meta = {"ckptd.format": "1", "ckptd.job": job, "ckptd.step": str(step),
-            "ckptd.digests": json.dumps({"w": DIGEST_PLACEHOLDER}, separators=(",", ":")),
-            "ckptd.meta_digest": DIGEST_PLACEHOLDER}
+    meta = {
+        "ckptd.format": "1",
+        "ckptd.job": job,
+        "ckptd.step": str(step),
+        "ckptd.digests": json.dumps({"w": DIGEST_PLACEHOLDER}, separators=(",", ":")),
+        "ckptd.meta_digest": DIGEST_PLACEHOLDER,
+    }
     return encode_header(entries, meta) + payload
 
 
@@ -44,16 +48,36 @@ def client(d: Daemon, i: int, saves: int, payload: bytes, latencies: list[float]
     s.connect(d.socket)
     fd = protocol.snapshot_memfd(job)
     try:
-        protocol.send(s, {"type": "hello", "job": job, "directory": str(directory), "settings": {"keep_last": 2},
-                          "pid": os.getpid(), "step": 0})
+        protocol.send(
+            s,
+            {
+                "type": "hello",
+                "job": job,
+                "directory": str(directory),
+                "settings": {"keep_last": 2},
+                "pid": os.getpid(),
+                "step": 0,
+            },
+        )
         assert protocol.recv(s)[0]["type"] == "welcome"
         for step in range(1, saves + 1):
             img = image(job, step, payload)
             os.ftruncate(fd, len(img))
             os.pwrite(fd, img, 0)
             t0 = time.perf_counter()
-            protocol.send(s, {"type": "save", "id": step, "step": step, "trigger": "step", "rule": "bench",
-                              "filename": f"{job}-step{step:08d}.safetensors", "length": len(img)}, fd=fd)
+            protocol.send(
+                s,
+                {
+                    "type": "save",
+                    "id": step,
+                    "step": step,
+                    "trigger": "step",
+                    "rule": "bench",
+                    "filename": f"{job}-step{step:08d}.safetensors",
+                    "length": len(img),
+                },
+                fd=fd,
+            )
             while True:
                 msg, _ = protocol.recv(s)
                 if msg["type"] == "saved":
@@ -88,7 +112,9 @@ def main() -> None:
     errors: list[str] = []
     try:
         cpu0, t0 = cpu_seconds(d.proc.pid), time.perf_counter()
-        threads = [threading.Thread(target=client, args=(d, i, saves, payload, latencies, errors)) for i in range(clients)]
+        threads = [
+            threading.Thread(target=client, args=(d, i, saves, payload, latencies, errors)) for i in range(clients)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -98,8 +124,11 @@ def main() -> None:
         from ckptd.disk.verify import verify_file
 
         kept = [c for i in range(clients) for c in scan(str(d.root / f"load{i}"), f"load{i}")]
-        lost = sum(1 for i in range(clients)
-                   if [c.step for c in scan(str(d.root / f"load{i}"), f"load{i}")] != list(range(max(1, saves - 1), saves + 1)))
+        lost = sum(
+            1
+            for i in range(clients)
+            if [c.step for c in scan(str(d.root / f"load{i}"), f"load{i}")] != list(range(max(1, saves - 1), saves + 1))
+        )
         corrupt = sum(not verify_file(c.path).ok for c in kept)
     finally:
         d.stop()
@@ -107,14 +136,40 @@ def main() -> None:
     lat = sorted(latencies)
     p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     total = clients * saves
-    print(table(f"Daemon under load: {clients} clients x {saves} saves of {mib} MiB",
-                ["saves", "MiB/s", "p50 ms", "p99 ms", "lost", "corrupt", "failed", "daemon CPU"],
-                [[total, f"{total * mib / wall:.0f}", f"{p50 * 1000:.0f}", f"{p99 * 1000:.0f}", lost, corrupt,
-                  len(errors), f"{cpu / wall * 100:.0f}%"]]))
-    write_result("load_quick" if args.quick else "load", {
-        "clients": clients, "saves": saves, "mib": mib, "wall_s": wall, "throughput_mib_s": total * mib / wall,
-        "p50_s": p50, "p99_s": p99, "lost": lost, "corrupt": corrupt, "failed": len(errors),
-        "daemon_cpu_fraction": cpu / wall})
+    print(
+        table(
+            f"Daemon under load: {clients} clients x {saves} saves of {mib} MiB",
+            ["saves", "MiB/s", "p50 ms", "p99 ms", "lost", "corrupt", "failed", "daemon CPU"],
+            [
+                [
+                    total,
+                    f"{total * mib / wall:.0f}",
+                    f"{p50 * 1000:.0f}",
+                    f"{p99 * 1000:.0f}",
+                    lost,
+                    corrupt,
+                    len(errors),
+                    f"{cpu / wall * 100:.0f}%",
+                ]
+            ],
+        )
+    )
+    write_result(
+        "load_quick" if args.quick else "load",
+        {
+            "clients": clients,
+            "saves": saves,
+            "mib": mib,
+            "wall_s": wall,
+            "throughput_mib_s": total * mib / wall,
+            "p50_s": p50,
+            "p99_s": p99,
+            "lost": lost,
+            "corrupt": corrupt,
+            "failed": len(errors),
+            "daemon_cpu_fraction": cpu / wall,
+        },
+    )
     if lost or corrupt or errors:
         sys.exit(f"LOST {lost}, CORRUPT {corrupt}, FAILED {errors[:3]}")
 

@@ -40,8 +40,18 @@ CASES = {  # name: (stall, persist, keep) seconds
 }
 
 
-def simulate(memory: float | None, disk: float, work: float, mtbf: float, share: float, stall: float,
-             persist: float, keep: float, restart: float, seed: int) -> float:
+def simulate(
+    memory: float | None,
+    disk: float,
+    work: float,
+    mtbf: float,
+    share: float,
+    stall: float,
+    persist: float,
+    keep: float,
+    restart: float,
+    seed: int,
+) -> float:
     """Wall seconds to finish ``work`` seconds of training with memory saves every ``memory`` (None:
     none) and disk saves every ``disk``; time advances from one event to the next."""
     rng = random.Random(seed)
@@ -98,24 +108,55 @@ def main() -> None:
         for name, (stall, persist, keep) in CASES.items():
             costs = CostSamples((stall,), (persist,))
             single = auto_interval(costs, Mtbf(mtbf, "mtbf"), 0.02)
-            plan = multilevel(costs, CostSamples((stall,), (keep,)), Mtbf(mtbf, "mtbf"), Coverage(a.share, "given"),
-                              0.02, resolution=1.0)
+            plan = multilevel(
+                costs,
+                CostSamples((stall,), (keep,)),
+                Mtbf(mtbf, "mtbf"),
+                Coverage(a.share, "given"),
+                0.02,
+                resolution=1.0,
+            )
             args = (a.work * HOUR, mtbf, a.share, stall, persist, keep, a.restart)
             alone = [simulate(None, single.seconds, *args, seed=s) / (a.work * HOUR) - 1 for s in range(a.seeds)]
-            tiers = [simulate(plan.memory, plan.disk.seconds, *args, seed=s) / (a.work * HOUR) - 1
-                     for s in range(a.seeds)]
+            tiers = [
+                simulate(plan.memory, plan.disk.seconds, *args, seed=s) / (a.work * HOUR) - 1 for s in range(a.seeds)
+            ]
             w1, w2 = statistics.mean(alone), statistics.mean(tiers)
             mem = f"{plan.memory:.0f}s" if plan.memory else "none"
-            rows.append([f"{m_hours:g} h", name, f"{single.seconds:.0f}s", f"{w1:.2%}", mem,
-                         f"{plan.disk.seconds:.0f}s", f"{w2:.2%}", f"{w2 / w1:.2f}x"])
-            results.append({"mtbf_hours": m_hours, "case": name, "stall": stall, "persist": persist, "keep": keep,
-                            "disk_alone": {"interval": single.seconds, "waste": w1},
-                            "two_tiers": {"memory": plan.memory, "disk": plan.disk.seconds, "k": plan.k, "waste": w2},
-                            "ratio": w2 / w1, "model_waste": plan.waste, "model_single_waste": plan.single_waste})
-    print(table(f"every=auto, two tiers vs the disk alone ({a.work:g} h of work, {a.seeds} seeds, "
-                f"share {a.share}, restart {a.restart:g}s)",
-                ["MTBF", "case", "disk alone: every", "waste", "two tiers: memory", "disk", "waste",
-                 "two tiers / alone"], rows))
+            rows.append(
+                [
+                    f"{m_hours:g} h",
+                    name,
+                    f"{single.seconds:.0f}s",
+                    f"{w1:.2%}",
+                    mem,
+                    f"{plan.disk.seconds:.0f}s",
+                    f"{w2:.2%}",
+                    f"{w2 / w1:.2f}x",
+                ]
+            )
+            results.append(
+                {
+                    "mtbf_hours": m_hours,
+                    "case": name,
+                    "stall": stall,
+                    "persist": persist,
+                    "keep": keep,
+                    "disk_alone": {"interval": single.seconds, "waste": w1},
+                    "two_tiers": {"memory": plan.memory, "disk": plan.disk.seconds, "k": plan.k, "waste": w2},
+                    "ratio": w2 / w1,
+                    "model_waste": plan.waste,
+                    "model_single_waste": plan.single_waste,
+                }
+            )
+    print(
+        table(
+            f"every=auto, two tiers vs the disk alone ({a.work:g} h of work, {a.seeds} seeds, "
+            f"share {a.share}, restart {a.restart:g}s)",
+            ["MTBF", "case", "disk alone: every", "waste", "two tiers: memory", "disk", "waste", "two tiers / alone"],
+            rows,
+        )
+    )
     path = write_result("multilevel_quick" if a.quick else "multilevel", {"args": vars(a), "rows": results})
     print(f"\nresults: {path}")
 

@@ -50,28 +50,46 @@ def main() -> None:
         idle_rss = daemon.rss()
         results = {}
         for mode, sock in (("daemon", daemon.socket), ("embedded", False)):
-            ckpt = Checkpointer(f"ovh-{mode}", daemon.root / mode if sock else work, model=torch.nn.Linear(4, 4),
-                                every_steps=10**9, save_final=False, socket=sock, preempt_signals=())
+            ckpt = Checkpointer(
+                f"ovh-{mode}",
+                daemon.root / mode if sock else work,
+                model=torch.nn.Linear(4, 4),
+                every_steps=10**9,
+                save_final=False,
+                socket=sock,
+                preempt_signals=(),
+            )
             base, hooked = [], []
             loop(steps // 4, x, w)
             for _ in range(rounds):
                 base.append(loop(steps, x, w))
                 hooked.append(loop(steps, x, w, ckpt))
             ckpt.close(final=False)
-            results[mode] = {"step_us_without": statistics.median(base) * 1e6,
-                             "step_us_with": statistics.median(hooked) * 1e6,
-                             "overhead_ratio": statistics.median(hooked) / statistics.median(base)}
+            results[mode] = {
+                "step_us_without": statistics.median(base) * 1e6,
+                "step_us_with": statistics.median(hooked) * 1e6,
+                "overhead_ratio": statistics.median(hooked) / statistics.median(base),
+            }
     finally:
         daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(daemon.base, ignore_errors=True)
-    rows = [[m, f"{r['step_us_without']:.1f}", f"{r['step_us_with']:.1f}", f"{(r['overhead_ratio'] - 1) * 100:+.2f}%"]
-            for m, r in results.items()]
-    print(table(f"Hook overhead, no save due (µs per step; medians of {rounds} rounds of {steps} steps)",
-                ["mode", "without", "with ckpt.step()", "overhead"], rows))
+    rows = [
+        [m, f"{r['step_us_without']:.1f}", f"{r['step_us_with']:.1f}", f"{(r['overhead_ratio'] - 1) * 100:+.2f}%"]
+        for m, r in results.items()
+    ]
+    print(
+        table(
+            f"Hook overhead, no save due (µs per step; medians of {rounds} rounds of {steps} steps)",
+            ["mode", "without", "with ckpt.step()", "overhead"],
+            rows,
+        )
+    )
     print(f"idle daemon RSS: {idle_rss / MiB:.0f} MiB (target <= 80 MiB)")
-    write_result("overhead_quick" if args.quick else "overhead",
-                 {"steps": steps, "rounds": rounds, "results": results, "idle_daemon_rss_bytes": idle_rss})
+    write_result(
+        "overhead_quick" if args.quick else "overhead",
+        {"steps": steps, "rounds": rounds, "results": results, "idle_daemon_rss_bytes": idle_rss},
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,13 @@ def make_checkpoint(directory: Path, mib: int, step: int = 1) -> str:
     from trainer_hooks.staging import StagingBuffer
 
     tensors = {f"layer{i}": torch.randn(mib * MiB // 4 // 8) for i in range(8)}
-    meta = {"ckptd.format": "1", "ckptd.job": "bench", "ckptd.step": str(step),
-            "ckptd.created": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "ckptd.trigger": "step"}
+    meta = {
+        "ckptd.format": "1",
+        "ckptd.job": "bench",
+        "ckptd.step": str(step),
+        "ckptd.created": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        "ckptd.trigger": "step",
+    }
     buf = StagingBuffer()
     try:
         length = buf.stage(tensors, meta)
@@ -55,7 +60,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.mib, a.reps, a.saves, a.lag_mib, a.every = 16, 1, 3, 4, 0.5
-    for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(k, v)
     from tests.conftest import MotoServer  # the same real server the tests use
 
@@ -88,11 +97,16 @@ def run(a: argparse.Namespace, work: Path, server: object) -> dict[str, object]:
     shared = Path(tempfile.mkdtemp(dir=work))
     files = open_store(f"file://{shared}")
     config = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB, max_concurrency=8)
-    series: dict[str, list[float]] = {"boto3 upload_file": [], "ckptd s3 (upload+verify+commit)": [],
-                                      "plain copy + fsync": [], "ckptd file:// (copy+verify+commit)": []}
+    series: dict[str, list[float]] = {
+        "boto3 upload_file": [],
+        "ckptd s3 (upload+verify+commit)": [],
+        "plain copy + fsync": [],
+        "ckptd file:// (copy+verify+commit)": [],
+    }
     for rep in range(a.reps):
-        series["boto3 upload_file"].append(timed(lambda: client.upload_file(path, "bench", f"plain/{rep}",
-                                                                             Config=config)))
+        series["boto3 upload_file"].append(
+            timed(lambda: client.upload_file(path, "bench", f"plain/{rep}", Config=config))
+        )
         series["ckptd s3 (upload+verify+commit)"].append(timed(lambda: replicate(s3, f"job{rep}", path)))
         series["plain copy + fsync"].append(timed(lambda: _copy(path, shared / f"plain{rep}")))
         series["ckptd file:// (copy+verify+commit)"].append(timed(lambda: replicate(files, f"job{rep}", path)))
@@ -101,15 +115,28 @@ def run(a: argparse.Namespace, work: Path, server: object) -> dict[str, object]:
     rows = [[k, f"{size / MiB / med[k]:.0f} MiB/s", f"{med[k]:.2f} s"] for k in series]
     s3_ratio = med["boto3 upload_file"] / med["ckptd s3 (upload+verify+commit)"]
     file_ratio = med["plain copy + fsync"] / med["ckptd file:// (copy+verify+commit)"]
-    print(table(f"Replicating a {a.mib} MiB checkpoint (medians of {a.reps}); ckptd also verifies the copy (S3: its "
-                "SHA-256 of what it received; file://: read back, every tensor)", ["", "throughput", "time"], rows))
+    print(
+        table(
+            f"Replicating a {a.mib} MiB checkpoint (medians of {a.reps}); ckptd also verifies the copy (S3: its "
+            "SHA-256 of what it received; file://: read back, every tensor)",
+            ["", "throughput", "time"],
+            rows,
+        )
+    )
     print(f"ckptd s3 / boto3 upload_file: {s3_ratio:.2f}x   ckptd file:// / plain copy: {file_ratio:.2f}x")
     lags = lag_run(a, work, endpoint)
     p = statistics.quantiles(lags, n=100, method="inclusive") if len(lags) > 1 else lags * 99
     print(f"replication lag, {a.saves} saves of {a.lag_mib} MiB every {a.every:g}s: p50 {p[49]:.2f}s, p99 {p[98]:.2f}s")
-    return {"mib": a.mib, "bytes": size, "reps": a.reps, "series": series, "medians": med,
-            "ratio_s3_vs_upload_file": s3_ratio, "ratio_file_vs_copy": file_ratio,
-            "lag": {"saves": a.saves, "mib": a.lag_mib, "every": a.every, "samples": lags, "p50": p[49], "p99": p[98]}}
+    return {
+        "mib": a.mib,
+        "bytes": size,
+        "reps": a.reps,
+        "series": series,
+        "medians": med,
+        "ratio_s3_vs_upload_file": s3_ratio,
+        "ratio_file_vs_copy": file_ratio,
+        "lag": {"saves": a.saves, "mib": a.lag_mib, "every": a.every, "samples": lags, "p50": p[49], "p99": p[98]},
+    }
 
 
 def _copy(src: str, dst: Path) -> None:

@@ -56,6 +56,7 @@ def read_floor(path: str) -> float:
         with open(path, "rb", buffering=0) as f:
             while f.read(64 * MiB):
                 pass
+
     return timed(read)
 
 
@@ -77,8 +78,12 @@ def one_size(work: Path, mib: int, reps: int) -> dict[str, object]:
         from ckptd.remote.upload import replicate
 
         for i in range(reps):  # what the uploader does, here and now, for each new host's job (uid, directory)
-            replicate(open_store(remote), "res", path,
-                      prefix=job_prefix("res", os.path.realpath(work / f"host{i}"), os.getuid()))
+            replicate(
+                open_store(remote),
+                "res",
+                path,
+                prefix=job_prefix("res", os.path.realpath(work / f"host{i}"), os.getuid()),
+            )
         times: dict[str, list[float]] = {"memory": [], "disk (cold)": [], "remote": [], "memcpy": [], "read (cold)": []}
         params = list(model.parameters())
         for _ in range(reps):  # one layer at a time: no second copy of the state held
@@ -130,17 +135,38 @@ def main() -> None:
     for r in results:
         med = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list)}
         r["median"] = med
-        rows.append([f"{r['mib']} MiB", f"{med['memcpy'] * 1e3:.0f} ms", f"{med['read (cold)'] * 1e3:.0f} ms",
-                     f"{med['memory'] * 1e3:.0f} ms ({med['memory'] / med['memcpy']:.2f}x memcpy)",
-                     f"{med['disk (cold)'] * 1e3:.0f} ms ({med['disk (cold)'] / med['read (cold)']:.2f}x read)",
-                     f"{med['remote'] * 1e3:.0f} ms", f"{med['disk (cold)'] / med['memory']:.1f}x"])
-    print(table("resume after a trainer crash (every tensor verified; medians)",
-                ["state", "memcpy", "read (cold)", "from memory", "from disk (cold)", "from remote (file://)",
-                 "disk / memory"], rows))
+        rows.append(
+            [
+                f"{r['mib']} MiB",
+                f"{med['memcpy'] * 1e3:.0f} ms",
+                f"{med['read (cold)'] * 1e3:.0f} ms",
+                f"{med['memory'] * 1e3:.0f} ms ({med['memory'] / med['memcpy']:.2f}x memcpy)",
+                f"{med['disk (cold)'] * 1e3:.0f} ms ({med['disk (cold)'] / med['read (cold)']:.2f}x read)",
+                f"{med['remote'] * 1e3:.0f} ms",
+                f"{med['disk (cold)'] / med['memory']:.1f}x",
+            ]
+        )
+    print(
+        table(
+            "resume after a trainer crash (every tensor verified; medians)",
+            [
+                "state",
+                "memcpy",
+                "read (cold)",
+                "from memory",
+                "from disk (cold)",
+                "from remote (file://)",
+                "disk / memory",
+            ],
+            rows,
+        )
+    )
     for r in results:
         ok = r["median"]["memory"] <= 1.5 * r["median"]["memcpy"]  # type: ignore[index]
-        print(f"{r['mib']} MiB: from memory {r['median']['memory'] / r['median']['memcpy']:.2f}x one memcpy; "  # type: ignore[index]
-              f"goal <= 1.5x: {'met' if ok else 'MISSED'}")
+        print(
+            f"{r['mib']} MiB: from memory {r['median']['memory'] / r['median']['memcpy']:.2f}x one memcpy; "  # type: ignore[index]
+            f"goal <= 1.5x: {'met' if ok else 'MISSED'}"
+        )
     write_result("resume_quick" if args.quick else "resume", {"results": results})
 
 

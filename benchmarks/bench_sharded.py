@@ -52,13 +52,38 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     model, opt = fsdp_state(args.mib, dist.get_world_size()) if args.fsdp else make_state(args.mib)
     work = Path(args.dir)
-    ckpt = Checkpointer("bench-sharded", work / "ckptd", model=model, optimizer=opt, sharded=True, keep_last=1,
-                        every_steps=10**9, save_final=False, socket=False, preempt_signals=())
+    ckpt = Checkpointer(
+        "bench-sharded",
+        work / "ckptd",
+        model=model,
+        optimizer=opt,
+        sharded=True,
+        keep_last=1,
+        every_steps=10**9,
+        save_final=False,
+        socket=False,
+        preempt_signals=(),
+    )
     # the same loop with an unsharded hook (rank 0 saves; a few attribute reads a step): the noise floor
-    plain = Checkpointer("bench-plain", work / "plain", model=torch.nn.Linear(4, 4), every_steps=10**9,
-                         save_final=False, socket=False, preempt_signals=())
-    out: dict[str, list[float]] = {"memcpy floor": [], "ckptd stall": [], "dcp stall": [], "ckptd commit": [],
-                                   "dcp commit": [], "loop": [], "loop + step()": [], "loop + unsharded step()": []}
+    plain = Checkpointer(
+        "bench-plain",
+        work / "plain",
+        model=torch.nn.Linear(4, 4),
+        every_steps=10**9,
+        save_final=False,
+        socket=False,
+        preempt_signals=(),
+    )
+    out: dict[str, list[float]] = {
+        "memcpy floor": [],
+        "ckptd stall": [],
+        "dcp stall": [],
+        "ckptd commit": [],
+        "dcp commit": [],
+        "loop": [],
+        "loop + step()": [],
+        "loop + unsharded step()": [],
+    }
     tensors = [getattr(t, "to_local", lambda t=t: t)() for t in all_tensors(model, opt)]  # this rank's part
     for i in range(args.reps + 1):  # the first round pays for page faults and DCP's set-up
         sample = {"memcpy floor": floor(tensors, 1).samples[0]}
@@ -151,10 +176,24 @@ def main() -> None:
         args.mib, args.reps, args.steps, args.width = 16, 3, 200, 64  # the code path, not a measurement
     work = Path(os.environ.get("CKPTD_BENCH_DIR", "/var/tmp")) / f"ckptd-bench-sharded-{os.getpid()}"
     try:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={args.ranks}",
-               f"--master_port={free_port()}", __file__, "--worker",
-               "--dir", str(work), "--mib", str(args.mib), "--reps", str(args.reps), "--steps", str(args.steps),
-               "--width", str(args.width), *(["--fsdp"] if args.fsdp else [])]
+        cmd = [
+            str(Path(sys.executable).parent / "torchrun"),
+            f"--nproc_per_node={args.ranks}",
+            f"--master_port={free_port()}",
+            __file__,
+            "--worker",
+            "--dir",
+            str(work),
+            "--mib",
+            str(args.mib),
+            "--reps",
+            str(args.reps),
+            "--steps",
+            str(args.steps),
+            "--width",
+            str(args.width),
+            *(["--fsdp"] if args.fsdp else []),
+        ]
         env = project_env(OMP_NUM_THREADS="1")
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         per_rank = json.loads((work / "result.json").read_text())
@@ -166,23 +205,45 @@ def main() -> None:
 def report(args: argparse.Namespace, per_rank: list[dict[str, list[float]]]) -> None:
     """A save is as slow as its slowest rank: per round, the max over ranks; then the median."""
     rounds = len(per_rank[0]["ckptd stall"])
-    med = {k: statistics.median(max(r[k][i] for r in per_rank) for i in range(len(per_rank[0][k])))
-           for k in per_rank[0]}
+    med = {
+        k: statistics.median(max(r[k][i] for r in per_rank) for i in range(len(per_rank[0][k]))) for k in per_rank[0]
+    }
     floor = med["memcpy floor"]
-    rows = [[k, f"{med[k] * 1e3:.1f} ms", f"{med[k] / floor:.2f}x"] for k in
-            ("memcpy floor", "ckptd stall", "dcp stall", "ckptd commit", "dcp commit")]
+    rows = [
+        [k, f"{med[k] * 1e3:.1f} ms", f"{med[k] / floor:.2f}x"]
+        for k in ("memcpy floor", "ckptd stall", "dcp stall", "ckptd commit", "dcp commit")
+    ]
     overhead = med["loop + step()"] / med["loop"] - 1
     for key in ("loop + step()", "loop + unsharded step()"):
-        rows.append([f"{key[7:]} overhead, no save due", f"{(med[key] - med['loop']) * 1e6:.1f} us",
-                     f"{(med[key] / med['loop'] - 1) * 100:+.2f}% of a {med['loop'] * 1e6:.0f} us step"])
+        rows.append(
+            [
+                f"{key[7:]} overhead, no save due",
+                f"{(med[key] - med['loop']) * 1e6:.1f} us",
+                f"{(med[key] / med['loop'] - 1) * 100:+.2f}% of a {med['loop'] * 1e6:.0f} us step",
+            ]
+        )
     kind = "FSDP2 " if args.fsdp else ""
-    print(table(f"{kind}sharded saves: {args.ranks} ranks x {args.mib} MiB (medians of {rounds}, slowest rank per round)",
-                ["measure", "median", "ratio to the memcpy floor"], rows))
-    write_result(f"sharded_{'fsdp_' if args.fsdp else ''}{args.ranks}ranks" + ("_quick" if args.quick else ""), {
-        "ranks": args.ranks, "fsdp": args.fsdp, "mib_per_rank": args.mib, "rounds": rounds,
-        "medians_seconds": med, "ratio_to_floor": {k: med[k] / floor for k in med if "loop" not in k},
-        "step_overhead_fraction": overhead,
-        "unsharded_step_overhead_fraction": med["loop + unsharded step()"] / med["loop"] - 1, "per_rank": per_rank})
+    print(
+        table(
+            f"{kind}sharded saves: {args.ranks} ranks x {args.mib} MiB (medians of {rounds}, slowest rank per round)",
+            ["measure", "median", "ratio to the memcpy floor"],
+            rows,
+        )
+    )
+    write_result(
+        f"sharded_{'fsdp_' if args.fsdp else ''}{args.ranks}ranks" + ("_quick" if args.quick else ""),
+        {
+            "ranks": args.ranks,
+            "fsdp": args.fsdp,
+            "mib_per_rank": args.mib,
+            "rounds": rounds,
+            "medians_seconds": med,
+            "ratio_to_floor": {k: med[k] / floor for k in med if "loop" not in k},
+            "step_overhead_fraction": overhead,
+            "unsharded_step_overhead_fraction": med["loop + unsharded step()"] / med["loop"] - 1,
+            "per_rank": per_rank,
+        },
+    )
 
 
 if __name__ == "__main__":

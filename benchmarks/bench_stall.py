@@ -60,8 +60,9 @@ def make_state(total_mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def all_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return list(model.state_dict().values()) + [t for s in opt.state_dict()["state"].values()
-                                                for t in s.values() if isinstance(t, torch.Tensor)]
+    return list(model.state_dict().values()) + [
+        t for s in opt.state_dict()["state"].values() for t in s.values() if isinstance(t, torch.Tensor)
+    ]
 
 
 def floor(tensors: list[torch.Tensor], reps: int, pinned: bool = False) -> Series:
@@ -76,9 +77,10 @@ def floor(tensors: list[torch.Tensor], reps: int, pinned: bool = False) -> Serie
         off = 0
         for t in tensors:
             n = t.numel() * t.element_size()
-            dst[off:off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=pinned)
+            dst[off : off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=pinned)
             off += n
         sync()
+
     for _ in range(reps):
         sync()
         s.samples.append(timed(copy))
@@ -90,12 +92,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def ckptd_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path,
-                socket: str | bool) -> tuple[Series, float]:
+def ckptd_stall(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path, socket: str | bool
+) -> tuple[Series, float]:
     from trainer_hooks import Checkpointer
 
-    ckpt = Checkpointer("bench", directory, model=model, optimizer=opt, every_steps=1, keep_last=1,
-                        socket=socket, save_final=False, preempt_signals=())
+    ckpt = Checkpointer(
+        "bench",
+        directory,
+        model=model,
+        optimizer=opt,
+        every_steps=1,
+        keep_last=1,
+        socket=socket,
+        save_final=False,
+        preempt_signals=(),
+    )
     try:
         ckpt._buffer.join()  # training runs while the buffer is reserved; a first save comes steps later
         sync()
@@ -112,8 +124,14 @@ def ckptd_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, d
     return s, first
 
 
-def overlap_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path,
-                  daemon: Daemon, rows: tuple[int, ...]) -> tuple[Series, dict[str, Any]]:
+def overlap_stall(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    reps: int,
+    directory: Path,
+    daemon: Daemon,
+    rows: tuple[int, ...],
+) -> tuple[Series, dict[str, Any]]:
     """snapshot="overlap": what step() blocks, and what the training step that runs beside the copy
     costs. That step (forward, backward, then the optimizer's step, whose pre-hook waits for the copy
     if it is not done) is timed with the daemon stopped (SIGSTOP, SIGCONT once the step is done),
@@ -144,9 +162,12 @@ def overlap_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int,
                     daemon.proc.send_signal(signal.SIGCONT)
                 ckpt.wait()
             series.samples += stalls if n == rows[0] else []
-            out[str(n)] = {"step_alone": statistics.median(alone), "step_beside_copy": statistics.median(beside),
-                           "slowdown": statistics.median(beside) / statistics.median(alone) - 1,
-                           "stall": statistics.median(stalls)}
+            out[str(n)] = {
+                "step_alone": statistics.median(alone),
+                "step_beside_copy": statistics.median(beside),
+                "slowdown": statistics.median(beside) / statistics.median(alone) - 1,
+                "stall": statistics.median(stalls),
+            }
         assert ckpt.stats["failed"] == 0, ckpt.last_error
     finally:
         ckpt.close(final=False)
@@ -160,8 +181,9 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     sync()
 
 
-def persist_beside(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path,
-                   socket: str, rows: int) -> dict[str, float]:
+def persist_beside(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, directory: Path, socket: str, rows: int
+) -> dict[str, float]:
     """The training step right after a save with the daemon running: beside the copy and then the
     persist (overlap), or the persist alone (host, whose copy was in step()), against the step alone."""
     x = torch.randn(rows, 1024, device=DEVICE)
@@ -185,12 +207,24 @@ def persist_beside(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int
     return out
 
 
-def _checkpointer(model: torch.nn.Module, opt: torch.optim.Optimizer, directory: Path, socket: str | bool,
-                  snapshot: str) -> Any:
+def _checkpointer(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, directory: Path, socket: str | bool, snapshot: str
+) -> Any:
     from trainer_hooks import Checkpointer
 
-    return Checkpointer("bench", directory, model=model, optimizer=opt, every_steps=1, keep_last=1, socket=socket,
-                        save_final=False, preempt_signals=(), snapshot=snapshot, quiet=True)
+    return Checkpointer(
+        "bench",
+        directory,
+        model=model,
+        optimizer=opt,
+        every_steps=1,
+        keep_last=1,
+        socket=socket,
+        save_final=False,
+        preempt_signals=(),
+        snapshot=snapshot,
+        quiet=True,
+    )
 
 
 def baseline(name: str, fn, reps: int) -> Series:  # type: ignore[no-untyped-def]
@@ -215,6 +249,7 @@ def dcp_stall(model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int, dir
             def start() -> None:
                 nonlocal fut
                 fut = dcp.async_save(sd, checkpoint_id=str(directory / f"dcp{i}"))
+
             t = timed(start)
             fut.result()  # type: ignore[union-attr]
             if i:  # the first call also builds DCP's machinery
@@ -239,17 +274,28 @@ def run(size_mib: int, reps: int, daemon: Daemon) -> dict:
         o_series, overlap = overlap_stall(model, opt, reps, daemon.root / f"o{size_mib}", daemon, ROWS)
         persist = persist_beside(model, opt, reps, daemon.root / f"p{size_mib}", daemon.socket, ROWS[0])
         res += [d_series, e_series, o_series]
-        res.append(baseline("torch.save", lambda: torch.save({"model": model.state_dict(),
-                                                              "optimizer": opt.state_dict()}, work / "t.pt"), reps))
+        res.append(
+            baseline(
+                "torch.save",
+                lambda: torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, work / "t.pt"),
+                reps,
+            )
+        )
         flat = {f"t{i}": t.contiguous() for i, t in enumerate(tensors)}
         res.append(baseline("safetensors.save_file", lambda: save_file(flat, str(work / "s.safetensors")), reps))
         res.append(dcp_stall(model, opt, reps, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = res[0].median
-    return {"size_mib": size_mib, "bytes": nbytes, "floor": base, "first_save": {"ckptd daemon": d_first, "ckptd embedded": e_first},
-            "overlap": overlap, "step_after_save": persist,
-            "series": {s.name: {**s.summary(), "ratio_to_floor": s.median / base} for s in res}}
+    return {
+        "size_mib": size_mib,
+        "bytes": nbytes,
+        "floor": base,
+        "first_save": {"ckptd daemon": d_first, "ckptd embedded": e_first},
+        "overlap": overlap,
+        "step_after_save": persist,
+        "series": {s.name: {**s.summary(), "ratio_to_floor": s.median / base} for s in res},
+    }
 
 
 def overlap_table(results: list[dict]) -> str:
@@ -258,18 +304,38 @@ def overlap_table(results: list[dict]) -> str:
         floor_s, host = r["floor"], r["series"]["ckptd daemon"]["median"]
         for n, o in r["overlap"].items():
             extra = o["step_beside_copy"] - o["step_alone"]
-            rows.append([f"{r['size_mib']} MiB", n, f"{o['step_alone'] * 1000:.1f}", f"{o['step_alone'] / floor_s:.1f}x",
-                         f"{o['stall'] / floor_s:.3f}x", f"{100 * o['slowdown']:+.1f}%",
-                         f"{(o['stall'] + extra) / floor_s:.2f}x", f"{host / floor_s:.2f}x"])
+            rows.append(
+                [
+                    f"{r['size_mib']} MiB",
+                    n,
+                    f"{o['step_alone'] * 1000:.1f}",
+                    f"{o['step_alone'] / floor_s:.1f}x",
+                    f"{o['stall'] / floor_s:.3f}x",
+                    f"{100 * o['slowdown']:+.1f}%",
+                    f"{(o['stall'] + extra) / floor_s:.2f}x",
+                    f"{host / floor_s:.2f}x",
+                ]
+            )
         p = r["step_after_save"]
-        rows.append([f"{r['size_mib']} MiB", f"{ROWS[0]} (daemon running)", "", "", "",
-                     f"{100 * (p['beside_overlap'] - 1):+.0f}% (copy + persist)", "",
-                     f"{100 * (p['beside_host'] - 1):+.0f}% (persist)"])
-    return table(f"snapshot='overlap' on {DEVICE}: the training step beside the copy (daemon stopped: no persist "
-                 "beside it), against the step alone; cost = stall + the step's extra time (x the floor); "
-                 f"goals: stall <= {0.25 if DEVICE == 'cpu' else 0.2}x the floor, step slowed <= +10%",
-                 ["state", "input rows", "step ms", "step/floor", "stall", "step beside copy", "overlap cost",
-                  "host stall"], rows)
+        rows.append(
+            [
+                f"{r['size_mib']} MiB",
+                f"{ROWS[0]} (daemon running)",
+                "",
+                "",
+                "",
+                f"{100 * (p['beside_overlap'] - 1):+.0f}% (copy + persist)",
+                "",
+                f"{100 * (p['beside_host'] - 1):+.0f}% (persist)",
+            ]
+        )
+    return table(
+        f"snapshot='overlap' on {DEVICE}: the training step beside the copy (daemon stopped: no persist "
+        "beside it), against the step alone; cost = stall + the step's extra time (x the floor); "
+        f"goals: stall <= {0.25 if DEVICE == 'cpu' else 0.2}x the floor, step slowed <= +10%",
+        ["state", "input rows", "step ms", "step/floor", "stall", "step beside copy", "overlap cost", "host stall"],
+        rows,
+    )
 
 
 def main() -> None:
@@ -298,20 +364,37 @@ def main() -> None:
     rows = []
     for r in results:
         for name, s in r["series"].items():
-            rows.append([f"{r['size_mib']} MiB", name, f"{s['median'] * 1000:.1f}", f"{s['min'] * 1000:.1f}",
-                         f"{s['max'] * 1000:.1f}", f"{s['ratio_to_floor']:.2f}x"])
+            rows.append(
+                [
+                    f"{r['size_mib']} MiB",
+                    name,
+                    f"{s['median'] * 1000:.1f}",
+                    f"{s['min'] * 1000:.1f}",
+                    f"{s['max'] * 1000:.1f}",
+                    f"{s['ratio_to_floor']:.2f}x",
+                ]
+            )
         for name, t in r["first_save"].items():
-            rows.append([f"{r['size_mib']} MiB", f"{name} (first save)", f"{t * 1000:.1f}", "", "",
-                         f"{t / r['floor']:.2f}x"])
-    print(table(f"Training stall per save on {DEVICE} (ms; ratio to the floor; medians of "
-                f"{reps} saves, second save on)", ["state", "method", "median", "min", "max", "vs floor"], rows))
+            rows.append(
+                [f"{r['size_mib']} MiB", f"{name} (first save)", f"{t * 1000:.1f}", "", "", f"{t / r['floor']:.2f}x"]
+            )
+    print(
+        table(
+            f"Training stall per save on {DEVICE} (ms; ratio to the floor; medians of {reps} saves, second save on)",
+            ["state", "method", "median", "min", "max", "vs floor"],
+            rows,
+        )
+    )
     print(overlap_table(results))
     name = ("stall_quick" if args.quick else "stall") + ("" if DEVICE == "cpu" else "_cuda")
     gpu = torch.cuda.get_device_name() if DEVICE != "cpu" else None
     print("wrote", write_result(name, {"reps": reps, "device": DEVICE, "gpu": gpu, "results": results}))
-    plot_bars(name, "Training stall per save (ratio to memcpy floor, lower is better)",
-              {f"{r['size_mib']} MiB": {k: v["ratio_to_floor"] for k, v in r["series"].items()} for r in results},
-              "x memcpy floor")
+    plot_bars(
+        name,
+        "Training stall per save (ratio to memcpy floor, lower is better)",
+        {f"{r['size_mib']} MiB": {k: v["ratio_to_floor"] for k, v in r["series"].items()} for r in results},
+        "x memcpy floor",
+    )
 
 
 if __name__ == "__main__":

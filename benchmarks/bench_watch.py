@@ -1,6 +1,6 @@
 """Benchmark 6: watch mode: startup scan of a large tree, and completion-to-verified latency.
 
-    python benchmarks/bench_watch.py [--files 10000] [--quick]
+python benchmarks/bench_watch.py [--files 10000] [--quick]
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ def main() -> None:
     args = ap.parse_args()
     n = 300 if args.quick else args.files
 
-
     work = scratch()
     try:
         tree = work / "tree"
@@ -72,11 +71,26 @@ def main() -> None:
         scan_s = timed(w._units)
         found = len(w._units())
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "watch", str(tree), "--settle", "0.2s",
-                                 "--metrics-listen", f"127.0.0.1:{port}", "--socket", str(work / "w.sock"),
-                                 "--state-dir", str(work / "state")],
-                                env=project_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ckptd.cli",
+                "watch",
+                str(tree),
+                "--settle",
+                "0.2s",
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+                "--socket",
+                str(work / "w.sock"),
+                "--state-dir",
+                str(work / "state"),
+            ],
+            env=project_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             t0 = time.perf_counter()
             while not (work / "w.sock").exists():
@@ -100,12 +114,29 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     med = sorted(lat)[len(lat) // 2]
-    print(table(f"Watch mode over {n} checkpoint files", ["what", "seconds"],
-                [["startup walk + classify", f"{scan_s:.2f}"], ["startup: all adopted and verified", f"{adopt_s:.2f}"],
-                 ["new file closed -> verified (median of 5, settle=0.2s)", f"{med:.2f}"]]))
+    print(
+        table(
+            f"Watch mode over {n} checkpoint files",
+            ["what", "seconds"],
+            [
+                ["startup walk + classify", f"{scan_s:.2f}"],
+                ["startup: all adopted and verified", f"{adopt_s:.2f}"],
+                ["new file closed -> verified (median of 5, settle=0.2s)", f"{med:.2f}"],
+            ],
+        )
+    )
     print(f"files classified: {found}; startup walk target: {n} files in < 10 s")
-    write_result("watch_quick" if args.quick else "watch_flat" if args.flat else "watch", {"flat": args.flat, "files": n, "scan_s": scan_s, "adopt_all_s": adopt_s,
-                                                            "completion_to_verified_s": lat, "settle_s": 0.2})
+    write_result(
+        "watch_quick" if args.quick else "watch_flat" if args.flat else "watch",
+        {
+            "flat": args.flat,
+            "files": n,
+            "scan_s": scan_s,
+            "adopt_all_s": adopt_s,
+            "completion_to_verified_s": lat,
+            "settle_s": 0.2,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -40,12 +40,12 @@ class Series:
         return {"median": self.median, "min": min(self.samples), "max": max(self.samples), "n": len(self.samples)}
 
 
-
 def project_env(**extra: str) -> dict[str, str]:
     """This environment for a subprocess of the project: the project first on ``PYTHONPATH``,
     then what the caller's already had (packages found only through it must still import)."""
     inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *inherited]), **extra}
+
 
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
@@ -60,8 +60,13 @@ def machine() -> dict[str, Any]:
             mem = int(f.readline().split()[1]) * 1024
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu": _cpu_model()}
+    return {
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+    }
 
 
 def _cpu_model() -> str:
@@ -77,8 +82,7 @@ def _cpu_model() -> str:
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
 
@@ -125,11 +129,27 @@ class Daemon:
         self.root.mkdir(parents=True, exist_ok=True)
         self.socket = str(base / "ckptd.sock")
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "serve", "--socket", self.socket,
-                                      "--state-dir", str(base / "state"), "--metrics-listen", f"127.0.0.1:{self.port}",
-                                      "--root", str(self.root), "--log-level", "WARNING"],
-                                     env=project_env(),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ckptd.cli",
+                "serve",
+                "--socket",
+                self.socket,
+                "--state-dir",
+                str(base / "state"),
+                "--metrics-listen",
+                f"127.0.0.1:{self.port}",
+                "--root",
+                str(self.root),
+                "--log-level",
+                "WARNING",
+            ],
+            env=project_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

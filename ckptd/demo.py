@@ -29,8 +29,19 @@ STEPS, EVERY = 60, 10
 
 
 def _toy(directory: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(TOY), "--dir", str(directory), "--steps", str(STEPS),
-            "--every-steps", str(EVERY), "--keep-last", "3", *extra]
+    return [
+        sys.executable,
+        str(TOY),
+        "--dir",
+        str(directory),
+        "--steps",
+        str(STEPS),
+        "--every-steps",
+        str(EVERY),
+        "--keep-last",
+        "3",
+        *extra,
+    ]
 
 
 SOCKET: dict[str, str] = {}
@@ -64,9 +75,25 @@ def _start_daemon(base: Path) -> tuple[subprocess.Popen[bytes], int]:
     SOCKET["CKPTD_SOCKET"] = str(sock)
     click.secho(f"== 0. starting the daemon: socket {sock}, metrics on 127.0.0.1:{port}", bold=True)
     log = open(base / "daemon.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "serve", "--socket", str(sock), "--state-dir",
-                             str(base / "state"), "--metrics-listen", f"127.0.0.1:{port}", "--root", str(base)],
-                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ckptd.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--state-dir",
+            str(base / "state"),
+            "--metrics-listen",
+            f"127.0.0.1:{port}",
+            "--root",
+            str(base),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -87,14 +114,22 @@ def _steps(base: Path, port: int) -> None:
     click.echo(f"   trainer SIGKILLed after step {killed_at} was checkpointed")
     click.secho("== 2. same command again: it resumes from the newest verified checkpoint", bold=True)
     resumed = _run(_toy(run_dir, "--out", str(base / "resumed.json")))
-    click.echo("   " + ("the hook handed its saves to the daemon" if "connected to the daemon" in LAST_STDERR[0]
-                        else "the hook ran in embedded mode"))
+    click.echo(
+        "   "
+        + (
+            "the hook handed its saves to the daemon"
+            if "connected to the daemon" in LAST_STDERR[0]
+            else "the hook ran in embedded mode"
+        )
+    )
     click.echo("   " + next(line for line in resumed.splitlines() if line.startswith("starting at step")))
     click.secho("== 3. what is on disk (keep_last=3: older checkpoints were deleted by retention)", bold=True)
     for c in scan(str(run_dir), "toy"):
         r = verify_file(c.path)
-        click.echo(f"   step {c.step:>3}  {c.trigger:<6} {format_bytes(c.bytes):>10}  "
-                   f"{'verified' if r.ok else 'CORRUPT: ' + r.reason}  {Path(c.path).name}")
+        click.echo(
+            f"   step {c.step:>3}  {c.trigger:<6} {format_bytes(c.bytes):>10}  "
+            f"{'verified' if r.ok else 'CORRUPT: ' + r.reason}  {Path(c.path).name}"
+        )
     click.secho("== 4. an uninterrupted run, for comparison", bold=True)
     _run(_toy(base / "straight", "--job", "straight", "--out", str(base / "straight.json")))
     a = json.loads((base / "resumed.json").read_text())["fingerprint"]
@@ -105,8 +140,13 @@ def _steps(base: Path, port: int) -> None:
     click.echo(_run([sys.executable, "-m", "ckptd.cli", "status"]).rstrip())
     click.secho(f"== 6. a few lines of http://127.0.0.1:{port}/metrics", bold=True)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    wanted = ("ckptd_saves_total", "ckptd_deleted_total", "ckptd_last_saved_step", "ckptd_missed_saves_total",
-              "ckptd_checkpoints{")
+    wanted = (
+        "ckptd_saves_total",
+        "ckptd_deleted_total",
+        "ckptd_last_saved_step",
+        "ckptd_missed_saves_total",
+        "ckptd_checkpoints{",
+    )
     for line in text.splitlines():
         if line.startswith(wanted) and 'job="toy"' in line:
             click.echo("   " + line)
@@ -127,8 +167,9 @@ def _run(cmd: list[str]) -> str:
 
 
 def _train_and_kill(run_dir: Path) -> int:
-    proc = subprocess.Popen(_toy(run_dir, "--step-sleep", "0.03"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _toy(run_dir, "--step-sleep", "0.03"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:

@@ -38,8 +38,16 @@ def main() -> None:
     loader = DataLoader(data, batch_size=8, generator=torch.Generator().manual_seed(0))
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
 
-    ckpt = Checkpointer("accel-demo", a.dir, model=accelerator.unwrap_model(model), optimizer=opt, scheduler=sched,
-                        every_steps=5, total_steps=a.steps, keep_last=3)
+    ckpt = Checkpointer(
+        "accel-demo",
+        a.dir,
+        model=accelerator.unwrap_model(model),
+        optimizer=opt,
+        scheduler=sched,
+        every_steps=5,
+        total_steps=a.steps,
+        keep_last=3,
+    )
     step = ckpt.resume()
     accelerator.print(f"starting at step {step}")
     while step < a.steps:

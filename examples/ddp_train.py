@@ -1,6 +1,6 @@
 """ckptd under torchrun DDP (gloo, CPU): rank 0 saves, every rank resumes from the same checkpoint.
 
-    torchrun --nproc_per_node=2 examples/ddp_train.py --dir /tmp/ddp --steps 30
+torchrun --nproc_per_node=2 examples/ddp_train.py --dir /tmp/ddp --steps 30
 """
 
 from __future__ import annotations

@@ -27,8 +27,11 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=4, help="ckptd: save every N steps")
     ap.add_argument("--native", type=int, default=0, help="no ckptd: engine.save_checkpoint every N steps")
     ap.add_argument("--width", type=int, default=16, help="hidden width (the benchmark makes it large)")
-    ap.add_argument("--pieces", action="store_true",
-                    help="pass model=engine.module, optimizer=engine.optimizer instead of engine= (the same)")
+    ap.add_argument(
+        "--pieces",
+        action="store_true",
+        help="pass model=engine.module, optimizer=engine.optimizer instead of engine= (the same)",
+    )
     ap.add_argument("--step-sleep", type=float, default=0.0)
     ap.add_argument("--pause-rank", type=int, default=-1, help="tests: this rank stops after writing its files ...")
     ap.add_argument("--pause-at", type=int, default=0, help="... of the save at this step (to be killed there)")
@@ -41,8 +44,12 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, a.width), torch.nn.ReLU(), torch.nn.Linear(a.width, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # a client optimizer: nothing to JIT-compile
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": a.stage}}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": a.stage},
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
     rank = engine.global_rank
     ckpt = None

@@ -46,8 +46,11 @@ def build(world: int, hsdp: bool = False) -> tuple[torch.nn.Module, torch.optim.
     """FSDP2 over all ranks; or HSDP (``hsdp``): two replicas, each sharded over half the ranks."""
     torch.manual_seed(0)  # the same initial model whatever the number of ranks
     model = Net()
-    mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if hsdp
-            else init_device_mesh("cpu", (world,)))
+    mesh = (
+        init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        if hsdp
+        else init_device_mesh("cpu", (world,))
+    )
     fully_shard(model.inp, mesh=mesh)
     fully_shard(model.out, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -66,6 +69,7 @@ def fingerprint(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> st
 def digest(state: object) -> str:
     """sha256 over every tensor's name and bytes, in name order (scripts that load a unit compare with it)."""
     h = hashlib.sha256()
+
     def feed(prefix: str, v: object) -> None:
         if isinstance(v, dict):
             for k in sorted(v, key=str):
@@ -73,6 +77,7 @@ def digest(state: object) -> str:
         elif isinstance(v, torch.Tensor):
             h.update(prefix.encode())
             h.update(v.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+
     feed("", state)
     return h.hexdigest()
 
@@ -91,8 +96,16 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model, opt = build(world, a.hsdp)
     extra = {"ballast": torch.ones(a.ballast_mib << 18)} if rank == a.ballast_rank else {}
-    ckpt = Checkpointer("fsdp-demo", a.dir, model=model, optimizer=opt, extra=extra, sharded=True,
-                        every_steps=a.every, total_steps=a.steps)
+    ckpt = Checkpointer(
+        "fsdp-demo",
+        a.dir,
+        model=model,
+        optimizer=opt,
+        extra=extra,
+        sharded=True,
+        every_steps=a.every,
+        total_steps=a.steps,
+    )
     start = ckpt.resume()
     print(f"rank {rank} pid {os.getpid()} starting at step {start}", flush=True)
     if start:
@@ -107,8 +120,11 @@ def main() -> None:
         if a.step_sleep:
             time.sleep(a.step_sleep)
     ckpt.close()
-    print(f"rank {rank} FINGERPRINT {fingerprint(model, opt)} saves {ckpt.stats['verified']} "
-          f"MODEL {fingerprint(model, None)}", flush=True)
+    print(
+        f"rank {rank} FINGERPRINT {fingerprint(model, opt)} saves {ckpt.stats['verified']} "
+        f"MODEL {fingerprint(model, None)}",
+        flush=True,
+    )
     leave()
 
 

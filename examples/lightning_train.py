@@ -1,6 +1,6 @@
 """ckptd in a Lightning Trainer: one callback; resume through Lightning's own ckpt_path.
 
-    python examples/lightning_train.py --root /tmp/pl-run --steps 40 [--step-sleep 0.05]
+python examples/lightning_train.py --root /tmp/pl-run --steps 40 [--step-sleep 0.05]
 """
 
 from __future__ import annotations
@@ -39,18 +39,35 @@ def main() -> None:
     ap.add_argument("--root", required=True)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--step-sleep", type=float, default=0.0)
-    ap.add_argument("--shuffle", choices=["no", "global", "generator"], default="no",
-                    help="shuffle with the global RNG, or with a generator handed to the callback")
+    ap.add_argument(
+        "--shuffle",
+        choices=["no", "global", "generator"],
+        default="no",
+        help="shuffle with the global RNG, or with a generator handed to the callback",
+    )
     a = ap.parse_args()
     L.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(1)
     data = torch.utils.data.TensorDataset(torch.randn(160, 8, generator=g), torch.randn(160, 1, generator=g))
     sampler_rng = torch.Generator().manual_seed(2) if a.shuffle == "generator" else None
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=a.shuffle != "no", generator=sampler_rng)
-    ckptd = CkptdCallback("pl-demo", every_steps=5, keep_last=2, best_metric="train_loss",
-                          generators={"sampler": sampler_rng} if sampler_rng is not None else None)
-    trainer = L.Trainer(max_steps=a.steps, default_root_dir=a.root, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", enable_checkpointing=False, callbacks=[ckptd])
+    ckptd = CkptdCallback(
+        "pl-demo",
+        every_steps=5,
+        keep_last=2,
+        best_metric="train_loss",
+        generators={"sampler": sampler_rng} if sampler_rng is not None else None,
+    )
+    trainer = L.Trainer(
+        max_steps=a.steps,
+        default_root_dir=a.root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        callbacks=[ckptd],
+    )
     model = Tiny(a.step_sleep)
     resume = CkptdCallback.resume_path(trainer, "pl-demo")
     print("resume from", resume, flush=True)

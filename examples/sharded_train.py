@@ -42,8 +42,16 @@ def main() -> None:
     layer = torch.nn.Linear(IN, OUT // world)
     opt = torch.optim.AdamW(layer.parameters(), lr=0.01)
     extra = {"ballast": torch.ones(a.ballast_mib << 18)} if rank == a.ballast_rank else {}
-    ckpt = Checkpointer("sharded-demo", a.dir, model=layer, optimizer=opt, extra=extra, sharded=True,
-                        every_steps=a.every, total_steps=a.steps)
+    ckpt = Checkpointer(
+        "sharded-demo",
+        a.dir,
+        model=layer,
+        optimizer=opt,
+        extra=extra,
+        sharded=True,
+        every_steps=a.every,
+        total_steps=a.steps,
+    )
     start = ckpt.resume()
     print(f"rank {rank} pid {os.getpid()} starting at step {start}", flush=True)
     for step in range(start, a.steps):

@@ -31,9 +31,11 @@ def build(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.
     return model, opt, sched
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> float:
+def train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler
+) -> float:
     x = torch.randn(32, 16) + float(np.random.normal()) * 0.01  # draws from torch and numpy RNGs
-    y = (x[:, :4] * random.choice([1.0, -1.0]))                 # and from python's
+    y = x[:, :4] * random.choice([1.0, -1.0])  # and from python's
     loss = torch.nn.functional.mse_loss(model(x), y)
     opt.zero_grad()
     loss.backward()
@@ -46,7 +48,11 @@ def fingerprint(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
     """sha256 over every parameter and optimizer state tensor, for bit-exact comparisons."""
     h = hashlib.sha256()
     for t in list(model.state_dict().values()) + [v for s in opt.state_dict()["state"].values() for v in s.values()]:
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes())
+        h.update(
+            t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+            if t.dim()
+            else t.reshape(1).view(torch.uint8).numpy().tobytes()
+        )
     return h.hexdigest()
 
 
@@ -63,8 +69,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model, opt, sched = build()
-    ckpt = Checkpointer(args.job, args.dir, model=model, optimizer=opt, scheduler=sched,
-                        every_steps=args.every_steps, total_steps=args.steps, keep_last=args.keep_last)
+    ckpt = Checkpointer(
+        args.job,
+        args.dir,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        every_steps=args.every_steps,
+        total_steps=args.steps,
+        keep_last=args.keep_last,
+    )
     start = ckpt.resume()
     print(f"starting at step {start}", flush=True)
     for _ in range(start, args.steps):

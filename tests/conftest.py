@@ -97,8 +97,9 @@ def project_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": pythonpath(), **extra}
 
 
-def run_py(*args: str, timeout: float = 120, env: dict[str, str] | None = None,
-           **kw: object) -> subprocess.CompletedProcess[str]:
+def run_py(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None, **kw: object
+) -> subprocess.CompletedProcess[str]:
     """Run a Python script of the project in a subprocess, capturing output."""
     env = project_env(**(env or {}))
     return subprocess.run([PYTHON, *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)  # type: ignore[call-overload]
@@ -112,7 +113,9 @@ def ckptd_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
 def tmpfs_at(mnt: Path, size: str) -> Iterator[Path]:
     """A real tmpfs of ``size`` at ``mnt``; the test is skipped loudly where mounting is not allowed."""
     mnt.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"SKIPPED LOUDLY: cannot mount a tmpfs here ({r.stderr.strip()}); run the tests as root")
     try:
@@ -131,8 +134,9 @@ def fsync_shim(tmp_path_factory: pytest.TempPathFactory) -> str:
     if gcc is None:
         pytest.fail("a C compiler is needed to build the fsync shim")
     out = tmp_path_factory.mktemp("shim") / "fsync_shim.so"
-    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "fsync_shim.c"), "-ldl"],
-                   check=True)
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-O2", "-o", str(out), str(ROOT / "tests" / "fsync_shim.c"), "-ldl"], check=True
+    )
     return str(out)
 
 
@@ -158,8 +162,13 @@ def free_port() -> int:
 class DaemonProc:
     """A real ``ckptd serve`` subprocess on a private socket, state dir and root."""
 
-    def __init__(self, base: Path, extra_config: str = "", env: dict[str, str] | None = None,
-                 preexec: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        extra_config: str = "",
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
         self.preexec = preexec
         self.base = base
         self.root = base / "roots"
@@ -171,16 +180,21 @@ class DaemonProc:
         self.config = base / "ckptd.toml"
         self.config.write_text(
             f'[daemon]\nsocket = "{self.socket}"\nstate_dir = "{self.state}"\n'
-            f'metrics_listen = "127.0.0.1:{self.port}"\nroots = ["{self.root}"]\n' + extra_config)
+            f'metrics_listen = "127.0.0.1:{self.port}"\nroots = ["{self.root}"]\n' + extra_config
+        )
         self.env = project_env(**(env or {}))
         self.log = base / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "DaemonProc":
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "serve", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=self.env,
-                                     preexec_fn=self.preexec)
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "ckptd.cli", "serve", "--config", str(self.config)],
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            preexec_fn=self.preexec,
+        )
         deadline = time.monotonic() + 30 * SLACK
         while not self.healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -280,8 +294,13 @@ def inproc_daemon(tmp_path: Path) -> Iterator[Any]:
 
     root = tmp_path / "roots"
     root.mkdir()
-    d = Daemon(Config(), socket_path=str(tmp_path / "d.sock"), state_dir=str(tmp_path / "state"),
-               metrics_listen=f"127.0.0.1:{free_port()}", roots=[str(root)])
+    d = Daemon(
+        Config(),
+        socket_path=str(tmp_path / "d.sock"),
+        state_dir=str(tmp_path / "state"),
+        metrics_listen=f"127.0.0.1:{free_port()}",
+        roots=[str(root)],
+    )
     d.start()
     try:
         yield d
@@ -312,8 +331,9 @@ class MotoServer:
         import urllib.request
 
         exe = Path(PYTHON).with_name("moto_server")
-        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, env=self.env
+        )
         deadline = time.monotonic() + 30 * SLACK
         while True:
             try:

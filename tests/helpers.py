@@ -12,14 +12,26 @@ from trainer_hooks.staging import StagingBuffer
 from trainer_hooks.state import capture, flatten
 
 
-def save_state(state: dict, directory: Path, name: str = "c.safetensors", job: str = "t", step: int = 1,
-               extra_meta: dict[str, str] | None = None) -> str:
+def save_state(
+    state: dict,
+    directory: Path,
+    name: str = "c.safetensors",
+    job: str = "t",
+    step: int = 1,
+    extra_meta: dict[str, str] | None = None,
+) -> str:
     """Stage and persist a nested state exactly as the Checkpointer does; returns the path."""
     flat, skeleton = flatten(state)
-    metadata = {"ckptd.format": "1", "ckptd.job": job, "ckptd.step": str(step),
-                "ckptd.created": "2026-01-01T00:00:00.000Z", "ckptd.trigger": "step",
-                "ckptd.state": json.dumps(skeleton), "ckptd.aliases": json.dumps(flat.aliases),
-                **(extra_meta or {})}
+    metadata = {
+        "ckptd.format": "1",
+        "ckptd.job": job,
+        "ckptd.step": str(step),
+        "ckptd.created": "2026-01-01T00:00:00.000Z",
+        "ckptd.trigger": "step",
+        "ckptd.state": json.dumps(skeleton),
+        "ckptd.aliases": json.dumps(flat.aliases),
+        **(extra_meta or {}),
+    }
     buf = StagingBuffer()
     try:
         length = buf.stage(flat.tensors, metadata)

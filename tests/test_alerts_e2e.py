@@ -47,9 +47,11 @@ LAG_SCALE = 60  # the S3 outage's: 25 minutes of lag and `for` would still be 75
 UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-AGES = {"lag": ("ckptd_remote_lag_seconds > 900", 900),
-        "unattended": ("ckptd_last_unattended_save_timestamp_seconds < 900", 900),
-        "stale": ("ckptd_expected_save_interval_seconds, 300)", 300)}
+AGES = {
+    "lag": ("ckptd_remote_lag_seconds > 900", 900),
+    "unattended": ("ckptd_last_unattended_save_timestamp_seconds < 900", 900),
+    "stale": ("ckptd_expected_save_interval_seconds, 300)", 300),
+}
 
 
 def scaled_rules(text: str, scale: int, ages: tuple[str, ...] = ()) -> str:
@@ -57,6 +59,7 @@ def scaled_rules(text: str, scale: int, ages: tuple[str, ...] = ()) -> str:
     in seconds named in ``ages`` (of AGES) that the expressions compare with. Nothing else of an
     expression changes. A test scales only the age its fault is about: unscaled, the others keep
     a loaded machine's slow trainer start (a save 20 s late) from paging."""
+
     def duration(m: re.Match[str]) -> str:
         return f"{max(1, int(m[2]) * UNIT[m[3]] // scale)}s"
 
@@ -71,8 +74,9 @@ def scaled_rules(text: str, scale: int, ages: tuple[str, ...] = ()) -> str:
 def need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        pytest.fail(f"{tool} is not installed: `make tools` installs it (Debian packages prometheus, "
-                    "prometheus-alertmanager)")
+        pytest.fail(
+            f"{tool} is not installed: `make tools` installs it (Debian packages prometheus, prometheus-alertmanager)"
+        )
     return path
 
 
@@ -117,19 +121,38 @@ class Stack:
         (base / "alertmanager.yml").write_text(
             "route:\n  receiver: hook\n  group_by: [alertname, instance, training_job, reason]\n"
             "  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\n"
-            f"receivers:\n  - name: hook\n    webhook_configs:\n      - url: {webhook}\n        send_resolved: true\n")
+            f"receivers:\n  - name: hook\n    webhook_configs:\n      - url: {webhook}\n        send_resolved: true\n"
+        )
         (base / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [alerts.yml]\n"
             f"alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{self.am_port}']\n"
-            f"scrape_configs:\n  - job_name: hosts\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
+            f"scrape_configs:\n  - job_name: hosts\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+        )
         self.log = open(base / "stack.log", "wb")
         self.procs = [
-            subprocess.Popen([need("prometheus-alertmanager"), f"--config.file={base / 'alertmanager.yml'}",
-                              f"--storage.path={base / 'am'}", f"--web.listen-address=127.0.0.1:{self.am_port}",
-                              "--cluster.listen-address="], stdout=self.log, stderr=subprocess.STDOUT),
-            subprocess.Popen([need("prometheus"), f"--config.file={base / 'prometheus.yml'}",
-                              f"--storage.tsdb.path={base / 'data'}", f"--web.listen-address=127.0.0.1:{self.prom_port}",
-                              "--rules.alert.resend-delay=1s"], stdout=self.log, stderr=subprocess.STDOUT)]
+            subprocess.Popen(
+                [
+                    need("prometheus-alertmanager"),
+                    f"--config.file={base / 'alertmanager.yml'}",
+                    f"--storage.path={base / 'am'}",
+                    f"--web.listen-address=127.0.0.1:{self.am_port}",
+                    "--cluster.listen-address=",
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            ),
+            subprocess.Popen(
+                [
+                    need("prometheus"),
+                    f"--config.file={base / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={base / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.prom_port}",
+                    "--rules.alert.resend-delay=1s",
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            ),
+        ]
         for port in (self.am_port, self.prom_port):
             wait_until(lambda p=port: _ok(f"http://127.0.0.1:{p}/-/ready"), 60, "prometheus and alertmanager")
 
@@ -154,12 +177,30 @@ def _ok(url: str) -> bool:
         return False
 
 
-def _trainer(d: DaemonProc, run: Path, steps: int = 1000000, every: int = 20, socket: str | None = None,
-             **env: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([PYTHON, str(ROOT / "examples" / "train_toy.py"), "--dir", str(run), "--job", "e2e",
-                             "--steps", str(steps), "--every-steps", str(every), "--step-sleep", "0.02",
-                             "--keep-last", "3"], env=project_env(CKPTD_SOCKET=socket or d.socket, **env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _trainer(
+    d: DaemonProc, run: Path, steps: int = 1000000, every: int = 20, socket: str | None = None, **env: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            PYTHON,
+            str(ROOT / "examples" / "train_toy.py"),
+            "--dir",
+            str(run),
+            "--job",
+            "e2e",
+            "--steps",
+            str(steps),
+            "--every-steps",
+            str(every),
+            "--step-sleep",
+            "0.02",
+            "--keep-last",
+            "3",
+        ],
+        env=project_env(CKPTD_SOCKET=socket or d.socket, **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _end(trainer: subprocess.Popen[bytes] | None) -> None:
@@ -169,8 +210,13 @@ def _end(trainer: subprocess.Popen[bytes] | None) -> None:
 
 
 @contextmanager
-def _rig(base: Path, extra_config: str = "", env: dict[str, str] | None = None,
-         scale: int = SCALE, ages: tuple[str, ...] = ()) -> Iterator[tuple[DaemonProc, Stack, Webhook]]:
+def _rig(
+    base: Path,
+    extra_config: str = "",
+    env: dict[str, str] | None = None,
+    scale: int = SCALE,
+    ages: tuple[str, ...] = (),
+) -> Iterator[tuple[DaemonProc, Stack, Webhook]]:
     """A started daemon scraped by Prometheus with the rules at ``scale`` (and ``ages``), and the webhook."""
     d = DaemonProc(base / "d", extra_config, env=env)
     hook = Webhook()
@@ -233,8 +279,11 @@ def test_preemption_resume_and_restart_page_nobody_and_a_failed_save_pages_and_r
             wait_until(lambda: saved() >= 40, 120, "two saves")
             trainer.send_signal(signal.SIGTERM)  # a preemption: the hook saves, then the signal ends it
             trainer.wait(60)
-            wait_until(lambda: d.metric("ckptd_saves_total", training_job="e2e", trigger="preempt", outcome="ok") == 1,
-                       30, "the preemption save")
+            wait_until(
+                lambda: d.metric("ckptd_saves_total", training_job="e2e", trigger="preempt", outcome="ok") == 1,
+                30,
+                "the preemption save",
+            )
             preempted = saved()
             trainer = _trainer(d, run)  # the resume: hello at step 0, then resume() from the preemption save
             wait_until(lambda: saved() > preempted + 20, 120, "saves after the resume")
@@ -249,15 +298,21 @@ def test_preemption_resume_and_restart_page_nobody_and_a_failed_save_pages_and_r
             assert not ever and not hook.alerts(), (ever, hook.alerts())
 
             subprocess.run(["mount", "-o", "remount,ro", str(d.root)], check=True)  # the fault: a read-only disk
-            wait_until(lambda: [a for a in hook.alerts("firing") if a["labels"]["alertname"] == "CkptdSaveFailed"],
-                       60, "CkptdSaveFailed at the webhook")
+            wait_until(
+                lambda: [a for a in hook.alerts("firing") if a["labels"]["alertname"] == "CkptdSaveFailed"],
+                60,
+                "CkptdSaveFailed at the webhook",
+            )
             (fired,) = [a for a in hook.alerts("firing") if a["labels"]["alertname"] == "CkptdSaveFailed"]
             assert fired["labels"]["instance"] == instance and fired["labels"]["reason"] == "read_only"
             assert fired["labels"]["severity"] == "critical" and fired["labels"]["user"] == "root"
             assert instance in fired["annotations"]["summary"]
             subprocess.run(["mount", "-o", "remount,rw", str(d.root)], check=True)  # fixed: the next save verifies
-            wait_until(lambda: [a for a in hook.alerts("resolved") if a["labels"]["alertname"] == "CkptdSaveFailed"],
-                       60, "CkptdSaveFailed resolved at the webhook")
+            wait_until(
+                lambda: [a for a in hook.alerts("resolved") if a["labels"]["alertname"] == "CkptdSaveFailed"],
+                60,
+                "CkptdSaveFailed resolved at the webhook",
+            )
             others = {a["labels"]["alertname"] for a in hook.alerts()} - {"CkptdSaveFailed"}
             assert not others, hook.alerts()
         finally:
@@ -273,7 +328,8 @@ def test_preemption_resume_and_restart_page_nobody_and_a_failed_save_pages_and_r
 
 @pytest.mark.slow
 def test_s3_down_under_a_training_job_fires_replication_lagging_only_and_resolves_when_it_is_back(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     s3 = MotoServer(tmp_path).start()
@@ -343,7 +399,8 @@ def test_a_checkpoint_rotting_on_disk_fires_verify_failed_and_resolves_when_it_i
 
 @pytest.mark.slow
 def test_a_trainer_saving_without_the_daemon_fires_trainer_unattended_and_resolves_when_it_connects(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     trainer = None
     try:
         with _rig(tmp_path, ages=("unattended",)) as (d, stack, hook):

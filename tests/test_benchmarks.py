@@ -13,16 +13,29 @@ BENCH = ROOT / "benchmarks"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,result", [("bench_stall", "stall_quick"), ("bench_io", "io_quick"),
-                                         ("bench_overhead", "overhead_quick"), ("bench_load", "load_quick"),
-                                         ("bench_watch", "watch_quick"), ("bench_sharded", "sharded_2ranks_quick"),
-                                         ("bench_sharded --fsdp", "sharded_fsdp_2ranks_quick"),
-                                         ("bench_auto", "auto_quick"), ("bench_remote", "remote_quick"),
-                                         ("bench_finetune", "finetune_quick"), ("bench_resume", "resume_quick"),
-                                         ("bench_multilevel", "multilevel_quick")])
+@pytest.mark.parametrize(
+    "name,result",
+    [
+        ("bench_stall", "stall_quick"),
+        ("bench_io", "io_quick"),
+        ("bench_overhead", "overhead_quick"),
+        ("bench_load", "load_quick"),
+        ("bench_watch", "watch_quick"),
+        ("bench_sharded", "sharded_2ranks_quick"),
+        ("bench_sharded --fsdp", "sharded_fsdp_2ranks_quick"),
+        ("bench_auto", "auto_quick"),
+        ("bench_remote", "remote_quick"),
+        ("bench_finetune", "finetune_quick"),
+        ("bench_resume", "resume_quick"),
+        ("bench_multilevel", "multilevel_quick"),
+    ],
+)
 def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
-    env = {"CKPTD_BENCH_RESULTS": str(tmp_path / "results"), "CKPTD_BENCH_DIR": str(tmp_path),
-           "CKPTD_BENCH_PORTS": ",".join(str(free_port()) for _ in range(4))}
+    env = {
+        "CKPTD_BENCH_RESULTS": str(tmp_path / "results"),
+        "CKPTD_BENCH_DIR": str(tmp_path),
+        "CKPTD_BENCH_PORTS": ",".join(str(free_port()) for _ in range(4)),
+    }
     name, *args = name.split()
     r = run_py(str(BENCH / f"{name}.py"), "--quick", *args, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

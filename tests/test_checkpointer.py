@@ -34,6 +34,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 # --- pre-flight (SPEC §1.3) --------------------------------------------------------------
 
+
 def test_target_that_is_a_file_fails_at_construction(tmp_path: Path) -> None:
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x")
@@ -48,9 +49,15 @@ def test_a_directory_another_rank_is_creating_is_never_taken_for_a_file(tmp_path
     from ckptd.disk.preflight import resolve_target
 
     target = tmp_path / "run"
-    flip = subprocess.Popen([PYTHON, "-c", "import os, sys\nwhile True:\n    try:\n"
-                             "        os.mkdir(sys.argv[1]); os.rmdir(sys.argv[1])\n    except OSError:\n        pass",
-                             str(target)])
+    flip = subprocess.Popen(
+        [
+            PYTHON,
+            "-c",
+            "import os, sys\nwhile True:\n    try:\n"
+            "        os.mkdir(sys.argv[1]); os.rmdir(sys.argv[1])\n    except OSError:\n        pass",
+            str(target),
+        ]
+    )
     wrong, calls, end = [], 0, time.monotonic() + 1.0
     try:
         while time.monotonic() < end:
@@ -97,7 +104,9 @@ def test_a_file_name_target_gets_generated_names(tmp_path: Path) -> None:
 
 
 def test_bad_settings_and_job_names_fail_early(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="Checkpointer\\(\\): unknown key .keep_lst. \\(did you mean .keep_last.\\?\\)"):
+    with pytest.raises(
+        SettingsError, match="Checkpointer\\(\\): unknown key .keep_lst. \\(did you mean .keep_last.\\?\\)"
+    ):
         Checkpointer("j", tmp_path, model=model(), keep_lst=3)
     with pytest.raises(TargetError, match="job name"):
         Checkpointer("../evil", tmp_path, model=model())
@@ -109,7 +118,7 @@ def test_bad_settings_and_job_names_fail_early(tmp_path: Path) -> None:
 
 def test_precedence_kwargs_over_env_over_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "ckptd.toml"
-    cfg.write_text('[defaults]\nevery_steps = 7\nkeep_last = 9\n[jobs.j]\nevery_steps = 5\n')
+    cfg.write_text("[defaults]\nevery_steps = 7\nkeep_last = 9\n[jobs.j]\nevery_steps = 5\n")
     monkeypatch.setenv("CKPTD_CONFIG", str(cfg))
     c = Checkpointer("j", tmp_path / "a", model=model())
     assert c.policy.every_steps == 5 and c.settings["keep_last"] == 9
@@ -134,6 +143,7 @@ def test_malformed_config_names_the_key(tmp_path: Path) -> None:
 
 
 # --- step numbering and triggers -------------------------------------------------------
+
 
 def test_step_numbering_and_final_save(tmp_path: Path) -> None:
     m = model()
@@ -206,8 +216,9 @@ def test_time_trigger_fires_at_the_next_step(tmp_path: Path) -> None:
 
 
 @pytest.mark.serial
-def test_every_auto_saves_on_its_own_interval_in_embedded_mode(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_every_auto_saves_on_its_own_interval_in_embedded_mode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 18, no daemon: the hook's clock runs auto's interval from the stalls and persist
     times it measured itself, says it once in the log, and never saves closer than it."""
     caplog.set_level("INFO", logger="trainer_hooks")
@@ -233,8 +244,7 @@ def test_every_auto_saves_on_its_own_interval_in_embedded_mode(tmp_path: Path,
     gaps = [b.created - a.created for a, b in zip(saves, saves[1:])]
     assert min(gaps) >= 0.9 * min(intervals), (gaps, min(intervals))  # never closer than auto's interval
     assert max(intervals) < 3.0  # a 144-byte state is cheap: sqrt(2CM), M = 60 s, is under 1 s idle (CI load: 1.07)
-    assert any("saving every" in r.message and "auto: T=" in r.message and "M=60s" in r.message
-               for r in caplog.records)
+    assert any("saving every" in r.message and "auto: T=" in r.message and "M=60s" in r.message for r in caplog.records)
 
 
 def test_cron_trigger_is_scheduled(tmp_path: Path) -> None:
@@ -297,8 +307,13 @@ while True:
 
 
 def start_preempt(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([PYTHON, "-c", PREEMPT, str(tmp_path), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=project_env())
+    proc = subprocess.Popen(
+        [PYTHON, "-c", PREEMPT, str(tmp_path), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=project_env(),
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "looping"
     return proc
 
@@ -325,22 +340,27 @@ def test_sigusr1_saves_then_chains_to_the_custom_handler(tmp_path: Path) -> None
 
 # --- import lightness (SPEC §2) -----------------------------------------------------------
 
+
 def test_importing_the_hook_imports_no_daemon_libraries() -> None:
-    code = ("import sys, trainer_hooks; bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('watchdog', 'apscheduler', 'prometheus_client', 'click')]; print(bad)")
+    code = (
+        "import sys, trainer_hooks; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('watchdog', 'apscheduler', 'prometheus_client', 'click')]; print(bad)"
+    )
     r = run_py("-c", code)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 # --- best checkpoints hold the weights that were evaluated (issue 17 #2) -------------------
 
-def test_report_saves_the_evaluated_weights_at_the_current_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+
+def test_report_saves_the_evaluated_weights_at_the_current_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from trainer_hooks import load
 
     m = model()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    ckpt = Checkpointer("j", tmp_path, model=m, optimizer=opt, best_metric="eval_loss", keep_best=2,
-                        save_final=False)
+    ckpt = Checkpointer("j", tmp_path, model=m, optimizer=opt, best_metric="eval_loss", keep_best=2, save_final=False)
     evaluated: dict[int, torch.Tensor] = {}
     scores = {4: 1.0, 8: 2.0, 10: 0.5}
     for i in range(1, 13):
@@ -372,6 +392,7 @@ def test_a_best_metric_fed_to_every_step_warns_once(tmp_path: Path, caplog: pyte
 
 # --- a stale checkpoint of another run is refused, never loaded partly (issue 17 #4) --------
 
+
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
     from trainer_hooks import ResumeError
 
@@ -382,8 +403,11 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> 
     before = new_model.weight.detach().clone()
     ckpt = Checkpointer("j", tmp_path, model=new_model, every_steps=5)
     try:
-        with pytest.raises(ResumeError, match=r"does not fit this model: 'model/bias' is F32\[5\] there, "
-                                              r"F32\[4\] here.*resume\(fresh=True\)"):
+        with pytest.raises(
+            ResumeError,
+            match=r"does not fit this model: 'model/bias' is F32\[5\] there, "
+            r"F32\[4\] here.*resume\(fresh=True\)",
+        ):
             ckpt.resume()
     except BaseException:
         ckpt.close(final=False)

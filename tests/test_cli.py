@@ -77,8 +77,18 @@ def test_verify_streams_one_line_per_checkpoint(tmp_path: Path) -> None:
 
 
 def test_serve_refuses_a_missing_or_read_only_root(tmp_path: Path) -> None:
-    r = ckptd_cli("serve", "--root", str(tmp_path / "missing"), "--state-dir", str(tmp_path / "s"),
-                  "--socket", str(tmp_path / "s.sock"), "--metrics-listen", "127.0.0.1:0", timeout=30)
+    r = ckptd_cli(
+        "serve",
+        "--root",
+        str(tmp_path / "missing"),
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--socket",
+        str(tmp_path / "s.sock"),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        timeout=30,
+    )
     assert r.returncode != 0 and "does not exist" in r.stderr and not (tmp_path / "missing").exists()
 
 
@@ -88,9 +98,13 @@ def test_keep_best_needs_best_metric_and_unknown_env_vars_are_named(tmp_path: Pa
     assert r.returncode == 2 and "keep_best=2 needs best_metric" in r.stderr
     from tests.conftest import run_py
 
-    r = run_py("-c", "import torch\nfrom trainer_hooks import Checkpointer\n"
-               f"Checkpointer('j', {str(tmp_path / 'r')!r}, model=torch.nn.Linear(2, 2), total_steps=10, "
-               "every_steps=50, socket=False).close()", env={"CKPTD_EVERY_STEP": "5"})
+    r = run_py(
+        "-c",
+        "import torch\nfrom trainer_hooks import Checkpointer\n"
+        f"Checkpointer('j', {str(tmp_path / 'r')!r}, model=torch.nn.Linear(2, 2), total_steps=10, "
+        "every_steps=50, socket=False).close()",
+        env={"CKPTD_EVERY_STEP": "5"},
+    )
     assert r.returncode == 0, r.stderr
     assert "CKPTD_EVERY_STEP is not a ckptd setting (did you mean CKPTD_EVERY_STEPS?)" in r.stderr
     assert "longer than the run" in r.stderr
@@ -139,8 +153,7 @@ def test_list_of_a_parent_of_job_directories_keeps_ckptds_own_metadata(tmp_path:
     assert row.split()[:3] == ["3", "beta", "final"], row
 
 
-def test_subprocesses_of_the_suite_keep_the_callers_pythonpath(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_subprocesses_of_the_suite_keep_the_callers_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The suite's daemons and trainers put the project in front of the caller's PYTHONPATH instead
     of replacing it (on the GPU machine, watchdog was found only through it: 38 tests failed)."""
     from tests.conftest import ROOT, DaemonProc, run_py

@@ -48,7 +48,8 @@ def test_an_exception_before_the_first_step_writes_nothing(tmp_path: Path) -> No
 
 
 def test_an_exception_mid_run_saves_no_final_and_the_next_run_resumes_from_the_last_scheduled_save(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     rc, _, err = trainer(tmp_path, 12)
     assert rc == 1 and "RuntimeError: loss is NaN" in err
     assert [(c.step, c.trigger) for c in scan(str(tmp_path), "crash")] == [(5, "step"), (10, "step")]
@@ -57,7 +58,11 @@ def test_an_exception_mid_run_saves_no_final_and_the_next_run_resumes_from_the_l
     assert rc == 0, err
     assert "resumed at 10" in out
     assert [(c.step, c.trigger) for c in scan(str(tmp_path), "crash")] == [
-        (5, "step"), (10, "step"), (15, "step"), (20, "step")]
+        (5, "step"),
+        (10, "step"),
+        (15, "step"),
+        (20, "step"),
+    ]
 
 
 def test_an_exception_leaving_the_with_block_saves_no_final(tmp_path: Path) -> None:
@@ -75,8 +80,14 @@ def _kept_as(directory: Path, job: str) -> list[tuple[int, str, tuple[str, ...]]
     rules = Rules(keep_best=1, best_metric="loss", keep_final=True)
     items = [item_of(c.path, c.step, 0.0, 0, trigger=c.trigger, metrics=c.metrics, best_metric="loss") for c in found]
     verdicts = {v.item.id: v for v in judge(items, rules, 0.0)}
-    return [(c.step, c.trigger, tuple(sorted(str(r.rule) for r in verdicts[c.path].reasons
-                                             if r.rule in (Rule.KEEP_FINAL, Rule.KEEP_BEST)))) for c in found]
+    return [
+        (
+            c.step,
+            c.trigger,
+            tuple(sorted(str(r.rule) for r in verdicts[c.path].reasons if r.rule in (Rule.KEEP_FINAL, Rule.KEEP_BEST))),
+        )
+        for c in found
+    ]
 
 
 def test_a_best_save_at_the_last_step_is_labelled_final_and_counts_as_best(tmp_path: Path) -> None:

@@ -33,8 +33,13 @@ def env_for(d: DaemonProc) -> dict[str, str]:
 
 def test_a_run_saves_through_the_daemon(daemon: DaemonProc) -> None:
     run_dir = daemon.root / "toy"
-    r = subprocess.run([PYTHON, TOY, "--dir", str(run_dir), "--steps", "30", "--every-steps", "10", "--keep-last", "2"],
-                       env=env_for(daemon), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PYTHON, TOY, "--dir", str(run_dir), "--steps", "30", "--every-steps", "10", "--keep-last", "2"],
+        env=env_for(daemon),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "connected to the daemon" in r.stderr and "embedded mode" not in r.stderr
     assert [c.step for c in scan(str(run_dir), "toy")] == [20, 30]
@@ -56,9 +61,13 @@ def test_settings_from_the_trainers_environment_reach_the_daemon(daemon: DaemonP
     """CKPTD_* variables are the trainer's settings as much as its kwargs (kwargs > env): the daemon,
     which runs retention, must apply them too (it used to see the kwargs alone and keep everything)."""
     run_dir = daemon.root / "envjob"
-    r = subprocess.run([PYTHON, TOY, "--dir", str(run_dir), "--job", "envjob", "--steps", "40", "--every-steps", "10"],
-                       env={**env_for(daemon), "CKPTD_KEEP_LAST": "1", "CKPTD_EVERY_STEPS": "5"},
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PYTHON, TOY, "--dir", str(run_dir), "--job", "envjob", "--steps", "40", "--every-steps", "10"],
+        env={**env_for(daemon), "CKPTD_KEEP_LAST": "1", "CKPTD_EVERY_STEPS": "5"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "connected to the daemon" in r.stderr
     assert [c.step for c in scan(str(run_dir), "envjob")] == [40]  # keep_last=1 from the environment
@@ -81,8 +90,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_a_handed_over_checkpoint_survives_its_trainer(daemon: DaemonProc) -> None:
     run_dir = daemon.root / "victim"
     run_dir.mkdir()
-    r = subprocess.run([PYTHON, "-c", HANDOFF_THEN_DIE, str(run_dir)], env=env_for(daemon), capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [PYTHON, "-c", HANDOFF_THEN_DIE, str(run_dir)], env=env_for(daemon), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     wait_until(lambda: len(scan(str(run_dir), "victim")) == 1, what="the orphaned checkpoint to be persisted")
     path = scan(str(run_dir), "victim")[0].path
@@ -94,9 +104,25 @@ def test_a_handed_over_checkpoint_survives_its_trainer(daemon: DaemonProc) -> No
 
 def test_trainer_killed_with_unsaved_steps_is_counted(daemon: DaemonProc) -> None:
     run_dir = daemon.root / "lost"
-    proc = subprocess.Popen([PYTHON, TOY, "--dir", str(run_dir), "--job", "lost", "--steps", "10000", "--every-steps",
-                             "200", "--step-sleep", "0.01"], env=env_for(daemon),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            TOY,
+            "--dir",
+            str(run_dir),
+            "--job",
+            "lost",
+            "--steps",
+            "10000",
+            "--every-steps",
+            "200",
+            "--step-sleep",
+            "0.01",
+        ],
+        env=env_for(daemon),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: daemon.metric("ckptd_last_saved_step", training_job="lost") >= 200, what="a save")
         # a (batched) heartbeat reports steps past the last save
@@ -104,8 +130,10 @@ def test_trainer_killed_with_unsaved_steps_is_counted(daemon: DaemonProc) -> Non
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", training_job="lost", reason="trainer_exit_unsaved") == 1,
-               what="trainer_exit_unsaved")
+    wait_until(
+        lambda: daemon.metric("ckptd_missed_saves_total", training_job="lost", reason="trainer_exit_unsaved") == 1,
+        what="trainer_exit_unsaved",
+    )
     assert daemon.metric("ckptd_unsaved_steps", training_job="lost") > 0
 
 
@@ -114,25 +142,61 @@ def test_runs_named_alike_in_different_directories_are_two_jobs(daemon: DaemonPr
     """A 60-step run in one directory, then a run of the same name elsewhere killed at step >= 36
     with its last save at 30: its own missed save is counted, and nothing mixes the two."""
     first, second = daemon.root / "a", daemon.root / "b"
-    r = subprocess.run([PYTHON, TOY, "--dir", str(first), "--job", "same", "--steps", "60", "--every-steps", "30"],
-                       env=env_for(daemon), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PYTHON, TOY, "--dir", str(first), "--job", "same", "--steps", "60", "--every-steps", "30"],
+        env=env_for(daemon),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    proc = subprocess.Popen([PYTHON, TOY, "--dir", str(second), "--job", "same", "--steps", "10000", "--every-steps",
-                             "30", "--step-sleep", "0.1"], env=env_for(daemon),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            TOY,
+            "--dir",
+            str(second),
+            "--job",
+            "same",
+            "--steps",
+            "10000",
+            "--every-steps",
+            "30",
+            "--step-sleep",
+            "0.1",
+        ],
+        env=env_for(daemon),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_until(lambda: daemon.metric("ckptd_last_saved_step", training_job="same", directory=str(second)) >= 30,
-                   what="the second run's first save")
-        wait_until(lambda: daemon.metric("ckptd_unsaved_steps", training_job="same", directory=str(second)) > 0,
-                   what="a heartbeat past it")
+        wait_until(
+            lambda: daemon.metric("ckptd_last_saved_step", training_job="same", directory=str(second)) >= 30,
+            what="the second run's first save",
+        )
+        wait_until(
+            lambda: daemon.metric("ckptd_unsaved_steps", training_job="same", directory=str(second)) > 0,
+            what="a heartbeat past it",
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", training_job="same", directory=str(second),
-                                     reason="trainer_exit_unsaved") == 1, what="trainer_exit_unsaved of the second")
+    wait_until(
+        lambda: (
+            daemon.metric(
+                "ckptd_missed_saves_total", training_job="same", directory=str(second), reason="trainer_exit_unsaved"
+            )
+            == 1
+        ),
+        what="trainer_exit_unsaved of the second",
+    )
     assert daemon.metric("ckptd_last_saved_step", training_job="same", directory=str(first)) == 60
-    assert daemon.metric("ckptd_missed_saves_total", training_job="same", directory=str(first),
-                         reason="trainer_exit_unsaved") == 0
+    assert (
+        daemon.metric(
+            "ckptd_missed_saves_total", training_job="same", directory=str(first), reason="trainer_exit_unsaved"
+        )
+        == 0
+    )
     status = json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)
     rows = {j["directory"]: j for j in status if j["job"] == "same"}
     assert set(rows) == {str(first), str(second)}
@@ -190,8 +254,13 @@ def test_daemon_sigkilled_mid_persist_recovers_cleanly(tmp_path: Path) -> None:
     d = DaemonProc(tmp_path / "d").start()
     run_dir = d.root / "big"
     run_dir.mkdir()
-    trainer = subprocess.Popen([PYTHON, "-c", SLOW_WRITER, str(run_dir)], env=env_for(d), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+    trainer = subprocess.Popen(
+        [PYTHON, "-c", SLOW_WRITER, str(run_dir)],
+        env=env_for(d),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert trainer.stdout is not None and trainer.stdout.readline().strip() == "ready"
         wait_until(lambda: any(".ckptd-tmp." in n for n in os.listdir(run_dir)), what="a write in progress")
@@ -212,8 +281,13 @@ def test_daemon_sigkilled_mid_persist_recovers_cleanly(tmp_path: Path) -> None:
 
 def test_catalogue_is_rebuilt_when_missing_or_damaged(daemon: DaemonProc) -> None:
     run_dir = daemon.root / "cat"
-    r = subprocess.run([PYTHON, TOY, "--dir", str(run_dir), "--job", "cat", "--steps", "20", "--every-steps", "5"],
-                       env=env_for(daemon), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [PYTHON, TOY, "--dir", str(run_dir), "--job", "cat", "--steps", "20", "--every-steps", "5"],
+        env=env_for(daemon),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     daemon.stop()
     db = daemon.state / "catalog.sqlite"
@@ -254,14 +328,37 @@ def _wire_trainer(socket_path: str, run: Path, job: str) -> list[str]:
     c = Client(socket_path)
     outcomes = []
     try:
-        assert c.ask({"type": "hello", "job": job, "directory": str(run), "pid": os.getpid(), "step": 0,
-                      "settings": {"every_steps": 2, "total_steps": 6}})["type"] == "welcome"
+        assert (
+            c.ask(
+                {
+                    "type": "hello",
+                    "job": job,
+                    "directory": str(run),
+                    "pid": os.getpid(),
+                    "step": 0,
+                    "settings": {"every_steps": 2, "total_steps": 6},
+                }
+            )["type"]
+            == "welcome"
+        )
         for step, trigger, rule in ((2, "step", "every_steps"), (4, "step", "every_steps"), (6, "final", "save_final")):
             fd, length = snapshot(job, step, {"w": os.urandom(256 * 1024)}, trigger, rule)
             try:
-                assert c.ask({"type": "save", "id": step, "step": step, "trigger": trigger, "rule": rule,
-                              "filename": f"{job}-step{step:08d}.safetensors", "length": length},
-                             fd=fd)["type"] == "accepted"
+                assert (
+                    c.ask(
+                        {
+                            "type": "save",
+                            "id": step,
+                            "step": step,
+                            "trigger": trigger,
+                            "rule": rule,
+                            "filename": f"{job}-step{step:08d}.safetensors",
+                            "length": length,
+                        },
+                        fd=fd,
+                    )["type"]
+                    == "accepted"
+                )
                 saved = c.recv()
             finally:
                 os.close(fd)
@@ -280,8 +377,15 @@ def test_32_concurrent_clients_lose_nothing(daemon: DaemonProc) -> None:
     for i in range(32):
         (daemon.root / f"job{i}").mkdir()
     for i in range(2):
-        procs.append(subprocess.Popen([PYTHON, "-c", CLIENT, str(daemon.root / f"job{i}"), str(i)],
-                                      env=env_for(daemon), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [PYTHON, "-c", CLIENT, str(daemon.root / f"job{i}"), str(i)],
+                env=env_for(daemon),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     with ThreadPoolExecutor(30) as pool:
         wire = [pool.submit(_wire_trainer, daemon.socket, daemon.root / f"job{i}", f"job{i}") for i in range(2, 32)]
         for i, p in enumerate(procs):
@@ -363,16 +467,21 @@ def test_step_skipped_and_final_missing_are_counted(daemon: DaemonProc) -> None:
 
 def test_backpressure_skip_is_counted(daemon: DaemonProc) -> None:
     big = torch.nn.Linear(2048, 2048)
-    ckpt = Checkpointer("bp", daemon.root / "bp", model=big, every_steps=1, on_busy="skip", save_final=False,
-                        socket=daemon.socket)
+    ckpt = Checkpointer(
+        "bp", daemon.root / "bp", model=big, every_steps=1, on_busy="skip", save_final=False, socket=daemon.socket
+    )
     try:
         for _ in range(6):
             ckpt.step()
     finally:
         ckpt.close()
     assert ckpt.stats["skipped"] >= 1
-    wait_until(lambda: daemon.metric("ckptd_missed_saves_total", training_job="bp", reason="backpressure")
-               == ckpt.stats["skipped"], what="backpressure count")
+    wait_until(
+        lambda: (
+            daemon.metric("ckptd_missed_saves_total", training_job="bp", reason="backpressure") == ckpt.stats["skipped"]
+        ),
+        what="backpressure count",
+    )
 
 
 def test_the_daemon_sends_due_for_time_rules(daemon: DaemonProc) -> None:
@@ -393,8 +502,9 @@ def test_gc_and_pin_through_the_daemon(daemon: DaemonProc) -> None:
     ckpt.close(final=False)
     first = scan(str(run), "gcjob")[0].path
     env_socket = ["--socket", daemon.socket]
-    pinned = subprocess.run([PYTHON, "-m", "ckptd.cli", "pin", first], capture_output=True, text=True,
-                            env={**env_for(daemon)})
+    pinned = subprocess.run(
+        [PYTHON, "-m", "ckptd.cli", "pin", first], capture_output=True, text=True, env={**env_for(daemon)}
+    )
     assert pinned.returncode == 0, pinned.stderr
     rows = {r["path"]: r for r in json.loads(ckptd_cli("list", "gcjob", "--json", *env_socket).stdout)}
     assert rows[first]["pinned"] is True
@@ -437,8 +547,13 @@ def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonPro
     max_overhead at 0.5% the overhead bound (linear in the stall) decides once saves are costly."""
     run = daemon.root / "grow"
     run.mkdir()
-    proc = subprocess.Popen([PYTHON, "-c", GROWING, str(run)], env=env_for(daemon), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-c", GROWING, str(run)],
+        env=env_for(daemon),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "GROW"
         small = daemon.metric("ckptd_auto_interval_seconds", training_job="grow")
@@ -464,8 +579,9 @@ def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonPro
     # save into a grown buffer included: the bound steers the interval, it cannot undo a spike)
     stalled = daemon.metric("ckptd_save_duration_seconds_sum", training_job="grow", phase="stall")
     with sqlite3.connect(daemon.state / "catalog.sqlite") as db:
-        (ran,) = db.execute("SELECT max(time) - min(time) FROM events WHERE job = 'grow' AND kind IN "
-                            "('start', 'end')").fetchone()
+        (ran,) = db.execute(
+            "SELECT max(time) - min(time) FROM events WHERE job = 'grow' AND kind IN ('start', 'end')"
+        ).fetchone()
     assert daemon.metric("ckptd_save_overhead_ratio", training_job="grow") == pytest.approx(stalled / ran, rel=0.1)
     assert verify_file(str(scan(str(run), "grow")[-1].path)).ok
 
@@ -509,11 +625,17 @@ def test_a_users_daemon_keeps_its_catalogue_in_its_own_state_directory(tmp_path:
             os.chown(d, 65534, 65534)
         port = free_port()
         config = base / "mine.toml"
-        config.write_text(f'[daemon]\nsocket = "{run}/ckptd.sock"\nmetrics_listen = "127.0.0.1:{port}"\n'
-                          f'roots = ["{root}"]\n')
+        config.write_text(
+            f'[daemon]\nsocket = "{run}/ckptd.sock"\nmetrics_listen = "127.0.0.1:{port}"\nroots = ["{root}"]\n'
+        )
         env = {k: v for k, v in project_env(HOME=str(home)).items() if k not in ("XDG_STATE_HOME", "STATE_DIRECTORY")}
-        proc = subprocess.Popen([PYTHON, "-c", AS_NOBODY_SERVE, str(config)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [PYTHON, "-c", AS_NOBODY_SERVE, str(config)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             catalog = home / ".local" / "state" / "ckptd" / "catalog.sqlite"
             wait_until(lambda: healthy(port) or proc.poll() is not None, 60, "the daemon up")
@@ -525,8 +647,9 @@ def test_a_users_daemon_keeps_its_catalogue_in_its_own_state_directory(tmp_path:
         assert "Traceback" not in out, out
         config.write_text(config.read_text() + f'state_dir = "{base}/not-mine"\n')
         os.chmod(base, 0o755)
-        refused = subprocess.run([PYTHON, "-c", AS_NOBODY_SERVE, str(config)], env=env, capture_output=True,
-                                 text=True, timeout=60)
+        refused = subprocess.run(
+            [PYTHON, "-c", AS_NOBODY_SERVE, str(config)], env=env, capture_output=True, text=True, timeout=60
+        )
         assert refused.returncode != 0 and f"state_dir {base}/not-mine" in refused.stderr, refused.stderr
         assert "may write" in refused.stderr and "Traceback" not in refused.stderr
     finally:

@@ -15,8 +15,16 @@ from tests.wire_client import Client, snapshot
 
 
 def hello(c: Client, job: str, directory: str) -> dict:  # type: ignore[type-arg]
-    return c.ask({"type": "hello", "job": job, "directory": directory, "settings": {"keep_last": 2}, "pid": os.getpid(),
-                  "step": 0})
+    return c.ask(
+        {
+            "type": "hello",
+            "job": job,
+            "directory": directory,
+            "settings": {"keep_last": 2},
+            "pid": os.getpid(),
+            "step": 0,
+        }
+    )
 
 
 def test_save_lifecycle_in_process(inproc_daemon) -> None:  # type: ignore[no-untyped-def]
@@ -28,8 +36,21 @@ def test_save_lifecycle_in_process(inproc_daemon) -> None:  # type: ignore[no-un
         for step in (1, 2, 3):
             fd, length = snapshot("fast", step, {"w": struct.pack("<4f", step, 2, 3, 4)})
             try:
-                assert c.ask({"type": "save", "id": step, "step": step, "trigger": "step", "rule": "r",
-                              "filename": f"fast-step{step}.safetensors", "length": length}, fd=fd)["type"] == "accepted"
+                assert (
+                    c.ask(
+                        {
+                            "type": "save",
+                            "id": step,
+                            "step": step,
+                            "trigger": "step",
+                            "rule": "r",
+                            "filename": f"fast-step{step}.safetensors",
+                            "length": length,
+                        },
+                        fd=fd,
+                    )["type"]
+                    == "accepted"
+                )
                 saved = c.recv()
             finally:
                 os.close(fd)
@@ -50,8 +71,18 @@ def test_a_snapshot_for_another_job_is_refused_before_it_is_written(inproc_daemo
         hello(c, "liar", run)
         fd, length = snapshot("victim", 7, {"w": b"\0" * 16})
         try:
-            c.ask({"type": "save", "id": 1, "step": 7, "trigger": "step", "rule": "r",
-                   "filename": "liar-step7.safetensors", "length": length}, fd=fd)
+            c.ask(
+                {
+                    "type": "save",
+                    "id": 1,
+                    "step": 7,
+                    "trigger": "step",
+                    "rule": "r",
+                    "filename": "liar-step7.safetensors",
+                    "length": length,
+                },
+                fd=fd,
+            )
             saved = c.recv()
         finally:
             os.close(fd)
@@ -75,22 +106,44 @@ def test_every_auto_learns_the_mtbf_from_the_jobs_unclean_exits(inproc_daemon) -
 
     for n in (1, 2):
         c = Client(inproc_daemon.socket_path)
-        assert c.ask({"type": "hello", "job": "flaky", "directory": run, "settings": settings, "pid": os.getpid(),
-                      "step": 0, "state_bytes": 1 << 30})["type"] == "welcome"
+        assert (
+            c.ask(
+                {
+                    "type": "hello",
+                    "job": "flaky",
+                    "directory": run,
+                    "settings": settings,
+                    "pid": os.getpid(),
+                    "step": 0,
+                    "state_bytes": 1 << 30,
+                }
+            )["type"]
+            == "welcome"
+        )
         c.close()  # no "end": the trainer died
         wait_until(lambda n=n: exits() == n, 10, "the disconnect to be recorded")
     c = Client(inproc_daemon.socket_path)
     try:
-        c.ask({"type": "hello", "job": "flaky", "directory": run, "settings": settings, "pid": os.getpid(),
-               "step": 0, "state_bytes": 1 << 30})
+        c.ask(
+            {
+                "type": "hello",
+                "job": "flaky",
+                "directory": run,
+                "settings": settings,
+                "pid": os.getpid(),
+                "step": 0,
+                "state_bytes": 1 << 30,
+            }
+        )
         (row,) = c.ask({"type": "status"})["jobs"]
         auto = row["auto"]
         # no save measured yet: C is guessed from the 1 GiB state (1 s), M = 24h / 3 = 8h
         assert auto["rule"] == "young_daly" and "C=1s (guessed from the state size)" in auto["reason"]
         assert "M=8h (2 unclean exits in" in auto["reason"], auto
         labels = {"training_job": "flaky", "directory": run}
-        assert inproc_daemon.metrics.registry.get_sample_value("ckptd_auto_interval_seconds", labels) \
-            == pytest.approx(auto["seconds"], rel=1e-3)
+        assert inproc_daemon.metrics.registry.get_sample_value("ckptd_auto_interval_seconds", labels) == pytest.approx(
+            auto["seconds"], rel=1e-3
+        )
         assert inproc_daemon.metrics.registry.get_sample_value("ckptd_expected_loss_seconds", labels) >= 0
     finally:
         c.close()
@@ -105,8 +158,16 @@ def test_the_daemon_replicates_only_to_remotes_its_admin_allows(inproc_daemon) -
     for url in ("file:///etc/cron.d", "s3://someone-elses-bucket/prefix"):
         c = Client(inproc_daemon.socket_path)
         try:
-            reply = c.ask({"type": "hello", "job": "sneaky", "directory": run, "settings": {"remote": url},
-                           "pid": os.getpid(), "step": 0})
+            reply = c.ask(
+                {
+                    "type": "hello",
+                    "job": "sneaky",
+                    "directory": run,
+                    "settings": {"remote": url},
+                    "pid": os.getpid(),
+                    "step": 0,
+                }
+            )
         finally:
             c.close()
         assert reply["type"] == "error" and "remote_allow" in reply["error"] and url in reply["error"], reply
@@ -130,8 +191,16 @@ def test_a_jobs_state_gauges_follow_it_and_go_with_it(inproc_daemon) -> None:  #
     labels = {"training_job": "brief", "directory": run}
     value = inproc_daemon.metrics.registry.get_sample_value
     c = Client(inproc_daemon.socket_path)
-    c.ask({"type": "hello", "job": "brief", "directory": run, "pid": os.getpid(), "step": 0,
-           "settings": {"max_bytes": "1MiB"}})
+    c.ask(
+        {
+            "type": "hello",
+            "job": "brief",
+            "directory": run,
+            "pid": os.getpid(),
+            "step": 0,
+            "settings": {"max_bytes": "1MiB"},
+        }
+    )
     assert value("ckptd_job_up", labels) == 1 and value("ckptd_quota_bytes", labels) == 1 << 20
     from ckptd.wire import protocol
 

@@ -31,9 +31,27 @@ def test_engine_job_is_counted_retained_and_paged_by_the_daemon(daemon: DaemonPr
     past it, counts trainer_exit_unsaved; the first (which ended cleanly) counts nothing."""
     env = {**ENV, "CKPTD_SOCKET": daemon.socket, "CKPTD_KEEP_LAST": "1"}
     d = daemon.root / "ds"
-    r = subprocess.run(torchrun(SCRIPT, "--dir", str(d), "--stage", "2", "--steps", "12", "--every", "4",
-                                "--corrupt-rank", "1", "--corrupt-at", "8"),
-                       env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        torchrun(
+            SCRIPT,
+            "--dir",
+            str(d),
+            "--stage",
+            "2",
+            "--steps",
+            "12",
+            "--every",
+            "4",
+            "--corrupt-rank",
+            "1",
+            "--corrupt-at",
+            "8",
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     job = {"training_job": "ds-demo", "directory": str(d)}
     # rank 0 waits up to 10 s for the daemon's bye; a loaded daemon may still be verifying the tags
@@ -55,9 +73,13 @@ def test_engine_job_is_counted_retained_and_paged_by_the_daemon(daemon: DaemonPr
     assert latest.stdout.strip() == str(d / "global_step12"), latest.stdout + latest.stderr
 
     killed = daemon.root / "killed"
-    p = subprocess.Popen(torchrun(SCRIPT, "--dir", str(killed), "--stage", "2", "--steps", "200", "--every", "4",
-                                  "--step-sleep", "0.3"),
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        torchrun(SCRIPT, "--dir", str(killed), "--stage", "2", "--steps", "200", "--every", "4", "--step-sleep", "0.3"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert p.stdout is not None
         pid = None
@@ -67,8 +89,11 @@ def test_engine_job_is_counted_retained_and_paged_by_the_daemon(daemon: DaemonPr
                 break
         assert pid is not None
         there = {"training_job": "ds-demo", "directory": str(killed)}
-        wait_until(lambda: daemon.metric("ckptd_saves_total", **there, trigger="step", outcome="ok") >= 1,
-                   timeout=300, what="the second run's first save counted")
+        wait_until(
+            lambda: daemon.metric("ckptd_saves_total", **there, trigger="step", outcome="ok") >= 1,
+            timeout=300,
+            what="the second run's first save counted",
+        )
 
         def past_saved() -> bool:
             rows = json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)
@@ -77,8 +102,11 @@ def test_engine_job_is_counted_retained_and_paged_by_the_daemon(daemon: DaemonPr
 
         wait_until(past_saved, timeout=120, what="a heartbeat past the saved step")
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: daemon.metric("ckptd_missed_saves_total", **there, reason="trainer_exit_unsaved") == 1,
-                   timeout=60, what="trainer_exit_unsaved")
+        wait_until(
+            lambda: daemon.metric("ckptd_missed_saves_total", **there, reason="trainer_exit_unsaved") == 1,
+            timeout=60,
+            what="trainer_exit_unsaved",
+        )
     finally:
         if p.poll() is None:
             p.terminate()  # torchrun ends its ranks

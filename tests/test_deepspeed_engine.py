@@ -38,8 +38,10 @@ def torchrun(*args: str) -> list[str]:
 
 def run_all(cmds: dict[str, list[str]]) -> dict[str, str]:
     """Several torchrun jobs at once (each is mostly waiting on its two ranks); their outputs."""
-    procs = {k: subprocess.Popen(v, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for k, v in cmds.items()}
+    procs = {
+        k: subprocess.Popen(v, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for k, v in cmds.items()
+    }
     outs = {}
     for k, p in procs.items():
         outs[k], _ = p.communicate(timeout=900)
@@ -64,8 +66,23 @@ def zero_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
     engine's pieces (model=engine.module, optimizer=engine.optimizer), as scripts did before
     ``engine=`` existed: the 0-element placeholders and the LossScaler are then the engine's to save."""
     root = tmp_path_factory.mktemp("ds-engine")
-    outs = run_all({f"zero{s}": torchrun(SCRIPT, "--dir", str(root / f"zero{s}"), "--stage", str(s), "--steps", "12",
-                                         "--every", "4", *(["--pieces"] if s == 3 else [])) for s in (1, 2, 3)})
+    outs = run_all(
+        {
+            f"zero{s}": torchrun(
+                SCRIPT,
+                "--dir",
+                str(root / f"zero{s}"),
+                "--stage",
+                str(s),
+                "--steps",
+                "12",
+                "--every",
+                "4",
+                *(["--pieces"] if s == 3 else []),
+            )
+            for s in (1, 2, 3)
+        }
+    )
     return {k: (root / k, out) for k, out in outs.items()}
 
 
@@ -95,8 +112,13 @@ def test_deepspeed_own_tools_read_what_ckptd_committed(zero_runs: dict[str, tupl
     """zero_to_fp32 consolidates a ZeRO-3 tag ckptd committed into full weights."""
     d, _ = zero_runs["zero3"]
     out = tmp_path / "fp32"
-    r = subprocess.run([PYTHON, str(d / "zero_to_fp32.py"), str(d), str(out), "--tag", "global_step12"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [PYTHON, str(d / "zero_to_fp32.py"), str(d), str(out), "--tag", "global_step12"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     import torch
 
@@ -123,9 +145,27 @@ def test_sigkill_of_one_rank_mid_save_commits_nothing(zero_runs: dict[str, tuple
     """Rank 1 is killed after it wrote its ZeRO-2 partition for step 8, before the ranks agreed:
     no global_step8, latest still on global_step4; the next run resumes at 4 and ends identical."""
     d = tmp_path / "killed"
-    p = subprocess.Popen(torchrun(SCRIPT, "--dir", str(d), "--stage", "2", "--steps", "12", "--every", "4",
-                                  "--pause-rank", "1", "--pause-at", "8"),
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        torchrun(
+            SCRIPT,
+            "--dir",
+            str(d),
+            "--stage",
+            "2",
+            "--steps",
+            "12",
+            "--every",
+            "4",
+            "--pause-rank",
+            "1",
+            "--pause-at",
+            "8",
+        ),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen, pid = [], None
     assert p.stdout is not None
     for line in p.stdout:
@@ -144,7 +184,9 @@ def test_sigkill_of_one_rank_mid_save_commits_nothing(zero_runs: dict[str, tuple
     assert (d / "latest").read_text() == "global_step4"
     assert [n for n in os.listdir(d) if n.startswith(".ckptd-staging-global_step8")]  # the partial save, hidden
     assert ckptd_cli("latest", str(d)).stdout.strip() == str(d / "global_step4")
-    out = run_all({"again": torchrun(SCRIPT, "--dir", str(d), "--stage", "2", "--steps", "12", "--every", "4")})["again"]
+    out = run_all({"again": torchrun(SCRIPT, "--dir", str(d), "--stage", "2", "--steps", "12", "--every", "4")})[
+        "again"
+    ]
     assert out.count("starting at step 4") == 2
     assert fingerprints(out) == fingerprints(zero_runs["zero2"][1])
     assert not [n for n in os.listdir(d) if n.startswith(".ckptd-staging")]
@@ -167,8 +209,9 @@ def test_hf_trainer_with_deepspeed_zero2_and_ckptd_callback_trains_and_resumes(t
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a tag to another uid")
-def test_a_tag_of_another_uid_is_never_resumed(zero_runs: dict[str, tuple[Path, str]], tmp_path: Path,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_a_tag_of_another_uid_is_never_resumed(
+    zero_runs: dict[str, tuple[Path, str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """SPEC §6: the hook resumes only checkpoints its own uid owns; DeepSpeed's load_checkpoint
     unpickles, so a committed tag planted by another uid (here a copy of a real one, given to
     uid 65534) must be skipped, and the log says why, before any byte of it is loaded."""

@@ -45,8 +45,10 @@ def tags(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "zero3": torchrun(script, "--dir", str(root / "zero3"), "--stage", "3", "--native", "4", "--steps", "12"),
         "hf": torchrun(str(ROOT / "tests" / "scripts" / "hf_ds_train.py"), str(root / "hf"), "12", "--native"),
     }
-    procs = {k: subprocess.Popen(v, env=DS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for k, v in runs.items()}
+    procs = {
+        k: subprocess.Popen(v, env=DS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for k, v in runs.items()
+    }
     for k, p in procs.items():
         out, _ = p.communicate(timeout=900)
         assert p.returncode == 0, f"{k}: {out[-3000:]}"
@@ -70,6 +72,7 @@ def truncate(path: Path) -> None:
 
 # -- healthy ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_healthy_tags_are_units_with_the_step_of_their_tag(tags: dict[str, Path], stage: str) -> None:
     d = tags[stage]
@@ -78,18 +81,21 @@ def test_healthy_tags_are_units_with_the_step_of_their_tag(tags: dict[str, Path]
     assert [line.split()[0] for line in r.stdout.splitlines()] == ["ok"] * 3
     assert "UNSAFE" not in r.stdout
     listing = json.loads(ckptd_cli("list", str(d), "--json").stdout)
-    assert [(Path(c["path"]).name, c["step"], c["trigger"]) for c in listing] == \
-        [(f"global_step{s}", s, "deepspeed") for s in (4, 8, 12)]
+    assert [(Path(c["path"]).name, c["step"], c["trigger"]) for c in listing] == [
+        (f"global_step{s}", s, "deepspeed") for s in (4, 8, 12)
+    ]
     assert ckptd_cli("latest", str(d)).stdout.strip() == str(d / "global_step12")
 
 
 def test_deepspeed_objects_load_as_inert_data_without_deepspeed(tags: dict[str, Path]) -> None:
     """The loss scaler and ZeRO stage enum are read, but DeepSpeed is never imported to read them."""
     shard = tags["zero2"] / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    code = ("import sys; from ckptd.foreign.picklesafe import safe_load, verify_torch\n"
-            f"r = verify_torch({str(shard)!r}); o = safe_load({str(shard)!r})['optimizer_state_dict']\n"
-            "print(r.ok, r.tensors, type(o['loss_scaler']).__mro__[1].__name__, o['loss_scaler'].state,"
-            " o['zero_stage'].args, 'deepspeed' in sys.modules)")
+    code = (
+        "import sys; from ckptd.foreign.picklesafe import safe_load, verify_torch\n"
+        f"r = verify_torch({str(shard)!r}); o = safe_load({str(shard)!r})['optimizer_state_dict']\n"
+        "print(r.ok, r.tensors, type(o['loss_scaler']).__mro__[1].__name__, o['loss_scaler'].state,"
+        " o['zero_stage'].args, 'deepspeed' in sys.modules)"
+    )
     out = run_py("-c", code, env={"DS_ACCELERATOR": "cpu"}).stdout.split(" ", 3)
     assert out[0] == "True" and int(out[1]) > 0
     assert out[2] == "Inert" and "cur_scale" in out[3] and "(2,)" in out[3]
@@ -107,8 +113,10 @@ def test_a_deepspeed_name_cannot_smuggle_a_call(tmp_path: Path) -> None:
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (os.system, (f"touch {sentinel}",))
 
-    for module, name, expect in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler", "ok"),
-                                 ("deepspeed.runtime.engine", "DeepSpeedEngine", "UNSAFE")):
+    for module, name, expect in (
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler", "ok"),
+        ("deepspeed.runtime.engine", "DeepSpeedEngine", "UNSAFE"),
+    ):
         path = tmp_path / f"{name}.pt"
         torch.save({"w": torch.ones(2), "x": Fake()}, path)
         _rename_global(path, b"posix\nsystem", f"{module}\n{name}".encode())
@@ -133,9 +141,11 @@ def _rename_global(path: Path, old: bytes, new: bytes) -> None:
 
 # -- damaged ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_a_truncated_shard_fails_and_latest_takes_the_tag_before(tags: dict[str, Path], tmp_path: Path,
-                                                                  stage: str) -> None:
+def test_a_truncated_shard_fails_and_latest_takes_the_tag_before(
+    tags: dict[str, Path], tmp_path: Path, stage: str
+) -> None:
     d = copy(tags[stage], tmp_path)
     truncate(d / "global_step12" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     r = verify(d / "global_step12")
@@ -146,8 +156,10 @@ def test_a_truncated_shard_fails_and_latest_takes_the_tag_before(tags: dict[str,
     assert "latest names this tag" in r.stderr  # DeepSpeed's own latest file points at the bad one
 
 
-@pytest.mark.parametrize("stage,victim", [("zero2", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-                                          ("zero3", "zero_pp_rank_1_mp_rank_00_model_states.pt")])
+@pytest.mark.parametrize(
+    "stage,victim",
+    [("zero2", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), ("zero3", "zero_pp_rank_1_mp_rank_00_model_states.pt")],
+)
 def test_a_missing_rank_is_incomplete(tags: dict[str, Path], tmp_path: Path, stage: str, victim: str) -> None:
     d = copy(tags[stage], tmp_path)
     (d / "global_step12" / victim).unlink()
@@ -160,6 +172,7 @@ def test_a_missing_rank_is_incomplete(tags: dict[str, Path], tmp_path: Path, sta
 
 
 # -- HF Trainer + DeepSpeed: checkpoint-N/ holding global_stepN/ ---------------------------------
+
 
 def test_hf_checkpoint_with_deepspeed_state_is_verified_whole(tags: dict[str, Path], tmp_path: Path) -> None:
     d = copy(tags["hf"], tmp_path)
@@ -188,11 +201,34 @@ def watch_tree(tags: dict[str, Path], tmp_path: Path) -> Iterator[tuple[Path, st
     ckptd_cli("pin", str(tree / "zero3" / "global_step4"))
     sock = str(tmp_path / "w.sock")
     log = open(tmp_path / "watch.log", "wb")
-    proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "watch", str(tree), "--job", "ds", "--settle", "0.5s",
-                             "--rescan-every", "2s", "--keep-last", "1", "--abandon-after", "1s",
-                             "--metrics-listen", f"127.0.0.1:{free_port()}", "--socket", sock,
-                             "--state-dir", str(tmp_path / "state")], env=project_env(), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "ckptd.cli",
+            "watch",
+            str(tree),
+            "--job",
+            "ds",
+            "--settle",
+            "0.5s",
+            "--rescan-every",
+            "2s",
+            "--keep-last",
+            "1",
+            "--abandon-after",
+            "1s",
+            "--metrics-listen",
+            f"127.0.0.1:{free_port()}",
+            "--socket",
+            sock,
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        env=project_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: os.path.exists(sock), 60, "ckptd watch to start")
         yield tree, sock
@@ -203,7 +239,8 @@ def watch_tree(tags: dict[str, Path], tmp_path: Path) -> Iterator[tuple[Path, st
 
 
 def test_watch_keep_last_1_keeps_the_good_tag_over_a_corrupt_or_incomplete_newer_one(
-        watch_tree: tuple[Path, str]) -> None:
+    watch_tree: tuple[Path, str],
+) -> None:
     tree, sock = watch_tree
 
     def listed() -> dict[str, dict]:

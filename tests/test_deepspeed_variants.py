@@ -32,8 +32,19 @@ pytestmark = [pytest.mark.xdist_group("deepspeed"), pytest.mark.slow, pytest.mar
 
 
 def launch(directory: Path, *args: str) -> subprocess.Popen[str]:
-    cmd = [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", SCRIPT, "--dir", str(directory),
-           "--steps", "12", "--every", "4", *args]
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        SCRIPT,
+        "--dir",
+        str(directory),
+        "--steps",
+        "12",
+        "--every",
+        "4",
+        *args,
+    ]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -55,7 +66,8 @@ def kill_and_resume(tmp_path: Path, *args: str, die_rank: int = 1, die_at: int =
     last = die_at // 4 * 4
     assert (killed_dir / "latest").read_text() == f"global_step{last}"
     assert sorted(p.name for p in killed_dir.glob("global_step*")) == sorted(
-        f"global_step{s}" for s in range(4, last + 1, 4))
+        f"global_step{s}" for s in range(4, last + 1, 4)
+    )
     again = launch(killed_dir, *args)
     resumed, _ = again.communicate(timeout=900)
     assert again.returncode == 0, resumed[-4000:]
@@ -69,7 +81,8 @@ def test_bf16_zero2_resumes_bit_identical_after_sigkill(tmp_path: Path) -> None:
     out, d, _ = kill_and_resume(tmp_path, "--stage", "2", "--dtype", "bf16")
     assert out.count("dtype=bfloat16 optimizer=DeepSpeedZeroOptimizer/AdamW") == 2
     assert sorted(p.name for p in (d / "global_step8").glob("*optim_states.pt")) == [
-        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)
+    ]
     r = ckptd_cli("verify", str(d), timeout=300)
     assert r.returncode == 0 and r.stdout.count("ok ") == 3, r.stdout  # global_step4, 8, 12
 

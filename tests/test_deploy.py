@@ -38,17 +38,20 @@ def need(tool: str) -> str:
 
 def test_alert_rules_check_and_unit_tests_pass() -> None:
     promtool = need("promtool")
-    check = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=DEPLOY / "prometheus",
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [promtool, "check", "rules", "alerts.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True
+    )
     assert check.returncode == 0 and "SUCCESS: 10 rules found" in check.stdout, check.stdout + check.stderr
-    unit = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus",
-                          capture_output=True, text=True)
+    unit = subprocess.run(
+        [promtool, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True
+    )
     assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
 
 
 def test_the_alertmanager_example_is_valid() -> None:
-    check = subprocess.run([need("amtool"), "check-config", "alertmanager.yml"], cwd=DEPLOY / "prometheus",
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [need("amtool"), "check-config", "alertmanager.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True
+    )
     assert check.returncode == 0 and "inhibit rules" in check.stdout, check.stdout + check.stderr
 
 
@@ -66,13 +69,19 @@ def test_the_promtool_tests_feed_the_label_sets_the_exporter_really_produces(dae
             time.sleep(0.3)
         ckpt.wait()
         wait_until(lambda: daemon.metric("ckptd_checkpoints", training_job="seen") == 2, 30, "two saves")
-        wait_until(lambda: daemon.metric("ckptd_expected_save_interval_seconds", training_job="seen") > 0, 30,
-                   "the expected interval from the step rate")
+        wait_until(
+            lambda: daemon.metric("ckptd_expected_save_interval_seconds", training_job="seen") > 0,
+            30,
+            "the expected interval from the step rate",
+        )
         exported = {s.name: set(s.labels) for f in text_string_to_metric_families(daemon.metrics()) for s in f.samples}
     finally:
         ckpt.close(final=False)
-    declared = {m._name: set(m._labelnames) | {"user"} for m in vars(Metrics()).values()
-                if hasattr(m, "_labelnames") and "training_job" in m._labelnames}
+    declared = {
+        m._name: set(m._labelnames) | {"user"}
+        for m in vars(Metrics()).values()
+        if hasattr(m, "_labelnames") and "training_job" in m._labelnames
+    }
     doc = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())
     fed = {series["series"] for t in doc["tests"] for series in t["input_series"]}
     checked = 0
@@ -90,9 +99,21 @@ def test_the_promtool_tests_feed_the_label_sets_the_exporter_really_produces(dae
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     analyze = need("systemd-analyze")
     unit = (ROOT / "systemd" / "ckptd.service").read_text()
-    for key in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "User=ckptd", "RuntimeDirectory=ckptd",
-                "StateDirectory=ckptd", "ProtectSystem=strict", "ReadWritePaths=", "NoNewPrivileges=yes",
-                "PrivateTmp=yes", "TasksMax=", "LimitNOFILE=", "MemoryMax="):
+    for key in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=",
+        "User=ckptd",
+        "RuntimeDirectory=ckptd",
+        "StateDirectory=ckptd",
+        "ProtectSystem=strict",
+        "ReadWritePaths=",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "TasksMax=",
+        "LimitNOFILE=",
+        "MemoryMax=",
+    ):
         assert key in unit, key
     exe = shutil.which("ckptd") or str(Path(PYTHON).parent / "ckptd")
     good = tmp_path / "ckptd.service"
@@ -124,8 +145,9 @@ def test_the_unit_holds_exactly_the_two_capabilities_owner_rights_need(tmp_path:
     assert caps == {"AmbientCapabilities": "CAP_SETUID CAP_SETGID", "CapabilityBoundingSet": "CAP_SETUID CAP_SETGID"}
     assert "User=ckptd" in text and "UMask=0077" in text and "StateDirectoryMode=0700" in text
     unit = _unit_with_our_ckptd(tmp_path)
-    r = subprocess.run([analyze, "security", "--offline=true", "--json=short", str(unit)], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [analyze, "security", "--offline=true", "--json=short", str(unit)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     held = {c["name"] for c in json.loads(r.stdout) if c["name"].startswith("CapabilityBoundingSet=") and not c["set"]}
     assert held == {"CapabilityBoundingSet=~CAP_SET(UID|GID|PCAP)"}, held
@@ -139,14 +161,26 @@ def test_install_files_follow_confdir_and_bindir(tmp_path: Path) -> None:
     part of ``make install`` after the venv), and ``systemd-analyze verify`` accepts it."""
     analyze = need("systemd-analyze")
     exe_dir = tmp_path / "bin"
-    dirs = {"PREFIX": Path(PYTHON).parent.parent, "BINDIR": exe_dir, "UNITDIR": tmp_path / "units",
-            "SYSUSERSDIR": tmp_path / "sysusers", "TMPFILESDIR": tmp_path / "tmpfiles", "CONFDIR": tmp_path / "conf"}
-    r = subprocess.run(["make", "-s", "-C", str(ROOT), "install-files", *(f"{k}={v}" for k, v in dirs.items())],
-                       capture_output=True, text=True, timeout=120)
+    dirs = {
+        "PREFIX": Path(PYTHON).parent.parent,
+        "BINDIR": exe_dir,
+        "UNITDIR": tmp_path / "units",
+        "SYSUSERSDIR": tmp_path / "sysusers",
+        "TMPFILESDIR": tmp_path / "tmpfiles",
+        "CONFDIR": tmp_path / "conf",
+    }
+    r = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "install-files", *(f"{k}={v}" for k, v in dirs.items())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     unit = (tmp_path / "units" / "ckptd.service").read_text()
     assert f"ExecStart={exe_dir}/ckptd serve --config {tmp_path}/conf/ckptd.toml" in unit, unit
-    check = subprocess.run([analyze, "verify", str(tmp_path / "units" / "ckptd.service")], capture_output=True, text=True)
+    check = subprocess.run(
+        [analyze, "verify", str(tmp_path / "units" / "ckptd.service")], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -162,8 +196,9 @@ def test_install_refuses_a_python_the_service_user_cannot_run(tmp_path: Path) ->
     (prefix / "bin").mkdir(parents=True)
     (prefix / "bin" / "python").symlink_to(hidden / "python3")
     os.chmod(tmp_path, 0o755)
-    r = subprocess.run(["make", "-s", "-C", str(ROOT), "install-venv", f"PREFIX={prefix}"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "install-venv", f"PREFIX={prefix}"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "the service user cannot run" in r.stderr and "INSTALL_PYTHON" in r.stderr, r.stderr
 
 
@@ -201,8 +236,7 @@ def read_notify(s: socket.socket, until: str, timeout: float = 15) -> list[str]:
 @pytest.mark.slow
 def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path, notify_socket: tuple[str, socket.socket]) -> None:
     path, s = notify_socket
-    d = DaemonProc(tmp_path / "d", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000",
-                                        "WATCHDOG_PID": ""})
+    d = DaemonProc(tmp_path / "d", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000", "WATCHDOG_PID": ""})
     d.start()
     try:
         lines = read_notify(s, "READY=1")
@@ -221,8 +255,9 @@ def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path, notify_socket:
 
 
 @pytest.mark.slow
-def test_a_supervisor_that_stops_reading_never_wedges_the_daemon(tmp_path: Path,
-                                                                 notify_socket: tuple[str, socket.socket]) -> None:
+def test_a_supervisor_that_stops_reading_never_wedges_the_daemon(
+    tmp_path: Path, notify_socket: tuple[str, socket.socket]
+) -> None:
     """Nobody reads $NOTIFY_SOCKET: its queue fills with watchdog beats in ~2 s. The daemon must
     go on ticking and stop promptly on SIGTERM (it used to block in sendto, the tick and then
     the shutdown with it)."""
@@ -266,12 +301,19 @@ class Prometheus:
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "rule_files: [alerts.yml]\n"
             f"scrape_configs:\n  - job_name: ckptd\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
+            f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+        )
         self.log = open(base / "prometheus.log", "wb")
-        self.proc = subprocess.Popen([need("prometheus"), f"--config.file={base / 'prometheus.yml'}",
-                                      f"--storage.tsdb.path={base / 'data'}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                need("prometheus"),
+                f"--config.file={base / 'prometheus.yml'}",
+                f"--storage.tsdb.path={base / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_until(self.ready, 60, "prometheus to start")
 
     def ready(self) -> bool:
@@ -317,22 +359,48 @@ def alerts_fire_and_dashboard_works(d: DaemonProc, tmp_path: Path) -> None:
         d.start()
         prom = Prometheus(tmp_path / "prom", d.port)
         wait_until(lambda: prom.api("query", query='up{job="ckptd"}')["data"]["result"], 30, "the first scrape")
-        trainer = subprocess.Popen([PYTHON, str(ROOT / "examples" / "train_toy.py"), "--dir", str(d.root / "e2e"),
-                                    "--job", "e2e", "--steps", "100000", "--every-steps", "100", "--step-sleep", "0.005",
-                                    "--keep-last", "2"],
-                                   # every=auto besides the step rule, so the dashboard's auto panel has its series
-                                   env=project_env(CKPTD_SOCKET=d.socket, CKPTD_EVERY="auto", CKPTD_REMOTE=f"file://{remote}"),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: d.metric("ckptd_saves_total", training_job="e2e", trigger="step", outcome="ok") >= 2, 60, "saves")
+        trainer = subprocess.Popen(
+            [
+                PYTHON,
+                str(ROOT / "examples" / "train_toy.py"),
+                "--dir",
+                str(d.root / "e2e"),
+                "--job",
+                "e2e",
+                "--steps",
+                "100000",
+                "--every-steps",
+                "100",
+                "--step-sleep",
+                "0.005",
+                "--keep-last",
+                "2",
+            ],
+            # every=auto besides the step rule, so the dashboard's auto panel has its series
+            env=project_env(CKPTD_SOCKET=d.socket, CKPTD_EVERY="auto", CKPTD_REMOTE=f"file://{remote}"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(
+            lambda: d.metric("ckptd_saves_total", training_job="e2e", trigger="step", outcome="ok") >= 2, 60, "saves"
+        )
         subprocess.run(["mount", "-o", "remount,ro", str(d.root)], check=True)  # the target turns read-only
-        wait_until(lambda: d.metric("ckptd_save_failures_total", training_job="e2e", reason="read_only") >= 1, 60, "a failure")
-        wait_until(lambda: prom.alert_state("CkptdSaveFailed", training_job="e2e", reason="read_only") == "firing", 60,
-                   "CkptdSaveFailed to fire")
+        wait_until(
+            lambda: d.metric("ckptd_save_failures_total", training_job="e2e", reason="read_only") >= 1, 60, "a failure"
+        )
+        wait_until(
+            lambda: prom.alert_state("CkptdSaveFailed", training_job="e2e", reason="read_only") == "firing",
+            60,
+            "CkptdSaveFailed to fire",
+        )
         wait_until(lambda: d.metric("ckptd_unsaved_steps", training_job="e2e") > 0, 30, "unsaved steps")
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
-        wait_until(lambda: prom.alert_state("CkptdTrainerExitUnsaved", training_job="e2e") == "firing", 60,
-                   "CkptdTrainerExitUnsaved to fire")
+        wait_until(
+            lambda: prom.alert_state("CkptdTrainerExitUnsaved", training_job="e2e") == "firing",
+            60,
+            "CkptdTrainerExitUnsaved to fire",
+        )
         assert prom.alert_state("CkptdDown") is None
         time.sleep(3)  # a few more scrapes so rate() windows hold several points
         dashboard = json.loads((DEPLOY / "grafana" / "ckptd.json").read_text())
@@ -369,10 +437,20 @@ def test_make_install_puts_ckptd_where_the_unit_runs_it(tmp_path: Path) -> None:
     site = next(prefix.glob("lib/python3*/site-packages"))
     ours = next(Path(PYTHON).parent.parent.glob("lib/python3*/site-packages"))
     (site / "zz_seed.pth").write_text(f"{ours}\n")
-    dirs = {"PREFIX": prefix, "BINDIR": tmp_path / "bin", "UNITDIR": etc / "systemd", "SYSUSERSDIR": tmp_path / "sysusers",
-            "TMPFILESDIR": tmp_path / "tmpfiles", "CONFDIR": etc / "ckptd"}
-    r = subprocess.run(["make", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
-                       capture_output=True, text=True, timeout=600)
+    dirs = {
+        "PREFIX": prefix,
+        "BINDIR": tmp_path / "bin",
+        "UNITDIR": etc / "systemd",
+        "SYSUSERSDIR": tmp_path / "sysusers",
+        "TMPFILESDIR": tmp_path / "tmpfiles",
+        "CONFDIR": etc / "ckptd",
+    }
+    r = subprocess.run(
+        ["make", "-C", str(ROOT), "install", *(f"{k}={v}" for k, v in dirs.items())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     exe = tmp_path / "bin" / "ckptd"
     assert os.readlink(exe) == str(prefix / "bin" / "ckptd")
@@ -401,16 +479,28 @@ def test_every_metric_the_dashboard_and_the_alerts_use_is_exported_with_one_job(
             ckpt.step()
             time.sleep(0.3)
         ckpt.wait()
-        wait_until(lambda: daemon.metric("ckptd_saves_total", training_job="one", trigger="step", outcome="ok") == 4,
-                   30, "four saves")
-        wait_until(lambda: daemon.metric("ckptd_expected_save_interval_seconds", training_job="one") > 0, 30,
-                   "the expected interval from the step rate")
-        exported = {s.name for f in text_string_to_metric_families(daemon.metrics()) for s in f.samples
-                    if s.labels.get("training_job") in (None, "one")}
+        wait_until(
+            lambda: daemon.metric("ckptd_saves_total", training_job="one", trigger="step", outcome="ok") == 4,
+            30,
+            "four saves",
+        )
+        wait_until(
+            lambda: daemon.metric("ckptd_expected_save_interval_seconds", training_job="one") > 0,
+            30,
+            "the expected interval from the step rate",
+        )
+        exported = {
+            s.name
+            for f in text_string_to_metric_families(daemon.metrics())
+            for s in f.samples
+            if s.labels.get("training_job") in (None, "one")
+        }
         # the gauges of a fault appear with the fault (the alerts compare them with the last success)
-        faults = {"ckptd_last_failure_timestamp_seconds", "ckptd_last_missed_timestamp_seconds",
-                  "ckptd_last_unattended_save_timestamp_seconds"}
+        faults = {
+            "ckptd_last_failure_timestamp_seconds",
+            "ckptd_last_missed_timestamp_seconds",
+            "ckptd_last_unattended_save_timestamp_seconds",
+        }
         assert not used - exported - faults, f"queried but not exported with one job: {sorted(used - exported)}"
     finally:
         ckpt.close()
-

@@ -19,7 +19,9 @@ MICRO_PER_EPOCH, ACCUMULATION = 24, 4  # 96 samples in batches of 4; the script'
 
 def test_the_diff_in_the_readme_is_the_change_from_the_original_trainer(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE / "train_pretrain_before.py", tmp_path / "train_pretrain.py")
-    r = subprocess.run(["patch", "-p1", "-i", str(EXAMPLE / "ckptd.diff")], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        ["patch", "-p1", "-i", str(EXAMPLE / "ckptd.diff")], cwd=tmp_path, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "train_pretrain.py").read_text() == (EXAMPLE / "train_pretrain.py").read_text()
     for readme in (EXAMPLE / "README.md", ROOT / "README.md"):
@@ -34,10 +36,16 @@ def test_resume_after_sigkill_lands_on_the_same_position_with_bit_identical_weig
     straight = run_py(str(EXAMPLE / "train_pretrain.py"), "--out", str(tmp_path / "a"), *ARGS, timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "b"
-    proc = subprocess.Popen([PYTHON, str(EXAMPLE / "train_pretrain.py"), "--out", str(out), *ARGS, "--sleep", "0.1"],
-                            env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PYTHON, str(EXAMPLE / "train_pretrain.py"), "--out", str(out), *ARGS, "--sleep", "0.1"],
+        env=project_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_until(lambda: (out / "pretrain-step00000006.safetensors").exists(), 300, "a save past the first epoch's middle")
+        wait_until(
+            lambda: (out / "pretrain-step00000006.safetensors").exists(), 300, "a save past the first epoch's middle"
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)

@@ -50,15 +50,15 @@ def test_a_daemon_restart_is_no_trainer_exit_and_no_crash(tmp_path: Path) -> Non
     its MTBF from. The trainer reconnects to the new daemon and carries on."""
     d = DaemonProc(tmp_path / "d").start()
     run = d.root / "kept"
-    ckpt = Checkpointer("kept", run, model=torch.nn.Linear(4, 4), every_steps=50, socket=d.socket,
-                        reconnect_every=0.3)
+    ckpt = Checkpointer("kept", run, model=torch.nn.Linear(4, 4), every_steps=50, socket=d.socket, reconnect_every=0.3)
     try:
         _steps(ckpt, 3, pause=0.5)
         wait_until(lambda: d.metric("ckptd_unsaved_steps", training_job="kept") == 3, 30, "unsaved steps")
         assert d.stop() == 0
         d.start()
-        wait_until(lambda: (ckpt.step(), d.metric("ckptd_job_up", training_job="kept") == 1)[1], 30,
-                   "the trainer to reconnect")
+        wait_until(
+            lambda: (ckpt.step(), d.metric("ckptd_job_up", training_job="kept") == 1)[1], 30, "the trainer to reconnect"
+        )
     finally:
         ckpt.close(final=False)
         d.stop()
@@ -74,7 +74,7 @@ def test_a_daemon_restart_is_no_trainer_exit_and_no_crash(tmp_path: Path) -> Non
 def test_a_scrub_that_finds_a_file_deleted_meanwhile_says_missing_not_corrupt(tmp_path: Path) -> None:
     """A trainer in embedded mode (or a user) deleted a catalogued checkpoint: the scrub "verified"
     the missing file, counted it corrupt and CkptdVerifyFailed paged."""
-    d = DaemonProc(tmp_path / "d", extra_config="scrub_every = \"1s\"\n").start()
+    d = DaemonProc(tmp_path / "d", extra_config='scrub_every = "1s"\n').start()
     run = d.root / "scrubbed"
     ckpt = Checkpointer("scrubbed", run, model=torch.nn.Linear(4, 4), every_steps=2, socket=d.socket)
     try:

@@ -46,8 +46,9 @@ def test_a_frozen_base_is_written_once_and_kept_while_a_kept_checkpoint_refers_t
     cost what changed; retention keeps the holder ("referenced by step 10"), resume of the newest
     is bit for bit, ``ckptd verify`` follows the references, and a damaged base is named."""
     model, opt = build()
-    ckpt = Checkpointer("lora", tmp_path, model=model, optimizer=opt, every_steps=1, keep_last=2, socket=False,
-                        quiet=True)
+    ckpt = Checkpointer(
+        "lora", tmp_path, model=model, optimizer=opt, every_steps=1, keep_last=2, socket=False, quiet=True
+    )
     train(model, opt, ckpt, 10)
     ckpt.close()
     files = scan(str(tmp_path), "lora")
@@ -109,8 +110,17 @@ def test_quota_counts_shared_bytes_once(tmp_path: Path) -> None:
     probe.close()
     full = scan(str(tmp_path / "probe"), "probe")[0].bytes
     budget = int(full * 1.6)
-    ckpt = Checkpointer("lora", tmp_path / "run", model=model, optimizer=opt, every_steps=1, keep_last=5,
-                        max_bytes=budget, socket=False, quiet=True)
+    ckpt = Checkpointer(
+        "lora",
+        tmp_path / "run",
+        model=model,
+        optimizer=opt,
+        every_steps=1,
+        keep_last=5,
+        max_bytes=budget,
+        socket=False,
+        quiet=True,
+    )
     train(model, opt, ckpt, 6)
     ckpt.close()
     files = scan(str(tmp_path / "run"), "lora")
@@ -123,8 +133,9 @@ def tiny_gpt2() -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def test_save_trainable_and_export_to_peft_and_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,10 +151,13 @@ def test_save_trainable_and_export_to_peft_and_hf(tmp_path: Path, monkeypatch: p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True))
+    model = get_peft_model(
+        tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ckpt = Checkpointer("lora", tmp_path / "ck", model=model, optimizer=opt, every_steps=2, save="trainable",
-                        socket=False, quiet=True)
+    ckpt = Checkpointer(
+        "lora", tmp_path / "ck", model=model, optimizer=opt, every_steps=2, save="trainable", socket=False, quiet=True
+    )
     x = torch.randint(0, 128, (2, 16))
     for _ in range(4):
         model(input_ids=x, labels=x).loss.backward()
@@ -157,10 +171,20 @@ def test_save_trainable_and_export_to_peft_and_hf(tmp_path: Path, monkeypatch: p
     saved = scan(str(tmp_path / "ck"), "lora")[-1]
     names = set(load_file(saved.path))
     assert names and all("lora_" in n for n in names if n.startswith("model/")), sorted(names)[:5]
-    resumed = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True))
+    resumed = get_peft_model(
+        tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
+    )
     opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
-    again = Checkpointer("lora", tmp_path / "ck", model=resumed, optimizer=opt2, save="trainable", socket=False,
-                         save_final=False, quiet=True)
+    again = Checkpointer(
+        "lora",
+        tmp_path / "ck",
+        model=resumed,
+        optimizer=opt2,
+        save="trainable",
+        socket=False,
+        save_final=False,
+        quiet=True,
+    )
     assert again.resume() == 4
     again.close(final=False)
     resumed.eval()
@@ -212,8 +236,12 @@ def test_sigkill_of_trainer_and_daemon_during_saves_that_refer_to_shared_bytes(t
     rng = random.Random(27)
     try:
         for kill in ("trainer", "trainer", "trainer", "daemon", "daemon"):
-            p = subprocess.Popen([PYTHON, LORA, str(run), "30", "--step-sleep", "0.02", "--socket", d.socket],
-                                 env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            p = subprocess.Popen(
+                [PYTHON, LORA, str(run), "30", "--step-sleep", "0.02", "--socket", d.socket],
+                env=project_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             wait_until(lambda: len(scan(str(run), "lora")) >= 2 or p.poll() is not None, 60, "saves")
             time.sleep(rng.uniform(0.0, 0.3))
             if kill == "trainer":
@@ -223,12 +251,18 @@ def test_sigkill_of_trainer_and_daemon_during_saves_that_refer_to_shared_bytes(t
                 d = DaemonProc(tmp_path / "d").start()
             p.wait(60) if kill == "trainer" else _finish(p)
             found = scan(str(run), "lora")
-            assert found and all(verify_file(c.path).ok for c in found), [(c.path, verify_file(c.path).reason)
-                                                                           for c in found]
+            assert found and all(verify_file(c.path).ok for c in found), [
+                (c.path, verify_file(c.path).reason) for c in found
+            ]
             holders = {h for c in found for h in c.refs}
             assert all((run / h).exists() for h in holders)
-        final = subprocess.run([PYTHON, LORA, str(run), "30", "--socket", d.socket], env=project_env(),
-                               capture_output=True, text=True, timeout=300)
+        final = subprocess.run(
+            [PYTHON, LORA, str(run), "30", "--socket", d.socket],
+            env=project_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert final.returncode == 0, final.stderr[-2000:]
         assert final.stdout.split()[1] == straight.stdout.split()[1], (final.stdout, straight.stdout)
     finally:

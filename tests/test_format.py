@@ -25,7 +25,10 @@ def roundtrip(state: dict, tmp_path: Path) -> dict:
 def assert_same(a: object, b: object) -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a.view(torch.uint8) if a.numel() and a.dtype.itemsize == 1 else a, b.view(torch.uint8) if b.numel() and b.dtype.itemsize == 1 else b)
+        assert torch.equal(
+            a.view(torch.uint8) if a.numel() and a.dtype.itemsize == 1 else a,
+            b.view(torch.uint8) if b.numel() and b.dtype.itemsize == 1 else b,
+        )
     elif isinstance(a, np.ndarray):
         assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
     elif isinstance(a, dict):
@@ -40,9 +43,24 @@ def assert_same(a: object, b: object) -> None:
         assert a == b or (a != a and b != b), (a, b)
 
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-          torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.uint16, torch.uint32,
-          torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2]
+DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
 
 
 def test_every_dtype_round_trips_bit_exact(tmp_path: Path) -> None:
@@ -59,8 +77,15 @@ def test_every_dtype_round_trips_bit_exact(tmp_path: Path) -> None:
 
 def test_empty_scalar_and_non_contiguous_tensors(tmp_path: Path) -> None:
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    state = {"extra": {"empty": torch.empty(0, 3), "scalar": torch.tensor(2.5), "t": base.t(),
-                       "strided": base[:, ::2], "int_keys": {3: torch.ones(2), 7: "x"}}}
+    state = {
+        "extra": {
+            "empty": torch.empty(0, 3),
+            "scalar": torch.tensor(2.5),
+            "t": base.t(),
+            "strided": base[:, ::2],
+            "int_keys": {3: torch.ones(2), 7: "x"},
+        }
+    }
     back = roundtrip(state, tmp_path)["extra"]
     assert back["empty"].shape == (0, 3)
     assert back["scalar"].item() == 2.5 and back["scalar"].dim() == 0
@@ -87,8 +112,11 @@ def test_optimizer_scheduler_and_rng_round_trip(tmp_path: Path, opt_name: str) -
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.01}]
-    opt = (torch.optim.AdamW(groups, betas=(0.8, 0.9)) if opt_name == "adamw"
-           else torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True))
+    opt = (
+        torch.optim.AdamW(groups, betas=(0.8, 0.9))
+        if opt_name == "adamw"
+        else torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     for _ in range(3):
         model(torch.randn(5, 4)).sum().backward()
@@ -112,4 +140,3 @@ def test_files_are_plain_safetensors(tmp_path: Path) -> None:
     path = save_state(capture(model), tmp_path)
     plain = load_file(path)
     assert torch.equal(plain["model/weight"], model.weight.detach())
-

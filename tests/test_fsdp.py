@@ -42,10 +42,8 @@ LOADER = str(ROOT / "tests" / "scripts" / "dcp_load_unit.py")
 JOB = "fsdp-demo"
 
 
-
 def torchrun(n: int, directory: Path, *extra: str) -> list[str]:
-    return [TORCHRUN, f"--nproc_per_node={n}", f"--master_port={free_port()}", SCRIPT, "--dir", str(directory),
-            *extra]
+    return [TORCHRUN, f"--nproc_per_node={n}", f"--master_port={free_port()}", SCRIPT, "--dir", str(directory), *extra]
 
 
 def printed(out: str, what: str) -> set[str]:
@@ -63,8 +61,10 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     daemon = DaemonProc(base, extra_config=f'remote_allow = ["{remote}"]\n').start()
     try:
         d = daemon.root / "ckpt"
-        out = run(torchrun(4, d, "--steps", "20", "--every", "10"),
-                  {**ENV, "CKPTD_SOCKET": daemon.socket, "CKPTD_REMOTE": remote})
+        out = run(
+            torchrun(4, d, "--steps", "20", "--every", "10"),
+            {**ENV, "CKPTD_SOCKET": daemon.socket, "CKPTD_REMOTE": remote},
+        )
         status = {j["job"]: j for j in json.loads(ckptd_cli("status", "--json", "--socket", daemon.socket).stdout)}
         assert status[JOB]["world_size"] == 4 and status[JOB]["checkpoints"] == 2, status
         assert daemon.metric("ckptd_saves_total", training_job=JOB, trigger="final", outcome="ok") == 1
@@ -95,7 +95,8 @@ def test_each_rank_writes_its_chunks_and_a_replicated_tensor_once(four_ranks: tu
 
 @pytest.mark.slow
 def test_a_unit_reshards_4_to_2_to_4_and_to_1_with_the_same_gathered_state(
-        four_ranks: tuple[Path, str], tmp_path: Path) -> None:
+    four_ranks: tuple[Path, str], tmp_path: Path
+) -> None:
     d, out = four_ranks
     (saved,) = printed(out, "FINGERPRINT")
     two = tmp_path / "two"
@@ -147,8 +148,9 @@ def test_dcp_load_opens_a_unit_in_a_script_that_does_not_import_ckptd(four_ranks
 
 
 @pytest.mark.slow
-def test_ckptd_export_consolidates_a_unit_of_four_ranks_into_the_model(four_ranks: tuple[Path, str],
-                                                                         tmp_path: Path) -> None:
+def test_ckptd_export_consolidates_a_unit_of_four_ranks_into_the_model(
+    four_ranks: tuple[Path, str], tmp_path: Path
+) -> None:
     """``ckptd export`` of a unit that four FSDP2 ranks wrote: one ``model.safetensors`` of whole
     tensors under the model's own keys, the same model the training run and ``dcp.load`` saw."""
     import hashlib
@@ -172,15 +174,34 @@ def test_ckptd_export_consolidates_a_unit_of_four_ranks_into_the_model(four_rank
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks,victim", [(2, 1), (4, 3)])
 def test_a_rank_killed_mid_save_commits_nothing_and_resume_is_bit_exact(
-        tmp_path: Path, ranks: int, victim: int) -> None:
+    tmp_path: Path, ranks: int, victim: int
+) -> None:
     straight = run(torchrun(ranks, tmp_path / "a", "--steps", "25", "--every", "5"))
     b = tmp_path / "b"
-    kill_mid_write(torchrun(ranks, b, "--steps", "25", "--every", "5", "--step-sleep", "0.05",
-                            "--ballast-rank", str(victim), "--ballast-mib", "128"),
-                   ENV, b, ranks, victim, tmp_path / "run.log", job=JOB)
+    kill_mid_write(
+        torchrun(
+            ranks,
+            b,
+            "--steps",
+            "25",
+            "--every",
+            "5",
+            "--step-sleep",
+            "0.05",
+            "--ballast-rank",
+            str(victim),
+            "--ballast-mib",
+            "128",
+        ),
+        ENV,
+        b,
+        ranks,
+        victim,
+        tmp_path / "run.log",
+        job=JOB,
+    )
     assert not (unit(b, 15, JOB) / mf.MANIFEST).exists()
-    out = run(torchrun(ranks, b, "--steps", "25", "--every", "5", "--ballast-rank", str(victim),
-                       "--ballast-mib", "1"))
+    out = run(torchrun(ranks, b, "--steps", "25", "--every", "5", "--ballast-rank", str(victim), "--ballast-mib", "1"))
     assert set(re.findall(r"starting at step (\d+)", out)) == {"10"}, out
     assert printed(out, "FINGERPRINT") == printed(straight, "FINGERPRINT")
     assert [c.step for c in scan(str(b), JOB) if not c.pending] == [5, 10, 15, 20, 25]
@@ -201,9 +222,11 @@ def test_ckptd_verify_accepts_a_checkpoint_written_by_dcp_save(tmp_path: Path) -
 
 # -- the remote tier: a unit goes as a directory of objects, committed last ---------------------
 
+
 @pytest.mark.slow
 def test_a_unit_replicates_verifies_and_fetches_and_a_flipped_byte_is_never_fetched(
-        four_ranks: tuple[Path, str], store: Store, tmp_path: Path) -> None:
+    four_ranks: tuple[Path, str], store: Store, tmp_path: Path
+) -> None:
     d, _ = four_ranks
     for step in (10, 20):
         c = replicate(store, JOB, str(unit(d, step, JOB)))
@@ -235,8 +258,13 @@ def test_a_new_host_resumes_a_sharded_run_from_the_remote_tier_on_another_rank_c
         pre = job_prefix(JOB, os.path.realpath(tmp_path / "host1"), os.getuid())
         assert [(c.step, len(c.shards)) for c in committed(store, pre)] == [(10, 2), (20, 2)]
         shutil.rmtree(tmp_path / "host1")  # a new host: the same job (uid, directory path), four ranks
-        r = subprocess.run(torchrun(4, tmp_path / "host1", "--steps", "20", "--every", "10"), env=env,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            torchrun(4, tmp_path / "host1", "--steps", "20", "--every", "10"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-4000:]
         assert re.findall(r"starting at step (\d+)", r.stdout) == ["20"] * 4
         assert printed(r.stdout, "RESUMED") == {saved}  # host2 started empty: the state came from the remote

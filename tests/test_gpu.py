@@ -78,8 +78,14 @@ def test_the_test_model_shadows_no_module_method() -> None:
     assert not shadowed, f"submodules named like nn.Module methods: {shadowed}"
 
 
-def train(model: Net, opt: torch.optim.Optimizer, steps: int, device: str, ckpt: Checkpointer | None = None,
-          after_save: list[dict[str, torch.Tensor]] | None = None) -> None:
+def train(
+    model: Net,
+    opt: torch.optim.Optimizer,
+    steps: int,
+    device: str,
+    ckpt: Checkpointer | None = None,
+    after_save: list[dict[str, torch.Tensor]] | None = None,
+) -> None:
     g = torch.Generator(device=device).manual_seed(1)
     for _ in range(steps):
         x = torch.randint(0, 64, (8, 4), device=device, generator=g)
@@ -101,8 +107,16 @@ def run(directory: Path, socket: str | bool, device: str) -> tuple[list[dict[str
     torch.manual_seed(0)
     model = Net().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ckpt = Checkpointer("gpu", directory, model=model, optimizer=opt, every_steps=5, keep_last=2,
-                        socket=socket, extra={"view": torch.arange(12.0, device=device).view(3, 4).t()})
+    ckpt = Checkpointer(
+        "gpu",
+        directory,
+        model=model,
+        optimizer=opt,
+        every_steps=5,
+        keep_last=2,
+        socket=socket,
+        extra={"view": torch.arange(12.0, device=device).view(3, 4).t()},
+    )
     at_save: list[dict[str, torch.Tensor]] = []
     try:
         train(model, opt, 10, device, ckpt, at_save)
@@ -127,8 +141,7 @@ def check_saved(directory: Path, at_save: list[dict[str, torch.Tensor]]) -> None
                     assert torch.equal(f.get_tensor(name), v), f"{c.path}: {k} is not the state of step {c.step}"
 
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=[cuda, pytest.mark.cuda])]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[cuda, pytest.mark.cuda])]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -150,8 +163,12 @@ def test_state_is_captured_at_its_step_and_resumes_on_its_device(tmp_path: Path,
     for k, v in model.state_dict().items():
         assert v.device.type == device and torch.equal(v.cpu(), at_save[-1][k]), k
     assert model.head.weight.data_ptr() == model.embed.weight.data_ptr()  # still tied
-    assert all(t.device.type == device for s in opt.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor) and t.dim())
+    assert all(
+        t.device.type == device
+        for s in opt.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.dim()
+    )
     assert torch.equal(extra["view"].cpu(), torch.arange(12.0).view(3, 4).t())  # a non-contiguous view
 
 
@@ -187,8 +204,17 @@ def test_an_overlapped_cuda_snapshot_is_the_state_of_its_step(tmp_path: Path) ->
     torch.manual_seed(0)
     model = Net().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ckpt = Checkpointer("gpu", tmp_path, model=model, optimizer=opt, every_steps=5, keep_last=2, socket=False,
-                        snapshot="overlap", quiet=True)
+    ckpt = Checkpointer(
+        "gpu",
+        tmp_path,
+        model=model,
+        optimizer=opt,
+        every_steps=5,
+        keep_last=2,
+        socket=False,
+        snapshot="overlap",
+        quiet=True,
+    )
     g = torch.Generator(device="cuda").manual_seed(1)
     at_save: list[dict[str, torch.Tensor]] = []
     try:
@@ -227,9 +253,23 @@ def test_deepspeed_fp16_loss_scaler_resumes_exactly(tmp_path: Path) -> None:
     env = project_env(DS_ACCELERATOR="cuda", CKPTD_SOCKET="/nonexistent/ckptd.sock")
 
     def run_ds(directory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-        cmd = [str(Path(PYTHON).parent / "torchrun"), "--nproc_per_node=1", f"--master_port={free_port()}",
-               str(ROOT / "tests" / "scripts" / "ds_variant_train.py"), "--dir", str(directory), "--stage", "2",
-               "--dtype", "fp16", "--steps", "12", "--every", "4", *extra]
+        cmd = [
+            str(Path(PYTHON).parent / "torchrun"),
+            "--nproc_per_node=1",
+            f"--master_port={free_port()}",
+            str(ROOT / "tests" / "scripts" / "ds_variant_train.py"),
+            "--dir",
+            str(directory),
+            "--stage",
+            "2",
+            "--dtype",
+            "fp16",
+            "--steps",
+            "12",
+            "--every",
+            "4",
+            *extra,
+        ]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
     straight = run_ds(tmp_path / "straight")

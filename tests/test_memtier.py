@@ -25,8 +25,21 @@ LORA = str(ROOT / "tests" / "scripts" / "lora_train.py")
 def save(c: Client, job: str, step: int, nbytes: int) -> dict:  # type: ignore[type-arg]
     fd, length = snapshot(job, step, {"w": struct.pack("<f", step) * (nbytes // 4)})
     try:
-        assert c.ask({"type": "save", "id": step, "step": step, "trigger": "step", "rule": "r",
-                      "filename": f"{job}-step{step:08d}.safetensors", "length": length}, fd=fd)["type"] == "accepted"
+        assert (
+            c.ask(
+                {
+                    "type": "save",
+                    "id": step,
+                    "step": step,
+                    "trigger": "step",
+                    "rule": "r",
+                    "filename": f"{job}-step{step:08d}.safetensors",
+                    "length": length,
+                },
+                fd=fd,
+            )["type"]
+            == "accepted"
+        )
         return c.recv()
     finally:
         os.close(fd)
@@ -66,8 +79,12 @@ def test_a_crashed_trainer_resumes_from_the_daemons_memory(tmp_path: Path) -> No
     d = DaemonProc(tmp_path / "d").start()
     run = d.root / "lora"
     try:
-        p = subprocess.Popen([PYTHON, LORA, str(run), "1000", "--step-sleep", "0.05", "--socket", d.socket],
-                             env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [PYTHON, LORA, str(run), "1000", "--step-sleep", "0.05", "--socket", d.socket],
+            env=project_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(lambda: len(scan(str(run), "lora")) >= 3, 60, "three saves")
         p.send_signal(signal.SIGKILL)
         p.wait(60)
@@ -80,8 +97,9 @@ def test_a_crashed_trainer_resumes_from_the_daemons_memory(tmp_path: Path) -> No
         from tests.scripts.lora_train import build
 
         model, opt = build(seed=5)
-        r = subprocess.run([PYTHON, "-c", RESUME, str(run), d.socket], env=project_env(), capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [PYTHON, "-c", RESUME, str(run), d.socket], env=project_env(), capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert f"resumed at step {newest.step} from {newest.path} (verified, from memory)" in r.stderr, r.stderr
         got = torch.load(r.stdout.strip(), weights_only=True)
@@ -151,16 +169,28 @@ def test_every_memory_saves_to_the_memory_tier_only_and_a_crash_resumes_there(tm
     d = DaemonProc(tmp_path / "d").start()
     run = d.root / "often"
     try:
-        p = subprocess.Popen([PYTHON, "-c", MEMORY_TRAIN, str(run), d.socket], env=project_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: d.metric("ckptd_saves_total", training_job="often", trigger="memory", outcome="ok") >= 3,
-                   60, "three memory saves")
+        p = subprocess.Popen(
+            [PYTHON, "-c", MEMORY_TRAIN, str(run), d.socket],
+            env=project_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(
+            lambda: d.metric("ckptd_saves_total", training_job="often", trigger="memory", outcome="ok") >= 3,
+            60,
+            "three memory saves",
+        )
         p.send_signal(signal.SIGKILL)
         p.wait(60)
         assert scan(str(run), "often") == []  # every_steps=1000 never came: nothing on disk
         assert d.metric("ckptd_unsaved_steps", training_job="often") > 0  # memory is not a saved step
-        r = subprocess.run([PYTHON, "-c", MEMORY_TRAIN.replace("range(start, 100000)", "range(0)"), str(run),
-                            d.socket], env=project_env(), capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [PYTHON, "-c", MEMORY_TRAIN.replace("range(start, 100000)", "range(0)"), str(run), d.socket],
+            env=project_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         start, first, last = r.stdout.split("START")[1].split()[:3]
         assert float(first) == float(last) == int(start), r.stdout  # the weights are the state of that step
@@ -192,14 +222,22 @@ def test_every_auto_plans_memory_saves_when_the_disk_is_slow(tmp_path: Path, fsy
     save cannot come as often as a 5 s MTBF calls for; the daemon plans memory-only saves in
     between, asks the trainer for them, and says so in status and metrics. A SIGKILL then
     resumes from memory at a step past the newest file."""
-    d = DaemonProc(tmp_path / "d", env={"LD_PRELOAD": fsync_shim, "SLOW_SHIM_MATCH": "/tiered/",
-                                        "SLOW_SHIM_MS": "2000"}).start()
+    d = DaemonProc(
+        tmp_path / "d", env={"LD_PRELOAD": fsync_shim, "SLOW_SHIM_MATCH": "/tiered/", "SLOW_SHIM_MS": "2000"}
+    ).start()
     run = d.root / "tiered"
     try:
-        p = subprocess.Popen([PYTHON, "-c", TIERED_TRAIN, str(run), d.socket], env=project_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: d.metric("ckptd_saves_total", training_job="tiered", trigger="memory", outcome="ok") >= 3,
-                   90, "three memory-only saves asked by the daemon")
+        p = subprocess.Popen(
+            [PYTHON, "-c", TIERED_TRAIN, str(run), d.socket],
+            env=project_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(
+            lambda: d.metric("ckptd_saves_total", training_job="tiered", trigger="memory", outcome="ok") >= 3,
+            90,
+            "three memory-only saves asked by the daemon",
+        )
         memory = d.metric("ckptd_auto_memory_interval_seconds", training_job="tiered")
         disk = d.metric("ckptd_auto_interval_seconds", training_job="tiered")
         assert 0 < memory < disk, (memory, disk)
@@ -213,8 +251,13 @@ def test_every_auto_plans_memory_saves_when_the_disk_is_slow(tmp_path: Path, fsy
         on_disk = max((c.step for c in scan(str(run), "tiered")), default=0)
         held = json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)[0]["memory_bytes"]
         assert held > 4 << 20
-        r = subprocess.run([PYTHON, "-c", TIERED_TRAIN.replace("range(start, 100000)", "range(0)"), str(run),
-                            d.socket], env=project_env(), capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [PYTHON, "-c", TIERED_TRAIN.replace("range(start, 100000)", "range(0)"), str(run), d.socket],
+            env=project_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         start, first, last = r.stdout.split("START")[1].split()[:3]
         assert float(first) == float(last) == int(start) >= on_disk, (r.stdout, on_disk)
@@ -244,22 +287,30 @@ print("STATS", ckpt.stats["verified"], ckpt.stats["failed"], ckpt.stats["memory"
 
 
 @pytest.mark.slow
-def test_memory_saves_run_beside_a_slow_disk_save_and_a_dead_daemon_hands_it_back(tmp_path: Path,
-                                                                                   fsync_shim: str) -> None:
+def test_memory_saves_run_beside_a_slow_disk_save_and_a_dead_daemon_hands_it_back(
+    tmp_path: Path, fsync_shim: str
+) -> None:
     """Memory-only saves have a buffer of their own: they go on while the first disk save is still
     being written (its fsync takes 4 s), and when the daemon is killed with that disk save in
     flight, the trainer still has it whole in its own buffer and persists it itself; no file is
     ever written for a memory-only save."""
-    d = DaemonProc(tmp_path / "d", env={"LD_PRELOAD": fsync_shim, "SLOW_SHIM_MATCH": "/handback/",
-                                        "SLOW_SHIM_MS": "4000"}).start()
+    d = DaemonProc(
+        tmp_path / "d", env={"LD_PRELOAD": fsync_shim, "SLOW_SHIM_MATCH": "/handback/", "SLOW_SHIM_MS": "4000"}
+    ).start()
     run = d.root / "handback"
-    p = subprocess.Popen([PYTHON, "-c", HANDBACK_TRAIN, str(run), d.socket], env=project_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [PYTHON, "-c", HANDBACK_TRAIN, str(run), d.socket],
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "HANDED"
 
         def memory() -> float:
             return d.metric("ckptd_saves_total", training_job="handback", trigger="memory", outcome="ok")
+
         before = memory()
         wait_until(lambda: memory() >= before + 3, 60, "memory saves beside the disk save in flight")
         assert d.metric("ckptd_saves_total", training_job="handback", trigger="step", outcome="ok") == 0

@@ -21,25 +21,43 @@ from tests.wire_client import Client, snapshot
 
 
 def hello(c: Client, job: str, directory: str, **settings: object) -> dict:  # type: ignore[type-arg]
-    return c.ask({"type": "hello", "job": job, "directory": directory, "settings": settings, "pid": os.getpid(),
-                  "step": 0})
+    return c.ask(
+        {"type": "hello", "job": job, "directory": directory, "settings": settings, "pid": os.getpid(), "step": 0}
+    )
 
 
 def save(c: Client, job: str, step: int, claimed: str | None = None) -> dict:  # type: ignore[type-arg]
     """A save of ``job``'s state at ``step``, under the file name of ``claimed`` (default: ``job``)."""
     fd, length = snapshot(job, step, {"w": struct.pack("<4f", step, 2, 3, 4)})
     try:
-        assert c.ask({"type": "save", "id": step, "step": step, "trigger": "step", "rule": "r",
-                      "filename": f"{claimed or job}-step{step:08d}.safetensors", "length": length},
-                     fd=fd)["type"] == "accepted"
+        assert (
+            c.ask(
+                {
+                    "type": "save",
+                    "id": step,
+                    "step": step,
+                    "trigger": "step",
+                    "rule": "r",
+                    "filename": f"{claimed or job}-step{step:08d}.safetensors",
+                    "length": length,
+                },
+                fd=fd,
+            )["type"]
+            == "accepted"
+        )
         return c.recv()
     finally:
         os.close(fd)
 
 
 def serve(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "ckptd.cli", "serve", "--config", str(config), *extra], capture_output=True,
-                          text=True, timeout=60, env=project_env())
+    return subprocess.run(
+        [PYTHON, "-m", "ckptd.cli", "serve", "--config", str(config), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=project_env(),
+    )
 
 
 def test_a_second_daemon_on_the_same_socket_or_state_dir_refuses_and_leaves_the_first_serving(tmp_path: Path) -> None:
@@ -64,8 +82,10 @@ def test_serve_check_validates_a_config_without_starting(tmp_path: Path) -> None
     root = tmp_path / "roots"
     root.mkdir()
     good = tmp_path / "good.toml"
-    good.write_text(f'[daemon]\nsocket = "{tmp_path}/run/s.sock"\nstate_dir = "{tmp_path}/state"\nroots = ["{root}"]\n'
-                    '[defaults]\nkeep_last = 3\n')
+    good.write_text(
+        f'[daemon]\nsocket = "{tmp_path}/run/s.sock"\nstate_dir = "{tmp_path}/state"\nroots = ["{root}"]\n'
+        "[defaults]\nkeep_last = 3\n"
+    )
     r = serve(good, "--check")
     assert r.returncode == 0 and "valid" in r.stdout, r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "state").exists(), "--check bound or wrote something"
@@ -120,8 +140,11 @@ def test_under_journald_each_line_carries_its_priority(tmp_path: Path) -> None:
         d.config.write_text("this is not toml [")
         os.kill(d.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
         seen: list[dict[str, str]] = []
-        wait_until(lambda: _received(sink, seen) and any(f.get("PRIORITY") == "3" for f in seen), 30,
-                   "an error record at priority 3")
+        wait_until(
+            lambda: _received(sink, seen) and any(f.get("PRIORITY") == "3" for f in seen),
+            30,
+            "an error record at priority 3",
+        )
         error = next(f for f in seen if f.get("PRIORITY") == "3")
         assert "reload refused" in error["MESSAGE"] and error["SYSLOG_IDENTIFIER"] == "ckptd"
         assert any(f.get("PRIORITY") == "6" and "ckptd serving" in f["MESSAGE"] for f in seen)
@@ -151,10 +174,15 @@ def test_status_says_state_last_error_and_counts_that_survive_a_restart(tmp_path
         with Client(d.socket) as c:
             assert hello(c, "job", str(run), every_steps=1, max_bytes="1GiB")["type"] == "welcome"
             assert save(c, "job", 1)["ok"] is True
-            assert save(c, "other", 2, claimed="job")["ok"] is False  # a snapshot of another job: refused, a failed save
+            assert (
+                save(c, "other", 2, claimed="job")["ok"] is False
+            )  # a snapshot of another job: refused, a failed save
             protocol.send(c.sock, {"type": "heartbeat", "step": 5})  # steps 3 and 4 were due and went by
-        wait_until(lambda: "went away" in d.log.read_text() or "ended its run" in d.log.read_text()
-                   or not _connected(d), 30, "the daemon to see the trainer go")
+        wait_until(
+            lambda: "went away" in d.log.read_text() or "ended its run" in d.log.read_text() or not _connected(d),
+            30,
+            "the daemon to see the trainer go",
+        )
         d.stop()
         d.start()
         r = ckptd_cli("status", "--json", "--socket", d.socket)

@@ -41,13 +41,19 @@ def assert_one_step(path: str) -> int:
     step = state["trainer"]["step"]
     w, m = at_step(step)
     weights, momentum = state["model"]["0"], state["optimizer"]["state"][0]["momentum_buffer"]
-    assert torch.all(weights == w) and torch.all(momentum == m), \
+    assert torch.all(weights == w) and torch.all(momentum == m), (
         f"{path}: step {step} mixed with another ({weights.unique()[:4].tolist()}, {momentum.unique()[:4].tolist()})"
+    )
     return int(step)
 
 
-def train(model: torch.nn.Module, opt: torch.optim.Optimizer, ckpt: Checkpointer, steps: int,
-          at_save: dict[int, dict[str, torch.Tensor]]) -> None:
+def train(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ckpt: Checkpointer,
+    steps: int,
+    at_save: dict[int, dict[str, torch.Tensor]],
+) -> None:
     for _ in range(steps):
         model(torch.randn(32, 256)).pow(2).mean().backward()
         opt.step()
@@ -56,8 +62,9 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, ckpt: Checkpointer
         ckpt.step()
         if ckpt.stats["saves"] > saves:
             at_save[ckpt.step_count] = {k: v.clone() for k, v in model.state_dict().items()}
-            at_save[ckpt.step_count].update({f"opt/{i}/{k}": v.clone() for i, s in opt.state_dict()["state"].items()
-                                             for k, v in s.items()})
+            at_save[ckpt.step_count].update(
+                {f"opt/{i}/{k}": v.clone() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+            )
 
 
 @pytest.mark.parametrize("through", ["embedded", "daemon"])
@@ -71,8 +78,17 @@ def test_the_checkpoint_holds_the_state_of_its_step_though_training_went_on(tmp_
         model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.BatchNorm1d(256), torch.nn.Linear(256, 256))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         directory = (d.root if d else tmp_path) / "ov"
-        ckpt = Checkpointer("ov", directory, model=model, optimizer=opt, every_steps=3, snapshot="overlap",
-                            keep_last=10, socket=d.socket if d else False, quiet=True)
+        ckpt = Checkpointer(
+            "ov",
+            directory,
+            model=model,
+            optimizer=opt,
+            every_steps=3,
+            snapshot="overlap",
+            keep_last=10,
+            socket=d.socket if d else False,
+            quiet=True,
+        )
         at_save: dict[int, dict[str, torch.Tensor]] = {}
         train(model, opt, ckpt, 12, at_save)
         assert ckpt.mode == through
@@ -81,8 +97,10 @@ def test_the_checkpoint_holds_the_state_of_its_step_though_training_went_on(tmp_
         assert [c.step for c in saved] == [3, 6, 9, 12] and all(verify_file(c.path).ok for c in saved)
         for c in saved:
             state = load(c.path)
-            got = {**state["model"], **{f"opt/{i}/{k}": v for i, s in state["optimizer"]["state"].items()
-                                        for k, v in s.items()}}
+            got = {
+                **state["model"],
+                **{f"opt/{i}/{k}": v for i, s in state["optimizer"]["state"].items() for k, v in s.items()},
+            }
             assert got.keys() == at_save[c.step].keys()
             assert all(torch.equal(got[k], v) for k, v in at_save[c.step].items()), c.path
     finally:
@@ -97,8 +115,18 @@ def test_what_the_next_forward_may_write_is_held_at_the_saving_step(tmp_path: Pa
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     extra = {"ema": torch.zeros(64), "seen": [0], "note": "a"}
-    ckpt = Checkpointer("held", tmp_path, model=model, optimizer=opt, extra=extra, every_steps=2,
-                        snapshot="overlap", keep_last=10, socket=False, quiet=True)
+    ckpt = Checkpointer(
+        "held",
+        tmp_path,
+        model=model,
+        optimizer=opt,
+        extra=extra,
+        every_steps=2,
+        snapshot="overlap",
+        keep_last=10,
+        socket=False,
+        quiet=True,
+    )
     metrics = {"loss": 0.0}
     expected: dict[int, tuple[float, list[int], str, torch.Tensor]] = {}
     for i in range(1, 7):
@@ -132,8 +160,17 @@ def test_every_auto_weighs_what_an_overlapped_copy_costs_not_only_the_stall(tmp_
     try:
         model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(4)])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # 48 MiB with its moments
-        ckpt = Checkpointer("cost", d.root / "cost", model=model, optimizer=opt, every_steps=1, snapshot="overlap",
-                            keep_last=2, socket=d.socket, quiet=True)
+        ckpt = Checkpointer(
+            "cost",
+            d.root / "cost",
+            model=model,
+            optimizer=opt,
+            every_steps=1,
+            snapshot="overlap",
+            keep_last=2,
+            socket=d.socket,
+            quiet=True,
+        )
         for _ in range(6):
             model(torch.randn(8, 1024)).sum().backward()
             opt.step()
@@ -174,11 +211,18 @@ def test_trainer_killed_at_random_moments_of_overlapped_saves(tmp_path: Path) ->
     seen = 0
     try:
         for _ in range(KILLS):
-            p = subprocess.Popen([PYTHON, TRAIN, str(run), "100000", "--socket", d.socket, "--mib", "8"],
-                                 env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            p = subprocess.Popen(
+                [PYTHON, TRAIN, str(run), "100000", "--socket", d.socket, "--mib", "8"],
+                env=project_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             before = max((c.step for c in scan(str(run), "ov")), default=0)
-            wait_until(lambda: max((c.step for c in scan(str(run), "ov")), default=0) > before
-                       or p.poll() is not None, 120, "a save")
+            wait_until(
+                lambda: max((c.step for c in scan(str(run), "ov")), default=0) > before or p.poll() is not None,
+                120,
+                "a save",
+            )
             time.sleep(rng.uniform(0.0, 0.4))
             p.send_signal(signal.SIGKILL)
             p.wait(60)
@@ -192,4 +236,3 @@ def test_trainer_killed_at_random_moments_of_overlapped_saves(tmp_path: Path) ->
     finally:
         d.stop()
     assert seen >= KILLS
-

@@ -29,14 +29,21 @@ def test_cli_plan_json_and_warnings() -> None:
 
 
 def test_cli_plan_honours_ckptd_variables_and_says_a_typo() -> None:
-    r = run_py("-m", "ckptd.cli", "plan", "--total-steps", "100",
-               env={"CKPTD_EVERY_STEPS": "40", "CKPTD_EVRY": "7", "CKPTD_KEEP_LAST": "2"})
+    r = run_py(
+        "-m",
+        "ckptd.cli",
+        "plan",
+        "--total-steps",
+        "100",
+        env={"CKPTD_EVERY_STEPS": "40", "CKPTD_EVRY": "7", "CKPTD_KEEP_LAST": "2"},
+    )
     assert r.returncode == 0, r.stderr
     assert "step         40  step   (every_steps)  deleted" in r.stdout
     assert "step         80  step   (every_steps)  kept: keep_last" in r.stdout
     assert "CKPTD_EVRY is not a ckptd setting (did you mean CKPTD_EVERY?)" in r.stderr
-    over = run_py("-m", "ckptd.cli", "plan", "--total-steps", "100", "--every-steps", "50",
-                  env={"CKPTD_EVERY_STEPS": "40"})
+    over = run_py(
+        "-m", "ckptd.cli", "plan", "--total-steps", "100", "--every-steps", "50", env={"CKPTD_EVERY_STEPS": "40"}
+    )
     assert "step         50  step" in over.stdout  # options over variables, as in the hook
     bad = run_py("-m", "ckptd.cli", "plan", "--total-steps", "100", env={"CKPTD_EVERY_STEPS": "often"})
     assert bad.returncode == 2 and "CKPTD_EVERY_STEPS" in bad.stderr
@@ -52,8 +59,9 @@ def test_cli_plan_warns_only_about_what_is_true_with_a_time_rule() -> None:
 
 
 def test_cli_plan_epochs_and_retention_at_the_end_of_the_run() -> None:
-    r = ckptd_cli("plan", "--epochs", "2", "--steps-per-epoch", "789", "--saves-per-epoch", "2",
-                  "--keep-last", "2", "--json")
+    r = ckptd_cli(
+        "plan", "--epochs", "2", "--steps-per-epoch", "789", "--saves-per-epoch", "2", "--keep-last", "2", "--json"
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["total_steps"] == 1578
@@ -71,11 +79,18 @@ def test_the_hook_saves_on_the_same_anchored_schedule(tmp_path: Path) -> None:
     from ckptd.disk.scan import scan
     from trainer_hooks import Checkpointer
 
-    ckpt = Checkpointer("e", tmp_path, model=torch.nn.Linear(2, 2), saves_per_epoch=2, steps_per_epoch=5,
-                        total_steps=10, socket=False, quiet=True)
+    ckpt = Checkpointer(
+        "e",
+        tmp_path,
+        model=torch.nn.Linear(2, 2),
+        saves_per_epoch=2,
+        steps_per_epoch=5,
+        total_steps=10,
+        socket=False,
+        quiet=True,
+    )
     for _ in range(10):
         ckpt.step()
     ckpt.close()
     expected = plan(SavePolicy(saves_per_epoch=2, steps_per_epoch=5, total_steps=10)).steps
     assert [c.step for c in scan(str(tmp_path), "e")] == expected == [2, 5, 7, 10]
-

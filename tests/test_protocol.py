@@ -71,8 +71,17 @@ def test_specific_hostile_messages(shared_daemon: DaemonProc, tmp_path: Path) ->
         "wrong field type": frame({"type": "hello", "job": 5, "directory": "/", "settings": {}, "pid": 1, "step": 0}),
         "bool as int": frame({"type": "hello", "job": "j", "directory": "/", "settings": {}, "pid": True, "step": 0}),
         "negative step": frame({"type": "heartbeat", "step": -1}),
-        "save before hello": frame({"type": "save", "id": 1, "step": 1, "trigger": "step", "rule": "r",
-                                    "filename": "x.safetensors", "length": 10}),
+        "save before hello": frame(
+            {
+                "type": "save",
+                "id": 1,
+                "step": 1,
+                "trigger": "step",
+                "rule": "r",
+                "filename": "x.safetensors",
+                "length": 10,
+            }
+        ),
         "truncated": frame({"type": "status"})[:-2],
     }
     for name, raw in cases.items():
@@ -85,8 +94,9 @@ def test_fds_that_are_not_memfds_are_refused(shared_daemon: DaemonProc) -> None:
     run = shared_daemon.root / "fd"
     run.mkdir()
     hello = frame({"type": "hello", "job": "fdjob", "directory": str(run), "settings": {}, "pid": 1, "step": 0})
-    save = frame({"type": "save", "id": 1, "step": 1, "trigger": "step", "rule": "r", "filename": "x.safetensors",
-                  "length": 4})
+    save = frame(
+        {"type": "save", "id": 1, "step": 1, "trigger": "step", "rule": "r", "filename": "x.safetensors", "length": 4}
+    )
     regular = os.open("/etc/hostname", os.O_RDONLY)
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -117,8 +127,19 @@ def test_a_snapshot_that_lies_about_its_contents_is_refused(shared_daemon: Daemo
         s.connect(shared_daemon.socket)
         protocol.send(s, {"type": "hello", "job": "liar", "directory": str(run), "settings": {}, "pid": 1, "step": 0})
         assert protocol.recv(s)[0]["type"] == "welcome"
-        protocol.send(s, {"type": "save", "id": 7, "step": 1, "trigger": "step", "rule": "r",
-                          "filename": "liar-step1.safetensors", "length": 15}, fd=fd)
+        protocol.send(
+            s,
+            {
+                "type": "save",
+                "id": 7,
+                "step": 1,
+                "trigger": "step",
+                "rule": "r",
+                "filename": "liar-step1.safetensors",
+                "length": 15,
+            },
+            fd=fd,
+        )
         assert protocol.recv(s)[0]["type"] == "accepted"
         saved, _ = protocol.recv(s)
         assert saved["type"] == "saved" and saved["ok"] is False and saved["reason"] == "invalid_snapshot"
@@ -129,22 +150,36 @@ def test_a_snapshot_that_lies_about_its_contents_is_refused(shared_daemon: Daemo
     assert shared_daemon.metric("ckptd_save_failures_total", training_job="liar", reason="invalid_snapshot") == 1
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),
-                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
-                           max_leaves=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=12,
+)
 messages = st.one_of(
     st.binary(max_size=200),
     json_values.map(lambda v: frame(v)),
-    st.fixed_dictionaries({"type": st.sampled_from(sorted(protocol.SCHEMAS) + ["bogus"])},
-                          optional={"job": json_values, "directory": json_values, "settings": json_values,
-                                    "pid": json_values, "step": json_values, "id": json_values, "length": json_values,
-                                    "filename": json_values, "path": json_values}).map(frame),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(sorted(protocol.SCHEMAS) + ["bogus"])},
+        optional={
+            "job": json_values,
+            "directory": json_values,
+            "settings": json_values,
+            "pid": json_values,
+            "step": json_values,
+            "id": json_values,
+            "length": json_values,
+            "filename": json_values,
+            "path": json_values,
+        },
+    ).map(frame),
 )
 
 
-@settings(max_examples=100_000 if os.environ.get("CKPTD_SOAK") == "1" else 300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                    HealthCheck.too_slow])
+@settings(
+    max_examples=100_000 if os.environ.get("CKPTD_SOAK") == "1" else 300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(st.lists(messages, min_size=1, max_size=3))
 def test_fuzzed_messages_never_hurt_the_daemon(shared_daemon: DaemonProc, msgs: list[bytes]) -> None:
     replies = exchange(shared_daemon.socket, b"".join(msgs))

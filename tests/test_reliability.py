@@ -39,7 +39,9 @@ def test_scrub_finds_corruption_without_any_trainer(tmp_path: Path) -> None:
         data = bytearray(Path(victim).read_bytes())
         data[-10] ^= 0xFF
         Path(victim).write_bytes(bytes(data))
-        wait_until(lambda: d.metric("ckptd_verify_total", training_job="scrubbed", outcome="corrupt") == 1, 20, "the scrub")
+        wait_until(
+            lambda: d.metric("ckptd_verify_total", training_job="scrubbed", outcome="corrupt") == 1, 20, "the scrub"
+        )
         rows = {r["path"]: r for r in json.loads(ckptd_cli("list", "scrubbed", "--json", "--socket", d.socket).stdout)}
         assert rows[victim]["verified"] is False and "digest mismatch" in rows[victim]["problem"]
         assert sum(r["verified"] for r in rows.values()) == 2
@@ -61,8 +63,13 @@ print("stats", ckpt.stats["verified"], ckpt.stats["failed"], ckpt.last_error.rea
 @pytest.mark.slow
 def test_eio_on_fsync_fails_the_save_and_training_goes_on(tmp_path: Path, fsync_shim: str) -> None:
     run = tmp_path / "eio-target"
-    r = subprocess.run([PYTHON, "-c", EIO_TRAINER, str(run)], capture_output=True, text=True, timeout=120,
-                       env={**ENV, "LD_PRELOAD": fsync_shim, "EIO_SHIM_MATCH": "eio-target"})
+    r = subprocess.run(
+        [PYTHON, "-c", EIO_TRAINER, str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ENV, "LD_PRELOAD": fsync_shim, "EIO_SHIM_MATCH": "eio-target"},
+    )
     assert r.returncode == 0, r.stderr
     assert "stats 0 4 io_error" in r.stdout, r.stdout + r.stderr[-2000:]
     assert "Input/output error" in r.stderr
@@ -98,8 +105,9 @@ def check_invariants(run: Path, before: set[str]) -> int:
 
 
 def kill_trainer_once(run: Path, env: dict[str, str], rng: random.Random) -> None:
-    p = subprocess.Popen([PYTHON, "-c", LOOPER, str(run)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen(
+        [PYTHON, "-c", LOOPER, str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         assert p.stdout is not None and p.stdout.readline().startswith("ready")
         time.sleep(rng.uniform(0.0, 0.6))
@@ -130,8 +138,9 @@ def test_trainer_killed_at_random_moments(tmp_path: Path) -> None:
         ckpt.close(final=False)
     finally:
         d.stop()
-    report("trainer_kills", {"kills": kills, "checkpoints_verified": len(seen), "corrupt_accepted": 0,
-                             "verified_lost": 0})
+    report(
+        "trainer_kills", {"kills": kills, "checkpoints_verified": len(seen), "corrupt_accepted": 0, "verified_lost": 0}
+    )
 
 
 @pytest.mark.slow
@@ -143,8 +152,13 @@ def test_daemon_killed_at_random_moments(tmp_path: Path) -> None:
     run = d.root / "crash"
     run.mkdir()
     width = "256" if SOAK else "1024"  # 0.5 MiB in the soak: 200 kills of a run that saves every step
-    trainer = subprocess.Popen([PYTHON, "-c", LOOPER, str(run), width], env={**ENV, "CKPTD_SOCKET": d.socket},
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    trainer = subprocess.Popen(
+        [PYTHON, "-c", LOOPER, str(run), width],
+        env={**ENV, "CKPTD_SOCKET": d.socket},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     seen: set[str] = set()
     try:
         assert trainer.stdout is not None and trainer.stdout.readline().startswith("ready daemon")
@@ -166,6 +180,13 @@ def test_daemon_killed_at_random_moments(tmp_path: Path) -> None:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
         d.stop()
-    report("daemon_kills", {"kills": kills, "checkpoints_verified": len(seen), "corrupt_accepted": 0,
-                            "verified_lost": 0, "trainer_survived": True})
-
+    report(
+        "daemon_kills",
+        {
+            "kills": kills,
+            "checkpoints_verified": len(seen),
+            "corrupt_accepted": 0,
+            "verified_lost": 0,
+            "trainer_survived": True,
+        },
+    )

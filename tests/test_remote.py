@@ -84,16 +84,20 @@ def test_data_without_its_commit_object_does_not_count(store: Store, tmp_path: P
 def test_remote_retention_is_its_own(store: Store, tmp_path: Path) -> None:
     for p in checkpoints(tmp_path / "host1", (10, 20, 30, 40)):
         replicate(store, "t", p)
-    verdicts = prune_remote(store, "t", {"remote_keep_last": 1, "remote_keep_every_steps": 20, "keep_last": 4},
-                            time.time())
+    verdicts = prune_remote(
+        store, "t", {"remote_keep_last": 1, "remote_keep_every_steps": 20, "keep_last": 4}, time.time()
+    )
     assert {v.item.step: v.keep for v in verdicts} == {40: True, 30: False, 20: True, 10: False}
     assert [c.step for c in committed(store, "t")] == [20, 40]
-    assert sorted(store.list("t/")) == sorted(f"t/t-step000000{s}.safetensors{x}" for s in (20, 40) for x in ("", COMMIT))
+    assert sorted(store.list("t/")) == sorted(
+        f"t/t-step000000{s}.safetensors{x}" for s in (20, 40) for x in ("", COMMIT)
+    )
     assert len(os.listdir(tmp_path / "host1")) == 4  # local files are never touched by remote retention
 
 
 def test_s3_vouches_for_an_upload_by_its_own_checksum_and_a_file_store_does_not(
-        moto: MotoServer, tmp_path: Path) -> None:
+    moto: MotoServer, tmp_path: Path
+) -> None:
     """At upload, S3's SHA-256 of what it received stands in for reading the object back; it
     must equal the local file's (which verified tensor by tensor). A filesystem keeps none."""
     (path,) = checkpoints(tmp_path / "host1", (10,))
@@ -133,11 +137,26 @@ TOY = str(ROOT / "examples" / "train_toy.py")
 
 
 def toy(directory: Path, steps: int, env: dict[str, str], *extra: str) -> dict:  # type: ignore[type-arg]
-    r = run_py(TOY, "--dir", str(directory), "--job", "toy", "--steps", str(steps), "--every-steps", "10", *extra,
-               env={**env, "CKPTD_SOCKET": str(directory.parent / "no-daemon.sock")}, timeout=180)
+    r = run_py(
+        TOY,
+        "--dir",
+        str(directory),
+        "--job",
+        "toy",
+        "--steps",
+        str(steps),
+        "--every-steps",
+        "10",
+        *extra,
+        env={**env, "CKPTD_SOCKET": str(directory.parent / "no-daemon.sock")},
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    return {"start": int(r.stdout.split("starting at step ")[1].split()[0]), **json.loads(r.stdout.strip().splitlines()[-1]),
-            "log": r.stderr}
+    return {
+        "start": int(r.stdout.split("starting at step ")[1].split()[0]),
+        **json.loads(r.stdout.strip().splitlines()[-1]),
+        "log": r.stderr,
+    }
 
 
 @pytest.mark.slow
@@ -166,12 +185,17 @@ def test_a_new_host_resumes_from_the_remote_tier_bit_identical(store: Store, tmp
 
 
 @pytest.mark.slow
-def test_a_store_that_is_down_costs_no_local_copy_and_no_training(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_store_that_is_down_costs_no_local_copy_and_no_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.conftest import S3_ENV, free_port
 
-    env = {**S3_ENV, "CKPTD_REMOTE": "s3://ckpt/x", "CKPTD_REMOTE_ENDPOINT": f"http://127.0.0.1:{free_port()}",
-           "CKPTD_REMOTE_TIMEOUT": "3s"}
+    env = {
+        **S3_ENV,
+        "CKPTD_REMOTE": "s3://ckpt/x",
+        "CKPTD_REMOTE_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "CKPTD_REMOTE_TIMEOUT": "3s",
+    }
     run = toy(tmp_path / "host1", 30, env, "--keep-last", "1")
     assert run["stats"]["verified"] == 3 and run["stats"]["failed"] == 0  # training went on, saves verified
     assert sorted(os.listdir(tmp_path / "host1")) == [f"toy-step000000{s}.safetensors" for s in (10, 20, 30)]
@@ -181,7 +205,8 @@ def test_a_store_that_is_down_costs_no_local_copy_and_no_training(tmp_path: Path
 
 @pytest.mark.slow
 def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGKILL to the S3 server while a multipart upload is in flight; a new server on the same
     port (an empty one: moto keeps nothing). The uploader retries the checkpoint from the start;
     nothing is ever listed before it is whole and verified, and it ends committed and verified."""
@@ -194,8 +219,9 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     (tmp_path / "host1").mkdir()
-    path = save_state({"w": torch.rand(130 << 18)}, tmp_path / "host1", "big-step00000010.safetensors",
-                      job="big", step=10)  # 130 MiB: three parts of a multipart upload
+    path = save_state(
+        {"w": torch.rand(130 << 18)}, tmp_path / "host1", "big-step00000010.safetensors", job="big", step=10
+    )  # 130 MiB: three parts of a multipart upload
     server = MotoServer(tmp_path).start()
     server.client().create_bucket(Bucket="ckpt")
     store = open_store("s3://ckpt/x", server.endpoint)
@@ -203,8 +229,11 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
     uploader = Uploader(on_done=lambda u, c, rest: done.append(c))
     try:
         uploader.submit(Upload("big", path, {"remote": store.url, "remote_endpoint": server.endpoint}))
-        wait_until(lambda: server.client().list_multipart_uploads(Bucket="ckpt").get("Uploads"), 60,
-                   "a multipart upload in flight")
+        wait_until(
+            lambda: server.client().list_multipart_uploads(Bucket="ckpt").get("Uploads"),
+            60,
+            "a multipart upload in flight",
+        )
         prefix = job_prefix("big", str((tmp_path / "host1").resolve()), os.getuid())  # its owner, directory, name
         assert committed(store, prefix) == []
         server.stop()  # SIGKILL
@@ -232,8 +261,12 @@ def test_a_store_that_refuses_is_said_once_and_costs_no_training(fault: str, tmp
     server = MotoServer(tmp_path, auth).start()
     try:
         words, bucket = ("InvalidAccessKeyId", "ckpt") if auth else ("NoSuchBucket", "no-such-bucket")
-        env = {**S3_ENV, "CKPTD_REMOTE": f"s3://{bucket}/x", "CKPTD_REMOTE_ENDPOINT": server.endpoint,
-               "CKPTD_REMOTE_TIMEOUT": "3s"}
+        env = {
+            **S3_ENV,
+            "CKPTD_REMOTE": f"s3://{bucket}/x",
+            "CKPTD_REMOTE_ENDPOINT": server.endpoint,
+            "CKPTD_REMOTE_TIMEOUT": "3s",
+        }
         run = toy(tmp_path / "host1", 30, env, "--keep-last", "1")
     finally:
         server.stop()
@@ -246,8 +279,9 @@ def test_a_store_that_refuses_is_said_once_and_costs_no_training(fault: str, tmp
 
 
 @pytest.mark.slow
-def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through the daemon: the store is down while the run trains (nothing local is deleted for
     it, the lag shows), the daemon is SIGKILLed and restarted, the store comes back: every
     checkpoint is uploaded and verified, then local retention catches up."""
@@ -261,8 +295,21 @@ def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_pat
     run_dir = d.root / "toy"
     env = {"CKPTD_SOCKET": d.socket, "CKPTD_REMOTE": "s3://ckpt/fleet"}
     try:
-        r = run_py(TOY, "--dir", str(run_dir), "--job", "toy", "--steps", "30", "--every-steps", "10",
-                   "--keep-last", "1", env=env, timeout=180)
+        r = run_py(
+            TOY,
+            "--dir",
+            str(run_dir),
+            "--job",
+            "toy",
+            "--steps",
+            "30",
+            "--every-steps",
+            "10",
+            "--keep-last",
+            "1",
+            env=env,
+            timeout=180,
+        )
         assert r.returncode == 0 and "connected to the daemon" in r.stderr, r.stderr[-2000:]
         labels = {"training_job": "toy", "directory": str(run_dir)}
         wait_until(lambda: d.metric("ckptd_remote_uploads_total", outcome="failed", **labels) >= 1, 30, "a failure")
@@ -276,8 +323,9 @@ def test_the_daemon_replicates_across_its_own_restart_and_a_store_outage(tmp_pat
         wait_until(lambda: len(committed(store, pre)) == 3, 90, "the uploads after the store came back")
         wait_until(lambda: os.listdir(run_dir) == ["toy-step00000030.safetensors"], 30, "local retention")
         assert all(verify_remote(store, c).ok for c in committed(store, pre))
-        assert store.list("").keys() == {f"{pre}/toy-step000000{s}.safetensors{x}" for s in (10, 20, 30)
-                                         for x in ("", COMMIT)}  # nothing partial left behind
+        assert store.list("").keys() == {
+            f"{pre}/toy-step000000{s}.safetensors{x}" for s in (10, 20, 30) for x in ("", COMMIT)
+        }  # nothing partial left behind
         assert "remote" in d.log.read_text() and "retrying with backoff" in d.log.read_text()
     finally:
         d.stop()
@@ -305,8 +353,9 @@ def test_cli_list_verify_and_fetch_a_remote_job(store: Store, tmp_path: Path) ->
     assert not (tmp_path / "host3").exists() or os.listdir(tmp_path / "host3") == []
 
 
-def test_cli_names_a_remote_job_by_its_name_from_the_config(store: Store, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_names_a_remote_job_by_its_name_from_the_config(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``ckptd list --remote JOB`` and ``ckptd fetch JOB DIR``: the job's remote comes from where its
     trainer's would, here ``[jobs.t]`` of the config; a job without one is a usage error naming it."""
     from tests.conftest import ckptd_cli
@@ -335,16 +384,27 @@ def test_cli_lists_every_job_below_the_hooks_remote_url(store: Store, tmp_path: 
 
     endpoint = os.environ.get("CKPT_TEST_ENDPOINT") if store.url.startswith("s3://") else None
     for job in ("alpha", "beta"):
-        ckpt = Checkpointer(job, tmp_path / job, model=torch.nn.Linear(4, 4), every_steps=2, socket=False,
-                            remote=store.url, remote_endpoint=endpoint)
+        ckpt = Checkpointer(
+            job,
+            tmp_path / job,
+            model=torch.nn.Linear(4, 4),
+            every_steps=2,
+            socket=False,
+            remote=store.url,
+            remote_endpoint=endpoint,
+        )
         for _ in range(4):
             ckpt.step()
         ckpt.close()
     args = ["--endpoint", endpoint] if endpoint else []
     r = ckptd_cli("list", "--remote", store.url, "--json", *args)
     assert r.returncode == 0 and "unreadable commit object" not in r.stderr, r.stderr
-    assert sorted((c["job"], c["step"]) for c in json.loads(r.stdout)) == [("alpha", 2), ("alpha", 4),
-                                                                            ("beta", 2), ("beta", 4)]
+    assert sorted((c["job"], c["step"]) for c in json.loads(r.stdout)) == [
+        ("alpha", 2),
+        ("alpha", 4),
+        ("beta", 2),
+        ("beta", 4),
+    ]
     beta = job_prefix("beta", str((tmp_path / "beta").resolve()), os.getuid())  # its owner, its directory, its name
     one = ckptd_cli("list", "--remote", f"{store.url}/{beta}", "--json", *args)
     assert [(c["job"], c["step"]) for c in json.loads(one.stdout)] == [("beta", 2), ("beta", 4)], one.stderr
@@ -400,8 +460,18 @@ def test_a_hung_remote_never_delays_a_local_save(tmp_path: Path, monkeypatch: py
     for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
     store = HungStore()
-    ckpt = Checkpointer("hung", tmp_path, model=torch.nn.Linear(64, 64), every_steps=1, socket=False, keep_last=1,
-                        remote="s3://bucket/runs", remote_endpoint=store.url, remote_timeout=1, quiet=True)
+    ckpt = Checkpointer(
+        "hung",
+        tmp_path,
+        model=torch.nn.Linear(64, 64),
+        every_steps=1,
+        socket=False,
+        keep_last=1,
+        remote="s3://bucket/runs",
+        remote_endpoint=store.url,
+        remote_timeout=1,
+        quiet=True,
+    )
     try:
         t0 = time.monotonic()
         for _ in range(3):
@@ -416,8 +486,9 @@ def test_a_hung_remote_never_delays_a_local_save(tmp_path: Path, monkeypatch: py
         ckpt.close(final=False)
 
 
-def test_checkpoints_that_refer_to_a_frozen_base_replicate_verify_fetch_and_resume(store: Store,
-                                                                                    tmp_path: Path) -> None:
+def test_checkpoints_that_refer_to_a_frozen_base_replicate_verify_fetch_and_resume(
+    store: Store, tmp_path: Path
+) -> None:
     """Stored once locally, stored once remotely (SPEC §13 with §11): the holder is committed before
     any checkpoint that refers to it, remote retention keeps it while a kept copy refers to it,
     ``ckptd verify`` checks the references there, and a new host resumes bit for bit from the
@@ -427,8 +498,19 @@ def test_checkpoints_that_refer_to_a_frozen_base_replicate_verify_fetch_and_resu
 
     endpoint = os.environ.get("CKPT_TEST_ENDPOINT") if store.url.startswith("s3://") else None
     model, opt = build()
-    ckpt = Checkpointer("lora", tmp_path / "host1", model=model, optimizer=opt, every_steps=1, keep_last=2,
-                        remote=store.url, remote_endpoint=endpoint, remote_keep_last=1, quiet=True, socket=False)
+    ckpt = Checkpointer(
+        "lora",
+        tmp_path / "host1",
+        model=model,
+        optimizer=opt,
+        every_steps=1,
+        keep_last=2,
+        remote=store.url,
+        remote_endpoint=endpoint,
+        remote_keep_last=1,
+        quiet=True,
+        socket=False,
+    )
     for step in range(5):
         model(torch.randn(16, 512, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
         opt.step()
@@ -444,8 +526,17 @@ def test_checkpoints_that_refer_to_a_frozen_base_replicate_verify_fetch_and_resu
     assert ok.returncode == 0 and ok.stdout.count("ok      ") == 2, ok.stdout + ok.stderr
     model2, opt2 = build(seed=9)
     shutil.rmtree(tmp_path / "host1")  # a new host, the same job (user, directory)
-    host2 = Checkpointer("lora", tmp_path / "host1", model=model2, optimizer=opt2, remote=store.url,
-                         remote_endpoint=endpoint, socket=False, save_final=False, quiet=True)
+    host2 = Checkpointer(
+        "lora",
+        tmp_path / "host1",
+        model=model2,
+        optimizer=opt2,
+        remote=store.url,
+        remote_endpoint=endpoint,
+        socket=False,
+        save_final=False,
+        quiet=True,
+    )
     assert host2.resume() == 5
     host2.close(final=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in model2.state_dict().items())
@@ -457,7 +548,8 @@ def test_checkpoints_that_refer_to_a_frozen_base_replicate_verify_fetch_and_resu
 
 @pytest.mark.slow
 def test_replication_lag_counts_from_the_oldest_waiting_and_the_newest_goes_up_first(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """S3 is down while a job keeps saving: ``ckptd_remote_lag_seconds`` is the age of the oldest
     verified checkpoint not yet remote, so it grows past the outage (it was the newest's age, a
     few seconds, and the alert never fired). When S3 is back, the newest checkpoint, the one a
@@ -469,12 +561,29 @@ def test_replication_lag_counts_from_the_oldest_waiting_and_the_newest_goes_up_f
         monkeypatch.setenv(k, v)
     s3 = MotoServer(tmp_path).start()
     s3.client().create_bucket(Bucket="ckpt")
-    d = DaemonProc(tmp_path / "d", f'remote_allow = ["s3://ckpt/fleet"]\nremote_endpoint = "{s3.endpoint}"\n',
-                   env=S3_ENV).start()
+    d = DaemonProc(
+        tmp_path / "d", f'remote_allow = ["s3://ckpt/fleet"]\nremote_endpoint = "{s3.endpoint}"\n', env=S3_ENV
+    ).start()
     run = job_dir(d, None, "lag")
     down, end = tmp_path / "down", tmp_path / "end"
-    trainer = saver(d, None, "lag", run, {"remote": "s3://ckpt/fleet"}, 1, f"gate:{down}", 2, "pause:3", 3, "pause:3",
-                    4, "pause:3", 5, f"gate:{end}", wait=False)
+    trainer = saver(
+        d,
+        None,
+        "lag",
+        run,
+        {"remote": "s3://ckpt/fleet"},
+        1,
+        f"gate:{down}",
+        2,
+        "pause:3",
+        3,
+        "pause:3",
+        4,
+        "pause:3",
+        5,
+        f"gate:{end}",
+        wait=False,
+    )
     store = open_store("s3://ckpt/fleet", s3.endpoint)
     pre = job_prefix("lag", str(run), os.getuid())
     labels = {"training_job": "lag", "directory": str(run)}
@@ -491,8 +600,11 @@ def test_replication_lag_counts_from_the_oldest_waiting_and_the_newest_goes_up_f
         log_before = len(d.log.read_text())
         s3 = MotoServer(tmp_path, port=s3.port).start()
         s3.client().create_bucket(Bucket="ckpt")
+
         def order() -> list[int]:
-            return [int(m) for m in re.findall(r"lag-step(\d+)\.safetensors verified at", d.log.read_text()[log_before:])]
+            return [
+                int(m) for m in re.findall(r"lag-step(\d+)\.safetensors verified at", d.log.read_text()[log_before:])
+            ]
 
         wait_until(lambda: len(order()) == 4, 120, "the backlog")
         assert order() == [5, 4, 3, 2], d.log.read_text()[-3000:]

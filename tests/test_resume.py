@@ -36,8 +36,12 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     steps = 40
     reference = straight_run(tmp_path, steps)
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([PYTHON, TOY, "--dir", str(run_dir), "--steps", str(steps), "--every-steps", "5",
-                             "--step-sleep", "0.05"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PYTHON, TOY, "--dir", str(run_dir), "--steps", str(steps), "--every-steps", "5", "--step-sleep", "0.05"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: any(c.step >= steps // 2 for c in scan(str(run_dir), "toy")))
     finally:
@@ -92,8 +96,9 @@ def test_sigkill_mid_write_never_leaves_a_bad_final_file(tmp_path: Path) -> None
     rng = random.Random(3)
     kills, leftovers = 0, []
     while kills < 6 or (not leftovers and kills < 30):
-        proc = subprocess.Popen([PYTHON, "-c", WRITER, str(tmp_path)], env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [PYTHON, "-c", WRITER, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             time.sleep(rng.uniform(0.05, 0.8))
@@ -111,8 +116,9 @@ def test_sigkill_mid_write_never_leaves_a_bad_final_file(tmp_path: Path) -> None
     assert not [n for n in os.listdir(tmp_path) if ".ckptd-tmp." in n]
 
 
-def test_resume_says_where_it_resumed_from_on_stderr_unless_quiet(tmp_path: Path,
-                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+def test_resume_says_where_it_resumed_from_on_stderr_unless_quiet(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """At the default log level a resume printed nothing: one line now says the job, the step, the
     file, that it verified, where from and the seconds taken; ``quiet=True`` silences it."""
     first = Checkpointer("said", tmp_path, model=torch.nn.Linear(2, 2), socket=False, quiet=True)
@@ -125,8 +131,12 @@ def test_resume_says_where_it_resumed_from_on_stderr_unless_quiet(tmp_path: Path
     assert again.resume() == 3
     again.close()
     err = capfd.readouterr().err
-    assert re.search(rf"^ckptd: job said resumed at step 3 from {re.escape(str(tmp_path))}/said-step00000003"
-                     r"\.safetensors \(verified, from disk\) \[\d+\.\d\ds\]$", err, re.M), err
+    assert re.search(
+        rf"^ckptd: job said resumed at step 3 from {re.escape(str(tmp_path))}/said-step00000003"
+        r"\.safetensors \(verified, from disk\) \[\d+\.\d\ds\]$",
+        err,
+        re.M,
+    ), err
     fresh = Checkpointer("said", tmp_path / "empty", model=torch.nn.Linear(2, 2), socket=False, save_final=False)
     assert fresh.resume() == 0
     fresh.close()

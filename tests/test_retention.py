@@ -62,4 +62,3 @@ def test_training_on_a_full_tmpfs_keeps_running(tmpfs64: Path) -> None:
     assert again.resume() == 30
     again.close(final=False)
     assert torch.equal(fresh.weight, model.weight)
-

@@ -85,8 +85,11 @@ def test_watch_never_unpickles_code_from_a_dcp_metadata_file(tmp_path: Path) -> 
     d.start()
     try:
         wait_until(lambda: d.metric("ckptd_verify_total", training_job="w", outcome="unsafe") == 1, 30, "evil judged")
-        wait_until(lambda: d.metric("ckptd_verify_total", training_job="w", outcome="ok") == 1, 30,
-                   "the real DCP checkpoint to verify")
+        wait_until(
+            lambda: d.metric("ckptd_verify_total", training_job="w", outcome="ok") == 1,
+            30,
+            "the real DCP checkpoint to verify",
+        )
         assert not sentinel.exists(), "the .metadata pickle ran code in the daemon"
         assert (tree / "evil-step2" / ".metadata").exists(), "an unsafe checkpoint is kept, not deleted"
     finally:
@@ -156,8 +159,17 @@ def test_quarantine_dir_outside_the_roots_is_refused_at_hello(daemon: DaemonProc
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(daemon.socket)
-        protocol.send(s, {"type": "hello", "job": "q", "directory": str(run), "pid": 1, "step": 0,
-                          "settings": {"quarantine_dir": str(tmp_path / "elsewhere")}})
+        protocol.send(
+            s,
+            {
+                "type": "hello",
+                "job": "q",
+                "directory": str(run),
+                "pid": 1,
+                "step": 0,
+                "settings": {"quarantine_dir": str(tmp_path / "elsewhere")},
+            },
+        )
         reply = protocol.recv(s)[0]
     assert reply["type"] == "error" and "outside the daemon's roots" in reply["error"]
     assert not (tmp_path / "elsewhere").exists()
@@ -196,8 +208,7 @@ def test_running_out_of_descriptors_does_not_kill_the_socket(tmp_path: Path) -> 
         time.sleep(0.5)
         for s in idle:
             s.close()
-        wait_until(lambda: ckptd_cli("status", "--socket", d.socket).returncode == 0, 30,
-                   "the socket to answer again")
+        wait_until(lambda: ckptd_cli("status", "--socket", d.socket).returncode == 0, 30, "the socket to answer again")
         assert d.healthy()
         assert "accepting on" in d.log.read_text()
     finally:
@@ -263,7 +274,9 @@ def test_a_fifo_named_like_a_checkpoint_blocks_nothing(daemon: DaemonProc) -> No
     run.mkdir()
     os.mkfifo(run / "fifo-step00000001.safetensors")
     os.mkfifo(run / "ckptd-manifest.json")
-    r = run_py("-c", f"""
+    r = run_py(
+        "-c",
+        f"""
 from trainer_hooks import Checkpointer
 import torch
 c = Checkpointer("fifo", {str(run)!r}, model=torch.nn.Linear(2, 2), socket={daemon.socket!r}, every_steps=1,
@@ -272,7 +285,9 @@ for _ in range(3):
     c.step()
 c.close()
 print(c.mode, c.stats["verified"])
-""", timeout=60)
+""",
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == "3", r.stdout
     os.mkfifo(run / "fifo-step00000009.safetensors")  # a fresh one, for the CLI's own scan
@@ -376,12 +391,18 @@ def test_watch_keeps_its_state_outside_the_watched_tree(tmp_path: Path) -> None:
     tree.mkdir()
     r = ckptd_cli("watch", str(tmp_path / "missing"), timeout=30)
     assert r.returncode == 2 and "is not a directory" in r.stderr and not (tmp_path / "missing").exists()
-    proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "watch", str(tree), "--metrics-listen", "127.0.0.1:0"],
-                            env=project_env(XDG_STATE_HOME=str(tmp_path / "state")),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "ckptd.cli", "watch", str(tree), "--metrics-listen", "127.0.0.1:0"],
+        env=project_env(XDG_STATE_HOME=str(tmp_path / "state")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_until(lambda: bool(list((tmp_path / "state").glob("ckptd/watch-*/catalog.sqlite"))), 30,
-                   "the catalogue in the user's own state directory")
+        wait_until(
+            lambda: bool(list((tmp_path / "state").glob("ckptd/watch-*/catalog.sqlite"))),
+            30,
+            "the catalogue in the user's own state directory",
+        )
         assert not (tree / ".ckptd").exists()
     finally:
         proc.terminate()
@@ -402,8 +423,12 @@ def test_bad_listen_addresses_are_config_errors(tmp_path: Path, listen: str, mes
 def test_metrics_on_ipv6_loopback(tmp_path: Path) -> None:
     d = DaemonProc(tmp_path / "d")
     d.config.write_text(d.config.read_text().replace(f'"127.0.0.1:{d.port}"', f'"[::1]:{d.port}"'))
-    d.proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "serve", "--config", str(d.config)],
-                              stdout=open(d.log, "ab"), stderr=subprocess.STDOUT, env=d.env)
+    d.proc = subprocess.Popen(
+        [PYTHON, "-m", "ckptd.cli", "serve", "--config", str(d.config)],
+        stdout=open(d.log, "ab"),
+        stderr=subprocess.STDOUT,
+        env=d.env,
+    )
     try:
         import urllib.request
 
@@ -429,19 +454,34 @@ def test_a_client_gets_one_save_in_flight_at_a_time(daemon: DaemonProc) -> None:
     run = daemon.root / "greedy"
     run.mkdir()
     buf = StagingBuffer("greedy")
-    meta = {"ckptd.format": "1", "ckptd.job": "greedy", "ckptd.step": "1", "ckptd.created": "2026-01-01T00:00:00Z",
-            "ckptd.trigger": "step", "ckptd.rule": "r", "ckptd.metrics": "{}", "ckptd.state": "null",
-            "ckptd.aliases": "{}"}
+    meta = {
+        "ckptd.format": "1",
+        "ckptd.job": "greedy",
+        "ckptd.step": "1",
+        "ckptd.created": "2026-01-01T00:00:00Z",
+        "ckptd.trigger": "step",
+        "ckptd.rule": "r",
+        "ckptd.metrics": "{}",
+        "ckptd.state": "null",
+        "ckptd.aliases": "{}",
+    }
     length = buf.stage({"w": torch.ones(4 << 20)}, meta)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
             s.connect(daemon.socket)
-            protocol.send(s, {"type": "hello", "job": "greedy", "directory": str(run), "settings": {}, "pid": 1,
-                              "step": 0})
+            protocol.send(
+                s, {"type": "hello", "job": "greedy", "directory": str(run), "settings": {}, "pid": 1, "step": 0}
+            )
             assert protocol.recv(s)[0]["type"] == "welcome"
-            save = {"type": "save", "step": 1, "trigger": "step", "rule": "r",
-                    "filename": "greedy-step00000001.safetensors", "length": length}
+            save = {
+                "type": "save",
+                "step": 1,
+                "trigger": "step",
+                "rule": "r",
+                "filename": "greedy-step00000001.safetensors",
+                "length": length,
+            }
             protocol.send(s, {**save, "id": 1}, fd=buf.fd)
             protocol.send(s, {**save, "id": 2, "memory_only": True}, fd=buf.fd)  # the hook's second buffer
             protocol.send(s, {**save, "id": 3}, fd=buf.fd)
@@ -478,9 +518,14 @@ def test_the_daemons_commit_of_a_sharded_unit_goes_through_the_guard(open_base: 
                 shutil.copytree(victim / u, mine / u)
             subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(mine)], check=True)
         args = {"job": "j", "dir": str(mine), "unit": units[-1], "step": 4, "settings": {"keep_last": 1}}
-        proc = subprocess.Popen([PYTHON, str(ROOT / "tests" / "scripts" / "hostile.py"), "commit_later", d.socket,
-                                 json.dumps(args)], env=project_env(), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [PYTHON, str(ROOT / "tests" / "scripts" / "hostile.py"), "commit_later", d.socket, json.dumps(args)],
+            env=project_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         if change == "link":
             os.rename(mine, str(mine) + ".moved")
@@ -495,8 +540,11 @@ def test_the_daemons_commit_of_a_sharded_unit_goes_through_the_guard(open_base: 
         assert sorted(p.name for p in where.iterdir() if not p.name.startswith(".")) == units, "retention ran"
         # this job's rows (the job is its name and its directory: the victim's own units, written without
         # the daemon, are another job of the same name, which the daemon's sweep of its roots may list too)
-        listed = [c for c in json.loads(ckptd_cli("list", "j", "--json", "--socket", d.socket).stdout)
-                  if c["directory"] == str(mine)]
+        listed = [
+            c
+            for c in json.loads(ckptd_cli("list", "j", "--json", "--socket", d.socket).stdout)
+            if c["directory"] == str(mine)
+        ]
         if change == "link":  # the other user's units never entered this job's catalogue
             assert listed == [], listed
         else:  # what the client's own directory held at hello was catalogued then, and is still there
@@ -522,4 +570,3 @@ def test_another_user_cannot_take_a_jobs_snapshot_from_the_memory_tier(open_base
         assert seen["fds"] == 0 and seen["reply"]["ok"] is False and "uid 65534" in seen["reply"]["error"], seen
     finally:
         d.stop()
-

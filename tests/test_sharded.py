@@ -36,8 +36,7 @@ JOB = "sharded-demo"
 
 
 def torchrun(n: int, directory: Path, *extra: str) -> list[str]:
-    return [TORCHRUN, f"--nproc_per_node={n}", f"--master_port={free_port()}", SCRIPT, "--dir", str(directory),
-            *extra]
+    return [TORCHRUN, f"--nproc_per_node={n}", f"--master_port={free_port()}", SCRIPT, "--dir", str(directory), *extra]
 
 
 def fingerprints(out: str) -> dict[str, str]:
@@ -119,7 +118,8 @@ def test_a_quota_refusal_reaches_every_rank_before_any_shard_is_written(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks,victim", [(2, 1), (4, 2)])
 def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
-        tmp_path: Path, ranks: int, victim: int) -> None:
+    tmp_path: Path, ranks: int, victim: int
+) -> None:
     d = DaemonProc(tmp_path / "d").start()
     try:
         env = {**ENV, "CKPTD_SOCKET": d.socket}
@@ -136,8 +136,16 @@ def test_a_rank_killed_mid_save_commits_nothing_and_resume_takes_the_previous(
         assert json.loads(ckptd_cli("list", JOB, "--json", "--socket", d.socket).stdout) == listed
 
         b = d.root / "b"
-        kill_mid_write(torchrun(ranks, b, "--steps", "25", "--step-sleep", "0.05", "--ballast-rank", str(victim),
-                                "--ballast-mib", "128"), env, b, ranks, victim, tmp_path / "run.log")
+        kill_mid_write(
+            torchrun(
+                ranks, b, "--steps", "25", "--step-sleep", "0.05", "--ballast-rank", str(victim), "--ballast-mib", "128"
+            ),
+            env,
+            b,
+            ranks,
+            victim,
+            tmp_path / "run.log",
+        )
         assert not (unit(b, 15) / mf.MANIFEST).exists()
         assert not (unit(b, 15) / mf.shard_name(victim, ranks)).exists()
         assert not verify_file(str(unit(b, 15))).ok
@@ -169,11 +177,19 @@ def test_sigterm_to_the_whole_job_commits_a_preemption_checkpoint(tmp_path: Path
     log = tmp_path / "run.log"
     d = tmp_path / "ckpt"
     with open(log, "wb") as out:
-        p = subprocess.Popen(torchrun(2, d, "--steps", "200", "--every", "1000", "--step-sleep", "0.1"),
-                             env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            torchrun(2, d, "--steps", "200", "--every", "1000", "--step-sleep", "0.1"),
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: log.read_text().count("starting at step") == 2 or p.poll() is not None, 60,
-                   "both ranks to start training")
+        wait_until(
+            lambda: log.read_text().count("starting at step") == 2 or p.poll() is not None,
+            60,
+            "both ranks to start training",
+        )
         time.sleep(1)  # a few steps in
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(60)
@@ -186,17 +202,21 @@ def test_sigterm_to_the_whole_job_commits_a_preemption_checkpoint(tmp_path: Path
     assert verify_unit(units[0].path).ok and units[0].step > 0
 
 
-def kill_mid_write(args: list[str], env: dict[str, str], b: Path, ranks: int, victim: int, log: Path,
-                   job: str = JOB) -> None:
+def kill_mid_write(
+    args: list[str], env: dict[str, str], b: Path, ranks: int, victim: int, log: Path, job: str = JOB
+) -> None:
     """Run until the victim rank is writing its (large) shard of step 15 while rank 0's is
     written and waiting; SIGKILL the victim, then, as a launcher would, the rest."""
     with open(log, "wb") as out:
         p = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+
         def writing() -> bool:
             names = os.listdir(unit(b, 15, job)) if unit(b, 15, job).is_dir() else []
             return mf.shard_name(0, ranks) in names and any(
-                TEMP_MARK in n and mf.shard_name(victim, ranks) in n for n in names)
+                TEMP_MARK in n and mf.shard_name(victim, ranks) in n for n in names
+            )
+
         wait_until(lambda: writing() or p.poll() is not None, 120, "the victim writing its shard of step 15")
         assert p.poll() is None, log.read_text()[-3000:]
         pid = int(dict(re.findall(r"rank (\d+) pid (\d+)", log.read_text()))[str(victim)])
@@ -238,8 +258,9 @@ def test_a_rank_never_writes_its_shard_through_a_link_at_the_units_name(tmp_path
     stats = json.loads(r.stdout.strip().splitlines()[-1])
     assert stats["verified"] == 0 and stats["failed"] == 1 and stats["reason"] == "permission", stats
     assert sorted(os.listdir(outside)) == ["ckptd-manifest.json"], "a shard was written through the link"
-    again = run_py(str(ROOT / "tests" / "scripts" / "one_rank.py"), str(free_port()), str(tmp_path / "clean"),
-                   "linked", "2", "2")
+    again = run_py(
+        str(ROOT / "tests" / "scripts" / "one_rank.py"), str(free_port()), str(tmp_path / "clean"), "linked", "2", "2"
+    )
     assert json.loads(again.stdout.strip().splitlines()[-1])["verified"] == 1, again.stderr[-3000:]
 
 
@@ -256,4 +277,3 @@ def test_export_of_a_unit_of_per_rank_state_takes_one_rank(tmp_path: Path) -> No
     ok = ckptd_cli("export", path, str(tmp_path / "out"), "--rank", "0")
     assert ok.returncode == 0, ok.stderr
     assert set(load_file(str(tmp_path / "out" / "model.safetensors"))) == {"weight", "bias"}
-

@@ -31,10 +31,12 @@ def test_gc_on_a_foreign_directory_says_what_it_would_do_and_deletes_nothing(tmp
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert any("would delete" in line and line.endswith("model-step10.pt") for line in lines), r.stdout
-    assert any(line.strip().startswith("keep") and "keep_last" in line and line.endswith("model-step30.pt")
-               for line in lines), r.stdout
-    assert any(line.strip().startswith("keep") and "unverified" in line and line.endswith("bad-step40.pt")
-               for line in lines), r.stdout
+    assert any(
+        line.strip().startswith("keep") and "keep_last" in line and line.endswith("model-step30.pt") for line in lines
+    ), r.stdout
+    assert any(
+        line.strip().startswith("keep") and "unverified" in line and line.endswith("bad-step40.pt") for line in lines
+    ), r.stdout
     assert "nothing deleted" in r.stdout and sorted(p.name for p in tmp_path.iterdir()) == before
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -81,8 +83,17 @@ def test_a_checkpoint_that_outgrows_max_bytes_fails_its_save_saying_so(tmp_path:
     from trainer_hooks import Checkpointer
 
     extra: dict[str, object] = {}
-    ckpt = Checkpointer("q", tmp_path, model=torch.nn.Linear(8, 4), extra=extra, max_bytes="64KiB", every_steps=1,
-                        save_final=False, socket=False, quiet=True)
+    ckpt = Checkpointer(
+        "q",
+        tmp_path,
+        model=torch.nn.Linear(8, 4),
+        extra=extra,
+        max_bytes="64KiB",
+        every_steps=1,
+        save_final=False,
+        socket=False,
+        quiet=True,
+    )
     try:
         extra["blob"] = torch.zeros(64 * 1024)  # 256 KiB
         ckpt.step()
@@ -91,4 +102,3 @@ def test_a_checkpoint_that_outgrows_max_bytes_fails_its_save_saying_so(tmp_path:
         assert "max_bytes=64" in str(ckpt.last_error) and "smaller than one checkpoint" in str(ckpt.last_error)
     finally:
         ckpt.close(final=False)
-

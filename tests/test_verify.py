@@ -27,4 +27,3 @@ def test_cli_verify_a_directory(good: str, tmp_path: Path) -> None:
     shutil.copy(good, tmp_path / "d.safetensors")
     out = ckptd_cli("verify", str(tmp_path))
     assert out.returncode == 0 and out.stdout.count("ok") == 2
-

@@ -62,8 +62,9 @@ def test_numpy_rng_state_files_load_weights_only(tmp_path: Path) -> None:
 def test_sharded_safetensors_completeness(tmp_path: Path) -> None:
     save_file({"a": torch.ones(10)}, str(tmp_path / "model-00001-of-00002.safetensors"))
     index = tmp_path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                "b": "model-00002-of-00002.safetensors"}}))
+    index.write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     found = foreign.classify(str(index))
     assert found is not None and found.kind == "safetensors-sharded"
     assert foreign.classify(str(tmp_path / "model-00001-of-00002.safetensors")) is None  # judged with its index
@@ -122,6 +123,7 @@ def test_lightning_and_onetrainer_names(tmp_path: Path) -> None:
 
 # --- a real `ckptd watch` --------------------------------------------------------------------
 
+
 @pytest.fixture
 def watcher(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, str, int]]:
     tree = tmp_path / "tree"
@@ -129,12 +131,37 @@ def watcher(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Pa
     port = free_port()
     sock = str(tmp_path / "w.sock")
     log = open(tmp_path / "watch.log", "wb")
-    proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "watch", str(tree), "--job", "ext", "--settle", "0.5s",
-                             "--rescan-every", "2s", "--keep-last", "2", "--expect-every", "4s", "--abandon-after", "3s",
-                             "--metrics-listen", f"127.0.0.1:{port}", "--socket", sock,
-                             "--state-dir", str(tmp_path / "state"),
-                             *getattr(request, "param", [])],
-                            env=project_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "ckptd.cli",
+            "watch",
+            str(tree),
+            "--job",
+            "ext",
+            "--settle",
+            "0.5s",
+            "--rescan-every",
+            "2s",
+            "--keep-last",
+            "2",
+            "--expect-every",
+            "4s",
+            "--abandon-after",
+            "3s",
+            "--metrics-listen",
+            f"127.0.0.1:{port}",
+            "--socket",
+            sock,
+            "--state-dir",
+            str(tmp_path / "state"),
+            *getattr(request, "param", []),
+        ],
+        env=project_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: os.path.exists(sock), 30, "ckptd watch to start")
         yield tree, sock, port
@@ -175,7 +202,7 @@ def test_watch_adopts_verifies_retains_and_alerts(watcher: tuple[Path, str, int]
         f.flush()
         time.sleep(2.0)
         assert "model-step100.safetensors" not in listed(sock)
-        f.write(full[len(full) // 2:])
+        f.write(full[len(full) // 2 :])
     wait_until(lambda: listed(sock).get("model-step100.safetensors", {}).get("verified"), 20, "adoption")
     assert metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 0
     # ours, a move from outside (a move event), and a malicious pickle
@@ -184,16 +211,23 @@ def test_watch_adopts_verifies_retains_and_alerts(watcher: tuple[Path, str, int]
     torch.save({"w": torch.ones(3)}, staged)
     shutil.move(str(staged), tree / "model-step300.pt")
     torch.save({"x": Evil(str(sentinel))}, tree / "evil.pt")
-    wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="unsafe") == 1, 20, "the evil pickle")
+    wait_until(
+        lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="unsafe") == 1, 20, "the evil pickle"
+    )
     wait_until(lambda: not (tree / "model-step100.safetensors").exists(), 20, "keep_last=2 to delete the oldest")
     names = set(os.listdir(tree))
     assert {"ours-step200.safetensors", "model-step300.pt", "evil.pt"} <= names  # unsafe is kept, never run
     assert not sentinel.exists()
     # the deletion is recorded once its unlink has returned: wait for the count, not for the file alone
-    wait_until(lambda: metric(port, "ckptd_deleted_total", training_job="ext", rule="retention") == 1, 20,
-               "the deletion to be counted")
+    wait_until(
+        lambda: metric(port, "ckptd_deleted_total", training_job="ext", rule="retention") == 1,
+        20,
+        "the deletion to be counted",
+    )
     # no new checkpoint for expect_every: missed, time_overdue
-    wait_until(lambda: metric(port, "ckptd_missed_saves_total", training_job="ext", reason="time_overdue") == 1, 20, "overdue")
+    wait_until(
+        lambda: metric(port, "ckptd_missed_saves_total", training_job="ext", reason="time_overdue") == 1, 20, "overdue"
+    )
 
 
 @pytest.mark.slow
@@ -205,8 +239,9 @@ def test_hf_best_model_checkpoint_is_never_deleted(watcher: tuple[Path, str, int
         ck = run / f"checkpoint-{step}"
         ck.mkdir()
         save_file({"w": torch.ones(3) * step}, str(ck / "model.safetensors"))
-        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step,
-                                                           "best_model_checkpoint": str(run / "checkpoint-10")}))
+        (ck / "trainer_state.json").write_text(
+            json.dumps({"global_step": step, "best_model_checkpoint": str(run / "checkpoint-10")})
+        )
         time.sleep(0.7)
     wait_until(lambda: not (run / "checkpoint-20").exists(), 30, "checkpoint-20 to go (keep_last=2)")
     assert (run / "checkpoint-10").exists(), "the trainer's best_model_checkpoint was deleted"
@@ -225,13 +260,21 @@ def pre_existing(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("watcher", [[], ["--on-corrupt", "delete"]], indirect=True, ids=["keep", "delete"])
-def test_startup_scan_adopts_an_existing_tree(pre_existing: Path, watcher: tuple[Path, str, int],
-                                              request: pytest.FixtureRequest) -> None:
+def test_startup_scan_adopts_an_existing_tree(
+    pre_existing: Path, watcher: tuple[Path, str, int], request: pytest.FixtureRequest
+) -> None:
     tree, sock, port = watcher
-    wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") == 30, 60, "the startup scan")
-    assert metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 0  # incomplete is not corrupt...
-    wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 1, 30,
-               "...until it stays incomplete with no writes for abandon_after")
+    wait_until(
+        lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") == 30, 60, "the startup scan"
+    )
+    assert (
+        metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 0
+    )  # incomplete is not corrupt...
+    wait_until(
+        lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 1,
+        30,
+        "...until it stays incomplete with no writes for abandon_after",
+    )
     wait_until(lambda: len(list((tree / "a" / "b").iterdir())) == 2, 30, "keep_last=2 over the adopted tree")
     if "delete" in request.node.callspec.id:  # on_corrupt = "delete": it goes
         wait_until(lambda: not (tree / "a" / "bad-step99.pt").exists(), 10, "the corrupt file to be removed")
@@ -243,12 +286,18 @@ def test_startup_scan_adopts_an_existing_tree(pre_existing: Path, watcher: tuple
 
 # --- real trainers writing into a watched directory -------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_real_hf_trainer_under_watch(watcher: tuple[Path, str, int]) -> None:
     tree, sock, port = watcher
     pytest.importorskip("transformers")
-    r = subprocess.run([PYTHON, str(ROOT / "tests" / "scripts" / "hf_train.py"), str(tree / "hf"), "25"],
-                       capture_output=True, text=True, timeout=600, env=project_env())
+    r = subprocess.run(
+        [PYTHON, str(ROOT / "tests" / "scripts" / "hf_train.py"), str(tree / "hf"), "25"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=project_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]  # load_best_model_at_end read its best checkpoint back: not deleted
     best = Path(r.stdout.split("BEST ", 1)[1].split()[0]).name
     wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") >= 5, 60, "all 5 verified")
@@ -262,14 +311,23 @@ def test_a_real_hf_trainer_under_watch(watcher: tuple[Path, str, int]) -> None:
 def test_a_real_lightning_model_checkpoint_under_watch(watcher: tuple[Path, str, int]) -> None:
     tree, sock, port = watcher
     pytest.importorskip("lightning")
-    r = subprocess.run([PYTHON, str(ROOT / "tests" / "scripts" / "lightning_train.py"), str(tree / "pl"), "30"],
-                       capture_output=True, text=True, timeout=600, env=project_env())
+    r = subprocess.run(
+        [PYTHON, str(ROOT / "tests" / "scripts" / "lightning_train.py"), str(tree / "pl"), "30"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=project_env(),
+    )
     assert r.returncode == 0 and "DONE" in r.stdout, r.stderr[-3000:]
     wait_until(lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") >= 6, 60, "all 6 verified")
     assert metric(port, "ckptd_verify_total", training_job="ext", outcome="unsafe") == 0
-    wait_until(lambda: sorted(p.name for p in (tree / "pl").glob("*.ckpt")) == ["epoch=0-step=25.ckpt",
-                                                                               "epoch=0-step=30.ckpt"], 30,
-               "keep_last=2 over Lightning's files")
+    wait_until(
+        lambda: (
+            sorted(p.name for p in (tree / "pl").glob("*.ckpt")) == ["epoch=0-step=25.ckpt", "epoch=0-step=30.ckpt"]
+        ),
+        30,
+        "keep_last=2 over Lightning's files",
+    )
 
 
 @pytest.mark.slow
@@ -279,21 +337,30 @@ def test_many_roots_and_a_root_that_disappears_and_comes_back(tmp_path: Path) ->
 
     d = DaemonProc(base)
     roots = [d.root / f"w{i}" for i in range(3)]
-    d.config.write_text(d.config.read_text() + "".join(
-        f'[[watch]]\npath = "{r}"\njob = "w{i}"\nsettle = "0.3s"\nrescan_every = "1s"\n' for i, r in enumerate(roots)))
+    d.config.write_text(
+        d.config.read_text()
+        + "".join(
+            f'[[watch]]\npath = "{r}"\njob = "w{i}"\nsettle = "0.3s"\nrescan_every = "1s"\n'
+            for i, r in enumerate(roots)
+        )
+    )
     d.start()
     try:
         for i, r in enumerate(roots):
             torch.save({"w": torch.ones(2)}, r / f"m-step{i + 1}.pt")
         for i in range(3):
-            wait_until(lambda i=i: d.metric("ckptd_verify_total", training_job=f"w{i}", outcome="ok") == 1, 20, f"root {i}")
+            wait_until(
+                lambda i=i: d.metric("ckptd_verify_total", training_job=f"w{i}", outcome="ok") == 1, 20, f"root {i}"
+            )
         shutil.rmtree(roots[1])
         time.sleep(2.5)  # a rescan notices
         assert d.healthy()
         roots[1].mkdir()
         time.sleep(2.5)  # a rescan notices it is back and watches it again
         torch.save({"w": torch.ones(2)}, roots[1] / "m-step9.pt")
-        wait_until(lambda: d.metric("ckptd_verify_total", training_job="w1", outcome="ok") == 2, 20, "the root that came back")
+        wait_until(
+            lambda: d.metric("ckptd_verify_total", training_job="w1", outcome="ok") == 2, 20, "the root that came back"
+        )
         listed = json.loads(ckptd_cli("list", "w1", "--json", "--socket", d.socket).stdout)
         assert [Path(x["path"]).name for x in listed] == ["m-step9.pt"]
     finally:
@@ -322,8 +389,11 @@ def test_rot_in_an_adopted_hf_checkpoint_is_found_by_scrub(tmp_path: Path) -> No
         model.write_bytes(bytes(data))
         os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # rot does not touch the mtime
         assert foreign.verify(foreign.classify(str(ck))).ok  # the format alone cannot tell
-        wait_until(lambda: d.metric("ckptd_verify_total", training_job="hf", outcome="corrupt") >= 1, 30,
-                   "the scrub to find it")
+        wait_until(
+            lambda: d.metric("ckptd_verify_total", training_job="hf", outcome="corrupt") >= 1,
+            30,
+            "the scrub to find it",
+        )
         assert "changed since it was adopted" in d.log.read_text()
     finally:
         d.stop()

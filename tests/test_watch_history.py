@@ -35,8 +35,14 @@ def test_a_bare_number_in_a_name_is_no_step_and_the_recorded_step_is_read(tmp_pa
     resume = foreign.classify(str(tmp_path / "pretrain_64_resume.pth"))
     assert weights is not None and weights.step is None
     assert resume is not None and resume.step == 48
-    for name, step in (("epoch=3-step=1200.ckpt", 1200), ("iter_000300.pt", 300), ("model_epoch7.pt", 7),
-                       ("global_step42.pt", 42), ("model-768.pt", None), ("llama-7b.pt", None)):
+    for name, step in (
+        ("epoch=3-step=1200.ckpt", 1200),
+        ("iter_000300.pt", 300),
+        ("model_epoch7.pt", 7),
+        ("global_step42.pt", 42),
+        ("model-768.pt", None),
+        ("llama-7b.pt", None),
+    ):
         assert foreign.step_from_name(name) == step, name
 
 
@@ -51,15 +57,23 @@ def test_the_inert_read_of_a_pickle_runs_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_watch_keeps_the_last_verified_versions_of_a_file_overwritten_in_place(
-        watcher: tuple[Path, str, int], tmp_path: Path) -> None:  # noqa: F811
+    watcher: tuple[Path, str, int],  # noqa: F811
+    tmp_path: Path,
+) -> None:
     tree, sock, port = watcher  # keep_last = 2
     history = tree / "ckptd-history" / "pretrain_64_resume.pth"
     for step in (10, 20, 30, 40):
         r = subprocess.run([PYTHON, "-c", MINIMIND_SAVE, str(tree), str(step)], env=project_env(), capture_output=True)
         assert r.returncode == 0, r.stderr
         wait_until(lambda: (history / f"pretrain_64_resume-step{step:08d}.pth").exists(), 30, f"version {step} kept")
-    wait_until(lambda: sorted(os.listdir(history)) == ["pretrain_64_resume-step00000030.pth",
-                                                       "pretrain_64_resume-step00000040.pth"], 30, "keep_last=2")
+    wait_until(
+        lambda: (
+            sorted(os.listdir(history))
+            == ["pretrain_64_resume-step00000030.pth", "pretrain_64_resume-step00000040.pth"]
+        ),
+        30,
+        "keep_last=2",
+    )
     kept = torch.load(history / "pretrain_64_resume-step00000030.pth", weights_only=True)
     assert kept["step"] == 30  # the version as it was, not the file as it is now
     assert (tree / "pretrain_64.pth").exists() and (tree / "pretrain_64_resume.pth").exists()  # the trainer's own

@@ -48,13 +48,22 @@ class Users:
         name = f"{prefix}{secrets.token_hex(3)}"
         subprocess.run(["groupadd", name], check=True, capture_output=True)
         self._groups.append(name)
-        return name, int(subprocess.run(["getent", "group", name], check=True, capture_output=True,
-                                        text=True).stdout.split(":")[2])
+        return name, int(
+            subprocess.run(["getent", "group", name], check=True, capture_output=True, text=True).stdout.split(":")[2]
+        )
 
     def user(self, prefix: str = "cku", groups: Sequence[str] = ()) -> User:
         name = f"{prefix}{secrets.token_hex(3)}"
-        cmd = ["useradd", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
-               "--user-group", name]
+        cmd = [
+            "useradd",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--user-group",
+            name,
+        ]
         if groups:
             cmd[1:1] = ["--groups", ",".join(groups)]
         subprocess.run(cmd, check=True, capture_output=True)

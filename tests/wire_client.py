@@ -16,8 +16,9 @@ from ckptd.core.meta import CheckpointMeta
 from ckptd.wire import protocol
 
 
-def snapshot(job: str, step: int, tensors: dict[str, bytes], trigger: str = "step",
-             rule: str = "every_steps") -> tuple[int, int]:
+def snapshot(
+    job: str, step: int, tensors: dict[str, bytes], trigger: str = "step", rule: str = "every_steps"
+) -> tuple[int, int]:
     """A sealed memfd holding a ckptd safetensors image of F32 tensors given as raw bytes; (fd, length)."""
     entries = layout([(name, "F32", (len(data) // 4,)) for name, data in tensors.items()])
     meta = CheckpointMeta(job, step, 1_700_000_000.0, trigger, rule).encode(None, {}, "1")

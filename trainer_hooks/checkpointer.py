@@ -80,26 +80,67 @@ class Checkpointer:
                 return made
         return super().__new__(cls)
 
-    def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
-                 scheduler: Any = None, extra: dict[str, Any] | None = None, *,
-                 preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS, preempt_grace: float = 5.0,
-                 config: str | None = None, socket: str | bool | None = None, reconnect_every: float = 5.0,
-                 before_save: Callable[[], None] | None = None, sharded: bool = False,
-                 shard_timeout: float = 600.0, generators: dict[str, torch.Generator] | None = None,
-                 quiet: bool = False, engine: None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        job: str,
+        directory: str | os.PathLike[str],
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        extra: dict[str, Any] | None = None,
+        *,
+        preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS,
+        preempt_grace: float = 5.0,
+        config: str | None = None,
+        socket: str | bool | None = None,
+        reconnect_every: float = 5.0,
+        before_save: Callable[[], None] | None = None,
+        sharded: bool = False,
+        shard_timeout: float = 600.0,
+        generators: dict[str, torch.Generator] | None = None,
+        quiet: bool = False,
+        engine: None = None,
+        **settings: Any,
+    ) -> None:
         self.job = check_job(job)
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self.generators = generators or {}  # saved and restored with the global RNGs (a sampler's, say)
         self._progress = Position()
         self._configure(directory, settings, config, sharded, shard_timeout)
         shared = SharedTensors() if self.saving and not sharded else None  # frozen tensors stored once
-        self._snap = Snapshotter(self.job, self.rank, model, optimizer, scheduler, extra, self.generators,
-                                 self._progress, self.settings["snapshot"], self._dcp, before_save, shared=shared,
-                                 trainable_only=self.settings["save"] == "trainable")
+        self._snap = Snapshotter(
+            self.job,
+            self.rank,
+            model,
+            optimizer,
+            scheduler,
+            extra,
+            self.generators,
+            self._progress,
+            self.settings["snapshot"],
+            self._dcp,
+            before_save,
+            shared=shared,
+            trainable_only=self.settings["save"] == "trainable",
+        )
         self._preflight()
-        self._resumer = Resumer(self.job, self.directory, self.settings, self.rank, self.world_size, model, optimizer,
-                                scheduler, extra, self.generators, self._snap.structure or {}, self._shards, quiet,
-                                strict=self.settings["save"] == "all", socket_path=socket_path(socket))
+        self._resumer = Resumer(
+            self.job,
+            self.directory,
+            self.settings,
+            self.rank,
+            self.world_size,
+            model,
+            optimizer,
+            scheduler,
+            extra,
+            self.generators,
+            self._snap.structure or {},
+            self._shards,
+            quiet,
+            strict=self.settings["save"] == "all",
+            socket_path=socket_path(socket),
+        )
         self._record = SaveRecord()
         overlaps = self.settings["snapshot"] == "overlap" and self.saving and not sharded
         overlap = Overlap(optimizer, self._record.failed_early) if overlaps else None
@@ -107,8 +148,14 @@ class Checkpointer:
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
         if not self._found:  # in the background: the first save must not fault it in (with checkpoints to
             self._buffer.reserve(self._sizes.image_bytes)  # resume from, resume() reserves after its copy)
-        self._outlet = Outlet(Target(self.directory, self.job, self.settings), self._on_persisted,
-                              self._record.removed, self._shards, replicate=self.saving, overlap=overlap)
+        self._outlet = Outlet(
+            Target(self.directory, self.job, self.settings),
+            self._on_persisted,
+            self._record.removed,
+            self._shards,
+            replicate=self.saving,
+            overlap=overlap,
+        )
         self._closed = False
         # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
         self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
@@ -117,23 +164,37 @@ class Checkpointer:
             self._outlet.connect(path, self._hello, self._beat, self._time_fired, reconnect_every)
         if self.mode == "embedded":
             self._outlet.resync_remote()
-        self._time_rules = TimeRules(self.policy, self._time_fired, lambda: self.mode == "embedded", job,
-                                     self._state_bytes, self.settings["every_memory"] if self.saving else None)
+        self._time_rules = TimeRules(
+            self.policy,
+            self._time_fired,
+            lambda: self.mode == "embedded",
+            job,
+            self._state_bytes,
+            self.settings["every_memory"] if self.saving else None,
+        )
         self._time_rules.saved_at(self._last_save_wall)
-        self._preemption = Preemption(preempt_grace, self._triggers.raise_attention, self._between_steps,
-                                      lambda: self._stop_threads(timeout=2.0))
+        self._preemption = Preemption(
+            preempt_grace, self._triggers.raise_attention, self._between_steps, lambda: self._stop_threads(timeout=2.0)
+        )
         self._preemption.install(preempt_signals if self.policy.on_preempt else ())
         atexit.register(self._at_exit)
         self._outlet.say_mode(self.saving, (self.rank, self.world_size), socket)
 
-    def _configure(self, directory: str | os.PathLike[str], settings: dict[str, Any], config: str | None,
-                   sharded: bool, shard_timeout: float) -> None:
+    def _configure(
+        self,
+        directory: str | os.PathLike[str],
+        settings: dict[str, Any],
+        config: str | None,
+        sharded: bool,
+        shard_timeout: float,
+    ) -> None:
         """Settings (kwargs > env > job table > defaults), ranks, policy and target; errors name the key."""
         cfg = config_mod.load(config)
         for problem in unknown_env():
             log.warning("ckptd: environment variable %s; ignored", problem)
-        self.settings = resolve(parse_table(settings, "Checkpointer()"), from_env(),
-                                cfg.job_table(self.job), cfg.defaults)
+        self.settings = resolve(
+            parse_table(settings, "Checkpointer()"), from_env(), cfg.job_table(self.job), cfg.defaults
+        )
         self.rank, self.world_size = rank_and_world()
         self._shards = ShardGroup(shard_timeout) if sharded else None
         self._dcp = self._shards is not None and holds_dtensors(self.model)  # FSDP2: DCP plans (trainer_hooks.dcpio)
@@ -156,7 +217,9 @@ class Checkpointer:
             too_big = never_fits(self._state_bytes, self.settings["max_bytes"])
             if too_big:
                 raise SettingsError(f"job {self.job}: {too_big}")
-            check_directory(self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in found[:-1]))
+            check_directory(
+                self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in found[:-1])
+            )
             cleanup_temp(self.directory)
 
     @property
@@ -167,10 +230,18 @@ class Checkpointer:
         return {"step": self._progress.step, "epoch": self._progress.epoch}
 
     def _hello(self) -> dict[str, Any]:
-        return {"job": self.job, "directory": os.path.abspath(self.directory), "template": self.template,
-                "settings": self._raw_settings, "pid": os.getpid(), "step": self._progress.step,
-                "rank": self.rank, "world_size": self.world_size, "sharded": self._shards is not None,
-                "state_bytes": self._state_bytes}
+        return {
+            "job": self.job,
+            "directory": os.path.abspath(self.directory),
+            "template": self.template,
+            "settings": self._raw_settings,
+            "pid": os.getpid(),
+            "step": self._progress.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "sharded": self._shards is not None,
+            "state_bytes": self._state_bytes,
+        }
 
     @property
     def epoch(self) -> float | None:
@@ -197,8 +268,7 @@ class Checkpointer:
         self._progress.step = self._record.last_verified_step = step
         self._triggers.restart_at(step)
 
-    def step(self, n: int | None = None, metrics: dict[str, Any] | None = None,
-             epoch: float | None = None) -> int:
+    def step(self, n: int | None = None, metrics: dict[str, Any] | None = None, epoch: float | None = None) -> int:
         """One more optimizer step done (or ``n`` done in all). Cheap unless a save is due."""
         self._progress.step = self._progress.step + 1 if n is None else n
         if epoch is not None:
@@ -269,7 +339,9 @@ class Checkpointer:
         self._progress.step = self._record.last_verified_step = resumed.step
         self.epoch = resumed.epoch
         key = self._triggers.best_key
-        self._triggers.restart_at(self._progress.step, [as_float(c.metrics.get(key)) for c in self.checkpoints()] if key else [])
+        self._triggers.restart_at(
+            self._progress.step, [as_float(c.metrics.get(key)) for c in self.checkpoints()] if key else []
+        )
         return self._progress.step
 
     @property
@@ -331,8 +403,9 @@ class Checkpointer:
         self._time_rules.saved_at(now)
         return True
 
-    def _stage(self, buffer: StagingBuffer, taken: Taken, filename: str, later: bool, t0: int,
-               stall: float | None = None) -> tuple[SaveJob, dict[str, Any], Pending]:
+    def _stage(
+        self, buffer: StagingBuffer, taken: Taken, filename: str, later: bool, t0: int, stall: float | None = None
+    ) -> tuple[SaveJob, dict[str, Any], Pending]:
         """Compose the snapshot and copy it into ``buffer`` (``later``: leave the CUDA copies of what the
         optimizer writes in flight, ``Pending``); the save, described for whoever persists it. On the copy
         thread (``stall`` given) its time is part of the save's cost: a CPU copy takes about that from training."""
@@ -344,8 +417,10 @@ class Checkpointer:
         if cost is not None:  # what every="auto" weighs for this save (step() measured the others)
             self._time_rules.measured(stall=cost)
         stall = (time.perf_counter_ns() - t0) / 1e9 if stall is None else stall
-        return (*self._outlet.describe(buffer.fd, length, taken.meta, filename, taken.memory_only, stall, cost),
-                pending)
+        return (
+            *self._outlet.describe(buffer.fd, length, taken.meta, filename, taken.memory_only, stall, cost),
+            pending,
+        )
 
     def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
         """Runs on the worker thread (or the link's reader) after each save."""
@@ -367,8 +442,12 @@ class Checkpointer:
         if self._closed:
             return
         if self._shards is not None:  # one rank alone cannot commit a sharded checkpoint
-            log.error("ckptd: sharded job %s: no step() within %.0fs of signal %d; no preemption save",
-                      self.job, self._preemption.grace, signum)
+            log.error(
+                "ckptd: sharded job %s: no step() within %.0fs of signal %d; no preemption save",
+                self.job,
+                self._preemption.grace,
+                signum,
+            )
             self._preemption.redeliver(signum)  # the original handler, without waiting for a stuck commit
             return
         self._save("preempt", "on_preempt")
@@ -419,9 +498,14 @@ class Checkpointer:
         if exc is not None and not self._closed and self.saving:
             self.wait()  # a save already handed over is not the crashed state: it completes
             newest = self._record.last_verified_step
-            log.warning("ckptd: job %s ended by an exception (%s) at step %d: not the end of the run, no final "
-                        "save; the next run resumes from %s", self.job, type(exc).__name__, self._progress.step,
-                        f"step {newest}" if newest >= 0 else "the newest verified checkpoint, if any")
+            log.warning(
+                "ckptd: job %s ended by an exception (%s) at step %d: not the end of the run, no final "
+                "save; the next run resumes from %s",
+                self.job,
+                type(exc).__name__,
+                self._progress.step,
+                f"step {newest}" if newest >= 0 else "the newest verified checkpoint, if any",
+            )
         self.close(final=exc is None)
 
     def __enter__(self) -> "Checkpointer":
@@ -429,4 +513,3 @@ class Checkpointer:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self._close_after(exc)
-

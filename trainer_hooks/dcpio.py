@@ -56,8 +56,16 @@ from ckptd.core.meta import DCP, DCP_SHARDING_INFO, LAYOUT
 from ckptd.disk import manifest as mf
 from trainer_hooks.state import StateError, flatten, unflatten
 
-__all__ = ["Planned", "has_dtensors", "plan_save", "load_unit", "global_state", "local_key", "local_bytes",
-           "UnitReader"]
+__all__ = [
+    "Planned",
+    "has_dtensors",
+    "plan_save",
+    "load_unit",
+    "global_state",
+    "local_key",
+    "local_bytes",
+    "UnitReader",
+]
 
 
 def has_dtensors(state: Any) -> bool:
@@ -124,8 +132,11 @@ class Planned:
             raise StateError(f"{next(iter(objects.tensors))}: a tensor inside a non-tensor value")
         tensors = {**self.chunks, **local}
         info = {name: {"saved_offsets": self.offsets.get(name, [0] * t.dim())} for name, t in tensors.items()}
-        meta = {LAYOUT: mf.DCP, DCP_SHARDING_INFO: json.dumps(info, separators=(",", ":")),
-                DCP: json.dumps({"sizes": self.sizes, "objects": skeleton}, separators=(",", ":"))}
+        meta = {
+            LAYOUT: mf.DCP,
+            DCP_SHARDING_INFO: json.dumps(info, separators=(",", ":")),
+            DCP: json.dumps({"sizes": self.sizes, "objects": skeleton}, separators=(",", ":")),
+        }
         return tensors, meta
 
 
@@ -143,8 +154,9 @@ def plan_save(state: dict[str, Any], rank: int) -> Planned:
             continue
         data = planner.resolve_data(item)
         assert isinstance(data, torch.Tensor) and item.tensor_data is not None
-        planned.add_chunk(item.index.fqn, data.detach(), list(item.tensor_data.chunk.offsets),
-                          list(item.tensor_data.size))
+        planned.add_chunk(
+            item.index.fqn, data.detach(), list(item.tensor_data.chunk.offsets), list(item.tensor_data.size)
+        )
     return planned
 
 
@@ -164,6 +176,7 @@ def _writes(value: Any, rank: int) -> bool:
 
 
 # -- load ---------------------------------------------------------------------------------------
+
 
 class UnitReader(StorageReader):
     """DCP's ``Metadata`` from a committed unit's shard headers; reads chunks with safetensors."""
@@ -192,8 +205,9 @@ class UnitReader(StorageReader):
                     part = f.get_slice(fqn)
                     dtype = part.get_dtype()
                     if entry is None:
-                        entry = entries[fqn] = TensorStorageMetadata(TensorProperties(dtype=_dtype(dtype)),
-                                                                      torch.Size(size), [])
+                        entry = entries[fqn] = TensorStorageMetadata(
+                            TensorProperties(dtype=_dtype(dtype)), torch.Size(size), []
+                        )
                     at = torch.Size(offsets[fqn]["saved_offsets"])
                     entry.chunks.append(ChunkStorageMetadata(offsets=at, sizes=torch.Size(part.get_shape())))
                     self._tensors[MetadataIndex(fqn, at)] = (path, fqn)

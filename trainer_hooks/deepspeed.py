@@ -67,22 +67,37 @@ class EngineCheckpointer:
     """What ``Checkpointer(job, dir, engine=engine, ...)`` returns: the same verbs (``resume``,
     ``step``, ``save``, ``report``, ``close``), every rank saving its own partition."""
 
-    def __init__(self, job: str, directory: str | os.PathLike[str], model: Any = None, optimizer: Any = None,
-                 scheduler: Any = None, extra: dict[str, Any] | None = None, *, engine: Any,
-                 config: str | None = None, quiet: bool = False, before_save: Callable[[], None] | None = None,
-                 **settings: Any) -> None:
+    def __init__(
+        self,
+        job: str,
+        directory: str | os.PathLike[str],
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        extra: dict[str, Any] | None = None,
+        *,
+        engine: Any,
+        config: str | None = None,
+        quiet: bool = False,
+        before_save: Callable[[], None] | None = None,
+        **settings: Any,
+    ) -> None:
         import torch.distributed as dist
 
         if not is_engine(engine):
-            raise TypeError(f"engine= takes a DeepSpeed engine (deepspeed.initialize's first result), not "
-                            f"{type(engine).__name__}")
+            raise TypeError(
+                f"engine= takes a DeepSpeed engine (deepspeed.initialize's first result), not {type(engine).__name__}"
+            )
         socket = settings.pop("socket", None)
         reconnect_every = settings.pop("reconnect_every", None)
         for ignored in ("sharded", "shard_timeout", "preempt_signals", "preempt_grace", "generators"):
             settings.pop(ignored, None)  # the hook's sharding and signal options: not used on this path
         # model and optimizer: the engine holds them and DeepSpeed saves them; a scheduler the engine does not own (HF Trainer's own) travels in client_state
-        self.scheduler = scheduler if scheduler is not None and scheduler is not engine.lr_scheduler \
-            and hasattr(scheduler, "state_dict") else None
+        self.scheduler = (
+            scheduler
+            if scheduler is not None and scheduler is not engine.lr_scheduler and hasattr(scheduler, "state_dict")
+            else None
+        )
         self.job, self.engine, self.extra, self.quiet, self.before_save = job, engine, extra, quiet, before_save
         self.directory = os.path.abspath(os.fspath(directory))
         cfg = config_mod.load(config)
@@ -105,17 +120,31 @@ class EngineCheckpointer:
             path = socket_path(socket)
             if path is not None:  # rank 0 speaks for the job, as a sharded job's does
                 self._raw_settings = {**env_table(), **known}
-                self.link = Link(path, self._hello, lambda: {"step": self.current}, lambda *_: None,
-                                 lambda _: None, float(reconnect_every or 5.0))
+                self.link = Link(
+                    path,
+                    self._hello,
+                    lambda: {"step": self.current},
+                    lambda *_: None,
+                    lambda _: None,
+                    float(reconnect_every or 5.0),
+                )
 
     @property
     def mode(self) -> str:
-        """"daemon" while rank 0 is connected (the daemon counts, pages and retains), else "embedded"."""
+        """ "daemon" while rank 0 is connected (the daemon counts, pages and retains), else "embedded"."""
         return "daemon" if self.link is not None and self.link.connected else "embedded"
 
     def _hello(self) -> dict[str, Any]:
-        return {"job": self.job, "directory": self.directory, "settings": self._raw_settings, "pid": os.getpid(),
-                "step": self.current, "rank": self.rank, "world_size": self.world_size, "sharded": False}
+        return {
+            "job": self.job,
+            "directory": self.directory,
+            "settings": self._raw_settings,
+            "pid": os.getpid(),
+            "step": self.current,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "sharded": False,
+        }
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -127,8 +156,11 @@ class EngineCheckpointer:
         tag = choice[0]
         if tag is None:
             if not self.quiet and self.rank == 0:
-                log.warning("ckptd: job %s: no committed DeepSpeed checkpoint in %s; starting at step 0",
-                            self.job, self.directory)
+                log.warning(
+                    "ckptd: job %s: no committed DeepSpeed checkpoint in %s; starting at step 0",
+                    self.job,
+                    self.directory,
+                )
             return 0
         _, client = self.engine.load_checkpoint(self.directory, tag=tag)
         ours = (client or {}).get("ckptd", {})
@@ -142,8 +174,13 @@ class EngineCheckpointer:
         self.current = self.last_saved = int(ours.get("step", self.engine.global_steps))
         self._next = pol.next_due_step(self.policy, self.current)
         if not self.quiet and self.rank == 0:
-            log.warning("ckptd: job %s resumed at step %d from %s (%.2fs)", self.job, self.current,
-                        os.path.join(self.directory, tag), time.perf_counter() - t0)
+            log.warning(
+                "ckptd: job %s resumed at step %d from %s (%.2fs)",
+                self.job,
+                self.current,
+                os.path.join(self.directory, tag),
+                time.perf_counter() - t0,
+            )
         return self.current
 
     def step(self, n: int | None = None, metrics: dict[str, Any] | None = None, epoch: float | None = None) -> None:
@@ -200,8 +237,15 @@ class EngineCheckpointer:
                 shutil.rmtree(staging, ignore_errors=True)  # a crashed attempt at this step
             if self.before_save is not None:
                 self.before_save()
-            client = {"ckptd": {"job": self.job, "step": step, "reason": reason, "rng": self._all_rngs(),
-                                "extra": self.extra or {}}}
+            client = {
+                "ckptd": {
+                    "job": self.job,
+                    "step": step,
+                    "reason": reason,
+                    "rng": self._all_rngs(),
+                    "extra": self.extra or {},
+                }
+            }
             if self.scheduler is not None:
                 client["ckptd"]["scheduler"] = self.scheduler.state_dict()
             self.engine.save_checkpoint(staging, tag=tag, client_state=client, save_latest=False)
@@ -223,8 +267,13 @@ class EngineCheckpointer:
         self.last_saved = step
         self.saved.append(tag)
         if not self.quiet and self.rank == 0:
-            log.warning("ckptd: job %s: committed %s (%s, every rank verified, %.2fs)", self.job,
-                        os.path.join(self.directory, tag), reason, stall)
+            log.warning(
+                "ckptd: job %s: committed %s (%s, every rank verified, %.2fs)",
+                self.job,
+                os.path.join(self.directory, tag),
+                reason,
+                stall,
+            )
         return True
 
     def _all_rngs(self) -> list[dict[str, Any]]:
@@ -259,8 +308,14 @@ class EngineCheckpointer:
             missing = dsfmt.incomplete(src)
             if missing:
                 return f"the tag is incomplete: {missing}"
-            commit = {"job": self.job, "step": step, "trigger": TRIGGERS.get(reason, reason), "world_size": self.world_size, "created": time.time(),
-                      "ranks": [{k: o.get(k) for k in ("rank", "files", "tensors", "bytes")} for o in outcomes]}
+            commit = {
+                "job": self.job,
+                "step": step,
+                "trigger": TRIGGERS.get(reason, reason),
+                "world_size": self.world_size,
+                "created": time.time(),
+                "ranks": [{k: o.get(k) for k in ("rank", "files", "tensors", "bytes")} for o in outcomes],
+            }
             _write_atomic(os.path.join(src, COMMIT), json.dumps(commit, indent=1).encode())
             _fsync(src)
             dst = os.path.join(self.directory, tag)
@@ -272,7 +327,8 @@ class EngineCheckpointer:
             _write_atomic(os.path.join(self.directory, dsfmt.LATEST), tag.encode())
             for script in ("zero_to_fp32.py", "zero_to_torch.py"):
                 if os.path.isfile(os.path.join(staging, script)) and not os.path.exists(
-                        os.path.join(self.directory, script)):
+                    os.path.join(self.directory, script)
+                ):
                     os.rename(os.path.join(staging, script), os.path.join(self.directory, script))
             shutil.rmtree(staging, ignore_errors=True)
         except OSError as exc:
@@ -284,9 +340,18 @@ class EngineCheckpointer:
         failed save and why). False when there is no daemon: the save stays embedded."""
         if self.link is None or not self.link.connected:
             return False
-        self.link.notify({"type": "committed", "step": step, "path": os.path.join(self.directory, tag),
-                          "trigger": TRIGGERS.get(reason, reason), "ok": not problem, "reason": "uncommitted",
-                          "error": problem, "stall": stall})
+        self.link.notify(
+            {
+                "type": "committed",
+                "step": step,
+                "path": os.path.join(self.directory, tag),
+                "trigger": TRIGGERS.get(reason, reason),
+                "ok": not problem,
+                "reason": "uncommitted",
+                "error": problem,
+                "stall": stall,
+            }
+        )
         return True
 
     # -- what is on disk --------------------------------------------------------------------------
@@ -303,10 +368,16 @@ class EngineCheckpointer:
     def _retain(self) -> None:
         if not self.rules.any_window:
             return
-        items = [retention.item_of(os.path.join(self.directory, tag), step,
-                                   os.path.getmtime(os.path.join(self.directory, tag)), 0,
-                                   pinned=os.path.exists(os.path.join(self.directory, f".{tag}.pinned")))
-                 for step, tag in self.committed()]
+        items = [
+            retention.item_of(
+                os.path.join(self.directory, tag),
+                step,
+                os.path.getmtime(os.path.join(self.directory, tag)),
+                0,
+                pinned=os.path.exists(os.path.join(self.directory, f".{tag}.pinned")),
+            )
+            for step, tag in self.committed()
+        ]
         for v in retention.judge(items, self.rules, time.time()):
             if not v.keep:
                 shutil.rmtree(v.item.id, ignore_errors=True)
@@ -321,8 +392,10 @@ def for_engine(args: tuple[Any, ...], kwargs: dict[str, Any], engine: Any) -> En
     """What ``Checkpointer(*args, engine=engine, **kwargs)`` makes when DeepSpeed is involved
     (None: it is not, the plain ``Checkpointer`` it is)."""
     if engine is None:
-        engine = engine_behind(kwargs.get("model", args[2] if len(args) > 2 else None),
-                               kwargs.get("optimizer", args[3] if len(args) > 3 else None))
+        engine = engine_behind(
+            kwargs.get("model", args[2] if len(args) > 2 else None),
+            kwargs.get("optimizer", args[3] if len(args) > 3 else None),
+        )
     return EngineCheckpointer(*args, engine=engine, **kwargs) if engine is not None else None
 
 
@@ -341,8 +414,10 @@ def engine_behind(model: Any, optimizer: Any) -> Any:
         return None
     engine = find_engine(model)
     if engine is None:
-        raise StateError("this model/optimizer is DeepSpeed's (ZeRO partitions, a loss scaler) and no engine "
-                         "wraps it: pass the engine, Checkpointer(job, dir, engine=engine)")
+        raise StateError(
+            "this model/optimizer is DeepSpeed's (ZeRO partitions, a loss scaler) and no engine "
+            "wraps it: pass the engine, Checkpointer(job, dir, engine=engine)"
+        )
     return engine
 
 
@@ -374,8 +449,15 @@ def client_state(tag_dir: str) -> dict[str, Any]:
 
 def newest_committed(directory: str) -> str | None:
     """The newest committed tag of ``directory`` that verifies now (its path), else None."""
-    tags = sorted((step_from_name(n) or -1, n) for n in os.listdir(directory) if not n.startswith(".")
-                  and os.path.isfile(os.path.join(directory, n, COMMIT))) if os.path.isdir(directory) else []
+    tags = (
+        sorted(
+            (step_from_name(n) or -1, n)
+            for n in os.listdir(directory)
+            if not n.startswith(".") and os.path.isfile(os.path.join(directory, n, COMMIT))
+        )
+        if os.path.isdir(directory)
+        else []
+    )
     for _, tag in reversed(tags):
         foreign = _not_ours(os.path.join(directory, tag))
         if foreign:  # DeepSpeed's load_checkpoint unpickles what it reads: only this uid's own files

@@ -20,7 +20,9 @@ def model_structure(flat: Flat) -> Structure:
 def fingerprint(structure: Structure) -> str:
     import hashlib
 
-    return hashlib.sha256(json.dumps(sorted((n, d, list(s)) for n, (d, s) in structure.items())).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(sorted((n, d, list(s)) for n, (d, s) in structure.items())).encode()).hexdigest()[
+        :32
+    ]
 
 
 def structure_problem(ours: Structure, path: str) -> str:
@@ -42,5 +44,7 @@ def structure_problem(ours: Structure, path: str) -> str:
         if name not in ours:
             return f"it has a tensor {name!r} the model does not"
         if ours[name] != theirs[name]:
-            return f"{name!r} is {theirs[name][0]}{list(theirs[name][1])} there, {ours[name][0]}{list(ours[name][1])} here"
+            return (
+                f"{name!r} is {theirs[name][0]}{list(theirs[name][1])} there, {ours[name][0]}{list(ours[name][1])} here"
+            )
     return ""

@@ -40,16 +40,32 @@ class CkptdCallback(TrainerCallback):
     def default_dir(output_dir: str) -> str:
         return os.path.join(output_dir, "ckptd")
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
-                       lr_scheduler: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
         self._state = state
         settings = {"total_steps": state.max_steps, **self.settings}
         from trainer_hooks.deepspeed import find_engine
 
         engine = find_engine(model)  # under DeepSpeed the engine is saved, in its own layout
-        self.ckpt = Checkpointer(self.job, self.directory or self.default_dir(args.output_dir), model=model,
-                                 optimizer=optimizer, scheduler=lr_scheduler, extra=self.extra,
-                                 before_save=self._refresh_extra, engine=engine, **settings)
+        self.ckpt = Checkpointer(
+            self.job,
+            self.directory or self.default_dir(args.output_dir),
+            model=model,
+            optimizer=optimizer,
+            scheduler=lr_scheduler,
+            extra=self.extra,
+            before_save=self._refresh_extra,
+            engine=engine,
+            **settings,
+        )
         self.ckpt.start_at(state.global_step)  # a resumed Trainer starts past 0; nothing is due for that
 
     def _refresh_extra(self) -> None:
@@ -69,8 +85,9 @@ class CkptdCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self._metrics.update({k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))})
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
-                    **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         """Evaluation metrics describe the weights of ``state.global_step``: a best save happens now."""
         if self.ckpt is not None and metrics:
             self.ckpt.report({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -115,8 +132,14 @@ def _materialise(trainer: Any, state: dict[str, Any], out: str) -> str:
     if "scheduler" in state:
         torch.save(state["scheduler"], os.path.join(out, "scheduler.pt"))
     rng = state.get("rng", {})
-    torch.save({"python": rng.get("python", random.getstate()), "numpy": rng.get("numpy", np.random.get_state()),
-                "cpu": rng.get("torch", torch.get_rng_state())}, os.path.join(out, "rng_state.pth"))
+    torch.save(
+        {
+            "python": rng.get("python", random.getstate()),
+            "numpy": rng.get("numpy", np.random.get_state()),
+            "cpu": rng.get("torch", torch.get_rng_state()),
+        },
+        os.path.join(out, "rng_state.pth"),
+    )
     trainer_state = state.get("extra", {}).get("hf_trainer_state")
     if trainer_state:
         with open(os.path.join(out, "trainer_state.json"), "w") as f:

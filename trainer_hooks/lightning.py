@@ -25,8 +25,13 @@ from trainer_hooks.rng import restore_rng
 
 
 class CkptdCallback(L.Callback):
-    def __init__(self, job: str, directory: str | None = None, generators: dict[str, torch.Generator] | None = None,
-                 **settings: Any) -> None:
+    def __init__(
+        self,
+        job: str,
+        directory: str | None = None,
+        generators: dict[str, torch.Generator] | None = None,
+        **settings: Any,
+    ) -> None:
         """``generators``: the trainer's own (a DataLoader's ``generator=``), saved and restored by name."""
         self.job, self.directory, self.settings = job, directory, settings
         self.generators = generators or {}
@@ -42,18 +47,31 @@ class CkptdCallback(L.Callback):
         self._trainer = trainer
         opt = trainer.optimizers[0] if trainer.optimizers else None
         sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
-        settings = {**({"total_steps": trainer.max_steps} if trainer.max_steps and trainer.max_steps > 0 else {}),
-                    **self.settings}
-        self.ckpt = Checkpointer(self.job, self.directory or self.default_dir(trainer), model=pl_module,
-                                 optimizer=opt, scheduler=sched, extra=self.extra, before_save=self._refresh,
-                                 generators=self.generators, **settings)
+        settings = {
+            **({"total_steps": trainer.max_steps} if trainer.max_steps and trainer.max_steps > 0 else {}),
+            **self.settings,
+        }
+        self.ckpt = Checkpointer(
+            self.job,
+            self.directory or self.default_dir(trainer),
+            model=pl_module,
+            optimizer=opt,
+            scheduler=sched,
+            extra=self.extra,
+            before_save=self._refresh,
+            generators=self.generators,
+            **settings,
+        )
         self.ckpt.start_at(trainer.global_step)
 
     def _refresh(self) -> None:
         """At save time only: the fit loop's progress, as Lightning's own checkpoints hold it."""
         if self._trainer is not None:
-            self.extra["lightning"] = {"loops": {"fit_loop": self._trainer.fit_loop.state_dict()},
-                                       "epoch": self._trainer.current_epoch, "global_step": self._trainer.global_step}
+            self.extra["lightning"] = {
+                "loops": {"fit_loop": self._trainer.fit_loop.state_dict()},
+                "epoch": self._trainer.current_epoch,
+                "global_step": self._trainer.global_step,
+            }
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ckpt is not None:
@@ -83,10 +101,15 @@ class CkptdCallback(L.Callback):
             if isinstance(cb, cls):  # epoch's iterator, so the resumed shuffle draws what the run would have
                 restore_rng(state.get("rng", {}), cb.generators)
         pl = state.get("extra", {}).get("lightning", {})
-        ckpt = {"state_dict": state["model"], "optimizer_states": [state["optimizer"]] if "optimizer" in state else [],
-                "lr_schedulers": [state["scheduler"]] if "scheduler" in state else [],
-                "epoch": pl.get("epoch", 0), "global_step": pl.get("global_step", info.step),
-                "loops": pl.get("loops", {}), "pytorch-lightning_version": L.__version__}
+        ckpt = {
+            "state_dict": state["model"],
+            "optimizer_states": [state["optimizer"]] if "optimizer" in state else [],
+            "lr_schedulers": [state["scheduler"]] if "scheduler" in state else [],
+            "epoch": pl.get("epoch", 0),
+            "global_step": pl.get("global_step", info.step),
+            "loops": pl.get("loops", {}),
+            "pytorch-lightning_version": L.__version__,
+        }
         out = os.path.join(src, ".pl-resume", f"step{info.step}.ckpt")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         torch.save(ckpt, out)
@@ -94,5 +117,8 @@ class CkptdCallback(L.Callback):
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+    }

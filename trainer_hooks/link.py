@@ -36,9 +36,16 @@ def socket_path(socket: str | bool | None) -> str | None:
 
 
 class Link:
-    def __init__(self, path: str, hello: Callable[[], dict[str, Any]], progress: Callable[[], dict[str, Any]],
-                 on_saved: Callable[[SaveJob, dict[str, Any]], None], on_lost: Callable[[list[SaveJob]], None],
-                 retry_every: float = 5.0, on_due: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        hello: Callable[[], dict[str, Any]],
+        progress: Callable[[], dict[str, Any]],
+        on_saved: Callable[[SaveJob, dict[str, Any]], None],
+        on_lost: Callable[[list[SaveJob]], None],
+        retry_every: float = 5.0,
+        on_due: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = path
         self._hello, self._progress = hello, progress
         self._on_saved, self._on_lost, self._on_due = on_saved, on_lost, on_due

@@ -48,8 +48,15 @@ class Snapshot:
     metadata: dict[str, str]
 
 
-def fetch(socket_path: str, job: str, directory: str, directory_id: tuple[int, int], newest_on_disk: int,
-          fits: Callable[[dict[str, str]], bool], into: Mapping[str, torch.Tensor]) -> Snapshot | None:
+def fetch(
+    socket_path: str,
+    job: str,
+    directory: str,
+    directory_id: tuple[int, int],
+    newest_on_disk: int,
+    fits: Callable[[dict[str, str]], bool],
+    into: Mapping[str, torch.Tensor],
+) -> Snapshot | None:
     """The daemon's snapshot of ``job``, or None (resume from disk). ``directory_id``: the job
     directory's (device, inode) now. ``fits``: does its metadata describe this model (asked before
     any byte is read into it)? ``into``: the model's tensors by their name in the snapshot
@@ -64,24 +71,37 @@ def fetch(socket_path: str, job: str, directory: str, directory_id: tuple[int, i
         return None
     if reply.get("directory_id") != list(directory_id):
         os.close(fd)
-        log.warning("ckptd: job %s: the daemon's snapshot was kept for another directory at %s (removed or "
-                    "recreated since: device and inode %s, now %s); not resumed from memory", job, directory,
-                    reply.get("directory_id"), list(directory_id))
+        log.warning(
+            "ckptd: job %s: the daemon's snapshot was kept for another directory at %s (removed or "
+            "recreated since: device and inode %s, now %s); not resumed from memory",
+            job,
+            directory,
+            reply.get("directory_id"),
+            list(directory_id),
+        )
         return None
     try:
         if int(reply["step"]) < newest_on_disk:
             return None  # a newer checkpoint reached the disk another way (an embedded save, a fetch)
         return _load(fd, int(reply["length"]), str(reply.get("path") or ""), job, directory, fits, into)
     except (OSError, ValueError, KeyError, FormatError) as exc:
-        log.warning("ckptd: job %s: the snapshot in the daemon's memory is not usable (%s); resuming from disk",
-                    job, exc)
+        log.warning(
+            "ckptd: job %s: the snapshot in the daemon's memory is not usable (%s); resuming from disk", job, exc
+        )
         return None
     finally:
         os.close(fd)
 
 
-def _load(fd: int, length: int, path: str, job: str, directory: str, fits: Callable[[dict[str, str]], bool],
-          into: Mapping[str, torch.Tensor]) -> Snapshot | None:
+def _load(
+    fd: int,
+    length: int,
+    path: str,
+    job: str,
+    directory: str,
+    fits: Callable[[dict[str, str]], bool],
+    into: Mapping[str, torch.Tensor],
+) -> Snapshot | None:
     """The header, then every tensor copied straight into its destination: one copy
     of each byte (the model's own tensors included: ``load_state_dict`` finds them loaded)."""
     if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALED != SEALED:
@@ -93,15 +113,18 @@ def _load(fd: int, length: int, path: str, job: str, directory: str, fits: Calla
     if not fits(meta):
         return None  # from disk, where a model that does not fit is refused with its reason
     reads: list[tuple[torch.Tensor, int, int]] = []
-    tensors = {e.name: _tensor(header.data_start, e.dtype, e.shape, e.begin, e.end, into.get(e.name), reads)
-               for e in header.tensors}
+    tensors = {
+        e.name: _tensor(header.data_start, e.dtype, e.shape, e.begin, e.end, into.get(e.name), reads)
+        for e in header.tensors
+    }
     problem = holders_problem(os.path.abspath(directory), meta, os.geteuid())
     if problem:
         raise FormatError(problem)
     _read_all(fd, length, reads)
     tensors.update(load_referenced(os.path.join(os.path.abspath(directory), "memory"), meta))  # holders beside
-    state: dict[str, Any] = unflatten(json.loads(meta.get("ckptd.state", "null")), tensors,
-                                      json.loads(meta.get("ckptd.aliases", "{}")))
+    state: dict[str, Any] = unflatten(
+        json.loads(meta.get("ckptd.state", "null")), tensors, json.loads(meta.get("ckptd.aliases", "{}"))
+    )
     return Snapshot(int(meta["ckptd.step"]), path, state, meta)
 
 
@@ -115,13 +138,25 @@ def _check(header: Header, job: str) -> None:
         raise FormatError("metadata digest mismatch")
 
 
-def _tensor(start: int, dtype: str, shape: tuple[int, ...], begin: int, end: int, dest: torch.Tensor | None,
-            reads: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
+def _tensor(
+    start: int,
+    dtype: str,
+    shape: tuple[int, ...],
+    begin: int,
+    end: int,
+    dest: torch.Tensor | None,
+    reads: list[tuple[torch.Tensor, int, int]],
+) -> torch.Tensor:
     """One tensor: ``dest`` (a model tensor of the same kind on the CPU, which ``load_state_dict``
     then finds already holding it and does not copy again) or a new one; its read is queued."""
     kind = ST_TO_TORCH[dtype]
-    fits = (dest is not None and dest.device.type == "cpu" and dest.dtype == kind and tuple(dest.shape) == shape
-            and dest.is_contiguous())
+    fits = (
+        dest is not None
+        and dest.device.type == "cpu"
+        and dest.dtype == kind
+        and tuple(dest.shape) == shape
+        and dest.is_contiguous()
+    )
     t = dest if fits and dest is not None else torch.empty(shape, dtype=kind)  # (the header matched extent and shape)
     if end > begin:
         reads.append((t, start + begin, end - begin))
@@ -142,7 +177,7 @@ def _read_all(fd: int, length: int, reads: list[tuple[torch.Tensor, int, int]]) 
             warnings.filterwarnings("ignore", "The given buffer is not writable")
             flat = torch.frombuffer(mm, dtype=torch.uint8)
         for t, offset, nbytes in reads:
-            t.reshape(-1).view(torch.uint8)[:nbytes].copy_(flat[offset:offset + nbytes])
+            t.reshape(-1).view(torch.uint8)[:nbytes].copy_(flat[offset : offset + nbytes])
         del flat
     finally:
         mm.close()

@@ -47,8 +47,15 @@ log = logging.getLogger(__name__)
 
 
 class Outlet:
-    def __init__(self, target: Target, on_done: Done, on_removed: Removed, shards: ShardGroup | None = None,
-                 replicate: bool = False, overlap: Overlap | None = None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        on_done: Done,
+        on_removed: Removed,
+        shards: ShardGroup | None = None,
+        replicate: bool = False,
+        overlap: Overlap | None = None,
+    ) -> None:
         self.target, self.shards = target, shards
         self.overlap = overlap  # snapshot="overlap": the copy finishes, then the handoff, off step()
         self._on_done, self._on_removed = on_done, on_removed
@@ -63,8 +70,14 @@ class Outlet:
         self._daemon_has_it = False  # the last sharded commit went to the daemon, which replicates it
         self._memory: StagingBuffer | None = None  # memory-only saves' buffer
 
-    def connect(self, path: str, hello: Callable[[], dict[str, Any]], beat: Callable[[], dict[str, Any]],
-                on_due: Callable[[str], None], retry_every: float) -> None:
+    def connect(
+        self,
+        path: str,
+        hello: Callable[[], dict[str, Any]],
+        beat: Callable[[], dict[str, Any]],
+        on_due: Callable[[str], None],
+        retry_every: float,
+    ) -> None:
         """Talk to the daemon at ``path`` (and keep trying to, every ``retry_every`` seconds)."""
         self.link = Link(path, hello, beat, self._daemon_saved, self._daemon_lost, retry_every, on_due=on_due)
 
@@ -74,11 +87,18 @@ class Outlet:
         if not saving:
             log.info("ckptd: job %s rank %d of %d: rank 0 saves; this rank only resumes", job, *rank_of)
         elif self.mode == "embedded" and isinstance(socket, str):
-            log.warning("ckptd: job %s: no daemon answers at %s (socket= was given); saving in embedded mode to %s",
-                        job, socket, directory)
+            log.warning(
+                "ckptd: job %s: no daemon answers at %s (socket= was given); saving in embedded mode to %s",
+                job,
+                socket,
+                directory,
+            )
         elif self.mode == "embedded":
-            log.info("ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
-                     job, directory)
+            log.info(
+                "ckptd: job %s saving to %s in embedded mode (no daemon; saves run in a background thread)",
+                job,
+                directory,
+            )
 
     @property
     def mode(self) -> str:
@@ -106,6 +126,7 @@ class Outlet:
         def copy() -> Callable[[], None]:
             pending.finish()
             return lambda: self._hand_over(job, msg)
+
         self.overlap.start(copy, job.step, pending.events, cpu=bool(pending.cpu))
 
     def defer(self, stage: Callable[[], tuple[SaveJob, dict[str, Any], Pending]], step: int) -> None:
@@ -115,10 +136,19 @@ class Outlet:
         def copy() -> Callable[[], None]:
             job, msg, _ = stage()  # nothing left pending: the thread copied it all
             return lambda: self._hand_over(job, msg)
+
         self.overlap.start(copy, step)
 
-    def describe(self, fd: int, length: int, meta: CheckpointMeta, filename: str, memory_only: bool,
-                 stall: float, cost: float | None = None) -> tuple[SaveJob, dict[str, Any]]:
+    def describe(
+        self,
+        fd: int,
+        length: int,
+        meta: CheckpointMeta,
+        filename: str,
+        memory_only: bool,
+        stall: float,
+        cost: float | None = None,
+    ) -> tuple[SaveJob, dict[str, Any]]:
         """A staged snapshot as whoever persists it sees it (sharded: each rank writes its own shard in-process,
         in the unit's directory; see trainer_hooks.shards)."""
         directory = self.target.directory
@@ -126,8 +156,16 @@ class Outlet:
             directory = os.path.join(directory, unit_name(filename))
             filename = shard_name(self.shards.rank, self.shards.world_size)
         job = SaveJob(fd, length, directory, filename, meta.step, meta.trigger, stall=stall)
-        msg = {"step": meta.step, "epoch": meta.epoch, "trigger": meta.trigger, "rule": meta.rule,
-               "filename": filename, "length": length, "stall": stall, "memory_only": memory_only}
+        msg = {
+            "step": meta.step,
+            "epoch": meta.epoch,
+            "trigger": meta.trigger,
+            "rule": meta.rule,
+            "filename": filename,
+            "length": length,
+            "stall": stall,
+            "memory_only": memory_only,
+        }
         if cost is not None:  # what the save cost training, when more than the stall (overlap's copy on CPU)
             msg["cost"] = cost
         return job, msg
@@ -166,16 +204,20 @@ class Outlet:
         limit = self.target.settings.get("remote_timeout", 300.0)
         left = self.uploader.wait(limit if timeout is None else min(limit, timeout))
         if left:
-            log.warning("ckptd: %d checkpoint(s) not yet on %s after %.0fs: %s; they stay on disk and the next run "
-                        "(or a daemon) uploads them", len(left), self.target.settings["remote"], limit,
-                        ", ".join(os.path.basename(u.path) for u in left))
+            log.warning(
+                "ckptd: %d checkpoint(s) not yet on %s after %.0fs: %s; they stay on disk and the next run "
+                "(or a daemon) uploads them",
+                len(left),
+                self.target.settings["remote"],
+                limit,
+                ", ".join(os.path.basename(u.path) for u in left),
+            )
         self.uploader.close(timeout=5.0)
 
     def resync_remote(self) -> None:
         """Embedded at start: upload what an earlier run saved and did not get to the remote tier."""
         if self.uploader is not None:
-            self.uploader.resync(self.target.job, self.target.directory, self.target.settings,
-                                   after=self._prune_again)
+            self.uploader.resync(self.target.job, self.target.directory, self.target.settings, after=self._prune_again)
 
     def _persisted_here(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
         self._on_done(job, result, error)
@@ -185,8 +227,9 @@ class Outlet:
         if self.uploader is not None and not self._daemon_has_it:
             from ckptd.remote.uploader import Upload
 
-            self.uploader.submit(Upload(self.target.job, result.path, self.target.settings, after=self._prune_again,
-                                          created=time.time()))
+            self.uploader.submit(
+                Upload(self.target.job, result.path, self.target.settings, after=self._prune_again, created=time.time())
+            )
 
     def _prune_again(self) -> None:
         """Once a checkpoint is remote, local retention may delete what it only kept for that."""
@@ -197,8 +240,9 @@ class Outlet:
     def _persist_here(self, job: SaveJob) -> Persisted:
         hooks = Hooks(removed=self._on_removed, replicate=self._replicate)
         if self.shards is not None:
-            shard = StagedShard(job.fd, job.length, os.path.basename(job.directory), job.filename, job.step,
-                                job.trigger, job.stall)
+            shard = StagedShard(
+                job.fd, job.length, os.path.basename(job.directory), job.filename, job.step, job.trigger, job.stall
+            )
             return save_shard(self.shards, self.target, shard, hooks, self._report_commit)
         return save_unit(self.target, job.fd, job.length, job.filename, job.step, hooks)
 

@@ -37,8 +37,12 @@ def register(ptr: int, size: int) -> bool:
         log.warning("ckptd: could not page-lock the snapshot buffer: %s", exc)
         return False
     if err:
-        log.warning("ckptd: could not page-lock the %d-byte snapshot buffer (cudaError %d); CUDA tensors are "
-                    "copied at pageable speed", size, err)
+        log.warning(
+            "ckptd: could not page-lock the %d-byte snapshot buffer (cudaError %d); CUDA tensors are "
+            "copied at pageable speed",
+            size,
+            err,
+        )
     return not err
 
 
@@ -63,7 +67,9 @@ class DeviceCopies:
         for _, event in self.enqueue(pairs):
             event.synchronize()
 
-    def enqueue(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.device, torch.cuda.Event]]:
+    def enqueue(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[torch.device, torch.cuda.Event]]:
         """The same copies, enqueued and not waited for (``snapshot="overlap"``): one event per
         device, recorded after them, which the trainer's stream waits on before the optimizer
         writes (on the GPU, not the host) and the overlap thread synchronises before the handoff."""
@@ -88,6 +94,9 @@ def pin_for(mode: str, job: str, tensors: Iterable[torch.Tensor]) -> bool:
     if not holds_cuda(tensors) or not torch.cuda.is_available():
         return False
     if mode == "device":
-        log.warning("ckptd: job %s: snapshot='device' is not built yet; CUDA state is copied as with "
-                    "snapshot='host' (straight into page-locked shared memory)", job)
+        log.warning(
+            "ckptd: job %s: snapshot='device' is not built yet; CUDA state is copied as with "
+            "snapshot='host' (straight into page-locked shared memory)",
+            job,
+        )
     return True

@@ -33,8 +33,9 @@ def uncaught_exception() -> BaseException | None:
 
 
 class Preemption:
-    def __init__(self, grace: float, raised: Callable[[], None], between_steps: Callable[[int], None],
-                 dying: Callable[[], None]) -> None:
+    def __init__(
+        self, grace: float, raised: Callable[[], None], between_steps: Callable[[int], None], dying: Callable[[], None]
+    ) -> None:
         self.grace = grace
         self.signum: int | None = None  # > 0: a save is due for it; < 0: re-delivered to the original handler
         self._raised, self._between_steps, self._dying = raised, between_steps, dying

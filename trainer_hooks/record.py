@@ -42,16 +42,29 @@ class SaveRecord:
         assert error is not None
         self.stats["failed"] += 1
         self.last_error = error
-        self.saved.append({"path": None, "step": job.step, "trigger": job.trigger, "ok": False,
-                           "reason": error.reason, "error": str(error)})
+        self.saved.append(
+            {
+                "path": None,
+                "step": job.step,
+                "trigger": job.trigger,
+                "ok": False,
+                "reason": error.reason,
+                "error": str(error),
+            }
+        )
         log.error("ckptd: save of step %d failed (%s): %s; training continues", job.step, error.reason, error)
 
     def ended(self, job: str, step: int) -> None:
         """The run ended: if its final step is not verified, its last line says so (exit 0 or not)."""
         if self.last_verified_step != step:
             why = f"{self.last_error.reason}: {self.last_error}" if self.last_error else "not verified"
-            log.error("ckptd: job %s: the final save of step %d FAILED (%s); the newest verified checkpoint is "
-                      "step %d", job, step, why, self.last_verified_step)
+            log.error(
+                "ckptd: job %s: the final save of step %d FAILED (%s); the newest verified checkpoint is step %d",
+                job,
+                step,
+                why,
+                self.last_verified_step,
+            )
 
     def failed_early(self, step: int, exc: Exception) -> None:
         """A save that failed before it was handed over (composing or copying its snapshot)."""
@@ -60,8 +73,11 @@ class SaveRecord:
 
     def skipped(self, trigger: str, step: int) -> None:
         self.stats["skipped"] += 1
-        log.warning("ckptd: %s save at step %d skipped: the previous save is still being written "
-                    "(missed, reason=backpressure)", trigger, step)
+        log.warning(
+            "ckptd: %s save at step %d skipped: the previous save is still being written (missed, reason=backpressure)",
+            trigger,
+            step,
+        )
 
     def removed(self, removals: list[Removal]) -> None:
         for r in removals:

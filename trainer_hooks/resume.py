@@ -65,8 +65,9 @@ def newest_to_resume(job: str, directory: str, quiet: bool) -> Checkpoint | None
     t0 = time.perf_counter()
     info = newest_verified(directory, job, units=False, owner=os.geteuid())  # only the uid's own
     if not quiet:
-        say_resumed(job, info.step if info else 0, info.path if info else None, "disk", time.perf_counter() - t0,
-                    directory)
+        say_resumed(
+            job, info.step if info else 0, info.path if info else None, "disk", time.perf_counter() - t0, directory
+        )
     return info
 
 
@@ -120,8 +121,10 @@ class Resumer:
             return None
         problem = directory_problem(self.directory, os.geteuid())
         if problem:
-            raise ResumeError(f"job {self.job}: {problem}. Nothing in it is resumed (another user may have swapped "
-                              "it for one of theirs); give this run a directory of your own")
+            raise ResumeError(
+                f"job {self.job}: {problem}. Nothing in it is resumed (another user may have swapped "
+                "it for one of theirs); give this run a directory of your own"
+            )
         t0, source = time.perf_counter(), "disk"
         remembered = self._from_memory(t0)
         if remembered is not None:
@@ -135,10 +138,12 @@ class Resumer:
         fits = self.shards is not None or self.model is None  # (a sharded rank holds its part of the model)
         problem = "" if fits else structure_problem(self.structure, info.path)
         if problem:
-            raise ResumeError(f"the newest checkpoint of job {self.job}, {info.path} (step {info.step}), does not fit "
-                              f"this model: {problem}. It may be from an older run in the same directory. Start "
-                              "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
-                              "or give this run another directory or job name")
+            raise ResumeError(
+                f"the newest checkpoint of job {self.job}, {info.path} (step {info.step}), does not fit "
+                f"this model: {problem}. It may be from an older run in the same directory. Start "
+                "fresh with ckpt.resume(fresh=True) (moves the job's checkpoints into .ckptd-stale/), "
+                "or give this run another directory or job name"
+            )
         resumed = self._finish(self._load(info), info.step, info.path, source, t0)
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, resumed.step)
         return resumed
@@ -156,9 +161,15 @@ class Resumer:
             return None  # no directory (removed since): nothing of it is in memory either
         on_disk = [c.step for c in self.checkpoints() if c.ok and not c.pending]
         into = {f"model/{k}": t for k, t in self.model.state_dict().items()} if self.model is not None else {}
-        snap = memory.fetch(self.socket_path, self.job, self.directory, (st.st_dev, st.st_ino), max(on_disk, default=-1),
-                            lambda meta: self.model is None or meta.get(FINGERPRINT) == fingerprint(self.structure),
-                            into)
+        snap = memory.fetch(
+            self.socket_path,
+            self.job,
+            self.directory,
+            (st.st_dev, st.st_ino),
+            max(on_disk, default=-1),
+            lambda meta: self.model is None or meta.get(FINGERPRINT) == fingerprint(self.structure),
+            into,
+        )
         if snap is None:
             return None
         apply(snap.state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
@@ -181,8 +192,9 @@ class Resumer:
         manifest = read_manifest(info.path) if self.shards is not None else None
         if manifest is not None and manifest.layout == DCP_LAYOUT:
             return self._load_planned(info.path, manifest.world_size)
-        state = _load_owned(info.path if self.shards is None else os.path.join(info.path, shard_name(self.rank,
-                                                                                                    self.world_size)))
+        state = _load_owned(
+            info.path if self.shards is None else os.path.join(info.path, shard_name(self.rank, self.world_size))
+        )
         apply(state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
         return state
 
@@ -202,9 +214,13 @@ class Resumer:
         own = self.rank if self.rank < saved_by else 0
         state: dict[str, Any] = load(os.path.join(unit, shard_name(own, saved_by)))[dcpio.local_key(own)]
         if own != self.rank or saved_by != self.world_size:
-            log.info("ckptd: rank %d of %d resumes a checkpoint of %d ranks (resharded); its RNG and extra %s",
-                     self.rank, self.world_size, saved_by,
-                     "stay as they are (the unit has no shard of this rank)" if own != self.rank else "are its own")
+            log.info(
+                "ckptd: rank %d of %d resumes a checkpoint of %d ranks (resharded); its RNG and extra %s",
+                self.rank,
+                self.world_size,
+                saved_by,
+                "stay as they are (the unit has no shard of this rank)" if own != self.rank else "are its own",
+            )
         if own == self.rank:
             apply(state, generators=self.generators)
         else:
@@ -231,8 +247,12 @@ class Resumer:
         from ckptd.remote.stores import RemoteError, open_store
 
         try:  # only this uid's own job in this directory (layout.job_prefix), and its commit object must say so
-            path = fetch(open_store(self.settings["remote"], self.settings.get("remote_endpoint")),
-                         prefix_in(self.settings, self.job, self.directory), self.directory, check=self._remote_ours)
+            path = fetch(
+                open_store(self.settings["remote"], self.settings.get("remote_endpoint")),
+                prefix_in(self.settings, self.job, self.directory),
+                self.directory,
+                check=self._remote_ours,
+            )
         except (RemoteError, OSError) as exc:
             log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
             return None
@@ -253,13 +273,23 @@ class Resumer:
         own credentials, which the store's access control let read it: fetched, said in the log."""
         uid, directory = remote_owner(c)
         if uid is None and directory is None:
-            log.warning("ckptd: job %s: remote %s names no owner (written before the layout recorded one); "
-                        "fetched because this trainer's own credentials read it", self.job, c.key)
+            log.warning(
+                "ckptd: job %s: remote %s names no owner (written before the layout recorded one); "
+                "fetched because this trainer's own credentials read it",
+                self.job,
+                c.key,
+            )
             return True
         if uid == os.geteuid() and directory == os.path.realpath(self.directory):
             return True
-        log.warning("ckptd: skipping remote %s: its commit object names uid %s in %s, this run is uid %d in %s",
-                    c.key, uid, directory, os.geteuid(), os.path.realpath(self.directory))
+        log.warning(
+            "ckptd: skipping remote %s: its commit object names uid %s in %s, this run is uid %d in %s",
+            c.key,
+            uid,
+            directory,
+            os.geteuid(),
+            os.path.realpath(self.directory),
+        )
         return False
 
     def _resumable(self, info: Checkpoint) -> VerifyResult:
@@ -270,11 +300,18 @@ class Resumer:
         # each shard re-read by one rank (its own, with as many ranks), its peers' checked cheaply
         full = range(self.rank, 1 << 31, self.world_size)
         result = verified_if_owned(info.path, self.directory, os.geteuid(), lambda p: verify_unit(p, full=full))
-        if (result.ok and result.metadata.get("ckptd.world_size") != str(self.world_size)
-                and result.metadata.get("ckptd.layout") != DCP_LAYOUT):
-            result = replace(result, ok=False, reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
-                                                      f"this run has {self.world_size}: each rank saved its own plain "
-                                                      "tensors, which do not reshard (DTensor state, FSDP2, does)")
+        if (
+            result.ok
+            and result.metadata.get("ckptd.world_size") != str(self.world_size)
+            and result.metadata.get("ckptd.layout") != DCP_LAYOUT
+        ):
+            result = replace(
+                result,
+                ok=False,
+                reason=f"saved by {result.metadata.get('ckptd.world_size')} ranks, "
+                f"this run has {self.world_size}: each rank saved its own plain "
+                "tensors, which do not reshard (DTensor state, FSDP2, does)",
+            )
         if self.shards.everyone(result.ok) != result.ok:
             result = replace(result, ok=False, reason="another rank's shard of it does not verify")
         return result
@@ -288,8 +325,10 @@ def _load_owned(path: str) -> dict[str, Any]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise ResumeError(f"{path} changed after it was checked: it is now owned by uid {st.st_uid}, not by uid "
-                              f"{os.geteuid()} (another user can write into its directory); it is not loaded")
+            raise ResumeError(
+                f"{path} changed after it was checked: it is now owned by uid {st.st_uid}, not by uid "
+                f"{os.geteuid()} (another user can write into its directory); it is not loaded"
+            )
         return load(path, via=f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
@@ -299,4 +338,6 @@ def remote_owner(c: RemoteCheckpoint) -> tuple[int | None, str | None]:
     """The owner uid and job directory a remote commit object names (``owner_uid`` and
     ``directory`` in its JSON); (None, None) for one written before the layout recorded them."""
     uid, directory = getattr(c, "owner_uid", None), getattr(c, "directory", None)
-    return (int(uid) if isinstance(uid, int) else None), (directory if isinstance(directory, str) and directory else None)
+    return (int(uid) if isinstance(uid, int) else None), (
+        directory if isinstance(directory, str) and directory else None
+    )

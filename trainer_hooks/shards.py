@@ -71,8 +71,10 @@ class ShardGroup:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("sharded=True needs torch.distributed initialised (init_process_group) before the "
-                             "Checkpointer is created, on every rank")
+            raise ValueError(
+                "sharded=True needs torch.distributed initialised (init_process_group) before the "
+                "Checkpointer is created, on every rank"
+            )
         self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         wait = timedelta(seconds=timeout)

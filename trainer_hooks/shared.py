@@ -56,8 +56,9 @@ class SharedTensors:
         self._held: dict[str, tuple[_Seen, Ref]] = {}  # name -> as verified, and where its bytes are
         self._staged: tuple[int, dict[str, tuple[_Seen, Ref | None]]] | None = None
 
-    def split(self, step: int, tensors: dict[str, torch.Tensor], frozen: set[Identity],
-              record: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Ref]]:
+    def split(
+        self, step: int, tensors: dict[str, torch.Tensor], frozen: set[Identity], record: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Ref]]:
         """At staging: (the tensors to copy, the references that stand for the unchanged frozen ones).
         ``record=False``: a snapshot that will not be a file (``every_memory``) teaches nothing."""
         stored: dict[str, torch.Tensor] = {}
@@ -112,8 +113,11 @@ def _where(path: str, names: list[str]) -> dict[str, Ref]:
     digests = header.meta_json("ckptd.digests", {}) or {}
     entries = {e.name: e for e in header.tensors}
     file = os.path.basename(path)
-    held = {n: Ref(file, n, (entries[n].begin, entries[n].end), str(digests[n]), entries[n].dtype,
-                   tuple(entries[n].shape)) for n in names if n in entries and n in digests}
+    held = {
+        n: Ref(file, n, (entries[n].begin, entries[n].end), str(digests[n]), entries[n].dtype, tuple(entries[n].shape))
+        for n in names
+        if n in entries and n in digests
+    }
     try:
         referred = decode(header.metadata)  # what the persister found unchanged by its bytes (ckptd.disk.dedup)
     except RefError:

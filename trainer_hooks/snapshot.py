@@ -120,7 +120,9 @@ class Snapshotter:
     def _trainable_state(self) -> dict[str, Any]:
         """``save="trainable"``: the parameters that train and the buffers that changed since construction."""
         trains = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        changed = {n for n, b in self.model.named_buffers() if (identity(b), b._version) != self._buffers_at_start.get(n)}
+        changed = {
+            n for n, b in self.model.named_buffers() if (identity(b), b._version) != self._buffers_at_start.get(n)
+        }
         return {k: v for k, v in self.model.state_dict().items() if k in trains or k in changed}
 
     def take(self, trigger: str, rule: str, now: float, memory_only: bool = False) -> Taken:
@@ -142,8 +144,9 @@ class Snapshotter:
         meta = {**self._fields(taken.meta, taken.skeleton, taken.aliases), **taken.fields}
         if self.shared is None:
             return taken.tensors, meta
-        tensors, refs = self.shared.split(taken.meta.step, taken.tensors, frozen_identities(self.model),
-                                          record=not taken.memory_only)
+        tensors, refs = self.shared.split(
+            taken.meta.step, taken.tensors, frozen_identities(self.model), record=not taken.memory_only
+        )
         if refs:
             meta[REFS_KEY] = encode(refs)
         return tensors, meta
@@ -166,7 +169,9 @@ class Snapshotter:
         """What a snapshot of this state will take in the staging buffer, with room for a header
         that grows between saves (step numbers, metrics): the size reserved ahead of a save.
         Exact without DCP; with it, this rank's ``planned`` bytes stand in for its chunks."""
-        length = image_length(flat.tensors, self._fields(self._meta("manual", "manual", time.time()), skeleton, flat.aliases))
+        length = image_length(
+            flat.tensors, self._fields(self._meta("manual", "manual", time.time()), skeleton, flat.aliases)
+        )
         return length + planned + HEADER_ROOM
 
     def measure(self, saving: bool) -> Measured:
@@ -205,8 +210,17 @@ class Snapshotter:
 
     def _meta(self, trigger: str, rule: str, now: float) -> CheckpointMeta:
         p = self.progress
-        return CheckpointMeta(self.job, p.step, now, trigger, rule, p.epoch, jsonable_metrics(p.metrics or {}),
-                              self.run_id, fingerprint(self.structure) if self.structure is not None else "")
+        return CheckpointMeta(
+            self.job,
+            p.step,
+            now,
+            trigger,
+            rule,
+            p.epoch,
+            jsonable_metrics(p.metrics or {}),
+            self.run_id,
+            fingerprint(self.structure) if self.structure is not None else "",
+        )
 
     def _fields(self, meta: CheckpointMeta, skeleton: Any, aliases: dict[str, str]) -> dict[str, str]:
         return {**meta.encode(skeleton, aliases, FORMAT_VERSION), **self._configs}
@@ -222,8 +236,11 @@ def model_configs(model: Any) -> dict[str, str]:
             out[HF_CONFIG] = with_architecture(config.to_json_string(use_diff=False), model)
         peft = getattr(model, "peft_config", None)
         if isinstance(peft, dict) and peft:
-            out[PEFT_CONFIG] = json.dumps({name: c.to_dict() for name, c in peft.items()}, sort_keys=True,
-                                          default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v))
+            out[PEFT_CONFIG] = json.dumps(
+                {name: c.to_dict() for name, c in peft.items()},
+                sort_keys=True,
+                default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v),
+            )
     except Exception as exc:  # a config that does not serialise costs the export format, never a save
         log.warning("ckptd: the model's config is not recorded (ckptd export --format hf/peft will say so): %s", exc)
     return out

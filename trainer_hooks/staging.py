@@ -68,8 +68,9 @@ class StagingBuffer:
                 try:
                     self._map(size, populate=True)
                 except OSError as exc:  # memory is short: the save faults pages in itself, as before
-                    log.warning("ckptd: could not reserve %d bytes of snapshot memory ahead of the first save: %s",
-                                size, exc)
+                    log.warning(
+                        "ckptd: could not reserve %d bytes of snapshot memory ahead of the first save: %s", size, exc
+                    )
 
     def join(self) -> None:
         if self._reserving is not None:
@@ -119,8 +120,9 @@ class StagingBuffer:
         """Copy the state into the buffer; returns the length of the safetensors image."""
         return self.stage_overlapped(tensors, metadata, ())[0]
 
-    def stage_overlapped(self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str],
-                         later: Collection[str]) -> tuple[int, Pending]:
+    def stage_overlapped(
+        self, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], later: Collection[str]
+    ) -> tuple[int, Pending]:
         """``stage``, but the tensors named in ``later`` are left to copy (``snapshot="overlap"``: on
         CPU by ``Pending.finish``, on CUDA already enqueued on ckptd's stream)."""
         entries, header, length = _header(tensors, metadata)
@@ -129,15 +131,21 @@ class StagingBuffer:
             pending = self._copy(self._ensure(length), header, entries, tensors, later)
         return length, pending
 
-    def _copy(self, flat: torch.Tensor, header: bytes, entries: list[TensorEntry],
-              tensors: Mapping[str, torch.Tensor], later: Collection[str]) -> Pending:
+    def _copy(
+        self,
+        flat: torch.Tensor,
+        header: bytes,
+        entries: list[TensorEntry],
+        tensors: Mapping[str, torch.Tensor],
+        later: Collection[str],
+    ) -> Pending:
         flat[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         base, pending = len(header), Pending()
         on_gpu: list[tuple[torch.Tensor, torch.Tensor]] = []
         for e in entries:
             if e.nbytes:
                 t = tensors[e.name]
-                dst = flat[base + e.begin: base + e.end].view(t.dtype).view(t.shape)
+                dst = flat[base + e.begin : base + e.end].view(t.dtype).view(t.shape)
                 if t.is_cuda:
                     (pending.gpu if e.name in later else on_gpu).append((dst, t))
                 elif e.name in later:

@@ -32,11 +32,25 @@ class StateError(TypeError):
 
 def _dtype_table() -> dict[torch.dtype, str]:
     names = {
-        "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-        "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-        "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL", "complex64": "C64",
-        "float8_e4m3fn": "F8_E4M3", "float8_e4m3fnuz": "F8_E4M3FNUZ",
-        "float8_e5m2": "F8_E5M2", "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
+        "float64": "F64",
+        "float32": "F32",
+        "float16": "F16",
+        "bfloat16": "BF16",
+        "int64": "I64",
+        "int32": "I32",
+        "int16": "I16",
+        "int8": "I8",
+        "uint8": "U8",
+        "uint16": "U16",
+        "uint32": "U32",
+        "uint64": "U64",
+        "bool": "BOOL",
+        "complex64": "C64",
+        "float8_e4m3fn": "F8_E4M3",
+        "float8_e4m3fnuz": "F8_E4M3FNUZ",
+        "float8_e5m2": "F8_E5M2",
+        "float8_e5m2fnuz": "F8_E5M2FNUZ",
+        "float8_e8m0fnu": "F8_E8M0",
     }
     return {getattr(torch, k): v for k, v in names.items() if hasattr(torch, k)}
 
@@ -45,9 +59,14 @@ TORCH_TO_ST: dict[torch.dtype, str] = _dtype_table()
 ST_TO_TORCH: dict[str, torch.dtype] = {v: k for k, v in TORCH_TO_ST.items()}
 
 
-def capture(model: Any = None, optimizer: Any = None, scheduler: Any = None,
-            extra: dict[str, Any] | None = None, trainer: dict[str, Any] | None = None,
-            generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+def capture(
+    model: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    extra: dict[str, Any] | None = None,
+    trainer: dict[str, Any] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+) -> dict[str, Any]:
     """The nested state of one checkpoint; RNG states always included, and those of the
     generators the trainer hands in (a sampler's ``generator=``), by name."""
     state: dict[str, Any] = {"trainer": trainer or {}, "rng": rng_state()}
@@ -132,12 +151,14 @@ def _encode(v: Any, path: str, flat: Flat) -> Any:
         if all(type(x) in _SCALARS for x in v):  # fast path: RNG states are 625-int tuples
             return {tag: list(v)}
         return {tag: [_encode(x, f"{path}/{i}", flat) for i, x in enumerate(v)]}
-    raise StateError(f"{path or '/'}: a {type(v).__name__} cannot be checkpointed; "
-                     "use tensors, numbers, strings, lists and dicts")
+    raise StateError(
+        f"{path or '/'}: a {type(v).__name__} cannot be checkpointed; use tensors, numbers, strings, lists and dicts"
+    )
 
 
 def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> Any:
     """Rebuild the nested state; every alias is the very tensor it aliases."""
+
     def tensor(name: str) -> torch.Tensor:
         return tensors[aliases.get(name, name)]
 
@@ -162,8 +183,14 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor], aliases: dict[str
     return dec(skeleton)
 
 
-def apply(state: dict[str, Any], model: Any = None, optimizer: Any = None, scheduler: Any = None,
-          generators: dict[str, torch.Generator] | None = None, strict: bool = True) -> None:
+def apply(
+    state: dict[str, Any],
+    model: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    generators: dict[str, torch.Generator] | None = None,
+    strict: bool = True,
+) -> None:
     """Load a restored state into the live objects, RNG last (loading may draw from it).
     ``strict=False``: a ``save="trainable"`` checkpoint, whose base the user's code loaded."""
     if model is not None and "model" in state:

@@ -25,8 +25,15 @@ log = logging.getLogger(__name__)
 
 
 class TimeRules:
-    def __init__(self, policy: pol.SavePolicy, fire: Callable[[str], None], mine: Callable[[], bool],
-                 job: str = "", state_bytes: int = 0, every_memory: float | None = None) -> None:
+    def __init__(
+        self,
+        policy: pol.SavePolicy,
+        fire: Callable[[str], None],
+        mine: Callable[[], bool],
+        job: str = "",
+        state_bytes: int = 0,
+        every_memory: float | None = None,
+    ) -> None:
         self.policy, self.job = policy, job
         self._fire, self._mine = fire, mine
         self._sched: Any = None
@@ -52,8 +59,13 @@ class TimeRules:
         """``every="auto"``'s interval now, with the rule that decided it (None without auto)."""
         if not self.policy.auto:
             return None
-        return auto_interval(self.costs, estimate_mtbf(0, 0.0, self.policy.mtbf), self.policy.max_overhead,
-                             self.policy.min_interval, self._cost_guess)
+        return auto_interval(
+            self.costs,
+            estimate_mtbf(0, 0.0, self.policy.mtbf),
+            self.policy.max_overhead,
+            self.policy.min_interval,
+            self._cost_guess,
+        )
 
     def measured(self, stall: float | None = None, persist: float | None = None) -> None:
         """A save's stall (at the handoff) or persist time (handoff to verified), in seconds."""
@@ -67,8 +79,14 @@ class TimeRules:
             log.info("ckptd: job %s: saving every %.3gs (%s, rule %s)", self.job, auto.seconds, auto.reason, auto.rule)
         due = pol.next_time_due(self.policy, wall, auto.seconds if auto else None)
         if due is not None and self._sched is not None:
-            self._sched.add_job(self._fired, "date", run_date=datetime.fromtimestamp(due, timezone.utc),
-                                args=["every"], id="every", replace_existing=True)
+            self._sched.add_job(
+                self._fired,
+                "date",
+                run_date=datetime.fromtimestamp(due, timezone.utc),
+                args=["every"],
+                id="every",
+                replace_existing=True,
+            )
 
     def scheduled(self, rule: str) -> bool:
         return self._sched is not None and self._sched.get_job(rule) is not None

@@ -100,11 +100,20 @@ class Triggers:
     def decide(self, step: int, preempt_pending: bool, metric: float | None, now: float) -> pol.Decision:
         if self.sharded:
             a = self.agreed
-            p = pol.Progress(step, self.last_saved_step, self.last_sched_at, TIME_RULES[a[FLAG_TIME]] or None,
-                             bool(a[FLAG_PREEMPT]), metric, self.best, best_due=bool(a[FLAG_BEST]))
+            p = pol.Progress(
+                step,
+                self.last_saved_step,
+                self.last_sched_at,
+                TIME_RULES[a[FLAG_TIME]] or None,
+                bool(a[FLAG_PREEMPT]),
+                metric,
+                self.best,
+                best_due=bool(a[FLAG_BEST]),
+            )
         else:
-            p = pol.Progress(step, self.last_saved_step, self.last_sched_at, self.time_due, preempt_pending,
-                             metric, self.best)
+            p = pol.Progress(
+                step, self.last_saved_step, self.last_sched_at, self.time_due, preempt_pending, metric, self.best
+            )
         return pol.decide(self.policy, p, now)
 
     def decided(self, preempt_pending: bool) -> None:
@@ -135,6 +144,10 @@ class Triggers:
         self._best_steps = (self._best_steps + [step])[-5:]
         if not self._churn_warned and len(self._best_steps) == 5 and self._best_steps[-1] - self._best_steps[0] <= 8:
             self._churn_warned = True
-            log.warning("ckptd: job %s: best_metric %r improved and saved at 5 of the last %d steps; pass "
-                        "evaluation metrics with ckpt.report(...) instead of step(metrics=...), or set min_interval",
-                        self.job, self.best_key, self._best_steps[-1] - self._best_steps[0] + 1)
+            log.warning(
+                "ckptd: job %s: best_metric %r improved and saved at 5 of the last %d steps; pass "
+                "evaluation metrics with ckpt.report(...) instead of step(metrics=...), or set min_interval",
+                self.job,
+                self.best_key,
+                self._best_steps[-1] - self._best_steps[0] + 1,
+            )

@@ -13,11 +13,13 @@ from ckptd.core.settings import KEYS, SettingsError, parse_table, resolve
 
 def setting_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Every policy/retention key of the given groups as a ``--dashed`` option (SPEC §6)."""
+
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         for key, spec in reversed(list(KEYS.items())):
             if spec.group in groups and key not in exclude:
                 f = _option(key, spec)(f)
         return f
+
     return decorate
 
 
@@ -45,8 +47,13 @@ def main() -> None:
     """ckptd: checkpoints that are written, verified and kept, or an alert says why not."""
 
 
-SOCKET_OPTION = click.option("--socket", "socket_path", default=None, envvar="CKPTD_SOCKET",
-                             help="daemon socket (default: $CKPTD_SOCKET, $XDG_RUNTIME_DIR/ckptd.sock, /run/ckptd/ckptd.sock)")
+SOCKET_OPTION = click.option(
+    "--socket",
+    "socket_path",
+    default=None,
+    envvar="CKPTD_SOCKET",
+    help="daemon socket (default: $CKPTD_SOCKET, $XDG_RUNTIME_DIR/ckptd.sock, /run/ckptd/ckptd.sock)",
+)
 
 
 def is_directory(target: str | None) -> bool:

@@ -19,15 +19,22 @@ LARGE = 1 << 30  # exports above this show their progress
 @main.command("export")
 @click.argument("unit", type=click.Path(exists=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="safetensors", show_default=True,
-              help="safetensors: model.safetensors; hf: and config.json (from_pretrained); peft: the adapter "
-                   "(PeftModel.from_pretrained)")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="safetensors",
+    show_default=True,
+    help="safetensors: model.safetensors; hf: and config.json (from_pretrained); peft: the adapter "
+    "(PeftModel.from_pretrained)",
+)
 @click.option("--adapter", default="default", show_default=True, help="with --format peft: which adapter")
 @click.option("--job", default=None, help="with a directory: the newest verified checkpoint of this job")
 @click.option("--rank", type=int, default=None, help="a sharded unit of per-rank state: export this rank's")
 @click.option("--json", "as_json", is_flag=True, help="print what was written as JSON")
-def export_cmd(unit: str, out_dir: str, fmt: str, adapter: str, job: str | None, rank: int | None,
-               as_json: bool) -> None:
+def export_cmd(
+    unit: str, out_dir: str, fmt: str, adapter: str, job: str | None, rank: int | None, as_json: bool
+) -> None:
     """Write UNIT's model weights alone into OUT_DIR, under the model's own state_dict keys (no ckptd
     prefixes, no optimizer or RNG state), frozen tensors stored elsewhere included. UNIT is a
     checkpoint file, a sharded unit (FSDP2/DTensor units are consolidated into one state dict), or

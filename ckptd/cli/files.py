@@ -63,12 +63,17 @@ def _verified_line(r: VerifyResult, as_json: bool, status: str = "") -> None:
 @click.argument("target", required=False)
 @click.option("--job", default=None, help="only this job's checkpoints (with a directory)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("--remote", "remote", is_flag=True,
-              help="TARGET's remote tier: a job name (its remote from $CKPTD_*/the config), the hook's remote= URL (every job below it) or s3://bucket/prefix/JOB")
+@click.option(
+    "--remote",
+    "remote",
+    is_flag=True,
+    help="TARGET's remote tier: a job name (its remote from $CKPTD_*/the config), the hook's remote= URL (every job below it) or s3://bucket/prefix/JOB",
+)
 @remote_options
 @SOCKET_OPTION
-def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, endpoint: str | None,
-             socket_path: str | None) -> None:
+def list_cmd(
+    target: str | None, job: str | None, as_json: bool, remote: bool, endpoint: str | None, socket_path: str | None
+) -> None:
     """Checkpoints of a directory (read from the files), of a job (asked from the daemon), or with
     --remote the committed checkpoints of a job on its remote tier."""
     if remote or (target is not None and is_remote(target)):
@@ -94,8 +99,10 @@ def list_cmd(target: str | None, job: str | None, as_json: bool, remote: bool, e
         pin = " (pinned)" if c["pinned"] else ""
         bad = f"  UNREADABLE: {c['problem']}" if c["problem"] else ""
         step = "-" if c["step"] is None or c["step"] < 0 else c["step"]
-        click.echo(f"{step:>10}  {c['job'] or '-':<16} {c['trigger'] or '-':<11} {format_bytes(c['bytes']):>10}  "
-                   f"{format_duration(max(0.0, now - c['created'])):>6}  {c['path']}{pin}{bad}")
+        click.echo(
+            f"{step:>10}  {c['job'] or '-':<16} {c['trigger'] or '-':<11} {format_bytes(c['bytes']):>10}  "
+            f"{format_duration(max(0.0, now - c['created'])):>6}  {c['path']}{pin}{bad}"
+        )
 
 
 def _directory_items(directory: str, job: str | None) -> list[dict[str, Any]]:
@@ -115,16 +122,38 @@ def _directory_items(directory: str, job: str | None) -> list[dict[str, Any]]:
             if job is None or info.job == job:
                 items.append(_info_json(info))
         elif job is None:
-            items.append({"path": f.path, "job": "", "step": f.step, "epoch": None, "bytes": f.bytes,
-                          "created": f.mtime, "trigger": f.kind, "rule": "", "metrics": {},
-                          "pinned": os.path.exists(pin_path(f.path)), "problem": ""})
+            items.append(
+                {
+                    "path": f.path,
+                    "job": "",
+                    "step": f.step,
+                    "epoch": None,
+                    "bytes": f.bytes,
+                    "created": f.mtime,
+                    "trigger": f.kind,
+                    "rule": "",
+                    "metrics": {},
+                    "pinned": os.path.exists(pin_path(f.path)),
+                    "problem": "",
+                }
+            )
     return sorted(items, key=lambda c: (c["step"] if c["step"] is not None else -1, c["created"], c["path"]))
 
 
 def _info_json(c: Checkpoint) -> dict[str, Any]:
-    return {"path": c.path, "job": c.job, "step": c.step, "epoch": c.epoch, "bytes": c.bytes,
-            "created": c.created, "trigger": c.trigger, "rule": c.rule, "metrics": c.metrics,
-            "pinned": c.pinned, "problem": c.problem}
+    return {
+        "path": c.path,
+        "job": c.job,
+        "step": c.step,
+        "epoch": c.epoch,
+        "bytes": c.bytes,
+        "created": c.created,
+        "trigger": c.trigger,
+        "rule": c.rule,
+        "metrics": c.metrics,
+        "pinned": c.pinned,
+        "problem": c.problem,
+    }
 
 
 @main.command()
@@ -134,8 +163,11 @@ def _info_json(c: Checkpoint) -> dict[str, Any]:
 @SOCKET_OPTION
 def latest(target: str, job: str | None, as_json: bool, socket_path: str | None) -> None:
     """Path of the newest checkpoint that verifies now, of a directory or a job (exit 1 if none)."""
-    path = ask(socket_path, {"type": "latest", "job": target})["path"] if not is_directory(target) \
+    path = (
+        ask(socket_path, {"type": "latest", "job": target})["path"]
+        if not is_directory(target)
         else _newest_in(target, job)
+    )
     click.echo(json.dumps({"path": path}) if as_json else path)
 
 
@@ -153,8 +185,11 @@ def _newest_in(target: str, job: str | None) -> str:
     found = newest_verified(target, job, check=check)
     if found is not None:
         return found.path
-    others = sorted((f for f in foreign.find(target) if f.kind not in ("safetensors", "ckptd-sharded")),
-                    key=lambda f: (f.step if f.step is not None else -1, f.mtime), reverse=True)
+    others = sorted(
+        (f for f in foreign.find(target) if f.kind not in ("safetensors", "ckptd-sharded")),
+        key=lambda f: (f.step if f.step is not None else -1, f.mtime),
+        reverse=True,
+    )
     if job is None and (other := first_verified(others, foreign.verify)) is not None:
         return other.path
     raise click.ClickException(f"no verified checkpoint in {target}")
@@ -182,9 +217,11 @@ def _set_pin(path: str, pinned: bool) -> None:
     try:
         set_pinned(path, pinned)
     except OSError as exc:
-        raise click.ClickException(f"cannot {'pin' if pinned else 'unpin'} {path}: "
-                                   f"{exc.strerror or exc} (the marker .{os.path.basename(path)}.pinned "
-                                   "lives beside it)") from None
+        raise click.ClickException(
+            f"cannot {'pin' if pinned else 'unpin'} {path}: "
+            f"{exc.strerror or exc} (the marker .{os.path.basename(path)}.pinned "
+            "lives beside it)"
+        ) from None
 
 
 def _tell_daemon(msg: dict[str, Any]) -> None:
@@ -208,33 +245,48 @@ def _tell_daemon(msg: dict[str, Any]) -> None:
 @click.option("--best-mode", default=None, type=click.Choice(["min", "max"]))
 @click.option("--json", "as_json", is_flag=True, help="print every verdict as one JSON list")
 @SOCKET_OPTION
-def gc(target: str, job: str | None, dry_run: bool, config_file: str | None, socket_path: str | None,
-       as_json: bool, **options: Any) -> None:
+def gc(
+    target: str,
+    job: str | None,
+    dry_run: bool,
+    config_file: str | None,
+    socket_path: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
     """Apply retention to a directory, or to a job of the daemon: keep/delete and the rule that decided."""
     directory = is_directory(target)
-    reply = _daemon_gc(socket_path, target, job, dry_run) if directory else \
-        ask(socket_path, {"type": "gc", "job": target, "dry_run": dry_run})
+    reply = (
+        _daemon_gc(socket_path, target, job, dry_run)
+        if directory
+        else ask(socket_path, {"type": "gc", "job": target, "dry_run": dry_run})
+    )
     if reply is not None:
         _show_daemon_gc(reply, target, job, dry_run, as_json, options)
     else:
         _local_gc(target, job, dry_run, config_file, as_json, options)
 
 
-def _show_daemon_gc(reply: dict[str, Any], target: str, job: str | None, dry_run: bool, as_json: bool,
-                    options: dict[str, Any]) -> None:
+def _show_daemon_gc(
+    reply: dict[str, Any], target: str, job: str | None, dry_run: bool, as_json: bool, options: dict[str, Any]
+) -> None:
     """What the daemon did with the job's own settings (the command line's are said to be unused)."""
     given = sorted(k for k, v in options.items() if v is not None and k in KEYS)
     if given:
-        click.echo(f"ckptd gc: the daemon owns {target} and applies the job's own settings; "
-                   f"{', '.join('--' + k.replace('_', '-') for k in given)} not used", err=True)
+        click.echo(
+            f"ckptd gc: the daemon owns {target} and applies the job's own settings; "
+            f"{', '.join('--' + k.replace('_', '-') for k in given)} not used",
+            err=True,
+        )
     if as_json:
         click.echo(json.dumps(reply["verdicts"], indent=2))
     else:
         _print_verdicts(job or target, reply["verdicts"], dry_run, {})
 
 
-def _local_gc(target: str, job: str | None, dry_run: bool, config_file: str | None, as_json: bool,
-              options: dict[str, Any]) -> None:
+def _local_gc(
+    target: str, job: str | None, dry_run: bool, config_file: str | None, as_json: bool, options: dict[str, Any]
+) -> None:
     """No daemon owns ``target``: retention applied here, per job, with the config and command line."""
     from ckptd.core import config as config_mod
     from ckptd.core.retention import verdict_row
@@ -282,9 +334,11 @@ def _daemon_gc(socket_path: str | None, directory: str, job: str | None, dry_run
     from ckptd.wire.protocol import default_socket_path
 
     try:
-        reply = request(socket_path or configured_socket() or default_socket_path(),
-                        {"type": "gc", "directory": os.path.realpath(directory), "job": job, "dry_run": dry_run},
-                        timeout=120)
+        reply = request(
+            socket_path or configured_socket() or default_socket_path(),
+            {"type": "gc", "directory": os.path.realpath(directory), "job": job, "dry_run": dry_run},
+            timeout=120,
+        )
     except DaemonUnavailable:
         return None
     if not reply.get("ok"):
@@ -307,21 +361,28 @@ def _foreign_gc(target: str, settings: dict[str, Any], as_json: bool) -> None:
     for u in units:
         ok = foreign.verify(u).ok
         groups.setdefault(os.path.dirname(u.path), []).append(
-            retention.item_of(u.path, u.step if u.step is not None else -1, u.mtime, u.bytes, verified=ok))
-    by_dir = {d: [retention.verdict_row(v, None, error="") for v in retention.judge(items, rules, time.time())]
-              for d, items in groups.items()}
+            retention.item_of(u.path, u.step if u.step is not None else -1, u.mtime, u.bytes, verified=ok)
+        )
+    by_dir = {
+        d: [retention.verdict_row(v, None, error="") for v in retention.judge(items, rules, time.time())]
+        for d, items in groups.items()
+    }
     if as_json:
         click.echo(json.dumps([r for rows in by_dir.values() for r in rows], indent=2))
         return
     for directory, rows in by_dir.items():
         _print_verdicts(f"(other tools' checkpoints in {directory})", rows, True, {})
-    click.echo("nothing deleted: other tools' checkpoints are retained by watch mode, which verifies each as it is "
-               f"written (ckptd watch {target} with these retention options)")
+    click.echo(
+        "nothing deleted: other tools' checkpoints are retained by watch mode, which verifies each as it is "
+        f"written (ckptd watch {target} with these retention options)"
+    )
 
 
 def _print_verdicts(job: str, rows: list[dict[str, Any]], dry_run: bool, errors: dict[str, str]) -> None:
-    click.secho(f"job {job}: {sum(not r['keep'] for r in rows)} of {len(rows)} to delete"
-                + (" (dry run)" if dry_run else ""), bold=True)
+    click.secho(
+        f"job {job}: {sum(not r['keep'] for r in rows)} of {len(rows)} to delete" + (" (dry run)" if dry_run else ""),
+        bold=True,
+    )
     for r in rows:
         action = "keep  " if r["keep"] else ("would delete" if dry_run else "delete")
         note = f"  FAILED: {errors[r['path']]}" if r["path"] in errors else ""

@@ -23,25 +23,58 @@ TIME_RULES = ("keep_hourly", "keep_daily", "keep_within")  # they need to know w
 
 
 @main.command()
-@click.option("--total-steps", type=int, default=None,
-              help="steps in the run (or --epochs with --steps-per-epoch; or $CKPTD_TOTAL_STEPS)")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="epochs in the run: with --steps-per-epoch gives --total-steps, with --total-steps gives --steps-per-epoch")
+@click.option(
+    "--total-steps",
+    type=int,
+    default=None,
+    help="steps in the run (or --epochs with --steps-per-epoch; or $CKPTD_TOTAL_STEPS)",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="epochs in the run: with --steps-per-epoch gives --total-steps, with --total-steps gives --steps-per-epoch",
+)
 @setting_options("policy", "retention", exclude=("total_steps",))
-@click.option("--stall", default=None, help="with --every auto: what one save stalls training (0.8s; "
-              "ckptd status and ckptd_save_duration_seconds{phase=\"stall\"} show it)")
+@click.option(
+    "--stall",
+    default=None,
+    help="with --every auto: what one save stalls training (0.8s; "
+    'ckptd status and ckptd_save_duration_seconds{phase="stall"} show it)',
+)
 @click.option("--persist", default=None, help="with --every auto: how long a save takes to be written and verified")
-@click.option("--memory-stall", default=None, help="with --every auto: what a memory-only save stalls (default: --stall)")
-@click.option("--memory-persist", default=None,
-              help="with --every auto: how long the daemon takes to keep a snapshot in memory (default: the stall)")
-@click.option("--memory-share", type=click.FloatRange(0.0, 1.0), default=None,
-              help="with --every auto: the share of failures the daemon's memory recovers (default 0.75; 0: no memory tier)")
-@click.option("--step-time", default=None, help="seconds one step takes, to say the interval in steps too "
-              "(and to plan keep_hourly/keep_daily/keep_within)")
+@click.option(
+    "--memory-stall", default=None, help="with --every auto: what a memory-only save stalls (default: --stall)"
+)
+@click.option(
+    "--memory-persist",
+    default=None,
+    help="with --every auto: how long the daemon takes to keep a snapshot in memory (default: the stall)",
+)
+@click.option(
+    "--memory-share",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="with --every auto: the share of failures the daemon's memory recovers (default 0.75; 0: no memory tier)",
+)
+@click.option(
+    "--step-time",
+    default=None,
+    help="seconds one step takes, to say the interval in steps too (and to plan keep_hourly/keep_daily/keep_within)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-def plan(total_steps: int | None, epochs: int | None, as_json: bool, stall: str | None, persist: str | None,
-         memory_stall: str | None, memory_persist: str | None, memory_share: float | None, step_time: str | None,
-         **options: Any) -> None:
+def plan(
+    total_steps: int | None,
+    epochs: int | None,
+    as_json: bool,
+    stall: str | None,
+    persist: str | None,
+    memory_stall: str | None,
+    memory_persist: str | None,
+    memory_share: float | None,
+    step_time: str | None,
+    **options: Any,
+) -> None:
     """The steps that will be saved, with the rule behind each, and warnings about surprises.
     Settings come from the options, then from CKPTD_* variables, as in the hook. With retention
     options (--keep-last ...), which planned saves are still kept at the end of the run, and by
@@ -60,8 +93,10 @@ def plan(total_steps: int | None, epochs: int | None, as_json: bool, stall: str 
     auto = _auto_plan(policy, stall, persist, step_time, memory, settings.get("every_memory"))
     warnings = list(result.warnings) + notes
     if as_json:
-        saves = [{**s.__dict__, **({"kept": bool(kept[s.step]), "kept_by": kept[s.step]} if kept else {})}
-                 for s in result.saves]
+        saves = [
+            {**s.__dict__, **({"kept": bool(kept[s.step]), "kept_by": kept[s.step]} if kept else {})}
+            for s in result.saves
+        ]
         click.echo(json.dumps({"total_steps": total, "saves": saves, "auto": auto, "warnings": warnings}, indent=2))
         return
     if auto is not None:
@@ -98,12 +133,14 @@ def _epochs(epochs: int, total: int | None, per_epoch: int | None) -> dict[str, 
         return {"total_steps": epochs * per_epoch}
     if per_epoch is None:
         if total % epochs:
-            raise click.UsageError(f"--total-steps {total} is not a whole number of --epochs {epochs}: "
-                                   "give --steps-per-epoch")
+            raise click.UsageError(
+                f"--total-steps {total} is not a whole number of --epochs {epochs}: give --steps-per-epoch"
+            )
         return {"steps_per_epoch": total // epochs}
     if total != epochs * per_epoch:
-        raise click.UsageError(f"--total-steps {total} is not --epochs {epochs} x --steps-per-epoch {per_epoch} "
-                               f"({epochs * per_epoch})")
+        raise click.UsageError(
+            f"--total-steps {total} is not --epochs {epochs} x --steps-per-epoch {per_epoch} ({epochs * per_epoch})"
+        )
     return {}
 
 
@@ -120,8 +157,9 @@ def _retained(result: Plan, settings: dict[str, Any], per_step: float | None) ->
     given = {k for k in group(settings, "retention") if settings[k] is not None and k != "quarantine_dir"}
     if not given - {"keep_final"} and settings["keep_final"]:
         return {}, []
-    rules = retention.Rules.from_settings({**group(settings, "retention"), "best_metric": settings.get("best_metric"),
-                                           "best_mode": settings["best_mode"]})
+    rules = retention.Rules.from_settings(
+        {**group(settings, "retention"), "best_metric": settings.get("best_metric"), "best_mode": settings["best_mode"]}
+    )
     notes = []
     timed = [k for k in TIME_RULES if settings.get(k) is not None]
     if timed and per_step is None:
@@ -146,8 +184,14 @@ def _say_saves(result: Plan, total: int, kept: dict[int, list[str]]) -> None:
         click.echo(f"  step {s.step:>10}  {s.trigger:<6} ({s.rule}){fate}")
 
 
-def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None, step_time: str | None,
-               memory: dict[str, Any], every_memory: float | None) -> dict[str, Any] | None:
+def _auto_plan(
+    policy: SavePolicy,
+    stall: str | None,
+    persist: str | None,
+    step_time: str | None,
+    memory: dict[str, Any],
+    every_memory: float | None,
+) -> dict[str, Any] | None:
     """``--every auto``: both tiers' intervals for the given costs, as the daemon would compute them."""
     from ckptd.core.autointerval import CostSamples, estimate_mtbf
     from ckptd.core.multilevel import PRIOR_SHARE, Coverage, multilevel
@@ -157,8 +201,10 @@ def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None, step_
             raise click.UsageError("--stall, --persist and --memory-* only mean something with --every auto")
         return None
     if stall is None:
-        raise click.UsageError("--every auto needs --stall: what one save stalls training (e.g. 0.8s; "
-                               "ckptd status shows the measured stall of a running job)")
+        raise click.UsageError(
+            "--every auto needs --stall: what one save stalls training (e.g. 0.8s; "
+            "ckptd status shows the measured stall of a running job)"
+        )
     try:
         costs = CostSamples().add(parse_duration(stall), parse_duration(persist) if persist else None)
         mem_stall = parse_duration(memory["stall"]) if memory["stall"] else None
@@ -168,8 +214,15 @@ def _auto_plan(policy: SavePolicy, stall: str | None, persist: str | None, step_
         raise click.UsageError(str(exc)) from None
     share = PRIOR_SHARE if memory["share"] is None else memory["share"]
     coverage = Coverage(share, "prior" if memory["share"] is None else "given")
-    ml = multilevel(costs, mem_costs, estimate_mtbf(0, 0.0, policy.mtbf), coverage, policy.max_overhead,
-                    policy.min_interval, fixed_memory=every_memory)
+    ml = multilevel(
+        costs,
+        mem_costs,
+        estimate_mtbf(0, 0.0, policy.mtbf),
+        coverage,
+        policy.max_overhead,
+        policy.min_interval,
+        fixed_memory=every_memory,
+    )
     out: dict[str, Any] = {**ml.summary(), "cost": ml.disk.cost, "mtbf": ml.disk.mtbf.seconds}
     if per_step:
         out["steps"] = max(1, int(ml.disk.seconds // per_step))
@@ -184,8 +237,10 @@ def _say_auto(auto: dict[str, Any], step_time: str | None) -> None:
     mem = auto["memory"]
     if mem["seconds"]:
         steps = f", about every {mem['steps']} steps" if "steps" in mem else ""
-        click.echo(f"every=auto: a memory-only save every {mem['seconds']:.3g}s{steps} (rule {mem['rule']}), "
-                   f"one in {mem['disk_every']} saves to disk")
+        click.echo(
+            f"every=auto: a memory-only save every {mem['seconds']:.3g}s{steps} (rule {mem['rule']}), "
+            f"one in {mem['disk_every']} saves to disk"
+        )
     else:
         click.echo("every=auto: no memory-only saves (each save may as well go to disk)")
     click.echo(f"  why: {auto['reason']}")

@@ -29,8 +29,12 @@ from ckptd.remote.listing import COMMIT, RemoteCheckpoint, committed
 from ckptd.remote.stores import RemoteError, Store, open_store
 from ckptd.remote.verify import verify_remote
 
-ENDPOINT = click.option("--endpoint", default=None, envvar="CKPTD_REMOTE_ENDPOINT",
-                        help="S3 endpoint URL for S3-compatible stores (default: $CKPTD_REMOTE_ENDPOINT, else AWS)")
+ENDPOINT = click.option(
+    "--endpoint",
+    default=None,
+    envvar="CKPTD_REMOTE_ENDPOINT",
+    help="S3 endpoint URL for S3-compatible stores (default: $CKPTD_REMOTE_ENDPOINT, else AWS)",
+)
 
 
 def is_remote(target: str) -> bool:
@@ -50,8 +54,10 @@ def job_url(job: str, endpoint: str | None, config_file: str | None = None) -> t
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if not settings.get("remote"):
-        raise click.UsageError(f"job {job} has no remote tier: give its URL (s3://bucket/prefix/{job}), or set "
-                               f"remote in [jobs.{job}] / [defaults] or $CKPTD_REMOTE")
+        raise click.UsageError(
+            f"job {job} has no remote tier: give its URL (s3://bucket/prefix/{job}), or set "
+            f"remote in [jobs.{job}] / [defaults] or $CKPTD_REMOTE"
+        )
     return str(settings["remote"]).rstrip("/"), endpoint or settings.get("remote_endpoint")
 
 
@@ -108,8 +114,11 @@ def targets(url: str, endpoint: str | None) -> list[tuple[Store, str, str | None
     return [(store, job, name)]
 
 
-def listing(url: str, endpoint: str | None, own_job: str | None = None,
-            ) -> list[tuple[Store, list[RemoteCheckpoint], str | None]]:
+def listing(
+    url: str,
+    endpoint: str | None,
+    own_job: str | None = None,
+) -> list[tuple[Store, list[RemoteCheckpoint], str | None]]:
     """Per job that ``url`` names: its store, its committed checkpoints (the one FILE if named).
     ``own_job``: ``url`` is a remote tier's, and only the caller's own jobs of that name count."""
     out = []
@@ -155,16 +164,23 @@ def list_remote(url: str, endpoint: str | None, as_json: bool, own_job: str | No
     now = time.time()
     click.echo(f"{'step':>10}  {'job':<16} {'trigger':<8} {'size':>10}  {'age':>6}  url")
     for store, c in rows:
-        click.echo(f"{c.step:>10}  {c.job:<16} {c.trigger:<8} {format_bytes(c.bytes):>10}  "
-                   f"{format_duration(max(0.0, now - c.created)):>6}  {store.url}/{c.key}")
+        click.echo(
+            f"{c.step:>10}  {c.job:<16} {c.trigger:<8} {format_bytes(c.bytes):>10}  "
+            f"{format_duration(max(0.0, now - c.created)):>6}  {store.url}/{c.key}"
+        )
 
 
 @main.command("fetch")
 @click.argument("url")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--step", type=int, default=None, help="this step instead of the newest")
-@click.option("--config", "config_file", default=None, envvar="CKPTD_CONFIG",
-              help="TOML config whose [jobs.NAME]/[defaults] give a job's remote (when URL is a job name)")
+@click.option(
+    "--config",
+    "config_file",
+    default=None,
+    envvar="CKPTD_CONFIG",
+    help="TOML config whose [jobs.NAME]/[defaults] give a job's remote (when URL is a job name)",
+)
 @ENDPOINT
 def fetch_cmd(url: str, directory: str, step: int | None, config_file: str | None, endpoint: str | None) -> None:
     """Download the newest (or --step) checkpoint of URL (a remote job's URL, or a job's name) that
@@ -175,16 +191,16 @@ def fetch_cmd(url: str, directory: str, step: int | None, config_file: str | Non
         url = f"{remote}/{job_prefix(url, os.path.realpath(directory), os.getuid())}"
     found = targets(url, endpoint)
     if len(found) > 1:
-        raise click.UsageError(f"{url} holds several jobs ({', '.join(job for _, job, _ in found)}): "
-                               f"name one, {url.rstrip('/')}/JOB")
+        raise click.UsageError(
+            f"{url} holds several jobs ({', '.join(job for _, job, _ in found)}): name one, {url.rstrip('/')}/JOB"
+        )
     store, job, _ = found[0]
     try:
         path = fetch(store, job, directory, step)
     except (RemoteError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if path is None:
-        click.echo(f"{url}: no committed checkpoint{f' of step {step}' if step is not None else ''} verifies",
-                   err=True)
+        click.echo(f"{url}: no committed checkpoint{f' of step {step}' if step is not None else ''} verifies", err=True)
         sys.exit(1)
     click.echo(path)
 

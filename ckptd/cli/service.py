@@ -22,8 +22,15 @@ from ckptd.core.units import format_bytes, format_duration, parse_listen
 @click.option("--root", "roots", multiple=True, help="overrides [daemon] roots (repeatable)")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--check", is_flag=True, help="validate the configuration and exit (0: valid) without starting")
-def serve(config_file: str | None, socket_path: str | None, state_dir: str | None, metrics_listen: str | None,
-          roots: tuple[str, ...], log_level: str, check: bool) -> None:
+def serve(
+    config_file: str | None,
+    socket_path: str | None,
+    state_dir: str | None,
+    metrics_listen: str | None,
+    roots: tuple[str, ...],
+    log_level: str,
+    check: bool,
+) -> None:
     """Run the daemon: trainers hand it their checkpoints over the socket. SIGHUP re-reads the config."""
     from ckptd.core import config as config_mod
     from ckptd.daemon import journal
@@ -34,8 +41,9 @@ def serve(config_file: str | None, socket_path: str | None, state_dir: str | Non
         cfg = config_mod.load(config_file)
         if metrics_listen is not None:
             parse_listen(metrics_listen)
-        daemon = Daemon(cfg, socket_path=socket_path, state_dir=state_dir, metrics_listen=metrics_listen,
-                        roots=list(roots) or None)
+        daemon = Daemon(
+            cfg, socket_path=socket_path, state_dir=state_dir, metrics_listen=metrics_listen, roots=list(roots) or None
+        )
         if check:
             click.echo(f"{cfg.path or 'no configuration file'}: valid ({daemon.check()})")
             return
@@ -54,17 +62,39 @@ def serve(config_file: str | None, socket_path: str | None, state_dir: str | Non
 @click.option("--expect-every", default=None, help="alert (missed, time_overdue) when no new checkpoint for this long")
 @click.option("--settle", default="5s", help="quiet time before a new checkpoint is judged")
 @click.option("--rescan-every", default="3m", help="full rescan period (catches events inotify dropped)")
-@click.option("--abandon-after", default="1h", help="judge a checkpoint that stayed incomplete this long with no writes")
-@click.option("--on-corrupt", type=click.Choice(["keep", "quarantine", "delete"]), default="keep", show_default=True,
-              help="what retention does with a checkpoint that fails verification (keep: alert only)")
+@click.option(
+    "--abandon-after", default="1h", help="judge a checkpoint that stayed incomplete this long with no writes"
+)
+@click.option(
+    "--on-corrupt",
+    type=click.Choice(["keep", "quarantine", "delete"]),
+    default="keep",
+    show_default=True,
+    help="what retention does with a checkpoint that fails verification (keep: alert only)",
+)
 @click.option("--dry-run", is_flag=True, help="log what retention would keep and delete, and why; delete nothing")
-@click.option("--state-dir", default=None,
-              help="catalogue directory (default: a private one under /var/lib/ckptd or ~/.local/state/ckptd)")
+@click.option(
+    "--state-dir",
+    default=None,
+    help="catalogue directory (default: a private one under /var/lib/ckptd or ~/.local/state/ckptd)",
+)
 @click.option("--metrics-listen", default="127.0.0.1:9733")
 @click.option("--socket", "socket_path", default=None, help="socket for status/list (default: STATE_DIR/ckptd.sock)")
-def watch(directory: str, job: str | None, pattern: str | None, expect_every: str | None, settle: str,
-          rescan_every: str, abandon_after: str, on_corrupt: str, dry_run: bool, state_dir: str | None,
-          metrics_listen: str, socket_path: str | None, **options: Any) -> None:
+def watch(
+    directory: str,
+    job: str | None,
+    pattern: str | None,
+    expect_every: str | None,
+    settle: str,
+    rescan_every: str,
+    abandon_after: str,
+    on_corrupt: str,
+    dry_run: bool,
+    state_dir: str | None,
+    metrics_listen: str,
+    socket_path: str | None,
+    **options: Any,
+) -> None:
     """Adopt the checkpoints another tool writes into DIRECTORY: verify, catalogue, retain, alert."""
     from ckptd.core import config as config_mod
     from ckptd.daemon import journal
@@ -74,17 +104,31 @@ def watch(directory: str, job: str | None, pattern: str | None, expect_every: st
     journal.configure("INFO")
     root = os.path.realpath(directory)
     if not os.path.isdir(root):
-        raise click.UsageError(f"{directory} is not a directory (watch mode adopts what another tool writes "
-                               "there; it does not create it)")
+        raise click.UsageError(
+            f"{directory} is not a directory (watch mode adopts what another tool writes there; it does not create it)"
+        )
     state = state_dir or _private_state_dir(root)
-    table = {"path": root, "settle": settle, "rescan_every": rescan_every, "abandon_after": abandon_after,
-             "on_corrupt": on_corrupt, "dry_run": dry_run, **({"job": job} if job else {}),
-             **({"pattern": pattern} if pattern else {}), **({"expect_every": expect_every} if expect_every else {}),
-             **{k: v for k, v in options.items() if v is not None}}
+    table = {
+        "path": root,
+        "settle": settle,
+        "rescan_every": rescan_every,
+        "abandon_after": abandon_after,
+        "on_corrupt": on_corrupt,
+        "dry_run": dry_run,
+        **({"job": job} if job else {}),
+        **({"pattern": pattern} if pattern else {}),
+        **({"expect_every": expect_every} if expect_every else {}),
+        **{k: v for k, v in options.items() if v is not None},
+    }
     try:
         cfg = config_mod.parse({"watch": [table]}, "command line")
-        Daemon(cfg, socket_path=socket_path or os.path.join(state, "ckptd.sock"), state_dir=state,
-               metrics_listen=metrics_listen, roots=[root]).serve_forever()
+        Daemon(
+            cfg,
+            socket_path=socket_path or os.path.join(state, "ckptd.sock"),
+            state_dir=state,
+            metrics_listen=metrics_listen,
+            roots=[root],
+        ).serve_forever()
     except (SettingsError, TargetError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -98,24 +142,33 @@ def status(as_json: bool, socket_path: str | None) -> None:
     if as_json:
         click.echo(json.dumps(jobs, indent=2))
         return
-    click.echo(f"{'job':<16} {'pid':>7} {'step':>8} {'verified':>8} {'age':>6} {'next':>8} "
-               f"{'ckpts':>5} {'bytes':>10} {'missed':>6} {'failed':>6}  directory")
+    click.echo(
+        f"{'job':<16} {'pid':>7} {'step':>8} {'verified':>8} {'age':>6} {'next':>8} "
+        f"{'ckpts':>5} {'bytes':>10} {'missed':>6} {'failed':>6}  directory"
+    )
     for j in jobs:
         age = format_duration(j["last_verified_age"]) if j["last_verified_age"] is not None else "-"
-        click.echo(f"{j['job']:<16} {j['pid'] or '-':>7} {j['step']:>8} {_dash(j['last_verified_step']):>8} "
-                   f"{age:>6} {_dash(j['next_due_step']):>8} {j['checkpoints']:>5} {format_bytes(j['bytes']):>10} "
-                   f"{j['missed']:>6} {j['failed']:>6}  {j.get('directory', '')}")
+        click.echo(
+            f"{j['job']:<16} {j['pid'] or '-':>7} {j['step']:>8} {_dash(j['last_verified_step']):>8} "
+            f"{age:>6} {_dash(j['next_due_step']):>8} {j['checkpoints']:>5} {format_bytes(j['bytes']):>10} "
+            f"{j['missed']:>6} {j['failed']:>6}  {j.get('directory', '')}"
+        )
         if j.get("auto"):
             memory = (j["auto"].get("memory") or {}).get("seconds")
             also = f", a memory-only save every {memory:.3g}s" if memory else ""
-            click.echo(f"{'':<16} every=auto: a save every {j['auto']['seconds']:.3g}s{also} "
-                       f"({j['auto']['reason']}; rule {j['auto']['rule']})")
+            click.echo(
+                f"{'':<16} every=auto: a save every {j['auto']['seconds']:.3g}s{also} "
+                f"({j['auto']['reason']}; rule {j['auto']['rule']})"
+            )
         standing = _standing(j)
         if standing:
             click.echo(f"{'':<16} {standing}")
         if j.get("memory_bytes"):
-            click.echo(f"{'':<16} memory tier: the newest snapshot, {format_bytes(j['memory_bytes'])}, held by the "
-                       "daemon (a crashed trainer resumes from it)")
+            click.echo(
+                f"{'':<16} memory tier: the newest snapshot, {format_bytes(j['memory_bytes'])}, held by the "
+                "daemon (a crashed trainer resumes from it)"
+            )
+
 
 def _standing(j: dict[str, Any]) -> str:
     """The second line of a job: its state, what failed last, replication and quota (what on-call
@@ -128,11 +181,15 @@ def _standing(j: dict[str, Any]) -> str:
         parts.append(f"last error {format_duration(time.time() - err['time'])} ago: {err['reason']}: {err['error']}")
     if j.get("remote"):
         lag = j.get("remote_lag")
-        parts.append(f"remote {j['remote']}: {j.get('remote_pending', 0)} pending"
-                     + (f", lag {format_duration(lag)}" if lag else ""))
+        parts.append(
+            f"remote {j['remote']}: {j.get('remote_pending', 0)} pending"
+            + (f", lag {format_duration(lag)}" if lag else "")
+        )
     if j.get("quota_bytes"):
-        parts.append(f"quota {format_bytes(j['bytes'])} of {format_bytes(j['quota_bytes'])} "
-                     f"({100 * (j.get('quota_used') or 0):.0f}%)")
+        parts.append(
+            f"quota {format_bytes(j['bytes'])} of {format_bytes(j['quota_bytes'])} "
+            f"({100 * (j.get('quota_used') or 0):.0f}%)"
+        )
     return "; ".join(parts)
 
 
@@ -155,7 +212,8 @@ def _private_state_dir(root: str) -> str:
     import hashlib
 
     base = os.environ.get("XDG_STATE_HOME") or (
-        "/var/lib" if os.getuid() == 0 else os.path.join(os.path.expanduser("~"), ".local", "state"))
+        "/var/lib" if os.getuid() == 0 else os.path.join(os.path.expanduser("~"), ".local", "state")
+    )
     path = os.path.join(base, "ckptd", "watch-" + hashlib.sha256(root.encode()).hexdigest()[:16])
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.lstat(path)

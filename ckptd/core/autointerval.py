@@ -30,8 +30,20 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["DEFAULT_MAX_OVERHEAD", "PRIOR_MTBF", "WINDOW", "AutoInterval", "CostSamples", "Mtbf",
-           "auto_interval", "estimate_mtbf", "guess_cost", "overhead_ratio", "short_duration", "young_daly"]
+__all__ = [
+    "DEFAULT_MAX_OVERHEAD",
+    "PRIOR_MTBF",
+    "WINDOW",
+    "AutoInterval",
+    "CostSamples",
+    "Mtbf",
+    "auto_interval",
+    "estimate_mtbf",
+    "guess_cost",
+    "overhead_ratio",
+    "short_duration",
+    "young_daly",
+]
 
 PRIOR_MTBF = 24 * 3600.0  # until a job has history: one failure a day, a conservative guess for a GPU host
 DEFAULT_MAX_OVERHEAD = 0.02
@@ -50,8 +62,7 @@ class Mtbf:
     observed: float = 0.0
 
 
-def estimate_mtbf(failures: int, observed: float, configured: float | None = None,
-                  prior: float = PRIOR_MTBF) -> Mtbf:
+def estimate_mtbf(failures: int, observed: float, configured: float | None = None, prior: float = PRIOR_MTBF) -> Mtbf:
     """``configured`` if given; else the prior, worth one failure, updated by this job's history.
 
     With ``failures`` unclean exits seen over ``observed`` seconds of running, the
@@ -116,28 +127,42 @@ class AutoInterval:
 
     @property
     def reason(self) -> str:
-        how = f"C={short_duration(self.cost)}" + (" (guessed from the state size)" if self.cost_source == "guess" else "")
+        how = f"C={short_duration(self.cost)}" + (
+            " (guessed from the state size)" if self.cost_source == "guess" else ""
+        )
         m = f"M={short_duration(self.mtbf.seconds)}"
         if self.mtbf.source == "prior":
             m += " (prior)"
         elif self.mtbf.source == "history":
             m += f" ({self.mtbf.failures} unclean exits in {short_duration(self.mtbf.observed)})"
-        bound = ("" if self.rule == "young_daly" else ", the two tiers' optimum" if self.rule == "multilevel"
-                 else f", raised to the {self.rule} bound")
+        bound = (
+            ""
+            if self.rule == "young_daly"
+            else ", the two tiers' optimum"
+            if self.rule == "multilevel"
+            else f", raised to the {self.rule} bound"
+        )
         return f"auto: T={short_duration(self.seconds)} from {how}, {m}{bound}"
 
 
-def auto_interval(samples: CostSamples, mtbf: Mtbf, max_overhead: float = DEFAULT_MAX_OVERHEAD,
-                  min_interval: float = 0.0, cost_guess: float = 0.0) -> AutoInterval:
+def auto_interval(
+    samples: CostSamples,
+    mtbf: Mtbf,
+    max_overhead: float = DEFAULT_MAX_OVERHEAD,
+    min_interval: float = 0.0,
+    cost_guess: float = 0.0,
+) -> AutoInterval:
     """The interval for the costs measured so far (``cost_guess`` until there is one)."""
     if not 0 < max_overhead < 1:
         raise ValueError(f"max_overhead must be a fraction between 0 and 1, got {max_overhead!r}")
     measured = bool(samples.stalls)
     cost = statistics.median(samples.stalls) if measured else max(cost_guess, 0.0)
-    bounds = [("young_daly", young_daly(cost, mtbf.seconds)),
-              ("max_overhead", cost / max_overhead),
-              ("persist", max(samples.persists, default=0.0) + cost),
-              ("min_interval", min_interval)]
+    bounds = [
+        ("young_daly", young_daly(cost, mtbf.seconds)),
+        ("max_overhead", cost / max_overhead),
+        ("persist", max(samples.persists, default=0.0) + cost),
+        ("min_interval", min_interval),
+    ]
     rule, seconds = bounds[0]
     for name, value in bounds[1:]:
         if value > seconds:
@@ -145,8 +170,9 @@ def auto_interval(samples: CostSamples, mtbf: Mtbf, max_overhead: float = DEFAUL
     return AutoInterval(max(seconds, 1e-3), rule, cost, mtbf, "measured" if measured else "guess")
 
 
-def overhead_ratio(stalls: Sequence[tuple[float, float]], started_at: float, now: float,
-                   window: float = OVERHEAD_WINDOW) -> float:
+def overhead_ratio(
+    stalls: Sequence[tuple[float, float]], started_at: float, now: float, window: float = OVERHEAD_WINDOW
+) -> float:
     """Seconds stalled by saves per second of training over the last ``window`` (or since start).
 
     ``stalls`` are (when the save was taken, seconds it stalled). This is what

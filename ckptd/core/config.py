@@ -18,11 +18,34 @@ from ckptd.core.settings import SettingsError, check_combination, parse_table
 from ckptd.core.units import parse_duration, parse_listen, parse_remote, parse_size_or_percent
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
-DAEMON_KEYS = {"socket", "state_dir", "metrics_listen", "roots", "scrub_every", "group", "admin_group",
-               "max_connections_per_uid", "max_jobs_per_uid", "max_http_connections", "max_http_connections_per_peer",
-               "http_request_timeout", "remote_allow", "remote_endpoint", "memory_budget"}
-WATCH_KEYS = {"path", "pattern", "expect_every", "job", "settle", "rescan_every", "abandon_after", "on_corrupt",
-              "dry_run"}
+DAEMON_KEYS = {
+    "socket",
+    "state_dir",
+    "metrics_listen",
+    "roots",
+    "scrub_every",
+    "group",
+    "admin_group",
+    "max_connections_per_uid",
+    "max_jobs_per_uid",
+    "max_http_connections",
+    "max_http_connections_per_peer",
+    "http_request_timeout",
+    "remote_allow",
+    "remote_endpoint",
+    "memory_budget",
+}
+WATCH_KEYS = {
+    "path",
+    "pattern",
+    "expect_every",
+    "job",
+    "settle",
+    "rescan_every",
+    "abandon_after",
+    "on_corrupt",
+    "dry_run",
+}
 ON_CORRUPT = ("keep", "quarantine", "delete")
 
 
@@ -84,16 +107,21 @@ def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) 
 def parse(doc: Mapping[str, Any], path: str = "<config>") -> Config:
     unknown = set(doc) - {"daemon", "defaults", "jobs", "watch"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section [{sorted(unknown)[0]}] "
-                          "(expected [daemon], [defaults], [jobs.NAME], [[watch]])")
+        raise ConfigError(
+            f"{path}: unknown section [{sorted(unknown)[0]}] (expected [daemon], [defaults], [jobs.NAME], [[watch]])"
+        )
     daemon = _daemon(_table(doc, "daemon", path), path)
     defaults = parse_table(_table(doc, "defaults", path), f"{path} [defaults]")
-    jobs = {name: parse_table(_as_table(t, f"{path} [jobs.{name}]"), f"{path} [jobs.{name}]")
-            for name, t in _table(doc, "jobs", path).items()}
+    jobs = {
+        name: parse_table(_as_table(t, f"{path} [jobs.{name}]"), f"{path} [jobs.{name}]")
+        for name, t in _table(doc, "jobs", path).items()
+    }
     watch = doc.get("watch", [])
     if not isinstance(watch, list):
         raise ConfigError(f"{path}: watch must be an array of tables ([[watch]])")
-    return Config(path, daemon, defaults, jobs, tuple(_watch(w, f"{path} [[watch]] #{i + 1}") for i, w in enumerate(watch)))
+    return Config(
+        path, daemon, defaults, jobs, tuple(_watch(w, f"{path} [[watch]] #{i + 1}") for i, w in enumerate(watch))
+    )
 
 
 def _table(doc: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:
@@ -118,8 +146,9 @@ def _daemon_key(key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: unknown key {key!r} (expected one of {', '.join(sorted(DAEMON_KEYS))})")
     if key in ("roots", "remote_allow") and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
         raise ConfigError(f"{where}: {key} must be a list of " + ("paths" if key == "roots" else "URLs"))
-    if key in ("socket", "state_dir", "metrics_listen", "group", "admin_group", "remote_endpoint") \
-            and not isinstance(value, str):
+    if key in ("socket", "state_dir", "metrics_listen", "group", "admin_group", "remote_endpoint") and not isinstance(
+        value, str
+    ):
         raise ConfigError(f"{where}: {key} must be a string")
     if key.startswith("max_") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")

@@ -36,11 +36,25 @@ METADATA_KEY = "__metadata__"
 
 # safetensors dtype name -> bytes per element (the names safetensors itself uses).
 DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "C64": 8,
-    "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "C64": 8,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
 }
 
 
@@ -123,8 +137,7 @@ def layout(specs: list[tuple[str, str, tuple[int, ...]]]) -> list[TensorEntry]:
     return entries
 
 
-def encode_header(entries: list[TensorEntry] | tuple[TensorEntry, ...],
-                  metadata: Mapping[str, str]) -> bytes:
+def encode_header(entries: list[TensorEntry] | tuple[TensorEntry, ...], metadata: Mapping[str, str]) -> bytes:
     """The 8-byte length plus JSON header, padded with spaces to 8-byte alignment.
 
     Deterministic for a given input (key order preserved), which ``persist`` relies on
@@ -206,13 +219,18 @@ def _parse_entry(name: str, spec: Any) -> TensorEntry:
         raise FormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise FormatError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
         raise FormatError(f"tensor {name!r}: bad data_offsets {offsets!r}")
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != nbytes:
-        raise FormatError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored, "
-                          f"shape {shape} of {dtype} needs {nbytes}")
+        raise FormatError(
+            f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored, shape {shape} of {dtype} needs {nbytes}"
+        )
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -229,4 +247,4 @@ def read_header(f: Any, file_size: int) -> Header:
 def read_header_from_buffer(buf: memoryview | bytes, size: int) -> Header:
     """Same validation over an in-memory buffer (a shared-memory snapshot)."""
     n = header_length(bytes(buf[:8]), size)
-    return parse_header(bytes(buf[8:8 + n]), n, size)
+    return parse_header(bytes(buf[8 : 8 + n]), n, size)

@@ -15,9 +15,29 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-__all__ = ["FORMAT", "JOB", "STEP", "EPOCH", "CREATED", "TRIGGER", "RULE", "METRICS", "STATE", "ALIASES", "RUN",
-           "FINGERPRINT", "DIGESTS", "META_DIGEST", "WORLD_SIZE",
-           "LAYOUT", "DCP", "DCP_SHARDING_INFO", "CheckpointMeta", "iso_utc", "parse_time"]
+__all__ = [
+    "FORMAT",
+    "JOB",
+    "STEP",
+    "EPOCH",
+    "CREATED",
+    "TRIGGER",
+    "RULE",
+    "METRICS",
+    "STATE",
+    "ALIASES",
+    "RUN",
+    "FINGERPRINT",
+    "DIGESTS",
+    "META_DIGEST",
+    "WORLD_SIZE",
+    "LAYOUT",
+    "DCP",
+    "DCP_SHARDING_INFO",
+    "CheckpointMeta",
+    "iso_utc",
+    "parse_time",
+]
 
 FORMAT, JOB, STEP, EPOCH, CREATED = "ckptd.format", "ckptd.job", "ckptd.step", "ckptd.epoch", "ckptd.created"
 TRIGGER, RULE, METRICS, STATE, ALIASES = "ckptd.trigger", "ckptd.rule", "ckptd.metrics", "ckptd.state", "ckptd.aliases"
@@ -55,10 +75,18 @@ class CheckpointMeta:
 
     def encode(self, state: Any, aliases: Mapping[str, str], format_version: str) -> dict[str, str]:
         """The header fields of a new snapshot (digests are added when it is persisted)."""
-        out = {FORMAT: format_version, JOB: self.job, STEP: str(self.step),
-               EPOCH: "" if self.epoch is None else repr(float(self.epoch)), CREATED: iso_utc(self.created),
-               TRIGGER: self.trigger, RULE: self.rule, METRICS: json.dumps(self.metrics),
-               STATE: json.dumps(state, separators=(",", ":")), ALIASES: json.dumps(dict(aliases), separators=(",", ":"))}
+        out = {
+            FORMAT: format_version,
+            JOB: self.job,
+            STEP: str(self.step),
+            EPOCH: "" if self.epoch is None else repr(float(self.epoch)),
+            CREATED: iso_utc(self.created),
+            TRIGGER: self.trigger,
+            RULE: self.rule,
+            METRICS: json.dumps(self.metrics),
+            STATE: json.dumps(state, separators=(",", ":")),
+            ALIASES: json.dumps(dict(aliases), separators=(",", ":")),
+        }
         if self.run:
             out[RUN] = self.run
         if self.fingerprint:
@@ -68,9 +96,17 @@ class CheckpointMeta:
     @classmethod
     def decode(cls, meta: Mapping[str, str], mtime: float = 0.0) -> "CheckpointMeta":
         """Lenient: a missing or malformed field reads as empty (``verify`` judges the file)."""
-        return cls(meta.get(JOB, ""), _int(meta.get(STEP)), parse_time(meta.get(CREATED, "")) or mtime,
-                   meta.get(TRIGGER, ""), meta.get(RULE, ""), _float(meta.get(EPOCH)), _json_dict(meta.get(METRICS)),
-                   meta.get(RUN, ""), meta.get(FINGERPRINT, ""))
+        return cls(
+            meta.get(JOB, ""),
+            _int(meta.get(STEP)),
+            parse_time(meta.get(CREATED, "")) or mtime,
+            meta.get(TRIGGER, ""),
+            meta.get(RULE, ""),
+            _float(meta.get(EPOCH)),
+            _json_dict(meta.get(METRICS)),
+            meta.get(RUN, ""),
+            meta.get(FINGERPRINT, ""),
+        )
 
 
 def _int(text: str | None) -> int:

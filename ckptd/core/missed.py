@@ -57,8 +57,9 @@ def expected_loss(last_verified_at: float | None, started_at: float, now: float)
     return max(0.0, now - max(last_verified_at or started_at, started_at))
 
 
-def expected_interval(policy: SavePolicy, seconds_per_step: float | None,
-                      auto_seconds: float | None = None) -> float | None:
+def expected_interval(
+    policy: SavePolicy, seconds_per_step: float | None, auto_seconds: float | None = None
+) -> float | None:
     """Seconds between saves the policy implies: ``every`` (auto's current interval with
     ``every="auto"``), or step interval × step time."""
     candidates = []

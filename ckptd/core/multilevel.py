@@ -86,17 +86,28 @@ class MultiLevel:
             cov += f" ({self.coverage.crashes} trainer crashes, {self.coverage.losses} runs lost with the daemon)"
         if self.memory is None:
             return f"{self.disk.reason}; memory tier: no separate saves ({cov}: each save may as well go to disk)"
-        return (f"{self.disk.reason}; memory tier: a save every {short_duration(self.memory)} (rule "
-                f"{self.memory_rule}), one in {self.k} to disk ({cov}; waste {self.waste:.3%} of training against "
-                f"{self.single_waste:.3%} with the disk alone)")
-
+        return (
+            f"{self.disk.reason}; memory tier: a save every {short_duration(self.memory)} (rule "
+            f"{self.memory_rule}), one in {self.k} to disk ({cov}; waste {self.waste:.3%} of training against "
+            f"{self.single_waste:.3%} with the disk alone)"
+        )
 
     def summary(self) -> dict[str, Any]:
         """The plan as plain data: what ``ckptd status --json`` and ``ckptd plan --json`` show."""
-        return {"seconds": self.disk.seconds, "rule": self.disk.rule, "reason": self.reason,
-                "memory": {"seconds": self.memory, "rule": self.memory_rule, "disk_every": self.k,
-                           "share": self.coverage.share, "share_source": self.coverage.source,
-                           "waste": self.waste, "waste_disk_alone": self.single_waste}}
+        return {
+            "seconds": self.disk.seconds,
+            "rule": self.disk.rule,
+            "reason": self.reason,
+            "memory": {
+                "seconds": self.memory,
+                "rule": self.memory_rule,
+                "disk_every": self.k,
+                "share": self.coverage.share,
+                "share_source": self.coverage.source,
+                "waste": self.waste,
+                "waste_disk_alone": self.single_waste,
+            },
+        }
 
 
 def waste(period: float, k: int, c_mem: float, c_disk: float, share: float, mtbf: float) -> float:
@@ -108,9 +119,17 @@ def waste(period: float, k: int, c_mem: float, c_disk: float, share: float, mtbf
     return stalls + lost
 
 
-def multilevel(disk: CostSamples, memory: CostSamples, mtbf: Mtbf, coverage: Coverage,
-               max_overhead: float, min_interval: float = 0.0, cost_guess: float = 0.0,
-               fixed_memory: float | None = None, resolution: float = 0.0) -> MultiLevel:
+def multilevel(
+    disk: CostSamples,
+    memory: CostSamples,
+    mtbf: Mtbf,
+    coverage: Coverage,
+    max_overhead: float,
+    min_interval: float = 0.0,
+    cost_guess: float = 0.0,
+    fixed_memory: float | None = None,
+    resolution: float = 0.0,
+) -> MultiLevel:
     """The plan for the costs measured so far; ``fixed_memory``: the user set ``every_memory``,
     so only the disk's interval is chosen; ``resolution``: the finest interval the clock that
     asks for memory saves can keep (the daemon's tick)."""
@@ -137,8 +156,16 @@ def multilevel(disk: CostSamples, memory: CostSamples, mtbf: Mtbf, coverage: Cov
     return MultiLevel(disk_level, period, rule, k, coverage, w, single_waste)
 
 
-def _given_memory(every: float, c_mem: float, single: AutoInterval, disk: CostSamples, coverage: Coverage,
-                  max_overhead: float, min_interval: float, single_waste: float) -> MultiLevel:
+def _given_memory(
+    every: float,
+    c_mem: float,
+    single: AutoInterval,
+    disk: CostSamples,
+    coverage: Coverage,
+    max_overhead: float,
+    min_interval: float,
+    single_waste: float,
+) -> MultiLevel:
     """``every_memory`` fixed by the user: the memory tier takes the failures it can, so the disk's
     interval is Young/Daly's for the rest (failures at ``(1 - p)/M``), under the same bounds."""
     rest = Mtbf(single.mtbf.seconds / max(1 - coverage.share, 0.01), single.mtbf.source)
@@ -149,16 +176,28 @@ def _given_memory(every: float, c_mem: float, single: AutoInterval, disk: CostSa
     return MultiLevel(disk_level, every, "fixed", k, coverage, w, single_waste)
 
 
-def _period(k: int, c_mem: float, c_disk: float, p_mem: float, p_disk: float, share: float, mtbf: float,
-            max_overhead: float, min_interval: float, resolution: float) -> tuple[float, str]:
+def _period(
+    k: int,
+    c_mem: float,
+    c_disk: float,
+    p_mem: float,
+    p_disk: float,
+    share: float,
+    mtbf: float,
+    max_overhead: float,
+    min_interval: float,
+    resolution: float,
+) -> tuple[float, str]:
     """The memory period for ``k`` memory saves per disk save: the optimum, raised to the bounds."""
     per_period = (c_mem * (k - 1) + c_disk) / k
-    bounds = [("young_daly", math.sqrt(2 * per_period * mtbf / (share + (1 - share) * k))),
-              ("memory_persist", c_mem + p_mem),
-              ("max_overhead", per_period / max_overhead),
-              ("persist", (c_disk + p_disk) / k),
-              ("min_interval", min_interval),  # a memory save is a scheduled save too
-              ("tick", resolution)]
+    bounds = [
+        ("young_daly", math.sqrt(2 * per_period * mtbf / (share + (1 - share) * k))),
+        ("memory_persist", c_mem + p_mem),
+        ("max_overhead", per_period / max_overhead),
+        ("persist", (c_disk + p_disk) / k),
+        ("min_interval", min_interval),  # a memory save is a scheduled save too
+        ("tick", resolution),
+    ]
     rule, seconds = bounds[0]
     for name, value in bounds[1:]:
         if value > seconds:

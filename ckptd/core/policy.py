@@ -163,18 +163,29 @@ def decide(policy: SavePolicy, p: Progress, now: float) -> Decision:
     """
     if p.preempt and policy.on_preempt:
         return Decision(True, "preempt", "on_preempt")
-    if (policy.save_final and policy.total_steps is not None
-            and p.step >= policy.total_steps and p.last_saved_step < p.step):
+    if (
+        policy.save_final
+        and policy.total_steps is not None
+        and p.step >= policy.total_steps
+        and p.last_saved_step < p.step
+    ):
         return Decision(True, "final", "save_final")
     wanted = _scheduled(policy, p)
     if not wanted.save:
         return wanted
     if p.step < policy.start_after:
         return Decision(False, "", "start_after", f"step {p.step} is before start_after={policy.start_after}")
-    if (policy.min_interval and p.last_scheduled_save_at is not None
-            and now - p.last_scheduled_save_at < policy.min_interval):
-        return Decision(False, "", "min_interval",
-                        f"{now - p.last_scheduled_save_at:.1f}s since the last save, min_interval={policy.min_interval:g}s")
+    if (
+        policy.min_interval
+        and p.last_scheduled_save_at is not None
+        and now - p.last_scheduled_save_at < policy.min_interval
+    ):
+        return Decision(
+            False,
+            "",
+            "min_interval",
+            f"{now - p.last_scheduled_save_at:.1f}s since the last save, min_interval={policy.min_interval:g}s",
+        )
     if policy.save_final and policy.total_steps is not None and p.step >= policy.total_steps:
         # the run's last state: a best save here (an evaluation after the last step) is the final one too
         return Decision(True, "final", wanted.rule)
@@ -207,6 +218,7 @@ def time_interval(policy: SavePolicy, auto_seconds: float | None = None) -> floa
 
 
 # --- planning ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PlannedSave:
@@ -258,8 +270,12 @@ def longer_than_run(policy: SavePolicy, total: int) -> list[str]:
     (a time rule does: then the warning would be false). The hook says these at construction."""
     if policy.has_time_rules:
         return []
-    return [f"{rule} gives an interval of {interval} steps, longer than the run ({total} steps): only the "
-            f"final save will happen" for rule, interval in policy.step_rules() if interval > total]
+    return [
+        f"{rule} gives an interval of {interval} steps, longer than the run ({total} steps): only the "
+        f"final save will happen"
+        for rule, interval in policy.step_rules()
+        if interval > total
+    ]
 
 
 def plan_warnings(policy: SavePolicy, total: int, saves: list[PlannedSave]) -> list[str]:

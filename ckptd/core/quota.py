@@ -52,9 +52,11 @@ def never_fits(one_checkpoint: int, max_bytes: int | None) -> str | None:
     """Why no save can ever fit the job's ``max_bytes`` (one checkpoint alone is larger), or None."""
     if max_bytes is None or one_checkpoint <= max_bytes:
         return None
-    return (f"max_bytes={format_bytes(max_bytes)} is smaller than one checkpoint of this job (about "
-            f"{format_bytes(one_checkpoint)}; {format_bytes(one_checkpoint - max_bytes)} missing with no other "
-            f"checkpoint kept): no save can ever fit; raise max_bytes")
+    return (
+        f"max_bytes={format_bytes(max_bytes)} is smaller than one checkpoint of this job (about "
+        f"{format_bytes(one_checkpoint)}; {format_bytes(one_checkpoint - max_bytes)} missing with no other "
+        f"checkpoint kept): no save can ever fit; raise max_bytes"
+    )
 
 
 def choose(kept: Sequence[Verdict], budget: Budget) -> QuotaChoice:
@@ -64,8 +66,7 @@ def choose(kept: Sequence[Verdict], budget: Budget) -> QuotaChoice:
     hopeless = never_fits(budget.reserve, budget.max_bytes)
     if hopeless:  # deleting every checkpoint would not help: said as it is
         return QuotaChoice(False, (), hopeless)
-    candidates = sorted((v.item for v in kept if v.keep and not v.protected),
-                        key=lambda i: (i.step, i.created, i.id))
+    candidates = sorted((v.item for v in kept if v.keep and not v.protected), key=lambda i: (i.step, i.created, i.id))
     chosen: list[Item] = []
     freed = 0
     for item in candidates:
@@ -74,5 +75,9 @@ def choose(kept: Sequence[Verdict], budget: Budget) -> QuotaChoice:
         if shortfall(budget, freed) == 0:
             return QuotaChoice(True, tuple(chosen))
     missing = shortfall(budget, freed)
-    return QuotaChoice(False, (), f"needs {budget.reserve} bytes; even after deleting every deletable "
-                                f"checkpoint {missing} bytes would be missing")
+    return QuotaChoice(
+        False,
+        (),
+        f"needs {budget.reserve} bytes; even after deleting every deletable "
+        f"checkpoint {missing} bytes would be missing",
+    )

@@ -39,8 +39,14 @@ class Ref:
         return self.offsets[1] - self.offsets[0]
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "tensor": self.tensor, "offsets": list(self.offsets), "digest": self.digest,
-                "dtype": self.dtype, "shape": list(self.shape)}
+        return {
+            "file": self.file,
+            "tensor": self.tensor,
+            "offsets": list(self.offsets),
+            "digest": self.digest,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+        }
 
 
 def encode(refs: Mapping[str, Ref]) -> str:
@@ -62,8 +68,14 @@ def decode(metadata: Mapping[str, str]) -> dict[str, Ref]:
             begin, end = (int(x) for x in r["offsets"])
             if not 0 <= begin <= end:
                 raise RefError(f"reference of {name!r} has offsets {begin}..{end}")
-            out[str(name)] = Ref(file, str(r["tensor"]), (begin, end), str(r["digest"]), str(r["dtype"]),
-                                 tuple(int(x) for x in r["shape"]))
+            out[str(name)] = Ref(
+                file,
+                str(r["tensor"]),
+                (begin, end),
+                str(r["digest"]),
+                str(r["dtype"]),
+                tuple(int(x) for x in r["shape"]),
+            )
         return out
     except RefError:
         raise

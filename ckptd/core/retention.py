@@ -44,9 +44,18 @@ class Item:
     refs: tuple[str, ...] = ()  # ids of the items holding tensors this one refers to instead of storing (§13)
 
 
-def item_of(id: str, step: int, created: float, nbytes: int, *, trigger: str = "",
-            metrics: Mapping[str, Any] | None = None, best_metric: str | None = None,
-            refs: tuple[str, ...] = (), **state: bool) -> Item:
+def item_of(
+    id: str,
+    step: int,
+    created: float,
+    nbytes: int,
+    *,
+    trigger: str = "",
+    metrics: Mapping[str, Any] | None = None,
+    best_metric: str | None = None,
+    refs: tuple[str, ...] = (),
+    **state: bool,
+) -> Item:
     """The one way a tree (local, watched, remote) describes a checkpoint to retention: the
     final flag from its trigger, the metric ``keep_best`` ranks by, and its state flags."""
     value = (metrics or {}).get(best_metric) if best_metric else None
@@ -111,8 +120,9 @@ def judge(items: Sequence[Item], rules: Rules, now: float) -> list[Verdict]:
     _protect(good, rules, reasons)
     _windows(good, rules, now, reasons)
     _keep_referenced(ordered, reasons)
-    return [Verdict(i, bool(reasons[i.id]), tuple(reasons[i.id]) if reasons[i.id] else (_why_delete(i),))
-            for i in ordered]
+    return [
+        Verdict(i, bool(reasons[i.id]), tuple(reasons[i.id]) if reasons[i.id] else (_why_delete(i),)) for i in ordered
+    ]
 
 
 def _hold_unfinished(ordered: list[Item], good: set[str], reasons: dict[str, list[Reason]]) -> None:
@@ -233,8 +243,12 @@ class Removal:
     error: str = ""
 
 
-def carry_out(verdicts: Sequence[Verdict], delete: Callable[[Item], None], dry_run: bool = False,
-              skip: Callable[[Item], bool] = lambda item: False) -> list[Removal]:
+def carry_out(
+    verdicts: Sequence[Verdict],
+    delete: Callable[[Item], None],
+    dry_run: bool = False,
+    skip: Callable[[Item], bool] = lambda item: False,
+) -> list[Removal]:
     """The one place the verdicts' deletions are applied, whatever the tree: ``delete`` is its edge
     (a local unlink through a directory fd, a quarantine move, a store's commit-then-data
     deletion). A failure is reported in its ``Removal``, never raised: one file that cannot go
@@ -260,9 +274,9 @@ def to_delete(verdicts: Sequence[Verdict]) -> list[Item]:
     return [v.item for v in verdicts if not v.keep]
 
 
-
-def verdict_row(v: Verdict, job: str | None, *, directory: str | None = None,
-                error: str | None = None) -> dict[str, Any]:
+def verdict_row(
+    v: Verdict, job: str | None, *, directory: str | None = None, error: str | None = None
+) -> dict[str, Any]:
     """One verdict as ``ckptd gc`` reports it (its ``--json`` rows, the daemon's reply to a gc):
     one shape wherever retention is judged. ``directory`` (the daemon's, which serves several) and
     ``error`` (what a deletion met) appear only when given."""

@@ -33,6 +33,7 @@ def _int(minimum: int) -> Callable[[Any], int]:
         if n < minimum:
             raise ValueError(f"must be at least {minimum}, got {n}")
         return n
+
     return parse
 
 
@@ -64,6 +65,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
         if v not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
         return str(v)
+
     parse.choices = options  # type: ignore[attr-defined]  # the CLI offers them as a click.Choice
     return parse
 
@@ -126,21 +128,36 @@ KEYS: dict[str, Key] = {
     "saves_per_epoch": Key(_int(1), None, "policy", "saves per epoch (needs steps_per_epoch; interval rounds down)"),
     "steps_per_epoch": Key(_int(1), None, "policy", "optimizer steps in one epoch"),
     "every_epochs": Key(_pos_float, None, "policy", "save every F epochs (0.25 = each quarter epoch)"),
-    "every": Key(_every, None, "policy", "save when this long has passed since the last save (90s, 30m, 2h), "
-                 "or 'auto': the interval from the measured save cost and the job's failure rate"),
-    "mtbf": Key(parse_duration, None, "policy", "with every='auto': mean time between failures (default: "
-                "estimated from the job's unclean exits, starting from 24h)"),
-    "max_overhead": Key(_fraction, 0.02, "policy", "with every='auto': at most this share of training "
-                        "stalled by saves (0.02 or '2%')"),
+    "every": Key(
+        _every,
+        None,
+        "policy",
+        "save when this long has passed since the last save (90s, 30m, 2h), "
+        "or 'auto': the interval from the measured save cost and the job's failure rate",
+    ),
+    "mtbf": Key(
+        parse_duration,
+        None,
+        "policy",
+        "with every='auto': mean time between failures (default: "
+        "estimated from the job's unclean exits, starting from 24h)",
+    ),
+    "max_overhead": Key(
+        _fraction, 0.02, "policy", "with every='auto': at most this share of training stalled by saves (0.02 or '2%')"
+    ),
     "cron": Key(_cron, None, "policy", "save on a cron schedule (APScheduler crontab syntax)"),
-    "start_after": Key(_int(0), 0, "policy", "no scheduled save before this step (final and preemption saves still happen)"),
+    "start_after": Key(
+        _int(0), 0, "policy", "no scheduled save before this step (final and preemption saves still happen)"
+    ),
     "total_steps": Key(_int(1), None, "policy", "steps in the run; the final save is at this step"),
     "save_final": Key(_bool, True, "policy", "always save the last step of the run"),
     "on_preempt": Key(_bool, True, "policy", "save on SIGTERM/SIGUSR1 before the original handler runs"),
     "best_metric": Key(_text, None, "policy", "metric name: save when it improves"),
     "best_mode": Key(_choice("min", "max"), "min", "policy", "min or max: which direction is better"),
     "min_interval": Key(parse_duration, 0.0, "policy", "never two scheduled saves closer than this"),
-    "on_busy": Key(_choice("wait", "skip"), "wait", "policy", "scheduled save while the last is still being written: wait or skip"),
+    "on_busy": Key(
+        _choice("wait", "skip"), "wait", "policy", "scheduled save while the last is still being written: wait or skip"
+    ),
     # retention (SPEC §5)
     "keep_last": Key(_int(0), None, "retention", "keep the N newest verified checkpoints"),
     "keep_best": Key(_int(0), None, "retention", "keep the K best by best_metric"),
@@ -158,16 +175,31 @@ KEYS: dict[str, Key] = {
     "remote_endpoint": Key(_text, None, "remote", "S3 endpoint URL, for S3-compatible stores (MinIO, Ceph, ...)"),
     "remote_timeout": Key(parse_duration, 300.0, "remote", "embedded mode: how long close() waits for uploads"),
     # GPU state (SPEC §10)
-    "snapshot": Key(_choice("auto", "host", "device", "overlap"), "auto", "hook", "'host' copies the state straight "
-                    "into (page-locked) shared memory in step(); 'overlap' copies parameters and optimizer state while "
-                    "the next forward/backward run, done before the optimizer writes them; 'device' (not yet built: "
-                    "host is used) a GPU copy first; 'auto' picks host"),
+    "snapshot": Key(
+        _choice("auto", "host", "device", "overlap"),
+        "auto",
+        "hook",
+        "'host' copies the state straight "
+        "into (page-locked) shared memory in step(); 'overlap' copies parameters and optimizer state while "
+        "the next forward/backward run, done before the optimizer writes them; 'device' (not yet built: "
+        "host is used) a GPU copy first; 'auto' picks host",
+    ),
     # the memory tier (SPEC §14)
-    "every_memory": Key(parse_duration, None, "hook", "with a daemon: also a save to its memory tier only (no disk) "
-                        "this often, shorter than the disk interval; resume after a trainer crash starts there"),
+    "every_memory": Key(
+        parse_duration,
+        None,
+        "hook",
+        "with a daemon: also a save to its memory tier only (no disk) "
+        "this often, shorter than the disk interval; resume after a trainer crash starts there",
+    ),
     # fine-tuning (SPEC §13)
-    "save": Key(_choice("all", "trainable"), "all", "hook", "'trainable': only parameters with requires_grad, "
-                "the buffers that changed, the optimizer and the rest (resume needs the base loaded first)"),
+    "save": Key(
+        _choice("all", "trainable"),
+        "all",
+        "hook",
+        "'trainable': only parameters with requires_grad, "
+        "the buffers that changed, the optimizer and the rest (resume needs the base loaded first)",
+    ),
     # naming (SPEC §7)
     "template": Key(_template, "{job}-step{step:08d}.safetensors", "naming", "checkpoint file name template"),
 }
@@ -224,12 +256,15 @@ def env_table(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``CKPTD_EVERY_STEPS=500`` and friends (``unknown_env`` lists the names that are not)."""
-    return {key: parse_value(key, value, f"environment variable CKPTD_{key.upper()}")
-            for key, value in env_table(environ).items()}
+    return {
+        key: parse_value(key, value, f"environment variable CKPTD_{key.upper()}")
+        for key, value in env_table(environ).items()
+    }
 
 
-def resolve(kwargs: Mapping[str, Any], env: Mapping[str, Any], job_table: Mapping[str, Any],
-            defaults_table: Mapping[str, Any]) -> dict[str, Any]:
+def resolve(
+    kwargs: Mapping[str, Any], env: Mapping[str, Any], job_table: Mapping[str, Any], defaults_table: Mapping[str, Any]
+) -> dict[str, Any]:
     """Precedence: kwargs > env > job table > defaults table > built-in defaults."""
     out = {k: spec.default for k, spec in KEYS.items()}
     for layer in (defaults_table, job_table, env, kwargs):

@@ -82,8 +82,9 @@ def parse_remote(value: object) -> str:
     from urllib.parse import urlparse
 
     u = urlparse(value) if isinstance(value, str) else None
-    if u is not None and ((u.scheme == "s3" and u.netloc) or (u.scheme == "file" and u.path.startswith("/")
-                                                               and not u.netloc)):
+    if u is not None and (
+        (u.scheme == "s3" and u.netloc) or (u.scheme == "file" and u.path.startswith("/") and not u.netloc)
+    ):
         return str(value).rstrip("/")
     raise ValueError(f"expected a URL like s3://bucket/prefix or file:///mnt/ckpt, got {value!r}")
 

@@ -11,8 +11,20 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TypeVar
 
-__all__ = ["NEVER", "DeleteRule", "FailReason", "MissedReason", "Outcome", "Problem", "Reason", "Rule",
-           "Trigger", "PROTECTED", "WINDOW_RULES", "delete_label"]
+__all__ = [
+    "NEVER",
+    "DeleteRule",
+    "FailReason",
+    "MissedReason",
+    "Outcome",
+    "Problem",
+    "Reason",
+    "Rule",
+    "Trigger",
+    "PROTECTED",
+    "WINDOW_RULES",
+    "delete_label",
+]
 
 NEVER = 2**62  # a step that is never reached: "no step rule is due"
 E = TypeVar("E", bound=StrEnum)
@@ -112,8 +124,17 @@ class Rule(StrEnum):
 
 
 # Rules that quota must respect too; the rest only express "a window of recent history".
-PROTECTED = frozenset({Rule.IN_FLIGHT, Rule.UNVERIFIED, Rule.NEWEST_VERIFIED, Rule.PINNED, Rule.KEEP_BEST,
-                       Rule.KEEP_FINAL, Rule.REFERENCED})
+PROTECTED = frozenset(
+    {
+        Rule.IN_FLIGHT,
+        Rule.UNVERIFIED,
+        Rule.NEWEST_VERIFIED,
+        Rule.PINNED,
+        Rule.KEEP_BEST,
+        Rule.KEEP_FINAL,
+        Rule.REFERENCED,
+    }
+)
 WINDOW_RULES = ("keep_last", "keep_every_steps", "keep_hourly", "keep_daily", "keep_within")
 
 
@@ -151,5 +172,4 @@ class DeleteRule(StrEnum):
 
 def delete_label(reason: Reason) -> DeleteRule:
     """A delete verdict's metric label: every window rule's "no" is ``retention``."""
-    return DeleteRule(reason.rule.value) if reason.rule.value in DeleteRule._value2member_map_ \
-        else DeleteRule.RETENTION
+    return DeleteRule(reason.rule.value) if reason.rule.value in DeleteRule._value2member_map_ else DeleteRule.RETENTION

@@ -17,9 +17,16 @@ from ckptd.disk.remove import inside
 
 
 class Access:
-    def __init__(self, roots: Sequence[str], catalog: Catalog, admin_gid: int | None, max_jobs_per_uid: int,
-                 live_jobs: Callable[[int, JobKey], int], remote_allow: Sequence[str] = (),
-                 remote_endpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        roots: Sequence[str],
+        catalog: Catalog,
+        admin_gid: int | None,
+        max_jobs_per_uid: int,
+        live_jobs: Callable[[int, JobKey], int],
+        remote_allow: Sequence[str] = (),
+        remote_endpoint: str | None = None,
+    ) -> None:
         self.roots, self.catalog, self.admin_gid = roots, catalog, admin_gid
         self.remote_allow = [u.rstrip("/") for u in remote_allow]
         self.remote_endpoint = remote_endpoint
@@ -55,8 +62,11 @@ class Access:
         if not inside(real, self.roots):
             raise PermissionError(f"directory {directory} is outside the daemon's roots ({', '.join(self.roots)})")
         privileged = self.privileged(uid)
-        refusal = (f"directory {directory} does not exist" if privileged else
-                   f"directory {directory} is not a directory of uid {uid} (it does not exist, or another uid owns it)")
+        refusal = (
+            f"directory {directory} does not exist"
+            if privileged
+            else f"directory {directory} is not a directory of uid {uid} (it does not exist, or another uid owns it)"
+        )
         existing = real
         while not os.path.isdir(existing):
             if must_exist or existing in self.roots or existing == "/":
@@ -74,8 +84,10 @@ class Access:
             return
         live = self._live_jobs(uid, key)
         if live >= self.max_jobs_per_uid:
-            raise PermissionError(f"uid {uid} already has {live} jobs connected or ended within the last hour "
-                                  "(max_jobs_per_uid); each job is a set of metric series")
+            raise PermissionError(
+                f"uid {uid} already has {live} jobs connected or ended within the last hour "
+                "(max_jobs_per_uid); each job is a set of metric series"
+            )
 
     def remote(self, url: str, client_endpoint: str | None = None) -> str | None:
         """The endpoint the daemon uses for ``url``, a remote ``[daemon] remote_allow`` names.
@@ -85,13 +97,17 @@ class Access:
         credentials (a client's ``remote_endpoint`` would receive the daemon's signed requests,
         credentials and all). S3 requests go to ``[daemon] remote_endpoint`` (None: AWS)."""
         if client_endpoint is not None:
-            raise PermissionError(f"remote_endpoint {client_endpoint!r} is refused: with a daemon, the S3 endpoint "
-                                  "comes from its configuration ([daemon] remote_endpoint), never from a client; "
-                                  "leave remote_endpoint unset (embedded mode, without a daemon, uses it)")
+            raise PermissionError(
+                f"remote_endpoint {client_endpoint!r} is refused: with a daemon, the S3 endpoint "
+                "comes from its configuration ([daemon] remote_endpoint), never from a client; "
+                "leave remote_endpoint unset (embedded mode, without a daemon, uses it)"
+            )
         if ".." in url.split("/") or not any(url == a or url.startswith(a + "/") for a in self.remote_allow):
             allowed = ", ".join(self.remote_allow) or "nothing, the list is empty"
-            raise PermissionError(f"remote {url} is not one the daemon replicates to ([daemon] remote_allow: {allowed}); "
-                                  "without the daemon, the trainer replicates itself with its own credentials")
+            raise PermissionError(
+                f"remote {url} is not one the daemon replicates to ([daemon] remote_allow: {allowed}); "
+                "without the daemon, the trainer replicates itself with its own credentials"
+            )
         return self.remote_endpoint if url.startswith("s3://") else None
 
     def visible(self, uid: int, job: JobKey) -> bool:

@@ -55,14 +55,22 @@ HELLO_TIMEOUT = 10.0  # seconds a new connection has to send its first message
 
 
 class Daemon:
-    def __init__(self, config: Config, *, socket_path: str | None = None, state_dir: str | None = None,
-                 metrics_listen: str | None = None, roots: Sequence[str] | None = None,
-                 overdue_grace: float = OVERDUE_GRACE) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        socket_path: str | None = None,
+        state_dir: str | None = None,
+        metrics_listen: str | None = None,
+        roots: Sequence[str] | None = None,
+        overdue_grace: float = OVERDUE_GRACE,
+    ) -> None:
         d = config.daemon
         self.config = config
         self.socket_path = socket_path or d.get("socket") or protocol.default_socket_path()
-        self.state_dir = state_dir or d.get("state_dir") or default_state_dir(os.getuid(), os.environ,
-                                                                              os.path.expanduser("~"))
+        self.state_dir = (
+            state_dir or d.get("state_dir") or default_state_dir(os.getuid(), os.environ, os.path.expanduser("~"))
+        )
         self.metrics_listen = metrics_listen or d.get("metrics_listen") or "127.0.0.1:9733"
         self.roots = [os.path.realpath(r) for r in (roots if roots is not None else d.get("roots", []))]
         self.group_gid = _gid(d.get("group"), "group")  # who may connect (the socket's group)
@@ -81,8 +89,12 @@ class Daemon:
         self.memory = MemoryTier(budget_of(d.get("memory_budget")))
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._started_with = {"socket": d.get("socket"), "state_dir": d.get("state_dir"),
-                              "metrics_listen": d.get("metrics_listen"), "watch": config.watch}
+        self._started_with = {
+            "socket": d.get("socket"),
+            "state_dir": d.get("state_dir"),
+            "metrics_listen": d.get("metrics_listen"),
+            "watch": config.watch,
+        }
         self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
         self._threads: list[threading.Thread] = []
         self.clock = time.time
@@ -107,8 +119,10 @@ class Daemon:
                 existing = os.path.dirname(existing)
             if not os.access(existing or "/", os.W_OK | os.X_OK):
                 raise TargetError(f"{what} {path}: uid {os.getuid()} cannot write {existing}")
-        return (f"roots {', '.join(self.roots)}; socket {self.socket_path}; state_dir {self.state_dir}; metrics on "
-                f"{self.metrics_listen}; {len(self.config.jobs)} [jobs] tables, {len(self.config.watch)} [[watch]]")
+        return (
+            f"roots {', '.join(self.roots)}; socket {self.socket_path}; state_dir {self.state_dir}; metrics on "
+            f"{self.metrics_listen}; {len(self.config.jobs)} [jobs] tables, {len(self.config.watch)} [[watch]]"
+        )
 
     def start(self) -> None:
         _check_roots(self.roots)
@@ -117,11 +131,20 @@ class Daemon:
         try:
             self.catalog = Catalog(self.state_dir)
         except OSError as exc:
-            raise TargetError(f"state_dir {self.state_dir}: cannot keep the catalogue there ({exc.strerror or exc}); "
-                              f"set [daemon] state_dir (or --state-dir) to a directory uid {os.getuid()} may write") from None
+            raise TargetError(
+                f"state_dir {self.state_dir}: cannot keep the catalogue there ({exc.strerror or exc}); "
+                f"set [daemon] state_dir (or --state-dir) to a directory uid {os.getuid()} may write"
+            ) from None
         self.ledger = Ledger(self.metrics, self.catalog)
-        self.access = Access(self.roots, self.catalog, self.admin_gid, self.max_jobs_per_uid, self._live_jobs,
-                             self.config.daemon.get("remote_allow", []), self.config.daemon.get("remote_endpoint"))
+        self.access = Access(
+            self.roots,
+            self.catalog,
+            self.admin_gid,
+            self.max_jobs_per_uid,
+            self._live_jobs,
+            self.config.daemon.get("remote_allow", []),
+            self.config.daemon.get("remote_endpoint"),
+        )
         counts = self.catalog.reconcile(self.roots)
         log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
         self._cleanup_temp()
@@ -129,8 +152,9 @@ class Daemon:
         self.uploads.resync()
         self._refresh_free()  # from the first scrape on, not from the first tick
         self.ledger.restore_failures(time.time() - ENDED_JOB_TTL)
-        self.http = serve_http(self.metrics, self.metrics_listen, self.health, self._http_limits(), self._owner_of,
-                               self._http_status)
+        self.http = serve_http(
+            self.metrics, self.metrics_listen, self.health, self._http_limits(), self._owner_of, self._http_status
+        )
         self.listener = Listener(self.socket_path, self.group_gid, self._admit)
         self.scheduler = self._start_scheduler()
         self._start_watchers()
@@ -141,9 +165,11 @@ class Daemon:
 
     def _http_limits(self) -> HttpLimits:
         d, default = self.config.daemon, HttpLimits()
-        return HttpLimits(int(d.get("max_http_connections", default.connections)),
-                          int(d.get("max_http_connections_per_peer", default.per_peer)),
-                          float(d.get("http_request_timeout", default.deadline)))
+        return HttpLimits(
+            int(d.get("max_http_connections", default.connections)),
+            int(d.get("max_http_connections_per_peer", default.per_peer)),
+            float(d.get("http_request_timeout", default.deadline)),
+        )
 
     def _start_scheduler(self) -> Any:
         """APScheduler owns everything periodic: the tick, the systemd watchdog, cron triggers."""
@@ -151,8 +177,9 @@ class Daemon:
 
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         schedlog.install()  # "skipped: maximum number of running instances" once in a while, with a count
-        sched = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
-                                                               "misfire_grace_time": 30})
+        sched = BackgroundScheduler(
+            daemon=True, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+        )
         sched.add_job(self._tick_job, "interval", seconds=TICK, id="tick")
         sched.add_job(self.sweep, "interval", seconds=SWEEP_EVERY, id="sweep")
         scrub = self.config.daemon.get("scrub_every")
@@ -167,13 +194,15 @@ class Daemon:
     def _start_watchers(self) -> None:
         if not self.config.watch:
             return
-        self.watching = Watching(self.config.watch, Context(self.catalog, self.ledger, self.roots, self.started_at,
-                                                            self.clock))
+        self.watching = Watching(
+            self.config.watch, Context(self.catalog, self.ledger, self.roots, self.started_at, self.clock)
+        )
         for w in self.watching.watchers:
             if not inside(w.root, self.roots):
                 raise TargetError(f"watched path {w.root} is outside the daemon's roots")
-        self.watching.start(self.metrics, lambda fn, seconds, id: self.scheduler.add_job(fn, "interval",
-                                                                                         seconds=seconds, id=id))
+        self.watching.start(
+            self.metrics, lambda fn, seconds, id: self.scheduler.add_job(fn, "interval", seconds=seconds, id=id)
+        )
 
     def scrub(self) -> dict[str, int]:
         from ckptd.daemon.scrub import scrub
@@ -194,8 +223,13 @@ class Daemon:
             if not info.ok or not _valid_job(info.job):
                 continue
             if key not in self._unattended and len(self._unattended) >= MAX_UNATTENDED_JOBS:
-                log.warning("job %s: step %d saved without the daemon: %s (no series: %d such jobs already)",
-                            key, info.step, info.path, MAX_UNATTENDED_JOBS)
+                log.warning(
+                    "job %s: step %d saved without the daemon: %s (no series: %d such jobs already)",
+                    key,
+                    info.step,
+                    info.path,
+                    MAX_UNATTENDED_JOBS,
+                )
                 continue
             self._unattended.add(key)
             self.ledger.unattended(key, info)
@@ -220,8 +254,14 @@ class Daemon:
         from ckptd import __version__
         from ckptd.daemon import requests
 
-        return {"host": socket.gethostname(), "version": __version__, "time": time.time(),
-                "socket": self.socket_path, "started_at": self.started_at, "jobs": requests.job_rows(self, None)}
+        return {
+            "host": socket.gethostname(),
+            "version": __version__,
+            "time": time.time(),
+            "socket": self.socket_path,
+            "started_at": self.started_at,
+            "jobs": requests.job_rows(self, None),
+        }
 
     def _tick_job(self) -> None:
         try:
@@ -284,8 +324,13 @@ class Daemon:
         fixed = [k for k in ("socket", "state_dir", "metrics_listen") if cfg.daemon.get(k) != self._started_with.get(k)]
         if cfg.watch != self._started_with["watch"]:
             fixed.append("[[watch]]")
-        log.info("reloaded %s: %d connected jobs re-resolved, roots %s%s", path, len(resolved), ", ".join(roots),
-                 f"; {', '.join(fixed)} changed and take effect at the next restart" if fixed else "")
+        log.info(
+            "reloaded %s: %d connected jobs re-resolved, roots %s%s",
+            path,
+            len(resolved),
+            ", ".join(roots),
+            f"; {', '.join(fixed)} changed and take effect at the next restart" if fixed else "",
+        )
         sdnotify.notify("READY=1", f"STATUS=reloaded {path}")
         return True
 
@@ -313,9 +358,13 @@ class Daemon:
         with self.lock:
             sessions = list(self.sessions)
             connected = sorted(j.name for j in self.jobs.values() if j.connected)
-        log.info("ckptd stopping: %d trainers connected (%s); in-flight saves drain for up to %.0fs; the trainers "
-                 "carry on and reconnect to the next daemon", len(connected), ", ".join(connected) or "none",
-                 drain_timeout)
+        log.info(
+            "ckptd stopping: %d trainers connected (%s); in-flight saves drain for up to %.0fs; the trainers "
+            "carry on and reconnect to the next daemon",
+            len(connected),
+            ", ".join(connected) or "none",
+            drain_timeout,
+        )
         for s in sessions:
             try:
                 s.sock.shutdown(socket.SHUT_RD)
@@ -352,8 +401,12 @@ class Daemon:
             if not refused:
                 self.sessions.add(session)
         if refused:
-            session.send({"type": "error", "error": f"uid {session.uid} already holds {mine} connections "
-                                                    "(max_connections_per_uid)"})
+            session.send(
+                {
+                    "type": "error",
+                    "error": f"uid {session.uid} already holds {mine} connections (max_connections_per_uid)",
+                }
+            )
             conn.close()
             return
         conn.settimeout(HELLO_TIMEOUT)
@@ -399,10 +452,12 @@ class Daemon:
         a probe must not see a daemon whose watchers and scheduler are not up yet as healthy."""
         if not self._ready.is_set():
             return {"started": False}
-        return {"started": True,
-                "socket": not self._stop.is_set() and self.listener.alive,
-                "catalog": self.catalog.healthy(),
-                "scheduler": bool(self.scheduler.running)}
+        return {
+            "started": True,
+            "socket": not self._stop.is_set() and self.listener.alive,
+            "catalog": self.catalog.healthy(),
+            "scheduler": bool(self.scheduler.running),
+        }
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -410,11 +465,23 @@ class Daemon:
         """Jobs of ``uid`` connected or ended within ``ENDED_JOB_TTL`` (each is a set of metric series)."""
         now = time.time()
         with self.lock:
-            return sum(1 for k, j in self.jobs.items() if j.uid == uid and k != other_than
-                       and (j.connected or now - (j.ended_at or now) < ENDED_JOB_TTL))
+            return sum(
+                1
+                for k, j in self.jobs.items()
+                if j.uid == uid and k != other_than and (j.connected or now - (j.ended_at or now) < ENDED_JOB_TTL)
+            )
 
-    def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
-                 policy: SavePolicy, step: int, session: Session | None = None) -> JobState:
+    def register(
+        self,
+        name: str,
+        uid: int,
+        pid: int,
+        directory: str,
+        settings: dict[str, Any],
+        policy: SavePolicy,
+        step: int,
+        session: Session | None = None,
+    ) -> JobState:
         key = JobKey(name, directory)
         if self.catalog.adopt(directory):
             log.info("job %s: catalogued the checkpoints it wrote while the daemon was away", name)
@@ -424,15 +491,32 @@ class Daemon:
         # holds, so counting due steps from 0 would call every saved grid step skipped (missed.resumed_from)
         saved = missed.resumed_from(step, [r.step for r in rows])
         with self.lock:
-            job = JobState(name, uid, directory, settings, policy, pid=pid, connected=True, step=step,
-                           last_saved_step=saved, last_verified_step=rows[-1].step if rows else 0,
-                           last_verified_at=rows[-1].created if rows else None, session=session, history=history)
+            job = JobState(
+                name,
+                uid,
+                directory,
+                settings,
+                policy,
+                pid=pid,
+                connected=True,
+                step=step,
+                last_saved_step=saved,
+                last_verified_step=rows[-1].step if rows else 0,
+                last_verified_at=rows[-1].created if rows else None,
+                session=session,
+                history=history,
+            )
             self.jobs[key] = job
         if policy.cron:
             from apscheduler.triggers.cron import CronTrigger
 
-            self.scheduler.add_job(self._cron_due, CronTrigger.from_crontab(policy.cron), args=[key],
-                                   id=f"cron:{name}:{directory}", replace_existing=True)
+            self.scheduler.add_job(
+                self._cron_due,
+                CronTrigger.from_crontab(policy.cron),
+                args=[key],
+                id=f"cron:{name}:{directory}",
+                replace_existing=True,
+            )
         self.catalog.upsert_job(key, uid, {k: v for k, v in settings.items() if v is not None})
         self.catalog.event(key, "start", pid=pid, step=step)
         self.metrics.job_started(key)
@@ -453,8 +537,9 @@ class Daemon:
         kind = "end" if session.ended else "detached" if self.stopping else "disconnect"
         self.catalog.event(job.key, kind, step=job.step)
 
-    def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float],
-                       cost: float | None = None) -> None:
+    def save_succeeded(
+        self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float], cost: float | None = None
+    ) -> None:
         with self.lock:
             if info.step >= job.last_verified_step:
                 job.last_verified_step, job.last_verified_at = info.step, info.created
@@ -495,8 +580,11 @@ class Daemon:
         self._refresh_free()
         self._unattended.difference_update(self.metrics.drop_ended(now, ENDED_JOB_TTL))
         with self.lock:
-            for key in [k for k, j in self.jobs.items()
-                        if not j.connected and j.ended_at is not None and now - j.ended_at > ENDED_JOB_TTL]:
+            for key in [
+                k
+                for k, j in self.jobs.items()
+                if not j.connected and j.ended_at is not None and now - j.ended_at > ENDED_JOB_TTL
+            ]:
                 del self.jobs[key]
         with self.lock:
             running = sum(j.connected for j in self.jobs.values())
@@ -525,7 +613,9 @@ class Daemon:
             self.ledger.missed(j.key, MissedReason.TIME_OVERDUE)
 
     def _cleanup_temp(self) -> None:
-        dirs = {k.directory for k, _ in self.catalog.jobs()} | {os.path.dirname(r.path) for r in self.catalog.checkpoints()}
+        dirs = {k.directory for k, _ in self.catalog.jobs()} | {
+            os.path.dirname(r.path) for r in self.catalog.checkpoints()
+        }
         for d in dirs:
             if inside(d, self.roots):
                 try:
@@ -546,8 +636,9 @@ class Daemon:
 
 def _check_roots(roots: Sequence[str]) -> None:
     if not roots:
-        raise TargetError("no roots configured: set [daemon] roots to the directories checkpoints may be "
-                          "written to and deleted from")
+        raise TargetError(
+            "no roots configured: set [daemon] roots to the directories checkpoints may be written to and deleted from"
+        )
     for root in roots:
         if not os.path.isdir(root):
             raise TargetError(f"root {root} does not exist: create it (and name it in the unit's ReadWritePaths=)")

@@ -146,7 +146,8 @@ class Catalog:
             self._db.execute(
                 "INSERT INTO jobs(name, directory, uid, settings, created) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(name, directory) DO UPDATE SET settings = excluded.settings, uid = excluded.uid",
-                (*key, uid, json.dumps(settings, default=str), time.time()))
+                (*key, uid, json.dumps(settings, default=str), time.time()),
+            )
 
     def job_settings(self, key: JobKey) -> dict[str, Any]:
         """The settings a job last registered with (what a restarted daemon resumes replication with)."""
@@ -160,8 +161,15 @@ class Catalog:
 
     # -- checkpoints -----------------------------------------------------------------
 
-    def record(self, c: Checkpoint, verified: bool, reason: str = "", outcome: Outcome | None = None,
-               directory: str | None = None, uid: int | None = None) -> None:
+    def record(
+        self,
+        c: Checkpoint,
+        verified: bool,
+        reason: str = "",
+        outcome: Outcome | None = None,
+        directory: str | None = None,
+        uid: int | None = None,
+    ) -> None:
         """``directory``: the job's (default: the checkpoint's own parent). ``uid``: whose it is (the
         job's owner for a save it made; default: the owner of the file, not followed if a link),
         who alone (with privileged uids) sees the row (finding L6)."""
@@ -171,9 +179,25 @@ class Catalog:
                 "INSERT OR REPLACE INTO checkpoints(path, job, step, epoch, created, trigger, rule, bytes, "
                 "verified, metrics, pinned, reason, digests, outcome, directory, uid) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (c.path, c.job, c.step, c.epoch, c.created, c.trigger, c.rule, c.bytes, int(verified),
-                 json.dumps(c.metrics, default=str), int(c.pinned), reason, json.dumps(c.digests), outcome,
-                 directory or os.path.dirname(c.path), uid_of(c.path) if uid is None else uid))
+                (
+                    c.path,
+                    c.job,
+                    c.step,
+                    c.epoch,
+                    c.created,
+                    c.trigger,
+                    c.rule,
+                    c.bytes,
+                    int(verified),
+                    json.dumps(c.metrics, default=str),
+                    int(c.pinned),
+                    reason,
+                    json.dumps(c.digests),
+                    outcome,
+                    directory or os.path.dirname(c.path),
+                    uid_of(c.path) if uid is None else uid,
+                ),
+            )
 
     def forget(self, paths: Iterable[str]) -> None:
         with self._lock:
@@ -181,8 +205,10 @@ class Catalog:
 
     def mark_unverified(self, path: str, reason: str) -> None:
         with self._lock:
-            self._db.execute("UPDATE checkpoints SET verified = 0, reason = ?, outcome = ? WHERE path = ?",
-                             (reason, Outcome.CORRUPT, path))
+            self._db.execute(
+                "UPDATE checkpoints SET verified = 0, reason = ?, outcome = ? WHERE path = ?",
+                (reason, Outcome.CORRUPT, path),
+            )
 
     def set_pinned(self, path: str, pinned: bool) -> None:
         with self._lock:
@@ -195,13 +221,31 @@ class Catalog:
         return self._rows(clause + " ORDER BY job, directory, step, created", [v for _, v in where])
 
     def _rows(self, clause: str, args: list[Any]) -> list[Row]:
-        sql = ("SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason, outcome, "
-               "directory, digests, uid FROM checkpoints")
+        sql = (
+            "SELECT path, job, step, created, bytes, verified, trigger, pinned, metrics, reason, outcome, "
+            "directory, digests, uid FROM checkpoints"
+        )
         with self._lock:
             rows = self._db.execute(sql + clause, args).fetchall()
-        return [Row(r[0], r[1], int(r[2]), float(r[3]), int(r[4]), bool(r[5]), r[6], bool(r[7]),
-                    json.loads(r[8]), r[9], Outcome(r[10]), r[11], json.loads(r[12] or "{}"),
-                    None if r[13] is None else int(r[13])) for r in rows]
+        return [
+            Row(
+                r[0],
+                r[1],
+                int(r[2]),
+                float(r[3]),
+                int(r[4]),
+                bool(r[5]),
+                r[6],
+                bool(r[7]),
+                json.loads(r[8]),
+                r[9],
+                Outcome(r[10]),
+                r[11],
+                json.loads(r[12] or "{}"),
+                None if r[13] is None else int(r[13]),
+            )
+            for r in rows
+        ]
 
     def row(self, path: str) -> Row | None:
         found = [r for r in self._rows(" WHERE path = ?", [path])]
@@ -212,8 +256,10 @@ class Catalog:
         if isinstance(job, JobKey):
             name, detail = job.name, {"directory": job.directory, **detail}
         with self._lock:
-            self._db.execute("INSERT INTO events(time, job, kind, detail) VALUES (?, ?, ?, ?)",
-                             (time.time(), name, kind, json.dumps(detail, default=str)))
+            self._db.execute(
+                "INSERT INTO events(time, job, kind, detail) VALUES (?, ?, ?, ?)",
+                (time.time(), name, kind, json.dumps(detail, default=str)),
+            )
 
     def events(self, job: str | None = None, limit: int = 100) -> list[tuple[float, str, str, dict[str, Any]]]:
         sql = "SELECT time, job, kind, detail FROM events"
@@ -233,8 +279,9 @@ class Catalog:
         host or the daemon took the memory tier with it), not when it carried on (the daemon alone
         restarted and the trainer reconnected)."""
         with self._lock:
-            rows = self._db.execute("SELECT time, kind, detail FROM events WHERE job = ? ORDER BY id",
-                                    (key.name,)).fetchall()
+            rows = self._db.execute(
+                "SELECT time, kind, detail FROM events WHERE job = ? ORDER BY id", (key.name,)
+            ).fetchall()
         ran, crashes, losses, start, last, step = 0.0, 0, 0, None, 0.0, 0
         for t, kind, detail in rows:
             fields = json.loads(detail)
@@ -258,9 +305,11 @@ class Catalog:
         stands (``running``, ``ended``, ``disconnected``: went away without saying ``end``,
         ``detached``: connected when the daemon stopped)."""
         with self._lock:
-            rows = self._db.execute("SELECT time, kind, detail FROM events WHERE job = ? AND kind IN "
-                                    "('start', 'end', 'disconnect', 'detached', 'missed', 'failed') ORDER BY id",
-                                    (key.name,)).fetchall()
+            rows = self._db.execute(
+                "SELECT time, kind, detail FROM events WHERE job = ? AND kind IN "
+                "('start', 'end', 'disconnect', 'detached', 'missed', 'failed') ORDER BY id",
+                (key.name,),
+            ).fetchall()
         out: dict[str, Any] = {"missed": 0, "failed": 0, "last_error": None, "run": None}
         for t, kind, detail in rows:
             fields = json.loads(detail)
@@ -271,8 +320,9 @@ class Catalog:
             if kind == "failed":
                 out["last_error"] = {"time": t, "reason": fields.get("reason"), "error": fields.get("error")}
             elif kind in ("start", "end", "disconnect", "detached"):
-                out["run"] = {"start": "running", "end": "ended", "disconnect": "disconnected",
-                              "detached": "detached"}[kind]
+                out["run"] = {"start": "running", "end": "ended", "disconnect": "disconnected", "detached": "detached"}[
+                    kind
+                ]
         return out
 
     # -- reconciling with the disk -------------------------------------------------------
@@ -370,7 +420,12 @@ def _checkpoint_files(roots: Sequence[str]) -> list[str]:
                 continue
             for name in filenames:
                 full = os.path.join(dirpath, name)
-                if name.endswith(SUFFIX) and TEMP_MARK not in name and not name.startswith(".") \
-                        and not os.path.islink(full) and _utf8(dirpath, name):
+                if (
+                    name.endswith(SUFFIX)
+                    and TEMP_MARK not in name
+                    and not name.startswith(".")
+                    and not os.path.islink(full)
+                    and _utf8(dirpath, name)
+                ):
                     out.append(full)
     return out

@@ -42,7 +42,7 @@ def version_name(found: foreign.Found) -> str:
     stem, ext = os.path.splitext(os.path.basename(found.path))
     if found.step is not None:
         return f"{stem}-step{found.step:08d}{ext}"
-    when = time.strftime('%Y%m%dT%H%M%S', time.gmtime(found.mtime)) + f".{int(found.mtime * 1e6) % 1_000_000:06d}"
+    when = time.strftime("%Y%m%dT%H%M%S", time.gmtime(found.mtime)) + f".{int(found.mtime * 1e6) % 1_000_000:06d}"
     return f"{stem}-{when}{ext}"
 
 
@@ -127,4 +127,3 @@ def _copy(src: int, dfd: int, target: str, st: os.stat_result) -> bool:
     os.rename(tmp, target, src_dir_fd=dfd, dst_dir_fd=dfd)
     os.fsync(dfd)
     return True
-

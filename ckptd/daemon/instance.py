@@ -30,8 +30,10 @@ class InstanceLock:
     def __init__(self, socket_path: str, state_dir: str) -> None:
         self._fds: list[int] = []
         try:
-            for path, what in ((os.path.join(state_dir, "ckptd.lock"), f"state_dir {state_dir}"),
-                               (socket_path + ".lock", f"socket {socket_path}")):
+            for path, what in (
+                (os.path.join(state_dir, "ckptd.lock"), f"state_dir {state_dir}"),
+                (socket_path + ".lock", f"socket {socket_path}"),
+            ):
                 self._fds.append(_take(path, what))
         except BaseException:
             self.release()
@@ -49,16 +51,20 @@ def _take(path: str, what: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         key = what.split()[0]
-        raise TargetError(f"{what}: cannot lock {path} ({exc.strerror or exc}); set [daemon] {key} (or --{key.replace('_', '-')}) "
-                          f"to a place uid {os.getuid()} may write") from None
+        raise TargetError(
+            f"{what}: cannot lock {path} ({exc.strerror or exc}); set [daemon] {key} (or --{key.replace('_', '-')}) "
+            f"to a place uid {os.getuid()} may write"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise AlreadyServing(f"another ckptd (pid {holder}) is already serving {what}; "
-                                 "stop it first, or give this one its own socket and state_dir") from None
+            raise AlreadyServing(
+                f"another ckptd (pid {holder}) is already serving {what}; "
+                "stop it first, or give this one its own socket and state_dir"
+            ) from None
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

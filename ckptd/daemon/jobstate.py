@@ -92,9 +92,17 @@ class JobState:
         ran, crashes, losses = self.history
         mtbf = estimate_mtbf(crashes + losses, ran + max(0.0, now - self.started_at), self.policy.mtbf)
         coverage = estimate_coverage(crashes, losses) if self.memory_tier else Coverage(0.0, "none")
-        return multilevel(self.costs, self.memory_costs, mtbf, coverage, self.policy.max_overhead,
-                          self.policy.min_interval, guess_cost(self.state_bytes), self.settings.get("every_memory"),
-                          resolution=TICK)
+        return multilevel(
+            self.costs,
+            self.memory_costs,
+            mtbf,
+            coverage,
+            self.policy.max_overhead,
+            self.policy.min_interval,
+            guess_cost(self.state_bytes),
+            self.settings.get("every_memory"),
+            resolution=TICK,
+        )
 
     @property
     def memory_tier(self) -> bool:
@@ -118,11 +126,13 @@ class JobState:
         plan = self.plan(now)
         auto = plan.disk if plan is not None else None
         interval = self.interval(now, auto)
-        values = {"ckptd_job_up": float(self.connected),
-                  "ckptd_unsaved_steps": float(missed.unsaved_at_exit(self.step, self.last_verified_step)),
-                  "ckptd_quota_bytes": float(self.settings.get("max_bytes") or 0),
-                  "ckptd_expected_loss_seconds": self.expected_loss(now),
-                  "ckptd_save_overhead_ratio": self.overhead(now)}
+        values = {
+            "ckptd_job_up": float(self.connected),
+            "ckptd_unsaved_steps": float(missed.unsaved_at_exit(self.step, self.last_verified_step)),
+            "ckptd_quota_bytes": float(self.settings.get("max_bytes") or 0),
+            "ckptd_expected_loss_seconds": self.expected_loss(now),
+            "ckptd_save_overhead_ratio": self.overhead(now),
+        }
         if interval is not None:  # never 0 for "unknown": CkptdCheckpointStale compares with 2x it
             values["ckptd_expected_save_interval_seconds"] = interval
         # 0 for a job without every=auto or a remote tier: a basic install's dashboard has its series

@@ -54,9 +54,15 @@ class JournalHandler(logging.Handler):
         level = priority(record.levelno)
         record.__dict__["priority"] = level  # for the fallback's "<N>" prefix
         message = self.format(record)
-        fields = {"MESSAGE": message, "PRIORITY": str(level), "SYSLOG_IDENTIFIER": "ckptd",
-                  "CKPTD_LOGGER": record.name, "CODE_FILE": record.pathname, "CODE_LINE": str(record.lineno),
-                  "CODE_FUNC": record.funcName}
+        fields = {
+            "MESSAGE": message,
+            "PRIORITY": str(level),
+            "SYSLOG_IDENTIFIER": "ckptd",
+            "CKPTD_LOGGER": record.name,
+            "CODE_FILE": record.pathname,
+            "CODE_LINE": str(record.lineno),
+            "CODE_FUNC": record.funcName,
+        }
         try:
             self.sock.sendto(b"".join(_field(k, v) for k, v in fields.items()), self.path)
         except OSError:

@@ -28,8 +28,9 @@ class Ledger:
     def __init__(self, metrics: Metrics, catalog: Catalog) -> None:
         self.metrics, self.catalog = metrics, catalog
 
-    def saved(self, job: JobKey, trigger: str, info: Checkpoint, durations: dict[str, float],
-              last_verified_step: int) -> None:
+    def saved(
+        self, job: JobKey, trigger: str, info: Checkpoint, durations: dict[str, float], last_verified_step: int
+    ) -> None:
         m = self.metrics
         m.saves.labels(*job, trigger, "ok").inc()
         m.verify.labels(*job, Outcome.OK).inc()
@@ -37,8 +38,15 @@ class Ledger:
             m.duration.labels(*job, phase).observe(seconds)
         m.last_success.labels(*job).set(time.time())
         m.last_saved_step.labels(*job).set(last_verified_step)
-        log.info("job %s: step %d saved and verified (%s, %s, %.2fs): %s", job, info.step, trigger,
-                 format_bytes(info.bytes), sum(durations.values()), info.path)
+        log.info(
+            "job %s: step %d saved and verified (%s, %s, %.2fs): %s",
+            job,
+            info.step,
+            trigger,
+            format_bytes(info.bytes),
+            sum(durations.values()),
+            info.path,
+        )
         self.catalog.event(job, "saved", step=info.step, path=info.path, trigger=trigger)
 
     def remembered(self, job: JobKey, step: int, nbytes: int, seconds: float) -> None:
@@ -99,8 +107,9 @@ class Ledger:
     def unattended(self, job: JobKey, info: Checkpoint) -> None:
         """A checkpoint under the roots that no connected trainer handed the daemon (``sweep``): its
         trainer saves on its own (embedded mode: the daemon was down, or its socket refused it)."""
-        log.warning("job %s: step %d was saved without the daemon (a trainer in embedded mode?): %s",
-                    job, info.step, info.path)
+        log.warning(
+            "job %s: step %d was saved without the daemon (a trainer in embedded mode?): %s", job, info.step, info.path
+        )
         self.metrics.last_unattended.labels(*job).set(info.created)
         self.catalog.event(job, "unattended", step=info.step, path=info.path)
         self.refresh(job)

@@ -37,8 +37,7 @@ class Listener:
     def alive(self) -> bool:
         """Accepting, and reachable: the accept thread runs, and the socket's path is still the
         socket it accepts on (a path unlinked or replaced reaches no one; a restart rebinds it)."""
-        return (not self._closed.is_set() and self._sock.fileno() >= 0 and self._thread.is_alive()
-                and self._reachable())
+        return not self._closed.is_set() and self._sock.fileno() >= 0 and self._thread.is_alive() and self._reachable()
 
     def _reachable(self) -> bool:
         try:
@@ -84,8 +83,12 @@ class Listener:
             except OSError as exc:
                 if self._closed.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
                     break
-                self._closed.wait(trouble.failed(f"failed: {exc.strerror or exc} (is a client holding "
-                                                 "many connections? LimitNOFILE= raises the limit)"))
+                self._closed.wait(
+                    trouble.failed(
+                        f"failed: {exc.strerror or exc} (is a client holding "
+                        "many connections? LimitNOFILE= raises the limit)"
+                    )
+                )
                 continue
             except Exception as exc:  # noqa: BLE001 (MemoryError and kin: the loop outlives them all)
                 self._closed.wait(trouble.failed(f"failed: {exc!r}"))
@@ -94,8 +97,12 @@ class Listener:
                 self._on_connection(conn)
             except Exception as exc:  # noqa: BLE001 (RuntimeError: can't start new thread, MemoryError...)
                 _refuse(conn, f"the daemon cannot serve this connection now ({exc}); try again")
-                self._closed.wait(trouble.failed(f"failed to serve a connection: {exc!r} (TasksMax=, "
-                                                 "RLIMIT_NPROC or memory; connections are refused meanwhile)"))
+                self._closed.wait(
+                    trouble.failed(
+                        f"failed to serve a connection: {exc!r} (TasksMax=, "
+                        "RLIMIT_NPROC or memory; connections are refused meanwhile)"
+                    )
+                )
                 continue
             trouble.ok()
 

@@ -71,8 +71,18 @@ class MemoryTier:
         self._tickets = itertools.count()
         self._lock = threading.Lock()
 
-    def keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float, *, owner: int = -1,
-             directory_fd: int = -1) -> bool:
+    def keep(
+        self,
+        key: JobKey,
+        src_fd: int,
+        length: int,
+        step: int,
+        path: str,
+        now: float,
+        *,
+        owner: int = -1,
+        directory_fd: int = -1,
+    ) -> bool:
         """Copy a verified snapshot out of the trainer's buffer (which it reuses after our reply),
         once, into room reserved for it first; False when it is not kept (the tier is off, it does
         not fit, or a newer step is held). ``owner``: whose it is (only that uid resumes from it; it
@@ -86,14 +96,19 @@ class MemoryTier:
             if not kept and directory_fd >= 0:
                 os.close(directory_fd)
 
-    def _keep(self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float, uid: int,
-              directory_fd: int) -> bool:
+    def _keep(
+        self, key: JobKey, src_fd: int, length: int, step: int, path: str, now: float, uid: int, directory_fd: int
+    ) -> bool:
         if self.budget <= 0:  # memory_budget = 0: the tier is off
             return False
         if length > self.budget:
             self.drop(key)
-            log.info("job %s: snapshot of %d bytes exceeds the memory budget (%d); not kept in memory",
-                     key.name, length, self.budget)
+            log.info(
+                "job %s: snapshot of %d bytes exceeds the memory budget (%d); not kept in memory",
+                key.name,
+                length,
+                self.budget,
+            )
             return False
         ticket = self._reserve(key, uid, length, step)
         if ticket is None:
@@ -116,8 +131,12 @@ class MemoryTier:
                 os.close(fd)
         if problem:
             self.drop(key)
-            log.warning("job %s: the copy of step %d for the memory tier does not verify (%s); not kept",
-                        key.name, step, problem)
+            log.warning(
+                "job %s: the copy of step %d for the memory tier does not verify (%s); not kept",
+                key.name,
+                step,
+                problem,
+            )
         return kept
 
     def _reserve(self, key: JobKey, uid: int, length: int, step: int) -> int | None:
@@ -128,14 +147,23 @@ class MemoryTier:
                 return None
             doomed = evictions(self._usage(), self.budget, uid, length)
             if doomed is None:
-                log.info("memory tier: no room for job %s's step %d (%d bytes): the copies in flight and the "
-                         "snapshots of uids within their share hold the budget; not kept", key.name, step, length)
+                log.info(
+                    "memory tier: no room for job %s's step %d (%d bytes): the copies in flight and the "
+                    "snapshots of uids within their share hold the budget; not kept",
+                    key.name,
+                    step,
+                    length,
+                )
                 return None
             for victim in doomed:
                 h = self._held.pop(victim)
                 h.release()
-                log.info("memory tier: dropped job %s's step %d (the oldest of the uid holding the most) for job %s",
-                         victim.name, h.step, key.name)
+                log.info(
+                    "memory tier: dropped job %s's step %d (the oldest of the uid holding the most) for job %s",
+                    victim.name,
+                    h.step,
+                    key.name,
+                )
             ticket = next(self._tickets)
             self._flying[ticket] = (uid, length)
             return ticket

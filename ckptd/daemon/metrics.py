@@ -56,8 +56,8 @@ class _Bounded:
     """Every label value through ``bounded``, whoever sets it (the ledger, uploads, watch)."""
 
     def labels(self, *values: Any, **named: Any) -> Any:
-        return super().labels(*(_bound(v) for v in values),  # type: ignore[misc]
-                              **{k: _bound(v) for k, v in named.items()})
+        bound = {k: _bound(v) for k, v in named.items()}
+        return super().labels(*(_bound(v) for v in values), **bound)  # type: ignore[misc]
 
     def remove_by_labels(self, labels: dict[str, str]) -> None:
         super().remove_by_labels({k: bounded(v) for k, v in labels.items()})  # type: ignore[misc]
@@ -82,40 +82,97 @@ class BoundedHistogram(_Bounded, Histogram):
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.saves = BoundedCounter("ckptd_saves_total", "Saves by trigger and outcome", [JOB, DIRECTORY, "trigger", "outcome"], registry=r)
-        self.failures = BoundedCounter("ckptd_save_failures_total", "Failed saves by reason", [JOB, DIRECTORY, "reason"], registry=r)
-        self.missed = BoundedCounter("ckptd_missed_saves_total", "Saves that should have happened and did not",
-                              [JOB, DIRECTORY, "reason"], registry=r)
-        self.verify = BoundedCounter("ckptd_verify_total", "Verifications by outcome", [JOB, DIRECTORY, "outcome"], registry=r)
-        self.duration = BoundedHistogram("ckptd_save_duration_seconds", "Time per save phase", [JOB, DIRECTORY, "phase"], registry=r,
-                                  buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        self.last_success = BoundedGauge("ckptd_last_success_timestamp_seconds", "Time of the last verified save", [JOB, DIRECTORY], registry=r)
-        self.last_saved_step = BoundedGauge("ckptd_last_saved_step", "Step of the last verified save", [JOB, DIRECTORY], registry=r)
-        self.checkpoints = BoundedGauge("ckptd_checkpoints", "Verified checkpoints on disk", [JOB, DIRECTORY], registry=r)
-        self.checkpoint_bytes = BoundedGauge("ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", [JOB, DIRECTORY], registry=r)
-        self.deleted = BoundedCounter("ckptd_deleted_total", "Checkpoints deleted, by rule", [JOB, DIRECTORY, "rule"], registry=r)
-        self.fs_free = BoundedGauge("ckptd_filesystem_free_bytes", "Free bytes on a root's filesystem", ["root"], registry=r)
-        self.remote_uploads = BoundedCounter("ckptd_remote_uploads_total", "Uploads to the remote tier by outcome",
-                                      [JOB, DIRECTORY, "outcome"], registry=r)
-        self.remote_last_success = BoundedGauge("ckptd_remote_last_success_timestamp_seconds",
-                                         "Time of the last checkpoint verified on the remote tier", [JOB, DIRECTORY], registry=r)
-        self.remote_checkpoints = BoundedGauge("ckptd_remote_checkpoints", "Committed checkpoints on the remote tier",
-                                        [JOB, DIRECTORY], registry=r)
-        self.remote_bytes = BoundedGauge("ckptd_remote_bytes", "Bytes of committed checkpoints on the remote tier",
-                                  [JOB, DIRECTORY], registry=r)
+        self.saves = BoundedCounter(
+            "ckptd_saves_total", "Saves by trigger and outcome", [JOB, DIRECTORY, "trigger", "outcome"], registry=r
+        )
+        self.failures = BoundedCounter(
+            "ckptd_save_failures_total", "Failed saves by reason", [JOB, DIRECTORY, "reason"], registry=r
+        )
+        self.missed = BoundedCounter(
+            "ckptd_missed_saves_total",
+            "Saves that should have happened and did not",
+            [JOB, DIRECTORY, "reason"],
+            registry=r,
+        )
+        self.verify = BoundedCounter(
+            "ckptd_verify_total", "Verifications by outcome", [JOB, DIRECTORY, "outcome"], registry=r
+        )
+        self.duration = BoundedHistogram(
+            "ckptd_save_duration_seconds",
+            "Time per save phase",
+            [JOB, DIRECTORY, "phase"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.last_success = BoundedGauge(
+            "ckptd_last_success_timestamp_seconds", "Time of the last verified save", [JOB, DIRECTORY], registry=r
+        )
+        self.last_saved_step = BoundedGauge(
+            "ckptd_last_saved_step", "Step of the last verified save", [JOB, DIRECTORY], registry=r
+        )
+        self.checkpoints = BoundedGauge(
+            "ckptd_checkpoints", "Verified checkpoints on disk", [JOB, DIRECTORY], registry=r
+        )
+        self.checkpoint_bytes = BoundedGauge(
+            "ckptd_checkpoint_bytes", "Bytes of checkpoints on disk", [JOB, DIRECTORY], registry=r
+        )
+        self.deleted = BoundedCounter(
+            "ckptd_deleted_total", "Checkpoints deleted, by rule", [JOB, DIRECTORY, "rule"], registry=r
+        )
+        self.fs_free = BoundedGauge(
+            "ckptd_filesystem_free_bytes", "Free bytes on a root's filesystem", ["root"], registry=r
+        )
+        self.remote_uploads = BoundedCounter(
+            "ckptd_remote_uploads_total",
+            "Uploads to the remote tier by outcome",
+            [JOB, DIRECTORY, "outcome"],
+            registry=r,
+        )
+        self.remote_last_success = BoundedGauge(
+            "ckptd_remote_last_success_timestamp_seconds",
+            "Time of the last checkpoint verified on the remote tier",
+            [JOB, DIRECTORY],
+            registry=r,
+        )
+        self.remote_checkpoints = BoundedGauge(
+            "ckptd_remote_checkpoints", "Committed checkpoints on the remote tier", [JOB, DIRECTORY], registry=r
+        )
+        self.remote_bytes = BoundedGauge(
+            "ckptd_remote_bytes", "Bytes of committed checkpoints on the remote tier", [JOB, DIRECTORY], registry=r
+        )
         # "failing now" and "missed since the last good save": alerts compare them with last_success,
         # so they resolve at the next verified save, not when a counter window forgets the event
-        self.last_failure = BoundedGauge("ckptd_last_failure_timestamp_seconds", "Time of the last failed save, by reason",
-                                  [JOB, DIRECTORY, "reason"], registry=r)
-        self.last_missed = BoundedGauge("ckptd_last_missed_timestamp_seconds", "Time of the last missed save, by reason",
-                                 [JOB, DIRECTORY, "reason"], registry=r)
-        self.corrupt = BoundedGauge("ckptd_corrupt_checkpoints", "Checkpoints on disk known not to verify (from the catalogue)",
-                             [JOB, DIRECTORY], registry=r)
-        self.last_unattended = BoundedGauge("ckptd_last_unattended_save_timestamp_seconds",
-                                     "Time of the newest checkpoint found under the roots that no connected trainer "
-                                     "handed the daemon (a trainer saving in embedded mode)", [JOB, DIRECTORY], registry=r)
-        self.hook_info = BoundedGauge("ckptd_hook_info", "Version of the hook (trainer_hooks) each job's trainer said hello with",
-                               [JOB, DIRECTORY, "version"], registry=r)
+        self.last_failure = BoundedGauge(
+            "ckptd_last_failure_timestamp_seconds",
+            "Time of the last failed save, by reason",
+            [JOB, DIRECTORY, "reason"],
+            registry=r,
+        )
+        self.last_missed = BoundedGauge(
+            "ckptd_last_missed_timestamp_seconds",
+            "Time of the last missed save, by reason",
+            [JOB, DIRECTORY, "reason"],
+            registry=r,
+        )
+        self.corrupt = BoundedGauge(
+            "ckptd_corrupt_checkpoints",
+            "Checkpoints on disk known not to verify (from the catalogue)",
+            [JOB, DIRECTORY],
+            registry=r,
+        )
+        self.last_unattended = BoundedGauge(
+            "ckptd_last_unattended_save_timestamp_seconds",
+            "Time of the newest checkpoint found under the roots that no connected trainer "
+            "handed the daemon (a trainer saving in embedded mode)",
+            [JOB, DIRECTORY],
+            registry=r,
+        )
+        self.hook_info = BoundedGauge(
+            "ckptd_hook_info",
+            "Version of the hook (trainer_hooks) each job's trainer said hello with",
+            [JOB, DIRECTORY, "version"],
+            registry=r,
+        )
         self.build_info = BoundedGauge("ckptd_build_info", "Version of ckptd", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
         self._ended: dict[JobKey, float] = {}
@@ -159,10 +216,27 @@ class Metrics:
             for j in old:
                 del self._ended[j]
         for job in old:
-            for metric in (self.saves, self.failures, self.missed, self.verify, self.duration, self.deleted,
-                           self.last_success, self.last_saved_step, self.checkpoints, self.checkpoint_bytes,
-                           self.remote_uploads, self.remote_last_success, self.remote_checkpoints, self.remote_bytes,
-                           self.last_failure, self.last_missed, self.corrupt, self.last_unattended, self.hook_info):
+            for metric in (
+                self.saves,
+                self.failures,
+                self.missed,
+                self.verify,
+                self.duration,
+                self.deleted,
+                self.last_success,
+                self.last_saved_step,
+                self.checkpoints,
+                self.checkpoint_bytes,
+                self.remote_uploads,
+                self.remote_last_success,
+                self.remote_checkpoints,
+                self.remote_bytes,
+                self.last_failure,
+                self.last_missed,
+                self.corrupt,
+                self.last_unattended,
+                self.hook_info,
+            ):
                 _remove_job(metric, job)
         return old
 
@@ -179,9 +253,9 @@ JOB_GAUGES = {
     "ckptd_save_overhead_ratio": "Share of training time stalled by saves over the last hour",
     "ckptd_auto_interval_seconds": "The save interval every=auto chose (0: the job does not use every=auto)",
     "ckptd_auto_memory_interval_seconds": "The interval of memory-only saves every=auto chose (0: none, the "
-                                          "disk's saves are enough or the job does not use every=auto)",
+    "disk's saves are enough or the job does not use every=auto)",
     "ckptd_remote_lag_seconds": "Age of the oldest verified local checkpoint not yet verified remotely "
-                                "(0: none waiting, or no remote tier)",
+    "(0: none waiting, or no remote tier)",
     "ckptd_memory_bytes": "Bytes of the job's newest verified snapshot the daemon holds in memory (0: none)",
 }
 JobSource = Callable[[float], list[tuple[JobKey, dict[str, float]]]]
@@ -302,8 +376,13 @@ class BoundedServer(ThreadingWSGIServer):
         peer = _peer(request, client_address)
         with self._open_lock:
             mine = sum(1 for p, _ in self._open.values() if p == peer)
-            full = ("max_http_connections" if len(self._open) >= self.limits.connections else
-                    "max_http_connections_per_peer" if mine >= self.limits.per_peer else "")
+            full = (
+                "max_http_connections"
+                if len(self._open) >= self.limits.connections
+                else "max_http_connections_per_peer"
+                if mine >= self.limits.per_peer
+                else ""
+            )
             if not full:
                 self._open[request] = (peer, time.monotonic() + self.limits.deadline)
         if full:
@@ -355,9 +434,14 @@ def _peer(conn: socket.socket, address: Any) -> str:
     return f"uid {uid}" if uid is not None else str(address[0])
 
 
-def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, bool]],
-               limits: HttpLimits = HttpLimits(), owner_of: Callable[[JobKey], str] | None = None,
-               status: Callable[[], dict[str, Any]] | None = None) -> WSGIServer:
+def serve_http(
+    metrics: Metrics,
+    listen: str,
+    health: Callable[[], dict[str, bool]],
+    limits: HttpLimits = HttpLimits(),
+    owner_of: Callable[[JobKey], str] | None = None,
+    status: Callable[[], dict[str, Any]] | None = None,
+) -> WSGIServer:
     """``/metrics`` (prometheus_client's own app: content negotiation, gzip), ``/healthz`` and
     the read-only ``/status`` (``ckptd status --json`` and the host) beside it, on ``host:port``
     (IPv4 or IPv6), in a daemon thread, within ``limits``. ``owner_of``: a job's owner, the
@@ -376,8 +460,10 @@ def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, boo
         if path == "/healthz":
             checks = health()
             body = json.dumps({"ok": all(checks.values()), "checks": checks, "time": time.time()}).encode()
-            start_response("200 OK" if all(checks.values()) else "503 Service Unavailable",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            start_response(
+                "200 OK" if all(checks.values()) else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
             return [body]
         if path == "/status" and status is not None:
             body = json.dumps(status(), default=str).encode()
@@ -394,6 +480,7 @@ def serve_http(metrics: Metrics, listen: str, health: Callable[[], dict[str, boo
         server = make_server(host, port, app, Server, handler_class=_Handler)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen for metrics on {listen}: {exc.strerror}") from None
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="ckptd-metrics",
-                     daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="ckptd-metrics", daemon=True
+    ).start()
     return server

@@ -67,14 +67,22 @@ def memory(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     if now != held.directory_id:
         os.close(held.fd)
         d.memory.drop(key, kept_at=held.at)  # its directory is gone or recreated: nobody resumes from it
-        log.info("job %s: the memory tier's snapshot of %s was dropped: the directory was removed or recreated",
-                 key.name, key.directory)
+        log.info(
+            "job %s: the memory tier's snapshot of %s was dropped: the directory was removed or recreated",
+            key.name,
+            key.directory,
+        )
         return {"step": None}
     if held.owner != session.uid:
         os.close(held.fd)
         return {"step": None}
-    return {"step": held.step, "length": held.length, "path": held.path, "fd": held.fd,
-            "directory_id": list(held.directory_id)}
+    return {
+        "step": held.step,
+        "length": held.length,
+        "path": held.path,
+        "fd": held.fd,
+        "directory_id": list(held.directory_id),
+    }
 
 
 def status(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
@@ -108,25 +116,39 @@ def _standing(d: Host, key: JobKey, row: dict[str, Any], tally: dict[str, Any], 
     j = d.jobs.get(key)
     settings = j.settings if j is not None else d.catalog.job_settings(key)
     state = "running" if row["connected"] else (tally["run"] if tally["run"] not in (None, "running") else "idle")
-    return {"state": state, "missed_total": tally["missed"], "failed_total": tally["failed"],
-            "last_error": tally["last_error"], "remote": settings.get("remote"),
-            "remote_pending": d.uploads.pending_count(key), "remote_lag": lag,
-            "quota_bytes": settings.get("max_bytes"),
-            "quota_used": row["bytes"] / settings["max_bytes"] if settings.get("max_bytes") else None}
+    return {
+        "state": state,
+        "missed_total": tally["missed"],
+        "failed_total": tally["failed"],
+        "last_error": tally["last_error"],
+        "remote": settings.get("remote"),
+        "remote_pending": d.uploads.pending_count(key),
+        "remote_lag": lag,
+        "quota_bytes": settings.get("max_bytes"),
+        "quota_used": row["bytes"] / settings["max_bytes"] if settings.get("max_bytes") else None,
+    }
 
 
 def _status_row(d: Host, key: JobKey, j: Any, rows: list[Any], now: float) -> dict[str, Any]:
     nxt = next_due_step(j.policy, j.last_saved_step) if j is not None else None
-    return {"job": key.name, "directory": key.directory, "pid": j.pid if j and j.connected else None,
-            "connected": bool(j and j.connected), "step": j.step if j else (rows[-1].step if rows else 0),
-            "last_verified_step": rows[-1].step if rows else None,
-            "last_verified_age": now - rows[-1].created if rows else None,
-            "next_due_step": nxt if nxt is not None and nxt < NEVER else None,
-            "checkpoints": len(rows), "bytes": sum(r.bytes for r in rows),
-            "missed": j.missed if j else 0, "failed": j.failed if j else 0,
-            "world_size": j.world_size if j else None,
-            "stall": statistics.median(j.costs.stalls) if j and j.costs.stalls else None,
-            "auto": _auto(j, now), "memory_bytes": d.memory.held(key)}
+    return {
+        "job": key.name,
+        "directory": key.directory,
+        "pid": j.pid if j and j.connected else None,
+        "connected": bool(j and j.connected),
+        "step": j.step if j else (rows[-1].step if rows else 0),
+        "last_verified_step": rows[-1].step if rows else None,
+        "last_verified_age": now - rows[-1].created if rows else None,
+        "next_due_step": nxt if nxt is not None and nxt < NEVER else None,
+        "checkpoints": len(rows),
+        "bytes": sum(r.bytes for r in rows),
+        "missed": j.missed if j else 0,
+        "failed": j.failed if j else 0,
+        "world_size": j.world_size if j else None,
+        "stall": statistics.median(j.costs.stalls) if j and j.costs.stalls else None,
+        "auto": _auto(j, now),
+        "memory_bytes": d.memory.held(key),
+    }
 
 
 def _auto(j: Any, now: float) -> dict[str, Any] | None:
@@ -144,14 +166,19 @@ def latest(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     """The newest verified checkpoint of a job name; a name used in several directories is
     ambiguous (two jobs), and the reply says which directories to ask for instead."""
     job = msg.get("job")
-    rows = [r for r in d.catalog.checkpoints(job) if r.verified and d.access.sees(session.uid, r)] \
-        if isinstance(job, str) else []
+    rows = (
+        [r for r in d.catalog.checkpoints(job) if r.verified and d.access.sees(session.uid, r)]
+        if isinstance(job, str)
+        else []
+    )
     if not rows:
         raise ValueError(f"job {job!r} has no verified checkpoint that uid {session.uid} may see")
     directories = sorted({r.directory for r in rows})
     if len(directories) > 1:
-        raise ValueError(f"{len(directories)} jobs are named {job}: ask for one by its directory "
-                         f"(ckptd latest DIR): {', '.join(directories)}")
+        raise ValueError(
+            f"{len(directories)} jobs are named {job}: ask for one by its directory "
+            f"(ckptd latest DIR): {', '.join(directories)}"
+        )
     owners = {r.path: d.catalog.owner(r.key, r.path) for r in rows}
 
     def verify_as_owner(r: Any) -> Any:
@@ -200,5 +227,12 @@ def gc(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     return {"verdicts": out, "dry_run": dry, "jobs": len(jobs)}
 
 
-HANDLERS: dict[str, Handler] = {"status": status, "list": list_checkpoints, "latest": latest,
-                                "pin": pin, "unpin": pin, "gc": gc, "memory": memory}
+HANDLERS: dict[str, Handler] = {
+    "status": status,
+    "list": list_checkpoints,
+    "latest": latest,
+    "pin": pin,
+    "unpin": pin,
+    "gc": gc,
+    "memory": memory,
+}

@@ -36,8 +36,10 @@ class SkippedRuns(logging.Filter):
             self.skipped[name] = count
             return False
         self.said[name], self.skipped[name] = now, 0
-        record.msg = ("job %s was still running at its next time: %d run(s) skipped since the last such line "
-                      "(a busy host or a slow tree; the next run catches up; said at most every %.0fs)")
+        record.msg = (
+            "job %s was still running at its next time: %d run(s) skipped since the last such line "
+            "(a busy host or a slow tree; the next run catches up; said at most every %.0fs)"
+        )
         record.args = (name, count, self.every)
         return True
 

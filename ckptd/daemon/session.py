@@ -65,13 +65,23 @@ class Host(Protocol):
     @property
     def stopping(self) -> bool: ...
 
-    def register(self, name: str, uid: int, pid: int, directory: str, settings: dict[str, Any],
-                 policy: SavePolicy, step: int, session: "Session | None" = None) -> JobState: ...
+    def register(
+        self,
+        name: str,
+        uid: int,
+        pid: int,
+        directory: str,
+        settings: dict[str, Any],
+        policy: SavePolicy,
+        step: int,
+        session: "Session | None" = None,
+    ) -> JobState: ...
 
     def unregister(self, job: JobState, session: "Session") -> None: ...
 
-    def save_succeeded(self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float],
-                       cost: float | None = None) -> None: ...
+    def save_succeeded(
+        self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float], cost: float | None = None
+    ) -> None: ...
 
     def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None: ...
 
@@ -158,8 +168,15 @@ class Session:
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
         self.kwargs = kwargs
         self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"], self)
-        log.info("job %s: trainer pid %d (uid %d) connected at step %d, directory %s; %s", job, self.pid,
-                 self.uid, msg["step"], directory, _described(settings))
+        log.info(
+            "job %s: trainer pid %d (uid %d) connected at step %d, directory %s; %s",
+            job,
+            self.pid,
+            self.uid,
+            msg["step"],
+            directory,
+            _described(settings),
+        )
         self.sock.settimeout(None)  # a trainer may be quiet for as long as an evaluation takes
         self.job.world_size = max(1, _count(msg.get("world_size")))
         self.job.state_bytes = _count(msg.get("state_bytes"))
@@ -168,8 +185,9 @@ class Session:
         self.daemon.ledger.hook_version(self.job.key, _version(msg.get("version")))
         self.send({"type": "welcome", "job": job, "directory": directory})
 
-    def resolved(self, config: Config, job: str, directory: str,
-                 kwargs: dict[str, Any]) -> tuple[dict[str, Any], SavePolicy]:
+    def resolved(
+        self, config: Config, job: str, directory: str, kwargs: dict[str, Any]
+    ) -> tuple[dict[str, Any], SavePolicy]:
         """The job's settings (its trainer's kwargs over ``config``'s tables) with what only the daemon
         decides filled in: at hello, and again for a connected job when the configuration is reloaded."""
         settings = resolve(kwargs, {}, config.job_table(job), config.defaults)
@@ -179,8 +197,9 @@ class Session:
             settings["remote_prefix"] = job_prefix(job, directory, self.uid)
         if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
             with acting_as(self.identity):
-                settings["quarantine_dir"] = self.daemon.access.directory(settings["quarantine_dir"], self.uid,
-                                                                             must_exist=False)
+                settings["quarantine_dir"] = self.daemon.access.directory(
+                    settings["quarantine_dir"], self.uid, must_exist=False
+                )
         return settings, policy
 
     # -- heartbeats and missed steps --------------------------------------------------------
@@ -247,8 +266,7 @@ class Session:
             header = seal(fd, msg["length"])
             if header.metadata.get("ckptd.job") != job.name or header.metadata.get("ckptd.step") != str(msg["step"]):
                 raise PersistError(FailReason.INVALID_SNAPSHOT, "the snapshot is not the job and step it claims")
-            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time(),
-                                           **_whose(job)):
+            if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time(), **_whose(job)):
                 raise PersistError(FailReason.NO_SPACE, "the snapshot does not fit the memory budget")
             seconds = time.monotonic() - t0
             with self.daemon.lock:
@@ -270,8 +288,14 @@ class Session:
         reply: dict[str, Any] = {"type": "saved", "id": msg["id"], "step": msg["step"]}
         try:
             with acting_as(self.identity):  # every file of the save as its owner (ckptd.disk.owner)
-                result = save_unit(self._target(job), fd, msg["length"], msg["filename"], msg["step"],
-                                   self._hooks(job, msg, ("stall",)))
+                result = save_unit(
+                    self._target(job),
+                    fd,
+                    msg["length"],
+                    msg["filename"],
+                    msg["step"],
+                    self._hooks(job, msg, ("stall",)),
+                )
             reply.update(ok=True, path=result.path)
             self._keep_in_memory(job, fd, msg, result.path)
         except Exception as exc:  # never lose the daemon to one save
@@ -298,11 +322,18 @@ class Session:
         """The job's directory as every write and deletion for this client must find it: under the
         roots, reached without a link, and (unless the client is privileged) still owned by it."""
         d = self.daemon
-        return Target(job.directory, job.name, job.settings, d.roots,
-                      owner=None if d.access.privileged(self.uid) else self.uid)
+        return Target(
+            job.directory, job.name, job.settings, d.roots, owner=None if d.access.privileged(self.uid) else self.uid
+        )
 
-    def _hooks(self, job: JobState, msg: dict[str, Any], reported: tuple[str, ...], unit: bool = False,
-               info_of: Callable[[str], Checkpoint] = read_info) -> Hooks:
+    def _hooks(
+        self,
+        job: JobState,
+        msg: dict[str, Any],
+        reported: tuple[str, ...],
+        unit: bool = False,
+        info_of: Callable[[str], Checkpoint] = read_info,
+    ) -> Hooks:
         """Stages 5 and 7 as the daemon runs them: catalogue and count, then the uploader.
         (That a snapshot is the job and step it claimed was checked by ``persist`` before a
         byte was written: ``save_unit`` passes them as ``expect``.) A sharded ``unit`` was
@@ -326,8 +357,13 @@ class Session:
                 if unit:
                     d.catalog.forget(gone)
                 d.catalog.record(info, verified=True, uid=job.uid)
-                d.save_succeeded(job, msg["trigger"], info, {**result.durations, **_reported_seconds(msg, reported)},
-                                 _reported_seconds(msg, ("cost",)).get("cost"))
+                d.save_succeeded(
+                    job,
+                    msg["trigger"],
+                    info,
+                    {**result.durations, **_reported_seconds(msg, reported)},
+                    _reported_seconds(msg, ("cost",)).get("cost"),
+                )
 
         def replicate(result: Persisted) -> None:
             if job.settings.get("remote"):
@@ -351,8 +387,11 @@ class Session:
         if not msg.get("ok", True):
             with d.lock:  # attempted at its step, as a plain save is once sent: a failure pages, not a skip too
                 job.last_saved_step = max(job.last_saved_step, msg["step"])
-            d.save_failed(job, trigger, PersistError(FailReason.of(msg.get("reason", FailReason.UNCOMMITTED)),
-                                                     str(msg.get("error"))))
+            d.save_failed(
+                job,
+                trigger,
+                PersistError(FailReason.of(msg.get("reason", FailReason.UNCOMMITTED)), str(msg.get("error"))),
+            )
             return
         with acting_as(self.identity):
             path = os.path.realpath(msg["path"])
@@ -364,11 +403,19 @@ class Session:
         try:
             with acting_as(self.identity):
                 if tag:
-                    commit_tag(self._target(job), os.path.basename(path), msg["step"],
-                               self._hooks(job, {**msg, "trigger": trigger}, reported, True, dsfmt.committed_info))
+                    commit_tag(
+                        self._target(job),
+                        os.path.basename(path),
+                        msg["step"],
+                        self._hooks(job, {**msg, "trigger": trigger}, reported, True, dsfmt.committed_info),
+                    )
                 else:
-                    commit_unit(self._target(job), os.path.basename(path), msg["step"],
-                                self._hooks(job, {**msg, "trigger": trigger}, reported, unit=True))
+                    commit_unit(
+                        self._target(job),
+                        os.path.basename(path),
+                        msg["step"],
+                        self._hooks(job, {**msg, "trigger": trigger}, reported, unit=True),
+                    )
         except Exception as exc:  # refused by the guard, or it does not verify: a failed save, counted
             d.save_failed(job, trigger, failure(exc, msg["step"]))
 
@@ -390,8 +437,14 @@ class Session:
             lost = missed.final_missing(self.job.policy, msg["step"], self.job.last_verified_step)
         if lost:
             self._count_missed(MissedReason.FINAL_MISSING)
-        log.info("job %s: trainer pid %d ended its run at step %d; newest verified step %d%s", self.job.name,
-                 self.pid, msg["step"], self.job.last_verified_step, " (its final save is missing)" if lost else "")
+        log.info(
+            "job %s: trainer pid %d ended its run at step %d; newest verified step %d%s",
+            self.job.name,
+            self.pid,
+            msg["step"],
+            self.job.last_verified_step,
+            " (its final save is missing)" if lost else "",
+        )
         self.send({"type": "bye"})
 
     def _disconnected(self) -> None:
@@ -435,5 +488,8 @@ def _count(value: Any) -> int:
 
 def _reported_seconds(msg: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
     """Durations a hook reports for the histograms: untrusted, so only non-negative numbers count."""
-    return {k: float(msg[k]) for k in keys
-            if isinstance(msg.get(k), (int, float)) and not isinstance(msg[k], bool) and msg[k] >= 0}
+    return {
+        k: float(msg[k])
+        for k in keys
+        if isinstance(msg.get(k), (int, float)) and not isinstance(msg[k], bool) and msg[k] >= 0
+    }

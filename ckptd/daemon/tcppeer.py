@@ -43,8 +43,12 @@ def local_uid(conn: socket.socket) -> int | None:
 def _request(family: int, local: tuple, remote: tuple) -> bytes:  # type: ignore[type-arg]
     """``SOCK_DIAG_BY_FAMILY`` for the TCP socket whose own address is ``local`` and whose
     peer is ``remote`` (an ``inet_diag_req_v2`` with an exact ``inet_diag_sockid``)."""
-    sockid = (struct.pack("!HH", local[1], remote[1]) + _address(family, local[0]) + _address(family, remote[0])
-              + struct.pack("=III", 0, NO_COOKIE, NO_COOKIE))
+    sockid = (
+        struct.pack("!HH", local[1], remote[1])
+        + _address(family, local[0])
+        + _address(family, remote[0])
+        + struct.pack("=III", 0, NO_COOKIE, NO_COOKIE)
+    )
     body = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
     return _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + body
 

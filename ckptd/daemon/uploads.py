@@ -37,28 +37,35 @@ log = logging.getLogger(__name__)
 
 
 class Uploads:
-    def __init__(self, metrics: Metrics, catalog: Catalog, ledger: Ledger, access: Access,
-                 roots: Sequence[str]) -> None:
+    def __init__(
+        self, metrics: Metrics, catalog: Catalog, ledger: Ledger, access: Access, roots: Sequence[str]
+    ) -> None:
         self.metrics, self.catalog, self.ledger, self.access, self.roots = metrics, catalog, ledger, access, roots
         self.uploader = Uploader(self._replicated, self._failed)
 
-    def submit(self, key: JobKey, settings: Mapping[str, Any], path: str, created: float, owner: int,
-               fd: int | None = None) -> None:
+    def submit(
+        self, key: JobKey, settings: Mapping[str, Any], path: str, created: float, owner: int, fd: int | None = None
+    ) -> None:
         """A verified save of a job with a remote tier: upload it (from ``fd``, what verified, dup'd
         here), then let local retention run again."""
         after = self._pruner(Target(key.directory, key.name, settings, self.roots), key)
         prefix = job_prefix(key.name, key.directory, owner)
         held = None if fd is None else os.dup(fd)
-        self.uploader.submit(Upload(key.name, path, settings, key, after, created, prefix, owner, tuple(self.roots),
-                                    held))
+        self.uploader.submit(
+            Upload(key.name, path, settings, key, after, created, prefix, owner, tuple(self.roots), held)
+        )
 
     def resync(self) -> None:
         """At start: what catalogued jobs saved and their remote lacks (a restart cut an upload off)."""
         for key, _ in self.catalog.jobs():
             stored = self.catalog.job_settings(key)
             owner = self.catalog.job_owner(key)
-            if not stored.get("remote") or owner is None or not inside(key.directory, self.roots) \
-                    or not os.path.isdir(key.directory):
+            if (
+                not stored.get("remote")
+                or owner is None
+                or not inside(key.directory, self.roots)
+                or not os.path.isdir(key.directory)
+            ):
                 continue
             try:
                 endpoint = self.access.remote(stored["remote"])
@@ -67,9 +74,16 @@ class Uploads:
                 continue
             prefix = job_prefix(key.name, key.directory, owner)
             settings = {**stored, "remote_endpoint": endpoint, "remote_prefix": prefix}
-            self.uploader.resync(key.name, key.directory, settings, key,
-                                 after=self._pruner(Target(key.directory, key.name, settings, self.roots), key),
-                                 prefix=prefix, owner_uid=owner, guard=tuple(self.roots))
+            self.uploader.resync(
+                key.name,
+                key.directory,
+                settings,
+                key,
+                after=self._pruner(Target(key.directory, key.name, settings, self.roots), key),
+                prefix=prefix,
+                owner_uid=owner,
+                guard=tuple(self.roots),
+            )
 
     def lag(self, now: float) -> dict[JobKey, float]:
         """Per job with uploads waiting: the age of its oldest verified checkpoint not yet remote
@@ -89,6 +103,7 @@ class Uploads:
     def _pruner(self, target: Target, key: JobKey) -> Callable[[], None]:
         """Local retention for a job, once a checkpoint of it is remote: with the job owner's rights
         (``ckptd.disk.owner``), the catalogue with the daemon's."""
+
         def removed(removals: list[Removal]) -> None:
             with as_daemon():
                 self.ledger.removed(key, removals)
@@ -97,6 +112,7 @@ class Uploads:
             who = self.catalog.owner(key, key.directory)
             with acting_as(who):
                 prune(target, removed)
+
         return after
 
     def _replicated(self, u: Upload, commit: RemoteCheckpoint, remote: list[RemoteCheckpoint]) -> None:

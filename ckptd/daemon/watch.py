@@ -94,8 +94,20 @@ class Watching:
 
     def gauges(self) -> list[tuple[JobKey, dict[str, float]]]:
         """A watched tree is a job that is always up; its interval is the one it was told to expect."""
-        return [(w.key, {"ckptd_job_up": 1.0, **({"ckptd_expected_save_interval_seconds": float(w.spec["expect_every"])}
-                                                  if w.spec.get("expect_every") else {})}) for w in self.watchers]
+        return [
+            (
+                w.key,
+                {
+                    "ckptd_job_up": 1.0,
+                    **(
+                        {"ckptd_expected_save_interval_seconds": float(w.spec["expect_every"])}
+                        if w.spec.get("expect_every")
+                        else {}
+                    ),
+                },
+            )
+            for w in self.watchers
+        ]
 
     def tick(self, now: float) -> None:
         for w in self.watchers:
@@ -232,8 +244,9 @@ class Watcher(FileSystemEventHandler):
         if isinstance(judged, str):  # "later": not complete yet
             return False
         found, info, result = judged
-        self.ctx.catalog.record(info, verified=result.ok, reason=result.reason, outcome=result.outcome,
-                                   directory=self.root)
+        self.ctx.catalog.record(
+            info, verified=result.ok, reason=result.reason, outcome=result.outcome, directory=self.root
+        )
         self.ctx.ledger.adopted(self.key, info, result.outcome)
         if result.ok:
             self.last_new_at = max(self.last_new_at, now)
@@ -254,12 +267,20 @@ class Watcher(FileSystemEventHandler):
                 kept = history.keep_version(found)
             except OSError as exc:
                 log.error("watch %s: could not keep this version of %s: %s", self.root, found.path, exc)
-        log.info("watch %s: adopted %s (%s, %s), verified%s", self.root, found.path, found.kind, step,
-                 f"; this version kept as {kept}" if kept else "")
+        log.info(
+            "watch %s: adopted %s (%s, %s), verified%s",
+            self.root,
+            found.path,
+            found.kind,
+            step,
+            f"; this version kept as {kept}" if kept else "",
+        )
         if kept is not None:
             self._mark(kept)
 
-    def _judge(self, path: str, now: float, kinds: dict[str, str | None]) -> tuple[foreign.Found, Checkpoint, VerifyResult] | str | None:
+    def _judge(
+        self, path: str, now: float, kinds: dict[str, str | None]
+    ) -> tuple[foreign.Found, Checkpoint, VerifyResult] | str | None:
         """As the unit's owner: None, not a unit (any more); "later", not complete yet (looked at
         again after another settle period); else what to catalogue."""
         parent = os.path.dirname(path)
@@ -283,17 +304,30 @@ class Watcher(FileSystemEventHandler):
         with as_daemon():
             row = self.ctx.catalog.row(found.path)
         result = self._unchanged(found, foreign.verify(found), row)
-        info = Checkpoint(found.path, self.job, found.step if found.step is not None else -1, found.bytes,
-                          found.mtime, trigger=Trigger.WATCH, rule=found.kind, pinned=is_pinned(found.path),
-                          problem="" if result.ok else result.reason,
-                          digests=_digests(found) if result.ok else {})
+        info = Checkpoint(
+            found.path,
+            self.job,
+            found.step if found.step is not None else -1,
+            found.bytes,
+            found.mtime,
+            trigger=Trigger.WATCH,
+            rule=found.kind,
+            pinned=is_pinned(found.path),
+            problem="" if result.ok else result.reason,
+            digests=_digests(found) if result.ok else {},
+        )
         return found, info, result
 
     def _unchanged(self, found: foreign.Found, result: VerifyResult, row: Any) -> VerifyResult:
         """A unit judged again with its mtime and size as catalogued must still have the bytes
         it had at adoption: other formats store no digests, so this is how rot shows."""
-        if not result.ok or row is None or not row.digests or row.bytes != found.bytes \
-                or abs(row.created - found.mtime) > 1e-3:
+        if (
+            not result.ok
+            or row is None
+            or not row.digests
+            or row.bytes != found.bytes
+            or abs(row.created - found.mtime) > 1e-3
+        ):
             return result
         changed = foreign.changed_since(found, row.digests)
         return replace(result, ok=False, reason=changed) if changed else result
@@ -332,19 +366,34 @@ class Watcher(FileSystemEventHandler):
             corrupt = r.outcome == Outcome.CORRUPT and not keep_corrupt
             # unsafe (a pickle we refuse to run) is unverified, not corrupt: kept, never deleted by rules
             groups.setdefault((owner, os.path.dirname(r.path)), []).append(
-                retention.item_of(r.path, r.step, r.created, r.bytes, verified=r.verified, corrupt=corrupt,
-                                  in_flight=r.path in busy, pinned=r.pinned or r.path in protected))
+                retention.item_of(
+                    r.path,
+                    r.step,
+                    r.created,
+                    r.bytes,
+                    verified=r.verified,
+                    corrupt=corrupt,
+                    in_flight=r.path in busy,
+                    pinned=r.pinned or r.path in protected,
+                )
+            )
         for unit in busy:
             owner = uid_of(unit)
             if owner is not None:
                 groups.setdefault((owner, os.path.dirname(unit)), []).append(
-                    retention.item_of(unit, NEVER, now, 0, in_flight=True))
+                    retention.item_of(unit, NEVER, now, 0, in_flight=True)
+                )
         for (owner, _), items in groups.items():
             verdicts = [v for v in retention.judge(items, rules, now) if not v.item.in_flight]
             if self.dry_run:
                 for v in verdicts:
-                    log.info("watch %s: would %s %s (%s)", self.root, "keep" if v.keep else "delete", v.item.id,
-                             ", ".join(v.reasons))
+                    log.info(
+                        "watch %s: would %s %s (%s)",
+                        self.root,
+                        "keep" if v.keep else "delete",
+                        v.item.id,
+                        ", ".join(v.reasons),
+                    )
                 continue
             try:
                 with acting_as(Identity.of(owner)):  # deletions and quarantine moves as the owner could

@@ -47,8 +47,14 @@ def find_reused(header: Header, snapshot: memoryview, dir_fd: int, open_at: Open
     try:
         for e in header.tensors:
             r = known.get(e.name)
-            if (r is not None and e.nbytes >= MIN_BYTES and r.digest == digests.get(e.name) and r.dtype == e.dtype
-                    and r.shape == tuple(e.shape) and holders.same_bytes(snapshot, header.data_start + e.begin, r)):
+            if (
+                r is not None
+                and e.nbytes >= MIN_BYTES
+                and r.digest == digests.get(e.name)
+                and r.dtype == e.dtype
+                and r.shape == tuple(e.shape)
+                and holders.same_bytes(snapshot, header.data_start + e.begin, r)
+            ):
                 out[e.name] = r
     finally:
         holders.close()
@@ -67,8 +73,11 @@ def _known(dir_fd: int, job: str, open_at: Opener, target: str) -> dict[str, Ref
         if header.metadata.get("ckptd.job") != job:
             return {}
         digests = header.meta_json("ckptd.digests", {}) or {}
-        out = {e.name: Ref(newest, e.name, (e.begin, e.end), str(digests[e.name]), e.dtype, tuple(e.shape))
-               for e in header.tensors if e.nbytes >= MIN_BYTES and e.name in digests}
+        out = {
+            e.name: Ref(newest, e.name, (e.begin, e.end), str(digests[e.name]), e.dtype, tuple(e.shape))
+            for e in header.tensors
+            if e.nbytes >= MIN_BYTES and e.name in digests
+        }
         out.update(decode(header.metadata))  # what it refers to: the same holders, still valid
         return {name: r for name, r in out.items() if r.file != target}
     except (OSError, ValueError, RefError):
@@ -108,7 +117,7 @@ class _Holders:
             done = 0
             while done < r.nbytes:
                 chunk = f.read(min(CHUNK, r.nbytes - done))
-                if not chunk or chunk != snapshot[start + done:start + done + len(chunk)]:
+                if not chunk or chunk != snapshot[start + done : start + done + len(chunk)]:
                     return False
                 done += len(chunk)
             return True

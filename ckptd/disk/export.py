@@ -78,12 +78,23 @@ class Exported:
     bytes: int = 0
 
     def to_json(self) -> dict[str, object]:
-        return {"unit": self.unit, "format": self.format, "files": self.files, "tensors": self.tensors,
-                "bytes": self.bytes}
+        return {
+            "unit": self.unit,
+            "format": self.format,
+            "files": self.files,
+            "tensors": self.tensors,
+            "bytes": self.bytes,
+        }
 
 
-def export(unit: str, out_dir: str, fmt: str, adapter: str = "default", progress: OnProgress | None = None,
-           rank: int | None = None) -> Exported:
+def export(
+    unit: str,
+    out_dir: str,
+    fmt: str,
+    adapter: str = "default",
+    progress: OnProgress | None = None,
+    rank: int | None = None,
+) -> Exported:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     if os.path.isdir(unit) and not os.path.islink(unit):
@@ -100,13 +111,16 @@ def _reached(directory: str, unit: str) -> Opened:
         return Opened(open_dir(os.path.abspath(directory), ["/"]), directory)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise ExportError(f"{unit}: its path goes through a symbolic link (or a file), which an export "
-                              "never follows: give the checkpoint's real path") from None
+            raise ExportError(
+                f"{unit}: its path goes through a symbolic link (or a file), which an export "
+                "never follows: give the checkpoint's real path"
+            ) from None
         raise ExportError(f"{unit}: {unreadable(exc, unit)}") from None
 
 
-def _export_file(opened: Opened, name: str, unit: str, out_dir: str, fmt: str, adapter: str,
-                 progress: OnProgress | None) -> Exported:
+def _export_file(
+    opened: Opened, name: str, unit: str, out_dir: str, fmt: str, adapter: str, progress: OnProgress | None
+) -> Exported:
     result = verify_opened(opened, name, unit)
     if not result.ok:
         raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
@@ -123,8 +137,10 @@ def _export_file(opened: Opened, name: str, unit: str, out_dir: str, fmt: str, a
             _write_json(out, "adapter_config.json", config, done)
         return done
     if fmt == "hf" and PEFT_CONFIG in meta:
-        raise ExportError(f"{unit} is a PEFT model: export its adapter with --format peft (or merge the adapter "
-                          "into the base and save that)")
+        raise ExportError(
+            f"{unit} is a PEFT model: export its adapter with --format peft (or merge the adapter "
+            "into the base and save that)"
+        )
     hf_config = meta.get(HF_CONFIG)
     if fmt == "hf" and not hf_config:
         raise ExportError(f"{unit} recorded no HF config (the model had no .config): use --format safetensors")
@@ -152,8 +168,9 @@ class _output:
         self.out.close(ok=kind is None)
 
 
-def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: OnProgress | None,
-                 rank: int | None) -> Exported:
+def _export_unit(
+    unit: str, out_dir: str, fmt: str, adapter: str, progress: OnProgress | None, rank: int | None
+) -> Exported:
     """A sharded unit: a ``dcp`` one (FSDP2, DTensor) consolidated into one state dict by
     torch.distributed.checkpoint's own reader and planner, in this process; a ``per-rank`` one
     holds each rank's own tensors, so one rank's (``rank``) is exported as a single file is.
@@ -165,15 +182,19 @@ def _export_unit(unit: str, out_dir: str, fmt: str, adapter: str, progress: OnPr
         m = mf.read(opened.proc_path)
         if m.layout != mf.DCP:
             if rank is None:
-                raise ExportError(f"{unit} holds each rank's own tensors (per-rank layout, {m.world_size} ranks): "
-                                  "export one rank's with --rank R")
+                raise ExportError(
+                    f"{unit} holds each rank's own tensors (per-rank layout, {m.world_size} ranks): "
+                    "export one rank's with --rank R"
+                )
             if not 0 <= rank < m.world_size:
                 raise ExportError(f"{unit} has ranks 0..{m.world_size - 1}, not {rank}")
             name = mf.shard_name(rank, m.world_size)
             return _export_file(opened, name, os.path.join(unit, name), out_dir, fmt, adapter, progress)
         if fmt != "safetensors":
-            raise ExportError(f"{unit}: a consolidated DCP unit exports as --format safetensors (no HF or PEFT "
-                              "config is recorded for sharded state)")
+            raise ExportError(
+                f"{unit}: a consolidated DCP unit exports as --format safetensors (no HF or PEFT "
+                "config is recorded for sharded state)"
+            )
         with _verified_view(opened) as view:
             tensors = _consolidated(view)
     if not tensors:
@@ -226,10 +247,10 @@ def _consolidated(unit: str) -> dict[str, Any]:
     state: dict[str, Any] = {}  # filled from the unit's own metadata, as torch's dcp_to_torch_save does
     with warnings.catch_warnings():  # "no process group: loading in a single process", which is the point
         warnings.simplefilter("ignore", UserWarning)
-        _load_state_dict(state, storage_reader=HuggingFaceStorageReader(unit),
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)  # type: ignore[no-untyped-call]
+        planner = _EmptyStateDictLoadPlanner()  # type: ignore[no-untyped-call]
+        _load_state_dict(state, storage_reader=HuggingFaceStorageReader(unit), planner=planner, no_dist=True)
     flat = _flat(state)
-    return {k[len("model."):]: v.contiguous() for k, v in sorted(flat.items()) if k.startswith("model.")}
+    return {k[len("model.") :]: v.contiguous() for k, v in sorted(flat.items()) if k.startswith("model.")}
 
 
 def _flat(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -249,25 +270,29 @@ def _model_tensors(opened: Opened, name: str, meta: dict[str, str]) -> dict[str,
     with f:
         header = read_header(f, size)
     digests = header.meta_json("ckptd.digests", {}) or {}
-    out = {e.name: Source(opened.fd(name), name, header.data_start + e.begin, e, str(digests.get(e.name, "")))
-           for e in header.tensors}
+    out = {
+        e.name: Source(opened.fd(name), name, header.data_start + e.begin, e, str(digests.get(e.name, "")))
+        for e in header.tensors
+    }
     for tensor, r in decode(meta).items():
         f, size = opened.open(r.file)
         with f:
             start = read_header(f, size).data_start
-        out[tensor] = Source(opened.fd(r.file), r.file, start + r.offsets[0],
-                             TensorEntry(tensor, r.dtype, r.shape, *r.offsets), r.digest)
+        out[tensor] = Source(
+            opened.fd(r.file), r.file, start + r.offsets[0], TensorEntry(tensor, r.dtype, r.shape, *r.offsets), r.digest
+        )
     for alias, stored in json.loads(meta.get("ckptd.aliases", "{}")).items():
         if stored in out:
             out[alias] = out[stored]
-    return {n[len("model/"):]: s for n, s in sorted(out.items()) if n.startswith("model/")}
+    return {n[len("model/") :]: s for n, s in sorted(out.items()) if n.startswith("model/")}
 
 
 def _peft_config(unit: str, meta: dict[str, str], adapter: str) -> dict[str, object]:
     configs = json.loads(meta.get(PEFT_CONFIG) or "{}")
     if not configs:
-        raise ExportError(f"{unit} is not a PEFT model's checkpoint (no adapter config recorded): use --format "
-                          "safetensors or hf")
+        raise ExportError(
+            f"{unit} is not a PEFT model's checkpoint (no adapter config recorded): use --format safetensors or hf"
+        )
     if adapter not in configs:
         raise ExportError(f"{unit} has no adapter {adapter!r}; it has {', '.join(sorted(configs))} (--adapter)")
     config: dict[str, object] = configs[adapter]
@@ -278,26 +303,34 @@ def _adapter_tensors(sources: dict[str, Source], adapter: str, unit: str) -> dic
     """PEFT's own selection and naming (``get_peft_model_state_dict``): the adapter's tensors and
     its ``modules_to_save``, the adapter's name taken out of each key."""
     marker = f".{adapter}."
-    picked = {k.replace(f".{adapter}", ""): s for k, s in sources.items()
-              if marker in k and ("lora_" in k or ".modules_to_save." in k)}
+    picked = {
+        k.replace(f".{adapter}", ""): s
+        for k, s in sources.items()
+        if marker in k and ("lora_" in k or ".modules_to_save." in k)
+    }
     if not picked:
         raise ExportError(f"{unit}: no tensor of adapter {adapter!r} (save='trainable' or 'all' of a PEFT model?)")
     return picked
 
 
-def _write_model(out: OutDir, stem: str, sources: dict[str, Source], done: Exported,
-                 progress: OnProgress | None, shard: bool) -> None:
+def _write_model(
+    out: OutDir, stem: str, sources: dict[str, Source], done: Exported, progress: OnProgress | None, shard: bool
+) -> None:
     groups = _shards(sources) if shard else [list(sources)]
     total = sum(s.entry.nbytes for s in sources.values())
-    names = [f"{stem}.safetensors"] if len(groups) == 1 else \
-        [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    names = (
+        [f"{stem}.safetensors"]
+        if len(groups) == 1
+        else [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     weight_map: dict[str, str] = {}
     for name, keys in zip(names, groups):
         _write_safetensors(out, name, {k: sources[k] for k in keys}, done, progress, total)
         weight_map.update({k: name for k in keys})
     if len(groups) > 1:
-        _write_json(out, f"{stem}.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map}, done)
+        _write_json(
+            out, f"{stem}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}, done
+        )
 
 
 def _shards(sources: dict[str, Source]) -> list[list[str]]:
@@ -312,8 +345,9 @@ def _shards(sources: dict[str, Source]) -> list[list[str]]:
     return groups
 
 
-def _write_safetensors(out: OutDir, name: str, sources: dict[str, Source], done: Exported,
-                       progress: OnProgress | None, total: int) -> None:
+def _write_safetensors(
+    out: OutDir, name: str, sources: dict[str, Source], done: Exported, progress: OnProgress | None, total: int
+) -> None:
     """A new temp file in OUT_DIR, every tensor's bytes copied in, fsync, rename: never half an export."""
     entries = layout([(k, s.entry.dtype, tuple(s.entry.shape)) for k, s in sources.items()])
     header = encode_header(entries, {"format": "pt"})
@@ -345,8 +379,10 @@ def _verified_bytes(s: Source) -> Iterator[bytes]:
         left -= len(chunk)
         yield chunk
     if s.digest and h.hexdigest() != s.digest:
-        raise ExportError(f"{s.label} changed while it was exported (tensor {s.entry.name!r} no longer has the "
-                          "digest it verified with): that output was discarded; export again")
+        raise ExportError(
+            f"{s.label} changed while it was exported (tensor {s.entry.name!r} no longer has the "
+            "digest it verified with): that output was discarded; export again"
+        )
 
 
 def _write_json(out: OutDir, name: str, doc: object, done: Exported) -> None:

@@ -91,17 +91,28 @@ class Manifest:
             raw = json.loads(text)
             if not isinstance(raw, dict) or raw.get("ckptd.format") != FORMAT_VERSION:
                 raise ManifestError(f"not a ckptd manifest of format {FORMAT_VERSION}")
-            shards = tuple(Shard(int(s["rank"]), str(s["file"]), int(s["bytes"]), str(s["meta_digest"]))
-                           for s in raw["shards"])
+            shards = tuple(
+                Shard(int(s["rank"]), str(s["file"]), int(s["bytes"]), str(s["meta_digest"])) for s in raw["shards"]
+            )
             metrics = raw.get("metrics")
-            m = cls(str(raw["job"]), int(raw["step"]), int(raw["world_size"]), shards, str(raw.get("created", "")),
-                    None if raw.get("epoch") is None else float(raw["epoch"]), str(raw.get("trigger", "")),
-                    str(raw.get("rule", "")), metrics if isinstance(metrics, dict) else {},
-                    str(raw.get("layout", PER_RANK)))
+            m = cls(
+                str(raw["job"]),
+                int(raw["step"]),
+                int(raw["world_size"]),
+                shards,
+                str(raw.get("created", "")),
+                None if raw.get("epoch") is None else float(raw["epoch"]),
+                str(raw.get("trigger", "")),
+                str(raw.get("rule", "")),
+                metrics if isinstance(metrics, dict) else {},
+                str(raw.get("layout", PER_RANK)),
+            )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ManifestError(f"unreadable manifest: {exc}") from None
         if sorted(s.rank for s in m.shards) != list(range(m.world_size)):
-            raise ManifestError(f"manifest lists ranks {sorted(s.rank for s in m.shards)} for world size {m.world_size}")
+            raise ManifestError(
+                f"manifest lists ranks {sorted(s.rank for s in m.shards)} for world size {m.world_size}"
+            )
         if any(s.file != shard_name(s.rank, m.world_size) for s in m.shards):
             raise ManifestError("manifest names a shard file that does not match its rank")
         return m

@@ -122,8 +122,9 @@ def _refuse(exc: OSError, fd: int, part: str, path: str) -> NoReturn:
         except OSError:
             link = exc.errno == errno.ELOOP
         what = "a symbolic link" if link else "not a directory"
-        raise OutputError(f"OUT_DIR {path}: {part} is {what}; an export never writes through a link "
-                          "(give the directory's real path)") from None
+        raise OutputError(
+            f"OUT_DIR {path}: {part} is {what}; an export never writes through a link (give the directory's real path)"
+        ) from None
     raise exc
 
 
@@ -133,8 +134,10 @@ def _check_owner(fd: int, path: str) -> None:
         raise OutputError(f"OUT_DIR {path} is not a directory")
     me = os.geteuid()
     if st.st_uid != me:
-        raise OutputError(f"OUT_DIR {path} is owned by {_user(st.st_uid)}, not by you ({_user(me)}): an export "
-                          "writes only into its caller's own directory (choose or create one of yours)")
+        raise OutputError(
+            f"OUT_DIR {path} is owned by {_user(st.st_uid)}, not by you ({_user(me)}): an export "
+            "writes only into its caller's own directory (choose or create one of yours)"
+        )
 
 
 def _user(uid: int) -> str:

@@ -45,7 +45,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-__all__ = ["NOBODY", "Identity", "OwnerError", "acting_as", "as_daemon", "current_fs_ids", "owner_of", "start_thread", "uid_of"]
+__all__ = [
+    "NOBODY",
+    "Identity",
+    "OwnerError",
+    "acting_as",
+    "as_daemon",
+    "current_fs_ids",
+    "owner_of",
+    "start_thread",
+    "uid_of",
+]
 
 NOBODY = NOBODY_GID = 65534  # the overflow ids: whose rights a file nobody can be found to own is read with
 
@@ -157,8 +167,9 @@ class _ImportsAsDaemon(importlib.abc.MetaPathFinder):
         with as_daemon():
             for finder in sys.meta_path:
                 find = getattr(finder, "find_spec", None)
-                spec: importlib.machinery.ModuleSpec | None = \
+                spec: importlib.machinery.ModuleSpec | None = (
                     find(name, path, target) if finder is not self and find is not None else None
+                )
                 if spec is not None:
                     break
             else:
@@ -198,9 +209,11 @@ def _switch(to: Identity, leaving: bool = False) -> None:
         if leaving:  # the thread would keep a user's rights: nothing may run on it any more
             os.abort()
         _switch(_DAEMON, leaving=True)
-        raise OwnerError(f"ckptd (uid {_DAEMON.uid}) cannot act as uid {to.uid}, whose files these are: it needs "
-                         "CAP_SETUID and CAP_SETGID (the shipped unit grants them: AmbientCapabilities=CAP_SETUID "
-                         f"CAP_SETGID), or to run as uid {to.uid} itself") from None
+        raise OwnerError(
+            f"ckptd (uid {_DAEMON.uid}) cannot act as uid {to.uid}, whose files these are: it needs "
+            "CAP_SETUID and CAP_SETGID (the shipped unit grants them: AmbientCapabilities=CAP_SETUID "
+            f"CAP_SETGID), or to run as uid {to.uid} itself"
+        ) from None
 
 
 def _set_id(call: Callable[[int], int], value: int, what: str) -> None:

@@ -68,9 +68,14 @@ class Persisted:
     fd: int | None = None  # ``keep_fd``: the file as it verified, read-only (the caller closes it)
 
 
-_ERRNO_REASONS = {errno.ENOSPC: FailReason.NO_SPACE, errno.EDQUOT: FailReason.NO_SPACE,
-                  errno.EROFS: FailReason.READ_ONLY, errno.EACCES: FailReason.PERMISSION,
-                  errno.EPERM: FailReason.PERMISSION, errno.ENOENT: FailReason.TARGET_MISSING}
+_ERRNO_REASONS = {
+    errno.ENOSPC: FailReason.NO_SPACE,
+    errno.EDQUOT: FailReason.NO_SPACE,
+    errno.EROFS: FailReason.READ_ONLY,
+    errno.EACCES: FailReason.PERMISSION,
+    errno.EPERM: FailReason.PERMISSION,
+    errno.ENOENT: FailReason.TARGET_MISSING,
+}
 
 
 def reason_for(exc: OSError) -> FailReason:
@@ -82,8 +87,17 @@ def temp_name(filename: str) -> str:
     return f".{filename}{TEMP_MARK}{os.getpid()}.{secrets.token_hex(4)}"
 
 
-def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int | None = None,
-            expect: Mapping[str, str] | None = None, dedup: bool = False, keep_fd: bool = False) -> Persisted:
+def persist(
+    fd: int,
+    length: int,
+    directory: str,
+    filename: str,
+    *,
+    dir_fd: int | None = None,
+    expect: Mapping[str, str] | None = None,
+    dedup: bool = False,
+    keep_fd: bool = False,
+) -> Persisted:
     """Persist the snapshot in ``fd`` (length bytes) as ``directory/filename``.
 
     ``dir_fd``: the directory, already opened safely by the caller (``safepath``), which
@@ -101,8 +115,10 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
     header = seal(fd, length)
     wrong = {k: header.metadata.get(k) for k, v in (expect or {}).items() if header.metadata.get(k) != v}
     if wrong:
-        raise PersistError(FailReason.INVALID_SNAPSHOT, f"snapshot says {wrong}, the request says "
-                                                        f"{ {k: expect[k] for k in wrong} if expect else {} }")
+        raise PersistError(
+            FailReason.INVALID_SNAPSHOT,
+            f"snapshot says {wrong}, the request says { {k: expect[k] for k in wrong} if expect else {} }",
+        )
     dfd = dir_fd if dir_fd is not None else _open_dir(directory)
     try:
         kept = _keep_referenced(dfd, directory, filename, header)
@@ -115,9 +131,12 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
             t1 = time.monotonic()
             result = _verify_temp(dfd, tmp, directory, kept_fd if keep_fd else None)
             if not result.ok:
-                raise PersistError(FailReason.VERIFY_FAILED, f"{directory}/{filename}: read-back failed: {result.reason}")
-            missing = check_refs(header.metadata, opener_at(dir_fd=dfd), full=False) if REFS_KEY in header.metadata \
-                else ""
+                raise PersistError(
+                    FailReason.VERIFY_FAILED, f"{directory}/{filename}: read-back failed: {result.reason}"
+                )
+            missing = (
+                check_refs(header.metadata, opener_at(dir_fd=dfd), full=False) if REFS_KEY in header.metadata else ""
+            )
             if missing:  # a tensor it refers to instead of storing is not where it says
                 raise PersistError(FailReason.VERIFY_FAILED, f"{directory}/{filename}: {missing}")
             os.rename(tmp, filename, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -125,7 +144,9 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
         except OSError as exc:
             _unlink_quietly(dfd, tmp)
             _close_all(kept_fd)
-            raise PersistError(reason_for(exc), f"writing {directory}/{filename} failed: {exc.strerror or exc}") from None
+            raise PersistError(
+                reason_for(exc), f"writing {directory}/{filename} failed: {exc.strerror or exc}"
+            ) from None
         except PersistError:
             _unlink_quietly(dfd, tmp)
             _close_all(kept_fd)
@@ -134,8 +155,13 @@ def persist(fd: int, length: int, directory: str, filename: str, *, dir_fd: int 
         if dir_fd is None:
             os.close(dfd)
     t2 = time.monotonic()
-    return Persisted(os.path.join(directory, filename), length, header.metadata,
-                     {"persist": t1 - t0, "verify": t2 - t1}, kept_fd[0] if kept_fd else None)
+    return Persisted(
+        os.path.join(directory, filename),
+        length,
+        header.metadata,
+        {"persist": t1 - t0, "verify": t2 - t1},
+        kept_fd[0] if kept_fd else None,
+    )
 
 
 def _keep_referenced(dfd: int, directory: str, filename: str, header: Header) -> Persisted | None:
@@ -158,9 +184,12 @@ def _keep_referenced(dfd: int, directory: str, filename: str, header: Header) ->
     own = [r.file for r in decode(header.metadata).values()]
     if not _own_file(st, os.fstat(dfd).st_uid):
         if filename in own:  # what it refers to would be gone once it replaced this entry
-            raise PersistError(FailReason.VERIFY_FAILED, f"{directory}/{filename}: the snapshot refers to the file of "
-                                                         "its own name, and what has that name is not a checkpoint "
-                                                         "of the job's own (a link, or not a regular file)")
+            raise PersistError(
+                FailReason.VERIFY_FAILED,
+                f"{directory}/{filename}: the snapshot refers to the file of "
+                "its own name, and what has that name is not a checkpoint "
+                "of the job's own (a link, or not a regular file)",
+            )
         return None
     referring = list(own)
     for name in os.listdir(dfd):
@@ -175,13 +204,20 @@ def _keep_referenced(dfd: int, directory: str, filename: str, header: Header) ->
             same_file = _own_file(os.fstat(fd), os.fstat(dfd).st_uid)
         except OSError:
             same_file = False
-        existing = verify_opened(opened, filename, path) if same_file else \
-            VerifyResult(path, False, "not a regular file of the job's own")
-    same = existing.metadata.get("ckptd.job") == header.metadata.get("ckptd.job") and \
-        existing.metadata.get("ckptd.step") == header.metadata.get("ckptd.step")
+        existing = (
+            verify_opened(opened, filename, path)
+            if same_file
+            else VerifyResult(path, False, "not a regular file of the job's own")
+        )
+    same = existing.metadata.get("ckptd.job") == header.metadata.get("ckptd.job") and existing.metadata.get(
+        "ckptd.step"
+    ) == header.metadata.get("ckptd.step")
     if not (existing.ok and same):
-        raise PersistError(FailReason.VERIFY_FAILED, f"{path} is referred to by other checkpoints and cannot be "
-                                                     f"replaced: {existing.reason or 'another job or step'}")
+        raise PersistError(
+            FailReason.VERIFY_FAILED,
+            f"{path} is referred to by other checkpoints and cannot be "
+            f"replaced: {existing.reason or 'another job or step'}",
+        )
     return Persisted(path, existing.bytes, existing.metadata, {"persist": 0.0, "verify": 0.0})
 
 
@@ -199,8 +235,9 @@ def _header_of(dfd: int, name: str) -> dict[str, str]:
         return {}
 
 
-def _write_new_bytes(fd: int, length: int, header: Header, dfd: int, tmp: str,
-                     dedup_for: str | None) -> tuple[Header, int]:
+def _write_new_bytes(
+    fd: int, length: int, header: Header, dfd: int, tmp: str, dedup_for: str | None
+) -> tuple[Header, int]:
     """The snapshot as it is, or without the tensors the job's newest checkpoint already holds
     (``ckptd.disk.dedup``, when ``dedup_for`` names the file being written): then a header of its
     own, the rest copied after it. Returns the header and length of what was written."""
@@ -220,7 +257,7 @@ def _write_new_bytes(fd: int, length: int, header: Header, dfd: int, tmp: str,
             try:
                 os.pwrite(out, raw, 0)
                 for n, e in zip(new, kept):
-                    _pwrite_all(out, view[header.data_start + e.begin:header.data_start + e.end], len(raw) + n.begin)
+                    _pwrite_all(out, view[header.data_start + e.begin : header.data_start + e.end], len(raw) + n.begin)
                 os.fsync(out)
                 os.posix_fadvise(out, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
@@ -234,7 +271,7 @@ def _write_new_bytes(fd: int, length: int, header: Header, dfd: int, tmp: str,
 def _pwrite_all(out: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
-        n = os.pwrite(out, data[done:done + DIRECT_CHUNK], offset + done)
+        n = os.pwrite(out, data[done : done + DIRECT_CHUNK], offset + done)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         done += n
@@ -255,8 +292,10 @@ def seal(fd: int, length: int) -> Header:
         view = memoryview(mm)
         try:
             header = read_header_from_buffer(view, length)
-            digests = {e.name: xxhash.xxh3_64_hexdigest(view[header.data_start + e.begin:header.data_start + e.end])
-                       for e in header.tensors}
+            digests = {
+                e.name: xxhash.xxh3_64_hexdigest(view[header.data_start + e.begin : header.data_start + e.end])
+                for e in header.tensors
+            }
             meta = dict(header.metadata)
             meta["ckptd.digests"] = json.dumps(digests, separators=(",", ":"))
             meta["ckptd.meta_digest"] = meta_digest(meta)
@@ -265,7 +304,9 @@ def seal(fd: int, length: int) -> Header:
                 raise PersistError(FailReason.INVALID_SNAPSHOT, "snapshot header has malformed digest placeholders")
             view[: len(new)] = new
         except FormatError as exc:
-            raise PersistError(FailReason.INVALID_SNAPSHOT, f"snapshot is not a valid checkpoint image: {exc}") from None
+            raise PersistError(
+                FailReason.INVALID_SNAPSHOT, f"snapshot is not a valid checkpoint image: {exc}"
+            ) from None
         finally:
             view.release()
     return Header(header.header_len, header.tensors, meta)
@@ -305,7 +346,7 @@ def _write_direct(out: int, src_fd: int, length: int) -> int:
         try:
             offset = 0
             while offset < aligned:
-                n = os.pwrite(out, view[offset:min(aligned, offset + DIRECT_CHUNK)], offset)
+                n = os.pwrite(out, view[offset : min(aligned, offset + DIRECT_CHUNK)], offset)
                 if n <= 0:
                     raise OSError(errno.EIO, "short write")
                 offset += n

@@ -26,8 +26,9 @@ class TargetError(ValueError):
 
 def check_job(job: str) -> str:
     if not isinstance(job, str) or not _JOB.match(job):
-        raise TargetError(f"job name {job!r} must be 1-128 letters, digits, '.', '_' or '-', "
-                          "starting with a letter or digit")
+        raise TargetError(
+            f"job name {job!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return job
 
 
@@ -43,8 +44,9 @@ def resolve_target(path: str | os.PathLike[str], template: str) -> tuple[str, st
     if mode is not None and stat.S_ISDIR(mode):
         return str(p), template
     if mode is not None:
-        raise TargetError(f"checkpoint target {p} is an existing file; pass the directory "
-                          f"checkpoints should go in (e.g. {p.parent})")
+        raise TargetError(
+            f"checkpoint target {p} is an existing file; pass the directory checkpoints should go in (e.g. {p.parent})"
+        )
     if p.suffix in CHECKPOINT_SUFFIXES:
         return str(p.parent), p.stem + "-step{step:08d}.safetensors"
     return str(p), template
@@ -75,12 +77,12 @@ def check_template(template: str, job: str) -> None:
     try:
         render(template, job, 0, 0.0, 0.0)
     except (KeyError, IndexError, ValueError) as exc:
-        raise TargetError(f"template {template!r} does not render: {exc}; "
-                          "fields are {job}, {step}, {epoch}, {timestamp}") from None
+        raise TargetError(
+            f"template {template!r} does not render: {exc}; fields are {{job}}, {{step}}, {{epoch}}, {{timestamp}}"
+        ) from None
 
 
-def check_directory(directory: str, expected_bytes: int, min_free: int | float | None,
-                    reclaimable: int = 0) -> None:
+def check_directory(directory: str, expected_bytes: int, min_free: int | float | None, reclaimable: int = 0) -> None:
     """Create the directory, prove it is writable, and that one checkpoint fits.
 
     ``reclaimable`` is what quota could free by deleting the job's older checkpoints,
@@ -89,23 +91,28 @@ def check_directory(directory: str, expected_bytes: int, min_free: int | float |
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
-        raise TargetError(f"cannot create checkpoint directory {directory}: {exc.strerror}; "
-                          "choose a writable location") from None
+        raise TargetError(
+            f"cannot create checkpoint directory {directory}: {exc.strerror}; choose a writable location"
+        ) from None
     probe = os.path.join(directory, f".ckptd-write-test.{os.getpid()}")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise TargetError(f"checkpoint directory {directory} is not writable: {exc.strerror}; "
-                          "fix its permissions or choose another directory") from None
+        raise TargetError(
+            f"checkpoint directory {directory} is not writable: {exc.strerror}; "
+            "fix its permissions or choose another directory"
+        ) from None
     free = free_bytes(directory)
     reserve = min_free_bytes(directory, min_free)
     if free + reclaimable - reserve < expected_bytes:
-        raise TargetError(f"not enough space in {directory}: one checkpoint needs about "
-                          f"{format_bytes(expected_bytes)}, {format_bytes(free)} free"
-                          + (f" of which min_free keeps {format_bytes(reserve)}" if reserve else "")
-                          + "; free space, lower min_free or choose another filesystem")
+        raise TargetError(
+            f"not enough space in {directory}: one checkpoint needs about "
+            f"{format_bytes(expected_bytes)}, {format_bytes(free)} free"
+            + (f" of which min_free keeps {format_bytes(reserve)}" if reserve else "")
+            + "; free space, lower min_free or choose another filesystem"
+        )
 
 
 def free_bytes(path: str) -> int:

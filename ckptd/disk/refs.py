@@ -29,14 +29,16 @@ Opener = Callable[[str], tuple[BinaryIO, int]]  # a holder's name -> (a readable
 # A holder that cannot be opened as a regular file beside the unit: one answer for all of these, so
 # that a reference (a symlink, a name in a directory the reader may not enter) tells nothing about
 # what lies behind it (docs/security.md, "Reading what was verified").
-_NOT_THERE = frozenset({errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOTDIR,
-                        errno.EISDIR, errno.ENXIO})
+_NOT_THERE = frozenset(
+    {errno.ENOENT, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOTDIR, errno.EISDIR, errno.ENXIO}
+)
 
 
 def opener_at(directory: str | None = None, dir_fd: int | None = None) -> Opener:
     """Open a holder by name directly in ``directory`` (or below ``dir_fd``): a regular file, its
     last component never a link (``ckptd.disk.opened``). A reader that must copy what it verified
     passes a ``Opened.open`` instead, which opens each holder once."""
+
     def open_holder(name: str) -> tuple[BinaryIO, int]:
         if dir_fd is not None:
             fd = open_file_at(dir_fd, name)
@@ -47,6 +49,7 @@ def opener_at(directory: str | None = None, dir_fd: int | None = None) -> Opener
             finally:
                 os.close(d)
         return os.fdopen(fd, "rb", buffering=0), os.fstat(fd).st_size
+
     return open_holder
 
 
@@ -74,8 +77,7 @@ def check_refs(metadata: Mapping[str, str], open_holder: Opener, full: bool) -> 
     return ""
 
 
-def _check_holder(file: str, wanted: list[tuple[str, Ref]], open_holder: Opener, full: bool,
-                  job: str | None) -> str:
+def _check_holder(file: str, wanted: list[tuple[str, Ref]], open_holder: Opener, full: bool, job: str | None) -> str:
     try:
         f, size = open_holder(file)
         with f:
@@ -86,8 +88,13 @@ def _check_holder(file: str, wanted: list[tuple[str, Ref]], open_holder: Opener,
             entries = {e.name: e for e in header.tensors}
             for name, r in wanted:
                 e = entries.get(r.tensor)
-                if e is None or (e.begin, e.end) != r.offsets or e.dtype != r.dtype or tuple(e.shape) != r.shape \
-                        or digests.get(r.tensor) != r.digest:
+                if (
+                    e is None
+                    or (e.begin, e.end) != r.offsets
+                    or e.dtype != r.dtype
+                    or tuple(e.shape) != r.shape
+                    or digests.get(r.tensor) != r.digest
+                ):
                     return f"tensor {name!r} refers to {file}:{r.tensor}, which does not hold it"
                 if full and _hash(f, header.data_start + e.begin, e.nbytes) != r.digest:
                     return f"digest mismatch in tensor {name!r} (its bytes, in {file})"
@@ -103,8 +110,10 @@ def _check_holder(file: str, wanted: list[tuple[str, Ref]], open_holder: Opener,
 
 
 def _missing(file: str, wanted: list[tuple[str, Ref]]) -> str:
-    return (f"referenced file {file} is missing (no regular file of that name beside it that may be read; "
-            f"it holds {len(wanted)} of this checkpoint's tensors)")
+    return (
+        f"referenced file {file} is missing (no regular file of that name beside it that may be read; "
+        f"it holds {len(wanted)} of this checkpoint's tensors)"
+    )
 
 
 def _hash(f: BinaryIO, start: int, n: int) -> str:

@@ -48,8 +48,10 @@ def remove(path: str, roots: Sequence[str], quarantine_dir: str | None = None) -
     except OutsideRoots:
         raise RemovalError(f"refusing to remove {path}: outside the configured roots") from None
     except OSError as exc:
-        raise RemovalError(f"refusing to remove {path}: outside the configured roots, or reached through a "
-                           f"link ({parent}: {exc.strerror or exc})") from None
+        raise RemovalError(
+            f"refusing to remove {path}: outside the configured roots, or reached through a "
+            f"link ({parent}: {exc.strerror or exc})"
+        ) from None
     try:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         if quarantine_dir:
@@ -100,11 +102,19 @@ def _drop_pin(dfd: int, name: str) -> None:
         pass
 
 
-def apply(verdicts: Sequence[retention.Verdict], roots: Sequence[str], quarantine_dir: str | None = None,
-          dry_run: bool = False) -> list[Removal]:
+def apply(
+    verdicts: Sequence[retention.Verdict],
+    roots: Sequence[str],
+    quarantine_dir: str | None = None,
+    dry_run: bool = False,
+) -> list[Removal]:
     """A plan's deletions in a local tree (``retention.carry_out`` with ``remove`` as its edge)."""
-    return retention.carry_out(verdicts, lambda item: remove(item.id, roots, quarantine_dir), dry_run,
-                               skip=lambda item: item.partial and _touched_since(item))
+    return retention.carry_out(
+        verdicts,
+        lambda item: remove(item.id, roots, quarantine_dir),
+        dry_run,
+        skip=lambda item: item.partial and _touched_since(item),
+    )
 
 
 def _touched_since(item: retention.Item) -> bool:

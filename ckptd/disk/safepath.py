@@ -31,7 +31,7 @@ def relative_to_root(path: str, roots: Sequence[str]) -> tuple[str, list[str]]:
         for base in dict.fromkeys((os.path.abspath(root), os.path.realpath(root))):
             prefix = base.rstrip("/") + "/"
             if target == base or target.startswith(prefix):
-                parts = [p for p in target[len(base):].split("/") if p]
+                parts = [p for p in target[len(base) :].split("/") if p]
                 if any(p in (".", "..") for p in parts):
                     break
                 return base, parts

@@ -62,16 +62,25 @@ def read_info(path: str) -> Checkpoint:
         meta = header.metadata
         metrics = header.meta_json("ckptd.metrics", {}) or {}
         epoch = meta.get("ckptd.epoch")
-        return Checkpoint(path, meta.get("ckptd.job", ""), int(meta.get("ckptd.step", "0") or 0), st.st_size,
-                          parse_time(meta.get("ckptd.created", "")) or st.st_mtime,
-                          float(epoch) if epoch not in (None, "", "null") else None,
-                          meta.get("ckptd.trigger", ""), meta.get("ckptd.rule", ""),
-                          metrics if isinstance(metrics, dict) else {}, is_pinned(path),
-                          digests=header.meta_json("ckptd.digests", {}) or {}, refs=holders(meta))
+        return Checkpoint(
+            path,
+            meta.get("ckptd.job", ""),
+            int(meta.get("ckptd.step", "0") or 0),
+            st.st_size,
+            parse_time(meta.get("ckptd.created", "")) or st.st_mtime,
+            float(epoch) if epoch not in (None, "", "null") else None,
+            meta.get("ckptd.trigger", ""),
+            meta.get("ckptd.rule", ""),
+            metrics if isinstance(metrics, dict) else {},
+            is_pinned(path),
+            digests=header.meta_json("ckptd.digests", {}) or {},
+            refs=holders(meta),
+        )
     except (OSError, FormatError, ValueError, json.JSONDecodeError) as exc:
         size = _size(path)
-        return Checkpoint(path, "", -1, size, _mtime(path), problem=str(exc) or type(exc).__name__,
-                          fault=Problem.UNREADABLE)
+        return Checkpoint(
+            path, "", -1, size, _mtime(path), problem=str(exc) or type(exc).__name__, fault=Problem.UNREADABLE
+        )
 
 
 def read_unit(unit: str) -> Checkpoint:
@@ -88,10 +97,21 @@ def read_unit(unit: str) -> Checkpoint:
         return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc), fault=Problem.UNREADABLE)
     sizes = [_size(os.path.join(unit, s.file)) for s in m.shards]
     missing = [s.file for s, n in zip(m.shards, sizes) if n != s.bytes]
-    return Checkpoint(unit, m.job, m.step, sum(sizes) + _size(os.path.join(unit, mf.MANIFEST)),
-                      parse_time(m.created) or _mtime(unit), m.epoch, m.trigger, m.rule, m.metrics, is_pinned(unit),
-                      problem=f"shard {missing[0]} is missing or has the wrong size" if missing else "",
-                      fault=Problem.UNREADABLE if missing else Problem.NONE, shards=len(m.shards))
+    return Checkpoint(
+        unit,
+        m.job,
+        m.step,
+        sum(sizes) + _size(os.path.join(unit, mf.MANIFEST)),
+        parse_time(m.created) or _mtime(unit),
+        m.epoch,
+        m.trigger,
+        m.rule,
+        m.metrics,
+        is_pinned(unit),
+        problem=f"shard {missing[0]} is missing or has the wrong size" if missing else "",
+        fault=Problem.UNREADABLE if missing else Problem.NONE,
+        shards=len(m.shards),
+    )
 
 
 def _uncommitted(unit: str) -> Checkpoint:
@@ -192,9 +212,12 @@ def _settle_pending(found: list[Checkpoint]) -> list[Checkpoint]:
     for c in found:
         if c.ok and not c.pending:
             newest[c.job] = max(newest.get(c.job, c.created), c.created)
-    return [replace(c, pending=False, problem=ABANDONED, fault=Problem.ABANDONED)
-            if c.pending and (not c.job or newest.get(c.job, float("-inf")) >= c.created) else c
-            for c in found]
+    return [
+        replace(c, pending=False, problem=ABANDONED, fault=Problem.ABANDONED)
+        if c.pending and (not c.job or newest.get(c.job, float("-inf")) >= c.created)
+        else c
+        for c in found
+    ]
 
 
 def _name_matches(name: str, job: str) -> bool:

@@ -81,12 +81,15 @@ def _check_owner(fd: int, t: Target, path: str) -> None:
     owner = os.fstat(fd).st_uid
     if t.owner is not None and owner != t.owner:
         os.close(fd)
-        raise PersistError(FailReason.PERMISSION, f"checkpoint directory {path} is owned by uid {owner}, "
-                                                  f"not by the job's uid {t.owner}")
+        raise PersistError(
+            FailReason.PERMISSION,
+            f"checkpoint directory {path} is owned by uid {owner}, not by the job's uid {t.owner}",
+        )
 
 
 def _refused(exc: OSError, path: str) -> PersistError:
     linked = exc.errno in (errno.ELOOP, errno.ENOTDIR)
-    return PersistError(FailReason.PERMISSION if linked else reason_for(exc),
-                        f"cannot open checkpoint directory {path} (no links are followed under the roots): "
-                        f"{exc.strerror or exc}")
+    return PersistError(
+        FailReason.PERMISSION if linked else reason_for(exc),
+        f"cannot open checkpoint directory {path} (no links are followed under the roots): {exc.strerror or exc}",
+    )

@@ -51,9 +51,16 @@ class VerifyResult:
         return Outcome.OK if self.ok else Outcome.UNSAFE if self.unsafe else Outcome.CORRUPT
 
     def to_json(self) -> dict[str, object]:
-        return {"path": self.path, "ok": self.ok, "outcome": str(self.outcome), "reason": self.reason,
-                "tensors": self.tensors, "bytes": self.bytes,
-                "job": self.metadata.get("ckptd.job"), "step": _int_or_none(self.metadata.get("ckptd.step"))}
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "outcome": str(self.outcome),
+            "reason": self.reason,
+            "tensors": self.tensors,
+            "bytes": self.bytes,
+            "job": self.metadata.get("ckptd.job"),
+            "step": _int_or_none(self.metadata.get("ckptd.step")),
+        }
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -179,8 +186,14 @@ def verify_stream(raw: Any, size: int, label: str) -> VerifyResult:
 def _check(path: str, f: BinaryIO, header: Header) -> VerifyResult:
     expected = digest_map(header) if header.is_ckptd else None
     if expected is not None and header.metadata.get("ckptd.meta_digest") != meta_digest(header.metadata):
-        return VerifyResult(path, False, "metadata digest mismatch (trainer state or tags altered)",
-                            len(header.tensors), header.total_len, header.metadata)
+        return VerifyResult(
+            path,
+            False,
+            "metadata digest mismatch (trainer state or tags altered)",
+            len(header.tensors),
+            header.total_len,
+            header.metadata,
+        )
     actual = compute_digests(f, header)
     if expected is not None:
         mismatch = _name_mismatch(path, header)
@@ -188,8 +201,9 @@ def _check(path: str, f: BinaryIO, header: Header) -> VerifyResult:
             return VerifyResult(path, False, mismatch, len(actual), header.total_len, header.metadata)
         for name, digest in actual.items():
             if expected[name] != digest:
-                return VerifyResult(path, False, f"digest mismatch in tensor {name!r}",
-                                    len(actual), header.total_len, header.metadata)
+                return VerifyResult(
+                    path, False, f"digest mismatch in tensor {name!r}", len(actual), header.total_len, header.metadata
+                )
         _check_aliases(header)
     return VerifyResult(path, True, "", len(actual), header.total_len, header.metadata)
 
@@ -236,8 +250,12 @@ def verify_unit(unit: str, full: Collection[int] | None = None, opened: Opened |
         m = mf.read(opened.proc_path)  # the manifest of the unit opened, not of whatever has its name now
     except mf.ManifestError as exc:
         return VerifyResult(unit, False, str(exc))
-    meta = {"ckptd.job": m.job, "ckptd.step": str(m.step), "ckptd.world_size": str(m.world_size),
-            "ckptd.layout": m.layout}
+    meta = {
+        "ckptd.job": m.job,
+        "ckptd.step": str(m.step),
+        "ckptd.world_size": str(m.world_size),
+        "ckptd.layout": m.layout,
+    }
     tensors = total = 0
     for shard in m.shards:
         r = _verify_shard(opened, shard, m, full is None or shard.rank in full, os.path.join(unit, shard.file))
@@ -258,8 +276,12 @@ def _verify_shard(opened: Opened, shard: mf.Shard, m: mf.Manifest, full: bool, p
             if meta.get("ckptd.meta_digest") != shard.meta_digest:
                 return VerifyResult(path, False, "not the shard the manifest committed (metadata digest differs)")
             if meta.get("ckptd.job") != m.job or meta.get("ckptd.step") != str(m.step):
-                return VerifyResult(path, False, f"header says job {meta.get('ckptd.job')!r} step "
-                                                 f"{meta.get('ckptd.step')}, the manifest {m.job!r} step {m.step}")
+                return VerifyResult(
+                    path,
+                    False,
+                    f"header says job {meta.get('ckptd.job')!r} step "
+                    f"{meta.get('ckptd.step')}, the manifest {m.job!r} step {m.step}",
+                )
             if full:
                 return _check(path, f, header)
             if meta_digest(meta) != shard.meta_digest:

@@ -24,7 +24,9 @@ from ckptd.disk.verify import VerifyResult, verify_file
 from ckptd.foreign.picklesafe import UnsafePickle, safe_load, verify_torch
 from ckptd.foreign.steps import step_from_name
 
-RANK_FILE = re.compile(r"^(?:(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_(?P<what>model|optim)_states\.pt$")
+RANK_FILE = re.compile(
+    r"^(?:(?P<bf16>bf16_)?zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_(?P<what>model|optim)_states\.pt$"
+)
 LATEST = "latest"
 COMMIT = "ckptd-commit.json"  # inside a tag ckptd committed (``trainer_hooks.deepspeed``): who wrote it, when
 
@@ -90,8 +92,10 @@ def incomplete(path: str) -> str | None:
     names = set(os.listdir(path))
     missing = [n for n in expected_files(names, info["dp"], info["mp"], info["stage"]) if n not in names]
     if missing:
-        return (f"{len(missing)} rank file(s) missing for ZeRO-{info['stage']} with {info['dp'] * info['mp']} "
-                f"ranks: {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        return (
+            f"{len(missing)} rank file(s) missing for ZeRO-{info['stage']} with {info['dp'] * info['mp']} "
+            f"ranks: {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
     return None
 
 
@@ -116,8 +120,12 @@ def verify(path: str) -> VerifyResult:
 def _named(path: str, result: VerifyResult) -> VerifyResult:
     """A failed tag that DeepSpeed's own ``latest`` file names: ``load_checkpoint`` would pick it."""
     if latest_names(os.path.dirname(path.rstrip("/"))) == os.path.basename(path.rstrip("/")):
-        return VerifyResult(result.path, False, result.reason + f" (and {LATEST} names this tag: "
-                            "DeepSpeed's load_checkpoint would resume from it)", unsafe=result.unsafe)
+        return VerifyResult(
+            result.path,
+            False,
+            result.reason + f" (and {LATEST} names this tag: DeepSpeed's load_checkpoint would resume from it)",
+            unsafe=result.unsafe,
+        )
     return result
 
 
@@ -165,10 +173,16 @@ def committed_info(path: str) -> Checkpoint:
         return Checkpoint(path, "", -1, 0, problem=f"{COMMIT}: {exc}")
     record = record if isinstance(record, dict) else {}
     step, created = record.get("step"), record.get("created")
-    return Checkpoint(path, str(record.get("job") or ""), step if isinstance(step, int) else -1, size,
-                      float(created) if isinstance(created, (int, float)) else os.lstat(path).st_mtime,
-                      trigger=str(record.get("trigger") or ""), pinned=is_pinned(path),
-                      shards=sum(1 for n in names if RANK_FILE.match(n)))
+    return Checkpoint(
+        path,
+        str(record.get("job") or ""),
+        step if isinstance(step, int) else -1,
+        size,
+        float(created) if isinstance(created, (int, float)) else os.lstat(path).st_mtime,
+        trigger=str(record.get("trigger") or ""),
+        pinned=is_pinned(path),
+        shards=sum(1 for n in names if RANK_FILE.match(n)),
+    )
 
 
 def not_plain(dir_fd: int) -> str:

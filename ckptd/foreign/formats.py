@@ -104,8 +104,14 @@ def dir_kind(path: str) -> str | None:
     if any(n.endswith(".distcp") for n in names) or ".metadata" in names:
         return "dcp"
     if "trainer_state.json" in names or re.match(r"checkpoint-\d+$", os.path.basename(path)):
-        if names & {"trainer_state.json", "model.safetensors", "pytorch_model.bin",
-                    "model.safetensors.index.json", "optimizer.pt", *INCOMPLETE_MARKERS}:
+        if names & {
+            "trainer_state.json",
+            "model.safetensors",
+            "pytorch_model.bin",
+            "model.safetensors.index.json",
+            "optimizer.pt",
+            *INCOMPLETE_MARKERS,
+        }:
             return "hf"
     if deepspeed.is_tag(names):
         return "deepspeed"
@@ -191,8 +197,11 @@ def file_digests(found: Found) -> dict[str, str]:
     (safetensors has none), so what watch mode adopted is fingerprinted for later scrubs."""
     import xxhash
 
-    paths = [found.path] if os.path.isfile(found.path) else sorted(
-        os.path.join(d, n) for d, _, names in os.walk(found.path) for n in names)
+    paths = (
+        [found.path]
+        if os.path.isfile(found.path)
+        else sorted(os.path.join(d, n) for d, _, names in os.walk(found.path) for n in names)
+    )
     out = {}
     for p in paths:
         h = xxhash.xxh3_64()
@@ -238,6 +247,7 @@ def find(path: str) -> list[Found]:
 
 # --- completeness -------------------------------------------------------------------------
 
+
 def incomplete(found: Found) -> str | None:
     """Why ``found`` is not finished yet (None when it is): markers and format checks, one per
     kind (a kind with no check is finished once it is there)."""
@@ -259,8 +269,11 @@ def _hf_incomplete(path: str) -> str | None:
         reason = _weights_incomplete(os.path.join(path, n))
         if reason:
             return reason
-    return None if names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                            "trainer_state.json"} else "no model file yet"
+    return (
+        None
+        if names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "trainer_state.json"}
+        else "no model file yet"
+    )
 
 
 def _weights_incomplete(path: str) -> str | None:
@@ -313,14 +326,16 @@ def _index_incomplete(path: str) -> str | None:
 
 # --- verification ------------------------------------------------------------------------------
 
+
 def verify(found: Found) -> VerifyResult:
     """Read every byte that matters; never raises for a bad checkpoint."""
     try:
         if found.kind == "safetensors":
             return verify_file(found.path)
         if found.kind == "safetensors-sharded":
-            return _verify_all(found.path, [os.path.join(os.path.dirname(found.path), s)
-                                            for s in _index_shards(found.path) or []])
+            return _verify_all(
+                found.path, [os.path.join(os.path.dirname(found.path), s) for s in _index_shards(found.path) or []]
+            )
         if found.kind in ("torch", "lightning", "onetrainer"):
             return verify_torch(found.path)
         if found.kind == "hf":
@@ -354,8 +369,11 @@ def _verify_hf(found: Found) -> VerifyResult:
     """Every file that holds state, not only the model: the trainer's own (optimizer,
     scheduler, RNG, scaler) and a DeepSpeed tag inside, as one unit with its ``latest`` file."""
     names = sorted(os.listdir(found.path))
-    parts = [os.path.join(found.path, n) for n in names
-             if n.endswith(".safetensors") or (n.endswith(TORCH_SUFFIXES) and not n.startswith("."))]
+    parts = [
+        os.path.join(found.path, n)
+        for n in names
+        if n.endswith(".safetensors") or (n.endswith(TORCH_SUFFIXES) and not n.startswith("."))
+    ]
     if "trainer_state.json" in names:
         try:
             with open_regular(os.path.join(found.path, "trainer_state.json")) as f:
@@ -435,7 +453,9 @@ _COMPLETENESS: dict[str, Callable[[str], str | None]] = {
     "deepspeed": deepspeed.incomplete,
     "hf": _hf_incomplete,
     "dcp": lambda p: None if os.path.exists(os.path.join(p, ".metadata")) else "no .metadata yet (DCP writes it last)",
-    "ckptd-sharded": lambda p: None if os.path.exists(os.path.join(p, mf.MANIFEST)) else "no manifest yet (written last)",
+    "ckptd-sharded": lambda p: (
+        None if os.path.exists(os.path.join(p, mf.MANIFEST)) else "no manifest yet (written last)"
+    ),
     "safetensors-sharded": _index_incomplete,
     "safetensors": _safetensors_incomplete,
     "torch": _zip_incomplete,

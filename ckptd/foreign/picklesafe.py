@@ -21,23 +21,45 @@ from typing import Any
 from ckptd.disk.safepath import open_regular
 from ckptd.disk.verify import VerifyResult
 
-__all__ = ["DEEPSPEED_GLOBALS", "Inert", "SAFE_GLOBALS", "UnsafePickle", "max_inflated", "read_dcp_metadata", "verify_torch"]
+__all__ = [
+    "DEEPSPEED_GLOBALS",
+    "Inert",
+    "SAFE_GLOBALS",
+    "UnsafePickle",
+    "max_inflated",
+    "read_dcp_metadata",
+    "verify_torch",
+]
 
 SAFE_GLOBALS = {
-    "numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "collections.OrderedDict", "collections.defaultdict",
-    "pathlib.PosixPath", "argparse.Namespace", "lightning.fabric.utilities.data.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict", "torch.torch_version.TorchVersion",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray.scalar",
+    "collections.OrderedDict",
+    "collections.defaultdict",
+    "pathlib.PosixPath",
+    "argparse.Namespace",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "torch.torch_version.TorchVersion",
 }
 
 # What DeepSpeed (0.9 to 0.19) pickles into its checkpoints besides tensors, dicts and numbers:
 # read as ``Inert`` records, never resolved to DeepSpeed's classes.
-DEEPSPEED_GLOBALS = frozenset({
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.LossScalerBase", "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.config.DeepSpeedConfig",
-    "deepspeed.runtime.zero.offload_config.OffloadDeviceEnum",
-})
+DEEPSPEED_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.LossScalerBase",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+        "deepspeed.runtime.config.DeepSpeedConfig",
+        "deepspeed.runtime.zero.offload_config.OffloadDeviceEnum",
+    }
+)
 
 
 class Inert:
@@ -93,9 +115,16 @@ def safe_load(path: str, mmap: bool = False) -> Any:
 # DCP's own reader is a plain pickle.load: code execution for whoever can write a .metadata
 # file in a watched tree. This allowlist is every global DCP's metadata pickles.
 _DCP_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                                              "MetadataIndex", "StorageMeta", "TensorProperties",
-                                              "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "pathlib": {"PosixPath", "PurePosixPath"},
@@ -112,8 +141,9 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         import torch
 
-        if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and (
-                name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
+        if name in _DCP_GLOBALS.get(module, ()) or (
+            module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))
+        ):
             return super().find_class(module, name)
         raise UnsafePickle(f"unsafe: .metadata needs {module}.{name}; not loaded (it could execute code)")
 
@@ -142,8 +172,13 @@ def verify_torch(path: str, load: bool = True) -> VerifyResult:
         with zipfile.ZipFile(path) as z:
             inflated = sum(i.file_size for i in z.infolist())
             if inflated > max_inflated(os.path.getsize(path)):
-                return VerifyResult(path, False, f"unsafe: its zip records inflate to {inflated} bytes from "
-                                                 f"{os.path.getsize(path)}; not read (a decompression bomb?)", unsafe=True)
+                return VerifyResult(
+                    path,
+                    False,
+                    f"unsafe: its zip records inflate to {inflated} bytes from "
+                    f"{os.path.getsize(path)}; not read (a decompression bomb?)",
+                    unsafe=True,
+                )
             bad = z.testzip()
         if bad is not None:
             return VerifyResult(path, False, f"CRC-32 mismatch in zip record {bad}")

@@ -22,13 +22,16 @@ from ckptd.core.format import FormatError, read_header
 from ckptd.disk.safepath import open_regular
 
 # the first pattern that matches wins: a Lightning "epoch=3-step=1200" is at step 1200
-_NAMED = [re.compile(p, re.IGNORECASE) for p in (
-    r"checkpoint-(\d+)(?!\d)",
-    r"global[_-]?step[=_-]?(\d+)",
-    r"(?<![a-z])step[=_-]?(\d+)",
-    r"(?<![a-z])iter(?:ation)?[=_-]?(\d+)",
-    r"(?<![a-z])epoch[=_-]?(\d+)",
-)]
+_NAMED = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"checkpoint-(\d+)(?!\d)",
+        r"global[_-]?step[=_-]?(\d+)",
+        r"(?<![a-z])step[=_-]?(\d+)",
+        r"(?<![a-z])iter(?:ation)?[=_-]?(\d+)",
+        r"(?<![a-z])epoch[=_-]?(\d+)",
+    )
+]
 RECORDED_KEYS = ("global_step", "step", "iter", "iteration", "epoch")  # what a trainer's dict calls it
 MAX_PICKLE = 64 << 20  # a state dict's pickle is small (tensor data lives in other zip members)
 
@@ -50,14 +53,26 @@ def recorded_step(path: str, kind: str) -> int | None:
                 meta = read_header(f, os.fstat(f.fileno()).st_size).metadata
             return _first_step(meta)
         with open_regular(path) as f, zipfile.ZipFile(f) as z:
-            member = next((i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"),
-                          None)
+            member = next(
+                (i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"), None
+            )
             if member is None or member.file_size > MAX_PICKLE:
                 return None
             top = _InertUnpickler(io.BytesIO(z.read(member))).load()
         return _first_step(top) if isinstance(top, dict) else None
-    except (OSError, FormatError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, TypeError,
-            AttributeError, IndexError, KeyError, RecursionError):
+    except (
+        OSError,
+        FormatError,
+        ValueError,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        EOFError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        RecursionError,
+    ):
         return None
 
 

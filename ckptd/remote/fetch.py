@@ -37,8 +37,13 @@ CHUNK = 8 << 20
 NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def fetch(store: Store, prefix: str, directory: str, step: int | None = None,
-          check: Callable[[RemoteCheckpoint], bool] = lambda c: True) -> str | None:
+def fetch(
+    store: Store,
+    prefix: str,
+    directory: str,
+    step: int | None = None,
+    check: Callable[[RemoteCheckpoint], bool] = lambda c: True,
+) -> str | None:
     """Download the newest committed checkpoint (or ``step``) under the job's ``prefix``
     (``layout.job_prefix``) that verifies into ``directory``.
 

@@ -76,7 +76,7 @@ def committed(store: Store, prefix: str, listing: Mapping[str, int] | None = Non
     keys = store.list(f"{prefix}/") if listing is None else listing
     out = []
     for key in keys:
-        if key.endswith(COMMIT) and key.startswith(f"{prefix}/") and "/" not in key[len(prefix) + 1:]:
+        if key.endswith(COMMIT) and key.startswith(f"{prefix}/") and "/" not in key[len(prefix) + 1 :]:
             try:
                 out.append(_parse_commit(store, key))
             except (ValueError, KeyError, TypeError, RemoteError) as exc:
@@ -92,7 +92,7 @@ def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
         body.close()
     if doc.get("ckptd.remote") != FORMAT or doc["key"] + COMMIT != key:
         raise ValueError("not a ckptd commit object for this key")
-    if not NAME_RE.match(key[:-len(COMMIT)].rsplit("/", 1)[-1]):
+    if not NAME_RE.match(key[: -len(COMMIT)].rsplit("/", 1)[-1]):
         raise ValueError("not a checkpoint's name (JOB-stepN[.safetensors])")
     shards = tuple(str(f) for f in doc.get("shards") or ())
     if any(not mf.SHARD_RE.match(f) for f in shards):
@@ -101,21 +101,37 @@ def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
     if any(not NAME_RE.match(f) or not f.endswith(SUFFIX) for f in refs):
         raise ValueError("a reference that is not a checkpoint of the same job")
     owner = doc.get("owner_uid")
-    return RemoteCheckpoint(str(doc["key"]), str(doc["job"]), int(doc["step"]), int(doc["bytes"]),
-                            str(doc["meta_digest"]), float(doc["created"]), str(doc.get("trigger", "")),
-                            dict(doc.get("metrics") or {}), shards, refs, None if owner is None else int(owner),
-                            str(doc.get("directory") or ""))
+    return RemoteCheckpoint(
+        str(doc["key"]),
+        str(doc["job"]),
+        int(doc["step"]),
+        int(doc["bytes"]),
+        str(doc["meta_digest"]),
+        float(doc["created"]),
+        str(doc.get("trigger", "")),
+        dict(doc.get("metrics") or {}),
+        shards,
+        refs,
+        None if owner is None else int(owner),
+        str(doc.get("directory") or ""),
+    )
 
 
 def uncommitted(store: Store, prefix: str, listing: Mapping[str, int]) -> list[str]:
     """Data objects with no commit object: uploads cut off, or still in progress."""
-    return [k for k in listing if k.startswith(f"{prefix}/") and not k.endswith(COMMIT)
-            and (k.endswith(SUFFIX) or "/" in k[len(prefix) + 1:]) and _commit_key(prefix, k) not in listing]
+    return [
+        k
+        for k in listing
+        if k.startswith(f"{prefix}/")
+        and not k.endswith(COMMIT)
+        and (k.endswith(SUFFIX) or "/" in k[len(prefix) + 1 :])
+        and _commit_key(prefix, k) not in listing
+    ]
 
 
 def _commit_key(prefix: str, key: str) -> str:
     """``PREFIX/NAME.safetensors`` -> its commit object; ``PREFIX/UNIT/anything`` -> the unit's."""
-    unit, sep, _ = key[len(prefix) + 1:].partition("/")
+    unit, sep, _ = key[len(prefix) + 1 :].partition("/")
     return f"{prefix}/{unit}{COMMIT}" if sep else key + COMMIT
 
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def remote_rules(settings: Mapping[str, Any]) -> retention.Rules:
     """The ``remote_keep_*`` keys read as §5's rules (``remote_keep_last`` -> ``keep_last``)."""
-    local = {k[len("remote_"):]: v for k, v in settings.items() if k.startswith("remote_keep") and v is not None}
+    local = {k[len("remote_") :]: v for k, v in settings.items() if k.startswith("remote_keep") and v is not None}
     if "keep_best" in local:
         local.update(best_metric=settings.get("best_metric"), best_mode=settings.get("best_mode", "min"))
     return retention.Rules.from_settings(local)
@@ -36,9 +36,19 @@ def prune_remote(store: Store, prefix: str, settings: Mapping[str, Any], now: fl
     listing = store.list(f"{prefix}/")
     commits = committed(store, prefix, listing)
     rules = remote_rules(settings)
-    items = [retention.item_of(c.key, c.step, c.created, c.bytes, trigger=c.trigger, metrics=c.metrics,
-                               best_metric=rules.best_metric, refs=tuple(f"{prefix}/{h}" for h in c.refs))
-             for c in commits]
+    items = [
+        retention.item_of(
+            c.key,
+            c.step,
+            c.created,
+            c.bytes,
+            trigger=c.trigger,
+            metrics=c.metrics,
+            best_metric=rules.best_metric,
+            refs=tuple(f"{prefix}/{h}" for h in c.refs),
+        )
+        for c in commits
+    ]
     verdicts = retention.judge(items, rules, now)
     by_key = {c.key: c for c in commits}
     for r in retention.carry_out(verdicts, lambda item: _delete(store, by_key[item.id])):

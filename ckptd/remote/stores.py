@@ -91,8 +91,10 @@ class FileStore:
 
     def _error(self, key: str, exc: OSError) -> RemoteError:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            return RemoteError(f"{self.url}/{key}: a symbolic link or a file where a directory should be "
-                               "(never followed in a shared store)")
+            return RemoteError(
+                f"{self.url}/{key}: a symbolic link or a file where a directory should be "
+                "(never followed in a shared store)"
+            )
         return RemoteError(f"{self.url}/{key}: {exc.strerror or exc}")
 
     def _dir(self, parts: list[str], create: bool) -> int:
@@ -118,8 +120,9 @@ class FileStore:
             dfd = self._dir(parents, create=True)
             try:
                 tmp = TEMP + secrets.token_hex(6)
-                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                              dir_fd=dfd)
+                out = os.open(
+                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd
+                )
                 try:
                     with os.fdopen(out, "wb") as f:
                         fill(f)
@@ -139,6 +142,7 @@ class FileStore:
         def copy(dst: BinaryIO) -> None:
             with open(local, "rb") as src:
                 shutil.copyfileobj(src, dst, 8 * MiB)
+
         self._write(key, copy)
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -219,9 +223,11 @@ def _unlink_at(dfd: int, name: str) -> None:
 def _bounded(url: str, prefix: str, keys: int, deadline: float, pages: int = 0) -> None:
     """A listing that grows past what any job holds, or runs too long, is an error, not memory or time spent."""
     if keys > MAX_LIST_KEYS or pages > MAX_LIST_PAGES or time.monotonic() > deadline:
-        raise RemoteError(f"{url}/{prefix}: listing stopped after {keys} keys, {pages} pages: over the bounds "
-                          f"({MAX_LIST_KEYS} keys, {MAX_LIST_PAGES} pages, {LIST_SECONDS:.0f} s); a store that "
-                          "lists without end is refused")
+        raise RemoteError(
+            f"{url}/{prefix}: listing stopped after {keys} keys, {pages} pages: over the bounds "
+            f"({MAX_LIST_KEYS} keys, {MAX_LIST_PAGES} pages, {LIST_SECONDS:.0f} s); a store that "
+            "lists without end is refused"
+        )
 
 
 class S3Store:
@@ -243,8 +249,13 @@ class S3Store:
         from botocore.config import Config
 
         self.url, self.bucket, self.prefix = url, bucket, prefix
-        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60,
-                        request_checksum_calculation="when_required", response_checksum_validation="when_required")
+        config = Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
         self.transfer = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB, max_concurrency=8)
 
@@ -266,8 +277,15 @@ class S3Store:
         from boto3.exceptions import S3UploadFailedError
 
         try:
-            self._call(f"upload {key}", self.client.upload_file, local, self.bucket, self._key(key), Config=self.transfer,
-                       ExtraArgs={"ChecksumAlgorithm": "SHA256"})
+            self._call(
+                f"upload {key}",
+                self.client.upload_file,
+                local,
+                self.bucket,
+                self._key(key),
+                Config=self.transfer,
+                ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+            )
         except S3UploadFailedError as exc:
             raise RemoteError(f"{self.url}: upload {key}: {exc}") from None
 
@@ -282,8 +300,9 @@ class S3Store:
         """Page by page, bounded (``MAX_LIST_KEYS``, ``MAX_LIST_PAGES``, ``LIST_SECONDS``): an
         endpoint that lists without end costs an error, not the daemon's memory."""
         out: dict[str, int] = {}
-        pages = iter(self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                            Prefix=self._key(prefix)))
+        pages = iter(
+            self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+        )
         strip = len(self.prefix) + 1 if self.prefix else 0
         deadline, n = time.monotonic() + LIST_SECONDS, 0
         while (page := self._call(f"list {prefix}", next, pages, None)) is not None:
@@ -297,8 +316,9 @@ class S3Store:
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
     def matches(self, local: str, key: str) -> bool | None:
-        head = self._call(f"head {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key),
-                          ChecksumMode="ENABLED")
+        head = self._call(
+            f"head {key}", self.client.head_object, Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED"
+        )
         stored = head.get("ChecksumSHA256")
         if not stored:
             return None
@@ -308,12 +328,18 @@ class S3Store:
 
     def abort_stale_uploads(self, prefix: str) -> int:
         """Abort the multipart uploads under ``prefix`` that a killed process left (they cost storage)."""
-        r = self._call("list multipart uploads", self.client.list_multipart_uploads, Bucket=self.bucket,
-                       Prefix=self._key(prefix))
+        r = self._call(
+            "list multipart uploads", self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=self._key(prefix)
+        )
         uploads = r.get("Uploads", [])
         for u in uploads:
-            self._call("abort multipart upload", self.client.abort_multipart_upload, Bucket=self.bucket,
-                       Key=u["Key"], UploadId=u["UploadId"])
+            self._call(
+                "abort multipart upload",
+                self.client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=u["Key"],
+                UploadId=u["UploadId"],
+            )
         return len(uploads)
 
 

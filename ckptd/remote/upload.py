@@ -42,8 +42,16 @@ from ckptd.remote.verify import remote_manifest, verify_remote
 __all__ = ["replicate"]
 
 
-def replicate(store: Store, job: str, path: str, *, prefix: str | None = None, fd: int | None = None,
-              owner_uid: int | None = None, guard: Sequence[str] | None = None) -> RemoteCheckpoint:
+def replicate(
+    store: Store,
+    job: str,
+    path: str,
+    *,
+    prefix: str | None = None,
+    fd: int | None = None,
+    owner_uid: int | None = None,
+    guard: Sequence[str] | None = None,
+) -> RemoteCheckpoint:
     """Steps 2-4 for one local checkpoint that verified; raises ``RemoteError`` on any failure.
 
     ``prefix``: the job's (``layout.job_prefix``; a bare job name is version 1's layout);
@@ -66,8 +74,17 @@ def replicate(store: Store, job: str, path: str, *, prefix: str | None = None, f
         else:
             _holders_first(store, job, path, info.refs, prefix, owner_uid, guard)
             store.put_file(local, key)
-            commit = RemoteCheckpoint(key, job, info.step, info.bytes, _meta_digest(local), info.created,
-                                      info.trigger, info.metrics, refs=info.refs)
+            commit = RemoteCheckpoint(
+                key,
+                job,
+                info.step,
+                info.bytes,
+                _meta_digest(local),
+                info.created,
+                info.trigger,
+                info.metrics,
+                refs=info.refs,
+            )
             pairs = [(local, key)]
         commit = RemoteCheckpoint(**{**commit.__dict__, "owner_uid": owner_uid, "directory": directory})
         result = _confirm(store, commit, pairs)
@@ -89,8 +106,9 @@ def _verified(path: str, guard: Sequence[str], owner_uid: int | None) -> Iterato
         with acting_as(Identity.of(owner_uid)) if owner_uid is not None else contextlib.nullcontext():
             dfd = open_dir(os.path.dirname(path), guard)
             try:
-                fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             dir_fd=dfd)
+                fd = os.open(
+                    os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd
+                )
             finally:
                 os.close(dfd)
     except OSError as exc:
@@ -108,8 +126,15 @@ def _verified(path: str, guard: Sequence[str], owner_uid: int | None) -> Iterato
         os.close(fd)
 
 
-def _holders_first(store: Store, job: str, path: str, holders: tuple[str, ...], prefix: str,
-                   owner_uid: int | None, guard: Sequence[str] | None) -> None:
+def _holders_first(
+    store: Store,
+    job: str,
+    path: str,
+    holders: tuple[str, ...],
+    prefix: str,
+    owner_uid: int | None,
+    guard: Sequence[str] | None,
+) -> None:
     """A checkpoint that refers to tensors another one holds (§13) is committed remotely only
     after that one is: a remote copy is never incomplete. (A holder refers to nothing itself.)"""
     if not holders:
@@ -117,8 +142,9 @@ def _holders_first(store: Store, job: str, path: str, holders: tuple[str, ...], 
     there = {c.name for c in committed(store, prefix)}
     for name in holders:
         if name not in there:
-            replicate(store, job, os.path.join(os.path.dirname(path), name), prefix=prefix, owner_uid=owner_uid,
-                      guard=guard)
+            replicate(
+                store, job, os.path.join(os.path.dirname(path), name), prefix=prefix, owner_uid=owner_uid, guard=guard
+            )
 
 
 def _confirm(store: Store, c: RemoteCheckpoint, pairs: list[tuple[str, str]]) -> VerifyResult:
@@ -141,8 +167,9 @@ def _confirm(store: Store, c: RemoteCheckpoint, pairs: list[tuple[str, str]]) ->
     return VerifyResult(label, True, "", 0, c.bytes)
 
 
-def _upload_unit(store: Store, key: str, job: str, unit: str, info: Checkpoint, guard: Sequence[str],
-                 held: contextlib.ExitStack) -> tuple[RemoteCheckpoint, list[tuple[str, str]]]:
+def _upload_unit(
+    store: Store, key: str, job: str, unit: str, info: Checkpoint, guard: Sequence[str], held: contextlib.ExitStack
+) -> tuple[RemoteCheckpoint, list[tuple[str, str]]]:
     """Every shard, then the manifest (as it is on disk: its digest goes in the commit object).
     The unit is reached from ``guard`` without a link and each file opened ``O_NOFOLLOW`` from
     its fd (kept in ``held`` until the upload is confirmed): a shard swapped for a link to
@@ -164,8 +191,17 @@ def _upload_unit(store: Store, key: str, job: str, unit: str, info: Checkpoint, 
     with os.fdopen(os.dup(_open_at(dfd, mf.MANIFEST, unit, held)), "rb") as f:
         manifest = f.read(mf.MAX_MANIFEST_BYTES + 1)
     store.put_bytes(f"{key}/{mf.MANIFEST}", manifest)
-    return RemoteCheckpoint(key, job, m.step, sum(s.bytes for s in m.shards), xxhash.xxh3_64_hexdigest(manifest),
-                            info.created, m.trigger, m.metrics, tuple(s.file for s in m.shards)), pairs
+    return RemoteCheckpoint(
+        key,
+        job,
+        m.step,
+        sum(s.bytes for s in m.shards),
+        xxhash.xxh3_64_hexdigest(manifest),
+        info.created,
+        m.trigger,
+        m.metrics,
+        tuple(s.file for s in m.shards),
+    ), pairs
 
 
 def _open_at(dfd: int, name: str, unit: str, held: contextlib.ExitStack) -> int:

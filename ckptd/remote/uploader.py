@@ -81,8 +81,9 @@ Lane = tuple[str, "str | None", str]
 
 
 class Uploader:
-    def __init__(self, on_done: Done | None = None, on_failed: Failed | None = None,
-                 name: str = "ckptd-replicate") -> None:
+    def __init__(
+        self, on_done: Done | None = None, on_failed: Failed | None = None, name: str = "ckptd-replicate"
+    ) -> None:
         self._on_done, self._on_failed, self._name = on_done, on_failed, name
         self._pending: list[Upload] = []  # queued or in progress, in submission order
         self._running: dict[Lane, threading.Thread] = {}  # a thread per lane with work
@@ -107,9 +108,17 @@ class Uploader:
                 self._running[lane] = t
                 start_thread(t)
 
-    def resync(self, job: str, directory: str, settings: Mapping[str, Any], key: Any = None,
-               after: Callable[[], None] | None = None, prefix: str = "", owner_uid: int | None = None,
-               guard: Sequence[str] = ()) -> None:
+    def resync(
+        self,
+        job: str,
+        directory: str,
+        settings: Mapping[str, Any],
+        key: Any = None,
+        after: Callable[[], None] | None = None,
+        prefix: str = "",
+        owner_uid: int | None = None,
+        guard: Sequence[str] = (),
+    ) -> None:
         """Queue the job's local checkpoints that its remote lacks (a restart, or a store that was down)."""
         where = prefix or job_prefix(job, os.path.realpath(directory), os.getuid() if owner_uid is None else owner_uid)
 
@@ -122,6 +131,7 @@ class Uploader:
             for c in scan(directory, job):
                 if c.ok and not c.pending and os.path.basename(c.path) not in done:
                     self.submit(Upload(job, c.path, settings, key, after, c.created, where, owner_uid, guard))
+
         t = threading.Thread(target=self._retrying, args=(find, settings["remote"]), name="ckptd-resync", daemon=True)
         self._resyncs.append(t)
         start_thread(t)

@@ -73,13 +73,20 @@ def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:
         return VerifyResult(label, False, f"manifest: {exc}")
     tensors = 0
     for shard in m.shards:
-        one = verify_remote(store, RemoteCheckpoint(f"{c.key}/{shard.file}", c.job, m.step, shard.bytes,
-                                                    shard.meta_digest, c.created))
+        one = verify_remote(
+            store, RemoteCheckpoint(f"{c.key}/{shard.file}", c.job, m.step, shard.bytes, shard.meta_digest, c.created)
+        )
         if not one.ok:
             return VerifyResult(label, False, f"shard {shard.file}: {one.reason}")
         tensors += one.tensors
-    return VerifyResult(label, True, "", tensors, c.bytes, {"ckptd.job": m.job, "ckptd.step": str(m.step),
-                                                             "ckptd.world_size": str(m.world_size)})
+    return VerifyResult(
+        label,
+        True,
+        "",
+        tensors,
+        c.bytes,
+        {"ckptd.job": m.job, "ckptd.step": str(m.step), "ckptd.world_size": str(m.world_size)},
+    )
 
 
 def remote_manifest(store: Store, c: RemoteCheckpoint) -> mf.Manifest:

@@ -35,14 +35,21 @@ class Agreement(Protocol):
         ...
 
 
-def shard_outcome(rank: int, step: int, persisted: Persisted | None = None,
-                  error: Exception | None = None) -> dict[str, Any]:
+def shard_outcome(
+    rank: int, step: int, persisted: Persisted | None = None, error: Exception | None = None
+) -> dict[str, Any]:
     """What one rank reports to the others about its shard."""
     if persisted is None:
         return {"ok": False, "rank": rank, "step": step, "error": str(error)}
     meta = {k: v for k, v in persisted.metadata.items() if k != "ckptd.state"}  # the skeleton can be large
-    return {"ok": True, "rank": rank, "step": step, "file": os.path.basename(persisted.path),
-            "bytes": persisted.bytes, "meta": meta}
+    return {
+        "ok": True,
+        "rank": rank,
+        "step": step,
+        "file": os.path.basename(persisted.path),
+        "bytes": persisted.bytes,
+        "meta": meta,
+    }
 
 
 def commit_on_rank0(t: Target, unit: str, outcomes: list[dict[str, Any]], world_size: int) -> str:
@@ -80,12 +87,25 @@ def _check_and_write(ufd: int, dfd: int, path: str, manifest: mf.Manifest) -> st
 def manifest_from(outcomes: list[dict[str, Any]], world_size: int) -> mf.Manifest:
     """Rank 0's header fields describe the whole checkpoint; every rank adds its shard."""
     head = next(o for o in outcomes if o["rank"] == 0)["meta"]
-    shards = tuple(sorted((mf.Shard(o["rank"], o["file"], o["bytes"], o["meta"]["ckptd.meta_digest"])
-                           for o in outcomes), key=lambda s: s.rank))
+    shards = tuple(
+        sorted(
+            (mf.Shard(o["rank"], o["file"], o["bytes"], o["meta"]["ckptd.meta_digest"]) for o in outcomes),
+            key=lambda s: s.rank,
+        )
+    )
     epoch = head.get("ckptd.epoch")
-    return mf.Manifest(head["ckptd.job"], int(head["ckptd.step"]), world_size, shards, head.get("ckptd.created", ""),
-                       float(epoch) if epoch else None, head.get("ckptd.trigger", ""), head.get("ckptd.rule", ""),
-                       _json_dict(head.get("ckptd.metrics", "{}")), head.get("ckptd.layout", mf.PER_RANK))
+    return mf.Manifest(
+        head["ckptd.job"],
+        int(head["ckptd.step"]),
+        world_size,
+        shards,
+        head.get("ckptd.created", ""),
+        float(epoch) if epoch else None,
+        head.get("ckptd.trigger", ""),
+        head.get("ckptd.rule", ""),
+        _json_dict(head.get("ckptd.metrics", "{}")),
+        head.get("ckptd.layout", mf.PER_RANK),
+    )
 
 
 def _json_dict(text: str) -> dict[str, Any]:

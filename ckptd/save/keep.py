@@ -37,8 +37,9 @@ def _ignore(_: list[Removal]) -> None:
     pass
 
 
-def items_from(checkpoints: Sequence[Checkpoint], best_metric: str | None,
-               replicated: Collection[str] | None = None) -> list[retention.Item]:
+def items_from(
+    checkpoints: Sequence[Checkpoint], best_metric: str | None, replicated: Collection[str] | None = None
+) -> list[retention.Item]:
     """Header facts -> retention items. A final name means verified at write time; a file that
     refers to tensors it does not store is verified only while those references resolve
     (``unresolved``), else it is "unverified": kept, but never the newest verified checkpoint,
@@ -50,13 +51,24 @@ def items_from(checkpoints: Sequence[Checkpoint], best_metric: str | None,
         abandoned = c.fault == Problem.ABANDONED
         if c.path in broken:
             log.warning("ckptd: %s is not complete, so not counted as verified: %s", c.path, broken[c.path])
-        out.append(retention.item_of(c.path, c.step, c.created, c.bytes, trigger=c.trigger, metrics=c.metrics,
-                                     best_metric=best_metric, verified=c.ok and not c.pending
-                                     and c.path not in broken,
-                                     corrupt=not c.ok and not abandoned, partial=abandoned, in_flight=c.pending,
-                                     pinned=c.pinned, remote_pending=replicated is not None
-                                     and os.path.basename(c.path) not in replicated,
-                                     refs=tuple(os.path.join(os.path.dirname(c.path), f) for f in c.refs)))
+        out.append(
+            retention.item_of(
+                c.path,
+                c.step,
+                c.created,
+                c.bytes,
+                trigger=c.trigger,
+                metrics=c.metrics,
+                best_metric=best_metric,
+                verified=c.ok and not c.pending and c.path not in broken,
+                corrupt=not c.ok and not abandoned,
+                partial=abandoned,
+                in_flight=c.pending,
+                pinned=c.pinned,
+                remote_pending=replicated is not None and os.path.basename(c.path) not in replicated,
+                refs=tuple(os.path.join(os.path.dirname(c.path), f) for f in c.refs),
+            )
+        )
     return out
 
 
@@ -83,8 +95,9 @@ def unresolved(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
     return out
 
 
-def evaluate(directory: str, job: str | None, settings: Mapping[str, Any], now: float,
-             fresh_remote: bool = False) -> list[retention.Verdict]:
+def evaluate(
+    directory: str, job: str | None, settings: Mapping[str, Any], now: float, fresh_remote: bool = False
+) -> list[retention.Verdict]:
     """The verdicts for one job's directory (every checkpoint in it without ``job``).
     ``fresh_remote``: list the remote tier now (``ckptd gc``) instead of reading its cached index."""
     rules = retention.Rules.from_settings(settings)
@@ -99,26 +112,38 @@ def _replicated(settings: Mapping[str, Any], job: str, directory: str, fresh: bo
     from ckptd.remote.layout import prefix_in
     from ckptd.remote.listing import INDEX
 
-    return INDEX.names(settings["remote"], settings.get("remote_endpoint"), prefix_in(settings, job, directory),
-                       wait=fresh)
+    return INDEX.names(
+        settings["remote"], settings.get("remote_endpoint"), prefix_in(settings, job, directory), wait=fresh
+    )
 
 
-def collect(directory: str, job: str | None, settings: Mapping[str, Any], now: float,
-            roots: Sequence[str], dry_run: bool = False,
-            fresh_remote: bool = False) -> tuple[list[retention.Verdict], list[Removal]]:
+def collect(
+    directory: str,
+    job: str | None,
+    settings: Mapping[str, Any],
+    now: float,
+    roots: Sequence[str],
+    dry_run: bool = False,
+    fresh_remote: bool = False,
+) -> tuple[list[retention.Verdict], list[Removal]]:
     """Retention for one job (or every checkpoint in a directory): plan, then act."""
     verdicts = evaluate(directory, job, settings, now, fresh_remote)
     return verdicts, apply(verdicts, roots, settings.get("quarantine_dir"), dry_run)
 
 
-def make_room(directory: str, job: str, settings: Mapping[str, Any], reserve: int, now: float,
-              roots: Sequence[str]) -> tuple[quota_mod.QuotaChoice, list[Removal]]:
+def make_room(
+    directory: str, job: str, settings: Mapping[str, Any], reserve: int, now: float, roots: Sequence[str]
+) -> tuple[quota_mod.QuotaChoice, list[Removal]]:
     """Retention's deletions, then quota's oldest-first ones if the next save needs them."""
     verdicts, removals = collect(directory, job, settings, now, roots)
     kept = [v for v in verdicts if v.keep]
-    budget = quota_mod.Budget(reserve=reserve, used=sum(v.item.bytes for v in kept),
-                              max_bytes=settings.get("max_bytes"), free=free_bytes(directory),
-                              min_free=min_free_bytes(directory, settings.get("min_free")))
+    budget = quota_mod.Budget(
+        reserve=reserve,
+        used=sum(v.item.bytes for v in kept),
+        max_bytes=settings.get("max_bytes"),
+        free=free_bytes(directory),
+        min_free=min_free_bytes(directory, settings.get("min_free")),
+    )
     decision = quota_mod.choose(kept, budget)
     if decision.ok and decision.delete:
         doomed = [retention.Verdict(i, False, (Reason(Rule.QUOTA),)) for i in decision.delete]
@@ -129,14 +154,25 @@ def make_room(directory: str, job: str, settings: Mapping[str, Any], reserve: in
     return decision, removals
 
 
-def reserve(t: Target, nbytes: int, step: int, on_removed: Removed = _ignore, *, what: str = "checkpoint",
-            note: str = "", now: float | None = None) -> None:
+def reserve(
+    t: Target,
+    nbytes: int,
+    step: int,
+    on_removed: Removed = _ignore,
+    *,
+    what: str = "checkpoint",
+    note: str = "",
+    now: float | None = None,
+) -> None:
     """Make room for ``nbytes``, or raise ``no_space`` having deleted nothing for it."""
     room, removed = make_room(t.directory, t.job, t.settings, nbytes, time.time() if now is None else now, t.guard)
     on_removed(removed)
     if not room.ok:
-        raise PersistError(FailReason.NO_SPACE, f"{what} of step {step} does not fit in {t.directory}: "
-                                                f"{room.reason}; {note}existing checkpoints were left alone")
+        raise PersistError(
+            FailReason.NO_SPACE,
+            f"{what} of step {step} does not fit in {t.directory}: "
+            f"{room.reason}; {note}existing checkpoints were left alone",
+        )
 
 
 def prune(t: Target, on_removed: Removed = _ignore, now: float | None = None) -> None:

@@ -36,8 +36,14 @@ def first_verified(candidates: Iterable[T], check: Callable[[T], VerifyResult]) 
     return None
 
 
-def newest_verified(directory: str, job: str | None = None, *, units: bool = True,
-                    check: Callable[[Checkpoint], VerifyResult] = reread, owner: int | None = None) -> Checkpoint | None:
+def newest_verified(
+    directory: str,
+    job: str | None = None,
+    *,
+    units: bool = True,
+    check: Callable[[Checkpoint], VerifyResult] = reread,
+    owner: int | None = None,
+) -> Checkpoint | None:
     """The newest checkpoint of ``job`` in ``directory`` that verifies now (None if none does).
 
     ``units=False`` skips sharded units (for readers that load a single file);
@@ -53,7 +59,8 @@ def newest_verified(directory: str, job: str | None = None, *, units: bool = Tru
     return first_verified([c for c in reversed(scan(directory, job)) if units or not c.shards], check)
 
 
-def _owned(check: Callable[[Checkpoint], VerifyResult], directory: str,
-           uid: int) -> Callable[[Checkpoint], VerifyResult]:
+def _owned(
+    check: Callable[[Checkpoint], VerifyResult], directory: str, uid: int
+) -> Callable[[Checkpoint], VerifyResult]:
     """``check`` of each candidate that is ``uid``'s (its file, its holders)."""
     return lambda c: verified_if_owned(c.path, directory, uid, lambda _: check(c))

@@ -70,9 +70,16 @@ def save_unit(t: Target, fd: int, length: int, filename: str, step: int, hooks: 
     reserve(t, length, step, hooks.removed)  # 1
     dfd = open_target(t)  # 3
     try:
-        result = persist(fd, length, t.directory, filename, dir_fd=dfd,  # 3-4
-                         expect={"ckptd.job": t.job, "ckptd.step": str(step)}, dedup=True,
-                         keep_fd=hooks.replicate is not None)
+        result = persist(
+            fd,
+            length,
+            t.directory,
+            filename,
+            dir_fd=dfd,  # 3-4
+            expect={"ckptd.job": t.job, "ckptd.step": str(step)},
+            dedup=True,
+            keep_fd=hooks.replicate is not None,
+        )
     finally:
         os.close(dfd)
     try:
@@ -100,8 +107,9 @@ class StagedShard:
     stall: float = 0.0
 
 
-def save_shard(group: Agreement, t: Target, shard: StagedShard, hooks: Hooks,
-               report: Callable[[dict[str, Any]], bool]) -> Persisted:
+def save_shard(
+    group: Agreement, t: Target, shard: StagedShard, hooks: Hooks, report: Callable[[dict[str, Any]], bool]
+) -> Persisted:
     """The stages on every rank of a sharded save. ``report`` hands rank 0's outcome to the
     daemon (which then runs 5-7 for the unit, ``commit_unit``); False: there is none, and
     rank 0 retains and replicates here."""
@@ -114,12 +122,24 @@ def save_shard(group: Agreement, t: Target, shard: StagedShard, hooks: Hooks,
         persisted = _write_shard(t, shard, path)  # 3-4
     except (PersistError, OSError) as exc:
         error = exc
-    problem = group.commit(shard_outcome(group.rank, shard.step, persisted, error),  # 5
-                           lambda outcomes: commit_on_rank0(t, shard.unit, outcomes, group.world_size))
+    problem = group.commit(
+        shard_outcome(group.rank, shard.step, persisted, error),  # 5
+        lambda outcomes: commit_on_rank0(t, shard.unit, outcomes, group.world_size),
+    )
     failed = error.reason if isinstance(error, PersistError) else FailReason.UNCOMMITTED
-    told = report({"type": "committed", "step": shard.step, "path": path, "trigger": shard.trigger,
-                   "ok": not problem, "reason": failed, "error": problem, "stall": shard.stall,
-                   **(persisted.durations if persisted else {})})
+    told = report(
+        {
+            "type": "committed",
+            "step": shard.step,
+            "path": path,
+            "trigger": shard.trigger,
+            "ok": not problem,
+            "reason": failed,
+            "error": problem,
+            "stall": shard.stall,
+            **(persisted.durations if persisted else {}),
+        }
+    )
     if problem:
         raise PersistError(failed, f"sharded checkpoint of step {shard.step} not committed: {problem}")
     assert persisted is not None
@@ -145,8 +165,9 @@ def _write_shard(t: Target, shard: StagedShard, path: str) -> Persisted:
 
 def _prepare_unit(t: Target, shard: StagedShard, world_size: int, removed: Callable[[list[Removal]], None]) -> None:
     """Rank 0, while the other ranks wait: room for the whole unit, and a clean target."""
-    reserve(t, shard.length * world_size, shard.step, removed, what="sharded checkpoint",
-            note="no rank wrote its shard, ")
+    reserve(
+        t, shard.length * world_size, shard.step, removed, what="sharded checkpoint", note="no rank wrote its shard, "
+    )
     path = os.path.join(t.directory, shard.unit)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, mf.MANIFEST)):
         log.warning("ckptd: removing %s, an uncommitted earlier attempt at step %d", path, shard.step)
@@ -166,8 +187,10 @@ def commit_unit(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
         os.close(dfd)
     result, info = verify_unit(path, full=()), read_info(path)
     if not result.ok or info.job != t.job or info.step != step:
-        raise PersistError(FailReason.VERIFY_FAILED, f"sharded checkpoint {path}: "
-                                                     f"{result.reason or 'job or step differ from the message'}")
+        raise PersistError(
+            FailReason.VERIFY_FAILED,
+            f"sharded checkpoint {path}: {result.reason or 'job or step differ from the message'}",
+        )
     persisted = Persisted(path, info.bytes, result.metadata)
     if hooks.committed is not None:
         hooks.committed(persisted)
@@ -198,8 +221,11 @@ def commit_tag(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
     result = dsfmt.verify(path) if not hostile else None
     info = dsfmt.committed_info(path)
     if result is None or not result.ok or info.job != t.job or info.step != step:
-        why = hostile or (result.reason if result is not None and not result.ok else "") \
+        why = (
+            hostile
+            or (result.reason if result is not None and not result.ok else "")
             or "job or step differ from the message"
+        )
         raise PersistError(FailReason.VERIFY_FAILED, f"DeepSpeed checkpoint {path}: {why}")
     if hooks.committed is not None:
         hooks.committed(Persisted(path, info.bytes, {}))

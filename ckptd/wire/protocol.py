@@ -164,19 +164,31 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     "committed": {"step": (int,), "path": (str,), "trigger": (str,)},
     "end": {"step": (int,)},
     "skipped": {"step": (int,), "reason": (str,)},
-    "status": {}, "list": {}, "latest": {}, "pin": {"path": (str,)}, "unpin": {"path": (str,)}, "gc": {},
+    "status": {},
+    "list": {},
+    "latest": {},
+    "pin": {"path": (str,)},
+    "unpin": {"path": (str,)},
+    "gc": {},
     "memory": {"job": (str,), "directory": (str,)},
 }
 
 # The fields it may have, and their types when present. Fields named nowhere are ignored (a
 # newer hook may send more); a named one of the wrong type is refused like a missing one.
 OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
-    "hello": {"version": (str,), "template": MAYBE_STR, "rank": (int,), "world_size": (int,), "sharded": (bool,),
-              "state_bytes": MAYBE_INT},
+    "hello": {
+        "version": (str,),
+        "template": MAYBE_STR,
+        "rank": (int,),
+        "world_size": (int,),
+        "sharded": (bool,),
+        "state_bytes": MAYBE_INT,
+    },
     "heartbeat": {"epoch": MAYBE_NUMBER},
     "save": {"epoch": MAYBE_NUMBER, "stall": NUMBER, "cost": NUMBER, "memory_only": (bool,)},
     "committed": {"ok": (bool,), "reason": (str,), "error": MAYBE_STR, "stall": NUMBER},
-    "list": {"job": MAYBE_STR}, "latest": {"job": MAYBE_STR},
+    "list": {"job": MAYBE_STR},
+    "latest": {"job": MAYBE_STR},
     "gc": {"job": MAYBE_STR, "directory": MAYBE_STR, "dry_run": (bool,)},
 }
 

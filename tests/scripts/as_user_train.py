@@ -33,8 +33,7 @@ def main() -> int:
     os.setgid(a.gid)
     os.setuid(a.uid)
     model = torch.nn.Linear(4, 4)
-    ckpt = Checkpointer(a.job, a.directory, model=model, every_steps=1, socket=a.socket or False,
-                        save_final=False)
+    ckpt = Checkpointer(a.job, a.directory, model=model, every_steps=1, socket=a.socket or False, save_final=False)
     try:
         start = ckpt.resume()
     except ResumeError as exc:

@@ -28,16 +28,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def config(a: argparse.Namespace) -> dict:
-    cfg: dict = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                 "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": a.stage}}
+    cfg: dict = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": a.stage},
+    }
     if a.dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
-    if a.dtype == "fp16":  # 2**20 overflows at first: steps are skipped while the scale halves; it then doubles every 2 good steps
+    if (
+        a.dtype == "fp16"
+    ):  # 2**20 overflows at first: steps are skipped while the scale halves; it then doubles every 2 good steps
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 20, "loss_scale_window": 2, "hysteresis": 1}
     if a.ds_adam:
         cfg["optimizer"] = {"type": "Adam", "params": {"lr": 1e-2, "weight_decay": 0.01}}
-        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-2,
-                                                           "warmup_num_steps": 5}}
+        cfg["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-2, "warmup_num_steps": 5},
+        }
         if a.offload:
             cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     return cfg
@@ -71,8 +79,13 @@ def build(a: argparse.Namespace) -> tuple[object, dict, Callable[[torch.Tensor],
         return model, {"model": model, "optimizer": opt, "scheduler": sched}, accelerate_step
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config(a),
-                                           model_parameters=model.parameters() if a.ds_adam else None)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=config(a),
+        model_parameters=model.parameters() if a.ds_adam else None,
+    )
 
     def engine_step(x: torch.Tensor) -> None:
         engine.backward((engine(x).float() - 1).pow(2).mean())
@@ -139,8 +152,11 @@ def scaler(engine: object) -> str:
     s = getattr(engine.optimizer, "loss_scaler", None)  # type: ignore[attr-defined]
     if s is None:
         return ""
-    return " ".join(f"{k}={getattr(s, k)}" for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
-                    if hasattr(s, k))
+    return " ".join(
+        f"{k}={getattr(s, k)}"
+        for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+        if hasattr(s, k)
+    )
 
 
 def describe(engine: object) -> str:
@@ -148,8 +164,10 @@ def describe(engine: object) -> str:
     p = next(engine.module.parameters())  # type: ignore[attr-defined]
     opt = engine.optimizer  # type: ignore[attr-defined]
     inner = type(getattr(opt, "optimizer", opt)).__name__
-    return (f"dtype={str(p.dtype).split('.')[-1]} optimizer={type(opt).__name__}/{inner} "
-            f"steps={engine.global_steps} skipped={engine.skipped_steps} scaler[{scaler(engine)}]")  # type: ignore[attr-defined]
+    return (
+        f"dtype={str(p.dtype).split('.')[-1]} optimizer={type(opt).__name__}/{inner} "
+        f"steps={engine.global_steps} skipped={engine.skipped_steps} scaler[{scaler(engine)}]"
+    )  # type: ignore[attr-defined]
 
 
 def _tensors(obj: object) -> list[torch.Tensor]:

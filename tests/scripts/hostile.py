@@ -24,9 +24,18 @@ from trainer_hooks.staging import StagingBuffer
 
 def snapshot(job: str, step: int, mib: int = 1) -> StagingBuffer:
     buf = StagingBuffer(job)
-    meta = {"ckptd.format": "1", "ckptd.job": job, "ckptd.step": str(step), "ckptd.epoch": "",
-            "ckptd.created": "2026-01-01T00:00:00.000Z", "ckptd.trigger": "step", "ckptd.rule": "every_steps",
-            "ckptd.metrics": "{}", "ckptd.state": "null", "ckptd.aliases": "{}"}
+    meta = {
+        "ckptd.format": "1",
+        "ckptd.job": job,
+        "ckptd.step": str(step),
+        "ckptd.epoch": "",
+        "ckptd.created": "2026-01-01T00:00:00.000Z",
+        "ckptd.trigger": "step",
+        "ckptd.rule": "every_steps",
+        "ckptd.metrics": "{}",
+        "ckptd.state": "null",
+        "ckptd.aliases": "{}",
+    }
     buf.length = buf.stage({"w": torch.ones(mib << 18)}, meta)  # type: ignore[attr-defined]
     return buf
 
@@ -39,8 +48,17 @@ def connect(path: str, timeout: float = 30) -> socket.socket:
 
 
 def hello(s: socket.socket, job: str, directory: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    protocol.send(s, {"type": "hello", "job": job, "directory": directory, "settings": settings or {},
-                      "pid": os.getpid(), "step": 0})
+    protocol.send(
+        s,
+        {
+            "type": "hello",
+            "job": job,
+            "directory": directory,
+            "settings": settings or {},
+            "pid": os.getpid(),
+            "step": 0,
+        },
+    )
     return protocol.recv(s)[0]
 
 
@@ -56,8 +74,19 @@ def swap_dir(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) -> 
     welcome = hello(s, args["job"], args["dir"])
     os.rename(args["dir"], args["dir"] + ".moved")
     os.symlink(args["target"], args["dir"])
-    protocol.send(s, {"type": "save", "id": 1, "step": 5, "trigger": "step", "rule": "r",
-                      "filename": f"{args['job']}-step00000005.safetensors", "length": buf.length}, fd=buf.fd)
+    protocol.send(
+        s,
+        {
+            "type": "save",
+            "id": 1,
+            "step": 5,
+            "trigger": "step",
+            "rule": "r",
+            "filename": f"{args['job']}-step00000005.safetensors",
+            "length": buf.length,
+        },
+        fd=buf.fd,
+    )
     replies = [protocol.recv(s)[0] for _ in range(2)]
     return {"welcome": welcome["type"], "replies": replies}
 
@@ -69,8 +98,19 @@ def shrink(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) -> di
     os.sendfile(fd, buf.fd, 0, buf.length)
     s = connect(sock)
     hello(s, args["job"], args["dir"])
-    protocol.send(s, {"type": "save", "id": 1, "step": 5, "trigger": "step", "rule": "r",
-                      "filename": f"{args['job']}-step00000005.safetensors", "length": buf.length}, fd=fd)
+    protocol.send(
+        s,
+        {
+            "type": "save",
+            "id": 1,
+            "step": 5,
+            "trigger": "step",
+            "rule": "r",
+            "filename": f"{args['job']}-step00000005.safetensors",
+            "length": buf.length,
+        },
+        fd=fd,
+    )
     time.sleep(args.get("delay", 0.0))
     os.ftruncate(fd, 0)
     try:
@@ -89,9 +129,11 @@ def shrink(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) -> di
 
 def admin(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) -> dict[str, Any]:
     """What a member of a group sees and may do to another user's job."""
-    return {"status": [j["job"] for j in request(sock, {"type": "status"})["jobs"]],
-            "gc": request(sock, {"type": "gc", "job": args["victim"]}),
-            "pin": request(sock, {"type": "pin", "path": args["victim_file"]})}
+    return {
+        "status": [j["job"] for j in request(sock, {"type": "status"})["jobs"]],
+        "gc": request(sock, {"type": "gc", "job": args["victim"]}),
+        "pin": request(sock, {"type": "pin", "path": args["victim_file"]}),
+    }
 
 
 def many_jobs(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) -> dict[str, Any]:
@@ -131,8 +173,19 @@ def commit_later(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer)
     welcome = hello(s, args["job"], args["dir"], args.get("settings"))
     print("ready", flush=True)
     sys.stdin.readline()
-    protocol.send(s, {"type": "committed", "step": args["step"], "path": os.path.join(args["dir"], args["unit"]),
-                      "trigger": "step", "ok": True, "reason": "", "error": "", "stall": 0.0})
+    protocol.send(
+        s,
+        {
+            "type": "committed",
+            "step": args["step"],
+            "path": os.path.join(args["dir"], args["unit"]),
+            "trigger": "step",
+            "ok": True,
+            "reason": "",
+            "error": "",
+            "stall": 0.0,
+        },
+    )
     protocol.send(s, {"type": "status"})  # answered after the commit was handled: the session reads in order
     return {"welcome": welcome["type"], "status": protocol.recv(s, limit=protocol.MAX_REPLY)[0]["type"]}
 
@@ -146,8 +199,15 @@ def memory_of(path: str, sock: str, args: dict[str, Any], buf: StagingBuffer) ->
     return {"reply": reply, "fds": len(fds)}
 
 
-ATTACKS = {"swap_dir": swap_dir, "commit_later": commit_later, "memory_of": memory_of, "shrink": shrink, "admin": admin, "many_jobs": many_jobs,
-           "connections": connections}
+ATTACKS = {
+    "swap_dir": swap_dir,
+    "commit_later": commit_later,
+    "memory_of": memory_of,
+    "shrink": shrink,
+    "admin": admin,
+    "many_jobs": many_jobs,
+    "connections": connections,
+}
 
 if __name__ == "__main__":
     attack, sock, raw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

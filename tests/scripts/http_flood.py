@@ -61,7 +61,7 @@ def feed(slow: socket.socket, started: float) -> float | str | None:
     request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-a: b\r\n" * 200
     try:
         for i in range(60):
-            slow.send(request[i:i + 1])
+            slow.send(request[i : i + 1])
             if select.select([slow], [], [], 0.5)[0]:
                 if slow.recv(4096).startswith(b"HTTP/1.0 503"):
                     return "refused"

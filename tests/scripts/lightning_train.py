@@ -27,7 +27,13 @@ class Tiny(L.LightningModule):
 torch.manual_seed(0)
 data = torch.utils.data.TensorDataset(torch.randn(256, 8), torch.randn(256, 1))
 ckpt = ModelCheckpoint(dirpath=out, every_n_train_steps=5, save_top_k=-1, filename="{epoch}-{step}")
-trainer = L.Trainer(max_steps=steps, callbacks=[ckpt], logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, accelerator="cpu")
+trainer = L.Trainer(
+    max_steps=steps,
+    callbacks=[ckpt],
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    accelerator="cpu",
+)
 trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
 print("DONE", flush=True)

@@ -49,8 +49,17 @@ def main() -> None:
     ap.add_argument("--keep-last", type=int, default=3)
     args = ap.parse_args()
     model, opt = build()
-    ckpt = Checkpointer("lora", args.dir, model=model, optimizer=opt, every_steps=1, keep_last=args.keep_last,
-                        socket=args.socket or False, reconnect_every=0.5, quiet=True)
+    ckpt = Checkpointer(
+        "lora",
+        args.dir,
+        model=model,
+        optimizer=opt,
+        every_steps=1,
+        keep_last=args.keep_last,
+        socket=args.socket or False,
+        reconnect_every=0.5,
+        quiet=True,
+    )
     start = ckpt.resume()
     for step in range(start, args.steps):  # the data of a step depends on the step alone: a resumed run is the same run
         x = torch.randn(16, 512, generator=torch.Generator().manual_seed(step))

@@ -27,11 +27,26 @@ replies = []
 for n, job in enumerate(json.loads(sys.argv[4]), 1):
     fd, length = snapshot(job["job"], n, {"w": struct.pack("<f", n) * (job["mib"] << 18)})
     with Client(sys.argv[3]) as c:
-        welcome = c.ask({"type": "hello", "job": job["job"], "directory": job["dir"], "settings": {},
-                         "pid": os.getpid(), "step": 0})
+        welcome = c.ask(
+            {"type": "hello", "job": job["job"], "directory": job["dir"], "settings": {}, "pid": os.getpid(), "step": 0}
+        )
         assert welcome["type"] == "welcome", welcome
-        assert c.ask({"type": "save", "id": n, "step": n, "trigger": "step", "rule": "r", "memory_only": True,
-                      "filename": f"{job['job']}-step{n:08d}.safetensors", "length": length}, fd=fd)["type"] == "accepted"
+        assert (
+            c.ask(
+                {
+                    "type": "save",
+                    "id": n,
+                    "step": n,
+                    "trigger": "step",
+                    "rule": "r",
+                    "memory_only": True,
+                    "filename": f"{job['job']}-step{n:08d}.safetensors",
+                    "length": length,
+                },
+                fd=fd,
+            )["type"]
+            == "accepted"
+        )
         replies.append(c.recv())
     os.close(fd)
 print(json.dumps(replies))

@@ -19,8 +19,16 @@ from trainer_hooks import Checkpointer
 port, directory, job, steps, every = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 try:
-    ckpt = Checkpointer(job, directory, model=torch.nn.Linear(8, 8), sharded=True, socket=False, every_steps=every,
-                        save_final=False, quiet=True)
+    ckpt = Checkpointer(
+        job,
+        directory,
+        model=torch.nn.Linear(8, 8),
+        sharded=True,
+        socket=False,
+        every_steps=every,
+        save_final=False,
+        quiet=True,
+    )
     for _ in range(steps):
         ckpt.step()
     ckpt.wait()

@@ -25,8 +25,17 @@ def main() -> None:
     w = torch.nn.Parameter(torch.zeros(args.mib << 18))
     opt = torch.optim.SGD([w], lr=1.0, momentum=0.5)  # momentum: optimizer state the copy must not mix either
     model = torch.nn.ParameterList([w])
-    ckpt = Checkpointer("ov", args.dir, model=model, optimizer=opt, every_steps=1, keep_last=3, snapshot="overlap",
-                        socket=args.socket or False, quiet=True)
+    ckpt = Checkpointer(
+        "ov",
+        args.dir,
+        model=model,
+        optimizer=opt,
+        every_steps=1,
+        keep_last=3,
+        snapshot="overlap",
+        socket=args.socket or False,
+        quiet=True,
+    )
     start = ckpt.resume()
     for _ in range(start, args.steps):
         w.grad = torch.full_like(w, -1.0)

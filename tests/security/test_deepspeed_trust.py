@@ -36,9 +36,14 @@ def test_a_hostile_deepspeed_tag_is_refused_without_being_read(open_base: Path, 
             os.mkfifo(rank_file)
         subprocess.run(["chown", "-hR", f"{NOBODY}:{NOBODY}", str(tag)], check=True)
         args = {"job": "j", "dir": str(mine), "unit": "global_step4", "step": 4, "settings": {"keep_last": 1}}
-        proc = subprocess.Popen([PYTHON, str(ROOT / "tests" / "scripts" / "hostile.py"), "commit_later", d.socket,
-                                 json.dumps(args)], env=project_env(), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [PYTHON, str(ROOT / "tests" / "scripts" / "hostile.py"), "commit_later", d.socket, json.dumps(args)],
+            env=project_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         out, err = proc.communicate("go\n", timeout=120)
         assert proc.returncode == 0 and json.loads(out.strip().splitlines()[-1])["status"] == "reply", err[-3000:]
         assert d.metric("ckptd_save_failures_total", training_job="j", reason="verify_failed") == 1

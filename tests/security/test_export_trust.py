@@ -33,8 +33,6 @@ JOB = "lora"
 STEP1, STEP2 = f"{JOB}-step00000001.safetensors", f"{JOB}-step00000002.safetensors"
 
 
-
-
 def give(path: Path, user: User, mode: int) -> None:
     """``path`` and everything in it to ``user``; ``path`` itself gets ``mode``."""
     for p in [path, *path.rglob("*")]:
@@ -46,8 +44,9 @@ def lora_run(directory: Path, seed: int, job: str = JOB) -> dict[str, torch.Tens
     """Two saves of a frozen base under an adapter: step 2 refers to step 1 for the base (§13).
     Returns the model's state dict, what an export of step 2 must hold."""
     model, opt = build(seed)
-    ckpt = Checkpointer(job, directory, model=model, optimizer=opt, every_steps=1, socket=False, quiet=True,
-                        save_final=False)
+    ckpt = Checkpointer(
+        job, directory, model=model, optimizer=opt, every_steps=1, socket=False, quiet=True, save_final=False
+    )
     for step in range(2):
         model(torch.randn(4, 512, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
         opt.step()
@@ -76,8 +75,13 @@ def test_root_export_never_writes_through_a_link_planted_in_out_dir(base: Path, 
     with a clear error and nothing outside it is touched; root's own OUT_DIR gets real files."""
     alice, a, _, _ = user_dirs(base, users)
     torch.manual_seed(0)
-    save_state({"model": torch.nn.Linear(8, 4).state_dict()}, a, STEP1, job=JOB,
-               extra_meta={HF_CONFIG: json.dumps({"cmd": "$(touch /tmp/pwned)"})})
+    save_state(
+        {"model": torch.nn.Linear(8, 4).state_dict()},
+        a,
+        STEP1,
+        job=JOB,
+        extra_meta={HF_CONFIG: json.dumps({"cmd": "$(touch /tmp/pwned)"})},
+    )
     precious = base / "precious.sh"
     precious.write_text("echo root's own\n")
     out = a / "out"
@@ -115,8 +119,11 @@ def test_a_refused_export_leaves_no_out_dir_it_made(base: Path, users: Any) -> N
     lora_run(a, seed=0)
     out = base / "made" / "by" / "export"
     with open(a / STEP2, "rb") as f:
-        ref = next(r for n, r in decode(read_header(f, os.fstat(f.fileno()).st_size).metadata).items()
-                   if n.startswith("model/"))
+        ref = next(
+            r
+            for n, r in decode(read_header(f, os.fstat(f.fileno()).st_size).metadata).items()
+            if n.startswith("model/")
+        )
     with open(a / STEP1, "rb") as f:
         start = read_header(f, os.fstat(f.fileno()).st_size).data_start
     r = export_with_race(a / STEP2, out, {"rewrite": str(a / STEP1), "at": start + ref.offsets[0]})
@@ -289,8 +296,16 @@ def test_a_link_planted_under_the_saves_name_is_never_recorded_as_the_save(base:
         work.mkdir(mode=0o755)
         (work / "save_again.py").write_text(SAVE_AGAIN)
         os.chmod(work / "save_again.py", 0o644)
-        r = run_py(str(work / "save_again.py"), str(a), d.socket, str(b / STEP1), str(alice.uid), str(alice.gid),
-                   cwd=str(ROOT), env=alice.env(project_env()))
+        r = run_py(
+            str(work / "save_again.py"),
+            str(a),
+            d.socket,
+            str(b / STEP1),
+            str(alice.uid),
+            str(alice.gid),
+            cwd=str(ROOT),
+            env=alice.env(project_env()),
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         said = json.loads(r.stdout.strip().splitlines()[-1])
         assert said["first"] == 1 and said["stats"]["verified"] == 1, said
@@ -306,17 +321,23 @@ def test_a_link_planted_under_the_saves_name_is_never_recorded_as_the_save(base:
 # M3 ------------------------------------------------------------------------------------------
 
 
-def forge(directory: Path, step: int, stored: dict[str, bytes], refs: dict[str, tuple[str, str]],
-          job: str = "j") -> Path:
+def forge(
+    directory: Path, step: int, stored: dict[str, bytes], refs: dict[str, tuple[str, str]], job: str = "j"
+) -> Path:
     """A ckptd file written by hand, digests right: ``stored`` tensors (uint8), and ``refs``
     (tensor -> (holder file, holder's tensor name)), 1 KiB each, claimed to be at offsets 0..1024."""
     entries = layout([(n, "U8", (len(v),)) for n, v in stored.items()])
     digests = {n: xxhash.xxh3_64_hexdigest(v) for n, v in stored.items()}
     fake = xxhash.xxh3_64_hexdigest(b"\0" * 1024)
-    meta = {"ckptd.format": FORMAT_VERSION, "ckptd.job": job, "ckptd.step": str(step),
-            "ckptd.created": f"2026-01-01T00:00:{step:02d}.000Z", "ckptd.trigger": "step",
-            "ckptd.digests": json.dumps(digests),
-            "ckptd.refs": encode({n: Ref(f, t, (0, 1024), fake, "U8", (1024,)) for n, (f, t) in refs.items()})}
+    meta = {
+        "ckptd.format": FORMAT_VERSION,
+        "ckptd.job": job,
+        "ckptd.step": str(step),
+        "ckptd.created": f"2026-01-01T00:00:{step:02d}.000Z",
+        "ckptd.trigger": "step",
+        "ckptd.digests": json.dumps(digests),
+        "ckptd.refs": encode({n: Ref(f, t, (0, 1024), fake, "U8", (1024,)) for n, (f, t) in refs.items()}),
+    }
     meta["ckptd.meta_digest"] = meta_digest(meta)
     path = directory / f"{job}-step{step:08d}.safetensors"
     path.write_bytes(encode_header(entries, meta) + b"".join(stored[e.name] for e in entries))
@@ -326,9 +347,11 @@ def forge(directory: Path, step: int, stored: dict[str, bytes], refs: dict[str, 
 def unresolved_tree(directory: Path, first: int) -> list[Path]:
     """A reference cycle (neither file holds what the other refers to) and a dangling reference."""
     n = first
-    return [forge(directory, n, {"own": b"a" * 16}, {"x": (f"j-step{n + 1:08d}.safetensors", "x")}),
-            forge(directory, n + 1, {"own": b"b" * 16}, {"x": (f"j-step{n:08d}.safetensors", "x")}),
-            forge(directory, n + 2, {"own": b"c" * 16}, {"x": ("j-step99999999.safetensors", "x")})]
+    return [
+        forge(directory, n, {"own": b"a" * 16}, {"x": (f"j-step{n + 1:08d}.safetensors", "x")}),
+        forge(directory, n + 1, {"own": b"b" * 16}, {"x": (f"j-step{n:08d}.safetensors", "x")}),
+        forge(directory, n + 2, {"own": b"c" * 16}, {"x": ("j-step99999999.safetensors", "x")}),
+    ]
 
 
 def test_gc_never_deletes_the_only_checkpoint_that_verifies(base: Path) -> None:

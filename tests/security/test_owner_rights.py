@@ -30,14 +30,20 @@ from tests.users import User, Users, needs_root
 SYSTEM_PYTHON = "/usr/bin/python3"  # reachable by every user, unlike the suite's (a pyenv under /root)
 SITE = next(p for p in sys.path if p.endswith("site-packages") and os.path.isdir(os.path.join(p, "torch")))
 
-pytestmark = [needs_root, pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK) or shutil.which("setpriv") is None,
-                                             reason="needs /usr/bin/python3 and setpriv (util-linux)")]
+pytestmark = [
+    needs_root,
+    pytest.mark.skipif(
+        not os.access(SYSTEM_PYTHON, os.X_OK) or shutil.which("setpriv") is None,
+        reason="needs /usr/bin/python3 and setpriv (util-linux)",
+    ),
+]
 
 
 def shipped_root_mode() -> int:
     """The mode systemd/ckptd.tmpfiles gives the checkpoint root (what a host gets)."""
-    line = next(x for x in (ROOT / "systemd" / "ckptd.tmpfiles").read_text().splitlines()
-                if x.startswith("d /srv/checkpoints "))
+    line = next(
+        x for x in (ROOT / "systemd" / "ckptd.tmpfiles").read_text().splitlines() if x.startswith("d /srv/checkpoints ")
+    )
     return int(line.split()[2], 8)
 
 
@@ -47,8 +53,15 @@ def user_env() -> dict[str, str]:
 
 def as_user(user: User, code: str, *args: str, timeout: float = 120) -> Any:
     """Run ``code`` as ``user`` with the system python; its last stdout line, parsed as JSON."""
-    r = subprocess.run([SYSTEM_PYTHON, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                       timeout=timeout, env=user_env(), preexec_fn=user.preexec, cwd="/")
+    r = subprocess.run(
+        [SYSTEM_PYTHON, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=user_env(),
+        preexec_fn=user.preexec,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -105,8 +118,13 @@ class ServiceDaemon(DaemonProc):
         cmd = ["setpriv", f"--reuid={self.svc.uid}", f"--regid={self.svc.gid}", "--clear-groups"]
         if self.caps:
             cmd += ["--inh-caps=+setuid,+setgid", "--ambient-caps=+setuid,+setgid"]
-        self.proc = subprocess.Popen([*cmd, SYSTEM_PYTHON, "-m", "ckptd.cli", "serve", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, env=user_env(), cwd="/")
+        self.proc = subprocess.Popen(
+            [*cmd, SYSTEM_PYTHON, "-m", "ckptd.cli", "serve", "--config", str(self.config)],
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            env=user_env(),
+            cwd="/",
+        )
         wait_until(lambda: self.healthy() or self.proc.poll() is not None, 60, "the service-user daemon")  # type: ignore[union-attr]
         if not self.healthy():
             raise RuntimeError("daemon did not start:\n" + self.log.read_text())
@@ -126,7 +144,9 @@ class Host:
         self.b = users.user("ckbob", groups=[group])
         dbase = self.base / "d"
         config = f'group = "{group}"\n' + extra_config
-        self.d: DaemonProc = ServiceDaemon(dbase, self.svc, config, caps) if kind == "service" else DaemonProc(dbase, config)
+        self.d: DaemonProc = (
+            ServiceDaemon(dbase, self.svc, config, caps) if kind == "service" else DaemonProc(dbase, config)
+        )
         os.chmod(dbase, 0o755)
         (dbase / "run").mkdir(mode=0o755)
         if kind == "service":
@@ -158,6 +178,7 @@ def host(users: Users, request: pytest.FixtureRequest) -> Iterator[Host]:
 
 
 # --- the switch itself --------------------------------------------------------------------------
+
 
 def test_the_switch_is_per_thread_and_the_kernel_checks_as_the_owner(users: Users) -> None:
     """While one thread acts as a user, another thread of the same process keeps the daemon's own
@@ -219,6 +240,7 @@ def test_a_daemon_without_setuid_refuses_another_uids_job_clearly(users: Users) 
 
 # --- H3: the service-user deployment shares nothing on disk --------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("host", ["root", "service"], indirect=True)
 def test_socket_users_get_only_what_the_kernel_gives_them(host: Host) -> None:
@@ -239,8 +261,12 @@ def test_socket_users_get_only_what_the_kernel_gives_them(host: Host) -> None:
 
     as_user(h.b, SAVE, "bob", str(bob_dir), h.d.socket, "6.0")
     bobs = sorted(bob_dir.glob("bob-step*.safetensors"))[-1]
-    as_user(h.b, "import os, sys, json; os.unlink(sys.argv[1]); os.symlink(sys.argv[2], sys.argv[1]); print('{}')",
-            str(bobs), str(saved[-1]))
+    as_user(
+        h.b,
+        "import os, sys, json; os.unlink(sys.argv[1]); os.symlink(sys.argv[2], sys.argv[1]); print('{}')",
+        str(bobs),
+        str(saved[-1]),
+    )
 
     def bobs_row() -> dict[str, Any]:
         return next(r for r in ask(h.b, h.d, {"type": "list", "job": "bob"})["checkpoints"] if r["path"] == str(bobs))
@@ -264,6 +290,7 @@ def test_socket_users_get_only_what_the_kernel_gives_them(host: Host) -> None:
 
 # --- H4: the shipped root is sticky --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("host", ["service"], indirect=True)
 def test_the_shipped_root_is_sticky_and_a_swapped_directory_gets_nothing(host: Host) -> None:
     """H4. With systemd/ckptd.tmpfiles' mode on the root, Bob (in the socket group) cannot rename
@@ -274,20 +301,29 @@ def test_the_shipped_root_is_sticky_and_a_swapped_directory_gets_nothing(host: H
     assert mode & stat.S_ISVTX and " root root " in (ROOT / "systemd" / "ckptd.tmpfiles").read_text(), oct(mode)
     h.d.start()
     alice_dir = h.home(h.a)
-    r = subprocess.run(["mv", str(alice_dir), str(alice_dir) + ".gone"], preexec_fn=h.b.preexec,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mv", str(alice_dir), str(alice_dir) + ".gone"], preexec_fn=h.b.preexec, capture_output=True, text=True
+    )
     assert r.returncode != 0 and "Operation not permitted" in r.stderr, r
     as_user(h.a, SAVE, "run", str(alice_dir), h.d.socket, "1.0")
     assert list(alice_dir.glob("run-step*.safetensors"))
     os.rename(alice_dir, str(alice_dir) + ".moved")
     swapped = h.home(h.b)
     os.rename(swapped, alice_dir)
-    r2 = subprocess.run([SYSTEM_PYTHON, "-c", textwrap.dedent(SAVE), "run", str(alice_dir), h.d.socket, "2.0"],
-                        capture_output=True, text=True, timeout=120, env=user_env(), preexec_fn=h.a.preexec, cwd="/")
+    r2 = subprocess.run(
+        [SYSTEM_PYTHON, "-c", textwrap.dedent(SAVE), "run", str(alice_dir), h.d.socket, "2.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=user_env(),
+        preexec_fn=h.a.preexec,
+        cwd="/",
+    )
     assert list(alice_dir.iterdir()) == [], (r2.stderr[-2000:], list(alice_dir.iterdir()))
 
 
 # --- L5: a planted link is followed as its planter ----------------------------------------------
+
 
 @pytest.mark.slow
 def test_watch_follows_a_planted_holder_link_only_as_its_owner_would(users: Users) -> None:
@@ -299,8 +335,9 @@ def test_watch_follows_a_planted_holder_link_only_as_its_owner_would(users: User
         tree = h.root / "watched"
         tree.mkdir()
         os.chmod(tree, 0o1777)
-        h.d.config.write_text(h.d.config.read_text() + f'[[watch]]\npath = "{tree}"\njob = "w"\n'
-                              'settle = "0.2s"\nrescan_every = "1s"\n')
+        h.d.config.write_text(
+            h.d.config.read_text() + f'[[watch]]\npath = "{tree}"\njob = "w"\nsettle = "0.2s"\nrescan_every = "1s"\n'
+        )
         alice_dir = h.home(h.a)
         h.d.start()
         as_user(h.a, SAVE, "run", str(alice_dir), h.d.socket, "1.5")
@@ -311,9 +348,16 @@ def test_watch_follows_a_planted_holder_link_only_as_its_owner_would(users: User
             os.chown(d, h.b.uid, h.b.gid)
         made = as_user(h.b, LORA_TWO_SAVES, str(stage))  # written outside the tree, then moved in
         holder, referring = made["holder"], made["referring"]  # with the link in place: no race with
-        as_user(h.b, "import os, sys; os.unlink(sys.argv[1]); os.symlink(sys.argv[2], sys.argv[1]); "  # the watcher
-                "[os.rename(os.path.join(sys.argv[3], n), os.path.join(sys.argv[4], n)) "
-                "for n in sorted(os.listdir(sys.argv[3]))]; print('{}')", holder, str(hers), str(stage), str(bob_tree))
+        as_user(
+            h.b,
+            "import os, sys; os.unlink(sys.argv[1]); os.symlink(sys.argv[2], sys.argv[1]); "  # the watcher
+            "[os.rename(os.path.join(sys.argv[3], n), os.path.join(sys.argv[4], n)) "
+            "for n in sorted(os.listdir(sys.argv[3]))]; print('{}')",
+            holder,
+            str(hers),
+            str(stage),
+            str(bob_tree),
+        )
         holder, referring = (str(bob_tree / os.path.basename(p)) for p in (holder, referring))
 
         def row() -> dict[str, Any] | None:

@@ -31,8 +31,6 @@ from tests.users import User
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as several unix users")
 
 
-
-
 def start_daemon(base: Path, extra: str, env: dict[str, str] | None = None) -> DaemonProc:
     d = DaemonProc(base / "d", extra, env=env)
     d.start()
@@ -50,11 +48,26 @@ def job_dir(d: DaemonProc, user: User | None, name: str) -> Path:
     return path
 
 
-def saver(d: DaemonProc, user: User | None, job: str, directory: Path, settings: dict[str, Any],
-          *steps: str | int, wait: bool = True) -> Any:
+def saver(
+    d: DaemonProc,
+    user: User | None,
+    job: str,
+    directory: Path,
+    settings: dict[str, Any],
+    *steps: str | int,
+    wait: bool = True,
+) -> Any:
     """A trainer (as ``user``) saving ``steps`` through the daemon; its replies, or the process."""
-    cmd = [PYTHON, "-m", "tests.security.wire_saver", d.socket, job, str(directory), json.dumps(settings),
-           *map(str, steps)]
+    cmd = [
+        PYTHON,
+        "-m",
+        "tests.security.wire_saver",
+        d.socket,
+        job,
+        str(directory),
+        json.dumps(settings),
+        *map(str, steps),
+    ]
     env = project_env(**({"WIRE_AS": f"{user.uid}:{user.gid}"} if user else {}))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
@@ -72,8 +85,14 @@ def checkpoint(directory: Path, name: str, step: int, seed: int) -> str:
 def as_user(user: User, imports: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``code`` run as ``user``, after ``imports`` ran as root (the interpreter may live under a 0700 home)."""
     become = f"os.setgroups([{user.gid}])\nos.setgid({user.gid})\nos.setuid({user.uid})\n"
-    return subprocess.run([PYTHON, "-c", f"import os, sys\n{imports}\n{become}{code}", *args], cwd=ROOT,
-                          env=project_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [PYTHON, "-c", f"import os, sys\n{imports}\n{become}{code}", *args],
+        cwd=ROOT,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 # -- H9: the store, endpoint and credentials are the daemon's ------------------------------------------
@@ -139,11 +158,15 @@ class EndlessListing:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
                 page[0] += 1
-                keys = "".join(f"<Contents><Key>p/job/x{page[0]}-{i:04d}-{'y' * 60}</Key><Size>1</Size></Contents>"
-                               for i in range(1000))
-                body = (f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><Prefix>p/job/'
-                        f"</Prefix><KeyCount>1000</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>"
-                        f"<NextContinuationToken>t{page[0]}</NextContinuationToken>{keys}</ListBucketResult>").encode()
+                keys = "".join(
+                    f"<Contents><Key>p/job/x{page[0]}-{i:04d}-{'y' * 60}</Key><Size>1</Size></Contents>"
+                    for i in range(1000)
+                )
+                body = (
+                    f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><Prefix>p/job/'
+                    f"</Prefix><KeyCount>1000</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>"
+                    f"<NextContinuationToken>t{page[0]}</NextContinuationToken>{keys}</ListBucketResult>"
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))
@@ -169,15 +192,23 @@ def test_an_endless_listing_ends_with_an_error_and_bounded_memory(base: Path) ->
     """An endpoint that lists without end grew the root daemon's RSS from 91 to 548 MiB and held
     every job's replication. The listing now stops at its bounds with an error naming them."""
     endless = EndlessListing()
-    code = ("import resource, sys\nfrom ckptd.remote.stores import RemoteError, open_store\n"
-            "try:\n    open_store('s3://b/p', sys.argv[1]).list('job/')\n    print('ended')\n"
-            "except RemoteError as exc:\n    print('refused:', exc)\n"
-            # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's, a pytest worker with torch)
-            "print('maxrss_kib', [int(line.split()[1]) for line in open('/proc/self/status') "
-            "if line.startswith('VmHWM:')][0])\n")
+    code = (
+        "import resource, sys\nfrom ckptd.remote.stores import RemoteError, open_store\n"
+        "try:\n    open_store('s3://b/p', sys.argv[1]).list('job/')\n    print('ended')\n"
+        "except RemoteError as exc:\n    print('refused:', exc)\n"
+        # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's, a pytest worker with torch)
+        "print('maxrss_kib', [int(line.split()[1]) for line in open('/proc/self/status') "
+        "if line.startswith('VmHWM:')][0])\n"
+    )
     try:
-        r = subprocess.run([PYTHON, "-c", code, endless.url], cwd=ROOT, env={**project_env(), **S3_ENV},
-                           capture_output=True, text=True, timeout=240)
+        r = subprocess.run(
+            [PYTHON, "-c", code, endless.url],
+            cwd=ROOT,
+            env={**project_env(), **S3_ENV},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     finally:
         endless.stop()
     assert r.returncode == 0, r.stderr
@@ -215,10 +246,14 @@ def test_two_users_jobs_of_one_name_never_share_a_prefix(base: Path, users: Any)
         assert [(c.step, c.owner_uid, c.directory) for c in mine] == [(10, alice.uid, str(a_dir))]
         shutil.rmtree(a_dir)  # alice's host is lost; a new one resumes the same job (her uid, her directory)
         job_dir(d, alice, "alice")
-        r = as_user(alice, "from ckptd.remote.fetch import fetch\nfrom ckptd.remote.layout import prefix_in\n"
-                           "from ckptd.remote.stores import open_store",
-                    "print(fetch(open_store(sys.argv[1]), prefix_in({}, 'run', sys.argv[2]), sys.argv[2]))",
-                    url, str(a_dir))
+        r = as_user(
+            alice,
+            "from ckptd.remote.fetch import fetch\nfrom ckptd.remote.layout import prefix_in\n"
+            "from ckptd.remote.stores import open_store",
+            "print(fetch(open_store(sys.argv[1]), prefix_in({}, 'run', sys.argv[2]), sys.argv[2]))",
+            url,
+            str(a_dir),
+        )
         assert r.stdout.strip() == str(a_dir / "run-step00000010.safetensors"), r.stderr
         assert f"run:{alice.uid}:10".encode() in (a_dir / "run-step00000010.safetensors").read_bytes()
     finally:
@@ -268,8 +303,12 @@ def test_the_file_store_never_follows_a_link_planted_under_its_root(tmp_path: Pa
     os.symlink(precious, root / "u0" / "run-step00000002.safetensors")  # a link as the last component
     store = open_store(f"file://{root}")
     key = "u0/job/run-step00000001.safetensors.commit.json"
-    for attempt in (lambda: store.put_bytes(key, b"evil"), lambda: store.delete(key), lambda: store.open(key),
-                    lambda: store.open("u0/run-step00000002.safetensors")):
+    for attempt in (
+        lambda: store.put_bytes(key, b"evil"),
+        lambda: store.delete(key),
+        lambda: store.open(key),
+        lambda: store.open("u0/run-step00000002.safetensors"),
+    ):
         with pytest.raises(RemoteError, match="symbolic link|not a regular file"):
             attempt()
     assert precious.read_text() == "precious" and sorted(os.listdir(outside)) == [precious.name]
@@ -283,11 +322,14 @@ def test_a_fifo_as_commit_object_is_an_error_at_once(tmp_path: Path) -> None:
     root = tmp_path / "shared"
     (root / "job").mkdir(parents=True)
     os.mkfifo(root / "job" / "job-step00000001.safetensors.commit.json")
-    code = ("import sys\nfrom ckptd.remote.listing import committed\nfrom ckptd.remote.stores import open_store\n"
-            "store = open_store(sys.argv[1])\nprint(committed(store, 'job'))\n"
-            "store.open('job/job-step00000001.safetensors.commit.json')")
-    r = subprocess.run([PYTHON, "-c", code, f"file://{root}"], cwd=ROOT, env=project_env(), capture_output=True,
-                       text=True, timeout=60)
+    code = (
+        "import sys\nfrom ckptd.remote.listing import committed\nfrom ckptd.remote.stores import open_store\n"
+        "store = open_store(sys.argv[1])\nprint(committed(store, 'job'))\n"
+        "store.open('job/job-step00000001.safetensors.commit.json')"
+    )
+    r = subprocess.run(
+        [PYTHON, "-c", code, f"file://{root}"], cwd=ROOT, env=project_env(), capture_output=True, text=True, timeout=60
+    )
     assert r.stdout.startswith("[]"), r.stdout + r.stderr  # not listed as an object
     assert "RemoteError" in r.stderr and "not a regular file" in r.stderr, r.stderr  # nor opened
 
@@ -310,8 +352,11 @@ def test_one_jobs_fifo_never_holds_another_jobs_uploads(base: Path) -> None:
         store = open_store(url)
         b_pre = job_prefix("b", str(b), os.getuid())
         wait_until(lambda: [c.step for c in committed(store, b_pre)] == [1], 30, "job b's upload")
-        wait_until(lambda: [c.step for c in committed(store, job_prefix("a", str(a), os.getuid()))] == [1], 30,
-                   "job a's own upload too")
+        wait_until(
+            lambda: [c.step for c in committed(store, job_prefix("a", str(a), os.getuid()))] == [1],
+            30,
+            "job a's own upload too",
+        )
     finally:
         d.stop()
 
@@ -347,7 +392,8 @@ def test_a_hung_endpoint_holds_only_its_own_jobs_lane(tmp_path: Path, monkeypatc
 
 @as_root
 def test_a_checkpoint_swapped_for_a_link_while_its_upload_waits_publishes_nothing_else(
-        base: Path, users: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    base: Path, users: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The store is down; the attacker's verified checkpoint waits for its upload; he swaps it for a
     symlink to the victim's 0700 checkpoint. The store comes back: his own verified bytes are
     published (they were read from the fd that verified), never hers."""
@@ -370,9 +416,13 @@ def test_a_checkpoint_swapped_for_a_link_while_its_upload_waits_publishes_nothin
             wait_until(lambda: "retrying with backoff" in d.log.read_text(), 30, "the upload failing")
         except AssertionError:
             raise AssertionError(d.log.read_text()[-4000:]) from None
-        swap = as_user(attacker, "", "os.symlink(sys.argv[1], sys.argv[2] + '.x')\n"
-                                     "os.rename(sys.argv[2] + '.x', sys.argv[2])",
-                       str(secret), str(run / "run-step00000001.safetensors"))
+        swap = as_user(
+            attacker,
+            "",
+            "os.symlink(sys.argv[1], sys.argv[2] + '.x')\nos.rename(sys.argv[2] + '.x', sys.argv[2])",
+            str(secret),
+            str(run / "run-step00000001.safetensors"),
+        )
         assert swap.returncode == 0, swap.stderr
         s3.start().client().create_bucket(Bucket="ckpt")
         client = s3.client()
@@ -417,11 +467,19 @@ def test_fetch_stops_reading_at_the_committed_size(tmp_path: Path) -> None:
     c = replicate(store, "run", src)
     with open(tmp_path / "shared" / c.key, "r+b") as f:
         f.truncate(300 << 20)  # the bucket's object, 300 MiB now
-    code = ("import sys\nfrom ckptd.remote.fetch import fetch\nfrom ckptd.remote.stores import open_store\n"
-            "def rchar():\n    return int(open('/proc/self/io').read().split('rchar: ')[1].split()[0])\n"
-            "before = rchar()\nprint(fetch(open_store(sys.argv[1]), 'run', sys.argv[2]), rchar() - before)")
-    r = subprocess.run([PYTHON, "-c", code, store.url, str(tmp_path / "dst")], cwd=ROOT, env=project_env(),
-                       capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys\nfrom ckptd.remote.fetch import fetch\nfrom ckptd.remote.stores import open_store\n"
+        "def rchar():\n    return int(open('/proc/self/io').read().split('rchar: ')[1].split()[0])\n"
+        "before = rchar()\nprint(fetch(open_store(sys.argv[1]), 'run', sys.argv[2]), rchar() - before)"
+    )
+    r = subprocess.run(
+        [PYTHON, "-c", code, store.url, str(tmp_path / "dst")],
+        cwd=ROOT,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     path, read = r.stdout.split()
     assert path == "None" and int(read) < c.bytes + (4 << 20), r.stdout + r.stderr
     assert "its commit object says" in r.stderr

@@ -31,8 +31,6 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, rea
 MiB = 1 << 20
 
 
-
-
 @pytest.fixture
 def pids_limit() -> Iterator[Callable[[int], Callable[[], None]]]:
     """``pids_limit(n)``: a ``preexec_fn`` that puts the process in a fresh pids cgroup of at most
@@ -47,6 +45,7 @@ def pids_limit() -> Iterator[Callable[[int], Callable[[], None]]]:
 
         def enter() -> None:
             (group / "cgroup.procs").write_text(str(os.getpid()))
+
         return enter
 
     try:
@@ -78,6 +77,7 @@ def _tasks(pid: int) -> int:
 
 
 # --- H8: the accept loop outlives every exception; the watchdog follows health ------------------
+
 
 @as_root
 @pytest.mark.slow
@@ -179,6 +179,7 @@ def test_the_watchdog_is_fed_only_while_healthy(tmp_path: Path) -> None:
 
 # --- M1: the metrics port is bounded -------------------------------------------------------------
 
+
 @as_root
 @pytest.mark.slow
 @pytest.mark.serial
@@ -196,8 +197,19 @@ def test_a_flood_of_the_metrics_port_leaves_the_daemon_its_descriptors(base: Pat
     d = DaemonProc(base / "d", 'http_request_timeout = "2s"\n', preexec=few_fds)
     d.start()
     fds = Sampler(lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd")), 0.005)  # type: ignore[union-attr]
-    flood = subprocess.Popen([PYTHON, str(ROOT / "tests" / "scripts" / "http_flood.py"), str(outsider.uid),
-                              str(outsider.gid), str(d.port), "400"], stdout=subprocess.PIPE, text=True, env=project_env())
+    flood = subprocess.Popen(
+        [
+            PYTHON,
+            str(ROOT / "tests" / "scripts" / "http_flood.py"),
+            str(outsider.uid),
+            str(outsider.gid),
+            str(d.port),
+            "400",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=project_env(),
+    )
     try:
         with fds:  # the daemon's descriptors, sampled from the first connection to the last
             assert flood.stdout is not None
@@ -222,6 +234,7 @@ def test_a_flood_of_the_metrics_port_leaves_the_daemon_its_descriptors(base: Pat
 
 # --- M5: label values are bounded ----------------------------------------------------------------
 
+
 def _long_dir(root: Path, middle: str) -> Path:
     """A directory some 3,000 characters long; two differ only in ``middle``."""
     path = root / ("a" * 200)
@@ -242,11 +255,26 @@ def test_long_directories_do_not_bloat_metrics(daemon: DaemonProc) -> None:
     clients = [Client(daemon.socket) for _ in dirs]
     try:
         for c, d in zip(clients, dirs):
-            assert c.ask({"type": "hello", "job": "j" * 128, "directory": str(d), "settings": {}, "pid": os.getpid(),
-                          "step": 0})["type"] == "welcome"
+            assert (
+                c.ask(
+                    {
+                        "type": "hello",
+                        "job": "j" * 128,
+                        "directory": str(d),
+                        "settings": {},
+                        "pid": os.getpid(),
+                        "step": 0,
+                    }
+                )["type"]
+                == "welcome"
+            )
         text = daemon.metrics()
-        labels = {(s.labels.get("training_job"), s.labels.get("directory"))
-                  for f in text_string_to_metric_families(text) for s in f.samples if "directory" in s.labels}
+        labels = {
+            (s.labels.get("training_job"), s.labels.get("directory"))
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if "directory" in s.labels
+        }
         assert len(labels) == 2, "two jobs, two distinct label sets"
         assert all(len(v) <= 128 for pair in labels for v in pair), sorted(len(v) for pair in labels for v in pair)
         assert any(dl.endswith("/run") for _, dl in labels)  # the end of the path is kept: it names the run
@@ -258,6 +286,7 @@ def test_long_directories_do_not_bloat_metrics(daemon: DaemonProc) -> None:
 
 
 # --- M2 and L1: the memory tier within its budget, shared per uid -----------------------------------
+
 
 def _memfds(pid: int, prefix: str) -> dict[int, int]:
     """The memfds named ``prefix...`` the process has open: inode -> bytes allocated."""
@@ -319,16 +348,38 @@ def _saves(sock: str, job: str, directory: Path, mib: int, steps: int, errors: l
     try:
         with Client(sock) as c:
             c.sock.settimeout(120)
-            assert c.ask({"type": "hello", "job": job, "directory": str(directory), "settings": {"keep_last": 1},
-                          "pid": os.getpid(), "step": 0})["type"] == "welcome"
+            assert (
+                c.ask(
+                    {
+                        "type": "hello",
+                        "job": job,
+                        "directory": str(directory),
+                        "settings": {"keep_last": 1},
+                        "pid": os.getpid(),
+                        "step": 0,
+                    }
+                )["type"]
+                == "welcome"
+            )
             for step in range(1, steps + 1):
                 fds = []
                 for memory_only in (True, False):
                     fd, length = snapshot(job, step, {"w": struct.pack("<f", step) * (mib << 18)})
                     fds.append(fd)
-                    protocol.send(c.sock, {"type": "save", "id": step * 2 + memory_only, "step": step,
-                                           "trigger": "step", "rule": "r", "memory_only": memory_only,
-                                           "filename": f"{job}-step{step:08d}.safetensors", "length": length}, fd=fd)
+                    protocol.send(
+                        c.sock,
+                        {
+                            "type": "save",
+                            "id": step * 2 + memory_only,
+                            "step": step,
+                            "trigger": "step",
+                            "rule": "r",
+                            "memory_only": memory_only,
+                            "filename": f"{job}-step{step:08d}.safetensors",
+                            "length": length,
+                        },
+                        fd=fd,
+                    )
                 saved = 0
                 while saved < 2:
                     msg = c.recv()
@@ -366,8 +417,10 @@ def test_concurrent_saves_never_take_the_memory_tier_past_its_budget(tmp_path: P
         held = sum(d.metric("ckptd_memory_bytes", training_job=f"job{i}") for i in range(6))
         assert 0 < held <= budget
         margin = 64 * 1024  # page rounding of the memfds
-        print(f"memory tier peak: {peak.most / MiB:.1f} MiB of memfds for a {budget / MiB:.0f} MiB budget "
-              f"({peak.samples} samples); anonymous RSS {rss.first / MiB:.0f} -> {rss.most / MiB:.0f} MiB")
+        print(
+            f"memory tier peak: {peak.most / MiB:.1f} MiB of memfds for a {budget / MiB:.0f} MiB budget "
+            f"({peak.samples} samples); anonymous RSS {rss.first / MiB:.0f} -> {rss.most / MiB:.0f} MiB"
+        )
         assert peak.most <= budget + margin, f"the tier's memfds peaked at {peak.most / MiB:.1f} MiB"
     finally:
         d.stop()
@@ -394,8 +447,14 @@ def test_another_users_saves_do_not_evict_a_snapshot_within_its_share(base: Path
                 run.mkdir()
                 os.chown(run, user.uid, user.gid)
                 specs.append({"job": job, "dir": str(run), "mib": 3})
-            r = run_py(str(ROOT / "tests" / "scripts" / "memsaver.py"), str(user.uid), str(user.gid), d.socket,
-                       json.dumps(specs), timeout=120)
+            r = run_py(
+                str(ROOT / "tests" / "scripts" / "memsaver.py"),
+                str(user.uid),
+                str(user.gid),
+                d.socket,
+                json.dumps(specs),
+                timeout=120,
+            )
             assert r.returncode == 0, r.stderr[-3000:]
             return list(json.loads(r.stdout.strip().splitlines()[-1]))
 

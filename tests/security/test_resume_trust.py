@@ -30,12 +30,14 @@ print(json.dumps(request(sys.argv[3], json.loads(sys.argv[4]))))
 """
 
 
-def train(user: User, directory: Path, job: str, steps: int, fill: float = 0.0,
-          socket: str | None = None) -> subprocess.CompletedProcess[str]:
+def train(
+    user: User, directory: Path, job: str, steps: int, fill: float = 0.0, socket: str | None = None
+) -> subprocess.CompletedProcess[str]:
     groups = ",".join(str(g) for g in user.groups) or "-"
     cmd = [PYTHON, TRAIN, str(user.uid), str(user.gid), groups, str(directory), job, str(steps), "--fill", str(fill)]
-    r = subprocess.run(cmd + (["--socket", socket] if socket else []), capture_output=True, text=True,
-                       timeout=180, env=project_env())
+    r = subprocess.run(
+        cmd + (["--socket", socket] if socket else []), capture_output=True, text=True, timeout=180, env=project_env()
+    )
     assert r.returncode in (0, 3), r.stderr[-3000:]
     return r
 
@@ -46,8 +48,13 @@ def started(r: subprocess.CompletedProcess[str]) -> tuple[int, float]:
 
 
 def ask(user: User, socket: str, msg: dict[str, Any]) -> dict[str, Any]:
-    r = subprocess.run([PYTHON, "-c", ASK, str(user.uid), str(user.gid), socket, json.dumps(msg)],
-                       capture_output=True, text=True, timeout=60, env=project_env())
+    r = subprocess.run(
+        [PYTHON, "-c", ASK, str(user.uid), str(user.gid), socket, json.dumps(msg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=project_env(),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     reply: dict[str, Any] = json.loads(r.stdout)
     return reply
@@ -137,8 +144,9 @@ def test_the_memory_tier_does_not_outlive_rm_rf_of_the_job_directory(users, base
 
 
 def hello(user: User, socket: str, directory: Path, job: str = "run") -> dict[str, Any]:
-    return ask(user, socket, {"type": "hello", "job": job, "directory": str(directory), "settings": {}, "pid": 1,
-                              "step": 0})
+    return ask(
+        user, socket, {"type": "hello", "job": job, "directory": str(directory), "settings": {}, "pid": 1, "step": 0}
+    )
 
 
 def test_a_job_follows_its_directory_to_a_new_owner_who_does_not_see_the_old_rows(users, base: Path) -> None:
@@ -198,8 +206,10 @@ def test_refusals_do_not_tell_a_missing_directory_from_another_users(users, base
         private = own_dir(d.root / "alice", alice, 0o700)
         own_dir(private / "secret", alice)
         there, nowhere = private / "secret", private / "nothing"
-        for ask_it in (lambda p: hello(mallory, d.socket, p)["error"],
-                       lambda p: ask(mallory, d.socket, {"type": "memory", "job": "run", "directory": str(p)})["error"]):
+        for ask_it in (
+            lambda p: hello(mallory, d.socket, p)["error"],
+            lambda p: ask(mallory, d.socket, {"type": "memory", "job": "run", "directory": str(p)})["error"],
+        ):
             a, b = ask_it(there), ask_it(nowhere)
             assert a.replace(str(there), "DIR") == b.replace(str(nowhere), "DIR"), (a, b)
     finally:
@@ -219,8 +229,11 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_a_line_not_a_crash(users, 
             f.write(b"not a checkpoint")
         os.chown(odd, alice.uid, alice.gid)
         assert hello(alice, d.socket, run).get("type") == "welcome"
-        wait_until(lambda: "run-\\udcff.safetensors" in d.log.read_text() and "not UTF-8" in d.log.read_text(),
-                   10, "the log line")
+        wait_until(
+            lambda: "run-\\udcff.safetensors" in d.log.read_text() and "not UTF-8" in d.log.read_text(),
+            10,
+            "the log line",
+        )
         assert d.healthy()
     finally:
         d.stop()

@@ -49,8 +49,9 @@ def main(argv: list[str]) -> int:
     out: list[Any] = []
     with Client(sock) as c:
         c.sock.settimeout(60)
-        reply = c.ask({"type": "hello", "job": job, "directory": directory, "settings": settings,
-                       "pid": os.getpid(), "step": 0})
+        reply = c.ask(
+            {"type": "hello", "job": job, "directory": directory, "settings": settings, "pid": os.getpid(), "step": 0}
+        )
         out.append(reply)
         if reply.get("type") == "welcome":
             for arg in argv[4:]:
@@ -64,8 +65,18 @@ def main(argv: list[str]) -> int:
                 step = int(arg)
                 fd, length = snapshot(job, step, f"{job}:{os.getuid()}:{step}".encode() * 64)
                 try:
-                    c.ask({"type": "save", "id": step, "step": step, "trigger": "step", "rule": "every_steps",
-                           "filename": f"{job}-step{step:08d}.safetensors", "length": length}, fd=fd)
+                    c.ask(
+                        {
+                            "type": "save",
+                            "id": step,
+                            "step": step,
+                            "trigger": "step",
+                            "rule": "every_steps",
+                            "filename": f"{job}-step{step:08d}.safetensors",
+                            "length": length,
+                        },
+                        fd=fd,
+                    )
                     out.append(c.recv())
                 finally:
                     os.close(fd)

@@ -14,6 +14,7 @@ import pytest
 @pytest.fixture(autouse=True)
 def no_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
     """A unit test that starts a process belongs with the real-process tests in tests/."""
+
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"the unit tier starts no process (tried {args[:1]}); move this test out of tests/unit/")
 
@@ -27,4 +28,6 @@ def no_torch() -> Iterator[None]:
     before = "torch" in sys.modules
     yield
     if not before and "torch" in sys.modules:
-        raise AssertionError("this unit test imported torch; move it to tests/ or keep torch out of the code under test")
+        raise AssertionError(
+            "this unit test imported torch; move it to tests/ or keep torch out of the code under test"
+        )

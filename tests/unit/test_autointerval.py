@@ -35,8 +35,9 @@ persists = st.lists(st.floats(min_value=0.0, max_value=3600.0), max_size=12)
 floors = st.floats(min_value=0.0, max_value=7200.0)
 
 
-def interval(cost: float, mtbf: float, overhead: float = 0.02, persist: tuple[float, ...] = (),
-             min_interval: float = 0.0) -> float:
+def interval(
+    cost: float, mtbf: float, overhead: float = 0.02, persist: tuple[float, ...] = (), min_interval: float = 0.0
+) -> float:
     samples = CostSamples(stalls=(cost,), persists=persist)
     return auto_interval(samples, Mtbf(mtbf, "mtbf"), overhead, min_interval).seconds
 
@@ -67,15 +68,20 @@ def test_monotone_in_mtbf(c: float, m1: float, m2: float, o: float, p: list[floa
 
 
 @given(costs, mtbfs, overheads, persists, floors)
-def test_every_bound_holds_and_the_rule_is_the_binding_one(c: float, m: float, o: float, p: list[float],
-                                                           floor: float) -> None:
+def test_every_bound_holds_and_the_rule_is_the_binding_one(
+    c: float, m: float, o: float, p: list[float], floor: float
+) -> None:
     auto = auto_interval(CostSamples(stalls=(c,), persists=tuple(p)[-9:]), Mtbf(m, "mtbf"), o, floor)
     t = auto.seconds
     assert c / t <= o * (1 + 1e-9)  # the overhead bound: stalls take at most max_overhead of training
     assert t >= max(tuple(p)[-9:], default=0.0) + c - 1e-9  # never due before the last saves could verify
     assert t >= floor - 1e-9
-    value = {"young_daly": young_daly(c, m), "max_overhead": c / o,
-             "persist": max(tuple(p)[-9:], default=0.0) + c, "min_interval": floor}[auto.rule]
+    value = {
+        "young_daly": young_daly(c, m),
+        "max_overhead": c / o,
+        "persist": max(tuple(p)[-9:], default=0.0) + c,
+        "min_interval": floor,
+    }[auto.rule]
     assert t == pytest.approx(max(value, 1e-3))
     if auto.rule != "young_daly":
         assert f"raised to the {auto.rule} bound" in auto.reason
@@ -123,8 +129,11 @@ def test_settings_and_policy() -> None:
     assert p.has_time_rules
     assert next_time_due(p, 100.0, auto_seconds=50.0) == 150.0
     assert next_time_due(SavePolicy(every=30.0), 100.0, auto_seconds=50.0) == 130.0
-    for bad, key in (({"max_overhead": "150%"}, "max_overhead"), ({"max_overhead": 0}, "max_overhead"),
-                     ({"every": "sometimes"}, "every"), ({"mtbf": "-1h"}, "mtbf")):
+    for bad, key in (
+        ({"max_overhead": "150%"}, "max_overhead"),
+        ({"max_overhead": 0}, "max_overhead"),
+        ({"every": "sometimes"}, "every"),
+        ({"mtbf": "-1h"}, "mtbf"),
+    ):
         with pytest.raises(SettingsError, match=key):
             parse_table(bad, "test")
-

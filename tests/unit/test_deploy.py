@@ -20,9 +20,18 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     firing = {t["alert_rule_test"][0]["alertname"] for t in doc["tests"] if t["alert_rule_test"][0]["exp_alerts"]}
     quiet = {t["alert_rule_test"][0]["alertname"] for t in doc["tests"] if not t["alert_rule_test"][0]["exp_alerts"]}
     assert set(rules) == firing == quiet
-    assert set(rules) == {"CkptdSaveFailed", "CkptdSaveMissed", "CkptdCheckpointStale", "CkptdVerifyFailed",
-                          "CkptdQuotaNearlyExhausted", "CkptdTrainerExitUnsaved", "CkptdDown", "CkptdReplicationLagging",
-                          "CkptdTrainerUnattended", "CkptdMetricsAbsent"}
+    assert set(rules) == {
+        "CkptdSaveFailed",
+        "CkptdSaveMissed",
+        "CkptdCheckpointStale",
+        "CkptdVerifyFailed",
+        "CkptdQuotaNearlyExhausted",
+        "CkptdTrainerExitUnsaved",
+        "CkptdDown",
+        "CkptdReplicationLagging",
+        "CkptdTrainerUnattended",
+        "CkptdMetricsAbsent",
+    }
 
 
 def test_every_alert_names_its_host_routes_and_links_its_runbook() -> None:
@@ -31,8 +40,12 @@ def test_every_alert_names_its_host_routes_and_links_its_runbook() -> None:
     import yaml
 
     runbooks = (ROOT / "docs" / "runbooks.md").read_text()
-    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", runbooks, re.M)}
-    rules = [r for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", runbooks, re.M)
+    }
+    rules = [
+        r for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"] for r in g["rules"]
+    ]
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning") and rule["labels"]["service"] == "ckptd", rule
         url = rule["annotations"]["runbook_url"]
@@ -82,4 +95,3 @@ def test_ended_jobs_are_dropped_from_metrics() -> None:
 
     text = generate_latest(m.registry).decode()
     assert 'directory="/runs/a"' not in text and 'training_job="live"' in text and 'directory="/runs/c"' in text
-

@@ -32,8 +32,11 @@ def sources() -> list[Path]:
 def prose(path: Path) -> list[tuple[int, str]]:
     """A source file's docstrings and comments, with the line each starts on."""
     text = path.read_text()
-    out = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(text).readline)
-           if tok.type == tokenize.COMMENT]
+    out = [
+        (tok.start[0], tok.string)
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+        if tok.type == tokenize.COMMENT
+    ]
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = node.body[0] if node.body else None
@@ -54,8 +57,10 @@ def data_words() -> tuple[set[str], tuple[str, ...]]:
                 heads.add(str(node.values[0].value))
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 whole.add(node.value)
-    return ({w for w in whole if w.startswith(PACKAGES)},
-            tuple(h for h in heads if h.startswith(PACKAGES) and "." in h))
+    return (
+        {w for w in whole if w.startswith(PACKAGES)},
+        tuple(h for h in heads if h.startswith(PACKAGES) and "." in h),
+    )
 
 
 def is_data(ref: str) -> bool:

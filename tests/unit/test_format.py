@@ -48,4 +48,3 @@ def test_persist_rejects_a_bad_snapshot(tmp_path: Path) -> None:
         assert os.listdir(tmp_path) == []
     finally:
         os.close(fd)
-

@@ -19,11 +19,20 @@ DAY = 86400.0
 PRIOR = estimate_coverage(0, 0)
 
 
-def plan(stall: float, persist: float, mtbf: float = DAY, share: float = PRIOR_SHARE, overhead: float = 0.02,
-         min_interval: float = 0.0, mem_stall: float | None = None, mem_persist: float | None = None):  # type: ignore[no-untyped-def]
+def plan(
+    stall: float,
+    persist: float,
+    mtbf: float = DAY,
+    share: float = PRIOR_SHARE,
+    overhead: float = 0.02,
+    min_interval: float = 0.0,
+    mem_stall: float | None = None,
+    mem_persist: float | None = None,
+):  # type: ignore[no-untyped-def]
     memory = CostSamples().add(mem_stall, mem_persist)
-    return multilevel(CostSamples((stall,), (persist,)), memory, Mtbf(mtbf, "mtbf"), Coverage(share, "given"),
-                      overhead, min_interval)
+    return multilevel(
+        CostSamples((stall,), (persist,)), memory, Mtbf(mtbf, "mtbf"), Coverage(share, "given"), overhead, min_interval
+    )
 
 
 def test_equal_stalls_and_a_quick_disk_need_no_memory_saves() -> None:
@@ -61,12 +70,26 @@ def test_memory_saves_respect_min_interval_and_their_own_keeping_time() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(stall=st.floats(1e-4, 30.0), persist=st.floats(0.0, 3600.0), mtbf=st.floats(600.0, 30 * DAY),
-       share=st.floats(0.0, 0.99), overhead=st.floats(0.005, 0.5), floor=st.floats(0.0, 600.0),
-       mem_factor=st.floats(0.2, 2.0), mem_persist=st.floats(0.0, 60.0))
-def test_the_plan_is_the_least_waste_within_every_bound(stall: float, persist: float, mtbf: float, share: float,
-                                                        overhead: float, floor: float, mem_factor: float,
-                                                        mem_persist: float) -> None:
+@given(
+    stall=st.floats(1e-4, 30.0),
+    persist=st.floats(0.0, 3600.0),
+    mtbf=st.floats(600.0, 30 * DAY),
+    share=st.floats(0.0, 0.99),
+    overhead=st.floats(0.005, 0.5),
+    floor=st.floats(0.0, 600.0),
+    mem_factor=st.floats(0.2, 2.0),
+    mem_persist=st.floats(0.0, 60.0),
+)
+def test_the_plan_is_the_least_waste_within_every_bound(
+    stall: float,
+    persist: float,
+    mtbf: float,
+    share: float,
+    overhead: float,
+    floor: float,
+    mem_factor: float,
+    mem_persist: float,
+) -> None:
     """Against brute force: no (period, k) that keeps the bounds loses less than the plan does,
     and the plan keeps them all (memory saves after the previous was kept, disk saves after the
     previous verified, min_interval for both, max_overhead for the stalls together)."""
@@ -100,15 +123,26 @@ def test_a_fixed_every_memory_leaves_the_disk_the_failures_memory_cannot_take() 
     assert ml.disk.seconds == pytest.approx(young_daly(0.05, 4 * DAY))  # M / (1 - 0.75)
     assert ml.k == round(ml.disk.seconds / 30.0)
     assert ml.waste == pytest.approx(waste(30.0, ml.k, 0.05, 0.05, 0.75, DAY))
-    measured = multilevel(CostSamples((0.05,), (1.0,)), CostSamples((0.5,), (0.6,)), Mtbf(DAY, "mtbf"), PRIOR, 0.02,
-                          fixed_memory=30.0)  # memory saves measured at 0.5 s each: their stalls are counted
+    measured = multilevel(
+        CostSamples((0.05,), (1.0,)), CostSamples((0.5,), (0.6,)), Mtbf(DAY, "mtbf"), PRIOR, 0.02, fixed_memory=30.0
+    )  # memory saves measured at 0.5 s each: their stalls are counted
     assert measured.waste == pytest.approx(waste(30.0, measured.k, 0.5, 0.05, 0.75, DAY)) and measured.waste > ml.waste
 
 
 def _job(budget: int, sharded: bool = False, every_memory: float | None = None) -> JobState:
     policy = SavePolicy.from_settings({"every": "auto", "mtbf": DAY, "max_overhead": 0.02})
-    j = JobState("j", 1000, "/tmp/j", {"every_memory": every_memory}, policy, connected=True, started_at=0.0,
-                 memory_budget=budget, sharded=sharded, state_bytes=1 << 20)
+    j = JobState(
+        "j",
+        1000,
+        "/tmp/j",
+        {"every_memory": every_memory},
+        policy,
+        connected=True,
+        started_at=0.0,
+        memory_budget=budget,
+        sharded=sharded,
+        state_bytes=1 << 20,
+    )
     j.costs = CostSamples((0.01,), (120.0,))
     return j
 
@@ -127,8 +161,10 @@ def test_the_daemon_asks_for_memory_saves_on_the_plans_clock() -> None:
     assert gauges["ckptd_auto_interval_seconds"] == pytest.approx(120.0, rel=1e-2)
 
 
-@pytest.mark.parametrize("budget, sharded, why", [(0, False, "memory tier off"), (1 << 30, True, "sharded"),
-                                                   (1 << 10, False, "snapshot larger than the budget")])
+@pytest.mark.parametrize(
+    "budget, sharded, why",
+    [(0, False, "memory tier off"), (1 << 30, True, "sharded"), (1 << 10, False, "snapshot larger than the budget")],
+)
 def test_no_memory_saves_without_a_memory_tier_for_the_job(budget: int, sharded: bool, why: str) -> None:
     j = _job(budget, sharded)
     p = j.plan(0.0)
@@ -162,4 +198,3 @@ def test_history_tells_trainer_crashes_from_runs_lost_with_the_daemon(tmp_path) 
     finally:
         cat.close()
     assert (crashes, losses) == (1, 1) and ran >= 0
-

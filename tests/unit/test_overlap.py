@@ -14,9 +14,9 @@ def test_a_failure_on_the_copy_thread_is_a_failed_save_not_an_exception() -> Non
 
     def broken() -> Callable[[], None]:
         raise OSError("no memory for the snapshot")
+
     overlap.start(broken, 7)
     assert overlap.wait(10) and failures == [(7, "no memory for the snapshot")]
     overlap.start(lambda: lambda: handed.append(8), 8)  # the thread lives on for the next save
     assert overlap.wait(10) and handed == [8]
     overlap.close()
-

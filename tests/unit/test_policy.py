@@ -163,4 +163,3 @@ def test_min_interval_is_respected(every: int, min_interval: float, durations: l
             times.append(now)
             last_at, last_step = now, step
     assert all(b - a >= min_interval for a, b in zip(times, times[1:]))
-

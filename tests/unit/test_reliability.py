@@ -17,8 +17,13 @@ SOAK = os.environ.get("CKPTD_SOAK") == "1"
 
 # `make soak` records its figures in the repository; a CI-size run only prints them (or writes
 # them where CKPTD_BENCH_RESULTS says): tests write nowhere but their temporary directories.
-RESULTS: Path | None = (Path(os.environ["CKPTD_BENCH_RESULTS"]) if os.environ.get("CKPTD_BENCH_RESULTS")
-                        else ROOT / "benchmarks" / "results" if SOAK else None)
+RESULTS: Path | None = (
+    Path(os.environ["CKPTD_BENCH_RESULTS"])
+    if os.environ.get("CKPTD_BENCH_RESULTS")
+    else ROOT / "benchmarks" / "results"
+    if SOAK
+    else None
+)
 
 
 def report(name: str, figures: dict) -> None:
@@ -38,10 +43,10 @@ def corrupt(data: bytearray, rng: random.Random, kind: str, other: bytes) -> byt
         i = rng.randrange(8 + int.from_bytes(data[:8], "little"), n)
         data[i] ^= 1 << rng.randrange(8)
     elif kind == "truncate":
-        del data[rng.randrange(0, n):]
+        del data[rng.randrange(0, n) :]
     elif kind == "zero_block":
         i = rng.randrange(0, n)
-        data[i:i + 4096] = bytes(len(data[i:i + 4096]))
+        data[i : i + 4096] = bytes(len(data[i : i + 4096]))
     elif kind == "append":
         data += os.urandom(rng.randint(1, 4096))
     elif kind == "swap":
@@ -52,8 +57,9 @@ def corrupt(data: bytearray, rng: random.Random, kind: str, other: bytes) -> byt
 def test_every_random_corruption_is_detected(tmp_path: Path) -> None:
     rounds = 10000 if SOAK else 1000
     rng = random.Random(2026)
-    originals = [Path(small_checkpoint(tmp_path, f"t-step{s:08d}.safetensors", step=s, seed=s)).read_bytes()
-                 for s in (1, 2, 3)]
+    originals = [
+        Path(small_checkpoint(tmp_path, f"t-step{s:08d}.safetensors", step=s, seed=s)).read_bytes() for s in (1, 2, 3)
+    ]
     kinds = ["flip_header", "flip_data", "truncate", "zero_block", "append", "swap"]
     detected = applied = 0
     per_kind = {k: [0, 0] for k in kinds}
@@ -73,8 +79,15 @@ def test_every_random_corruption_is_detected(tmp_path: Path) -> None:
         if not r.ok:
             detected += 1
             per_kind[kind][1] += 1
-    report("corruption", {"corruptions": applied, "detected": detected, "rate": detected / applied,
-                          "per_kind": {k: {"applied": a, "detected": d} for k, (a, d) in per_kind.items()}})
+    report(
+        "corruption",
+        {
+            "corruptions": applied,
+            "detected": detected,
+            "rate": detected / applied,
+            "per_kind": {k: {"applied": a, "detected": d} for k, (a, d) in per_kind.items()},
+        },
+    )
     assert detected == applied, per_kind
 
 
@@ -88,4 +101,3 @@ def test_hard_link_to_a_file_outside_the_roots_only_loses_the_link(tmp_path: Pat
     os.link(precious, root / "t-step00000001.safetensors")
     remove(str(root / "t-step00000001.safetensors"), [str(root)])
     assert precious.read_text() == "keep me"
-

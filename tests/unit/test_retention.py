@@ -20,20 +20,36 @@ NOW = 1_800_000_000.0
 
 
 items_st = st.lists(
-    st.builds(Item, id=st.uuids().map(str), step=st.integers(0, 500),
-              created=st.floats(NOW - 10 * 86400, NOW), bytes=st.integers(1, 1000),
-              verified=st.booleans(), corrupt=st.booleans(), partial=st.booleans(),
-              in_flight=st.booleans(), pinned=st.booleans(), final=st.booleans(),
-              metric=st.one_of(st.none(), st.floats(0, 10))),
-    max_size=40, unique_by=lambda i: i.id)
+    st.builds(
+        Item,
+        id=st.uuids().map(str),
+        step=st.integers(0, 500),
+        created=st.floats(NOW - 10 * 86400, NOW),
+        bytes=st.integers(1, 1000),
+        verified=st.booleans(),
+        corrupt=st.booleans(),
+        partial=st.booleans(),
+        in_flight=st.booleans(),
+        pinned=st.booleans(),
+        final=st.booleans(),
+        metric=st.one_of(st.none(), st.floats(0, 10)),
+    ),
+    max_size=40,
+    unique_by=lambda i: i.id,
+)
 
 
-rules_st = st.builds(Rules, keep_last=st.one_of(st.none(), st.integers(0, 6)),
-                     keep_best=st.one_of(st.none(), st.integers(0, 3)), best_mode=st.sampled_from(["min", "max"]),
-                     keep_every_steps=st.one_of(st.none(), st.integers(1, 100)),
-                     keep_hourly=st.one_of(st.none(), st.integers(0, 5)),
-                     keep_daily=st.one_of(st.none(), st.integers(0, 5)),
-                     keep_within=st.one_of(st.none(), st.floats(0, 5 * 86400)), keep_final=st.booleans())
+rules_st = st.builds(
+    Rules,
+    keep_last=st.one_of(st.none(), st.integers(0, 6)),
+    keep_best=st.one_of(st.none(), st.integers(0, 3)),
+    best_mode=st.sampled_from(["min", "max"]),
+    keep_every_steps=st.one_of(st.none(), st.integers(1, 100)),
+    keep_hourly=st.one_of(st.none(), st.integers(0, 5)),
+    keep_daily=st.one_of(st.none(), st.integers(0, 5)),
+    keep_within=st.one_of(st.none(), st.floats(0, 5 * 86400)),
+    keep_final=st.booleans(),
+)
 
 
 def good(i: Item) -> bool:
@@ -64,8 +80,10 @@ def test_retention_guarantees(items: list[Item], rules: Rules) -> None:
         elif i.pinned:
             assert keep[i.id], "pinned deleted"
     if rules.keep_best:
-        scored = sorted((i for i in items if good(i) and i.metric is not None),
-                        key=lambda i: (i.metric if rules.best_mode == "min" else -i.metric, -i.step, -i.created, i.id))
+        scored = sorted(
+            (i for i in items if good(i) and i.metric is not None),
+            key=lambda i: (i.metric if rules.best_mode == "min" else -i.metric, -i.step, -i.created, i.id),
+        )
         for i in scored[: rules.keep_best]:
             assert keep[i.id], "best-K deleted"
 
@@ -86,8 +104,9 @@ def test_keep_last_leaves_exactly_the_n_newest_verified(items: list[Item], n: in
     items = [Item(**{**i.__dict__, "pinned": False}) for i in items]
     verdicts = retention.judge(items, Rules(keep_last=n, keep_final=False), NOW)
     kept_good = {v.item.id for v in verdicts if v.keep and good(v.item)}
-    expected = {i.id for i in sorted((i for i in items if good(i)), key=lambda i: (i.step, i.created, i.id),
-                                     reverse=True)[:n]}
+    expected = {
+        i.id for i in sorted((i for i in items if good(i)), key=lambda i: (i.step, i.created, i.id), reverse=True)[:n]
+    }
     assert kept_good == expected
 
 
@@ -106,9 +125,13 @@ def test_a_checkpoint_whose_holder_is_gone_or_bad_is_not_the_newest_verified() -
     """SPEC §13: complete only when every tensor it refers to is present and verified. Newer
     items referring to a missing, a corrupt, or an incomplete holder are kept as "unverified",
     and the newest one that is complete is the newest verified (kept whatever the rules)."""
-    items = [Item("good", 1, NOW - 50), Item("bad", 2, NOW - 40, corrupt=True),
-             Item("dangling", 3, NOW - 30, refs=("gone",)), Item("on-bad", 4, NOW - 20, refs=("bad",)),
-             Item("on-dangling", 5, NOW - 10, refs=("dangling",))]
+    items = [
+        Item("good", 1, NOW - 50),
+        Item("bad", 2, NOW - 40, corrupt=True),
+        Item("dangling", 3, NOW - 30, refs=("gone",)),
+        Item("on-bad", 4, NOW - 20, refs=("bad",)),
+        Item("on-dangling", 5, NOW - 10, refs=("dangling",)),
+    ]
     verdicts = {v.item.id: v for v in retention.judge(items, Rules(keep_last=1), NOW)}
     assert verdicts["good"].keep and verdicts["good"].rule.rule == "newest_verified", verdicts["good"]
     for i in ("dangling", "on-bad", "on-dangling"):
@@ -122,11 +145,17 @@ def test_no_rules_deletes_nothing_verified() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(items_st, rules_st, st.integers(0, 5000), st.one_of(st.none(), st.integers(0, 20000)),
-       st.one_of(st.none(), st.integers(0, 20000)), st.integers(0, 2000))
-def test_quota_never_deletes_protected_and_refuses_without_harm(items: list[Item], rules: Rules, reserve: int,
-                                                                max_bytes: int | None, free: int | None,
-                                                                min_free: int) -> None:
+@given(
+    items_st,
+    rules_st,
+    st.integers(0, 5000),
+    st.one_of(st.none(), st.integers(0, 20000)),
+    st.one_of(st.none(), st.integers(0, 20000)),
+    st.integers(0, 2000),
+)
+def test_quota_never_deletes_protected_and_refuses_without_harm(
+    items: list[Item], rules: Rules, reserve: int, max_bytes: int | None, free: int | None, min_free: int
+) -> None:
     verdicts = retention.judge(items, rules, NOW)
     kept = [v for v in verdicts if v.keep]
     budget = quota.Budget(reserve, sum(v.item.bytes for v in kept), max_bytes, free, min_free)
@@ -178,4 +207,3 @@ def test_quarantine_moves_instead_of_deleting(tmp_path: Path) -> None:
     path = small_checkpoint(tmp_path, "j-step00000001.safetensors")
     remove(path, [str(tmp_path)], quarantine_dir=str(tmp_path / "q"))
     assert not os.path.exists(path) and verify_file(tmp_path / "q" / "j-step00000001.safetensors").ok
-

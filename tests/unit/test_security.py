@@ -48,4 +48,3 @@ def test_an_index_naming_files_outside_its_directory_is_not_followed(tmp_path: P
     assert found is not None
     assert not foreign.verify(found).ok
     assert secret.exists()
-

@@ -31,8 +31,14 @@ def test_rank0_proposes_about_a_tenth_of_a_second_between_trigger_exchanges() ->
 
 
 def test_manifest_round_trip_and_rejects_inconsistent_ones() -> None:
-    m = mf.Manifest("j", 40, 2, (mf.Shard(0, mf.shard_name(0, 2), 10, "a" * 16),
-                                 mf.Shard(1, mf.shard_name(1, 2), 11, "b" * 16)), trigger="step", epoch=1.5)
+    m = mf.Manifest(
+        "j",
+        40,
+        2,
+        (mf.Shard(0, mf.shard_name(0, 2), 10, "a" * 16), mf.Shard(1, mf.shard_name(1, 2), 11, "b" * 16)),
+        trigger="step",
+        epoch=1.5,
+    )
     assert mf.Manifest.parse(m.to_json()) == m
     body = json.loads(m.to_json())
     body["world_size"] = 3
@@ -44,4 +50,3 @@ def test_manifest_round_trip_and_rejects_inconsistent_ones() -> None:
         mf.Manifest.parse(json.dumps(body))
     with pytest.raises(mf.ManifestError, match="unreadable"):
         mf.Manifest.parse("{not json")
-

@@ -31,4 +31,3 @@ def test_apscheduler_skipped_runs_are_said_once_with_a_count(caplog: pytest.LogC
     assert installed.skipped.get("tick", 0) >= 3  # skips happened...
     assert len(lines) == 1 and lines[0].startswith("job tick was still running at its next time")  # ...said once
     assert all("maximum number of running instances" not in r.getMessage() for r in caplog.records)
-

@@ -91,12 +91,12 @@ def test_header_length_2_pow_63(good: str, tmp_path: Path) -> None:
 def _rewrite_header(good: str, tmp_path: Path, name: str, change) -> str:  # type: ignore[no-untyped-def]
     data = Path(good).read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    doc = json.loads(data[8:8 + n])
+    doc = json.loads(data[8 : 8 + n])
     change(doc)
     raw = json.dumps(doc).encode()
     raw += b" " * (-len(raw) % 8)
     out = tmp_path / name
-    out.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    out.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
     return str(out)
 
 
@@ -107,6 +107,7 @@ def test_overlapping_offsets(good: str, tmp_path: Path) -> None:
         shift = a["data_offsets"][1] - b["data_offsets"][0] + 4
         b["data_offsets"] = [b["data_offsets"][0] - 4, b["data_offsets"][1] - 4]
         assert shift
+
     r = verify_file(_rewrite_header(good, tmp_path, "overlap.safetensors", overlap))
     assert not r.ok and ("overlaps" in r.reason or "gap" in r.reason or "bytes" in r.reason)
 
@@ -116,6 +117,7 @@ def test_offsets_past_the_end(good: str, tmp_path: Path) -> None:
         last = max((k for k in doc if k != "__metadata__"), key=lambda k: doc[k]["data_offsets"][1])
         b, e = doc[last]["data_offsets"]
         doc[last]["data_offsets"] = [b, e + 10**12]
+
     r = verify_file(_rewrite_header(good, tmp_path, "past.safetensors", past))
     assert not r.ok and r.reason
 
@@ -123,11 +125,13 @@ def test_offsets_past_the_end(good: str, tmp_path: Path) -> None:
 def test_missing_digest_and_garbage_metadata(good: str, tmp_path: Path) -> None:
     def drop(doc: dict) -> None:
         doc["__metadata__"]["ckptd.digests"] = "{}"
+
     r = verify_file(_rewrite_header(good, tmp_path, "nodigest.safetensors", drop))
     assert not r.ok and "no digest" in r.reason
 
     def garbage(doc: dict) -> None:
         doc["__metadata__"]["ckptd.digests"] = "{not json"
+
     r = verify_file(_rewrite_header(good, tmp_path, "garbage.safetensors", garbage))
     assert not r.ok and "not valid JSON" in r.reason
 
@@ -148,14 +152,20 @@ def test_a_flipped_bit_in_the_format_key_does_not_make_the_file_foreign(good: st
     assert not r.ok and "ckptd.format" in r.reason
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats() | st.text(max_size=12),
-                     lambda k: st.lists(k, max_size=4) | st.dictionaries(st.text(max_size=8), k, max_size=4),
-                     max_leaves=20)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=12),
+    lambda k: st.lists(k, max_size=4) | st.dictionaries(st.text(max_size=8), k, max_size=4),
+    max_leaves=20,
+)
 
 
-_entry = st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "BF16", "U8", "BOOL", "F8_E4M3", "X9", 7]) | _json,
-                                "shape": st.lists(st.integers(-2, 2**40), max_size=3) | _json,
-                                "data_offsets": st.lists(st.integers(-5, 2**50), min_size=0, max_size=3) | _json})
+_entry = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "BF16", "U8", "BOOL", "F8_E4M3", "X9", 7]) | _json,
+        "shape": st.lists(st.integers(-2, 2**40), max_size=3) | _json,
+        "data_offsets": st.lists(st.integers(-5, 2**50), min_size=0, max_size=3) | _json,
+    }
+)
 
 
 @settings(max_examples=2000, deadline=None)
@@ -182,4 +192,3 @@ def test_verify_never_raises_on_random_files(tmp_path_factory, data: bytes) -> N
     p.write_bytes(data)
     r = verify_file(p)
     assert r.ok is False or r.tensors >= 0
-
