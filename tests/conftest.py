@@ -100,9 +100,10 @@ def project_env(**extra: str) -> dict[str, str]:
 def run_py(
     *args: str, timeout: float = 120, env: dict[str, str] | None = None, **kw: object
 ) -> subprocess.CompletedProcess[str]:
-    """Run a Python script of the project in a subprocess, capturing output."""
+    """Run a Python script of the project in a subprocess, capturing output; ``timeout`` x SLACK
+    (a CLI that verifies a DeepSpeed tag imports torch, 20 s and more on a loaded CI machine)."""
     env = project_env(**(env or {}))
-    return subprocess.run([PYTHON, *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)  # type: ignore[call-overload]
+    return subprocess.run([PYTHON, *args], capture_output=True, text=True, timeout=timeout * SLACK, env=env, **kw)  # type: ignore[call-overload]
 
 
 def ckptd_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
