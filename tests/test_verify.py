@@ -6,8 +6,16 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ckptd_cli
+from tests.helpers import small_checkpoint
 from tests.unit.test_verify import damaged
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> str:
+    return small_checkpoint(tmp_path)
 
 
 def test_cli_verify_exit_codes_and_json(good: str, tmp_path: Path) -> None:

@@ -146,6 +146,18 @@ class JobState:
         """Stalled share of training over the last hour (up to the end, for a job that ended)."""
         return overhead_ratio(self.stalls, self.started_at, min(now, self.ended_at or now))
 
+    def observe(self, step: int, now: float) -> None:
+        """The trainer was at ``step`` at ``now`` (a heartbeat, or a save it handed over): the step
+        time, smoothed, that a step rule's expected interval is made of. Saves count too: a fast
+        trainer can save twice before its first heartbeat, and hang there (CkptdCheckpointStale
+        needs the interval to compare with)."""
+        if self.last_beat is not None and step > self.last_beat[1]:
+            rate = (now - self.last_beat[0]) / (step - self.last_beat[1])
+            self.seconds_per_step = rate if self.seconds_per_step is None else 0.8 * self.seconds_per_step + 0.2 * rate
+        if self.last_beat is None or step > self.last_beat[1]:
+            self.last_beat = (now, step)
+        self.step = max(self.step, step)
+
     def expected_loss(self, now: float) -> float:
         return missed.expected_loss(self.last_verified_at, self.started_at, now) if self.connected else 0.0
 

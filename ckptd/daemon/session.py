@@ -209,11 +209,7 @@ class Session:
         now = time.time()
         with self.daemon.lock:
             j = self.job
-            if j.last_beat is not None and msg["step"] > j.last_beat[1]:
-                rate = (now - j.last_beat[0]) / (msg["step"] - j.last_beat[1])
-                j.seconds_per_step = rate if j.seconds_per_step is None else 0.8 * j.seconds_per_step + 0.2 * rate
-            j.last_beat = (now, msg["step"])
-            j.step = max(j.step, msg["step"])
+            j.observe(msg["step"], now)
             due = missed.skipped_step(j.policy, j.last_saved_step, j.step, j.flagged_due)
             if due is not None:
                 j.flagged_due = due
@@ -250,7 +246,7 @@ class Session:
             self.job.in_flight_memory += memory_only
             if not memory_only:  # a snapshot kept in memory only is not a saved step (the disk says what is)
                 self.job.last_saved_step = max(self.job.last_saved_step, msg["step"])
-            self.job.step = max(self.job.step, msg["step"])
+            self.job.observe(msg["step"], time.time())
         self.send({"type": "accepted", "id": msg["id"]})
         if memory_only:
             self._futures.append(self.daemon.memory_executor.submit(self._remember, self.job, msg, fds[0]))

@@ -35,8 +35,8 @@ class SkipBatchSampler(Sampler[list[int]]):
         self.order, self.batch_size, self.skip = order, batch_size, skip
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        batches = [self.order[i : i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
-        yield from batches[self.skip :]
+        batches = [self.order[i:i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
+        yield from batches[self.skip:]
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size) - self.skip
@@ -68,15 +68,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     iters = -(-len(ds) // args.batch_size)  # micro-batches per epoch
     position = {"epoch": 0, "micro": 0}  # the next micro-batch to run: saved and restored by ckptd
-    ckpt = Checkpointer(
-        "pretrain",
-        args.out,
-        model=model,
-        optimizer=opt,
-        extra=position,
-        every_steps=args.save_interval,
-        total_steps=args.epochs * (iters // args.accumulation_steps),
-    )
+    ckpt = Checkpointer("pretrain", args.out, model=model, optimizer=opt, extra=position,
+                        every_steps=args.save_interval, total_steps=args.epochs * (iters // args.accumulation_steps))
     resumed = ckpt.resume()  # optimizer steps done; ``position`` is back as it was saved
     start_epoch, start_step = position["epoch"], position["micro"]
     print(f"resumed at optimizer step {resumed}: epoch {start_epoch}, micro-batch {start_step}", flush=True)

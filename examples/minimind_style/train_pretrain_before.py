@@ -34,8 +34,8 @@ class SkipBatchSampler(Sampler[list[int]]):
         self.order, self.batch_size, self.skip = order, batch_size, skip
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        batches = [self.order[i : i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
-        yield from batches[self.skip :]
+        batches = [self.order[i:i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
+        yield from batches[self.skip:]
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size) - self.skip
@@ -85,10 +85,8 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
             if step % args.save_interval == 0 or step == iters:
                 os.makedirs(args.out, exist_ok=True)
-                torch.save(
-                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step},
-                    ckp + ".tmp",
-                )
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                            "step": step}, ckp + ".tmp")
                 os.replace(ckp + ".tmp", ckp)
             time.sleep(args.sleep)
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
