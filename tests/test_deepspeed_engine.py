@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port, project_env
+from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port, project_env, wait_until
 
 pytest.importorskip("deepspeed")
 
@@ -226,3 +226,38 @@ def test_a_tag_of_another_uid_is_never_resumed(
     with caplog.at_level("WARNING", logger="trainer_hooks"):
         assert newest_committed(str(d)) == str(d / "global_step8")
     assert "owned by uid 65534" in caplog.text, caplog.text
+
+
+def test_time_rule_and_preemption_save_agreed_steps_and_resume_there(tmp_path: Path) -> None:
+    """An engine job with ``every`` and no step save in reach: rank 0's clock fires, the ranks
+    agree on a step and commit a ``time`` tag. Then SIGTERM to every process, as a scheduler
+    preempts: one more tag, ``preempt``, committed before the ranks exit by the signal. The next
+    run resumes at that tag's step on both ranks."""
+    d, log = tmp_path / "ckpt", tmp_path / "run.log"
+    env = {**ENV, "CKPTD_EVERY": "2s", "CKPTD_KEEP_LAST": "100"}
+    args = ("--dir", str(d), "--stage", "2", "--steps", "400", "--every", "1000", "--step-sleep", "0.1")
+    with open(log, "wb") as out:
+        p = subprocess.Popen(
+            torchrun(SCRIPT, *args), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until(lambda: "(time, every rank verified" in log.read_text() or p.poll() is not None, 300, "a time tag")
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text = log.read_text()
+    assert p.returncode != 0 and "(preempt, every rank verified" in text, text[-4000:]
+    commits = {
+        int(c.parent.name.removeprefix("global_step")): json.loads(c.read_text())
+        for c in d.glob("global_step*/ckptd-commit.json")
+    }
+    triggers = [commits[s]["trigger"] for s in sorted(commits)]
+    assert "time" in triggers and triggers[-1] == "preempt", triggers
+    newest = max(commits)
+    assert (d / "latest").read_text() == f"global_step{newest}" and newest > 0
+    assert ckptd_cli("verify", str(d / f"global_step{newest}")).returncode == 0
+    again = run_all({"again": torchrun(SCRIPT, "--dir", str(d), "--stage", "2", "--steps", str(newest + 2))})["again"]
+    assert again.count(f"starting at step {newest}") == 2, again[-4000:]

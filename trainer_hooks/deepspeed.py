@@ -49,7 +49,12 @@ from ckptd.foreign import deepspeed as dsfmt
 from ckptd.foreign.formats import step_from_name
 from ckptd.foreign.picklesafe import verify_torch
 from trainer_hooks.link import Link, socket_path
+from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
 from trainer_hooks.rng import restore_rng, rng_state
+from trainer_hooks.shards import ShardGroup
+from trainer_hooks.state import as_float
+from trainer_hooks.timerules import TimeRules
+from trainer_hooks.triggers import Triggers, hook_policy
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +95,11 @@ class EngineCheckpointer:
             )
         socket = settings.pop("socket", None)
         reconnect_every = settings.pop("reconnect_every", None)
-        for ignored in ("sharded", "shard_timeout", "preempt_signals", "preempt_grace", "generators"):
-            settings.pop(ignored, None)  # the hook's sharding and signal options: not used on this path
+        shard_timeout = float(settings.pop("shard_timeout", None) or 600.0)
+        signals = settings.pop("preempt_signals", None)
+        grace = float(settings.pop("preempt_grace", None) or 5.0)
+        for ignored in ("sharded", "generators"):
+            settings.pop(ignored, None)  # every rank saves its own partition here already; RNG: every rank's
         # model and optimizer: the engine holds them and DeepSpeed saves them; a scheduler the engine does not own (HF Trainer's own) travels in client_state
         self.scheduler = (
             scheduler
@@ -103,12 +111,14 @@ class EngineCheckpointer:
         cfg = config_mod.load(config)
         known = {k: v for k, v in settings.items() if v is not None}
         self.settings = resolve(parse_table(known, "Checkpointer()"), from_env(), cfg.job_table(job), cfg.defaults)
-        self.policy = pol.SavePolicy.from_settings(group(self.settings, "policy"))
+        self.policy = hook_policy(group(self.settings, "policy"), True, True, job)
         self.rules = retention.Rules.from_settings(self.settings)
         self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.current = 0
-        self._next = pol.next_due_step(self.policy, 0)
+        self._metric: float | None = None  # the best_metric's last value (step(metrics=) or report())
+        self._triggers = Triggers(self.policy, job, sharded=True)  # every rank acts on the agreed flags
+        self._shards = ShardGroup(shard_timeout)  # ckptd's own gloo groups: the flags' all_reduce
         self.last_saved: int | None = None
         self.saved: list[str] = []
         self.failed = 0
@@ -127,7 +137,19 @@ class EngineCheckpointer:
                     lambda *_: None,
                     lambda _: None,
                     float(reconnect_every or 5.0),
+                    on_due=self._time_fired,
                 )
+        self._start_clocks(signals, grace)
+
+    def _start_clocks(self, signals: Any, grace: float) -> None:
+        """Rank 0's clock (``every``, ``cron``; used while no daemon holds the job) and every rank's
+        signal handlers: each only raises a flag, agreed over the ranks at the next exchange."""
+        clock = self.policy if self.rank == 0 else pol.SavePolicy(save_final=False, on_preempt=False)
+        self._time_rules = TimeRules(clock, self._time_fired, lambda: self.mode == "embedded", self.job)
+        self._time_rules.saved_at(time.time())
+        self._grace, self._last_step_at = grace, time.monotonic()
+        self._preemption = Preemption(grace, self._triggers.raise_attention, self._between_steps, lambda: None)
+        self._preemption.install(tuple(signals or DEFAULT_SIGNALS) if self.policy.on_preempt else ())
 
     @property
     def mode(self) -> str:
@@ -172,7 +194,7 @@ class EngineCheckpointer:
         if isinstance(self.extra, dict) and isinstance(ours.get("extra"), dict):
             self.extra.update(ours["extra"])
         self.current = self.last_saved = int(ours.get("step", self.engine.global_steps))
-        self._next = pol.next_due_step(self.policy, self.current)
+        self._triggers.restart_at(self.current, [c.metrics.get(self.policy.best_metric) for c in self._tag_infos()])
         if not self.quiet and self.rank == 0:
             log.warning(
                 "ckptd: job %s resumed at step %d from %s (%.2fs)",
@@ -185,19 +207,43 @@ class EngineCheckpointer:
 
     def step(self, n: int | None = None, metrics: dict[str, Any] | None = None, epoch: float | None = None) -> None:
         """One more optimizer step done (or ``n`` steps in all). Step rules are pure functions of the
-        step, so every rank decides alike and they all enter the save together."""
+        step, so every rank decides alike. A time rule (rank 0's clock or the daemon's ``due``), a
+        preemption signal and a better metric are flags, combined over the ranks by the sharded
+        path's exchange (``trainer_hooks.shards``): every rank saves at the same step, or none."""
         self.current = self.current + 1 if n is None else int(n)
-        if self.current >= self._next:
-            self._next = pol.next_due_step(self.policy, self.current)
-            if self.policy.total_steps is None or self.current <= self.policy.total_steps:
-                self.save(reason="scheduled")
+        now = time.monotonic()
+        # a signal's save comes within about three steps (two exchanges): wait that long for it, however long a step
+        self._preemption.grace, self._last_step_at = self._grace + 3 * (now - self._last_step_at), now
+        t = self._triggers
+        if metrics is not None and t.best_key is not None:
+            self._seen(metrics.get(t.best_key))
+        if self._shards.due():
+            t.exchange(self._shards, self._preemption.signum, self._metric, now)
+        if self.current >= t.next_due or t.attention:
+            self._due()
+
+    def _due(self) -> None:
+        t = self._triggers
+        decision = t.decide(self.current, self._preemption.pending, self._metric, time.time())
+        if decision.save and self.save(reason=decision.trigger) and decision.trigger == "best":
+            t.churn(self.current)
+        if decision.save and decision.trigger == "preempt":
+            self._preemption.finish(lambda: None)  # committed (or not) already: the signal's own handler now
+        t.decided(self._preemption.pending)
+
+    def _seen(self, value: Any) -> None:
+        self._metric = as_float(value)
+        self._triggers.metric_seen(self._metric)
 
     def start_at(self, step: int) -> None:
         self.current = step
-        self._next = pol.next_due_step(self.policy, step)
+        self._triggers.restart_at(step)
 
     def report(self, metrics: dict[str, Any]) -> None:
-        """Evaluation metrics: kept for the record; best-metric saves are not offered for engines yet."""
+        """Evaluation metrics. With ``best_metric``, an improvement is proposed at the next exchange
+        and every rank saves there (a few steps on, as for a sharded job: ranks must agree on the step)."""
+        if self._triggers.best_key is not None and self._triggers.best_key in metrics:
+            self._seen(metrics[self._triggers.best_key])
 
     def close(self) -> None:
         """End of the run: the final step is saved (committed) if it is not already."""
@@ -206,7 +252,32 @@ class EngineCheckpointer:
         self._closed = True
         if self.policy.save_final and self.last_saved != self.current and self.current > 0:
             self.save(reason="final")
+        self._stop()
         self._hang_up(self.current)
+
+    def _stop(self) -> None:
+        """The clock, the signal handlers and ckptd's groups (the last exchange completes first)."""
+        self._time_rules.close()
+        self._preemption.restore()
+        self._shards.drain()
+        self._shards.close()
+
+    def _time_fired(self, rule: str) -> None:
+        """Rank 0: a time rule fired (the daemon's ``due``, or our own clock): proposed at the next exchange."""
+        if rule != "memory":  # the memory tier takes whole snapshots; an engine's state is DeepSpeed's files
+            self._triggers.time_fired(rule)
+
+    def _between_steps(self, signum: int) -> None:
+        """No ``step()`` within the grace period after a signal: one rank alone cannot commit a tag."""
+        if self._closed:
+            return
+        log.error(
+            "ckptd: DeepSpeed job %s: no step() within %.0fs of signal %d; no preemption save",
+            self.job,
+            self._preemption.grace,
+            signum,
+        )
+        self._preemption.redeliver(signum)
 
     def __enter__(self) -> EngineCheckpointer:
         return self
@@ -214,7 +285,9 @@ class EngineCheckpointer:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is None:
             self.close()
-        self._closed = True  # an exception is not the end of the run: nothing saved as final
+        if not self._closed:  # an exception is not the end of the run: nothing saved as final
+            self._closed = True
+            self._stop()
         self._hang_up(None)  # nor an end: the daemon counts the unsaved steps
 
     def _hang_up(self, end_step: int | None) -> None:
@@ -260,6 +333,7 @@ class EngineCheckpointer:
         problem = str(verdict[0])
         if self.rank == 0 and not self._tell(tag, step, reason, problem, stall) and not problem:
             self._retain()  # embedded: nobody else applies the job's rules
+        self._attempted(step, reason, ok=not problem)
         if problem:
             self.failed += 1
             log.error("ckptd: job %s: DeepSpeed checkpoint %s not committed: %s", self.job, tag, problem)
@@ -275,6 +349,17 @@ class EngineCheckpointer:
                 stall,
             )
         return True
+
+    def _attempted(self, step: int, reason: str, ok: bool) -> None:
+        """The rules count from a save attempted at ``step``, as the daemon does (a failed save is
+        paged once, not retried at every step); a failed save's metric is no best."""
+        self._triggers.saved(step, TRIGGERS.get(reason, reason), self._metric if ok else None, time.time())
+        self._time_rules.saved_at(time.time())
+
+    def _tag_infos(self) -> list[Any]:
+        """This job's committed tags as checkpoints (their metrics: the best so far, on resume)."""
+        infos = [dsfmt.committed_info(os.path.join(self.directory, tag)) for _, tag in self.committed()]
+        return [c for c in infos if c.job == self.job]
 
     def _all_rngs(self) -> list[dict[str, Any]]:
         """Every rank's RNG states (client_state is written by rank 0 only under ZeRO-1/2)."""
@@ -314,6 +399,9 @@ class EngineCheckpointer:
                 "trigger": TRIGGERS.get(reason, reason),
                 "world_size": self.world_size,
                 "created": time.time(),
+                "metrics": {self.policy.best_metric: self._metric}
+                if self.policy.best_metric and self._metric is not None
+                else {},
                 "ranks": [{k: o.get(k) for k in ("rank", "files", "tensors", "bytes")} for o in outcomes],
             }
             _write_atomic(os.path.join(src, COMMIT), json.dumps(commit, indent=1).encode())

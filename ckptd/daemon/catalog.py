@@ -23,6 +23,7 @@ from ckptd.disk.manifest import MANIFEST, SHARD_RE
 from ckptd.disk.owner import NOBODY, Identity, acting_as, owner_of, uid_of
 from ckptd.disk.persist import TEMP_MARK
 from ckptd.disk.scan import SUFFIX, Checkpoint, read_info
+from ckptd.foreign import deepspeed as dsfmt
 
 log = logging.getLogger(__name__)
 SCHEMA = """
@@ -374,7 +375,7 @@ class Catalog:
                 continue
             try:  # read as the file's owner: what the daemon catalogues is what its owner could read
                 with acting_as(owner_of(path)):
-                    info = read_info(path)
+                    info = dsfmt.committed_info(path) if dsfmt.is_committed(path) else read_info(path)
             except OSError:  # its owner cannot read it, or the daemon may not act as its owner
                 continue
             if info.ok and not info.job:
@@ -413,6 +414,10 @@ def _checkpoint_files(roots: Sequence[str]) -> list[str]:
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".") and _utf8(dirpath, d)]
+            if dsfmt.COMMIT in filenames and not os.path.islink(dirpath):  # an engine job's committed tag
+                dirnames[:] = []
+                out.append(dirpath)
+                continue
             if MANIFEST in filenames or any(SHARD_RE.match(n) for n in filenames):
                 dirnames[:] = []  # a sharded unit: one checkpoint once committed, its shards are not
                 if MANIFEST in filenames and not os.path.islink(dirpath):

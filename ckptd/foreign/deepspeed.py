@@ -172,7 +172,7 @@ def committed_info(path: str) -> Checkpoint:
     except (OSError, ValueError) as exc:
         return Checkpoint(path, "", -1, 0, problem=f"{COMMIT}: {exc}")
     record = record if isinstance(record, dict) else {}
-    step, created = record.get("step"), record.get("created")
+    step, created, metrics = record.get("step"), record.get("created"), record.get("metrics")
     return Checkpoint(
         path,
         str(record.get("job") or ""),
@@ -180,6 +180,7 @@ def committed_info(path: str) -> Checkpoint:
         size,
         float(created) if isinstance(created, (int, float)) else os.lstat(path).st_mtime,
         trigger=str(record.get("trigger") or ""),
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))} if isinstance(metrics, dict) else {},
         pinned=is_pinned(path),
         shards=sum(1 for n in names if RANK_FILE.match(n)),
     )
