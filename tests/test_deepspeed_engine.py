@@ -261,3 +261,29 @@ def test_time_rule_and_preemption_save_agreed_steps_and_resume_there(tmp_path: P
     assert ckptd_cli("verify", str(d / f"global_step{newest}")).returncode == 0
     again = run_all({"again": torchrun(SCRIPT, "--dir", str(d), "--stage", "2", "--steps", str(newest + 2))})["again"]
     assert again.count(f"starting at step {newest}") == 2, again[-4000:]
+
+
+def test_every_auto_starts_from_a_guess_of_the_engines_state_not_from_nothing() -> None:
+    """Before its first save is timed, an engine job's ``every="auto"`` interval comes from a guess
+    of one rank's state (16 bytes a parameter, ZeRO-3's placeholders at their full size): without
+    it the interval would be a millisecond, a save at every exchange."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ckptd.core.policy import SavePolicy
+    from trainer_hooks.deepspeed import state_guess
+    from trainer_hooks.timerules import TimeRules
+
+    model = torch.nn.Linear(1000, 1000)
+    assert state_guess(SimpleNamespace(module=model), 2) == 16 * 1_001_000 // 2
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_numel = 5000  # type: ignore[attr-defined]
+    assert state_guess(SimpleNamespace(module=SimpleNamespace(parameters=lambda: [placeholder])), 1) == 80_000
+    assert state_guess(SimpleNamespace(), 1) == 0  # no module: no guess, never an error
+    policy = SavePolicy.from_settings({"every": "auto"})
+    rules = TimeRules(policy, lambda _: None, lambda: True, "j", state_guess(SimpleNamespace(module=model), 2))
+    try:
+        assert rules.auto is not None and rules.auto.seconds > 10 and rules.auto.rule == "young_daly", rules.auto
+    finally:
+        rules.close()

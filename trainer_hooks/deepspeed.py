@@ -119,6 +119,7 @@ class EngineCheckpointer:
         self._metric: float | None = None  # the best_metric's last value (step(metrics=) or report())
         self._triggers = Triggers(self.policy, job, sharded=True)  # every rank acts on the agreed flags
         self._shards = ShardGroup(shard_timeout)  # ckptd's own gloo groups: the flags' all_reduce
+        self._state_bytes = state_guess(engine, self.world_size)  # every="auto"'s cost guess before a save
         self.last_saved: int | None = None
         self.saved: list[str] = []
         self.failed = 0
@@ -145,7 +146,9 @@ class EngineCheckpointer:
         """Rank 0's clock (``every``, ``cron``; used while no daemon holds the job) and every rank's
         signal handlers: each only raises a flag, agreed over the ranks at the next exchange."""
         clock = self.policy if self.rank == 0 else pol.SavePolicy(save_final=False, on_preempt=False)
-        self._time_rules = TimeRules(clock, self._time_fired, lambda: self.mode == "embedded", self.job)
+        self._time_rules = TimeRules(
+            clock, self._time_fired, lambda: self.mode == "embedded", self.job, self._state_bytes
+        )
         self._time_rules.saved_at(time.time())
         self._grace, self._last_step_at = grace, time.monotonic()
         self._preemption = Preemption(grace, self._triggers.raise_attention, self._between_steps, lambda: None)
@@ -165,7 +168,8 @@ class EngineCheckpointer:
             "step": self.current,
             "rank": self.rank,
             "world_size": self.world_size,
-            "sharded": False,
+            "state_bytes": self._state_bytes,
+            "sharded": True,  # every rank writes its own part: no whole snapshot for the memory tier to hold
         }
 
     # -- the loop -------------------------------------------------------------------------------
@@ -334,6 +338,8 @@ class EngineCheckpointer:
         if self.rank == 0 and not self._tell(tag, step, reason, problem, stall) and not problem:
             self._retain()  # embedded: nobody else applies the job's rules
         self._attempted(step, reason, ok=not problem)
+        if not problem:  # every="auto": synchronous, the whole save is the stall and the persist
+            self._time_rules.measured(stall, stall)
         if problem:
             self.failed += 1
             log.error("ckptd: job %s: DeepSpeed checkpoint %s not committed: %s", self.job, tag, problem)
@@ -608,6 +614,17 @@ def _not_ours(tag_dir: str) -> str:
         if st.st_uid != me:
             return f"{path} is owned by uid {st.st_uid}, not by uid {me}"
     return ""
+
+
+def state_guess(engine: Any, world_size: int) -> int:
+    """One rank's bytes to save, guessed before the first save is timed: 16 bytes a parameter (fp32
+    weights, master copy and Adam's two moments), partitioned over the ranks; ZeRO-3's placeholders
+    count as the parameters they stand for (``ds_numel``)."""
+    try:
+        n = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
+    except Exception:  # noqa: BLE001 (a guess: an engine without a module gives none)
+        return 0
+    return 16 * n // max(1, world_size)
 
 
 def _written_by(name: str) -> int | None:
