@@ -414,13 +414,10 @@ def _checkpoint_files(roots: Sequence[str]) -> list[str]:
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".") and _utf8(dirpath, d)]
-            if dsfmt.COMMIT in filenames and not os.path.islink(dirpath):  # an engine job's committed tag
-                dirnames[:] = []
-                out.append(dirpath)
-                continue
-            if MANIFEST in filenames or any(SHARD_RE.match(n) for n in filenames):
-                dirnames[:] = []  # a sharded unit: one checkpoint once committed, its shards are not
-                if MANIFEST in filenames and not os.path.islink(dirpath):
+            marker = _unit_marker(filenames) if dirpath != root else ""
+            if marker:
+                dirnames[:] = []  # one checkpoint (or a partial one): its files are not checkpoints of their own
+                if marker != "partial" and _owned_alike(dirpath, marker):
                     out.append(dirpath)
                 continue
             for name in filenames:
@@ -434,3 +431,23 @@ def _checkpoint_files(roots: Sequence[str]) -> list[str]:
                 ):
                     out.append(full)
     return out
+
+
+def _unit_marker(filenames: Sequence[str]) -> str:
+    """The file that makes a directory one checkpoint: an engine job's committed tag
+    (``ckptd-commit.json``), a sharded unit's manifest, or "partial" (a unit's shards without
+    it: not one yet). A root is never asked: a marker planted in a shared (1777) root must not
+    hide the tree below it from the catalogue."""
+    if dsfmt.COMMIT in filenames:
+        return dsfmt.COMMIT
+    if MANIFEST in filenames:
+        return MANIFEST
+    return "partial" if any(SHARD_RE.match(n) for n in filenames) else ""
+
+
+def _owned_alike(dirpath: str, marker: str) -> bool:
+    """The marker is the directory owner's (its writer's), not planted there by another uid."""
+    try:
+        return os.lstat(dirpath).st_uid == os.lstat(os.path.join(dirpath, marker)).st_uid
+    except OSError:
+        return False
