@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--pause-at", type=int, default=0, help="... of the save at this step (to be killed there)")
     ap.add_argument("--corrupt-rank", type=int, default=-1, help="tests: this rank truncates its optimizer file ...")
     ap.add_argument("--corrupt-at", type=int, default=0, help="... of the save at this step (its verify then fails)")
+    ap.add_argument("--grace", type=float, default=0.0, help="preempt_grace (0: ckptd's default)")
+    ap.add_argument("--slow-preempt-save", type=float, default=0.0, help="tests: a preemption save takes this long")
     a = ap.parse_args()
     import deepspeed
 
@@ -60,8 +62,11 @@ def main() -> None:
             _pause_in_save(engine, a.pause_at)
         if rank == a.corrupt_rank:
             _corrupt_in_save(engine, a.corrupt_at)
+        if a.slow_preempt_save:
+            _slow_preempt_save(engine, a.slow_preempt_save)
         parts = {"model": engine.module, "optimizer": engine.optimizer} if a.pieces else {"engine": engine}
-        ckpt = Checkpointer("ds-demo", a.dir, **parts, every_steps=a.every, total_steps=a.steps)
+        more = {"preempt_grace": a.grace} if a.grace else {}
+        ckpt = Checkpointer("ds-demo", a.dir, **parts, every_steps=a.every, total_steps=a.steps, **more)
     start = ckpt.resume() if ckpt else 0
     print(f"rank {rank} pid {os.getpid()} starting at step {start}", flush=True)
     for step in range(start, a.steps):
@@ -94,6 +99,18 @@ def _pause_in_save(engine: object, step: int) -> None:
         return result
 
     engine.save_checkpoint = save_then_pause  # type: ignore[attr-defined]
+
+
+def _slow_preempt_save(engine: object, seconds: float) -> None:
+    """Tests: a preemption save that takes longer than the grace period (a multi-GB state's)."""
+    original = engine.save_checkpoint  # type: ignore[attr-defined]
+
+    def slow(*args: object, **kwargs: object) -> object:
+        if (kwargs.get("client_state") or {}).get("ckptd", {}).get("reason") == "preempt":  # type: ignore[attr-defined]
+            time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    engine.save_checkpoint = slow  # type: ignore[attr-defined]
 
 
 def _corrupt_in_save(engine: object, step: int) -> None:

@@ -231,11 +231,13 @@ def test_a_tag_of_another_uid_is_never_resumed(
 def test_time_rule_and_preemption_save_agreed_steps_and_resume_there(tmp_path: Path) -> None:
     """An engine job with ``every`` and no step save in reach: rank 0's clock fires, the ranks
     agree on a step and commit a ``time`` tag. Then SIGTERM to every process, as a scheduler
-    preempts: one more tag, ``preempt``, committed before the ranks exit by the signal. The next
-    run resumes at that tag's step on both ranks."""
+    preempts: one more tag, ``preempt``, committed before the ranks exit by the signal, though
+    that save takes 3 s against a grace period of 1 s (the grace timer must not cut a save under
+    way). The next run resumes at that tag's step on both ranks."""
     d, log = tmp_path / "ckpt", tmp_path / "run.log"
     env = {**ENV, "CKPTD_EVERY": "2s", "CKPTD_KEEP_LAST": "100"}
     args = ("--dir", str(d), "--stage", "2", "--steps", "400", "--every", "1000", "--step-sleep", "0.1")
+    args += ("--grace", "1", "--slow-preempt-save", "3")
     with open(log, "wb") as out:
         p = subprocess.Popen(
             torchrun(SCRIPT, *args), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

@@ -277,3 +277,21 @@ def test_export_of_a_unit_of_per_rank_state_takes_one_rank(tmp_path: Path) -> No
     ok = ckptd_cli("export", path, str(tmp_path / "out"), "--rank", "0")
     assert ok.returncode == 0, ok.stderr
     assert set(load_file(str(tmp_path / "out" / "model.safetensors"))) == {"weight", "bias"}
+
+
+def test_a_trigger_one_rank_sees_waits_for_the_exchange() -> None:
+    """Sharded (and DeepSpeed engine) jobs: a time rule firing or a signal arriving on one rank
+    must not send that rank alone into a save (its collectives would pair with the other ranks'
+    training, or a `final` save past total_steps would run on one rank): it is only a flag for the
+    next exchange. A single-process job acts on it at its next step()."""
+    from ckptd.core.policy import SavePolicy
+    from trainer_hooks.triggers import Triggers
+
+    policy = SavePolicy.from_settings({"every": 1.0, "total_steps": 10})
+    sharded = Triggers(policy, "j", sharded=True)
+    sharded.time_fired("every")
+    sharded.raise_attention()
+    assert not sharded.attention and sharded.time_due == "every"  # sent at the next exchange
+    single = Triggers(policy, "j", sharded=False)
+    single.time_fired("every")
+    assert single.attention

@@ -32,6 +32,7 @@ scheduler, DeepSpeed's step counters; ckptd's step and every rank's RNG states t
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -123,7 +124,7 @@ class EngineCheckpointer:
         self.last_saved: int | None = None
         self.saved: list[str] = []
         self.failed = 0
-        self._closed = False
+        self._closed = self._stopped = self._saving = False
         self.link: Link | None = None
         if self.rank == 0:
             os.makedirs(self.directory, exist_ok=True)
@@ -141,6 +142,7 @@ class EngineCheckpointer:
                     on_due=self._time_fired,
                 )
         self._start_clocks(signals, grace)
+        atexit.register(self._at_exit)
 
     def _start_clocks(self, signals: Any, grace: float) -> None:
         """Rank 0's clock (``every``, ``cron``; used while no daemon holds the job) and every rank's
@@ -219,8 +221,8 @@ class EngineCheckpointer:
         # a signal's save comes within about three steps (two exchanges): wait that long for it, however long a step
         self._preemption.grace, self._last_step_at = self._grace + 3 * (now - self._last_step_at), now
         t = self._triggers
-        if metrics is not None and t.best_key is not None:
-            self._seen(metrics.get(t.best_key))
+        if metrics is not None and t.best_key is not None and t.best_key in metrics:
+            self._seen(metrics[t.best_key])
         if self._shards.due():
             t.exchange(self._shards, self._preemption.signum, self._metric, now)
         if self.current >= t.next_due or t.attention:
@@ -250,21 +252,40 @@ class EngineCheckpointer:
             self._seen(metrics[self._triggers.best_key])
 
     def close(self) -> None:
-        """End of the run: the final step is saved (committed) if it is not already."""
+        """End of the run: the final step is saved (committed) if it is not already. A signal that
+        came during that save goes on to its own handler once the daemon heard the end."""
         if self._closed:
             return
         self._closed = True
-        if self.policy.save_final and self.last_saved != self.current and self.current > 0:
-            self.save(reason="final")
-        self._stop()
-        self._hang_up(self.current)
+        try:
+            if self.policy.save_final and self.last_saved != self.current and self.current > 0:
+                self.save(reason="final")
+        finally:
+            signum = self._stop()
+            self._hang_up(self.current)
+        if signum:
+            os.kill(os.getpid(), signum)
 
-    def _stop(self) -> None:
-        """The clock, the signal handlers and ckptd's groups (the last exchange completes first)."""
+    def _stop(self) -> int:
+        """The clock, the signal handlers and ckptd's groups (the last exchange completes first);
+        once. Returns the signal still waiting for a save (0: none)."""
+        if self._stopped:
+            return 0
+        self._stopped = True
+        signum = self._preemption.signum or 0
         self._time_rules.close()
         self._preemption.restore()
         self._shards.drain()
         self._shards.close()
+        return max(0, signum)
+
+    def _at_exit(self) -> None:
+        """The run ended without ``close()`` (an exception, or a script that forgot it): nothing is
+        saved as final, the daemon counts the unsaved steps, and ckptd's threads and groups go now."""
+        if not self._closed:
+            self._closed = True
+            self._stop()
+            self._hang_up(None)
 
     def _time_fired(self, rule: str) -> None:
         """Rank 0: a time rule fired (the daemon's ``due``, or our own clock): proposed at the next exchange."""
@@ -273,7 +294,10 @@ class EngineCheckpointer:
 
     def _between_steps(self, signum: int) -> None:
         """No ``step()`` within the grace period after a signal: one rank alone cannot commit a tag."""
-        if self._closed:
+        if self._saving:  # never cut a save under way (a preemption's own, or one the signal came in)
+            self._preemption.rearm()
+            return
+        if self._closed:  # close() passes the signal on when it is done
             return
         log.error(
             "ckptd: DeepSpeed job %s: no step() within %.0fs of signal %d; no preemption save",
@@ -289,10 +313,7 @@ class EngineCheckpointer:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is None:
             self.close()
-        if not self._closed:  # an exception is not the end of the run: nothing saved as final
-            self._closed = True
-            self._stop()
-        self._hang_up(None)  # nor an end: the daemon counts the unsaved steps
+        self._at_exit()  # an exception is not the end of the run: nothing saved as final, nor an end
 
     def _hang_up(self, end_step: int | None) -> None:
         if self.link is not None:
@@ -304,6 +325,13 @@ class EngineCheckpointer:
     def save(self, reason: str = "manual") -> bool:
         """Stage, verify, agree, commit (the module docstring). Never raises: a failed save is
         logged and counted, training goes on, and nothing is committed."""
+        self._saving = True  # a signal's grace timer waits for it (``_between_steps``)
+        try:
+            return self._save(reason)
+        finally:
+            self._saving = False
+
+    def _save(self, reason: str) -> bool:
         step = self.current
         tag = f"global_step{step}"
         staging = os.path.join(self.directory, STAGING + tag)
@@ -337,7 +365,7 @@ class EngineCheckpointer:
         problem = str(verdict[0])
         if self.rank == 0 and not self._tell(tag, step, reason, problem, stall) and not problem:
             self._retain()  # embedded: nobody else applies the job's rules
-        self._attempted(step, reason, ok=not problem)
+        self._attempted(step, reason)
         if not problem:  # every="auto": synchronous, the whole save is the stall and the persist
             self._time_rules.measured(stall, stall)
         if problem:
@@ -356,16 +384,16 @@ class EngineCheckpointer:
             )
         return True
 
-    def _attempted(self, step: int, reason: str, ok: bool) -> None:
-        """The rules count from a save attempted at ``step``, as the daemon does (a failed save is
-        paged once, not retried at every step); a failed save's metric is no best."""
-        self._triggers.saved(step, TRIGGERS.get(reason, reason), self._metric if ok else None, time.time())
+    def _attempted(self, step: int, reason: str) -> None:
+        """The rules count from a save attempted at ``step``, as the daemon does, and its metric
+        as proposed: a failed save is paged once, not retried at every step or exchange."""
+        self._triggers.saved(step, TRIGGERS.get(reason, reason), self._metric, time.time())
         self._time_rules.saved_at(time.time())
 
     def _tag_infos(self) -> list[Any]:
         """This job's committed tags as checkpoints (their metrics: the best so far, on resume)."""
         infos = [dsfmt.committed_info(os.path.join(self.directory, tag)) for _, tag in self.committed()]
-        return [c for c in infos if c.job == self.job]
+        return [c for c in infos if c.job == self.job and not _not_ours(c.path)]
 
     def _all_rngs(self) -> list[dict[str, Any]]:
         """Every rank's RNG states (client_state is written by rank 0 only under ZeRO-1/2)."""

@@ -78,6 +78,15 @@ class Preemption:
         log.warning("ckptd: signal %d: preemption save at the next step (or in %.0fs)", signum, self.grace)
         self.signum = signum
         self._raised()
+        self._arm(signum)
+
+    def rearm(self) -> None:
+        """Look again in one more grace period: a save is under way, and the timer must not end the
+        process in its middle (a multi-GB DeepSpeed save takes longer than the grace)."""
+        if self.signum is not None and self.signum > 0:
+            self._arm(self.signum)
+
+    def _arm(self, signum: int) -> None:
         self._timer = threading.Timer(self.grace, self._expired, args=[signum])
         self._timer.daemon = True
         self._timer.start()

@@ -78,10 +78,12 @@ class Triggers:
             self.memory_due = True
         else:
             self.time_due = rule
-        self.attention = True
+        # sharded: only what the ranks agreed on may send one rank into a save (its collectives
+        # would pair with the others' training); the flag goes out at the next exchange
+        self.attention = not self.sharded or rule == "memory"
 
     def raise_attention(self) -> None:
-        self.attention = True
+        self.attention = not self.sharded
 
     def exchange(self, shards: ShardGroup, signum: int | None, metric: float | None, now: float) -> None:
         """Sharded: send this step's own triggers once; act on what all ranks sent last time."""

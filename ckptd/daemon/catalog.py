@@ -415,9 +415,9 @@ def _checkpoint_files(roots: Sequence[str]) -> list[str]:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".") and _utf8(dirpath, d)]
             marker = _unit_marker(filenames) if dirpath != root else ""
-            if marker:
+            if marker and _owned_alike(dirpath, marker):
                 dirnames[:] = []  # one checkpoint (or a partial one): its files are not checkpoints of their own
-                if marker != "partial" and _owned_alike(dirpath, marker):
+                if marker in (dsfmt.COMMIT, MANIFEST):
                     out.append(dirpath)
                 continue
             for name in filenames:
@@ -434,15 +434,16 @@ def _checkpoint_files(roots: Sequence[str]) -> list[str]:
 
 
 def _unit_marker(filenames: Sequence[str]) -> str:
-    """The file that makes a directory one checkpoint: an engine job's committed tag
-    (``ckptd-commit.json``), a sharded unit's manifest, or "partial" (a unit's shards without
-    it: not one yet). A root is never asked: a marker planted in a shared (1777) root must not
-    hide the tree below it from the catalogue."""
+    """The file that makes a directory one checkpoint, not walked into: an engine job's committed
+    tag (``ckptd-commit.json``), a sharded unit's manifest, or a shard (a unit without its
+    manifest: not one yet, nothing to catalogue). A root is never asked, and the marker counts
+    only when its directory owner's (``_owned_alike``): one planted in a directory others may
+    write (the 1777 root, a shared scratch) must not hide the tree below it from the catalogue."""
     if dsfmt.COMMIT in filenames:
         return dsfmt.COMMIT
     if MANIFEST in filenames:
         return MANIFEST
-    return "partial" if any(SHARD_RE.match(n) for n in filenames) else ""
+    return next((n for n in sorted(filenames) if SHARD_RE.match(n)), "")
 
 
 def _owned_alike(dirpath: str, marker: str) -> bool:

@@ -39,25 +39,3 @@ def test_committed_tags_written_while_the_daemon_was_away_are_catalogued(tmp_pat
         ("global_step4", 4, "time", {"loss": 0.5}),
         ("global_step8", 8, "time", {"loss": 0.5}),
     ]
-
-
-def test_a_marker_planted_in_a_shared_root_or_by_another_uid_hides_nothing(tmp_path: Path) -> None:
-    """The root is 1777: anyone may create ``ckptd-commit.json``, a manifest or a shard name in it.
-    Such a file once made the daemon take the whole root for one checkpoint and catalogue nothing
-    under it (start-up reconcile, sweep). A root is never a checkpoint; a unit's marker counts only
-    when it is its directory owner's."""
-    root = tmp_path / "root"
-    _tag(root / "alice", 4)
-    for planted in (COMMIT, "ckptd-manifest.json", "rank00000-of-00002.safetensors"):
-        (root / planted).write_text("{}")
-    forged = _tag(root / "alice", 8)
-    if os.geteuid() == 0:  # as another uid could, in a directory it may write
-        os.chown(forged / COMMIT, 65534, 65534)
-    cat = Catalog(str(tmp_path / "state"))
-    try:
-        cat.reconcile([str(root)])
-        rows = cat.checkpoints("ds")
-    finally:
-        cat.close()
-    expected = ["global_step4"] if os.geteuid() == 0 else ["global_step4", "global_step8"]
-    assert [Path(r.path).name for r in rows] == expected
