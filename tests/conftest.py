@@ -318,6 +318,31 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.02)
 
 
+def preempt_group(
+    p: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    timeout: float,
+    what: str,
+    exit_timeout: float,
+    settle: float = 0.0,
+) -> None:
+    """As a scheduler preempts a job started with ``start_new_session=True``: once ``ready()``
+    holds (or the job ended) and ``settle`` seconds more have passed, SIGTERM to every process of
+    its session, and wait for the end;
+    whatever is still running after that (or after a failed wait) is SIGKILLed."""
+    import signal
+
+    try:
+        wait_until(lambda: ready() or p.poll() is not None, timeout, what)
+        time.sleep(settle)
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(exit_timeout)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 class MotoServer:
     """A real S3-compatible server (moto in server mode) on a loopback port, for the remote tier."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port, project_env, wait_until
+from tests.conftest import PYTHON, ROOT, ckptd_cli, free_port, preempt_group, project_env
 
 pytest.importorskip("deepspeed")
 
@@ -242,14 +242,7 @@ def test_time_rule_and_preemption_save_agreed_steps_and_resume_there(tmp_path: P
         p = subprocess.Popen(
             torchrun(SCRIPT, *args), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    try:
-        wait_until(lambda: "(time, every rank verified" in log.read_text() or p.poll() is not None, 300, "a time tag")
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(300)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    preempt_group(p, lambda: "(time, every rank verified" in log.read_text(), 300, "a time tag", exit_timeout=300)
     text = log.read_text()
     assert p.returncode != 0 and "(preempt, every rank verified" in text, text[-4000:]
     commits = {

@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from ckptd.disk.persist import TEMP_MARK
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_file, verify_unit
 from ckptd.save.keep import collect
-from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, run_py, wait_until
+from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, preempt_group, run_py, wait_until
 from tests.test_integrations import ENV, run
 
 TORCHRUN = str(Path(PYTHON).parent / "torchrun")
@@ -184,19 +183,9 @@ def test_sigterm_to_the_whole_job_commits_a_preemption_checkpoint(tmp_path: Path
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    try:
-        wait_until(
-            lambda: log.read_text().count("starting at step") == 2 or p.poll() is not None,
-            60,
-            "both ranks to start training",
-        )
-        time.sleep(1)  # a few steps in
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(60)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    preempt_group(
+        p, lambda: log.read_text().count("starting at step") == 2, 60, "both ranks to start training", 60, settle=1.0
+    )  # SIGTERM a few steps in
     units = scan(str(d), JOB)
     assert [c.trigger for c in units] == ["preempt"] and units[0].ok and units[0].shards == 2, units
     assert verify_unit(units[0].path).ok and units[0].step > 0

@@ -200,7 +200,9 @@ class EngineCheckpointer:
         if isinstance(self.extra, dict) and isinstance(ours.get("extra"), dict):
             self.extra.update(ours["extra"])
         self.current = self.last_saved = int(ours.get("step", self.engine.global_steps))
-        self._triggers.restart_at(self.current, [c.metrics.get(self.policy.best_metric) for c in self._tag_infos()])
+        best = self.policy.best_metric  # the best so far: only from this uid's own tags, as the one loaded
+        ours = [c for c in dsfmt.job_tags(self.directory, self.job) if not _not_ours(c.path)]
+        self._triggers.restart_at(self.current, [c.metrics.get(best) for c in ours])
         if not self.quiet and self.rank == 0:
             log.warning(
                 "ckptd: job %s resumed at step %d from %s (%.2fs)",
@@ -366,12 +368,11 @@ class EngineCheckpointer:
         if self.rank == 0 and not self._tell(tag, step, reason, problem, stall) and not problem:
             self._retain()  # embedded: nobody else applies the job's rules
         self._attempted(step, reason)
-        if not problem:  # every="auto": synchronous, the whole save is the stall and the persist
-            self._time_rules.measured(stall, stall)
         if problem:
             self.failed += 1
             log.error("ckptd: job %s: DeepSpeed checkpoint %s not committed: %s", self.job, tag, problem)
             return False
+        self._time_rules.measured(stall, stall)  # every="auto": synchronous, the whole save is stall and persist
         self.last_saved = step
         self.saved.append(tag)
         if not self.quiet and self.rank == 0:
@@ -387,13 +388,9 @@ class EngineCheckpointer:
     def _attempted(self, step: int, reason: str) -> None:
         """The rules count from a save attempted at ``step``, as the daemon does, and its metric
         as proposed: a failed save is paged once, not retried at every step or exchange."""
-        self._triggers.saved(step, TRIGGERS.get(reason, reason), self._metric, time.time())
-        self._time_rules.saved_at(time.time())
-
-    def _tag_infos(self) -> list[Any]:
-        """This job's committed tags as checkpoints (their metrics: the best so far, on resume)."""
-        infos = [dsfmt.committed_info(os.path.join(self.directory, tag)) for _, tag in self.committed()]
-        return [c for c in infos if c.job == self.job and not _not_ours(c.path)]
+        now = time.time()
+        self._triggers.saved(step, TRIGGERS.get(reason, reason), self._metric, now)
+        self._time_rules.saved_at(now)
 
     def _all_rngs(self) -> list[dict[str, Any]]:
         """Every rank's RNG states (client_state is written by rank 0 only under ZeRO-1/2)."""

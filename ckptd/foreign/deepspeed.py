@@ -161,6 +161,13 @@ def committed_tags(directory: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+def job_tags(directory: str, job: str) -> list[Checkpoint]:
+    """``job``'s committed tags in ``directory``, oldest first, as their ``COMMIT`` records
+    describe them (for retention over them, and the best metric so far on resume)."""
+    infos = [committed_info(os.path.join(directory, n)) for _, n in committed_tags(directory)]
+    return [c for c in infos if c.job == job]
+
+
 def committed_info(path: str) -> Checkpoint:
     """A committed tag as the catalogue and retention describe a checkpoint: job, step and
     creation time from its ``COMMIT`` record (read without following a link), its bytes."""

@@ -186,7 +186,6 @@ def prune_tags(t: Target, on_removed: Removed = _ignore, now: float | None = Non
     rules = retention.Rules.from_settings(t.settings)
     if not rules.any_window:
         return
-    tags = [dsfmt.committed_info(os.path.join(t.directory, n)) for _, n in dsfmt.committed_tags(t.directory)]
-    items = items_from([c for c in tags if c.job == t.job], rules.best_metric)
+    items = items_from(dsfmt.job_tags(t.directory, t.job), rules.best_metric)
     verdicts = retention.judge(items, rules, time.time() if now is None else now)
     on_removed(apply(verdicts, t.guard, t.settings.get("quarantine_dir")))
