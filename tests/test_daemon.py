@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -513,10 +514,11 @@ def test_gc_and_pin_through_the_daemon(daemon: DaemonProc) -> None:
 
 
 GROWING = r"""
-import sys, time, torch
+import os, sys, time, torch
 from trainer_hooks import Checkpointer
 model = torch.nn.Linear(64, 64)
 extra = {"ballast": torch.zeros(16)}
+stop = sys.argv[2]  # the test creates it once it has seen the saves it needs, however slow the machine
 ckpt = Checkpointer("grow", sys.argv[1], model=model, extra=extra, every="auto", mtbf="30s",
                     max_overhead="0.5%", keep_last=2)
 assert ckpt.mode == "daemon"
@@ -525,8 +527,7 @@ while time.time() < end:
     ckpt.step(); time.sleep(0.005)
 print("GROW", flush=True)
 extra["ballast"] = torch.randn(64 << 20)           # 256 MiB more state: each save now stalls far longer
-end = time.time() + 30  # enough saves after the growth for the median of the stalls to move, under load too
-while time.time() < end:
+while not os.path.exists(stop):
     ckpt.step(); time.sleep(0.005)
 ckpt.close()
 """
@@ -540,15 +541,20 @@ def _time_save_gaps(daemon: DaemonProc, job: str) -> list[tuple[float, float]]:
     return [(b, b - a) for a, b in zip(times, times[1:])]
 
 
+def _gaps_since(daemon: DaemonProc, since: float) -> list[float]:
+    """The gaps between time saves that both came after ``since``."""
+    return [g for t, g in _time_save_gaps(daemon, "grow") if t - g > since]
+
+
 @pytest.mark.serial
 def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonProc) -> None:
     """Issue 18: the daemon chooses the interval from the stalls it is told of; a state that
     grows 256 MiB mid-run makes each save cost more, and the interval widens with it. With
     max_overhead at 0.5% the overhead bound (linear in the stall) decides once saves are costly."""
-    run = daemon.root / "grow"
+    run, stop = daemon.root / "grow", daemon.root.parent / "grow.stop"
     run.mkdir()
     proc = subprocess.Popen(
-        [PYTHON, "-c", GROWING, str(run)],
+        [PYTHON, "-c", GROWING, str(run), str(stop)],
         env=env_for(daemon),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -562,6 +568,13 @@ def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonPro
         status = ckptd_cli("status", "--socket", daemon.socket).stdout
         assert "every=auto: a save every" in status and "M=30s" in status
         switched = _time_save_gaps(daemon, "grow")[-1][0]
+        # the median of the stalls moves over several costly saves; then two whole gaps at the new interval
+        # (the daemon ticks once a second, so a sub-second interval is a save a second)
+        wider = 3 * max(small, 1.0)
+        wait_until(lambda: daemon.metric("ckptd_auto_interval_seconds", training_job="grow") > wider, 90, "wider")
+        widened = time.time()
+        wait_until(lambda: len(_gaps_since(daemon, widened)) >= 2, 90, "two saves at the wider interval")
+        stop.touch()
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -572,8 +585,8 @@ def test_every_auto_widens_the_interval_when_saves_grow_costly(daemon: DaemonPro
     assert auto["rule"] == "max_overhead" and "raised to the max_overhead bound" in auto["reason"], auto
     gaps = _time_save_gaps(daemon, "grow")
     before = [g for t, g in gaps if t <= switched]
-    after = [g for t, g in gaps if t > switched][-2:]  # once the median of the stalls has moved
-    assert len(before) >= 3 and len(after) == 2, gaps
+    after = _gaps_since(daemon, widened)
+    assert len(before) >= 3 and len(after) >= 2, gaps
     assert min(after) > 2.5 * max(sorted(before)[len(before) // 2], 1.0), gaps  # the daemon ticks once a second
     # the overhead gauge is the stalls the hook reported over the time the job ran (its one-off first
     # save into a grown buffer included: the bound steers the interval, it cannot undo a spike)
