@@ -29,7 +29,7 @@ from benchmarks.common import MiB, Series, project_env, scratch, table, timed, w
 def staged(size_mib: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from trainer_hooks.staging import StagingBuffer
+    from trainer_hooks._snapshot.staging import StagingBuffer
 
     buf = StagingBuffer()
     tensors = {f"t{i}": torch.randn(size_mib * MiB // 4 // 8) for i in range(8)}

@@ -31,7 +31,7 @@ def make_checkpoint(directory: Path, mib: int, step: int = 1) -> str:
     import torch
 
     from ckptd.disk.persist import persist
-    from trainer_hooks.staging import StagingBuffer
+    from trainer_hooks._snapshot.staging import StagingBuffer
 
     tensors = {f"layer{i}": torch.randn(mib * MiB // 4 // 8) for i in range(8)}
     meta = {

@@ -16,7 +16,7 @@ on every rank, interleaved so that noise hits all alike:
 
 With ``--fsdp`` the state is an FSDP2 model (``fully_shard``, DTensor parameters and AdamW
 state, ``--mib`` MiB per rank): ckptd's stall then includes torch.distributed.checkpoint's
-planning collectives (``trainer_hooks.dcpio``), and DCP saves the same FSDP2 state dict.
+planning collectives (``trainer_hooks._ranks.dcpio``), and DCP saves the same FSDP2 state dict.
 
     python benchmarks/bench_sharded.py [--ranks 2] [--mib 64] [--reps 5] [--quick] [--fsdp]
 """

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ckptd.disk.persist import persist
-from trainer_hooks.staging import StagingBuffer
-from trainer_hooks.state import capture, flatten
+from trainer_hooks._snapshot.staging import StagingBuffer
+from trainer_hooks._state.state import capture, flatten
 
 
 def save_state(

@@ -267,8 +267,8 @@ def test_every_auto_starts_from_a_guess_of_the_engines_state_not_from_nothing() 
     import torch
 
     from ckptd.core.policy import SavePolicy
+    from trainer_hooks._clock.timerules import TimeRules
     from trainer_hooks.deepspeed import state_guess
-    from trainer_hooks.timerules import TimeRules
 
     model = torch.nn.Linear(1000, 1000)
     assert state_guess(SimpleNamespace(module=model), 2) == 16 * 1_001_000 // 2

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ckptd.disk.verify import verify_file
 from tests.helpers import save_state
 from trainer_hooks import load
-from trainer_hooks.state import capture, flatten
+from trainer_hooks._state.state import capture, flatten
 
 
 def roundtrip(state: dict, tmp_path: Path) -> dict:

@@ -31,7 +31,7 @@ def test_the_snapshot_setting_is_checked_and_cpu_state_ignores_it(tmp_path: Path
 def test_a_buffer_cuda_will_not_page_lock_still_stages_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
     """Page-locking is an optimisation: refused (here: a torch without CUDA), the snapshot is staged
     all the same, into the same reserved memory, and the reason is logged once."""
-    from trainer_hooks.staging import StagingBuffer
+    from trainer_hooks._snapshot.staging import StagingBuffer
 
     buf = StagingBuffer("nopin", pin=True)
     try:

@@ -449,7 +449,7 @@ def test_a_client_gets_one_save_in_flight_at_a_time(daemon: DaemonProc) -> None:
     """The daemon's two persist workers are shared: a client queueing saves without waiting for
     their replies (huge headers, say) would hold them all. The hook never has two of a kind in
     flight: one disk save, and one memory-only save in its own buffer."""
-    from trainer_hooks.staging import StagingBuffer
+    from trainer_hooks._snapshot.staging import StagingBuffer
 
     run = daemon.root / "greedy"
     run.mkdir()

@@ -274,7 +274,7 @@ def test_a_trigger_one_rank_sees_waits_for_the_exchange() -> None:
     training, or a `final` save past total_steps would run on one rank): it is only a flag for the
     next exchange. A single-process job acts on it at its next step()."""
     from ckptd.core.policy import SavePolicy
-    from trainer_hooks.triggers import Triggers
+    from trainer_hooks._clock.triggers import Triggers
 
     policy = SavePolicy.from_settings({"every": 1.0, "total_steps": 10})
     sharded = Triggers(policy, "j", sharded=True)

@@ -4,8 +4,8 @@ Import-light by contract (SPEC §2): importing this package pulls in torch and t
 torch-free core of ckptd, never watchdog, apscheduler or prometheus_client.
 """
 
+from trainer_hooks._resume.resume import ResumeError
+from trainer_hooks._state.loader import load
 from trainer_hooks.checkpointer import Checkpointer
-from trainer_hooks.loader import load
-from trainer_hooks.resume import ResumeError
 
 __all__ = ["Checkpointer", "ResumeError", "load"]

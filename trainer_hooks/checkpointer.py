@@ -44,20 +44,20 @@ from ckptd.disk.persist import Persisted, PersistError, cleanup_temp
 from ckptd.disk.preflight import check_directory, check_job, check_template, render, resolve_target
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.target import Target
-from trainer_hooks.link import socket_path
-from trainer_hooks.outlet import Outlet
-from trainer_hooks.overlap import Overlap
-from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption, uncaught_exception
-from trainer_hooks.record import SaveRecord
-from trainer_hooks.resume import Resumer
-from trainer_hooks.shards import ShardGroup, rank_and_world
-from trainer_hooks.shared import SharedTensors
-from trainer_hooks.snapshot import Position, Snapshotter, Taken, holds_dtensors
-from trainer_hooks.staging import Pending, StagingBuffer
-from trainer_hooks.state import as_float
-from trainer_hooks.timerules import TimeRules
-from trainer_hooks.triggers import SCHEDULED, Triggers, hook_policy, warn_about_plan
-from trainer_hooks.worker import SaveJob
+from trainer_hooks._clock.preempt import DEFAULT_SIGNALS, Preemption, uncaught_exception
+from trainer_hooks._clock.timerules import TimeRules
+from trainer_hooks._clock.triggers import SCHEDULED, Triggers, hook_policy, warn_about_plan
+from trainer_hooks._handoff.link import socket_path
+from trainer_hooks._handoff.outlet import Outlet
+from trainer_hooks._handoff.record import SaveRecord
+from trainer_hooks._handoff.worker import StagedSave
+from trainer_hooks._ranks.shards import ShardGroup, rank_and_world
+from trainer_hooks._resume.resume import Resumer
+from trainer_hooks._snapshot.overlap import Overlap
+from trainer_hooks._snapshot.shared import SharedTensors
+from trainer_hooks._snapshot.snapshot import Position, Snapshotter, Taken, holds_dtensors
+from trainer_hooks._snapshot.staging import Pending, StagingBuffer
+from trainer_hooks._state.state import as_float
 
 if TYPE_CHECKING:
     import torch
@@ -197,7 +197,9 @@ class Checkpointer:
         )
         self.rank, self.world_size = rank_and_world()
         self._shards = ShardGroup(shard_timeout) if sharded else None
-        self._dcp = self._shards is not None and holds_dtensors(self.model)  # FSDP2: DCP plans (trainer_hooks.dcpio)
+        self._dcp = self._shards is not None and holds_dtensors(
+            self.model
+        )  # FSDP2: DCP plans (trainer_hooks._ranks.dcpio)
         # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
         self.saving = sharded or self.rank == 0
         self.policy = hook_policy(group(self.settings, "policy"), self.saving, sharded, self.job)
@@ -385,7 +387,9 @@ class Checkpointer:
         taken = self._snap.take(trigger, rule, now, memory_only=memory)
         filename = render(self.template, self.job, self._progress.step, self.epoch, now)
         overlap = self._outlet.overlap is not None and not memory
-        if deferred := overlap and not taken.on_gpu:  # the copy thread composes and copies it (trainer_hooks.overlap)
+        if (
+            deferred := overlap and not taken.on_gpu
+        ):  # the copy thread composes and copies it (trainer_hooks._snapshot.overlap)
             self._snap.hold(taken)
             stall = (time.perf_counter_ns() - t0) / 1e9
             self._outlet.defer(lambda: self._stage(buffer, taken, filename, False, t0, stall), taken.meta.step)
@@ -405,7 +409,7 @@ class Checkpointer:
 
     def _stage(
         self, buffer: StagingBuffer, taken: Taken, filename: str, later: bool, t0: int, stall: float | None = None
-    ) -> tuple[SaveJob, dict[str, Any], Pending]:
+    ) -> tuple[StagedSave, dict[str, Any], Pending]:
         """Compose the snapshot and copy it into ``buffer`` (``later``: leave the CUDA copies of what the
         optimizer writes in flight, ``Pending``); the save, described for whoever persists it. On the copy
         thread (``stall`` given) its time is part of the save's cost: a CPU copy takes about that from training."""
@@ -422,16 +426,16 @@ class Checkpointer:
             pending,
         )
 
-    def _on_persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
+    def _on_persisted(self, staged: StagedSave, result: Persisted | None, error: PersistError | None) -> None:
         """Runs on the worker thread (or the link's reader) after each save."""
-        if job.trigger == "memory":  # a snapshot for the daemon's memory tier: nothing on disk to record
+        if staged.trigger == "memory":  # a snapshot for the daemon's memory tier: nothing on disk to record
             self.stats["memory"] += result is not None
             return
         if result is not None:
-            self._time_rules.measured(persist=time.monotonic() - job.submitted)
+            self._time_rules.measured(persist=time.monotonic() - staged.submitted)
         if self._snap.shared is not None:  # where the frozen tensors' bytes are now, or forget them all
-            self._snap.shared.verified(job.step, result.path) if result is not None else self._snap.shared.failed()
-        self._record.persisted(job, result, error)
+            self._snap.shared.verified(staged.step, result.path) if result is not None else self._snap.shared.failed()
+        self._record.persisted(staged, result, error)
 
     def _time_fired(self, rule: str) -> None:
         """A time rule fired (the daemon's ``due``, or our own clock): the save happens at the next ``step()``."""

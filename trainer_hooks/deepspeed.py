@@ -49,13 +49,13 @@ from ckptd.core.settings import env_table, from_env, group, parse_table, resolve
 from ckptd.foreign import deepspeed as dsfmt
 from ckptd.foreign.formats import step_from_name
 from ckptd.foreign.picklesafe import verify_torch
-from trainer_hooks.link import Link, socket_path
-from trainer_hooks.preempt import DEFAULT_SIGNALS, Preemption
-from trainer_hooks.rng import restore_rng, rng_state
-from trainer_hooks.shards import ShardGroup
-from trainer_hooks.state import as_float
-from trainer_hooks.timerules import TimeRules
-from trainer_hooks.triggers import Triggers, hook_policy
+from trainer_hooks._clock.preempt import DEFAULT_SIGNALS, Preemption
+from trainer_hooks._clock.timerules import TimeRules
+from trainer_hooks._clock.triggers import Triggers, hook_policy
+from trainer_hooks._handoff.link import Link, socket_path
+from trainer_hooks._ranks.shards import ShardGroup
+from trainer_hooks._state.rng import restore_rng, rng_state
+from trainer_hooks._state.state import as_float
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class EngineCheckpointer:
         """One more optimizer step done (or ``n`` steps in all). Step rules are pure functions of the
         step, so every rank decides alike. A time rule (rank 0's clock or the daemon's ``due``), a
         preemption signal and a better metric are flags, combined over the ranks by the sharded
-        path's exchange (``trainer_hooks.shards``): every rank saves at the same step, or none."""
+        path's exchange (``trainer_hooks._ranks.shards``): every rank saves at the same step, or none."""
         self.current = self.current + 1 if n is None else int(n)
         now = time.monotonic()
         # a signal's save comes within about three steps (two exchanges): wait that long for it, however long a step
@@ -523,7 +523,7 @@ def engine_behind(model: Any, optimizer: Any) -> Any:
     engine (``model=engine.module, optimizer=engine.optimizer``, or the engine as the model):
     a ZeRO optimizer holds a loss scaler and flat partitions, ZeRO-3 parameters are 0-element
     placeholders, neither can be saved as plain tensors. None when nothing is DeepSpeed's."""
-    from trainer_hooks.state import StateError
+    from trainer_hooks._state.state import StateError
 
     if is_engine(model):
         return model
@@ -596,8 +596,8 @@ def hf_resume_dir(directory: str, job: str, scratch: str) -> str | None:
     client_state. Each rank makes its own (they run this at once)."""
     import torch
 
-    from trainer_hooks.resume import say_resumed
-    from trainer_hooks.shards import rank_and_world
+    from trainer_hooks._ranks.shards import rank_and_world
+    from trainer_hooks._resume.resume import say_resumed
 
     t0 = time.perf_counter()
     tag_dir = newest_committed(directory)

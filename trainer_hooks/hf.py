@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from trainer_hooks._resume.resume import newest_to_resume
+from trainer_hooks._state.loader import load
 from trainer_hooks.checkpointer import Checkpointer
-from trainer_hooks.loader import load
-from trainer_hooks.resume import newest_to_resume
 
 
 class CkptdCallback(TrainerCallback):

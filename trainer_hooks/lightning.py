@@ -18,10 +18,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from trainer_hooks._resume.resume import newest_to_resume
+from trainer_hooks._state.loader import load
+from trainer_hooks._state.rng import restore_rng
 from trainer_hooks.checkpointer import Checkpointer
-from trainer_hooks.loader import load
-from trainer_hooks.resume import newest_to_resume
-from trainer_hooks.rng import restore_rng
 
 
 class CkptdCallback(L.Callback):

@@ -9,7 +9,7 @@ strings), then the tensor bytes, back to back. ckptd adds, inside ``__metadata__
   ``ckptd.trigger``, ``ckptd.rule`` (the policy rule that made the save)
 - ``ckptd.metrics``  JSON object of the metrics last reported by the trainer
 - ``ckptd.state``    JSON skeleton of the trainer state: every non-tensor leaf, and a
-  reference for each tensor (see ``trainer_hooks.state``)
+  reference for each tensor (see ``trainer_hooks._state.state``)
 - ``ckptd.aliases``  JSON ``{alias: stored_name}`` for tied weights stored once
 - ``ckptd.digests``  JSON ``{tensor: xxh3-64 hex}`` over each tensor's bytes
 - ``ckptd.meta_digest``  xxh3-64 over all the other metadata (``meta_digest``), so a

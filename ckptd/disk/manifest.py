@@ -21,7 +21,7 @@ agreed, by the same temp → fsync → rename → fsync-directory sequence as a 
 directory is a committed checkpoint if and only if it holds a manifest. One without
 (a rank died, a disk filled) is never loaded, and is removed once a later save commits.
 
-This module is the format only (no torch, no collectives): ``trainer_hooks.shards``
+This module is the format only (no torch, no collectives): ``trainer_hooks._ranks.shards``
 runs the agreement, ``ckptd.disk.verify.verify_unit`` checks a unit, ``ckptd.disk.scan`` lists them.
 """
 
@@ -39,7 +39,7 @@ from ckptd.disk.safepath import fsync_dir
 
 MANIFEST = "ckptd-manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
-PER_RANK, DCP = "per-rank", "dcp"  # each rank its own state / chunks planned by DCP (trainer_hooks.dcpio)
+PER_RANK, DCP = "per-rank", "dcp"  # each rank its own state / chunks planned by DCP (trainer_hooks._ranks.dcpio)
 SHARD_RE = re.compile(r"^rank(\d{5})-of-(\d{5})\.safetensors$")
 
 

@@ -1,6 +1,6 @@
 """What the ranks of a sharded save agree on, and what rank 0 commits.
 
-The collectives themselves are the hook's (``trainer_hooks.shards.ShardGroup``, over
+The collectives themselves are the hook's (``trainer_hooks._ranks.shards.ShardGroup``, over
 torch.distributed gloo groups of ckptd's own); everything they carry and decide is here,
 torch-free: each rank's ``shard_outcome``, and rank 0's ``commit_on_rank0``, which checks
 every shard against what its rank reported and writes the manifest through the save's

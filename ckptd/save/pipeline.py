@@ -1,7 +1,7 @@
 """One save, from "it is due" to "it is on disk, verified, kept or pruned, and on its way off the host".
 
 The daemon's sessions (``ckptd.daemon.session``), the hook's embedded worker
-(``trainer_hooks.outlet``) and every rank of a sharded save run these stages, in this
+(``trainer_hooks._handoff.outlet``) and every rank of a sharded save run these stages, in this
 order, through the functions below; only where the bytes come from and who is told differ:
 
 1. **plan** (``keep.reserve``): retention's own deletions (due anyway), then quota for the
@@ -10,7 +10,7 @@ order, through the functions below; only where the bytes come from and who is to
    cannot happen must not cost the checkpoints that exist. A sharded save plans once, on
    rank 0, for every rank's shard, and clears a stale attempt at the same step.
 2. **snapshot**: done before the pipeline, by the caller: the trainer copied its state
-   into a memfd (``trainer_hooks.staging``), handed over by fd (to the daemon) or kept
+   into a memfd (``trainer_hooks._snapshot.staging``), handed over by fd (to the daemon) or kept
    (embedded, sharded). The pipeline reads it; it never touches the trainer's tensors.
 3. **write** (``disk.target`` then ``disk.persist``): the job directory is opened through
    the guard (from a root, no link followed, still owned by the job's uid; a sharded

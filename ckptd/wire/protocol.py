@@ -38,7 +38,7 @@ Lifecycle of one training run, in order:
    memory-only save (``save`` with ``memory_only``, staged in the hook's second buffer, so
    it may be in flight beside one disk save); the hook saves at its next ``step()``.
    Sharded jobs (``sharded=True``) send no ``save``: every rank writes its own shard
-   and the ranks commit together (``trainer_hooks.shards``); rank 0, the only rank
+   and the ranks commit together (``trainer_hooks._ranks.shards``); rank 0, the only rank
    connected, then reports **committed** ``{step, path, trigger, ok, reason, error,
    stall, persist, verify}``. The daemon checks the unit against its manifest,
    catalogues it, counts it like a save and applies retention to whole units.

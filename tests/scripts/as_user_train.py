@@ -14,8 +14,7 @@ import sys
 
 import torch
 
-from trainer_hooks import Checkpointer
-from trainer_hooks.resume import ResumeError
+from trainer_hooks import Checkpointer, ResumeError
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ckptd.wire import protocol
-from trainer_hooks.staging import StagingBuffer
+from trainer_hooks._snapshot.staging import StagingBuffer
 
 
 def snapshot(job: str, step: int, mib: int = 1) -> StagingBuffer:

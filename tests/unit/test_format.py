@@ -10,7 +10,7 @@ import pytest
 
 from ckptd.core.format import FormatError, encode_header, layout, parse_header
 from ckptd.disk.persist import PersistError, persist
-from trainer_hooks.state import StateError, flatten
+from trainer_hooks._state.state import StateError, flatten
 
 
 def test_unserialisable_state_names_the_path() -> None:

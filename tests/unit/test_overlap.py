@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from trainer_hooks.overlap import Overlap
+from trainer_hooks._snapshot.overlap import Overlap
 
 
 def test_a_failure_on_the_copy_thread_is_a_failed_save_not_an_exception() -> None:

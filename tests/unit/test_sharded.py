@@ -22,7 +22,7 @@ def test_commit_needs_every_rank_verified_at_the_same_step() -> None:
 
 
 def test_rank0_proposes_about_a_tenth_of_a_second_between_trigger_exchanges() -> None:
-    from trainer_hooks.shards import MAX_INTERVAL, next_interval
+    from trainer_hooks._ranks.shards import MAX_INTERVAL, next_interval
 
     assert next_interval(None) == 1 and next_interval(0.0) == 1  # no measurement yet: every call
     assert next_interval(0.001) == 100 and next_interval(0.01) == 10

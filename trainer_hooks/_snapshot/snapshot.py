@@ -1,10 +1,10 @@
 """What one snapshot holds, composed for the staging buffer: tensors and header fields.
 
-A save's snapshot is the nested state (``trainer_hooks.state.capture``: model, optimizer,
+A save's snapshot is the nested state (``trainer_hooks._state.state.capture``: model, optimizer,
 scheduler, RNGs, progress, ``extra``) flattened into tensors plus a JSON skeleton, with
 the ``ckptd.*`` header of ``CheckpointMeta``. With DTensor state (FSDP2) the model,
 optimizer and scheduler are planned by torch.distributed.checkpoint instead
-(``trainer_hooks.dcpio``): this rank's chunks join its own state (RNG, progress,
+(``trainer_hooks._ranks.dcpio``): this rank's chunks join its own state (RNG, progress,
 ``extra``) under names that differ between the ranks' files.
 
 Two steps, so that ``snapshot="overlap"`` can leave the second to its copy thread: ``take``
@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.core.meta import HF_CONFIG, PEFT_CONFIG, CheckpointMeta
 from ckptd.core.refs import REFS_KEY, encode
-from trainer_hooks.fit import Structure, fingerprint, model_structure
-from trainer_hooks.overlap import written_by_optimizer
-from trainer_hooks.pinned import pin_for
-from trainer_hooks.shared import SharedTensors, frozen_identities, identity
-from trainer_hooks.staging import StagingBuffer, image_length
-from trainer_hooks.state import Flat, capture, flatten, jsonable_metrics
+from trainer_hooks._snapshot.overlap import written_by_optimizer
+from trainer_hooks._snapshot.pinned import pin_for
+from trainer_hooks._snapshot.shared import SharedTensors, frozen_identities, identity
+from trainer_hooks._snapshot.staging import StagingBuffer, image_length
+from trainer_hooks._state.fit import Structure, fingerprint, model_structure
+from trainer_hooks._state.state import Flat, capture, flatten, jsonable_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +91,7 @@ class Snapshotter:
     generators: dict[str, torch.Generator]
     progress: Position
     snapshot_mode: str  # the ``snapshot`` setting: auto | host | device
-    dcp: bool = False  # DTensor state planned by torch.distributed.checkpoint (trainer_hooks.dcpio)
+    dcp: bool = False  # DTensor state planned by torch.distributed.checkpoint (trainer_hooks._ranks.dcpio)
     before_save: Callable[[], None] | None = None  # e.g. a framework callback refreshing ``extra``
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     structure: Structure | None = None  # the model's structure, fixed at construction
@@ -131,7 +131,7 @@ class Snapshotter:
         if not self.dcp:
             flat, skeleton = flatten(self.capture())  # first: ``before_save`` may refresh what the header says
             return Taken(flat.tensors, flat.aliases, skeleton, self._meta(trigger, rule, now), memory_only)
-        from trainer_hooks import dcpio
+        from trainer_hooks._ranks import dcpio
 
         flat, skeleton = flatten({dcpio.local_key(self.rank): self.capture()})  # names unique across the ranks' files
         planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
@@ -192,7 +192,7 @@ class Snapshotter:
         buffer.reserve(self.image_bytes(flat, skeleton, self.planned_bytes()))
 
     def wants_pinning(self, flat: Flat) -> bool:
-        """Page-lock the snapshot buffer: this rank's state is on a GPU (``trainer_hooks.pinned``)."""
+        """Page-lock the snapshot buffer: this rank's state is on a GPU (``trainer_hooks._snapshot.pinned``)."""
         state = [*flat.tensors.values(), *(self.model.state_dict().values() if self.dcp else ())]
         return pin_for(self.snapshot_mode, self.job, state)
 
@@ -203,7 +203,7 @@ class Snapshotter:
         change training."""
         if not self.dcp:
             return 0
-        from trainer_hooks import dcpio
+        from trainer_hooks._ranks import dcpio
 
         optimizer = self.optimizer.state_dict()["state"] if self.optimizer is not None else {}
         return dcpio.local_bytes({"model": self.model.state_dict(), "optimizer": optimizer})
@@ -262,6 +262,6 @@ def holds_dtensors(model: Any) -> bool:
     """FSDP2 (or any DTensor) state: its snapshot is planned by torch.distributed.checkpoint."""
     if model is None:
         return False
-    from trainer_hooks import dcpio
+    from trainer_hooks._ranks import dcpio
 
     return dcpio.has_dtensors(model.state_dict())

@@ -3,7 +3,7 @@
 DCP's planners decide which chunk of which tensor each rank holds and writes, and which
 chunks each rank reads back for this run's sharding, on any number of ranks. ckptd
 supplies the storage side, so a save still goes through the lifecycle every sharded save
-has (``trainer_hooks.shards``): snapshot, persist, verify, manifest last. Used when the
+has (``trainer_hooks._ranks.shards``): snapshot, persist, verify, manifest last. Used when the
 model's state holds ``DTensor``s; plain per-rank state (each rank its own tensors, as
 tensor parallelism by hand) keeps the per-rank layout.
 
@@ -54,7 +54,7 @@ from torch.futures import Future
 
 from ckptd.core.meta import DCP, DCP_SHARDING_INFO, LAYOUT
 from ckptd.disk import manifest as mf
-from trainer_hooks.state import StateError, flatten, unflatten
+from trainer_hooks._state.state import StateError, flatten, unflatten
 
 __all__ = [
     "Planned",
@@ -260,7 +260,7 @@ def _key(index: MetadataIndex) -> MetadataIndex:
 
 
 def _dtype(name: str) -> torch.dtype:
-    from trainer_hooks.state import ST_TO_TORCH
+    from trainer_hooks._state.state import ST_TO_TORCH
 
     try:
         return ST_TO_TORCH[name]

@@ -8,7 +8,7 @@ the ``Checkpointer`` ask ``decide``, which asks the pure ``ckptd.core.policy.dec
 
 Sharded runs cannot act on a trigger one rank saw alone (every rank must save at the
 same step), so there the time, preemption and best flags are only *proposed* at each
-exchange (``trainer_hooks.shards``) and what every rank acts on is the agreed result.
+exchange (``trainer_hooks._ranks.shards``) and what every rank acts on is the agreed result.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 from ckptd.core import policy as pol
-from trainer_hooks.shards import FLAG_BEST, FLAG_PREEMPT, FLAG_TIME, TIME_RULES, ShardGroup
+from trainer_hooks._ranks.shards import FLAG_BEST, FLAG_PREEMPT, FLAG_TIME, TIME_RULES, ShardGroup
 
 log = logging.getLogger(__name__)
 

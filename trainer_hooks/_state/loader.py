@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from trainer_hooks.state import unflatten
+from trainer_hooks._state.state import unflatten
 
 
 def load(path: str, via: str | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ckptd import __version__
 from ckptd.wire import protocol
-from trainer_hooks.worker import SaveJob
+from trainer_hooks._handoff.worker import StagedSave
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 1.0
@@ -41,8 +41,8 @@ class Link:
         path: str,
         hello: Callable[[], dict[str, Any]],
         progress: Callable[[], dict[str, Any]],
-        on_saved: Callable[[SaveJob, dict[str, Any]], None],
-        on_lost: Callable[[list[SaveJob]], None],
+        on_saved: Callable[[StagedSave, dict[str, Any]], None],
+        on_lost: Callable[[list[StagedSave]], None],
         retry_every: float = 5.0,
         on_due: Callable[[str], None] | None = None,
     ) -> None:
@@ -52,7 +52,7 @@ class Link:
         self._retry_every = retry_every
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._inflight: dict[int, SaveJob] = {}
+        self._inflight: dict[int, StagedSave] = {}
         self._next_id = 1
         self._idle = threading.Event()
         self._idle.set()
@@ -77,14 +77,14 @@ class Link:
     def holds(self, fd: int) -> bool:
         """Is a save staged in the buffer ``fd`` still in flight (so the buffer is not free)?"""
         with self._lock:
-            return any(job.fd == fd for job in self._inflight.values())
+            return any(staged.fd == fd for staged in self._inflight.values())
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 
     # -- trainer thread -------------------------------------------------------------------
 
-    def submit(self, job: SaveJob, msg: dict[str, Any]) -> bool:
+    def submit(self, staged: StagedSave, msg: dict[str, Any]) -> bool:
         """Hand a staged snapshot to the daemon; False means "persist it yourself"."""
         with self._lock:
             if self._sock is None:
@@ -92,10 +92,10 @@ class Link:
             ident = self._next_id
             self._next_id += 1
             try:
-                protocol.send(self._sock, {**msg, "type": "save", "id": ident}, fd=job.fd)
+                protocol.send(self._sock, {**msg, "type": "save", "id": ident}, fd=staged.fd)
             except (OSError, protocol.ProtocolError):
                 return False  # the reader thread notices the broken socket and reconnects later
-            self._inflight[ident] = job
+            self._inflight[ident] = staged
             self._idle.clear()
             return True
 
@@ -182,9 +182,9 @@ class Link:
         kind = msg.get("type")
         if kind == "saved":
             with self._lock:
-                job = self._inflight.pop(int(msg.get("id", -1)), None)
-            if job is not None:
-                self._on_saved(job, msg)
+                staged = self._inflight.pop(int(msg.get("id", -1)), None)
+            if staged is not None:
+                self._on_saved(staged, msg)
             with self._lock:
                 if not self._inflight:
                     self._idle.set()

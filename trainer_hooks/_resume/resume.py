@@ -36,15 +36,15 @@ from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
 from ckptd.save.newest import newest_verified
 from ckptd.save.owned import directory_problem, verified_if_owned
-from trainer_hooks.fit import Structure, fingerprint, structure_problem
-from trainer_hooks.loader import load
-from trainer_hooks.state import apply
+from trainer_hooks._state.fit import Structure, fingerprint, structure_problem
+from trainer_hooks._state.loader import load
+from trainer_hooks._state.state import apply
 
 if TYPE_CHECKING:
     import torch
 
     from ckptd.remote.listing import RemoteCheckpoint
-    from trainer_hooks.shards import ShardGroup
+    from trainer_hooks._ranks.shards import ShardGroup
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Resumer:
         file, when the daemon holds it, it verifies, and it fits the model (else: from disk)."""
         if self.socket_path is None or self.shards is not None:
             return None
-        from trainer_hooks import memory
+        from trainer_hooks._resume import memory
 
         try:
             st = os.stat(self.directory)
@@ -207,7 +207,7 @@ class Resumer:
         """A unit DCP planned, saved by any number of ranks: DCP's load planner reshards the
         model and optimizer; this rank's own state (RNG, ``extra``) comes from its own shard
         when the unit has one (the same rank count), else it is left as it is."""
-        from trainer_hooks import dcpio
+        from trainer_hooks._ranks import dcpio
 
         assert self.shards is not None
         dcpio.load_unit(unit, self.model, self.optimizer, self.scheduler, self.shards.plans)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from trainer_hooks.shared import Identity, identity
+from trainer_hooks._snapshot.shared import Identity, identity
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ class ShardGroup:
         wait = timedelta(seconds=timeout)
         self._flags = dist.new_group(backend="gloo", timeout=wait)
         self._outcomes = dist.new_group(backend="gloo", timeout=wait)
-        self.plans = dist.new_group(backend="gloo", timeout=wait)  # DCP's load planning (trainer_hooks.dcpio)
+        self.plans = dist.new_group(backend="gloo", timeout=wait)  # DCP's load planning (trainer_hooks._ranks.dcpio)
         self._groups = [self._flags, self._outcomes, self.plans]
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._calls_left = 1  # step() calls until the next exchange; the same on every rank

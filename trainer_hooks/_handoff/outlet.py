@@ -1,12 +1,12 @@
 """Where a staged snapshot goes: the three ways a save leaves the trainer, behind one interface.
 
-1. **daemon**: the snapshot's fd goes over the socket (``trainer_hooks.link``); the
+1. **daemon**: the snapshot's fd goes over the socket (``trainer_hooks._handoff.link``); the
    daemon runs the save pipeline and replies ``saved``.
 2. **embedded**: no daemon answers (or it went away with saves in flight): this
-   process's persist thread (``trainer_hooks.worker``) runs the same pipeline
+   process's persist thread (``trainer_hooks._handoff.worker``) runs the same pipeline
    (``ckptd.save.pipeline.save_unit``).
 3. **sharded**: every rank's persist thread writes its own shard and the ranks commit
-   together (``ckptd.save.pipeline.save_shard`` over ``trainer_hooks.shards``' collectives);
+   together (``ckptd.save.pipeline.save_shard`` over ``trainer_hooks._ranks.shards``' collectives);
    rank 0 tells the daemon, if any.
 
 With a remote tier (``remote=``), what this process saved itself (embedded, or left by a
@@ -34,11 +34,11 @@ from ckptd.disk.persist import Persisted, PersistError
 from ckptd.disk.target import Target
 from ckptd.save.keep import Removed, prune
 from ckptd.save.pipeline import Hooks, StagedShard, save_shard, save_unit
-from trainer_hooks.link import Link
-from trainer_hooks.overlap import Overlap
-from trainer_hooks.shards import ShardGroup
-from trainer_hooks.staging import Pending, StagingBuffer
-from trainer_hooks.worker import Done, SaveJob, Worker
+from trainer_hooks._handoff.link import Link
+from trainer_hooks._handoff.worker import Done, StagedSave, Worker
+from trainer_hooks._ranks.shards import ShardGroup
+from trainer_hooks._snapshot.overlap import Overlap
+from trainer_hooks._snapshot.staging import Pending, StagingBuffer
 
 if TYPE_CHECKING:
     from ckptd.remote.uploader import Uploader
@@ -117,25 +117,25 @@ class Outlet:
             return False
         return self._worker.wait_idle(timeout)
 
-    def submit(self, job: SaveJob, msg: dict[str, Any], pending: Pending | None = None) -> None:
+    def submit(self, staged: StagedSave, msg: dict[str, Any], pending: Pending | None = None) -> None:
         """Hand a staged snapshot over; one whose copy is ``pending`` once the overlap thread finished it."""
         if pending is None or pending.empty or self.overlap is None:
-            self._hand_over(job, msg)
+            self._hand_over(staged, msg)
             return
 
         def copy() -> Callable[[], None]:
             pending.finish()
-            return lambda: self._hand_over(job, msg)
+            return lambda: self._hand_over(staged, msg)
 
-        self.overlap.start(copy, job.step, pending.events, cpu=bool(pending.cpu))
+        self.overlap.start(copy, staged.step, pending.events, cpu=bool(pending.cpu))
 
-    def defer(self, stage: Callable[[], tuple[SaveJob, dict[str, Any], Pending]], step: int) -> None:
+    def defer(self, stage: Callable[[], tuple[StagedSave, dict[str, Any], Pending]], step: int) -> None:
         """``snapshot="overlap"`` on CPU: the overlap thread ``stage``s the snapshot, then hands it over."""
         assert self.overlap is not None
 
         def copy() -> Callable[[], None]:
-            job, msg, _ = stage()  # nothing left pending: the thread copied it all
-            return lambda: self._hand_over(job, msg)
+            staged, msg, _ = stage()  # nothing left pending: the thread copied it all
+            return lambda: self._hand_over(staged, msg)
 
         self.overlap.start(copy, step)
 
@@ -148,14 +148,14 @@ class Outlet:
         memory_only: bool,
         stall: float,
         cost: float | None = None,
-    ) -> tuple[SaveJob, dict[str, Any]]:
+    ) -> tuple[StagedSave, dict[str, Any]]:
         """A staged snapshot as whoever persists it sees it (sharded: each rank writes its own shard in-process,
-        in the unit's directory; see trainer_hooks.shards)."""
+        in the unit's directory; see trainer_hooks._ranks.shards)."""
         directory = self.target.directory
         if self.shards is not None:
             directory = os.path.join(directory, unit_name(filename))
             filename = shard_name(self.shards.rank, self.shards.world_size)
-        job = SaveJob(fd, length, directory, filename, meta.step, meta.trigger, stall=stall)
+        staged = StagedSave(fd, length, directory, filename, meta.step, meta.trigger, stall=stall)
         msg = {
             "step": meta.step,
             "epoch": meta.epoch,
@@ -168,11 +168,11 @@ class Outlet:
         }
         if cost is not None:  # what the save cost training, when more than the stall (overlap's copy on CPU)
             msg["cost"] = cost
-        return job, msg
+        return staged, msg
 
-    def _hand_over(self, job: SaveJob, msg: dict[str, Any]) -> None:
-        if self.shards is not None or self.link is None or not self.link.submit(job, msg):
-            self._worker.submit(job)
+    def _hand_over(self, staged: StagedSave, msg: dict[str, Any]) -> None:
+        if self.shards is not None or self.link is None or not self.link.submit(staged, msg):
+            self._worker.submit(staged)
 
     def notify(self, msg: dict[str, Any]) -> None:
         if self.link is not None:
@@ -219,8 +219,8 @@ class Outlet:
         if self.uploader is not None:
             self.uploader.resync(self.target.job, self.target.directory, self.target.settings, after=self._prune_again)
 
-    def _persisted_here(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
-        self._on_done(job, result, error)
+    def _persisted_here(self, staged: StagedSave, result: Persisted | None, error: PersistError | None) -> None:
+        self._on_done(staged, result, error)
 
     def _replicate(self, result: Persisted) -> None:
         """Stage 7 of what this process saved itself (the daemon replicates what it was told of)."""
@@ -237,14 +237,20 @@ class Outlet:
 
     # -- the persist thread ------------------------------------------------------------------
 
-    def _persist_here(self, job: SaveJob) -> Persisted:
+    def _persist_here(self, staged: StagedSave) -> Persisted:
         hooks = Hooks(removed=self._on_removed, replicate=self._replicate)
         if self.shards is not None:
             shard = StagedShard(
-                job.fd, job.length, os.path.basename(job.directory), job.filename, job.step, job.trigger, job.stall
+                staged.fd,
+                staged.length,
+                os.path.basename(staged.directory),
+                staged.filename,
+                staged.step,
+                staged.trigger,
+                staged.stall,
             )
             return save_shard(self.shards, self.target, shard, hooks, self._report_commit)
-        return save_unit(self.target, job.fd, job.length, job.filename, job.step, hooks)
+        return save_unit(self.target, staged.fd, staged.length, staged.filename, staged.step, hooks)
 
     def _report_commit(self, report: dict[str, Any]) -> bool:
         """Rank 0 of a sharded save tells the daemon, which catalogues and prunes; False: there is none."""
@@ -257,15 +263,15 @@ class Outlet:
 
     # -- the daemon's answers ------------------------------------------------------------------
 
-    def _daemon_saved(self, job: SaveJob, reply: dict[str, Any]) -> None:
+    def _daemon_saved(self, staged: StagedSave, reply: dict[str, Any]) -> None:
         if reply.get("ok"):
-            self._on_done(job, Persisted(str(reply.get("path")), job.length, {}), None)
+            self._on_done(staged, Persisted(str(reply.get("path")), staged.length, {}), None)
         else:
-            self._on_done(job, None, PersistError(FailReason.of(reply.get("reason")), str(reply.get("error"))))
+            self._on_done(staged, None, PersistError(FailReason.of(reply.get("reason")), str(reply.get("error"))))
 
-    def _daemon_lost(self, jobs: list[SaveJob]) -> None:
-        for job in jobs:
-            if job.trigger == "memory":  # its tier went with the daemon: nothing to persist here
+    def _daemon_lost(self, staged_saves: list[StagedSave]) -> None:
+        for staged in staged_saves:
+            if staged.trigger == "memory":  # its tier went with the daemon: nothing to persist here
                 continue
-            log.warning("ckptd: the daemon went away with step %d in flight; persisting it here", job.step)
-            self._worker.submit(job)
+            log.warning("ckptd: the daemon went away with step %d in flight; persisting it here", staged.step)
+            self._worker.submit(staged)

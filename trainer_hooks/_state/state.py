@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer_hooks.rng import restore_rng, rng_state
+from trainer_hooks._state.rng import restore_rng, rng_state
 
 try:  # numpy arrays in the state (a sampler's, a user's extra) come back as numpy arrays
     import numpy as np

@@ -26,8 +26,8 @@ import torch
 
 from ckptd.core.format import DIGEST_PLACEHOLDER, TensorEntry, encode_header, layout
 from ckptd.wire.protocol import snapshot_memfd
-from trainer_hooks import pinned
-from trainer_hooks.state import TORCH_TO_ST
+from trainer_hooks._snapshot import pinned
+from trainer_hooks._state.state import TORCH_TO_ST
 
 log = logging.getLogger(__name__)
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault every page in at mmap()
@@ -39,7 +39,7 @@ class StagingBuffer:
     def __init__(self, name: str = "ckptd-snapshot", pin: bool = False) -> None:
         self.fd = snapshot_memfd(name)  # sealed against shrinking: it only ever grows
         self.capacity = 0
-        self.pin = pin  # page-lock the mapping for CUDA (trainer_hooks.pinned): the state is on a GPU
+        self.pin = pin  # page-lock the mapping for CUDA (trainer_hooks._snapshot.pinned): the state is on a GPU
         self.registered = False
         self._refused = False  # CUDA said no once (and it was said): not asked again
         self._devices: pinned.DeviceCopies | None = None  # ckptd's CUDA streams, made at the first CUDA copy

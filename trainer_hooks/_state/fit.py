@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from trainer_hooks.state import TORCH_TO_ST, Flat
+from trainer_hooks._state.state import TORCH_TO_ST, Flat
 
 Structure = dict[str, tuple[str, tuple[int, ...]]]
 

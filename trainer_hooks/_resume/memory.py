@@ -30,8 +30,8 @@ from ckptd.core.format import FormatError, Header, meta_digest, read_header
 from ckptd.disk.verify import digest_map
 from ckptd.save.owned import holders_problem
 from ckptd.wire.client import DaemonUnavailable, request_fd
-from trainer_hooks.loader import load_referenced
-from trainer_hooks.state import ST_TO_TORCH, unflatten
+from trainer_hooks._state.loader import load_referenced
+from trainer_hooks._state.state import ST_TO_TORCH, unflatten
 
 log = logging.getLogger(__name__)
 SEALED = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK

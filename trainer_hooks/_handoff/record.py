@@ -13,7 +13,7 @@ from typing import Any
 
 from ckptd.core.retention import Removal
 from ckptd.disk.persist import Persisted, PersistError
-from trainer_hooks.worker import SaveJob
+from trainer_hooks._handoff.worker import StagedSave
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,14 @@ class SaveRecord:
     last_verified_step: int = -1
     last_error: PersistError | None = None
 
-    def persisted(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
+    def persisted(self, staged: StagedSave, result: Persisted | None, error: PersistError | None) -> None:
         """One save's outcome, said in the log: verified, or failed with its reason (training goes on)."""
         if result is not None:
             self.stats["verified"] += 1
             self.last_verified = result.path
-            self.last_verified_step = max(self.last_verified_step, job.step)
-            self.saved.append({"path": result.path, "step": job.step, "trigger": job.trigger, "ok": True})
-            log.info("ckptd: step %d saved and verified: %s (%s)", job.step, result.path, job.trigger)
+            self.last_verified_step = max(self.last_verified_step, staged.step)
+            self.saved.append({"path": result.path, "step": staged.step, "trigger": staged.trigger, "ok": True})
+            log.info("ckptd: step %d saved and verified: %s (%s)", staged.step, result.path, staged.trigger)
             return
         assert error is not None
         self.stats["failed"] += 1
@@ -45,14 +45,14 @@ class SaveRecord:
         self.saved.append(
             {
                 "path": None,
-                "step": job.step,
-                "trigger": job.trigger,
+                "step": staged.step,
+                "trigger": staged.trigger,
                 "ok": False,
                 "reason": error.reason,
                 "error": str(error),
             }
         )
-        log.error("ckptd: save of step %d failed (%s): %s; training continues", job.step, error.reason, error)
+        log.error("ckptd: save of step %d failed (%s): %s; training continues", staged.step, error.reason, error)
 
     def ended(self, job: str, step: int) -> None:
         """The run ended: if its final step is not verified, its last line says so (exit 0 or not)."""

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SaveJob:
+class StagedSave:
+    """A snapshot staged in the reused buffer, as the persist side needs it; the buffer is not
+    touched again until this save's outcome is reported (``wait_idle``), so the fd is enough."""
+
     fd: int
     length: int
     directory: str
@@ -33,17 +36,17 @@ class SaveJob:
     submitted: float = field(default_factory=time.monotonic)  # handed over: persist time counts from here
 
 
-Done = Callable[[SaveJob, "Persisted | None", "PersistError | None"], None]
-Pipeline = Callable[[SaveJob], Persisted]
+Done = Callable[[StagedSave, "Persisted | None", "PersistError | None"], None]
+Pipeline = Callable[[StagedSave], Persisted]
 
 
 class Worker:
-    """One thread, one job at a time: ``pipeline`` persists, ``on_done`` reports."""
+    """One thread, one save at a time: ``pipeline`` persists, ``on_done`` reports."""
 
     def __init__(self, pipeline: Pipeline, on_done: Done, name: str = "ckptd-persist") -> None:
         self._pipeline = pipeline
         self._on_done = on_done
-        self._jobs: queue.Queue[SaveJob | None] = queue.Queue()
+        self._queue: queue.Queue[StagedSave | None] = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -53,29 +56,29 @@ class Worker:
     def busy(self) -> bool:
         return not self._idle.is_set()
 
-    def submit(self, job: SaveJob) -> None:
+    def submit(self, staged: StagedSave) -> None:
         self._idle.clear()
-        self._jobs.put(job)
+        self._queue.put(staged)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        self._jobs.put(None)
+        self._queue.put(None)
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (staged := self._queue.get()) is not None:
             try:
-                result = self._pipeline(job)
-                self._finish(job, result, None)
+                result = self._pipeline(staged)
+                self._finish(staged, result, None)
             except Exception as exc:  # never let the thread die: training must go on
-                self._finish(job, None, failure(exc, job.step))
+                self._finish(staged, None, failure(exc, staged.step))
             finally:
                 self._idle.set()
 
-    def _finish(self, job: SaveJob, result: Persisted | None, error: PersistError | None) -> None:
+    def _finish(self, staged: StagedSave, result: Persisted | None, error: PersistError | None) -> None:
         try:
-            self._on_done(job, result, error)
+            self._on_done(staged, result, error)
         except Exception:
-            log.exception("ckptd: error after persisting step %d", job.step)
+            log.exception("ckptd: error after persisting step %d", staged.step)
