@@ -57,7 +57,7 @@ from trainer_hooks._snapshot.overlap import Overlap
 from trainer_hooks._snapshot.shared import SharedTensors
 from trainer_hooks._snapshot.snapshot import Position, Snapshotter, Taken, holds_dtensors
 from trainer_hooks._snapshot.staging import Pending, StagingBuffer
-from trainer_hooks._state.state import as_float
+from trainer_hooks._state.state import TrainerObjects, as_float
 
 if TYPE_CHECKING:
     import torch
@@ -108,14 +108,11 @@ class Checkpointer:
         self._progress = Position()
         self._configure(directory, settings, config, sharded, shard_timeout)
         shared = SharedTensors() if self.saving and not sharded else None  # frozen tensors stored once
+        objects = TrainerObjects(model, optimizer, scheduler, extra, self.generators)
         self._snap = Snapshotter(
             self.job,
             self.rank,
-            model,
-            optimizer,
-            scheduler,
-            extra,
-            self.generators,
+            objects,
             self._progress,
             self.settings["snapshot"],
             self._dcp,
@@ -130,11 +127,7 @@ class Checkpointer:
             self.settings,
             self.rank,
             self.world_size,
-            model,
-            optimizer,
-            scheduler,
-            extra,
-            self.generators,
+            objects,
             self._snap.structure or {},
             self._shards,
             quiet,

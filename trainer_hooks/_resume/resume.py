@@ -38,10 +38,9 @@ from ckptd.save.newest import newest_verified
 from ckptd.save.owned import directory_problem, verified_if_owned
 from trainer_hooks._state.fit import Structure, fingerprint, structure_problem
 from trainer_hooks._state.loader import load
-from trainer_hooks._state.state import apply
+from trainer_hooks._state.state import TrainerObjects, apply
 
 if TYPE_CHECKING:
-    import torch
 
     from ckptd.remote.listing import RemoteCheckpoint
     from trainer_hooks._ranks.shards import ShardGroup
@@ -94,11 +93,7 @@ class Resumer:
     settings: dict[str, Any]
     rank: int
     world_size: int
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    extra: dict[str, Any] | None
-    generators: dict[str, torch.Generator]
+    objects: TrainerObjects  # model, optimizer, scheduler, extra, generators
     structure: Structure
     shards: ShardGroup | None = None
     quiet: bool = False
@@ -135,7 +130,7 @@ class Resumer:
         if info is None:
             self._say(None, 0, source, t0)
             return None
-        fits = self.shards is not None or self.model is None  # (a sharded rank holds its part of the model)
+        fits = self.shards is not None or self.objects.model is None  # (a sharded rank holds its part of the model)
         problem = "" if fits else structure_problem(self.structure, info.path)
         if problem:
             raise ResumeError(
@@ -160,28 +155,39 @@ class Resumer:
         except OSError:
             return None  # no directory (removed since): nothing of it is in memory either
         on_disk = [c.step for c in self.checkpoints() if c.ok and not c.pending]
-        into = {f"model/{k}": t for k, t in self.model.state_dict().items()} if self.model is not None else {}
+        into = (
+            {f"model/{k}": t for k, t in self.objects.model.state_dict().items()}
+            if self.objects.model is not None
+            else {}
+        )
         snap = memory.fetch(
             self.socket_path,
             self.job,
             self.directory,
             (st.st_dev, st.st_ino),
             max(on_disk, default=-1),
-            lambda meta: self.model is None or meta.get(FINGERPRINT) == fingerprint(self.structure),
+            lambda meta: self.objects.model is None or meta.get(FINGERPRINT) == fingerprint(self.structure),
             into,
         )
         if snap is None:
             return None
-        apply(snap.state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
+        apply(
+            snap.state,
+            self.objects.model,
+            self.objects.optimizer,
+            self.objects.scheduler,
+            self.objects.generators,
+            strict=self.strict,
+        )
         where = snap.path or "the daemon's memory (a memory-only save: not on disk)"
         return self._finish(snap.state, snap.step, where, "memory", t0)
 
     def _finish(self, state: dict[str, Any], step: int, where: str, source: str, t0: float) -> Resumed:
         """After the state was applied, wherever it came from: ``extra`` back, the step and epoch the
         trainer recorded, and the line that says where the run resumed from."""
-        if self.extra is not None and "extra" in state:
-            self.extra.clear()
-            self.extra.update(state["extra"])
+        if self.objects.extra is not None and "extra" in state:
+            self.objects.extra.clear()
+            self.objects.extra.update(state["extra"])
         trainer = state.get("trainer", {})
         resumed = Resumed(int(trainer.get("step", step)), trainer.get("epoch"), where)
         self._say(where, resumed.step, source, t0)
@@ -195,7 +201,14 @@ class Resumer:
         state = _load_owned(
             info.path if self.shards is None else os.path.join(info.path, shard_name(self.rank, self.world_size))
         )
-        apply(state, self.model, self.optimizer, self.scheduler, self.generators, strict=self.strict)
+        apply(
+            state,
+            self.objects.model,
+            self.objects.optimizer,
+            self.objects.scheduler,
+            self.objects.generators,
+            strict=self.strict,
+        )
         return state
 
     def _say(self, path: str | None, step: int, source: str, t0: float) -> None:
@@ -210,7 +223,7 @@ class Resumer:
         from trainer_hooks._ranks import dcpio
 
         assert self.shards is not None
-        dcpio.load_unit(unit, self.model, self.optimizer, self.scheduler, self.shards.plans)
+        dcpio.load_unit(unit, self.objects.model, self.objects.optimizer, self.objects.scheduler, self.shards.plans)
         own = self.rank if self.rank < saved_by else 0
         state: dict[str, Any] = load(os.path.join(unit, shard_name(own, saved_by)))[dcpio.local_key(own)]
         if own != self.rank or saved_by != self.world_size:
@@ -222,7 +235,7 @@ class Resumer:
                 "stay as they are (the unit has no shard of this rank)" if own != self.rank else "are its own",
             )
         if own == self.rank:
-            apply(state, generators=self.generators)
+            apply(state, generators=self.objects.generators)
         else:
             state.pop("extra", None)
         return state

@@ -30,7 +30,7 @@ from trainer_hooks._snapshot.pinned import pin_for
 from trainer_hooks._snapshot.shared import SharedTensors, frozen_identities, identity
 from trainer_hooks._snapshot.staging import StagingBuffer, image_length
 from trainer_hooks._state.fit import Structure, fingerprint, model_structure
-from trainer_hooks._state.state import Flat, capture, flatten, jsonable_metrics
+from trainer_hooks._state.state import Flat, TrainerObjects, capture, flatten, jsonable_metrics
 
 if TYPE_CHECKING:
     import torch
@@ -84,11 +84,7 @@ class Snapshotter:
 
     job: str
     rank: int
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    extra: dict[str, Any] | None
-    generators: dict[str, torch.Generator]
+    objects: TrainerObjects  # model, optimizer, scheduler, extra, generators
     progress: Position
     snapshot_mode: str  # the ``snapshot`` setting: auto | host | device
     dcp: bool = False  # DTensor state planned by torch.distributed.checkpoint (trainer_hooks._ranks.dcpio)
@@ -101,9 +97,9 @@ class Snapshotter:
     _configs: dict[str, str] = field(default_factory=dict)  # what ``ckptd export`` needs to write hf/peft
 
     def __post_init__(self) -> None:
-        if self.trainable_only and self.model is not None:
-            self._buffers_at_start = {n: (identity(b), b._version) for n, b in self.model.named_buffers()}
-        self._configs = model_configs(self.model)
+        if self.trainable_only and self.objects.model is not None:
+            self._buffers_at_start = {n: (identity(b), b._version) for n, b in self.objects.model.named_buffers()}
+        self._configs = model_configs(self.objects.model)
 
     def capture(self, refresh: bool = True) -> dict[str, Any]:
         """The state this rank stores as its own (with DCP planning: all but model, optimizer, scheduler)."""
@@ -111,19 +107,30 @@ class Snapshotter:
             self.before_save()
         trainer = {"job": self.job, "step": self.progress.step, "epoch": self.progress.epoch}
         if self.dcp:
-            return capture(None, None, None, self.extra, trainer, self.generators)
-        if not self.trainable_only or self.model is None:
-            return capture(self.model, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
-        state = capture(None, self.optimizer, self.scheduler, self.extra, trainer, self.generators)
+            return capture(None, None, None, self.objects.extra, trainer, self.objects.generators)
+        if not self.trainable_only or self.objects.model is None:
+            return capture(
+                self.objects.model,
+                self.objects.optimizer,
+                self.objects.scheduler,
+                self.objects.extra,
+                trainer,
+                self.objects.generators,
+            )
+        state = capture(
+            None, self.objects.optimizer, self.objects.scheduler, self.objects.extra, trainer, self.objects.generators
+        )
         return {**state, "model": self._trainable_state()}
 
     def _trainable_state(self) -> dict[str, Any]:
         """``save="trainable"``: the parameters that train and the buffers that changed since construction."""
-        trains = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        trains = {n for n, p in self.objects.model.named_parameters() if p.requires_grad}
         changed = {
-            n for n, b in self.model.named_buffers() if (identity(b), b._version) != self._buffers_at_start.get(n)
+            n
+            for n, b in self.objects.model.named_buffers()
+            if (identity(b), b._version) != self._buffers_at_start.get(n)
         }
-        return {k: v for k, v in self.model.state_dict().items() if k in trains or k in changed}
+        return {k: v for k, v in self.objects.model.state_dict().items() if k in trains or k in changed}
 
     def take(self, trigger: str, rule: str, now: float, memory_only: bool = False) -> Taken:
         """What must be read at the saving ``step()`` itself: the state's structure, its tensors (the
@@ -134,7 +141,9 @@ class Snapshotter:
         from trainer_hooks._ranks import dcpio
 
         flat, skeleton = flatten({dcpio.local_key(self.rank): self.capture()})  # names unique across the ranks' files
-        planned = dcpio.plan_save(dcpio.global_state(self.model, self.optimizer, self.scheduler), self.rank)
+        planned = dcpio.plan_save(
+            dcpio.global_state(self.objects.model, self.objects.optimizer, self.objects.scheduler), self.rank
+        )
         tensors, keys = planned.header(flat.tensors)
         return Taken(tensors, flat.aliases, skeleton, self._meta(trigger, rule, now), memory_only, keys)
 
@@ -145,7 +154,7 @@ class Snapshotter:
         if self.shared is None:
             return taken.tensors, meta
         tensors, refs = self.shared.split(
-            taken.meta.step, taken.tensors, frozen_identities(self.model), record=not taken.memory_only
+            taken.meta.step, taken.tensors, frozen_identities(self.objects.model), record=not taken.memory_only
         )
         if refs:
             meta[REFS_KEY] = encode(refs)
@@ -162,7 +171,7 @@ class Snapshotter:
     def optimizer_writes(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         """The tensors only the optimizer writes between two steps (``snapshot="overlap"`` copies
         them beside the next forward and backward)."""
-        ids = written_by_optimizer(self.model, self.optimizer)
+        ids = written_by_optimizer(self.objects.model, self.objects.optimizer)
         return [n for n, t in tensors.items() if t.numel() and identity(t) in ids]
 
     def image_bytes(self, flat: Flat, skeleton: Any, planned: int) -> int:
@@ -193,7 +202,7 @@ class Snapshotter:
 
     def wants_pinning(self, flat: Flat) -> bool:
         """Page-lock the snapshot buffer: this rank's state is on a GPU (``trainer_hooks._snapshot.pinned``)."""
-        state = [*flat.tensors.values(), *(self.model.state_dict().values() if self.dcp else ())]
+        state = [*flat.tensors.values(), *(self.objects.model.state_dict().values() if self.dcp else ())]
         return pin_for(self.snapshot_mode, self.job, state)
 
     def planned_bytes(self) -> int:
@@ -205,8 +214,8 @@ class Snapshotter:
             return 0
         from trainer_hooks._ranks import dcpio
 
-        optimizer = self.optimizer.state_dict()["state"] if self.optimizer is not None else {}
-        return dcpio.local_bytes({"model": self.model.state_dict(), "optimizer": optimizer})
+        optimizer = self.objects.optimizer.state_dict()["state"] if self.objects.optimizer is not None else {}
+        return dcpio.local_bytes({"model": self.objects.model.state_dict(), "optimizer": optimizer})
 
     def _meta(self, trigger: str, rule: str, now: float) -> CheckpointMeta:
         p = self.progress

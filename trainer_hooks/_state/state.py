@@ -14,6 +14,7 @@ alias of the first and ``unflatten`` hands both names the same tensor again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +25,19 @@ try:  # numpy arrays in the state (a sampler's, a user's extra) come back as num
     import numpy as np
 except ImportError:  # pragma: no cover - numpy ships with our test extras
     np = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class TrainerObjects:
+    """The trainer's live objects a checkpoint is captured from and loaded into, fixed when the
+    ``Checkpointer`` is made. The snapshotter reads them at each ``step()`` and the resumer loads
+    into them, so they travel together as one value, not as five arguments to each part."""
+
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    extra: dict[str, Any] | None = None
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # a sampler's, say: beside the global RNGs
 
 
 class StateError(TypeError):
