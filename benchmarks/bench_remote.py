@@ -147,6 +147,7 @@ def _copy(src: str, dst: Path) -> None:
 
 def lag_run(a: argparse.Namespace, work: Path, endpoint: str) -> list[float]:
     """Saved locally -> verified remotely, for a run that saves every ``a.every`` seconds."""
+    from ckptd.core.settings import Settings
     from ckptd.remote.uploader import Upload, Uploader
 
     done: dict[str, float] = {}
@@ -159,7 +160,7 @@ def lag_run(a: argparse.Namespace, work: Path, endpoint: str) -> list[float]:
 
     directory = work / "lagrun"
     directory.mkdir()
-    settings = {"remote": "s3://bench/lag", "remote_endpoint": endpoint, "remote_keep_last": 3}
+    settings = Settings(remote="s3://bench/lag", remote_endpoint=endpoint, remote_keep_last=3)
     rep = Uploader(on_done=on_done)
     try:
         for i in range(a.saves):

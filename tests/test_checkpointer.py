@@ -121,7 +121,7 @@ def test_precedence_kwargs_over_env_over_config(tmp_path: Path, monkeypatch: pyt
     cfg.write_text("[defaults]\nevery_steps = 7\nkeep_last = 9\n[jobs.j]\nevery_steps = 5\n")
     monkeypatch.setenv("CKPTD_CONFIG", str(cfg))
     c = Checkpointer("j", tmp_path / "a", model=model())
-    assert c.policy.every_steps == 5 and c.settings["keep_last"] == 9
+    assert c.policy.every_steps == 5 and c.settings.keep_last == 9
     c.close(final=False)
     monkeypatch.setenv("CKPTD_EVERY_STEPS", "4")
     c = Checkpointer("j", tmp_path / "b", model=model())

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from ckptd.core.meta import DCP_SHARDING_INFO
+from ckptd.core.settings import Settings
 from ckptd.disk import manifest as mf
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_unit
@@ -242,7 +243,7 @@ def test_a_unit_replicates_verifies_and_fetches_and_a_flipped_byte_is_never_fetc
     assert not bad.ok and bad.reason.startswith(f"shard {mf.shard_name(2, 4)}: digest mismatch"), bad.reason
     older = fetch(store, JOB, str(tmp_path / "host3"))
     assert older is not None and older.endswith(unit(d, 10, JOB).name)  # the newest one that verifies
-    prune_remote(store, JOB, {"remote_keep_last": 1}, time.time())  # a deletion takes every object of the unit
+    prune_remote(store, JOB, Settings(remote_keep_last=1), time.time())  # a deletion takes every object of the unit
     assert sorted(store.list(f"{JOB}/")) == sorted([listed[1].key + COMMIT, *listed[1].objects])
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from ckptd.core.settings import Settings
 from ckptd.disk.verify import verify_file
 from ckptd.remote.fetch import fetch
 from ckptd.remote.layout import job_prefix
@@ -77,7 +78,7 @@ def test_data_without_its_commit_object_does_not_count(store: Store, tmp_path: P
     assert committed(store, "t") == []
     assert fetch(store, "t", str(tmp_path / "host2")) is None
     replicate(store, "t", late)
-    prune_remote(store, "t", {}, time.time())
+    prune_remote(store, "t", Settings(), time.time())
     assert sorted(store.list("t/")) == ["t/t-step00000020.safetensors", "t/t-step00000020.safetensors" + COMMIT]
 
 
@@ -85,7 +86,7 @@ def test_remote_retention_is_its_own(store: Store, tmp_path: Path) -> None:
     for p in checkpoints(tmp_path / "host1", (10, 20, 30, 40)):
         replicate(store, "t", p)
     verdicts = prune_remote(
-        store, "t", {"remote_keep_last": 1, "remote_keep_every_steps": 20, "keep_last": 4}, time.time()
+        store, "t", Settings(remote_keep_last=1, remote_keep_every_steps=20, keep_last=4), time.time()
     )
     assert {v.item.step: v.keep for v in verdicts} == {40: True, 30: False, 20: True, 10: False}
     assert [c.step for c in committed(store, "t")] == [20, 40]
@@ -228,7 +229,7 @@ def test_the_server_killed_mid_upload_and_restarted_gets_the_whole_checkpoint(
     done: list[object] = []
     uploader = Uploader(on_done=lambda u, c, rest: done.append(c))
     try:
-        uploader.submit(Upload("big", path, {"remote": store.url, "remote_endpoint": server.endpoint}))
+        uploader.submit(Upload("big", path, Settings(remote=store.url, remote_endpoint=server.endpoint)))
         wait_until(
             lambda: server.client().list_multipart_uploads(Bucket="ckpt").get("Uploads"),
             60,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptd.core.settings import Settings
 from ckptd.disk import manifest as mf
 from ckptd.disk.persist import TEMP_MARK
 from ckptd.disk.scan import scan
@@ -94,10 +95,10 @@ def test_a_unit_without_manifest_is_pending_until_a_later_save_commits(two_rank_
     listed = scan(str(d), JOB)
     assert listed[-1].pending and listed[-1].step == 20 and listed[-1].ok
     assert not verify_file(str(unit(d, 20))).ok
-    verdicts, _ = collect(str(d), JOB, {"keep_last": 1}, 0.0, [str(d)], dry_run=True)
+    verdicts, _ = collect(str(d), JOB, Settings(keep_last=1), 0.0, [str(d)], dry_run=True)
     assert {v.item.step: v.keep for v in verdicts} == {5: False, 10: False, 15: True, 20: True}
     os.unlink(unit(d, 10) / mf.MANIFEST)  # an older one did not commit either: abandoned, goes
-    verdicts, removals = collect(str(d), JOB, {"keep_last": 2}, 0.0, [str(d)])
+    verdicts, removals = collect(str(d), JOB, Settings(keep_last=2), 0.0, [str(d)])
     assert {v.item.step: (v.keep, v.reasons) for v in verdicts if v.item.step == 10} == {10: (False, ("partial",))}
     assert not unit(d, 10).exists() and unit(d, 20).exists() and unit(d, 15).exists()
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ckptd.core import config as config_mod
 from ckptd.core.autointerval import AutoInterval
 from ckptd.core.quota import never_fits
-from ckptd.core.settings import SettingsError, env_table, from_env, group, parse_table, resolve, unknown_env
+from ckptd.core.settings import SettingsError, env_table, from_env, parse_table, resolve, unknown_env
 from ckptd.disk.persist import Persisted, PersistError, cleanup_temp
 from ckptd.disk.preflight import check_directory, check_job, check_template, render, resolve_target
 from ckptd.disk.scan import Checkpoint, scan
@@ -114,11 +114,11 @@ class Checkpointer:
             self.rank,
             objects,
             self._progress,
-            self.settings["snapshot"],
+            self.settings.snapshot,
             self._dcp,
             before_save,
             shared=shared,
-            trainable_only=self.settings["save"] == "trainable",
+            trainable_only=self.settings.save == "trainable",
         )
         self._preflight()
         self._resumer = Resumer(
@@ -131,11 +131,11 @@ class Checkpointer:
             self._snap.structure or {},
             self._shards,
             quiet,
-            strict=self.settings["save"] == "all",
+            strict=self.settings.save == "all",
             socket_path=socket_path(socket),
         )
         self._record = SaveRecord()
-        overlaps = self.settings["snapshot"] == "overlap" and self.saving and not sharded
+        overlaps = self.settings.snapshot == "overlap" and self.saving and not sharded
         overlap = Overlap(optimizer, self._record.failed_early) if overlaps else None
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
@@ -163,7 +163,7 @@ class Checkpointer:
             lambda: self.mode == "embedded",
             job,
             self._state_bytes,
-            self.settings["every_memory"] if self.saving else None,
+            self.settings.every_memory if self.saving else None,
         )
         self._time_rules.saved_at(self._last_save_wall)
         self._preemption = Preemption(
@@ -195,10 +195,10 @@ class Checkpointer:
         )  # FSDP2: DCP plans (trainer_hooks._ranks.dcpio)
         # DDP: rank 0 saves, every rank resumes from the same checkpoint; sharded: every rank saves its part
         self.saving = sharded or self.rank == 0
-        self.policy = hook_policy(group(self.settings, "policy"), self.saving, sharded, self.job)
+        self.policy = hook_policy(self.settings.group("policy"), self.saving, sharded, self.job)
         if self.saving:
             warn_about_plan(self.policy, self.job)
-        self.directory, self.template = resolve_target(directory, self.settings["template"])
+        self.directory, self.template = resolve_target(directory, self.settings.template)
         check_template(self.template, self.job)
         self._last_save_wall, self._resized = time.time(), not self.saving  # (resized: see step())
         self._triggers = Triggers(self.policy, self.job, self._shards is not None)
@@ -209,12 +209,10 @@ class Checkpointer:
         self._state_bytes, self.run_id = self._sizes.state_bytes, self._snap.run_id
         self._found = found = scan(self.directory, self.job) if self.saving and os.path.isdir(self.directory) else []
         if self.saving:
-            too_big = never_fits(self._state_bytes, self.settings["max_bytes"])
+            too_big = never_fits(self._state_bytes, self.settings.max_bytes)
             if too_big:
                 raise SettingsError(f"job {self.job}: {too_big}")
-            check_directory(
-                self.directory, self._state_bytes, self.settings["min_free"], sum(c.bytes for c in found[:-1])
-            )
+            check_directory(self.directory, self._state_bytes, self.settings.min_free, sum(c.bytes for c in found[:-1]))
             cleanup_temp(self.directory)
 
     @property
@@ -371,7 +369,7 @@ class Checkpointer:
         if buffer is None:  # the last memory-only save is still being kept: this one is not needed
             return False
         if self._outlet.busy and not memory:
-            if self.settings["on_busy"] == "skip" and trigger in SCHEDULED and self._shards is None:
+            if self.settings.on_busy == "skip" and trigger in SCHEDULED and self._shards is None:
                 self._record.skipped(trigger, self._progress.step)
                 self._outlet.notify({"type": "skipped", "step": self._progress.step, "reason": "backpressure"})
                 return False

@@ -45,7 +45,7 @@ from typing import Any, Callable
 from ckptd.core import config as config_mod
 from ckptd.core import policy as pol
 from ckptd.core import retention
-from ckptd.core.settings import env_table, from_env, group, parse_table, resolve
+from ckptd.core.settings import env_table, from_env, parse_table, resolve
 from ckptd.foreign import deepspeed as dsfmt
 from ckptd.foreign.formats import step_from_name
 from ckptd.foreign.picklesafe import verify_torch
@@ -112,8 +112,8 @@ class EngineCheckpointer:
         cfg = config_mod.load(config)
         known = {k: v for k, v in settings.items() if v is not None}
         self.settings = resolve(parse_table(known, "Checkpointer()"), from_env(), cfg.job_table(job), cfg.defaults)
-        self.policy = hook_policy(group(self.settings, "policy"), True, True, job)
-        self.rules = retention.Rules.from_settings(self.settings)
+        self.policy = hook_policy(self.settings.group("policy"), True, True, job)
+        self.rules = retention.Rules.from_settings(self.settings.retention())
         self._dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.current = 0

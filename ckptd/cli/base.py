@@ -8,7 +8,7 @@ from typing import Any, Callable
 import click
 
 from ckptd import __version__
-from ckptd.core.settings import KEYS, SettingsError, parse_table, resolve
+from ckptd.core.settings import KEYS, SettingsError, default
 
 
 def setting_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -26,19 +26,12 @@ def setting_options(*groups: str, exclude: tuple[str, ...] = ()) -> Callable[[Ca
 def _option(key: str, spec: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--keep-final/--no-keep-final`` for a boolean key, a ``[min|max]`` choice for a choice."""
     name = "--" + key.replace("_", "-")
-    if isinstance(spec.default, bool):
+    if isinstance(default(key), bool):
         return click.option(f"{name}/--no-{name[2:]}", key, default=None, help=spec.help)
     choices = getattr(spec.parse, "choices", None)
     if choices:
         return click.option(name, key, type=click.Choice(choices), default=None, help=spec.help)
     return click.option(name, key, default=None, help=spec.help)
-
-
-def settings_from(options: dict[str, Any], source: str = "command line") -> dict[str, Any]:
-    try:
-        return resolve(parse_table({k: v for k, v in options.items() if k in KEYS}, source), {}, {}, {})
-    except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
 
 
 @click.group()

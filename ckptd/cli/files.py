@@ -13,7 +13,7 @@ import click
 
 from ckptd.cli.base import SOCKET_OPTION, ask, is_directory, main, setting_options
 from ckptd.cli.remote import is_remote, job_url, list_remote, remote_options, verify_remote_cmd
-from ckptd.core.settings import KEYS, SettingsError, parse_table, resolve
+from ckptd.core.settings import KEYS, Settings, SettingsError, parse_table, resolve
 from ckptd.core.units import format_bytes, format_duration
 from ckptd.disk.scan import Checkpoint, pin_path, read_info, scan, set_pinned
 from ckptd.disk.verify import VerifyResult, verify_file
@@ -346,7 +346,7 @@ def _daemon_gc(socket_path: str | None, directory: str, job: str | None, dry_run
     return reply if reply.get("jobs") else None
 
 
-def _foreign_gc(target: str, settings: dict[str, Any], as_json: bool) -> None:
+def _foreign_gc(target: str, settings: Settings, as_json: bool) -> None:
     """Other tools' checkpoints: what retention would do (each verified first, grouped by directory
     as watch mode groups them; one that fails is kept, as watch mode's on_corrupt="keep" keeps it).
     Deleting them is watch mode's: it judges each as it is written."""
@@ -356,7 +356,7 @@ def _foreign_gc(target: str, settings: dict[str, Any], as_json: bool) -> None:
     units = foreign.find(target)
     if not units:
         raise click.ClickException(f"{target}: no checkpoints here (ckptd's or a known foreign format)")
-    rules = retention.Rules.from_settings(settings)
+    rules = retention.Rules.from_settings(settings.retention())
     groups: dict[str, list[retention.Item]] = {}
     for u in units:
         ok = foreign.verify(u).ok

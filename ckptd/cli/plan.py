@@ -16,7 +16,7 @@ from ckptd.cli.base import main, setting_options
 from ckptd.core import retention
 from ckptd.core.policy import Plan, PolicyError, SavePolicy
 from ckptd.core.policy import plan as make_plan
-from ckptd.core.settings import KEYS, SettingsError, from_env, group, parse_table, resolve, unknown_env
+from ckptd.core.settings import KEYS, Settings, SettingsError, from_env, parse_table, resolve, unknown_env
 from ckptd.core.units import parse_duration
 
 TIME_RULES = ("keep_hourly", "keep_daily", "keep_within")  # they need to know when each save happens
@@ -83,14 +83,15 @@ def plan(
     settings = _settings(options, total_steps, epochs)
     per_step = _seconds(step_time)
     try:
-        policy = SavePolicy.from_settings(group(settings, "policy"))
+        policy = SavePolicy.from_settings(settings.group("policy"))
         result = make_plan(policy)
     except PolicyError as exc:
         raise click.UsageError(str(exc)) from None
-    total = settings["total_steps"]
+    total = settings.total_steps
+    assert total is not None  # (_settings refused a run of no length)
     kept, notes = _retained(result, settings, per_step)
     memory = {"stall": memory_stall, "persist": memory_persist, "share": memory_share}
-    auto = _auto_plan(policy, stall, persist, step_time, memory, settings.get("every_memory"))
+    auto = _auto_plan(policy, stall, persist, step_time, memory, settings.every_memory)
     warnings = list(result.warnings) + notes
     if as_json:
         saves = [
@@ -106,7 +107,7 @@ def plan(
         click.echo(f"warning: {w}", err=True)
 
 
-def _settings(options: dict[str, Any], total_steps: int | None, epochs: int | None) -> dict[str, Any]:
+def _settings(options: dict[str, Any], total_steps: int | None, epochs: int | None) -> Settings:
     """Options over ``CKPTD_*`` variables (a typo in one is said, as the hook says it); the run's
     length from --total-steps, or --epochs x --steps-per-epoch."""
     for problem in unknown_env():
@@ -119,8 +120,8 @@ def _settings(options: dict[str, Any], total_steps: int | None, epochs: int | No
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     if epochs is not None:
-        settings.update(_epochs(epochs, settings.get("total_steps"), settings.get("steps_per_epoch")))
-    if settings.get("total_steps") is None:
+        settings = settings.but(**_epochs(epochs, settings.total_steps, settings.steps_per_epoch))
+    if settings.total_steps is None:
         raise click.UsageError("how long is the run? give --total-steps (or --epochs with --steps-per-epoch)")
     return settings
 
@@ -151,17 +152,16 @@ def _seconds(step_time: str | None) -> float | None:
         raise click.UsageError(f"--step-time: {exc}") from None
 
 
-def _retained(result: Plan, settings: dict[str, Any], per_step: float | None) -> tuple[dict[int, list[str]], list[str]]:
+def _retained(result: Plan, settings: Settings, per_step: float | None) -> tuple[dict[int, list[str]], list[str]]:
     """Each planned save's keeping rules at the end of the run (empty: deleted by then), by the
     same ``retention.judge`` the daemon applies; {} when no retention key is given."""
-    given = {k for k in group(settings, "retention") if settings[k] is not None and k != "quarantine_dir"}
-    if not given - {"keep_final"} and settings["keep_final"]:
+    rule_keys = settings.group("retention").items()
+    given = {k for k, v in rule_keys if v is not None and k != "quarantine_dir"}
+    if not given - {"keep_final"} and settings.keep_final:
         return {}, []
-    rules = retention.Rules.from_settings(
-        {**group(settings, "retention"), "best_metric": settings.get("best_metric"), "best_mode": settings["best_mode"]}
-    )
+    rules = retention.Rules.from_settings(settings.retention())
     notes = []
-    timed = [k for k in TIME_RULES if settings.get(k) is not None]
+    timed = [k for k in TIME_RULES if getattr(settings, k) is not None]
     if timed and per_step is None:
         notes.append(f"{', '.join(timed)} planned as if every save happened at the same time: give --step-time")
     if rules.keep_best:

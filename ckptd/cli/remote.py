@@ -53,12 +53,12 @@ def job_url(job: str, endpoint: str | None, config_file: str | None = None) -> t
         settings = resolve_settings({}, from_env(), cfg.job_table(job), cfg.defaults)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    if not settings.get("remote"):
+    if not settings.remote:
         raise click.UsageError(
             f"job {job} has no remote tier: give its URL (s3://bucket/prefix/{job}), or set "
             f"remote in [jobs.{job}] / [defaults] or $CKPTD_REMOTE"
         )
-    return str(settings["remote"]).rstrip("/"), endpoint or settings.get("remote_endpoint")
+    return settings.remote.rstrip("/"), endpoint or settings.remote_endpoint
 
 
 def resolve(url: str, endpoint: str | None) -> tuple[Store, str, str | None]:

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from ckptd.core import missed
 from ckptd.core.config import Config, default_state_dir
 from ckptd.core.policy import SavePolicy
+from ckptd.core.settings import Settings
 from ckptd.core.units import parse_listen
 from ckptd.core.vocab import MissedReason
 from ckptd.daemon import schedlog, sdnotify
@@ -334,7 +335,7 @@ class Daemon:
         sdnotify.notify("READY=1", f"STATUS=reloaded {path}")
         return True
 
-    def _resolve_connected(self, cfg: Config) -> list[tuple[JobState, dict[str, Any], SavePolicy]]:
+    def _resolve_connected(self, cfg: Config) -> list[tuple[JobState, Settings, SavePolicy]]:
         """Each connected job's settings under ``cfg``, its trainer's own kwargs still on top. A job
         the new configuration refuses (its remote no longer allowed) keeps what it had, and the log
         names it: a reload never drops a trainer."""
@@ -477,7 +478,7 @@ class Daemon:
         uid: int,
         pid: int,
         directory: str,
-        settings: dict[str, Any],
+        settings: Settings,
         policy: SavePolicy,
         step: int,
         session: Session | None = None,
@@ -517,7 +518,7 @@ class Daemon:
                 id=f"cron:{name}:{directory}",
                 replace_existing=True,
             )
-        self.catalog.upsert_job(key, uid, {k: v for k, v in settings.items() if v is not None})
+        self.catalog.upsert_job(key, uid, settings)
         self.catalog.event(key, "start", pid=pid, step=step)
         self.metrics.job_started(key)
         self.metrics.init_job(key)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from ckptd.core.settings import Settings
 from ckptd.core.vocab import Outcome
 from ckptd.daemon.jobkey import JobKey
 from ckptd.disk.manifest import MANIFEST, SHARD_RE
@@ -140,21 +141,21 @@ class Catalog:
         except OSError:  # gone, or out of the daemon's sight: nobody's rights, and it fails as it would for them
             return Identity.of(NOBODY)
 
-    def upsert_job(self, key: JobKey, uid: int, settings: dict[str, Any]) -> None:
+    def upsert_job(self, key: JobKey, uid: int, settings: Settings) -> None:
         """The job is ``uid``'s from now on: the uid whose directory it is now (``Access.job``), not
         whoever first registered that name there (finding L2)."""
         with self._lock:
             self._db.execute(
                 "INSERT INTO jobs(name, directory, uid, settings, created) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(name, directory) DO UPDATE SET settings = excluded.settings, uid = excluded.uid",
-                (*key, uid, json.dumps(settings, default=str), time.time()),
+                (*key, uid, json.dumps(settings.given(), default=str), time.time()),
             )
 
-    def job_settings(self, key: JobKey) -> dict[str, Any]:
+    def job_settings(self, key: JobKey) -> Settings:
         """The settings a job last registered with (what a restarted daemon resumes replication with)."""
         with self._lock:
             row = self._db.execute("SELECT settings FROM jobs WHERE name = ? AND directory = ?", key).fetchone()
-        return {} if row is None else dict(json.loads(row[0]))
+        return Settings.stored({} if row is None else json.loads(row[0]))
 
     def jobs(self) -> list[tuple[JobKey, int]]:
         with self._lock:

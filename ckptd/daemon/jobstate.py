@@ -17,6 +17,7 @@ from ckptd.core import missed
 from ckptd.core.autointerval import AutoInterval, CostSamples, estimate_mtbf, guess_cost, overhead_ratio
 from ckptd.core.multilevel import Coverage, MultiLevel, estimate_coverage, multilevel
 from ckptd.core.policy import SavePolicy, time_interval
+from ckptd.core.settings import Settings
 from ckptd.daemon.jobkey import JobKey
 
 __all__ = ["TICK", "JobState", "Trainer"]
@@ -38,7 +39,7 @@ class JobState:
     name: str
     uid: int
     directory: str
-    settings: dict[str, Any]
+    settings: Settings
     policy: SavePolicy
     pid: int = 0
     connected: bool = False
@@ -100,7 +101,7 @@ class JobState:
             self.policy.max_overhead,
             self.policy.min_interval,
             guess_cost(self.state_bytes),
-            self.settings.get("every_memory"),
+            self.settings.every_memory,
             resolution=TICK,
         )
 
@@ -129,7 +130,7 @@ class JobState:
         values = {
             "ckptd_job_up": float(self.connected),
             "ckptd_unsaved_steps": float(missed.unsaved_at_exit(self.step, self.last_verified_step)),
-            "ckptd_quota_bytes": float(self.settings.get("max_bytes") or 0),
+            "ckptd_quota_bytes": float(self.settings.max_bytes or 0),
             "ckptd_expected_loss_seconds": self.expected_loss(now),
             "ckptd_save_overhead_ratio": self.overhead(now),
         }
@@ -138,7 +139,7 @@ class JobState:
         # 0 for a job without every=auto or a remote tier: a basic install's dashboard has its series
         values["ckptd_auto_interval_seconds"] = auto.seconds if auto is not None else 0.0
         values["ckptd_auto_memory_interval_seconds"] = (plan.memory or 0.0) if plan is not None else 0.0
-        values["ckptd_remote_lag_seconds"] = remote_lag if self.settings.get("remote") else 0.0
+        values["ckptd_remote_lag_seconds"] = remote_lag if self.settings.remote else 0.0
         values["ckptd_memory_bytes"] = float(memory)
         return values
 

@@ -121,11 +121,11 @@ def _standing(d: Host, key: JobKey, row: dict[str, Any], tally: dict[str, Any], 
         "missed_total": tally["missed"],
         "failed_total": tally["failed"],
         "last_error": tally["last_error"],
-        "remote": settings.get("remote"),
+        "remote": settings.remote,
         "remote_pending": d.uploads.pending_count(key),
         "remote_lag": lag,
-        "quota_bytes": settings.get("max_bytes"),
-        "quota_used": row["bytes"] / settings["max_bytes"] if settings.get("max_bytes") else None,
+        "quota_bytes": settings.max_bytes,
+        "quota_used": row["bytes"] / settings.max_bytes if settings.max_bytes else None,
     }
 
 

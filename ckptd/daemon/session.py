@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 from ckptd.core import missed
 from ckptd.core.config import Config
 from ckptd.core.policy import SavePolicy
-from ckptd.core.settings import SettingsError, group, parse_table, resolve
+from ckptd.core.settings import Settings, SettingsError, parse_table, resolve
 from ckptd.core.vocab import FailReason, MissedReason, Trigger
 from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
@@ -71,7 +71,7 @@ class Host(Protocol):
         uid: int,
         pid: int,
         directory: str,
-        settings: dict[str, Any],
+        settings: Settings,
         policy: SavePolicy,
         step: int,
         session: "Session | None" = None,
@@ -185,21 +185,18 @@ class Session:
         self.daemon.ledger.hook_version(self.job.key, _version(msg.get("version")))
         self.send({"type": "welcome", "job": job, "directory": directory})
 
-    def resolved(
-        self, config: Config, job: str, directory: str, kwargs: dict[str, Any]
-    ) -> tuple[dict[str, Any], SavePolicy]:
+    def resolved(self, config: Config, job: str, directory: str, kwargs: dict[str, Any]) -> tuple[Settings, SavePolicy]:
         """The job's settings (its trainer's kwargs over ``config``'s tables) with what only the daemon
         decides filled in: at hello, and again for a connected job when the configuration is reloaded."""
         settings = resolve(kwargs, {}, config.job_table(job), config.defaults)
-        policy = SavePolicy.from_settings(group(settings, "policy"))
-        if settings.get("remote"):  # the store, its endpoint and the job's key prefix: the daemon's word
-            settings["remote_endpoint"] = self.daemon.access.remote(settings["remote"], kwargs.get("remote_endpoint"))
-            settings["remote_prefix"] = job_prefix(job, directory, self.uid)
-        if settings.get("quarantine_dir"):  # the daemon moves files there: it must be a place the client may use
+        policy = SavePolicy.from_settings(settings.group("policy"))
+        if settings.remote:  # the store, its endpoint and the job's key prefix: the daemon's word
+            endpoint = self.daemon.access.remote(settings.remote, kwargs.get("remote_endpoint"))
+            settings = settings.but(remote_endpoint=endpoint, remote_prefix=job_prefix(job, directory, self.uid))
+        if settings.quarantine_dir:  # the daemon moves files there: it must be a place the client may use
             with acting_as(self.identity):
-                settings["quarantine_dir"] = self.daemon.access.directory(
-                    settings["quarantine_dir"], self.uid, must_exist=False
-                )
+                quarantine = self.daemon.access.directory(settings.quarantine_dir, self.uid, must_exist=False)
+            settings = settings.but(quarantine_dir=quarantine)
         return settings, policy
 
     # -- heartbeats and missed steps --------------------------------------------------------
@@ -362,7 +359,7 @@ class Session:
                 )
 
         def replicate(result: Persisted) -> None:
-            if job.settings.get("remote"):
+            if job.settings.remote:
                 info = seen.get(result.path) or read_info(result.path)
                 with as_daemon():
                     d.uploads.submit(job.key, job.settings, result.path, info.created, job.uid, result.fd)
@@ -459,9 +456,9 @@ class Session:
         self.daemon.unregister(self.job, self)
 
 
-def _described(settings: dict[str, Any]) -> str:
+def _described(settings: Settings) -> str:
     """The resolved policy and retention, for the connect line: what this job will be held to."""
-    keys = {**group(settings, "policy"), **group(settings, "retention"), **group(settings, "quota")}
+    keys = {**settings.group("policy"), **settings.group("retention"), **settings.group("quota")}
     return "; ".join(f"{k}={v}" for k, v in sorted(keys.items()) if v is not None) or "no save rule"
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
+from ckptd.core.settings import Settings
 from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
@@ -44,7 +45,7 @@ class Uploads:
         self.uploader = Uploader(self._replicated, self._failed)
 
     def submit(
-        self, key: JobKey, settings: Mapping[str, Any], path: str, created: float, owner: int, fd: int | None = None
+        self, key: JobKey, settings: Settings, path: str, created: float, owner: int, fd: int | None = None
     ) -> None:
         """A verified save of a job with a remote tier: upload it (from ``fd``, what verified, dup'd
         here), then let local retention run again."""
@@ -61,19 +62,19 @@ class Uploads:
             stored = self.catalog.job_settings(key)
             owner = self.catalog.job_owner(key)
             if (
-                not stored.get("remote")
+                not stored.remote
                 or owner is None
                 or not inside(key.directory, self.roots)
                 or not os.path.isdir(key.directory)
             ):
                 continue
             try:
-                endpoint = self.access.remote(stored["remote"])
+                endpoint = self.access.remote(stored.remote)
             except PermissionError as exc:
                 log.warning("job %s: not resuming its uploads: %s", key, exc)
                 continue
             prefix = job_prefix(key.name, key.directory, owner)
-            settings = {**stored, "remote_endpoint": endpoint, "remote_prefix": prefix}
+            settings = stored.but(remote_endpoint=endpoint, remote_prefix=prefix)
             self.uploader.resync(
                 key.name,
                 key.directory,
@@ -121,7 +122,7 @@ class Uploads:
         m.remote_last_success.labels(*key).set(time.time())
         m.remote_checkpoints.labels(*key).set(len(remote))
         m.remote_bytes.labels(*key).set(sum(c.bytes for c in remote))
-        self.catalog.event(key, "replicated", path=u.path, remote=f"{u.settings['remote']}/{commit.key}")
+        self.catalog.event(key, "replicated", path=u.path, remote=f"{u.settings.remote}/{commit.key}")
 
     def _failed(self, u: Upload, exc: RemoteError) -> None:
         self.metrics.remote_uploads.labels(*u.key, "failed").inc()

@@ -16,8 +16,9 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
+from ckptd.core.settings import Settings
 from ckptd.core.vocab import FailReason
 from ckptd.disk.persist import PersistError, reason_for
 from ckptd.disk.safepath import DIR_FLAGS, OutsideRoots, open_dir
@@ -31,7 +32,7 @@ class Target:
 
     directory: str
     job: str
-    settings: Mapping[str, Any]
+    settings: Settings
     roots: Sequence[str] = field(default_factory=tuple)
     owner: int | None = None  # the uid that must still own the directory at each save (unprivileged clients)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Any, Mapping
+
+from ckptd.core.settings import Settings
 
 __all__ = ["job_prefix", "owner_of", "prefix_in", "PREFIX_RE"]
 
@@ -46,8 +47,8 @@ def owner_of(prefix: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def prefix_in(settings: Mapping[str, Any], job: str, directory: str) -> str:
+def prefix_in(settings: Settings, job: str, directory: str) -> str:
     """A job's prefix as its settings carry it (``remote_prefix``: the daemon sets it at hello
     from the client's uid; no client may send it), else this process's own (the hook, the CLI)."""
-    given = settings.get("remote_prefix")
+    given = settings.remote_prefix
     return str(given) if given else job_prefix(job, os.path.realpath(directory), os.getuid())

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping
 
 from ckptd.core import retention
+from ckptd.core.settings import Settings
 from ckptd.remote.listing import COMMIT, RemoteCheckpoint, committed, uncommitted
 from ckptd.remote.stores import Store
 
@@ -20,15 +20,12 @@ __all__ = ["prune_remote", "remote_rules"]
 log = logging.getLogger(__name__)
 
 
-def remote_rules(settings: Mapping[str, Any]) -> retention.Rules:
+def remote_rules(settings: Settings) -> retention.Rules:
     """The ``remote_keep_*`` keys read as §5's rules (``remote_keep_last`` -> ``keep_last``)."""
-    local = {k[len("remote_") :]: v for k, v in settings.items() if k.startswith("remote_keep") and v is not None}
-    if "keep_best" in local:
-        local.update(best_metric=settings.get("best_metric"), best_mode=settings.get("best_mode", "min"))
-    return retention.Rules.from_settings(local)
+    return retention.Rules.from_settings(settings.remote_retention())
 
 
-def prune_remote(store: Store, prefix: str, settings: Mapping[str, Any], now: float) -> list[retention.Verdict]:
+def prune_remote(store: Store, prefix: str, settings: Settings, now: float) -> list[retention.Verdict]:
     """Remote retention for the job whose objects are under ``prefix`` (``layout.job_prefix``:
     its owner's and its directory's, so it sees, and deletes, only what this job wrote);
     returns the verdicts. A deletion the store refuses is logged and tried again at the next

@@ -29,8 +29,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
+from ckptd.core.settings import Settings
 from ckptd.disk.owner import start_thread
 from ckptd.disk.scan import scan
 from ckptd.remote.layout import job_prefix
@@ -50,7 +51,7 @@ MAX_HELD_FDS = 256  # verified fds held for queued uploads; past it an upload re
 class Upload:
     job: str
     path: str
-    settings: Mapping[str, Any]
+    settings: Settings
     key: Any = None  # the caller's name for the job (the daemon's JobKey), handed back in callbacks
     after: Callable[[], None] | None = None  # local retention, once it is remote
     created: float = 0.0  # when the local checkpoint was taken (the replication lag counts from it)
@@ -69,10 +70,10 @@ class Upload:
 
     @property
     def lane(self) -> tuple[str, str | None, str]:
-        return self.settings["remote"], self.settings.get("remote_endpoint"), self.where
+        return str(self.settings.remote), self.settings.remote_endpoint, self.where
 
     def store(self) -> Store:
-        return open_store(self.settings["remote"], self.settings.get("remote_endpoint"))
+        return open_store(str(self.settings.remote), self.settings.remote_endpoint)
 
 
 Done = Callable[[Upload, RemoteCheckpoint, list[RemoteCheckpoint]], None]
@@ -112,7 +113,7 @@ class Uploader:
         self,
         job: str,
         directory: str,
-        settings: Mapping[str, Any],
+        settings: Settings,
         key: Any = None,
         after: Callable[[], None] | None = None,
         prefix: str = "",
@@ -123,16 +124,16 @@ class Uploader:
         where = prefix or job_prefix(job, os.path.realpath(directory), os.getuid() if owner_uid is None else owner_uid)
 
         def find() -> None:
-            store = open_store(settings["remote"], settings.get("remote_endpoint"))
+            store = open_store(str(settings.remote), settings.remote_endpoint)
             if isinstance(store, S3Store) and store.abort_stale_uploads(f"{where}/"):
                 log.info("remote: aborted multipart uploads a killed upload left under %s/%s/", store.url, where)
             done = {c.name for c in committed(store, where)}
-            INDEX.update(settings["remote"], settings.get("remote_endpoint"), where, done)
+            INDEX.update(str(settings.remote), settings.remote_endpoint, where, done)
             for c in scan(directory, job):
                 if c.ok and not c.pending and os.path.basename(c.path) not in done:
                     self.submit(Upload(job, c.path, settings, key, after, c.created, where, owner_uid, guard))
 
-        t = threading.Thread(target=self._retrying, args=(find, settings["remote"]), name="ckptd-resync", daemon=True)
+        t = threading.Thread(target=self._retrying, args=(find, settings.remote), name="ckptd-resync", daemon=True)
         self._resyncs.append(t)
         start_thread(t)
 
@@ -235,7 +236,7 @@ class Uploader:
             raise
         prune_remote(store, where, u.settings, time.time())
         remaining = committed(store, where)
-        INDEX.update(u.settings["remote"], u.settings.get("remote_endpoint"), where, (c.name for c in remaining))
+        INDEX.update(str(u.settings.remote), u.settings.remote_endpoint, where, (c.name for c in remaining))
         log.info("remote: %s verified at %s/%s", u.path, store.url, commit.key)
         if self._on_done is not None:
             self._on_done(u, commit, remaining)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Callable, Collection, Sequence
 
 from ckptd.core import quota as quota_mod
 from ckptd.core import retention
 from ckptd.core.format import FormatError, read_header
+from ckptd.core.settings import Settings
 from ckptd.core.vocab import FailReason, Problem, Reason, Rule
 from ckptd.disk.opened import Opened
 from ckptd.disk.persist import PersistError
@@ -96,31 +97,29 @@ def unresolved(checkpoints: Sequence[Checkpoint]) -> dict[str, str]:
 
 
 def evaluate(
-    directory: str, job: str | None, settings: Mapping[str, Any], now: float, fresh_remote: bool = False
+    directory: str, job: str | None, settings: Settings, now: float, fresh_remote: bool = False
 ) -> list[retention.Verdict]:
     """The verdicts for one job's directory (every checkpoint in it without ``job``).
     ``fresh_remote``: list the remote tier now (``ckptd gc``) instead of reading its cached index."""
-    rules = retention.Rules.from_settings(settings)
-    replicated = _replicated(settings, job, directory, fresh_remote) if settings.get("remote") and job else None
+    rules = retention.Rules.from_settings(settings.retention())
+    replicated = _replicated(settings, job, directory, fresh_remote) if settings.remote and job else None
     return retention.judge(items_from(scan(directory, job), rules.best_metric, replicated), rules, now)
 
 
-def _replicated(settings: Mapping[str, Any], job: str, directory: str, fresh: bool) -> set[str]:
+def _replicated(settings: Settings, job: str, directory: str, fresh: bool) -> set[str]:
     """The job's file names committed on its remote tier (under its own prefix); none while that
     is not known (so local retention keeps everything until it is: a store that is down never
     costs a copy)."""
     from ckptd.remote.layout import prefix_in
     from ckptd.remote.listing import INDEX
 
-    return INDEX.names(
-        settings["remote"], settings.get("remote_endpoint"), prefix_in(settings, job, directory), wait=fresh
-    )
+    return INDEX.names(str(settings.remote), settings.remote_endpoint, prefix_in(settings, job, directory), wait=fresh)
 
 
 def collect(
     directory: str,
     job: str | None,
-    settings: Mapping[str, Any],
+    settings: Settings,
     now: float,
     roots: Sequence[str],
     dry_run: bool = False,
@@ -128,11 +127,11 @@ def collect(
 ) -> tuple[list[retention.Verdict], list[Removal]]:
     """Retention for one job (or every checkpoint in a directory): plan, then act."""
     verdicts = evaluate(directory, job, settings, now, fresh_remote)
-    return verdicts, apply(verdicts, roots, settings.get("quarantine_dir"), dry_run)
+    return verdicts, apply(verdicts, roots, settings.quarantine_dir, dry_run)
 
 
 def make_room(
-    directory: str, job: str, settings: Mapping[str, Any], reserve: int, now: float, roots: Sequence[str]
+    directory: str, job: str, settings: Settings, reserve: int, now: float, roots: Sequence[str]
 ) -> tuple[quota_mod.QuotaChoice, list[Removal]]:
     """Retention's deletions, then quota's oldest-first ones if the next save needs them."""
     verdicts, removals = collect(directory, job, settings, now, roots)
@@ -140,9 +139,9 @@ def make_room(
     budget = quota_mod.Budget(
         reserve=reserve,
         used=sum(v.item.bytes for v in kept),
-        max_bytes=settings.get("max_bytes"),
+        max_bytes=settings.max_bytes,
         free=free_bytes(directory),
-        min_free=min_free_bytes(directory, settings.get("min_free")),
+        min_free=min_free_bytes(directory, settings.min_free),
     )
     decision = quota_mod.choose(kept, budget)
     if decision.ok and decision.delete:
@@ -150,7 +149,7 @@ def make_room(
         for i in decision.delete:
             if i.remote_pending:
                 log.warning("quota deletes %s before it reached the remote tier (the only copy)", i.id)
-        removals += apply(doomed, roots, settings.get("quarantine_dir"))
+        removals += apply(doomed, roots, settings.quarantine_dir)
     return decision, removals
 
 
@@ -183,9 +182,9 @@ def prune(t: Target, on_removed: Removed = _ignore, now: float | None = None) ->
 def prune_tags(t: Target, on_removed: Removed = _ignore, now: float | None = None) -> None:
     """Retention over a DeepSpeed engine job's committed tags (``ckptd.foreign.deepspeed``): the
     same rules and the same removal (no link followed) as for its files, each tag one unit."""
-    rules = retention.Rules.from_settings(t.settings)
+    rules = retention.Rules.from_settings(t.settings.retention())
     if not rules.any_window:
         return
     items = items_from(dsfmt.job_tags(t.directory, t.job), rules.best_metric)
     verdicts = retention.judge(items, rules, time.time() if now is None else now)
-    on_removed(apply(verdicts, t.guard, t.settings.get("quarantine_dir")))
+    on_removed(apply(verdicts, t.guard, t.settings.quarantine_dir))

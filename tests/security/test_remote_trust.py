@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from ckptd.core.settings import Settings
 from ckptd.remote.layout import job_prefix
 from ckptd.remote.listing import COMMIT, committed
 from ckptd.remote.stores import RemoteError, open_store
@@ -248,9 +249,9 @@ def test_two_users_jobs_of_one_name_never_share_a_prefix(base: Path, users: Any)
         job_dir(d, alice, "alice")
         r = as_user(
             alice,
-            "from ckptd.remote.fetch import fetch\nfrom ckptd.remote.layout import prefix_in\n"
-            "from ckptd.remote.stores import open_store",
-            "print(fetch(open_store(sys.argv[1]), prefix_in({}, 'run', sys.argv[2]), sys.argv[2]))",
+            "from ckptd.core.settings import Settings\nfrom ckptd.remote.fetch import fetch\n"
+            "from ckptd.remote.layout import prefix_in\nfrom ckptd.remote.stores import open_store",
+            "print(fetch(open_store(sys.argv[1]), prefix_in(Settings(), 'run', sys.argv[2]), sys.argv[2]))",
             url,
             str(a_dir),
         )
@@ -374,10 +375,10 @@ def test_a_hung_endpoint_holds_only_its_own_jobs_lane(tmp_path: Path, monkeypatc
     try:
         a = checkpoint(tmp_path / "a", "a-step00000001.safetensors", step=1, seed=1)
         b = checkpoint(tmp_path / "b", "b-step00000001.safetensors", step=1, seed=2)
-        uploader.submit(Upload("a", a, {"remote": "s3://bucket/runs", "remote_endpoint": hung.url}))
+        uploader.submit(Upload("a", a, Settings(remote="s3://bucket/runs", remote_endpoint=hung.url)))
         time.sleep(0.5)  # a's lane is inside its request
         url = f"file://{tmp_path / 'shared'}"
-        uploader.submit(Upload("b", b, {"remote": url}))
+        uploader.submit(Upload("b", b, Settings(remote=url)))
         t0 = time.monotonic()
         wait_until(lambda: [p.job for p in uploader.pending] == ["a"], 20, "b's upload beside a's hung one")
         assert time.monotonic() - t0 < 20

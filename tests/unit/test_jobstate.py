@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 
 from ckptd.core.policy import SavePolicy
+from ckptd.core.settings import Settings
 from ckptd.daemon.jobstate import JobState
 
 
 def _job() -> JobState:
     return JobState(
-        "j", 1000, "/tmp/j", {}, SavePolicy.from_settings({"every_steps": 20}), connected=True, started_at=0.0
+        "j", 1000, "/tmp/j", Settings(), SavePolicy.from_settings({"every_steps": 20}), connected=True, started_at=0.0
     )
 
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from ckptd.core.autointerval import CostSamples, Mtbf, auto_interval, young_daly
 from ckptd.core.multilevel import MAX_K, PRIOR_SHARE, Coverage, estimate_coverage, multilevel, waste
 from ckptd.core.policy import SavePolicy
+from ckptd.core.settings import Settings
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.jobstate import JobState
@@ -135,7 +136,7 @@ def _job(budget: int, sharded: bool = False, every_memory: float | None = None) 
         "j",
         1000,
         "/tmp/j",
-        {"every_memory": every_memory},
+        Settings(every_memory=every_memory),
         policy,
         connected=True,
         started_at=0.0,

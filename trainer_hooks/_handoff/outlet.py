@@ -61,7 +61,7 @@ class Outlet:
         self._on_done, self._on_removed = on_done, on_removed
         self._worker = Worker(self._persist_here, self._persisted_here)
         self.link: Link | None = None
-        uploads = replicate and target.settings.get("remote") and (shards is None or shards.rank == 0)
+        uploads = replicate and target.settings.remote and (shards is None or shards.rank == 0)
         self.uploader: Uploader | None = None  # sharded: rank 0 uploads the committed unit
         if uploads:  # the remote tier (boto3 and all) is imported only by a job that has one
             from ckptd.remote.uploader import Uploader
@@ -201,14 +201,14 @@ class Outlet:
     def _drain_uploads(self, timeout: float | None) -> None:
         """Embedded: nobody else will upload what is left, so wait for it, within remote_timeout."""
         assert self.uploader is not None
-        limit = self.target.settings.get("remote_timeout", 300.0)
+        limit = self.target.settings.remote_timeout
         left = self.uploader.wait(limit if timeout is None else min(limit, timeout))
         if left:
             log.warning(
                 "ckptd: %d checkpoint(s) not yet on %s after %.0fs: %s; they stay on disk and the next run "
                 "(or a daemon) uploads them",
                 len(left),
-                self.target.settings["remote"],
+                self.target.settings.remote,
                 limit,
                 ", ".join(os.path.basename(u.path) for u in left),
             )

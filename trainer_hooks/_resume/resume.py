@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ckptd.core.meta import FINGERPRINT
+from ckptd.core.settings import Settings
 from ckptd.disk.manifest import DCP as DCP_LAYOUT
 from ckptd.disk.manifest import read as read_manifest
 from ckptd.disk.manifest import shard_name
@@ -41,7 +42,6 @@ from trainer_hooks._state.loader import load
 from trainer_hooks._state.state import TrainerObjects, apply
 
 if TYPE_CHECKING:
-
     from ckptd.remote.listing import RemoteCheckpoint
     from trainer_hooks._ranks.shards import ShardGroup
 
@@ -90,7 +90,7 @@ class Resumer:
 
     job: str
     directory: str
-    settings: dict[str, Any]
+    settings: Settings
     rank: int
     world_size: int
     objects: TrainerObjects  # model, optimizer, scheduler, extra, generators
@@ -243,7 +243,7 @@ class Resumer:
     def _fetch_remote(self) -> bool:
         """No local checkpoint verifies: a new host resumes from the remote tier, if there is one.
         Sharded: rank 0 fetches the unit, then any rank that does not see it (another host) does."""
-        if not self.settings.get("remote"):
+        if not self.settings.remote:
             return False
         if self.shards is None:
             return self._fetch_newest() is not None
@@ -261,7 +261,7 @@ class Resumer:
 
         try:  # only this uid's own job in this directory (layout.job_prefix), and its commit object must say so
             path = fetch(
-                open_store(self.settings["remote"], self.settings.get("remote_endpoint")),
+                open_store(self.settings.remote, self.settings.remote_endpoint),
                 prefix_in(self.settings, self.job, self.directory),
                 self.directory,
                 check=self._remote_ours,
@@ -270,7 +270,7 @@ class Resumer:
             log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
             return None
         if path is not None:
-            log.info("ckptd: job %s: no local checkpoint; fetched %s from %s", self.job, path, self.settings["remote"])
+            log.info("ckptd: job %s: no local checkpoint; fetched %s from %s", self.job, path, self.settings.remote)
         return path
 
     def _move_aside(self) -> None:
