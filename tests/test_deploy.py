@@ -204,7 +204,7 @@ def test_install_refuses_a_python_the_service_user_cannot_run(tmp_path: Path) ->
 
 def test_example_config_is_valid() -> None:
     cfg = config_mod.load(str(DEPLOY / "ckptd.toml"))
-    assert cfg.daemon["roots"] == ["/srv/checkpoints"]
+    assert cfg.daemon.roots == ("/srv/checkpoints",)
     assert cfg.jobs["gpt-ft"]["every"] == 1800.0 and cfg.defaults["min_free"] == 0.05
 
 
@@ -460,7 +460,7 @@ def test_make_install_puts_ckptd_where_the_unit_runs_it(tmp_path: Path) -> None:
     assert f"ExecStart={exe} serve --config {etc}/ckptd/ckptd.toml" in unit
     check = subprocess.run([analyze, "verify", str(etc / "systemd" / "ckptd.service")], capture_output=True, text=True)
     assert check.returncode == 0 and "is not executable" not in check.stderr, check.stderr
-    assert config_mod.load(str(etc / "ckptd" / "ckptd.toml")).daemon["roots"] == ["/srv/checkpoints"]
+    assert config_mod.load(str(etc / "ckptd" / "ckptd.toml")).daemon.roots == ("/srv/checkpoints",)
     assert (tmp_path / "sysusers" / "ckptd.conf").exists() and (tmp_path / "tmpfiles" / "ckptd.conf").exists()
 
 

@@ -70,7 +70,7 @@ def configured_socket() -> str | None:
     from ckptd.core import config as config_mod
 
     try:
-        path = config_mod.load().daemon.get("socket")
+        path = config_mod.load().daemon.socket
         return path if path and stat.S_ISSOCK(os.stat(path).st_mode) else None
     except (SettingsError, OSError):
         return None

@@ -11,42 +11,57 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ckptd.core.settings import SettingsError, check_combination, parse_table
+from ckptd.core.settings import Settings, SettingsError, check_combination, parse_table, resolve
 from ckptd.core.units import parse_duration, parse_listen, parse_remote, parse_size_or_percent
 
 DEFAULT_PATH = "/etc/ckptd/ckptd.toml"
-DAEMON_KEYS = {
-    "socket",
-    "state_dir",
-    "metrics_listen",
-    "roots",
-    "scrub_every",
-    "group",
-    "admin_group",
-    "max_connections_per_uid",
-    "max_jobs_per_uid",
-    "max_http_connections",
-    "max_http_connections_per_peer",
-    "http_request_timeout",
-    "remote_allow",
-    "remote_endpoint",
-    "memory_budget",
-}
-WATCH_KEYS = {
-    "path",
-    "pattern",
-    "expect_every",
-    "job",
-    "settle",
-    "rescan_every",
-    "abandon_after",
-    "on_corrupt",
-    "dry_run",
-}
 ON_CORRUPT = ("keep", "quarantine", "delete")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The ``[daemon]`` table, typed and parsed. ``None``: the daemon's own default, which its
+    module states (``ckptd.daemon.app``), so a default is written in one place."""
+
+    socket: str | None = None
+    state_dir: str | None = None
+    metrics_listen: str | None = None
+    roots: tuple[str, ...] = ()
+    scrub_every: float | None = None  # seconds
+    group: str | None = None  # who may connect: the socket's group
+    admin_group: str | None = None  # who may act on every job
+    max_connections_per_uid: int | None = None
+    max_jobs_per_uid: int | None = None
+    max_http_connections: int | None = None
+    max_http_connections_per_peer: int | None = None
+    http_request_timeout: float | None = None  # seconds
+    remote_allow: tuple[str, ...] = ()
+    remote_endpoint: str | None = None
+    memory_budget: int | float | None = None  # bytes, or a share of memory
+
+
+@dataclass(frozen=True)
+class WatchSpec:
+    """One ``[[watch]]`` table, typed: a tree of another tool's checkpoints and how ckptd adopts
+    them. Its policy and retention keys are a job's (``Settings``)."""
+
+    path: str
+    pattern: str | None = None
+    expect_every: float | None = None  # seconds: a save is missed when none comes this long
+    job: str | None = None
+    settle: float = 5.0  # seconds a checkpoint must stay unchanged before it is judged
+    rescan_every: float = 180.0
+    abandon_after: float = 3600.0
+    on_corrupt: str = "keep"  # keep | quarantine | delete
+    dry_run: bool = False
+    settings: Settings = field(default_factory=Settings)
+
+
+DAEMON_KEYS = {f.name for f in fields(DaemonConfig)}
+WATCH_KEYS = {f.name for f in fields(WatchSpec)} - {"settings"}
 
 
 class ConfigError(SettingsError):
@@ -56,10 +71,10 @@ class ConfigError(SettingsError):
 @dataclass(frozen=True)
 class Config:
     path: str | None = None
-    daemon: dict[str, Any] = field(default_factory=dict)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     defaults: dict[str, Any] = field(default_factory=dict)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    watch: tuple[dict[str, Any], ...] = ()
+    watch: tuple[WatchSpec, ...] = ()
 
     def job_table(self, job: str) -> dict[str, Any]:
         return self.jobs.get(job, {})
@@ -134,11 +149,14 @@ def _as_table(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _daemon(t: dict[str, Any], path: str) -> dict[str, Any]:
+def _daemon(t: dict[str, Any], path: str) -> DaemonConfig:
     """The [daemon] table: every key known and of its type first, then each value parsed."""
     for key, value in t.items():
         _daemon_key(key, value, f"{path} [daemon]")
-    return _daemon_values(dict(t), f"{path} [daemon]")
+    out = _daemon_values(dict(t), f"{path} [daemon]")
+    return DaemonConfig(
+        **{**out, "roots": tuple(out.get("roots", ())), "remote_allow": tuple(out.get("remote_allow", ()))}
+    )
 
 
 def _daemon_key(key: str, value: Any, where: str) -> None:
@@ -178,7 +196,7 @@ def _daemon_values(out: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _watch(t: Any, where: str) -> dict[str, Any]:
+def _watch(t: Any, where: str) -> WatchSpec:
     t = _as_table(t, where)
     if not isinstance(t.get("path"), str):
         raise ConfigError(f"{where}: path is required")
@@ -193,9 +211,9 @@ def _watch(t: Any, where: str) -> dict[str, Any]:
     for key in ("expect_every", "settle", "rescan_every", "abandon_after"):
         if key in own:
             own[key] = _duration(own[key], f"{where}: {key}")
-    table = {**own, **parse_table({k: v for k, v in t.items() if k not in WATCH_KEYS}, where)}
-    check_combination(table, where)
-    return table
+    keys = parse_table({k: v for k, v in t.items() if k not in WATCH_KEYS}, where)
+    check_combination({**own, **keys}, where)
+    return WatchSpec(**own, settings=resolve(keys, {}, {}, {}))
 
 
 def _duration(value: Any, where: str) -> float:

@@ -68,17 +68,15 @@ class Daemon:
     ) -> None:
         d = config.daemon
         self.config = config
-        self.socket_path = socket_path or d.get("socket") or protocol.default_socket_path()
-        self.state_dir = (
-            state_dir or d.get("state_dir") or default_state_dir(os.getuid(), os.environ, os.path.expanduser("~"))
-        )
-        self.metrics_listen = metrics_listen or d.get("metrics_listen") or "127.0.0.1:9733"
-        self.roots = [os.path.realpath(r) for r in (roots if roots is not None else d.get("roots", []))]
-        self.group_gid = _gid(d.get("group"), "group")  # who may connect (the socket's group)
-        self.admin_gid = _gid(d.get("admin_group"), "admin_group")  # who may act on every job
+        self.socket_path = socket_path or d.socket or protocol.default_socket_path()
+        self.state_dir = state_dir or d.state_dir or default_state_dir(os.getuid(), os.environ, os.path.expanduser("~"))
+        self.metrics_listen = metrics_listen or d.metrics_listen or "127.0.0.1:9733"
+        self.roots = [os.path.realpath(r) for r in (roots if roots is not None else d.roots)]
+        self.group_gid = _gid(d.group, "group")  # who may connect (the socket's group)
+        self.admin_gid = _gid(d.admin_group, "admin_group")  # who may act on every job
         self.overdue_grace = overdue_grace
-        self.max_connections_per_uid = int(d.get("max_connections_per_uid", MAX_CONNECTIONS_PER_UID))
-        self.max_jobs_per_uid = int(d.get("max_jobs_per_uid", MAX_JOBS_PER_UID))
+        self.max_connections_per_uid = d.max_connections_per_uid or MAX_CONNECTIONS_PER_UID
+        self.max_jobs_per_uid = d.max_jobs_per_uid or MAX_JOBS_PER_UID
         self.lock = threading.RLock()
         self.jobs: dict[JobKey, JobState] = {}
         self.sessions: set[Session] = set()
@@ -87,15 +85,10 @@ class Daemon:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-persist")
         # memory-only saves (a copy and a hash) never queue behind the disk's persists
         self.memory_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-memory")
-        self.memory = MemoryTier(budget_of(d.get("memory_budget")))
+        self.memory = MemoryTier(budget_of(d.memory_budget))
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._started_with = {
-            "socket": d.get("socket"),
-            "state_dir": d.get("state_dir"),
-            "metrics_listen": d.get("metrics_listen"),
-            "watch": config.watch,
-        }
+        self._started_with = config  # what a reload cannot change (socket, state_dir, metrics_listen, [[watch]])
         self._ready = threading.Event()  # set when start() has finished: /healthz says 503 until then
         self._threads: list[threading.Thread] = []
         self.clock = time.time
@@ -112,8 +105,8 @@ class Daemon:
         _check_roots(self.roots)
         parse_listen(self.metrics_listen)
         for w in self.config.watch:
-            if not inside(os.path.realpath(w["path"]), self.roots):
-                raise TargetError(f"watched path {w['path']} is outside the daemon's roots")
+            if not inside(os.path.realpath(w.path), self.roots):
+                raise TargetError(f"watched path {w.path} is outside the daemon's roots")
         for what, path in (("state_dir", self.state_dir), ("socket", os.path.dirname(self.socket_path))):
             existing = path
             while not os.path.isdir(existing) and existing not in ("", "/"):
@@ -143,8 +136,8 @@ class Daemon:
             self.admin_gid,
             self.max_jobs_per_uid,
             self._live_jobs,
-            self.config.daemon.get("remote_allow", []),
-            self.config.daemon.get("remote_endpoint"),
+            self.config.daemon.remote_allow,
+            self.config.daemon.remote_endpoint,
         )
         counts = self.catalog.reconcile(self.roots)
         log.info("catalogue %s (%s): %s", self.catalog.path, "rebuilt" if self.catalog.rebuilt else "opened", counts)
@@ -167,9 +160,9 @@ class Daemon:
     def _http_limits(self) -> HttpLimits:
         d, default = self.config.daemon, HttpLimits()
         return HttpLimits(
-            int(d.get("max_http_connections", default.connections)),
-            int(d.get("max_http_connections_per_peer", default.per_peer)),
-            float(d.get("http_request_timeout", default.deadline)),
+            d.max_http_connections or default.connections,
+            d.max_http_connections_per_peer or default.per_peer,
+            d.http_request_timeout or default.deadline,
         )
 
     def _start_scheduler(self) -> Any:
@@ -183,7 +176,7 @@ class Daemon:
         )
         sched.add_job(self._tick_job, "interval", seconds=TICK, id="tick")
         sched.add_job(self.sweep, "interval", seconds=SWEEP_EVERY, id="sweep")
-        scrub = self.config.daemon.get("scrub_every")
+        scrub = self.config.daemon.scrub_every
         if scrub:
             sched.add_job(self.scrub, "interval", seconds=float(scrub), id="scrub")
         interval = sdnotify.watchdog_interval()
@@ -308,7 +301,7 @@ class Daemon:
             if path is None:
                 raise TargetError("the daemon was started without a configuration file; nothing to re-read")
             cfg = config_mod.load(path)
-            roots = [os.path.realpath(r) for r in cfg.daemon.get("roots", [])]
+            roots = [os.path.realpath(r) for r in cfg.daemon.roots]
             _check_roots(roots)
         except (ValueError, OSError) as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
@@ -316,14 +309,15 @@ class Daemon:
             return False
         with self.lock:
             self.config, self.roots[:] = cfg, roots
-            self.access.remote_allow[:] = [u.rstrip("/") for u in cfg.daemon.get("remote_allow", [])]
-            self.access.remote_endpoint = cfg.daemon.get("remote_endpoint")
+            self.access.remote_allow[:] = [u.rstrip("/") for u in cfg.daemon.remote_allow]
+            self.access.remote_endpoint = cfg.daemon.remote_endpoint
         resolved = self._resolve_connected(cfg)
         with self.lock:
             for job, values, policy in resolved:
                 job.settings, job.policy = values, policy
-        fixed = [k for k in ("socket", "state_dir", "metrics_listen") if cfg.daemon.get(k) != self._started_with.get(k)]
-        if cfg.watch != self._started_with["watch"]:
+        was = self._started_with.daemon
+        fixed = [k for k in ("socket", "state_dir", "metrics_listen") if getattr(cfg.daemon, k) != getattr(was, k)]
+        if cfg.watch != self._started_with.watch:
             fixed.append("[[watch]]")
         log.info(
             "reloaded %s: %d connected jobs re-resolved, roots %s%s",

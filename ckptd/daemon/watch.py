@@ -36,6 +36,7 @@ from watchdog.events import (
 )
 
 from ckptd.core import missed, retention
+from ckptd.core.config import WatchSpec
 from ckptd.core.vocab import NEVER, MissedReason, Outcome, Rule, Trigger
 from ckptd.daemon import history
 from ckptd.daemon.catalog import Catalog
@@ -67,7 +68,7 @@ class Context:
 class Watching:
     """The ``[[watch]]`` tables: one watchdog observer, a ``Watcher`` per tree, periodic rescans."""
 
-    def __init__(self, specs: Sequence[dict[str, Any]], ctx: Context) -> None:
+    def __init__(self, specs: Sequence[WatchSpec], ctx: Context) -> None:
         from watchdog.observers import Observer
 
         self.watchers = [Watcher(spec, ctx, self.rewatch) for spec in specs]
@@ -79,7 +80,7 @@ class Watching:
             os.makedirs(w.root, exist_ok=True)
             w.handle = self.observer.schedule(w, w.root, recursive=True)
             metrics.init_job(w.key)
-            every(w.rescan, float(w.spec.get("rescan_every", 180.0)), f"rescan:{i}")
+            every(w.rescan, w.spec.rescan_every, f"rescan:{i}")
             log.info("watching %s as job %s (%d units to look at)", w.root, w.job, w.rescan())
         self.observer.start()
 
@@ -99,11 +100,7 @@ class Watching:
                 w.key,
                 {
                     "ckptd_job_up": 1.0,
-                    **(
-                        {"ckptd_expected_save_interval_seconds": float(w.spec["expect_every"])}
-                        if w.spec.get("expect_every")
-                        else {}
-                    ),
+                    **({"ckptd_expected_save_interval_seconds": w.spec.expect_every} if w.spec.expect_every else {}),
                 },
             )
             for w in self.watchers
@@ -122,7 +119,7 @@ class Watching:
 class Watcher(FileSystemEventHandler):
     """One watched tree; events mark units, ``tick`` adopts the settled ones."""
 
-    def __init__(self, spec: dict[str, Any], ctx: Context, rewatch: Callable[["Watcher"], None]) -> None:
+    def __init__(self, spec: WatchSpec, ctx: Context, rewatch: Callable[["Watcher"], None]) -> None:
         super().__init__()
         self.spec, self.ctx, self._rewatch = spec, ctx, rewatch
         self.pending: dict[str, float] = {}
@@ -132,17 +129,13 @@ class Watcher(FileSystemEventHandler):
         self.last_new_at = 0.0
         self.overdue_flagged = False
         self._lock = threading.Lock()
-        self.root = os.path.realpath(self.spec["path"])
-        self.job = self.spec.get("job") or os.path.basename(self.root.rstrip("/")) or "watch"
+        self.root = os.path.realpath(self.spec.path)
+        self.job = self.spec.job or os.path.basename(self.root.rstrip("/")) or "watch"
         self.key = JobKey(self.job, self.root)
-        self.settle = float(self.spec.get("settle", 5.0))
-        self.abandon_after = float(self.spec.get("abandon_after", 3600.0))
-        self.pattern = self.spec.get("pattern")
-        self.dry_run = bool(self.spec.get("dry_run", False))
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return self.spec
+        self.settle = self.spec.settle
+        self.abandon_after = self.spec.abandon_after
+        self.pattern = self.spec.pattern
+        self.dry_run = self.spec.dry_run
 
     # -- events (watchdog's thread) ----------------------------------------------------------
 
@@ -333,7 +326,7 @@ class Watcher(FileSystemEventHandler):
         return replace(result, ok=False, reason=changed) if changed else result
 
     def _check_expected(self, now: float) -> None:
-        expect = self.spec.get("expect_every")
+        expect = self.spec.expect_every
         if expect is None:
             return
         since = self.last_new_at or self.ctx.started_at
@@ -351,11 +344,11 @@ class Watcher(FileSystemEventHandler):
         A foreign checkpoint that fails verification is kept (and alerted on) unless
         ``on_corrupt`` says otherwise: a partly damaged checkpoint may be the only one left.
         """
-        rules = retention.Rules.from_settings(self.spec)
+        rules = retention.Rules.from_settings(self.spec.settings.retention())
         if not rules.any_window:
             return
         protected = self._trainer_needs() | self._overwritten_in_place()
-        keep_corrupt = self.spec.get("on_corrupt", "keep") == "keep"
+        keep_corrupt = self.spec.on_corrupt == "keep"
         with self._lock:
             busy = set(self.pending)
         groups: dict[tuple[int, str], list[retention.Item]] = {}
@@ -406,9 +399,9 @@ class Watcher(FileSystemEventHandler):
     def _apply(self, verdicts: list[retention.Verdict]) -> list[Removal]:
         """Deletions; with ``on_corrupt = "quarantine"`` the corrupt ones are moved aside instead
         (into ``quarantine_dir``, else ``.ckptd-quarantine`` at the top of the tree)."""
-        quarantine = self.spec.get("quarantine_dir")
+        quarantine = self.spec.settings.quarantine_dir
         corrupt_to = quarantine or os.path.join(self.root, ".ckptd-quarantine")
-        if self.spec.get("on_corrupt") != "quarantine":
+        if self.spec.on_corrupt != "quarantine":
             return apply_removals(verdicts, self.ctx.roots, quarantine)
         bad = [v for v in verdicts if v.rule.rule == Rule.CORRUPT]
         rest = [v for v in verdicts if v.rule.rule != Rule.CORRUPT]

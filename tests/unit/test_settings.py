@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from ckptd.core import config
 from ckptd.core.settings import KEYS, Settings, SettingsError, default, parse_table, resolve
 
 
@@ -67,3 +68,27 @@ def test_what_the_catalogue_stores_reads_back_the_same() -> None:
     back = Settings.stored(json.loads(json.dumps(s.given())))
     assert back == s
     assert Settings.stored({"keep_last": 2, "a_key_of_an_older_daemon": 1}) == Settings(keep_last=2)
+
+
+def test_the_daemon_table_and_watch_tables_are_typed_and_parsed() -> None:
+    """``[daemon]`` and ``[[watch]]`` read as typed values: durations in seconds, sizes parsed, a
+    watched tree's retention keys a job's ``Settings``, every default in one place."""
+    cfg = config.parse(
+        {
+            "daemon": {"roots": ["/srv/a"], "scrub_every": "1h", "memory_budget": "10%", "max_jobs_per_uid": 3},
+            "watch": [{"path": "/srv/a/x", "expect_every": "30m", "keep_last": 2, "on_corrupt": "quarantine"}],
+        }
+    )
+    assert cfg.daemon.roots == ("/srv/a",) and cfg.daemon.scrub_every == 3600.0
+    assert cfg.daemon.memory_budget == 0.1 and cfg.daemon.max_jobs_per_uid == 3 and cfg.daemon.socket is None
+    (w,) = cfg.watch
+    assert (w.path, w.expect_every, w.on_corrupt, w.settle, w.dry_run) == ("/srv/a/x", 1800.0, "quarantine", 5.0, False)
+    assert w.settings.keep_last == 2 and w.settings.keep_final is True
+    assert config.DAEMON_KEYS == {f.name for f in dataclasses.fields(config.DaemonConfig)}
+
+
+def test_a_bad_daemon_or_watch_key_is_still_named() -> None:
+    with pytest.raises(config.ConfigError, match="unknown key 'rootz'"):
+        config.parse({"daemon": {"rootz": ["/srv"]}})
+    with pytest.raises(SettingsError, match="keep_lats"):
+        config.parse({"watch": [{"path": "/srv/x", "keep_lats": 1}]})
