@@ -64,10 +64,11 @@ def main() -> None:
         tree = work / "tree"
         tree.mkdir()
         make_tree(tree, n, per_dir=n if args.flat else 1000)
+        from ckptd.core.config import WatchSpec
         from ckptd.daemon.watch import Context, Watcher
 
         # the walk needs no catalogue or ledger: only the classification is timed here
-        w = Watcher({"path": str(tree)}, Context(None, None, [], 0.0, time.time), lambda _: None)  # type: ignore[arg-type]
+        w = Watcher(WatchSpec(str(tree)), Context(None, None, [], 0.0, time.time), lambda _: None)  # type: ignore[arg-type]
         scan_s = timed(w._units)
         found = len(w._units())
         port = free_port()

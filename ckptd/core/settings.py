@@ -276,6 +276,12 @@ class Settings:
             rules.update(best_metric=self.best_metric, best_mode=self.best_mode)
         return rules
 
+    def remote_url(self) -> str:
+        """The remote tier's URL, for code that runs only when there is one (a bug otherwise: raised)."""
+        if self.remote is None:
+            raise SettingsError("no remote tier is set (remote=)")
+        return self.remote
+
     def given(self) -> dict[str, Any]:
         """The keys with a value (what the catalogue stores and a status shows)."""
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -70,10 +70,10 @@ class Upload:
 
     @property
     def lane(self) -> tuple[str, str | None, str]:
-        return str(self.settings.remote), self.settings.remote_endpoint, self.where
+        return self.settings.remote_url(), self.settings.remote_endpoint, self.where
 
     def store(self) -> Store:
-        return open_store(str(self.settings.remote), self.settings.remote_endpoint)
+        return open_store(self.settings.remote_url(), self.settings.remote_endpoint)
 
 
 Done = Callable[[Upload, RemoteCheckpoint, list[RemoteCheckpoint]], None]
@@ -124,11 +124,11 @@ class Uploader:
         where = prefix or job_prefix(job, os.path.realpath(directory), os.getuid() if owner_uid is None else owner_uid)
 
         def find() -> None:
-            store = open_store(str(settings.remote), settings.remote_endpoint)
+            store = open_store(settings.remote_url(), settings.remote_endpoint)
             if isinstance(store, S3Store) and store.abort_stale_uploads(f"{where}/"):
                 log.info("remote: aborted multipart uploads a killed upload left under %s/%s/", store.url, where)
             done = {c.name for c in committed(store, where)}
-            INDEX.update(str(settings.remote), settings.remote_endpoint, where, done)
+            INDEX.update(settings.remote_url(), settings.remote_endpoint, where, done)
             for c in scan(directory, job):
                 if c.ok and not c.pending and os.path.basename(c.path) not in done:
                     self.submit(Upload(job, c.path, settings, key, after, c.created, where, owner_uid, guard))
@@ -236,7 +236,7 @@ class Uploader:
             raise
         prune_remote(store, where, u.settings, time.time())
         remaining = committed(store, where)
-        INDEX.update(str(u.settings.remote), u.settings.remote_endpoint, where, (c.name for c in remaining))
+        INDEX.update(u.settings.remote_url(), u.settings.remote_endpoint, where, (c.name for c in remaining))
         log.info("remote: %s verified at %s/%s", u.path, store.url, commit.key)
         if self._on_done is not None:
             self._on_done(u, commit, remaining)

@@ -113,7 +113,7 @@ def _replicated(settings: Settings, job: str, directory: str, fresh: bool) -> se
     from ckptd.remote.layout import prefix_in
     from ckptd.remote.listing import INDEX
 
-    return INDEX.names(str(settings.remote), settings.remote_endpoint, prefix_in(settings, job, directory), wait=fresh)
+    return INDEX.names(settings.remote_url(), settings.remote_endpoint, prefix_in(settings, job, directory), wait=fresh)
 
 
 def collect(
