@@ -190,10 +190,13 @@ def metric(port: int, name: str, **labels: str) -> float:
 
 
 @pytest.mark.slow
+# abandon_after well past the paused write below: the fixture's 3 s is one slow `ckptd list` away
+# from judging the half-written file as abandoned (CI did, rightly), which is not what this asks
+@pytest.mark.parametrize("watcher", [["--abandon-after", "60s"]], indirect=True, ids=["slow-writer"])
 def test_watch_adopts_verifies_retains_and_alerts(watcher: tuple[Path, str, int], tmp_path: Path) -> None:
     tree, sock, port = watcher
     sentinel = tmp_path / "SENTINEL"
-    # a file written slowly is not judged until it is complete
+    # a file written slowly is not judged until it is complete (settle is 0.5 s: it is not the wait)
     slow = tree / "model-step100.safetensors"
     save_file({"w": torch.ones(100000)}, str(tmp_path / "full.safetensors"))
     full = (tmp_path / "full.safetensors").read_bytes()
