@@ -118,6 +118,9 @@ def test_sighup_reloads_retention_for_a_connected_trainer_and_a_bad_file_changes
             os.kill(d.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
             wait_until(lambda: "reload refused" in d.log.read_text(), 30, "the refusal")
             assert save(c, "job", 5)["ok"] is True and d.healthy()
+        # the trainer has gone when the daemon says so, not when its socket closed: stopping at once
+        # would race the session's own end (CI's loaded run stopped first and logged "1 connected")
+        wait_until(lambda: not _connected(d), 30, "the daemon to see the trainer go")
         log = d.log.read_text()
         assert "connected at step 0" in log and "keep_last=5" in log, log[-2000:]
     finally:
