@@ -250,6 +250,9 @@ def test_sigkill_of_trainer_and_daemon_during_saves_that_refer_to_shared_bytes(t
                 d.kill(9)
                 d = DaemonProc(tmp_path / "d").start()
             p.wait(60) if kill == "trainer" else _finish(p)
+            # the daemon finishes a save handed over before the kill, and its retention, before it lets the
+            # session go: read the directory after that, not while a file may still be renamed or removed
+            wait_until(lambda: d.metric("ckptd_job_up", training_job="lora") == 0, 60, "the disconnect")
             found = scan(str(run), "lora")
             assert found and all(verify_file(c.path).ok for c in found), [
                 (c.path, verify_file(c.path).reason) for c in found

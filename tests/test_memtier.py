@@ -88,6 +88,9 @@ def test_a_crashed_trainer_resumes_from_the_daemons_memory(tmp_path: Path) -> No
         wait_until(lambda: len(scan(str(run), "lora")) >= 3, 60, "three saves")
         p.send_signal(signal.SIGKILL)
         p.wait(60)
+        # the save handed over before the kill is finished by the daemon: the newest is known once the
+        # session is gone (it unregisters after its in-flight saves), not at the kill
+        wait_until(lambda: d.metric("ckptd_job_up", training_job="lora") == 0, 60, "the disconnect")
         newest = scan(str(run), "lora")[-1]
         wait_until(lambda: d.metric("ckptd_memory_bytes", training_job="lora") > 0, 30, "the memory tier")
         status = json.loads(ckptd_cli("status", "--json", "--socket", d.socket).stdout)
@@ -291,11 +294,12 @@ def test_memory_saves_run_beside_a_slow_disk_save_and_a_dead_daemon_hands_it_bac
     tmp_path: Path, fsync_shim: str
 ) -> None:
     """Memory-only saves have a buffer of their own: they go on while the first disk save is still
-    being written (its fsync takes 4 s), and when the daemon is killed with that disk save in
+    being written (its fsync takes 30 s: the daemon is killed inside it, so no run waits that long;
+    4 s was within reach of three memory saves seen through a loaded machine's scrapes), and when the daemon is killed with that disk save in
     flight, the trainer still has it whole in its own buffer and persists it itself; no file is
     ever written for a memory-only save."""
     d = DaemonProc(
-        tmp_path / "d", env={"LD_PRELOAD": fsync_shim, "SLOW_SHIM_MATCH": "/handback/", "SLOW_SHIM_MS": "4000"}
+        tmp_path / "d", env={"LD_PRELOAD": fsync_shim, "SLOW_SHIM_MATCH": "/handback/", "SLOW_SHIM_MS": "30000"}
     ).start()
     run = d.root / "handback"
     p = subprocess.Popen(

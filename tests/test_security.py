@@ -205,7 +205,8 @@ def test_running_out_of_descriptors_does_not_kill_the_socket(tmp_path: Path) -> 
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(d.socket)
             idle.append(s)
-        time.sleep(0.5)
+        # held open until accept() has met EMFILE (a fixed pause could end before the daemon got there)
+        wait_until(lambda: "accepting on" in d.log.read_text(), 30, "accept() to run out of descriptors")
         for s in idle:
             s.close()
         wait_until(lambda: ckptd_cli("status", "--socket", d.socket).returncode == 0, 30, "the socket to answer again")

@@ -227,9 +227,10 @@ def test_watch_adopts_verifies_retains_and_alerts(watcher: tuple[Path, str, int]
         20,
         "the deletion to be counted",
     )
-    # no new checkpoint for expect_every: missed, time_overdue
+    # no new checkpoint for expect_every: missed, time_overdue (at least once: under load the gap
+    # before the first adoption, or between two, can be past 4 s too, and each such gap is one)
     wait_until(
-        lambda: metric(port, "ckptd_missed_saves_total", training_job="ext", reason="time_overdue") == 1, 20, "overdue"
+        lambda: metric(port, "ckptd_missed_saves_total", training_job="ext", reason="time_overdue") >= 1, 20, "overdue"
     )
 
 
@@ -264,20 +265,20 @@ def pre_existing(tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("watcher", [[], ["--on-corrupt", "delete"]], indirect=True, ids=["keep", "delete"])
 def test_startup_scan_adopts_an_existing_tree(
-    pre_existing: Path, watcher: tuple[Path, str, int], request: pytest.FixtureRequest
+    pre_existing: Path, watcher: tuple[Path, str, int], request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     tree, sock, port = watcher
     wait_until(
         lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="ok") == 30, 60, "the startup scan"
     )
-    assert (
-        metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 0
-    )  # incomplete is not corrupt...
     wait_until(
         lambda: metric(port, "ckptd_verify_total", training_job="ext", outcome="corrupt") == 1,
         30,
-        "...until it stays incomplete with no writes for abandon_after",
+        "the incomplete file judged once it stays incomplete with no writes for abandon_after",
     )
+    # ...and not before: incomplete is not corrupt (the log says it was held, then judged; a metric read
+    # between the two would race abandon_after's 3 s on a loaded machine)
+    assert "bad-step99.pt has been incomplete for" in (tmp_path / "watch.log").read_text()
     wait_until(lambda: len(list((tree / "a" / "b").iterdir())) == 2, 30, "keep_last=2 over the adopted tree")
     if "delete" in request.node.callspec.id:  # on_corrupt = "delete": it goes
         wait_until(lambda: not (tree / "a" / "bad-step99.pt").exists(), 10, "the corrupt file to be removed")
