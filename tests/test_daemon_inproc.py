@@ -183,7 +183,7 @@ def test_a_jobs_state_gauges_follow_it_and_go_with_it(inproc_daemon) -> None:  #
     connected, 0 once it went, and no series at all once the ended job is dropped (an hour on)."""
     import time
 
-    from ckptd.daemon.app import ENDED_JOB_TTL
+    from ckptd.daemon.registry import ENDED_JOB_TTL
     from tests.conftest import wait_until
 
     run = os.path.join(inproc_daemon.roots[0], "brief")
@@ -233,3 +233,34 @@ def test_saves_written_while_the_daemon_was_away_are_catalogued_at_hello(inproc_
     with Client(inproc_daemon.socket_path) as c:
         listed = c.ask({"type": "list", "job": "away"})["checkpoints"]
     assert [(r["step"], r["verified"]) for r in listed] == [(5, True), (6, True)], listed
+
+
+def test_a_rescan_lets_a_unit_still_being_written_settle_and_judges_an_old_one_at_once(inproc_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A unit the rescan finds (an inotify event lost or not handled yet) settles counting from
+    its last write: one written a moment ago is not judged before ``settle``; one untouched for
+    an hour (a tree found at start-up) is judged at the next tick."""
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ckptd.core.config import WatchSpec
+    from ckptd.daemon.watch import Context, Watcher
+
+    tree = os.path.join(inproc_daemon.roots[0], "foreign")
+    os.makedirs(tree)
+    old, fresh = os.path.join(tree, "step-1.safetensors"), os.path.join(tree, "step-2.safetensors")
+    save_file({"w": torch.ones(4)}, old)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    save_file({"w": torch.ones(4)}, fresh)
+    ctx = Context(inproc_daemon.catalog, inproc_daemon.ledger, inproc_daemon.roots, time.time(), time.time)
+    w = Watcher(WatchSpec(tree, settle=600.0), ctx, lambda _: None)  # no observer: the rescan is all it sees
+
+    def adopted() -> set[str]:
+        return {os.path.basename(r.path) for r in inproc_daemon.catalog.checkpoints(*w.key) if r.verified}
+
+    assert w.rescan() == 2
+    w.tick(time.time())
+    assert adopted() == {"step-1.safetensors"}, "the old unit is judged at once, the fresh one waits"
+    w.tick(time.time() + 601)
+    assert adopted() == {"step-1.safetensors", "step-2.safetensors"}

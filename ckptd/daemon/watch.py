@@ -189,12 +189,15 @@ class Watcher(FileSystemEventHandler):
             self.gone = False
             self._rewatch(self)
         known = {r.path: r for r in self.ctx.catalog.checkpoints(*self.key)}
-        marked = 0
+        marked, now = 0, self.ctx.clock()
         for unit in self._units():
             row = known.pop(unit.path, None)
             if row is None or abs(row.created - unit.mtime) > 1e-3 or row.bytes != unit.bytes:
+                # settled counting from its last write, not from now, nor at once: a unit found at
+                # start-up long untouched is judged at the next tick, one still being written (an
+                # event lost, or not handled yet) waits ``settle`` like any other
                 with self._lock:
-                    self.pending.setdefault(unit.path, 0.0)
+                    self.pending.setdefault(unit.path, min(unit.mtime, now))
                 marked += 1
         self.ctx.catalog.forget(known)  # catalogued but gone from the disk
         return marked
