@@ -19,12 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from ckptd.core import missed
 from ckptd.core.config import Config, default_state_dir
 from ckptd.core.policy import SavePolicy
 from ckptd.core.settings import Settings
 from ckptd.core.units import parse_listen
-from ckptd.core.vocab import MissedReason
 from ckptd.daemon import schedlog, sdnotify
 from ckptd.daemon.access import Access
 from ckptd.daemon.catalog import Catalog
@@ -35,18 +33,17 @@ from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.listener import Listener
 from ckptd.daemon.memtier import MemoryTier, budget_of
 from ckptd.daemon.metrics import HttpLimits, JobGauges, Metrics, serve_http
+from ckptd.daemon.registry import ENDED_JOB_TTL, Registry
 from ckptd.daemon.session import Session
 from ckptd.daemon.uploads import Uploads
 from ckptd.daemon.watch import Context, Watching
 from ckptd.disk.owner import acting_as, owner_of
-from ckptd.disk.persist import PersistError, cleanup_temp
+from ckptd.disk.persist import cleanup_temp
 from ckptd.disk.preflight import TargetError, free_bytes
 from ckptd.disk.remove import inside
-from ckptd.disk.scan import Checkpoint
 from ckptd.wire import protocol
 
 log = logging.getLogger(__name__)
-ENDED_JOB_TTL = 3600.0
 SWEEP_EVERY = 30.0  # seconds between sweeps of the roots for checkpoints saved without the daemon
 MAX_UNATTENDED_JOBS = 64  # jobs found by the sweep that get series (job names there come from file headers)
 OVERDUE_GRACE = 60.0
@@ -77,8 +74,7 @@ class Daemon:
         self.overdue_grace = overdue_grace
         self.max_connections_per_uid = d.max_connections_per_uid or MAX_CONNECTIONS_PER_UID
         self.max_jobs_per_uid = d.max_jobs_per_uid or MAX_JOBS_PER_UID
-        self.lock = threading.RLock()
-        self.jobs: dict[JobKey, JobState] = {}
+        self.lock = threading.RLock()  # the registry's, and the session set's: the daemon's one lock
         self.sessions: set[Session] = set()
         self.metrics = Metrics()
         self.metrics.registry.register(JobGauges(self._job_gauges))
@@ -130,12 +126,14 @@ class Daemon:
                 f"set [daemon] state_dir (or --state-dir) to a directory uid {os.getuid()} may write"
             ) from None
         self.ledger = Ledger(self.metrics, self.catalog)
+        self.scheduler = self._scheduler()  # started once the socket is bound
+        self.registry = Registry(self.lock, self.catalog, self.metrics, self.ledger, self.scheduler)
         self.access = Access(
             self.roots,
             self.catalog,
             self.admin_gid,
             self.max_jobs_per_uid,
-            self._live_jobs,
+            self.registry.live,
             self.config.daemon.remote_allow,
             self.config.daemon.remote_endpoint,
         )
@@ -150,7 +148,7 @@ class Daemon:
             self.metrics, self.metrics_listen, self.health, self._http_limits(), self._owner_of, self._http_status
         )
         self.listener = Listener(self.socket_path, self.group_gid, self._admit)
-        self.scheduler = self._start_scheduler()
+        self.scheduler.start()
         self._start_watchers()
         self.ledger.refresh_all()
         self._ready.set()
@@ -165,8 +163,9 @@ class Daemon:
             d.http_request_timeout or default.deadline,
         )
 
-    def _start_scheduler(self) -> Any:
-        """APScheduler owns everything periodic: the tick, the systemd watchdog, cron triggers."""
+    def _scheduler(self) -> Any:
+        """APScheduler owns everything periodic: the tick, the sweep, the scrub, the systemd
+        watchdog, and each job's cron rule (``Registry``)."""
         from apscheduler.schedulers.background import BackgroundScheduler
 
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -182,7 +181,6 @@ class Daemon:
         interval = sdnotify.watchdog_interval()
         if interval:
             sched.add_job(self._watchdog, "interval", seconds=interval, id="watchdog")
-        sched.start()
         return sched
 
     def _start_watchers(self) -> None:
@@ -208,8 +206,7 @@ class Daemon:
         embedded mode (the daemon was down, its socket refused it) is seen within ``SWEEP_EVERY``.
         One walk of the roots' directories; only new files' headers are read. Connected jobs'
         directories and watched trees are skipped (their sessions and watchers record them)."""
-        with self.lock:
-            busy = {j.directory for j in self.jobs.values() if j.connected}
+        busy = self.registry.connected_directories()
         watched = [w.root for w in self.watching.watchers] if self.watching is not None else []
         found = self.catalog.sweep(self.roots, lambda d: d in busy or inside(d, watched))
         for info in found:
@@ -352,7 +349,7 @@ class Daemon:
         self.listener.close()
         with self.lock:
             sessions = list(self.sessions)
-            connected = sorted(j.name for j in self.jobs.values() if j.connected)
+            connected = sorted(j.name for j in self.registry.jobs.values() if j.connected)
         log.info(
             "ckptd stopping: %d trainers connected (%s); in-flight saves drain for up to %.0fs; the trainers "
             "carry on and reconnect to the next daemon",
@@ -454,106 +451,10 @@ class Daemon:
             "scheduler": bool(self.scheduler.running),
         }
 
-    # -- jobs --------------------------------------------------------------------------
-
-    def _live_jobs(self, uid: int, other_than: JobKey) -> int:
-        """Jobs of ``uid`` connected or ended within ``ENDED_JOB_TTL`` (each is a set of metric series)."""
-        now = time.time()
-        with self.lock:
-            return sum(
-                1
-                for k, j in self.jobs.items()
-                if j.uid == uid and k != other_than and (j.connected or now - (j.ended_at or now) < ENDED_JOB_TTL)
-            )
-
-    def register(
-        self,
-        name: str,
-        uid: int,
-        pid: int,
-        directory: str,
-        settings: Settings,
-        policy: SavePolicy,
-        step: int,
-        session: Session | None = None,
-    ) -> JobState:
-        key = JobKey(name, directory)
-        if self.catalog.adopt(directory):
-            log.info("job %s: catalogued the checkpoints it wrote while the daemon was away", name)
-        rows = [r for r in self.catalog.checkpoints(*key) if r.verified]
-        history = self.catalog.history(key) if policy.auto else (0.0, 0, 0)
-        # the hook says hello before it resumes (step 0): a resumed run has saved what the catalogue
-        # holds, so counting due steps from 0 would call every saved grid step skipped (missed.resumed_from)
-        saved = missed.resumed_from(step, [r.step for r in rows])
-        with self.lock:
-            job = JobState(
-                name,
-                uid,
-                directory,
-                settings,
-                policy,
-                pid=pid,
-                connected=True,
-                step=step,
-                last_saved_step=saved,
-                last_verified_step=rows[-1].step if rows else 0,
-                last_verified_at=rows[-1].created if rows else None,
-                session=session,
-                history=history,
-            )
-            self.jobs[key] = job
-        if policy.cron:
-            from apscheduler.triggers.cron import CronTrigger
-
-            self.scheduler.add_job(
-                self._cron_due,
-                CronTrigger.from_crontab(policy.cron),
-                args=[key],
-                id=f"cron:{name}:{directory}",
-                replace_existing=True,
-            )
-        self.catalog.upsert_job(key, uid, settings)
-        self.catalog.event(key, "start", pid=pid, step=step)
-        self.metrics.job_started(key)
-        self.metrics.init_job(key)
-        return job
-
-    def unregister(self, job: JobState, session: Session) -> None:
-        with self.lock:
-            job.connected = False
-            job.session = None
-            job.ended_at = time.time()
-        cron = f"cron:{job.name}:{job.directory}"
-        if self.scheduler.get_job(cron) is not None:
-            self.scheduler.remove_job(cron)
-        self.metrics.job_ended(job.key, time.time())
-        # "detached": the daemon stopped under a running trainer, which is no crash of it (every="auto"
-        # learns its MTBF from "disconnect"s, ``Catalog.history``); the run stays open until it reconnects
-        kind = "end" if session.ended else "detached" if self.stopping else "disconnect"
-        self.catalog.event(job.key, kind, step=job.step)
-
-    def save_succeeded(
-        self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float], cost: float | None = None
-    ) -> None:
-        with self.lock:
-            if info.step >= job.last_verified_step:
-                job.last_verified_step, job.last_verified_at = info.step, info.created
-            job.overdue_flagged = False
-            job.due_sent = False
-            job.measured(time.time(), durations, cost)
-        self.ledger.saved(job.key, trigger, info, durations, job.last_verified_step)
-
-    def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None:
-        with self.lock:
-            job.failed += 1
-        self.ledger.failed(job.key, trigger, exc)
-
     def _job_gauges(self, now: float) -> list[tuple[JobKey, dict[str, float]]]:
         """Scrape time: every known job's state gauges (``JobGauges``), watched trees' too."""
-        lag = self.uploads.lag(now)
-        with self.lock:
-            out = [(j.key, j.gauges(now, lag.get(j.key, 0.0), self.memory.held(j.key))) for j in self.jobs.values()]
-        return out + (self.watching.gauges() if self.watching is not None else [])
+        rows = self.registry.gauges(now, self.uploads.lag(now), self.memory.held)
+        return rows + (self.watching.gauges() if self.watching is not None else [])
 
     # -- the one-second tick ---------------------------------------------------------------
 
@@ -565,47 +466,16 @@ class Daemon:
                 pass
 
     def tick(self, now: float) -> None:
-        with self.lock:
-            jobs = [j for j in self.jobs.values() if j.connected]
-        for j in jobs:
-            self._check_overdue(j, now)
-            self._time_rule_due(j, now)
+        """Once a second (APScheduler): each job's overdue and due rules, the watched trees',
+        free space, and the series and states of jobs ended ``ENDED_JOB_TTL`` ago."""
+        self.registry.tick(now, self.overdue_grace)
         if self.watching is not None:
             self.watching.tick(now)
         self._refresh_free()
         self._unattended.difference_update(self.metrics.drop_ended(now, ENDED_JOB_TTL))
-        with self.lock:
-            for key in [
-                k
-                for k, j in self.jobs.items()
-                if not j.connected and j.ended_at is not None and now - j.ended_at > ENDED_JOB_TTL
-            ]:
-                del self.jobs[key]
-        with self.lock:
-            running = sum(j.connected for j in self.jobs.values())
-        sdnotify.notify(f"STATUS={running} jobs connected, {len(self.jobs)} known")
-
-    def _time_rule_due(self, j: JobState, now: float) -> None:
-        """The ``every`` rule, and ``every="auto"``'s memory interval: tell the trainer a save is
-        due (it saves at its next step)."""
-        with self.lock:
-            due = j.every_due(now)
-            memory = not due and j.memory_due(now)  # a disk save refreshes the memory tier too
-        if (due or memory) and j.session is not None:
-            j.session.send({"type": "due", "rule": "every" if due else "memory"})
-
-    def _cron_due(self, key: JobKey) -> None:
-        with self.lock:
-            j = self.jobs.get(key)
-        if j is not None and j.connected and j.session is not None:
-            j.session.send({"type": "due", "rule": "cron"})
-
-    def _check_overdue(self, j: JobState, now: float) -> None:
-        with self.lock:
-            late = j.overdue(now, self.overdue_grace)
-        if late is not None:
-            log.warning("job %s: no verified save for %.0fs (expected every %.0fs)", j.key, late[0], late[1])
-            self.ledger.missed(j.key, MissedReason.TIME_OVERDUE)
+        self.registry.expire(now)
+        running, known = self.registry.counts()
+        sdnotify.notify(f"STATUS={running} jobs connected, {known} known")
 
     def _cleanup_temp(self) -> None:
         dirs = {k.directory for k, _ in self.catalog.jobs()} | {

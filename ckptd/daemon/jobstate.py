@@ -1,6 +1,6 @@
 """What the daemon knows of one job: its settings and policy, its progress, its saves' costs.
 
-Mutated only under the daemon's lock (``Host.lock``); the tick, the sessions, the CLI's
+Mutated only under the daemon's lock (``Registry.lock``); the tick, the sessions, the CLI's
 requests and the scrape-time gauges all read it there. Its methods answer the questions
 asked of a job (is a time rule due, is it overdue, what interval would ``every="auto"``
 choose now) from plain data and the time passed in.
@@ -34,7 +34,7 @@ class Trainer(Protocol):
 
 @dataclass
 class JobState:
-    """What the daemon knows of one job; mutated only under ``Daemon.lock``."""
+    """What the daemon knows of one job; mutated only under ``Registry.lock``."""
 
     name: str
     uid: int

@@ -98,14 +98,16 @@ def job_rows(d: Host, uid: int | None) -> list[dict[str, Any]]:
     for r in d.catalog.checkpoints():
         if uid is None or d.access.sees(uid, r):
             rows_by_job.setdefault(r.key, []).append(r)
-    with d.lock:
-        keys = set(d.jobs) | set(rows_by_job)
+    with d.registry.lock:
+        keys = set(d.registry.jobs) | set(rows_by_job)
     out = []
     lag = d.uploads.lag(now)
     for key in sorted(k for k in keys if uid is None or d.access.visible(uid, k)):
         tally = d.catalog.tally(key)
-        with d.lock:
-            row = _status_row(d, key, d.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now)
+        with d.registry.lock:
+            row = _status_row(
+                d, key, d.registry.jobs.get(key), [r for r in rows_by_job.get(key, []) if r.verified], now
+            )
         out.append({**row, **_standing(d, key, row, tally, lag.get(key))})
     return out
 
@@ -113,7 +115,7 @@ def job_rows(d: Host, uid: int | None) -> list[dict[str, Any]]:
 def _standing(d: Host, key: JobKey, row: dict[str, Any], tally: dict[str, Any], lag: float | None) -> dict[str, Any]:
     """What on-call asks first, and what survives a daemon restart: the run's state, the counts and
     the last error from the catalogue's events, replication and quota."""
-    j = d.jobs.get(key)
+    j = d.registry.jobs.get(key)
     settings = j.settings if j is not None else d.catalog.job_settings(key)
     state = "running" if row["connected"] else (tally["run"] if tally["run"] not in (None, "running") else "idle")
     return {
@@ -214,8 +216,8 @@ def gc(d: Host, session: Session, msg: dict[str, Any]) -> dict[str, Any]:
     comes here when the daemon has a job there, since only the daemon knows what is not yet remote)."""
     dry = bool(msg.get("dry_run"))
     want, where = msg.get("job"), msg.get("directory")
-    with d.lock:
-        jobs = [j for j in d.jobs.values() if want in (None, j.name) and where in (None, j.directory)]
+    with d.registry.lock:
+        jobs = [j for j in d.registry.jobs.values() if want in (None, j.name) and where in (None, j.directory)]
     jobs = [j for j in jobs if d.access.visible(session.uid, j.key)]
     out = []
     for j in jobs:

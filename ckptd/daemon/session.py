@@ -3,7 +3,8 @@
 A ``Session`` reads the run's messages on its own thread; its saves are persisted on
 the daemon's executor, so a slow disk never stops the daemon from reading the next
 message, and a save whose trainer has died is still persisted, verified and
-catalogued. All per-job state lives in ``JobState`` under the daemon's lock.
+catalogued. All per-job state lives in ``JobState``, under the lock of the daemon's
+``Registry``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.jobstate import JobState
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.memtier import MemoryTier
+from ckptd.daemon.registry import Registry
 from ckptd.daemon.uploads import Uploads
 from ckptd.disk.owner import Identity, acting_as, as_daemon
 from ckptd.disk.persist import Persisted, PersistError, seal
@@ -46,14 +48,13 @@ class Host(Protocol):
     """What sessions and the CLI's requests need of the daemon (``ckptd.daemon.app.Daemon``).
 
     Written out so that neither imports the daemon's wiring: they see its job registry (the
-    jobs and the one lock they are mutated under), the checks and records they share, and
-    the transitions of a job's life, nothing else.
+    jobs, the one lock they are mutated under, the transitions of a job's life), the checks
+    and records they share, nothing else.
     """
 
     config: Config
     roots: list[str]
-    lock: threading.RLock
-    jobs: dict[JobKey, JobState]
+    registry: Registry
     access: Access
     catalog: Catalog
     ledger: Ledger
@@ -64,26 +65,6 @@ class Host(Protocol):
 
     @property
     def stopping(self) -> bool: ...
-
-    def register(
-        self,
-        name: str,
-        uid: int,
-        pid: int,
-        directory: str,
-        settings: Settings,
-        policy: SavePolicy,
-        step: int,
-        session: "Session | None" = None,
-    ) -> JobState: ...
-
-    def unregister(self, job: JobState, session: "Session") -> None: ...
-
-    def save_succeeded(
-        self, job: JobState, trigger: str, info: Checkpoint, durations: dict[str, float], cost: float | None = None
-    ) -> None: ...
-
-    def save_failed(self, job: JobState, trigger: str, exc: PersistError) -> None: ...
 
     def request(self, session: "Session", msg: dict[str, Any]) -> None: ...
 
@@ -167,7 +148,9 @@ class Session:
             self.send({"type": "error", "error": str(exc)})
             raise protocol.ProtocolError(f"hello refused: {exc}") from None
         self.kwargs = kwargs
-        self.job = self.daemon.register(job, self.uid, self.pid, directory, settings, policy, msg["step"], self)
+        self.job = self.daemon.registry.register(
+            job, self.uid, self.pid, directory, settings, policy, msg["step"], self
+        )
         log.info(
             "job %s: trainer pid %d (uid %d) connected at step %d, directory %s; %s",
             job,
@@ -204,7 +187,7 @@ class Session:
     def _heartbeat(self, msg: dict[str, Any]) -> None:
         assert self.job is not None
         now = time.time()
-        with self.daemon.lock:
+        with self.daemon.registry.lock:
             j = self.job
             j.observe(msg["step"], now)
             due = missed.skipped_step(j.policy, j.last_saved_step, j.step, j.flagged_due)
@@ -216,7 +199,7 @@ class Session:
 
     def _count_missed(self, reason: MissedReason) -> None:
         assert self.job is not None
-        with self.daemon.lock:
+        with self.daemon.registry.lock:
             self.job.missed += 1
         self.daemon.ledger.missed(self.job.key, reason, step=self.job.step)
 
@@ -234,7 +217,7 @@ class Session:
             raise protocol.ProtocolError(f"save: invalid file name {name!r}")
         msg = {**msg, "trigger": Trigger.of(msg["trigger"])}  # a label value: a client must not grow the series
         memory_only = msg.get("memory_only") is True
-        with self.daemon.lock:
+        with self.daemon.registry.lock:
             # the hook reuses its buffers (one for disk saves, one for memory-only saves): a second save
             # of a kind before the first's "saved" reply is no trainer's
             if self.job.in_flight_memory if memory_only else self.job.in_flight:
@@ -262,7 +245,7 @@ class Session:
             if not self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], "", time.time(), **_whose(job)):
                 raise PersistError(FailReason.NO_SPACE, "the snapshot does not fit the memory budget")
             seconds = time.monotonic() - t0
-            with self.daemon.lock:
+            with self.daemon.registry.lock:
                 job.kept_in_memory(time.time(), _reported_seconds(msg, ("stall",)).get("stall"), seconds)
             self.daemon.ledger.remembered(job.key, msg["step"], msg["length"], seconds)
             reply.update(ok=True, path=None)
@@ -272,7 +255,7 @@ class Session:
             reply.update(ok=False, reason=error.reason, error=str(error))
         finally:
             os.close(fd)
-            with self.daemon.lock:
+            with self.daemon.registry.lock:
                 job.in_flight_memory -= 1
         self.send(reply)
 
@@ -293,11 +276,11 @@ class Session:
             self._keep_in_memory(job, fd, msg, result.path)
         except Exception as exc:  # never lose the daemon to one save
             error = failure(exc, msg["step"])
-            self.daemon.save_failed(job, msg["trigger"], error)
+            self.daemon.registry.save_failed(job, msg["trigger"], error)
             reply.update(ok=False, reason=error.reason, error=str(error))
         finally:
             os.close(fd)
-            with self.daemon.lock:
+            with self.daemon.registry.lock:
                 job.in_flight -= 1
         self.send(reply)
 
@@ -306,7 +289,7 @@ class Session:
         trainer's buffer. It is a cache: failing to keep it costs nothing saved."""
         try:
             if self.daemon.memory.keep(job.key, fd, msg["length"], msg["step"], path, time.time(), **_whose(job)):
-                with self.daemon.lock:
+                with self.daemon.registry.lock:
                     job.kept_in_memory(time.time(), None, None)
         except OSError as exc:
             log.warning("job %s: step %d not kept in memory: %s", job.name, msg["step"], exc)
@@ -340,7 +323,7 @@ class Session:
         def committed(result: Persisted) -> None:
             info = seen[result.path] = info_of(result.path)
             if unit:
-                with d.lock:
+                with d.registry.lock:
                     job.last_saved_step = max(job.last_saved_step, info.step)
                     job.step = max(job.step, info.step)
                 with as_daemon():
@@ -350,7 +333,7 @@ class Session:
                 if unit:
                     d.catalog.forget(gone)
                 d.catalog.record(info, verified=True, uid=job.uid)
-                d.save_succeeded(
+                d.registry.save_succeeded(
                     job,
                     msg["trigger"],
                     info,
@@ -378,9 +361,11 @@ class Session:
         assert job is not None
         trigger = Trigger.of(msg["trigger"])
         if not msg.get("ok", True):
-            with d.lock:  # attempted at its step, as a plain save is once sent: a failure pages, not a skip too
+            with (
+                d.registry.lock
+            ):  # attempted at its step, as a plain save is once sent: a failure pages, not a skip too
                 job.last_saved_step = max(job.last_saved_step, msg["step"])
-            d.save_failed(
+            d.registry.save_failed(
                 job,
                 trigger,
                 PersistError(FailReason.of(msg.get("reason", FailReason.UNCOMMITTED)), str(msg.get("error"))),
@@ -410,7 +395,7 @@ class Session:
                         self._hooks(job, {**msg, "trigger": trigger}, reported, unit=True),
                     )
         except Exception as exc:  # refused by the guard, or it does not verify: a failed save, counted
-            d.save_failed(job, trigger, failure(exc, msg["step"]))
+            d.registry.save_failed(job, trigger, failure(exc, msg["step"]))
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -425,7 +410,7 @@ class Session:
         assert self.job is not None
         self._wait_in_flight()
         self.ended = True
-        with self.daemon.lock:
+        with self.daemon.registry.lock:
             self.job.step = max(self.job.step, msg["step"])
             lost = missed.final_missing(self.job.policy, msg["step"], self.job.last_verified_step)
         if lost:
@@ -448,12 +433,12 @@ class Session:
         if self.job is None:
             return
         self._wait_in_flight()
-        with self.daemon.lock:
+        with self.daemon.registry.lock:
             unsaved = missed.unsaved_at_exit(self.job.step, self.job.last_verified_step)
         if not self.ended and unsaved > 0 and not self.daemon.stopping:  # a daemon's restart is no trainer's exit
             log.warning("job %s: trainer pid %d went away with %d unsaved steps", self.job.name, self.pid, unsaved)
             self._count_missed(MissedReason.TRAINER_EXIT_UNSAVED)
-        self.daemon.unregister(self.job, self)
+        self.daemon.registry.unregister(self.job, self.ended, self.daemon.stopping)
 
 
 def _described(settings: Settings) -> str:
