@@ -17,7 +17,6 @@ incomplete with no writes for ``abandon_after`` (default 1 h) is judged as it is
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import os
 import threading
@@ -35,18 +34,15 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from ckptd.core import missed, retention
+from ckptd.core import missed
 from ckptd.core.config import WatchSpec
-from ckptd.core.vocab import NEVER, MissedReason, Outcome, Rule, Trigger
-from ckptd.daemon import history
+from ckptd.core.vocab import MissedReason, Trigger
+from ckptd.daemon import history, watchkeep
 from ckptd.daemon.catalog import Catalog
 from ckptd.daemon.jobkey import JobKey
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.metrics import Metrics
-from ckptd.disk.owner import Identity, OwnerError, acting_as, as_daemon, owner_of, uid_of
-from ckptd.disk.remove import Removal
-from ckptd.disk.remove import apply as apply_removals
-from ckptd.disk.safepath import open_regular
+from ckptd.disk.owner import OwnerError, acting_as, as_daemon, owner_of
 from ckptd.disk.scan import Checkpoint, is_pinned
 from ckptd.disk.verify import VerifyResult
 from ckptd.foreign import formats as foreign
@@ -214,7 +210,12 @@ class Watcher(FileSystemEventHandler):
         for path in ready:
             adopted |= self._adopt(path, now, kinds)
         if adopted:
-            self._retention(now)
+            with self._lock:
+                busy = set(self.pending)
+            removals = watchkeep.apply(
+                self.spec, self.root, self.key, self._units(), busy, now, self.ctx.catalog, self.ctx.roots
+            )
+            self.ctx.ledger.removed(self.key, removals)
             self.ctx.ledger.refresh(self.key)
         self._check_expected(now)
 
@@ -337,101 +338,6 @@ class Watcher(FileSystemEventHandler):
             self.overdue_flagged = True
             log.warning("watch %s: no new checkpoint for %.0fs (expect_every=%.0fs)", self.root, now - since, expect)
             self.ctx.ledger.missed(self.key, MissedReason.TIME_OVERDUE)
-
-    # -- retention --------------------------------------------------------------------------------
-
-    def _retention(self, now: float) -> None:
-        """Retention per owner and per directory: in a shared tree one user's new checkpoints
-        never count against (or delete) another user's, nor one run's against another's.
-
-        A foreign checkpoint that fails verification is kept (and alerted on) unless
-        ``on_corrupt`` says otherwise: a partly damaged checkpoint may be the only one left.
-        """
-        rules = retention.Rules.from_settings(self.spec.settings.retention())
-        if not rules.any_window:
-            return
-        protected = self._trainer_needs() | self._overwritten_in_place()
-        keep_corrupt = self.spec.on_corrupt == "keep"
-        with self._lock:
-            busy = set(self.pending)
-        groups: dict[tuple[int, str], list[retention.Item]] = {}
-        for r in self.ctx.catalog.checkpoints(*self.key):
-            owner = uid_of(r.path)
-            if owner is None:
-                continue
-            corrupt = r.outcome == Outcome.CORRUPT and not keep_corrupt
-            # unsafe (a pickle we refuse to run) is unverified, not corrupt: kept, never deleted by rules
-            groups.setdefault((owner, os.path.dirname(r.path)), []).append(
-                retention.item_of(
-                    r.path,
-                    r.step,
-                    r.created,
-                    r.bytes,
-                    verified=r.verified,
-                    corrupt=corrupt,
-                    in_flight=r.path in busy,
-                    pinned=r.pinned or r.path in protected,
-                )
-            )
-        for unit in busy:
-            owner = uid_of(unit)
-            if owner is not None:
-                groups.setdefault((owner, os.path.dirname(unit)), []).append(
-                    retention.item_of(unit, NEVER, now, 0, in_flight=True)
-                )
-        for (owner, _), items in groups.items():
-            verdicts = [v for v in retention.judge(items, rules, now) if not v.item.in_flight]
-            if self.dry_run:
-                for v in verdicts:
-                    log.info(
-                        "watch %s: would %s %s (%s)",
-                        self.root,
-                        "keep" if v.keep else "delete",
-                        v.item.id,
-                        ", ".join(v.reasons),
-                    )
-                continue
-            try:
-                with acting_as(Identity.of(owner)):  # deletions and quarantine moves as the owner could
-                    removals = self._apply(verdicts)
-            except OwnerError as exc:
-                log.error("watch %s: retention for uid %d not applied: %s", self.root, owner, exc)
-                continue
-            self.ctx.ledger.removed(self.key, removals)
-
-    def _apply(self, verdicts: list[retention.Verdict]) -> list[Removal]:
-        """Deletions; with ``on_corrupt = "quarantine"`` the corrupt ones are moved aside instead
-        (into ``quarantine_dir``, else ``.ckptd-quarantine`` at the top of the tree)."""
-        quarantine = self.spec.settings.quarantine_dir
-        corrupt_to = quarantine or os.path.join(self.root, ".ckptd-quarantine")
-        if self.spec.on_corrupt != "quarantine":
-            return apply_removals(verdicts, self.ctx.roots, quarantine)
-        bad = [v for v in verdicts if v.rule.rule == Rule.CORRUPT]
-        rest = [v for v in verdicts if v.rule.rule != Rule.CORRUPT]
-        return apply_removals(bad, self.ctx.roots, corrupt_to) + apply_removals(rest, self.ctx.roots, quarantine)
-
-    def _overwritten_in_place(self) -> set[str]:
-        """Files the trainer writes again and again: its own, never retention's (their versions are)."""
-        return {u.path for u in self._units() if history.overwritten_in_place(u)}
-
-    def _trainer_needs(self) -> set[str]:
-        """Checkpoints the trainer will read again: the ``best_model_checkpoint`` named by the
-        newest ``trainer_state.json`` of each HF output directory (older ones are stale)."""
-        newest: dict[str, foreign.Found] = {}
-        for unit in self._units():
-            parent = os.path.dirname(unit.path)
-            if unit.kind == "hf" and (parent not in newest or (unit.step or -1) > (newest[parent].step or -1)):
-                newest[parent] = unit
-        needed = set()
-        for parent, unit in newest.items():
-            try:
-                with acting_as(owner_of(unit.path)), open_regular(os.path.join(unit.path, "trainer_state.json")) as f:
-                    best = json.load(f).get("best_model_checkpoint")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if best:
-                needed.add(os.path.realpath(os.path.join(parent, os.path.basename(str(best).rstrip("/")))))
-        return needed
 
 
 def _digests(found: foreign.Found) -> dict[str, str]:
