@@ -285,3 +285,41 @@ def test_a_trigger_one_rank_sees_waits_for_the_exchange() -> None:
     single = Triggers(policy, "j", sharded=False)
     single.time_fired("every")
     assert single.attention
+
+
+def test_ranks_whose_directories_differ_resume_the_newest_unit_every_rank_holds(
+    two_rank_run: Path, tmp_path: Path
+) -> None:
+    """Node-local disks: each rank lists its own directory. The ranks agree on the units they all
+    hold before any is verified (else they enter mismatched collectives: a hang, or each rank
+    resuming another step); with none in common, or one rank's directory not its own, they all stop
+    at once with the same clear error (before, the other ranks waited for the refused one until
+    ``shard_timeout``)."""
+    steps = sorted(c.step for c in scan(str(two_rank_run), JOB) if c.ok)
+    assert len(steps) >= 3, steps
+    older, middle, newest = steps[-3:]
+    for r in (0, 1):
+        shutil.copytree(two_rank_run, tmp_path / f"r{r}")
+    shutil.rmtree(unit(tmp_path / "r0", middle))  # rank 0's disk: older and newest
+    shutil.rmtree(unit(tmp_path / "r1", newest))  # rank 1's disk: older and middle
+    split = [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}"]
+    script = [str(ROOT / "tests" / "scripts" / "split_resume.py"), str(tmp_path / "r{rank}")]
+    out = run([*split, *script])
+    assert sorted(re.findall(r"rank (\d) resumed at step (\d+)", out)) == [("0", str(older)), ("1", str(older))], out
+
+    for r, keep in ((0, newest), (1, middle)):  # now rank 0 holds the newest only, rank 1 the middle one
+        for step in steps:
+            if step != keep and unit(tmp_path / f"r{r}", step).exists():
+                shutil.rmtree(unit(tmp_path / f"r{r}", step))
+    r = subprocess.run([*split, *script], capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode != 0
+    said = re.findall(r"rank (\d) ResumeError: (.*)", r.stdout)
+    assert sorted(rank for rank, _ in said) == ["0", "1"], r.stdout + r.stderr[-3000:]
+    assert all("no checkpoint is held by all 2 ranks" in why for _, why in said), said
+    assert f"step{newest:08d}" in said[0][1] and f"step{middle:08d}" in said[0][1], said
+
+    os.chown(tmp_path / "r1", 65534, 65534)  # rank 1's directory is not its own (swapped under it?)
+    r = subprocess.run([*split, *script], capture_output=True, text=True, timeout=600, env=ENV)
+    said = re.findall(r"rank (\d) ResumeError: (.*)", r.stdout)
+    assert sorted(rank for rank, _ in said) == ["0", "1"], r.stdout + r.stderr[-3000:]
+    assert all("rank 1: the job directory" in why and "owned by uid 65534" in why for _, why in said), said

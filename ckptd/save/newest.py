@@ -48,7 +48,8 @@ def newest_verified(
 
     ``units=False`` skips sharded units (for readers that load a single file);
     ``check`` lets a sharded rank verify its own shard and agree with its peers (so
-    every rank must see the same candidates: uncommitted units are checked, not skipped).
+    every rank must see the same candidates: uncommitted units are checked, not skipped, and
+    a sharded resume passes ``first_verified`` the units every rank holds).
     ``owner``: only what that uid owns counts (``ckptd.save.owned``; what a trainer resumes),
     each other candidate skipped with a line saying whose it is.
     """

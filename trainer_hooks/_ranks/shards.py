@@ -174,6 +174,12 @@ class ShardGroup:
         except Exception as exc:
             return f"the ranks did not agree (a rank died or timed out): {exc}"
 
+    def gather(self, mine: Any) -> list[Any]:
+        """Resume: every rank's ``mine`` (what it holds), on every rank, in rank order."""
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, mine, group=self._outcomes)
+        return out
+
     def everyone(self, ok: bool) -> bool:
         """Resume: True only if every rank says ``ok`` (its shard of a candidate verifies)."""
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32)

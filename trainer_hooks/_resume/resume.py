@@ -2,8 +2,11 @@
 
 In order, on every rank: (1) wait for the save in flight (its collectives must not
 interleave with the agreement below); (2) ``newest_verified`` walks the job's checkpoints
-newest first, each verified now (sharded: each shard re-read by one rank, the others'
-checked cheaply, and all ranks agree with an ``all_reduce(MIN)``); (3) none: with a remote
+newest first, each verified now (sharded: first the ranks agree on the units every one of
+them holds, an ``all_gather`` of their listings, since node-local disks differ; then each
+shard is re-read by one rank, the others' checked cheaply, and all ranks agree with an
+``all_reduce(MIN)``; none in common while some rank holds a committed unit: the same
+``ResumeError`` on every rank, at once); (3) none: with a remote
 tier, fetch the newest that verifies there (sharded: rank 0 first, then any rank on another
 host) and look again; (4) check that it fits the model (a stale run in the same directory is
 refused, never loaded partly); (5) load: the file, or this rank's shard, or for a ``dcp``
@@ -25,7 +28,7 @@ import os
 import stat
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ckptd.core.meta import FINGERPRINT
@@ -35,7 +38,7 @@ from ckptd.disk.manifest import read as read_manifest
 from ckptd.disk.manifest import shard_name
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
-from ckptd.save.newest import newest_verified
+from ckptd.save.newest import first_verified, newest_verified
 from ckptd.save.owned import directory_problem, verified_if_owned
 from trainer_hooks._state.fit import Structure, fingerprint, structure_problem
 from trainer_hooks._state.loader import load
@@ -99,6 +102,8 @@ class Resumer:
     quiet: bool = False
     strict: bool = True  # False for save="trainable": the base is the user's to load
     socket_path: str | None = None  # the daemon whose memory tier may hold the newest snapshot
+    committed: list[list[str]] = field(default_factory=list, init=False)  # sharded: each rank's committed units
+    nothing_common: bool = field(default=False, init=False)  # sharded: no unit held by every rank, at the last look
 
     def checkpoints(self) -> list[Checkpoint]:
         return scan(self.directory, self.job)
@@ -115,6 +120,8 @@ class Resumer:
             self._move_aside()
             return None
         problem = directory_problem(self.directory, os.geteuid())
+        if self.shards is not None:  # one rank's refusal is every rank's: the others must not wait for it
+            problem = next((f"rank {r}: {p}" for r, p in enumerate(self.shards.gather(problem)) if p), "")
         if problem:
             raise ResumeError(
                 f"job {self.job}: {problem}. Nothing in it is resumed (another user may have swapped "
@@ -124,10 +131,11 @@ class Resumer:
         remembered = self._from_memory(t0)
         if remembered is not None:
             return remembered
-        info = newest_verified(self.directory, self.job, check=self._resumable)
+        info = self._newest()
         if info is None and self._fetch_remote():
-            info, source = newest_verified(self.directory, self.job, check=self._resumable), "remote"
+            info, source = self._newest(), "remote"
         if info is None:
+            self._none_in_common()
             self._say(None, 0, source, t0)
             return None
         fits = self.shards is not None or self.objects.model is None  # (a sharded rank holds its part of the model)
@@ -142,6 +150,39 @@ class Resumer:
         resumed = self._finish(self._load(info), info.step, info.path, source, t0)
         log.info("ckptd: resumed job %s from %s (step %d)", self.job, info.path, resumed.step)
         return resumed
+
+    def _newest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies, for every rank. Sharded, the ranks first agree on
+        the candidates (an ``all_gather`` of what each one's directory holds): with node-local
+        disks, or a unit committed between two ranks' listings, they can differ, and ranks that
+        verify different lists enter mismatched collectives (a hang, or each loading another
+        step). Only the units every rank holds are candidates, newest first."""
+        if self.shards is None:
+            return newest_verified(self.directory, self.job, check=self._resumable)
+        mine = list(reversed(self.checkpoints())) if os.path.isdir(self.directory) else []
+        held = self.shards.gather([(os.path.basename(c.path), c.ok and not c.pending) for c in mine])
+        self.committed = [[name for name, committed in names if committed] for names in held]
+        common = set.intersection(*({name for name, _ in names} for names in held))
+        self.nothing_common = not common
+        for c in mine:
+            if os.path.basename(c.path) not in common:
+                log.warning("ckptd: rank %d: skipping %s: not every rank holds it", self.rank, c.path)
+        return first_verified([c for c in mine if os.path.basename(c.path) in common], self._resumable)
+
+    def _none_in_common(self) -> None:
+        """Sharded, no unit is held by every rank while some rank holds a committed one: the same
+        ``ResumeError`` on every rank, now, rather than a silent start from step 0 (a run that
+        loses its progress) or ranks resuming different steps. (Units every rank holds that all
+        fail to verify start the run afresh, as on one rank, each skip logged.)"""
+        if self.shards is None or not self.nothing_common or not any(self.committed):
+            return
+        seen = "; ".join(f"rank {r}: {', '.join(names[:3]) or 'none'}" for r, names in enumerate(self.committed))
+        raise ResumeError(
+            f"job {self.job}: no checkpoint is held by all {self.world_size} ranks, though some hold committed "
+            f"ones (newest first: {seen}). Resuming would lose them or split the ranks across steps. Make the "
+            "same unit readable to every rank (a shared directory, or the remote tier), or start fresh with "
+            "ckpt.resume(fresh=True) on every rank"
+        )
 
     def _from_memory(self, t0: float) -> Resumed | None:
         """The daemon's memory tier (SPEC §14): the newest verified snapshot without reading its
