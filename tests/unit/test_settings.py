@@ -92,3 +92,21 @@ def test_a_bad_daemon_or_watch_key_is_still_named() -> None:
         config.parse({"daemon": {"rootz": ["/srv"]}})
     with pytest.raises(SettingsError, match="keep_lats"):
         config.parse({"watch": [{"path": "/srv/x", "keep_lats": 1}]})
+
+
+def test_the_policy_and_the_retention_rules_take_settings_keys_and_their_defaults() -> None:
+    """``SavePolicy`` and ``retention.Rules`` keep their own dataclasses (the policy validates
+    its values and reads every="auto" as ``auto``), so their fields restate keys of
+    ``Settings``: each must be one (``auto`` aside), and the built-in settings must give
+    exactly their defaults, so that neither twin can drift from the other unnoticed."""
+    from dataclasses import fields
+
+    from ckptd.core.policy import SavePolicy
+    from ckptd.core.retention import Rules
+
+    keys = {f.name for f in fields(Settings)}
+    for twin in (SavePolicy, Rules):
+        assert {f.name for f in fields(twin)} - {"auto"} <= keys, twin
+    assert SavePolicy.from_settings(Settings().group("policy")) == SavePolicy()
+    assert Rules.from_settings(Settings().retention()) == Rules()
+    assert Rules.from_settings(Settings().remote_retention()) == Rules()
