@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket as socket_module
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -51,7 +52,7 @@ from trainer_hooks._handoff.link import socket_path
 from trainer_hooks._handoff.outlet import Outlet
 from trainer_hooks._handoff.record import SaveRecord
 from trainer_hooks._handoff.worker import StagedSave
-from trainer_hooks._ranks.shards import ShardGroup, rank_and_world
+from trainer_hooks._ranks.shards import ShardGroup, disk_of_directory, rank_and_world
 from trainer_hooks._resume.resume import Resumer
 from trainer_hooks._snapshot.overlap import Overlap
 from trainer_hooks._snapshot.shared import SharedTensors
@@ -152,7 +153,8 @@ class Checkpointer:
         self._closed = False
         # what the daemon resolves against its own config: this trainer's kwargs over its CKPTD_* variables
         self._raw_settings = {**env_table(), **{k: v for k, v in settings.items() if v is not None}}
-        path, talks = socket_path(socket), self.rank == 0 or self._shards is None  # (time rules, retention)
+        # the daemon is told by rank 0, or by each host's lead with node-local directories (its retention)
+        path, talks = socket_path(socket), self._shards is None or self._shards.lead
         if path is not None and self.saving and talks:
             self._outlet.connect(path, self._hello, self._beat, self._time_fired, reconnect_every)
         if self.mode == "embedded":
@@ -214,6 +216,8 @@ class Checkpointer:
                 raise SettingsError(f"job {self.job}: {too_big}")
             check_directory(self.directory, self._state_bytes, self.settings.min_free, sum(c.bytes for c in found[:-1]))
             cleanup_temp(self.directory)
+        if self._shards is not None:  # every rank: which disk its directory is on (node-local ones differ)
+            self._shards.locate(socket_module.gethostname(), lambda: disk_of_directory(self.directory))
 
     @property
     def mode(self) -> str:

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import stat
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -38,6 +39,7 @@ from ckptd.core.format import FORMAT_VERSION
 from ckptd.disk.safepath import fsync_dir
 
 MANIFEST = "ckptd-manifest.json"
+DISK_ID = ".ckptd-disk"  # in a job directory: which disk it is on (``disk_of``), so ranks tell node-local disks apart
 MAX_MANIFEST_BYTES = 16 << 20
 PER_RANK, DCP = "per-rank", "dcp"  # each rank its own state / chunks planned by DCP (trainer_hooks._ranks.dcpio)
 SHARD_RE = re.compile(r"^rank(\d{5})-of-(\d{5})\.safetensors$")
@@ -66,6 +68,8 @@ class Shard:
     file: str
     bytes: int
     meta_digest: str
+    host: str = ""  # the host whose rank wrote it (for people: "rank 2 on gpu-b")
+    disk: str = ""  # the id of the disk it was written to (``DISK_ID``); "" in manifests before node-local disks
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,15 @@ class Manifest:
             if not isinstance(raw, dict) or raw.get("ckptd.format") != FORMAT_VERSION:
                 raise ManifestError(f"not a ckptd manifest of format {FORMAT_VERSION}")
             shards = tuple(
-                Shard(int(s["rank"]), str(s["file"]), int(s["bytes"]), str(s["meta_digest"])) for s in raw["shards"]
+                Shard(
+                    int(s["rank"]),
+                    str(s["file"]),
+                    int(s["bytes"]),
+                    str(s["meta_digest"]),
+                    str(s.get("host", "")),
+                    str(s.get("disk", "")),
+                )
+                for s in raw["shards"]
             )
             metrics = raw.get("metrics")
             m = cls(
@@ -116,6 +128,64 @@ class Manifest:
         if any(s.file != shard_name(s.rank, m.world_size) for s in m.shards):
             raise ManifestError("manifest names a shard file that does not match its rank")
         return m
+
+
+def elsewhere(m: Manifest, disk: str) -> set[int]:
+    """The ranks whose shards the manifest puts on another disk than ``disk`` (this directory's
+    ``DISK_ID``): with node-local directories, another host holds them. None when either side
+    predates disk ids (every shard is then expected here, as on one host)."""
+    if not disk:
+        return set()
+    return {s.rank for s in m.shards if s.disk and s.disk != disk}
+
+
+def disk_of(directory_fd: int, create: bool) -> str:
+    """The id of the disk a job directory is on: ``DISK_ID`` in it, read, or made once (a random
+    id, written whole before it takes its name, so ranks racing to make it all read the same).
+    Ranks that read the same id share the directory; ranks on node-local disks each read their
+    own. "" when there is none and ``create`` is False."""
+    try:
+        return _read_disk(directory_fd)
+    except FileNotFoundError:
+        if not create:
+            return ""
+    tmp = f".{DISK_ID}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=directory_fd)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(uuid.uuid4().hex)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, DISK_ID, src_dir_fd=directory_fd, dst_dir_fd=directory_fd, follow_symlinks=False)
+        except FileExistsError:  # another rank on this disk made it first: theirs counts
+            pass
+    finally:
+        os.unlink(tmp, dir_fd=directory_fd)
+    return _read_disk(directory_fd)
+
+
+def _read_disk(directory_fd: int) -> str:
+    fd = os.open(DISK_ID, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        text = f.read(64).decode("ascii", "replace").strip()
+    return text if re.fullmatch(r"[0-9a-f]{32}", text) else ""
+
+
+def disk_beside(unit: str) -> str:
+    """The disk id of the job directory holding ``unit`` ("" when it has none)."""
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(unit)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return disk_of(dfd, create=False)
+    except OSError:
+        return ""
+    finally:
+        os.close(dfd)
 
 
 def is_unit(path: str) -> bool:

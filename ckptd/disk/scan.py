@@ -96,7 +96,12 @@ def read_unit(unit: str) -> Checkpoint:
     except mf.ManifestError as exc:
         return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc), fault=Problem.UNREADABLE)
     sizes = [_size(os.path.join(unit, s.file)) for s in m.shards]
-    missing = [s.file for s, n in zip(m.shards, sizes) if n != s.bytes]
+    away = mf.elsewhere(m, mf.disk_beside(unit))  # node-local disks: these ranks' shards are on their hosts
+    missing = [
+        s.file
+        for s, n in zip(m.shards, sizes)
+        if n != s.bytes and not (s.rank in away and not os.path.lexists(os.path.join(unit, s.file)))
+    ]
     return Checkpoint(
         unit,
         m.job,

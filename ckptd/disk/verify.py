@@ -257,12 +257,27 @@ def verify_unit(unit: str, full: Collection[int] | None = None, opened: Opened |
         "ckptd.layout": m.layout,
     }
     tensors = total = 0
+    away = mf.elsewhere(m, mf.disk_beside(unit))  # node-local disks: other hosts hold these ranks' shards
+    skipped = []
     for shard in m.shards:
+        if shard.rank in away and not _present(opened, shard.file):
+            skipped.append(shard.rank)  # on its own host's disk; the rank that loads it checks it there
+            continue
         r = _verify_shard(opened, shard, m, full is None or shard.rank in full, os.path.join(unit, shard.file))
         if not r.ok:
             return VerifyResult(unit, False, f"shard {shard.file}: {r.reason}", tensors, total, meta)
         tensors, total = tensors + r.tensors, total + r.bytes
+    if skipped:
+        meta["ckptd.shards_elsewhere"] = ",".join(str(r) for r in skipped)
     return VerifyResult(unit, True, "", tensors, total, meta)
+
+
+def _present(opened: Opened, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=opened.dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _verify_shard(opened: Opened, shard: mf.Shard, m: mf.Manifest, full: bool, path: str) -> VerifyResult:

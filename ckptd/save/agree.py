@@ -1,9 +1,11 @@
-"""What the ranks of a sharded save agree on, and what rank 0 commits.
+"""What the ranks of a sharded save agree on, and what each disk's lead rank commits.
 
 The collectives themselves are the hook's (``trainer_hooks._ranks.shards.ShardGroup``, over
 torch.distributed gloo groups of ckptd's own); everything they carry and decide is here,
-torch-free: each rank's ``shard_outcome``, and rank 0's ``commit_on_rank0``, which checks
-every shard against what its rank reported and writes the manifest through the save's
+torch-free: each rank's ``shard_outcome``, and ``commit_here``, which the lead rank of each
+disk (the lowest rank writing to it: rank 0 alone when every rank shares one directory; one
+per host with node-local directories) runs: it checks every shard on its disk against what
+its rank reported and writes the manifest, the same on every disk, through the save's
 guarded directory fds. ``Agreement`` is what the pipeline needs of the collectives.
 """
 
@@ -17,7 +19,7 @@ from ckptd.disk import manifest as mf
 from ckptd.disk.persist import Persisted
 from ckptd.disk.target import Target, open_target, open_unit
 
-__all__ = ["Agreement", "commit_on_rank0", "manifest_from", "shard_outcome"]
+__all__ = ["Agreement", "commit_here", "manifest_from", "shard_outcome"]
 
 
 class Agreement(Protocol):
@@ -25,20 +27,31 @@ class Agreement(Protocol):
 
     rank: int
     world_size: int
+    lead: bool  # the lowest rank writing to this rank's disk: it prepares and commits there
+    here: int  # how many ranks write to this rank's disk
+    host: str
+    disk: str  # ``manifest.DISK_ID`` of this rank's job directory
+    disks: int  # how many disks the ranks write to (1: one host, or a shared filesystem)
 
-    def prepare(self, on_rank0: Callable[[], None]) -> tuple[str, str]:
-        """Rank 0 runs ``on_rank0`` while the others wait; every rank gets ``(reason, message)``."""
+    def prepare(self, on_lead: Callable[[], None]) -> tuple[str, str]:
+        """Each lead runs ``on_lead`` while the others wait; every rank gets ``(reason, message)``."""
         ...
 
-    def commit(self, outcome: dict[str, Any], on_rank0: Callable[[list[dict[str, Any]]], str]) -> str:
-        """Gather every rank's outcome; rank 0 commits them with ``on_rank0``; "" = committed."""
+    def commit(self, outcome: dict[str, Any], on_lead: Callable[[list[dict[str, Any]]], str]) -> str:
+        """Gather every rank's outcome; each lead commits them on its disk with ``on_lead``; ""
+        = committed on every disk."""
         ...
 
 
 def shard_outcome(
-    rank: int, step: int, persisted: Persisted | None = None, error: Exception | None = None
+    rank: int,
+    step: int,
+    persisted: Persisted | None = None,
+    error: Exception | None = None,
+    host: str = "",
+    disk: str = "",
 ) -> dict[str, Any]:
-    """What one rank reports to the others about its shard."""
+    """What one rank reports to the others about its shard (and where it wrote it)."""
     if persisted is None:
         return {"ok": False, "rank": rank, "step": step, "error": str(error)}
     meta = {k: v for k, v in persisted.metadata.items() if k != "ckptd.state"}  # the skeleton can be large
@@ -49,12 +62,16 @@ def shard_outcome(
         "file": os.path.basename(persisted.path),
         "bytes": persisted.bytes,
         "meta": meta,
+        "host": host,
+        "disk": disk,
     }
 
 
-def commit_on_rank0(t: Target, unit: str, outcomes: list[dict[str, Any]], world_size: int) -> str:
-    """Every rank verified the same step and its file is there, whole: write the manifest ("" when
-    committed, else why not). Through the guard: the unit is reached from the job directory's fd."""
+def commit_here(t: Target, unit: str, outcomes: list[dict[str, Any]], world_size: int, disk: str = "") -> str:
+    """Every rank verified the same step and each file on this disk is there, whole: write the
+    manifest ("" when committed, else why not). Through the guard: the unit is reached from the
+    job directory's fd. ``disk``: this directory's disk id; shards written to other disks
+    (node-local directories) are their own lead's to check."""
     problem = mf.commit_problem(outcomes, world_size)
     if problem:
         return problem
@@ -64,7 +81,7 @@ def commit_on_rank0(t: Target, unit: str, outcomes: list[dict[str, Any]], world_
         try:
             ufd = open_unit(t, dfd, unit, create=False)
             try:
-                return _check_and_write(ufd, dfd, os.path.join(t.directory, unit), manifest)
+                return _check_and_write(ufd, dfd, os.path.join(t.directory, unit), manifest, disk)
             finally:
                 os.close(ufd)
         finally:
@@ -73,8 +90,9 @@ def commit_on_rank0(t: Target, unit: str, outcomes: list[dict[str, Any]], world_
         return f"committing {os.path.join(t.directory, unit)} failed: {getattr(exc, 'strerror', None) or exc}"
 
 
-def _check_and_write(ufd: int, dfd: int, path: str, manifest: mf.Manifest) -> str:
-    for shard in manifest.shards:  # a manifest never names a file that is not there, whole
+def _check_and_write(ufd: int, dfd: int, path: str, manifest: mf.Manifest, disk: str) -> str:
+    away = mf.elsewhere(manifest, disk)
+    for shard in (s for s in manifest.shards if s.rank not in away):  # never a file that is not there, whole
         size = os.stat(shard.file, dir_fd=ufd, follow_symlinks=False).st_size
         if size != shard.bytes:
             return f"{shard.file} is {size} bytes on disk, rank {shard.rank} wrote {shard.bytes}"
@@ -89,7 +107,17 @@ def manifest_from(outcomes: list[dict[str, Any]], world_size: int) -> mf.Manifes
     head = next(o for o in outcomes if o["rank"] == 0)["meta"]
     shards = tuple(
         sorted(
-            (mf.Shard(o["rank"], o["file"], o["bytes"], o["meta"]["ckptd.meta_digest"]) for o in outcomes),
+            (
+                mf.Shard(
+                    o["rank"],
+                    o["file"],
+                    o["bytes"],
+                    o["meta"]["ckptd.meta_digest"],
+                    o.get("host", ""),
+                    o.get("disk", ""),
+                )
+                for o in outcomes
+            ),
             key=lambda s: s.rank,
         )
     )

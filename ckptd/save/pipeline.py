@@ -44,7 +44,7 @@ from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.target import Target, open_target, open_unit
 from ckptd.disk.verify import verify_unit
 from ckptd.foreign import deepspeed as dsfmt
-from ckptd.save.agree import Agreement, commit_on_rank0, shard_outcome
+from ckptd.save.agree import Agreement, commit_here, shard_outcome
 from ckptd.save.keep import prune, prune_tags, reserve
 
 __all__ = ["Hooks", "StagedShard", "commit_tag", "commit_unit", "failure", "save_shard", "save_unit"]
@@ -110,10 +110,10 @@ class StagedShard:
 def save_shard(
     group: Agreement, t: Target, shard: StagedShard, hooks: Hooks, report: Callable[[dict[str, Any]], bool]
 ) -> Persisted:
-    """The stages on every rank of a sharded save. ``report`` hands rank 0's outcome to the
-    daemon (which then runs 5-7 for the unit, ``commit_unit``); False: there is none, and
-    rank 0 retains and replicates here."""
-    reason, message = group.prepare(lambda: _prepare_unit(t, shard, group.world_size, hooks.removed))  # 1
+    """The stages on every rank of a sharded save. ``report`` hands a lead's outcome to its
+    host's daemon (which then runs 5-7 for the unit, ``commit_unit``); False: there is none,
+    and the lead retains (and, when the unit is whole on its disk, replicates) here."""
+    reason, message = group.prepare(lambda: _prepare_unit(t, shard, group.here, hooks.removed))  # 1
     if reason:
         raise PersistError(FailReason(reason), message)
     path = os.path.join(t.directory, shard.unit)
@@ -123,8 +123,8 @@ def save_shard(
     except (PersistError, OSError) as exc:
         error = exc
     problem = group.commit(
-        shard_outcome(group.rank, shard.step, persisted, error),  # 5
-        lambda outcomes: commit_on_rank0(t, shard.unit, outcomes, group.world_size),
+        shard_outcome(group.rank, shard.step, persisted, error, group.host, group.disk),  # 5
+        lambda outcomes: commit_here(t, shard.unit, outcomes, group.world_size, group.disk),
     )
     failed = error.reason if isinstance(error, PersistError) else FailReason.UNCOMMITTED
     told = report(
@@ -144,9 +144,9 @@ def save_shard(
         raise PersistError(failed, f"sharded checkpoint of step {shard.step} not committed: {problem}")
     assert persisted is not None
     result = Persisted(path, persisted.bytes, persisted.metadata, persisted.durations)
-    if not told and group.rank == 0:
+    if not told and group.lead:
         prune(t, hooks.removed)  # 6
-        if hooks.replicate is not None:  # 7
+        if hooks.replicate is not None and group.disks == 1:  # 7 (node-local parts: not yet, docs/format.md)
             hooks.replicate(result)
     return result
 
@@ -163,11 +163,9 @@ def _write_shard(t: Target, shard: StagedShard, path: str) -> Persisted:
         os.close(dfd)
 
 
-def _prepare_unit(t: Target, shard: StagedShard, world_size: int, removed: Callable[[list[Removal]], None]) -> None:
-    """Rank 0, while the other ranks wait: room for the whole unit, and a clean target."""
-    reserve(
-        t, shard.length * world_size, shard.step, removed, what="sharded checkpoint", note="no rank wrote its shard, "
-    )
+def _prepare_unit(t: Target, shard: StagedShard, ranks: int, removed: Callable[[list[Removal]], None]) -> None:
+    """A disk's lead, while the other ranks wait: room for its ``ranks``' shards, and a clean target."""
+    reserve(t, shard.length * ranks, shard.step, removed, what="sharded checkpoint", note="no rank wrote its shard, ")
     path = os.path.join(t.directory, shard.unit)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, mf.MANIFEST)):
         log.warning("ckptd: removing %s, an uncommitted earlier attempt at step %d", path, shard.step)
@@ -195,8 +193,8 @@ def commit_unit(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
     if hooks.committed is not None:
         hooks.committed(persisted)
     prune(t, hooks.removed)
-    if hooks.replicate is not None:
-        hooks.replicate(persisted)
+    if hooks.replicate is not None and "ckptd.shards_elsewhere" not in result.metadata:
+        hooks.replicate(persisted)  # (a unit spread over node-local disks: not yet, docs/format.md)
     return info
 
 

@@ -253,13 +253,14 @@ class Outlet:
         return save_unit(self.target, staged.fd, staged.length, staged.filename, staged.step, hooks)
 
     def _report_commit(self, report: dict[str, Any]) -> bool:
-        """Rank 0 of a sharded save tells the daemon, which catalogues and prunes; False: there is none."""
+        """A sharded save's lead (rank 0; with node-local directories each host's) tells its
+        host's daemon, which catalogues and prunes; False: there is none."""
         self._daemon_has_it = self.link is not None and self.link.connected
         if self._daemon_has_it:
             assert self.link is not None
             self.link.notify(report)
             return True
-        return self.shards is not None and self.shards.rank != 0
+        return self.shards is not None and not self.shards.lead
 
     # -- the daemon's answers ------------------------------------------------------------------
 

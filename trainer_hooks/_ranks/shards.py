@@ -1,7 +1,11 @@
 """Sharded saves (``Checkpointer(..., sharded=True)``): every rank writes its own shard,
 and the checkpoint commits only when every rank's shard is verified. This module holds the
 collectives (``ShardGroup``); the stages themselves are the one save pipeline's
-(``ckptd.save.pipeline.save_shard``), and what rank 0 commits is ``ckptd.save.agree``.
+(``ckptd.save.pipeline.save_shard``), and what a lead commits is ``ckptd.save.agree``.
+
+Once, at start (``locate``), the ranks learn which disk each one's job directory is on (its
+``ckptd.disk.manifest.DISK_ID``): one disk (one host, or a shared filesystem) has one *lead*,
+rank 0; with node-local directories each host's lowest rank leads its own disk.
 
 Lifecycle of one sharded save, in order; every rank runs every step:
 
@@ -14,23 +18,26 @@ Lifecycle of one sharded save, in order; every rank runs every step:
    short step: rank 0 proposes, inside each exchange, how many ``step()`` calls to
    wait before the next one (about ``EXCHANGE_EVERY`` seconds' worth), and since every
    rank reads the same combined proposal, all of them exchange at the same calls.
-2. **Prepare.** Rank 0 makes room for the whole unit (retention, then quota) and
-   removes a stale uncommitted directory of the same name (left by a crashed attempt
-   at this step) while the others wait for its broadcast: nobody writes before the
-   quota said yes, and nothing is deleted while a rank writes. A refusal (``no_space``)
-   reaches every rank, and no rank writes a shard.
+2. **Prepare.** Each lead makes room on its disk for its ranks' shards (retention, then
+   quota) and removes a stale uncommitted directory of the same name (left by a crashed
+   attempt at this step) while the others wait for the exchange of verdicts: nobody writes
+   before the quota said yes, and nothing is deleted while a rank writes. A refusal
+   (``no_space``) reaches every rank, and no rank writes a shard.
 3. **Write.** Each rank has staged its own state in its staging buffer (in ``step()``,
    before 2: that copy is all training waits for); its persist thread writes ``DIR/<unit>/rankR-of-W.safetensors`` (temp, fsync, verify from disk,
    rename), exactly like a single-file save (``ckptd.disk.persist``).
 4. **Agree.** The persist thread gathers every rank's outcome (step, size, metadata
    digest, or the error) with ``all_gather_object``, within the group's timeout.
-5. **Commit.** If every rank verified the same step and its file is in place, rank 0
-   writes the manifest (temp, fsync, rename, fsync directory,
-   ``ckptd.disk.manifest``) and broadcasts the outcome; otherwise nothing is committed and
-   every rank logs why. A rank that died before step 4 makes the others time out
-   there: no manifest, and resume takes the previous committed checkpoint.
-6. **After.** Rank 0 applies retention (a unit is kept or deleted whole) and tells the
-   daemon, which catalogues the unit and counts it in its metrics.
+5. **Commit.** If every rank verified the same step and the files on its disk are in
+   place, each lead writes the same manifest there (every shard's name, host, disk, size
+   and metadata digest; temp, fsync, rename, fsync directory, ``ckptd.disk.manifest``), and
+   the leads exchange their outcomes; otherwise nothing is committed and every rank logs
+   why. A rank that died before step 4 makes the others time out there: no manifest, and
+   resume takes the previous committed checkpoint. (A lead that fails after another
+   committed leaves the unit committed on one disk only: resume takes only a unit every
+   rank holds committed.)
+6. **After.** Each lead applies retention on its disk (a unit is kept or deleted whole)
+   and tells its host's daemon, which catalogues the unit and counts it in its metrics.
 
 Checkpoint traffic runs on three gloo groups of its own, created here, each used by a
 single thread (flags and DCP's load plans: the training thread; outcomes: the persist thread), so their
@@ -47,6 +54,7 @@ from typing import Any, Callable
 import torch
 
 from ckptd.core.vocab import FailReason
+from ckptd.disk.manifest import disk_of
 from ckptd.disk.persist import PersistError
 
 log = logging.getLogger(__name__)
@@ -86,6 +94,9 @@ class ShardGroup:
         self._calls_left = 1  # step() calls until the next exchange; the same on every rank
         self._last: tuple[float, int] | None = None  # rank 0: (time, interval) of the last exchange
         self.broken: str = ""
+        # where the ranks write (``locate``); until then, as on one disk: rank 0 leads
+        self.host, self.disk, self.disks = "", "", 1
+        self.lead, self.here = self.rank == 0, self.world_size
 
     # -- step 1: when ------------------------------------------------------------------
 
@@ -141,36 +152,57 @@ class ShardGroup:
             except Exception as exc:  # already gone with the default group: nothing to shut down
                 log.debug("ckptd: shutting a checkpoint group down: %s", exc)
 
+    # -- once: where each rank writes -------------------------------------------------------
+
+    def locate(self, host: str, disk_of: Callable[[], str]) -> None:
+        """At start, on every rank: which disk each rank's job directory is on. On one host that
+        is one disk, and nothing is written to find out. Across hosts each rank reads its
+        directory's ``manifest.DISK_ID`` (``disk_of``, made once): ranks reading the same id
+        share one (a shared filesystem), ranks on node-local disks each read their own. Each
+        disk's lowest rank leads it; one disk: rank 0."""
+        hosts = [str(h) for h in self.gather(host)]
+        disks = [str(d) for d in self.gather(disk_of())] if len(set(hosts)) > 1 else [""] * self.world_size
+        self.host, self.disk, self.disks = host, disks[self.rank], len(set(disks))
+        self.lead = disks.index(self.disk) == self.rank
+        self.here = disks.count(self.disk)
+        if self.disks > 1 and self.rank == 0:
+            log.info(
+                "ckptd: the %d ranks write to %d node-local directories (hosts %s): each keeps its own ranks' "
+                "shards and the same manifest",
+                self.world_size,
+                self.disks,
+                ", ".join(sorted(set(hosts))),
+            )
+
     # -- step 2: prepare ----------------------------------------------------------------
 
-    def prepare(self, on_rank0: Callable[[], None]) -> tuple[str, str]:
-        """Persist thread: rank 0 runs ``on_rank0`` (room, stale unit); every rank gets its
-        ``(reason, message)``, ("", "") meaning "write your shard"."""
-        verdict: list[Any] = [("", "")]
-        if self.rank == 0:
+    def prepare(self, on_lead: Callable[[], None]) -> tuple[str, str]:
+        """Persist thread: each disk's lead runs ``on_lead`` (room, stale unit); every rank gets
+        the first refusal, ``(reason, message)``, ("", "") meaning "write your shard"."""
+        verdict: tuple[str, str] = ("", "")
+        if self.lead:
             try:
-                on_rank0()
-            except PersistError as exc:  # the others wait for this broadcast: always send one
-                verdict[0] = (exc.reason, str(exc))
+                on_lead()
+            except PersistError as exc:  # the others wait for this exchange: always take part
+                verdict = (exc.reason, str(exc))
             except Exception as exc:
-                verdict[0] = (FailReason.INTERNAL_ERROR, f"preparing the sharded save: {exc}")
+                verdict = (FailReason.INTERNAL_ERROR, f"preparing the sharded save: {exc}")
         try:
-            self._dist.broadcast_object_list(verdict, src=0, group=self._outcomes)
-            return str(verdict[0][0]), str(verdict[0][1])
+            verdicts = self.gather(verdict)
         except Exception as exc:
             return FailReason.UNCOMMITTED, f"the ranks did not agree (a rank died or timed out): {exc}"
+        refused = next((v for v in verdicts if v[0]), ("", ""))
+        return str(refused[0]), str(refused[1])
 
     # -- steps 4 and 5: agree and commit -------------------------------------------------
 
-    def commit(self, outcome: dict[str, Any], on_rank0: Callable[[list[dict[str, Any]]], str]) -> str:
-        """Persist thread: gather every rank's outcome; rank 0 commits them (``on_rank0``, the
-        pipeline's manifest writer). "" = committed, on every rank."""
+    def commit(self, outcome: dict[str, Any], on_lead: Callable[[list[dict[str, Any]]], str]) -> str:
+        """Persist thread: gather every rank's outcome; each disk's lead commits them there
+        (``on_lead``, the pipeline's manifest writer). "" = committed on every disk."""
         try:
-            outcomes: list[Any] = [None] * self.world_size
-            self._dist.all_gather_object(outcomes, outcome, group=self._outcomes)
-            problem = [on_rank0(outcomes) if self.rank == 0 else ""]
-            self._dist.broadcast_object_list(problem, src=0, group=self._outcomes)
-            return str(problem[0])
+            outcomes = self.gather(outcome)
+            problems = self.gather(on_lead(outcomes) if self.lead else "")
+            return "; ".join(str(p) for p in problems if p)
         except Exception as exc:
             return f"the ranks did not agree (a rank died or timed out): {exc}"
 
@@ -189,6 +221,21 @@ class ShardGroup:
     def _fail(self, why: str) -> None:
         self.broken = why
         log.error("ckptd: sharded job: %s; sharded saves stop committing", why)
+
+
+def disk_of_directory(directory: str) -> str:
+    """The disk id of the job directory (``ckptd.disk.manifest.disk_of``: read, or made once).
+    "" when it cannot be read or made: that rank then counts as on a disk of its own, which only
+    the ranks that also failed share."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return disk_of(fd, create=True)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("ckptd: cannot tell which disk %s is on: %s", directory, exc)
+        return ""
 
 
 def rank_and_world() -> tuple[int, int]:

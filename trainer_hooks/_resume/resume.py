@@ -366,6 +366,17 @@ class Resumer:
                 f"this run has {self.world_size}: each rank saved its own plain "
                 "tensors, which do not reshard (DTensor state, FSDP2, does)",
             )
+        if (
+            result.ok
+            and result.metadata.get("ckptd.layout") == DCP_LAYOUT
+            and "ckptd.shards_elsewhere" in result.metadata
+        ):
+            result = replace(
+                result,
+                ok=False,
+                reason="its DCP-planned shards are spread over node-local disks, and DCP's load planner reads "
+                "every shard: resume it where one directory holds them all (a shared filesystem)",
+            )
         if self.shards.everyone(result.ok) != result.ok:
             result = replace(result, ok=False, reason="another rank's shard of it does not verify")
         return result

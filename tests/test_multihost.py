@@ -1,0 +1,136 @@
+"""Many hosts on one machine (SPEC §15): node-local checkpoint directories.
+
+Each simulated host is a mount and UTS namespace of its own (``unshare -m -u``: its own
+hostname) in which the same checkpoint path is a bind mount of that host's own disk (a
+directory of the test's), and a ``torchrun --nnodes=2`` node of the job runs there: two hosts
+of two ranks, on loopback, with gloo. The job sees what it would on two machines with node-local disks: the same path, other
+files. No daemon here (the trainers save embedded); the disks stay when the hosts go, so the
+test reads them afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ckptd.disk import manifest as mf
+from ckptd.disk.scan import scan
+from ckptd.disk.verify import verify_unit
+from tests.conftest import free_port
+from tests.test_integrations import ENV, _failure
+from tests.test_sharded import JOB, SCRIPT, TORCHRUN, fingerprints, torchrun, unit
+
+HOSTS, PER_HOST = 2, 2
+
+
+def _namespaces_work() -> bool:
+    r = subprocess.run(["unshare", "-m", "-u", "--propagation", "private", "true"], capture_output=True)
+    return r.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not _namespaces_work(), reason="needs root and unshare -m -u (namespaces)")
+
+
+def on_hosts(tmp_path: Path, *args: str, shared: bool = False) -> str:
+    """The 4-rank job as two hosts, each with its own disk at ``tmp_path/mnt`` (``shared``: one
+    directory that both see, as a shared filesystem); both nodes' output."""
+    mnt, port = tmp_path / "mnt", free_port()
+    mnt.mkdir(exist_ok=True)
+    nodes = []
+    for h in range(HOSTS):
+        disk = tmp_path / f"disk{h}"
+        disk.mkdir(exist_ok=True)
+        launch = [
+            TORCHRUN,
+            f"--nnodes={HOSTS}",
+            f"--node_rank={h}",
+            f"--nproc_per_node={PER_HOST}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            SCRIPT,
+            "--dir",
+            str(mnt / "ckpt"),
+            *args,
+        ]
+        mount = "" if shared else f'mount --bind "{disk}" "{mnt}" && '
+        inner = f'hostname host{h} && {mount}exec "$@"'
+        nodes.append(
+            subprocess.Popen(
+                ["unshare", "-m", "-u", "--propagation", "private", "sh", "-c", inner, "host", *launch],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=ENV,
+            )
+        )
+    out = ""
+    for p in nodes:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, _failure(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        out += stdout
+    return out
+
+
+def disk(tmp_path: Path, h: int) -> Path:
+    return tmp_path / f"disk{h}" / "ckpt"
+
+
+def test_node_local_directories_keep_each_hosts_shards_and_resume_bit_identical(tmp_path: Path) -> None:
+    """Each host keeps what its own ranks wrote and the same manifest, which names every shard's
+    host and disk; any host tells a committed unit from a partial one; the job resumes on the
+    newest unit committed on every host and ends bit-identical to a run never stopped."""
+    straight = fingerprints(subprocess.run(torchrun(4, tmp_path / "straight", "--steps", "30"), **_run()).stdout)
+    on_hosts(tmp_path, "--steps", "20")
+
+    steps = [c.step for c in scan(str(disk(tmp_path, 0)), JOB) if c.ok]
+    assert steps and steps == [c.step for c in scan(str(disk(tmp_path, 1)), JOB) if c.ok], steps
+    newest = max(steps)
+    manifests = [(unit(disk(tmp_path, h), newest) / mf.MANIFEST).read_bytes() for h in range(HOSTS)]
+    assert manifests[0] == manifests[1], "every host writes the same manifest"
+    shards = json.loads(manifests[0])["shards"]
+    assert [s["rank"] for s in shards] == [0, 1, 2, 3]
+    assert len({s["disk"] for s in shards[:2]}) == len({s["disk"] for s in shards[2:]}) == 1
+    assert shards[0]["disk"] != shards[2]["disk"]
+    assert [s["host"] for s in shards] == ["host0", "host0", "host1", "host1"]
+    for h in range(HOSTS):
+        held = sorted(p.name for p in unit(disk(tmp_path, h), newest).glob("rank*"))
+        assert held == [mf.shard_name(r, 4) for r in range(h * PER_HOST, (h + 1) * PER_HOST)], held
+        result = verify_unit(str(unit(disk(tmp_path, h), newest)))
+        assert result.ok, result.reason
+        assert result.metadata["ckptd.shards_elsewhere"] == ",".join(str(r) for r in range(4) if r // PER_HOST != h)
+
+    # a host's own shard gone: that host knows its part is broken (the other's absence it expects)
+    broken = tmp_path / "broken"
+    shutil.copytree(unit(disk(tmp_path, 1), newest), broken / unit(disk(tmp_path, 1), newest).name)
+    shutil.copy(disk(tmp_path, 1) / mf.DISK_ID, broken / mf.DISK_ID)
+    (broken / unit(disk(tmp_path, 1), newest).name / mf.shard_name(3, 4)).unlink()
+    assert not verify_unit(str(broken / unit(disk(tmp_path, 1), newest).name)).ok
+
+    # the newest unit committed on host 0 only (host 1 lost its manifest): the job resumes before it
+    (unit(disk(tmp_path, 1), newest) / mf.MANIFEST).unlink()
+    out = on_hosts(tmp_path, "--steps", "30")
+    starts = set(re.findall(r"rank \d pid \d+ starting at step (\d+)", out))
+    assert starts == {str(sorted(steps)[-2])}, out
+    assert fingerprints(out) == straight, "resumed across the hosts' own disks, bit-identical to a straight run"
+
+
+def test_hosts_that_share_one_directory_commit_as_on_one_host(tmp_path: Path) -> None:
+    """Two hosts that see one directory (a shared filesystem): one disk id, so rank 0 alone
+    prepares and commits, and the unit holds every shard, as on one host."""
+    on_hosts(tmp_path, "--steps", "10", shared=True)
+    shared = tmp_path / "mnt" / "ckpt"
+    newest = unit(shared, 10)
+    assert sorted(p.name for p in newest.glob("rank*")) == [mf.shard_name(r, 4) for r in range(4)]
+    shards = json.loads((newest / mf.MANIFEST).read_text())["shards"]
+    assert len({s["disk"] for s in shards}) == 1 and shards[0]["disk"] == (shared / mf.DISK_ID).read_text()
+    result = verify_unit(str(newest))
+    assert result.ok and "ckptd.shards_elsewhere" not in result.metadata, result
+
+
+def _run() -> dict[str, object]:
+    return {"capture_output": True, "text": True, "timeout": 600, "env": ENV, "check": True}
