@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import pytest
 from ckptd.disk import manifest as mf
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_unit
-from tests.conftest import free_port
+from tests.conftest import PYTHON, SLACK, DaemonProc, ckptd_cli, free_port
 from tests.test_integrations import ENV, _failure
 from tests.test_sharded import JOB, SCRIPT, TORCHRUN, fingerprints, torchrun, unit
 
@@ -36,9 +37,10 @@ def _namespaces_work() -> bool:
 pytestmark = pytest.mark.skipif(not _namespaces_work(), reason="needs root and unshare -m -u (namespaces)")
 
 
-def on_hosts(tmp_path: Path, *args: str, shared: bool = False) -> str:
+def on_hosts(tmp_path: Path, *args: str, shared: bool = False, daemons: list[DaemonProc] | None = None) -> str:
     """The 4-rank job as two hosts, each with its own disk at ``tmp_path/mnt`` (``shared``: one
-    directory that both see, as a shared filesystem); both nodes' output."""
+    directory that both see, as a shared filesystem; ``daemons``: each host's, whose socket
+    its ranks talk to); both nodes' output."""
     mnt, port = tmp_path / "mnt", free_port()
     mnt.mkdir(exist_ok=True)
     nodes = []
@@ -65,7 +67,7 @@ def on_hosts(tmp_path: Path, *args: str, shared: bool = False) -> str:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env=ENV,
+                env={**ENV, "CKPTD_SOCKET": daemons[h].socket} if daemons else ENV,
             )
         )
     out = ""
@@ -130,6 +132,58 @@ def test_hosts_that_share_one_directory_commit_as_on_one_host(tmp_path: Path) ->
     assert len({s["disk"] for s in shards}) == 1 and shards[0]["disk"] == (shared / mf.DISK_ID).read_text()
     result = verify_unit(str(newest))
     assert result.ok and "ckptd.shards_elsewhere" not in result.metadata, result
+
+
+def host_daemon(tmp_path: Path, h: int) -> DaemonProc:
+    """Host ``h``'s own daemon, in a namespace like its ranks': the same hostname, its disk at
+    ``tmp_path/mnt`` (its root); its socket and state outside, where the test reaches them."""
+    d = DaemonProc(tmp_path / f"daemon{h}")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir(exist_ok=True)
+    (tmp_path / f"disk{h}").mkdir(exist_ok=True)
+    d.config.write_text(d.config.read_text().replace(f'roots = ["{d.root}"]', f'roots = ["{mnt}"]'))
+    serve = f'hostname host{h} && mount --bind "{tmp_path}/disk{h}" "{mnt}" && exec "$@"'
+    d.proc = subprocess.Popen(
+        ["unshare", "-m", "-u", "--propagation", "private", "sh", "-c", serve, "host"]
+        + [PYTHON, "-m", "ckptd.cli", "serve", "--config", str(d.config)],
+        stdout=open(d.log, "ab"),
+        stderr=subprocess.STDOUT,
+        env=d.env,
+    )
+    deadline = time.monotonic() + 30 * SLACK
+    while not d.healthy():
+        assert d.proc.poll() is None and time.monotonic() < deadline, d.log.read_text()
+        time.sleep(0.05)
+    return d
+
+
+def test_each_hosts_daemon_catalogues_counts_and_retains_its_own_part(tmp_path: Path) -> None:
+    """One daemon per host: each host's lead rank tells its own daemon, which verifies the host's
+    part of every unit, catalogues it and counts the save; neither sees a failure."""
+    daemons = [host_daemon(tmp_path, h) for h in range(HOSTS)]
+    try:
+        on_hosts(tmp_path, "--steps", "20", daemons=daemons)
+        ckpt = tmp_path / "mnt" / "ckpt"
+        for h, d in enumerate(daemons):
+            assert d.metric("ckptd_saves_total", training_job=JOB, trigger="final", outcome="ok") == 1, h
+            assert d.metric("ckptd_saves_total", training_job=JOB, trigger="step", outcome="ok") == 3, h
+            listed = json.loads(ckptd_cli("list", JOB, "--json", "--socket", d.socket).stdout)
+            assert [x["path"] for x in listed] == [str(unit(ckpt, s)) for s in (5, 10, 15, 20)], (h, listed)
+            assert _failures(d) == 0, d.log.read_text()[-3000:]
+    finally:
+        for d in daemons:
+            d.stop()
+
+
+def _failures(d: DaemonProc) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(d.metrics())
+        for s in family.samples
+        if s.name == "ckptd_save_failures_total" and s.labels.get("training_job") == JOB
+    )
 
 
 def _run() -> dict[str, object]:
