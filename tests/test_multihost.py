@@ -37,10 +37,16 @@ def _namespaces_work() -> bool:
 pytestmark = pytest.mark.skipif(not _namespaces_work(), reason="needs root and unshare -m -u (namespaces)")
 
 
-def on_hosts(tmp_path: Path, *args: str, shared: bool = False, daemons: list[DaemonProc] | None = None) -> str:
+def on_hosts(
+    tmp_path: Path,
+    *args: str,
+    shared: bool = False,
+    daemons: list[DaemonProc] | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
     """The 4-rank job as two hosts, each with its own disk at ``tmp_path/mnt`` (``shared``: one
     directory that both see, as a shared filesystem; ``daemons``: each host's, whose socket
-    its ranks talk to); both nodes' output."""
+    its ranks talk to); both nodes' output, stdout then stderr."""
     mnt, port = tmp_path / "mnt", free_port()
     mnt.mkdir(exist_ok=True)
     nodes = []
@@ -67,14 +73,14 @@ def on_hosts(tmp_path: Path, *args: str, shared: bool = False, daemons: list[Dae
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env={**ENV, "CKPTD_SOCKET": daemons[h].socket} if daemons else ENV,
+                env={**ENV, **(env or {}), **({"CKPTD_SOCKET": daemons[h].socket} if daemons else {})},
             )
         )
     out = ""
     for p in nodes:
         stdout, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, _failure(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-        out += stdout
+        out += stdout + stderr
     return out
 
 
@@ -132,6 +138,18 @@ def test_hosts_that_share_one_directory_commit_as_on_one_host(tmp_path: Path) ->
     assert len({s["disk"] for s in shards}) == 1 and shards[0]["disk"] == (shared / mf.DISK_ID).read_text()
     result = verify_unit(str(newest))
     assert result.ok and "ckptd.shards_elsewhere" not in result.metadata, result
+
+
+def test_a_remote_tier_is_not_taken_for_a_copy_of_node_local_units(tmp_path: Path) -> None:
+    """Copying each host's part to the remote tier is not built yet: nothing is uploaded as if it
+    were the whole unit, and every such save says so."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    out = on_hosts(tmp_path, "--steps", "10", env={"CKPTD_REMOTE": f"file://{remote}"})
+    assert [c.step for c in scan(str(disk(tmp_path, 0)), JOB) if c.ok] == [5, 10]
+    said = "is not replicated to the remote tier: its shards are on 2 hosts' own disks"
+    assert out.count(said) == 4, out[-3000:]  # by each host's lead, at each of the 2 saves
+    assert not [p for p in remote.rglob("*") if p.is_file()], "no partial unit in the store"
 
 
 def host_daemon(tmp_path: Path, h: int) -> DaemonProc:

@@ -146,8 +146,10 @@ def save_shard(
     result = Persisted(path, persisted.bytes, persisted.metadata, persisted.durations)
     if not told and group.lead:
         prune(t, hooks.removed)  # 6
-        if hooks.replicate is not None and group.disks == 1:  # 7 (node-local parts: not yet, docs/format.md)
+        if hooks.replicate is not None and group.disks == 1:  # 7
             hooks.replicate(result)
+        elif hooks.replicate is not None:
+            _not_replicated(path, f"its shards are on {group.disks} hosts' own disks")
     return result
 
 
@@ -194,7 +196,9 @@ def commit_unit(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
         hooks.committed(persisted)
     prune(t, hooks.removed)
     if hooks.replicate is not None and "ckptd.shards_elsewhere" not in result.metadata:
-        hooks.replicate(persisted)  # (a unit spread over node-local disks: not yet, docs/format.md)
+        hooks.replicate(persisted)
+    elif hooks.replicate is not None:
+        _not_replicated(path, f"the shards of ranks {result.metadata['ckptd.shards_elsewhere']} are on other hosts")
     return info
 
 
@@ -229,6 +233,17 @@ def commit_tag(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
         hooks.committed(Persisted(path, info.bytes, {}))
     prune_tags(t, hooks.removed)
     return info
+
+
+def _not_replicated(path: str, why: str) -> None:
+    """A unit spread over node-local disks is not copied to the remote tier: each host's part
+    would need its own upload and commit (SPEC §15, not built yet). Said at every such save, so
+    that nobody takes the remote tier for a copy it does not hold."""
+    log.error(
+        "ckptd: %s is not replicated to the remote tier: %s (a remote copy of node-local units is not built yet)",
+        path,
+        why,
+    )
 
 
 def failure(exc: BaseException, step: int) -> PersistError:

@@ -253,9 +253,21 @@ class Resumer:
         return state
 
     def _say(self, path: str | None, step: int, source: str, t0: float) -> None:
-        """One line on stderr (rank 0 of a multi-rank run), unless ``quiet=True``."""
+        """One line on stderr (rank 0 of a multi-rank run), unless ``quiet=True``; sharded, every
+        rank also logs its own (its source, step and seconds: on node-local disks they differ)."""
+        seconds = time.perf_counter() - t0
         if not self.quiet and self.rank == 0:
-            say_resumed(self.job, step, path, source, time.perf_counter() - t0, self.directory)
+            say_resumed(self.job, step, path, source, seconds, self.directory)
+        if self.shards is not None:
+            log.info(
+                "ckptd: job %s rank %d resumed at step %d from %s (%s, %.2fs)",
+                self.job,
+                self.rank,
+                step,
+                path or "nothing",
+                source,
+                seconds,
+            )
 
     def _load_planned(self, unit: str, saved_by: int) -> dict[str, Any]:
         """A unit DCP planned, saved by any number of ranks: DCP's load planner reshards the
