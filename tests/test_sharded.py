@@ -300,10 +300,18 @@ def test_ranks_whose_directories_differ_resume_the_newest_unit_every_rank_holds(
     older, middle, newest = steps[-3:]
     for r in (0, 1):
         shutil.copytree(two_rank_run, tmp_path / f"r{r}")
-    shutil.rmtree(unit(tmp_path / "r0", middle))  # rank 0's disk: older and newest
-    shutil.rmtree(unit(tmp_path / "r1", newest))  # rank 1's disk: older and middle
     split = [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}"]
     script = [str(ROOT / "tests" / "scripts" / "split_resume.py"), str(tmp_path / "r{rank}")]
+    # rank 0 cannot read the newest unit's manifest (it lists it as the oldest, step -1): every
+    # rank still walks one order, so both skip it together and take the middle one
+    manifest = unit(tmp_path / "r0", newest) / mf.MANIFEST
+    manifest.write_text("{damaged")
+    out = run([*split, *script])
+    assert sorted(re.findall(r"rank (\d) resumed at step (\d+)", out)) == [("0", str(middle)), ("1", str(middle))], out
+    shutil.copy(unit(tmp_path / "r1", newest) / mf.MANIFEST, manifest)
+
+    shutil.rmtree(unit(tmp_path / "r0", middle))  # rank 0's disk: older and newest
+    shutil.rmtree(unit(tmp_path / "r1", newest))  # rank 1's disk: older and middle
     out = run([*split, *script])
     assert sorted(re.findall(r"rank (\d) resumed at step (\d+)", out)) == [("0", str(older)), ("1", str(older))], out
 
@@ -315,7 +323,7 @@ def test_ranks_whose_directories_differ_resume_the_newest_unit_every_rank_holds(
     assert r.returncode != 0
     said = re.findall(r"rank (\d) ResumeError: (.*)", r.stdout)
     assert sorted(rank for rank, _ in said) == ["0", "1"], r.stdout + r.stderr[-3000:]
-    assert all("no checkpoint is held by all 2 ranks" in why for _, why in said), said
+    assert all("no checkpoint is held and verified by all 2 ranks" in why for _, why in said), said
     assert f"step{newest:08d}" in said[0][1] and f"step{middle:08d}" in said[0][1], said
 
     os.chown(tmp_path / "r1", 65534, 65534)  # rank 1's directory is not its own (swapped under it?)

@@ -206,7 +206,25 @@ class Checkpointer:
         self._triggers = Triggers(self.policy, self.job, self._shards is not None)
 
     def _preflight(self) -> None:
-        """An unserialisable state or a target that cannot hold one checkpoint fails now, not at step 10000."""
+        """An unserialisable state or a target that cannot hold one checkpoint fails now, not at
+        step 10000. Sharded, on every rank: one rank's refusal (its own host's disk may be full)
+        is every rank's, before the exchange that follows would leave the others waiting."""
+        problem: Exception | None = None
+        try:
+            self._check_target()
+        except Exception as exc:
+            problem = exc
+        if self._shards is not None:
+            said = [str(p) for p in self._shards.gather(str(problem) if problem else "")]
+            if problem is None and any(said):
+                rank = next(r for r, p in enumerate(said) if p)
+                raise SettingsError(f"job {self.job}: rank {rank} cannot save: {said[rank]}")
+        if problem is not None:
+            raise problem
+        if self._shards is not None:  # every rank: which disk its directory is on (node-local ones differ)
+            self._shards.locate(socket_module.gethostname(), lambda: disk_of_directory(self.directory))
+
+    def _check_target(self) -> None:
         self._sizes = self._snap.measure(self.saving)
         self._state_bytes, self.run_id = self._sizes.state_bytes, self._snap.run_id
         self._found = found = scan(self.directory, self.job) if self.saving and os.path.isdir(self.directory) else []
@@ -216,8 +234,6 @@ class Checkpointer:
                 raise SettingsError(f"job {self.job}: {too_big}")
             check_directory(self.directory, self._state_bytes, self.settings.min_free, sum(c.bytes for c in found[:-1]))
             cleanup_temp(self.directory)
-        if self._shards is not None:  # every rank: which disk its directory is on (node-local ones differ)
-            self._shards.locate(socket_module.gethostname(), lambda: disk_of_directory(self.directory))
 
     @property
     def mode(self) -> str:

@@ -176,7 +176,7 @@ def _export_unit(
     holds each rank's own tensors, so one rank's (``rank``) is exported as a single file is.
     Either way from the shard fds ``verify_unit`` verified."""
     with _reached(unit, unit) as opened:
-        result = verify_unit(unit, opened=opened)
+        result = verify_unit(unit, opened=opened, whole=True)
         if not result.ok:
             raise ExportError(f"{unit} does not verify, so it is not exported: {result.reason}")
         m = mf.read(opened.proc_path)

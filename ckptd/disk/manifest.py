@@ -33,12 +33,13 @@ import re
 import stat
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from ckptd.core.format import FORMAT_VERSION
 from ckptd.disk.safepath import fsync_dir
 
 MANIFEST = "ckptd-manifest.json"
+DISK_RE = re.compile(r"[0-9a-f]{32}")
 DISK_ID = ".ckptd-disk"  # in a job directory: which disk it is on (``disk_of``), so ranks tell node-local disks apart
 MAX_MANIFEST_BYTES = 16 << 20
 PER_RANK, DCP = "per-rank", "dcp"  # each rank its own state / chunks planned by DCP (trainer_hooks._ranks.dcpio)
@@ -86,7 +87,8 @@ class Manifest:
     layout: str = PER_RANK  # or "dcp": chunks planned by torch.distributed.checkpoint, reshardable
 
     def to_json(self) -> str:
-        body = {"ckptd.format": FORMAT_VERSION, **asdict(self), "shards": [asdict(s) for s in self.shards]}
+        shards = [{k: v for k, v in asdict(s).items() if v != "" or k not in ("host", "disk")} for s in self.shards]
+        body = {"ckptd.format": FORMAT_VERSION, **asdict(self), "shards": shards}  # one host: as before
         return json.dumps(body, indent=1, sort_keys=True)
 
     @classmethod
@@ -127,16 +129,25 @@ class Manifest:
             )
         if any(s.file != shard_name(s.rank, m.world_size) for s in m.shards):
             raise ManifestError("manifest names a shard file that does not match its rank")
+        if any(s.disk and not DISK_RE.fullmatch(s.disk) for s in m.shards):
+            raise ManifestError("manifest names a disk that is not a disk id (32 hex digits)")
+        if any(len(s.host) > 255 or not s.host.isprintable() for s in m.shards):
+            raise ManifestError("manifest names a host that is not a host name")
         return m
 
 
-def elsewhere(m: Manifest, disk: str) -> set[int]:
-    """The ranks whose shards the manifest puts on another disk than ``disk`` (this directory's
-    ``DISK_ID``): with node-local directories, another host holds them. None when either side
-    predates disk ids (every shard is then expected here, as on one host)."""
-    if not disk:
+def away(m: Manifest, present: Collection[str]) -> set[int]:
+    """The ranks whose shards this copy of the unit may lack (``present``: the file names it
+    holds). With node-local directories each host's copy holds its own ranks' shards: the disk
+    of this copy is the one its present shards were written to, and shards the manifest puts
+    on other disks are their hosts'. Nothing is excused for a unit on one disk, one whose
+    manifest predates disk ids, one with no shard here, or one whose present shards name two
+    disks. The copy itself says where it is: no file beside it is trusted for that."""
+    disks = {s.disk for s in m.shards}
+    here = {s.disk for s in m.shards if s.file in present}
+    if len(disks) < 2 or "" in disks or len(here) != 1:
         return set()
-    return {s.rank for s in m.shards if s.disk and s.disk != disk}
+    return {s.rank for s in m.shards if s.disk not in here}
 
 
 def disk_of(directory_fd: int, create: bool) -> str:
@@ -162,30 +173,20 @@ def disk_of(directory_fd: int, create: bool) -> str:
             pass
     finally:
         os.unlink(tmp, dir_fd=directory_fd)
+    os.fsync(directory_fd)  # a crash must not leave the disk a new id next time
     return _read_disk(directory_fd)
 
 
 def _read_disk(directory_fd: int) -> str:
     fd = os.open(DISK_ID, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
-        text = f.read(64).decode("ascii", "replace").strip()
-    return text if re.fullmatch(r"[0-9a-f]{32}", text) else ""
-
-
-def disk_beside(unit: str) -> str:
-    """The disk id of the job directory holding ``unit`` ("" when it has none)."""
     try:
-        dfd = os.open(os.path.dirname(os.path.abspath(unit)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        return disk_of(dfd, create=False)
-    except OSError:
-        return ""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.fstat(directory_fd).st_uid:
+            return ""  # a directory or FIFO at its name, or someone else's file: no id
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
     finally:
-        os.close(dfd)
+        os.close(fd)
+    return text if DISK_RE.fullmatch(text) else ""
 
 
 def is_unit(path: str) -> bool:
@@ -207,9 +208,14 @@ def read(unit: str) -> Manifest:
         raise NotCommitted("no manifest: the sharded save never committed") from None
     except OSError as exc:
         raise ManifestError(f"cannot read the manifest: {exc.strerror or exc}") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:  # checked before fdopen, which raises on a directory and would leak the fd
+        os.close(fd)
+        raise ManifestError("the manifest is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ManifestError("the manifest is not a regular file")
         data = f.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")

@@ -44,6 +44,7 @@ class Checkpoint:
     digests: dict[str, str] = field(default_factory=dict)
     shards: int = 0  # a sharded unit (a directory): how many rank files it commits
     pending: bool = False  # a sharded unit without a manifest that may still be committing
+    spread: bool = False  # a unit whose other hosts hold some of its shards (node-local directories)
     refs: tuple[str, ...] = ()  # files beside it that hold tensors it refers to instead of storing (§13)
 
     @property
@@ -93,15 +94,12 @@ def read_unit(unit: str) -> Checkpoint:
         m = mf.read(unit)
     except mf.NotCommitted:
         return _uncommitted(unit)
-    except mf.ManifestError as exc:
+    except (mf.ManifestError, OSError) as exc:
         return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc), fault=Problem.UNREADABLE)
     sizes = [_size(os.path.join(unit, s.file)) for s in m.shards]
-    away = mf.elsewhere(m, mf.disk_beside(unit))  # node-local disks: these ranks' shards are on their hosts
-    missing = [
-        s.file
-        for s, n in zip(m.shards, sizes)
-        if n != s.bytes and not (s.rank in away and not os.path.lexists(os.path.join(unit, s.file)))
-    ]
+    names = set(_listdir(unit))
+    away = {s.rank for s in m.shards if s.file not in names} & mf.away(m, names)  # on their own hosts' disks
+    missing = [s.file for s, n in zip(m.shards, sizes) if n != s.bytes and s.rank not in away]
     return Checkpoint(
         unit,
         m.job,
@@ -116,6 +114,7 @@ def read_unit(unit: str) -> Checkpoint:
         problem=f"shard {missing[0]} is missing or has the wrong size" if missing else "",
         fault=Problem.UNREADABLE if missing else Problem.NONE,
         shards=len(m.shards),
+        spread=bool(away),
     )
 
 

@@ -231,7 +231,9 @@ def _check_aliases(header: Header) -> None:
         raise FormatError("ckptd.aliases names a tensor that is not stored")
 
 
-def verify_unit(unit: str, full: Collection[int] | None = None, opened: Opened | None = None) -> VerifyResult:
+def verify_unit(
+    unit: str, full: Collection[int] | None = None, opened: Opened | None = None, whole: bool = False
+) -> VerifyResult:
     """A sharded checkpoint: the manifest, then every shard against it.
 
     Shards whose rank is in ``full`` (all when None) are re-read tensor by tensor;
@@ -239,11 +241,16 @@ def verify_unit(unit: str, full: Collection[int] | None = None, opened: Opened |
     is what a resuming rank needs for its peers' shards and the daemon for a commit
     whose shards their writers already verified from disk. ``opened``: the unit's directory, whose
     shard fds are the verified ones after this (an export reads them); else opened here.
+
+    With node-local directories a host's copy holds its own ranks' shards (``manifest.away``):
+    the others may be absent, and the result names them (``ckptd.shards_elsewhere``), unless
+    ``whole`` (a fetched or exported unit must hold every shard) or the rank is named in an
+    explicit ``full`` (a resuming rank's own shard must be here).
     """
     if opened is None:
         try:
             with Opened.at(unit, nofollow=True) as own:
-                return verify_unit(unit, full, own)
+                return verify_unit(unit, full, own, whole)
         except OSError as exc:
             return VerifyResult(unit, False, unreadable(exc, unit))
     try:
@@ -257,7 +264,7 @@ def verify_unit(unit: str, full: Collection[int] | None = None, opened: Opened |
         "ckptd.layout": m.layout,
     }
     tensors = total = 0
-    away = mf.elsewhere(m, mf.disk_beside(unit))  # node-local disks: other hosts hold these ranks' shards
+    away = set() if whole else {r for r in mf.away(m, _names(opened)) if full is None or r not in full}
     skipped = []
     for shard in m.shards:
         if shard.rank in away and not _present(opened, shard.file):
@@ -270,6 +277,13 @@ def verify_unit(unit: str, full: Collection[int] | None = None, opened: Opened |
     if skipped:
         meta["ckptd.shards_elsewhere"] = ",".join(str(r) for r in skipped)
     return VerifyResult(unit, True, "", tensors, total, meta)
+
+
+def _names(opened: Opened) -> list[str]:
+    try:
+        return os.listdir(opened.dir_fd)
+    except OSError:
+        return []
 
 
 def _present(opened: Opened, name: str) -> bool:

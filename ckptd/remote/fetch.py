@@ -143,7 +143,7 @@ def _download_unit(store: Store, c: RemoteCheckpoint, directory: str, dfd: int) 
             os.fsync(udfd)
         finally:
             os.close(udfd)
-        result = verify_unit(tmp)
+        result = verify_unit(tmp, whole=True)  # every shard, whatever its manifest says of disks
         with open(os.path.join(tmp, mf.MANIFEST), "rb") as f:
             same = xxhash.xxh3_64_hexdigest(f.read()) == c.meta_digest
         if not result.ok or not same:

@@ -12,6 +12,7 @@ guarded directory fds. ``Agreement`` is what the pipeline needs of the collectiv
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable, Protocol
 
@@ -19,7 +20,9 @@ from ckptd.disk import manifest as mf
 from ckptd.disk.persist import Persisted
 from ckptd.disk.target import Target, open_target, open_unit
 
-__all__ = ["Agreement", "commit_here", "manifest_from", "shard_outcome"]
+__all__ = ["Agreement", "commit_here", "manifest_from", "shard_outcome", "uncommit"]
+
+log = logging.getLogger(__name__)
 
 
 class Agreement(Protocol):
@@ -90,9 +93,29 @@ def commit_here(t: Target, unit: str, outcomes: list[dict[str, Any]], world_size
         return f"committing {os.path.join(t.directory, unit)} failed: {getattr(exc, 'strerror', None) or exc}"
 
 
+def uncommit(t: Target, unit: str) -> None:
+    """Take this disk's manifest of ``unit`` back (another disk did not commit it): the unit is
+    then an uncommitted attempt here too, removed as ``partial`` once a later save commits."""
+    try:
+        dfd = open_target(t)
+        try:
+            ufd = open_unit(t, dfd, unit, create=False)
+            try:
+                os.unlink(mf.MANIFEST, dir_fd=ufd)
+                os.fsync(ufd)
+            finally:
+                os.close(ufd)
+        finally:
+            os.close(dfd)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # PersistError from the guard, OSError from the disk
+        log.error("ckptd: %s: could not take back its manifest: %s", os.path.join(t.directory, unit), exc)
+
+
 def _check_and_write(ufd: int, dfd: int, path: str, manifest: mf.Manifest, disk: str) -> str:
-    away = mf.elsewhere(manifest, disk)
-    for shard in (s for s in manifest.shards if s.rank not in away):  # never a file that is not there, whole
+    here = [s for s in manifest.shards if not disk or s.disk == disk]  # node-local: the other leads check theirs
+    for shard in here:  # a manifest never names a file of this disk that is not there, whole
         size = os.stat(shard.file, dir_fd=ufd, follow_symlinks=False).st_size
         if size != shard.bytes:
             return f"{shard.file} is {size} bytes on disk, rank {shard.rank} wrote {shard.bytes}"

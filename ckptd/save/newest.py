@@ -15,7 +15,7 @@ from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file
 from ckptd.save.owned import verified_if_owned
 
-__all__ = ["first_verified", "newest_verified", "reread"]
+__all__ = ["agreed_order", "first_verified", "newest_verified", "reread"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,3 +65,16 @@ def _owned(
 ) -> Callable[[Checkpoint], VerifyResult]:
     """``check`` of each candidate that is ``uid``'s (its file, its holders)."""
     return lambda c: verified_if_owned(c.path, directory, uid, lambda _: check(c))
+
+
+def agreed_order(held: list[list[tuple[str, int, bool]]], common: set[str]) -> list[str]:
+    """The units every rank holds, newest first, in one order that every rank computes alike
+    from the gathered listings (by the highest step any rank read for it, then by name): a
+    unit whose header one rank cannot read sorts differently in that rank's own listing, and
+    ranks walking different orders would verify different units in the same round."""
+    step: dict[str, int] = {}
+    for names in held:
+        for name, s, _ in names:
+            if name in common:
+                step[name] = max(step.get(name, -1), int(s))
+    return sorted(common, key=lambda name: (step[name], name), reverse=True)

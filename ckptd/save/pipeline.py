@@ -44,7 +44,7 @@ from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.target import Target, open_target, open_unit
 from ckptd.disk.verify import verify_unit
 from ckptd.foreign import deepspeed as dsfmt
-from ckptd.save.agree import Agreement, commit_here, shard_outcome
+from ckptd.save.agree import Agreement, commit_here, shard_outcome, uncommit
 from ckptd.save.keep import prune, prune_tags, reserve
 
 __all__ = ["Hooks", "StagedShard", "commit_tag", "commit_unit", "failure", "save_shard", "save_unit"]
@@ -122,10 +122,7 @@ def save_shard(
         persisted = _write_shard(t, shard, path)  # 3-4
     except (PersistError, OSError) as exc:
         error = exc
-    problem = group.commit(
-        shard_outcome(group.rank, shard.step, persisted, error, group.host, group.disk),  # 5
-        lambda outcomes: commit_here(t, shard.unit, outcomes, group.world_size, group.disk),
-    )
+    problem = _commit(group, t, shard, persisted, error)  # 5
     failed = error.reason if isinstance(error, PersistError) else FailReason.UNCOMMITTED
     told = report(
         {
@@ -151,6 +148,27 @@ def save_shard(
         elif hooks.replicate is not None:
             _not_replicated(path, f"its shards are on {group.disks} hosts' own disks")
     return result
+
+
+def _commit(
+    group: Agreement, t: Target, shard: StagedShard, persisted: Persisted | None, error: Exception | None
+) -> str:
+    """Stage 5 on every rank: "" when every disk committed. A lead whose disk committed while
+    another's did not takes its manifest back, so that no disk holds a unit committed that the
+    others lack (retention there would count it as the newest, resume skips it)."""
+    wrote: list[bool] = []
+
+    def here(outcomes: list[dict[str, Any]]) -> str:
+        problem = commit_here(t, shard.unit, outcomes, group.world_size, group.disk)
+        wrote.append(not problem)
+        return problem
+
+    spread = group.disks > 1  # the host and disk of each shard, in the manifest, only when they differ
+    outcome = shard_outcome(group.rank, shard.step, persisted, error, group.host if spread else "", group.disk)
+    problem = group.commit(outcome, here)
+    if problem and any(wrote):
+        uncommit(t, shard.unit)
+    return problem
 
 
 def _write_shard(t: Target, shard: StagedShard, path: str) -> Persisted:

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import torch
 
 from ckptd.core.vocab import FailReason
-from ckptd.disk.manifest import disk_of
+from ckptd.disk.manifest import DISK_ID, disk_of
 from ckptd.disk.persist import PersistError
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,13 @@ class ShardGroup:
         disk's lowest rank leads it; one disk: rank 0."""
         hosts = [str(h) for h in self.gather(host)]
         disks = [str(d) for d in self.gather(disk_of())] if len(set(hosts)) > 1 else [""] * self.world_size
+        unknown = sorted({hosts[r] for r, d in enumerate(disks) if not d and len(set(hosts)) > 1})
+        if unknown:  # the same on every rank: each read every id
+            raise ValueError(
+                f"sharded=True across hosts: the ranks on {', '.join(unknown)} cannot tell which disk their "
+                f"checkpoint directory is on ({DISK_ID} there cannot be read or made; the log of those ranks says "
+                "why), so no host could tell its own shards from another's"
+            )
         self.host, self.disk, self.disks = host, disks[self.rank], len(set(disks))
         self.lead = disks.index(self.disk) == self.rank
         self.here = disks.count(self.disk)
@@ -201,10 +208,18 @@ class ShardGroup:
         (``on_lead``, the pipeline's manifest writer). "" = committed on every disk."""
         try:
             outcomes = self.gather(outcome)
-            problems = self.gather(on_lead(outcomes) if self.lead else "")
+            problems = self.gather(self._commit_here(on_lead, outcomes) if self.lead else "")
             return "; ".join(str(p) for p in problems if p)
         except Exception as exc:
             return f"the ranks did not agree (a rank died or timed out): {exc}"
+
+    @staticmethod
+    def _commit_here(on_lead: Callable[[list[dict[str, Any]]], str], outcomes: list[dict[str, Any]]) -> str:
+        """A lead's commit never raises out of the exchange: the others wait for its answer."""
+        try:
+            return on_lead(outcomes)
+        except Exception as exc:
+            return f"committing failed: {exc}"
 
     def gather(self, mine: Any) -> list[Any]:
         """Resume: every rank's ``mine`` (what it holds), on every rank, in rank order."""

@@ -38,7 +38,7 @@ from ckptd.disk.manifest import read as read_manifest
 from ckptd.disk.manifest import shard_name
 from ckptd.disk.scan import Checkpoint, scan
 from ckptd.disk.verify import VerifyResult, verify_file, verify_unit
-from ckptd.save.newest import first_verified, newest_verified
+from ckptd.save.newest import agreed_order, first_verified, newest_verified
 from ckptd.save.owned import directory_problem, verified_if_owned
 from trainer_hooks._state.fit import Structure, fingerprint, structure_problem
 from trainer_hooks._state.loader import load
@@ -159,29 +159,42 @@ class Resumer:
         step). Only the units every rank holds are candidates, newest first."""
         if self.shards is None:
             return newest_verified(self.directory, self.job, check=self._resumable)
-        mine = list(reversed(self.checkpoints())) if os.path.isdir(self.directory) else []
-        held = self.shards.gather([(os.path.basename(c.path), c.ok and not c.pending) for c in mine])
-        self.committed = [[name for name, committed in names if committed] for names in held]
-        common = set.intersection(*({name for name, _ in names} for names in held))
+        mine = {os.path.basename(c.path): c for c in self._listing()}
+        held = self.shards.gather([(name, c.step, c.ok and not c.pending) for name, c in mine.items()])
+        self.committed = [[name for name, _, committed in reversed(names) if committed] for names in held]
+        common = set.intersection(*({name for name, _, _ in names} for names in held))
         self.nothing_common = not common
-        for c in mine:
-            if os.path.basename(c.path) not in common:
-                log.warning("ckptd: rank %d: skipping %s: not every rank holds it", self.rank, c.path)
-        return first_verified([c for c in mine if os.path.basename(c.path) in common], self._resumable)
+        for name in sorted(set(mine) - common):
+            log.warning("ckptd: rank %d: skipping %s: not every rank holds it", self.rank, mine[name].path)
+        return first_verified([mine[name] for name in agreed_order(held, common)], self._resumable)
+
+    def _listing(self) -> list[Checkpoint]:
+        """This rank's units; none when its directory cannot be listed (that rank then holds
+        nothing, and still takes part in every collective)."""
+        try:
+            return self.checkpoints() if os.path.isdir(self.directory) else []
+        except OSError as exc:
+            log.error("ckptd: rank %d: cannot list %s: %s", self.rank, self.directory, exc)
+            return []
 
     def _none_in_common(self) -> None:
-        """Sharded, no unit is held by every rank while some rank holds a committed one: the same
-        ``ResumeError`` on every rank, now, rather than a silent start from step 0 (a run that
-        loses its progress) or ranks resuming different steps. (Units every rank holds that all
-        fail to verify start the run afresh, as on one rank, each skip logged.)"""
-        if self.shards is None or not self.nothing_common or not any(self.committed):
+        """Sharded, no unit verified for every rank while some rank holds a committed one: the
+        same ``ResumeError`` on every rank, now, rather than a silent start from step 0 (a run
+        that loses its progress) or ranks resuming different steps. That is when no unit is
+        held by every rank, or, across node-local disks, when none of those held verifies (a
+        rank's own shard on another host's disk: torchrun gave it another rank). On one disk,
+        units every rank holds that all fail to verify start the run afresh, each skip logged."""
+        if self.shards is None or not any(self.committed):
+            return
+        if not self.nothing_common and self.shards.disks == 1:
             return
         seen = "; ".join(f"rank {r}: {', '.join(names[:3]) or 'none'}" for r, names in enumerate(self.committed))
         raise ResumeError(
-            f"job {self.job}: no checkpoint is held by all {self.world_size} ranks, though some hold committed "
-            f"ones (newest first: {seen}). Resuming would lose them or split the ranks across steps. Make the "
-            "same unit readable to every rank (a shared directory, or the remote tier), or start fresh with "
-            "ckpt.resume(fresh=True) on every rank"
+            f"job {self.job}: no checkpoint is held and verified by all {self.world_size} ranks, though some hold "
+            f"committed ones (newest first: {seen}; each rank's log says why it skipped each). Resuming would "
+            "lose them or split the ranks across steps. Run each rank where its shards are (the same ranks on "
+            "the same hosts), make the same unit readable to every rank (a shared directory, or the remote "
+            "tier), or start fresh with ckpt.resume(fresh=True) on every rank"
         )
 
     def _from_memory(self, t0: float) -> Resumed | None:
