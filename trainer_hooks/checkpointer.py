@@ -215,10 +215,9 @@ class Checkpointer:
         except Exception as exc:
             problem = exc
         if self._shards is not None:
-            said = [str(p) for p in self._shards.gather(str(problem) if problem else "")]
-            if problem is None and any(said):
-                rank = next(r for r, p in enumerate(said) if p)
-                raise SettingsError(f"job {self.job}: rank {rank} cannot save: {said[rank]}")
+            said = self._shards.anyone(str(problem) if problem else "")
+            if problem is None and said:
+                raise SettingsError(f"job {self.job}: cannot save, {said}")
         if problem is not None:
             raise problem
         if self._shards is not None:  # every rank: which disk its directory is on (node-local ones differ)

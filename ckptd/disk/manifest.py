@@ -137,17 +137,18 @@ class Manifest:
 
 
 def away(m: Manifest, present: Collection[str]) -> set[int]:
-    """The ranks whose shards this copy of the unit may lack (``present``: the file names it
-    holds). With node-local directories each host's copy holds its own ranks' shards: the disk
-    of this copy is the one its present shards were written to, and shards the manifest puts
-    on other disks are their hosts'. Nothing is excused for a unit on one disk, one whose
-    manifest predates disk ids, one with no shard here, or one whose present shards name two
-    disks. The copy itself says where it is: no file beside it is trusted for that."""
+    """The ranks whose shards this copy of the unit lacks because other hosts hold them
+    (``present``: the file names it holds). With node-local directories each host's copy holds
+    its own ranks' shards: the disk of this copy is the one its present shards were written to,
+    and absent shards the manifest puts on other disks are their hosts'. Nothing is excused for
+    a unit on one disk, one whose manifest predates disk ids, one with no shard here, or one
+    whose present shards name two disks. The copy itself says where it is: no file beside it is
+    trusted for that."""
     disks = {s.disk for s in m.shards}
     here = {s.disk for s in m.shards if s.file in present}
     if len(disks) < 2 or "" in disks or len(here) != 1:
         return set()
-    return {s.rank for s in m.shards if s.disk not in here}
+    return {s.rank for s in m.shards if s.disk not in here and s.file not in present}
 
 
 def disk_of(directory_fd: int, create: bool) -> str:

@@ -97,8 +97,7 @@ def read_unit(unit: str) -> Checkpoint:
     except (mf.ManifestError, OSError) as exc:
         return Checkpoint(unit, "", -1, _tree_size(unit), _mtime(unit), problem=str(exc), fault=Problem.UNREADABLE)
     sizes = [_size(os.path.join(unit, s.file)) for s in m.shards]
-    names = set(_listdir(unit))
-    away = {s.rank for s in m.shards if s.file not in names} & mf.away(m, names)  # on their own hosts' disks
+    away = mf.away(m, _listdir(unit))  # on their own hosts' disks
     missing = [s.file for s, n in zip(m.shards, sizes) if n != s.bytes and s.rank not in away]
     return Checkpoint(
         unit,

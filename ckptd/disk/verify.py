@@ -267,7 +267,7 @@ def verify_unit(
     away = set() if whole else {r for r in mf.away(m, _names(opened)) if full is None or r not in full}
     skipped = []
     for shard in m.shards:
-        if shard.rank in away and not _present(opened, shard.file):
+        if shard.rank in away:
             skipped.append(shard.rank)  # on its own host's disk; the rank that loads it checks it there
             continue
         r = _verify_shard(opened, shard, m, full is None or shard.rank in full, os.path.join(unit, shard.file))
@@ -284,14 +284,6 @@ def _names(opened: Opened) -> list[str]:
         return os.listdir(opened.dir_fd)
     except OSError:
         return []
-
-
-def _present(opened: Opened, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=opened.dir_fd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def _verify_shard(opened: Opened, shard: mf.Shard, m: mf.Manifest, full: bool, path: str) -> VerifyResult:

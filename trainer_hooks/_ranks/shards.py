@@ -161,8 +161,9 @@ class ShardGroup:
         share one (a shared filesystem), ranks on node-local disks each read their own. Each
         disk's lowest rank leads it; one disk: rank 0."""
         hosts = [str(h) for h in self.gather(host)]
-        disks = [str(d) for d in self.gather(disk_of())] if len(set(hosts)) > 1 else [""] * self.world_size
-        unknown = sorted({hosts[r] for r, d in enumerate(disks) if not d and len(set(hosts)) > 1})
+        spans = len(set(hosts)) > 1
+        disks = [str(d) for d in self.gather(disk_of())] if spans else [""] * self.world_size
+        unknown = sorted({hosts[r] for r, d in enumerate(disks) if not d and spans})
         if unknown:  # the same on every rank: each read every id
             raise ValueError(
                 f"sharded=True across hosts: the ranks on {', '.join(unknown)} cannot tell which disk their "
@@ -220,6 +221,11 @@ class ShardGroup:
             return on_lead(outcomes)
         except Exception as exc:
             return f"committing failed: {exc}"
+
+    def anyone(self, problem: str) -> str:
+        """Start-up and resume, on every rank: the first rank's problem as "rank R: ..." ("" when
+        none has one), so that one rank's refusal is every rank's and none waits for another."""
+        return next((f"rank {r}: {p}" for r, p in enumerate(self.gather(problem)) if p), "")
 
     def gather(self, mine: Any) -> list[Any]:
         """Resume: every rank's ``mine`` (what it holds), on every rank, in rank order."""

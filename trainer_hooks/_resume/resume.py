@@ -102,8 +102,8 @@ class Resumer:
     quiet: bool = False
     strict: bool = True  # False for save="trainable": the base is the user's to load
     socket_path: str | None = None  # the daemon whose memory tier may hold the newest snapshot
-    committed: list[list[str]] = field(default_factory=list, init=False)  # sharded: each rank's committed units
-    nothing_common: bool = field(default=False, init=False)  # sharded: no unit held by every rank, at the last look
+    # sharded: each rank's units at the last look, (name, step, committed), gathered from every rank
+    held: list[list[tuple[str, int, bool]]] = field(default_factory=list, init=False)
 
     def checkpoints(self) -> list[Checkpoint]:
         return scan(self.directory, self.job)
@@ -121,7 +121,7 @@ class Resumer:
             return None
         problem = directory_problem(self.directory, os.geteuid())
         if self.shards is not None:  # one rank's refusal is every rank's: the others must not wait for it
-            problem = next((f"rank {r}: {p}" for r, p in enumerate(self.shards.gather(problem)) if p), "")
+            problem = self.shards.anyone(problem)
         if problem:
             raise ResumeError(
                 f"job {self.job}: {problem}. Nothing in it is resumed (another user may have swapped "
@@ -160,13 +160,11 @@ class Resumer:
         if self.shards is None:
             return newest_verified(self.directory, self.job, check=self._resumable)
         mine = {os.path.basename(c.path): c for c in self._listing()}
-        held = self.shards.gather([(name, c.step, c.ok and not c.pending) for name, c in mine.items()])
-        self.committed = [[name for name, _, committed in reversed(names) if committed] for names in held]
-        common = set.intersection(*({name for name, _, _ in names} for names in held))
-        self.nothing_common = not common
+        self.held = self.shards.gather([(name, c.step, c.ok and not c.pending) for name, c in mine.items()])
+        common = _common(self.held)
         for name in sorted(set(mine) - common):
             log.warning("ckptd: rank %d: skipping %s: not every rank holds it", self.rank, mine[name].path)
-        return first_verified([mine[name] for name in agreed_order(held, common)], self._resumable)
+        return first_verified([mine[name] for name in agreed_order(self.held, common)], self._resumable)
 
     def _listing(self) -> list[Checkpoint]:
         """This rank's units; none when its directory cannot be listed (that rank then holds
@@ -184,11 +182,12 @@ class Resumer:
         held by every rank, or, across node-local disks, when none of those held verifies (a
         rank's own shard on another host's disk: torchrun gave it another rank). On one disk,
         units every rank holds that all fail to verify start the run afresh, each skip logged."""
-        if self.shards is None or not any(self.committed):
+        committed = [[name for name, _, ok in reversed(names) if ok] for names in self.held]
+        if self.shards is None or not any(committed):
             return
-        if not self.nothing_common and self.shards.disks == 1:
+        if _common(self.held) and self.shards.disks == 1:
             return
-        seen = "; ".join(f"rank {r}: {', '.join(names[:3]) or 'none'}" for r, names in enumerate(self.committed))
+        seen = "; ".join(f"rank {r}: {', '.join(names[:3]) or 'none'}" for r, names in enumerate(committed))
         raise ResumeError(
             f"job {self.job}: no checkpoint is held and verified by all {self.world_size} ranks, though some hold "
             f"committed ones (newest first: {seen}; each rank's log says why it skipped each). Resuming would "
@@ -405,6 +404,11 @@ class Resumer:
         if self.shards.everyone(result.ok) != result.ok:
             result = replace(result, ok=False, reason="another rank's shard of it does not verify")
         return result
+
+
+def _common(held: list[list[tuple[str, int, bool]]]) -> set[str]:
+    """The units every rank holds, from the gathered listings."""
+    return set.intersection(*({name for name, _, _ in names} for names in held))
 
 
 def _load_owned(path: str) -> dict[str, Any]:
