@@ -17,6 +17,14 @@ from trainer_hooks import Checkpointer, ResumeError
 
 IN, OUT = 16, 8
 
+
+def say(line: str) -> None:
+    """One write per line: the ranks share torchrun's pipe, and a line printed in two writes (text,
+    then its newline, as ``print`` does unbuffered) can be split by the other rank's."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 layer = torch.nn.Linear(IN, OUT // world)
@@ -31,9 +39,9 @@ ckpt = Checkpointer(
 )
 code = 0
 try:
-    print(f"rank {rank} resumed at step {ckpt.resume()}", flush=True)
+    say(f"rank {rank} resumed at step {ckpt.resume()}")
 except ResumeError as exc:
-    print(f"rank {rank} ResumeError: {exc}", flush=True)
+    say(f"rank {rank} ResumeError: {exc}")
     code = 3
 finally:
     ckpt.close()
