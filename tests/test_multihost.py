@@ -4,13 +4,15 @@ Each simulated host is a mount and UTS namespace of its own (``unshare -m -u``: 
 hostname) in which the same checkpoint path is a bind mount of that host's own disk (a
 directory of the test's), and a ``torchrun --nnodes=2`` node of the job runs there: two hosts
 of two ranks, on loopback, with gloo. The job sees what it would on two machines with node-local disks: the same path, other
-files. No daemon here (the trainers save embedded); the disks stay when the hosts go, so the
-test reads them afterwards.
+files. The trainers save embedded unless a test starts a daemon per host (``host_daemon``); the
+disks stay when the hosts go, so the test reads them afterwards; the remote tier is moto on
+loopback, which every host reaches.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,7 +24,11 @@ import pytest
 from ckptd.disk import manifest as mf
 from ckptd.disk.scan import scan
 from ckptd.disk.verify import verify_unit
-from tests.conftest import PYTHON, SLACK, DaemonProc, ckptd_cli, free_port
+from ckptd.remote.layout import job_prefix
+from ckptd.remote.listing import committed
+from ckptd.remote.stores import open_store
+from ckptd.remote.verify import verify_remote
+from tests.conftest import PYTHON, S3_ENV, SLACK, DaemonProc, MotoServer, ckptd_cli, free_port
 from tests.test_integrations import ENV, _failure
 from tests.test_sharded import JOB, SCRIPT, TORCHRUN, fingerprints, torchrun, unit
 
@@ -149,16 +155,32 @@ def test_hosts_that_share_one_directory_commit_as_on_one_host(tmp_path: Path) ->
     assert result.ok and "ckptd.shards_elsewhere" not in result.metadata, result
 
 
-def test_a_remote_tier_is_not_taken_for_a_copy_of_node_local_units(tmp_path: Path) -> None:
-    """Copying each host's part to the remote tier is not built yet: nothing is uploaded as if it
-    were the whole unit, and every such save says so."""
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    out = on_hosts(tmp_path, "--steps", "10", env={"CKPTD_REMOTE": f"file://{remote}"})
-    assert [c.step for c in scan(str(disk(tmp_path, 0)), JOB) if c.ok] == [5, 10]
-    said = "is not replicated to the remote tier: its shards are on 2 hosts' own disks"
-    assert out.count(said) == 4, out[-3000:]  # by each host's lead, at each of the 2 saves
-    assert not [p for p in remote.rglob("*") if p.is_file()], "no partial unit in the store"
+def test_a_lost_host_resumes_from_the_remote_tier_and_the_run_ends_bit_identical(
+    tmp_path: Path, moto: MotoServer
+) -> None:
+    """With node-local directories and a remote tier, each host's lead uploads its own shards and
+    its part commit; the unit counts in the store once both hosts' parts are there. A host is
+    lost with its disk; on a fresh one, its lead fetches the newest unit that verifies in the
+    store, the surviving host resumes its own part of the same unit from its disk, and the run
+    ends where a run never stopped ends, bit for bit."""
+    straight = fingerprints(subprocess.run(torchrun(4, tmp_path / "straight", "--steps", "20"), **_run()).stdout)
+    remote = {"CKPTD_REMOTE": "s3://ckpt/fleet", "CKPTD_REMOTE_ENDPOINT": moto.endpoint, **S3_ENV}
+    on_hosts(tmp_path, "--steps", "10", env=remote)
+    store = open_store("s3://ckpt/fleet", moto.endpoint)
+    units = committed(store, job_prefix(JOB, str(tmp_path / "mnt" / "ckpt"), os.getuid()))
+    assert [c.step for c in units] == [5, 10], units
+    assert all(len(c.parts) == HOSTS and len(c.shards) == HOSTS * PER_HOST for c in units), units
+    assert all(verify_remote(store, c).ok for c in units)
+
+    shutil.rmtree(tmp_path / "disk1")  # host 1 is gone with its disk; a fresh host takes its place
+    out = on_hosts(tmp_path, "--steps", "20", env=remote)
+    starts = set(re.findall(r"rank \d pid \d+ starting at step (\d+)", out))
+    assert starts == {"10"}, out[-4000:]
+    assert "resumed at step 10" in out and "(verified, from remote)" in out, out[-4000:]
+    assert fingerprints(out) == straight, "resumed from the store and a surviving disk, bit-identical"
+    fetched = sorted(p.name for p in unit(disk(tmp_path, 1), 10).glob("rank*"))
+    assert fetched == [mf.shard_name(r, 4) for r in range(4)], "the fresh host holds the whole unit it fetched"
+    assert sorted(p.name for p in unit(disk(tmp_path, 0), 10).glob("rank*")) == [mf.shard_name(r, 4) for r in (0, 1)]
 
 
 def host_daemon(tmp_path: Path, h: int) -> DaemonProc:

@@ -15,17 +15,20 @@ from typing import Any
 import pytest
 import torch
 
+from ckptd.cli.remote import jobs_at
+from ckptd.core.format import read_header
 from ckptd.core.settings import Settings
-from ckptd.disk.verify import verify_file
+from ckptd.disk import manifest as mf
+from ckptd.disk.verify import verify_file, verify_unit
 from ckptd.remote.fetch import fetch
 from ckptd.remote.layout import job_prefix
-from ckptd.remote.listing import COMMIT, committed
+from ckptd.remote.listing import COMMIT, RemoteCheckpoint, committed
 from ckptd.remote.prune import prune_remote
 from ckptd.remote.stores import RemoteError, Store, open_store
 from ckptd.remote.upload import replicate
 from ckptd.remote.verify import verify_remote
 from tests.conftest import ROOT, MotoServer, run_py
-from tests.helpers import small_checkpoint
+from tests.helpers import save_state, small_checkpoint
 from trainer_hooks import Checkpointer
 
 
@@ -616,3 +619,92 @@ def test_replication_lag_counts_from_the_oldest_waiting_and_the_newest_goes_up_f
         trainer.communicate(timeout=60)
         d.stop()
         s3.stop()
+
+
+def spread_unit(root: Path, step: int, disks: tuple[str, str] = ("a" * 32, "b" * 32)) -> list[Path]:
+    """A 4-rank unit as two hosts' node-local disks hold it after a save (SPEC §15): each host's
+    directory has its own 2 ranks' shards and the same manifest, which puts each shard on its disk."""
+    name = f"t-step{step:08d}"
+    hosts = [root / f"host{h}" for h in (0, 1)]
+    shards = []
+    for r in range(4):
+        unit = hosts[r // 2] / name
+        unit.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(step * 10 + r)
+        path = save_state({"w": torch.randn(64)}, unit, mf.shard_name(r, 4), job="t", step=step)
+        with open(path, "rb") as f:
+            digest = read_header(f, os.path.getsize(path)).metadata["ckptd.meta_digest"]
+        shards.append(mf.Shard(r, mf.shard_name(r, 4), os.path.getsize(path), digest, f"host{r // 2}", disks[r // 2]))
+    manifest = mf.Manifest("t", step, 4, tuple(shards), trigger="step")
+    for h in hosts:
+        mf.write(str(h / name), manifest)
+    return [h / name for h in hosts]
+
+
+def upload_from(store: Store, unit: Path) -> RemoteCheckpoint:
+    """``replicate`` as the host that holds ``unit`` runs it: its job directory has the same path
+    on every host (``ROOT/ckpt``), so the host's directory takes that path while it uploads."""
+    here = unit.parent.parent / "ckpt"
+    unit.parent.rename(here)
+    try:
+        return replicate(store, "t", str(here / unit.name))
+    finally:
+        here.rename(unit.parent)
+
+
+def test_a_unit_spread_over_hosts_counts_once_every_hosts_part_is_up(store: Store, tmp_path: Path) -> None:
+    """Each host uploads its own shards and then its part commit; a reader counts the unit only
+    when a part of every disk the manifest names is there, each naming that disk's shards, and
+    then verifies and fetches all of it. No host writes for another."""
+    h0, h1 = spread_unit(tmp_path, 10)
+    part = upload_from(store, h0)
+    assert part.disk == "a" * 32 and part.shards == (mf.shard_name(0, 4), mf.shard_name(1, 4))
+    assert committed(store, "t") == [], "one host's part is not the unit"
+    assert jobs_at(store) == ["t"], "ckptd list --remote finds the job by its part"
+    assert fetch(store, "t", str(tmp_path / "new")) is None
+    before = dict(store.list("t/"))
+    assert upload_from(store, h0).disk == part.disk and dict(store.list("t/")) == before  # not again
+    upload_from(store, h1)
+    (unit,) = committed(store, "t")
+    assert unit.step == 10 and len(unit.shards) == 4 and len(unit.parts) == 2 and unit.disk == ""
+    assert verify_remote(store, unit).ok
+    got = fetch(store, "t", str(tmp_path / "new"))  # a host that holds nothing gets the whole unit
+    assert got is not None and sorted(p.name for p in Path(got).glob("rank*")) == [
+        mf.shard_name(r, 4) for r in range(4)
+    ]
+    assert verify_unit(got).ok
+    assert fetch(store, "t", str(tmp_path / "host0"), here=[h0.name]) == str(h0)  # held here: not downloaded again
+
+    # a part that names other shards than its disk's (a hostile or stale one): the unit does not count
+    key = f"t/{h1.name}/ckptd-part-{'b' * 32}.json"
+    body, size = store.open(key)
+    doc = json.loads(body.read(size))
+    body.close()
+    store.put_bytes(key, json.dumps({**doc, "shards": [mf.shard_name(2, 4)]}).encode())
+    assert committed(store, "t") == []
+    store.put_bytes(key, json.dumps(doc).encode())
+    assert [c.step for c in committed(store, "t")] == [10]
+    corrupt(store, f"t/{h1.name}/{mf.shard_name(3, 4)}")  # a shard flipped after both parts committed
+    assert not verify_remote(store, committed(store, "t")[0]).ok
+
+
+def test_remote_retention_waits_for_the_parts_other_hosts_still_upload(store: Store, tmp_path: Path) -> None:
+    """After an outage each host uploads newest first, so an older unit may have one host's part
+    for a while: it is kept until older than every committed unit, or its part is a day old.
+    A committed spread unit that retention drops goes parts first, then its data."""
+    for step in (10, 20):
+        for host in spread_unit(tmp_path, step):
+            upload_from(store, host)
+    h0, _ = spread_unit(tmp_path, 15)
+    upload_from(store, h0)  # host 1's part of step 15 still to come
+    old, _ = spread_unit(tmp_path, 5)
+    upload_from(store, old)  # older than every committed unit: never completed
+    keep = Settings(remote_keep_last=5)
+    prune_remote(store, "t", keep, time.time())
+    units = {k.split("/")[1] for k in store.list("t/")}
+    assert units == {"t-step00000010", "t-step00000015", "t-step00000020"}, units
+    prune_remote(store, "t", keep, time.time() + 2 * 86400)  # host 1 never came back
+    assert {k.split("/")[1] for k in store.list("t/")} == {"t-step00000010", "t-step00000020"}
+    prune_remote(store, "t", Settings(remote_keep_last=1), time.time())
+    assert [c.step for c in committed(store, "t")] == [20]
+    assert {k.split("/")[1] for k in store.list("t/")} == {"t-step00000020"}

@@ -222,6 +222,24 @@ class Checkpointer:
             raise problem
         if self._shards is not None:  # every rank: which disk its directory is on (node-local ones differ)
             self._shards.locate(socket_module.gethostname(), lambda: disk_of_directory(self.directory))
+            if self._shards.disks > 1 and self.settings.remote:
+                self._one_remote_prefix(self._shards)
+
+    def _one_remote_prefix(self, shards: ShardGroup) -> None:
+        """Across node-local disks each host uploads its part of a unit under the job's remote
+        prefix, which names the job directory's path and the uid: hosts whose differ would each
+        upload parts of units that never complete. Every rank stops at start, with the same error."""
+        from ckptd.remote.layout import prefix_in
+
+        mine = (prefix_in(self.settings, self.job, self.directory), os.path.realpath(self.directory), os.getuid())
+        seen = [tuple(x) for x in shards.gather(mine)]
+        if len({p for p, _, _ in seen}) > 1:
+            where = "; ".join(f"rank {r}: {d} as uid {u}" for r, (_, d, u) in enumerate(seen) if seen[r] != seen[0])
+            raise SettingsError(
+                f"job {self.job}: sharded=True with node-local directories and remote=: every host must use the "
+                f"same job directory path as the same user (the remote prefix names both, and each host uploads "
+                f"its part of every unit there); rank 0 has {seen[0][1]} as uid {seen[0][2]}, {where}"
+            )
 
     def _check_target(self) -> None:
         self._sizes = self._snap.measure(self.saving)

@@ -25,7 +25,7 @@ from ckptd.core.units import format_bytes, format_duration, parse_remote
 from ckptd.disk.scan import SUFFIX
 from ckptd.remote.fetch import fetch
 from ckptd.remote.layout import PREFIX_RE, job_prefix, owner_of
-from ckptd.remote.listing import COMMIT, RemoteCheckpoint, committed
+from ckptd.remote.listing import COMMIT, PART_RE, RemoteCheckpoint, committed
 from ckptd.remote.stores import RemoteError, Store, open_store
 from ckptd.remote.verify import verify_remote
 
@@ -76,7 +76,7 @@ def resolve(url: str, endpoint: str | None) -> tuple[Store, str, str | None]:
 
 
 def jobs_at(store: Store, probe: bool = False) -> list[str]:
-    """The job prefixes with a commit object below the store's URL (what a hook's ``remote=``
+    """The job prefixes with a commit object (or a part commit) below the store's URL (what a hook's ``remote=``
     holds): ``u<uid>/<directory tag>/<job>``, and version 1's ``<job>``.
     ``probe``: the URL may be a job's own, which need not exist as a store root: none, then."""
     try:
@@ -87,8 +87,11 @@ def jobs_at(store: Store, probe: bool = False) -> list[str]:
         raise click.ClickException(str(exc)) from None
     found = set()
     for k in keys:
-        if k.endswith(COMMIT) and (k.count("/") == 1 or (k.count("/") == 3 and PREFIX_RE.match(k.rsplit("/", 1)[0]))):
-            found.add(k.rsplit("/", 1)[0])
+        unit, _, name = k.rpartition("/")
+        commit = k if k.endswith(COMMIT) else unit if PART_RE.match(name) else ""  # a spread unit's part
+        job = commit.rsplit("/", 1)[0]
+        if commit and (commit.count("/") == 1 or (commit.count("/") == 3 and PREFIX_RE.match(job))):
+            found.add(job)
     return sorted(found)
 
 

@@ -19,7 +19,7 @@ import os
 import secrets
 import shutil
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Collection
 
 import xxhash
 
@@ -43,9 +43,12 @@ def fetch(
     directory: str,
     step: int | None = None,
     check: Callable[[RemoteCheckpoint], bool] = lambda c: True,
+    here: Collection[str] = (),
 ) -> str | None:
     """Download the newest committed checkpoint (or ``step``) under the job's ``prefix``
-    (``layout.job_prefix``) that verifies into ``directory``.
+    (``layout.job_prefix``) that verifies into ``directory``; one whose name is in ``here``
+    (what ``directory`` holds committed: a host's own part of a spread unit) is not downloaded
+    again, and its local path is returned (the caller verifies it as any local checkpoint).
 
     Streams to a temp file there, verifies the local copy tensor by tensor (the same read
     checks the commit's size and metadata digest), then renames it to its final name and
@@ -54,7 +57,11 @@ def fetch(
     """
     found = committed(store, prefix)
     for c in reversed(found):
-        if (step is not None and c.step != step) or not check(c) or not _holders(store, c, found, directory):
+        if (step is not None and c.step != step) or not check(c):
+            continue
+        if c.name in here:
+            return os.path.join(directory, c.name)
+        if not _holders(store, c, found, directory):
             continue
         path = _download(store, c, directory)
         if path is not None:

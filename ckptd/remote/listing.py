@@ -2,7 +2,12 @@
 
 A remote checkpoint counts only when its commit object ``PREFIX/NAME.commit.json`` exists
 (written last by ``upload``; ``PREFIX`` is the job's, ``ckptd.remote.layout``); ``committed``
-lists and parses those. A commit object is the store's word, not ours: one whose name is not a
+lists and parses those. A unit spread over node-local disks (SPEC §15) has no such object: each
+host uploads its own shards, then a part commit ``PREFIX/UNIT/ckptd-part-DISK.json``, and no
+host decides for the others. The unit counts when its manifest (the one every part names, by
+digest) and a part of every disk the manifest names are present, each part naming exactly that
+disk's shards; readers assemble it (``_assembled``) and then verify every shard as for any unit.
+A commit object is the store's word, not ours: one whose name is not a
 checkpoint's (``.bashrc``, ``../x``) or whose fields do not parse is skipped with a warning. Local retention needs
 to know which local checkpoints are already remote (a checkpoint that is not must not be
 deleted by a rule), but asking the store is network I/O: on the persist thread, a slow or
@@ -21,19 +26,38 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
+
+import xxhash
 
 from ckptd.disk import manifest as mf
 from ckptd.disk.owner import start_thread
 from ckptd.disk.scan import SUFFIX
 from ckptd.remote.stores import RemoteError, Store, open_store
 
-__all__ = ["COMMIT", "INDEX", "RemoteCheckpoint", "RemoteIndex", "committed", "uncommitted"]
+__all__ = [
+    "COMMIT",
+    "INDEX",
+    "PART_RE",
+    "RemoteCheckpoint",
+    "RemoteIndex",
+    "committed",
+    "parse_commit",
+    "part_key",
+    "uncommitted",
+]
 
 log = logging.getLogger(__name__)
 COMMIT = ".commit.json"
 FORMAT = "1"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*-step\d+(\.safetensors)?$")  # a checkpoint's, nothing else
+PART_RE = re.compile(r"^ckptd-part-([0-9a-f]{32})\.json$")  # one host's part of a spread unit, by its disk id
+MAX_COMMIT_BYTES = 1 << 20
+
+
+def part_key(unit_key: str, disk: str) -> str:
+    """The part commit of the host whose disk is ``disk``, inside the unit's key."""
+    return f"{unit_key}/ckptd-part-{disk}.json"
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,8 @@ class RemoteCheckpoint:
     refs: tuple[str, ...] = ()  # names of the job's checkpoints holding tensors it refers to (§13), committed first
     owner_uid: int | None = None  # who saved it (the uid its prefix names); None in a version-1 commit
     directory: str = ""  # the job directory it was saved in, on the host that saved it
+    disk: str = ""  # one host's part of a spread unit (its disk id; ``shards``: that disk's); "" = the whole
+    parts: tuple[str, ...] = ()  # a spread unit assembled from its hosts' part commits: their keys
 
     @property
     def name(self) -> str:
@@ -69,6 +95,11 @@ class RemoteCheckpoint:
             return [self.key]
         return [f"{self.key}/{f}" for f in (*self.shards, mf.MANIFEST)]
 
+    @property
+    def commits(self) -> list[str]:
+        """What makes it count (what a deletion removes first): its commit object, or its parts'."""
+        return list(self.parts) if self.parts else [self.key + COMMIT]
+
 
 def committed(store: Store, prefix: str, listing: Mapping[str, int] | None = None) -> list[RemoteCheckpoint]:
     """The committed remote checkpoints under the job's ``prefix`` (``layout.job_prefix``, or a
@@ -78,21 +109,87 @@ def committed(store: Store, prefix: str, listing: Mapping[str, int] | None = Non
     for key in keys:
         if key.endswith(COMMIT) and key.startswith(f"{prefix}/") and "/" not in key[len(prefix) + 1 :]:
             try:
-                out.append(_parse_commit(store, key))
+                out.append(parse_commit(store, key))
             except (ValueError, KeyError, TypeError, RemoteError) as exc:
                 log.warning("remote: %s/%s: unreadable commit object (%s); ignored", store.url, key, exc)
+    whole = {c.key for c in out}
+    for unit, parts in sorted(_parts_by_unit(prefix, keys).items()):
+        if unit not in whole and (assembled := _assembled(store, unit, parts)) is not None:
+            out.append(assembled)
     return sorted(out, key=lambda c: (c.step, c.created))
 
 
-def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
+def _parts_by_unit(prefix: str, keys: Iterable[str]) -> dict[str, list[str]]:
+    """The part commits under ``prefix``, by the key of the unit they are in."""
+    found: dict[str, list[str]] = {}
+    for key in keys:
+        unit, _, name = key.rpartition("/")
+        if PART_RE.match(name) and unit.startswith(f"{prefix}/") and "/" not in unit[len(prefix) + 1 :]:
+            found.setdefault(unit, []).append(key)
+    return found
+
+
+def _assembled(store: Store, unit: str, keys: list[str]) -> RemoteCheckpoint | None:
+    """A spread unit from its hosts' part commits, when they make it whole: every part names
+    the manifest as stored (by digest), the same owner and directory, and exactly the shards
+    the manifest puts on its disk; and every disk the manifest names has its part. Otherwise
+    it is not committed (yet: another host may still be uploading), and nothing says so."""
+    try:
+        parts = [parse_commit(store, key) for key in keys]
+        if not parts or not NAME_RE.match(unit.rsplit("/", 1)[-1]):
+            return None
+        first = parts[0]
+        body, _ = store.open(f"{unit}/{mf.MANIFEST}")
+        try:
+            text = body.read(mf.MAX_MANIFEST_BYTES + 1)
+        finally:
+            body.close()
+        m = mf.Manifest.parse(text.decode("utf-8"))
+    except (ValueError, KeyError, TypeError, RemoteError, UnicodeDecodeError) as exc:
+        log.warning("remote: %s/%s: unreadable part of a spread unit (%s); not counted", store.url, unit, exc)
+        return None
+    digest = xxhash.xxh3_64_hexdigest(text)
+    by_disk = {p.disk: p for p in parts if p.meta_digest == digest}
+    disks = {s.disk for s in m.shards}
+    if (
+        set(by_disk) != disks
+        or any((p.owner_uid, p.directory, p.step) != (first.owner_uid, first.directory, m.step) for p in parts)
+        or any(set(p.shards) != {s.file for s in m.shards if s.disk == d} for d, p in by_disk.items())
+    ):
+        return None
+    return RemoteCheckpoint(
+        unit,
+        m.job,
+        m.step,
+        sum(s.bytes for s in m.shards),
+        digest,
+        min(p.created for p in parts),
+        m.trigger,
+        m.metrics,
+        tuple(s.file for s in m.shards),
+        (),
+        first.owner_uid,
+        first.directory,
+        "",
+        tuple(sorted(keys)),
+    )
+
+
+def parse_commit(store: Store, key: str) -> RemoteCheckpoint:
+    """One commit object (a checkpoint's, or one host's part of a spread unit), read no further
+    than ``MAX_COMMIT_BYTES``; ``ValueError`` when it is not one for its key."""
     body, _ = store.open(key)
     try:
-        doc = json.loads(body.read(1 << 20))
+        doc = json.loads(body.read(MAX_COMMIT_BYTES))
     finally:
         body.close()
-    if doc.get("ckptd.remote") != FORMAT or doc["key"] + COMMIT != key:
+    unit, _, name = key.rpartition("/")
+    part = PART_RE.match(name)
+    if doc.get("ckptd.remote") != FORMAT or (doc["key"] + COMMIT != key and not (part and doc["key"] == unit)):
         raise ValueError("not a ckptd commit object for this key")
-    if not NAME_RE.match(key[: -len(COMMIT)].rsplit("/", 1)[-1]):
+    if part and doc.get("disk") != part.group(1):
+        raise ValueError("a part commit of another disk than its name says")
+    if not NAME_RE.match((unit if part else key[: -len(COMMIT)]).rsplit("/", 1)[-1]):
         raise ValueError("not a checkpoint's name (JOB-stepN[.safetensors])")
     shards = tuple(str(f) for f in doc.get("shards") or ())
     if any(not mf.SHARD_RE.match(f) for f in shards):
@@ -114,25 +211,23 @@ def _parse_commit(store: Store, key: str) -> RemoteCheckpoint:
         refs,
         None if owner is None else int(owner),
         str(doc.get("directory") or ""),
+        part.group(1) if part else "",
     )
 
 
-def uncommitted(store: Store, prefix: str, listing: Mapping[str, int]) -> list[str]:
-    """Data objects with no commit object: uploads cut off, or still in progress."""
-    return [
-        k
-        for k in listing
-        if k.startswith(f"{prefix}/")
-        and not k.endswith(COMMIT)
-        and (k.endswith(SUFFIX) or "/" in k[len(prefix) + 1 :])
-        and _commit_key(prefix, k) not in listing
-    ]
-
-
-def _commit_key(prefix: str, key: str) -> str:
-    """``PREFIX/NAME.safetensors`` -> its commit object; ``PREFIX/UNIT/anything`` -> the unit's."""
-    unit, sep, _ = key[len(prefix) + 1 :].partition("/")
-    return f"{prefix}/{unit}{COMMIT}" if sep else key + COMMIT
+def uncommitted(listing: Mapping[str, int], prefix: str, whole: Collection[str]) -> dict[str, list[str]]:
+    """Objects of checkpoints that are not committed (``whole``: the keys of those that are, as
+    ``committed`` found them): uploads cut off, still in progress, or the parts of a spread unit
+    whose other hosts have not uploaded theirs. By the checkpoint's key."""
+    out: dict[str, list[str]] = {}
+    for k in listing:
+        if not k.startswith(f"{prefix}/") or k.endswith(COMMIT):
+            continue
+        unit, sep, _ = k[len(prefix) + 1 :].partition("/")
+        key = f"{prefix}/{unit}" if sep else k
+        if (sep or k.endswith(SUFFIX)) and key not in whole and key + COMMIT not in listing:
+            out.setdefault(key, []).append(k)
+    return out
 
 
 Key = tuple[str, "str | None", str]  # (the remote URL as configured, its endpoint, the job's prefix)

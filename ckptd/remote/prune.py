@@ -2,7 +2,11 @@
 checkpoints, through the same item builder and the same applier as local and watched trees
 (``retention.item_of``, ``retention.carry_out``). A deletion removes the commit object first,
 then the data, so a half-deleted checkpoint is never listed; leftovers of cut-off uploads older
-than the newest committed checkpoint go too. Local files are never touched here.
+than the newest committed checkpoint go too. A unit some host began to upload as its part of a
+spread unit (its manifest or a part commit is there) may still be waiting for the other hosts'
+parts, which come newest first after an outage: it goes only once it is older than every
+committed checkpoint, or its parts are a day old (``ABANDONED_AFTER``: a host that never came
+back). Local files are never touched here.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import re
 
 from ckptd.core import retention
 from ckptd.core.settings import Settings
-from ckptd.remote.listing import COMMIT, RemoteCheckpoint, committed, uncommitted
-from ckptd.remote.stores import Store
+from ckptd.disk import manifest as mf
+from ckptd.remote.listing import PART_RE, RemoteCheckpoint, committed, parse_commit, uncommitted
+from ckptd.remote.stores import RemoteError, Store
 
 __all__ = ["prune_remote", "remote_rules"]
 
 log = logging.getLogger(__name__)
+ABANDONED_AFTER = 86400.0  # seconds after its save that a spread unit still lacking a host's part is given up
 
 
 def remote_rules(settings: Settings) -> retention.Rules:
@@ -53,19 +59,40 @@ def prune_remote(store: Store, prefix: str, settings: Settings, now: float) -> l
             log.info("remote: deleted %s/%s (%s)", store.url, r.verdict.item.id, r.verdict.rule)
         else:
             log.error("remote: could not delete %s/%s: %s", store.url, r.verdict.item.id, r.error)
-    newest = max((c.step for c in commits), default=None)
-    for key in uncommitted(store, prefix, listing):
-        info_step = _step_of(key)
-        if newest is not None and info_step is not None and info_step < newest:
-            store.delete(key)
-            log.info("remote: deleted %s/%s (an upload that never committed)", store.url, key)
+    steps = [c.step for c in commits]
+    for key, objects in uncommitted(listing, prefix, {c.key for c in commits}).items():
+        why = _abandoned(store, key, objects, steps, now)
+        if why:
+            for k in sorted(objects, key=lambda k: not PART_RE.match(k.rsplit("/", 1)[-1])):  # parts first
+                store.delete(k)
+            log.info("remote: deleted %s/%s (%s)", store.url, key, why)
     return verdicts
 
 
+def _abandoned(store: Store, key: str, objects: list[str], steps: list[int], now: float) -> str:
+    """Why the objects of ``key``, not committed, are given up ("" = not yet): older than the
+    newest committed checkpoint, and not a spread unit's part that may still be completed."""
+    step = _step_of(key)
+    if step is None or not steps or step >= max(steps):
+        return ""
+    names = [k.rsplit("/", 1)[-1] for k in objects]
+    parts = [k for k, n in zip(objects, names) if PART_RE.match(n)]
+    if not parts and mf.MANIFEST not in names:
+        return "an upload that never committed"
+    if step < min(steps):
+        return "a spread unit older than every committed one, never completed by every host"
+    try:
+        saved = max(parse_commit(store, k).created for k in parts) if parts else now
+    except (ValueError, KeyError, TypeError, RemoteError):
+        saved = 0.0  # a part no host could have written is no reason to wait
+    if now - saved > ABANDONED_AFTER:
+        return f"a spread unit whose other hosts' parts did not come within {ABANDONED_AFTER / 3600:.0f} hours"
+    return ""
+
+
 def _delete(store: Store, c: RemoteCheckpoint) -> None:
-    """The commit object first: a checkpoint half deleted is never listed as committed."""
-    store.delete(c.key + COMMIT)
-    for key in c.objects:
+    """The commit object (or every part's) first: a checkpoint half deleted is never listed as committed."""
+    for key in (*c.commits, *c.objects):
         store.delete(key)
 
 

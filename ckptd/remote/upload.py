@@ -7,7 +7,10 @@
    the job's owner and directory) (boto3's managed transfer for S3: multipart,
    parallel parts, read part by part; temp file + fsync + rename for ``file://``). A
    sharded unit goes as a directory of objects: every shard to ``JOB/UNIT/rankR-of-W``,
-   then its manifest.
+   then its manifest. A host's copy of a unit spread over node-local disks (SPEC §15) holds
+   its own disk's shards only: the manifest goes first (every host's is the same, byte for
+   byte; its presence says a host began, so remote retention waits for the others), then
+   this disk's shards.
 3. **Verify**: where the store keeps a checksum it validated on receipt (S3: SHA-256 per
    part, sent with the upload), it must equal the local file's, which verified tensor by
    tensor: the copy is the verified bytes, without a second transfer. Elsewhere the object
@@ -16,7 +19,11 @@
 4. **Commit**: a small JSON object ``PREFIX/NAME.commit.json`` (step, size, metadata digest,
    trigger, metrics, created, the owner's uid and the job directory; a unit's shard list and
    manifest digest) is written last. Data
-   without one (an upload cut off at any point) is never listed, fetched or resumed from.
+   without one (an upload cut off at any point) is never listed, fetched or resumed from. A
+   host's part of a spread unit ends in its part commit instead,
+   ``PREFIX/UNIT/ckptd-part-DISK.json`` (the same fields, its own shards and its disk): the
+   unit counts once every disk's part is there (``listing``), whichever host comes last, and
+   no host writes for another. A part already committed with the same manifest is not sent again.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from ckptd.disk.owner import Identity, acting_as
 from ckptd.disk.safepath import open_dir, open_regular
 from ckptd.disk.scan import Checkpoint, read_info
 from ckptd.disk.verify import VerifyResult, verify_open
-from ckptd.remote.listing import COMMIT, FORMAT, RemoteCheckpoint, committed
+from ckptd.remote.listing import COMMIT, FORMAT, RemoteCheckpoint, committed, parse_commit, part_key
 from ckptd.remote.stores import RemoteError, Store
 from ckptd.remote.verify import remote_manifest, verify_remote
 
@@ -87,12 +94,15 @@ def replicate(
             )
             pairs = [(local, key)]
         commit = RemoteCheckpoint(**{**commit.__dict__, "owner_uid": owner_uid, "directory": directory})
+        if not pairs:  # this host's part, committed before (a restart, or a resync)
+            return commit
         result = _confirm(store, commit, pairs)
     if not result.ok:
-        for k in commit.objects:
+        for k in commit.objects if not commit.disk else [k for _, k in pairs]:  # never another host's part
             _quietly(store.delete, k)
         raise RemoteError(f"{store.url}/{key} did not verify after the upload: {result.reason}")
-    store.put_bytes(key + COMMIT, json.dumps({"ckptd.remote": FORMAT, **commit.__dict__}, sort_keys=True).encode())
+    body = json.dumps({"ckptd.remote": FORMAT, **commit.__dict__}, sort_keys=True).encode()
+    store.put_bytes(part_key(key, commit.disk) if commit.disk else key + COMMIT, body)
     return commit
 
 
@@ -170,10 +180,11 @@ def _confirm(store: Store, c: RemoteCheckpoint, pairs: list[tuple[str, str]]) ->
 def _upload_unit(
     store: Store, key: str, job: str, unit: str, info: Checkpoint, guard: Sequence[str], held: contextlib.ExitStack
 ) -> tuple[RemoteCheckpoint, list[tuple[str, str]]]:
-    """Every shard, then the manifest (as it is on disk: its digest goes in the commit object).
-    The unit is reached from ``guard`` without a link and each file opened ``O_NOFOLLOW`` from
-    its fd (kept in ``held`` until the upload is confirmed): a shard swapped for a link to
-    another user's file is refused, not published."""
+    """Every shard, then the manifest (as it is on disk: its digest goes in the commit object);
+    a host's part of a spread unit: the manifest, then its own disk's shards (none when its part
+    is committed already). The unit is reached from ``guard`` without a link and each file opened
+    ``O_NOFOLLOW`` from its fd (kept in ``held`` until the upload is confirmed): a shard swapped
+    for a link to another user's file is refused, not published."""
     try:
         dfd = open_dir(unit, guard)
     except OSError as exc:
@@ -183,25 +194,51 @@ def _upload_unit(
         m = mf.read(f"/proc/self/fd/{dfd}")
     except mf.ManifestError as exc:
         raise RemoteError(f"{unit}: {exc}") from None
-    pairs = []
-    for shard in m.shards:
-        local = f"/proc/self/fd/{_open_at(dfd, shard.file, unit, held)}"
-        store.put_file(local, f"{key}/{shard.file}")
-        pairs.append((local, f"{key}/{shard.file}"))
     with os.fdopen(os.dup(_open_at(dfd, mf.MANIFEST, unit, held)), "rb") as f:
         manifest = f.read(mf.MAX_MANIFEST_BYTES + 1)
-    store.put_bytes(f"{key}/{mf.MANIFEST}", manifest)
-    return RemoteCheckpoint(
+    disk = _disk_of_part(m, os.listdir(dfd))
+    shards = [s for s in m.shards if s.disk == disk] if disk else list(m.shards)
+    commit = RemoteCheckpoint(
         key,
         job,
         m.step,
-        sum(s.bytes for s in m.shards),
+        sum(s.bytes for s in shards),
         xxhash.xxh3_64_hexdigest(manifest),
         info.created,
         m.trigger,
         m.metrics,
-        tuple(s.file for s in m.shards),
-    ), pairs
+        tuple(s.file for s in shards),
+        disk=disk,
+    )
+    if disk and _part_there(store, commit):
+        return commit, []
+    if disk:
+        store.put_bytes(f"{key}/{mf.MANIFEST}", manifest)
+    pairs = []
+    for shard in shards:
+        local = f"/proc/self/fd/{_open_at(dfd, shard.file, unit, held)}"
+        store.put_file(local, f"{key}/{shard.file}")
+        pairs.append((local, f"{key}/{shard.file}"))
+    if not disk:
+        store.put_bytes(f"{key}/{mf.MANIFEST}", manifest)
+    return commit, pairs
+
+
+def _disk_of_part(m: mf.Manifest, present: list[str]) -> str:
+    """The disk whose part this copy is, when it is one host's part of a spread unit; "" when it
+    holds the whole unit (one disk, or every shard here)."""
+    if not mf.away(m, present):
+        return ""
+    return next(s.disk for s in m.shards if s.file in present)
+
+
+def _part_there(store: Store, c: RemoteCheckpoint) -> bool:
+    """Is this disk's part committed already, for the same manifest (by digest)?"""
+    key = part_key(c.key, c.disk)
+    try:
+        return key in store.list(f"{c.key}/") and parse_commit(store, key).meta_digest == c.meta_digest
+    except (RemoteError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _open_at(dfd: int, name: str, unit: str, held: contextlib.ExitStack) -> int:

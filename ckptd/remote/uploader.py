@@ -130,7 +130,7 @@ class Uploader:
             done = {c.name for c in committed(store, where)}
             INDEX.update(settings.remote_url(), settings.remote_endpoint, where, done)
             for c in scan(directory, job):
-                if c.ok and not c.pending and not c.spread and os.path.basename(c.path) not in done:
+                if c.ok and not c.pending and os.path.basename(c.path) not in done:
                     self.submit(Upload(job, c.path, settings, key, after, c.created, where, owner_uid, guard))
 
         t = threading.Thread(target=self._retrying, args=(find, settings.remote), name="ckptd-resync", daemon=True)

@@ -1,6 +1,7 @@
 """A remote copy checked as a reader checks it (``ckptd verify s3://...``, ``fetch``, ``resume()``):
 commit object present, size equal, metadata digest equal, every tensor re-hashed from one
-streamed read; a sharded unit's manifest by its digest, then every shard against it.
+streamed read; a sharded unit's manifest by its digest, then every shard against it (a host's
+part of a spread unit, as its uploader confirms it: its own disk's shards).
 """
 
 from __future__ import annotations
@@ -71,8 +72,11 @@ def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:
         m = remote_manifest(store, c)
     except (RemoteError, mf.ManifestError, UnicodeDecodeError) as exc:
         return VerifyResult(label, False, f"manifest: {exc}")
+    shards = [s for s in m.shards if not c.disk or s.disk == c.disk]  # one host's part: its disk's
+    if {s.file for s in shards} != set(c.shards):
+        return VerifyResult(label, False, "its commit names other shards than its manifest")
     tensors = 0
-    for shard in m.shards:
+    for shard in shards:
         one = verify_remote(
             store, RemoteCheckpoint(f"{c.key}/{shard.file}", c.job, m.step, shard.bytes, shard.meta_digest, c.created)
         )

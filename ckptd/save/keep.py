@@ -66,7 +66,7 @@ def items_from(
                 partial=abandoned,
                 in_flight=c.pending,
                 pinned=c.pinned,
-                remote_pending=replicated is not None and not c.spread and os.path.basename(c.path) not in replicated,
+                remote_pending=replicated is not None and os.path.basename(c.path) not in replicated,
                 refs=tuple(os.path.join(os.path.dirname(c.path), f) for f in c.refs),
             )
         )

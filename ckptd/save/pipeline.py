@@ -23,7 +23,8 @@ order, through the functions below; only where the bytes come from and who is to
    re-checks the unit through the same guard and catalogues it (``commit_unit``).
 6. **retain** (``keep.prune``): retention again, now that the newest checkpoint is in place.
 7. **replicate** (``Hooks.replicate``): a job with a remote tier queues the checkpoint
-   for the uploader (``ckptd.remote.uploader``), which never blocks the next save.
+   for the uploader (``ckptd.remote.uploader``), which never blocks the next save; across
+   node-local disks each lead (or its daemon) queues its host's part (``ckptd.remote.upload``).
 
 Any exception on the way becomes one ``PersistError`` with a reason from the fixed set
 (``failure``), so training and the daemon both see "save failed (reason)" and go on.
@@ -143,10 +144,8 @@ def save_shard(
     result = Persisted(path, persisted.bytes, persisted.metadata, persisted.durations)
     if not told and group.lead:
         prune(t, hooks.removed)  # 6
-        if hooks.replicate is not None and group.disks == 1:  # 7
+        if hooks.replicate is not None:  # 7: across node-local disks, this host's part
             hooks.replicate(result)
-        elif hooks.replicate is not None:
-            _not_replicated(path, f"its shards are on {group.disks} hosts' own disks")
     return result
 
 
@@ -213,10 +212,8 @@ def commit_unit(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
     if hooks.committed is not None:
         hooks.committed(persisted)
     prune(t, hooks.removed)
-    if hooks.replicate is not None and "ckptd.shards_elsewhere" not in result.metadata:
+    if hooks.replicate is not None:  # across node-local disks, this host's part
         hooks.replicate(persisted)
-    elif hooks.replicate is not None:
-        _not_replicated(path, f"the shards of ranks {result.metadata['ckptd.shards_elsewhere']} are on other hosts")
     return info
 
 
@@ -251,17 +248,6 @@ def commit_tag(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
         hooks.committed(Persisted(path, info.bytes, {}))
     prune_tags(t, hooks.removed)
     return info
-
-
-def _not_replicated(path: str, why: str) -> None:
-    """A unit spread over node-local disks is not copied to the remote tier: each host's part
-    would need its own upload and commit (SPEC §15, not built yet). Said at every such save, so
-    that nobody takes the remote tier for a copy it does not hold."""
-    log.error(
-        "ckptd: %s is not replicated to the remote tier: %s (a remote copy of node-local units is not built yet)",
-        path,
-        why,
-    )
 
 
 def failure(exc: BaseException, step: int) -> PersistError:

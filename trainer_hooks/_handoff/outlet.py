@@ -7,10 +7,10 @@
    (``ckptd.save.pipeline.save_unit``).
 3. **sharded**: every rank's persist thread writes its own shard and the ranks commit
    together (``ckptd.save.pipeline.save_shard`` over ``trainer_hooks._ranks.shards``' collectives);
-   rank 0 tells the daemon, if any.
+   each disk's lead tells its host's daemon, if any (one disk: rank 0).
 
 With a remote tier (``remote=``), what this process saved itself (embedded, or left by a
-daemon that went away; sharded: rank 0, once the unit committed) is then replicated by its
+daemon that went away; sharded: each disk's lead, once the unit committed) is then replicated by its
 own ``Uploader``; what the daemon saved or was told of, the daemon replicates. ``close()`` waits for pending uploads up to ``remote_timeout``.
 
 Whichever it is, ``on_done`` hears of each save once: verified, or failed with a reason.
@@ -61,8 +61,8 @@ class Outlet:
         self._on_done, self._on_removed = on_done, on_removed
         self._worker = Worker(self._persist_here, self._persisted_here)
         self.link: Link | None = None
-        uploads = replicate and target.settings.remote and (shards is None or shards.rank == 0)
-        self.uploader: Uploader | None = None  # sharded: rank 0 uploads the committed unit
+        uploads = replicate and target.settings.remote and (shards is None or shards.lead)
+        self.uploader: Uploader | None = None  # sharded: each disk's lead uploads the unit (its host's part)
         if uploads:  # the remote tier (boto3 and all) is imported only by a job that has one
             from ckptd.remote.uploader import Uploader
 

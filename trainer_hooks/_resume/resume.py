@@ -7,8 +7,8 @@ them holds, an ``all_gather`` of their listings, since node-local disks differ; 
 shard is re-read by one rank, the others' checked cheaply, and all ranks agree with an
 ``all_reduce(MIN)``; none in common while some rank holds a committed unit: the same
 ``ResumeError`` on every rank, at once); (3) none: with a remote
-tier, fetch the newest that verifies there (sharded: rank 0 first, then any rank on another
-host) and look again; (4) check that it fits the model (a stale run in the same directory is
+tier, fetch the newest that verifies there (sharded: each disk's lead, unless its disk holds
+that unit already) and look again; (4) check that it fits the model (a stale run in the same directory is
 refused, never loaded partly); (5) load: the file, or this rank's shard, or for a ``dcp``
 unit DCP's load planner over every shard (any number of ranks); then RNG, ``extra`` and
 the step count, so the next save and the triggers continue from there.
@@ -29,7 +29,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection
 
 from ckptd.core.meta import FINGERPRINT
 from ckptd.core.settings import Settings
@@ -306,20 +306,21 @@ class Resumer:
         return state
 
     def _fetch_remote(self) -> bool:
-        """No local checkpoint verifies: a new host resumes from the remote tier, if there is one.
-        Sharded: rank 0 fetches the unit, then any rank that does not see it (another host) does."""
+        """No local checkpoint verifies (sharded: none every rank holds): a new host resumes from
+        the remote tier, if there is one. Sharded: each disk's lead fetches the newest remote unit
+        that verifies, unless its disk holds it committed already (a surviving host's own part of
+        a unit spread over node-local disks); then every rank looks again."""
         if not self.settings.remote:
             return False
         if self.shards is None:
             return self._fetch_newest() is not None
         self.shards.everyone(True)  # every rank has looked at its directory before anything appears in it
-        path = self._fetch_newest() if self.rank == 0 else None
-        self.shards.everyone(True)  # rank 0's copy is in place before the others look
-        if self.rank != 0 and not any(c.ok and not c.pending for c in self.checkpoints()):
-            path = self._fetch_newest()
+        here = [name for name, _, ok in self.held[self.rank] if ok] if self.held else []
+        path = self._fetch_newest(here) if self.shards.lead else None
+        self.shards.everyone(True)  # each lead's copy is in place before its disk's ranks look
         return not self.shards.everyone(path is None)  # the same answer on every rank
 
-    def _fetch_newest(self) -> str | None:
+    def _fetch_newest(self, here: Collection[str] = ()) -> str | None:
         from ckptd.remote.fetch import fetch
         from ckptd.remote.layout import prefix_in
         from ckptd.remote.stores import RemoteError, open_store
@@ -330,11 +331,12 @@ class Resumer:
                 prefix_in(self.settings, self.job, self.directory),
                 self.directory,
                 check=self._remote_ours,
+                here=here,
             )
         except (RemoteError, OSError) as exc:
             log.error("ckptd: job %s: no local checkpoint, and the remote tier cannot be read: %s", self.job, exc)
             return None
-        if path is not None:
+        if path is not None and os.path.basename(path) not in here:
             log.info("ckptd: job %s: no local checkpoint; fetched %s from %s", self.job, path, self.settings.remote)
         return path
 
