@@ -15,9 +15,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +30,7 @@ from ckptd.remote.layout import job_prefix
 from ckptd.remote.listing import committed
 from ckptd.remote.stores import open_store
 from ckptd.remote.verify import verify_remote
-from tests.conftest import PYTHON, S3_ENV, SLACK, DaemonProc, MotoServer, ckptd_cli, free_port
+from tests.conftest import PYTHON, S3_ENV, SLACK, DaemonProc, MotoServer, ckptd_cli, free_port, wait_until
 from tests.test_integrations import ENV, _failure
 from tests.test_sharded import JOB, SCRIPT, TORCHRUN, fingerprints, torchrun, unit
 
@@ -43,18 +45,17 @@ def _namespaces_work() -> bool:
 pytestmark = pytest.mark.skipif(not _namespaces_work(), reason="needs root and unshare -m -u (namespaces)")
 
 
-def on_hosts(
+def start_hosts(
     tmp_path: Path,
     *args: str,
     shared: bool = False,
     daemons: list[DaemonProc] | None = None,
     env: dict[str, str] | None = None,
     swap: bool = False,
-    check: bool = True,
-) -> str:
+) -> list[subprocess.Popen[str]]:
     """The 4-rank job as two hosts, each with its own disk at ``tmp_path/mnt`` (``shared``: one
     directory that both see, as a shared filesystem; ``daemons``: each host's, whose socket
-    its ranks talk to); both nodes' output, stdout then stderr."""
+    its ranks talk to); one ``torchrun`` node per host, started."""
     mnt, port = tmp_path / "mnt", free_port()
     mnt.mkdir(exist_ok=True)
     nodes = []
@@ -84,6 +85,15 @@ def on_hosts(
                 env={**ENV, **(env or {}), **({"CKPTD_SOCKET": daemons[h].socket} if daemons else {})},
             )
         )
+    return nodes
+
+
+def on_hosts(tmp_path: Path, *args: str, check: bool = True, **kw: Any) -> str:
+    """``start_hosts``, then both nodes' output (stdout then stderr) once both ended."""
+    return outputs(start_hosts(tmp_path, *args, **kw), check)
+
+
+def outputs(nodes: list[subprocess.Popen[str]], check: bool = True) -> str:
     out = ""
     for p in nodes:
         stdout, stderr = p.communicate(timeout=600)
@@ -91,6 +101,29 @@ def on_hosts(
             assert p.returncode == 0, _failure(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
         out += stdout + stderr
     return out
+
+
+def kill_host(node: subprocess.Popen[str]) -> None:
+    """Every process of the host (all that share its mount namespace) at once, with SIGKILL,
+    until none is left: what a host that loses power does to the job."""
+    ns, killed = os.readlink(f"/proc/{node.pid}/ns/mnt"), set()
+    while True:  # until no new one appears (a killed one is a zombie until its parent reaps it)
+        pids = []
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            try:
+                if pid not in killed and os.readlink(f"/proc/{pid}/ns/mnt") == ns:
+                    pids.append(pid)
+            except OSError:
+                continue
+        if not pids:
+            return
+        killed.update(pids)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
 
 
 def disk(tmp_path: Path, h: int) -> Path:
@@ -183,10 +216,10 @@ def test_a_lost_host_resumes_from_the_remote_tier_and_the_run_ends_bit_identical
     assert sorted(p.name for p in unit(disk(tmp_path, 0), 10).glob("rank*")) == [mf.shard_name(r, 4) for r in (0, 1)]
 
 
-def host_daemon(tmp_path: Path, h: int) -> DaemonProc:
+def host_daemon(tmp_path: Path, h: int, extra: str = "") -> DaemonProc:
     """Host ``h``'s own daemon, in a namespace like its ranks': the same hostname, its disk at
     ``tmp_path/mnt`` (its root); its socket and state outside, where the test reaches them."""
-    d = DaemonProc(tmp_path / f"daemon{h}")
+    d = DaemonProc(tmp_path / f"daemon{h}", extra)
     mnt = tmp_path / "mnt"
     mnt.mkdir(exist_ok=True)
     (tmp_path / f"disk{h}").mkdir(exist_ok=True)
@@ -208,10 +241,19 @@ def host_daemon(tmp_path: Path, h: int) -> DaemonProc:
 
 def test_each_hosts_daemon_catalogues_counts_and_retains_its_own_part(tmp_path: Path) -> None:
     """One daemon per host: each host's lead rank tells its own daemon, which verifies the host's
-    part of every unit, catalogues it and counts the save; neither sees a failure."""
-    daemons = [host_daemon(tmp_path, h) for h in range(HOSTS)]
+    part of every unit, catalogues it and counts the save, and uploads that part to the remote
+    tier; neither sees a failure, and the store holds each unit whole, from both hosts' parts."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    daemons = [host_daemon(tmp_path, h, f'remote_allow = ["file://{remote}"]\n') for h in range(HOSTS)]
     try:
-        on_hosts(tmp_path, "--steps", "20", daemons=daemons)
+        on_hosts(tmp_path, "--steps", "20", daemons=daemons, env={"CKPTD_REMOTE": f"file://{remote}"})
+        for d in daemons:  # each daemon's uploader: its host's part of each of the 4 units
+            wait_until(lambda: d.metric("ckptd_remote_uploads_total", training_job=JOB, outcome="ok") == 4, 120)
+        store = open_store(f"file://{remote}")
+        units = committed(store, job_prefix(JOB, str(tmp_path / "mnt" / "ckpt"), os.getuid()))
+        assert units and units[-1].step == 20 and all(len(c.parts) == HOSTS for c in units), units
+        assert all(verify_remote(store, c).ok for c in units)
         ckpt = tmp_path / "mnt" / "ckpt"
         for h, d in enumerate(daemons):
             assert d.metric("ckptd_saves_total", training_job=JOB, trigger="final", outcome="ok") == 1, h
@@ -237,3 +279,33 @@ def _failures(d: DaemonProc) -> float:
 
 def _run() -> dict[str, object]:
     return {"capture_output": True, "text": True, "timeout": 600, "env": ENV, "check": True}
+
+
+def test_a_host_killed_mid_run_and_replaced_resumes_where_every_host_reached_the_store(
+    tmp_path: Path, moto: MotoServer
+) -> None:
+    """Host 1 loses power while the job trains and saves (every process in it SIGKILLed, then its
+    disk gone); host 0's ranks fail at their next collective with it. On a fresh host 1 the job
+    resumes from the newest unit whose every part reached the store (host 0 from its own disk,
+    host 1 from the store, both verified): never one committed on one host only or half
+    uploaded, and the run ends bit-identical to one never stopped."""
+    straight = fingerprints(subprocess.run(torchrun(4, tmp_path / "straight", "--steps", "30"), **_run()).stdout)
+    remote = {"CKPTD_REMOTE": "s3://ckpt/fleet", "CKPTD_REMOTE_ENDPOINT": moto.endpoint, **S3_ENV}
+    store = open_store("s3://ckpt/fleet", moto.endpoint)
+    prefix = job_prefix(JOB, str(tmp_path / "mnt" / "ckpt"), os.getuid())
+    nodes = start_hosts(tmp_path, "--steps", "30", "--step-sleep", "0.5", env=remote)
+    deadline = time.monotonic() + 300 * SLACK
+    while not any(c.step >= 10 for c in committed(store, prefix)):  # mid-run: a save or two in
+        assert time.monotonic() < deadline and nodes[1].poll() is None, "no unit of step 10 whole in the store"
+        time.sleep(0.5)
+    kill_host(nodes[1])
+    outputs(nodes, check=False)
+    assert nodes[0].returncode != 0, "host 0 trained on without host 1?"
+    shutil.rmtree(tmp_path / "disk1")
+
+    whole = {c.step for c in committed(store, prefix)}
+    held = {c.step for c in scan(str(disk(tmp_path, 0)), JOB) if c.ok and not c.pending}
+    out = on_hosts(tmp_path, "--steps", "30", env=remote)
+    starts = set(re.findall(r"rank \d pid \d+ starting at step (\d+)", out))
+    assert starts == {str(max(whole & held))}, (starts, whole, held, out[-4000:])
+    assert fingerprints(out) == straight, "bit-identical to a run never stopped"

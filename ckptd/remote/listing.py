@@ -53,6 +53,7 @@ FORMAT = "1"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*-step\d+(\.safetensors)?$")  # a checkpoint's, nothing else
 PART_RE = re.compile(r"^ckptd-part-([0-9a-f]{32})\.json$")  # one host's part of a spread unit, by its disk id
 MAX_COMMIT_BYTES = 1 << 20
+MAX_PARTS = 1024  # part commits per unit (one per host): past it, a hostile store, not read one by one
 
 
 def part_key(unit_key: str, disk: str) -> str:
@@ -134,10 +135,11 @@ def _assembled(store: Store, unit: str, keys: list[str]) -> RemoteCheckpoint | N
     the manifest as stored (by digest), the same owner and directory, and exactly the shards
     the manifest puts on its disk; and every disk the manifest names has its part. Otherwise
     it is not committed (yet: another host may still be uploading), and nothing says so."""
+    if len(keys) > MAX_PARTS or not NAME_RE.match(unit.rsplit("/", 1)[-1]):
+        log.warning("remote: %s/%s: %d part commits, or not a unit's name; not counted", store.url, unit, len(keys))
+        return None
     try:
         parts = [parse_commit(store, key) for key in keys]
-        if not parts or not NAME_RE.match(unit.rsplit("/", 1)[-1]):
-            return None
         first = parts[0]
         body, _ = store.open(f"{unit}/{mf.MANIFEST}")
         try:

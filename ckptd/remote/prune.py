@@ -77,7 +77,7 @@ def _abandoned(store: Store, key: str, objects: list[str], steps: list[int], now
         return ""
     names = [k.rsplit("/", 1)[-1] for k in objects]
     parts = [k for k, n in zip(objects, names) if PART_RE.match(n)]
-    if not parts and mf.MANIFEST not in names:
+    if not parts and not (mf.MANIFEST in names and _spread(store, key)):
         return "an upload that never committed"
     if step < min(steps):
         return "a spread unit older than every committed one, never completed by every host"
@@ -88,6 +88,20 @@ def _abandoned(store: Store, key: str, objects: list[str], steps: list[int], now
     if now - saved > ABANDONED_AFTER:
         return f"a spread unit whose other hosts' parts did not come within {ABANDONED_AFTER / 3600:.0f} hours"
     return ""
+
+
+def _spread(store: Store, key: str) -> bool:
+    """Does the manifest under ``key`` put the unit's shards on more than one disk (so that other
+    hosts may still be uploading their parts)? An unreadable one does not."""
+    try:
+        body, _ = store.open(f"{key}/{mf.MANIFEST}")
+        try:
+            text = body.read(mf.MAX_MANIFEST_BYTES + 1)
+        finally:
+            body.close()
+        return len({s.disk for s in mf.Manifest.parse(text.decode("utf-8")).shards}) > 1
+    except (RemoteError, ValueError, UnicodeDecodeError):
+        return False
 
 
 def _delete(store: Store, c: RemoteCheckpoint) -> None:
