@@ -674,6 +674,9 @@ def test_a_unit_spread_over_hosts_counts_once_every_hosts_part_is_up(store: Stor
     ]
     assert verify_unit(got).ok
     assert fetch(store, "t", str(tmp_path / "host0"), here=[h0.name]) == str(h0)  # held here: not downloaded again
+    other = mf.read(str(h0))
+    mf.write(str(h0), mf.Manifest(other.job, other.step, other.world_size, other.shards, trigger="final"))
+    assert fetch(store, "t", str(tmp_path / "host0"), here=[h0.name]) is None  # another attempt at step 10: not it
 
     # a part that names other shards than its disk's (a hostile or stale one): the unit does not count
     key = f"t/{h1.name}/ckptd-part-{'b' * 32}.json"
@@ -689,22 +692,31 @@ def test_a_unit_spread_over_hosts_counts_once_every_hosts_part_is_up(store: Stor
 
 
 def test_remote_retention_waits_for_the_parts_other_hosts_still_upload(store: Store, tmp_path: Path) -> None:
-    """After an outage each host uploads newest first, so an older unit may have one host's part
-    for a while: it is kept until older than every committed unit, or its part is a day old.
-    A committed spread unit that retention drops goes parts first, then its data."""
+    """After an outage each host uploads newest first, so an older unit may hold one host's part
+    for a while: it is kept, and completes when the other part comes. A unit whose other host
+    never comes back goes a day after its first part was uploaded; one with a part that cannot
+    be read is never deleted for it; a part planted for a disk the manifest does not name is
+    nobody's. A committed spread unit that retention drops goes parts first, then its data."""
     for step in (10, 20):
         for host in spread_unit(tmp_path, step):
             upload_from(store, host)
-    h0, _ = spread_unit(tmp_path, 15)
-    upload_from(store, h0)  # host 1's part of step 15 still to come
-    old, _ = spread_unit(tmp_path, 5)
-    upload_from(store, old)  # older than every committed unit: never completed
+    late = spread_unit(tmp_path, 15)
+    upload_from(store, late[0])  # host 1's part of step 15 still to come
+    lost, _ = spread_unit(tmp_path, 5)
+    upload_from(store, lost)  # host 1 never uploads step 5
+    unread, _ = spread_unit(tmp_path, 7)
+    upload_from(store, unread)
+    store.put_bytes(f"t/{unread.name}/ckptd-part-{'b' * 32}.json", b"{not json")  # host 1's, unreadable
+    store.put_bytes(f"t/t-step00000010/ckptd-part-{'c' * 32}.json", b"{planted")  # a disk nobody has
     keep = Settings(remote_keep_last=5)
     prune_remote(store, "t", keep, time.time())
     units = {k.split("/")[1] for k in store.list("t/")}
-    assert units == {"t-step00000010", "t-step00000015", "t-step00000020"}, units
-    prune_remote(store, "t", keep, time.time() + 2 * 86400)  # host 1 never came back
-    assert {k.split("/")[1] for k in store.list("t/")} == {"t-step00000010", "t-step00000020"}
+    assert units == {f"t-step{s:08d}" for s in (5, 7, 10, 15, 20)}, units
+    assert [c.step for c in committed(store, "t")] == [10, 20]
+    upload_from(store, late[1])  # the other host's part comes: the unit counts
+    assert [c.step for c in committed(store, "t")] == [10, 15, 20]
+    prune_remote(store, "t", keep, time.time() + 2 * 86400)  # host 1 never came back for step 5
+    assert {k.split("/")[1] for k in store.list("t/")} == {f"t-step{s:08d}" for s in (7, 10, 15, 20)}
     prune_remote(store, "t", Settings(remote_keep_last=1), time.time())
     assert [c.step for c in committed(store, "t")] == [20]
-    assert {k.split("/")[1] for k in store.list("t/")} == {"t-step00000020"}
+    assert {k.split("/")[1] for k in store.list("t/")} == {"t-step00000007", "t-step00000020"}

@@ -25,6 +25,7 @@ from ckptd.disk.verify import verify_file, verify_unit
 from ckptd.save.keep import collect
 from tests.conftest import PYTHON, ROOT, DaemonProc, ckptd_cli, free_port, preempt_group, run_py, wait_until
 from tests.test_integrations import ENV, run
+from tests.test_overlap import assert_one_step, at_step
 
 TORCHRUN = str(Path(PYTHON).parent / "torchrun")
 
@@ -331,3 +332,21 @@ def test_ranks_whose_directories_differ_resume_the_newest_unit_every_rank_holds(
     said = re.findall(r"rank (\d) ResumeError: (.*)", r.stdout)
     assert sorted(rank for rank, _ in said) == ["0", "1"], r.stdout + r.stderr[-3000:]
     assert all("rank 1: the job directory" in why and "owned by uid 65534" in why for _, why in said), said
+
+
+def test_overlapped_sharded_saves_hold_each_ranks_state_of_their_step_and_resume(tmp_path: Path) -> None:
+    """``snapshot="overlap"`` with ``sharded=True`` (per-rank state): each rank's copy runs while
+    the next optimizer step waits for it, the ranks commit each unit as before, and every shard
+    holds its rank's state of the saving step, bit for bit (the weights and the momentum say
+    their step: a shard that mixed two steps fails); the run then resumes from the newest unit."""
+    script = str(ROOT / "tests" / "scripts" / "overlap_train.py")
+    launch = [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", script, str(tmp_path), "12", "--sharded"]
+    assert run(launch).count(f"DONE 12 {at_step(12)[0]} overlap=True") == 2
+    units = [c for c in scan(str(tmp_path), "ov") if c.ok]
+    assert [c.step for c in units] == [10, 11, 12], units  # keep_last=3, every step saved
+    for c in units:
+        for r in range(2):
+            assert assert_one_step(str(Path(c.path) / mf.shard_name(r, 2))) == c.step
+    launch[2] = f"--master_port={free_port()}"
+    launch[5] = "16"
+    assert run(launch).count(f"DONE 16 {at_step(16)[0]} overlap=True") == 2

@@ -136,7 +136,9 @@ class Checkpointer:
             socket_path=socket_path(socket),
         )
         self._record = SaveRecord()
-        overlaps = self.settings.snapshot == "overlap" and self.saving and not sharded
+        overlaps = self.settings.snapshot == "overlap" and self.saving and not self._dcp
+        if self.settings.snapshot == "overlap" and self._dcp:
+            log.warning("ckptd: job %s: snapshot='overlap' with DTensor state (FSDP2) is not built yet; 'host'", job)
         overlap = Overlap(optimizer, self._record.failed_early) if overlaps else None
         self.stats, self.saved = self._record.stats, self._record.saved  # counters, one record per save
         self._buffer = StagingBuffer(f"ckptd-{job}", pin=self._sizes.pin)
@@ -222,23 +224,26 @@ class Checkpointer:
             raise problem
         if self._shards is not None:  # every rank: which disk its directory is on (node-local ones differ)
             self._shards.locate(socket_module.gethostname(), lambda: disk_of_directory(self.directory))
-            if self._shards.disks > 1 and self.settings.remote:
-                self._one_remote_prefix(self._shards)
+            if self._shards.disks > 1:
+                self._one_remote_tier(self._shards)
 
-    def _one_remote_prefix(self, shards: ShardGroup) -> None:
-        """Across node-local disks each host uploads its part of a unit under the job's remote
-        prefix, which names the job directory's path and the uid: hosts whose differ would each
-        upload parts of units that never complete. Every rank stops at start, with the same error."""
+    def _one_remote_tier(self, shards: ShardGroup) -> None:
+        """Across node-local disks each host uploads its part of a unit to the job's remote tier,
+        under a prefix that names the job directory's path and the uid: hosts whose tier, path or
+        uid differ would each upload parts of units that never complete. Every rank takes part
+        (a host without ``remote=`` too) and stops at start, with the same error."""
         from ckptd.remote.layout import prefix_in
 
-        mine = (prefix_in(self.settings, self.job, self.directory), os.path.realpath(self.directory), os.getuid())
-        seen = [tuple(x) for x in shards.gather(mine)]
-        if len({p for p, _, _ in seen}) > 1:
-            where = "; ".join(f"rank {r}: {d} as uid {u}" for r, (_, d, u) in enumerate(seen) if seen[r] != seen[0])
+        s = self.settings
+        mine = (s.remote or "", s.remote_endpoint or "", prefix_in(s, self.job, self.directory) if s.remote else "")
+        seen = [tuple(str(x) for x in t) for t in shards.gather(mine)]
+        if len(set(seen)) > 1:
+            where = "; ".join(f"rank {r}: {t[0] or 'no remote'} {t[2]}" for r, t in enumerate(seen) if t != seen[0])
             raise SettingsError(
-                f"job {self.job}: sharded=True with node-local directories and remote=: every host must use the "
-                f"same job directory path as the same user (the remote prefix names both, and each host uploads "
-                f"its part of every unit there); rank 0 has {seen[0][1]} as uid {seen[0][2]}, {where}"
+                f"job {self.job}: sharded=True with node-local directories: every host must have the same remote "
+                "tier (remote=, remote_endpoint=) and, with one, the same job directory path as the same user (its "
+                "prefix names both; each host uploads its part of every unit there); rank 0 has "
+                f"{seen[0][0] or 'no remote'} {seen[0][2]}, {where}"
             )
 
     def _check_target(self) -> None:

@@ -46,9 +46,10 @@ def fetch(
     here: Collection[str] = (),
 ) -> str | None:
     """Download the newest committed checkpoint (or ``step``) under the job's ``prefix``
-    (``layout.job_prefix``) that verifies into ``directory``; one whose name is in ``here``
-    (what ``directory`` holds committed: a host's own part of a spread unit) is not downloaded
-    again, and its local path is returned (the caller verifies it as any local checkpoint).
+    (``layout.job_prefix``) that verifies into ``directory``; a unit named in ``here`` (what
+    ``directory`` holds committed: a host's own part of a spread unit) whose manifest there is the
+    one the store holds (by digest) is not downloaded again, and its local path is returned (the
+    caller verifies it as any local checkpoint).
 
     Streams to a temp file there, verifies the local copy tensor by tensor (the same read
     checks the commit's size and metadata digest), then renames it to its final name and
@@ -59,7 +60,7 @@ def fetch(
     for c in reversed(found):
         if (step is not None and c.step != step) or not check(c):
             continue
-        if c.name in here:
+        if c.name in here and _same_unit_here(directory, c):
             return os.path.join(directory, c.name)
         if not _holders(store, c, found, directory):
             continue
@@ -80,6 +81,24 @@ def _holders(store: Store, c: RemoteCheckpoint, found: list[RemoteCheckpoint], d
             log.error("remote: %s/%s refers to %s, which cannot be fetched", store.url, c.key, name)
             return False
     return True
+
+
+def _same_unit_here(directory: str, c: RemoteCheckpoint) -> bool:
+    """Does ``directory`` hold the unit ``c`` committed with the very manifest the store holds? (A
+    unit of the same name from another attempt at that step is not the same checkpoint.)"""
+    if not c.shards:
+        return False
+    try:
+        fd = os.open(
+            os.path.join(directory, c.name, mf.MANIFEST), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        return (
+            os.path.isfile(f"/proc/self/fd/{fd}")
+            and xxhash.xxh3_64_hexdigest(f.read(mf.MAX_MANIFEST_BYTES + 1)) == c.meta_digest
+        )
 
 
 def _verifies_here(directory: str, name: str) -> bool:

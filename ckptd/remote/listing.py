@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import xxhash
 
@@ -40,10 +40,12 @@ __all__ = [
     "INDEX",
     "PART_RE",
     "RemoteCheckpoint",
+    "Spread",
     "RemoteIndex",
     "committed",
     "parse_commit",
     "part_key",
+    "read_spread",
     "uncommitted",
 ]
 
@@ -53,7 +55,6 @@ FORMAT = "1"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*-step\d+(\.safetensors)?$")  # a checkpoint's, nothing else
 PART_RE = re.compile(r"^ckptd-part-([0-9a-f]{32})\.json$")  # one host's part of a spread unit, by its disk id
 MAX_COMMIT_BYTES = 1 << 20
-MAX_PARTS = 1024  # part commits per unit (one per host): past it, a hostile store, not read one by one
 
 
 def part_key(unit_key: str, disk: str) -> str:
@@ -79,6 +80,7 @@ class RemoteCheckpoint:
     directory: str = ""  # the job directory it was saved in, on the host that saved it
     disk: str = ""  # one host's part of a spread unit (its disk id; ``shards``: that disk's); "" = the whole
     parts: tuple[str, ...] = ()  # a spread unit assembled from its hosts' part commits: their keys
+    uploaded: float = 0.0  # a part commit: when it was written (remote retention waits for the others from it)
 
     @property
     def name(self) -> str:
@@ -114,57 +116,91 @@ def committed(store: Store, prefix: str, listing: Mapping[str, int] | None = Non
             except (ValueError, KeyError, TypeError, RemoteError) as exc:
                 log.warning("remote: %s/%s: unreadable commit object (%s); ignored", store.url, key, exc)
     whole = {c.key for c in out}
-    for unit, parts in sorted(_parts_by_unit(prefix, keys).items()):
-        if unit not in whole and (assembled := _assembled(store, unit, parts)) is not None:
+    for unit in sorted(_spread_units(prefix, keys)):
+        if unit not in whole and (assembled := _assembled(store, unit, keys)) is not None:
             out.append(assembled)
     return sorted(out, key=lambda c: (c.step, c.created))
 
 
-def _parts_by_unit(prefix: str, keys: Iterable[str]) -> dict[str, list[str]]:
-    """The part commits under ``prefix``, by the key of the unit they are in."""
-    found: dict[str, list[str]] = {}
+def _spread_units(prefix: str, keys: Iterable[str]) -> set[str]:
+    """The units under ``prefix`` with a part commit: spread over disks, uploaded host by host."""
+    found = set()
     for key in keys:
         unit, _, name = key.rpartition("/")
         if PART_RE.match(name) and unit.startswith(f"{prefix}/") and "/" not in unit[len(prefix) + 1 :]:
-            found.setdefault(unit, []).append(key)
+            found.add(unit)
     return found
 
 
-def _assembled(store: Store, unit: str, keys: list[str]) -> RemoteCheckpoint | None:
-    """A spread unit from its hosts' part commits, when they make it whole: every part names
-    the manifest as stored (by digest), the same owner and directory, and exactly the shards
-    the manifest puts on its disk; and every disk the manifest names has its part. Otherwise
-    it is not committed (yet: another host may still be uploading), and nothing says so."""
-    if len(keys) > MAX_PARTS or not NAME_RE.match(unit.rsplit("/", 1)[-1]):
-        log.warning("remote: %s/%s: %d part commits, or not a unit's name; not counted", store.url, unit, len(keys))
-        return None
+@dataclass(frozen=True)
+class Spread:
+    """What the store holds of one unit uploaded host by host: its manifest (None: absent or
+    unreadable), and the part of each disk that manifest names (a part of any other disk is
+    nobody's and is never read)."""
+
+    manifest: mf.Manifest | None
+    digest: str = ""
+    parts: dict[str, RemoteCheckpoint] = field(default_factory=dict)  # disk -> its part, for this manifest
+    unread: bool = False  # something there could not be read (the store failed, or it is no part): judge later
+
+    @property
+    def missing(self) -> set[str]:
+        """The disks the manifest names whose part (for this manifest) is not there yet."""
+        return {s.disk for s in self.manifest.shards} - set(self.parts) if self.manifest else set()
+
+
+def read_spread(store: Store, unit: str, listing: Mapping[str, int]) -> Spread:
+    """The manifest first, then only the parts of the disks it names: a part planted for another
+    disk costs nothing and decides nothing. Objects are read no further than their bounds, and a
+    parsed one is remembered by its key and size (every host lists every unit after each upload)."""
+    key = f"{unit}/{mf.MANIFEST}"
+    if key not in listing:
+        return Spread(None)
     try:
-        parts = [parse_commit(store, key) for key in keys]
-        first = parts[0]
-        body, _ = store.open(f"{unit}/{mf.MANIFEST}")
-        try:
-            text = body.read(mf.MAX_MANIFEST_BYTES + 1)
-        finally:
-            body.close()
-        m = mf.Manifest.parse(text.decode("utf-8"))
+        m, digest = _cached(store, key, listing[key], _read_manifest)
     except (ValueError, KeyError, TypeError, RemoteError, UnicodeDecodeError) as exc:
-        log.warning("remote: %s/%s: unreadable part of a spread unit (%s); not counted", store.url, unit, exc)
+        log.warning("remote: %s/%s: unreadable manifest (%s); not counted", store.url, key, exc)
+        return Spread(None, unread=True)
+    parts, unread = {}, False
+    for disk in sorted({s.disk for s in m.shards}):
+        pk = part_key(unit, disk)
+        if pk not in listing:
+            continue
+        try:
+            part = _cached(store, pk, listing[pk], parse_commit)
+        except (ValueError, KeyError, TypeError, RemoteError) as exc:
+            log.warning("remote: %s/%s: unreadable part commit (%s); not counted", store.url, pk, exc)
+            unread = True
+            continue
+        if part.meta_digest == digest:  # (another digest: a part of an earlier attempt at this step)
+            parts[disk] = part
+    return Spread(m, digest, parts, unread)
+
+
+def _assembled(store: Store, unit: str, listing: Mapping[str, int]) -> RemoteCheckpoint | None:
+    """A spread unit, when its parts make it whole: every disk the manifest names has its part,
+    each naming exactly the shards the manifest puts on its disk, all of the same step, owner and
+    directory. Otherwise it is not committed (yet: another host may still be uploading)."""
+    if not NAME_RE.match(unit.rsplit("/", 1)[-1]):
         return None
-    digest = xxhash.xxh3_64_hexdigest(text)
-    by_disk = {p.disk: p for p in parts if p.meta_digest == digest}
-    disks = {s.disk for s in m.shards}
-    if (
-        set(by_disk) != disks
-        or any((p.owner_uid, p.directory, p.step) != (first.owner_uid, first.directory, m.step) for p in parts)
-        or any(set(p.shards) != {s.file for s in m.shards if s.disk == d} for d, p in by_disk.items())
+    got = read_spread(store, unit, listing)
+    m, parts = got.manifest, list(got.parts.values())
+    if m is None or got.unread or got.missing or not parts:
+        return None
+    first = parts[0]
+    if any((p.owner_uid, p.directory, p.step) != (first.owner_uid, first.directory, m.step) for p in parts) or any(
+        set(p.shards) != {s.file for s in m.shards if s.disk == d} for d, p in got.parts.items()
     ):
+        log.warning(
+            "remote: %s/%s: its hosts' parts disagree with each other or its manifest; not counted", store.url, unit
+        )
         return None
     return RemoteCheckpoint(
         unit,
         m.job,
         m.step,
         sum(s.bytes for s in m.shards),
-        digest,
+        got.digest,
         min(p.created for p in parts),
         m.trigger,
         m.metrics,
@@ -172,9 +208,34 @@ def _assembled(store: Store, unit: str, keys: list[str]) -> RemoteCheckpoint | N
         (),
         first.owner_uid,
         first.directory,
-        "",
-        tuple(sorted(keys)),
+        parts=tuple(sorted(part_key(unit, d) for d in got.parts)),
+        uploaded=min(p.uploaded for p in parts),
     )
+
+
+_READ: dict[tuple[str, str, int], Any] = {}  # (store URL, key, size) -> what it parsed to
+MAX_CACHED = 4096
+
+
+def _cached(store: Store, key: str, size: int, read: Callable[[Store, str], Any]) -> Any:
+    entry = (store.url, key, size)
+    if entry not in _READ:
+        value = read(store, key)
+        if len(_READ) >= MAX_CACHED:
+            _READ.clear()
+        _READ[entry] = value
+    return _READ[entry]
+
+
+def _read_manifest(store: Store, key: str) -> tuple[mf.Manifest, str]:
+    body, _ = store.open(key)
+    try:
+        text = body.read(mf.MAX_MANIFEST_BYTES + 1)
+    finally:
+        body.close()
+    if len(text) > mf.MAX_MANIFEST_BYTES:
+        raise ValueError(f"larger than {mf.MAX_MANIFEST_BYTES} bytes")
+    return mf.Manifest.parse(text.decode("utf-8")), xxhash.xxh3_64_hexdigest(text)
 
 
 def parse_commit(store: Store, key: str) -> RemoteCheckpoint:
@@ -214,6 +275,7 @@ def parse_commit(store: Store, key: str) -> RemoteCheckpoint:
         None if owner is None else int(owner),
         str(doc.get("directory") or ""),
         part.group(1) if part else "",
+        uploaded=float(doc.get("uploaded") or 0.0),
     )
 
 

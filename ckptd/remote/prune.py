@@ -3,22 +3,23 @@ checkpoints, through the same item builder and the same applier as local and wat
 (``retention.item_of``, ``retention.carry_out``). A deletion removes the commit object first,
 then the data, so a half-deleted checkpoint is never listed; leftovers of cut-off uploads older
 than the newest committed checkpoint go too. A unit some host began to upload as its part of a
-spread unit (its manifest or a part commit is there) may still be waiting for the other hosts'
-parts, which come newest first after an outage: it goes only once it is older than every
-committed checkpoint, or its parts are a day old (``ABANDONED_AFTER``: a host that never came
-back). Local files are never touched here.
+spread unit may still be waiting for the other hosts' parts, which come newest first after an
+outage: it goes only once a disk its manifest names still lacks its part a day after the first
+part was uploaded (``ABANDONED_AFTER``: a host that never came back), and never on something
+that could not be read. Local files are never touched here.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from typing import Mapping
 
 from ckptd.core import retention
 from ckptd.core.settings import Settings
 from ckptd.disk import manifest as mf
-from ckptd.remote.listing import PART_RE, RemoteCheckpoint, committed, parse_commit, uncommitted
-from ckptd.remote.stores import RemoteError, Store
+from ckptd.remote.listing import PART_RE, RemoteCheckpoint, committed, read_spread, uncommitted
+from ckptd.remote.stores import Store
 
 __all__ = ["prune_remote", "remote_rules"]
 
@@ -54,14 +55,14 @@ def prune_remote(store: Store, prefix: str, settings: Settings, now: float) -> l
     ]
     verdicts = retention.judge(items, rules, now)
     by_key = {c.key: c for c in commits}
-    for r in retention.carry_out(verdicts, lambda item: _delete(store, by_key[item.id])):
+    for r in retention.carry_out(verdicts, lambda item: _delete(store, by_key[item.id], listing)):
         if r.done:
             log.info("remote: deleted %s/%s (%s)", store.url, r.verdict.item.id, r.verdict.rule)
         else:
             log.error("remote: could not delete %s/%s: %s", store.url, r.verdict.item.id, r.error)
     steps = [c.step for c in commits]
     for key, objects in uncommitted(listing, prefix, {c.key for c in commits}).items():
-        why = _abandoned(store, key, objects, steps, now)
+        why = _abandoned(store, key, objects, steps, listing, now)
         if why:
             for k in sorted(objects, key=lambda k: not PART_RE.match(k.rsplit("/", 1)[-1])):  # parts first
                 store.delete(k)
@@ -69,44 +70,36 @@ def prune_remote(store: Store, prefix: str, settings: Settings, now: float) -> l
     return verdicts
 
 
-def _abandoned(store: Store, key: str, objects: list[str], steps: list[int], now: float) -> str:
-    """Why the objects of ``key``, not committed, are given up ("" = not yet): older than the
-    newest committed checkpoint, and not a spread unit's part that may still be completed."""
+def _abandoned(
+    store: Store, key: str, objects: list[str], steps: list[int], listing: Mapping[str, int], now: float
+) -> str:
+    """Why the objects of ``key``, not committed, are given up ("" = not now). Only what is older
+    than the newest committed checkpoint, and of a unit uploaded host by host only once its
+    manifest was read and a disk it names still lacks its part a day after the first part came
+    (``ABANDONED_AFTER``): after an outage the hosts upload newest first, and a part that cannot be
+    read now (a store that throttles, an object that is no part) is judged at a later prune."""
     step = _step_of(key)
     if step is None or not steps or step >= max(steps):
         return ""
-    names = [k.rsplit("/", 1)[-1] for k in objects]
-    parts = [k for k, n in zip(objects, names) if PART_RE.match(n)]
-    if not parts and not (mf.MANIFEST in names and _spread(store, key)):
+    names = {k.rsplit("/", 1)[-1] for k in objects}
+    if mf.MANIFEST not in names:
         return "an upload that never committed"
-    if step < min(steps):
-        return "a spread unit older than every committed one, never completed by every host"
-    try:
-        saved = max(parse_commit(store, k).created for k in parts) if parts else now
-    except (ValueError, KeyError, TypeError, RemoteError):
-        saved = 0.0  # a part no host could have written is no reason to wait
-    if now - saved > ABANDONED_AFTER:
+    got = read_spread(store, key, listing)
+    if got.manifest is None or got.unread or not got.missing:
+        return ""  # unreadable now, or whole yet not counted (its parts disagree): nothing is deleted
+    if len({s.disk for s in got.manifest.shards}) < 2 and not got.parts:
+        return "an upload that never committed"
+    first = min((p.uploaded or p.created for p in got.parts.values()), default=None)
+    if first is not None and now - first > ABANDONED_AFTER:
         return f"a spread unit whose other hosts' parts did not come within {ABANDONED_AFTER / 3600:.0f} hours"
     return ""
 
 
-def _spread(store: Store, key: str) -> bool:
-    """Does the manifest under ``key`` put the unit's shards on more than one disk (so that other
-    hosts may still be uploading their parts)? An unreadable one does not."""
-    try:
-        body, _ = store.open(f"{key}/{mf.MANIFEST}")
-        try:
-            text = body.read(mf.MAX_MANIFEST_BYTES + 1)
-        finally:
-            body.close()
-        return len({s.disk for s in mf.Manifest.parse(text.decode("utf-8")).shards}) > 1
-    except (RemoteError, ValueError, UnicodeDecodeError):
-        return False
-
-
-def _delete(store: Store, c: RemoteCheckpoint) -> None:
-    """The commit object (or every part's) first: a checkpoint half deleted is never listed as committed."""
-    for key in (*c.commits, *c.objects):
+def _delete(store: Store, c: RemoteCheckpoint, listing: Mapping[str, int]) -> None:
+    """The commit object (or every part's, and any part left beside a whole commit) first: a
+    checkpoint half deleted is never listed as committed."""
+    parts = [k for k in listing if k.startswith(f"{c.key}/") and PART_RE.match(k.rsplit("/", 1)[-1])]
+    for key in dict.fromkeys([*c.commits, *parts, *c.objects]):
         store.delete(key)
 
 

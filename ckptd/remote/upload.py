@@ -29,9 +29,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import stat
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import xxhash
@@ -101,6 +103,8 @@ def replicate(
         for k in commit.objects if not commit.disk else [k for _, k in pairs]:  # never another host's part
             _quietly(store.delete, k)
         raise RemoteError(f"{store.url}/{key} did not verify after the upload: {result.reason}")
+    if commit.disk:  # other hosts' parts are waited for from the first part's upload, not from the save
+        commit = dataclasses.replace(commit, uploaded=time.time())
     body = json.dumps({"ckptd.remote": FORMAT, **commit.__dict__}, sort_keys=True).encode()
     store.put_bytes(part_key(key, commit.disk) if commit.disk else key + COMMIT, body)
     return commit

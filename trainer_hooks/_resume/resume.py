@@ -308,14 +308,16 @@ class Resumer:
     def _fetch_remote(self) -> bool:
         """No local checkpoint verifies (sharded: none every rank holds): a new host resumes from
         the remote tier, if there is one. Sharded: each disk's lead fetches the newest remote unit
-        that verifies, unless its disk holds it committed already (a surviving host's own part of
-        a unit spread over node-local disks); then every rank looks again."""
+        that verifies, unless its disk holds it committed already, with the same manifest, and it
+        was not tried yet (a surviving host's own part of a unit spread over node-local disks,
+        which the other hosts lacked); then every rank looks again."""
         if not self.settings.remote:
             return False
         if self.shards is None:
             return self._fetch_newest() is not None
         self.shards.everyone(True)  # every rank has looked at its directory before anything appears in it
-        here = [name for name, _, ok in self.held[self.rank] if ok] if self.held else []
+        tried = _common(self.held) if self.held else set()  # (every rank's: verified, and one failed)
+        here = [name for name, _, ok in self.held[self.rank] if ok and name not in tried] if self.held else []
         path = self._fetch_newest(here) if self.shards.lead else None
         self.shards.everyone(True)  # each lead's copy is in place before its disk's ranks look
         return not self.shards.everyone(path is None)  # the same answer on every rank
