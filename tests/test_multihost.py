@@ -52,10 +52,12 @@ def start_hosts(
     daemons: list[DaemonProc] | None = None,
     env: dict[str, str] | None = None,
     swap: bool = False,
+    host_env: list[dict[str, str]] | None = None,
 ) -> list[subprocess.Popen[str]]:
     """The 4-rank job as two hosts, each with its own disk at ``tmp_path/mnt`` (``shared``: one
     directory that both see, as a shared filesystem; ``daemons``: each host's, whose socket
-    its ranks talk to); one ``torchrun`` node per host, started."""
+    its ranks talk to; ``host_env``: each host's own variables); one ``torchrun`` node per host,
+    started."""
     mnt, port = tmp_path / "mnt", free_port()
     mnt.mkdir(exist_ok=True)
     nodes = []
@@ -82,7 +84,12 @@ def start_hosts(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env={**ENV, **(env or {}), **({"CKPTD_SOCKET": daemons[h].socket} if daemons else {})},
+                env={
+                    **ENV,
+                    **(env or {}),
+                    **(host_env[h] if host_env else {}),
+                    **({"CKPTD_SOCKET": daemons[h].socket} if daemons else {}),
+                },
             )
         )
     return nodes
@@ -309,3 +316,14 @@ def test_a_host_killed_mid_run_and_replaced_resumes_where_every_host_reached_the
     starts = set(re.findall(r"rank \d pid \d+ starting at step (\d+)", out))
     assert starts == {str(max(whole & held))}, (starts, whole, held, out[-4000:])
     assert fingerprints(out) == straight, "bit-identical to a run never stopped"
+
+
+def test_hosts_with_different_remote_tiers_stop_every_rank_at_start(tmp_path: Path) -> None:
+    """Each host uploads its part under the job's remote prefix: a host without the remote tier
+    (or with another one) would leave every unit incomplete in the store. Every rank stops at
+    start with the same error, the host without ``remote=`` included (it takes part in the check)."""
+    remote = {"CKPTD_REMOTE": f"file://{tmp_path / 'remote'}"}
+    out = on_hosts(tmp_path, "--steps", "10", check=False, host_env=[remote, {}])
+    said = out.count("every host must have the same remote tier")
+    assert said >= HOSTS, out[-4000:]  # each host's ranks (torchrun may stop a sibling before it prints)
+    assert "starting at step" not in out
