@@ -157,3 +157,5 @@ def _tensors(obj: object) -> list[torch.Tensor]:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # shut the groups down while the interpreter is whole: left to
+        torch.distributed.destroy_process_group()  # exit, a gloo group's threads can abort it (SIGABRT)

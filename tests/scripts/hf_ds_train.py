@@ -58,3 +58,5 @@ sys.stdout.write(
     f"rank {trainer.args.process_index} STEP {trainer.state.global_step} FINGERPRINT {h.hexdigest()[:16]}\n"
 )
 sys.stdout.flush()  # one write: the ranks share the pipe
+if torch.distributed.is_initialized():  # shut the groups down while the interpreter is whole: left to
+    torch.distributed.destroy_process_group()  # exit, a gloo group's threads can abort it (SIGABRT)
