@@ -28,6 +28,7 @@ BENCH = ROOT / "benchmarks"
         ("bench_finetune", "finetune_quick"),
         ("bench_resume", "resume_quick"),
         ("bench_multilevel", "multilevel_quick"),
+        ("bench_multihost", "multihost_quick"),
     ],
 )
 def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
@@ -63,3 +64,5 @@ def test_benchmark_smoke(name: str, result: str, tmp_path: Path) -> None:
         assert set(overlap) == {"64", "256"} and all(o["step_beside_copy"] > 0 for o in overlap.values()), doc
     if name == "bench_io":
         assert doc["verify_peak_rss_bytes"] < 300 * 2**20
+    if name == "bench_multihost":  # a lost host's part back from the store (both hosts' parts) and from its disk
+        assert all(len(v) == 1 for v in doc["series"].values()) and doc["ratio_store_vs_disk"] > 0, doc
