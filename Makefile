@@ -78,9 +78,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_resume.py
 
 # The reliability campaign at full size: 200 trainer and 200 daemon kills, 200 kills of overlapped saves, 10,000
-# corruptions, 100,000 fuzzed messages, 64 clients x 1,000 saves (an hour or more).
+# corruptions, 100,000 fuzzed messages, 6 whole hosts lost and replaced, 64 clients x 1,000 saves (an hour or more).
 soak: $(STAMP) tools
-	CKPTD_SOAK=1 $(PY) -m pytest -q -s -o timeout=7200 tests/test_reliability.py tests/test_protocol.py tests/test_overlap.py
+	CKPTD_SOAK=1 $(PY) -m pytest -q -s -o timeout=7200 tests/test_reliability.py tests/test_protocol.py tests/test_overlap.py tests/test_multihost.py
 	$(PY) benchmarks/bench_load.py --clients 64 --saves 1000 --mib 1
 
 # A training host's install (as root): ckptd in its own venv at PREFIX, its console script linked
