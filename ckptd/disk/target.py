@@ -6,24 +6,25 @@ its directory by name: ``open_target`` walks from a root (the daemon's roots, or
 hook the directory itself) one component at a time without following a link
 (``safepath.open_dir``), then checks that the directory is still owned by the job's uid;
 a sharded unit's directory is made and opened below that fd the same way
-(``open_unit``). Everything the save writes, the temp file, the rename, the manifest,
+(``open_unit``; ``opened_unit`` holds both for a ``with`` block). Everything the save writes, the temp file, the rename, the manifest,
 is relative to the fds these return. The daemon's single-file saves, its commits of
 sharded units and every rank of a sharded save all go through here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ckptd.core.settings import Settings
 from ckptd.core.vocab import FailReason
 from ckptd.disk.persist import PersistError, reason_for
 from ckptd.disk.safepath import DIR_FLAGS, OutsideRoots, open_dir
 
-__all__ = ["Target", "open_target", "open_unit"]
+__all__ = ["Target", "open_target", "open_unit", "opened_unit"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,21 @@ def open_unit(t: Target, dfd: int, name: str, create: bool) -> int:
         raise _refused(exc, path) from None
     _check_owner(ufd, t, path)
     return ufd
+
+
+@contextlib.contextmanager
+def opened_unit(t: Target, name: str, create: bool = False) -> Iterator[tuple[int, int]]:
+    """The job directory and the unit ``name`` below it, both through the guard (``open_target``
+    then ``open_unit``), as ``(directory fd, unit fd)``; both closed when the block ends."""
+    dfd = open_target(t)
+    try:
+        ufd = open_unit(t, dfd, name, create)
+        try:
+            yield dfd, ufd
+        finally:
+            os.close(ufd)
+    finally:
+        os.close(dfd)
 
 
 def _check_owner(fd: int, t: Target, path: str) -> None:

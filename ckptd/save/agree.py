@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 from ckptd.disk import manifest as mf
 from ckptd.disk.persist import Persisted
-from ckptd.disk.target import Target, open_target, open_unit
+from ckptd.disk.target import Target, opened_unit
 
 __all__ = ["Agreement", "commit_here", "manifest_from", "shard_outcome", "uncommit"]
 
@@ -80,15 +80,8 @@ def commit_here(t: Target, unit: str, outcomes: list[dict[str, Any]], world_size
         return problem
     manifest = manifest_from(outcomes, world_size)
     try:
-        dfd = open_target(t)
-        try:
-            ufd = open_unit(t, dfd, unit, create=False)
-            try:
-                return _check_and_write(ufd, dfd, os.path.join(t.directory, unit), manifest, disk)
-            finally:
-                os.close(ufd)
-        finally:
-            os.close(dfd)
+        with opened_unit(t, unit) as (dfd, ufd):
+            return _check_and_write(ufd, dfd, os.path.join(t.directory, unit), manifest, disk)
     except Exception as exc:  # PersistError from the guard, OSError from the disk
         return f"committing {os.path.join(t.directory, unit)} failed: {getattr(exc, 'strerror', None) or exc}"
 
@@ -97,16 +90,9 @@ def uncommit(t: Target, unit: str) -> None:
     """Take this disk's manifest of ``unit`` back (another disk did not commit it): the unit is
     then an uncommitted attempt here too, removed as ``partial`` once a later save commits."""
     try:
-        dfd = open_target(t)
-        try:
-            ufd = open_unit(t, dfd, unit, create=False)
-            try:
-                os.unlink(mf.MANIFEST, dir_fd=ufd)
-                os.fsync(ufd)
-            finally:
-                os.close(ufd)
-        finally:
-            os.close(dfd)
+        with opened_unit(t, unit) as (_, ufd):
+            os.unlink(mf.MANIFEST, dir_fd=ufd)
+            os.fsync(ufd)
     except FileNotFoundError:
         pass
     except Exception as exc:  # PersistError from the guard, OSError from the disk

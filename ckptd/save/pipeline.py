@@ -42,7 +42,7 @@ from ckptd.disk import manifest as mf
 from ckptd.disk.persist import Persisted, PersistError, persist, reason_for
 from ckptd.disk.remove import Removal, remove
 from ckptd.disk.scan import Checkpoint, read_info
-from ckptd.disk.target import Target, open_target, open_unit
+from ckptd.disk.target import Target, open_target, opened_unit
 from ckptd.disk.verify import verify_unit
 from ckptd.foreign import deepspeed as dsfmt
 from ckptd.save.agree import Agreement, commit_here, shard_outcome, uncommit
@@ -171,15 +171,8 @@ def _commit(
 
 
 def _write_shard(t: Target, shard: StagedShard, path: str) -> Persisted:
-    dfd = open_target(t)
-    try:
-        ufd = open_unit(t, dfd, shard.unit, create=True)
-        try:
-            return persist(shard.fd, shard.length, path, shard.filename, dir_fd=ufd)
-        finally:
-            os.close(ufd)
-    finally:
-        os.close(dfd)
+    with opened_unit(t, shard.unit, create=True) as (_, ufd):
+        return persist(shard.fd, shard.length, path, shard.filename, dir_fd=ufd)
 
 
 def _prepare_unit(t: Target, shard: StagedShard, ranks: int, removed: Callable[[list[Removal]], None]) -> None:
@@ -197,11 +190,8 @@ def commit_unit(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
     a link, still the job uid's), then its manifest and every shard's size and header checked
     (their writers verified them from disk), then ``committed``, retention and replication."""
     path = os.path.join(t.directory, name)
-    dfd = open_target(t)
-    try:
-        os.close(open_unit(t, dfd, name, create=False))
-    finally:
-        os.close(dfd)
+    with opened_unit(t, name):
+        pass
     result, info = verify_unit(path, full=()), read_info(path)
     if not result.ok or info.job != t.job or info.step != step:
         raise PersistError(
@@ -226,15 +216,8 @@ def commit_tag(t: Target, name: str, step: int, hooks: Hooks) -> Checkpoint:
     ``committed`` and retention over the job's tags. Not replicated: the remote tier takes
     ckptd's own files and units only."""
     path = os.path.join(t.directory, name)
-    dfd = open_target(t)
-    try:
-        ufd = open_unit(t, dfd, name, create=False)
-        try:
-            hostile = dsfmt.not_plain(ufd)
-        finally:
-            os.close(ufd)
-    finally:
-        os.close(dfd)
+    with opened_unit(t, name) as (_, ufd):
+        hostile = dsfmt.not_plain(ufd)
     result = dsfmt.verify(path) if not hostile else None
     info = dsfmt.committed_info(path)
     if result is None or not result.ok or info.job != t.job or info.step != step:
