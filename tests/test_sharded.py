@@ -350,3 +350,13 @@ def test_overlapped_sharded_saves_hold_each_ranks_state_of_their_step_and_resume
     launch[2] = f"--master_port={free_port()}"
     launch[5] = "16"
     assert run(launch).count(f"DONE 16 {at_step(16)[0]} overlap=True") == 2
+
+
+def test_rank0_proposes_about_a_tenth_of_a_second_between_trigger_exchanges() -> None:
+    """(In-process; here, not in the unit tier: the module holding it imports torch.)"""
+    from trainer_hooks._ranks.shards import MAX_INTERVAL, next_interval
+
+    assert next_interval(None) == 1 and next_interval(0.0) == 1  # no measurement yet: every call
+    assert next_interval(0.001) == 100 and next_interval(0.01) == 10
+    assert next_interval(2.0) == 1  # slow steps: every step, a trigger waits one step
+    assert next_interval(1e-9) == MAX_INTERVAL

@@ -21,15 +21,6 @@ def test_commit_needs_every_rank_verified_at_the_same_step() -> None:
     assert "twice" in mf.commit_problem(twice, 3)
 
 
-def test_rank0_proposes_about_a_tenth_of_a_second_between_trigger_exchanges() -> None:
-    from trainer_hooks._ranks.shards import MAX_INTERVAL, next_interval
-
-    assert next_interval(None) == 1 and next_interval(0.0) == 1  # no measurement yet: every call
-    assert next_interval(0.001) == 100 and next_interval(0.01) == 10
-    assert next_interval(2.0) == 1  # slow steps: every step, a trigger waits one step
-    assert next_interval(1e-9) == MAX_INTERVAL
-
-
 def test_manifest_round_trip_and_rejects_inconsistent_ones() -> None:
     m = mf.Manifest(
         "j",
