@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import xxhash
 
@@ -151,13 +151,14 @@ class Spread:
 
 def read_spread(store: Store, unit: str, listing: Mapping[str, int]) -> Spread:
     """The manifest first, then only the parts of the disks it names: a part planted for another
-    disk costs nothing and decides nothing. Objects are read no further than their bounds, and a
-    parsed one is remembered by its key and size (every host lists every unit after each upload)."""
+    disk costs nothing and decides nothing. Objects are read no further than their bounds, and
+    read again at each listing: a part rewritten by a later attempt at the same step may have the
+    same size, so nothing listed can stand for what was read before."""
     key = f"{unit}/{mf.MANIFEST}"
     if key not in listing:
         return Spread(None)
     try:
-        m, digest = _cached(store, key, listing[key], _read_manifest)
+        m, digest = _read_manifest(store, key)
     except (ValueError, KeyError, TypeError, RemoteError, UnicodeDecodeError) as exc:
         log.warning("remote: %s/%s: unreadable manifest (%s); not counted", store.url, key, exc)
         return Spread(None, unread=True)
@@ -167,7 +168,7 @@ def read_spread(store: Store, unit: str, listing: Mapping[str, int]) -> Spread:
         if pk not in listing:
             continue
         try:
-            part = _cached(store, pk, listing[pk], parse_commit)
+            part = parse_commit(store, pk)
         except (ValueError, KeyError, TypeError, RemoteError) as exc:
             log.warning("remote: %s/%s: unreadable part commit (%s); not counted", store.url, pk, exc)
             unread = True
@@ -211,20 +212,6 @@ def _assembled(store: Store, unit: str, listing: Mapping[str, int]) -> RemoteChe
         parts=tuple(sorted(part_key(unit, d) for d in got.parts)),
         uploaded=min(p.uploaded for p in parts),
     )
-
-
-_READ: dict[tuple[str, str, int], Any] = {}  # (store URL, key, size) -> what it parsed to
-MAX_CACHED = 4096
-
-
-def _cached(store: Store, key: str, size: int, read: Callable[[Store, str], Any]) -> Any:
-    entry = (store.url, key, size)
-    if entry not in _READ:
-        value = read(store, key)
-        if len(_READ) >= MAX_CACHED:
-            _READ.clear()
-        _READ[entry] = value
-    return _READ[entry]
 
 
 def _read_manifest(store: Store, key: str) -> tuple[mf.Manifest, str]:
