@@ -11,7 +11,9 @@ the same run, medians of ``--reps``:
   unit verified tensor by tensor, renamed into place), then its two ranks' shards loaded;
 - **own disk**: a host that kept its disk: its part verified tensor by tensor (``verify_unit``,
   what resume does), then its two ranks' shards loaded (the page cache is warm: a best case);
-- **memcpy**: a copy of the same two shards' bytes, in memory.
+- **memcpy**: a copy of the same two shards' bytes, in memory, into the same allocated state.
+
+Both restores copy every loaded byte into that state (a load alone maps the file lazily).
 
 Not measured, because not built yet: the restore from a buddy's replica in memory and a
 replica's cost to training (``replicas=N``); nor the time from the last shard verified to the
@@ -28,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -130,25 +133,34 @@ def run(a: argparse.Namespace, work: Path, server: object) -> dict[str, object]:
     mine = [mf.shard_name(r, RANKS) for r in range(RANKS // HOSTS, RANKS)]  # host 1's ranks
     nbytes = sum((units[1] / f).stat().st_size for f in mine)
 
+    into = torch.empty(nbytes, dtype=torch.uint8)  # the ranks' state, allocated: a restore copies into it
+
+    def restore(unit: str) -> None:
+        """The two ranks' shards loaded and every byte copied into place (a load alone maps lazily)."""
+        at = 0
+        for f in mine:
+            for t in _tensors(load(os.path.join(unit, f))):
+                n = t.numel() * t.element_size()
+                into[at : at + n].copy_(t.reshape(-1).view(torch.uint8))
+                at += n
+
     def from_store() -> None:
         fresh = work / f"fresh{time.monotonic_ns()}"
         got = fetch(store, prefix, str(fresh))
         assert got is not None, "the unit did not fetch"
-        for f in mine:
-            load(os.path.join(got, f))
+        restore(got)
         shutil.rmtree(fresh)
 
     def from_disk() -> None:
         assert verify_unit(str(units[1])).ok
-        for f in mine:
-            load(str(units[1] / f))
+        restore(str(units[1]))
 
     source = torch.empty(nbytes, dtype=torch.uint8)
     series: dict[str, list[float]] = {"store (fetch, verify, load)": [], "own disk (verify, load)": [], "memcpy": []}
     for _ in range(a.reps):
         series["store (fetch, verify, load)"].append(timed(from_store))
         series["own disk (verify, load)"].append(timed(from_disk))
-        series["memcpy"].append(timed(lambda: source.clone()))
+        series["memcpy"].append(timed(lambda: into.copy_(source)))
     med = {k: statistics.median(v) for k, v in series.items()}
     base = med["memcpy"]
     rows = [[k, f"{med[k]:.3f} s", f"{med[k] / base:.1f}x"] for k in series]
@@ -174,6 +186,18 @@ def run(a: argparse.Namespace, work: Path, server: object) -> dict[str, object]:
         "ratio_disk_vs_memcpy": med["own disk (verify, load)"] / base,
         "ratio_store_vs_disk": store_vs_disk,
     }
+
+
+def _tensors(obj: object) -> list[Any]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 if __name__ == "__main__":
