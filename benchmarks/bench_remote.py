@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, MiB, scratch, table, timed, write_result  # noqa: E402
+from benchmarks.common import MiB, on_moto, table, timed  # noqa: E402
 
 
 def make_checkpoint(directory: Path, mib: int, step: int = 1) -> str:
@@ -60,24 +60,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.mib, a.reps, a.saves, a.lag_mib, a.every = 16, 1, 3, 4, 0.5
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        os.environ.setdefault(k, v)
-    from tests.conftest import MotoServer  # the same real server the tests use
-
-    work = scratch()
-    server = MotoServer(work).start()
-    try:
-        results = run(a, work, server)
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    name = "remote_quick" if a.quick else "remote"
-    write_result(name, results)
-    print(f"results: {RESULTS / (name + '.json')}")
+    on_moto("remote_quick" if a.quick else "remote", lambda work, server: run(a, work, server))
 
 
 def run(a: argparse.Namespace, work: Path, server: object) -> dict[str, object]:

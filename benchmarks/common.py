@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -192,3 +193,26 @@ def scratch() -> Path:
     base = Path(os.environ.get("CKPTD_BENCH_DIR") or ROOT / "benchmarks" / ".scratch")
     base.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=base))
+
+
+def on_moto(name: str, run: Callable[[Path, Any], dict[str, Any]]) -> None:
+    """``run(work, server)`` against a loopback S3 server (moto, the same real server the tests
+    use) in a scratch directory, with fake credentials unless some are set; its result written
+    as ``name``."""
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ.setdefault(k, v)
+    from tests.conftest import MotoServer
+
+    work = scratch()
+    server = MotoServer(work).start()
+    try:
+        results = run(work, server)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    write_result(name, results)
+    print(f"results: {RESULTS / (name + '.json')}")

@@ -43,6 +43,7 @@ __all__ = [
     "Spread",
     "RemoteIndex",
     "committed",
+    "manifest_bytes",
     "parse_commit",
     "part_key",
     "read_spread",
@@ -214,14 +215,20 @@ def _assembled(store: Store, unit: str, listing: Mapping[str, int]) -> RemoteChe
     )
 
 
-def _read_manifest(store: Store, key: str) -> tuple[mf.Manifest, str]:
+def manifest_bytes(store: Store, key: str) -> bytes:
+    """A unit's manifest as stored at ``key``, read no further than a manifest may be long."""
     body, _ = store.open(key)
     try:
         text = body.read(mf.MAX_MANIFEST_BYTES + 1)
     finally:
         body.close()
     if len(text) > mf.MAX_MANIFEST_BYTES:
-        raise ValueError(f"larger than {mf.MAX_MANIFEST_BYTES} bytes")
+        raise mf.ManifestError(f"larger than {mf.MAX_MANIFEST_BYTES} bytes")
+    return text
+
+
+def _read_manifest(store: Store, key: str) -> tuple[mf.Manifest, str]:
+    text = manifest_bytes(store, key)
     return mf.Manifest.parse(text.decode("utf-8")), xxhash.xxh3_64_hexdigest(text)
 
 

@@ -14,7 +14,7 @@ from ckptd.core.refs import REFS_KEY
 from ckptd.disk import manifest as mf
 from ckptd.disk.refs import check_refs, holders
 from ckptd.disk.verify import ForwardStream, VerifyResult, verify_stream
-from ckptd.remote.listing import RemoteCheckpoint, committed
+from ckptd.remote.listing import RemoteCheckpoint, committed, manifest_bytes
 from ckptd.remote.stores import RemoteError, Store
 
 __all__ = ["remote_manifest", "verify_remote"]
@@ -95,11 +95,7 @@ def _verify_remote_unit(store: Store, c: RemoteCheckpoint) -> VerifyResult:
 
 def remote_manifest(store: Store, c: RemoteCheckpoint) -> mf.Manifest:
     """A unit's manifest as stored, if it is the one its commit names (by digest)."""
-    body, _ = store.open(f"{c.key}/{mf.MANIFEST}")
-    try:
-        text = body.read(mf.MAX_MANIFEST_BYTES + 1)
-    finally:
-        body.close()
+    text = manifest_bytes(store, f"{c.key}/{mf.MANIFEST}")
     if xxhash.xxh3_64_hexdigest(text) != c.meta_digest:
         raise mf.ManifestError("not the manifest its commit names (digest differs)")
     return mf.Manifest.parse(text.decode("utf-8"))

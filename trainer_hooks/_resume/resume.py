@@ -316,8 +316,8 @@ class Resumer:
         if self.shards is None:
             return self._fetch_newest() is not None
         self.shards.everyone(True)  # every rank has looked at its directory before anything appears in it
-        tried = _common(self.held) if self.held else set()  # (every rank's: verified, and one failed)
-        here = [name for name, _, ok in self.held[self.rank] if ok and name not in tried] if self.held else []
+        tried = _common(self.held)  # (``_newest`` gathered them: every rank held these, and one failed)
+        here = [name for name, _, ok in self.held[self.rank] if ok and name not in tried]
         path = self._fetch_newest(here) if self.shards.lead else None
         self.shards.everyone(True)  # each lead's copy is in place before its disk's ranks look
         return not self.shards.everyone(path is None)  # the same answer on every rank
